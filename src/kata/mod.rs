@@ -1,0 +1,1 @@
+//! The KATA scanner API client.

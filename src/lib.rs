@@ -1,0 +1,3 @@
+//! dropscan: turns any folder into a malware checkpoint.
+pub mod emulator;
+pub mod kata;

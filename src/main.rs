@@ -1,0 +1,2 @@
+//! The `dropscan` binary.
+fn main() {}
