@@ -1,3 +1,4 @@
 //! dropscan: turns any folder into a malware checkpoint.
+pub mod config;
 pub mod emulator;
 pub mod kata;
