@@ -929,7 +929,7 @@ impl Journal {
     pub async fn submitting(&self, id: FileId, scan_id: String) -> Result<(), JournalError> {
         self.run(move |conn| {
             let rec = load(conn, id)?;
-            expect_state(&rec, &[FileState::Hashed, FileState::Submitting])?;
+            expect_state(&rec, &[FileState::Hashed])?;
             let mut ids = rec.scan_ids.clone();
             if !ids.contains(&scan_id) {
                 ids.push(scan_id.clone());

@@ -3,3 +3,4 @@ pub mod config;
 pub mod emulator;
 pub mod journal;
 pub mod kata;
+pub mod limits;

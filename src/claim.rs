@@ -1,0 +1,313 @@
+//! Claim and hash: settled files are taken out of users' reach, then fingerprinted.
+//!
+//! A settled file is first recorded in the journal (so its original relative path survives any
+//! crash), then moved by atomic rename into the root's per-instance staging folder under a unique
+//! name. A rename that fails because the file is gone means another agent sharing the folder took
+//! it (or the user removed it): the record is dropped and nothing else happens. Once staged, the
+//! file is opened without following symlinks and without blocking on a FIFO, checked to be a
+//! regular file with one link, and hashed with streaming SHA-256 (sha2 picks the CPU's SHA
+//! extensions at run time). A file that changes while it is hashed is hashed again.
+//!
+//! What this stage does not do: decide verdicts. It hands hashed files to the uploader, and files
+//! it can already decide (unreadable, hard-linked, verdict reused) straight to the sorter.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::app::Shared;
+use crate::fsops::{self, FsError};
+use crate::journal::{Decision, FileId, HashedAs, NewClaim, Stamp};
+use crate::settle::Settled;
+use crate::sort::Verdict;
+
+/// Capacity of claim → upload. Full: claim stops claiming, and files stay in the inbox, where
+/// another agent on the same share can take them.
+pub const CLAIMED_CAPACITY: usize = 64;
+/// Files hashed at once.
+const HASH_CONCURRENCY: usize = 2;
+/// Hash attempts of a file that keeps changing before it is failed.
+const HASH_TRIES: u32 = 3;
+/// Settled files claimed in one journal transaction at most.
+const CLAIM_BATCH: usize = 64;
+
+/// A staged, hashed file ready for upload.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    /// Journal record.
+    pub id: FileId,
+    /// Path in staging.
+    pub staged: PathBuf,
+    /// SHA-256 of its content.
+    pub sha256: [u8; 32],
+    /// Its size and stamp when hashed.
+    pub stamp: Stamp,
+}
+
+/// What hashing a staged file came to.
+#[derive(Debug)]
+pub enum Hashed {
+    /// Ready for upload.
+    Ready(Claimed),
+    /// Waits for an identical file's verdict.
+    Waiting,
+    /// Decided without a scan: to the sorter.
+    Decided(Vec<FileId>),
+    /// The staged file is gone (the record is closed).
+    Gone,
+}
+
+fn stamp_of(s: &fsops::FileStamp) -> Stamp {
+    Stamp {
+        size: s.size,
+        mtime_ns: i64::try_from(s.mtime_ns).unwrap_or(i64::MAX),
+        ctime_ns: i64::try_from(s.ctime_ns).unwrap_or(i64::MAX),
+        dev: s.dev,
+        ino: s.ino,
+    }
+}
+
+/// Opens and hashes a staged file; retries while it changes under us.
+fn hash_blocking(staged: &Path) -> Result<([u8; 32], Stamp), FsError> {
+    let mut last = None;
+    for _ in 0..HASH_TRIES {
+        let (mut file, before) = fsops::open_regular(staged)?;
+        let (sha, bytes) = fsops::sha256_file(&mut file)?;
+        let after = fsops::stamp_of(&file)?;
+        if before == after && bytes == after.size {
+            return Ok((sha, stamp_of(&after)));
+        }
+        last = Some(format!(
+            "changed while hashed ({} → {} bytes)",
+            before.size, after.size
+        ));
+    }
+    Err(FsError::Changed {
+        path: staged.to_path_buf(),
+        detail: last.unwrap_or_default(),
+    })
+}
+
+/// Hashes a claimed record's staged file and journals the result. Used for new claims, for
+/// records found `claimed` at start-up, and for files that changed after hashing.
+pub async fn hash_record(shared: &Shared, id: FileId, staged: PathBuf) -> Hashed {
+    let path = staged.clone();
+    let result = tokio::task::spawn_blocking(move || hash_blocking(&path)).await;
+    let result = match result {
+        Ok(r) => r,
+        Err(e) => Err(FsError::Changed {
+            path: staged.clone(),
+            detail: format!("hash task failed: {e}"),
+        }),
+    };
+    let journal = &shared.journal;
+    let outcome = match result {
+        Ok((sha256, stamp)) => {
+            shared.metrics.hashed.fetch_add(1, Ordering::Relaxed);
+            shared
+                .metrics
+                .hashed_bytes
+                .fetch_add(stamp.size, Ordering::Relaxed);
+            match journal
+                .hashed(id, sha256, stamp, shared.config.state.verdict_ttl)
+                .await
+            {
+                Ok(HashedAs::Hashed) => Ok(Hashed::Ready(Claimed {
+                    id,
+                    staged,
+                    sha256,
+                    stamp,
+                })),
+                Ok(HashedAs::Waiting) => {
+                    tracing::debug!(id, "identical content in flight: waiting for its verdict");
+                    Ok(Hashed::Waiting)
+                }
+                Ok(HashedAs::Reused(_)) => {
+                    shared.metrics.reused.fetch_add(1, Ordering::Relaxed);
+                    Ok(Hashed::Decided(vec![id]))
+                }
+                Err(e) => Err(e),
+            }
+        }
+        Err(FsError::Vanished { .. }) => journal
+            .close_vanished(id, "vanished from staging before it was hashed".into())
+            .await
+            .map(|()| Hashed::Gone),
+        Err(e) => {
+            // Unreadable, not a regular file, hard-linked, or never still: this one file fails.
+            tracing::warn!(id, error = %e, "cannot hash staged file");
+            journal
+                .decide(vec![(id, Decision::failed(e.to_string(), false))])
+                .await
+                .map(Hashed::Decided)
+        }
+    };
+    outcome.unwrap_or_else(|e| {
+        // The journal is unusable (disk full?): the file stays in staging, and the record says
+        // `claimed`, so a restart hashes it again.
+        tracing::error!(id, error = %e, "journal write failed after hashing; file kept in staging");
+        Hashed::Waiting
+    })
+}
+
+/// Hands a hashing result to the next stage.
+async fn forward(
+    h: Hashed,
+    claimed_tx: &mpsc::Sender<Claimed>,
+    verdicts_tx: &mpsc::Sender<Verdict>,
+) {
+    match h {
+        Hashed::Ready(c) => {
+            let _ = claimed_tx.send(c).await;
+        }
+        Hashed::Decided(ids) => {
+            for id in ids {
+                let _ = verdicts_tx.send(Verdict { id }).await;
+            }
+        }
+        Hashed::Waiting | Hashed::Gone => {}
+    }
+}
+
+/// A unique name in staging. The original name is kept in the journal, never in staging, so a
+/// hostile name cannot do anything there.
+fn staged_name(staging: &Path) -> PathBuf {
+    staging.join(format!("{}.staged", uuid::Uuid::new_v4().simple()))
+}
+
+/// Runs the claim stage until shutdown. `resume` lists records found `claimed` at start-up.
+pub async fn run(
+    shared: Arc<Shared>,
+    mut settled_rx: mpsc::Receiver<Settled>,
+    claimed_tx: mpsc::Sender<Claimed>,
+    verdicts_tx: mpsc::Sender<Verdict>,
+    resume: Vec<(FileId, PathBuf)>,
+    shutdown: CancellationToken,
+) {
+    let hashing = Arc::new(Semaphore::new(HASH_CONCURRENCY));
+    let tasks = TaskTracker::new();
+    for (id, staged) in resume {
+        spawn_hash(&shared, &hashing, &tasks, &claimed_tx, &verdicts_tx, id, staged).await;
+    }
+    let mut batch = Vec::with_capacity(CLAIM_BATCH);
+    loop {
+        batch.clear();
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break,
+            n = settled_rx.recv_many(&mut batch, CLAIM_BATCH) => if n == 0 { break },
+        }
+        let claimed = claim_batch(&shared, &batch).await;
+        for (id, staged) in claimed {
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                () = spawn_hash(&shared, &hashing, &tasks, &claimed_tx, &verdicts_tx, id, staged) => {}
+            }
+        }
+    }
+    tasks.close();
+    tasks.wait().await;
+}
+
+async fn spawn_hash(
+    shared: &Arc<Shared>,
+    hashing: &Arc<Semaphore>,
+    tasks: &TaskTracker,
+    claimed_tx: &mpsc::Sender<Claimed>,
+    verdicts_tx: &mpsc::Sender<Verdict>,
+    id: FileId,
+    staged: PathBuf,
+) {
+    // Taking the permit here (not in the task) makes claim wait when hashing is saturated.
+    let Ok(permit) = Arc::clone(hashing).acquire_owned().await else {
+        return;
+    };
+    let shared = Arc::clone(shared);
+    let claimed_tx = claimed_tx.clone();
+    let verdicts_tx = verdicts_tx.clone();
+    tasks.spawn(async move {
+        let h = hash_record(&shared, id, staged).await;
+        drop(permit);
+        forward(h, &claimed_tx, &verdicts_tx).await;
+    });
+}
+
+/// Journals a batch of claims, then moves each file into staging. Returns the claimed ones.
+async fn claim_batch(shared: &Shared, batch: &[Settled]) -> Vec<(FileId, PathBuf)> {
+    let watches = &shared.config.watches;
+    let mut claims = Vec::with_capacity(batch.len());
+    let mut sources = Vec::with_capacity(batch.len());
+    for s in batch {
+        let Some(w) = watches.get(s.root) else {
+            continue;
+        };
+        claims.push(NewClaim {
+            root: w.path.clone(),
+            rel_path: s.rel_path.clone(),
+            staged: staged_name(&w.staging_dir),
+        });
+        sources.push(s);
+    }
+    if claims.is_empty() {
+        return Vec::new();
+    }
+    let staged: Vec<PathBuf> = claims.iter().map(|c| c.staged.clone()).collect();
+    let ids = match shared.journal.claim(claims).await {
+        Ok(ids) => ids,
+        Err(e) => {
+            // Nothing moved: the files stay in the inbox and are seen again by the next scan.
+            tracing::error!(error = %e, "journal write failed; files left in the inbox");
+            return Vec::new();
+        }
+    };
+    let mut claimed = Vec::with_capacity(ids.len());
+    let mut dropped = Vec::new();
+    for ((id, to), s) in ids.into_iter().zip(staged).zip(sources) {
+        let from = s.path.clone();
+        let expected = (s.size, s.mtime_ns, s.dev, s.ino);
+        let to2 = to.clone();
+        let moved = tokio::task::spawn_blocking(move || -> Result<bool, FsError> {
+            // Still the file that settled? A change since means it is still being written.
+            match fsops::lstamp(&from) {
+                Ok(now) if (now.size, now.mtime_ns, now.dev, now.ino) == expected => {}
+                Ok(_) => return Ok(false),
+                Err(FsError::Vanished { .. }) => return Ok(false),
+                Err(e) => return Err(e),
+            }
+            match fsops::rename_noreplace(&from, &to2) {
+                Ok(()) => Ok(true),
+                Err(e) if e.is_vanished() => Ok(false),
+                Err(e) => Err(e),
+            }
+        })
+        .await;
+        match moved {
+            Ok(Ok(true)) => {
+                shared.metrics.claimed.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(id, path = %s.rel_path.display(), "claimed");
+                claimed.push((id, to));
+            }
+            Ok(Ok(false)) => dropped.push(id),
+            Ok(Err(e)) => {
+                tracing::warn!(path = %s.path.display(), error = %e, "cannot claim; left in the inbox");
+                dropped.push(id);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "claim task failed");
+                dropped.push(id);
+            }
+        }
+    }
+    if !dropped.is_empty() {
+        if let Err(e) = shared.journal.unclaim(dropped).await {
+            // Harmless: at start-up a `claimed` record without a staged file is dropped too.
+            tracing::warn!(error = %e, "could not forget abandoned claims");
+        }
+    }
+    claimed
+}

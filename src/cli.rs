@@ -1,0 +1,70 @@
+//! The command line (clap derive only; the work is done elsewhere).
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// Turns any folder into a malware checkpoint: files dropped into watched folders are scanned by
+/// Kaspersky Anti Targeted Attack Platform (KATA) and moved into clean, quarantine or failed.
+#[derive(Debug, Parser)]
+#[command(name = "dropscan", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent until SIGINT/SIGTERM.
+    Run {
+        /// The configuration file.
+        #[arg(short, long, env = "DROPSCAN_CONFIG", default_value = "/etc/dropscan/dropscan.toml")]
+        config: PathBuf,
+    },
+    /// Try dropscan end to end on this machine: the built-in emulator, fresh certificates, and
+    /// ./dropscan-demo/{inbox,clean,quarantine,failed}.
+    Demo {
+        /// Folder for the demo (created if missing).
+        #[arg(long, default_value = "dropscan-demo")]
+        dir: PathBuf,
+        /// Results polling period of the demo agent.
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        poll_interval: std::time::Duration,
+        /// Quiet time before a dropped file counts as complete.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        settle: std::time::Duration,
+        /// Stop after this many files were placed (0: run until Ctrl-C).
+        #[arg(long, default_value_t = 0)]
+        exit_after: u64,
+    },
+    /// Run the built-in KATA emulator (for demos and integration tests).
+    Emulate(crate::emulator::EmulateArgs),
+    /// Validate the configuration, connect to KATA and print its restrictions.
+    Check {
+        /// The configuration file.
+        #[arg(short, long, env = "DROPSCAN_CONFIG", default_value = "/etc/dropscan/dropscan.toml")]
+        config: PathBuf,
+        /// Validate the file only; do not connect.
+        #[arg(long)]
+        offline: bool,
+    },
+    /// Show what the journal holds: counts per state, the oldest pending file, the last errors.
+    Status {
+        /// The configuration file.
+        #[arg(short, long, env = "DROPSCAN_CONFIG", default_value = "/etc/dropscan/dropscan.toml")]
+        config: PathBuf,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,258 @@
+//! The subcommands: each loads what it needs, runs, and turns the outcome into an exit code.
+//!
+//! Exit codes (sysexits): 0 ok; 78 configuration error; 77 the server refuses us (401, client
+//! certificate refused); 76 the server is not who it should be (untrusted certificate, pin
+//! mismatch) or answers garbage; 69 unavailable (unreachable, 5xx, fatal runtime error).
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use crate::cli::Command;
+use crate::config::{Config, LogFormat};
+use crate::error::{EXIT_CONFIG, EXIT_UNAVAILABLE};
+use crate::kata::{ApiError, KataClient};
+use crate::{app, demo, logging, signal};
+
+/// Exit code: the server refuses our credentials.
+pub const EXIT_NOPERM: u8 = 77;
+/// Exit code: the server's identity or answers are wrong.
+pub const EXIT_PROTOCOL: u8 = 76;
+
+/// Runs one subcommand.
+pub async fn dispatch(command: Command) -> ExitCode {
+    match command {
+        Command::Run { config } => run(&config).await,
+        Command::Demo {
+            dir,
+            poll_interval,
+            settle,
+            exit_after,
+        } => {
+            logging::init(LogFormat::Text, "warn");
+            match demo::run(&dir, poll_interval, settle, exit_after).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("dropscan demo: {e:#}");
+                    ExitCode::from(EXIT_UNAVAILABLE)
+                }
+            }
+        }
+        Command::Emulate(args) => {
+            logging::init(LogFormat::Text, "info");
+            match crate::emulator::run_cli(args).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("dropscan emulate: {e:#}");
+                    ExitCode::from(EXIT_UNAVAILABLE)
+                }
+            }
+        }
+        Command::Check { config, offline } => check(&config, offline).await,
+        Command::Status { config } => status(&config),
+    }
+}
+
+fn load(path: &Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        eprintln!("config error: {e}");
+        ExitCode::from(EXIT_CONFIG)
+    })
+}
+
+async fn run(path: &Path) -> ExitCode {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    logging::init(config.log.format, &config.log.level);
+    let shutdown = match signal::shutdown_token() {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot install signal handlers");
+            return ExitCode::from(EXIT_UNAVAILABLE);
+        }
+    };
+    match app::run(config, shutdown).await {
+        Ok(()) => {
+            tracing::info!("stopped");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "fatal");
+            eprintln!("dropscan: {e}");
+            e.exit_code()
+        }
+    }
+}
+
+/// What a failed connection means for the user, and the exit code.
+pub fn explain(e: &ApiError, sensor_id: &str) -> (String, u8) {
+    match e {
+        ApiError::Unauthorized { .. } => (
+            format!(
+                "the server answered 401: accept the integration request for sensorId {sensor_id} in the KATA web UI (Settings → External systems), or check that this client certificate is the one integrated"
+            ),
+            EXIT_NOPERM,
+        ),
+        ApiError::ClientCertRefused { .. } => (
+            format!("the server refused our client certificate: {e}"),
+            EXIT_NOPERM,
+        ),
+        ApiError::ServerNotTrusted { .. } => (
+            format!(
+                "the server certificate is not trusted: {e} (set server.ca_cert to the CA that issued it, or pin it with server.server_fingerprint)"
+            ),
+            EXIT_PROTOCOL,
+        ),
+        ApiError::PinMismatch { .. } => (
+            format!("the server certificate does not match server.server_fingerprint: {e}"),
+            EXIT_PROTOCOL,
+        ),
+        ApiError::Protocol { .. } | ApiError::Rejected { .. } => (
+            format!("the server's answer makes no sense: {e}"),
+            EXIT_PROTOCOL,
+        ),
+        _ => (format!("the server is unreachable or failing: {e}"), EXIT_UNAVAILABLE),
+    }
+}
+
+async fn check(path: &Path, offline: bool) -> ExitCode {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    println!("config:      {} (valid)", config.path.display());
+    println!("server:      {}", config.server.url);
+    println!("sensor:      {}", config.server.sensor_id);
+    println!(
+        "instance:    {}",
+        config
+            .server
+            .sensor_instance_id
+            .as_deref()
+            .unwrap_or("(none)")
+    );
+    for (i, w) in config.watches.iter().enumerate() {
+        println!(
+            "watch[{i}]:    {} → clean {} | quarantine {} | failed {}",
+            w.path.display(),
+            w.clean_dir.display(),
+            w.quarantine_dir.display(),
+            w.failed_dir.display()
+        );
+        if !w.path.is_dir() {
+            println!("  warning: {} does not exist (yet)", w.path.display());
+        }
+    }
+    if offline {
+        return ExitCode::SUCCESS;
+    }
+    let client = match KataClient::new(config.server.client_options()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: cannot set up the client: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match client.restrictions().await {
+        Ok(r) => {
+            match r.max_object_size {
+                Some(n) => println!("maxObjectSize: {n} bytes ({})", human_bytes(n)),
+                None => println!("maxObjectSize: no limit reported"),
+            }
+            println!(
+                "version:     {}",
+                r.version.as_deref().unwrap_or("(not reported)")
+            );
+            println!("ok: connected over mutual TLS and authorized");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            let (line, code) = explain(&e, &config.server.sensor_id);
+            eprintln!("error: {line}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn status(path: &Path) -> ExitCode {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let journal = config.journal_path();
+    if !journal.exists() {
+        println!("no journal at {} yet: the agent has not run", journal.display());
+        return ExitCode::SUCCESS;
+    }
+    let summary = match crate::journal::read_summary(&journal) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_UNAVAILABLE);
+        }
+    };
+    println!("journal: {}", journal.display());
+    println!("files by state:");
+    if summary.per_state.is_empty() {
+        println!("  (none)");
+    }
+    for (state, n) in &summary.per_state {
+        println!("  {state:<12} {n}");
+    }
+    println!("placed files by outcome:");
+    for (outcome, n) in &summary.per_outcome {
+        println!("  {outcome:<12} {n}");
+    }
+    match &summary.oldest_pending {
+        Some((p, at)) => {
+            let age = crate::journal::now_ms().saturating_sub(*at) / 1000;
+            println!(
+                "oldest pending: {} (claimed {} ago)",
+                p.display(),
+                humantime::format_duration(std::time::Duration::from_secs(
+                    u64::try_from(age).unwrap_or(0)
+                ))
+            );
+        }
+        None => println!("oldest pending: none"),
+    }
+    if !summary.last_errors.is_empty() {
+        println!("last errors:");
+        for (at, text) in &summary.last_errors {
+            let t = std::time::UNIX_EPOCH
+                + std::time::Duration::from_millis(u64::try_from(*at).unwrap_or(0));
+            println!("  {} {text}", humantime::format_rfc3339_seconds(t));
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+/// `1536` → `1.5 KiB`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    #[allow(clippy::cast_precision_loss)]
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn human_bytes_reads_well() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(100 * 1024 * 1024), "100.0 MiB");
+    }
+}

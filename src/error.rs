@@ -1,0 +1,64 @@
+//! The two severities of failure.
+//!
+//! A [`FatalError`] stops the daemon (bad config, journal cannot open, watcher cannot start) and
+//! maps to an exit code a service manager can act on. A failure of one file is never fatal: the
+//! stage that meets it journals a `failed` decision with the reason and goes on; such errors
+//! never travel up through `?` out of a stage.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use crate::config::ConfigError;
+use crate::journal::JournalError;
+use crate::kata::ApiError;
+
+/// Exit code for a configuration error (sysexits EX_CONFIG); systemd's
+/// `RestartPreventExitStatus=78` stops a restart loop on it.
+pub const EXIT_CONFIG: u8 = 78;
+/// Exit code for a fatal runtime error (sysexits EX_UNAVAILABLE).
+pub const EXIT_UNAVAILABLE: u8 = 69;
+
+/// An error that ends the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum FatalError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The journal cannot be used.
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    /// The protocol client cannot be built.
+    #[error("cannot set up the KATA client: {0}")]
+    Client(#[from] ApiError),
+    /// A folder dropscan needs cannot be prepared.
+    #[error("{about} {path}: {source}")]
+    Io {
+        /// What was being done.
+        about: &'static str,
+        /// Where.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A watcher cannot start.
+    #[error("watcher: {0}")]
+    Watch(String),
+    /// A pipeline stage stopped unexpectedly.
+    #[error("stage {stage} stopped unexpectedly: {detail}")]
+    Stage {
+        /// Its name.
+        stage: &'static str,
+        /// What it said.
+        detail: String,
+    },
+}
+
+impl FatalError {
+    /// The process exit code for this error.
+    pub fn exit_code(&self) -> ExitCode {
+        match self {
+            FatalError::Config(_) => ExitCode::from(EXIT_CONFIG),
+            _ => ExitCode::from(EXIT_UNAVAILABLE),
+        }
+    }
+}

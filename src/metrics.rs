@@ -1,0 +1,170 @@
+//! Metrics and health: counters the stages bump, rendered in the Prometheus text format, and a
+//! small HTTP endpoint serving `/metrics`, `/healthz` (the process runs) and `/readyz` (the
+//! server answers and the journal works).
+//!
+//! Counters are plain atomics: the stages never wait on metrics.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio_util::sync::CancellationToken;
+
+use crate::journal::Outcome;
+use crate::limits::{Health, Limits};
+
+/// The counters.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Files moved into staging.
+    pub claimed: AtomicU64,
+    /// Files hashed.
+    pub hashed: AtomicU64,
+    /// Bytes hashed.
+    pub hashed_bytes: AtomicU64,
+    /// Submissions accepted by the server.
+    pub submitted: AtomicU64,
+    /// Bytes uploaded in accepted submissions.
+    pub uploaded_bytes: AtomicU64,
+    /// Submissions refused with 429.
+    pub throttled: AtomicU64,
+    /// Requests that failed (any endpoint, any reason).
+    pub request_errors: AtomicU64,
+    /// `scans/state` requests.
+    pub polls: AtomicU64,
+    /// Verdicts reused from identical content.
+    pub reused: AtomicU64,
+    /// Files placed in clean.
+    pub placed_clean: AtomicU64,
+    /// Files placed in quarantine.
+    pub placed_quarantine: AtomicU64,
+    /// Files placed in failed.
+    pub placed_failed: AtomicU64,
+    /// Placement attempts that failed and will be retried.
+    pub place_errors: AtomicU64,
+    /// Scans in flight now.
+    pub in_flight: AtomicI64,
+    /// Sum of milliseconds from claim to placement.
+    pub latency_ms_sum: AtomicU64,
+}
+
+impl Metrics {
+    /// Counts a placement.
+    pub fn placed(&self, outcome: Outcome, latency_ms: u64) {
+        let c = match outcome {
+            Outcome::Clean => &self.placed_clean,
+            Outcome::Quarantine => &self.placed_quarantine,
+            Outcome::Failed => &self.placed_failed,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+        self.latency_ms_sum.fetch_add(latency_ms, Ordering::Relaxed);
+    }
+
+    /// Total files placed.
+    pub fn placed_total(&self) -> u64 {
+        self.placed_clean.load(Ordering::Relaxed)
+            + self.placed_quarantine.load(Ordering::Relaxed)
+            + self.placed_failed.load(Ordering::Relaxed)
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self, limits: &Limits) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::with_capacity(2048);
+        let mut counter = |name: &str, help: &str, v: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP dropscan_{name} {help}\n# TYPE dropscan_{name} counter\ndropscan_{name} {v}"
+            );
+        };
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        counter("files_claimed_total", "Files moved into staging.", l(&self.claimed));
+        counter("files_hashed_total", "Files hashed.", l(&self.hashed));
+        counter("hashed_bytes_total", "Bytes hashed.", l(&self.hashed_bytes));
+        counter("scans_submitted_total", "Submissions accepted by KATA.", l(&self.submitted));
+        counter("uploaded_bytes_total", "Bytes uploaded in accepted submissions.", l(&self.uploaded_bytes));
+        counter("throttled_total", "Submissions answered 429.", l(&self.throttled));
+        counter("request_errors_total", "Requests to KATA that failed.", l(&self.request_errors));
+        counter("polls_total", "Results requests (one per tick for all scans).", l(&self.polls));
+        counter("verdicts_reused_total", "Verdicts reused for identical content.", l(&self.reused));
+        counter("place_errors_total", "Placements that failed and are retried.", l(&self.place_errors));
+        counter("placement_latency_ms_sum", "Sum of claim-to-placement times.", l(&self.latency_ms_sum));
+        let _ = writeln!(
+            out,
+            "# HELP dropscan_files_placed_total Files placed, by outcome.\n# TYPE dropscan_files_placed_total counter"
+        );
+        for (o, a) in [
+            ("clean", &self.placed_clean),
+            ("quarantine", &self.placed_quarantine),
+            ("failed", &self.placed_failed),
+        ] {
+            let _ = writeln!(out, "dropscan_files_placed_total{{outcome=\"{o}\"}} {}", l(a));
+        }
+        let up = i32::from(limits.health() == Health::Up);
+        let _ = writeln!(
+            out,
+            "# HELP dropscan_scans_in_flight Scans submitted and not finished.\n# TYPE dropscan_scans_in_flight gauge\ndropscan_scans_in_flight {}\n\
+             # HELP dropscan_in_flight_cap Current cap on scans in flight (adapts to 429).\n# TYPE dropscan_in_flight_cap gauge\ndropscan_in_flight_cap {}\n\
+             # HELP dropscan_server_up 1 when KATA answers normally.\n# TYPE dropscan_server_up gauge\ndropscan_server_up {up}",
+            self.in_flight.load(Ordering::Relaxed),
+            limits.cap()
+        );
+        out
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `addr` until shutdown.
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    limits: Limits,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "metrics and health endpoint listening");
+    loop {
+        let (stream, _) = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => return Ok(()),
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(error = %e, "metrics accept failed");
+                    continue;
+                }
+            },
+        };
+        let metrics = Arc::clone(&metrics);
+        let limits = limits.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let (status, body) = match req.uri().path() {
+                    "/metrics" => (StatusCode::OK, metrics.render(&limits)),
+                    "/healthz" => (StatusCode::OK, "ok\n".to_string()),
+                    "/readyz" => match limits.health() {
+                        Health::Up => (StatusCode::OK, "ready\n".to_string()),
+                        Health::Down => (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "KATA unavailable\n".to_string(),
+                        ),
+                        Health::Unauthorized => (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "KATA refuses this sensor (401)\n".to_string(),
+                        ),
+                    },
+                    _ => (StatusCode::NOT_FOUND, "not found\n".to_string()),
+                };
+                let mut resp = Response::new(Full::new(Bytes::from(body)));
+                *resp.status_mut() = status;
+                async move { Ok::<_, std::convert::Infallible>(resp) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}

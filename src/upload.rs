@@ -1,0 +1,386 @@
+//! Upload: hashed files → KATA, within the limits.
+//!
+//! For each file: wait while the server is paused (backoff, 401), take an in-flight slot, check
+//! the server's maximum object size, wait for the rate limiter, journal a fresh scanId
+//! (`submitting`), then stream the file. The client returns the SHA-256 of the bytes it actually
+//! sent; if that differs from the journaled hash the file changed under us and is hashed again,
+//! so that a verdict always belongs to the exact bytes recorded. An accepted scan carries its slot
+//! to the poller, which frees it when the verdict is final.
+//!
+//! Files come from the claim stage (`claimed_rx`) and from the [`Resubmit`] queue: scans that
+//! ended in `error`/`timeout`, submissions refused with 429/5xx, and files found waiting at
+//! start-up. The queue is the only edge that points backwards in the pipeline, so it is not a
+//! bounded channel (a full channel there could deadlock the loop); it holds at most the files in
+//! flight plus those found at start-up. A periodic sweep of the journal also re-queues any
+//! `hashed` record this stage does not know about (e.g. a twin that took over after its primary
+//! failed), so no hand-off can be lost.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{Notify, mpsc};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::app::Shared;
+use crate::claim::{self, Claimed, Hashed};
+use crate::journal::{Decision, FileId, FileState};
+use crate::kata::{ApiError, ScanId};
+use crate::limits::InFlight;
+use crate::sort::Verdict;
+
+/// Capacity of upload → poll. The poller only files these away, so it is rarely full.
+pub const SUBMITTED_CAPACITY: usize = 1024;
+/// How often the journal is swept for `hashed` records nobody holds.
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
+
+/// A scan the server accepted.
+pub struct Submitted {
+    /// Journal record.
+    pub id: FileId,
+    /// Its scanId.
+    pub scan_id: ScanId,
+    /// SHA-256 of the bytes sent.
+    pub sha256: [u8; 32],
+    /// Accepted scans of this file so far (this one included).
+    pub attempts: u32,
+    /// When it was submitted (ms since the epoch).
+    pub submitted_at_ms: i64,
+    /// Its in-flight slot, freed when the verdict is final.
+    pub slot: InFlight,
+}
+
+/// The backward edge into the uploader; see the module docs. It also knows which records are
+/// being uploaded, so that the same record is never queued twice.
+#[derive(Clone, Default)]
+pub struct Resubmit {
+    inner: Arc<(Mutex<Queue>, Notify)>,
+}
+
+#[derive(Default)]
+struct Queue {
+    waiting: VecDeque<Claimed>,
+    uploading: HashSet<FileId>,
+}
+
+impl Resubmit {
+    /// Queues a file for (re)submission, unless it is queued or being uploaded already.
+    pub fn push(&self, c: Claimed) {
+        let mut q = self.lock();
+        if q.uploading.contains(&c.id) || q.waiting.iter().any(|w| w.id == c.id) {
+            return;
+        }
+        q.waiting.push_back(c);
+        drop(q);
+        self.inner.1.notify_one();
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.inner
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn pop(&self) -> Option<Claimed> {
+        let mut q = self.lock();
+        let c = q.waiting.pop_front()?;
+        q.uploading.insert(c.id);
+        Some(c)
+    }
+
+    fn start(&self, id: FileId) {
+        self.lock().uploading.insert(id);
+    }
+
+    fn finish(&self, id: FileId) {
+        self.lock().uploading.remove(&id);
+    }
+
+    /// Files waiting in the queue.
+    pub fn len(&self) -> usize {
+        self.lock().waiting.len()
+    }
+
+    /// Whether the queue is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Runs the upload stage until shutdown; in-flight uploads get `shutdown_grace` to finish.
+pub async fn run(
+    shared: Arc<Shared>,
+    mut claimed_rx: mpsc::Receiver<Claimed>,
+    resubmit: Resubmit,
+    submitted_tx: mpsc::Sender<Submitted>,
+    verdicts_tx: mpsc::Sender<Verdict>,
+    shutdown: CancellationToken,
+) {
+    let mut uploads: JoinSet<()> = JoinSet::new();
+    let mut sweep = tokio::time::interval(SWEEP_EVERY);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        shared.limits.gate(&shutdown).await;
+        let slot = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break,
+            slot = shared.limits.acquire() => slot,
+        };
+        let next = loop {
+            if let Some(c) = resubmit.pop() {
+                break Some(c);
+            }
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break None,
+                () = resubmit.inner.1.notified() => {}
+                c = claimed_rx.recv() => match c {
+                    Some(c) => { resubmit.start(c.id); break Some(c) }
+                    None => break None,
+                },
+                _ = sweep.tick() => sweep_strays(&shared, &resubmit).await,
+                Some(_) = uploads.join_next(), if !uploads.is_empty() => {}
+            }
+        };
+        let Some(item) = next else { break };
+        if let Some(max) = shared.limits.max_object_size() {
+            if item.stamp.size > max {
+                let reason = format!(
+                    "too large: {} bytes, the server takes at most {max} bytes",
+                    item.stamp.size
+                );
+                resubmit.finish(item.id);
+                decide(&shared, &verdicts_tx, item.id, Decision::failed(reason, true)).await;
+                continue;
+            }
+        }
+        let task = Upload {
+            shared: Arc::clone(&shared),
+            resubmit: resubmit.clone(),
+            submitted_tx: submitted_tx.clone(),
+            verdicts_tx: verdicts_tx.clone(),
+        };
+        uploads.spawn(task.run(item, slot));
+    }
+    // Shutdown: let uploads in progress finish within the grace time, then abandon them. That is
+    // safe: the journal says `submitting(scanId)` and the next start asks the server about it.
+    let grace = shared.config.state.shutdown_grace;
+    let drained = tokio::time::timeout(grace, async {
+        while uploads.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::info!(
+            abandoned = uploads.len(),
+            "uploads abandoned at shutdown; they resume at the next start"
+        );
+        uploads.abort_all();
+    }
+}
+
+/// Re-queues `hashed` records that no stage holds (the queue ignores those it holds).
+async fn sweep_strays(shared: &Shared, resubmit: &Resubmit) {
+    let Ok(records) = shared.journal.in_states(&[FileState::Hashed]).await else {
+        return;
+    };
+    for r in records {
+        if let (Some(sha256), Some(stamp)) = (r.sha256, r.stamp) {
+            resubmit.push(Claimed {
+                id: r.id,
+                staged: r.staged,
+                sha256,
+                stamp,
+            });
+        }
+    }
+}
+
+async fn decide(shared: &Shared, verdicts_tx: &mpsc::Sender<Verdict>, id: FileId, d: Decision) {
+    match shared.journal.decide(vec![(id, d)]).await {
+        Ok(ids) => {
+            for id in ids {
+                let _ = verdicts_tx.send(Verdict { id }).await;
+            }
+        }
+        Err(e) => tracing::error!(id, error = %e, "journal write failed; decision retried later"),
+    }
+}
+
+/// One upload and its consequences.
+struct Upload {
+    shared: Arc<Shared>,
+    resubmit: Resubmit,
+    submitted_tx: mpsc::Sender<Submitted>,
+    verdicts_tx: mpsc::Sender<Verdict>,
+}
+
+impl Upload {
+    async fn run(self, item: Claimed, slot: InFlight) {
+        let id = item.id;
+        let again = self.submit(item, slot).await;
+        self.resubmit.finish(id);
+        if let Some(c) = again {
+            self.resubmit.push(c);
+        }
+    }
+
+    /// Uploads one file; returns it when it must be queued again.
+    async fn submit(&self, item: Claimed, slot: InFlight) -> Option<Claimed> {
+        let shared = &self.shared;
+        let scan_id = ScanId::generate();
+        if let Err(e) = shared
+            .journal
+            .submitting(item.id, scan_id.as_str().to_string())
+            .await
+        {
+            if matches!(e, crate::journal::JournalError::Conflict { .. }) {
+                // A stale copy of a record that moved on meanwhile: nothing to do.
+                tracing::debug!(id = item.id, error = %e, "skipped a stale upload request");
+                return None;
+            }
+            tracing::error!(id = item.id, error = %e, "journal write failed before upload; retrying later");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            return Some(item);
+        }
+        let file = match open_for_upload(&item).await {
+            Ok(f) => f,
+            Err(why) => {
+                tracing::info!(id = item.id, reason = %why, "staged file changed or unreadable: hashing again");
+                return self.rehash(item.id, item.staged.clone()).await;
+            }
+        };
+        shared.limits.rate().await;
+        let span = tracing::info_span!("upload", id = item.id, scan_id = %scan_id);
+        let result = tracing::Instrument::instrument(
+            shared.client.submit(&scan_id, file, item.stamp.size),
+            span,
+        )
+        .await;
+        match result {
+            Ok(sent) if sent.sha256 == item.sha256 && sent.bytes == item.stamp.size => {
+                shared.limits.server_ok();
+                shared.limits.accepted();
+                if let Err(e) = shared.journal.submitted(item.id).await {
+                    // The record says `submitting`: the next start asks the server about it.
+                    tracing::error!(id = item.id, error = %e, "journal write failed after upload");
+                }
+                let attempts = shared
+                    .journal
+                    .get(item.id)
+                    .await
+                    .map_or(1, |r| r.attempts.max(1));
+                shared.metrics.submitted.fetch_add(1, Ordering::Relaxed);
+                shared
+                    .metrics
+                    .uploaded_bytes
+                    .fetch_add(sent.bytes, Ordering::Relaxed);
+                shared.metrics.in_flight.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(id = item.id, scan_id = %scan_id, "submitted");
+                let _ = self
+                    .submitted_tx
+                    .send(Submitted {
+                        id: item.id,
+                        scan_id,
+                        sha256: item.sha256,
+                        attempts,
+                        submitted_at_ms: crate::journal::now_ms(),
+                        slot,
+                    })
+                    .await;
+                None
+            }
+            Ok(_) => {
+                // The server scanned bytes we did not hash: its verdict must not be used.
+                tracing::warn!(id = item.id, "file changed during upload: hashing again");
+                let _ = shared
+                    .journal
+                    .stale_scan(scan_id.as_str().to_string())
+                    .await;
+                self.rehash(item.id, item.staged.clone()).await
+            }
+            Err(ApiError::TooLarge) => {
+                let limits = shared.limits.clone();
+                let client = shared.client.clone();
+                tokio::spawn(async move {
+                    let _ = limits.refresh(&client).await;
+                });
+                let d = Decision::failed(
+                    format!(
+                        "too large: the server refused {} bytes (413)",
+                        item.stamp.size
+                    ),
+                    true,
+                );
+                decide(shared, &self.verdicts_tx, item.id, d).await;
+                None
+            }
+            Err(ApiError::Local { source }) => {
+                tracing::info!(id = item.id, error = %source, "reading the staged file failed: hashing again");
+                self.rehash(item.id, item.staged.clone()).await
+            }
+            Err(ApiError::Rejected { status, body }) => {
+                let d = Decision::failed(
+                    format!("the server refused the file ({status}): {body}"),
+                    true,
+                );
+                decide(shared, &self.verdicts_tx, item.id, d).await;
+                None
+            }
+            Err(e) => {
+                // 429, 5xx, transport, TLS, 401, garbage: the file waits and is tried again.
+                shared.metrics.request_errors.fetch_add(1, Ordering::Relaxed);
+                if matches!(e, ApiError::Busy) {
+                    shared.metrics.throttled.fetch_add(1, Ordering::Relaxed);
+                }
+                let pause = shared.limits.server_failed(&e);
+                tracing::debug!(id = item.id, error = %e, ?pause, "upload not accepted; will retry");
+                if let Err(e) = shared.journal.not_submitted(item.id).await {
+                    tracing::error!(id = item.id, error = %e, "journal write failed");
+                }
+                drop(slot);
+                Some(item)
+            }
+        }
+    }
+
+    /// The staged file changed: hash again and route the result.
+    async fn rehash(&self, id: FileId, staged: std::path::PathBuf) -> Option<Claimed> {
+        if let Err(e) = self.shared.journal.rehash(id).await {
+            tracing::error!(id, error = %e, "journal write failed");
+            return None;
+        }
+        match claim::hash_record(&self.shared, id, staged).await {
+            Hashed::Ready(c) => Some(c),
+            Hashed::Decided(ids) => {
+                for id in ids {
+                    let _ = self.verdicts_tx.send(Verdict { id }).await;
+                }
+                None
+            }
+            Hashed::Waiting | Hashed::Gone => None,
+        }
+    }
+}
+
+/// Opens the staged file and checks it is still what was hashed.
+async fn open_for_upload(item: &Claimed) -> Result<tokio::fs::File, String> {
+    let staged = item.staged.clone();
+    let expected = item.stamp;
+    tokio::task::spawn_blocking(move || {
+        let (file, stamp) = crate::fsops::open_regular(&staged).map_err(|e| e.to_string())?;
+        let now = (
+            stamp.size,
+            i64::try_from(stamp.mtime_ns).unwrap_or(i64::MAX),
+            i64::try_from(stamp.ctime_ns).unwrap_or(i64::MAX),
+        );
+        if now != (expected.size, expected.mtime_ns, expected.ctime_ns) {
+            return Err("changed since it was hashed".to_string());
+        }
+        Ok(tokio::fs::File::from_std(file))
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}
