@@ -1,5 +1,8 @@
 //! The emulator over real mutual TLS on loopback, driven with reqwest.
 
+// Helpers outside `#[test]` fns are not covered by clippy.toml's allow-unwrap-in-tests.
+#![allow(clippy::unwrap_used)]
+
 use std::sync::Arc;
 use std::time::Duration;
 
