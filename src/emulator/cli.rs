@@ -60,7 +60,7 @@ pub struct EmulateArgs {
 
     /// Body shape of GET …/scans/state answers.
     #[arg(long, value_enum, default_value = "scans-object")]
-    pub shape: ShapeArg,
+    pub shape: ResultShape,
 
     /// Share (0 to 1) of requests answered 500.
     #[arg(long, value_name = "F", default_value_t = 0.0, value_parser = parse_share)]
@@ -95,15 +95,6 @@ pub struct EmulateArgs {
     pub version_string: Option<String>,
 }
 
-/// `--shape` values.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum ShapeArg {
-    /// `{"scans":[{"scanId":"…","state":"…"}]}`
-    ScansObject,
-    /// `[{"scanId":"…","state":["…"]}]`
-    DocArray,
-}
-
 impl EmulateArgs {
     /// The emulator configuration these flags describe.
     pub fn to_config(&self) -> EmulatorConfig {
@@ -115,10 +106,7 @@ impl EmulateArgs {
             max_scans: (self.max_scans > 0).then_some(self.max_scans),
             scan_delay: self.scan_delay,
             detect_sha256: self.detect_sha256.iter().copied().collect(),
-            shape: match self.shape {
-                ShapeArg::ScansObject => ResultShape::ScansObject,
-                ShapeArg::DocArray => ResultShape::DocArray,
-            },
+            shape: self.shape,
             faults: Faults {
                 http_500_share: self.fail_500,
                 http_429_share: self.throttle_429,

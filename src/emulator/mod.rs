@@ -40,7 +40,7 @@ pub use state::{Authorization, InjectedVerdict, ScanInfo, ScanState, SharedState
 pub const DEFAULT_MAX_OBJECT_SIZE: i64 = 100 * 1024 * 1024;
 
 /// Body shape of `GET …/scans/state` answers; the client must accept both.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum ResultShape {
     /// `{"scans":[{"scanId":"..","state":"processing"}]}`, as seen in code (default).
     #[default]

@@ -5,7 +5,8 @@
 //! `ready_at`), so no timer runs per scan. This module knows nothing of HTTP or TLS: `server.rs`
 //! asks it questions and reports what happened.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -123,7 +124,7 @@ pub struct Stats {
     pub dropped_connections: u64,
     /// Submissions per scanId (2 or more: the scanId was reused).
     pub submissions_per_scan_id: HashMap<String, u32>,
-    /// Scans known, deleted ones included.
+    /// Scans known, deleted ones included until forgotten.
     pub scans_known: usize,
 }
 
@@ -168,11 +169,23 @@ impl Scan {
     }
 }
 
+/// Deleted scans remembered (for [`SharedState::scan`]) before the oldest are forgotten: keeps a
+/// long-running emulator's memory bounded.
+const MAX_TOMBSTONES: usize = 100_000;
+
 #[derive(Debug)]
 struct Inner {
     settings: Settings,
     /// sensorId → scanId → scan.
     scans: HashMap<String, HashMap<String, Scan>>,
+    /// Per sensor, the `ready_at` of scans that were processing when registered: popped when
+    /// due, so counting scans in `processing` costs no walk over all scans. A scan deleted or
+    /// restarted while processing keeps its place until due (the scanner does not abort it).
+    due: HashMap<String, BinaryHeap<Reverse<Instant>>>,
+    /// Per sensor, scans that never finish (injected `Processing`) and are not deleted.
+    stuck: HashMap<String, usize>,
+    /// Deleted scans, oldest first: (sensorId, scanId).
+    tombstones: VecDeque<(String, String)>,
     /// Uploads past the 429 check and not yet registered, per sensor: they count as scans.
     uploads_in_flight: HashMap<String, usize>,
     authorizations: HashMap<(String, [u8; 32]), Authorization>,
@@ -194,6 +207,9 @@ impl Default for Inner {
                 version: String::new(),
             },
             scans: HashMap::new(),
+            due: HashMap::new(),
+            stuck: HashMap::new(),
+            tombstones: VecDeque::new(),
             uploads_in_flight: HashMap::new(),
             authorizations: HashMap::new(),
             injected: HashMap::new(),
@@ -218,14 +234,42 @@ impl Inner {
         };
     }
 
-    fn busy(&self, sensor_id: &str, now: Instant) -> usize {
-        let processing = self.scans.get(sensor_id).map_or(0, |scans| {
-            scans
-                .values()
-                .filter(|s| !s.deleted && s.state(now) == ScanState::Processing)
-                .count()
+    /// Scans in `processing` plus uploads in flight, for the 429 check.
+    fn busy(&mut self, sensor_id: &str, now: Instant) -> usize {
+        let processing = self.due.get_mut(sensor_id).map_or(0, |due| {
+            while due.peek().is_some_and(|Reverse(at)| *at <= now) {
+                due.pop();
+            }
+            due.len()
         });
-        processing + self.uploads_in_flight.get(sensor_id).copied().unwrap_or(0)
+        processing
+            + self.stuck.get(sensor_id).copied().unwrap_or(0)
+            + self.uploads_in_flight.get(sensor_id).copied().unwrap_or(0)
+    }
+
+    /// Bookkeeping for a scan leaving the reported set (deleted or replaced).
+    fn retire(&mut self, sensor_id: &str, ready_at: Option<Instant>) {
+        if ready_at.is_none() {
+            if let Some(n) = self.stuck.get_mut(sensor_id) {
+                *n = n.saturating_sub(1);
+            }
+        }
+    }
+
+    fn bury(&mut self, sensor_id: &str, scan_id: &str) {
+        self.tombstones
+            .push_back((sensor_id.to_owned(), scan_id.to_owned()));
+        while self.tombstones.len() > MAX_TOMBSTONES {
+            let Some((sensor, id)) = self.tombstones.pop_front() else {
+                break;
+            };
+            if let Some(scans) = self.scans.get_mut(&sensor) {
+                // It may have been submitted again since: only a deleted scan is forgotten.
+                if scans.get(&id).is_some_and(|s| s.deleted) {
+                    scans.remove(&id);
+                }
+            }
+        }
     }
 }
 
@@ -345,7 +389,8 @@ impl SharedState {
         stats
     }
 
-    /// What is known of `scan_id` (searched across sensors; the first match wins).
+    /// What is known of `scan_id` (searched across sensors; the first match wins). Deleted scans
+    /// are forgotten after 100,000 newer deletions.
     pub fn scan(&self, scan_id: &str) -> Option<ScanInfo> {
         let inner = self.lock();
         let now = Instant::now();
@@ -491,10 +536,27 @@ impl SharedState {
             ScanState::NotDetected
         };
         let ready_at = (verdict != ScanState::Processing).then(|| now + inner.settings.scan_delay);
-        let sensor_scans = inner.scans.entry(slot.sensor_id.clone()).or_default();
-        let submissions = sensor_scans.get(scan_id).map_or(0, |s| s.submissions) + 1;
+        let sensor_id = slot.sensor_id.clone();
+        match ready_at {
+            Some(at) if at > now => inner
+                .due
+                .entry(sensor_id.clone())
+                .or_default()
+                .push(Reverse(at)),
+            Some(_) => {}
+            None => *inner.stuck.entry(sensor_id.clone()).or_default() += 1,
+        }
+        let previous = inner
+            .scans
+            .get(&sensor_id)
+            .and_then(|scans| scans.get(scan_id))
+            .map(|s| (s.submissions, s.ready_at, s.deleted));
+        if let Some((_, ready_at, false)) = previous {
+            inner.retire(&sensor_id, ready_at);
+        }
+        let submissions = previous.map_or(0, |p| p.0) + 1;
         // A repeated scanId restarts the scan under it.
-        sensor_scans.insert(
+        inner.scans.entry(sensor_id).or_default().insert(
             scan_id.to_owned(),
             Scan {
                 sensor_instance_id,
@@ -550,27 +612,36 @@ impl SharedState {
     pub(crate) fn delete(&self, sensor_id: &str, scan_id: &str) -> bool {
         let mut inner = self.lock();
         inner.stats.deletes += 1;
-        match inner
+        let ready_at = match inner
             .scans
             .get_mut(sensor_id)
             .and_then(|scans| scans.get_mut(scan_id))
         {
             Some(scan) if !scan.deleted => {
                 scan.deleted = true;
-                true
+                scan.ready_at
             }
-            _ => false,
-        }
+            _ => return false,
+        };
+        inner.retire(sensor_id, ready_at);
+        inner.bury(sensor_id, scan_id);
+        true
     }
 
     /// Marks every scan of the sensor deleted.
     pub(crate) fn delete_all(&self, sensor_id: &str) {
         let mut inner = self.lock();
         inner.stats.delete_all += 1;
+        let mut deleted = Vec::new();
         if let Some(scans) = inner.scans.get_mut(sensor_id) {
-            for scan in scans.values_mut() {
+            for (id, scan) in scans.iter_mut().filter(|(_, s)| !s.deleted) {
                 scan.deleted = true;
+                deleted.push((id.clone(), scan.ready_at));
             }
+        }
+        for (id, ready_at) in deleted {
+            inner.retire(sensor_id, ready_at);
+            inner.bury(sensor_id, &id);
         }
     }
 }
@@ -628,6 +699,18 @@ mod tests {
                 ScanState::NotDetected
             ]
         );
+    }
+
+    #[test]
+    fn stuck_scan_holds_a_slot_until_deleted() {
+        let state = SharedState::default();
+        state.set_max_scans(Some(1));
+        state.inject_verdict([3; 32], InjectedVerdict::once(ScanState::Processing));
+        let slot = state.try_reserve_upload(SENSOR).unwrap();
+        state.register_scan(slot, "stuck", None, [3; 32], 1, false);
+        assert!(state.try_reserve_upload(SENSOR).is_none());
+        assert!(state.delete(SENSOR, "stuck"));
+        assert!(state.try_reserve_upload(SENSOR).is_some());
     }
 
     #[test]
