@@ -165,6 +165,7 @@ async fn emulator_refuses_client_cert_from_another_ca() {
     let result = fx.submit_with(&client, "a1", "node-1", b"x").await;
     assert!(result.is_err(), "expected a TLS failure, got {result:?}");
     assert_eq!(fx.emulator.state().stats().submits_by_status.len(), 0);
+    assert!(fx.emulator.state().authorizations().is_empty());
     fx.emulator.stop().await;
 }
 
@@ -404,5 +405,40 @@ async fn emulator_chunked_h2_restart_and_drop_fault() {
     assert_eq!(fx.emulator.state().stats().dropped_connections, 1);
     fx.emulator.state().set_faults(Faults::default());
     assert_eq!(fx.submit("x", b"x").await, StatusCode::OK);
+    fx.emulator.stop().await;
+}
+
+#[tokio::test]
+async fn emulator_fault_answers() {
+    let fx = Fixture::start(EmulatorConfig::default()).await;
+    let state = fx.emulator.state();
+    state.set_faults(Faults {
+        http_429_share: 1.0,
+        ..Faults::default()
+    });
+    assert_eq!(fx.submit("t1", b"x").await, StatusCode::TOO_MANY_REQUESTS);
+    // 429 faults are for submissions only.
+    assert_eq!(fx.state("").await.0, StatusCode::NO_CONTENT);
+    state.set_faults(Faults {
+        http_500_share: 1.0,
+        ..Faults::default()
+    });
+    assert_eq!(
+        fx.submit("t1", b"x").await,
+        StatusCode::INTERNAL_SERVER_ERROR
+    );
+    assert_eq!(fx.state("").await.0, StatusCode::INTERNAL_SERVER_ERROR);
+    state.set_faults(Faults {
+        slow_share: 1.0,
+        slow_delay: Duration::from_millis(100),
+        ..Faults::default()
+    });
+    let started = tokio::time::Instant::now();
+    assert_eq!(fx.submit("t1", b"x").await, StatusCode::OK);
+    assert!(started.elapsed() >= Duration::from_millis(100));
+    let stats = state.stats();
+    assert_eq!(stats.submits_by_status.get(&429), Some(&1));
+    assert_eq!(stats.submits_by_status.get(&500), Some(&1));
+    assert_eq!(stats.submits_accepted, 1);
     fx.emulator.stop().await;
 }
