@@ -1,0 +1,223 @@
+//! `dropscan emulate`: runs the emulator in the foreground until Ctrl-C.
+//!
+//! Owns the subcommand's flags (clap derive; the doc comments are the help text) and the start-up
+//! message with a ready-to-paste `[server]` section. It does not parse the dropscan config file.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+
+use super::{
+    CA_CERT_FILE, CLIENT_CERT_FILE, CLIENT_KEY_FILE, CertBundle, DEFAULT_MAX_OBJECT_SIZE, Emulator,
+    EmulatorConfig, Faults, ResultShape,
+};
+
+/// Run a KATA scanner API emulator (mutual TLS) for demos and integration tests.
+#[derive(Clone, Debug, clap::Args)]
+pub struct EmulateArgs {
+    /// Address to listen on.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8443")]
+    pub listen: SocketAddr,
+
+    /// Folder of the CA, server and client certificates (PEM); generated there when missing.
+    /// `--init-certs DIR` is the same flag.
+    #[arg(
+        long = "certs",
+        visible_alias = "init-certs",
+        value_name = "DIR",
+        default_value = "./kata-emulator-certs"
+    )]
+    pub certs: PathBuf,
+
+    /// Extra name or IP address for the server certificate (repeatable); used only when the
+    /// certificates are generated. "localhost", 127.0.0.1 and ::1 are always included.
+    #[arg(long = "server-name", value_name = "NAME")]
+    pub server_names: Vec<String>,
+
+    /// Leave new integration requests pending (answer 401) instead of accepting them.
+    #[arg(long)]
+    pub no_auto_accept: bool,
+
+    /// Maximum object size in bytes, reported by /scans/filters and enforced with 413; 0 or
+    /// less means no limit.
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_OBJECT_SIZE, allow_negative_numbers = true)]
+    pub max_object_size: i64,
+
+    /// Maximum number of scans in `processing` per sensor, enforced with 429; 0 means no limit.
+    #[arg(long, value_name = "N", default_value_t = 50)]
+    pub max_scans: usize,
+
+    /// Time from the end of an upload to its verdict, e.g. 2s, 500ms.
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub scan_delay: Duration,
+
+    /// SHA-256 (64 hex characters) of a content to report as `detect` (repeatable). Content
+    /// holding the EICAR test string is always detected.
+    #[arg(long = "detect-sha256", value_name = "HEX", value_parser = parse_sha256)]
+    pub detect_sha256: Vec<[u8; 32]>,
+
+    /// Body shape of GET …/scans/state answers.
+    #[arg(long, value_enum, default_value = "scans-object")]
+    pub shape: ResultShape,
+
+    /// Share (0 to 1) of requests answered 500.
+    #[arg(long, value_name = "F", default_value_t = 0.0, value_parser = parse_share)]
+    pub fail_500: f64,
+
+    /// Share (0 to 1) of submissions answered 429.
+    #[arg(long, value_name = "F", default_value_t = 0.0, value_parser = parse_share)]
+    pub throttle_429: f64,
+
+    /// Share (0 to 1) of requests whose connection is closed without an answer.
+    #[arg(long, value_name = "F", default_value_t = 0.0, value_parser = parse_share)]
+    pub drop: f64,
+
+    /// Share (0 to 1) of requests delayed by --slow-delay.
+    #[arg(long, value_name = "F", default_value_t = 0.0, value_parser = parse_share)]
+    pub slow: f64,
+
+    /// Delay of a slow request.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub slow_delay: Duration,
+
+    /// Share (0 to 1) of scans that end with the verdict `error`.
+    #[arg(long, value_name = "F", default_value_t = 0.0, value_parser = parse_share)]
+    pub error_verdicts: f64,
+
+    /// Share (0 to 1) of scans that end with the verdict `timeout`.
+    #[arg(long, value_name = "F", default_value_t = 0.0, value_parser = parse_share)]
+    pub timeout_verdicts: f64,
+
+    /// Version string reported by /scans/filters.
+    #[arg(long, value_name = "TEXT")]
+    pub version_string: Option<String>,
+}
+
+impl EmulateArgs {
+    /// The emulator configuration these flags describe.
+    pub fn to_config(&self) -> EmulatorConfig {
+        let defaults = EmulatorConfig::default();
+        EmulatorConfig {
+            listen: self.listen,
+            auto_accept: !self.no_auto_accept,
+            max_object_size: self.max_object_size,
+            max_scans: (self.max_scans > 0).then_some(self.max_scans),
+            scan_delay: self.scan_delay,
+            detect_sha256: self.detect_sha256.iter().copied().collect(),
+            shape: self.shape,
+            faults: Faults {
+                http_500_share: self.fail_500,
+                http_429_share: self.throttle_429,
+                drop_share: self.drop,
+                slow_share: self.slow,
+                slow_delay: self.slow_delay,
+                error_verdict_share: self.error_verdicts,
+                timeout_verdict_share: self.timeout_verdicts,
+            },
+            version: self.version_string.clone().unwrap_or(defaults.version),
+        }
+    }
+}
+
+/// The `dropscan emulate` subcommand: serves until Ctrl-C, then stops cleanly.
+pub async fn run_cli(args: EmulateArgs) -> anyhow::Result<()> {
+    let certs = CertBundle::load_or_generate_for(&args.certs, &args.server_names)
+        .with_context(|| format!("certificates in {}", args.certs.display()))?;
+    let dir = std::fs::canonicalize(&args.certs)
+        .with_context(|| format!("certificates in {}", args.certs.display()))?;
+    let handle = Emulator::start(args.to_config(), &certs).await?;
+    let url = handle.base_url();
+    let sensor_id = uuid::Uuid::new_v4();
+    println!("KATA emulator listening on {url}");
+    println!("certificates in {}:", dir.display());
+    println!("  {CA_CERT_FILE}      CA of the server and of client certificates");
+    println!("  {CLIENT_CERT_FILE}  client certificate");
+    println!("  {CLIENT_KEY_FILE}  client key");
+    println!();
+    println!("[server]");
+    println!("url = {}", toml_string(&url));
+    println!("sensor_id = {}", toml_string(&sensor_id.to_string()));
+    println!("client_cert = {}", toml_path(&dir, CLIENT_CERT_FILE));
+    println!("client_key = {}", toml_path(&dir, CLIENT_KEY_FILE));
+    println!("ca_cert = {}", toml_path(&dir, CA_CERT_FILE));
+    println!();
+    println!("Ctrl-C stops.");
+    tokio::signal::ctrl_c()
+        .await
+        .context("waiting for Ctrl-C")?;
+    handle.stop().await;
+    Ok(())
+}
+
+/// A TOML basic string. JSON's string escapes are a subset of TOML's.
+fn toml_string(s: &str) -> String {
+    serde_json::Value::from(s).to_string()
+}
+
+fn toml_path(dir: &Path, name: &str) -> String {
+    toml_string(&dir.join(name).to_string_lossy())
+}
+
+fn parse_share(s: &str) -> Result<f64, String> {
+    let share: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    if (0.0..=1.0).contains(&share) {
+        Ok(share)
+    } else {
+        Err("a share is between 0 and 1".to_owned())
+    }
+}
+
+fn parse_sha256(s: &str) -> Result<[u8; 32], String> {
+    let s = s.trim();
+    if s.len() != 64 || !s.is_ascii() {
+        return Err("expected 64 hex characters".to_owned());
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&s[2 * i..2 * i + 2], 16)
+            .map_err(|_| "expected 64 hex characters".to_owned())?;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{CommandFactory, Parser};
+
+    #[derive(Debug, Parser)]
+    struct Wrapper {
+        #[command(flatten)]
+        args: EmulateArgs,
+    }
+
+    #[test]
+    fn flags_parse() {
+        Wrapper::command().debug_assert();
+        let w = Wrapper::try_parse_from([
+            "emulate",
+            "--init-certs",
+            "/tmp/x",
+            "--scan-delay",
+            "250ms",
+            "--shape",
+            "doc-array",
+            "--drop",
+            "0.1",
+            "--max-scans",
+            "0",
+            "--detect-sha256",
+            &"ab".repeat(32),
+        ])
+        .unwrap();
+        assert_eq!(w.args.certs, PathBuf::from("/tmp/x"));
+        let config = w.args.to_config();
+        assert_eq!(config.scan_delay, Duration::from_millis(250));
+        assert_eq!(config.shape, ResultShape::DocArray);
+        assert_eq!(config.max_scans, None);
+        assert!(config.detect_sha256.contains(&[0xab; 32]));
+        assert!(Wrapper::try_parse_from(["emulate", "--fail-500", "1.5"]).is_err());
+    }
+}
