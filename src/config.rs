@@ -844,6 +844,18 @@ failed_dir = "failed"
     }
 
     #[test]
+    fn example_config_parses_and_names_every_key() {
+        let text = include_str!("../config/dropscan.example.toml");
+        let raw = RawConfig::parse(text, Path::new("config/dropscan.example.toml")).unwrap();
+        assert_eq!(raw.watch.len(), 1);
+        assert_eq!(raw.server.max_in_flight, Some(DEFAULT_MAX_IN_FLIGHT as i64));
+        assert_eq!(raw.server.poll_interval.as_deref(), Some(DEFAULT_POLL_INTERVAL));
+        assert_eq!(raw.state.verdict_ttl.as_deref(), Some(DEFAULT_VERDICT_TTL));
+        assert_eq!(raw.watch[0].settle.as_deref(), Some(DEFAULT_SETTLE));
+        assert_eq!(raw.metrics.listen.as_deref(), Some("127.0.0.1:9187"));
+    }
+
+    #[test]
     fn absolute_folds_dots() {
         assert_eq!(
             absolute(Path::new("../a/./b"), Path::new("/etc/dropscan")),
