@@ -1,0 +1,310 @@
+//! The pipeline end to end: real files, the real journal, the emulator over real mTLS.
+
+#![allow(clippy::unwrap_used)]
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use dropscan::emulator::{EmulatorConfig, Faults, InjectedVerdict, ScanState};
+use sha2::{Digest, Sha256};
+
+use crate::util::{EICAR, Outcome, World, bytes, wait_for};
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+fn sha(b: &[u8]) -> [u8; 32] {
+    Sha256::digest(b).into()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backlog_and_live_drops_sorted_by_verdict_with_content_intact() {
+    let w = World::quick().await;
+    let mut expected = Vec::new();
+    // Backlog: present before the agent starts.
+    for i in 0..5 {
+        let rel = format!("backlog/file-{i}.bin");
+        let data = bytes(i, 1000 + i as usize * 777);
+        w.drop_file(&rel, &data);
+        expected.push((PathBuf::from(rel), data, Outcome::Clean));
+    }
+    w.drop_file("backlog/eicar.com", EICAR);
+    expected.push(("backlog/eicar.com".into(), EICAR.to_vec(), Outcome::Quarantine));
+    let agent = w.start_agent();
+    // Live drops, nested, with non-ASCII names.
+    let live: &[(&str, Vec<u8>, Outcome)] = &[
+        ("Übergabe/年報 2026.pdf", bytes(42, 300_000), Outcome::Clean),
+        ("Übergabe/tief/ещё/данные.csv", bytes(43, 10), Outcome::Clean),
+        ("empty.txt", Vec::new(), Outcome::Clean),
+        ("Übergabe/virus ñ.com", EICAR.to_vec(), Outcome::Quarantine),
+    ];
+    for (rel, data, o) in live {
+        w.drop_file(rel, data);
+        expected.push((PathBuf::from(rel), data.clone(), *o));
+    }
+    let outcomes = w.wait_placed(expected.len(), LIMIT).await;
+    for (rel, data, o) in &expected {
+        assert_eq!(outcomes.get(rel), Some(o), "{}", rel.display());
+        let dir = match o {
+            Outcome::Clean => &w.clean,
+            Outcome::Quarantine => &w.quarantine,
+            Outcome::Failed => &w.failed,
+        };
+        assert_eq!(&std::fs::read(dir.join(rel)).unwrap(), data, "{}", rel.display());
+    }
+    // Quarantine: owner-only file, sidecar with the verdict.
+    use std::os::unix::fs::PermissionsExt;
+    let q = w.quarantine.join("backlog/eicar.com");
+    assert_eq!(std::fs::metadata(&q).unwrap().permissions().mode() & 0o777, 0o600);
+    let sidecar: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(w.quarantine.join("backlog/eicar.com.dropscan.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(sidecar["verdict"], "detect");
+    assert_eq!(sidecar["sha256"], dropscan::sort::hex(&sha(EICAR)));
+    assert!(w.inbox_files().is_empty(), "inbox not empty: {:?}", w.inbox_files().keys());
+    let (r, _) = agent.stop().await;
+    r.unwrap();
+    assert_eq!(w.staged_files(), 0);
+    // Every result was deleted on the server after placement.
+    let emu = w.emulator().state();
+    let deleted = wait_for(Duration::from_secs(5), || {
+        let s = emu.stats();
+        (s.deletes as usize >= expected.len()).then_some(s.deletes)
+    })
+    .await;
+    assert!(deleted.is_some(), "results not deleted: {:?}", emu.stats());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_appender_is_never_uploaded_early() {
+    let w = World::quick().await;
+    let agent = w.start_agent();
+    let path = w.inbox.join("growing.log");
+    let mut f = std::fs::File::create(&path).unwrap();
+    let mut all = Vec::new();
+    // Pauses (100 ms) shorter than settle (300 ms), for about 1.5 s.
+    for i in 0..15u64 {
+        let chunk = bytes(i, 4096);
+        f.write_all(&chunk).unwrap();
+        f.flush().unwrap();
+        all.extend_from_slice(&chunk);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(w.outcomes().is_empty(), "placed while still being written");
+        assert_eq!(w.emulator().state().stats().submits_accepted, 0, "uploaded early");
+    }
+    drop(f);
+    w.wait_placed(1, LIMIT).await;
+    assert_eq!(std::fs::read(w.clean.join("growing.log")).unwrap(), all);
+    let s = w.emulator().state().stats();
+    assert_eq!(s.bytes_received, all.len() as u64, "exactly one full upload");
+    agent.stop().await.0.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_that_restores_old_mtime_waits_for_ctime_quiet() {
+    let w = World::quick().await;
+    let agent = w.start_agent();
+    let path = w.inbox.join("restored.bin");
+    let old = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+    let mut f = std::fs::File::create(&path).unwrap();
+    let mut all = Vec::new();
+    // Like `cp -p` / rsync: each write is followed by restoring an old mtime, so only ctime moves.
+    for i in 0..10u64 {
+        let chunk = bytes(100 + i, 8192);
+        f.write_all(&chunk).unwrap();
+        all.extend_from_slice(&chunk);
+        f.set_modified(old).unwrap();
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        assert_eq!(w.emulator().state().stats().submits_accepted, 0, "uploaded early");
+    }
+    drop(f);
+    w.wait_placed(1, LIMIT).await;
+    assert_eq!(std::fs::read(w.clean.join("restored.bin")).unwrap(), all);
+    agent.stop().await.0.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversize_goes_to_failed_without_upload() {
+    let w = World::new(EmulatorConfig {
+        max_object_size: 10_000,
+        ..EmulatorConfig::default()
+    })
+    .await;
+    let agent = w.start_agent();
+    w.drop_file("big.iso", &bytes(1, 10_001));
+    w.drop_file("small.txt", &bytes(2, 10_000));
+    let o = w.wait_placed(2, LIMIT).await;
+    assert_eq!(o[&PathBuf::from("big.iso")], Outcome::Failed);
+    assert_eq!(o[&PathBuf::from("small.txt")], Outcome::Clean);
+    let s = w.emulator().state().stats();
+    assert_eq!(s.submits_accepted, 1);
+    assert!(s.submits_by_status.get(&413).is_none(), "oversize was uploaded: {s:?}");
+    let sidecar = std::fs::read_to_string(w.failed.join("big.iso.dropscan.json")).unwrap();
+    assert!(sidecar.contains("too large"), "{sidecar}");
+    agent.stop().await.0.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttling_and_server_errors_slow_but_lose_nothing() {
+    let w = World::new(EmulatorConfig {
+        scan_delay: Duration::from_millis(50),
+        max_scans: Some(3),
+        faults: Faults {
+            http_429_share: 0.3,
+            http_500_share: 0.15,
+            ..Faults::default()
+        },
+        ..EmulatorConfig::default()
+    })
+    .await;
+    let n = 40;
+    for i in 0..n {
+        w.drop_file(&format!("f{i:03}.dat"), &bytes(1000 + i, 2000));
+    }
+    let agent = w.start_agent();
+    let o = w.wait_placed(n as usize, Duration::from_secs(90)).await;
+    assert!(o.values().all(|o| *o == Outcome::Clean), "{o:?}");
+    let s = w.emulator().state().stats();
+    assert!(s.submits_by_status.get(&429).copied().unwrap_or(0) > 0, "no 429 seen: {s:?}");
+    for i in 0..n {
+        let rel = format!("f{i:03}.dat");
+        assert_eq!(std::fs::read(w.clean.join(&rel)).unwrap(), bytes(1000 + i, 2000));
+    }
+    agent.stop().await.0.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn error_and_timeout_verdicts_are_resubmitted_then_fail() {
+    let w = World::quick().await;
+    let flaky = bytes(7, 5000);
+    let hopeless = bytes(8, 5000);
+    let emu = w.emulator().state();
+    emu.inject_verdict(sha(&flaky), InjectedVerdict::once(ScanState::Error));
+    emu.inject_verdict(sha(&flaky), InjectedVerdict::once(ScanState::Timeout));
+    emu.inject_verdict(
+        sha(&hopeless),
+        InjectedVerdict {
+            verdict: ScanState::Error,
+            times: 10,
+        },
+    );
+    let agent = w.start_agent();
+    w.drop_file("flaky.bin", &flaky);
+    w.drop_file("hopeless.bin", &hopeless);
+    let o = w.wait_placed(2, LIMIT).await;
+    assert_eq!(o[&PathBuf::from("flaky.bin")], Outcome::Clean);
+    assert_eq!(o[&PathBuf::from("hopeless.bin")], Outcome::Failed);
+    let s = emu.stats();
+    // 3 scans of flaky (error, timeout, ok) + 3 of hopeless (max_attempts = 3).
+    assert_eq!(s.submits_accepted, 6, "{s:?}");
+    let sidecar = std::fs::read_to_string(w.failed.join("hopeless.bin.dropscan.json")).unwrap();
+    assert!(sidecar.contains("3 attempts"), "{sidecar}");
+    agent.stop().await.0.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn name_collisions_never_overwrite() {
+    let w = World::quick().await;
+    std::fs::create_dir_all(w.clean.join("d")).unwrap();
+    std::fs::write(w.clean.join("d/report.txt"), b"already here").unwrap();
+    let agent = w.start_agent();
+    w.drop_file("d/report.txt", b"first drop");
+    w.wait_placed(2, LIMIT).await;
+    w.drop_file("d/report.txt", b"second drop");
+    w.wait_placed(3, LIMIT).await;
+    assert_eq!(std::fs::read(w.clean.join("d/report.txt")).unwrap(), b"already here");
+    assert_eq!(std::fs::read(w.clean.join("d/report (1).txt")).unwrap(), b"first drop");
+    assert_eq!(std::fs::read(w.clean.join("d/report (2).txt")).unwrap(), b"second drop");
+    agent.stop().await.0.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_roots_each_to_their_own_destinations() {
+    let mut w = World::quick().await;
+    let root2 = w.dir.path().join("inbox2");
+    std::fs::create_dir_all(&root2).unwrap();
+    w.more_watches = r#"
+[[watch]]
+path = "inbox2"
+settle = "300ms"
+clean_dir = "out2/clean"
+quarantine_dir = "out2/quarantine"
+failed_dir = "out2/failed"
+"#
+    .to_string();
+    let agent = w.start_agent();
+    w.drop_file("one.txt", b"one");
+    std::fs::write(root2.join("two.txt"), b"two").unwrap();
+    std::fs::write(root2.join("bad.com"), EICAR).unwrap();
+    let out2 = w.dir.path().join("out2");
+    wait_for(LIMIT, || {
+        (out2.join("clean/two.txt").exists()
+            && out2.join("quarantine/bad.com").exists()
+            && w.clean.join("one.txt").exists())
+        .then_some(())
+    })
+    .await
+    .expect("both roots sorted");
+    assert!(!w.clean.join("two.txt").exists());
+    agent.stop().await.0.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn polling_mode_works_without_inotify() {
+    let mut w = World::quick().await;
+    w.watch_extra = "mode = \"poll\"".to_string();
+    let agent = w.start_agent();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    w.drop_file("sub/polled.txt", b"seen by polling");
+    w.drop_file("polled.com", EICAR);
+    let o = w.wait_placed(2, LIMIT).await;
+    assert_eq!(o[&PathBuf::from("sub/polled.txt")], Outcome::Clean);
+    assert_eq!(o[&PathBuf::from("polled.com")], Outcome::Quarantine);
+    agent.stop().await.0.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_entries_are_skipped_without_stalling() {
+    let w = World::quick().await;
+    let outside = w.dir.path().join("secret.txt");
+    std::fs::write(&outside, b"outside the inbox").unwrap();
+    std::os::unix::fs::symlink(&outside, w.inbox.join("link.txt")).unwrap();
+    let fifo = w.inbox.join("pipe");
+    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let agent = w.start_agent();
+    w.drop_file("ok.txt", b"fine");
+    w.drop_file("weird\nname\u{7}.txt", b"odd name");
+    let o = w.wait_placed(2, LIMIT).await;
+    assert_eq!(o.len(), 2, "{o:?}");
+    assert!(o.values().all(|o| *o == Outcome::Clean));
+    // The symlink and the FIFO are still where they were; the outside file is untouched and was
+    // never sent.
+    assert!(w.inbox.join("link.txt").symlink_metadata().is_ok());
+    assert!(fifo.symlink_metadata().is_ok());
+    assert_eq!(std::fs::read(&outside).unwrap(), b"outside the inbox");
+    assert_eq!(w.emulator().state().stats().submits_accepted, 2);
+    agent.stop().await.0.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_content_shares_one_scan_and_reuses_the_verdict() {
+    let w = World::new(EmulatorConfig {
+        scan_delay: Duration::from_millis(400),
+        ..EmulatorConfig::default()
+    })
+    .await;
+    let data = bytes(77, 12_345);
+    for i in 0..4 {
+        w.drop_file(&format!("copy{i}.bin"), &data);
+    }
+    let agent = w.start_agent();
+    w.wait_placed(4, LIMIT).await;
+    assert_eq!(w.emulator().state().stats().submits_accepted, 1, "one scan for four copies");
+    // Later, the verdict is reused without an upload.
+    w.drop_file("later.bin", &data);
+    w.wait_placed(5, LIMIT).await;
+    assert_eq!(w.emulator().state().stats().submits_accepted, 1);
+    assert!(w.clean.join("later.bin").exists());
+    agent.stop().await.0.unwrap();
+}

@@ -1,0 +1,295 @@
+//! The shared harness: an emulator over real mTLS on 127.0.0.1, temp folders, a real config file,
+//! and the agent running in-process (or as the real binary), so that tests read like specs.
+
+#![allow(clippy::unwrap_used, dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use dropscan::app::{Agent, Placement};
+use dropscan::config::Config;
+use dropscan::emulator::{
+    CA_CERT_FILE, CLIENT_CERT_FILE, CLIENT_KEY_FILE, CertBundle, Emulator, EmulatorConfig,
+    EmulatorHandle,
+};
+use tokio::sync::broadcast;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// The EICAR test string.
+pub const EICAR: &[u8] = br"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*";
+/// The sensorId the harness uses.
+pub const SENSOR: &str = "6d0c3c1e-8a5f-4b7e-9f2a-1c3d5e7f9a0b";
+
+/// Where a file ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Clean,
+    Quarantine,
+    Failed,
+}
+
+/// One test world: folders, certificates, an emulator.
+pub struct World {
+    pub dir: tempfile::TempDir,
+    pub inbox: PathBuf,
+    pub clean: PathBuf,
+    pub quarantine: PathBuf,
+    pub failed: PathBuf,
+    pub certs: CertBundle,
+    pub certs_dir: PathBuf,
+    pub emulator: Option<EmulatorHandle>,
+    pub addr: std::net::SocketAddr,
+    /// Extra lines for `[server]`.
+    pub server_extra: String,
+    /// Extra lines for `[[watch]]`.
+    pub watch_extra: String,
+    /// Extra `[[watch]]` tables (second roots).
+    pub more_watches: String,
+}
+
+impl World {
+    /// A world whose emulator has this configuration (listen is forced to 127.0.0.1:0).
+    pub async fn new(emu: EmulatorConfig) -> World {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_path_buf();
+        let certs_dir = root.join("certs");
+        let certs = CertBundle::load_or_generate(&certs_dir).unwrap();
+        let emulator = Emulator::start(emu, &certs).await.unwrap();
+        let addr = emulator.local_addr();
+        let w = World {
+            inbox: root.join("inbox"),
+            clean: root.join("out/clean"),
+            quarantine: root.join("out/quarantine"),
+            failed: root.join("out/failed"),
+            dir,
+            certs,
+            certs_dir,
+            emulator: Some(emulator),
+            addr,
+            server_extra: String::new(),
+            watch_extra: String::new(),
+            more_watches: String::new(),
+        };
+        std::fs::create_dir_all(&w.inbox).unwrap();
+        w
+    }
+
+    /// The default world: quick scans, no limits beyond the defaults.
+    pub async fn quick() -> World {
+        World::new(EmulatorConfig {
+            scan_delay: Duration::from_millis(100),
+            ..EmulatorConfig::default()
+        })
+        .await
+    }
+
+    pub fn emulator(&self) -> &EmulatorHandle {
+        self.emulator.as_ref().unwrap()
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// Writes the config file and returns its path.
+    pub fn write_config(&self) -> PathBuf {
+        let p = |name: &str| self.certs_dir.join(name).display().to_string();
+        let text = format!(
+            r#"
+[server]
+url = "https://{addr}"
+sensor_id = "{SENSOR}"
+sensor_instance_id = "test"
+client_cert = "{cert}"
+client_key = "{key}"
+ca_cert = "{ca}"
+poll_interval = "100ms"
+request_timeout = "10s"
+max_in_flight = 16
+requests_per_second = 10000
+scan_timeout = "60s"
+{server_extra}
+
+[state]
+dir = "state"
+shutdown_grace = "2s"
+
+[[watch]]
+path = "inbox"
+settle = "300ms"
+reconcile_interval = "2s"
+poll_interval = "200ms"
+clean_dir = "out/clean"
+quarantine_dir = "out/quarantine"
+failed_dir = "out/failed"
+{watch_extra}
+{more}
+
+[log]
+level = "warn"
+"#,
+            addr = self.addr,
+            cert = p(CLIENT_CERT_FILE),
+            key = p(CLIENT_KEY_FILE),
+            ca = p(CA_CERT_FILE),
+            server_extra = self.server_extra,
+            watch_extra = self.watch_extra,
+            more = self.more_watches,
+        );
+        let path = self.dir.path().join("dropscan.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// Starts the agent in-process.
+    pub fn start_agent(&self) -> Running {
+        let config = Config::load(&self.write_config()).unwrap();
+        let agent = Agent::new(config).unwrap();
+        let events = agent.subscribe();
+        let token = CancellationToken::new();
+        let t = token.clone();
+        let task = tokio::spawn(async move { agent.run(t).await.map_err(|e| e.to_string()) });
+        Running {
+            token,
+            task: Some(task),
+            events,
+        }
+    }
+
+    /// Creates `rel` in the inbox with `bytes` (parents created).
+    pub fn drop_file(&self, rel: &str, bytes: &[u8]) -> PathBuf {
+        let p = self.inbox.join(rel);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent).unwrap();
+        }
+        // Write under a temp name and rename, as a careful uploader would; tests that need a
+        // slow writer write in place themselves.
+        let tmp = p.with_file_name(format!(
+            ".{}.tmp",
+            p.file_name().unwrap().to_string_lossy()
+        ));
+        std::fs::write(&tmp, bytes).unwrap();
+        #[allow(clippy::disallowed_methods)]
+        std::fs::rename(&tmp, &p).unwrap();
+        p
+    }
+
+    /// Every file under `dir` (relative path → content), sidecars and hidden files excluded.
+    pub fn files_in(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+        let mut out = BTreeMap::new();
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            let Ok(rd) = std::fs::read_dir(&d) else { continue };
+            for e in rd.flatten() {
+                let p = e.path();
+                let name = e.file_name().to_string_lossy().to_string();
+                let t = e.file_type().unwrap();
+                if t.is_dir() {
+                    if !name.starts_with('.') {
+                        stack.push(p);
+                    }
+                } else if !name.ends_with(".dropscan.json") && !name.starts_with('.') {
+                    out.insert(
+                        p.strip_prefix(dir).unwrap().to_path_buf(),
+                        std::fs::read(&p).unwrap(),
+                    );
+                }
+            }
+        }
+        out
+    }
+
+    /// Where each file ended: relative path → outcome (a file in two places panics).
+    pub fn outcomes(&self) -> BTreeMap<PathBuf, Outcome> {
+        let mut out = BTreeMap::new();
+        for (dir, o) in [
+            (&self.clean, Outcome::Clean),
+            (&self.quarantine, Outcome::Quarantine),
+            (&self.failed, Outcome::Failed),
+        ] {
+            for (p, _) in World::files_in(dir) {
+                assert!(out.insert(p.clone(), o).is_none(), "{} placed twice", p.display());
+            }
+        }
+        out
+    }
+
+    /// Files left in the inbox (staging and hidden files excluded).
+    pub fn inbox_files(&self) -> BTreeMap<PathBuf, Vec<u8>> {
+        World::files_in(&self.inbox)
+            .into_iter()
+            .filter(|(p, _)| !p.starts_with("out"))
+            .collect()
+    }
+
+    /// Files in staging.
+    pub fn staged_files(&self) -> usize {
+        let staging = self.inbox.join(".dropscan/test");
+        std::fs::read_dir(staging).map_or(0, |rd| rd.flatten().count())
+    }
+
+    /// Waits until `n` files are placed in all, or panics after `limit`.
+    pub async fn wait_placed(&self, n: usize, limit: Duration) -> BTreeMap<PathBuf, Outcome> {
+        wait_for(limit, || {
+            let o = self.outcomes();
+            (o.len() >= n).then_some(o)
+        })
+        .await
+        .unwrap_or_else(|| panic!("not {n} files placed within {limit:?}: {:?}", self.outcomes()))
+    }
+}
+
+/// Polls `f` every 25 ms until it returns Some or `limit` passes.
+pub async fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// An agent running in-process.
+pub struct Running {
+    pub token: CancellationToken,
+    pub task: Option<JoinHandle<Result<(), String>>>,
+    pub events: broadcast::Receiver<Placement>,
+}
+
+impl Running {
+    /// Cancels and waits; returns the agent's result and how long the stop took.
+    pub async fn stop(mut self) -> (Result<(), String>, Duration) {
+        let t0 = std::time::Instant::now();
+        self.token.cancel();
+        let r = tokio::time::timeout(Duration::from_secs(20), self.task.take().unwrap())
+            .await
+            .expect("agent did not stop within 20 s")
+            .unwrap();
+        (r, t0.elapsed())
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.token.cancel();
+    }
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x & 0xff) as u8
+        })
+        .collect()
+}
