@@ -1,1 +1,26 @@
-//! The KATA scanner API client.
+//! The KATA scanner API client: reqwest over rustls mutual TLS, the wire types and their
+//! tolerant parsers. It knows nothing of the pipeline: no folders, no journal, no retries —
+//! it sends exactly what the protocol asks (`/work/shared/kata-scanner-api.md`) and classifies
+//! every failure into an [`ApiError`] for the callers to act on.
+//!
+//! - [`tls`]: certificates, keys, fingerprint pinning, the rustls configuration;
+//! - [`wire`]: [`ScanId`], [`ScanState`], [`ScanResult`], [`Restrictions`] and their parsers;
+//! - `multipart`: the exact-length streaming upload body;
+//! - [`client`]: [`KataClient`], URLs and status mapping;
+//! - [`error`]: [`ApiError`], [`TlsError`].
+
+pub mod client;
+pub mod error;
+mod multipart;
+pub mod tls;
+pub mod wire;
+
+pub use client::{
+    ClientOptions, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_IDLE_PER_HOST, DEFAULT_REQUEST_TIMEOUT,
+    DeleteOutcome, KataClient, Submitted,
+};
+pub use error::{ApiError, TlsError};
+pub use tls::{TlsOptions, parse_fingerprint};
+pub use wire::{
+    Restrictions, ScanId, ScanResult, ScanState, parse_restrictions, parse_results,
+};
