@@ -1,0 +1,468 @@
+//! [`KataClient`]: the five calls of the KATA scanner API over one pooled HTTPS (mutual TLS)
+//! connection pool. It builds URLs, maps statuses to [`ApiError`] and reads answers with a size
+//! cap; it does not retry, back off or decide what a verdict means — callers do.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use reqwest::{Method, StatusCode, Url};
+use tracing::debug;
+
+use super::error::{ApiError, body_excerpt};
+use super::multipart::{Framing, UploadBody};
+use super::tls::{TlsOptions, client_config, hex};
+use super::wire::{Restrictions, ScanId, ScanResult, ScanState, parse_restrictions, parse_results};
+
+/// Largest results answer read; beyond it the answer is a protocol error.
+const MAX_RESULTS_BODY: usize = 16 * 1024 * 1024;
+/// Largest answer read for every other call.
+const MAX_SMALL_BODY: usize = 64 * 1024;
+/// Slowest upload rate allowed before a submit times out: the submit timeout is
+/// `request_timeout` plus the file size at this rate.
+const MIN_UPLOAD_BYTES_PER_SEC: u64 = 64 * 1024;
+
+/// Default total timeout of one non-upload request.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default connect timeout (TCP and TLS handshake).
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default number of idle connections kept per host.
+pub const DEFAULT_MAX_IDLE_PER_HOST: usize = 8;
+
+/// Everything needed to build a [`KataClient`].
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// `https://<central-node>[:port]`, with or without a trailing slash; a path prefix is kept.
+    pub base_url: Url,
+    /// The sensorId shown in KATA's "External systems".
+    pub sensor_id: String,
+    /// This agent's instance id, sent as the `sensorInstanceId` query parameter when set.
+    pub sensor_instance_id: Option<String>,
+    /// Client certificate, key and server trust.
+    pub tls: TlsOptions,
+    /// Total timeout of a non-upload request; uploads get this plus time for their size.
+    pub request_timeout: Duration,
+    /// Timeout of connecting (TCP and TLS handshake).
+    pub connect_timeout: Duration,
+    /// Idle connections kept per host.
+    pub max_idle_per_host: usize,
+}
+
+/// The file an accepted submit sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Submitted {
+    /// SHA-256 of the bytes actually sent.
+    pub sha256: [u8; 32],
+    /// How many file bytes were sent.
+    pub bytes: u64,
+}
+
+/// The outcome of deleting one result.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeleteOutcome {
+    /// 200: the result was deleted.
+    Deleted,
+    /// 404: there was no result for that scanId (already deleted).
+    AlreadyGone,
+}
+
+/// The KATA scanner API client; cheap to clone, all clones share one connection pool.
+#[derive(Clone, Debug)]
+pub struct KataClient {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    http: reqwest::Client,
+    endpoints: Endpoints,
+    request_timeout: Duration,
+}
+
+impl KataClient {
+    /// Builds the client (TLS configuration, connection pool); no request is made.
+    pub fn new(opts: ClientOptions) -> Result<Self, ApiError> {
+        let endpoints = Endpoints::new(
+            &opts.base_url,
+            &opts.sensor_id,
+            opts.sensor_instance_id.as_deref(),
+        )?;
+        let tls = client_config(&opts.tls).map_err(|e| ApiError::Setup {
+            detail: e.to_string(),
+        })?;
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .http1_only()
+            .https_only(true)
+            .connect_timeout(opts.connect_timeout)
+            .read_timeout(opts.request_timeout)
+            .pool_max_idle_per_host(opts.max_idle_per_host)
+            .user_agent(concat!("dropscan/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| ApiError::Setup {
+                detail: format!("cannot build the HTTP client: {e}"),
+            })?;
+        Ok(KataClient {
+            inner: Arc::new(Inner {
+                http,
+                endpoints,
+                request_timeout: opts.request_timeout,
+            }),
+        })
+    }
+
+    /// The sensorId in every path.
+    pub fn sensor_id(&self) -> &str {
+        &self.inner.endpoints.sensor_id
+    }
+
+    /// The sensorInstanceId sent in queries, if any.
+    pub fn sensor_instance_id(&self) -> Option<&str> {
+        self.inner.endpoints.sensor_instance_id.as_deref()
+    }
+
+    /// The server base URL as configured.
+    pub fn base_url(&self) -> &Url {
+        &self.inner.endpoints.base
+    }
+
+    /// POST scans: streams `file` (exactly `len` bytes) as multipart part `content`; returns the
+    /// SHA-256 of the bytes actually sent.
+    pub async fn submit(
+        &self,
+        scan_id: &ScanId,
+        file: tokio::fs::File,
+        len: u64,
+    ) -> Result<Submitted, ApiError> {
+        let framing = Framing::new(scan_id);
+        let total = framing.total_len(len);
+        let content_type = framing.content_type();
+        let (body, digest_rx) = UploadBody::new(file, len, framing);
+        let timeout = self.inner.request_timeout
+            + Duration::from_secs(len / MIN_UPLOAD_BYTES_PER_SEC);
+        let request = self
+            .inner
+            .http
+            .post(self.inner.endpoints.submit())
+            .header(CONTENT_TYPE, content_type)
+            .header(CONTENT_LENGTH, total)
+            .timeout(timeout)
+            .body(reqwest::Body::wrap(body));
+        let (status, body) = self.send(request, MAX_SMALL_BODY).await?;
+        match status.as_u16() {
+            200..=299 => {}
+            _ => return Err(self.status_error(status, &body)),
+        }
+        // The body reports its digest only after reading the file exactly; an early answer
+        // (before the upload completed) does not prove what the server received.
+        let digest = digest_rx.await.map_err(|_| {
+            ApiError::protocol(format!(
+                "KATA answered {status} before the upload of {len} bytes completed"
+            ))
+        })?;
+        debug!(scan_id = %scan_id, bytes = digest.bytes, sha256 = %hex(&digest.sha256), "submitted");
+        Ok(Submitted {
+            sha256: digest.sha256,
+            bytes: digest.bytes,
+        })
+    }
+
+    /// GET scans/state with the given states (always sends `state=`); 204, 404 and an empty
+    /// body are an empty list.
+    pub async fn results(&self, states: &[ScanState]) -> Result<Vec<ScanResult>, ApiError> {
+        let url = self.inner.endpoints.state(states);
+        let request = self.inner.http.get(url).timeout(self.inner.request_timeout);
+        let (status, body) = self.send(request, MAX_RESULTS_BODY).await?;
+        match status.as_u16() {
+            200 => parse_results(&body),
+            204 | 404 => Ok(Vec::new()),
+            201..=299 => parse_results(&body),
+            _ => Err(self.status_error(status, &body)),
+        }
+    }
+
+    /// DELETE scans/{scanId}: 200 → `Deleted`, 404 → `AlreadyGone`.
+    pub async fn delete(&self, scan_id: &ScanId) -> Result<DeleteOutcome, ApiError> {
+        let url = self.inner.endpoints.scan(scan_id);
+        let request = self
+            .inner
+            .http
+            .request(Method::DELETE, url)
+            .timeout(self.inner.request_timeout);
+        let (status, body) = self.send(request, MAX_SMALL_BODY).await?;
+        match status.as_u16() {
+            200..=299 => Ok(DeleteOutcome::Deleted),
+            404 => Ok(DeleteOutcome::AlreadyGone),
+            _ => Err(self.status_error(status, &body)),
+        }
+    }
+
+    /// DELETE scans: deletes every result of the sensor, other instances' too (admin use only).
+    /// 404 (nothing to delete) counts as success.
+    pub async fn delete_all(&self) -> Result<(), ApiError> {
+        let url = self.inner.endpoints.scans_collection();
+        let request = self
+            .inner
+            .http
+            .request(Method::DELETE, url)
+            .timeout(self.inner.request_timeout);
+        let (status, body) = self.send(request, MAX_SMALL_BODY).await?;
+        match status.as_u16() {
+            200..=299 | 404 => Ok(()),
+            _ => Err(self.status_error(status, &body)),
+        }
+    }
+
+    /// GET scans/filters: the server's restrictions.
+    pub async fn restrictions(&self) -> Result<Restrictions, ApiError> {
+        let url = self.inner.endpoints.filters();
+        let request = self.inner.http.get(url).timeout(self.inner.request_timeout);
+        let (status, body) = self.send(request, MAX_SMALL_BODY).await?;
+        match status.as_u16() {
+            204 => Ok(Restrictions::default()),
+            200..=299 => parse_restrictions(&body),
+            _ => Err(self.status_error(status, &body)),
+        }
+    }
+
+    /// Sends a request and reads the answer up to `cap` bytes.
+    async fn send(
+        &self,
+        request: reqwest::RequestBuilder,
+        cap: usize,
+    ) -> Result<(StatusCode, Vec<u8>), ApiError> {
+        let mut response = request.send().await.map_err(ApiError::from_reqwest)?;
+        let status = response.status();
+        if let Some(announced) = response.content_length()
+            && announced > cap as u64
+        {
+            return Err(ApiError::protocol(format!(
+                "the answer ({status}) announces {announced} bytes, more than the {cap} accepted"
+            )));
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(ApiError::from_reqwest)? {
+            if body.len() + chunk.len() > cap {
+                return Err(ApiError::protocol(format!(
+                    "the answer ({status}) is larger than the {cap} bytes accepted"
+                )));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok((status, body))
+    }
+
+    /// Maps a non-success status to its error.
+    fn status_error(&self, status: StatusCode, body: &[u8]) -> ApiError {
+        status_error(status, body, self.sensor_id())
+    }
+}
+
+/// Maps a non-success status to its error (401, 413, 429, 5xx, other 4xx, anything else).
+fn status_error(status: StatusCode, body: &[u8], sensor_id: &str) -> ApiError {
+    match status.as_u16() {
+        401 => ApiError::Unauthorized {
+            sensor_id: sensor_id.to_owned(),
+        },
+        413 => ApiError::TooLarge,
+        429 => ApiError::Busy,
+        500..=599 => ApiError::Server {
+            status: status.as_u16(),
+        },
+        400..=499 => ApiError::Rejected {
+            status: status.as_u16(),
+            body: body_excerpt(body),
+        },
+        _ => ApiError::protocol(format!("unexpected status {status}")),
+    }
+}
+
+/// The URLs of one sensor.
+#[derive(Clone, Debug)]
+struct Endpoints {
+    base: Url,
+    /// `{base}/kata/scanner/v1/sensors/{sensorId}/scans`, no query.
+    scans: Url,
+    sensor_id: String,
+    sensor_instance_id: Option<String>,
+}
+
+impl Endpoints {
+    fn new(base: &Url, sensor_id: &str, sensor_instance_id: Option<&str>) -> Result<Self, ApiError> {
+        if base.scheme() != "https" {
+            return Err(ApiError::Setup {
+                detail: format!("the KATA base URL must be https://, got {base}"),
+            });
+        }
+        if sensor_id.is_empty() {
+            return Err(ApiError::Setup {
+                detail: "the sensorId is empty".into(),
+            });
+        }
+        let mut scans = base.clone();
+        scans.set_query(None);
+        scans.set_fragment(None);
+        {
+            let mut segments = scans
+                .path_segments_mut()
+                .map_err(|()| ApiError::Setup {
+                    detail: format!("{base} cannot be a base URL"),
+                })?;
+            segments
+                .pop_if_empty()
+                .extend(["kata", "scanner", "v1", "sensors", sensor_id, "scans"]);
+        }
+        Ok(Endpoints {
+            base: base.clone(),
+            scans,
+            sensor_id: sensor_id.to_owned(),
+            sensor_instance_id: sensor_instance_id.map(str::to_owned),
+        })
+    }
+
+    /// `scans` extended by `tail` segments, with `query` pairs (already encoded) after
+    /// `sensorInstanceId`.
+    fn build(&self, tail: &[&str], extra_query: Option<String>) -> Url {
+        let mut url = self.scans.clone();
+        if !tail.is_empty()
+            && let Ok(mut segments) = url.path_segments_mut()
+        {
+            segments.extend(tail);
+        }
+        let mut query: Vec<String> = Vec::new();
+        if let Some(id) = &self.sensor_instance_id {
+            query.push(format!("sensorInstanceId={}", encode_query_value(id)));
+        }
+        query.extend(extra_query);
+        if !query.is_empty() {
+            url.set_query(Some(&query.join("&")));
+        }
+        url
+    }
+
+    /// POST target: `.../scans?sensorInstanceId=..`.
+    fn submit(&self) -> Url {
+        self.build(&[], None)
+    }
+
+    /// `.../scans/state?sensorInstanceId=..&state=detect,not%20detected,...`.
+    fn state(&self, states: &[ScanState]) -> Url {
+        let list = if states.is_empty() {
+            &ScanState::ALL[..]
+        } else {
+            states
+        };
+        let value = list
+            .iter()
+            .map(|s| encode_query_value(s.as_wire()))
+            .collect::<Vec<_>>()
+            .join(",");
+        self.build(&["state"], Some(format!("state={value}")))
+    }
+
+    /// `.../scans/{scanId}`.
+    fn scan(&self, scan_id: &ScanId) -> Url {
+        self.build(&[scan_id.as_str()], None)
+    }
+
+    /// `.../scans` for DELETE all.
+    fn scans_collection(&self) -> Url {
+        self.build(&[], None)
+    }
+
+    /// `.../scans/filters`.
+    fn filters(&self) -> Url {
+        self.build(&["filters"], None)
+    }
+}
+
+/// Percent-encodes a query value: everything but RFC 3986 unreserved characters, so a space
+/// is `%20` (never `+`).
+fn encode_query_value(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SENSOR: &str = "2b1a8a37-8bd8-4f1c-9d53-1f4a9a2b9c11";
+
+    fn endpoints(base: &str, instance: Option<&str>) -> Endpoints {
+        Endpoints::new(&Url::parse(base).unwrap(), SENSOR, instance).unwrap()
+    }
+
+    #[test]
+    fn urls_without_instance() {
+        for base in ["https://kata.example", "https://kata.example/"] {
+            let e = endpoints(base, None);
+            let p = format!("https://kata.example/kata/scanner/v1/sensors/{SENSOR}/scans");
+            assert_eq!(e.submit().as_str(), p);
+            assert_eq!(e.scans_collection().as_str(), p);
+            assert_eq!(e.filters().as_str(), format!("{p}/filters"));
+            let id = ScanId::parse("abc123").unwrap();
+            assert_eq!(e.scan(&id).as_str(), format!("{p}/abc123"));
+            assert_eq!(
+                e.state(&[ScanState::Detect, ScanState::NotDetected]).as_str(),
+                format!("{p}/state?state=detect,not%20detected")
+            );
+        }
+    }
+
+    #[test]
+    fn urls_with_instance_port_and_prefix() {
+        let e = endpoints("https://10.0.0.5:8443/proxy/", Some("agent 1&x"));
+        let p = format!("https://10.0.0.5:8443/proxy/kata/scanner/v1/sensors/{SENSOR}/scans");
+        let q = "sensorInstanceId=agent%201%26x";
+        assert_eq!(e.submit().as_str(), format!("{p}?{q}"));
+        assert_eq!(e.filters().as_str(), format!("{p}/filters?{q}"));
+        assert_eq!(
+            e.state(&ScanState::ALL).as_str(),
+            format!("{p}/state?{q}&state=detect,not%20detected,processing,timeout,error")
+        );
+        // An empty list still sends every state explicitly.
+        assert_eq!(e.state(&[]).as_str(), e.state(&ScanState::ALL).as_str());
+    }
+
+    #[test]
+    fn default_port_is_443() {
+        let e = endpoints("https://kata.example", None);
+        assert_eq!(e.submit().port_or_known_default(), Some(443));
+    }
+
+    #[test]
+    fn rejects_plain_http_and_empty_sensor() {
+        let url = Url::parse("http://kata.example").unwrap();
+        assert!(Endpoints::new(&url, SENSOR, None).is_err());
+        let url = Url::parse("https://kata.example").unwrap();
+        assert!(Endpoints::new(&url, "", None).is_err());
+    }
+
+    #[test]
+    fn status_table() {
+        let kinds = |code: u16| status_error(StatusCode::from_u16(code).unwrap(), b"nope", SENSOR).kind();
+        assert_eq!(kinds(401), "unauthorized");
+        assert_eq!(kinds(413), "too_large");
+        assert_eq!(kinds(429), "busy");
+        assert_eq!(kinds(500), "server");
+        assert_eq!(kinds(503), "server");
+        assert_eq!(kinds(400), "rejected");
+        assert_eq!(kinds(403), "rejected");
+        assert_eq!(kinds(302), "protocol");
+        match status_error(StatusCode::BAD_REQUEST, b"bad form\n", SENSOR) {
+            ApiError::Rejected { status, body } => {
+                assert_eq!(status, 400);
+                assert_eq!(body, "bad form");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

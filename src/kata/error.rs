@@ -1,0 +1,380 @@
+//! Errors of the KATA client: [`ApiError`] classifies every failure of one API call (HTTP status,
+//! TLS trust, transport, protocol, local file) so callers decide by variant, never by message;
+//! [`TlsError`] covers loading the certificates and building the TLS configuration.
+//!
+//! Classification of `reqwest` errors lives here too: it walks the `source()` chain looking for
+//! our own upload-body error (a local read failure) and for `rustls::Error` (trust problems).
+
+use std::error::Error as StdError;
+use std::io;
+use std::path::PathBuf;
+
+use rustls::{AlertDescription, CertificateError};
+
+/// Longest server body excerpt kept in [`ApiError::Rejected`], in characters.
+const BODY_EXCERPT_CHARS: usize = 256;
+
+/// A failure of one call to the KATA scanner API.
+#[derive(thiserror::Error, Debug)]
+pub enum ApiError {
+    /// 401: the sensorId is not (yet) authorized for this client certificate.
+    #[error(
+        "KATA answered 401 Authorization required for sensorId {sensor_id}: an administrator must \
+         accept the integration request for this sensorId in the KATA web UI (External systems); \
+         a changed client certificate needs a new integration"
+    )]
+    Unauthorized {
+        /// The sensorId that was refused.
+        sensor_id: String,
+    },
+    /// 413: the object is larger than the server's maximum object size.
+    #[error("KATA answered 413: the object is larger than the maximum object size")]
+    TooLarge,
+    /// 429: too many simultaneous scans; try again later.
+    #[error("KATA answered 429: too many simultaneous scan requests, try again later")]
+    Busy,
+    /// 5xx: a server-side failure; try again later.
+    #[error("KATA answered {status}: server error, try again later")]
+    Server {
+        /// The HTTP status code.
+        status: u16,
+    },
+    /// Any other 4xx: permanent for that request.
+    #[error("KATA rejected the request with {status}: {body}")]
+    Rejected {
+        /// The HTTP status code.
+        status: u16,
+        /// The start of the answer body, printable characters only.
+        body: String,
+    },
+    /// The server certificate does not verify against the configured roots or name.
+    #[error("the KATA server certificate is not trusted: {detail}")]
+    ServerNotTrusted {
+        /// What the verifier said.
+        detail: String,
+    },
+    /// The server certificate does not have the pinned SHA-256 fingerprint.
+    #[error("the KATA server certificate fingerprint is sha256:{got}, the pinned one is sha256:{expected}")]
+    PinMismatch {
+        /// The configured fingerprint, lower-case hex.
+        expected: String,
+        /// The fingerprint of the certificate the server presented, lower-case hex.
+        got: String,
+    },
+    /// The server refused our client certificate during or right after the handshake.
+    #[error(
+        "the KATA server refused the client certificate ({detail}): check that it is issued by a \
+         CA the server trusts and is not expired"
+    )]
+    ClientCertRefused {
+        /// The alert or error seen.
+        detail: String,
+    },
+    /// Connecting, sending or receiving failed (refused, reset, timed out, DNS...).
+    #[error("transport error talking to KATA: {source}")]
+    Transport {
+        /// The underlying error.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The server answered something this client cannot understand.
+    #[error("unexpected answer from KATA: {detail}")]
+    Protocol {
+        /// What was wrong.
+        detail: String,
+    },
+    /// The client could not be set up (TLS configuration, base URL, sensorId); fix the
+    /// configuration.
+    #[error("cannot set up the KATA client: {detail}")]
+    Setup {
+        /// What is wrong.
+        detail: String,
+    },
+    /// Reading the local file failed, or it was shorter or longer than announced.
+    #[error("reading the file to upload failed: {source}")]
+    Local {
+        /// The underlying I/O error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl ApiError {
+    /// True when the same request may succeed later unchanged: 429, 5xx and transport failures.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            ApiError::Busy | ApiError::Server { .. } | ApiError::Transport { .. }
+        )
+    }
+
+    /// A short stable label for metrics and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ApiError::Unauthorized { .. } => "unauthorized",
+            ApiError::TooLarge => "too_large",
+            ApiError::Busy => "busy",
+            ApiError::Server { .. } => "server",
+            ApiError::Rejected { .. } => "rejected",
+            ApiError::ServerNotTrusted { .. } => "server_not_trusted",
+            ApiError::PinMismatch { .. } => "pin_mismatch",
+            ApiError::ClientCertRefused { .. } => "client_cert_refused",
+            ApiError::Transport { .. } => "transport",
+            ApiError::Protocol { .. } => "protocol",
+            ApiError::Setup { .. } => "setup",
+            ApiError::Local { .. } => "local",
+        }
+    }
+
+    /// Builds [`ApiError::Protocol`].
+    pub(crate) fn protocol(detail: impl Into<String>) -> Self {
+        ApiError::Protocol {
+            detail: detail.into(),
+        }
+    }
+
+    /// Classifies a `reqwest` error: local read failure, TLS trust failure, or transport.
+    pub(crate) fn from_reqwest(err: reqwest::Error) -> Self {
+        if let Some(local) = find_in_chain::<LocalReadError>(&err) {
+            return ApiError::Local {
+                source: io::Error::new(local.kind, local.message.clone()),
+            };
+        }
+        if let Some(pin) = find_pin_mismatch(&err) {
+            return ApiError::PinMismatch {
+                expected: pin.expected.clone(),
+                got: pin.got.clone(),
+            };
+        }
+        if let Some(tls) = find_rustls_error(&err) {
+            match tls {
+                rustls::Error::InvalidCertificate(_)
+                | rustls::Error::InvalidCertRevocationList(_) => {
+                    return ApiError::ServerNotTrusted {
+                        detail: tls.to_string(),
+                    };
+                }
+                rustls::Error::AlertReceived(alert) if is_client_cert_alert(*alert) => {
+                    return ApiError::ClientCertRefused {
+                        detail: format!("alert received: {alert:?}"),
+                    };
+                }
+                _ => {}
+            }
+        }
+        ApiError::Transport { source: err }
+    }
+}
+
+/// Alerts a server sends when it does not accept the client certificate.
+fn is_client_cert_alert(alert: AlertDescription) -> bool {
+    matches!(
+        alert,
+        AlertDescription::BadCertificate
+            | AlertDescription::UnknownCA
+            | AlertDescription::CertificateRequired
+            | AlertDescription::CertificateUnknown
+            | AlertDescription::CertificateExpired
+            | AlertDescription::CertificateRevoked
+            | AlertDescription::UnsupportedCertificate
+            | AlertDescription::DecryptError
+            | AlertDescription::AccessDenied
+    )
+}
+
+/// Iterates an error and its sources, also looking inside `io::Error` wrappers (whose `source()`
+/// skips the wrapped error itself).
+fn chain<'a>(err: &'a (dyn StdError + 'static)) -> impl Iterator<Item = &'a (dyn StdError + 'static)> {
+    let mut out: Vec<&'a (dyn StdError + 'static)> = Vec::new();
+    let mut next = Some(err);
+    while let Some(e) = next {
+        out.push(e);
+        if let Some(inner) = e.downcast_ref::<io::Error>().and_then(|io| io.get_ref()) {
+            let inner: &'a (dyn StdError + 'static) = inner;
+            out.push(inner);
+            next = inner.source();
+        } else {
+            next = e.source();
+        }
+        if out.len() > 64 {
+            break;
+        }
+    }
+    out.into_iter()
+}
+
+fn find_in_chain<'a, T: StdError + 'static>(err: &'a (dyn StdError + 'static)) -> Option<&'a T> {
+    chain(err).find_map(|e| e.downcast_ref::<T>())
+}
+
+fn find_rustls_error<'a>(err: &'a (dyn StdError + 'static)) -> Option<&'a rustls::Error> {
+    find_in_chain::<rustls::Error>(err)
+}
+
+fn find_pin_mismatch<'a>(err: &'a (dyn StdError + 'static)) -> Option<&'a PinMismatchError> {
+    if let Some(found) = find_in_chain::<PinMismatchError>(err) {
+        return Some(found);
+    }
+    match find_rustls_error(err)? {
+        rustls::Error::InvalidCertificate(CertificateError::Other(other)) => {
+            other.0.downcast_ref::<PinMismatchError>()
+        }
+        _ => None,
+    }
+}
+
+/// The pin check's verdict, carried inside `rustls::Error` so the client can classify it.
+#[derive(thiserror::Error, Debug, Clone)]
+#[error("pin mismatch: server certificate sha256:{got}, pinned sha256:{expected}")]
+pub(crate) struct PinMismatchError {
+    pub(crate) expected: String,
+    pub(crate) got: String,
+}
+
+/// The upload body's error: the local file could not be read as announced.
+#[derive(thiserror::Error, Debug)]
+#[error("{message}")]
+pub(crate) struct LocalReadError {
+    pub(crate) kind: io::ErrorKind,
+    pub(crate) message: String,
+}
+
+impl LocalReadError {
+    pub(crate) fn new(kind: io::ErrorKind, message: impl Into<String>) -> Self {
+        LocalReadError {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+/// Keeps the start of a server answer, printable characters only, for error messages.
+pub(crate) fn body_excerpt(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let mut out: String = text
+        .chars()
+        .take(BODY_EXCERPT_CHARS)
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if text.chars().count() > BODY_EXCERPT_CHARS {
+        out.push('…');
+    }
+    out.trim().to_owned()
+}
+
+/// A failure loading the client certificate, key or CA bundle, or building the TLS configuration.
+#[derive(thiserror::Error, Debug)]
+pub enum TlsError {
+    /// A file could not be read.
+    #[error("cannot read the {what} file {}: {source}", path.display())]
+    Read {
+        /// Which file: "client certificate", "client key" or "CA certificate".
+        what: &'static str,
+        /// Its path.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: io::Error,
+    },
+    /// A file was read but its content is unusable.
+    #[error("the {what} file {} is unusable: {detail}", path.display())]
+    Invalid {
+        /// Which file: "client certificate", "client key" or "CA certificate".
+        what: &'static str,
+        /// Its path (or a label for in-memory PEM).
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
+    /// No CA was configured and the system trust store holds no usable certificate.
+    #[error("no CA certificate configured and no system root certificates found: {detail}")]
+    NoSystemRoots {
+        /// What the loader reported.
+        detail: String,
+    },
+    /// rustls refused the configuration (for example a key that does not match the certificate).
+    #[error("cannot build the TLS configuration: {detail}")]
+    Config {
+        /// What rustls said.
+        detail: String,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retryable_table() {
+        let cases: Vec<(ApiError, bool)> = vec![
+            (
+                ApiError::Unauthorized {
+                    sensor_id: "s".into(),
+                },
+                false,
+            ),
+            (ApiError::TooLarge, false),
+            (ApiError::Busy, true),
+            (ApiError::Server { status: 500 }, true),
+            (ApiError::Server { status: 503 }, true),
+            (
+                ApiError::Rejected {
+                    status: 400,
+                    body: String::new(),
+                },
+                false,
+            ),
+            (ApiError::ServerNotTrusted { detail: "x".into() }, false),
+            (
+                ApiError::PinMismatch {
+                    expected: "a".into(),
+                    got: "b".into(),
+                },
+                false,
+            ),
+            (ApiError::ClientCertRefused { detail: "x".into() }, false),
+            (ApiError::protocol("x"), false),
+            (ApiError::Setup { detail: "x".into() }, false),
+            (
+                ApiError::Local {
+                    source: io::Error::other("x"),
+                },
+                false,
+            ),
+        ];
+        for (err, retryable) in cases {
+            assert_eq!(err.is_retryable(), retryable, "{}", err.kind());
+        }
+    }
+
+    #[test]
+    fn unauthorized_message_gives_advice() {
+        let msg = ApiError::Unauthorized {
+            sensor_id: "abc".into(),
+        }
+        .to_string();
+        assert!(msg.contains("abc"));
+        assert!(msg.contains("External systems"));
+    }
+
+    #[test]
+    fn excerpt_is_truncated_and_printable() {
+        let body = format!("bad\r\n\x1b[31m{}", "x".repeat(1000));
+        let ex = body_excerpt(body.as_bytes());
+        assert!(!ex.chars().any(char::is_control));
+        assert!(ex.chars().count() <= BODY_EXCERPT_CHARS + 1);
+    }
+
+    #[test]
+    fn io_wrapped_rustls_error_is_found() {
+        let io = io::Error::new(
+            io::ErrorKind::InvalidData,
+            rustls::Error::AlertReceived(AlertDescription::UnknownCA),
+        );
+        let found = find_rustls_error(&io);
+        assert!(matches!(
+            found,
+            Some(rustls::Error::AlertReceived(AlertDescription::UnknownCA))
+        ));
+    }
+}

@@ -1,0 +1,340 @@
+//! The `multipart/form-data` body of `POST scans`, built by hand so that its exact length is
+//! known before the first byte is sent (a `Content-Length` request, never chunked).
+//!
+//! Parts, in order: `scanId` (text), `objectType` = `file`, then `content` with
+//! `filename="<scanId>"` (never the real name) and `application/octet-stream`. The file is
+//! streamed in 64 KiB reads and hashed on the way; memory use does not depend on its size. If
+//! the file yields fewer or more bytes than announced, the body fails (the upload is aborted)
+//! instead of sending a body of the wrong length.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Bytes, BytesMut};
+use hyper::body::{Body, Frame, SizeHint};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncRead, AsyncReadExt as _};
+use tokio::sync::oneshot;
+
+use super::error::LocalReadError;
+use super::wire::ScanId;
+
+/// Size of one read from the file.
+const CHUNK_SIZE: usize = 64 * 1024;
+
+/// The framing around the file bytes of one upload.
+#[derive(Clone, Debug)]
+pub(crate) struct Framing {
+    /// The random boundary, without the leading `--`.
+    pub(crate) boundary: String,
+    /// Everything before the file bytes.
+    pub(crate) preamble: Bytes,
+    /// Everything after the file bytes.
+    pub(crate) epilogue: Bytes,
+}
+
+impl Framing {
+    /// Frames an upload of `scan_id` with a fresh random boundary.
+    pub(crate) fn new(scan_id: &ScanId) -> Self {
+        let boundary = format!("dropscan-{:032x}", rand::random::<u128>());
+        Self::with_boundary(scan_id, boundary)
+    }
+
+    /// Frames an upload of `scan_id` with the given boundary.
+    pub(crate) fn with_boundary(scan_id: &ScanId, boundary: String) -> Self {
+        // scanId is [A-Za-z0-9_-]+ (ScanId::parse), so it needs no quoting or escaping.
+        let id = scan_id.as_str();
+        let preamble = format!(
+            "--{boundary}\r\n\
+             Content-Disposition: form-data; name=\"scanId\"\r\n\r\n\
+             {id}\r\n\
+             --{boundary}\r\n\
+             Content-Disposition: form-data; name=\"objectType\"\r\n\r\n\
+             file\r\n\
+             --{boundary}\r\n\
+             Content-Disposition: form-data; name=\"content\"; filename=\"{id}\"\r\n\
+             Content-Type: application/octet-stream\r\n\r\n"
+        );
+        let epilogue = format!("\r\n--{boundary}--\r\n");
+        Framing {
+            boundary,
+            preamble: Bytes::from(preamble),
+            epilogue: Bytes::from(epilogue),
+        }
+    }
+
+    /// The `Content-Type` header value.
+    pub(crate) fn content_type(&self) -> String {
+        format!("multipart/form-data; boundary={}", self.boundary)
+    }
+
+    /// The exact body length for a file of `file_len` bytes.
+    pub(crate) fn total_len(&self, file_len: u64) -> u64 {
+        self.preamble.len() as u64 + file_len + self.epilogue.len() as u64
+    }
+}
+
+/// What the body reports once the file part has been read completely and exactly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct FileDigest {
+    /// SHA-256 of the file bytes sent.
+    pub(crate) sha256: [u8; 32],
+    /// How many file bytes were sent.
+    pub(crate) bytes: u64,
+}
+
+enum Stage {
+    Preamble,
+    File,
+    /// The file gave its `len` bytes; one more read must report end of file, then the
+    /// epilogue follows.
+    CheckEof,
+    Done,
+}
+
+/// The streaming upload body: preamble, file bytes, epilogue; exact `size_hint`.
+pub(crate) struct UploadBody<R> {
+    reader: R,
+    framing: Framing,
+    stage: Stage,
+    file_len: u64,
+    file_left: u64,
+    /// Bytes of the whole body not yet yielded; drives `size_hint`.
+    body_left: u64,
+    buf: BytesMut,
+    hasher: Sha256,
+    digest_tx: Option<oneshot::Sender<FileDigest>>,
+}
+
+impl<R: AsyncRead + Unpin> UploadBody<R> {
+    /// A body sending `reader`'s `file_len` bytes framed by `framing`; the receiver gets the
+    /// digest once the file has been read exactly.
+    pub(crate) fn new(
+        reader: R,
+        file_len: u64,
+        framing: Framing,
+    ) -> (Self, oneshot::Receiver<FileDigest>) {
+        let (digest_tx, digest_rx) = oneshot::channel();
+        let body = UploadBody {
+            reader,
+            body_left: framing.total_len(file_len),
+            framing,
+            stage: Stage::Preamble,
+            file_len,
+            file_left: file_len,
+            buf: BytesMut::new(),
+            hasher: Sha256::new(),
+            digest_tx: Some(digest_tx),
+        };
+        (body, digest_rx)
+    }
+
+    fn fail(&mut self, err: LocalReadError) -> Poll<Option<Result<Frame<Bytes>, LocalReadError>>> {
+        self.stage = Stage::Done;
+        // No digest for a failed upload: the receiver sees a closed channel.
+        self.digest_tx = None;
+        Poll::Ready(Some(Err(err)))
+    }
+
+    fn emit(&mut self, data: Bytes) -> Poll<Option<Result<Frame<Bytes>, LocalReadError>>> {
+        self.body_left = self.body_left.saturating_sub(data.len() as u64);
+        Poll::Ready(Some(Ok(Frame::data(data))))
+    }
+
+    fn poll_file(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, LocalReadError>>> {
+        let want = usize::try_from(self.file_left).map_or(CHUNK_SIZE, |left| left.min(CHUNK_SIZE));
+        self.buf.reserve(want);
+        // Read at most `want` bytes so the file part never exceeds the announced length.
+        let mut limited = (&mut self.reader).take(want as u64);
+        let read = ready!(tokio_util::io::poll_read_buf(
+            Pin::new(&mut limited),
+            cx,
+            &mut self.buf
+        ));
+        match read {
+            Err(e) => self.fail(LocalReadError::new(e.kind(), format!("read error: {e}"))),
+            Ok(0) => {
+                let sent = self.file_len - self.file_left;
+                self.fail(LocalReadError::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!(
+                        "the file ended after {sent} bytes, {} were announced (it shrank)",
+                        self.file_len
+                    ),
+                ))
+            }
+            Ok(n) => {
+                let chunk = self.buf.split().freeze();
+                self.hasher.update(&chunk);
+                self.file_left -= n as u64;
+                if self.file_left == 0 {
+                    self.stage = Stage::CheckEof;
+                }
+                self.emit(chunk)
+            }
+        }
+    }
+
+    fn poll_check_eof(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, LocalReadError>>> {
+        let mut probe = [0u8; 1];
+        let mut probe_buf = tokio::io::ReadBuf::new(&mut probe);
+        match ready!(Pin::new(&mut self.reader).poll_read(cx, &mut probe_buf)) {
+            Err(e) => self.fail(LocalReadError::new(e.kind(), format!("read error: {e}"))),
+            Ok(()) if !probe_buf.filled().is_empty() => self.fail(LocalReadError::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "the file is longer than the {} bytes announced (it grew)",
+                    self.file_len
+                ),
+            )),
+            Ok(()) => {
+                let sha256: [u8; 32] = std::mem::take(&mut self.hasher).finalize().into();
+                if let Some(tx) = self.digest_tx.take() {
+                    // The receiver may be gone if the request was dropped; nothing to do then.
+                    tx.send(FileDigest {
+                        sha256,
+                        bytes: self.file_len,
+                    })
+                    .ok();
+                }
+                let epilogue = self.framing.epilogue.clone();
+                self.stage = Stage::Done;
+                self.emit(epilogue)
+            }
+        }
+    }
+}
+
+impl<R: AsyncRead + Unpin> Body for UploadBody<R> {
+    type Data = Bytes;
+    type Error = LocalReadError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.get_mut();
+        match this.stage {
+            Stage::Preamble => {
+                this.stage = if this.file_left == 0 {
+                    Stage::CheckEof
+                } else {
+                    Stage::File
+                };
+                let preamble = this.framing.preamble.clone();
+                this.emit(preamble)
+            }
+            Stage::File => this.poll_file(cx),
+            Stage::CheckEof => this.poll_check_eof(cx),
+            Stage::Done => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.stage, Stage::Done)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.body_left)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    fn id() -> ScanId {
+        ScanId::parse("0123456789abcdef0123456789abcdef").unwrap()
+    }
+
+    async fn collect(data: Vec<u8>, len: u64) -> (Result<Vec<u8>, LocalReadError>, Option<FileDigest>, Framing) {
+        let framing = Framing::new(&id());
+        let (mut body, rx) = UploadBody::new(std::io::Cursor::new(data), len, framing.clone());
+        assert_eq!(body.size_hint().exact(), Some(framing.total_len(len)));
+        let mut out = Vec::new();
+        let mut result = Ok(());
+        while let Some(frame) = body.frame().await {
+            match frame {
+                Ok(f) => {
+                    out.extend_from_slice(f.data_ref().unwrap());
+                    // The hint always equals what is still to come.
+                    assert_eq!(body.size_hint().exact(), Some(framing.total_len(len) - out.len() as u64));
+                }
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        drop(body);
+        (result.map(|()| out), rx.await.ok(), framing)
+    }
+
+    #[tokio::test]
+    async fn framing_exact_length_and_layout() {
+        for size in [0usize, 1, 100, CHUNK_SIZE - 1, CHUNK_SIZE, CHUNK_SIZE + 1, 3 * CHUNK_SIZE + 7] {
+            let data: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+            let (out, digest, framing) = collect(data.clone(), size as u64).await;
+            let out = out.unwrap();
+            assert_eq!(out.len() as u64, framing.total_len(size as u64), "size {size}");
+            let digest = digest.unwrap();
+            assert_eq!(digest.bytes, size as u64);
+            assert_eq!(digest.sha256, <[u8; 32]>::from(Sha256::digest(&data)));
+            let b = &framing.boundary;
+            let expected_head = format!(
+                "--{b}\r\nContent-Disposition: form-data; name=\"scanId\"\r\n\r\n{id}\r\n\
+                 --{b}\r\nContent-Disposition: form-data; name=\"objectType\"\r\n\r\nfile\r\n\
+                 --{b}\r\nContent-Disposition: form-data; name=\"content\"; filename=\"{id}\"\r\n\
+                 Content-Type: application/octet-stream\r\n\r\n",
+                id = id()
+            );
+            assert!(out.starts_with(expected_head.as_bytes()));
+            let tail = format!("\r\n--{b}--\r\n");
+            assert!(out.ends_with(tail.as_bytes()));
+            assert_eq!(&out[expected_head.len()..out.len() - tail.len()], &data[..]);
+        }
+    }
+
+    #[tokio::test]
+    async fn multer_parses_our_body() {
+        let data = b"hello\r\n--not-a-boundary\r\n".to_vec();
+        let (out, _, framing) = collect(data.clone(), data.len() as u64).await;
+        let stream = futures_util::stream::once(async move { Ok::<_, std::io::Error>(Bytes::from(out.unwrap())) });
+        let mut mp = multer::Multipart::new(stream, framing.boundary.clone());
+        let mut names = Vec::new();
+        while let Some(field) = mp.next_field().await.unwrap() {
+            let name = field.name().unwrap().to_owned();
+            let file_name = field.file_name().map(str::to_owned);
+            let bytes = field.bytes().await.unwrap();
+            if name == "content" {
+                assert_eq!(file_name.as_deref(), Some(id().as_str()));
+                assert_eq!(&bytes[..], &data[..]);
+            }
+            names.push(name);
+        }
+        assert_eq!(names, ["scanId", "objectType", "content"]);
+    }
+
+    #[tokio::test]
+    async fn shorter_file_fails() {
+        let (out, digest, _) = collect(vec![1; 10], 11).await;
+        assert_eq!(out.unwrap_err().kind, io::ErrorKind::UnexpectedEof);
+        assert!(digest.is_none());
+    }
+
+    #[tokio::test]
+    async fn longer_file_fails() {
+        let (out, digest, _) = collect(vec![1; 12], 11).await;
+        assert_eq!(out.unwrap_err().kind, io::ErrorKind::InvalidData);
+        assert!(digest.is_none());
+        let (out, _, _) = collect(vec![1; 1], 0).await;
+        assert!(out.is_err());
+    }
+
+    #[test]
+    fn boundaries_differ() {
+        assert_ne!(Framing::new(&id()).boundary, Framing::new(&id()).boundary);
+    }
+}

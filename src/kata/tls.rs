@@ -1,0 +1,420 @@
+//! TLS for the KATA client: loads the client certificate, key and optional CA bundle from PEM,
+//! and builds the rustls `ClientConfig` (ring provider, TLS 1.2+, client authentication,
+//! HTTP/1.1 ALPN) with our server verifier.
+//!
+//! Server trust, in order of configuration:
+//! - a CA bundle: chain and name verification against it;
+//! - a CA bundle and a pin: both, and the leaf's SHA-256 must equal the pin;
+//! - a pin without CA: the pin alone authenticates the server (KATA nodes often present
+//!   self-signed certificates); handshake signatures are still verified;
+//! - neither: the system roots.
+//!
+//! There is deliberately no way to switch verification off. Key material is never logged.
+
+use std::fmt;
+use std::fs;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use sha2::{Digest, Sha256};
+
+use super::error::{PinMismatchError, TlsError};
+
+const WHAT_CERT: &str = "client certificate";
+const WHAT_KEY: &str = "client key";
+const WHAT_CA: &str = "CA certificate";
+
+/// Everything needed to authenticate both ends of the TLS connection.
+pub struct TlsOptions {
+    /// The client certificate chain, leaf first.
+    pub client_chain: Vec<CertificateDer<'static>>,
+    /// The client private key.
+    pub client_key: PrivateKeyDer<'static>,
+    /// CA certificates that issue the server certificate; `None` means the system roots
+    /// (or the pin alone when `server_pin` is set).
+    pub ca_roots: Option<Vec<CertificateDer<'static>>>,
+    /// SHA-256 of the server's leaf certificate (DER).
+    pub server_pin: Option<[u8; 32]>,
+}
+
+impl fmt::Debug for TlsOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsOptions")
+            .field("client_chain_len", &self.client_chain.len())
+            .field("client_key", &"<redacted>")
+            .field("ca_roots_len", &self.ca_roots.as_ref().map(Vec::len))
+            .field("server_pin", &self.server_pin.map(|p| hex(&p)))
+            .finish()
+    }
+}
+
+impl Clone for TlsOptions {
+    fn clone(&self) -> Self {
+        TlsOptions {
+            client_chain: self.client_chain.clone(),
+            client_key: self.client_key.clone_key(),
+            ca_roots: self.ca_roots.clone(),
+            server_pin: self.server_pin,
+        }
+    }
+}
+
+impl TlsOptions {
+    /// Reads PEM files: chain (>=1 cert), key (PKCS#8/PKCS#1/SEC1), optional CA bundle (>=1 cert);
+    /// errors say which file and what is wrong.
+    pub fn from_pem_files(
+        client_cert: &Path,
+        client_key: &Path,
+        ca_cert: Option<&Path>,
+        server_pin: Option<[u8; 32]>,
+    ) -> Result<Self, TlsError> {
+        let read = |what: &'static str, path: &Path| {
+            fs::read(path).map_err(|source| TlsError::Read {
+                what,
+                path: path.to_owned(),
+                source,
+            })
+        };
+        let cert_pem = read(WHAT_CERT, client_cert)?;
+        let key_pem = read(WHAT_KEY, client_key)?;
+        let ca_pem = ca_cert.map(|p| read(WHAT_CA, p)).transpose()?;
+        Ok(TlsOptions {
+            client_chain: parse_certs(WHAT_CERT, client_cert, &cert_pem)?,
+            client_key: parse_key(client_key, &key_pem)?,
+            ca_roots: match (ca_cert, ca_pem) {
+                (Some(path), Some(pem)) => Some(parse_certs(WHAT_CA, path, &pem)?),
+                _ => None,
+            },
+            server_pin,
+        })
+    }
+
+    /// Same as [`TlsOptions::from_pem_files`] from PEM text in memory (tests, generated
+    /// certificates); errors name the file as `<memory>`.
+    pub fn from_pem(
+        client_cert: &[u8],
+        client_key: &[u8],
+        ca_cert: Option<&[u8]>,
+        server_pin: Option<[u8; 32]>,
+    ) -> Result<Self, TlsError> {
+        let mem = Path::new("<memory>");
+        Ok(TlsOptions {
+            client_chain: parse_certs(WHAT_CERT, mem, client_cert)?,
+            client_key: parse_key(mem, client_key)?,
+            ca_roots: ca_cert.map(|pem| parse_certs(WHAT_CA, mem, pem)).transpose()?,
+            server_pin,
+        })
+    }
+}
+
+fn invalid(what: &'static str, path: &Path, detail: impl Into<String>) -> TlsError {
+    TlsError::Invalid {
+        what,
+        path: PathBuf::from(path),
+        detail: detail.into(),
+    }
+}
+
+fn parse_certs(
+    what: &'static str,
+    path: &Path,
+    pem: &[u8],
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = rustls_pemfile::certs(&mut BufReader::new(pem))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| invalid(what, path, format!("bad PEM: {e}")))?;
+    if certs.is_empty() {
+        return Err(invalid(
+            what,
+            path,
+            "no \"BEGIN CERTIFICATE\" block found (expected PEM)",
+        ));
+    }
+    Ok(certs)
+}
+
+fn parse_key(path: &Path, pem: &[u8]) -> Result<PrivateKeyDer<'static>, TlsError> {
+    // The error text of rustls-pemfile never contains key bytes.
+    match rustls_pemfile::private_key(&mut BufReader::new(pem)) {
+        Ok(Some(key)) => Ok(key),
+        Ok(None) => Err(invalid(
+            WHAT_KEY,
+            path,
+            "no private key block found (expected PEM PKCS#8, PKCS#1 or SEC1; encrypted keys are not supported)",
+        )),
+        Err(e) => Err(invalid(WHAT_KEY, path, format!("bad PEM: {e}"))),
+    }
+}
+
+/// Parses a SHA-256 fingerprint: `sha256:HEX`, bare `HEX`, or hex with `:` (or space)
+/// separators, in any case.
+pub fn parse_fingerprint(s: &str) -> Result<[u8; 32], String> {
+    let trimmed = s.trim();
+    let body = match trimmed.get(..7) {
+        Some(prefix) if prefix.eq_ignore_ascii_case("sha256:") => &trimmed[7..],
+        _ => trimmed,
+    };
+    let digits: Vec<u8> = body
+        .bytes()
+        .filter(|b| !matches!(b, b':' | b' '))
+        .collect();
+    if digits.len() != 64 {
+        return Err(format!(
+            "a SHA-256 fingerprint has 64 hex digits, found {} in {s:?}",
+            digits.len()
+        ));
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in digits.chunks(2).enumerate() {
+        let hi = hex_val(pair[0]);
+        let lo = hex_val(pair[1]);
+        match (hi, lo) {
+            (Some(h), Some(l)) => out[i] = (h << 4) | l,
+            _ => return Err(format!("not a hex digit in fingerprint {s:?}")),
+        }
+    }
+    Ok(out)
+}
+
+fn hex_val(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// Lower-case hex of bytes.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(char::from(DIGITS[usize::from(b >> 4)]));
+        s.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+    }
+    s
+}
+
+/// The ring provider, the only one this crate uses.
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Builds the rustls client configuration for `opts` (HTTP/1.1 ALPN).
+pub(crate) fn client_config(opts: &TlsOptions) -> Result<ClientConfig, TlsError> {
+    let provider = provider();
+    let verifier = KataServerVerifier::new(opts, provider.clone())?;
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS12, &rustls::version::TLS13])
+        .map_err(|e| TlsError::Config {
+            detail: e.to_string(),
+        })?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_client_auth_cert(opts.client_chain.clone(), opts.client_key.clone_key())
+        .map_err(|e| TlsError::Config {
+            detail: format!("client certificate and key: {e}"),
+        })?;
+    let mut config = config;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+fn roots_from(certs: &[CertificateDer<'static>]) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in certs {
+        roots.add(cert.clone()).map_err(|e| TlsError::Invalid {
+            what: WHAT_CA,
+            path: PathBuf::from("<CA bundle>"),
+            detail: format!("a certificate is not a usable trust anchor: {e}"),
+        })?;
+    }
+    Ok(roots)
+}
+
+fn system_roots() -> Result<RootCertStore, TlsError> {
+    let loaded = rustls_native_certs::load_native_certs();
+    let mut roots = RootCertStore::empty();
+    let (added, _ignored) = roots.add_parsable_certificates(loaded.certs);
+    if added == 0 {
+        let detail = loaded
+            .errors
+            .first()
+            .map_or_else(|| "the store is empty".to_owned(), ToString::to_string);
+        return Err(TlsError::NoSystemRoots { detail });
+    }
+    Ok(roots)
+}
+
+/// Chain verification (when roots apply) plus the optional leaf pin.
+#[derive(Debug)]
+struct KataServerVerifier {
+    /// `None` in pin-only mode.
+    webpki: Option<Arc<WebPkiServerVerifier>>,
+    pin: Option<[u8; 32]>,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl KataServerVerifier {
+    fn new(opts: &TlsOptions, provider: Arc<CryptoProvider>) -> Result<Self, TlsError> {
+        let algorithms = provider.signature_verification_algorithms;
+        let roots = match (&opts.ca_roots, opts.server_pin) {
+            (Some(ca), _) => Some(roots_from(ca)?),
+            (None, Some(_)) => None,
+            (None, None) => Some(system_roots()?),
+        };
+        let webpki = roots
+            .map(|roots| {
+                WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+                    .build()
+                    .map_err(|e| TlsError::Config {
+                        detail: e.to_string(),
+                    })
+            })
+            .transpose()?;
+        Ok(KataServerVerifier {
+            webpki,
+            pin: opts.server_pin,
+            algorithms,
+        })
+    }
+}
+
+impl ServerCertVerifier for KataServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        // The pin is checked first: a mismatch names the fingerprint the user may want to pin.
+        if let Some(pin) = self.pin {
+            let got: [u8; 32] = Sha256::digest(end_entity.as_ref()).into();
+            if got != pin {
+                let mismatch = PinMismatchError {
+                    expected: hex(&pin),
+                    got: hex(&got),
+                };
+                return Err(rustls::Error::InvalidCertificate(CertificateError::Other(
+                    rustls::OtherError(Arc::new(mismatch)),
+                )));
+            }
+        }
+        match &self.webpki {
+            Some(webpki) => webpki.verify_server_cert(
+                end_entity,
+                intermediates,
+                server_name,
+                ocsp_response,
+                now,
+            ),
+            // Pin-only mode: the pin matched above, and `new` guarantees a pin without roots.
+            None => Ok(ServerCertVerified::assertion()),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HEX: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    fn expected() -> [u8; 32] {
+        let mut out = [0u8; 32];
+        for (i, b) in out.iter_mut().enumerate() {
+            *b = [0x01, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd, 0xef][i % 8];
+        }
+        out
+    }
+
+    #[test]
+    fn fingerprint_forms() {
+        let colons: String = HEX
+            .as_bytes()
+            .chunks(2)
+            .map(|c| std::str::from_utf8(c).unwrap())
+            .collect::<Vec<_>>()
+            .join(":");
+        for s in [
+            HEX.to_owned(),
+            HEX.to_uppercase(),
+            format!("sha256:{HEX}"),
+            format!("SHA256:{}", HEX.to_uppercase()),
+            colons.clone(),
+            format!("sha256:{colons}"),
+            format!("  {HEX} "),
+        ] {
+            assert_eq!(parse_fingerprint(&s), Ok(expected()), "{s}");
+        }
+    }
+
+    #[test]
+    fn fingerprint_errors() {
+        assert!(parse_fingerprint("").is_err());
+        assert!(parse_fingerprint(&HEX[..62]).is_err());
+        assert!(parse_fingerprint(&format!("{HEX}00")).is_err());
+        assert!(parse_fingerprint(&format!("{}zz", &HEX[..62])).is_err());
+        assert!(parse_fingerprint("sha1:0123").is_err());
+        // Multi-byte characters must not panic the prefix slicing.
+        assert!(parse_fingerprint("ééééé").is_err());
+    }
+
+    #[test]
+    fn pem_errors_name_the_file() {
+        let err = TlsOptions::from_pem(b"not pem", b"", None, None).unwrap_err();
+        assert!(err.to_string().contains("client certificate"), "{err}");
+        let missing = TlsOptions::from_pem_files(
+            Path::new("/nonexistent/cert.pem"),
+            Path::new("/nonexistent/key.pem"),
+            None,
+            None,
+        )
+        .unwrap_err();
+        assert!(missing.to_string().contains("/nonexistent/cert.pem"), "{missing}");
+    }
+
+    #[test]
+    fn debug_redacts_the_key() {
+        let opts = TlsOptions {
+            client_chain: vec![],
+            client_key: PrivateKeyDer::Pkcs8(vec![0x42; 16].into()),
+            ca_roots: None,
+            server_pin: None,
+        };
+        let dbg = format!("{opts:?}");
+        assert!(dbg.contains("redacted"));
+        assert!(!dbg.contains("66"));
+    }
+}

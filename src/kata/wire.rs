@@ -1,0 +1,482 @@
+//! Wire types of the KATA scanner API and the tolerant parsers of its answers.
+//!
+//! Exact in what we send ([`ScanId`], [`ScanState::as_wire`]), tolerant in what we accept: the
+//! results body may be `{"scans":[...]}` or a top-level array, `scanId` a string or a number,
+//! `state` a string or an array; unknown fields are ignored and garbage is an
+//! [`ApiError::Protocol`], never a panic. These functions are pure and know nothing of HTTP.
+
+use std::fmt;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::{Map, Value};
+use tracing::debug;
+
+use super::error::ApiError;
+
+/// Longest scanId accepted by [`ScanId::parse`].
+const SCAN_ID_MAX_LEN: usize = 128;
+
+/// Object keys (lower-cased, `_`/`-` removed) that may hold the result list in an object body.
+const LIST_KEYS: [&str; 5] = ["scans", "results", "items", "data", "objects"];
+
+/// The client-chosen identifier of one submitted object.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ScanId(String);
+
+impl ScanId {
+    /// A fresh random scanId: 32 lower-case hex characters (a UUID v4 without hyphens).
+    pub fn generate() -> Self {
+        ScanId(uuid::Uuid::new_v4().simple().to_string())
+    }
+
+    /// Validates a scanId: 1 to 128 characters of `[A-Za-z0-9_-]`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if s.is_empty() || s.len() > SCAN_ID_MAX_LEN {
+            return Err(format!(
+                "a scanId has 1 to {SCAN_ID_MAX_LEN} characters, got {}",
+                s.len()
+            ));
+        }
+        if let Some(bad) = s
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-'))
+        {
+            return Err(format!(
+                "a scanId holds only letters, digits, '_' and '-', found {bad:?}"
+            ));
+        }
+        Ok(ScanId(s.to_owned()))
+    }
+
+    /// The scanId as sent on the wire.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ScanId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Serialize for ScanId {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for ScanId {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(deserializer)?;
+        ScanId::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// The state of one scan as reported by `GET scans/state`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum ScanState {
+    /// `detect`: a threat was found.
+    Detect,
+    /// `not detected`: no threat was found.
+    NotDetected,
+    /// `processing`: still being scanned.
+    Processing,
+    /// `timeout`: the scan ended with a timeout error.
+    Timeout,
+    /// `error`: the scan ended with an error.
+    Error,
+    /// Anything else, as received; callers treat it as not finished.
+    Unknown(String),
+}
+
+impl ScanState {
+    /// The four known states plus processing, in the order sent by [`ScanState::ALL`].
+    pub const ALL: [ScanState; 5] = [
+        ScanState::Detect,
+        ScanState::NotDetected,
+        ScanState::Processing,
+        ScanState::Timeout,
+        ScanState::Error,
+    ];
+
+    /// The final states: the scan will not change any more.
+    pub const FINAL: [ScanState; 4] = [
+        ScanState::Detect,
+        ScanState::NotDetected,
+        ScanState::Timeout,
+        ScanState::Error,
+    ];
+
+    /// True for `detect`, `not detected`, `timeout` and `error`.
+    pub fn is_final(&self) -> bool {
+        matches!(
+            self,
+            ScanState::Detect | ScanState::NotDetected | ScanState::Timeout | ScanState::Error
+        )
+    }
+
+    /// The exact wire string (`not detected` with a space); unknown states as received.
+    pub fn as_wire(&self) -> &str {
+        match self {
+            ScanState::Detect => "detect",
+            ScanState::NotDetected => "not detected",
+            ScanState::Processing => "processing",
+            ScanState::Timeout => "timeout",
+            ScanState::Error => "error",
+            ScanState::Unknown(s) => s,
+        }
+    }
+
+    /// Tolerant parse: case-insensitive, surrounding blanks ignored, and `not detected` also
+    /// accepted as `not_detected`, `not-detected` or `notdetected`.
+    pub fn from_wire(s: &str) -> Self {
+        let norm: String = s
+            .trim()
+            .chars()
+            .filter(|c| !matches!(c, ' ' | '_' | '-'))
+            .flat_map(char::to_lowercase)
+            .collect();
+        match norm.as_str() {
+            "detect" | "detected" => ScanState::Detect,
+            "notdetected" => ScanState::NotDetected,
+            "processing" => ScanState::Processing,
+            "timeout" => ScanState::Timeout,
+            "error" => ScanState::Error,
+            _ => ScanState::Unknown(s.to_owned()),
+        }
+    }
+}
+
+impl fmt::Display for ScanState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_wire())
+    }
+}
+
+/// One entry of the results list.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScanResult {
+    /// The scanId as received (a number is rendered in decimal); not validated, since callers
+    /// only look up the ones they know.
+    pub scan_id: String,
+    /// The reported state.
+    pub state: ScanState,
+}
+
+/// What `GET scans/filters` reports.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Restrictions {
+    /// The maximum object size in bytes; `None` when missing, unparsable or `<= 0`.
+    pub max_object_size: Option<u64>,
+    /// The server's version string, if given.
+    pub version: Option<String>,
+}
+
+/// Normalizes an object key for tolerant lookups: lower case, without `_` and `-`.
+fn norm_key(k: &str) -> String {
+    k.chars()
+        .filter(|c| !matches!(c, '_' | '-'))
+        .flat_map(char::to_lowercase)
+        .collect()
+}
+
+fn get_key<'a>(obj: &'a Map<String, Value>, wanted: &str) -> Option<&'a Value> {
+    obj.get(wanted)
+        .or_else(|| obj.iter().find(|(k, _)| norm_key(k) == wanted).map(|(_, v)| v))
+}
+
+fn parse_json(body: &[u8]) -> Result<Option<Value>, ApiError> {
+    // Tolerate a UTF-8 byte-order mark and blank bodies.
+    let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    serde_json::from_slice(body)
+        .map(Some)
+        .map_err(|e| ApiError::protocol(format!("the answer is not JSON: {e}")))
+}
+
+/// Parses the body of `GET scans/state` (200). An empty body is an empty list.
+///
+/// Accepted shapes: a top-level array of items; an object holding the array under `scans`
+/// (or `results`, `items`, `data`, `objects`, any case); an object that is itself one item;
+/// an empty object. Per item: `scanId` (also `scanID`, `scan_id`) as a string or an integer;
+/// `state` as a string or an array of strings, where the first element naming a known state
+/// wins (else the first string, as [`ScanState::Unknown`]). Items without a usable scanId are
+/// skipped; an item without a state is reported as `Unknown("")`.
+pub fn parse_results(body: &[u8]) -> Result<Vec<ScanResult>, ApiError> {
+    let Some(value) = parse_json(body)? else {
+        return Ok(Vec::new());
+    };
+    let items = match &value {
+        Value::Array(items) => items.as_slice(),
+        Value::Object(obj) => match find_list(obj) {
+            Some(Value::Array(items)) => items.as_slice(),
+            Some(Value::Null) => &[],
+            Some(other) => {
+                return Err(ApiError::protocol(format!(
+                    "the result list is a {}, not an array",
+                    json_type(other)
+                )));
+            }
+            None if obj.is_empty() => &[],
+            None if get_key(obj, "scanid").is_some() => std::slice::from_ref(&value),
+            None => {
+                return Err(ApiError::protocol(
+                    "the answer is an object without a list of scans",
+                ));
+            }
+        },
+        Value::Null => &[],
+        other => {
+            return Err(ApiError::protocol(format!(
+                "the answer is a JSON {}, not a list of scans",
+                json_type(other)
+            )));
+        }
+    };
+    Ok(items.iter().filter_map(parse_item).collect())
+}
+
+fn find_list(obj: &Map<String, Value>) -> Option<&Value> {
+    LIST_KEYS.iter().find_map(|k| get_key(obj, k))
+}
+
+fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+fn parse_item(item: &Value) -> Option<ScanResult> {
+    let Value::Object(obj) = item else {
+        debug!(item_type = json_type(item), "skipping a result item that is not an object");
+        return None;
+    };
+    let scan_id = match get_key(obj, "scanid") {
+        Some(Value::String(s)) if !s.trim().is_empty() => s.trim().to_owned(),
+        Some(Value::Number(n)) => n.to_string(),
+        _ => {
+            debug!("skipping a result item without a usable scanId");
+            return None;
+        }
+    };
+    let state = match get_key(obj, "state") {
+        Some(Value::String(s)) => ScanState::from_wire(s),
+        Some(Value::Array(states)) => state_from_array(states),
+        _ => {
+            debug!(scan_id, "result item without a usable state");
+            ScanState::Unknown(String::new())
+        }
+    };
+    Some(ScanResult { scan_id, state })
+}
+
+fn state_from_array(states: &[Value]) -> ScanState {
+    let strings = states.iter().filter_map(Value::as_str);
+    let mut first_unknown = None;
+    for s in strings {
+        match ScanState::from_wire(s) {
+            ScanState::Unknown(u) => {
+                first_unknown.get_or_insert(u);
+            }
+            known => return known,
+        }
+    }
+    ScanState::Unknown(first_unknown.unwrap_or_default())
+}
+
+/// Parses the body of `GET scans/filters` (200). `maxObjectSize` may be an integer, a float
+/// or a numeric string; `<= 0`, missing or unparsable means no known limit. An empty body
+/// means no restrictions.
+pub fn parse_restrictions(body: &[u8]) -> Result<Restrictions, ApiError> {
+    let Some(value) = parse_json(body)? else {
+        return Ok(Restrictions::default());
+    };
+    let Value::Object(obj) = &value else {
+        return Err(ApiError::protocol(format!(
+            "the restrictions answer is a JSON {}, not an object",
+            json_type(&value)
+        )));
+    };
+    let max_object_size = get_key(obj, "maxobjectsize").and_then(positive_size);
+    let version = match get_key(obj, "version") {
+        Some(Value::String(s)) if !s.trim().is_empty() => Some(s.trim().to_owned()),
+        Some(Value::Number(n)) => Some(n.to_string()),
+        _ => None,
+    };
+    Ok(Restrictions {
+        max_object_size,
+        version,
+    })
+}
+
+fn positive_size(v: &Value) -> Option<u64> {
+    match v {
+        Value::Number(n) => number_to_size(n),
+        Value::String(s) => {
+            let s = s.trim();
+            s.parse::<u64>().ok().filter(|n| *n > 0).or_else(|| {
+                s.parse::<serde_json::Number>()
+                    .ok()
+                    .and_then(|n| number_to_size(&n))
+            })
+        }
+        _ => None,
+    }
+}
+
+fn number_to_size(n: &serde_json::Number) -> Option<u64> {
+    if let Some(u) = n.as_u64() {
+        return (u > 0).then_some(u);
+    }
+    let f = n.as_f64()?;
+    // `as` saturates; a limit beyond u64 is no limit worth enforcing differently.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    (f.is_finite() && f >= 1.0).then(|| f as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(id: &str, state: ScanState) -> ScanResult {
+        ScanResult {
+            scan_id: id.into(),
+            state,
+        }
+    }
+
+    #[test]
+    fn scan_id_generate_and_parse() {
+        let id = ScanId::generate();
+        assert_eq!(id.as_str().len(), 32);
+        assert!(id.as_str().chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+        assert_eq!(ScanId::parse(id.as_str()), Ok(id.clone()));
+        assert!(ScanId::parse("abc-DEF_09").is_ok());
+        assert!(ScanId::parse(&"a".repeat(128)).is_ok());
+        for bad in ["", "a b", "a/b", "é", "a.b", &"a".repeat(129)] {
+            assert!(ScanId::parse(bad).is_err(), "{bad:?}");
+        }
+        let json = serde_json::to_string(&id).unwrap();
+        assert_eq!(json, format!("\"{id}\""));
+        let back: ScanId = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, id);
+        assert!(serde_json::from_str::<ScanId>("\"a b\"").is_err());
+    }
+
+    #[test]
+    fn states_round_trip_and_tolerance() {
+        for s in ScanState::ALL {
+            assert_eq!(ScanState::from_wire(s.as_wire()), s);
+        }
+        assert_eq!(ScanState::from_wire("Not_Detected"), ScanState::NotDetected);
+        assert_eq!(ScanState::from_wire(" DETECT "), ScanState::Detect);
+        assert_eq!(
+            ScanState::from_wire("queued"),
+            ScanState::Unknown("queued".into())
+        );
+        assert!(!ScanState::Unknown("x".into()).is_final());
+        assert!(!ScanState::Processing.is_final());
+        assert!(ScanState::FINAL.iter().all(ScanState::is_final));
+    }
+
+    #[test]
+    fn results_object_shape() {
+        let body = br#"{"scans":[{"scanId":"a1","state":"processing"},
+            {"scanId":"b2","state":"not detected","extra":{"x":1}}], "other": 5}"#;
+        assert_eq!(
+            parse_results(body).unwrap(),
+            vec![
+                r("a1", ScanState::Processing),
+                r("b2", ScanState::NotDetected)
+            ]
+        );
+    }
+
+    #[test]
+    fn results_doc_array_shape() {
+        let body = br#"[{"scanId": 17, "state": ["detect"]},
+            {"scanID": "x", "state": ["weird", "timeout"]},
+            {"scan_id": "y", "state": "brand new"},
+            {"scanId": "z", "state": []},
+            {"scanId": "w"}]"#;
+        assert_eq!(
+            parse_results(body).unwrap(),
+            vec![
+                r("17", ScanState::Detect),
+                r("x", ScanState::Timeout),
+                r("y", ScanState::Unknown("brand new".into())),
+                r("z", ScanState::Unknown(String::new())),
+                r("w", ScanState::Unknown(String::new())),
+            ]
+        );
+    }
+
+    #[test]
+    fn results_skip_bad_items() {
+        let body = br#"{"results":[1, "x", null, {"state":"detect"}, {"scanId":null},
+            {"scanId":"  "}, {"scanId":{"a":1}}, {"ScanId":"ok","State":"error"}]}"#;
+        assert_eq!(parse_results(body).unwrap(), vec![r("ok", ScanState::Error)]);
+    }
+
+    #[test]
+    fn results_empty_forms() {
+        for body in [&b""[..], b"  \n", b"[]", b"{}", b"null", b"{\"scans\":null}", b"{\"scans\":[]}"]
+        {
+            assert_eq!(parse_results(body).unwrap(), vec![], "{body:?}");
+        }
+    }
+
+    #[test]
+    fn results_garbage_is_protocol_error() {
+        for body in [
+            &b"<html>oops</html>"[..],
+            b"{\"scans\":",
+            b"42",
+            b"\"str\"",
+            b"{\"scans\":{}}",
+            b"{\"foo\":1}",
+            b"\xff\xfe",
+        ] {
+            let err = parse_results(body).unwrap_err();
+            assert_eq!(err.kind(), "protocol", "{body:?}");
+        }
+    }
+
+    #[test]
+    fn single_object_item_is_accepted() {
+        assert_eq!(
+            parse_results(br#"{"scanId":"a","state":"detect"}"#).unwrap(),
+            vec![r("a", ScanState::Detect)]
+        );
+    }
+
+    #[test]
+    fn restrictions_forms() {
+        let cases: [(&[u8], Option<u64>, Option<&str>); 9] = [
+            (br#"{"maxObjectSize": 1048576, "version": "7.1"}"#, Some(1_048_576), Some("7.1")),
+            (br#"{"maxObjectSize": "2048"}"#, Some(2048), None),
+            (br#"{"maxObjectSize": 4096.0, "x": []}"#, Some(4096), None),
+            (br#"{"maxObjectSize": 0}"#, None, None),
+            (br#"{"maxObjectSize": -5}"#, None, None),
+            (br#"{"maxObjectSize": "lots"}"#, None, None),
+            (br#"{"max_object_size": 10, "version": 3}"#, Some(10), Some("3")),
+            (br#"{}"#, None, None),
+            (b"", None, None),
+        ];
+        for (body, size, version) in cases {
+            let got = parse_restrictions(body).unwrap();
+            assert_eq!(got.max_object_size, size, "{}", String::from_utf8_lossy(body));
+            assert_eq!(got.version.as_deref(), version);
+        }
+        assert!(parse_restrictions(b"[1]").is_err());
+        assert!(parse_restrictions(b"nope").is_err());
+    }
+}
