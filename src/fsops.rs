@@ -1,0 +1,669 @@
+//! fsops: the only place that renames, fsyncs folders and opens users' files.
+//!
+//! Everything here is synchronous (callers run it on the blocking pool) and written for one
+//! property: **at every instant a file exists whole in at least one place**, and nothing in the
+//! inbox can make us touch anything outside it.
+//!
+//! - Users' files are opened with `O_NOFOLLOW | O_NONBLOCK`: a symlink in the last component is
+//!   refused instead of followed, and a FIFO swapped in at the last moment cannot block us. The
+//!   open file is then checked with `fstat`: it must be a regular file with one link (a hard link
+//!   could expose a file from outside the inbox).
+//! - Moves never replace: `renameat2(RENAME_NOREPLACE)`, or `link` + `unlink` where the filesystem
+//!   lacks it (both fail on an existing target). The parent folders are fsynced after every move:
+//!   a rename is durable only once its directory entry is.
+//! - Across filesystems a move is copy to a hidden temp name → fsync → verify SHA-256 → rename
+//!   (no replace) → fsync folder → unlink the source → fsync its folder. A crash leaves either the
+//!   source alone, or the source plus a partial temp (removed by [`remove_partials`] at start-up),
+//!   or the source plus the complete target (the caller, which journaled the target first, then
+//!   removes the source).
+//! - Relative paths from users' file names are made safe before they are joined under a folder:
+//!   no absolute paths, no `..`, no empty components.
+
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+
+use rustix::fs::{Mode, OFlags, RenameFlags};
+use sha2::{Digest, Sha256};
+
+/// Suffix of the temp file of a cross-filesystem copy.
+pub const PARTIAL_SUFFIX: &str = ".dropscan-partial";
+/// Suffix of a sidecar.
+pub const SIDECAR_SUFFIX: &str = ".dropscan.json";
+/// Numbered names tried before giving up on a free name.
+const MAX_NUMBERED: u32 = 10_000;
+/// Read buffer for hashing and copying.
+const BUF: usize = 1 << 20;
+
+/// A filesystem failure, with the path and advice in its message.
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    /// Not a regular file (never opened for reading).
+    #[error("{}: not a regular file but a {kind}; skipped", path.display())]
+    NotRegular {
+        /// The path.
+        path: PathBuf,
+        /// symlink, fifo, socket, device, directory.
+        kind: &'static str,
+    },
+    /// A regular file with more than one link.
+    #[error("{}: has {nlink} hard links; refused (it could expose a file from outside the inbox)", path.display())]
+    HardLinked {
+        /// The path.
+        path: PathBuf,
+        /// Its link count.
+        nlink: u64,
+    },
+    /// The file is gone.
+    #[error("{}: vanished", path.display())]
+    Vanished {
+        /// The path.
+        path: PathBuf,
+    },
+    /// The file changed while we worked on it.
+    #[error("{}: {detail}", path.display())]
+    Changed {
+        /// The path.
+        path: PathBuf,
+        /// What changed.
+        detail: String,
+    },
+    /// The target name exists already (moves never replace).
+    #[error("{}: exists already", path.display())]
+    AlreadyExists {
+        /// The target.
+        path: PathBuf,
+    },
+    /// No space left (or quota exceeded).
+    #[error("{}: destination full ({source}); the file stays in staging and the move is retried", path.display())]
+    NoSpace {
+        /// Where.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// Any other I/O error.
+    #[error("{}: cannot {about}: {source}{}", path.display(), advice(source))]
+    Io {
+        /// Where.
+        path: PathBuf,
+        /// What was being done.
+        about: &'static str,
+        /// The OS error.
+        source: io::Error,
+    },
+}
+
+fn advice(e: &io::Error) -> &'static str {
+    match e.raw_os_error() {
+        Some(libc::EACCES | libc::EPERM) => " (not writable by the dropscan user)",
+        Some(libc::EROFS) => " (read-only filesystem)",
+        Some(libc::EXDEV) => " (different filesystems)",
+        _ => "",
+    }
+}
+
+impl FsError {
+    fn io(path: &Path, about: &'static str, source: io::Error) -> Self {
+        match source.raw_os_error() {
+            Some(libc::ENOENT) => FsError::Vanished {
+                path: path.to_path_buf(),
+            },
+            Some(libc::EEXIST) => FsError::AlreadyExists {
+                path: path.to_path_buf(),
+            },
+            Some(libc::ENOSPC | libc::EDQUOT) => FsError::NoSpace {
+                path: path.to_path_buf(),
+                source,
+            },
+            _ => FsError::Io {
+                path: path.to_path_buf(),
+                about,
+                source,
+            },
+        }
+    }
+
+    /// Whether the problem is the destination's and may go away (full, read-only, not writable).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            FsError::NoSpace { .. } => true,
+            FsError::Io { source, .. } => matches!(
+                source.raw_os_error(),
+                Some(libc::EACCES | libc::EPERM | libc::EROFS | libc::EIO | libc::ENOTDIR)
+            ),
+            _ => false,
+        }
+    }
+
+    /// Whether the failure means the source is gone.
+    pub fn is_vanished(&self) -> bool {
+        matches!(self, FsError::Vanished { .. })
+    }
+
+    /// Whether the failure means the target exists.
+    pub fn is_already_exists(&self) -> bool {
+        matches!(self, FsError::AlreadyExists { .. })
+    }
+}
+
+/// Identity and change stamp of a file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileStamp {
+    /// Device.
+    pub dev: u64,
+    /// Inode.
+    pub ino: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// Modification time, ns since the epoch.
+    pub mtime_ns: i128,
+    /// Status change time, ns since the epoch.
+    pub ctime_ns: i128,
+    /// Link count.
+    pub nlink: u64,
+}
+
+impl FileStamp {
+    /// The stamp of metadata.
+    pub fn of(m: &std::fs::Metadata) -> Self {
+        FileStamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.len(),
+            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+            ctime_ns: i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
+            nlink: m.nlink(),
+        }
+    }
+}
+
+/// The kind of a non-regular file, for messages.
+pub fn kind_of(ft: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if ft.is_symlink() {
+        "symlink"
+    } else if ft.is_dir() {
+        "directory"
+    } else if ft.is_fifo() {
+        "fifo"
+    } else if ft.is_socket() {
+        "socket"
+    } else if ft.is_block_device() || ft.is_char_device() {
+        "device"
+    } else {
+        "regular file"
+    }
+}
+
+/// Opens a file for reading without following a symlink and without blocking on a FIFO, and
+/// checks that it is a regular file with one link.
+pub fn open_regular(path: &Path) -> Result<(File, FileStamp), FsError> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            // O_NOFOLLOW on a symlink.
+            Some(libc::ELOOP) => FsError::NotRegular {
+                path: path.to_path_buf(),
+                kind: "symlink",
+            },
+            _ => FsError::io(path, "open", e),
+        })?;
+    let meta = file.metadata().map_err(|e| FsError::io(path, "stat", e))?;
+    if !meta.file_type().is_file() {
+        return Err(FsError::NotRegular {
+            path: path.to_path_buf(),
+            kind: kind_of(meta.file_type()),
+        });
+    }
+    if meta.nlink() > 1 {
+        return Err(FsError::HardLinked {
+            path: path.to_path_buf(),
+            nlink: meta.nlink(),
+        });
+    }
+    Ok((file, FileStamp::of(&meta)))
+}
+
+/// The stamp of an open file.
+pub fn stamp_of(file: &File) -> Result<FileStamp, FsError> {
+    file.metadata()
+        .map(|m| FileStamp::of(&m))
+        .map_err(|e| FsError::io(Path::new("(open file)"), "stat", e))
+}
+
+/// The stamp of a path without following a symlink; it must be a regular file.
+pub fn lstamp(path: &Path) -> Result<FileStamp, FsError> {
+    let m = std::fs::symlink_metadata(path).map_err(|e| FsError::io(path, "stat", e))?;
+    if !m.file_type().is_file() {
+        return Err(FsError::NotRegular {
+            path: path.to_path_buf(),
+            kind: kind_of(m.file_type()),
+        });
+    }
+    Ok(FileStamp::of(&m))
+}
+
+/// Streaming SHA-256 of an open file from its current position (constant memory).
+pub fn sha256_file(file: &mut File) -> Result<([u8; 32], u64), FsError> {
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; BUF];
+    let mut total = 0u64;
+    loop {
+        let n = match file.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(FsError::io(Path::new("(open file)"), "read", e)),
+        };
+        hasher.update(&buf[..n]);
+        total += n as u64;
+    }
+    Ok((hasher.finalize().into(), total))
+}
+
+/// Fsyncs a folder so that the entries created or removed in it are durable.
+pub fn fsync_dir(dir: &Path) -> Result<(), FsError> {
+    let d = File::open(dir).map_err(|e| FsError::io(dir, "open folder", e))?;
+    d.sync_all().map_err(|e| FsError::io(dir, "fsync folder", e))
+}
+
+fn parent(p: &Path) -> &Path {
+    match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    }
+}
+
+/// Moves `from` to `to` without ever replacing `to`, then fsyncs both folders.
+pub fn rename_noreplace(from: &Path, to: &Path) -> Result<(), FsError> {
+    match rustix::fs::renameat_with(
+        rustix::fs::CWD,
+        from,
+        rustix::fs::CWD,
+        to,
+        RenameFlags::NOREPLACE,
+    ) {
+        Ok(()) => {}
+        Err(e) if e == rustix::io::Errno::INVAL || e == rustix::io::Errno::NOSYS => {
+            // No RENAME_NOREPLACE here (some network filesystems): link() never replaces either.
+            std::fs::hard_link(from, to).map_err(|e| FsError::io(to, "link", e))?;
+            std::fs::remove_file(from).map_err(|e| FsError::io(from, "unlink", e))?;
+        }
+        Err(e) => {
+            let e = io::Error::from_raw_os_error(e.raw_os_error());
+            // ENOENT names the source: the file we were moving is gone.
+            let path = if e.raw_os_error() == Some(libc::ENOENT) && std::fs::symlink_metadata(from).is_ok() {
+                to
+            } else if e.raw_os_error() == Some(libc::ENOENT) {
+                from
+            } else {
+                to
+            };
+            return Err(FsError::io(path, "rename", e));
+        }
+    }
+    fsync_dir(parent(to))?;
+    if parent(from) != parent(to) {
+        fsync_dir(parent(from))?;
+    }
+    Ok(())
+}
+
+/// `mkdir -p`, giving new folders `mode` and fsyncing the parent of each.
+pub fn create_dir_all_mode(dir: &Path, mode: u32) -> Result<(), FsError> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let mut missing = Vec::new();
+    let mut cur = dir;
+    while std::fs::symlink_metadata(cur).is_err() {
+        missing.push(cur);
+        match cur.parent() {
+            Some(p) if !p.as_os_str().is_empty() => cur = p,
+            _ => break,
+        }
+    }
+    for d in missing.into_iter().rev() {
+        match std::fs::DirBuilder::new().mode(mode).create(d) {
+            Ok(()) => {
+                // mkdir's mode is filtered by the umask: set it exactly.
+                std::fs::set_permissions(d, std::fs::Permissions::from_mode(mode))
+                    .map_err(|e| FsError::io(d, "chmod folder", e))?;
+                fsync_dir(parent(d))?;
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && d.is_dir() => {}
+            Err(e) => return Err(FsError::io(d, "create folder", e)),
+        }
+    }
+    if !dir.is_dir() {
+        return Err(FsError::io(
+            dir,
+            "create folder",
+            io::Error::from_raw_os_error(libc::ENOTDIR),
+        ));
+    }
+    Ok(())
+}
+
+/// Writes `bytes` to `path` atomically (temp name, fsync, rename over, fsync folder).
+pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), FsError> {
+    let mut tmp_name = OsString::from(".");
+    tmp_name.push(path.file_name().unwrap_or_else(|| OsStr::new("file")));
+    tmp_name.push(format!(".{}{PARTIAL_SUFFIX}", uuid::Uuid::new_v4().simple()));
+    let tmp = parent(path).join(tmp_name);
+    let result = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&tmp)
+            .map_err(|e| FsError::io(&tmp, "create", e))?;
+        f.set_permissions(std::fs::Permissions::from_mode(mode))
+            .map_err(|e| FsError::io(&tmp, "chmod", e))?;
+        f.write_all(bytes).map_err(|e| FsError::io(&tmp, "write", e))?;
+        f.sync_all().map_err(|e| FsError::io(&tmp, "fsync", e))?;
+        rustix::fs::rename(&tmp, path)
+            .map_err(|e| FsError::io(path, "rename", io::Error::from_raw_os_error(e.raw_os_error())))?;
+        fsync_dir(parent(path))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Makes a relative path from a user's file name safe to join under a folder: root and prefix
+/// components are dropped, `.` is dropped, `..` becomes `_..` (kept visible, never climbing), and
+/// an empty result becomes `_`.
+pub fn safe_relative(rel: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in rel.components() {
+        match c {
+            Component::Normal(n) => out.push(n),
+            Component::ParentDir => out.push("_.."),
+            Component::CurDir | Component::RootDir | Component::Prefix(_) => {}
+        }
+    }
+    if out.as_os_str().is_empty() {
+        out.push("_");
+    }
+    out
+}
+
+/// `<placed>.dropscan.json`.
+pub fn sidecar_path(placed: &Path) -> PathBuf {
+    let mut name = placed.file_name().unwrap_or_default().to_os_string();
+    name.push(SIDECAR_SUFFIX);
+    placed.with_file_name(name)
+}
+
+/// `name (n).ext` for `name.ext` (n ≥ 1); the extension is the part after the last dot, unless
+/// the name starts with its only dot.
+fn numbered(name: &OsStr, n: u32) -> OsString {
+    let bytes = name.as_bytes();
+    let dot = bytes.iter().rposition(|b| *b == b'.').filter(|i| *i > 0);
+    let (stem, ext) = match dot {
+        Some(i) => (&bytes[..i], &bytes[i..]),
+        None => (bytes, &b""[..]),
+    };
+    let mut out = stem.to_vec();
+    out.extend_from_slice(format!(" ({n})").as_bytes());
+    out.extend_from_slice(ext);
+    OsString::from_vec(out)
+}
+
+/// A path under `dest_root` for `rel` that does not exist now (the folders are created with
+/// `dir_mode`). The caller journals it, then moves with [`place_at`], which fails rather than
+/// replace if someone took the name meanwhile.
+pub fn free_name(dest_root: &Path, rel: &Path, dir_mode: u32) -> Result<PathBuf, FsError> {
+    let rel = safe_relative(rel);
+    let target = dest_root.join(&rel);
+    let dir = parent(&target).to_path_buf();
+    create_dir_all_mode(&dir, dir_mode)?;
+    let name = target.file_name().unwrap_or_else(|| OsStr::new("_")).to_os_string();
+    let taken = |p: &Path| std::fs::symlink_metadata(p).is_ok() || std::fs::symlink_metadata(sidecar_path(p)).is_ok();
+    if !taken(&target) {
+        return Ok(target);
+    }
+    for n in 1..=MAX_NUMBERED {
+        let candidate = dir.join(numbered(&name, n));
+        if !taken(&candidate) {
+            return Ok(candidate);
+        }
+    }
+    Err(FsError::AlreadyExists { path: target })
+}
+
+/// Options for a placement.
+#[derive(Debug, Clone, Copy)]
+pub struct PlaceOptions {
+    /// Mode of the placed file (`Some(0o600)` for quarantine); `None` keeps it.
+    pub file_mode: Option<u32>,
+    /// Mode of folders created on the way.
+    pub dir_mode: u32,
+    /// SHA-256 the content must have after a cross-filesystem copy.
+    pub expected_sha256: Option<[u8; 32]>,
+}
+
+/// Where a file was placed.
+#[derive(Debug, Clone)]
+pub struct Placed {
+    /// The final path.
+    pub path: PathBuf,
+    /// A cross-filesystem copy was made.
+    pub copied: bool,
+}
+
+/// Moves the staged file to exactly `target` (never replacing it): rename on the same
+/// filesystem, copy + fsync + verify + rename + unlink across filesystems. The mode is set before
+/// the file appears under its final name.
+pub fn place_at(staged: &Path, target: &Path, opts: &PlaceOptions) -> Result<Placed, FsError> {
+    create_dir_all_mode(parent(target), opts.dir_mode)?;
+    if let Some(mode) = opts.file_mode {
+        std::fs::set_permissions(staged, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| FsError::io(staged, "chmod", e))?;
+    }
+    match rename_noreplace(staged, target) {
+        Ok(()) => Ok(Placed {
+            path: target.to_path_buf(),
+            copied: false,
+        }),
+        Err(FsError::Io { source, .. }) if source.raw_os_error() == Some(libc::EXDEV) => {
+            copy_across(staged, target, opts)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Places the staged file at a free name for `rel` under `dest_root` (see [`free_name`]).
+pub fn place(staged: &Path, dest_root: &Path, rel: &Path, opts: &PlaceOptions) -> Result<Placed, FsError> {
+    for _ in 0..16 {
+        let target = free_name(dest_root, rel, opts.dir_mode)?;
+        match place_at(staged, &target, opts) {
+            Err(e) if e.is_already_exists() => continue,
+            other => return other,
+        }
+    }
+    Err(FsError::AlreadyExists {
+        path: dest_root.join(rel),
+    })
+}
+
+fn copy_across(staged: &Path, target: &Path, opts: &PlaceOptions) -> Result<Placed, FsError> {
+    let (mut src, _) = open_regular(staged)?;
+    let mut tmp_name = OsString::from(".");
+    tmp_name.push(target.file_name().unwrap_or_default());
+    tmp_name.push(PARTIAL_SUFFIX);
+    let tmp = parent(target).join(tmp_name);
+    let mode = opts.file_mode.unwrap_or(0o644);
+    let result = (|| {
+        let _ = std::fs::remove_file(&tmp);
+        let mut dst = std::fs::OpenOptions::new()
+            .write(true)
+            .read(true)
+            .create_new(true)
+            .mode(mode)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&tmp)
+            .map_err(|e| FsError::io(&tmp, "create", e))?;
+        dst.set_permissions(std::fs::Permissions::from_mode(mode))
+            .map_err(|e| FsError::io(&tmp, "chmod", e))?;
+        io::copy(&mut src, &mut dst).map_err(|e| FsError::io(&tmp, "copy", e))?;
+        dst.sync_all().map_err(|e| FsError::io(&tmp, "fsync", e))?;
+        if let Some(expected) = opts.expected_sha256 {
+            use std::io::Seek;
+            dst.seek(io::SeekFrom::Start(0))
+                .map_err(|e| FsError::io(&tmp, "seek", e))?;
+            let (sha, _) = sha256_file(&mut dst)?;
+            if sha != expected {
+                return Err(FsError::Changed {
+                    path: staged.to_path_buf(),
+                    detail: "the copy's SHA-256 differs from the scanned content".into(),
+                });
+            }
+        }
+        rename_noreplace(&tmp, target)
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    std::fs::remove_file(staged).map_err(|e| FsError::io(staged, "unlink", e))?;
+    fsync_dir(parent(staged))?;
+    Ok(Placed {
+        path: target.to_path_buf(),
+        copied: true,
+    })
+}
+
+/// Removes leftover partial copies (`*.dropscan-partial`) below `dir`, without following
+/// symlinks. Returns how many were removed.
+pub fn remove_partials(dir: &Path) -> usize {
+    let mut removed = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let Ok(ft) = e.file_type() else { continue };
+            if ft.is_dir() {
+                stack.push(e.path());
+            } else if ft.is_file() && e.file_name().as_bytes().ends_with(PARTIAL_SUFFIX.as_bytes()) {
+                if std::fs::remove_file(e.path()).is_ok() {
+                    removed += 1;
+                }
+            }
+        }
+    }
+    removed
+}
+
+/// Unused helper kept for the mode type (rustix).
+#[allow(dead_code)]
+fn _mode(m: u32) -> Mode {
+    Mode::from_raw_mode(m)
+}
+
+#[allow(dead_code)]
+fn _flags() -> OFlags {
+    OFlags::NOFOLLOW
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn safe_relative_never_climbs() {
+        assert_eq!(safe_relative(Path::new("../../etc/passwd")), PathBuf::from("_../_../etc/passwd"));
+        assert_eq!(safe_relative(Path::new("/abs/x")), PathBuf::from("abs/x"));
+        assert_eq!(safe_relative(Path::new("./a/./b")), PathBuf::from("a/b"));
+        assert_eq!(safe_relative(Path::new("")), PathBuf::from("_"));
+    }
+
+    #[test]
+    fn numbered_keeps_the_extension() {
+        assert_eq!(numbered(OsStr::new("report.txt"), 1), OsString::from("report (1).txt"));
+        assert_eq!(numbered(OsStr::new("archive.tar.gz"), 2), OsString::from("archive.tar (2).gz"));
+        assert_eq!(numbered(OsStr::new("README"), 3), OsString::from("README (3)"));
+        assert_eq!(numbered(OsStr::new(".bashrc"), 1), OsString::from(".bashrc (1)"));
+    }
+
+    #[test]
+    fn open_regular_refuses_symlinks_fifos_dirs_and_hard_links() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("f");
+        std::fs::write(&f, b"x").unwrap();
+        assert!(open_regular(&f).is_ok());
+        let l = d.path().join("l");
+        std::os::unix::fs::symlink(&f, &l).unwrap();
+        assert!(matches!(open_regular(&l), Err(FsError::NotRegular { kind: "symlink", .. })));
+        assert!(matches!(open_regular(d.path()), Err(FsError::NotRegular { kind: "directory", .. })));
+        let p = d.path().join("p");
+        assert!(std::process::Command::new("mkfifo").arg(&p).status().unwrap().success());
+        assert!(matches!(open_regular(&p), Err(FsError::NotRegular { kind: "fifo", .. })));
+        let h = d.path().join("h");
+        std::fs::hard_link(&f, &h).unwrap();
+        assert!(matches!(open_regular(&f), Err(FsError::HardLinked { nlink: 2, .. })));
+        assert!(matches!(open_regular(&d.path().join("nope")), Err(FsError::Vanished { .. })));
+    }
+
+    #[test]
+    fn rename_never_replaces() {
+        let d = tempfile::tempdir().unwrap();
+        let a = d.path().join("a");
+        let b = d.path().join("b");
+        std::fs::write(&a, b"new").unwrap();
+        std::fs::write(&b, b"old").unwrap();
+        assert!(rename_noreplace(&a, &b).unwrap_err().is_already_exists());
+        assert_eq!(std::fs::read(&b).unwrap(), b"old");
+        assert!(rename_noreplace(&d.path().join("gone"), &d.path().join("c")).unwrap_err().is_vanished());
+    }
+
+    #[test]
+    fn place_picks_free_names_and_modes() {
+        let d = tempfile::tempdir().unwrap();
+        let dest = d.path().join("q");
+        let opts = PlaceOptions {
+            file_mode: Some(0o600),
+            dir_mode: 0o700,
+            expected_sha256: None,
+        };
+        for (i, content) in [b"one", b"two"].iter().enumerate() {
+            let s = d.path().join(format!("s{i}"));
+            std::fs::write(&s, content).unwrap();
+            let placed = place(&s, &dest, Path::new("sub/x.bin"), &opts).unwrap();
+            assert!(!s.exists());
+            assert_eq!(std::fs::read(&placed.path).unwrap(), *content);
+        }
+        assert_eq!(std::fs::read(dest.join("sub/x (1).bin")).unwrap(), b"two");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dest.join("sub/x.bin")), 0o600);
+        assert_eq!(mode(&dest.join("sub")), 0o700);
+    }
+
+    #[test]
+    fn sha256_matches_and_write_atomic_replaces() {
+        let d = tempfile::tempdir().unwrap();
+        for len in [0usize, 1, BUF + 1] {
+            let p = d.path().join(format!("f{len}"));
+            let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            std::fs::write(&p, &data).unwrap();
+            let (mut f, _) = open_regular(&p).unwrap();
+            let (sha, n) = sha256_file(&mut f).unwrap();
+            assert_eq!(n, len as u64);
+            assert_eq!(sha, <[u8; 32]>::from(Sha256::digest(&data)));
+        }
+        let p = d.path().join("side.json");
+        write_atomic(&p, b"1", 0o600).unwrap();
+        write_atomic(&p, b"22", 0o600).unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"22");
+        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 4);
+    }
+}

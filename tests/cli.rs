@@ -1,0 +1,254 @@
+//! The binary's commands as a user runs them: `emulate --init-certs`, `check`, `status`, config
+//! errors and their exit codes.
+
+#![allow(clippy::unwrap_used)]
+
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use dropscan::emulator::{CertBundle, EmulatorConfig};
+
+use crate::util::{World, wait_for};
+
+fn dropscan(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_dropscan"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_prints_restrictions_and_names_each_failure() {
+    let w = World::new(EmulatorConfig {
+        max_object_size: 52_428_800,
+        ..EmulatorConfig::default()
+    })
+    .await;
+    let config = w.write_config();
+    let cfg = config.to_str().unwrap().to_string();
+    let ok = tokio::task::spawn_blocking({
+        let cfg = cfg.clone();
+        move || dropscan(&["check", "--config", &cfg])
+    })
+    .await
+    .unwrap();
+    let out = text(&ok);
+    assert!(ok.status.success(), "{out}");
+    assert!(out.contains("maxObjectSize: 52428800 bytes (50.0 MiB)"), "{out}");
+    assert!(out.contains("version:"), "{out}");
+
+    // A wrong CA: the server is not trusted.
+    let other = CertBundle::generate(&[]).unwrap();
+    let ca = w.dir.path().join("other-ca.crt");
+    std::fs::write(&ca, &other.ca_cert_pem).unwrap();
+    let text_cfg = std::fs::read_to_string(&config).unwrap();
+    let bad_ca = w.dir.path().join("bad-ca.toml");
+    let ca_line = text_cfg
+        .lines()
+        .find(|l| l.starts_with("ca_cert"))
+        .unwrap()
+        .to_string();
+    std::fs::write(
+        &bad_ca,
+        text_cfg.replace(&ca_line, &format!("ca_cert = \"{}\"", ca.display())),
+    )
+    .unwrap();
+    let o = tokio::task::spawn_blocking(move || dropscan(&["check", "--config", bad_ca.to_str().unwrap()]))
+        .await
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(text(&o).contains("not trusted"), "{}", text(&o));
+
+    // A client certificate from another CA: refused by the server.
+    let cert = w.dir.path().join("foreign.crt");
+    let key = w.dir.path().join("foreign.key");
+    std::fs::write(&cert, &other.client_cert_pem).unwrap();
+    std::fs::write(&key, &other.client_key_pem).unwrap();
+    let mut foreign = String::new();
+    for l in text_cfg.lines() {
+        if l.starts_with("client_cert") {
+            foreign.push_str(&format!("client_cert = \"{}\"\n", cert.display()));
+        } else if l.starts_with("client_key") {
+            foreign.push_str(&format!("client_key = \"{}\"\n", key.display()));
+        } else {
+            foreign.push_str(l);
+            foreign.push('\n');
+        }
+    }
+    let foreign_cfg = w.dir.path().join("foreign.toml");
+    std::fs::write(&foreign_cfg, foreign).unwrap();
+    let o = tokio::task::spawn_blocking(move || dropscan(&["check", "--config", foreign_cfg.to_str().unwrap()]))
+        .await
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(text(&o).contains("refused our client certificate"), "{}", text(&o));
+
+    // Not yet accepted: 401 with the advice.
+    w.emulator().state().set_auto_accept(false);
+    let mut second = CertBundle::load_from_dir(&w.certs_dir).unwrap();
+    let (c, k) = second.issue_client("second").unwrap();
+    second.client_cert_pem = c;
+    second.client_key_pem = k;
+    std::fs::write(&cert, &second.client_cert_pem).unwrap();
+    std::fs::write(&key, &second.client_key_pem).unwrap();
+    let pending_cfg = w.dir.path().join("foreign.toml");
+    let o = tokio::task::spawn_blocking(move || dropscan(&["check", "--config", pending_cfg.to_str().unwrap()]))
+        .await
+        .unwrap();
+    assert_eq!(o.status.code(), Some(77), "{}", text(&o));
+    assert!(text(&o).contains("accept the integration request"), "{}", text(&o));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn emulate_init_certs_then_check_against_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    // A free port on loopback.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut emu = Command::new(env!("CARGO_BIN_EXE_dropscan"))
+        .args(["emulate", "--listen", &listen, "--init-certs"])
+        .arg(&certs)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let ready = wait_for(Duration::from_secs(20), || {
+        std::net::TcpStream::connect(&listen).ok().map(|_| ())
+    })
+    .await;
+    assert!(ready.is_some(), "emulator did not listen");
+    for f in ["ca.crt", "client.crt", "client.key", "server.crt"] {
+        assert!(certs.join(f).exists(), "{f} not written");
+    }
+    let inbox = dir.path().join("inbox");
+    std::fs::create_dir_all(&inbox).unwrap();
+    let cfg = dir.path().join("agent.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"[server]
+url = "https://{listen}"
+sensor_id = "0f8e2d1c-3b4a-4c5d-8e9f-a0b1c2d3e4f5"
+client_cert = "certs/client.crt"
+client_key = "certs/client.key"
+ca_cert = "certs/ca.crt"
+[state]
+dir = "state"
+[[watch]]
+path = "inbox"
+clean_dir = "clean"
+quarantine_dir = "quarantine"
+failed_dir = "failed"
+"#
+        ),
+    )
+    .unwrap();
+    let cfg_s = cfg.to_str().unwrap().to_string();
+    let o = tokio::task::spawn_blocking(move || dropscan(&["check", "--config", &cfg_s]))
+        .await
+        .unwrap();
+    emu.kill().unwrap();
+    let _ = emu.wait();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("maxObjectSize: 104857600 bytes (100.0 MiB)"), "{}", text(&o));
+}
+
+#[test]
+fn config_errors_name_file_and_key_and_exit_78() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = CertBundle::generate(&[]).unwrap();
+    certs.write_to_dir(dir.path()).unwrap();
+    let good = r#"[server]
+url = "https://127.0.0.1:1"
+sensor_id = "0f8e2d1c-3b4a-4c5d-8e9f-a0b1c2d3e4f5"
+client_cert = "client.crt"
+client_key = "client.key"
+ca_cert = "ca.crt"
+poll_interval = "60s"
+[state]
+dir = "state"
+[[watch]]
+path = "inbox"
+clean_dir = "clean"
+quarantine_dir = "quarantine"
+failed_dir = "failed"
+"#;
+    let cases: &[(&str, String, &str)] = &[
+        ("valid", good.to_string(), ""),
+        (
+            "missing key",
+            good.replace("client_key = \"client.key\"\n", ""),
+            "client_key",
+        ),
+        (
+            "unknown key",
+            good.replace("[state]\n", "[state]\ncolour = \"blue\"\n"),
+            "colour",
+        ),
+        (
+            "bad duration",
+            good.replace("\"60s\"", "\"sixty\""),
+            "server.poll_interval",
+        ),
+        (
+            "bad path",
+            good.replace("client.crt", "missing/client.crt"),
+            "server.client_cert",
+        ),
+        (
+            "not a uuid",
+            good.replace("0f8e2d1c-3b4a-4c5d-8e9f-a0b1c2d3e4f5", "fs01"),
+            "server.sensor_id",
+        ),
+        (
+            "nested wrongly",
+            good.replace("clean_dir = \"clean\"", "clean_dir = \".\""),
+            "watch[0].clean_dir",
+        ),
+    ];
+    for (name, text_cfg, key) in cases {
+        let path = dir.path().join(format!("{}.toml", name.replace(' ', "-")));
+        std::fs::write(&path, text_cfg).unwrap();
+        let o = dropscan(&["check", "--offline", "--config", path.to_str().unwrap()]);
+        let out = text(&o);
+        if key.is_empty() {
+            assert!(o.status.success(), "{name}: {out}");
+        } else {
+            assert_eq!(o.status.code(), Some(78), "{name}: {out}");
+            assert!(out.contains(key), "{name}: {out}");
+            assert!(out.contains(path.to_str().unwrap()), "{name}: {out}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_reports_the_journal_while_the_agent_runs() {
+    let w = World::quick().await;
+    let agent = w.start_agent();
+    w.drop_file("a.txt", b"a");
+    w.drop_file("b.com", crate::util::EICAR);
+    w.wait_placed(2, Duration::from_secs(30)).await;
+    let cfg = w.write_config();
+    let o = tokio::task::spawn_blocking(move || dropscan(&["status", "--config", cfg.to_str().unwrap()]))
+        .await
+        .unwrap();
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(out.contains("clean") && out.contains("quarantine"), "{out}");
+    agent.stop().await.0.unwrap();
+}

@@ -1,0 +1,202 @@
+//! Never lose a file: kill -9 at random moments, server outages, unwritable destinations.
+//! These run the real binary where a process must die.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use dropscan::emulator::{Emulator, EmulatorConfig};
+
+use crate::util::{EICAR, Outcome, World, bytes, wait_for};
+
+fn spawn_agent(config: &std::path::Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_dropscan"))
+        .args(["run", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn sigterm(child: &Child) {
+    let pid = rustix::process::Pid::from_raw(i32::try_from(child.id()).unwrap()).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+}
+
+/// Waits for the child to exit, at most `limit`.
+async fn wait_exit(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    wait_for(limit, || child.try_wait().unwrap()).await
+}
+
+/// Deterministic "random" delays for the kills.
+fn delays(seed: u64, n: usize) -> Vec<Duration> {
+    bytes(seed, n)
+        .into_iter()
+        .map(|b| Duration::from_millis(150 + u64::from(b) * 4))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_at_random_moments_loses_nothing_and_never_resubmits_an_accepted_scan() {
+    let w = World::new(EmulatorConfig {
+        scan_delay: Duration::from_millis(150),
+        max_scans: Some(20),
+        ..EmulatorConfig::default()
+    })
+    .await;
+    let config = w.write_config();
+    let mut expected: Vec<(PathBuf, Vec<u8>, Outcome)> = Vec::new();
+    let mut drop_batch = |w: &World, from: usize, n: usize| {
+        for i in from..from + n {
+            let (rel, data, o) = if i % 17 == 0 {
+                (format!("batch/{}/eicar-{i}.com", i % 5), EICAR.to_vec(), Outcome::Quarantine)
+            } else {
+                (
+                    format!("batch/{}/file-{i}.bin", i % 5),
+                    bytes(i as u64, 500 + (i * 131) % 40_000),
+                    Outcome::Clean,
+                )
+            };
+            w.drop_file(&rel, &data);
+            expected.push((rel.into(), data, o));
+        }
+    };
+    drop_batch(&w, 0, 150);
+    for (round, delay) in delays(99, 5).into_iter().enumerate() {
+        let mut child = spawn_agent(&config);
+        tokio::time::sleep(delay).await;
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        drop_batch(&w, 150 + round * 30, 30);
+    }
+    let total = expected.len();
+    let mut child = spawn_agent(&config);
+    let outcomes = wait_for(Duration::from_secs(120), || {
+        let o = w.outcomes();
+        (o.len() >= total).then_some(o)
+    })
+    .await;
+    sigterm(&child);
+    let status = wait_exit(&mut child, Duration::from_secs(20)).await.expect("agent stops");
+    assert!(status.success(), "exit status {status:?}");
+    let outcomes = outcomes.unwrap_or_else(|| panic!("only {} of {total} placed", w.outcomes().len()));
+    assert_eq!(outcomes.len(), total, "no duplicates, nothing extra");
+    for (rel, data, o) in &expected {
+        assert_eq!(outcomes.get(rel), Some(o), "{}", rel.display());
+        let dir = if *o == Outcome::Clean { &w.clean } else { &w.quarantine };
+        assert_eq!(&std::fs::read(dir.join(rel)).unwrap(), data, "{} intact", rel.display());
+    }
+    assert!(w.inbox_files().is_empty(), "inbox: {:?}", w.inbox_files().keys());
+    assert_eq!(w.staged_files(), 0, "leftovers in staging");
+    let stats = w.emulator().state().stats();
+    let twice: Vec<_> = stats
+        .submissions_per_scan_id
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .collect();
+    assert!(twice.is_empty(), "scanIds submitted twice: {twice:?}");
+    // Identical EICAR copies share scans and verdicts: far fewer uploads than files.
+    assert!(stats.submits_accepted as usize <= total, "{stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_outage_files_wait_and_the_agent_recovers_by_itself() {
+    let mut w = World::quick().await;
+    let agent = w.start_agent();
+    w.drop_file("before.txt", b"before the outage");
+    w.wait_placed(1, Duration::from_secs(30)).await;
+    // The server goes away.
+    let emulator = w.emulator.take().unwrap();
+    let state = emulator.state();
+    emulator.stop().await;
+    for i in 0..10 {
+        w.drop_file(&format!("during-{i}.txt"), format!("during {i}").as_bytes());
+    }
+    w.drop_file("during.com", EICAR);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(w.outcomes().len(), 1, "nothing may be decided while the server is down");
+    assert!(w.inbox_files().is_empty() || w.staged_files() > 0);
+    // It comes back on the same port, with its state.
+    let config = EmulatorConfig {
+        listen: w.addr,
+        scan_delay: Duration::from_millis(100),
+        ..EmulatorConfig::default()
+    };
+    let emulator = Emulator::start_with_state(config, &w.certs, state).await.unwrap();
+    w.emulator = Some(emulator);
+    let o = w.wait_placed(12, Duration::from_secs(90)).await;
+    assert_eq!(o[&PathBuf::from("during.com")], Outcome::Quarantine);
+    assert_eq!(o.values().filter(|o| **o == Outcome::Clean).count(), 11);
+    agent.stop().await.0.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unwritable_destination_keeps_the_file_in_staging_and_retries() {
+    let w = World::quick().await;
+    // A regular file where the destination needs a folder: every move into it fails (as a full
+    // or read-only destination would, and unlike permissions this also holds for root).
+    std::fs::create_dir_all(&w.clean).unwrap();
+    std::fs::write(w.clean.join("sub"), b"blocker").unwrap();
+    let agent = w.start_agent();
+    w.drop_file("sub/precious.bin", &bytes(5, 50_000));
+    // The verdict arrives, the move fails, the file waits in staging.
+    let staged = wait_for(Duration::from_secs(20), || (w.staged_files() == 1 && w.inbox_files().is_empty()).then_some(())).await;
+    assert!(staged.is_some());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(w.staged_files(), 1, "file kept in staging");
+    assert!(w.outcomes().is_empty());
+    // The admin fixes the destination: the retry places it.
+    std::fs::remove_file(w.clean.join("sub")).unwrap();
+    let o = w.wait_placed(1, Duration::from_secs(60)).await;
+    assert_eq!(o[&PathBuf::from("sub/precious.bin")], Outcome::Clean);
+    assert_eq!(std::fs::read(w.clean.join("sub/precious.bin")).unwrap(), bytes(5, 50_000));
+    assert_eq!(w.staged_files(), 0);
+    agent.stop().await.0.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_uploads_exits_zero_quickly_and_resumes() {
+    let w = World::new(EmulatorConfig {
+        scan_delay: Duration::from_secs(2),
+        faults: dropscan::emulator::Faults {
+            slow_share: 1.0,
+            slow_delay: Duration::from_millis(700),
+            ..Default::default()
+        },
+        ..EmulatorConfig::default()
+    })
+    .await;
+    let config = w.write_config();
+    for i in 0..30 {
+        w.drop_file(&format!("f{i}.bin"), &bytes(300 + i, 200_000));
+    }
+    let mut child = spawn_agent(&config);
+    // Wait until uploads are under way.
+    wait_for(Duration::from_secs(20), || (w.staged_files() > 0).then_some(())).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let t0 = std::time::Instant::now();
+    sigterm(&child);
+    let status = wait_exit(&mut child, Duration::from_secs(15)).await.expect("stops");
+    assert!(status.success(), "{status:?}");
+    // shutdown_grace is 2 s in the harness; well under 10 s on a loaded machine.
+    assert!(t0.elapsed() < Duration::from_secs(10), "took {:?}", t0.elapsed());
+    // Everything is finished by the next run, each file once.
+    w.emulator().state().set_faults(dropscan::emulator::Faults::default());
+    w.emulator().state().set_scan_delay(Duration::from_millis(50));
+    let mut child = spawn_agent(&config);
+    let o = wait_for(Duration::from_secs(60), || {
+        let o = w.outcomes();
+        (o.len() >= 30).then_some(o)
+    })
+    .await;
+    sigterm(&child);
+    wait_exit(&mut child, Duration::from_secs(15)).await;
+    let o = o.expect("all placed after restart");
+    assert!(o.values().all(|o| *o == Outcome::Clean));
+    let stats = w.emulator().state().stats();
+    assert!(stats.submissions_per_scan_id.values().all(|n| *n == 1), "{stats:?}");
+}
