@@ -1,1 +1,4 @@
 //! Integration tests.
+
+mod kata_client;
+mod kata_parse;
