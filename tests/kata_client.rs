@@ -105,6 +105,12 @@ async fn submit_sends_exact_content_length_and_multipart_parts() {
             )
         );
         assert_eq!(req.header("transfer-encoding"), None, "{}", req.head);
+        let length_headers = req
+            .head
+            .lines()
+            .filter(|l| l.to_ascii_lowercase().starts_with("content-length:"))
+            .count();
+        assert_eq!(length_headers, 1, "{}", req.head);
         let declared: usize = req
             .header("content-length")
             .expect("Content-Length")
