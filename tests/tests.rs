@@ -1,2 +1,12 @@
-//! Integration tests.
+//! The integration tests: one binary (ripgrep-style), one module per area, a shared harness in
+//! `util.rs`. Everything network-bound talks to the built-in emulator on 127.0.0.1 over real
+//! mutual TLS; everything filesystem-bound uses real temp folders and the real journal.
+
+mod util;
+
+mod cli;
+mod durability;
 mod emulator_server;
+mod kata_client;
+mod kata_parse;
+mod pipeline;

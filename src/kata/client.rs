@@ -138,8 +138,8 @@ impl KataClient {
         let total = framing.total_len(len);
         let content_type = framing.content_type();
         let (body, digest_rx) = UploadBody::new(file, len, framing);
-        let timeout = self.inner.request_timeout
-            + Duration::from_secs(len / MIN_UPLOAD_BYTES_PER_SEC);
+        let timeout =
+            self.inner.request_timeout + Duration::from_secs(len / MIN_UPLOAD_BYTES_PER_SEC);
         let request = self
             .inner
             .http
@@ -148,7 +148,10 @@ impl KataClient {
             .header(CONTENT_LENGTH, total)
             .timeout(timeout)
             .body(reqwest::Body::wrap(body));
-        let (status, body) = self.send(request, MAX_SMALL_BODY).await?;
+        let (status, body) = match self.send(request, MAX_SMALL_BODY).await {
+            Ok(answer) => answer,
+            Err(err) => return Err(self.diagnose_broken_upload(err).await),
+        };
         match status.as_u16() {
             200..=299 => {}
             _ => return Err(self.status_error(status, &body)),
@@ -225,6 +228,30 @@ impl KataClient {
         }
     }
 
+    /// With TLS 1.3 a server refusing our client certificate says so in an alert after the
+    /// handshake; during a large upload the client may see only the broken pipe or reset of
+    /// the write, which would look retryable. On such an error, one small request (GET
+    /// filters) tells the two apart: a TLS classification from it replaces the error.
+    async fn diagnose_broken_upload(&self, err: ApiError) -> ApiError {
+        let ApiError::Transport { source } = &err else {
+            return err;
+        };
+        if !is_broken_connection(source) {
+            return err;
+        }
+        match self.restrictions().await {
+            Err(
+                probe @ (ApiError::ClientCertRefused { .. }
+                | ApiError::ServerNotTrusted { .. }
+                | ApiError::PinMismatch { .. }),
+            ) => {
+                debug!(upload_error = %err, "upload broke; a probe request shows why");
+                probe
+            }
+            _ => err,
+        }
+    }
+
     /// Sends a request and reads the answer up to `cap` bytes.
     async fn send(
         &self,
@@ -258,6 +285,30 @@ impl KataClient {
     }
 }
 
+/// True when the error chain holds a broken pipe or a connection reset.
+fn is_broken_connection(err: &reqwest::Error) -> bool {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    let mut depth = 0;
+    while let Some(e) = next {
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && matches!(
+                io.kind(),
+                std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+            )
+        {
+            return true;
+        }
+        depth += 1;
+        if depth > 32 {
+            break;
+        }
+        next = e.source();
+    }
+    false
+}
+
 /// Maps a non-success status to its error (401, 413, 429, 5xx, other 4xx, anything else).
 fn status_error(status: StatusCode, body: &[u8], sensor_id: &str) -> ApiError {
     match status.as_u16() {
@@ -288,7 +339,11 @@ struct Endpoints {
 }
 
 impl Endpoints {
-    fn new(base: &Url, sensor_id: &str, sensor_instance_id: Option<&str>) -> Result<Self, ApiError> {
+    fn new(
+        base: &Url,
+        sensor_id: &str,
+        sensor_instance_id: Option<&str>,
+    ) -> Result<Self, ApiError> {
         if base.scheme() != "https" {
             return Err(ApiError::Setup {
                 detail: format!("the KATA base URL must be https://, got {base}"),
@@ -303,11 +358,9 @@ impl Endpoints {
         scans.set_query(None);
         scans.set_fragment(None);
         {
-            let mut segments = scans
-                .path_segments_mut()
-                .map_err(|()| ApiError::Setup {
-                    detail: format!("{base} cannot be a base URL"),
-                })?;
+            let mut segments = scans.path_segments_mut().map_err(|()| ApiError::Setup {
+                detail: format!("{base} cannot be a base URL"),
+            })?;
             segments
                 .pop_if_empty()
                 .extend(["kata", "scanner", "v1", "sensors", sensor_id, "scans"]);
@@ -411,7 +464,8 @@ mod tests {
             let id = ScanId::parse("abc123").unwrap();
             assert_eq!(e.scan(&id).as_str(), format!("{p}/abc123"));
             assert_eq!(
-                e.state(&[ScanState::Detect, ScanState::NotDetected]).as_str(),
+                e.state(&[ScanState::Detect, ScanState::NotDetected])
+                    .as_str(),
                 format!("{p}/state?state=detect,not%20detected")
             );
         }
@@ -448,7 +502,8 @@ mod tests {
 
     #[test]
     fn status_table() {
-        let kinds = |code: u16| status_error(StatusCode::from_u16(code).unwrap(), b"nope", SENSOR).kind();
+        let kinds =
+            |code: u16| status_error(StatusCode::from_u16(code).unwrap(), b"nope", SENSOR).kind();
         assert_eq!(kinds(401), "unauthorized");
         assert_eq!(kinds(413), "too_large");
         assert_eq!(kinds(429), "busy");

@@ -54,7 +54,9 @@ pub enum ApiError {
         detail: String,
     },
     /// The server certificate does not have the pinned SHA-256 fingerprint.
-    #[error("the KATA server certificate fingerprint is sha256:{got}, the pinned one is sha256:{expected}")]
+    #[error(
+        "the KATA server certificate fingerprint is sha256:{got}, the pinned one is sha256:{expected}"
+    )]
     PinMismatch {
         /// The configured fingerprint, lower-case hex.
         expected: String,
@@ -184,18 +186,20 @@ fn is_client_cert_alert(alert: AlertDescription) -> bool {
 
 /// Iterates an error and its sources, also looking inside `io::Error` wrappers (whose `source()`
 /// skips the wrapped error itself).
-fn chain<'a>(err: &'a (dyn StdError + 'static)) -> impl Iterator<Item = &'a (dyn StdError + 'static)> {
+fn chain<'a>(
+    err: &'a (dyn StdError + 'static),
+) -> impl Iterator<Item = &'a (dyn StdError + 'static)> {
     let mut out: Vec<&'a (dyn StdError + 'static)> = Vec::new();
     let mut next = Some(err);
     while let Some(e) = next {
         out.push(e);
-        if let Some(inner) = e.downcast_ref::<io::Error>().and_then(|io| io.get_ref()) {
-            let inner: &'a (dyn StdError + 'static) = inner;
-            out.push(inner);
-            next = inner.source();
-        } else {
-            next = e.source();
-        }
+        next = match e.downcast_ref::<io::Error>().and_then(io::Error::get_ref) {
+            Some(inner) => {
+                let inner: &'a (dyn StdError + 'static) = inner;
+                Some(inner)
+            }
+            None => e.source(),
+        };
         if out.len() > 64 {
             break;
         }
@@ -363,6 +367,22 @@ mod tests {
         let ex = body_excerpt(body.as_bytes());
         assert!(!ex.chars().any(char::is_control));
         assert!(ex.chars().count() <= BODY_EXCERPT_CHARS + 1);
+    }
+
+    #[test]
+    fn doubly_io_wrapped_rustls_error_is_found() {
+        // As hyper-util reports a failed TLS connect: io::Error(Other, io::Error(InvalidData, ..)).
+        let inner = io::Error::new(
+            io::ErrorKind::InvalidData,
+            rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer),
+        );
+        let outer = io::Error::other(inner);
+        assert!(matches!(
+            find_rustls_error(&outer),
+            Some(rustls::Error::InvalidCertificate(
+                CertificateError::UnknownIssuer
+            ))
+        ));
     }
 
     #[test]

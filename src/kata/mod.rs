@@ -21,6 +21,4 @@ pub use client::{
 };
 pub use error::{ApiError, TlsError};
 pub use tls::{TlsOptions, parse_fingerprint};
-pub use wire::{
-    Restrictions, ScanId, ScanResult, ScanState, parse_restrictions, parse_results,
-};
+pub use wire::{Restrictions, ScanId, ScanResult, ScanState, parse_restrictions, parse_results};

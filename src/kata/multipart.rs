@@ -142,7 +142,10 @@ impl<R: AsyncRead + Unpin> UploadBody<R> {
         Poll::Ready(Some(Ok(Frame::data(data))))
     }
 
-    fn poll_file(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, LocalReadError>>> {
+    fn poll_file(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, LocalReadError>>> {
         let want = usize::try_from(self.file_left).map_or(CHUNK_SIZE, |left| left.min(CHUNK_SIZE));
         self.buf.reserve(want);
         // Read at most `want` bytes so the file part never exceeds the announced length.
@@ -176,7 +179,10 @@ impl<R: AsyncRead + Unpin> UploadBody<R> {
         }
     }
 
-    fn poll_check_eof(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, LocalReadError>>> {
+    fn poll_check_eof(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, LocalReadError>>> {
         let mut probe = [0u8; 1];
         let mut probe_buf = tokio::io::ReadBuf::new(&mut probe);
         match ready!(Pin::new(&mut self.reader).poll_read(cx, &mut probe_buf)) {
@@ -249,7 +255,10 @@ mod tests {
         ScanId::parse("0123456789abcdef0123456789abcdef").unwrap()
     }
 
-    async fn collect(data: Vec<u8>, len: u64) -> (Result<Vec<u8>, LocalReadError>, Option<FileDigest>, Framing) {
+    async fn collect(
+        data: Vec<u8>,
+        len: u64,
+    ) -> (Result<Vec<u8>, LocalReadError>, Option<FileDigest>, Framing) {
         let framing = Framing::new(&id());
         let (mut body, rx) = UploadBody::new(std::io::Cursor::new(data), len, framing.clone());
         assert_eq!(body.size_hint().exact(), Some(framing.total_len(len)));
@@ -260,7 +269,10 @@ mod tests {
                 Ok(f) => {
                     out.extend_from_slice(f.data_ref().unwrap());
                     // The hint always equals what is still to come.
-                    assert_eq!(body.size_hint().exact(), Some(framing.total_len(len) - out.len() as u64));
+                    assert_eq!(
+                        body.size_hint().exact(),
+                        Some(framing.total_len(len) - out.len() as u64)
+                    );
                 }
                 Err(e) => {
                     result = Err(e);
@@ -274,11 +286,23 @@ mod tests {
 
     #[tokio::test]
     async fn framing_exact_length_and_layout() {
-        for size in [0usize, 1, 100, CHUNK_SIZE - 1, CHUNK_SIZE, CHUNK_SIZE + 1, 3 * CHUNK_SIZE + 7] {
+        for size in [
+            0usize,
+            1,
+            100,
+            CHUNK_SIZE - 1,
+            CHUNK_SIZE,
+            CHUNK_SIZE + 1,
+            3 * CHUNK_SIZE + 7,
+        ] {
             let data: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
             let (out, digest, framing) = collect(data.clone(), size as u64).await;
             let out = out.unwrap();
-            assert_eq!(out.len() as u64, framing.total_len(size as u64), "size {size}");
+            assert_eq!(
+                out.len() as u64,
+                framing.total_len(size as u64),
+                "size {size}"
+            );
             let digest = digest.unwrap();
             assert_eq!(digest.bytes, size as u64);
             assert_eq!(digest.sha256, <[u8; 32]>::from(Sha256::digest(&data)));
@@ -301,7 +325,9 @@ mod tests {
     async fn multer_parses_our_body() {
         let data = b"hello\r\n--not-a-boundary\r\n".to_vec();
         let (out, _, framing) = collect(data.clone(), data.len() as u64).await;
-        let stream = futures_util::stream::once(async move { Ok::<_, std::io::Error>(Bytes::from(out.unwrap())) });
+        let stream = futures_util::stream::once(async move {
+            Ok::<_, std::io::Error>(Bytes::from(out.unwrap()))
+        });
         let mut mp = multer::Multipart::new(stream, framing.boundary.clone());
         let mut names = Vec::new();
         while let Some(field) = mp.next_field().await.unwrap() {

@@ -21,7 +21,9 @@ use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+};
 use sha2::{Digest, Sha256};
 
 use super::error::{PinMismatchError, TlsError};
@@ -107,7 +109,9 @@ impl TlsOptions {
         Ok(TlsOptions {
             client_chain: parse_certs(WHAT_CERT, mem, client_cert)?,
             client_key: parse_key(mem, client_key)?,
-            ca_roots: ca_cert.map(|pem| parse_certs(WHAT_CA, mem, pem)).transpose()?,
+            ca_roots: ca_cert
+                .map(|pem| parse_certs(WHAT_CA, mem, pem))
+                .transpose()?,
             server_pin,
         })
     }
@@ -160,10 +164,7 @@ pub fn parse_fingerprint(s: &str) -> Result<[u8; 32], String> {
         Some(prefix) if prefix.eq_ignore_ascii_case("sha256:") => &trimmed[7..],
         _ => trimmed,
     };
-    let digits: Vec<u8> = body
-        .bytes()
-        .filter(|b| !matches!(b, b':' | b' '))
-        .collect();
+    let digits: Vec<u8> = body.bytes().filter(|b| !matches!(b, b':' | b' ')).collect();
     if digits.len() != 64 {
         return Err(format!(
             "a SHA-256 fingerprint has 64 hex digits, found {} in {s:?}",
@@ -402,7 +403,10 @@ mod tests {
             None,
         )
         .unwrap_err();
-        assert!(missing.to_string().contains("/nonexistent/cert.pem"), "{missing}");
+        assert!(
+            missing.to_string().contains("/nonexistent/cert.pem"),
+            "{missing}"
+        );
     }
 
     #[test]

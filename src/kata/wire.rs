@@ -182,8 +182,11 @@ fn norm_key(k: &str) -> String {
 }
 
 fn get_key<'a>(obj: &'a Map<String, Value>, wanted: &str) -> Option<&'a Value> {
-    obj.get(wanted)
-        .or_else(|| obj.iter().find(|(k, _)| norm_key(k) == wanted).map(|(_, v)| v))
+    obj.get(wanted).or_else(|| {
+        obj.iter()
+            .find(|(k, _)| norm_key(k) == wanted)
+            .map(|(_, v)| v)
+    })
 }
 
 fn parse_json(body: &[u8]) -> Result<Option<Value>, ApiError> {
@@ -256,7 +259,10 @@ fn json_type(v: &Value) -> &'static str {
 
 fn parse_item(item: &Value) -> Option<ScanResult> {
     let Value::Object(obj) = item else {
-        debug!(item_type = json_type(item), "skipping a result item that is not an object");
+        debug!(
+            item_type = json_type(item),
+            "skipping a result item that is not an object"
+        );
         return None;
     };
     let scan_id = match get_key(obj, "scanid") {
@@ -337,9 +343,8 @@ fn number_to_size(n: &serde_json::Number) -> Option<u64> {
         return (u > 0).then_some(u);
     }
     let f = n.as_f64()?;
-    // `as` saturates; a limit beyond u64 is no limit worth enforcing differently.
-    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-    (f.is_finite() && f >= 1.0).then(|| f as u64)
+    // `as` truncates the fraction and saturates beyond u64::MAX, both fine for a size limit.
+    (f.is_finite() && f >= 1.0).then_some(f as u64)
 }
 
 #[cfg(test)]
@@ -357,7 +362,11 @@ mod tests {
     fn scan_id_generate_and_parse() {
         let id = ScanId::generate();
         assert_eq!(id.as_str().len(), 32);
-        assert!(id.as_str().chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+        assert!(
+            id.as_str()
+                .chars()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+        );
         assert_eq!(ScanId::parse(id.as_str()), Ok(id.clone()));
         assert!(ScanId::parse("abc-DEF_09").is_ok());
         assert!(ScanId::parse(&"a".repeat(128)).is_ok());
@@ -423,13 +432,23 @@ mod tests {
     fn results_skip_bad_items() {
         let body = br#"{"results":[1, "x", null, {"state":"detect"}, {"scanId":null},
             {"scanId":"  "}, {"scanId":{"a":1}}, {"ScanId":"ok","State":"error"}]}"#;
-        assert_eq!(parse_results(body).unwrap(), vec![r("ok", ScanState::Error)]);
+        assert_eq!(
+            parse_results(body).unwrap(),
+            vec![r("ok", ScanState::Error)]
+        );
     }
 
     #[test]
     fn results_empty_forms() {
-        for body in [&b""[..], b"  \n", b"[]", b"{}", b"null", b"{\"scans\":null}", b"{\"scans\":[]}"]
-        {
+        for body in [
+            &b""[..],
+            b"  \n",
+            b"[]",
+            b"{}",
+            b"null",
+            b"{\"scans\":null}",
+            b"{\"scans\":[]}",
+        ] {
             assert_eq!(parse_results(body).unwrap(), vec![], "{body:?}");
         }
     }
@@ -461,19 +480,32 @@ mod tests {
     #[test]
     fn restrictions_forms() {
         let cases: [(&[u8], Option<u64>, Option<&str>); 9] = [
-            (br#"{"maxObjectSize": 1048576, "version": "7.1"}"#, Some(1_048_576), Some("7.1")),
+            (
+                br#"{"maxObjectSize": 1048576, "version": "7.1"}"#,
+                Some(1_048_576),
+                Some("7.1"),
+            ),
             (br#"{"maxObjectSize": "2048"}"#, Some(2048), None),
             (br#"{"maxObjectSize": 4096.0, "x": []}"#, Some(4096), None),
             (br#"{"maxObjectSize": 0}"#, None, None),
             (br#"{"maxObjectSize": -5}"#, None, None),
             (br#"{"maxObjectSize": "lots"}"#, None, None),
-            (br#"{"max_object_size": 10, "version": 3}"#, Some(10), Some("3")),
+            (
+                br#"{"max_object_size": 10, "version": 3}"#,
+                Some(10),
+                Some("3"),
+            ),
             (br#"{}"#, None, None),
             (b"", None, None),
         ];
         for (body, size, version) in cases {
             let got = parse_restrictions(body).unwrap();
-            assert_eq!(got.max_object_size, size, "{}", String::from_utf8_lossy(body));
+            assert_eq!(
+                got.max_object_size,
+                size,
+                "{}",
+                String::from_utf8_lossy(body)
+            );
             assert_eq!(got.version.as_deref(), version);
         }
         assert!(parse_restrictions(b"[1]").is_err());
