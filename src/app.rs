@@ -120,7 +120,9 @@ impl Agent {
         let cfg = Arc::clone(&shared.config);
         // Restrictions first (a failure is not fatal: the server may be down; it is retried).
         if shared.limits.refresh(&shared.client).await.is_err() {
-            tracing::warn!("starting without the server's restrictions; they are fetched again later");
+            tracing::warn!(
+                "starting without the server's restrictions; they are fetched again later"
+            );
         }
         let resume = reconcile(&shared).await?;
 
@@ -141,17 +143,25 @@ impl Agent {
         let watches: Arc<[crate::config::WatchConfig]> = cfg.watches.clone().into();
 
         {
-            let (stages, failure, watches) = (stages.clone(), Arc::clone(&failure), Arc::clone(&watches));
+            let (stages, failure, watches) =
+                (stages.clone(), Arc::clone(&failure), Arc::clone(&watches));
             tracker.spawn(async move {
                 if let Err(e) = watch::run(watches, candidates_tx, stages.clone()).await {
                     tracing::error!(stage = "watch", error = %e, "stage failed");
-                    *failure.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                    *failure
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) =
                         Some(FatalError::Watch(e.to_string()));
                     stages.cancel();
                 }
             });
         }
-        tracker.spawn(settle::run(watches, candidates_rx, settled_tx, stages.clone()));
+        tracker.spawn(settle::run(
+            watches,
+            candidates_rx,
+            settled_tx,
+            stages.clone(),
+        ));
         tracker.spawn(claim::run(
             Arc::clone(&shared),
             settled_rx,
@@ -186,7 +196,11 @@ impl Agent {
         ));
         tracker.spawn(housekeeping(Arc::clone(&shared), stages.clone()));
         if let Some(addr) = cfg.metrics_listen {
-            let (m, l, s) = (Arc::clone(&shared.metrics), shared.limits.clone(), stages.clone());
+            let (m, l, s) = (
+                Arc::clone(&shared.metrics),
+                shared.limits.clone(),
+                stages.clone(),
+            );
             tracker.spawn(async move {
                 if let Err(e) = crate::metrics::serve(addr, m, l, s).await {
                     tracing::error!(%addr, error = %e, "metrics endpoint failed; the agent goes on without it");
@@ -205,7 +219,9 @@ impl Agent {
         tracing::info!("shutting down: finishing or journaling work in progress");
         let grace = cfg.state.shutdown_grace + std::time::Duration::from_secs(2);
         if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-            tracing::warn!("some stages did not stop in time; their work resumes at the next start");
+            tracing::warn!(
+                "some stages did not stop in time; their work resumes at the next start"
+            );
         }
         let failed = failure
             .lock()
@@ -318,7 +334,10 @@ async fn reconcile(shared: &Shared) -> Result<Resume, FatalError> {
                         .await?;
                 }
             }
-            FileState::Hashed | FileState::Waiting | FileState::Submitting | FileState::Submitted
+            FileState::Hashed
+            | FileState::Waiting
+            | FileState::Submitting
+            | FileState::Submitted
                 if !staged_exists =>
             {
                 tracing::warn!(id = r.id, path = %r.rel_path.display(), "staged file vanished while the agent was down");
@@ -329,7 +348,10 @@ async fn reconcile(shared: &Shared) -> Result<Resume, FatalError> {
                     )])
                     .await?;
                 journal
-                    .close_vanished(r.id, "vanished from staging while the agent was down".into())
+                    .close_vanished(
+                        r.id,
+                        "vanished from staging while the agent was down".into(),
+                    )
                     .await?;
             }
             FileState::Hashed => {
@@ -418,7 +440,7 @@ async fn housekeeping(shared: Arc<Shared>, shutdown: CancellationToken) {
             biased;
             () = shutdown.cancelled() => break,
             _ = refresh.tick() => {
-                let _ = shared.limits.refresh(&shared.client).await;
+                shared.limits.refresh(&shared.client).await.ok();
             }
             _ = prune.tick() => {
                 match shared.journal.prune(crate::journal::DEFAULT_HISTORY, shared.config.state.verdict_ttl).await {

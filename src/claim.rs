@@ -162,11 +162,11 @@ async fn forward(
 ) {
     match h {
         Hashed::Ready(c) => {
-            let _ = claimed_tx.send(c).await;
+            claimed_tx.send(c).await.ok();
         }
         Hashed::Decided(ids) => {
             for id in ids {
-                let _ = verdicts_tx.send(Verdict { id }).await;
+                verdicts_tx.send(Verdict { id }).await.ok();
             }
         }
         Hashed::Waiting | Hashed::Gone => {}
@@ -191,7 +191,16 @@ pub async fn run(
     let hashing = Arc::new(Semaphore::new(HASH_CONCURRENCY));
     let tasks = TaskTracker::new();
     for (id, staged) in resume {
-        spawn_hash(&shared, &hashing, &tasks, &claimed_tx, &verdicts_tx, id, staged).await;
+        spawn_hash(
+            &shared,
+            &hashing,
+            &tasks,
+            &claimed_tx,
+            &verdicts_tx,
+            id,
+            staged,
+        )
+        .await;
     }
     let mut batch = Vec::with_capacity(CLAIM_BATCH);
     loop {

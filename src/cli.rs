@@ -20,7 +20,12 @@ pub enum Command {
     /// Run the agent until SIGINT/SIGTERM.
     Run {
         /// The configuration file.
-        #[arg(short, long, env = "DROPSCAN_CONFIG", default_value = "/etc/dropscan/dropscan.toml")]
+        #[arg(
+            short,
+            long,
+            env = "DROPSCAN_CONFIG",
+            default_value = "/etc/dropscan/dropscan.toml"
+        )]
         config: PathBuf,
     },
     /// Try dropscan end to end on this machine: the built-in emulator, fresh certificates, and
@@ -44,7 +49,12 @@ pub enum Command {
     /// Validate the configuration, connect to KATA and print its restrictions.
     Check {
         /// The configuration file.
-        #[arg(short, long, env = "DROPSCAN_CONFIG", default_value = "/etc/dropscan/dropscan.toml")]
+        #[arg(
+            short,
+            long,
+            env = "DROPSCAN_CONFIG",
+            default_value = "/etc/dropscan/dropscan.toml"
+        )]
         config: PathBuf,
         /// Validate the file only; do not connect.
         #[arg(long)]
@@ -53,7 +63,12 @@ pub enum Command {
     /// Show what the journal holds: counts per state, the oldest pending file, the last errors.
     Status {
         /// The configuration file.
-        #[arg(short, long, env = "DROPSCAN_CONFIG", default_value = "/etc/dropscan/dropscan.toml")]
+        #[arg(
+            short,
+            long,
+            env = "DROPSCAN_CONFIG",
+            default_value = "/etc/dropscan/dropscan.toml"
+        )]
         config: PathBuf,
     },
 }

@@ -112,7 +112,10 @@ pub fn explain(e: &ApiError, sensor_id: &str) -> (String, u8) {
             format!("the server's answer makes no sense: {e}"),
             EXIT_PROTOCOL,
         ),
-        _ => (format!("the server is unreachable or failing: {e}"), EXIT_UNAVAILABLE),
+        _ => (
+            format!("the server is unreachable or failing: {e}"),
+            EXIT_UNAVAILABLE,
+        ),
     }
 }
 
@@ -182,7 +185,10 @@ fn status(path: &Path) -> ExitCode {
     };
     let journal = config.journal_path();
     if !journal.exists() {
-        println!("no journal at {} yet: the agent has not run", journal.display());
+        println!(
+            "no journal at {} yet: the agent has not run",
+            journal.display()
+        );
         return ExitCode::SUCCESS;
     }
     let summary = match crate::journal::read_summary(&journal) {

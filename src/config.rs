@@ -424,7 +424,10 @@ struct Validator {
 
 impl Validator {
     fn new(path: &Path) -> Self {
-        let file = absolute(path, &std::env::current_dir().unwrap_or_else(|_| "/".into()));
+        let file = absolute(
+            path,
+            &std::env::current_dir().unwrap_or_else(|_| "/".into()),
+        );
         let base = file
             .parent()
             .map_or_else(|| PathBuf::from("/"), Path::to_path_buf);
@@ -446,7 +449,12 @@ impl Validator {
         Ok(absolute(p, &self.base))
     }
 
-    fn duration(&self, value: Option<&str>, default: &str, key: &str) -> Result<Duration, ConfigError> {
+    fn duration(
+        &self,
+        value: Option<&str>,
+        default: &str,
+        key: &str,
+    ) -> Result<Duration, ConfigError> {
         let s = value.unwrap_or(default);
         humantime::parse_duration(s.trim()).map_err(|e| {
             self.invalid(
@@ -456,7 +464,13 @@ impl Validator {
         })
     }
 
-    fn positive(&self, value: Option<i64>, default: u64, key: &str, max: u64) -> Result<u64, ConfigError> {
+    fn positive(
+        &self,
+        value: Option<i64>,
+        default: u64,
+        key: &str,
+        max: u64,
+    ) -> Result<u64, ConfigError> {
         let n = value.map_or(Ok(default), |n| {
             u64::try_from(n).map_err(|_| self.invalid(key, &format!("{n} is negative")))
         })?;
@@ -467,8 +481,9 @@ impl Validator {
     }
 
     fn server(&self, raw: RawServer) -> Result<ServerConfig, ConfigError> {
-        let url = reqwest::Url::parse(raw.url.trim())
-            .map_err(|e| self.invalid("server.url", &format!("`{}` is not a URL ({e})", raw.url)))?;
+        let url = reqwest::Url::parse(raw.url.trim()).map_err(|e| {
+            self.invalid("server.url", &format!("`{}` is not a URL ({e})", raw.url))
+        })?;
         if url.scheme() != "https" {
             return Err(self.invalid(
                 "server.url",
@@ -520,7 +535,8 @@ impl Validator {
             .as_deref()
             .filter(|s| !s.is_empty())
             .map(|s| {
-                kata::parse_fingerprint(s).map_err(|e| self.invalid("server.server_fingerprint", &e))
+                kata::parse_fingerprint(s)
+                    .map_err(|e| self.invalid("server.server_fingerprint", &e))
             })
             .transpose()?;
         for (key, p) in [
@@ -535,7 +551,9 @@ impl Validator {
             }
         }
         let tls = TlsOptions::from_pem_files(&client_cert, &client_key, ca_cert.as_deref(), pin)
-            .map_err(|e| self.invalid("server.client_cert / client_key / ca_cert", &e.to_string()))?;
+            .map_err(|e| {
+                self.invalid("server.client_cert / client_key / ca_cert", &e.to_string())
+            })?;
         let max_in_flight = self.positive(
             raw.max_in_flight,
             DEFAULT_MAX_IN_FLIGHT as u64,
@@ -621,7 +639,12 @@ impl Validator {
         })
     }
 
-    fn globs(&self, list: Option<Vec<String>>, default: &[&str], key: &str) -> Result<Vec<glob::Pattern>, ConfigError> {
+    fn globs(
+        &self,
+        list: Option<Vec<String>>,
+        default: &[&str],
+        key: &str,
+    ) -> Result<Vec<glob::Pattern>, ConfigError> {
         let list = list.unwrap_or_else(|| default.iter().map(|s| (*s).to_string()).collect());
         list.iter()
             .map(|g| {
@@ -631,7 +654,12 @@ impl Validator {
             .collect()
     }
 
-    fn watch(&self, i: usize, raw: RawWatch, server: &ServerConfig) -> Result<WatchConfig, ConfigError> {
+    fn watch(
+        &self,
+        i: usize,
+        raw: RawWatch,
+        server: &ServerConfig,
+    ) -> Result<WatchConfig, ConfigError> {
         let key = |k: &str| format!("watch[{i}].{k}");
         let path = self.path(&raw.path, &key("path"))?;
         let mode = match raw.mode.as_deref().unwrap_or("auto") {
@@ -680,7 +708,11 @@ impl Validator {
 
     /// The inboxes, destinations and the state folder must be distinct; a destination may sit
     /// inside an inbox (it is then never watched) but an inbox may not sit inside a destination.
-    fn check_folders(&self, watches: &[WatchConfig], state: &StateConfig) -> Result<(), ConfigError> {
+    fn check_folders(
+        &self,
+        watches: &[WatchConfig],
+        state: &StateConfig,
+    ) -> Result<(), ConfigError> {
         let mut seen: HashSet<&Path> = HashSet::new();
         for (i, w) in watches.iter().enumerate() {
             if !seen.insert(&w.path) {
@@ -717,10 +749,15 @@ impl Validator {
                     }
                 }
                 if state.dir == **dir {
-                    return Err(self.invalid("state.dir", &format!("is the same folder as watch[{i}].{name}")));
+                    return Err(self.invalid(
+                        "state.dir",
+                        &format!("is the same folder as watch[{i}].{name}"),
+                    ));
                 }
             }
-            if state.dir.starts_with(&w.path) && !w.own_dirs().iter().any(|d| state.dir.starts_with(d)) {
+            if state.dir.starts_with(&w.path)
+                && !w.own_dirs().iter().any(|d| state.dir.starts_with(d))
+            {
                 // A journal inside an inbox would be picked up as dropped files.
                 return Err(self.invalid(
                     "state.dir",
@@ -849,7 +886,10 @@ failed_dir = "failed"
         let raw = RawConfig::parse(text, Path::new("config/dropscan.example.toml")).unwrap();
         assert_eq!(raw.watch.len(), 1);
         assert_eq!(raw.server.max_in_flight, Some(DEFAULT_MAX_IN_FLIGHT as i64));
-        assert_eq!(raw.server.poll_interval.as_deref(), Some(DEFAULT_POLL_INTERVAL));
+        assert_eq!(
+            raw.server.poll_interval.as_deref(),
+            Some(DEFAULT_POLL_INTERVAL)
+        );
         assert_eq!(raw.state.verdict_ttl.as_deref(), Some(DEFAULT_VERDICT_TTL));
         assert_eq!(raw.watch[0].settle.as_deref(), Some(DEFAULT_SETTLE));
         assert_eq!(raw.metrics.listen.as_deref(), Some("127.0.0.1:9187"));
@@ -861,6 +901,9 @@ failed_dir = "failed"
             absolute(Path::new("../a/./b"), Path::new("/etc/dropscan")),
             PathBuf::from("/etc/a/b")
         );
-        assert_eq!(absolute(Path::new("/x/y"), Path::new("/etc")), PathBuf::from("/x/y"));
+        assert_eq!(
+            absolute(Path::new("/x/y"), Path::new("/etc")),
+            PathBuf::from("/x/y")
+        );
     }
 }

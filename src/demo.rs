@@ -6,23 +6,31 @@
 //! interval. Two sample files are dropped at the first start so that something happens at once.
 //! Every placed file is printed as it happens. Ctrl-C stops it cleanly.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
 
 use crate::app::Agent;
 use crate::config::Config;
-use crate::emulator::{CLIENT_CERT_FILE, CLIENT_KEY_FILE, CA_CERT_FILE, CertBundle, Emulator, EmulatorConfig};
+use crate::emulator::{
+    CA_CERT_FILE, CLIENT_CERT_FILE, CLIENT_KEY_FILE, CertBundle, Emulator, EmulatorConfig,
+};
 use crate::journal::Outcome;
 
 /// The EICAR anti-virus test string: harmless, detected by every scanner (and by the emulator).
 pub const EICAR: &str = r"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*";
 
 /// Runs the demo in `dir` until Ctrl-C, or until `exit_after` files were placed (if not zero).
-pub async fn run(dir: &Path, poll_interval: Duration, settle: Duration, exit_after: u64) -> anyhow::Result<()> {
+pub async fn run(
+    dir: &Path,
+    poll_interval: Duration,
+    settle: Duration,
+    exit_after: u64,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let dir = std::fs::canonicalize(dir).with_context(|| format!("cannot resolve {}", dir.display()))?;
+    let dir =
+        std::fs::canonicalize(dir).with_context(|| format!("cannot resolve {}", dir.display()))?;
     let certs_dir = dir.join("certs");
     let certs = CertBundle::load_or_generate(&certs_dir)
         .with_context(|| format!("cannot prepare certificates in {}", certs_dir.display()))?;
@@ -42,8 +50,11 @@ pub async fn run(dir: &Path, poll_interval: Duration, settle: Duration, exit_aft
         std::fs::create_dir_all(dir.join(sub))?;
     }
     let config_path = dir.join("dropscan.toml");
-    std::fs::write(&config_path, demo_config(&emulator.base_url(), &certs_dir, poll_interval, settle))
-        .with_context(|| format!("cannot write {}", config_path.display()))?;
+    std::fs::write(
+        &config_path,
+        demo_config(&emulator.base_url(), &certs_dir, poll_interval, settle),
+    )
+    .with_context(|| format!("cannot write {}", config_path.display()))?;
     let config = Config::load(&config_path)?;
     let agent = Agent::new(config)?;
     let mut events = agent.subscribe();
@@ -57,15 +68,26 @@ pub async fn run(dir: &Path, poll_interval: Duration, settle: Duration, exit_aft
             .display()
             .to_string()
     };
-    println!("dropscan demo: the built-in KATA emulator listens on {} (mutual TLS)", emulator.base_url());
+    println!(
+        "dropscan demo: the built-in KATA emulator listens on {} (mutual TLS)",
+        emulator.base_url()
+    );
     println!("  config:  {}", show(&config_path));
     println!("  drop files into {}/", show(&inbox));
-    println!("  results: {}/clean  {}/quarantine  {}/failed", show(&dir), show(&dir), show(&dir));
+    println!(
+        "  results: {}/clean  {}/quarantine  {}/failed",
+        show(&dir),
+        show(&dir),
+        show(&dir)
+    );
     println!("  make a harmless EICAR test file to see quarantine work:");
     println!("    printf '%s' '{EICAR}' > {}/eicar.com", show(&inbox));
     println!("  Ctrl-C stops it.");
     if first_run {
-        std::fs::write(inbox.join("hello.txt"), "Hello from dropscan: this file is clean.\n")?;
+        std::fs::write(
+            inbox.join("hello.txt"),
+            "Hello from dropscan: this file is clean.\n",
+        )?;
         std::fs::write(inbox.join("eicar-sample.com"), EICAR)?;
         println!("  (dropped two samples: hello.txt and eicar-sample.com)");
     }
@@ -84,7 +106,11 @@ pub async fn run(dir: &Path, poll_interval: Duration, settle: Duration, exit_aft
                         Outcome::Failed => "failed    ",
                     };
                     let reason = p.reason.map(|r| format!("  ({r})")).unwrap_or_default();
-                    println!("{what}  {}  →  {}{reason}", p.rel_path.display(), p.dest.display());
+                    println!(
+                        "{what}  {}  →  {}{reason}",
+                        p.rel_path.display(),
+                        p.dest.display()
+                    );
                     if exit_after > 0 && placed >= exit_after {
                         token.cancel();
                         break;
@@ -150,6 +176,6 @@ level = "warn"
 }
 
 /// A path as a TOML basic string.
-fn toml_str(p: &PathBuf) -> String {
+fn toml_str(p: &Path) -> String {
     toml::Value::String(p.display().to_string()).to_string()
 }

@@ -26,7 +26,7 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
-use rustix::fs::{Mode, OFlags, RenameFlags};
+use rustix::fs::RenameFlags;
 use sha2::{Digest, Sha256};
 
 /// Suffix of the temp file of a cross-filesystem copy.
@@ -270,7 +270,8 @@ pub fn sha256_file(file: &mut File) -> Result<([u8; 32], u64), FsError> {
 /// Fsyncs a folder so that the entries created or removed in it are durable.
 pub fn fsync_dir(dir: &Path) -> Result<(), FsError> {
     let d = File::open(dir).map_err(|e| FsError::io(dir, "open folder", e))?;
-    d.sync_all().map_err(|e| FsError::io(dir, "fsync folder", e))
+    d.sync_all()
+        .map_err(|e| FsError::io(dir, "fsync folder", e))
 }
 
 fn parent(p: &Path) -> &Path {
@@ -298,7 +299,9 @@ pub fn rename_noreplace(from: &Path, to: &Path) -> Result<(), FsError> {
         Err(e) => {
             let e = io::Error::from_raw_os_error(e.raw_os_error());
             // ENOENT names the source: the file we were moving is gone.
-            let path = if e.raw_os_error() == Some(libc::ENOENT) && std::fs::symlink_metadata(from).is_ok() {
+            let path = if e.raw_os_error() == Some(libc::ENOENT)
+                && std::fs::symlink_metadata(from).is_ok()
+            {
                 to
             } else if e.raw_os_error() == Some(libc::ENOENT) {
                 from
@@ -355,7 +358,10 @@ pub fn create_dir_all_mode(dir: &Path, mode: u32) -> Result<(), FsError> {
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), FsError> {
     let mut tmp_name = OsString::from(".");
     tmp_name.push(path.file_name().unwrap_or_else(|| OsStr::new("file")));
-    tmp_name.push(format!(".{}{PARTIAL_SUFFIX}", uuid::Uuid::new_v4().simple()));
+    tmp_name.push(format!(
+        ".{}{PARTIAL_SUFFIX}",
+        uuid::Uuid::new_v4().simple()
+    ));
     let tmp = parent(path).join(tmp_name);
     let result = (|| {
         let mut f = std::fs::OpenOptions::new()
@@ -367,14 +373,20 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), FsError>
             .map_err(|e| FsError::io(&tmp, "create", e))?;
         f.set_permissions(std::fs::Permissions::from_mode(mode))
             .map_err(|e| FsError::io(&tmp, "chmod", e))?;
-        f.write_all(bytes).map_err(|e| FsError::io(&tmp, "write", e))?;
+        f.write_all(bytes)
+            .map_err(|e| FsError::io(&tmp, "write", e))?;
         f.sync_all().map_err(|e| FsError::io(&tmp, "fsync", e))?;
-        rustix::fs::rename(&tmp, path)
-            .map_err(|e| FsError::io(path, "rename", io::Error::from_raw_os_error(e.raw_os_error())))?;
+        rustix::fs::rename(&tmp, path).map_err(|e| {
+            FsError::io(
+                path,
+                "rename",
+                io::Error::from_raw_os_error(e.raw_os_error()),
+            )
+        })?;
         fsync_dir(parent(path))
     })();
     if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+        std::fs::remove_file(&tmp).ok();
     }
     result
 }
@@ -427,8 +439,13 @@ pub fn free_name(dest_root: &Path, rel: &Path, dir_mode: u32) -> Result<PathBuf,
     let target = dest_root.join(&rel);
     let dir = parent(&target).to_path_buf();
     create_dir_all_mode(&dir, dir_mode)?;
-    let name = target.file_name().unwrap_or_else(|| OsStr::new("_")).to_os_string();
-    let taken = |p: &Path| std::fs::symlink_metadata(p).is_ok() || std::fs::symlink_metadata(sidecar_path(p)).is_ok();
+    let name = target
+        .file_name()
+        .unwrap_or_else(|| OsStr::new("_"))
+        .to_os_string();
+    let taken = |p: &Path| {
+        std::fs::symlink_metadata(p).is_ok() || std::fs::symlink_metadata(sidecar_path(p)).is_ok()
+    };
     if !taken(&target) {
         return Ok(target);
     }
@@ -483,7 +500,12 @@ pub fn place_at(staged: &Path, target: &Path, opts: &PlaceOptions) -> Result<Pla
 }
 
 /// Places the staged file at a free name for `rel` under `dest_root` (see [`free_name`]).
-pub fn place(staged: &Path, dest_root: &Path, rel: &Path, opts: &PlaceOptions) -> Result<Placed, FsError> {
+pub fn place(
+    staged: &Path,
+    dest_root: &Path,
+    rel: &Path,
+    opts: &PlaceOptions,
+) -> Result<Placed, FsError> {
     for _ in 0..16 {
         let target = free_name(dest_root, rel, opts.dir_mode)?;
         match place_at(staged, &target, opts) {
@@ -504,7 +526,7 @@ fn copy_across(staged: &Path, target: &Path, opts: &PlaceOptions) -> Result<Plac
     let tmp = parent(target).join(tmp_name);
     let mode = opts.file_mode.unwrap_or(0o644);
     let result = (|| {
-        let _ = std::fs::remove_file(&tmp);
+        std::fs::remove_file(&tmp).ok();
         let mut dst = std::fs::OpenOptions::new()
             .write(true)
             .read(true)
@@ -532,7 +554,7 @@ fn copy_across(staged: &Path, target: &Path, opts: &PlaceOptions) -> Result<Plac
         rename_noreplace(&tmp, target)
     })();
     if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
+        std::fs::remove_file(&tmp).ok();
         return Err(e);
     }
     std::fs::remove_file(staged).map_err(|e| FsError::io(staged, "unlink", e))?;
@@ -549,30 +571,24 @@ pub fn remove_partials(dir: &Path) -> usize {
     let mut removed = 0;
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
         for e in rd.flatten() {
             let Ok(ft) = e.file_type() else { continue };
             if ft.is_dir() {
                 stack.push(e.path());
-            } else if ft.is_file() && e.file_name().as_bytes().ends_with(PARTIAL_SUFFIX.as_bytes()) {
-                if std::fs::remove_file(e.path()).is_ok() {
-                    removed += 1;
-                }
+            } else if ft.is_file()
+                && e.file_name()
+                    .as_bytes()
+                    .ends_with(PARTIAL_SUFFIX.as_bytes())
+                && std::fs::remove_file(e.path()).is_ok()
+            {
+                removed += 1;
             }
         }
     }
     removed
-}
-
-/// Unused helper kept for the mode type (rustix).
-#[allow(dead_code)]
-fn _mode(m: u32) -> Mode {
-    Mode::from_raw_mode(m)
-}
-
-#[allow(dead_code)]
-fn _flags() -> OFlags {
-    OFlags::NOFOLLOW
 }
 
 #[cfg(test)]
@@ -581,7 +597,10 @@ mod tests {
 
     #[test]
     fn safe_relative_never_climbs() {
-        assert_eq!(safe_relative(Path::new("../../etc/passwd")), PathBuf::from("_../_../etc/passwd"));
+        assert_eq!(
+            safe_relative(Path::new("../../etc/passwd")),
+            PathBuf::from("_../_../etc/passwd")
+        );
         assert_eq!(safe_relative(Path::new("/abs/x")), PathBuf::from("abs/x"));
         assert_eq!(safe_relative(Path::new("./a/./b")), PathBuf::from("a/b"));
         assert_eq!(safe_relative(Path::new("")), PathBuf::from("_"));
@@ -589,10 +608,22 @@ mod tests {
 
     #[test]
     fn numbered_keeps_the_extension() {
-        assert_eq!(numbered(OsStr::new("report.txt"), 1), OsString::from("report (1).txt"));
-        assert_eq!(numbered(OsStr::new("archive.tar.gz"), 2), OsString::from("archive.tar (2).gz"));
-        assert_eq!(numbered(OsStr::new("README"), 3), OsString::from("README (3)"));
-        assert_eq!(numbered(OsStr::new(".bashrc"), 1), OsString::from(".bashrc (1)"));
+        assert_eq!(
+            numbered(OsStr::new("report.txt"), 1),
+            OsString::from("report (1).txt")
+        );
+        assert_eq!(
+            numbered(OsStr::new("archive.tar.gz"), 2),
+            OsString::from("archive.tar (2).gz")
+        );
+        assert_eq!(
+            numbered(OsStr::new("README"), 3),
+            OsString::from("README (3)")
+        );
+        assert_eq!(
+            numbered(OsStr::new(".bashrc"), 1),
+            OsString::from(".bashrc (1)")
+        );
     }
 
     #[test]
@@ -603,15 +634,42 @@ mod tests {
         assert!(open_regular(&f).is_ok());
         let l = d.path().join("l");
         std::os::unix::fs::symlink(&f, &l).unwrap();
-        assert!(matches!(open_regular(&l), Err(FsError::NotRegular { kind: "symlink", .. })));
-        assert!(matches!(open_regular(d.path()), Err(FsError::NotRegular { kind: "directory", .. })));
+        assert!(matches!(
+            open_regular(&l),
+            Err(FsError::NotRegular {
+                kind: "symlink",
+                ..
+            })
+        ));
+        assert!(matches!(
+            open_regular(d.path()),
+            Err(FsError::NotRegular {
+                kind: "directory",
+                ..
+            })
+        ));
         let p = d.path().join("p");
-        assert!(std::process::Command::new("mkfifo").arg(&p).status().unwrap().success());
-        assert!(matches!(open_regular(&p), Err(FsError::NotRegular { kind: "fifo", .. })));
+        assert!(
+            std::process::Command::new("mkfifo")
+                .arg(&p)
+                .status()
+                .unwrap()
+                .success()
+        );
+        assert!(matches!(
+            open_regular(&p),
+            Err(FsError::NotRegular { kind: "fifo", .. })
+        ));
         let h = d.path().join("h");
         std::fs::hard_link(&f, &h).unwrap();
-        assert!(matches!(open_regular(&f), Err(FsError::HardLinked { nlink: 2, .. })));
-        assert!(matches!(open_regular(&d.path().join("nope")), Err(FsError::Vanished { .. })));
+        assert!(matches!(
+            open_regular(&f),
+            Err(FsError::HardLinked { nlink: 2, .. })
+        ));
+        assert!(matches!(
+            open_regular(&d.path().join("nope")),
+            Err(FsError::Vanished { .. })
+        ));
     }
 
     #[test]
@@ -623,7 +681,11 @@ mod tests {
         std::fs::write(&b, b"old").unwrap();
         assert!(rename_noreplace(&a, &b).unwrap_err().is_already_exists());
         assert_eq!(std::fs::read(&b).unwrap(), b"old");
-        assert!(rename_noreplace(&d.path().join("gone"), &d.path().join("c")).unwrap_err().is_vanished());
+        assert!(
+            rename_noreplace(&d.path().join("gone"), &d.path().join("c"))
+                .unwrap_err()
+                .is_vanished()
+        );
     }
 
     #[test]

@@ -579,7 +579,7 @@ fn ensure_parent_dir(path: &Path) -> Result<(), JournalError> {
         {
             use std::os::unix::fs::PermissionsExt;
             // The journal holds file names of users' drops: owner only.
-            let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).ok();
         }
     }
     Ok(())
@@ -592,7 +592,8 @@ fn open_connection(path: &Path) -> Result<Connection, JournalError> {
         source,
     };
     let conn = Connection::open(path).map_err(open_err)?;
-    conn.busy_timeout(Duration::from_secs(10)).map_err(open_err)?;
+    conn.busy_timeout(Duration::from_secs(10))
+        .map_err(open_err)?;
     // WAL: readers (dropscan status) never block the writer. FULL: a COMMIT is on disk before the
     // side effect it guards happens, even through power loss.
     conn.pragma_update(None, "journal_mode", "WAL")
@@ -722,7 +723,7 @@ fn serve(conn: &Connection, mut ops_rx: mpsc::Receiver<Op>) {
         }
         let commit = conn.execute_batch("COMMIT").map_err(|e| {
             // The transaction is void; nothing of it happened.
-            let _ = conn.execute_batch("ROLLBACK");
+            conn.execute_batch("ROLLBACK").ok();
             e.to_string()
         });
         for reply in replies {
@@ -736,7 +737,8 @@ fn op_failed(op: Op, conn: &Connection) -> (bool, Reply) {
     // A savepoint outside a transaction starts one; roll it back whatever the op did.
     if conn.execute_batch("SAVEPOINT failed").is_ok() {
         let out = op(conn);
-        let _ = conn.execute_batch("ROLLBACK TO failed; RELEASE failed");
+        conn.execute_batch("ROLLBACK TO failed; RELEASE failed")
+            .ok();
         out
     } else {
         (false, Box::new(|_| {}))
@@ -782,7 +784,7 @@ impl Journal {
                     (Err(e), _) => Err(e),
                     (Ok(_), Err(message)) => Err(JournalError::Commit { message }),
                 };
-                let _ = tx.send(answer);
+                tx.send(answer).ok();
             });
             (ok, reply)
         });
@@ -971,7 +973,12 @@ impl Journal {
 
     /// A scan ended with `error` or `timeout` and will be tried again under a new scanId; the old
     /// result is queued for deletion on the server.
-    pub async fn resubmit(&self, id: FileId, old_scan_id: String, note: String) -> Result<(), JournalError> {
+    pub async fn resubmit(
+        &self,
+        id: FileId,
+        old_scan_id: String,
+        note: String,
+    ) -> Result<(), JournalError> {
         self.run(move |conn| {
             set_state(conn, id, FileState::Hashed)?;
             conn.execute(
@@ -991,7 +998,10 @@ impl Journal {
 
     /// Journals several decisions in one transaction; returns every id decided (with the waiting
     /// records that share a verdict).
-    pub async fn decide(&self, decisions: Vec<(FileId, Decision)>) -> Result<Vec<FileId>, JournalError> {
+    pub async fn decide(
+        &self,
+        decisions: Vec<(FileId, Decision)>,
+    ) -> Result<Vec<FileId>, JournalError> {
         self.run(move |conn| {
             let mut all = Vec::new();
             for (id, d) in &decisions {
@@ -1138,7 +1148,11 @@ impl Journal {
     }
 
     /// Drops finished records and expired verdicts older than `history`.
-    pub async fn prune(&self, history: Duration, verdict_ttl: Duration) -> Result<usize, JournalError> {
+    pub async fn prune(
+        &self,
+        history: Duration,
+        verdict_ttl: Duration,
+    ) -> Result<usize, JournalError> {
         self.run(move |conn| {
             let now = now_ms();
             let h = i64::try_from(history.as_millis()).unwrap_or(i64::MAX);
@@ -1161,7 +1175,7 @@ impl Journal {
 
     /// Counts and ages.
     pub async fn summary(&self) -> Result<Summary, JournalError> {
-        self.run(|conn| summary_in(conn)).await
+        self.run(summary_in).await
     }
 }
 
@@ -1197,11 +1211,15 @@ mod tests {
         let b = claim_one(&j, "b").await;
         let sha = [7u8; 32];
         assert_eq!(
-            j.hashed(a, sha, stamp(5), Duration::from_secs(60)).await.unwrap(),
+            j.hashed(a, sha, stamp(5), Duration::from_secs(60))
+                .await
+                .unwrap(),
             HashedAs::Hashed
         );
         assert_eq!(
-            j.hashed(b, sha, stamp(5), Duration::from_secs(60)).await.unwrap(),
+            j.hashed(b, sha, stamp(5), Duration::from_secs(60))
+                .await
+                .unwrap(),
             HashedAs::Waiting
         );
         j.submitting(a, "s1".into()).await.unwrap();
@@ -1226,7 +1244,9 @@ mod tests {
         // A third identical file reuses the cached verdict.
         let c = claim_one(&j, "c").await;
         assert_eq!(
-            j.hashed(c, sha, stamp(5), Duration::from_secs(60)).await.unwrap(),
+            j.hashed(c, sha, stamp(5), Duration::from_secs(60))
+                .await
+                .unwrap(),
             HashedAs::Reused(Outcome::Clean)
         );
         // With reuse disabled it is uploaded.
@@ -1284,7 +1304,9 @@ mod tests {
         {
             let j = Journal::open(&path).unwrap();
             a = claim_one(&j, "ä/b c").await;
-            j.hashed(a, [2; 32], stamp(9), Duration::ZERO).await.unwrap();
+            j.hashed(a, [2; 32], stamp(9), Duration::ZERO)
+                .await
+                .unwrap();
             j.submitting(a, "scan1".into()).await.unwrap();
         }
         let j = Journal::open(&path).unwrap();

@@ -331,7 +331,10 @@ mod tests {
 
     #[tokio::test]
     async fn cap_shrinks_on_429_and_grows_back() {
-        let l = Limits::new(NonZeroUsize::new(4).unwrap(), NonZeroU32::new(1000).unwrap());
+        let l = Limits::new(
+            NonZeroUsize::new(4).unwrap(),
+            NonZeroU32::new(1000).unwrap(),
+        );
         let a = l.acquire().await;
         let b = l.acquire().await;
         l.throttled();
@@ -354,7 +357,10 @@ mod tests {
 
     #[tokio::test]
     async fn gate_logs_state_changes_and_pauses() {
-        let l = Limits::new(NonZeroUsize::new(1).unwrap(), NonZeroU32::new(1000).unwrap());
+        let l = Limits::new(
+            NonZeroUsize::new(1).unwrap(),
+            NonZeroU32::new(1000).unwrap(),
+        );
         assert_eq!(l.health(), Health::Up);
         let p = l.server_failed(&ApiError::Server { status: 503 });
         assert!(p <= BACKOFF_MIN);

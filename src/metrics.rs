@@ -76,43 +76,85 @@ impl Metrics {
         use std::fmt::Write as _;
         let mut out = String::with_capacity(2048);
         let mut counter = |name: &str, help: &str, v: u64| {
-            let _ = writeln!(
+            writeln!(
                 out,
                 "# HELP dropscan_{name} {help}\n# TYPE dropscan_{name} counter\ndropscan_{name} {v}"
-            );
+            )
+            .ok();
         };
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        counter("files_claimed_total", "Files moved into staging.", l(&self.claimed));
+        counter(
+            "files_claimed_total",
+            "Files moved into staging.",
+            l(&self.claimed),
+        );
         counter("files_hashed_total", "Files hashed.", l(&self.hashed));
         counter("hashed_bytes_total", "Bytes hashed.", l(&self.hashed_bytes));
-        counter("scans_submitted_total", "Submissions accepted by KATA.", l(&self.submitted));
-        counter("uploaded_bytes_total", "Bytes uploaded in accepted submissions.", l(&self.uploaded_bytes));
-        counter("throttled_total", "Submissions answered 429.", l(&self.throttled));
-        counter("request_errors_total", "Requests to KATA that failed.", l(&self.request_errors));
-        counter("polls_total", "Results requests (one per tick for all scans).", l(&self.polls));
-        counter("verdicts_reused_total", "Verdicts reused for identical content.", l(&self.reused));
-        counter("place_errors_total", "Placements that failed and are retried.", l(&self.place_errors));
-        counter("placement_latency_ms_sum", "Sum of claim-to-placement times.", l(&self.latency_ms_sum));
-        let _ = writeln!(
+        counter(
+            "scans_submitted_total",
+            "Submissions accepted by KATA.",
+            l(&self.submitted),
+        );
+        counter(
+            "uploaded_bytes_total",
+            "Bytes uploaded in accepted submissions.",
+            l(&self.uploaded_bytes),
+        );
+        counter(
+            "throttled_total",
+            "Submissions answered 429.",
+            l(&self.throttled),
+        );
+        counter(
+            "request_errors_total",
+            "Requests to KATA that failed.",
+            l(&self.request_errors),
+        );
+        counter(
+            "polls_total",
+            "Results requests (one per tick for all scans).",
+            l(&self.polls),
+        );
+        counter(
+            "verdicts_reused_total",
+            "Verdicts reused for identical content.",
+            l(&self.reused),
+        );
+        counter(
+            "place_errors_total",
+            "Placements that failed and are retried.",
+            l(&self.place_errors),
+        );
+        counter(
+            "placement_latency_ms_sum",
+            "Sum of claim-to-placement times.",
+            l(&self.latency_ms_sum),
+        );
+        writeln!(
             out,
             "# HELP dropscan_files_placed_total Files placed, by outcome.\n# TYPE dropscan_files_placed_total counter"
-        );
+        ).ok();
         for (o, a) in [
             ("clean", &self.placed_clean),
             ("quarantine", &self.placed_quarantine),
             ("failed", &self.placed_failed),
         ] {
-            let _ = writeln!(out, "dropscan_files_placed_total{{outcome=\"{o}\"}} {}", l(a));
+            writeln!(
+                out,
+                "dropscan_files_placed_total{{outcome=\"{o}\"}} {}",
+                l(a)
+            )
+            .ok();
         }
         let up = i32::from(limits.health() == Health::Up);
-        let _ = writeln!(
+        writeln!(
             out,
             "# HELP dropscan_scans_in_flight Scans submitted and not finished.\n# TYPE dropscan_scans_in_flight gauge\ndropscan_scans_in_flight {}\n\
              # HELP dropscan_in_flight_cap Current cap on scans in flight (adapts to 429).\n# TYPE dropscan_in_flight_cap gauge\ndropscan_in_flight_cap {}\n\
              # HELP dropscan_server_up 1 when KATA answers normally.\n# TYPE dropscan_server_up gauge\ndropscan_server_up {up}",
             self.in_flight.load(Ordering::Relaxed),
             limits.cap()
-        );
+        ).ok();
         out
     }
 }
@@ -162,9 +204,10 @@ pub async fn serve(
                 *resp.status_mut() = status;
                 async move { Ok::<_, std::convert::Infallible>(resp) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
+            hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
-                .await;
+                .await
+                .ok();
         });
     }
 }

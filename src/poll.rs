@@ -141,7 +141,10 @@ impl Poller<'_> {
                 r
             }
             Err(e) => {
-                shared.metrics.request_errors.fetch_add(1, Ordering::Relaxed);
+                shared
+                    .metrics
+                    .request_errors
+                    .fetch_add(1, Ordering::Relaxed);
                 shared.limits.server_failed(&e);
                 tracing::debug!(error = %e, "results request failed; retrying next tick");
                 return;
@@ -225,25 +228,26 @@ impl Poller<'_> {
             }
         }
         for (_, rec) in unconfirmed.drain() {
-            tracing::info!(id = rec.id, "scan interrupted by the restart was never accepted: submitting again");
+            tracing::info!(
+                id = rec.id,
+                "scan interrupted by the restart was never accepted: submitting again"
+            );
             if shared.journal.not_submitted(rec.id).await.is_ok() {
                 self.requeue(&rec);
             }
         }
         for (id, scan_id, note) in retries {
             tracing::info!(id, %scan_id, "{note}");
-            match shared
-                .journal
-                .resubmit(id, scan_id.clone(), note)
-                .await
-            {
+            match shared.journal.resubmit(id, scan_id.clone(), note).await {
                 Ok(()) => {
                     self.finish(scans, &scan_id);
                     if let Ok(rec) = shared.journal.get(id).await {
                         self.requeue(&rec);
                     }
                 }
-                Err(e) => tracing::error!(id, error = %e, "journal write failed; retried next tick"),
+                Err(e) => {
+                    tracing::error!(id, error = %e, "journal write failed; retried next tick")
+                }
             }
         }
         self.decide(scans, decisions).await;
@@ -251,7 +255,10 @@ impl Poller<'_> {
 
     fn finish(&self, scans: &mut HashMap<String, Entry>, scan_id: &str) {
         if scans.remove(scan_id).is_some() {
-            self.shared.metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
+            self.shared
+                .metrics
+                .in_flight
+                .fetch_sub(1, Ordering::Relaxed);
         }
     }
 
@@ -266,11 +273,7 @@ impl Poller<'_> {
         }
     }
 
-    async fn decide(
-        &self,
-        scans: &mut HashMap<String, Entry>,
-        decisions: Vec<(FileId, Decision)>,
-    ) {
+    async fn decide(&self, scans: &mut HashMap<String, Entry>, decisions: Vec<(FileId, Decision)>) {
         if decisions.is_empty() {
             return;
         }
@@ -283,7 +286,7 @@ impl Poller<'_> {
                     .in_flight
                     .store(i64::try_from(scans.len()).unwrap_or(0), Ordering::Relaxed);
                 for id in decided {
-                    let _ = self.verdicts_tx.send(Verdict { id }).await;
+                    self.verdicts_tx.send(Verdict { id }).await.ok();
                 }
             }
             Err(e) => {
@@ -309,7 +312,7 @@ impl Poller<'_> {
         let mut decisions = Vec::new();
         for (scan_id, id) in &expired {
             tracing::warn!(id, %scan_id, ?timeout, "no verdict within scan_timeout");
-            let _ = self.shared.journal.stale_scan(scan_id.clone()).await;
+            self.shared.journal.stale_scan(scan_id.clone()).await.ok();
             decisions.push((
                 *id,
                 Decision::failed(
@@ -332,13 +335,13 @@ impl Poller<'_> {
         };
         for scan_id in stale.into_iter().take(STALE_DELETES_PER_TICK) {
             let Ok(id) = ScanId::parse(&scan_id) else {
-                let _ = shared.journal.stale_deleted(scan_id).await;
+                shared.journal.stale_deleted(scan_id).await.ok();
                 continue;
             };
             shared.limits.rate().await;
             match shared.client.delete(&id).await {
                 Ok(_) => {
-                    let _ = shared.journal.stale_deleted(scan_id).await;
+                    shared.journal.stale_deleted(scan_id).await.ok();
                 }
                 Err(e) => {
                     tracing::debug!(%scan_id, error = %e, "deleting a stale result failed; retried next tick");

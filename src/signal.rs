@@ -25,7 +25,9 @@ pub fn shutdown_token() -> std::io::Result<CancellationToken> {
                 tracing::info!("signal received: shutting down (again to exit at once)");
                 t.cancel();
             } else {
-                tracing::warn!("second signal: exiting now; work in flight resumes at the next start");
+                tracing::warn!(
+                    "second signal: exiting now; work in flight resumes at the next start"
+                );
                 std::process::exit(EXIT_NOW);
             }
         }

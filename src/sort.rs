@@ -65,10 +65,12 @@ struct Sidecar<'a> {
 /// Lower-case hex.
 pub fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write as _;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            write!(s, "{b:02x}").ok();
+            s
+        })
 }
 
 fn rfc3339(ms: i64) -> String {
@@ -149,7 +151,7 @@ impl Sorter<'_> {
                 entry.0 = Instant::now() + wait.max(Duration::from_secs(1));
                 if entry.1 == 1 || entry.1 % 10 == 0 {
                     tracing::warn!(id, attempts = entry.1, reason = %why, "file kept in staging; will retry");
-                    let _ = self.shared.journal.note_error(why).await;
+                    self.shared.journal.note_error(why).await.ok();
                 }
             }
         }
@@ -205,7 +207,11 @@ impl Sorter<'_> {
         };
         let opts = PlaceOptions {
             file_mode: (outcome == Outcome::Quarantine).then_some(0o600),
-            dir_mode: if outcome == Outcome::Quarantine { 0o700 } else { 0o755 },
+            dir_mode: if outcome == Outcome::Quarantine {
+                0o700
+            } else {
+                0o755
+            },
             expected_sha256: rec.sha256,
         };
         let staged = rec.staged.clone();
@@ -217,11 +223,11 @@ impl Sorter<'_> {
                     return self.finish_placement(rec, outcome, reason, dest).await;
                 }
                 if !staged_exists {
-                    let _ = self
-                        .shared
+                    self.shared
                         .journal
                         .close_vanished(rec.id, "vanished from staging while being placed".into())
-                        .await;
+                        .await
+                        .ok();
                     return Step::Done;
                 }
             }
@@ -231,7 +237,8 @@ impl Sorter<'_> {
         for _ in 0..16 {
             let root = dest_root.clone();
             let rel2 = rel.clone();
-            let target = match blocking(move || fsops::free_name(&root, &rel2, opts.dir_mode)).await {
+            let target = match blocking(move || fsops::free_name(&root, &rel2, opts.dir_mode)).await
+            {
                 Ok(t) => t,
                 Err(e) => return Step::Retry(e.to_string()),
             };
@@ -243,11 +250,11 @@ impl Sorter<'_> {
                 Ok(_) => return self.finish_placement(rec, outcome, reason, target).await,
                 Err(e) if e.is_already_exists() => continue,
                 Err(FsError::Vanished { .. }) => {
-                    let _ = self
-                        .shared
+                    self.shared
                         .journal
                         .close_vanished(rec.id, "vanished from staging before it was placed".into())
-                        .await;
+                        .await
+                        .ok();
                     return Step::Done;
                 }
                 Err(e) => {
@@ -319,7 +326,11 @@ impl Sorter<'_> {
             };
             let bytes = serde_json::to_vec_pretty(&sidecar).unwrap_or_default();
             let path = fsops::sidecar_path(&dest);
-            let mode = if outcome == Outcome::Quarantine { 0o600 } else { 0o644 };
+            let mode = if outcome == Outcome::Quarantine {
+                0o600
+            } else {
+                0o644
+            };
             if let Err(e) = blocking(move || fsops::write_atomic(&path, &bytes, mode)).await {
                 // The file is placed; a missing sidecar is retried, never a reason to move again.
                 return Step::Retry(format!("cannot write the sidecar: {e}"));
@@ -342,13 +353,16 @@ impl Sorter<'_> {
             dest = %dest.display(),
             "placed"
         );
-        let _ = self.shared.events.send(Placement {
-            root: rec.root.clone(),
-            rel_path: rec.rel_path.clone(),
-            outcome,
-            dest,
-            reason,
-        });
+        self.shared
+            .events
+            .send(Placement {
+                root: rec.root.clone(),
+                rel_path: rec.rel_path.clone(),
+                outcome,
+                dest,
+                reason,
+            })
+            .ok();
         let mut rec = rec;
         rec.state = FileState::Placed;
         self.delete_result(&rec).await
@@ -361,7 +375,9 @@ impl Sorter<'_> {
             if let Some(scan_id) = rec.scan_id.as_deref().and_then(|s| ScanId::parse(s).ok()) {
                 self.shared.limits.rate().await;
                 if let Err(e) = self.shared.client.delete(&scan_id).await {
-                    return Step::Retry(format!("cannot delete result {scan_id} on the server: {e}"));
+                    return Step::Retry(format!(
+                        "cannot delete result {scan_id} on the server: {e}"
+                    ));
                 }
             }
         }

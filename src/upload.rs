@@ -153,7 +153,13 @@ pub async fn run(
                     item.stamp.size
                 );
                 resubmit.finish(item.id);
-                decide(&shared, &verdicts_tx, item.id, Decision::failed(reason, true)).await;
+                decide(
+                    &shared,
+                    &verdicts_tx,
+                    item.id,
+                    Decision::failed(reason, true),
+                )
+                .await;
                 continue;
             }
         }
@@ -202,7 +208,7 @@ async fn decide(shared: &Shared, verdicts_tx: &mpsc::Sender<Verdict>, id: FileId
     match shared.journal.decide(vec![(id, d)]).await {
         Ok(ids) => {
             for id in ids {
-                let _ = verdicts_tx.send(Verdict { id }).await;
+                verdicts_tx.send(Verdict { id }).await.ok();
             }
         }
         Err(e) => tracing::error!(id, error = %e, "journal write failed; decision retried later"),
@@ -279,8 +285,7 @@ impl Upload {
                     .fetch_add(sent.bytes, Ordering::Relaxed);
                 shared.metrics.in_flight.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(id = item.id, scan_id = %scan_id, "submitted");
-                let _ = self
-                    .submitted_tx
+                self.submitted_tx
                     .send(Submitted {
                         id: item.id,
                         scan_id,
@@ -289,23 +294,25 @@ impl Upload {
                         submitted_at_ms: crate::journal::now_ms(),
                         slot,
                     })
-                    .await;
+                    .await
+                    .ok();
                 None
             }
             Ok(_) => {
                 // The server scanned bytes we did not hash: its verdict must not be used.
                 tracing::warn!(id = item.id, "file changed during upload: hashing again");
-                let _ = shared
+                shared
                     .journal
                     .stale_scan(scan_id.as_str().to_string())
-                    .await;
+                    .await
+                    .ok();
                 self.rehash(item.id, item.staged.clone()).await
             }
             Err(ApiError::TooLarge) => {
                 let limits = shared.limits.clone();
                 let client = shared.client.clone();
                 tokio::spawn(async move {
-                    let _ = limits.refresh(&client).await;
+                    limits.refresh(&client).await.ok();
                 });
                 let d = Decision::failed(
                     format!(
@@ -331,7 +338,10 @@ impl Upload {
             }
             Err(e) => {
                 // 429, 5xx, transport, TLS, 401, garbage: the file waits and is tried again.
-                shared.metrics.request_errors.fetch_add(1, Ordering::Relaxed);
+                shared
+                    .metrics
+                    .request_errors
+                    .fetch_add(1, Ordering::Relaxed);
                 if matches!(e, ApiError::Busy) {
                     shared.metrics.throttled.fetch_add(1, Ordering::Relaxed);
                 }
@@ -356,7 +366,7 @@ impl Upload {
             Hashed::Ready(c) => Some(c),
             Hashed::Decided(ids) => {
                 for id in ids {
-                    let _ = self.verdicts_tx.send(Verdict { id }).await;
+                    self.verdicts_tx.send(Verdict { id }).await.ok();
                 }
                 None
             }

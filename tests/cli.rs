@@ -44,7 +44,10 @@ async fn check_prints_restrictions_and_names_each_failure() {
     .unwrap();
     let out = text(&ok);
     assert!(ok.status.success(), "{out}");
-    assert!(out.contains("maxObjectSize: 52428800 bytes (50.0 MiB)"), "{out}");
+    assert!(
+        out.contains("maxObjectSize: 52428800 bytes (50.0 MiB)"),
+        "{out}"
+    );
     assert!(out.contains("version:"), "{out}");
 
     // A wrong CA: the server is not trusted.
@@ -63,9 +66,11 @@ async fn check_prints_restrictions_and_names_each_failure() {
         text_cfg.replace(&ca_line, &format!("ca_cert = \"{}\"", ca.display())),
     )
     .unwrap();
-    let o = tokio::task::spawn_blocking(move || dropscan(&["check", "--config", bad_ca.to_str().unwrap()]))
-        .await
-        .unwrap();
+    let o = tokio::task::spawn_blocking(move || {
+        dropscan(&["check", "--config", bad_ca.to_str().unwrap()])
+    })
+    .await
+    .unwrap();
     assert!(!o.status.success());
     assert!(text(&o).contains("not trusted"), "{}", text(&o));
 
@@ -87,11 +92,17 @@ async fn check_prints_restrictions_and_names_each_failure() {
     }
     let foreign_cfg = w.dir.path().join("foreign.toml");
     std::fs::write(&foreign_cfg, foreign).unwrap();
-    let o = tokio::task::spawn_blocking(move || dropscan(&["check", "--config", foreign_cfg.to_str().unwrap()]))
-        .await
-        .unwrap();
+    let o = tokio::task::spawn_blocking(move || {
+        dropscan(&["check", "--config", foreign_cfg.to_str().unwrap()])
+    })
+    .await
+    .unwrap();
     assert!(!o.status.success());
-    assert!(text(&o).contains("refused our client certificate"), "{}", text(&o));
+    assert!(
+        text(&o).contains("refused our client certificate"),
+        "{}",
+        text(&o)
+    );
 
     // Not yet accepted: 401 with the advice.
     w.emulator().state().set_auto_accept(false);
@@ -102,11 +113,17 @@ async fn check_prints_restrictions_and_names_each_failure() {
     std::fs::write(&cert, &second.client_cert_pem).unwrap();
     std::fs::write(&key, &second.client_key_pem).unwrap();
     let pending_cfg = w.dir.path().join("foreign.toml");
-    let o = tokio::task::spawn_blocking(move || dropscan(&["check", "--config", pending_cfg.to_str().unwrap()]))
-        .await
-        .unwrap();
+    let o = tokio::task::spawn_blocking(move || {
+        dropscan(&["check", "--config", pending_cfg.to_str().unwrap()])
+    })
+    .await
+    .unwrap();
     assert_eq!(o.status.code(), Some(77), "{}", text(&o));
-    assert!(text(&o).contains("accept the integration request"), "{}", text(&o));
+    assert!(
+        text(&o).contains("accept the integration request"),
+        "{}",
+        text(&o)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -163,9 +180,13 @@ failed_dir = "failed"
         .await
         .unwrap();
     emu.kill().unwrap();
-    let _ = emu.wait();
+    emu.wait().ok();
     assert!(o.status.success(), "{}", text(&o));
-    assert!(text(&o).contains("maxObjectSize: 104857600 bytes (100.0 MiB)"), "{}", text(&o));
+    assert!(
+        text(&o).contains("maxObjectSize: 104857600 bytes (100.0 MiB)"),
+        "{}",
+        text(&o)
+    );
 }
 
 #[test]
@@ -244,9 +265,11 @@ async fn status_reports_the_journal_while_the_agent_runs() {
     w.drop_file("b.com", crate::util::EICAR);
     w.wait_placed(2, Duration::from_secs(30)).await;
     let cfg = w.write_config();
-    let o = tokio::task::spawn_blocking(move || dropscan(&["status", "--config", cfg.to_str().unwrap()]))
-        .await
-        .unwrap();
+    let o = tokio::task::spawn_blocking(move || {
+        dropscan(&["status", "--config", cfg.to_str().unwrap()])
+    })
+    .await
+    .unwrap();
     let out = text(&o);
     assert!(o.status.success(), "{out}");
     assert!(out.contains("clean") && out.contains("quarantine"), "{out}");

@@ -53,7 +53,11 @@ async fn kill_9_at_random_moments_loses_nothing_and_never_resubmits_an_accepted_
     let mut drop_batch = |w: &World, from: usize, n: usize| {
         for i in from..from + n {
             let (rel, data, o) = if i % 17 == 0 {
-                (format!("batch/{}/eicar-{i}.com", i % 5), EICAR.to_vec(), Outcome::Quarantine)
+                (
+                    format!("batch/{}/eicar-{i}.com", i % 5),
+                    EICAR.to_vec(),
+                    Outcome::Quarantine,
+                )
             } else {
                 (
                     format!("batch/{}/file-{i}.bin", i % 5),
@@ -81,16 +85,32 @@ async fn kill_9_at_random_moments_loses_nothing_and_never_resubmits_an_accepted_
     })
     .await;
     sigterm(&child);
-    let status = wait_exit(&mut child, Duration::from_secs(20)).await.expect("agent stops");
+    let status = wait_exit(&mut child, Duration::from_secs(20))
+        .await
+        .expect("agent stops");
     assert!(status.success(), "exit status {status:?}");
-    let outcomes = outcomes.unwrap_or_else(|| panic!("only {} of {total} placed", w.outcomes().len()));
+    let outcomes =
+        outcomes.unwrap_or_else(|| panic!("only {} of {total} placed", w.outcomes().len()));
     assert_eq!(outcomes.len(), total, "no duplicates, nothing extra");
     for (rel, data, o) in &expected {
         assert_eq!(outcomes.get(rel), Some(o), "{}", rel.display());
-        let dir = if *o == Outcome::Clean { &w.clean } else { &w.quarantine };
-        assert_eq!(&std::fs::read(dir.join(rel)).unwrap(), data, "{} intact", rel.display());
+        let dir = if *o == Outcome::Clean {
+            &w.clean
+        } else {
+            &w.quarantine
+        };
+        assert_eq!(
+            &std::fs::read(dir.join(rel)).unwrap(),
+            data,
+            "{} intact",
+            rel.display()
+        );
     }
-    assert!(w.inbox_files().is_empty(), "inbox: {:?}", w.inbox_files().keys());
+    assert!(
+        w.inbox_files().is_empty(),
+        "inbox: {:?}",
+        w.inbox_files().keys()
+    );
     assert_eq!(w.staged_files(), 0, "leftovers in staging");
     let stats = w.emulator().state().stats();
     let twice: Vec<_> = stats
@@ -118,7 +138,11 @@ async fn server_outage_files_wait_and_the_agent_recovers_by_itself() {
     }
     w.drop_file("during.com", EICAR);
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(w.outcomes().len(), 1, "nothing may be decided while the server is down");
+    assert_eq!(
+        w.outcomes().len(),
+        1,
+        "nothing may be decided while the server is down"
+    );
     assert!(w.inbox_files().is_empty() || w.staged_files() > 0);
     // It comes back on the same port, with its state.
     let config = EmulatorConfig {
@@ -126,7 +150,9 @@ async fn server_outage_files_wait_and_the_agent_recovers_by_itself() {
         scan_delay: Duration::from_millis(100),
         ..EmulatorConfig::default()
     };
-    let emulator = Emulator::start_with_state(config, &w.certs, state).await.unwrap();
+    let emulator = Emulator::start_with_state(config, &w.certs, state)
+        .await
+        .unwrap();
     w.emulator = Some(emulator);
     let o = w.wait_placed(12, Duration::from_secs(90)).await;
     assert_eq!(o[&PathBuf::from("during.com")], Outcome::Quarantine);
@@ -144,7 +170,10 @@ async fn unwritable_destination_keeps_the_file_in_staging_and_retries() {
     let agent = w.start_agent();
     w.drop_file("sub/precious.bin", &bytes(5, 50_000));
     // The verdict arrives, the move fails, the file waits in staging.
-    let staged = wait_for(Duration::from_secs(20), || (w.staged_files() == 1 && w.inbox_files().is_empty()).then_some(())).await;
+    let staged = wait_for(Duration::from_secs(20), || {
+        (w.staged_files() == 1 && w.inbox_files().is_empty()).then_some(())
+    })
+    .await;
     assert!(staged.is_some());
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(w.staged_files(), 1, "file kept in staging");
@@ -153,7 +182,10 @@ async fn unwritable_destination_keeps_the_file_in_staging_and_retries() {
     std::fs::remove_file(w.clean.join("sub")).unwrap();
     let o = w.wait_placed(1, Duration::from_secs(60)).await;
     assert_eq!(o[&PathBuf::from("sub/precious.bin")], Outcome::Clean);
-    assert_eq!(std::fs::read(w.clean.join("sub/precious.bin")).unwrap(), bytes(5, 50_000));
+    assert_eq!(
+        std::fs::read(w.clean.join("sub/precious.bin")).unwrap(),
+        bytes(5, 50_000)
+    );
     assert_eq!(w.staged_files(), 0);
     agent.stop().await.0.unwrap();
 }
@@ -176,17 +208,31 @@ async fn sigterm_during_uploads_exits_zero_quickly_and_resumes() {
     }
     let mut child = spawn_agent(&config);
     // Wait until uploads are under way.
-    wait_for(Duration::from_secs(20), || (w.staged_files() > 0).then_some(())).await.unwrap();
+    wait_for(Duration::from_secs(20), || {
+        (w.staged_files() > 0).then_some(())
+    })
+    .await
+    .unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let t0 = std::time::Instant::now();
     sigterm(&child);
-    let status = wait_exit(&mut child, Duration::from_secs(15)).await.expect("stops");
+    let status = wait_exit(&mut child, Duration::from_secs(15))
+        .await
+        .expect("stops");
     assert!(status.success(), "{status:?}");
     // shutdown_grace is 2 s in the harness; well under 10 s on a loaded machine.
-    assert!(t0.elapsed() < Duration::from_secs(10), "took {:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        t0.elapsed()
+    );
     // Everything is finished by the next run, each file once.
-    w.emulator().state().set_faults(dropscan::emulator::Faults::default());
-    w.emulator().state().set_scan_delay(Duration::from_millis(50));
+    w.emulator()
+        .state()
+        .set_faults(dropscan::emulator::Faults::default());
+    w.emulator()
+        .state()
+        .set_scan_delay(Duration::from_millis(50));
     let mut child = spawn_agent(&config);
     let o = wait_for(Duration::from_secs(60), || {
         let o = w.outcomes();
@@ -198,5 +244,8 @@ async fn sigterm_during_uploads_exits_zero_quickly_and_resumes() {
     let o = o.expect("all placed after restart");
     assert!(o.values().all(|o| *o == Outcome::Clean));
     let stats = w.emulator().state().stats();
-    assert!(stats.submissions_per_scan_id.values().all(|n| *n == 1), "{stats:?}");
+    assert!(
+        stats.submissions_per_scan_id.values().all(|n| *n == 1),
+        "{stats:?}"
+    );
 }

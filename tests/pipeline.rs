@@ -29,12 +29,20 @@ async fn backlog_and_live_drops_sorted_by_verdict_with_content_intact() {
         expected.push((PathBuf::from(rel), data, Outcome::Clean));
     }
     w.drop_file("backlog/eicar.com", EICAR);
-    expected.push(("backlog/eicar.com".into(), EICAR.to_vec(), Outcome::Quarantine));
+    expected.push((
+        "backlog/eicar.com".into(),
+        EICAR.to_vec(),
+        Outcome::Quarantine,
+    ));
     let agent = w.start_agent();
     // Live drops, nested, with non-ASCII names.
     let live: &[(&str, Vec<u8>, Outcome)] = &[
         ("Übergabe/年報 2026.pdf", bytes(42, 300_000), Outcome::Clean),
-        ("Übergabe/tief/ещё/данные.csv", bytes(43, 10), Outcome::Clean),
+        (
+            "Übergabe/tief/ещё/данные.csv",
+            bytes(43, 10),
+            Outcome::Clean,
+        ),
         ("empty.txt", Vec::new(), Outcome::Clean),
         ("Übergabe/virus ñ.com", EICAR.to_vec(), Outcome::Quarantine),
     ];
@@ -50,19 +58,31 @@ async fn backlog_and_live_drops_sorted_by_verdict_with_content_intact() {
             Outcome::Quarantine => &w.quarantine,
             Outcome::Failed => &w.failed,
         };
-        assert_eq!(&std::fs::read(dir.join(rel)).unwrap(), data, "{}", rel.display());
+        assert_eq!(
+            &std::fs::read(dir.join(rel)).unwrap(),
+            data,
+            "{}",
+            rel.display()
+        );
     }
     // Quarantine: owner-only file, sidecar with the verdict.
     use std::os::unix::fs::PermissionsExt;
     let q = w.quarantine.join("backlog/eicar.com");
-    assert_eq!(std::fs::metadata(&q).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(&q).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
     let sidecar: serde_json::Value = serde_json::from_slice(
         &std::fs::read(w.quarantine.join("backlog/eicar.com.dropscan.json")).unwrap(),
     )
     .unwrap();
     assert_eq!(sidecar["verdict"], "detect");
     assert_eq!(sidecar["sha256"], dropscan::sort::hex(&sha(EICAR)));
-    assert!(w.inbox_files().is_empty(), "inbox not empty: {:?}", w.inbox_files().keys());
+    assert!(
+        w.inbox_files().is_empty(),
+        "inbox not empty: {:?}",
+        w.inbox_files().keys()
+    );
     let (r, _) = agent.stop().await;
     r.unwrap();
     assert_eq!(w.staged_files(), 0);
@@ -91,13 +111,21 @@ async fn slow_appender_is_never_uploaded_early() {
         all.extend_from_slice(&chunk);
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(w.outcomes().is_empty(), "placed while still being written");
-        assert_eq!(w.emulator().state().stats().submits_accepted, 0, "uploaded early");
+        assert_eq!(
+            w.emulator().state().stats().submits_accepted,
+            0,
+            "uploaded early"
+        );
     }
     drop(f);
     w.wait_placed(1, LIMIT).await;
     assert_eq!(std::fs::read(w.clean.join("growing.log")).unwrap(), all);
     let s = w.emulator().state().stats();
-    assert_eq!(s.bytes_received, all.len() as u64, "exactly one full upload");
+    assert_eq!(
+        s.bytes_received,
+        all.len() as u64,
+        "exactly one full upload"
+    );
     agent.stop().await.0.unwrap();
 }
 
@@ -116,7 +144,11 @@ async fn copy_that_restores_old_mtime_waits_for_ctime_quiet() {
         all.extend_from_slice(&chunk);
         f.set_modified(old).unwrap();
         tokio::time::sleep(Duration::from_millis(120)).await;
-        assert_eq!(w.emulator().state().stats().submits_accepted, 0, "uploaded early");
+        assert_eq!(
+            w.emulator().state().stats().submits_accepted,
+            0,
+            "uploaded early"
+        );
     }
     drop(f);
     w.wait_placed(1, LIMIT).await;
@@ -139,7 +171,10 @@ async fn oversize_goes_to_failed_without_upload() {
     assert_eq!(o[&PathBuf::from("small.txt")], Outcome::Clean);
     let s = w.emulator().state().stats();
     assert_eq!(s.submits_accepted, 1);
-    assert!(s.submits_by_status.get(&413).is_none(), "oversize was uploaded: {s:?}");
+    assert!(
+        !s.submits_by_status.contains_key(&413),
+        "oversize was uploaded: {s:?}"
+    );
     let sidecar = std::fs::read_to_string(w.failed.join("big.iso.dropscan.json")).unwrap();
     assert!(sidecar.contains("too large"), "{sidecar}");
     agent.stop().await.0.unwrap();
@@ -166,10 +201,16 @@ async fn throttling_and_server_errors_slow_but_lose_nothing() {
     let o = w.wait_placed(n as usize, Duration::from_secs(90)).await;
     assert!(o.values().all(|o| *o == Outcome::Clean), "{o:?}");
     let s = w.emulator().state().stats();
-    assert!(s.submits_by_status.get(&429).copied().unwrap_or(0) > 0, "no 429 seen: {s:?}");
+    assert!(
+        s.submits_by_status.get(&429).copied().unwrap_or(0) > 0,
+        "no 429 seen: {s:?}"
+    );
     for i in 0..n {
         let rel = format!("f{i:03}.dat");
-        assert_eq!(std::fs::read(w.clean.join(&rel)).unwrap(), bytes(1000 + i, 2000));
+        assert_eq!(
+            std::fs::read(w.clean.join(&rel)).unwrap(),
+            bytes(1000 + i, 2000)
+        );
     }
     agent.stop().await.0.unwrap();
 }
@@ -213,9 +254,18 @@ async fn name_collisions_never_overwrite() {
     w.wait_placed(2, LIMIT).await;
     w.drop_file("d/report.txt", b"second drop");
     w.wait_placed(3, LIMIT).await;
-    assert_eq!(std::fs::read(w.clean.join("d/report.txt")).unwrap(), b"already here");
-    assert_eq!(std::fs::read(w.clean.join("d/report (1).txt")).unwrap(), b"first drop");
-    assert_eq!(std::fs::read(w.clean.join("d/report (2).txt")).unwrap(), b"second drop");
+    assert_eq!(
+        std::fs::read(w.clean.join("d/report.txt")).unwrap(),
+        b"already here"
+    );
+    assert_eq!(
+        std::fs::read(w.clean.join("d/report (1).txt")).unwrap(),
+        b"first drop"
+    );
+    assert_eq!(
+        std::fs::read(w.clean.join("d/report (2).txt")).unwrap(),
+        b"second drop"
+    );
     agent.stop().await.0.unwrap();
 }
 
@@ -271,7 +321,13 @@ async fn hostile_entries_are_skipped_without_stalling() {
     std::fs::write(&outside, b"outside the inbox").unwrap();
     std::os::unix::fs::symlink(&outside, w.inbox.join("link.txt")).unwrap();
     let fifo = w.inbox.join("pipe");
-    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    assert!(
+        std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
     let agent = w.start_agent();
     w.drop_file("ok.txt", b"fine");
     w.drop_file("weird\nname\u{7}.txt", b"odd name");
@@ -300,7 +356,11 @@ async fn identical_content_shares_one_scan_and_reuses_the_verdict() {
     }
     let agent = w.start_agent();
     w.wait_placed(4, LIMIT).await;
-    assert_eq!(w.emulator().state().stats().submits_accepted, 1, "one scan for four copies");
+    assert_eq!(
+        w.emulator().state().stats().submits_accepted,
+        1,
+        "one scan for four copies"
+    );
     // Later, the verdict is reused without an upload.
     w.drop_file("later.bin", &data);
     w.wait_placed(5, LIMIT).await;

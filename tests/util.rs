@@ -166,10 +166,7 @@ level = "warn"
         }
         // Write under a temp name and rename, as a careful uploader would; tests that need a
         // slow writer write in place themselves.
-        let tmp = p.with_file_name(format!(
-            ".{}.tmp",
-            p.file_name().unwrap().to_string_lossy()
-        ));
+        let tmp = p.with_file_name(format!(".{}.tmp", p.file_name().unwrap().to_string_lossy()));
         std::fs::write(&tmp, bytes).unwrap();
         #[allow(clippy::disallowed_methods)]
         std::fs::rename(&tmp, &p).unwrap();
@@ -181,7 +178,9 @@ level = "warn"
         let mut out = BTreeMap::new();
         let mut stack = vec![dir.to_path_buf()];
         while let Some(d) = stack.pop() {
-            let Ok(rd) = std::fs::read_dir(&d) else { continue };
+            let Ok(rd) = std::fs::read_dir(&d) else {
+                continue;
+            };
             for e in rd.flatten() {
                 let p = e.path();
                 let name = e.file_name().to_string_lossy().to_string();
@@ -210,7 +209,11 @@ level = "warn"
             (&self.failed, Outcome::Failed),
         ] {
             for (p, _) in World::files_in(dir) {
-                assert!(out.insert(p.clone(), o).is_none(), "{} placed twice", p.display());
+                assert!(
+                    out.insert(p.clone(), o).is_none(),
+                    "{} placed twice",
+                    p.display()
+                );
             }
         }
         out
@@ -237,7 +240,12 @@ level = "warn"
             (o.len() >= n).then_some(o)
         })
         .await
-        .unwrap_or_else(|| panic!("not {n} files placed within {limit:?}: {:?}", self.outcomes()))
+        .unwrap_or_else(|| {
+            panic!(
+                "not {n} files placed within {limit:?}: {:?}",
+                self.outcomes()
+            )
+        })
     }
 }
 
