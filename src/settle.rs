@@ -1,50 +1,72 @@
-//! Settle: decides when a file is complete.
+//! Settle: decides when a dropped file is completely written, and hands it on as `Settled`.
 //!
-//! A candidate file is ready only when its size, mtime **and ctime** (and identity) have not
-//! changed for the root's `settle` time. ctime matters: `cp -p`, rsync and SFTP restore an old
-//! mtime after each write, but every write still moves ctime. Temporary names are never ready:
-//! the built-in ignores (`*.part`, `*.partial`, `*.crdownload`, `*.filepart`, `*.tmp`, `~$*`,
-//! `.~lock.*`, `.syncthing.*`, `~syncthing~*`, dotfiles) and the root's `include` / `exclude`
-//! globs. Only regular files settle: a symlink, FIFO, socket or device is logged once and skipped
-//! (never opened), so it can neither leak nor stall anything.
+//! Settle owns the filters (built-in temporary names, the root's `include` / `exclude` globs, own
+//! folders and dot-folders) and the completion gate: a file is complete when its size, mtime,
+//! ctime, device and inode have not changed for the root's `settle` time. ctime is in the gate
+//! because `cp -p` and many sync tools put an old mtime back after writing; nobody can set ctime.
+//! Every pending path is re-stated on a tick (a quarter of the shortest `settle`, 50 ms to 1 s),
+//! off the async threads, since a stat on a network share may block.
 //!
-//! What this stage does not do: open files, or move them. It only looks (`lstat`).
+//! Settle never opens a file (so a FIFO cannot hang it), never moves one (that is claim), and does
+//! not list folders (that is watch: a candidate that turns out to be a folder is dropped). When
+//! claim is slow, `settled_tx.send` waits, and the files simply stay in the inbox.
 
 use std::collections::{HashMap, HashSet};
-use std::ffi::OsStr;
-use std::os::unix::ffi::OsStrExt;
+use std::io;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
-use tokio::time::Instant;
+use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
 
 use crate::config::WatchConfig;
-use crate::fsops::{self, FileStamp, FsError};
-use crate::watch::Candidate;
+use crate::watch::{self, Candidate};
 
-/// Capacity of settle → claim. Full: settle waits (the files stay in the inbox, which is the
-/// durable queue).
-pub const SETTLED_CAPACITY: usize = 256;
-/// Paths remembered as already warned about (non-regular files), at most.
-const WARNED_MAX: usize = 10_000;
-
-/// A file whose size, mtime and ctime have been quiet for the root's `settle` time.
-#[derive(Debug, Clone)]
+/// A file whose size, mtime and ctime have not changed for the root's `settle` time.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settled {
-    /// Index of the root in the config's watches.
+    /// Index of the root in the watches slice.
     pub root: usize,
-    /// Absolute path in the inbox.
+    /// Absolute path.
     pub path: PathBuf,
     /// Path relative to the root.
     pub rel_path: PathBuf,
+    /// Size in bytes when it settled.
+    pub size: u64,
+    /// Modification time, nanoseconds since the epoch.
+    pub mtime_ns: i128,
+    /// Status change time, nanoseconds since the epoch.
+    pub ctime_ns: i128,
+    /// Device of the file.
+    pub dev: u64,
+    /// Inode of the file.
+    pub ino: u64,
+}
+
+/// Capacity of settle → claim. Full: settle waits (files stay in the inbox, which is the durable
+/// queue).
+pub const SETTLED_CAPACITY: usize = 256;
+
+/// Bounds of the re-stat tick.
+const MIN_TICK: Duration = Duration::from_millis(50);
+const MAX_TICK: Duration = Duration::from_secs(1);
+
+/// Paths remembered as already warned about (not regular files, unreadable); then the memory
+/// restarts, so a folder full of FIFOs costs one line per FIFO per this many.
+const MAX_WARNED_PATHS: usize = 4096;
+
+/// What a stat says about a file, as far as completion is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Snapshot {
     /// Size in bytes.
     pub size: u64,
-    /// mtime, ns since the epoch.
+    /// mtime in nanoseconds.
     pub mtime_ns: i128,
-    /// ctime, ns since the epoch.
+    /// ctime in nanoseconds.
     pub ctime_ns: i128,
     /// Device.
     pub dev: u64,
@@ -52,107 +74,69 @@ pub struct Settled {
     pub ino: u64,
 }
 
-/// Whether a file name is one of the built-in temporary names (or a dotfile).
-pub fn is_ignored_name(name: &OsStr) -> bool {
-    let b = name.as_bytes();
-    if b.is_empty() || b[0] == b'.' || b.starts_with(b"~$") || b.starts_with(b"~syncthing~") {
-        return true;
-    }
-    let lower = b.to_ascii_lowercase();
-    [
-        &b".part"[..],
-        b".partial",
-        b".crdownload",
-        b".filepart",
-        b".tmp",
-    ]
-    .iter()
-    .any(|suffix| lower.ends_with(suffix))
-}
-
-/// Whether a relative path passes the root's globs: an include must match and no exclude may.
-/// A pattern is matched against the whole relative path and against the file name, so that
-/// `*.tmp` excludes `a/b/c.tmp`.
-pub fn matches_filters(rel: &Path, include: &[glob::Pattern], exclude: &[glob::Pattern]) -> bool {
-    let opts = glob::MatchOptions {
-        case_sensitive: true,
-        require_literal_separator: false,
-        require_literal_leading_dot: false,
-    };
-    let name = rel.file_name().map(Path::new).unwrap_or(rel);
-    let hit = |p: &glob::Pattern| p.matches_path_with(rel, opts) || p.matches_path_with(name, opts);
-    (include.is_empty() || include.iter().any(hit)) && !exclude.iter().any(hit)
-}
-
-/// Whether a path under `root` is one dropscan takes: not inside the root's own folders, no
-/// hidden component, an acceptable name, and passing the globs. Returns the relative path.
-pub fn accept(w: &WatchConfig, path: &Path) -> Option<PathBuf> {
-    let rel = path.strip_prefix(&w.path).ok()?;
-    if rel.as_os_str().is_empty() || w.own_dirs().iter().any(|d| path.starts_with(d)) {
-        return None;
-    }
-    let mut components = rel.components().peekable();
-    let mut depth = 0;
-    while let Some(c) = components.next() {
-        let name = c.as_os_str();
-        depth += 1;
-        if components.peek().is_some() {
-            // A folder on the way: hidden folders (.dropscan, .git, .sync) are not ours.
-            if name.as_bytes().first() == Some(&b'.') {
-                return None;
-            }
-        } else if is_ignored_name(name) {
-            return None;
+impl Snapshot {
+    /// Takes the fields from `symlink_metadata`.
+    pub fn from_metadata(meta: &std::fs::Metadata) -> Self {
+        Snapshot {
+            size: meta.size(),
+            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+            ctime_ns: i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec()),
+            dev: meta.dev(),
+            ino: meta.ino(),
         }
     }
-    if !w.recursive && depth > 1 {
-        return None;
-    }
-    matches_filters(rel, &w.include, &w.exclude).then(|| rel.to_path_buf())
 }
 
-/// The change-relevant part of a stamp.
-fn key(s: &FileStamp) -> (u64, i128, i128, u64, u64) {
-    (s.size, s.mtime_ns, s.ctime_ns, s.dev, s.ino)
-}
-
-/// One file being watched for quiet.
-#[derive(Debug, Clone)]
-pub struct Pending {
-    root: usize,
-    rel: PathBuf,
-    stamp: FileStamp,
-    since: Instant,
-}
-
-/// What a new observation means.
-#[derive(Debug, PartialEq, Eq)]
+/// The outcome of one observation of a pending file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
-    /// Still changing, or not quiet for long enough.
+    /// Changed recently, or not quiet for long enough yet.
     Wait,
-    /// Quiet for `settle`: complete.
+    /// Unchanged for at least the settle time.
     Ready,
 }
 
+/// A file being watched for quiet.
+#[derive(Debug, Clone)]
+pub struct Pending {
+    /// Index of the root.
+    pub root: usize,
+    /// Path relative to the root.
+    pub rel_path: PathBuf,
+    /// The last snapshot seen.
+    pub snapshot: Snapshot,
+    /// When the last change was seen (or the file first seen).
+    pub stable_since: Instant,
+    /// The root's settle time.
+    pub settle: Duration,
+}
+
 impl Pending {
-    /// Starts watching a file seen now.
-    pub fn new(root: usize, rel: PathBuf, stamp: FileStamp, now: Instant) -> Self {
+    /// Starts watching a file first seen at `now` with `snapshot`.
+    pub fn new(
+        root: usize,
+        rel_path: PathBuf,
+        snapshot: Snapshot,
+        now: Instant,
+        settle: Duration,
+    ) -> Self {
         Pending {
             root,
-            rel,
-            stamp,
-            since: now,
+            rel_path,
+            snapshot,
+            stable_since: now,
+            settle,
         }
     }
 
-    /// Takes a new observation: any change restarts the quiet period.
-    pub fn observe(&mut self, stamp: FileStamp, now: Instant, settle: Duration) -> Decision {
-        if key(&stamp) != key(&self.stamp) {
-            self.stamp = stamp;
-            self.since = now;
+    /// Records a new observation: any change restarts the quiet period.
+    pub fn observe(&mut self, snapshot: Snapshot, now: Instant) -> Decision {
+        if snapshot != self.snapshot {
+            self.snapshot = snapshot;
+            self.stable_since = now;
             return Decision::Wait;
         }
-        if now.duration_since(self.since) >= settle {
+        if now.saturating_duration_since(self.stable_since) >= self.settle {
             Decision::Ready
         } else {
             Decision::Wait
@@ -160,198 +144,569 @@ impl Pending {
     }
 }
 
-/// Runs the settle stage until shutdown.
+/// True when `rel` is taken by the globs: some `include` matches and no `exclude` matches, each
+/// tried against the relative path and against the file name (`*` crosses `/`, so `*.tmp` also
+/// excludes `a/b/c.tmp`). Non-UTF-8 bytes are matched as U+FFFD.
+pub fn matches_filters(rel: &Path, include: &[glob::Pattern], exclude: &[glob::Pattern]) -> bool {
+    let options = glob::MatchOptions {
+        case_sensitive: true,
+        require_literal_separator: false,
+        require_literal_leading_dot: false,
+    };
+    let rel_str = rel.to_string_lossy();
+    let name = rel.file_name().map(|n| n.to_string_lossy());
+    let matches = |p: &glob::Pattern| {
+        p.matches_with(&rel_str, options)
+            || name.as_ref().is_some_and(|n| p.matches_with(n, options))
+    };
+    include.iter().any(matches) && !exclude.iter().any(matches)
+}
+
+/// The relative path of `path` when root `w` takes it: in scope (`watch::is_out_of_scope`), a
+/// name that is not ignored (`watch::is_ignored_name`), and passing the globs. Pure.
+pub fn admit(w: &WatchConfig, path: &Path) -> Option<PathBuf> {
+    if watch::is_out_of_scope(w, path) {
+        return None;
+    }
+    let rel = path.strip_prefix(&w.path).ok()?;
+    let name = rel.file_name()?;
+    if watch::is_ignored_name(name) {
+        return None;
+    }
+    matches_filters(rel, &w.include, &w.exclude).then(|| rel.to_path_buf())
+}
+
+/// The re-stat period for these roots.
+fn tick_period(watches: &[WatchConfig]) -> Duration {
+    watches
+        .iter()
+        .map(|w| w.settle / 4)
+        .min()
+        .unwrap_or(MAX_TICK)
+        .clamp(MIN_TICK, MAX_TICK)
+}
+
+/// Settles candidates until `shutdown` or until the watcher is gone.
 pub async fn run(
     watches: Arc<[WatchConfig]>,
     mut candidates_rx: mpsc::Receiver<Candidate>,
     settled_tx: mpsc::Sender<Settled>,
     shutdown: CancellationToken,
 ) {
-    let min_settle = watches
-        .iter()
-        .map(|w| w.settle)
-        .min()
-        .unwrap_or(Duration::from_secs(5));
-    let period = (min_settle / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
-    let mut tick = tokio::time::interval(period);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut pending: HashMap<PathBuf, Pending> = HashMap::new();
-    let mut warned: HashSet<PathBuf> = HashSet::new();
+    let mut tick = tokio::time::interval(tick_period(&watches));
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut settler = Settler::new(watches);
     loop {
         tokio::select! {
             biased;
             () = shutdown.cancelled() => break,
-            c = candidates_rx.recv() => match c {
-                Some(c) => consider(&watches, c, &mut pending, &mut warned),
+            // Before candidates: a steady flood of hints must not starve the re-stats.
+            _ = tick.tick() => {
+                if settler.step(&settled_tx, &shutdown).await.is_break() {
+                    break;
+                }
+            }
+            candidate = candidates_rx.recv() => match candidate {
+                Some(candidate) => settler.offer(candidate),
                 None => break,
             },
-            _ = tick.tick() => {
-                let ready = recheck(&watches, &mut pending);
-                for s in ready {
-                    tokio::select! {
-                        biased;
-                        () = shutdown.cancelled() => return,
-                        r = settled_tx.send(s) => if r.is_err() { return },
-                    }
-                }
-            }
         }
     }
 }
 
-fn consider(
-    watches: &[WatchConfig],
-    c: Candidate,
-    pending: &mut HashMap<PathBuf, Pending>,
-    warned: &mut HashSet<PathBuf>,
-) {
-    if pending.contains_key(&c.path) {
-        return; // The tick looks at it again anyway.
-    }
-    let Some(w) = watches.get(c.root) else { return };
-    let Some(rel) = accept(w, &c.path) else {
-        return;
-    };
-    match fsops::lstamp(&c.path) {
-        Ok(stamp) => {
-            pending.insert(c.path, Pending::new(c.root, rel, stamp, Instant::now()));
-        }
-        Err(
-            FsError::NotRegular {
-                kind: "directory", ..
-            }
-            | FsError::Vanished { .. },
-        ) => {}
-        Err(e) => {
-            if warned.len() >= WARNED_MAX {
-                warned.clear();
-            }
-            if warned.insert(c.path.clone()) {
-                tracing::warn!(path = %c.path.display(), error = %e, "skipped");
-            }
-        }
-    }
+/// A file stat result, for one tick.
+type Observation = (PathBuf, io::Result<std::fs::Metadata>);
+
+/// The state of settle.
+struct Settler {
+    watches: Arc<[WatchConfig]>,
+    /// Files seen at least once, waiting for quiet.
+    pending: HashMap<PathBuf, Pending>,
+    /// Admitted candidates not yet stat'ed (root, relative path).
+    fresh: HashMap<PathBuf, (usize, PathBuf)>,
+    /// Files handed to claim, with the snapshot they had, until the root's reconcile interval
+    /// passes: listings would otherwise settle a file again while it waits in claim's queue.
+    sent: HashMap<PathBuf, (Snapshot, Instant)>,
+    /// Paths already warned about.
+    warned: HashSet<PathBuf>,
 }
 
-/// Re-stats every pending file; returns those that are ready (and forgets them).
-fn recheck(watches: &[WatchConfig], pending: &mut HashMap<PathBuf, Pending>) -> Vec<Settled> {
-    let now = Instant::now();
-    let mut ready = Vec::new();
-    pending.retain(|path, p| {
-        let settle = watches
-            .get(p.root)
-            .map_or(Duration::from_secs(5), |w| w.settle);
-        match fsops::lstamp(path) {
-            Ok(stamp) => match p.observe(stamp, now, settle) {
-                Decision::Wait => true,
-                Decision::Ready => {
-                    ready.push(Settled {
-                        root: p.root,
-                        path: path.clone(),
-                        rel_path: p.rel.clone(),
-                        size: stamp.size,
-                        mtime_ns: stamp.mtime_ns,
-                        ctime_ns: stamp.ctime_ns,
-                        dev: stamp.dev,
-                        ino: stamp.ino,
-                    });
-                    false
+impl Settler {
+    fn new(watches: Arc<[WatchConfig]>) -> Self {
+        Settler {
+            watches,
+            pending: HashMap::new(),
+            fresh: HashMap::new(),
+            sent: HashMap::new(),
+            warned: HashSet::new(),
+        }
+    }
+
+    /// Takes a hint in; it is stat'ed on the next tick.
+    fn offer(&mut self, candidate: Candidate) {
+        if self.pending.contains_key(&candidate.path) || self.fresh.contains_key(&candidate.path) {
+            return;
+        }
+        let Some(w) = self.watches.get(candidate.root) else {
+            return;
+        };
+        if let Some(rel) = admit(w, &candidate.path) {
+            self.fresh.insert(candidate.path, (candidate.root, rel));
+        }
+    }
+
+    /// Re-stats every pending and fresh path, then sends the ones that are ready.
+    async fn step(
+        &mut self,
+        settled_tx: &mpsc::Sender<Settled>,
+        shutdown: &CancellationToken,
+    ) -> std::ops::ControlFlow<()> {
+        use std::ops::ControlFlow::{Break, Continue};
+        self.forget_old_sends();
+        if self.pending.is_empty() && self.fresh.is_empty() {
+            return Continue(());
+        }
+        let paths: Vec<PathBuf> = self
+            .pending
+            .keys()
+            .chain(self.fresh.keys())
+            .cloned()
+            .collect();
+        let stat = tokio::task::spawn_blocking(move || {
+            paths
+                .into_iter()
+                .map(|p| {
+                    let meta = std::fs::symlink_metadata(&p);
+                    (p, meta)
+                })
+                .collect::<Vec<Observation>>()
+        });
+        let observations = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => return Break(()),
+            joined = stat => match joined {
+                Ok(observations) => observations,
+                Err(e) => {
+                    warn!(error = %e, "stat task failed");
+                    return Continue(());
                 }
             },
-            // Gone, or replaced by something that is not a regular file.
-            Err(_) => false,
+        };
+        let now = Instant::now();
+        let mut ready = Vec::new();
+        for (path, meta) in observations {
+            if let Some(settled) = self.observe(path, meta, now) {
+                ready.push(settled);
+            }
         }
-    });
-    ready
+        for settled in ready {
+            let sent = self.watches.get(settled.root).map(|w| {
+                (
+                    settled.path.clone(),
+                    Snapshot {
+                        size: settled.size,
+                        mtime_ns: settled.mtime_ns,
+                        ctime_ns: settled.ctime_ns,
+                        dev: settled.dev,
+                        ino: settled.ino,
+                    },
+                    now + w.reconcile_interval.max(w.settle),
+                )
+            });
+            debug!(path = %settled.path.display(), size = settled.size, "settled");
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => return Break(()),
+                res = settled_tx.send(settled) => if res.is_err() {
+                    return Break(());
+                },
+            }
+            if let Some((path, snapshot, until)) = sent {
+                self.sent.insert(path, (snapshot, until));
+            }
+        }
+        Continue(())
+    }
+
+    /// Applies one stat result; returns the file when it is ready to go.
+    fn observe(
+        &mut self,
+        path: PathBuf,
+        meta: io::Result<std::fs::Metadata>,
+        now: Instant,
+    ) -> Option<Settled> {
+        let meta = match meta {
+            Ok(meta) => meta,
+            Err(e) => {
+                self.forget(&path);
+                if e.kind() != io::ErrorKind::NotFound && self.first_warning(&path) {
+                    warn!(path = %path.display(), error = %e, "cannot stat file; skipping it until it is seen again");
+                }
+                return None;
+            }
+        };
+        let file_type = meta.file_type();
+        if !file_type.is_file() {
+            self.forget(&path);
+            if !file_type.is_dir() && self.first_warning(&path) {
+                warn!(
+                    path = %path.display(),
+                    kind = kind_name(&file_type),
+                    "not a regular file; skipped and never opened"
+                );
+            }
+            return None;
+        }
+        let snapshot = Snapshot::from_metadata(&meta);
+        if let Some((root, rel_path)) = self.fresh.remove(&path) {
+            if self.sent.get(&path).is_some_and(|(s, _)| *s == snapshot) {
+                // Already handed to claim, unchanged since: a listing saw it again.
+                return None;
+            }
+            let settle = self.watches.get(root).map_or(Duration::ZERO, |w| w.settle);
+            self.pending
+                .insert(path, Pending::new(root, rel_path, snapshot, now, settle));
+            return None;
+        }
+        let pending = self.pending.get_mut(&path)?;
+        if pending.observe(snapshot, now) == Decision::Wait {
+            return None;
+        }
+        let pending = self.pending.remove(&path)?;
+        Some(Settled {
+            root: pending.root,
+            path,
+            rel_path: pending.rel_path,
+            size: snapshot.size,
+            mtime_ns: snapshot.mtime_ns,
+            ctime_ns: snapshot.ctime_ns,
+            dev: snapshot.dev,
+            ino: snapshot.ino,
+        })
+    }
+
+    fn forget(&mut self, path: &Path) {
+        self.pending.remove(path);
+        self.fresh.remove(path);
+    }
+
+    fn forget_old_sends(&mut self) {
+        if self.sent.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        self.sent.retain(|_, (_, until)| *until > now);
+    }
+
+    /// True the first time `path` is warned about.
+    fn first_warning(&mut self, path: &Path) -> bool {
+        if self.warned.contains(path) {
+            return false;
+        }
+        if self.warned.len() >= MAX_WARNED_PATHS {
+            self.warned.clear();
+        }
+        self.warned.insert(path.to_path_buf());
+        true
+    }
+}
+
+fn kind_name(t: &std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_symlink() {
+        "symlink"
+    } else if t.is_fifo() {
+        "fifo"
+    } else if t.is_socket() {
+        "socket"
+    } else if t.is_block_device() {
+        "block device"
+    } else if t.is_char_device() {
+        "character device"
+    } else {
+        "other"
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::WatchMode;
 
-    fn stamp(size: u64, mtime: i128, ctime: i128) -> FileStamp {
-        FileStamp {
-            dev: 1,
-            ino: 2,
+    const SETTLE: Duration = Duration::from_millis(400);
+
+    fn snap(size: u64, mtime_ns: i128, ctime_ns: i128) -> Snapshot {
+        Snapshot {
             size,
-            mtime_ns: mtime,
-            ctime_ns: ctime,
-            nlink: 1,
+            mtime_ns,
+            ctime_ns,
+            dev: 1,
+            ino: 7,
+        }
+    }
+
+    fn globs(list: &[&str]) -> Vec<glob::Pattern> {
+        list.iter()
+            .map(|g| glob::Pattern::new(g).unwrap())
+            .collect()
+    }
+
+    fn config() -> WatchConfig {
+        WatchConfig {
+            path: PathBuf::from("/in"),
+            recursive: true,
+            settle: SETTLE,
+            mode: WatchMode::Auto,
+            include: globs(&["*"]),
+            exclude: globs(&["*.log", "skip/*"]),
+            clean_dir: PathBuf::from("/in/clean"),
+            quarantine_dir: PathBuf::from("/in/q"),
+            failed_dir: PathBuf::from("/failed"),
+            staging_dir: PathBuf::from("/in/.dropscan/default"),
+            reconcile_interval: Duration::from_secs(60),
+            poll_interval: Duration::from_secs(2),
         }
     }
 
     #[test]
-    fn temporary_names_are_ignored() {
-        for n in [
-            "a.part",
-            "a.PARTIAL",
-            "x.crdownload",
-            "y.filepart",
-            "z.tmp",
-            "~$doc.docx",
-            ".~lock.a.odt#",
-            ".syncthing.a.tmp",
-            "~syncthing~a.tmp",
-            ".hidden",
-        ] {
-            assert!(is_ignored_name(OsStr::new(n)), "{n}");
-        }
-        for n in ["report.pdf", "partial", "tmp.txt", "a.part.txt"] {
-            assert!(!is_ignored_name(OsStr::new(n)), "{n}");
-        }
+    fn unchanged_for_settle_is_ready() {
+        let t0 = Instant::now();
+        let mut p = Pending::new(0, "a".into(), snap(10, 1, 1), t0, SETTLE);
+        assert_eq!(p.observe(snap(10, 1, 1), t0 + SETTLE / 2), Decision::Wait);
+        assert_eq!(p.observe(snap(10, 1, 1), t0 + SETTLE), Decision::Ready);
     }
 
     #[test]
-    fn globs_match_path_or_name() {
-        let p = |s: &str| glob::Pattern::new(s).unwrap();
-        let all = [p("*")];
-        assert!(matches_filters(Path::new("a/b/c.pdf"), &all, &[]));
+    fn growth_resets_the_quiet_period() {
+        let t0 = Instant::now();
+        let mut p = Pending::new(0, "a".into(), snap(10, 1, 1), t0, SETTLE);
+        assert_eq!(p.observe(snap(20, 2, 2), t0 + SETTLE), Decision::Wait);
+        assert_eq!(
+            p.observe(snap(20, 2, 2), t0 + SETTLE * 3 / 2),
+            Decision::Wait
+        );
+        assert_eq!(p.observe(snap(20, 2, 2), t0 + SETTLE * 2), Decision::Ready);
+    }
+
+    #[test]
+    fn ctime_change_with_old_mtime_restored_is_not_ready() {
+        // `cp -p`: data written, then the old mtime put back. Only ctime tells.
+        let t0 = Instant::now();
+        let mut p = Pending::new(0, "a".into(), snap(10, 5, 100), t0, SETTLE);
+        assert_eq!(p.observe(snap(10, 5, 200), t0 + SETTLE), Decision::Wait);
+        assert_eq!(
+            p.observe(snap(10, 5, 200), t0 + SETTLE + SETTLE / 2),
+            Decision::Wait
+        );
+        assert_eq!(
+            p.observe(snap(10, 5, 200), t0 + SETTLE * 2),
+            Decision::Ready
+        );
+    }
+
+    #[test]
+    fn same_size_rewrite_or_replacement_is_a_change() {
+        let t0 = Instant::now();
+        let mut p = Pending::new(0, "a".into(), snap(10, 5, 5), t0, SETTLE);
+        // Replaced by another file of the same size and times (new inode).
+        let mut other = snap(10, 5, 5);
+        other.ino = 8;
+        assert_eq!(p.observe(other, t0 + SETTLE), Decision::Wait);
+        let mut moved = other;
+        moved.dev = 2;
+        assert_eq!(p.observe(moved, t0 + SETTLE * 2), Decision::Wait);
+        assert_eq!(p.observe(moved, t0 + SETTLE * 3), Decision::Ready);
+    }
+
+    #[test]
+    fn zero_length_files_settle() {
+        let t0 = Instant::now();
+        let mut p = Pending::new(0, "empty".into(), snap(0, 1, 1), t0, SETTLE);
+        assert_eq!(p.observe(snap(0, 1, 1), t0 + SETTLE), Decision::Ready);
+    }
+
+    #[test]
+    fn filters_match_path_and_name() {
+        let include = globs(&["*"]);
+        let exclude = globs(&["*.tmp", "*.log", "skip/*"]);
+        assert!(matches_filters(Path::new("a.bin"), &include, &exclude));
+        assert!(matches_filters(Path::new("a/b/c.bin"), &include, &exclude));
+        assert!(!matches_filters(Path::new("a/b/c.tmp"), &include, &exclude));
+        assert!(!matches_filters(Path::new("x.log"), &include, &exclude));
         assert!(!matches_filters(
-            Path::new("a/b/c.log"),
-            &all,
-            &[p("*.log")]
+            Path::new("skip/q.bin"),
+            &include,
+            &exclude
         ));
-        assert!(!matches_filters(Path::new("a/b/c.log"), &all, &[p("a/*")]));
-        assert!(matches_filters(Path::new("x/c.pdf"), &[p("*.pdf")], &[]));
-        assert!(!matches_filters(Path::new("x/c.doc"), &[p("*.pdf")], &[]));
+        assert!(!matches_filters(
+            Path::new("skip/deeper/q.bin"),
+            &include,
+            &exclude
+        ));
+        assert!(matches_filters(
+            Path::new("noskip/q.bin"),
+            &include,
+            &exclude
+        ));
+
+        let only_pdf = globs(&["*.pdf"]);
+        assert!(matches_filters(
+            Path::new("Übergabe/年報.pdf"),
+            &only_pdf,
+            &[]
+        ));
+        assert!(!matches_filters(
+            Path::new("Übergabe/年報.doc"),
+            &only_pdf,
+            &[]
+        ));
+        // By file name: `report*` takes a report anywhere.
+        assert!(matches_filters(
+            Path::new("x/y/report-1.pdf"),
+            &globs(&["report*"]),
+            &[]
+        ));
+        assert!(!matches_filters(Path::new("a.bin"), &[], &[]));
     }
 
     #[test]
-    fn quiet_size_mtime_and_ctime_make_ready() {
-        let settle = Duration::from_millis(500);
-        let t0 = Instant::now();
-        let mut p = Pending::new(0, "f".into(), stamp(10, 1, 1), t0);
-        assert_eq!(
-            p.observe(stamp(10, 1, 1), t0 + Duration::from_millis(400), settle),
-            Decision::Wait
-        );
-        assert_eq!(
-            p.observe(stamp(10, 1, 1), t0 + Duration::from_millis(500), settle),
-            Decision::Ready
-        );
+    fn filters_non_utf8() {
+        use std::os::unix::ffi::OsStrExt;
+        let rel = Path::new(std::ffi::OsStr::from_bytes(b"d\xff/\xfe.bin"));
+        assert!(matches_filters(rel, &globs(&["*"]), &[]));
+        assert!(matches_filters(rel, &globs(&["*.bin"]), &[]));
+        assert!(!matches_filters(rel, &globs(&["*"]), &globs(&["*.bin"])));
     }
 
     #[test]
-    fn ctime_change_with_restored_mtime_restarts_the_wait() {
-        let settle = Duration::from_millis(500);
+    fn admit_applies_every_filter() {
+        let w = config();
+        assert_eq!(
+            admit(&w, Path::new("/in/a.bin")),
+            Some(PathBuf::from("a.bin"))
+        );
+        assert_eq!(
+            admit(&w, Path::new("/in/Übergabe/年報.pdf")),
+            Some(PathBuf::from("Übergabe/年報.pdf"))
+        );
+        for refused in [
+            "/in/a.part",
+            "/in/sub/b.crdownload",
+            "/in/.hidden",
+            "/in/~$doc.docx",
+            "/in/.~lock.a.odt#",
+            "/in/x.log",
+            "/in/skip/q.bin",
+            "/in/clean/a.bin",
+            "/in/q/a.bin",
+            "/in/.dropscan/default/a.bin",
+            "/in/.git/config",
+            "/other/a.bin",
+            "/in",
+        ] {
+            assert_eq!(admit(&w, Path::new(refused)), None, "{refused}");
+        }
+        let mut flat = config();
+        flat.recursive = false;
+        assert_eq!(admit(&flat, Path::new("/in/sub/a.bin")), None);
+    }
+
+    #[test]
+    fn tick_is_a_quarter_of_the_shortest_settle_bounded() {
+        let mut a = config();
+        a.settle = Duration::from_secs(5);
+        let mut b = config();
+        b.settle = Duration::from_millis(400);
+        assert_eq!(
+            tick_period(&[a.clone(), b.clone()]),
+            Duration::from_millis(100)
+        );
+        assert_eq!(tick_period(&[a.clone()]), MAX_TICK);
+        b.settle = Duration::ZERO;
+        assert_eq!(tick_period(&[a, b]), MIN_TICK);
+        assert_eq!(tick_period(&[]), MAX_TICK);
+    }
+
+    #[test]
+    fn settler_skips_fifos_and_warns_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut w = config();
+        w.path = tmp.path().to_path_buf();
+        let fifo = tmp.path().join("pipe");
+        let status = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let mut s = Settler::new(Arc::from(vec![w]));
+        let now = Instant::now();
+        for _ in 0..3 {
+            s.offer(Candidate {
+                root: 0,
+                path: fifo.clone(),
+            });
+            assert!(s.fresh.contains_key(&fifo));
+            let meta = std::fs::symlink_metadata(&fifo);
+            assert!(s.observe(fifo.clone(), meta, now).is_none());
+            assert!(s.fresh.is_empty() && s.pending.is_empty());
+        }
+        assert_eq!(s.warned.len(), 1);
+    }
+
+    #[test]
+    fn settler_does_not_resend_an_unchanged_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut w = config();
+        w.path = tmp.path().to_path_buf();
+        let file = tmp.path().join("a.bin");
+        std::fs::write(&file, b"abc").unwrap();
+        let mut s = Settler::new(Arc::from(vec![w]));
         let t0 = Instant::now();
-        let mut p = Pending::new(0, "f".into(), stamp(10, 1, 1), t0);
-        // Size grew but mtime was put back (cp -p): ctime moved.
-        let t1 = t0 + Duration::from_millis(450);
-        assert_eq!(p.observe(stamp(20, 1, 2), t1, settle), Decision::Wait);
-        assert_eq!(
-            p.observe(stamp(20, 1, 2), t1 + Duration::from_millis(400), settle),
-            Decision::Wait
+        let offer = |s: &mut Settler| {
+            s.offer(Candidate {
+                root: 0,
+                path: file.clone(),
+            });
+        };
+        offer(&mut s);
+        assert!(
+            s.observe(file.clone(), std::fs::symlink_metadata(&file), t0)
+                .is_none()
         );
+        let settled = s
+            .observe(file.clone(), std::fs::symlink_metadata(&file), t0 + SETTLE)
+            .unwrap();
         assert_eq!(
-            p.observe(stamp(20, 1, 2), t1 + Duration::from_millis(500), settle),
-            Decision::Ready
+            (settled.size, settled.rel_path.as_path()),
+            (3, Path::new("a.bin"))
         );
-        // Even a pure ctime change (chmod, or a write with the same size) restarts it.
-        let mut q = Pending::new(0, "g".into(), stamp(5, 1, 1), t0);
-        assert_eq!(
-            q.observe(stamp(5, 1, 9), t0 + settle, settle),
-            Decision::Wait
+        let snapshot = Snapshot::from_metadata(&std::fs::symlink_metadata(&file).unwrap());
+        s.sent
+            .insert(file.clone(), (snapshot, t0 + Duration::from_secs(60)));
+
+        // Listed again while it waits for claim: not pending again.
+        offer(&mut s);
+        assert!(
+            s.observe(
+                file.clone(),
+                std::fs::symlink_metadata(&file),
+                t0 + SETTLE * 2
+            )
+            .is_none()
         );
+        assert!(s.pending.is_empty());
+
+        // Rewritten: a new file as far as settle is concerned.
+        std::fs::write(&file, b"abcd").unwrap();
+        offer(&mut s);
+        assert!(
+            s.observe(
+                file.clone(),
+                std::fs::symlink_metadata(&file),
+                t0 + SETTLE * 3
+            )
+            .is_none()
+        );
+        assert!(s.pending.contains_key(&file));
     }
 }

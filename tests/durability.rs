@@ -178,7 +178,10 @@ async fn unwritable_destination_keeps_the_file_in_staging_and_retries() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(w.staged_files(), 1, "file kept in staging");
     // Only the blocker is in clean.
-    assert_eq!(w.outcomes().keys().collect::<Vec<_>>(), vec![&PathBuf::from("sub")]);
+    assert_eq!(
+        w.outcomes().keys().collect::<Vec<_>>(),
+        vec![&PathBuf::from("sub")]
+    );
     // The admin fixes the destination: the retry places it.
     std::fs::remove_file(w.clean.join("sub")).unwrap();
     let o = w.wait_placed(1, Duration::from_secs(60)).await;

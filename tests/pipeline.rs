@@ -90,7 +90,10 @@ async fn backlog_and_live_drops_sorted_by_verdict_with_content_intact() {
     let emu = w.emulator().state();
     let s = emu.stats();
     assert!(s.submits_accepted >= 9, "{s:?}");
-    assert_eq!(s.deletes, s.submits_accepted, "every scan's result deleted: {s:?}");
+    assert_eq!(
+        s.deletes, s.submits_accepted,
+        "every scan's result deleted: {s:?}"
+    );
     for scan_id in s.submissions_per_scan_id.keys() {
         assert!(emu.scan(scan_id).unwrap().deleted, "{scan_id} not deleted");
     }

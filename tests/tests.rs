@@ -10,3 +10,4 @@ mod emulator_server;
 mod kata_client;
 mod kata_parse;
 mod pipeline;
+mod watch_settle;
