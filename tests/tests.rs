@@ -8,6 +8,7 @@ mod cli;
 mod durability;
 mod emulator_server;
 mod kata_client;
+mod kata_emulator;
 mod kata_parse;
 mod pipeline;
 mod watch_settle;
