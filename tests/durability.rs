@@ -253,3 +253,82 @@ async fn sigterm_during_uploads_exits_zero_quickly_and_resumes() {
         "{stats:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthorized_pauses_submissions_until_the_integration_is_accepted() {
+    let w = World::quick().await;
+    w.emulator().state().set_auto_accept(false);
+    let agent = w.start_agent();
+    w.drop_file("waiting.txt", b"waits for the administrator");
+    // The integration request is pending: 401, the file waits in staging.
+    let pending = wait_for(Duration::from_secs(20), || {
+        let auths = w.emulator().state().authorizations();
+        (!auths.is_empty() && w.staged_files() == 1).then_some(auths)
+    })
+    .await
+    .expect("integration request seen and file staged");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        w.outcomes().is_empty(),
+        "nothing decided while unauthorized"
+    );
+    assert_eq!(w.emulator().state().stats().submits_accepted, 0);
+    // The administrator accepts it in the web UI.
+    let (sensor, fp, _) = pending[0].clone();
+    w.emulator().state().set_authorization(
+        &sensor,
+        fp,
+        dropscan::emulator::Authorization::Accepted,
+    );
+    let o = w.wait_placed(1, Duration::from_secs(90)).await;
+    assert_eq!(o[&PathBuf::from("waiting.txt")], Outcome::Clean);
+    agent.stop().await.0.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_health_endpoints_answer() {
+    use std::io::{Read, Write};
+    let mut w = World::quick().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    w.server_extra = String::new();
+    w.more_watches = format!("\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n");
+    let agent = w.start_agent();
+    w.drop_file("m.txt", b"counted");
+    w.drop_file("m.com", EICAR);
+    w.wait_placed(2, Duration::from_secs(30)).await;
+    let get = move |path: &str| {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    let body =
+        tokio::task::spawn_blocking(move || (get("/metrics"), get("/healthz"), get("/readyz")))
+            .await
+            .unwrap();
+    assert!(
+        body.0
+            .contains("dropscan_files_placed_total{outcome=\"clean\"} 1"),
+        "{}",
+        body.0
+    );
+    assert!(
+        body.0
+            .contains("dropscan_files_placed_total{outcome=\"quarantine\"} 1"),
+        "{}",
+        body.0
+    );
+    assert!(body.0.contains("dropscan_server_up 1"), "{}", body.0);
+    assert!(body.1.starts_with("HTTP/1.1 200"), "{}", body.1);
+    assert!(body.2.starts_with("HTTP/1.1 200"), "{}", body.2);
+    agent.stop().await.0.unwrap();
+}

@@ -111,10 +111,17 @@ async fn every_endpoint_in_both_shapes() {
                 .find(|r| r.scan_id == id.as_str())
                 .map(|r| r.state.clone())
         };
-        assert_eq!(state_of(&clean_id), Some(ScanState::NotDetected), "{shape:?}");
+        assert_eq!(
+            state_of(&clean_id),
+            Some(ScanState::NotDetected),
+            "{shape:?}"
+        );
         assert_eq!(state_of(&bad_id), Some(ScanState::Detect), "{shape:?}");
         // delete one: 200 then 404 (already gone)
-        assert!(matches!(c.delete(&clean_id).await.unwrap(), DeleteOutcome::Deleted));
+        assert!(matches!(
+            c.delete(&clean_id).await.unwrap(),
+            DeleteOutcome::Deleted
+        ));
         assert!(matches!(
             c.delete(&clean_id).await.unwrap(),
             DeleteOutcome::AlreadyGone
@@ -124,7 +131,10 @@ async fn every_endpoint_in_both_shapes() {
         assert!(c.results(&[]).await.unwrap().is_empty());
         let s = emu.state().stats();
         assert_eq!(s.delete_all, 1);
-        assert_eq!(s.chunked_uploads, 0, "uploads carry an exact Content-Length");
+        assert_eq!(
+            s.chunked_uploads, 0,
+            "uploads carry an exact Content-Length"
+        );
     }
 }
 
@@ -153,7 +163,10 @@ async fn status_codes_413_429_500_and_401() {
         ..Faults::default()
     });
     let e = c.restrictions().await.unwrap_err();
-    assert!(matches!(e, ApiError::Server { status: 500 }) && e.is_retryable(), "{e:?}");
+    assert!(
+        matches!(e, ApiError::Server { status: 500 }) && e.is_retryable(),
+        "{e:?}"
+    );
     let e = c.results(&ScanState::FINAL).await.unwrap_err();
     assert!(matches!(e, ApiError::Server { .. }), "{e:?}");
     emu.state().set_faults(Faults::default());
@@ -226,5 +239,8 @@ async fn tls_refusals_untrusted_server_pin_mismatch_foreign_client() {
     let e = c.restrictions().await.unwrap_err();
     assert!(matches!(e, ApiError::ClientCertRefused { .. }), "{e:?}");
     let (_, r) = submit(&c, &vec![1u8; 2 << 20]).await;
-    assert!(matches!(r, Err(ApiError::ClientCertRefused { .. })), "{r:?}");
+    assert!(
+        matches!(r, Err(ApiError::ClientCertRefused { .. })),
+        "{r:?}"
+    );
 }
