@@ -402,6 +402,7 @@ async fn reconcile(shared: &Shared) -> Result<Resume, FatalError> {
                 root,
                 rel_path: Path::new("recovered").join(name),
                 staged: p,
+                dropped_at_ms: None,
             });
         }
         let staged: Vec<PathBuf> = claims.iter().map(|c| c.staged.clone()).collect();

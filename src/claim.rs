@@ -259,6 +259,7 @@ async fn claim_batch(shared: &Shared, batch: &[Settled]) -> Vec<(FileId, PathBuf
             root: w.path.clone(),
             rel_path: s.rel_path.clone(),
             staged: staged_name(&w.staging_dir),
+            dropped_at_ms: i64::try_from(s.ctime_ns / 1_000_000).ok(),
         });
         sources.push(s);
     }

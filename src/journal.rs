@@ -242,6 +242,8 @@ pub struct FileRecord {
     pub claimed_at_ms: i64,
     /// When it was last changed (ms).
     pub updated_at_ms: i64,
+    /// When the drop was complete: the file's last change in the inbox (ms), if known.
+    pub dropped_at_ms: Option<i64>,
 }
 
 /// What a new claim records.
@@ -253,6 +255,8 @@ pub struct NewClaim {
     pub rel_path: PathBuf,
     /// Destination in staging.
     pub staged: PathBuf,
+    /// The file's last change in the inbox (ms), if known.
+    pub dropped_at_ms: Option<i64>,
 }
 
 /// A decision to journal.
@@ -350,6 +354,7 @@ CREATE TABLE IF NOT EXISTS files (
     reason          TEXT,
     reused          INTEGER NOT NULL DEFAULT 0,
     dest            BLOB,
+    dropped_at      INTEGER,
     claimed_at      INTEGER NOT NULL,
     updated_at      INTEGER NOT NULL
 );
@@ -371,7 +376,7 @@ const SCHEMA_VERSION: &str = "1";
 
 const COLUMNS: &str = "id, root, rel_path, staged, state, size, mtime_ns, ctime_ns, dev, ino, \
     sha256, scan_id, scan_ids, attempts, submitted_at, outcome, verdict, verdict_sha256, reason, \
-    reused, dest, claimed_at, updated_at";
+    reused, dest, claimed_at, updated_at, dropped_at";
 
 fn path_blob(p: &Path) -> Vec<u8> {
     use std::os::unix::ffi::OsStrExt;
@@ -427,6 +432,7 @@ fn row_to_record(r: &Row<'_>) -> rusqlite::Result<FileRecord> {
         dest: r.get::<_, Option<Vec<u8>>>(20)?.map(blob_path),
         claimed_at_ms: r.get(21)?,
         updated_at_ms: r.get(22)?,
+        dropped_at_ms: r.get(23)?,
     })
 }
 
@@ -802,13 +808,14 @@ impl Journal {
             let mut ids = Vec::with_capacity(claims.len());
             for c in &claims {
                 conn.execute(
-                    "INSERT INTO files (root, rel_path, staged, state, claimed_at, updated_at) \
-                     VALUES (?1, ?2, ?3, 'claimed', ?4, ?4)",
+                    "INSERT INTO files (root, rel_path, staged, state, claimed_at, updated_at, \
+                     dropped_at) VALUES (?1, ?2, ?3, 'claimed', ?4, ?4, ?5)",
                     params![
                         path_blob(&c.root),
                         path_blob(&c.rel_path),
                         path_blob(&c.staged),
-                        now
+                        now,
+                        c.dropped_at_ms
                     ],
                 )
                 .map_err(JournalError::sql("claim"))?;
@@ -1198,6 +1205,7 @@ mod tests {
             root: "/in".into(),
             rel_path: name.into(),
             staged: format!("/in/.dropscan/{name}").into(),
+            dropped_at_ms: None,
         }])
         .await
         .unwrap()[0]

@@ -58,6 +58,7 @@ struct Sidecar<'a> {
     reason: Option<&'a str>,
     scan_ids: &'a [String],
     verdict_reused: bool,
+    dropped_at: Option<String>,
     claimed_at: String,
     placed_at: String,
 }
@@ -321,6 +322,7 @@ impl Sorter<'_> {
                 reason: reason.as_deref(),
                 scan_ids: &rec.scan_ids,
                 verdict_reused: rec.reused,
+                dropped_at: rec.dropped_at_ms.map(rfc3339),
                 claimed_at: rfc3339(rec.claimed_at_ms),
                 placed_at: rfc3339(now_ms()),
             };
@@ -339,7 +341,9 @@ impl Sorter<'_> {
         if let Err(e) = self.shared.journal.placed(rec.id).await {
             return Step::Retry(format!("journal write failed: {e}"));
         }
-        let latency = u64::try_from(now_ms().saturating_sub(rec.claimed_at_ms)).unwrap_or(0);
+        // From the moment the drop was complete (its last change in the inbox) to placement.
+        let since = rec.dropped_at_ms.unwrap_or(rec.claimed_at_ms).min(rec.claimed_at_ms);
+        let latency = u64::try_from(now_ms().saturating_sub(since)).unwrap_or(0);
         self.shared.metrics.placed(outcome, latency);
         tracing::info!(
             path = %rec.rel_path.display(),
