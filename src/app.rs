@@ -268,6 +268,16 @@ fn prepare_folders(config: &Config) -> Result<(), FatalError> {
                 source: std::io::Error::other(e.to_string()),
             })?;
         }
+        if let Ok(m) = std::fs::metadata(&w.quarantine_dir) {
+            use std::os::unix::fs::PermissionsExt;
+            if m.permissions().mode() & 0o077 != 0 {
+                tracing::warn!(
+                    path = %w.quarantine_dir.display(),
+                    mode = format!("{:o}", m.permissions().mode() & 0o777),
+                    "the quarantine folder is readable by others than its owner; consider chmod 0700"
+                );
+            }
+        }
         let staging_dev = std::fs::metadata(&w.staging_dir)
             .map(|m| m.dev())
             .map_err(|source| FatalError::Io {

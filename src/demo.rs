@@ -46,9 +46,8 @@ pub async fn run(
     .context("cannot start the built-in KATA emulator")?;
     let inbox = dir.join("inbox");
     let first_run = !inbox.exists();
-    for sub in ["inbox", "clean", "quarantine", "failed"] {
-        std::fs::create_dir_all(dir.join(sub))?;
-    }
+    // Only the inbox: the agent creates the destinations itself, quarantine owner-only.
+    std::fs::create_dir_all(&inbox)?;
     let config_path = dir.join("dropscan.toml");
     std::fs::write(
         &config_path,
