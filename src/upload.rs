@@ -347,6 +347,15 @@ impl Upload {
                 }
                 let pause = shared.limits.server_failed(&e);
                 tracing::debug!(id = item.id, error = %e, ?pause, "upload not accepted; will retry");
+                if matches!(e, ApiError::Transport { .. } | ApiError::Protocol { .. }) {
+                    // Ambiguous: the server may have accepted the scan before the connection
+                    // broke. Its result, if any, is deleted rather than left behind.
+                    shared
+                        .journal
+                        .stale_scan(scan_id.as_str().to_string())
+                        .await
+                        .ok();
+                }
                 if let Err(e) = shared.journal.not_submitted(item.id).await {
                     tracing::error!(id = item.id, error = %e, "journal write failed");
                 }

@@ -184,13 +184,16 @@ async fn oversize_goes_to_failed_without_upload() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn throttling_and_server_errors_slow_but_lose_nothing() {
+async fn throttling_server_errors_and_dropped_connections_slow_but_lose_nothing() {
     let w = World::new(EmulatorConfig {
         scan_delay: Duration::from_millis(50),
         max_scans: Some(3),
         faults: Faults {
-            http_429_share: 0.3,
-            http_500_share: 0.15,
+            http_429_share: 0.25,
+            http_500_share: 0.1,
+            drop_share: 0.03,
+            slow_share: 0.05,
+            slow_delay: Duration::from_millis(300),
             ..Faults::default()
         },
         ..EmulatorConfig::default()
