@@ -4,7 +4,9 @@
 //! - the emulator's raw capacity: small submissions per second through the real client (so the
 //!   agent figures below measure the agent, not the stand-in);
 //! - the agent end to end: N small files dropped at once → placed, files per second, and the
-//!   number of results requests it needed (one per tick for all scans in flight);
+//!   number of results requests it needed (one per tick for all scans in flight). The cap on
+//!   scans in flight is set high here: with a real server, throughput is bounded by
+//!   `max_in_flight / (poll_interval + scan time)`, which is the server's business, not ours;
 //! - memory: the peak resident set before and after one M MiB file goes through the pipeline
 //!   (streamed hashing and upload: the growth should not depend on M).
 //!
@@ -58,7 +60,7 @@ client_key = "{}"
 ca_cert = "{}"
 poll_interval = "200ms"
 request_timeout = "120s"
-max_in_flight = 64
+max_in_flight = 4096
 requests_per_second = 100000
 [state]
 dir = "state"

@@ -15,13 +15,14 @@
 //! A destination that is full or not writable keeps the file in staging and the move is retried
 //! with backoff; nothing is ever deleted to make room.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -35,6 +36,8 @@ use crate::upload::Resubmit;
 
 /// Capacity of the edge into the sorter (from claim, upload and poll). Full: the sender waits.
 pub const VERDICTS_CAPACITY: usize = 1024;
+/// Placements in progress at once.
+pub const SORT_CONCURRENCY: usize = 16;
 /// How often the journal is swept for decided records nobody holds, and failed moves retried.
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
 /// Longest wait before retrying a move into a full or unwritable destination.
@@ -88,6 +91,9 @@ enum Step {
 }
 
 /// Runs the sorter until shutdown. `resume` are records found decided/placing/placed at start-up.
+///
+/// Placements run concurrently (up to [`SORT_CONCURRENCY`]) so that their journal commits group
+/// together; one record is never worked on twice at the same time.
 pub async fn run(
     shared: Arc<Shared>,
     mut verdicts_rx: mpsc::Receiver<Verdict>,
@@ -96,52 +102,77 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let sorter = Sorter {
-        shared: &shared,
-        resubmit: &resubmit,
+        shared: Arc::clone(&shared),
+        resubmit,
     };
     // Records waiting for a retry: id → (when, attempts).
     let mut retry: HashMap<FileId, (Instant, u32)> = HashMap::new();
-    for id in resume {
-        sorter.handle(id, &mut retry).await;
-    }
+    let mut queue: VecDeque<FileId> = resume.into();
+    let mut busy: HashMap<tokio::task::Id, FileId> = HashMap::new();
+    let mut tasks: JoinSet<(FileId, Step)> = JoinSet::new();
     let mut sweep = tokio::time::interval(SWEEP_EVERY);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        while tasks.len() < SORT_CONCURRENCY {
+            let Some(id) = queue.pop_front() else { break };
+            if busy.values().any(|b| *b == id) {
+                continue;
+            }
+            let s = sorter.clone();
+            let handle = tasks.spawn(async move { (id, s.step(id).await) });
+            busy.insert(handle.id(), id);
+        }
         tokio::select! {
             biased;
             () = shutdown.cancelled() => break,
-            v = verdicts_rx.recv() => match v {
-                Some(v) => sorter.handle(v.id, &mut retry).await,
+            Some(done) = tasks.join_next_with_id(), if !tasks.is_empty() => match done {
+                Ok((task, (id, step))) => {
+                    busy.remove(&task);
+                    sorter.record(id, step, &mut retry).await;
+                }
+                Err(e) => {
+                    // A panic in one placement: the record stays as journaled; the sweep retries.
+                    busy.remove(&e.id());
+                    tracing::error!(error = %e, "placement task failed");
+                }
+            },
+            v = verdicts_rx.recv(), if queue.len() < SORT_CONCURRENCY => match v {
+                Some(v) => queue.push_back(v.id),
                 None => break,
             },
             _ = sweep.tick() => {
                 let now = Instant::now();
-                let due: Vec<FileId> = retry.iter().filter(|(_, (t, _))| *t <= now).map(|(id, _)| *id).collect();
-                for id in due {
-                    if shutdown.is_cancelled() { break; }
-                    sorter.handle(id, &mut retry).await;
-                }
+                queue.extend(retry.iter().filter(|(_, (t, _))| *t <= now).map(|(id, _)| *id));
                 // Safety net: decided records no message announced (e.g. a failed send).
                 if let Ok(recs) = shared.journal.in_states(&[FileState::Decided, FileState::Placed]).await {
                     for r in recs {
                         if !retry.contains_key(&r.id) && now_ms() - r.updated_at_ms > 10_000 {
-                            sorter.handle(r.id, &mut retry).await;
+                            queue.push_back(r.id);
                         }
                     }
                 }
             }
         }
     }
+    // Placements in progress are local moves and one DELETE: let them finish within the grace.
+    let grace = shared.config.state.shutdown_grace;
+    if tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} })
+        .await
+        .is_err()
+    {
+        tasks.abort_all();
+    }
 }
 
-struct Sorter<'a> {
-    shared: &'a Shared,
-    resubmit: &'a Resubmit,
+#[derive(Clone)]
+struct Sorter {
+    shared: Arc<Shared>,
+    resubmit: Resubmit,
 }
 
-impl Sorter<'_> {
-    async fn handle(&self, id: FileId, retry: &mut HashMap<FileId, (Instant, u32)>) {
-        match self.step(id).await {
+impl Sorter {
+    async fn record(&self, id: FileId, step: Step, retry: &mut HashMap<FileId, (Instant, u32)>) {
+        match step {
             Step::Done => {
                 retry.remove(&id);
             }
@@ -295,7 +326,7 @@ impl Sorter<'_> {
         if let Err(e) = self.shared.journal.rehash(rec.id).await {
             return Step::Retry(format!("journal write failed: {e}"));
         }
-        match claim::hash_record(self.shared, rec.id, rec.staged.clone()).await {
+        match claim::hash_record(&self.shared, rec.id, rec.staged.clone()).await {
             Hashed::Ready(c) => self.resubmit.push(c),
             Hashed::Decided(_) => {
                 // Decided again without a scan (reused verdict or failure): the sweep places it.
