@@ -15,7 +15,7 @@
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,6 +23,7 @@ use dropscan::app::Agent;
 use dropscan::config::Config;
 use dropscan::emulator::{
     CA_CERT_FILE, CLIENT_CERT_FILE, CLIENT_KEY_FILE, CertBundle, Emulator, EmulatorConfig,
+    EmulatorHandle,
 };
 use dropscan::kata::{ClientOptions, KataClient, ScanId, TlsOptions};
 use tokio_util::sync::CancellationToken;
@@ -85,7 +86,9 @@ fn count_files(dir: &Path) -> usize {
 }
 
 async fn emulator_capacity(certs: &CertBundle, n: u64) {
-    let emu = Emulator::start(EmulatorConfig::default(), certs).await.unwrap();
+    let emu = Emulator::start(EmulatorConfig::default(), certs)
+        .await
+        .unwrap();
     let tls = TlsOptions::from_pem(
         certs.client_cert_pem.as_bytes(),
         certs.client_key_pem.as_bytes(),
@@ -127,25 +130,34 @@ async fn emulator_capacity(certs: &CertBundle, n: u64) {
     emu.stop().await;
 }
 
-async fn agent_throughput(certs: &CertBundle, certs_dir: &Path, n: u64) {
-    let emu = Emulator::start(
-        EmulatorConfig {
-            scan_delay: Duration::from_millis(50),
-            ..EmulatorConfig::default()
-        },
-        certs,
-    )
-    .await
-    .unwrap();
+/// An emulator and a folder with an inbox and a config pointing at it.
+async fn world(
+    certs: &CertBundle,
+    certs_dir: &Path,
+    emu: EmulatorConfig,
+    settle: &str,
+) -> (EmulatorHandle, tempfile::TempDir, PathBuf, PathBuf) {
+    let emu = Emulator::start(emu, certs).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let inbox = dir.path().join("inbox");
     std::fs::create_dir_all(&inbox).unwrap();
     let cfg = dir.path().join("dropscan.toml");
-    std::fs::write(
-        &cfg,
-        config_text(&emu.local_addr().to_string(), certs_dir, "200ms"),
+    let text = config_text(&emu.local_addr().to_string(), certs_dir, settle);
+    std::fs::write(&cfg, text).unwrap();
+    (emu, dir, inbox, cfg)
+}
+
+async fn agent_throughput(certs: &CertBundle, certs_dir: &Path, n: u64) {
+    let (emu, dir, inbox, cfg) = world(
+        certs,
+        certs_dir,
+        EmulatorConfig {
+            scan_delay: Duration::from_millis(50),
+            ..EmulatorConfig::default()
+        },
+        "200ms",
     )
-    .unwrap();
+    .await;
     for i in 0..n {
         let mut f = std::fs::File::create(inbox.join(format!("f{i:06}.bin"))).unwrap();
         f.write_all(format!("file number {i} ").repeat(64).as_bytes())
@@ -176,24 +188,16 @@ async fn agent_throughput(certs: &CertBundle, certs_dir: &Path, n: u64) {
 }
 
 async fn big_file_memory(certs: &CertBundle, certs_dir: &Path, mib: u64) {
-    let emu = Emulator::start(
+    let (emu, dir, inbox, cfg) = world(
+        certs,
+        certs_dir,
         EmulatorConfig {
             max_object_size: 0,
             ..EmulatorConfig::default()
         },
-        certs,
+        "300ms",
     )
-    .await
-    .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let inbox = dir.path().join("inbox");
-    std::fs::create_dir_all(&inbox).unwrap();
-    let cfg = dir.path().join("dropscan.toml");
-    std::fs::write(
-        &cfg,
-        config_text(&emu.local_addr().to_string(), certs_dir, "300ms"),
-    )
-    .unwrap();
+    .await;
     let before = peak_rss_kib();
     let path = inbox.join("big.img");
     {

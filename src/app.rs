@@ -308,18 +308,7 @@ struct Resume {
 /// Reconciles the journal with the staging folders; see the module docs.
 async fn reconcile(shared: &Shared) -> Result<Resume, FatalError> {
     let journal = &shared.journal;
-    let records = journal
-        .in_states(&[
-            FileState::Claimed,
-            FileState::Hashed,
-            FileState::Waiting,
-            FileState::Submitting,
-            FileState::Submitted,
-            FileState::Decided,
-            FileState::Placing,
-            FileState::Placed,
-        ])
-        .await?;
+    let records = journal.in_states(&FileState::UNFINISHED).await?;
     let mut resume = Resume {
         claimed: Vec::new(),
         hashed: Vec::new(),

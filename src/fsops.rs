@@ -192,10 +192,14 @@ pub fn kind_of(ft: std::fs::FileType) -> &'static str {
         "fifo"
     } else if ft.is_socket() {
         "socket"
-    } else if ft.is_block_device() || ft.is_char_device() {
-        "device"
-    } else {
+    } else if ft.is_block_device() {
+        "block device"
+    } else if ft.is_char_device() {
+        "character device"
+    } else if ft.is_file() {
         "regular file"
+    } else {
+        "other"
     }
 }
 

@@ -133,6 +133,18 @@ impl FileState {
         FileState::Done,
     ];
 
+    /// Every state but `done`: the records work is still due on.
+    pub const UNFINISHED: [FileState; 8] = [
+        FileState::Claimed,
+        FileState::Hashed,
+        FileState::Waiting,
+        FileState::Submitting,
+        FileState::Submitted,
+        FileState::Decided,
+        FileState::Placing,
+        FileState::Placed,
+    ];
+
     /// The stored name.
     pub fn as_str(self) -> &'static str {
         match self {

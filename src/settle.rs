@@ -351,7 +351,7 @@ impl Settler {
             if !file_type.is_dir() && self.first_warning(&path) {
                 warn!(
                     path = %path.display(),
-                    kind = kind_name(&file_type),
+                    kind = crate::fsops::kind_of(file_type),
                     "not a regular file; skipped and never opened"
                 );
             }
@@ -408,23 +408,6 @@ impl Settler {
         }
         self.warned.insert(path.to_path_buf());
         true
-    }
-}
-
-fn kind_name(t: &std::fs::FileType) -> &'static str {
-    use std::os::unix::fs::FileTypeExt;
-    if t.is_symlink() {
-        "symlink"
-    } else if t.is_fifo() {
-        "fifo"
-    } else if t.is_socket() {
-        "socket"
-    } else if t.is_block_device() {
-        "block device"
-    } else if t.is_char_device() {
-        "character device"
-    } else {
-        "other"
     }
 }
 

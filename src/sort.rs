@@ -373,7 +373,10 @@ impl Sorter {
             return Step::Retry(format!("journal write failed: {e}"));
         }
         // From the moment the drop was complete (its last change in the inbox) to placement.
-        let since = rec.dropped_at_ms.unwrap_or(rec.claimed_at_ms).min(rec.claimed_at_ms);
+        let since = rec
+            .dropped_at_ms
+            .unwrap_or(rec.claimed_at_ms)
+            .min(rec.claimed_at_ms);
         let latency = u64::try_from(now_ms().saturating_sub(since)).unwrap_or(0);
         self.shared.metrics.placed(outcome, latency);
         tracing::info!(
