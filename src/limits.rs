@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
 use governor::{Quota, RateLimiter};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -55,6 +55,9 @@ struct Inner {
     max_in_flight: usize,
     max_object_size: AtomicU64,
     gate: Mutex<GateState>,
+    /// Woken when the server answers again, so that paused submissions resume at once rather
+    /// than at the end of their backoff.
+    recovered: Notify,
 }
 
 struct CapState {
@@ -127,6 +130,7 @@ impl Limits {
                     failures: 0,
                     paused_until: None,
                 }),
+                recovered: Notify::new(),
             }),
         }
     }
@@ -251,12 +255,17 @@ impl Limits {
     /// Waits until submissions may go on (no backoff pause in force) or shutdown.
     pub async fn gate(&self, shutdown: &CancellationToken) {
         loop {
+            // Registered before the state is read, so a recovery in between is not missed.
+            let recovered = self.inner.recovered.notified();
+            tokio::pin!(recovered);
+            recovered.as_mut().enable();
             let until = lock(&self.inner.gate).paused_until;
             match until {
                 Some(t) if t > Instant::now() => {
                     tokio::select! {
                         biased;
                         () = shutdown.cancelled() => return,
+                        () = recovered => {}
                         () = tokio::time::sleep_until(t) => {}
                     }
                 }
@@ -268,12 +277,17 @@ impl Limits {
     /// A request went through: the server is up. Logs the recovery once.
     pub fn server_ok(&self) {
         let mut g = lock(&self.inner.gate);
+        let was_paused = g.paused_until.is_some();
         if g.health != Health::Up {
             tracing::info!(after_failures = g.failures, "KATA answers again: resuming");
         }
         g.health = Health::Up;
         g.failures = 0;
         g.paused_until = None;
+        drop(g);
+        if was_paused {
+            self.inner.recovered.notify_waiters();
+        }
     }
 
     /// A request failed; pauses submissions accordingly. Returns the pause.

@@ -75,6 +75,7 @@ pub async fn run(
         shared: &shared,
         resubmit: &resubmit,
         verdicts_tx: &verdicts_tx,
+        down_since_ms: None,
     };
     loop {
         tokio::select! {
@@ -103,6 +104,8 @@ struct Poller<'a> {
     shared: &'a Shared,
     resubmit: &'a Resubmit,
     verdicts_tx: &'a mpsc::Sender<Verdict>,
+    /// Since when (ms) the results request has been failing, if it is.
+    down_since_ms: Option<i64>,
 }
 
 impl Poller<'_> {
@@ -112,17 +115,30 @@ impl Poller<'_> {
         unconfirmed: &mut HashMap<String, FileRecord>,
     ) {
         if !scans.is_empty() || !unconfirmed.is_empty() {
-            self.poll(scans, unconfirmed).await;
+            if self.poll(scans, unconfirmed).await {
+                // The scan clock stops while KATA is unreachable: an outage of hours must not
+                // fail the scans that were in flight when it began.
+                if let Some(since) = self.down_since_ms.take() {
+                    let outage = now_ms().saturating_sub(since);
+                    for e in scans.values_mut() {
+                        e.submitted_at_ms = e.submitted_at_ms.saturating_add(outage);
+                    }
+                }
+            } else {
+                self.down_since_ms.get_or_insert_with(now_ms);
+                return;
+            }
         }
         self.expire(scans).await;
         self.delete_stale().await;
     }
 
+    /// One results request and its consequences; false when the request failed.
     async fn poll(
         &mut self,
         scans: &mut HashMap<String, Entry>,
         unconfirmed: &mut HashMap<String, FileRecord>,
-    ) {
+    ) -> bool {
         let shared = self.shared;
         let mut states = vec![
             ScanState::Detect,
@@ -147,7 +163,7 @@ impl Poller<'_> {
                     .fetch_add(1, Ordering::Relaxed);
                 shared.limits.server_failed(&e);
                 tracing::debug!(error = %e, "results request failed; retrying next tick");
-                return;
+                return false;
             }
         };
         let mut decisions: Vec<(FileId, Decision)> = Vec::new();
@@ -251,6 +267,7 @@ impl Poller<'_> {
             }
         }
         self.decide(scans, decisions).await;
+        true
     }
 
     fn finish(&self, scans: &mut HashMap<String, Entry>, scan_id: &str) {

@@ -126,9 +126,19 @@ async fn kill_9_at_random_moments_loses_nothing_and_never_resubmits_an_accepted_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_outage_files_wait_and_the_agent_recovers_by_itself() {
     let mut w = World::quick().await;
+    // Shorter than the outage below: the scan clock must stop while the server is away.
+    w.server_extra = "scan_timeout = \"2s\"".into();
     let agent = w.start_agent();
     w.drop_file("before.txt", b"before the outage");
     w.wait_placed(1, Duration::from_secs(30)).await;
+    // Scans in flight when the server goes away.
+    w.emulator().state().set_scan_delay(Duration::from_secs(2));
+    w.drop_file("in-flight.txt", b"submitted just before the outage");
+    wait_for(Duration::from_secs(20), || {
+        (w.emulator().state().stats().submits_accepted == 2).then_some(())
+    })
+    .await
+    .expect("second scan submitted");
     // The server goes away.
     let emulator = w.emulator.take().unwrap();
     let state = emulator.state();
@@ -154,9 +164,14 @@ async fn server_outage_files_wait_and_the_agent_recovers_by_itself() {
         .await
         .unwrap();
     w.emulator = Some(emulator);
-    let o = w.wait_placed(12, Duration::from_secs(90)).await;
+    let o = w.wait_placed(13, Duration::from_secs(90)).await;
     assert_eq!(o[&PathBuf::from("during.com")], Outcome::Quarantine);
-    assert_eq!(o.values().filter(|o| **o == Outcome::Clean).count(), 11);
+    assert_eq!(
+        o[&PathBuf::from("in-flight.txt")],
+        Outcome::Clean,
+        "a scan in flight is not failed by the outage"
+    );
+    assert_eq!(o.values().filter(|o| **o == Outcome::Clean).count(), 12);
     agent.stop().await.0.unwrap();
 }
 

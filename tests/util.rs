@@ -109,7 +109,7 @@ poll_interval = "100ms"
 request_timeout = "10s"
 max_in_flight = 16
 requests_per_second = 10000
-scan_timeout = "60s"
+{scan_timeout}
 {server_extra}
 
 [state]
@@ -135,6 +135,11 @@ level = "warn"
             key = p(CLIENT_KEY_FILE),
             ca = p(CA_CERT_FILE),
             server_extra = self.server_extra,
+            scan_timeout = if self.server_extra.contains("scan_timeout") {
+                ""
+            } else {
+                "scan_timeout = \"60s\""
+            },
             watch_extra = self.watch_extra,
             more = self.more_watches,
         );
