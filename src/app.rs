@@ -340,6 +340,11 @@ async fn reconcile(shared: &Shared) -> Result<Resume, FatalError> {
                 if !staged_exists =>
             {
                 tracing::warn!(id = r.id, path = %r.rel_path.display(), "staged file vanished while the agent was down");
+                if let (FileState::Submitting | FileState::Submitted, Some(scan_id)) =
+                    (r.state, r.scan_id.clone())
+                {
+                    journal.stale_scan(scan_id).await?;
+                }
                 journal
                     .decide(vec![(
                         r.id,

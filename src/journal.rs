@@ -932,6 +932,23 @@ impl Journal {
         .await
     }
 
+    /// Promotes, for each content whose records all wait, the oldest waiting record to `hashed`
+    /// (its primary changed, vanished or failed locally). Returns how many were promoted.
+    pub async fn promote_orphaned_waiting(&self) -> Result<usize, JournalError> {
+        self.run(|conn| {
+            conn.execute(
+                "UPDATE files SET state = 'hashed', updated_at = ?1 WHERE id IN ( \
+                   SELECT MIN(w.id) FROM files w WHERE w.state = 'waiting' AND NOT EXISTS ( \
+                     SELECT 1 FROM files p WHERE p.sha256 = w.sha256 AND p.id != w.id \
+                     AND p.state IN ('hashed','submitting','submitted')) \
+                   GROUP BY w.sha256)",
+                [now_ms()],
+            )
+            .map_err(JournalError::sql("promote"))
+        })
+        .await
+    }
+
     /// Sends a record back to be hashed again (its file changed).
     pub async fn rehash(&self, id: FileId) -> Result<(), JournalError> {
         self.run(move |conn| {
@@ -1275,6 +1292,25 @@ mod tests {
             j.hashed(d, sha, stamp(5), Duration::ZERO).await.unwrap(),
             HashedAs::Hashed
         );
+    }
+
+    #[tokio::test]
+    async fn a_waiting_twin_whose_primary_changed_is_promoted() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(&dir.path().join("j.sqlite")).unwrap();
+        let a = claim_one(&j, "a").await;
+        let b = claim_one(&j, "b").await;
+        let c = claim_one(&j, "c").await;
+        let sha = [3u8; 32];
+        for id in [a, b, c] {
+            j.hashed(id, sha, stamp(1), Duration::ZERO).await.unwrap();
+        }
+        assert_eq!(j.promote_orphaned_waiting().await.unwrap(), 0);
+        // The primary's file changed: it is hashed again, the twins lose their primary.
+        j.rehash(a).await.unwrap();
+        assert_eq!(j.promote_orphaned_waiting().await.unwrap(), 1);
+        assert_eq!(j.get(b).await.unwrap().state, FileState::Hashed);
+        assert_eq!(j.get(c).await.unwrap().state, FileState::Waiting);
     }
 
     #[tokio::test]

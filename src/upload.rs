@@ -189,6 +189,14 @@ pub async fn run(
 
 /// Re-queues `hashed` records that no stage holds (the queue ignores those it holds).
 async fn sweep_strays(shared: &Shared, resubmit: &Resubmit) {
+    match shared.journal.promote_orphaned_waiting().await {
+        Ok(0) => {}
+        Ok(n) => tracing::debug!(
+            files = n,
+            "identical files whose twin left: submitted on their own"
+        ),
+        Err(e) => tracing::warn!(error = %e, "journal sweep failed"),
+    }
     let Ok(records) = shared.journal.in_states(&[FileState::Hashed]).await else {
         return;
     };
