@@ -334,12 +334,21 @@ async fn hostile_entries_are_skipped_without_stalling() {
             .unwrap()
             .success()
     );
+    // A hard link to a file outside the inbox: its content must never be sent.
+    let linked = w.dir.path().join("linked-secret.txt");
+    std::fs::write(&linked, b"another secret").unwrap();
+    std::fs::hard_link(&linked, w.inbox.join("hardlink.txt")).unwrap();
     let agent = w.start_agent();
     w.drop_file("ok.txt", b"fine");
     w.drop_file("weird\nname\u{7}.txt", b"odd name");
-    let o = w.wait_placed(2, LIMIT).await;
-    assert_eq!(o.len(), 2, "{o:?}");
-    assert!(o.values().all(|o| *o == Outcome::Clean));
+    let o = w.wait_placed(3, LIMIT).await;
+    assert_eq!(o.len(), 3, "{o:?}");
+    assert_eq!(o[&PathBuf::from("ok.txt")], Outcome::Clean);
+    assert_eq!(o[&PathBuf::from("weird\nname\u{7}.txt")], Outcome::Clean);
+    assert_eq!(o[&PathBuf::from("hardlink.txt")], Outcome::Failed);
+    let sidecar = std::fs::read_to_string(w.failed.join("hardlink.txt.dropscan.json")).unwrap();
+    assert!(sidecar.contains("hard links"), "{sidecar}");
+    assert_eq!(std::fs::read(&linked).unwrap(), b"another secret");
     // The symlink and the FIFO are still where they were; the outside file is untouched and was
     // never sent.
     assert!(w.inbox.join("link.txt").symlink_metadata().is_ok());
