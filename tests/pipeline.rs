@@ -101,7 +101,9 @@ async fn backlog_and_live_drops_sorted_by_verdict_with_content_intact() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_appender_is_never_uploaded_early() {
-    let w = World::quick().await;
+    let mut w = World::quick().await;
+    // Writes every 100 ms; a long settle keeps the margin on a loaded machine.
+    w.settle = "1200ms";
     let agent = w.start_agent();
     let path = w.inbox.join("growing.log");
     let mut f = std::fs::File::create(&path).unwrap();
@@ -134,7 +136,8 @@ async fn slow_appender_is_never_uploaded_early() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn copy_that_restores_old_mtime_waits_for_ctime_quiet() {
-    let w = World::quick().await;
+    let mut w = World::quick().await;
+    w.settle = "1200ms";
     let agent = w.start_agent();
     let path = w.inbox.join("restored.bin");
     let old = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000_000);

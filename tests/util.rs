@@ -47,6 +47,8 @@ pub struct World {
     pub watch_extra: String,
     /// Extra `[[watch]]` tables (second roots).
     pub more_watches: String,
+    /// The inbox's settle time.
+    pub settle: &'static str,
 }
 
 impl World {
@@ -71,6 +73,7 @@ impl World {
             server_extra: String::new(),
             watch_extra: String::new(),
             more_watches: String::new(),
+            settle: "300ms",
         };
         std::fs::create_dir_all(&w.inbox).unwrap();
         w
@@ -118,7 +121,7 @@ shutdown_grace = "2s"
 
 [[watch]]
 path = "inbox"
-settle = "300ms"
+settle = "{settle}"
 reconcile_interval = "2s"
 poll_interval = "200ms"
 clean_dir = "out/clean"
@@ -134,6 +137,7 @@ level = "warn"
             cert = p(CLIENT_CERT_FILE),
             key = p(CLIENT_KEY_FILE),
             ca = p(CA_CERT_FILE),
+            settle = self.settle,
             server_extra = self.server_extra,
             scan_timeout = if self.server_extra.contains("scan_timeout") {
                 ""

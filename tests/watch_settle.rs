@@ -226,7 +226,8 @@ async fn slowly_appended_file_settles_after_the_last_write() {
     let (tmp, root) = Inbox::tempdir();
     let mut inbox = Inbox::start(
         tmp,
-        config(&root, WatchMode::Notify, Duration::from_millis(400)),
+        // Writes every 100 ms; a long settle keeps the margin on a loaded machine.
+        config(&root, WatchMode::Notify, Duration::from_millis(1200)),
     );
     let path = root.join("slow.bin");
     let mut file = fs::File::create(&path).unwrap();
@@ -259,7 +260,7 @@ async fn restored_old_mtime_still_waits_for_ctime_quiet() {
     file.set_modified(old).unwrap();
     let mut inbox = Inbox::start(
         tmp,
-        config(&root, WatchMode::Notify, Duration::from_millis(400)),
+        config(&root, WatchMode::Notify, Duration::from_millis(1200)),
     );
     // Same size, same (old) mtime after every write, like `cp -p` rewriting: only ctime moves.
     for i in 0..12u8 {
