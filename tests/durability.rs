@@ -43,7 +43,7 @@ fn delays(seed: u64, n: usize) -> Vec<Duration> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_at_random_moments_loses_nothing_and_never_resubmits_an_accepted_scan() {
     let w = World::new(EmulatorConfig {
-        scan_delay: Duration::from_millis(150),
+        scan_delay: Duration::from_millis(400),
         max_scans: Some(20),
         ..EmulatorConfig::default()
     })
@@ -69,14 +69,18 @@ async fn kill_9_at_random_moments_loses_nothing_and_never_resubmits_an_accepted_
             expected.push((rel.into(), data, o));
         }
     };
-    drop_batch(&w, 0, 150);
-    for (round, delay) in delays(99, 5).into_iter().enumerate() {
+    drop_batch(&w, 0, 200);
+    let mut placed_before_kill = Vec::new();
+    for (round, delay) in delays(99, 6).into_iter().enumerate() {
         let mut child = spawn_agent(&config);
         tokio::time::sleep(delay).await;
-        child.kill().unwrap(); // SIGKILL
+        child.kill().unwrap(); // SIGKILL, wherever it is
         child.wait().unwrap();
-        drop_batch(&w, 150 + round * 30, 30);
+        placed_before_kill.push(w.outcomes().len());
+        drop_batch(&w, 200 + round * 20, 20);
     }
+    // Figures for the log: how far each run got before its kill.
+    println!("placed after each kill: {placed_before_kill:?}");
     let total = expected.len();
     let mut child = spawn_agent(&config);
     let outcomes = wait_for(Duration::from_secs(120), || {
@@ -119,6 +123,18 @@ async fn kill_9_at_random_moments_loses_nothing_and_never_resubmits_an_accepted_
         .filter(|(_, n)| **n > 1)
         .collect();
     assert!(twice.is_empty(), "scanIds submitted twice: {twice:?}");
+    // No content was scanned twice either: an accepted scan is polled after a restart, never
+    // sent again under a new scanId (identical EICAR copies share one scan or reuse its verdict).
+    let mut per_content: std::collections::HashMap<[u8; 32], u32> = Default::default();
+    for scan_id in stats.submissions_per_scan_id.keys() {
+        let info = w.emulator().state().scan(scan_id).unwrap();
+        *per_content.entry(info.sha256).or_default() += 1;
+    }
+    let rescanned: Vec<_> = per_content.values().filter(|n| **n > 1).collect();
+    assert!(
+        rescanned.is_empty(),
+        "contents accepted more than once: {rescanned:?}"
+    );
     // Identical EICAR copies share scans and verdicts: far fewer uploads than files.
     assert!(stats.submits_accepted as usize <= total, "{stats:?}");
 }
