@@ -569,6 +569,39 @@ fn copy_across(staged: &Path, target: &Path, opts: &PlaceOptions) -> Result<Plac
     })
 }
 
+/// After a crash between the two halves of a move (the target complete, the source not yet
+/// removed): if `target` holds exactly the content `sha256`, removes `staged` and returns true.
+/// A target with other content is someone else's file: nothing is touched, false.
+pub fn finish_interrupted_move(
+    staged: &Path,
+    target: &Path,
+    sha256: [u8; 32],
+) -> Result<bool, FsError> {
+    let (mut f, _) = match open_regular(target) {
+        Ok(x) => x,
+        // The link + unlink fallback leaves two links to one inode: that is ours too.
+        Err(FsError::HardLinked { .. }) => {
+            let a = lstamp(staged)?;
+            let b = lstamp(target)?;
+            if (a.dev, a.ino) != (b.dev, b.ino) {
+                return Ok(false);
+            }
+            std::fs::remove_file(staged).map_err(|e| FsError::io(staged, "unlink", e))?;
+            fsync_dir(parent(staged))?;
+            return Ok(true);
+        }
+        Err(FsError::Vanished { .. } | FsError::NotRegular { .. }) => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    let (sha, _) = sha256_file(&mut f)?;
+    if sha != sha256 {
+        return Ok(false);
+    }
+    std::fs::remove_file(staged).map_err(|e| FsError::io(staged, "unlink", e))?;
+    fsync_dir(parent(staged))?;
+    Ok(true)
+}
+
 /// Removes leftover partial copies (`*.dropscan-partial`) below `dir`, without following
 /// symlinks. Returns how many were removed.
 pub fn remove_partials(dir: &Path) -> usize {
@@ -712,6 +745,76 @@ mod tests {
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&dest.join("sub/x.bin")), 0o600);
         assert_eq!(mode(&dest.join("sub")), 0o700);
+    }
+
+    #[test]
+    fn place_across_filesystems_copies_verifies_and_unlinks() {
+        let src = tempfile::tempdir().unwrap();
+        let Ok(dst) = tempfile::tempdir_in("/dev/shm") else {
+            eprintln!("no /dev/shm here: cross-filesystem placement not exercised");
+            return;
+        };
+        let dev = |p: &Path| std::fs::metadata(p).unwrap().dev();
+        if dev(src.path()) == dev(dst.path()) {
+            eprintln!(
+                "/dev/shm is on the same filesystem here: cross-filesystem placement not exercised"
+            );
+            return;
+        }
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+        let sha: [u8; 32] = Sha256::digest(&data).into();
+        let staged = src.path().join("staged");
+        std::fs::write(&staged, &data).unwrap();
+        // A wrong expected hash: nothing moves, no partial copy stays behind.
+        let bad = PlaceOptions {
+            file_mode: Some(0o600),
+            dir_mode: 0o700,
+            expected_sha256: Some([0; 32]),
+        };
+        let target = dst.path().join("q/a.bin");
+        assert!(matches!(
+            place_at(&staged, &target, &bad),
+            Err(FsError::Changed { .. })
+        ));
+        assert!(staged.exists() && !target.exists());
+        assert_eq!(remove_partials(dst.path()), 0);
+        // The right one: copied, verified, source removed, mode set.
+        let good = PlaceOptions {
+            expected_sha256: Some(sha),
+            ..bad
+        };
+        let placed = place_at(&staged, &target, &good).unwrap();
+        assert!(placed.copied);
+        assert!(!staged.exists());
+        assert_eq!(std::fs::read(&target).unwrap(), data);
+        assert_eq!(
+            std::fs::metadata(&target).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+    }
+
+    #[test]
+    fn an_interrupted_move_is_finished_only_onto_our_own_bytes() {
+        let d = tempfile::tempdir().unwrap();
+        let staged = d.path().join("staged");
+        let target = d.path().join("target");
+        std::fs::write(&staged, b"ours").unwrap();
+        let ours: [u8; 32] = Sha256::digest(b"ours").into();
+        // Someone else's file under the chosen name: untouched.
+        std::fs::write(&target, b"theirs").unwrap();
+        assert!(!finish_interrupted_move(&staged, &target, ours).unwrap());
+        assert!(staged.exists());
+        // A complete copy of our bytes: the source goes.
+        std::fs::write(&target, b"ours").unwrap();
+        assert!(finish_interrupted_move(&staged, &target, ours).unwrap());
+        assert!(!staged.exists());
+        assert_eq!(std::fs::read(&target).unwrap(), b"ours");
+        // link() done, unlink() not: one inode, two names.
+        let t2 = d.path().join("t2");
+        std::fs::write(&staged, b"ours").unwrap();
+        std::fs::hard_link(&staged, &t2).unwrap();
+        assert!(finish_interrupted_move(&staged, &t2, ours).unwrap());
+        assert!(!staged.exists() && t2.exists());
     }
 
     #[test]

@@ -262,6 +262,17 @@ impl Sorter {
                         .ok();
                     return Step::Done;
                 }
+                // Both ends exist: a copy across filesystems (or link + unlink) was complete
+                // but the source not yet removed. Finish it if the destination holds our bytes;
+                // otherwise the name was taken by someone else and a new one is chosen below.
+                if let Some(sha) = rec.sha256 {
+                    let (s, d) = (staged.clone(), dest.clone());
+                    match blocking(move || fsops::finish_interrupted_move(&s, &d, sha)).await {
+                        Ok(true) => return self.finish_placement(rec, outcome, reason, dest).await,
+                        Ok(false) => {}
+                        Err(e) => return Step::Retry(e.to_string()),
+                    }
+                }
             }
         }
         let rel = rec.rel_path.clone();
