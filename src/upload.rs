@@ -62,6 +62,7 @@ pub struct Resubmit {
 #[derive(Default)]
 struct Queue {
     waiting: VecDeque<Claimed>,
+    queued: HashSet<FileId>,
     uploading: HashSet<FileId>,
 }
 
@@ -69,7 +70,7 @@ impl Resubmit {
     /// Queues a file for (re)submission, unless it is queued or being uploaded already.
     pub fn push(&self, c: Claimed) {
         let mut q = self.lock();
-        if q.uploading.contains(&c.id) || q.waiting.iter().any(|w| w.id == c.id) {
+        if q.uploading.contains(&c.id) || !q.queued.insert(c.id) {
             return;
         }
         q.waiting.push_back(c);
@@ -86,13 +87,18 @@ impl Resubmit {
 
     fn pop(&self) -> Option<Claimed> {
         let mut q = self.lock();
-        let c = q.waiting.pop_front()?;
-        q.uploading.insert(c.id);
-        Some(c)
+        loop {
+            let c = q.waiting.pop_front()?;
+            q.queued.remove(&c.id);
+            if q.uploading.insert(c.id) {
+                return Some(c);
+            }
+        }
     }
 
-    fn start(&self, id: FileId) {
-        self.lock().uploading.insert(id);
+    /// Marks a record as being uploaded; false if it already is.
+    fn start(&self, id: FileId) -> bool {
+        self.lock().uploading.insert(id)
     }
 
     fn finish(&self, id: FileId) {
@@ -138,7 +144,7 @@ pub async fn run(
                 () = shutdown.cancelled() => break None,
                 () = resubmit.inner.1.notified() => {}
                 c = claimed_rx.recv() => match c {
-                    Some(c) => { resubmit.start(c.id); break Some(c) }
+                    Some(c) => if resubmit.start(c.id) { break Some(c) },
                     None => break None,
                 },
                 _ = sweep.tick() => sweep_strays(&shared, &resubmit).await,
@@ -200,7 +206,11 @@ async fn sweep_strays(shared: &Shared, resubmit: &Resubmit) {
     let Ok(records) = shared.journal.in_states(&[FileState::Hashed]).await else {
         return;
     };
+    let settled_for = crate::journal::now_ms() - 5_000;
     for r in records {
+        if r.updated_at_ms > settled_for {
+            continue; // Probably still on its way through the claim → upload channel.
+        }
         if let (Some(sha256), Some(stamp)) = (r.sha256, r.stamp) {
             resubmit.push(Claimed {
                 id: r.id,
@@ -410,4 +420,46 @@ async fn open_for_upload(item: &Claimed) -> Result<tokio::fs::File, String> {
     })
     .await
     .map_err(|e| e.to_string())?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::Stamp;
+
+    fn item(id: FileId) -> Claimed {
+        Claimed {
+            id,
+            staged: format!("/s/{id}").into(),
+            sha256: [0; 32],
+            stamp: Stamp {
+                size: 1,
+                mtime_ns: 0,
+                ctime_ns: 0,
+                dev: 0,
+                ino: 0,
+            },
+        }
+    }
+
+    #[test]
+    fn a_record_is_never_queued_or_uploaded_twice() {
+        let q = Resubmit::default();
+        q.push(item(1));
+        q.push(item(1));
+        q.push(item(2));
+        assert_eq!(q.len(), 2);
+        assert_eq!(q.pop().map(|c| c.id), Some(1));
+        // While 1 uploads, pushing it again is ignored, and the channel path refuses it.
+        q.push(item(1));
+        assert!(!q.start(1));
+        assert_eq!(q.len(), 1);
+        q.finish(1);
+        q.push(item(1));
+        assert!(q.start(3));
+        q.push(item(3));
+        assert_eq!(q.pop().map(|c| c.id), Some(2));
+        assert_eq!(q.pop().map(|c| c.id), Some(1));
+        assert!(q.pop().is_none());
+    }
 }
