@@ -60,6 +60,21 @@ pub enum Command {
         #[arg(long)]
         offline: bool,
     },
+    /// Delete every scan result of this sensor on the server (all instances!). An administrator's
+    /// clean-up after decommissioning; never needed in normal operation.
+    PurgeResults {
+        /// The configuration file.
+        #[arg(
+            short,
+            long,
+            env = "DROPSCAN_CONFIG",
+            default_value = "/etc/dropscan/dropscan.toml"
+        )]
+        config: PathBuf,
+        /// Confirm: results of every agent sharing this sensorId are deleted.
+        #[arg(long)]
+        yes: bool,
+    },
     /// Show what the journal holds: counts per state, the oldest pending file, the last errors.
     Status {
         /// The configuration file.

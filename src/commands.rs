@@ -49,6 +49,7 @@ pub async fn dispatch(command: Command) -> ExitCode {
         }
         Command::Check { config, offline } => check(&config, offline).await,
         Command::Status { config } => status(&config),
+        Command::PurgeResults { config, yes } => purge_results(&config, yes).await,
     }
 }
 
@@ -168,6 +169,41 @@ async fn check(path: &Path, offline: bool) -> ExitCode {
                 r.version.as_deref().unwrap_or("(not reported)")
             );
             println!("ok: connected over mutual TLS and authorized");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            let (line, code) = explain(&e, &config.server.sensor_id);
+            eprintln!("error: {line}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+async fn purge_results(path: &Path, yes: bool) -> ExitCode {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    if !yes {
+        eprintln!(
+            "this deletes every scan result of sensor {} on {}, including those other agents sharing the sensorId still wait for; run again with --yes to confirm",
+            config.server.sensor_id, config.server.url
+        );
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let client = match KataClient::new(config.server.client_options()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: cannot set up the client: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match client.delete_all().await {
+        Ok(()) => {
+            println!(
+                "deleted all scan results of sensor {}",
+                config.server.sensor_id
+            );
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -275,3 +275,23 @@ async fn status_reports_the_journal_while_the_agent_runs() {
     assert!(out.contains("clean") && out.contains("quarantine"), "{out}");
     agent.stop().await.0.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_results_needs_confirmation_and_deletes_all() {
+    let w = World::quick().await;
+    let cfg = w.write_config();
+    let c = cfg.to_str().unwrap().to_string();
+    let c2 = c.clone();
+    let o = tokio::task::spawn_blocking(move || dropscan(&["purge-results", "--config", &c]))
+        .await
+        .unwrap();
+    assert_eq!(o.status.code(), Some(78), "{}", text(&o));
+    assert!(text(&o).contains("--yes"), "{}", text(&o));
+    assert_eq!(w.emulator().state().stats().delete_all, 0);
+    let o =
+        tokio::task::spawn_blocking(move || dropscan(&["purge-results", "--config", &c2, "--yes"]))
+            .await
+            .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(w.emulator().state().stats().delete_all, 1);
+}
