@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
 /// Turns any folder into a malware checkpoint: files dropped into watched folders are scanned by
 /// Kaspersky Anti Targeted Attack Platform (KATA) and moved into clean, quarantine or failed.
@@ -14,19 +14,28 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// `--config FILE`, shared by the commands that read the configuration.
+#[derive(Debug, Args)]
+pub struct ConfigFile {
+    /// The configuration file.
+    #[arg(
+        short = 'c',
+        long = "config",
+        value_name = "FILE",
+        env = "DROPSCAN_CONFIG",
+        default_value = "/etc/dropscan/dropscan.toml"
+    )]
+    pub path: PathBuf,
+}
+
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the agent until SIGINT/SIGTERM.
     Run {
-        /// The configuration file.
-        #[arg(
-            short,
-            long,
-            env = "DROPSCAN_CONFIG",
-            default_value = "/etc/dropscan/dropscan.toml"
-        )]
-        config: PathBuf,
+        /// `--config FILE`.
+        #[command(flatten)]
+        config: ConfigFile,
     },
     /// Try dropscan end to end on this machine: the built-in emulator, fresh certificates, and
     /// ./dropscan-demo/{inbox,clean,quarantine,failed}.
@@ -48,14 +57,9 @@ pub enum Command {
     Emulate(crate::emulator::EmulateArgs),
     /// Validate the configuration, connect to KATA and print its restrictions.
     Check {
-        /// The configuration file.
-        #[arg(
-            short,
-            long,
-            env = "DROPSCAN_CONFIG",
-            default_value = "/etc/dropscan/dropscan.toml"
-        )]
-        config: PathBuf,
+        /// `--config FILE`.
+        #[command(flatten)]
+        config: ConfigFile,
         /// Validate the file only; do not connect.
         #[arg(long)]
         offline: bool,
@@ -63,28 +67,18 @@ pub enum Command {
     /// Delete every scan result of this sensor on the server (all instances!). An administrator's
     /// clean-up after decommissioning; never needed in normal operation.
     PurgeResults {
-        /// The configuration file.
-        #[arg(
-            short,
-            long,
-            env = "DROPSCAN_CONFIG",
-            default_value = "/etc/dropscan/dropscan.toml"
-        )]
-        config: PathBuf,
+        /// `--config FILE`.
+        #[command(flatten)]
+        config: ConfigFile,
         /// Confirm: results of every agent sharing this sensorId are deleted.
         #[arg(long)]
         yes: bool,
     },
     /// Show what the journal holds: counts per state, the oldest pending file, the last errors.
     Status {
-        /// The configuration file.
-        #[arg(
-            short,
-            long,
-            env = "DROPSCAN_CONFIG",
-            default_value = "/etc/dropscan/dropscan.toml"
-        )]
-        config: PathBuf,
+        /// `--config FILE`.
+        #[command(flatten)]
+        config: ConfigFile,
     },
 }
 

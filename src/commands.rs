@@ -21,7 +21,7 @@ pub const EXIT_PROTOCOL: u8 = 76;
 /// Runs one subcommand.
 pub async fn dispatch(command: Command) -> ExitCode {
     match command {
-        Command::Run { config } => run(&config).await,
+        Command::Run { config } => run(&config.path).await,
         Command::Demo {
             dir,
             poll_interval,
@@ -47,9 +47,9 @@ pub async fn dispatch(command: Command) -> ExitCode {
                 }
             }
         }
-        Command::Check { config, offline } => check(&config, offline).await,
-        Command::Status { config } => status(&config),
-        Command::PurgeResults { config, yes } => purge_results(&config, yes).await,
+        Command::Check { config, offline } => check(&config.path, offline).await,
+        Command::Status { config } => status(&config.path),
+        Command::PurgeResults { config, yes } => purge_results(&config.path, yes).await,
     }
 }
 
