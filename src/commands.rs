@@ -114,7 +114,10 @@ pub fn explain(e: &ApiError, sensor_id: &str) -> (String, u8) {
             EXIT_PROTOCOL,
         ),
         _ => (
-            format!("the server is unreachable or failing: {e}"),
+            format!(
+                "the server is unreachable or failing: {e}{}",
+                crate::error::root_cause(e)
+            ),
             EXIT_UNAVAILABLE,
         ),
     }

@@ -62,3 +62,18 @@ impl FatalError {
         }
     }
 }
+
+/// `" (<deepest cause>)"` of an error chain (e.g. "Connection refused"), when the top message
+/// does not already say it.
+pub fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    let deepest = cur.to_string();
+    if e.to_string().contains(&deepest) {
+        String::new()
+    } else {
+        format!(" ({deepest})")
+    }
+}

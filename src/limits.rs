@@ -308,6 +308,7 @@ impl Limits {
                 ),
                 _ => tracing::warn!(
                     error = %err,
+                    cause = %crate::error::root_cause(err),
                     "KATA unavailable: submissions paused, retrying with backoff (files wait in staging)"
                 ),
             }
