@@ -643,6 +643,33 @@ mod tests {
         assert_eq!(safe_relative(Path::new("")), PathBuf::from("_"));
     }
 
+    proptest::proptest! {
+        /// Whatever the user's names, the joined path stays under the destination.
+        #[test]
+        fn safe_relative_always_stays_inside(parts in proptest::collection::vec(
+            proptest::prop_oneof![
+                proptest::strategy::Just(b"..".to_vec()),
+                proptest::strategy::Just(b".".to_vec()),
+                proptest::strategy::Just(b"/".to_vec()),
+                proptest::strategy::Just(Vec::new()),
+                proptest::collection::vec(1u8..=255, 1..12),
+            ],
+            0..8,
+        )) {
+            let mut raw = Vec::new();
+            for p in &parts {
+                raw.extend_from_slice(p);
+                raw.push(b'/');
+            }
+            let rel = PathBuf::from(OsString::from_vec(raw));
+            let dest = Path::new("/dest");
+            let joined = dest.join(safe_relative(&rel));
+            proptest::prop_assert!(joined.starts_with(dest));
+            proptest::prop_assert!(joined != dest);
+            proptest::prop_assert!(!joined.components().any(|c| matches!(c, Component::ParentDir)));
+        }
+    }
+
     #[test]
     fn numbered_keeps_the_extension() {
         assert_eq!(
