@@ -674,10 +674,10 @@ impl Validator {
             }
         };
         let settle = self.duration(raw.settle.as_deref(), DEFAULT_SETTLE, &key("settle"))?;
-        let instance = server
-            .sensor_instance_id
-            .clone()
-            .unwrap_or_else(|| "default".to_string());
+        // Agents sharing an inbox on a NAS must never share a staging folder (each would take
+        // the other's staged files for orphans): without an instance id, the host name keeps
+        // them apart.
+        let instance = server.sensor_instance_id.clone().unwrap_or_else(host_name);
         let staging_dir = match raw.staging_dir {
             Some(p) => self.path(&p, &key("staging_dir"))?,
             None => path.join(".dropscan").join(instance),
@@ -822,6 +822,28 @@ pub fn absolute(p: &Path, base: &Path) -> PathBuf {
         }
     }
     out
+}
+
+/// This host's name, made safe as a folder name.
+fn host_name() -> String {
+    let raw = rustix::system::uname();
+    let name: String = raw
+        .nodename()
+        .to_string_lossy()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if name.is_empty() || name.starts_with('.') {
+        format!("host{name}")
+    } else {
+        name
+    }
 }
 
 fn to_nonzero_usize(n: u64) -> NonZeroUsize {
