@@ -386,3 +386,65 @@ async fn identical_content_shares_one_scan_and_reuses_the_verdict() {
     assert!(w.clean.join("later.bin").exists());
     agent.stop().await.0.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_agents_sharing_an_inbox_never_take_the_same_file() {
+    let w = World::quick().await;
+    let n = 120u64;
+    // Agent A as configured; agent B: another instance with its own journal, same folders.
+    let a = w.start_agent();
+    let text = std::fs::read_to_string(w.write_config())
+        .unwrap()
+        .replace(
+            "sensor_instance_id = \"test\"",
+            "sensor_instance_id = \"test-b\"",
+        )
+        .replace("dir = \"state\"", "dir = \"state-b\"");
+    let cfg_b = w.dir.path().join("b.toml");
+    std::fs::write(&cfg_b, text).unwrap();
+    let agent_b =
+        dropscan::app::Agent::new(dropscan::config::Config::load(&cfg_b).unwrap()).unwrap();
+    let token_b = tokio_util::sync::CancellationToken::new();
+    let b = tokio::spawn(agent_b.run(token_b.clone()));
+    // Both watch; the files appear while they do, so both race for every one of them.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for i in 0..n {
+        w.drop_file(&format!("shared/{i:03}.bin"), &bytes(5000 + i, 3000));
+    }
+    let o = w.wait_placed(n as usize, LIMIT).await;
+    // Nothing placed twice (World::outcomes panics on a file in two places; numbered copies
+    // would show up as extra names).
+    assert_eq!(
+        o.len(),
+        n as usize,
+        "{:?}",
+        o.keys()
+            .filter(|p| p.to_string_lossy().contains('('))
+            .collect::<Vec<_>>()
+    );
+    assert!(o.values().all(|o| *o == Outcome::Clean));
+    for i in 0..n {
+        let rel = format!("shared/{i:03}.bin");
+        assert_eq!(
+            std::fs::read(w.clean.join(&rel)).unwrap(),
+            bytes(5000 + i, 3000)
+        );
+    }
+    let s = w.emulator().state().stats();
+    assert_eq!(
+        s.submits_accepted, n,
+        "each file scanned once, by one agent: {s:?}"
+    );
+    token_b.cancel();
+    b.await.unwrap().unwrap();
+    a.stop().await.0.unwrap();
+    // Between them, the two journals hold each file exactly once.
+    let placed = |state: &str| {
+        let s = dropscan::journal::read_summary(&w.dir.path().join(state).join("journal.sqlite"))
+            .unwrap();
+        s.per_outcome.iter().map(|(_, n)| *n).sum::<i64>()
+    };
+    let (pa, pb) = (placed("state"), placed("state-b"));
+    println!("agent A placed {pa}, agent B placed {pb}");
+    assert_eq!(pa + pb, n as i64);
+}
