@@ -10,5 +10,6 @@ mod emulator_server;
 mod kata_client;
 mod kata_emulator;
 mod kata_parse;
+mod model;
 mod pipeline;
 mod watch_settle;
