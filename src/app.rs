@@ -324,13 +324,10 @@ async fn reconcile(shared: &Shared) -> Result<Resume, FatalError> {
             FileState::Claimed => {
                 if staged_exists {
                     resume.claimed.push((r.id, r.staged));
-                } else if std::fs::symlink_metadata(r.root.join(&r.rel_path)).is_ok() {
-                    // The rename never happened: the file is still in the inbox.
-                    journal.unclaim(vec![r.id]).await?;
                 } else {
-                    journal
-                        .close_vanished(r.id, "vanished before it was claimed".into())
-                        .await?;
+                    // The rename never happened: the file is still in the inbox (and is seen
+                    // again), or another agent or the user took it. Nothing of it was ours.
+                    journal.unclaim(vec![r.id]).await?;
                 }
             }
             FileState::Hashed

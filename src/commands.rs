@@ -245,7 +245,7 @@ fn status(path: &Path) -> ExitCode {
     for (state, n) in &summary.per_state {
         println!("  {state:<12} {n}");
     }
-    println!("placed files by outcome:");
+    println!("finished files by outcome (vanished: removed from staging by hand):");
     for (outcome, n) in &summary.per_outcome {
         println!("  {outcome:<12} {n}");
     }

@@ -1123,11 +1123,12 @@ impl Journal {
         .await
     }
 
-    /// Closes a record whose file is gone for good (vanished from staging before it was placed).
+    /// Closes a record whose file is gone for good (vanished from staging before it was placed:
+    /// removed by hand, say). Its outcome reads `vanished`: nothing was placed anywhere.
     pub async fn close_vanished(&self, id: FileId, reason: String) -> Result<(), JournalError> {
         self.run(move |conn| {
             conn.execute(
-                "UPDATE files SET state = 'done', outcome = COALESCE(outcome, 'failed'), \
+                "UPDATE files SET state = 'done', outcome = 'vanished', \
                  reason = ?2, updated_at = ?3 WHERE id = ?1",
                 params![id, reason, now_ms()],
             )
