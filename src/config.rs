@@ -63,10 +63,12 @@ pub enum ConfigError {
         message: String,
     },
     /// A value is present but not acceptable.
-    #[error("{path}: key `{key}`: {message}")]
+    #[error("{path}{}: key `{key}`: {message}", line.map(|l| format!(":{l}")).unwrap_or_default())]
     Invalid {
         /// The config file.
         path: PathBuf,
+        /// The line of the key, when it is written in the file.
+        line: Option<usize>,
         /// The dotted key, e.g. `watch[0].settle`.
         key: String,
         /// What is wrong, and what would be right.
@@ -373,7 +375,17 @@ impl Config {
             source,
         })?;
         let raw = RawConfig::parse(&text, path)?;
-        Self::from_raw(raw, path)
+        Self::from_raw(raw, path).map_err(|e| match e {
+            ConfigError::Invalid {
+                path, key, message, ..
+            } => ConfigError::Invalid {
+                line: locate(&text, &key),
+                path,
+                key,
+                message,
+            },
+            other => other,
+        })
     }
 
     /// Validates and resolves a parsed file. Relative paths are taken relative to `path`'s folder.
@@ -437,6 +449,7 @@ impl Validator {
     fn invalid(&self, key: &str, message: &str) -> ConfigError {
         ConfigError::Invalid {
             path: self.file.clone(),
+            line: None,
             key: key.to_string(),
             message: message.to_string(),
         }
@@ -803,6 +816,39 @@ impl Validator {
     }
 }
 
+/// The line (1-based) where a dotted key such as `server.url` or `watch[1].settle` is written,
+/// found by reading table headers and `key =` lines.
+pub fn locate(text: &str, key: &str) -> Option<usize> {
+    let (table, field) = key.split_once('.')?;
+    let field = field.split([' ', '/']).next()?.trim();
+    let (table, index) = match table.split_once('[') {
+        Some((t, rest)) => (t, rest.trim_end_matches(']').parse::<usize>().ok()?),
+        None => (table, 0),
+    };
+    let mut current: Option<(String, usize)> = None;
+    let mut seen: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for (n, line) in text.lines().enumerate() {
+        let t = line.trim();
+        if let Some(name) = t.strip_prefix("[[").and_then(|r| r.split("]]").next()) {
+            let name = name.trim().to_string();
+            let i = seen.entry(name.clone()).or_insert(0);
+            current = Some((name, *i));
+            *i += 1;
+        } else if let Some(name) = t.strip_prefix('[').and_then(|r| r.split(']').next()) {
+            current = Some((name.trim().to_string(), 0));
+        } else if let Some((k, _)) = t.split_once('=') {
+            if k.trim().trim_matches('"') == field
+                && current
+                    .as_ref()
+                    .is_some_and(|(c, i)| c == table && *i == index)
+            {
+                return Some(n + 1);
+            }
+        }
+    }
+    None
+}
+
 /// `p` made absolute against `base`, with `.` and `..` folded lexically (no symlink resolution:
 /// the folders may not exist yet).
 pub fn absolute(p: &Path, base: &Path) -> PathBuf {
@@ -915,6 +961,20 @@ failed_dir = "failed"
         assert_eq!(raw.state.verdict_ttl.as_deref(), Some(DEFAULT_VERDICT_TTL));
         assert_eq!(raw.watch[0].settle.as_deref(), Some(DEFAULT_SETTLE));
         assert_eq!(raw.metrics.listen.as_deref(), Some("127.0.0.1:9187"));
+    }
+
+    #[test]
+    fn keys_are_located_in_the_text() {
+        let text =
+            "[server]\nurl = \"x\"\n\n[[watch]]\npath = \"a\"\n[[watch]]\n  settle = \"zz\"\n";
+        assert_eq!(locate(text, "server.url"), Some(2));
+        assert_eq!(locate(text, "watch[0].path"), Some(5));
+        assert_eq!(locate(text, "watch[1].settle"), Some(7));
+        assert_eq!(locate(text, "watch[1].path"), None);
+        assert_eq!(
+            locate(text, "server.client_cert / client_key / ca_cert"),
+            None
+        );
     }
 
     #[test]

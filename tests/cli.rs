@@ -253,6 +253,10 @@ failed_dir = "failed"
             assert_eq!(o.status.code(), Some(78), "{name}: {out}");
             assert!(out.contains(key), "{name}: {out}");
             assert!(out.contains(path.to_str().unwrap()), "{name}: {out}");
+            if *name == "bad duration" {
+                // poll_interval is on line 7 of the file.
+                assert!(out.contains(".toml:7: key"), "{name}: {out}");
+            }
         }
     }
 }
