@@ -37,6 +37,16 @@ pub enum Command {
         #[command(flatten)]
         config: ConfigFile,
     },
+    /// Scan what is in the inboxes now, then exit: a one-shot run with a progress line.
+    /// Exit 0: everything clean; 1: something was quarantined; 2: something failed.
+    Scan {
+        /// `--config FILE`.
+        #[command(flatten)]
+        config: ConfigFile,
+        /// Give up after this long (exit 69), e.g. "30m"; default: wait as long as it takes.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        max_time: Option<std::time::Duration>,
+    },
     /// Try dropscan end to end on this machine: the built-in emulator, fresh certificates, and
     /// ./dropscan-demo/{inbox,clean,quarantine,failed}.
     Demo {

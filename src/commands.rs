@@ -22,6 +22,7 @@ pub const EXIT_PROTOCOL: u8 = 76;
 pub async fn dispatch(command: Command) -> ExitCode {
     match command {
         Command::Run { config } => run(&config.path).await,
+        Command::Scan { config, max_time } => crate::oneshot::run(&config.path, max_time).await,
         Command::Demo {
             dir,
             poll_interval,

@@ -40,4 +40,5 @@ pub mod fsops;
 pub mod kata;
 pub mod logging;
 pub mod metrics;
+pub mod oneshot;
 pub mod signal;

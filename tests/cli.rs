@@ -299,3 +299,43 @@ async fn purge_results_needs_confirmation_and_deletes_all() {
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(w.emulator().state().stats().delete_all, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_shot_scan_reports_progress_and_exits_by_verdict() {
+    let w = World::quick().await;
+    for i in 0..5 {
+        w.drop_file(
+            &format!("batch/{i}.txt"),
+            format!("document {i}").as_bytes(),
+        );
+    }
+    let cfg = w.write_config();
+    let c = cfg.to_str().unwrap().to_string();
+    let run = |c: String| {
+        tokio::task::spawn_blocking(move || {
+            dropscan(&["scan", "--config", &c, "--max-time", "60s"])
+        })
+    };
+    let o = run(c.clone()).await.unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        text(&o).contains("5 placed (clean 5, quarantine 0, failed 0)"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(World::files_in(&w.clean).len(), 5);
+    // A detection: exit 1, like a virus scanner.
+    w.drop_file("bad.com", crate::util::EICAR);
+    w.drop_file("good.txt", b"fine");
+    let o = run(c.clone()).await.unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("2 placed (clean 1, quarantine 1, failed 0)"),
+        "{}",
+        text(&o)
+    );
+    // Nothing to do: exit 0 at once.
+    let o = run(c).await.unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("0 placed"), "{}", text(&o));
+}

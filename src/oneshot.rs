@@ -1,0 +1,187 @@
+//! `dropscan scan`: the agent run once over what the inboxes hold now, with a progress line.
+//!
+//! It runs the same pipeline as `dropscan run` (same journal, same guarantees) and stops when
+//! no eligible file is left in any inbox and the journal has nothing unfinished. The exit code
+//! follows virus scanners' habit: 0 everything clean, 1 something was quarantined, 2 something
+//! failed (and 69 when `--max-time` ran out, 78 for a config error).
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use crate::app::Agent;
+use crate::config::{Config, WatchConfig};
+use crate::error::{EXIT_CONFIG, EXIT_UNAVAILABLE};
+use crate::journal::{FileState, Outcome};
+
+/// How often the progress line is refreshed on a terminal.
+const PROGRESS_EVERY: Duration = Duration::from_millis(500);
+/// How often a progress line is written when stderr is not a terminal.
+const PROGRESS_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Eligible regular files in an inbox (what settle would take), without following symlinks.
+fn eligible_files(w: &WatchConfig) -> usize {
+    let mut n = 0;
+    let mut stack = vec![w.path.clone()];
+    while let Some(dir) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let Ok(t) = e.file_type() else { continue };
+            let p = e.path();
+            if t.is_dir() {
+                if w.recursive && !crate::watch::is_out_of_scope(w, &p.join("x")) {
+                    stack.push(p);
+                }
+            } else if t.is_file() && crate::settle::admit(w, &p).is_some() {
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
+#[derive(Default)]
+struct Tally {
+    clean: u64,
+    quarantine: u64,
+    failed: u64,
+}
+
+impl Tally {
+    fn line(&self, in_progress: i64, waiting: usize) -> String {
+        format!(
+            "dropscan: {} placed (clean {}, quarantine {}, failed {}) · {in_progress} in progress · {waiting} waiting in the inbox",
+            self.clean + self.quarantine + self.failed,
+            self.clean,
+            self.quarantine,
+            self.failed
+        )
+    }
+}
+
+/// Runs the one-shot scan.
+pub async fn run(path: &Path, max_time: Option<Duration>) -> ExitCode {
+    use std::io::{IsTerminal, Write};
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("config error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    crate::logging::init(config.log.format, "warn");
+    let journal_path = config.journal_path();
+    let watches = config.watches.clone();
+    let agent = match Agent::new(config) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("dropscan: {e}");
+            return e.exit_code();
+        }
+    };
+    let mut events = agent.subscribe();
+    let token = match crate::signal::shutdown_token() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("dropscan: cannot install signal handlers: {e}");
+            return ExitCode::from(EXIT_UNAVAILABLE);
+        }
+    };
+    let task = tokio::spawn(agent.run(token.clone()));
+    let tty = std::io::stderr().is_terminal();
+    let started = Instant::now();
+    let mut tally = Tally::default();
+    let mut last_log = Instant::now();
+    let mut timed_out = false;
+    let mut finished = false;
+    let mut tick = tokio::time::interval(PROGRESS_EVERY);
+    loop {
+        tokio::select! {
+            () = token.cancelled() => break,
+            ev = events.recv() => {
+                if let Ok(p) = ev {
+                    match p.outcome {
+                        Outcome::Clean => tally.clean += 1,
+                        Outcome::Quarantine => tally.quarantine += 1,
+                        Outcome::Failed => tally.failed += 1,
+                    }
+                }
+            }
+            _ = tick.tick() => {
+                let watches2 = watches.clone();
+                let jp = journal_path.clone();
+                let (waiting, unfinished) = tokio::task::spawn_blocking(move || {
+                    let waiting: usize = watches2.iter().map(eligible_files).sum();
+                    let unfinished: i64 = crate::journal::read_summary(&jp)
+                        .map(|s| {
+                            s.per_state
+                                .iter()
+                                .filter(|(st, _)| FileState::parse(st) != Some(FileState::Done))
+                                .map(|(_, n)| *n)
+                                .sum()
+                        })
+                        .unwrap_or(1);
+                    (waiting, unfinished)
+                })
+                .await
+                .unwrap_or((1, 1));
+                let line = tally.line(unfinished, waiting);
+                if tty {
+                    eprint!("\r{line}\x1b[K");
+                    std::io::stderr().flush().ok();
+                } else if last_log.elapsed() >= PROGRESS_LOG_EVERY {
+                    eprintln!("{line}");
+                    last_log = Instant::now();
+                }
+                if waiting == 0 && unfinished == 0 {
+                    finished = true;
+                    break;
+                }
+                if max_time.is_some_and(|m| started.elapsed() > m) {
+                    timed_out = true;
+                    break;
+                }
+            }
+        }
+    }
+    token.cancel();
+    let result = task.await;
+    if tty {
+        eprintln!();
+    }
+    println!(
+        "{} in {:.1} s",
+        tally
+            .line(0, 0)
+            .trim_end_matches(" · 0 in progress · 0 waiting in the inbox"),
+        started.elapsed().as_secs_f64()
+    );
+    match result {
+        Ok(Err(e)) => {
+            eprintln!("dropscan: {e}");
+            return e.exit_code();
+        }
+        Err(e) => {
+            eprintln!("dropscan: {e}");
+            return ExitCode::from(EXIT_UNAVAILABLE);
+        }
+        Ok(Ok(())) => {}
+    }
+    if !finished && !timed_out {
+        eprintln!("dropscan: interrupted; what is unfinished resumes at the next run");
+        return ExitCode::from(130);
+    }
+    if timed_out {
+        eprintln!("dropscan: --max-time ran out; what is unfinished resumes at the next run");
+        return ExitCode::from(EXIT_UNAVAILABLE);
+    }
+    if tally.quarantine > 0 {
+        ExitCode::from(1)
+    } else if tally.failed > 0 {
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
