@@ -60,6 +60,22 @@ pub struct Shared {
     pub events: broadcast::Sender<Placement>,
 }
 
+impl Shared {
+    /// A request to KATA failed: pause submissions accordingly, and when this changes the
+    /// server's state (up → down, or → unauthorized), keep the error for `dropscan status`.
+    pub async fn server_failed(&self, e: &crate::kata::ApiError) -> std::time::Duration {
+        let before = self.limits.health();
+        let pause = self.limits.server_failed(e);
+        if self.limits.health() != before {
+            let text = format!("KATA: {e}{}", crate::error::root_cause(e));
+            if let Err(err) = self.journal.note_error(text).await {
+                tracing::debug!(error = %err, "could not record the error in the journal");
+            }
+        }
+        pause
+    }
+}
+
 /// A file reached its destination.
 #[derive(Debug, Clone)]
 pub struct Placement {

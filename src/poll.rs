@@ -161,7 +161,7 @@ impl Poller<'_> {
                     .metrics
                     .request_errors
                     .fetch_add(1, Ordering::Relaxed);
-                shared.limits.server_failed(&e);
+                shared.server_failed(&e).await;
                 tracing::debug!(error = %e, "results request failed; retrying next tick");
                 return false;
             }

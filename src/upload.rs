@@ -363,7 +363,7 @@ impl Upload {
                 if matches!(e, ApiError::Busy) {
                     shared.metrics.throttled.fetch_add(1, Ordering::Relaxed);
                 }
-                let pause = shared.limits.server_failed(&e);
+                let pause = shared.server_failed(&e).await;
                 tracing::debug!(id = item.id, error = %e, ?pause, "upload not accepted; will retry");
                 if matches!(e, ApiError::Transport { .. } | ApiError::Protocol { .. }) {
                     // Ambiguous: the server may have accepted the scan before the connection

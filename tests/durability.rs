@@ -170,6 +170,13 @@ async fn server_outage_files_wait_and_the_agent_recovers_by_itself() {
         "nothing may be decided while the server is down"
     );
     assert!(w.inbox_files().is_empty() || w.staged_files() > 0);
+    // `dropscan status` shows why nothing moves.
+    let summary = dropscan::journal::read_summary(&w.state_dir().join("journal.sqlite")).unwrap();
+    assert!(
+        summary.last_errors.iter().any(|(_, t)| t.contains("KATA")),
+        "{:?}",
+        summary.last_errors
+    );
     // It comes back on the same port, with its state.
     let config = EmulatorConfig {
         listen: w.addr,
