@@ -300,6 +300,13 @@ impl Sorter {
                         .ok();
                     return Step::Done;
                 }
+                Err(e @ (FsError::HardLinked { .. } | FsError::NotRegular { .. })) => {
+                    // Only across filesystems: a hard link (or a symlink that slipped in) cannot
+                    // be copied without reading what it points to, outside the inbox. Its name
+                    // is dropped from staging instead (the data lives on through its other
+                    // link; a symlink is only a name) and the sidecar says so.
+                    return self.drop_unplaceable(rec, target, &e).await;
+                }
                 Err(e) => {
                     self.shared
                         .metrics
@@ -314,6 +321,28 @@ impl Sorter {
             }
         }
         Step::Retry("no free destination name after 16 tries".into())
+    }
+
+    async fn drop_unplaceable(&self, rec: FileRecord, target: PathBuf, e: &FsError) -> Step {
+        let staged = rec.staged.clone();
+        let removed = blocking(move || {
+            std::fs::remove_file(&staged).map_err(|source| FsError::Io {
+                path: staged.clone(),
+                about: "remove",
+                source,
+            })?;
+            fsops::fsync_dir(staged.parent().unwrap_or(Path::new("/")))
+        })
+        .await;
+        if let Err(err) = removed {
+            return Step::Retry(err.to_string());
+        }
+        tracing::warn!(path = %rec.rel_path.display(), error = %e, "not copied across filesystems; only its sidecar is written");
+        let reason = format!(
+            "{e}; the destination is on another filesystem, so only this note was placed and the link was removed from staging (what it points to is untouched)"
+        );
+        self.finish_placement(rec, Outcome::Failed, Some(reason), target)
+            .await
     }
 
     /// Whether the staged file still has the stamp it was hashed with.

@@ -448,3 +448,62 @@ async fn two_agents_sharing_an_inbox_never_take_the_same_file() {
     println!("agent A placed {pa}, agent B placed {pb}");
     assert_eq!(pa + pb, n as i64);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destinations_on_another_filesystem_are_copied_and_verified() {
+    use std::os::unix::fs::MetadataExt;
+    let w = World::quick().await;
+    let Ok(other) = tempfile::tempdir_in("/dev/shm") else {
+        eprintln!("no /dev/shm: cross-filesystem placement not exercised");
+        return;
+    };
+    if std::fs::metadata(other.path()).unwrap().dev() == std::fs::metadata(&w.inbox).unwrap().dev()
+    {
+        eprintln!(
+            "/dev/shm is on the inbox's filesystem: cross-filesystem placement not exercised"
+        );
+        return;
+    }
+    let text = std::fs::read_to_string(w.write_config()).unwrap().replace(
+        "clean_dir = \"out/clean\"\nquarantine_dir = \"out/quarantine\"\nfailed_dir = \"out/failed\"",
+        &format!(
+            "clean_dir = \"{0}/clean\"\nquarantine_dir = \"{0}/quarantine\"\nfailed_dir = \"{0}/failed\"",
+            other.path().display()
+        ),
+    );
+    assert!(text.contains("/dev/shm"));
+    let cfg = w.dir.path().join("xfs.toml");
+    std::fs::write(&cfg, text).unwrap();
+    let outside = w.dir.path().join("outside.txt");
+    std::fs::write(&outside, b"not to be read").unwrap();
+    std::fs::hard_link(&outside, w.inbox.join("linked.txt")).unwrap();
+    w.drop_file("big.bin", &bytes(9, 3 << 20));
+    w.drop_file("bad.com", EICAR);
+    let agent = dropscan::app::Agent::new(dropscan::config::Config::load(&cfg).unwrap()).unwrap();
+    let token = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(agent.run(token.clone()));
+    let dest = other.path().to_path_buf();
+    wait_for(LIMIT, || {
+        (dest.join("clean/big.bin").exists()
+            && dest.join("quarantine/bad.com").exists()
+            && dest.join("failed/linked.txt.dropscan.json").exists())
+        .then_some(())
+    })
+    .await
+    .expect("all three placed across filesystems");
+    assert_eq!(
+        std::fs::read(dest.join("clean/big.bin")).unwrap(),
+        bytes(9, 3 << 20)
+    );
+    assert_eq!(
+        std::fs::read(dest.join("quarantine/bad.com")).unwrap(),
+        EICAR
+    );
+    // The hard link's content was never copied; the file it points to is untouched.
+    assert!(!dest.join("failed/linked.txt").exists());
+    assert_eq!(std::fs::read(&outside).unwrap(), b"not to be read");
+    assert_eq!(std::fs::metadata(&outside).unwrap().nlink(), 1);
+    assert_eq!(w.staged_files(), 0, "staging empty");
+    token.cancel();
+    task.await.unwrap().unwrap();
+}
