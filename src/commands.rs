@@ -67,22 +67,67 @@ async fn run(path: &Path) -> ExitCode {
         Err(code) => return code,
     };
     logging::init(config.log.format, &config.log.level);
-    let shutdown = match signal::shutdown_token() {
-        Ok(t) => t,
-        Err(e) => {
+    let (shutdown, reload) = match (signal::shutdown_token(), signal::reload_notify()) {
+        (Ok(t), Ok(r)) => (t, r),
+        (Err(e), _) | (_, Err(e)) => {
             tracing::error!(error = %e, "cannot install signal handlers");
             return ExitCode::from(EXIT_UNAVAILABLE);
         }
     };
-    match app::run(config, shutdown).await {
-        Ok(()) => {
-            tracing::info!("stopped");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
+    let mut config = config;
+    loop {
+        // One agent per configuration. SIGHUP: the new file is validated first; a bad one is
+        // refused (the agent keeps running on the old one), a good one replaces the agent
+        // through a graceful stop, which the journal makes lossless.
+        let generation = shutdown.child_token();
+        let next: std::sync::Arc<std::sync::Mutex<Option<Config>>> = std::sync::Arc::default();
+        let watcher = {
+            let (generation, next, reload, path) = (
+                generation.clone(),
+                std::sync::Arc::clone(&next),
+                std::sync::Arc::clone(&reload),
+                path.to_path_buf(),
+            );
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        () = generation.cancelled() => return,
+                        () = reload.notified() => {}
+                    }
+                    match Config::load(&path) {
+                        Ok(c) => {
+                            tracing::info!(config = %path.display(), "SIGHUP: configuration valid, restarting the agent on it");
+                            *next
+                                .lock()
+                                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(c);
+                            generation.cancel();
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "SIGHUP: configuration refused; still running on the previous one")
+                        }
+                    }
+                }
+            })
+        };
+        let result = app::run(config, generation.clone()).await;
+        generation.cancel();
+        watcher.await.ok();
+        if let Err(e) = result {
             tracing::error!(error = %e, "fatal");
             eprintln!("dropscan: {e}");
-            e.exit_code()
+            return e.exit_code();
+        }
+        let reloaded = next
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        match reloaded {
+            Some(c) if !shutdown.is_cancelled() => config = c,
+            _ => {
+                tracing::info!("stopped");
+                return ExitCode::SUCCESS;
+            }
         }
     }
 }

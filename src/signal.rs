@@ -1,7 +1,11 @@
 //! Signals: the first SIGINT or SIGTERM cancels the root token (graceful shutdown); a second one
 //! exits at once. The journal makes that safe: whatever was in flight resumes at the next start.
+//! SIGHUP asks for a reload of the configuration (`systemctl reload dropscan`).
+
+use std::sync::Arc;
 
 use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 /// Exit code after a second signal (128 + SIGINT, as shells report it).
@@ -33,4 +37,17 @@ pub fn shutdown_token() -> std::io::Result<CancellationToken> {
         }
     });
     Ok(token)
+}
+
+/// Spawns a SIGHUP watcher; the returned `Notify` is woken on each SIGHUP.
+pub fn reload_notify() -> std::io::Result<Arc<Notify>> {
+    let notify = Arc::new(Notify::new());
+    let mut hup = signal(SignalKind::hangup())?;
+    let n = Arc::clone(&notify);
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            n.notify_one();
+        }
+    });
+    Ok(notify)
 }

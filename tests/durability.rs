@@ -370,3 +370,41 @@ async fn metrics_and_health_endpoints_answer() {
     assert!(body.2.starts_with("HTTP/1.1 200"), "{}", body.2);
     agent.stop().await.0.unwrap();
 }
+
+fn sighup(child: &Child) {
+    let pid = rustix::process::Pid::from_raw(i32::try_from(child.id()).unwrap()).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::HUP).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_a_valid_config_and_refuses_a_bad_one() {
+    let mut w = World::quick().await;
+    let config = w.write_config();
+    let mut child = spawn_agent(&config);
+    w.drop_file("first.txt", b"before any reload");
+    w.wait_placed(1, Duration::from_secs(30)).await;
+    // A broken file: refused, the agent goes on with the old one.
+    let good = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, good.replace("[state]", "[state]\nbogus = 1")).unwrap();
+    sighup(&child);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    w.drop_file("second.txt", b"still running");
+    w.wait_placed(2, Duration::from_secs(30)).await;
+    assert!(child.try_wait().unwrap().is_none(), "still running");
+    // A valid file with a second inbox: taken.
+    let inbox2 = w.dir.path().join("inbox2");
+    std::fs::create_dir_all(&inbox2).unwrap();
+    w.more_watches = "[[watch]]\npath = \"inbox2\"\nsettle = \"300ms\"\nclean_dir = \"out2/clean\"\nquarantine_dir = \"out2/quarantine\"\nfailed_dir = \"out2/failed\"\n".into();
+    w.write_config();
+    sighup(&child);
+    std::fs::write(inbox2.join("third.txt"), b"new inbox").unwrap();
+    let out2 = w.dir.path().join("out2/clean/third.txt");
+    wait_for(Duration::from_secs(30), || out2.exists().then_some(()))
+        .await
+        .expect("the reloaded config's new inbox is served");
+    sigterm(&child);
+    let status = wait_exit(&mut child, Duration::from_secs(20))
+        .await
+        .expect("stops");
+    assert!(status.success(), "{status:?}");
+}
