@@ -266,6 +266,23 @@ async fn claim_batch(shared: &Shared, batch: &[Settled]) -> Vec<(FileId, PathBuf
     if claims.is_empty() {
         return Vec::new();
     }
+    // A staging folder removed by hand while we run is made again (else every claim would
+    // fail as if another agent had taken the file, silently).
+    for w in watches.iter() {
+        if !w.staging_dir.is_dir() {
+            let dir = w.staging_dir.clone();
+            match tokio::task::spawn_blocking(move || fsops::create_dir_all_mode(&dir, 0o700)).await
+            {
+                Ok(Ok(())) => {
+                    tracing::warn!(staging = %w.staging_dir.display(), "staging folder was missing; made it again")
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "cannot make the staging folder; files stay in the inbox")
+                }
+                Err(e) => tracing::error!(error = %e, "staging folder task failed"),
+            }
+        }
+    }
     let staged: Vec<PathBuf> = claims.iter().map(|c| c.staged.clone()).collect();
     let ids = match shared.journal.claim(claims).await {
         Ok(ids) => ids,

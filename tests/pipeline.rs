@@ -507,3 +507,16 @@ async fn destinations_on_another_filesystem_are_copied_and_verified() {
     token.cancel();
     task.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_staging_folder_removed_by_hand_is_made_again() {
+    let w = World::quick().await;
+    let agent = w.start_agent();
+    w.drop_file("one.txt", b"1");
+    w.wait_placed(1, LIMIT).await;
+    std::fs::remove_dir_all(w.inbox.join(".dropscan")).unwrap();
+    w.drop_file("two.txt", b"2");
+    let o = w.wait_placed(2, LIMIT).await;
+    assert_eq!(o[&PathBuf::from("two.txt")], Outcome::Clean);
+    agent.stop().await.0.unwrap();
+}
