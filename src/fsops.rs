@@ -395,9 +395,15 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), FsError>
     result
 }
 
+/// Longest file name we place: room is left for ` (9999)` and `.dropscan.json` within the
+/// 255 bytes most filesystems allow.
+const MAX_PLACED_NAME: usize = 200;
+
 /// Makes a relative path from a user's file name safe to join under a folder: root and prefix
 /// components are dropped, `.` is dropped, `..` becomes `_..` (kept visible, never climbing), and
-/// an empty result becomes `_`.
+/// an empty result becomes `_`. The file name is shortened to [`MAX_PLACED_NAME`] bytes (keeping
+/// a short extension), and a name ending like our own temp or sidecar files gets a `_` so that
+/// nothing of ours can ever be mistaken for it.
 pub fn safe_relative(rel: &Path) -> PathBuf {
     let mut out = PathBuf::new();
     for c in rel.components() {
@@ -410,6 +416,36 @@ pub fn safe_relative(rel: &Path) -> PathBuf {
     if out.as_os_str().is_empty() {
         out.push("_");
     }
+    if let Some(name) = out.file_name() {
+        let mut name = shorten(name.as_bytes());
+        if name.ends_with(PARTIAL_SUFFIX.as_bytes()) || name.ends_with(SIDECAR_SUFFIX.as_bytes()) {
+            name.push(b'_');
+        }
+        out.set_file_name(OsString::from_vec(name));
+    }
+    out
+}
+
+/// Cuts a name to [`MAX_PLACED_NAME`] bytes, keeping an extension of up to 16 bytes and never
+/// splitting a UTF-8 character.
+fn shorten(name: &[u8]) -> Vec<u8> {
+    if name.len() <= MAX_PLACED_NAME {
+        return name.to_vec();
+    }
+    let ext_at = name
+        .iter()
+        .rposition(|b| *b == b'.')
+        .filter(|i| *i > 0 && name.len() - i <= 16)
+        .unwrap_or(name.len());
+    let ext = &name[ext_at..];
+    let mut keep = MAX_PLACED_NAME - ext.len();
+    if let Ok(s) = std::str::from_utf8(&name[..ext_at]) {
+        while !s.is_char_boundary(keep) {
+            keep -= 1;
+        }
+    }
+    let mut out = name[..keep.min(ext_at)].to_vec();
+    out.extend_from_slice(ext);
     out
 }
 
@@ -440,13 +476,12 @@ fn numbered(name: &OsStr, n: u32) -> OsString {
 /// replace if someone took the name meanwhile.
 pub fn free_name(dest_root: &Path, rel: &Path, dir_mode: u32) -> Result<PathBuf, FsError> {
     let rel = safe_relative(rel);
-    let target = dest_root.join(&rel);
-    let dir = parent(&target).to_path_buf();
-    create_dir_all_mode(&dir, dir_mode)?;
-    let name = target
+    let dir = real_folders(dest_root, rel.parent().unwrap_or(Path::new("")), dir_mode)?;
+    let name = rel
         .file_name()
         .unwrap_or_else(|| OsStr::new("_"))
         .to_os_string();
+    let target = dir.join(&name);
     let taken = |p: &Path| {
         std::fs::symlink_metadata(p).is_ok() || std::fs::symlink_metadata(sidecar_path(p)).is_ok()
     };
@@ -460,6 +495,55 @@ pub fn free_name(dest_root: &Path, rel: &Path, dir_mode: u32) -> Result<PathBuf,
         }
     }
     Err(FsError::AlreadyExists { path: target })
+}
+
+/// Makes the folders of `rel_dir` below the (trusted, admin-configured) `dest_root`, never
+/// walking through a symlink or a file that stands where a folder should be: someone with write
+/// access to a destination could otherwise plant `sub -> /etc` and have a file placed there.
+/// Such an entry is left alone and a numbered folder (`sub (1)`) is used beside it.
+fn real_folders(dest_root: &Path, rel_dir: &Path, dir_mode: u32) -> Result<PathBuf, FsError> {
+    create_dir_all_mode(dest_root, dir_mode)?;
+    let mut dir = dest_root.to_path_buf();
+    for comp in rel_dir.components() {
+        let Component::Normal(name) = comp else {
+            continue;
+        };
+        let mut n = 0;
+        dir = loop {
+            let candidate = if n == 0 {
+                dir.join(name)
+            } else {
+                dir.join(numbered(name, n))
+            };
+            match std::fs::symlink_metadata(&candidate) {
+                // `symlink_metadata` does not follow: a symlink is never `is_dir` here.
+                Ok(m) if m.is_dir() => break candidate,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    match std::fs::DirBuilder::new().mode(dir_mode).create(&candidate) {
+                        Ok(()) => {
+                            std::fs::set_permissions(
+                                &candidate,
+                                std::fs::Permissions::from_mode(dir_mode),
+                            )
+                            .map_err(|e| FsError::io(&candidate, "chmod folder", e))?;
+                            fsync_dir(&dir)?;
+                            break candidate;
+                        }
+                        // Made meanwhile by someone else: look at it again.
+                        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                        Err(e) => return Err(FsError::io(&candidate, "create folder", e)),
+                    }
+                }
+                Err(e) => return Err(FsError::io(&candidate, "stat", e)),
+            }
+            n += 1;
+            if n > MAX_NUMBERED {
+                return Err(FsError::AlreadyExists { path: candidate });
+            }
+        };
+    }
+    Ok(dir)
 }
 
 /// Options for a placement.
@@ -616,6 +700,8 @@ pub fn remove_partials(dir: &Path) -> usize {
             if ft.is_dir() {
                 stack.push(e.path());
             } else if ft.is_file()
+                // Ours are hidden (a leading dot); users' dotfiles are never placed.
+                && e.file_name().as_bytes().starts_with(b".")
                 && e.file_name()
                     .as_bytes()
                     .ends_with(PARTIAL_SUFFIX.as_bytes())
@@ -668,6 +754,45 @@ mod tests {
             proptest::prop_assert!(joined != dest);
             proptest::prop_assert!(!joined.components().any(|c| matches!(c, Component::ParentDir)));
         }
+    }
+
+    #[test]
+    fn names_like_ours_and_overlong_names_are_made_safe() {
+        assert_eq!(
+            safe_relative(Path::new("a/x.dropscan-partial")),
+            PathBuf::from("a/x.dropscan-partial_")
+        );
+        assert_eq!(
+            safe_relative(Path::new("y.pdf.dropscan.json")),
+            PathBuf::from("y.pdf.dropscan.json_")
+        );
+        let long = format!("{}.pdf", "ä".repeat(200));
+        let safe = safe_relative(Path::new(&long));
+        let name = safe.file_name().unwrap().to_str().expect("still UTF-8");
+        assert!(name.len() <= MAX_PLACED_NAME, "{}", name.len());
+        assert!(name.ends_with(".pdf"));
+        // A user's visible file with our suffix is never removed as a leftover.
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("user.dropscan-partial"), b"x").unwrap();
+        std::fs::write(d.path().join(".ours.dropscan-partial"), b"x").unwrap();
+        assert_eq!(remove_partials(d.path()), 1);
+        assert!(d.path().join("user.dropscan-partial").exists());
+    }
+
+    #[test]
+    fn a_planted_symlink_or_file_in_the_destination_is_walked_around() {
+        let d = tempfile::tempdir().unwrap();
+        let dest = d.path().join("clean");
+        let elsewhere = d.path().join("elsewhere");
+        std::fs::create_dir_all(&dest).unwrap();
+        std::fs::create_dir_all(&elsewhere).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, dest.join("sub")).unwrap();
+        std::fs::write(dest.join("file-here"), b"x").unwrap();
+        let t = free_name(&dest, Path::new("sub/a.txt"), 0o755).unwrap();
+        assert_eq!(t, dest.join("sub (1)/a.txt"));
+        let t = free_name(&dest, Path::new("file-here/b.txt"), 0o755).unwrap();
+        assert_eq!(t, dest.join("file-here (1)/b.txt"));
+        assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);
     }
 
     #[test]

@@ -201,11 +201,14 @@ async fn server_outage_files_wait_and_the_agent_recovers_by_itself() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unwritable_destination_keeps_the_file_in_staging_and_retries() {
     let w = World::quick().await;
-    // A regular file where the destination needs a folder: every move into it fails (as a full
-    // or read-only destination would, and unlike permissions this also holds for root).
-    std::fs::create_dir_all(&w.clean).unwrap();
-    std::fs::write(w.clean.join("sub"), b"blocker").unwrap();
     let agent = w.start_agent();
+    // The destination folder is gone and a regular file stands in its place: every move into
+    // it fails, as with a read-only or unmounted share (and unlike permissions, also for root).
+    wait_for(Duration::from_secs(10), || w.clean.is_dir().then_some(()))
+        .await
+        .unwrap();
+    std::fs::remove_dir_all(&w.clean).unwrap();
+    std::fs::write(&w.clean, b"blocker").unwrap();
     w.drop_file("sub/precious.bin", &bytes(5, 50_000));
     // The verdict arrives, the move fails, the file waits in staging.
     let staged = wait_for(Duration::from_secs(20), || {
@@ -215,13 +218,9 @@ async fn unwritable_destination_keeps_the_file_in_staging_and_retries() {
     assert!(staged.is_some());
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(w.staged_files(), 1, "file kept in staging");
-    // Only the blocker is in clean.
-    assert_eq!(
-        w.outcomes().keys().collect::<Vec<_>>(),
-        vec![&PathBuf::from("sub")]
-    );
+    assert!(w.clean.is_file(), "nothing replaced the blocker");
     // The admin fixes the destination: the retry places it.
-    std::fs::remove_file(w.clean.join("sub")).unwrap();
+    std::fs::remove_file(&w.clean).unwrap();
     let o = w.wait_placed(1, Duration::from_secs(60)).await;
     assert_eq!(o[&PathBuf::from("sub/precious.bin")], Outcome::Clean);
     assert_eq!(
@@ -407,4 +406,87 @@ async fn sighup_reloads_a_valid_config_and_refuses_a_bad_one() {
         .await
         .expect("stops");
     assert!(status.success(), "{status:?}");
+}
+
+/// A small tmpfs, unmounted on drop. None where mounting is not allowed (not root, a sandbox).
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &std::path::Path, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(at).ok()?;
+        let ok = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0755"),
+                "tmpfs",
+            ])
+            .arg(at)
+            .stderr(Stdio::null())
+            .status()
+            .ok()?
+            .success();
+        ok.then(|| Tmpfs(at.to_path_buf()))
+    }
+
+    fn resize(&self, size: &str) {
+        let ok = Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "remount failed");
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        Command::new("umount").arg("-l").arg(&self.0).status().ok();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_destination_keeps_the_file_until_there_is_room() {
+    let w = World::quick().await;
+    let Some(fs) = Tmpfs::mount(&w.clean, "256k") else {
+        eprintln!(
+            "cannot mount a tmpfs here: the full-disk test is skipped (the unwritable-destination test still runs)"
+        );
+        return;
+    };
+    let agent = w.start_agent();
+    let big = bytes(77, 1 << 20);
+    w.drop_file("big.iso", &big);
+    // Verdict clean, destination full: the copy fails with ENOSPC, the file waits in staging.
+    let waiting = wait_for(Duration::from_secs(30), || {
+        let s = dropscan::journal::read_summary(&w.state_dir().join("journal.sqlite")).ok()?;
+        s.last_errors
+            .iter()
+            .any(|(_, t)| t.contains("full") || t.contains("space"))
+            .then_some(())
+    })
+    .await;
+    assert!(waiting.is_some(), "the full destination is reported");
+    assert_eq!(w.staged_files(), 1, "kept in staging");
+    assert!(!w.clean.join("big.iso").exists());
+    // Room is made: the retry places it, whole, with no partial copy left.
+    fs.resize("8m");
+    let o = w.wait_placed(1, Duration::from_secs(90)).await;
+    assert_eq!(o[&PathBuf::from("big.iso")], Outcome::Clean);
+    assert_eq!(std::fs::read(w.clean.join("big.iso")).unwrap(), big);
+    assert_eq!(w.staged_files(), 0);
+    let leftovers: Vec<_> = std::fs::read_dir(&w.clean)
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .ends_with(".dropscan-partial")
+        })
+        .collect();
+    assert!(leftovers.is_empty());
+    agent.stop().await.0.unwrap();
+    drop(fs);
 }

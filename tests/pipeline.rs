@@ -520,3 +520,25 @@ async fn a_staging_folder_removed_by_hand_is_made_again() {
     assert_eq!(o[&PathBuf::from("two.txt")], Outcome::Clean);
     agent.stop().await.0.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_symlink_planted_in_a_destination_is_never_followed() {
+    let w = World::quick().await;
+    let elsewhere = w.dir.path().join("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    std::fs::create_dir_all(&w.clean).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, w.clean.join("reports")).unwrap();
+    let agent = w.start_agent();
+    w.drop_file("reports/q3.txt", b"quarterly");
+    wait_for(LIMIT, || {
+        w.clean.join("reports (1)/q3.txt").exists().then_some(())
+    })
+    .await
+    .expect("placed beside the planted symlink");
+    assert_eq!(
+        std::fs::read_dir(&elsewhere).unwrap().count(),
+        0,
+        "nothing written through the symlink"
+    );
+    agent.stop().await.0.unwrap();
+}
