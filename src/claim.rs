@@ -266,21 +266,41 @@ async fn claim_batch(shared: &Shared, batch: &[Settled]) -> Vec<(FileId, PathBuf
     if claims.is_empty() {
         return Vec::new();
     }
-    // A staging folder removed by hand while we run is made again (else every claim would
-    // fail as if another agent had taken the file, silently).
+    // The staging folder lives in the inbox, where users can write: it must still be a real
+    // folder all the way down (a `.dropscan` swapped for a symlink must not redirect claimed
+    // files), and one removed by hand is made again. A root whose staging is unsafe is not
+    // claimed from: its files stay in the inbox and the error says why.
+    let mut unsafe_roots = Vec::new();
     for w in watches.iter() {
-        if !w.staging_dir.is_dir() {
-            let dir = w.staging_dir.clone();
-            match tokio::task::spawn_blocking(move || fsops::create_dir_all_mode(&dir, 0o700)).await
-            {
-                Ok(Ok(())) => {
-                    tracing::warn!(staging = %w.staging_dir.display(), "staging folder was missing; made it again")
-                }
-                Ok(Err(e)) => {
-                    tracing::error!(error = %e, "cannot make the staging folder; files stay in the inbox")
-                }
-                Err(e) => tracing::error!(error = %e, "staging folder task failed"),
+        if !claims.iter().any(|c| c.root == w.path) {
+            continue;
+        }
+        let (base, dir) = (w.path.clone(), w.staging_dir.clone());
+        let check =
+            tokio::task::spawn_blocking(move || fsops::ensure_real_dir(&base, &dir, 0o700)).await;
+        match check {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::error!(staging = %w.staging_dir.display(), error = %e, "staging folder is not safe; files stay in the inbox");
+                unsafe_roots.push(w.path.clone());
             }
+            Err(e) => {
+                tracing::error!(error = %e, "staging check failed");
+                unsafe_roots.push(w.path.clone());
+            }
+        }
+    }
+    if !unsafe_roots.is_empty() {
+        let keep: Vec<bool> = claims
+            .iter()
+            .map(|c| !unsafe_roots.contains(&c.root))
+            .collect();
+        let mut k = keep.iter();
+        claims.retain(|_| *k.next().unwrap_or(&false));
+        let mut k = keep.iter();
+        sources.retain(|_| *k.next().unwrap_or(&false));
+        if claims.is_empty() {
+            return Vec::new();
         }
     }
     let staged: Vec<PathBuf> = claims.iter().map(|c| c.staged.clone()).collect();

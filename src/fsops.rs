@@ -546,6 +546,52 @@ fn real_folders(dest_root: &Path, rel_dir: &Path, dir_mode: u32) -> Result<PathB
     Ok(dir)
 }
 
+/// Makes sure `dir` is a real folder all the way down from `base` (trusted): every component
+/// below `base` must be a folder, not a symlink or a file; missing ones are made with `mode`. For
+/// the staging folder, which lives inside an inbox that users can write to: a `.dropscan`
+/// replaced by a symlink must not redirect claimed files elsewhere.
+pub fn ensure_real_dir(base: &Path, dir: &Path, mode: u32) -> Result<(), FsError> {
+    let rel = dir.strip_prefix(base).unwrap_or(dir);
+    let mut cur = if rel == dir {
+        PathBuf::from("/")
+    } else {
+        base.to_path_buf()
+    };
+    for comp in rel.components() {
+        let Component::Normal(name) = comp else {
+            continue;
+        };
+        let next = cur.join(name);
+        match std::fs::symlink_metadata(&next) {
+            Ok(m) if m.is_dir() => {}
+            Ok(m) => {
+                return Err(FsError::NotRegular {
+                    path: next,
+                    kind: if m.file_type().is_symlink() {
+                        "symlink where a folder must be"
+                    } else {
+                        "file where a folder must be"
+                    },
+                });
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                match std::fs::DirBuilder::new().mode(mode).create(&next) {
+                    Ok(()) => {
+                        std::fs::set_permissions(&next, std::fs::Permissions::from_mode(mode))
+                            .map_err(|e| FsError::io(&next, "chmod folder", e))?;
+                        fsync_dir(&cur)?;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                    Err(e) => return Err(FsError::io(&next, "create folder", e)),
+                }
+            }
+            Err(e) => return Err(FsError::io(&next, "stat", e)),
+        }
+        cur = next;
+    }
+    Ok(())
+}
+
 /// Options for a placement.
 #[derive(Debug, Clone, Copy)]
 pub struct PlaceOptions {

@@ -542,3 +542,32 @@ async fn a_symlink_planted_in_a_destination_is_never_followed() {
     );
     agent.stop().await.0.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_staging_folder_swapped_for_a_symlink_is_refused() {
+    let w = World::quick().await;
+    let agent = w.start_agent();
+    w.drop_file("one.txt", b"1");
+    w.wait_placed(1, LIMIT).await;
+    // A user with write access to the inbox swaps `.dropscan` for a symlink.
+    let elsewhere = w.dir.path().join("elsewhere");
+    std::fs::create_dir_all(elsewhere.join("test")).unwrap();
+    std::fs::remove_dir_all(w.inbox.join(".dropscan")).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, w.inbox.join(".dropscan")).unwrap();
+    w.drop_file("two.txt", b"2");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        std::fs::read_dir(elsewhere.join("test")).unwrap().count(),
+        0,
+        "nothing moved through the symlink"
+    );
+    assert!(
+        w.inbox.join("two.txt").exists(),
+        "the file stays in the inbox"
+    );
+    // The admin removes the symlink: staging is made again and the file goes through.
+    std::fs::remove_file(w.inbox.join(".dropscan")).unwrap();
+    let o = w.wait_placed(2, LIMIT).await;
+    assert_eq!(o[&PathBuf::from("two.txt")], Outcome::Clean);
+    agent.stop().await.0.unwrap();
+}
