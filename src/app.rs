@@ -26,6 +26,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use futures_util::FutureExt;
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -158,58 +159,102 @@ impl Agent {
         let failure: Arc<std::sync::Mutex<Option<FatalError>>> = Arc::default();
         let watches: Arc<[crate::config::WatchConfig]> = cfg.watches.clone().into();
 
-        {
-            let (stages, failure, watches) =
-                (stages.clone(), Arc::clone(&failure), Arc::clone(&watches));
-            tracker.spawn(async move {
-                if let Err(e) = watch::run(watches, candidates_tx, stages.clone()).await {
-                    tracing::error!(stage = "watch", error = %e, "stage failed");
-                    *failure
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner) =
-                        Some(FatalError::Watch(e.to_string()));
-                    stages.cancel();
+        // Every stage runs until `stages` is cancelled. One that ends before that (a panic, a
+        // fatal error) is logged by name and stops the others: the journal makes a restart by
+        // the service manager lossless, while a half-running pipeline would silently stall.
+        let stage =
+            |name: &'static str,
+             fut: std::pin::Pin<Box<dyn Future<Output = Result<(), String>> + Send>>| {
+                let (stages, failure) = (stages.clone(), Arc::clone(&failure));
+                tracker.spawn(async move {
+                let outcome = std::panic::AssertUnwindSafe(fut).catch_unwind().await;
+                if stages.is_cancelled() {
+                    return;
                 }
+                let detail = match outcome {
+                    Ok(Ok(())) => "ended".to_string(),
+                    Ok(Err(e)) => e,
+                    Err(_) => "panicked".to_string(),
+                };
+                tracing::error!(stage = name, %detail, "stage stopped unexpectedly; stopping the agent");
+                failure
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .get_or_insert(FatalError::Stage { stage: name, detail });
+                stages.cancel();
             });
+            };
+        {
+            let (watches, stages) = (Arc::clone(&watches), stages.clone());
+            stage(
+                "watch",
+                Box::pin(async move {
+                    watch::run(watches, candidates_tx, stages)
+                        .await
+                        .map_err(|e| e.to_string())
+                }),
+            );
         }
-        tracker.spawn(settle::run(
-            watches,
-            candidates_rx,
-            settled_tx,
-            stages.clone(),
-        ));
-        tracker.spawn(claim::run(
-            Arc::clone(&shared),
-            settled_rx,
-            claimed_tx,
-            verdicts_tx.clone(),
-            resume.claimed,
-            stages.clone(),
-        ));
-        tracker.spawn(upload::run(
-            Arc::clone(&shared),
-            claimed_rx,
-            resubmit.clone(),
-            submitted_tx,
-            verdicts_tx.clone(),
-            stages.clone(),
-        ));
-        tracker.spawn(poll::run(
-            Arc::clone(&shared),
-            submitted_rx,
-            resubmit.clone(),
-            verdicts_tx,
-            resume.submitted,
-            resume.submitting,
-            stages.clone(),
-        ));
-        tracker.spawn(sort::run(
-            Arc::clone(&shared),
-            verdicts_rx,
-            resubmit,
-            resume.to_place,
-            stages.clone(),
-        ));
+        stage(
+            "settle",
+            Box::pin(settle::run(watches, candidates_rx, settled_tx, stages.clone()).map(Ok)),
+        );
+        stage(
+            "claim",
+            Box::pin(
+                claim::run(
+                    Arc::clone(&shared),
+                    settled_rx,
+                    claimed_tx,
+                    verdicts_tx.clone(),
+                    resume.claimed,
+                    stages.clone(),
+                )
+                .map(Ok),
+            ),
+        );
+        stage(
+            "upload",
+            Box::pin(
+                upload::run(
+                    Arc::clone(&shared),
+                    claimed_rx,
+                    resubmit.clone(),
+                    submitted_tx,
+                    verdicts_tx.clone(),
+                    stages.clone(),
+                )
+                .map(Ok),
+            ),
+        );
+        stage(
+            "poll",
+            Box::pin(
+                poll::run(
+                    Arc::clone(&shared),
+                    submitted_rx,
+                    resubmit.clone(),
+                    verdicts_tx,
+                    resume.submitted,
+                    resume.submitting,
+                    stages.clone(),
+                )
+                .map(Ok),
+            ),
+        );
+        stage(
+            "sort",
+            Box::pin(
+                sort::run(
+                    Arc::clone(&shared),
+                    verdicts_rx,
+                    resubmit,
+                    resume.to_place,
+                    stages.clone(),
+                )
+                .map(Ok),
+            ),
+        );
         tracker.spawn(housekeeping(Arc::clone(&shared), stages.clone()));
         if let Some(addr) = cfg.metrics_listen {
             let (m, l, s) = (

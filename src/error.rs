@@ -40,9 +40,6 @@ pub enum FatalError {
         /// The OS error.
         source: std::io::Error,
     },
-    /// A watcher cannot start.
-    #[error("watcher: {0}")]
-    Watch(String),
     /// A pipeline stage stopped unexpectedly.
     #[error("stage {stage} stopped unexpectedly: {detail}")]
     Stage {
