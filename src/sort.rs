@@ -366,6 +366,10 @@ impl Sorter {
         if let Err(e) = self.shared.journal.rehash(rec.id).await {
             return Step::Retry(format!("journal write failed: {e}"));
         }
+        // The old scan's result is of no use any more: delete it on the server.
+        if let (false, Some(old)) = (rec.reused, rec.scan_id.clone()) {
+            self.shared.journal.stale_scan(old).await.ok();
+        }
         match claim::hash_record(&self.shared, rec.id, rec.staged.clone()).await {
             Hashed::Ready(c) => self.resubmit.push(c),
             Hashed::Decided(_) => {
