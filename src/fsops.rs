@@ -397,7 +397,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), FsError>
 
 /// Longest file name we place: room is left for ` (9999)` and `.dropscan.json` within the
 /// 255 bytes most filesystems allow.
-const MAX_PLACED_NAME: usize = 200;
+pub const MAX_PLACED_NAME: usize = 200;
 
 /// Makes a relative path from a user's file name safe to join under a folder: root and prefix
 /// components are dropped, `.` is dropped, `..` becomes `_..` (kept visible, never climbing), and
