@@ -34,7 +34,13 @@ use tokio_util::task::TaskTracker;
 use crate::claim::{self, Claimed};
 use crate::config::Config;
 use crate::error::FatalError;
-use crate::fsops;
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::OsStrExt;
+
+use crate::fsops::place::Claim;
+use crate::fsops::roots::{Owner, RootDirs, Which};
+use crate::fsops::{self, Dir, FsError};
+use crate::journal::Stamp;
 use crate::journal::{FileId, FileState, Journal, NewClaim};
 use crate::kata::KataClient;
 use crate::limits::Limits;
@@ -59,9 +65,82 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Placement events, for the demo, tests and any observer.
     pub events: broadcast::Sender<Placement>,
+    /// The folders of each watched root, as descriptors (same order as `config.watches`).
+    pub roots: Vec<RootDirs>,
+    /// This host, as written in the staging folders' owner markers.
+    pub owner: Owner,
+    /// Per root: whether its failed folder is on the inbox's filesystem, so that a hard-linked
+    /// file can be moved there unread.
+    pub hard_links_ok: Vec<bool>,
+    /// Paths already warned about (hard-linked files left in the inbox), to warn once.
+    warned: std::sync::Mutex<HashSet<PathBuf>>,
 }
 
 impl Shared {
+    /// The index of the watched root `root` (a journal record's root).
+    pub fn root_index(&self, root: &Path) -> Option<usize> {
+        self.config.watches.iter().position(|w| w.path == root)
+    }
+
+    /// The staging folder holding `staged` (a journal record's staged path), opened beneath
+    /// its root, and the file's name in it.
+    pub fn staging_of(&self, staged: &Path) -> Result<(Arc<Dir>, OsString), FsError> {
+        let parent = staged.parent().unwrap_or(Path::new(""));
+        let name = staged.file_name().map(OsStr::to_os_string);
+        let i = self.config.watches.iter().position(|w| w.staging_dir == parent);
+        match (i, name) {
+            (Some(i), Some(name)) => Ok((self.roots[i].get(Which::Staging, false)?, name)),
+            _ => Err(FsError::NotBeneath {
+                path: staged.to_path_buf(),
+            }),
+        }
+    }
+
+    /// Opens a staged file for reading; it must still be the file that was hashed.
+    pub fn open_staged(&self, staged: &Path, hashed: &Stamp) -> Result<std::fs::File, FsError> {
+        let (dir, name) = self.staging_of(staged)?;
+        let (file, now) = dir.open_file(&name)?;
+        if !fsops::same_file(hashed, &now.stamp()) {
+            return Err(FsError::Changed {
+                path: staged.to_path_buf(),
+                detail: "changed since it was hashed".into(),
+            });
+        }
+        Ok(file)
+    }
+
+    /// Makes sure root `i`'s staging folder is safe to claim into: opened beneath the inbox
+    /// without following links (made again if removed) and owned by this host.
+    pub fn staging_ready(&self, i: usize) -> Result<(), FsError> {
+        let staging = self.roots[i].get(Which::Staging, true)?;
+        fsops::roots::claim_owner_if_missing(&staging, &self.owner)
+    }
+
+    /// Claims the settled file `rel` of root `i` into its staging folder as `name`.
+    pub fn claim_file(
+        &self,
+        i: usize,
+        rel: &Path,
+        settled: &Stamp,
+        name: &OsStr,
+    ) -> Result<Claim, FsError> {
+        let inbox = self.roots[i].get(Which::Inbox, false)?;
+        let staging = self.roots[i].get(Which::Staging, false)?;
+        fsops::place::claim(&inbox, rel, settled, &staging, name, self.hard_links_ok[i])
+    }
+
+    /// True the first time `path` is warned about.
+    pub fn first_warning(&self, path: &Path) -> bool {
+        let mut w = self
+            .warned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if w.len() > 10_000 {
+            w.clear();
+        }
+        w.insert(path.to_path_buf())
+    }
+
     /// A request to KATA failed: pause submissions accordingly, and when this changes the
     /// server's state (up → down, or → unauthorized), keep the error for `dropscan status`.
     pub async fn server_failed(&self, e: &crate::kata::ApiError) -> std::time::Duration {
@@ -101,7 +180,7 @@ impl Agent {
     /// Opens the journal, builds the client and prepares the folders.
     pub fn new(config: Config) -> Result<Self, FatalError> {
         let config = Arc::new(config);
-        prepare_folders(&config)?;
+        let (roots, hard_links_ok) = prepare_folders(&config)?;
         let journal = Journal::open(&config.journal_path())?;
         let client = KataClient::new(config.server.client_options())?;
         let limits = Limits::new(
@@ -117,6 +196,10 @@ impl Agent {
                 limits,
                 metrics: Arc::new(Metrics::default()),
                 events,
+                roots,
+                owner: Owner::this_host(),
+                hard_links_ok,
+                warned: std::sync::Mutex::default(),
             }),
         })
     }
@@ -141,7 +224,7 @@ impl Agent {
                 "starting without the server's restrictions; they are fetched again later"
             );
         }
-        let resume = reconcile(&shared).await?;
+        let resume = reconcile(&shared, &shutdown).await?;
 
         let (candidates_tx, candidates_rx) = mpsc::channel(watch::CANDIDATES_CAPACITY);
         let (settled_tx, settled_rx) = mpsc::channel(settle::SETTLED_CAPACITY);
@@ -300,61 +383,108 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Fata
     Agent::new(config)?.run(shutdown).await
 }
 
-/// Creates the destination and staging folders with their modes; a staging folder must be on
-/// the inbox's filesystem for the claim to be an atomic rename.
-fn prepare_folders(config: &Config) -> Result<(), FatalError> {
-    use std::os::unix::fs::MetadataExt;
+/// Opens every inbox and creates the destinations with their modes, each as a descriptor
+/// ([`RootDirs`]); a destination inside an inbox is opened beneath it without following links.
+/// Staging folders are left to [`reconcile`], which must first recognise each root.
+fn prepare_folders(config: &Config) -> Result<(Vec<RootDirs>, Vec<bool>), FatalError> {
+    let mut all = Vec::with_capacity(config.watches.len());
+    let mut hard_links_ok = Vec::with_capacity(config.watches.len());
     for w in &config.watches {
-        let meta = std::fs::metadata(&w.path).map_err(|source| FatalError::Io {
-            about: "watched folder",
-            path: w.path.clone(),
-            source,
-        })?;
-        if !meta.is_dir() {
-            return Err(FatalError::Io {
-                about: "watched folder is not a folder",
-                path: w.path.clone(),
-                source: std::io::Error::from(std::io::ErrorKind::NotADirectory),
-            });
+        let roots = RootDirs::new(w);
+        let folder = |about| move |source| FatalError::Folder { about, source };
+        let inbox = roots
+            .get(Which::Inbox, false)
+            .map_err(folder("watched folder"))?;
+        for which in [Which::Clean, Which::Failed, Which::Quarantine] {
+            roots
+                .get(which, true)
+                .map_err(folder("destination folder"))?;
         }
-        for (dir, mode) in [
-            (&w.clean_dir, 0o755),
-            (&w.failed_dir, 0o750),
-            (&w.quarantine_dir, 0o700),
-            (&w.staging_dir, 0o700),
-        ] {
-            fsops::create_dir_all_mode(dir, mode).map_err(|e| FatalError::Io {
-                about: "cannot create folder",
-                path: dir.clone(),
-                source: std::io::Error::other(e.to_string()),
-            })?;
-        }
-        if let Ok(m) = std::fs::metadata(&w.quarantine_dir) {
-            use std::os::unix::fs::PermissionsExt;
-            if m.permissions().mode() & 0o077 != 0 {
+        let quarantine = roots
+            .get(Which::Quarantine, false)
+            .map_err(folder("quarantine folder"))?;
+        if let Ok(st) = rustix::fs::fstat(quarantine.fd()) {
+            if st.st_mode & 0o077 != 0 {
                 tracing::warn!(
-                    path = %w.quarantine_dir.display(),
-                    mode = format!("{:o}", m.permissions().mode() & 0o777),
+                    path = %fsops::shown(quarantine.path()),
+                    mode = format!("{:o}", st.st_mode & 0o777),
                     "the quarantine folder is readable by others than its owner; consider chmod 0700"
                 );
             }
         }
-        let staging_dev = std::fs::metadata(&w.staging_dir)
-            .map(|m| m.dev())
-            .map_err(|source| FatalError::Io {
-                about: "staging folder",
-                path: w.staging_dir.clone(),
-                source,
-            })?;
-        if staging_dev != meta.dev() {
-            return Err(FatalError::Io {
-                about: "staging folder must be on the same filesystem as the inbox",
-                path: w.staging_dir.clone(),
-                source: std::io::Error::from(std::io::ErrorKind::CrossesDevices),
-            });
-        }
+        let inbox_dev = inbox.identity().map_err(folder("watched folder"))?.0;
+        let failed_dev = roots
+            .get(Which::Failed, false)
+            .and_then(|d| d.identity())
+            .map_err(folder("failed folder"))?
+            .0;
+        hard_links_ok.push(inbox_dev == failed_dev);
+        all.push(roots);
     }
-    Ok(())
+    Ok((all, hard_links_ok))
+}
+
+/// Recognises root `i` before anything under it is judged: its staging folder must exist
+/// (opened beneath the inbox, never through a link), be on the inbox's filesystem and be ours.
+/// A missing staging folder while records of the root are in flight means the inbox is not
+/// what it was (a share not mounted yet): wait for it rather than call every file vanished.
+async fn recognise_root(
+    shared: &Shared,
+    i: usize,
+    in_flight: usize,
+    shutdown: &CancellationToken,
+) -> Result<Option<Arc<Dir>>, FatalError> {
+    let roots = &shared.roots[i];
+    let unsafe_staging = |source| FatalError::Folder {
+        about: "staging folder",
+        source,
+    };
+    let mut waited = 0u64;
+    let staging = loop {
+        let inbox_ok = roots.get(Which::Inbox, false).is_ok();
+        match roots.staging_if_present().map_err(unsafe_staging)? {
+            Some(d) => break d,
+            None if in_flight == 0 && inbox_ok => {
+                break roots.get(Which::Staging, true).map_err(unsafe_staging)?;
+            }
+            None => {
+                if waited % 60 == 0 {
+                    tracing::warn!(
+                        inbox = %fsops::shown(roots.path(Which::Inbox)),
+                        staging = %fsops::shown(roots.path(Which::Staging)),
+                        files = in_flight,
+                        "the staging folder is missing while files are in flight: is the share \
+                         mounted? waiting for it (nothing is judged missing until it is back; if \
+                         the folder is really gone, create it empty to let dropscan close the records)"
+                    );
+                }
+                tokio::select! {
+                    () = shutdown.cancelled() => return Ok(None),
+                    () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                }
+                waited += 1;
+            }
+        }
+    };
+    let inbox = roots
+        .get(Which::Inbox, false)
+        .map_err(|source| FatalError::Folder {
+            about: "watched folder",
+            source,
+        })?;
+    let same_fs = match (inbox.identity(), staging.identity()) {
+        (Ok(a), Ok(b)) => a.0 == b.0,
+        _ => false,
+    };
+    if !same_fs {
+        return Err(FatalError::Io {
+            about: "staging folder must be on the same filesystem as the inbox",
+            path: roots.path(Which::Staging).to_path_buf(),
+            source: std::io::Error::from(std::io::ErrorKind::CrossesDevices),
+        });
+    }
+    fsops::roots::claim_owner(&staging, &shared.owner).map_err(unsafe_staging)?;
+    Ok(Some(staging))
 }
 
 /// What each stage resumes with.
@@ -367,7 +497,7 @@ struct Resume {
 }
 
 /// Reconciles the journal with the staging folders; see the module docs.
-async fn reconcile(shared: &Shared) -> Result<Resume, FatalError> {
+async fn reconcile(shared: &Shared, shutdown: &CancellationToken) -> Result<Resume, FatalError> {
     let journal = &shared.journal;
     let records = journal.in_states(&FileState::UNFINISHED).await?;
     let mut resume = Resume {
@@ -377,10 +507,37 @@ async fn reconcile(shared: &Shared) -> Result<Resume, FatalError> {
         submitted: Vec::new(),
         to_place: Vec::new(),
     };
+    // Every root is recognised first; records of a root no longer configured are left alone
+    // (the sorter says so when it meets them).
+    let mut stagings = Vec::with_capacity(shared.roots.len());
+    for i in 0..shared.roots.len() {
+        let in_flight = records
+            .iter()
+            .filter(|r| shared.root_index(&r.root) == Some(i))
+            .count();
+        match recognise_root(shared, i, in_flight, shutdown).await? {
+            Some(d) => stagings.push(d),
+            None => return Ok(resume),
+        }
+    }
+    let unfinished: HashSet<FileId> = records.iter().map(|r| r.id).collect();
     let mut known: HashSet<PathBuf> = HashSet::new();
     for r in records {
         known.insert(r.staged.clone());
-        let staged_exists = std::fs::symlink_metadata(&r.staged).is_ok();
+        let Some(i) = shared.root_index(&r.root) else {
+            tracing::warn!(id = r.id, root = %fsops::shown(&r.root), "record of a root that is no longer configured: left as it is");
+            continue;
+        };
+        let name = r.staged.file_name().unwrap_or_default();
+        let staged_exists = match stagings[i].exists(name) {
+            Ok(x) => x,
+            Err(e) => {
+                return Err(FatalError::Folder {
+                    about: "staging folder",
+                    source: e,
+                });
+            }
+        };
         match r.state {
             FileState::Claimed => {
                 if staged_exists {
@@ -397,7 +554,7 @@ async fn reconcile(shared: &Shared) -> Result<Resume, FatalError> {
             | FileState::Submitted
                 if !staged_exists =>
             {
-                tracing::warn!(id = r.id, path = %r.rel_path.display(), "staged file vanished while the agent was down");
+                tracing::warn!(id = r.id, path = %fsops::shown(&r.rel_path), "staged file vanished while the agent was down");
                 if let (FileState::Submitting | FileState::Submitted, Some(scan_id)) =
                     (r.state, r.scan_id.clone())
                 {
@@ -435,45 +592,68 @@ async fn reconcile(shared: &Shared) -> Result<Resume, FatalError> {
             FileState::Done => {}
         }
     }
-    // Staged files without a record: re-enter as new files.
+    // Staged files without an unfinished record re-enter as new files: under their original
+    // path when a finished record still names them (a file must never sit in staging behind a
+    // closed record), else under `recovered/`.
     let mut orphans = Vec::new();
-    for w in &shared.config.watches {
-        let Ok(entries) = std::fs::read_dir(&w.staging_dir) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let p = e.path();
-            if known.contains(&p) || !e.file_type().is_ok_and(|t| t.is_file()) {
+    for (i, staging) in stagings.iter().enumerate() {
+        let entries = staging.entries().map_err(|source| FatalError::Folder {
+            about: "staging folder",
+            source,
+        })?;
+        for (name, st) in entries {
+            let p = staging.path().join(&name);
+            if known.contains(&p) || !st.is_regular() || !name.as_bytes().ends_with(b".staged") {
                 continue;
             }
-            // A record may exist whose path we did not load (done records); ask the journal.
-            orphans.push((w.path.clone(), p));
+            orphans.push((i, name, p));
         }
     }
     if !orphans.is_empty() {
-        let staged: Vec<PathBuf> = orphans.iter().map(|(_, p)| p.clone()).collect();
-        let known = journal.known_staged(staged).await?;
+        let staged: Vec<PathBuf> = orphans.iter().map(|(_, _, p)| p.clone()).collect();
+        let previous = journal.closed_records_of(staged).await?;
         let mut claims = Vec::new();
-        for ((root, p), k) in orphans.into_iter().zip(known) {
-            if k {
-                continue;
-            }
-            tracing::warn!(path = %p.display(), "file in staging without a journal record: scanning it as new");
-            let name = p.file_name().map(PathBuf::from).unwrap_or_default();
+        let mut moves = Vec::new();
+        for ((i, name, p), prev) in orphans.into_iter().zip(previous) {
+            let w = &shared.config.watches[i];
+            let rel_path = match prev {
+                Some(rel) => {
+                    tracing::warn!(path = %fsops::shown(&rel), "file still in staging behind a finished record: scanning it again");
+                    rel
+                }
+                None => {
+                    tracing::warn!(path = %fsops::shown(&p), "file in staging without a journal record: scanning it as new");
+                    Path::new("recovered").join(&name)
+                }
+            };
+            // A fresh staged name: the old one may still be on a finished record.
+            let fresh = OsString::from(format!("{}.staged", uuid::Uuid::new_v4().simple()));
             claims.push(NewClaim {
-                root,
-                rel_path: Path::new("recovered").join(name),
-                staged: p,
+                root: w.path.clone(),
+                rel_path,
+                staged: w.staging_dir.join(&fresh),
                 dropped_at_ms: None,
             });
+            moves.push((i, name, fresh));
         }
         let staged: Vec<PathBuf> = claims.iter().map(|c| c.staged.clone()).collect();
         let ids = journal.claim(claims).await?;
-        resume.claimed.extend(ids.into_iter().zip(staged));
+        for ((id, to), (i, from, fresh)) in ids.into_iter().zip(staged).zip(moves) {
+            match fsops::rename_noreplace(&stagings[i], &from, &stagings[i], &fresh) {
+                Ok(_) => resume.claimed.push((id, to)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot re-enter a staged file; retried at the next start");
+                    journal.unclaim(vec![id]).await?;
+                }
+            }
+        }
     }
-    for w in &shared.config.watches {
-        for d in [&w.clean_dir, &w.quarantine_dir, &w.failed_dir] {
-            fsops::remove_partials(d);
+    for (i, roots) in shared.roots.iter().enumerate() {
+        let instance = instance_of(&shared.config.watches[i]);
+        for which in [Which::Clean, Which::Quarantine, Which::Failed] {
+            if let Ok(d) = roots.get(which, false) {
+                fsops::place::remove_partials(&d, &instance, &|id| unfinished.contains(&id));
+            }
         }
     }
     let n = resume.claimed.len()
@@ -490,6 +670,15 @@ async fn reconcile(shared: &Shared) -> Result<Resume, FatalError> {
         );
     }
     Ok(resume)
+}
+
+/// The instance tag of a root's temp names: its staging folder's name (the instance id or the
+/// host name), which no other agent sharing the destination uses.
+pub fn instance_of(w: &crate::config::WatchConfig) -> String {
+    w.staging_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// Periodic chores: restrictions refresh, journal pruning.

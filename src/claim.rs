@@ -11,6 +11,8 @@
 //! What this stage does not do: decide verdicts. It hands hashed files to the uploader, and files
 //! it can already decide (unreadable, hard-linked, verdict reused) straight to the sorter.
 
+use std::collections::HashSet;
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -20,7 +22,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::app::Shared;
-use crate::fsops::{self, FsError};
+use crate::fsops::place::Claim;
+use crate::fsops::{self, FsError, Renamed};
 use crate::journal::{Decision, FileId, HashedAs, NewClaim, Stamp};
 use crate::settle::Settled;
 use crate::sort::Verdict;
@@ -61,25 +64,22 @@ pub enum Hashed {
     Gone,
 }
 
-fn stamp_of(s: &fsops::FileStamp) -> Stamp {
-    Stamp {
-        size: s.size,
-        mtime_ns: i64::try_from(s.mtime_ns).unwrap_or(i64::MAX),
-        ctime_ns: i64::try_from(s.ctime_ns).unwrap_or(i64::MAX),
-        dev: s.dev,
-        ino: s.ino,
-    }
-}
-
 /// Opens and hashes a staged file; retries while it changes under us.
-fn hash_blocking(staged: &Path) -> Result<([u8; 32], Stamp), FsError> {
+fn hash_blocking(shared: &Shared, staged: &Path) -> Result<([u8; 32], Stamp), FsError> {
+    let (staging, name) = shared.staging_of(staged)?;
     let mut last = None;
     for _ in 0..HASH_TRIES {
-        let (mut file, before) = fsops::open_regular(staged)?;
+        let (mut file, before) = staging.open_file(&name)?;
+        if before.nlink > 1 {
+            return Err(FsError::HardLinked {
+                path: staged.to_path_buf(),
+                nlink: before.nlink,
+            });
+        }
         let (sha, bytes) = fsops::sha256_file(&mut file)?;
         let after = fsops::stamp_of(&file)?;
         if before == after && bytes == after.size {
-            return Ok((sha, stamp_of(&after)));
+            return Ok((sha, after.stamp()));
         }
         last = Some(format!(
             "changed while hashed ({} → {} bytes)",
@@ -94,9 +94,10 @@ fn hash_blocking(staged: &Path) -> Result<([u8; 32], Stamp), FsError> {
 
 /// Hashes a claimed record's staged file and journals the result. Used for new claims, for
 /// records found `claimed` at start-up, and for files that changed after hashing.
-pub async fn hash_record(shared: &Shared, id: FileId, staged: PathBuf) -> Hashed {
+pub async fn hash_record(shared: &Arc<Shared>, id: FileId, staged: PathBuf) -> Hashed {
     let path = staged.clone();
-    let result = tokio::task::spawn_blocking(move || hash_blocking(&path)).await;
+    let sh = Arc::clone(shared);
+    let result = tokio::task::spawn_blocking(move || hash_blocking(&sh, &path)).await;
     let result = match result {
         Ok(r) => r,
         Err(e) => Err(FsError::Changed {
@@ -139,6 +140,11 @@ pub async fn hash_record(shared: &Shared, id: FileId, staged: PathBuf) -> Hashed
             .map(|()| Hashed::Gone),
         Err(e) => {
             // Unreadable, not a regular file, hard-linked, or never still: this one file fails.
+            // The reason names the user's path, not the staging name.
+            let e = match journal.get(id).await {
+                Ok(rec) => e.at(&rec.root.join(&rec.rel_path)),
+                Err(_) => e,
+            };
             tracing::warn!(id, error = %e, "cannot hash staged file");
             journal
                 .decide(vec![(id, Decision::failed(e.to_string(), false))])
@@ -175,8 +181,8 @@ async fn forward(
 
 /// A unique name in staging. The original name is kept in the journal, never in staging, so a
 /// hostile name cannot do anything there.
-fn staged_name(staging: &Path) -> PathBuf {
-    staging.join(format!("{}.staged", uuid::Uuid::new_v4().simple()))
+fn staged_name() -> OsString {
+    OsString::from(format!("{}.staged", uuid::Uuid::new_v4().simple()))
 }
 
 /// Runs the claim stage until shutdown. `resume` lists records found `claimed` at start-up.
@@ -247,61 +253,45 @@ async fn spawn_hash(
 }
 
 /// Journals a batch of claims, then moves each file into staging. Returns the claimed ones.
-async fn claim_batch(shared: &Shared, batch: &[Settled]) -> Vec<(FileId, PathBuf)> {
-    let watches = &shared.config.watches;
+async fn claim_batch(shared: &Arc<Shared>, batch: &[Settled]) -> Vec<(FileId, PathBuf)> {
+    // The staging folder lives in the inbox, where users can write: it is opened beneath the
+    // inbox without following links (a `.dropscan` swapped for a symlink must not redirect
+    // claimed files), made again if removed, and must carry our owner marker. A root whose
+    // staging is unsafe is not claimed from: its files stay in the inbox and the error says why.
+    let mut roots: Vec<usize> = batch.iter().map(|s| s.root).collect();
+    roots.sort_unstable();
+    roots.dedup();
+    let mut ready = HashSet::new();
+    for root in roots {
+        let sh = Arc::clone(shared);
+        let check = tokio::task::spawn_blocking(move || sh.staging_ready(root)).await;
+        match check {
+            Ok(Ok(())) => {
+                ready.insert(root);
+            }
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "staging folder is not safe; files stay in the inbox");
+            }
+            Err(e) => tracing::error!(error = %e, "staging check failed"),
+        }
+    }
     let mut claims = Vec::with_capacity(batch.len());
     let mut sources = Vec::with_capacity(batch.len());
-    for s in batch {
-        let Some(w) = watches.get(s.root) else {
+    for s in batch.iter().filter(|s| ready.contains(&s.root)) {
+        let Some(w) = shared.config.watches.get(s.root) else {
             continue;
         };
+        let name = staged_name();
         claims.push(NewClaim {
             root: w.path.clone(),
             rel_path: s.rel_path.clone(),
-            staged: staged_name(&w.staging_dir),
+            staged: w.staging_dir.join(&name),
             dropped_at_ms: i64::try_from(s.ctime_ns / 1_000_000).ok(),
         });
-        sources.push(s);
+        sources.push((s, name));
     }
     if claims.is_empty() {
         return Vec::new();
-    }
-    // The staging folder lives in the inbox, where users can write: it must still be a real
-    // folder all the way down (a `.dropscan` swapped for a symlink must not redirect claimed
-    // files), and one removed by hand is made again. A root whose staging is unsafe is not
-    // claimed from: its files stay in the inbox and the error says why.
-    let mut unsafe_roots = Vec::new();
-    for w in watches.iter() {
-        if !claims.iter().any(|c| c.root == w.path) {
-            continue;
-        }
-        let (base, dir) = (w.path.clone(), w.staging_dir.clone());
-        let check =
-            tokio::task::spawn_blocking(move || fsops::ensure_real_dir(&base, &dir, 0o700)).await;
-        match check {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::error!(staging = %w.staging_dir.display(), error = %e, "staging folder is not safe; files stay in the inbox");
-                unsafe_roots.push(w.path.clone());
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "staging check failed");
-                unsafe_roots.push(w.path.clone());
-            }
-        }
-    }
-    if !unsafe_roots.is_empty() {
-        let keep: Vec<bool> = claims
-            .iter()
-            .map(|c| !unsafe_roots.contains(&c.root))
-            .collect();
-        let mut k = keep.iter();
-        claims.retain(|_| *k.next().unwrap_or(&false));
-        let mut k = keep.iter();
-        sources.retain(|_| *k.next().unwrap_or(&false));
-        if claims.is_empty() {
-            return Vec::new();
-        }
     }
     let staged: Vec<PathBuf> = claims.iter().map(|c| c.staged.clone()).collect();
     let ids = match shared.journal.claim(claims).await {
@@ -314,34 +304,42 @@ async fn claim_batch(shared: &Shared, batch: &[Settled]) -> Vec<(FileId, PathBuf
     };
     let mut claimed = Vec::with_capacity(ids.len());
     let mut dropped = Vec::new();
-    for ((id, to), s) in ids.into_iter().zip(staged).zip(sources) {
-        let from = s.path.clone();
-        let expected = (s.size, s.mtime_ns, s.dev, s.ino);
-        let to2 = to.clone();
-        let moved = tokio::task::spawn_blocking(move || -> Result<bool, FsError> {
-            // Still the file that settled? A change since means it is still being written.
-            match fsops::lstamp(&from) {
-                Ok(now) if (now.size, now.mtime_ns, now.dev, now.ino) == expected => {}
-                Ok(_) => return Ok(false),
-                Err(FsError::Vanished { .. }) => return Ok(false),
-                Err(e) => return Err(e),
-            }
-            match fsops::rename_noreplace(&from, &to2) {
-                Ok(()) => Ok(true),
-                Err(e) if e.is_vanished() => Ok(false),
-                Err(e) => Err(e),
-            }
-        })
-        .await;
+    for ((id, to), (s, name)) in ids.into_iter().zip(staged).zip(sources) {
+        let sh = Arc::clone(shared);
+        let (root, rel) = (s.root, s.rel_path.clone());
+        let settled = Stamp {
+            size: s.size,
+            mtime_ns: i64::try_from(s.mtime_ns).unwrap_or(i64::MAX),
+            ctime_ns: i64::try_from(s.ctime_ns).unwrap_or(i64::MAX),
+            dev: s.dev,
+            ino: s.ino,
+        };
+        let moved =
+            tokio::task::spawn_blocking(move || sh.claim_file(root, &rel, &settled, &name)).await;
         match moved {
-            Ok(Ok(true)) => {
+            Ok(Ok(Claim::Claimed(renamed))) => {
+                if renamed == Renamed::NotSynced {
+                    // The rename happened: the file is ours now, whatever the fsync said.
+                    tracing::warn!(id, "claimed, but the folder fsync failed; it is retried with the next claim");
+                }
                 shared.metrics.claimed.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(id, path = %s.rel_path.display(), "claimed");
+                tracing::debug!(id, path = %fsops::shown(&s.rel_path), "claimed");
                 claimed.push((id, to));
             }
-            Ok(Ok(false)) => dropped.push(id),
+            Ok(Ok(Claim::Changed | Claim::Gone)) => dropped.push(id),
+            Ok(Ok(Claim::HardLinkedLeft)) => {
+                if shared.first_warning(&s.path) {
+                    tracing::warn!(
+                        path = %fsops::shown(&s.path),
+                        "hard-linked file left in the inbox: it could expose a file from outside \
+                         the inbox, and the failed folder is on another filesystem, so it cannot be \
+                         moved there without reading it"
+                    );
+                }
+                dropped.push(id);
+            }
             Ok(Err(e)) => {
-                tracing::warn!(path = %s.path.display(), error = %e, "cannot claim; left in the inbox");
+                tracing::warn!(path = %fsops::shown(&s.path), error = %e, "cannot claim; left in the inbox");
                 dropped.push(id);
             }
             Err(e) => {

@@ -40,6 +40,15 @@ pub enum FatalError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// A folder dropscan needs is unsafe or unusable (a symlink where a folder must be, a
+    /// staging folder owned by another host, …).
+    #[error("{about}: {source}")]
+    Folder {
+        /// What was being done.
+        about: &'static str,
+        /// What the filesystem said.
+        source: crate::fsops::FsError,
+    },
     /// A pipeline stage stopped unexpectedly.
     #[error("stage {stage} stopped unexpectedly: {detail}")]
     Stage {
@@ -55,6 +64,11 @@ impl FatalError {
     pub fn exit_code(&self) -> ExitCode {
         match self {
             FatalError::Config(_) => ExitCode::from(EXIT_CONFIG),
+            // Two hosts configured with one instance id: only the configuration can fix it.
+            FatalError::Folder {
+                source: crate::fsops::FsError::Owner(_),
+                ..
+            } => ExitCode::from(EXIT_CONFIG),
             _ => ExitCode::from(EXIT_UNAVAILABLE),
         }
     }

@@ -1149,16 +1149,22 @@ impl Journal {
         self.run(move |conn| load_state(conn, &states)).await
     }
 
-    /// Whether `staged` belongs to a record.
-    pub async fn known_staged(&self, staged: Vec<PathBuf>) -> Result<Vec<bool>, JournalError> {
+    /// For each staged path, the original relative path of a record that names it, if any
+    /// (the caller asks only about paths no unfinished record holds: such a record is closed).
+    pub async fn closed_records_of(
+        &self,
+        staged: Vec<PathBuf>,
+    ) -> Result<Vec<Option<PathBuf>>, JournalError> {
         self.run(move |conn| {
             let mut stmt = conn
-                .prepare("SELECT EXISTS(SELECT 1 FROM files WHERE staged = ?1)")
+                .prepare("SELECT rel_path FROM files WHERE staged = ?1")
                 .map_err(JournalError::sql("read"))?;
             staged
                 .iter()
                 .map(|p| {
-                    stmt.query_row([path_blob(p)], |r| r.get(0))
+                    stmt.query_row([path_blob(p)], |r| r.get::<_, Vec<u8>>(0))
+                        .optional()
+                        .map(|o| o.map(blob_path))
                         .map_err(JournalError::sql("read"))
                 })
                 .collect()

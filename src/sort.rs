@@ -15,7 +15,7 @@
 //! A destination that is full or not writable keeps the file in staging and the move is retried
 //! with backoff; nothing is ever deleted to make room.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,7 +29,9 @@ use tokio_util::sync::CancellationToken;
 use crate::app::{Placement, Shared};
 use crate::claim::{self, Hashed};
 use crate::config::WatchConfig;
-use crate::fsops::{self, FsError, PlaceOptions};
+use crate::fsops::place::Release;
+use crate::fsops::roots::Which;
+use crate::fsops::{self, FsError};
 use crate::journal::{FileId, FileRecord, FileState, Outcome, now_ms};
 use crate::kata::ScanId;
 use crate::upload::Resubmit;
@@ -107,14 +109,20 @@ pub async fn run(
     };
     // Records waiting for a retry: id → (when, attempts).
     let mut retry: HashMap<FileId, (Instant, u32)> = HashMap::new();
-    let mut queue: VecDeque<FileId> = resume.into();
+    let mut queue = Queue::default();
+    for id in resume {
+        queue.push(id);
+    }
     let mut busy: HashMap<tokio::task::Id, FileId> = HashMap::new();
     let mut tasks: JoinSet<(FileId, Step)> = JoinSet::new();
     let mut sweep = tokio::time::interval(SWEEP_EVERY);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Records the previous sweep saw decided/placed and unheld: seen twice in a row, they are
+    // queued (monotonic: no comparison with the journal's wall-clock times).
+    let mut seen_last_sweep: HashSet<FileId> = HashSet::new();
     loop {
         while tasks.len() < SORT_CONCURRENCY {
-            let Some(id) = queue.pop_front() else { break };
+            let Some(id) = queue.pop() else { break };
             if busy.values().any(|b| *b == id) {
                 continue;
             }
@@ -137,19 +145,27 @@ pub async fn run(
                 }
             },
             v = verdicts_rx.recv(), if queue.len() < SORT_CONCURRENCY => match v {
-                Some(v) => queue.push_back(v.id),
+                Some(v) => queue.push(v.id),
                 None => break,
             },
             _ = sweep.tick() => {
                 let now = Instant::now();
-                queue.extend(retry.iter().filter(|(_, (t, _))| *t <= now).map(|(id, _)| *id));
+                for id in retry.iter().filter(|(_, (t, _))| *t <= now).map(|(id, _)| *id) {
+                    queue.push(id);
+                }
                 // Safety net: decided records no message announced (e.g. a failed send).
                 if let Ok(recs) = shared.journal.in_states(&[FileState::Decided, FileState::Placed]).await {
+                    let mut seen = HashSet::with_capacity(recs.len());
                     for r in recs {
-                        if !retry.contains_key(&r.id) && now_ms() - r.updated_at_ms > 10_000 {
-                            queue.push_back(r.id);
+                        let held = retry.contains_key(&r.id) || busy.values().any(|b| *b == r.id);
+                        if !held {
+                            if seen_last_sweep.contains(&r.id) {
+                                queue.push(r.id);
+                            }
+                            seen.insert(r.id);
                         }
                     }
+                    seen_last_sweep = seen;
                 }
             }
         }
@@ -161,6 +177,31 @@ pub async fn run(
         .is_err()
     {
         tasks.abort_all();
+    }
+}
+
+/// The records waiting to be placed, each at most once.
+#[derive(Default)]
+struct Queue {
+    order: VecDeque<FileId>,
+    queued: HashSet<FileId>,
+}
+
+impl Queue {
+    fn push(&mut self, id: FileId) {
+        if self.queued.insert(id) {
+            self.order.push_back(id);
+        }
+    }
+
+    fn pop(&mut self) -> Option<FileId> {
+        let id = self.order.pop_front()?;
+        self.queued.remove(&id);
+        Some(id)
+    }
+
+    fn len(&self) -> usize {
+        self.order.len()
     }
 }
 
@@ -182,7 +223,7 @@ impl Sorter {
                 let wait = crate::limits::backoff(entry.1, rand::random::<f64>()).min(RETRY_MAX);
                 entry.0 = Instant::now() + wait.max(Duration::from_secs(1));
                 if entry.1 == 1 || entry.1 % 10 == 0 {
-                    tracing::warn!(id, attempts = entry.1, reason = %why, "file kept in staging; will retry");
+                    tracing::warn!(id, attempts = entry.1, reason = %why, "will retry");
                     self.shared.journal.note_error(why).await.ok();
                 }
             }
@@ -211,86 +252,88 @@ impl Sorter {
     }
 
     async fn place(&self, rec: FileRecord) -> Step {
-        let Some(watch) = self.watch_for(&rec) else {
+        let Some(i) = self.shared.root_index(&rec.root) else {
             return Step::Retry(format!(
                 "{} is no longer a watched root in the config; the file stays in staging at {}",
-                rec.root.display(),
-                rec.staged.display()
+                fsops::shown(&rec.root),
+                fsops::shown(&rec.staged)
             ));
         };
+        let original = rec.root.join(&rec.rel_path);
         let mut outcome = rec.outcome.unwrap_or(Outcome::Failed);
         let mut reason = rec.reason.clone();
-        if outcome == Outcome::Clean {
+        if outcome == Outcome::Clean && !rec.is_clean_verdict_for_content() {
             // Fail closed: the verdict must be `not detected` for exactly these bytes.
-            let bound = rec.verdict.as_deref() == Some("not detected")
-                && rec.sha256.is_some()
-                && rec.verdict_sha256 == rec.sha256;
-            if !bound {
-                outcome = Outcome::Failed;
-                reason = Some("internal: the clean verdict does not match the content".into());
-            } else if rec.state == FileState::Decided && !self.unchanged(&rec).await {
-                return self.rescan(rec).await;
-            }
+            outcome = Outcome::Failed;
+            reason = Some("internal: the clean verdict does not match the content".into());
         }
-        let dest_root = match outcome {
-            Outcome::Clean => &watch.clean_dir,
-            Outcome::Quarantine => &watch.quarantine_dir,
-            Outcome::Failed => &watch.failed_dir,
+        let which = match outcome {
+            Outcome::Clean => Which::Clean,
+            Outcome::Quarantine => Which::Quarantine,
+            _ => Which::Failed,
         };
-        let opts = PlaceOptions {
-            file_mode: (outcome == Outcome::Quarantine).then_some(0o600),
-            dir_mode: if outcome == Outcome::Quarantine {
-                0o700
-            } else {
-                0o755
-            },
-            expected_sha256: rec.sha256,
+        let clean = outcome == Outcome::Clean;
+        let file_mode = (outcome == Outcome::Quarantine).then_some(0o600);
+        let dir_mode = match outcome {
+            Outcome::Quarantine => 0o700,
+            Outcome::Clean => 0o755,
+            _ => 0o750,
         };
-        let staged = rec.staged.clone();
-        // After a crash in `placing`: the move may already have happened.
-        if rec.state == FileState::Placing {
-            if let Some(dest) = rec.dest.clone() {
-                let staged_exists = exists(&staged).await;
-                if !staged_exists && exists(&dest).await {
-                    return self.finish_placement(rec, outcome, reason, dest).await;
-                }
-                if !staged_exists {
-                    self.shared
-                        .journal
-                        .close_vanished(rec.id, "vanished from staging while being placed".into())
-                        .await
-                        .ok();
-                    return Step::Done;
-                }
-                // Both ends exist: a copy across filesystems (or link + unlink) was complete
-                // but the source not yet removed. Finish it if the destination holds our bytes;
-                // otherwise the name was taken by someone else and a new one is chosen below.
-                if let Some(sha) = rec.sha256 {
-                    let (s, d) = (staged.clone(), dest.clone());
-                    match blocking(move || fsops::finish_interrupted_move(&s, &d, sha)).await {
-                        Ok(true) => return self.finish_placement(rec, outcome, reason, dest).await,
-                        Ok(false) => {}
-                        Err(e) => return Step::Retry(e.to_string()),
-                    }
-                }
-            }
-        }
-        let rel = rec.rel_path.clone();
-        let dest_root = dest_root.clone();
+        let instance = crate::app::instance_of(&self.shared.config.watches[i]);
+        let temp_name = fsops::names::copy_temp_name(&instance, rec.id);
+        let dest_root_path = self.shared.roots[i].path(which).to_path_buf();
+        // After a crash or a failed attempt in `placing`: the journaled target first (the move
+        // may have happened, or a verified copy may wait under its temp name).
+        let mut target: Option<PathBuf> = match (&rec.state, &rec.dest) {
+            (FileState::Placing, Some(dest)) => dest.strip_prefix(&dest_root_path).ok().map(Path::to_path_buf),
+            _ => None,
+        };
         for _ in 0..16 {
-            let root = dest_root.clone();
-            let rel2 = rel.clone();
-            let target = match blocking(move || fsops::free_name(&root, &rel2, opts.dir_mode)).await
-            {
-                Ok(t) => t,
-                Err(e) => return Step::Retry(e.to_string()),
+            let rel = match target.take() {
+                Some(t) => t,
+                None => {
+                    let (sh, rel_path) = (Arc::clone(&self.shared), rec.rel_path.clone());
+                    let chosen = blocking(move || {
+                        let root = sh.roots[i].get(which, true)?;
+                        fsops::place::free_name(&root, &rel_path, dir_mode)
+                    })
+                    .await;
+                    let t = match chosen {
+                        Ok(t) => t,
+                        Err(e) => return Step::Retry(format!("cannot place {} into {}: {e}", fsops::shown(&original), fsops::shown(&dest_root_path))),
+                    };
+                    if let Err(e) = self
+                        .shared
+                        .journal
+                        .placing_checked(rec.id, dest_root_path.join(&t), rec.outcome)
+                        .await
+                    {
+                        return Step::Retry(format!("journal write failed: {e}"));
+                    }
+                    t
+                }
             };
-            if let Err(e) = self.shared.journal.placing(rec.id, target.clone()).await {
-                return Step::Retry(format!("journal write failed: {e}"));
-            }
-            let (from, to, o) = (staged.clone(), target.clone(), opts);
-            match blocking(move || fsops::place_at(&from, &to, &o)).await {
-                Ok(_) => return self.finish_placement(rec, outcome, reason, target).await,
+            let sh = Arc::clone(&self.shared);
+            let (staged, rel2, temp) = (rec.staged.clone(), rel.clone(), temp_name.clone());
+            let (hashed, sha256) = if clean { (rec.stamp, rec.sha256) } else { (None, None) };
+            let placed = blocking(move || {
+                let (staging, staged_name) = sh.staging_of(&staged)?;
+                let dest_root = sh.roots[i].get(which, true)?;
+                fsops::place::place(&Release {
+                    staging: &staging,
+                    staged_name: &staged_name,
+                    hashed,
+                    sha256,
+                    dest_root: &dest_root,
+                    target: &rel2,
+                    file_mode,
+                    clean,
+                    temp_name: &temp,
+                })
+            })
+            .await;
+            match placed {
+                Ok(_) => return self.finish_placement(rec, outcome, reason, which, rel).await,
                 Err(e) if e.is_already_exists() => continue,
                 Err(FsError::Vanished { .. }) => {
                     self.shared
@@ -300,75 +343,34 @@ impl Sorter {
                         .ok();
                     return Step::Done;
                 }
-                Err(e @ (FsError::HardLinked { .. } | FsError::NotRegular { .. })) => {
-                    // Only across filesystems: a hard link (or a symlink that slipped in) cannot
-                    // be copied without reading what it points to, outside the inbox. Its name
-                    // is dropped from staging instead (the data lives on through its other
-                    // link; a symlink is only a name) and the sidecar says so.
-                    return self.drop_unplaceable(rec, target, &e).await;
-                }
+                // One predicate, checked on every attempt: a file that changed since it was
+                // hashed is scanned again, never released on the old verdict.
+                Err(FsError::Changed { .. }) if clean => return self.rescan(rec).await,
                 Err(e) => {
                     self.shared
                         .metrics
                         .place_errors
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     return Step::Retry(format!(
-                        "cannot place {} into {}: {e}",
-                        rec.rel_path.display(),
-                        dest_root.display()
+                        "{} stays in staging: cannot place it into {}: {}",
+                        fsops::shown(&original),
+                        fsops::shown(&dest_root_path),
+                        e.at(&original)
                     ));
                 }
             }
         }
-        Step::Retry("no free destination name after 16 tries".into())
-    }
-
-    async fn drop_unplaceable(&self, rec: FileRecord, target: PathBuf, e: &FsError) -> Step {
-        let staged = rec.staged.clone();
-        let removed = blocking(move || {
-            std::fs::remove_file(&staged).map_err(|source| FsError::Io {
-                path: staged.clone(),
-                about: "remove",
-                source,
-            })?;
-            fsops::fsync_dir(staged.parent().unwrap_or(Path::new("/")))
-        })
-        .await;
-        if let Err(err) = removed {
-            return Step::Retry(err.to_string());
-        }
-        tracing::warn!(path = %rec.rel_path.display(), error = %e, "not copied across filesystems; only its sidecar is written");
-        let reason = format!(
-            "{e}; the destination is on another filesystem, so only this note was placed and the link was removed from staging (what it points to is untouched)"
-        );
-        self.finish_placement(rec, Outcome::Failed, Some(reason), target)
-            .await
-    }
-
-    /// Whether the staged file still has the stamp it was hashed with.
-    async fn unchanged(&self, rec: &FileRecord) -> bool {
-        let Some(stamp) = rec.stamp else { return false };
-        let staged = rec.staged.clone();
-        match blocking(move || fsops::lstamp(&staged)).await {
-            Ok(now) => {
-                now.size == stamp.size
-                    && i64::try_from(now.mtime_ns).ok() == Some(stamp.mtime_ns)
-                    && i64::try_from(now.ctime_ns).ok() == Some(stamp.ctime_ns)
-                    && now.ino == stamp.ino
-            }
-            Err(_) => false,
-        }
+        Step::Retry(format!(
+            "{} stays in staging: no free destination name after 16 tries",
+            fsops::shown(&original)
+        ))
     }
 
     /// The file changed after hashing: never release it on the old verdict.
     async fn rescan(&self, rec: FileRecord) -> Step {
-        tracing::warn!(id = rec.id, path = %rec.rel_path.display(), "file changed after it was hashed: scanning it again");
+        tracing::warn!(id = rec.id, path = %fsops::shown(&rec.rel_path), "file changed after it was hashed: scanning it again");
         if let Err(e) = self.shared.journal.rehash(rec.id).await {
             return Step::Retry(format!("journal write failed: {e}"));
-        }
-        // The old scan's result is of no use any more: delete it on the server.
-        if let (false, Some(old)) = (rec.reused, rec.scan_id.clone()) {
-            self.shared.journal.stale_scan(old).await.ok();
         }
         match claim::hash_record(&self.shared, rec.id, rec.staged.clone()).await {
             Hashed::Ready(c) => self.resubmit.push(c),
@@ -385,8 +387,13 @@ impl Sorter {
         rec: FileRecord,
         outcome: Outcome,
         reason: Option<String>,
-        dest: PathBuf,
+        which: Which,
+        rel: PathBuf,
     ) -> Step {
+        let Some(i) = self.shared.root_index(&rec.root) else {
+            return Step::Retry("the root is no longer configured".into());
+        };
+        let dest = self.shared.roots[i].path(which).join(&rel);
         if outcome != Outcome::Clean {
             let sidecar = Sidecar {
                 original_path: rec.root.join(&rec.rel_path).display().to_string(),
@@ -402,15 +409,25 @@ impl Sorter {
                 placed_at: rfc3339(now_ms()),
             };
             let bytes = serde_json::to_vec_pretty(&sidecar).unwrap_or_default();
-            let path = fsops::sidecar_path(&dest);
             let mode = if outcome == Outcome::Quarantine {
                 0o600
             } else {
                 0o644
             };
-            if let Err(e) = blocking(move || fsops::write_atomic(&path, &bytes, mode)).await {
+            let (sh, rel2) = (Arc::clone(&self.shared), rel.clone());
+            let instance = crate::app::instance_of(&self.shared.config.watches[i]);
+            let written = blocking(move || {
+                let root = sh.roots[i].get(which, false)?;
+                fsops::place::write_sidecar(&root, &rel2, &bytes, mode, &instance)
+            })
+            .await;
+            if let Err(e) = written {
                 // The file is placed; a missing sidecar is retried, never a reason to move again.
-                return Step::Retry(format!("cannot write the sidecar: {e}"));
+                return Step::Retry(format!(
+                    "{} is placed at {}, but its sidecar is not written yet: {e}",
+                    fsops::shown(&rec.rel_path),
+                    fsops::shown(&dest)
+                ));
             }
         }
         if let Err(e) = self.shared.journal.placed(rec.id).await {
@@ -424,7 +441,7 @@ impl Sorter {
         let latency = u64::try_from(now_ms().saturating_sub(since)).unwrap_or(0);
         self.shared.metrics.placed(outcome, latency);
         tracing::info!(
-            path = %rec.rel_path.display(),
+            path = %fsops::shown(&rec.rel_path),
             size = rec.stamp.map_or(0, |s| s.size),
             sha256 = %rec.sha256.map(|s| hex(&s)).unwrap_or_default(),
             outcome = outcome.as_str(),
@@ -432,7 +449,7 @@ impl Sorter {
             reason = reason.as_deref().unwrap_or("-"),
             reused = rec.reused,
             elapsed_ms = latency,
-            dest = %dest.display(),
+            dest = %fsops::shown(&dest),
             "placed"
         );
         self.shared
@@ -468,10 +485,6 @@ impl Sorter {
             Err(e) => Step::Retry(format!("journal write failed: {e}")),
         }
     }
-}
-
-async fn exists(p: &Path) -> bool {
-    tokio::fs::symlink_metadata(p).await.is_ok()
 }
 
 async fn blocking<T: Send + 'static>(

@@ -269,7 +269,7 @@ impl Upload {
             tokio::time::sleep(Duration::from_secs(1)).await;
             return Some(item);
         }
-        let file = match open_for_upload(&item).await {
+        let file = match open_for_upload(&self.shared, &item).await {
             Ok(f) => f,
             Err(why) => {
                 tracing::info!(id = item.id, reason = %why, "staged file changed or unreadable: hashing again");
@@ -402,21 +402,14 @@ impl Upload {
     }
 }
 
-/// Opens the staged file and checks it is still what was hashed.
-async fn open_for_upload(item: &Claimed) -> Result<tokio::fs::File, String> {
-    let staged = item.staged.clone();
-    let expected = item.stamp;
+/// Opens the staged file (beneath its root, never through a link) and checks it is still what
+/// was hashed.
+async fn open_for_upload(shared: &Arc<Shared>, item: &Claimed) -> Result<tokio::fs::File, String> {
+    let (sh, staged, expected) = (Arc::clone(shared), item.staged.clone(), item.stamp);
     tokio::task::spawn_blocking(move || {
-        let (file, stamp) = crate::fsops::open_regular(&staged).map_err(|e| e.to_string())?;
-        let now = (
-            stamp.size,
-            i64::try_from(stamp.mtime_ns).unwrap_or(i64::MAX),
-            i64::try_from(stamp.ctime_ns).unwrap_or(i64::MAX),
-        );
-        if now != (expected.size, expected.mtime_ns, expected.ctime_ns) {
-            return Err("changed since it was hashed".to_string());
-        }
-        Ok(tokio::fs::File::from_std(file))
+        sh.open_staged(&staged, &expected)
+            .map(tokio::fs::File::from_std)
+            .map_err(|e| e.to_string())
     })
     .await
     .map_err(|e| e.to_string())?

@@ -1,0 +1,340 @@
+//! fsops: the only place that touches users' files and the folders dropscan writes into.
+//!
+//! Everything here is synchronous (callers run it on the blocking pool) and written for two
+//! properties:
+//!
+//! - **Nothing in an inbox can make us touch anything outside it.** Every path below a root (an
+//!   inbox, its staging folder, a destination) is resolved beneath that root's directory
+//!   descriptor without following symlinks ([`dir`]): `openat2(RESOLVE_BENEATH |
+//!   RESOLVE_NO_SYMLINKS)`, or a component walk with `O_NOFOLLOW | O_DIRECTORY` where openat2 is
+//!   missing. Files are opened with `O_NOFOLLOW | O_NONBLOCK` and judged by `fstat` of the open
+//!   descriptor; renames, links, unlinks, mkdirs and chmods act on descriptors.
+//! - **At every instant a file exists whole in at least one place** ([`place`]): moves never
+//!   replace, folders are fsynced after every rename, and a copy (across filesystems, or to
+//!   release a file someone still holds open) is verified and made durable before the original
+//!   is removed.
+//!
+//! One "same file" predicate ([`same_file`]) is used by every stage that asks whether a file is
+//! still the one it saw: device, inode, size, mtime and ctime must all match.
+
+pub mod dir;
+pub mod names;
+pub mod place;
+pub mod roots;
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+pub use dir::{Dir, Renamed, rename_noreplace, split_rel};
+pub use names::{Shown, safe_relative, shown};
+
+use crate::journal::Stamp;
+
+/// Read buffer for hashing and copying.
+pub(crate) const BUF: usize = 1 << 20;
+
+/// A filesystem failure, with the path and advice in its message.
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    /// Not a regular file (never opened for reading).
+    #[error("{}: not a regular file but a {kind}; skipped", shown(path))]
+    NotRegular {
+        /// The path.
+        path: PathBuf,
+        /// symlink, fifo, socket, device, directory.
+        kind: &'static str,
+    },
+    /// A regular file with more than one link.
+    #[error("{}: has {nlink} hard links; refused (it could expose a file from outside the inbox)", shown(path))]
+    HardLinked {
+        /// The path.
+        path: PathBuf,
+        /// Its link count.
+        nlink: u64,
+    },
+    /// A path that would leave its root (`..`, absolute) or crossed a mount point it may not.
+    #[error("{}: not beneath its root; refused", shown(path))]
+    NotBeneath {
+        /// The path.
+        path: PathBuf,
+    },
+    /// The file is gone.
+    #[error("{}: vanished", shown(path))]
+    Vanished {
+        /// The path.
+        path: PathBuf,
+    },
+    /// The file changed while we worked on it.
+    #[error("{}: {detail}", shown(path))]
+    Changed {
+        /// The path.
+        path: PathBuf,
+        /// What changed.
+        detail: String,
+    },
+    /// The target name exists already (moves never replace).
+    #[error("{}: exists already", shown(path))]
+    AlreadyExists {
+        /// The target.
+        path: PathBuf,
+    },
+    /// No space left (or quota exceeded).
+    #[error("{}: destination full ({source}); the file stays in staging and the move is retried", shown(path))]
+    NoSpace {
+        /// Where.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The staging folder belongs to another live agent.
+    #[error(transparent)]
+    Owner(Box<roots::OwnerConflict>),
+    /// Any other I/O error.
+    #[error("{}: cannot {about}: {source}{}", shown(path), advice(about, source))]
+    Io {
+        /// Where.
+        path: PathBuf,
+        /// What was being done.
+        about: &'static str,
+        /// The OS error.
+        source: io::Error,
+    },
+}
+
+/// Advice for an OS error, worded for what was being done: a file that cannot be opened for
+/// reading is "not readable", a folder that cannot take a file is "not writable".
+fn advice(about: &str, e: &io::Error) -> &'static str {
+    let reading = about.contains("read") || about.contains("stat");
+    match e.raw_os_error() {
+        Some(libc::EACCES | libc::EPERM) if reading => " (not readable by the dropscan user)",
+        Some(libc::EACCES | libc::EPERM) => " (not writable by the dropscan user)",
+        Some(libc::EROFS) => " (read-only filesystem)",
+        Some(libc::EXDEV) => " (different filesystems)",
+        _ => "",
+    }
+}
+
+impl FsError {
+    /// Classifies an OS error on `path`.
+    pub fn io(path: &Path, about: &'static str, source: io::Error) -> Self {
+        match source.raw_os_error() {
+            Some(libc::ENOENT) => FsError::Vanished {
+                path: path.to_path_buf(),
+            },
+            Some(libc::EEXIST) => FsError::AlreadyExists {
+                path: path.to_path_buf(),
+            },
+            Some(libc::ENOSPC | libc::EDQUOT) => FsError::NoSpace {
+                path: path.to_path_buf(),
+                source,
+            },
+            _ => FsError::Io {
+                path: path.to_path_buf(),
+                about,
+                source,
+            },
+        }
+    }
+
+    /// Whether the failure means the source is gone.
+    pub fn is_vanished(&self) -> bool {
+        matches!(self, FsError::Vanished { .. })
+    }
+
+    /// Whether the failure means the target exists.
+    pub fn is_already_exists(&self) -> bool {
+        matches!(self, FsError::AlreadyExists { .. })
+    }
+
+    /// The same error, naming `path` (the user's original path) instead of the one it was found
+    /// on (a staging name means nothing to the user).
+    #[must_use]
+    pub fn at(self, path: &Path) -> Self {
+        let path = path.to_path_buf();
+        match self {
+            FsError::NotRegular { kind, .. } => FsError::NotRegular { path, kind },
+            FsError::HardLinked { nlink, .. } => FsError::HardLinked { path, nlink },
+            FsError::NotBeneath { .. } => FsError::NotBeneath { path },
+            FsError::Vanished { .. } => FsError::Vanished { path },
+            FsError::Changed { detail, .. } => FsError::Changed { path, detail },
+            FsError::AlreadyExists { .. } => FsError::AlreadyExists { path },
+            FsError::NoSpace { source, .. } => FsError::NoSpace { path, source },
+            FsError::Owner(o) => FsError::Owner(o),
+            FsError::Io { about, source, .. } => FsError::Io {
+                path,
+                about,
+                source,
+            },
+        }
+    }
+}
+
+/// Identity, type and change stamp of a file, as `fstat`/`lstat` report it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileStamp {
+    /// Device.
+    pub dev: u64,
+    /// Inode.
+    pub ino: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// Modification time, ns since the epoch.
+    pub mtime_ns: i128,
+    /// Status change time, ns since the epoch.
+    pub ctime_ns: i128,
+    /// Link count.
+    pub nlink: u64,
+    /// `st_mode` (type and permission bits).
+    pub mode: u32,
+}
+
+impl FileStamp {
+    /// The stamp of a `stat` result.
+    pub fn from_stat(st: &rustix::fs::Stat) -> Self {
+        FileStamp {
+            dev: st.st_dev,
+            ino: st.st_ino,
+            size: u64::try_from(st.st_size).unwrap_or(0),
+            mtime_ns: i128::from(st.st_mtime) * 1_000_000_000 + i128::from(st.st_mtime_nsec),
+            ctime_ns: i128::from(st.st_ctime) * 1_000_000_000 + i128::from(st.st_ctime_nsec),
+            nlink: st.st_nlink,
+            mode: st.st_mode,
+        }
+    }
+
+    /// The stamp of `std` metadata.
+    pub fn of(m: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        FileStamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.len(),
+            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+            ctime_ns: i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
+            nlink: m.nlink(),
+            mode: m.mode(),
+        }
+    }
+
+    /// Whether it is a regular file.
+    pub fn is_regular(&self) -> bool {
+        self.mode & libc::S_IFMT == libc::S_IFREG
+    }
+
+    /// Whether it is a folder.
+    pub fn is_dir(&self) -> bool {
+        self.mode & libc::S_IFMT == libc::S_IFDIR
+    }
+
+    /// The kind of file, for messages.
+    pub fn kind(&self) -> &'static str {
+        match self.mode & libc::S_IFMT {
+            libc::S_IFREG => "regular file",
+            libc::S_IFDIR => "directory",
+            libc::S_IFLNK => "symlink",
+            libc::S_IFIFO => "fifo",
+            libc::S_IFSOCK => "socket",
+            libc::S_IFBLK => "block device",
+            libc::S_IFCHR => "character device",
+            _ => "other",
+        }
+    }
+
+    /// The journal's form of the stamp.
+    pub fn stamp(&self) -> Stamp {
+        Stamp {
+            size: self.size,
+            mtime_ns: i64::try_from(self.mtime_ns).unwrap_or(i64::MAX),
+            ctime_ns: i64::try_from(self.ctime_ns).unwrap_or(i64::MAX),
+            dev: self.dev,
+            ino: self.ino,
+        }
+    }
+}
+
+/// **The** "same file" predicate: `now` is the file `then` described, unchanged (same device and
+/// inode, same size, same mtime and ctime). Every stage that must know whether a file is still
+/// the one it saw (claim against settle, upload and placement against the hash) asks this.
+pub fn same_file(then: &Stamp, now: &Stamp) -> bool {
+    then.dev == now.dev
+        && then.ino == now.ino
+        && then.size == now.size
+        && then.mtime_ns == now.mtime_ns
+        && then.ctime_ns == now.ctime_ns
+}
+
+/// The kind of a non-regular file, for messages.
+pub fn kind_of(ft: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if ft.is_symlink() {
+        "symlink"
+    } else if ft.is_dir() {
+        "directory"
+    } else if ft.is_fifo() {
+        "fifo"
+    } else if ft.is_socket() {
+        "socket"
+    } else if ft.is_block_device() {
+        "block device"
+    } else if ft.is_char_device() {
+        "character device"
+    } else if ft.is_file() {
+        "regular file"
+    } else {
+        "other"
+    }
+}
+
+/// The stamp of an open file.
+pub fn stamp_of(file: &File) -> Result<FileStamp, FsError> {
+    file.metadata()
+        .map(|m| FileStamp::of(&m))
+        .map_err(|e| FsError::io(Path::new("(open file)"), "stat", e))
+}
+
+/// Streaming SHA-256 of an open file from its current position (constant memory).
+pub fn sha256_file(file: &mut File) -> Result<([u8; 32], u64), FsError> {
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; BUF];
+    let mut total = 0u64;
+    loop {
+        let n = match file.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(FsError::io(Path::new("(open file)"), "read", e)),
+        };
+        hasher.update(&buf[..n]);
+        total += n as u64;
+    }
+    Ok((hasher.finalize().into(), total))
+}
+
+/// Whether no other open file description (and no shared writable mapping) refers to the file:
+/// a momentary write lease (`F_SETLEASE F_WRLCK`, released at once) is granted only then.
+/// `Ok(false)`: someone has it open. `Err`: leases are not available here (network filesystems,
+/// or a dropscan user that neither owns the file nor has `CAP_LEASE`).
+#[allow(unsafe_code)]
+pub fn no_other_opener(file: &File) -> io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl(F_SETLEASE) takes an int argument and acts only on the lease state of the
+    // descriptor we own; no memory is passed.
+    let r = unsafe { libc::fcntl(fd, libc::F_SETLEASE, libc::F_WRLCK) };
+    if r == -1 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::EAGAIN | libc::EBUSY) => Ok(false),
+            _ => Err(e),
+        };
+    }
+    // SAFETY: as above.
+    let r = unsafe { libc::fcntl(fd, libc::F_SETLEASE, libc::F_UNLCK) };
+    if r == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(true)
+}

@@ -1,0 +1,179 @@
+//! Names: users' relative paths made safe to join under a folder, the names dropscan gives its
+//! own files, and file names made safe to print.
+//!
+//! A legal user name is kept exactly in every destination: only our own additions (the ` (n)`
+//! of a taken name, the `.dropscan.json` of a sidecar) may force a shortening, and the sidecar
+//! then holds the full original path.
+
+use std::ffi::{OsStr, OsString};
+use std::fmt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Component, Path, PathBuf};
+
+/// Suffix of our temp files (a copy in progress, a sidecar being written).
+pub const PARTIAL_SUFFIX: &str = ".dropscan-partial";
+/// Suffix of a sidecar.
+pub const SIDECAR_SUFFIX: &str = ".dropscan.json";
+/// The longest file name Linux filesystems take.
+pub const NAME_MAX: usize = 255;
+
+/// Makes a relative path from a user's file names safe to join under a folder: root and prefix
+/// components are dropped, `.` is dropped, `..` becomes `_..` (kept visible, never climbing),
+/// and an empty result becomes `_`. A name ending like our own temp or sidecar files gets a `_`
+/// so that nothing of ours can ever be mistaken for it. Names are otherwise kept exactly.
+pub fn safe_relative(rel: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in rel.components() {
+        match c {
+            Component::Normal(n) => out.push(n),
+            Component::ParentDir => out.push("_.."),
+            Component::CurDir | Component::RootDir | Component::Prefix(_) => {}
+        }
+    }
+    if out.as_os_str().is_empty() {
+        out.push("_");
+    }
+    if let Some(name) = out.file_name() {
+        let b = name.as_bytes();
+        if b.ends_with(PARTIAL_SUFFIX.as_bytes()) || b.ends_with(SIDECAR_SUFFIX.as_bytes()) {
+            let mut name = b.to_vec();
+            if name.len() >= NAME_MAX {
+                name = shorten(&name, NAME_MAX - 1);
+            }
+            name.push(b'_');
+            out.set_file_name(OsString::from_vec(name));
+        }
+    }
+    out
+}
+
+/// Cuts a name to `max` bytes, keeping an extension of up to 16 bytes and never splitting a
+/// UTF-8 character.
+pub fn shorten(name: &[u8], max: usize) -> Vec<u8> {
+    if name.len() <= max {
+        return name.to_vec();
+    }
+    let ext_at = name
+        .iter()
+        .rposition(|b| *b == b'.')
+        .filter(|i| *i > 0 && name.len() - i <= 16)
+        .unwrap_or(name.len());
+    let ext = &name[ext_at..];
+    let mut keep = max.saturating_sub(ext.len()).min(ext_at);
+    if let Ok(s) = std::str::from_utf8(&name[..ext_at]) {
+        while keep > 0 && !s.is_char_boundary(keep) {
+            keep -= 1;
+        }
+    }
+    let mut out = name[..keep].to_vec();
+    out.extend_from_slice(ext);
+    out
+}
+
+/// `name (n).ext` for `name.ext` (n ≥ 1); the extension is the part after the last dot, unless
+/// the name starts with its only dot. The stem is shortened when the result would not fit in
+/// [`NAME_MAX`] bytes.
+pub fn numbered(name: &OsStr, n: u32) -> OsString {
+    let bytes = name.as_bytes();
+    let dot = bytes.iter().rposition(|b| *b == b'.').filter(|i| *i > 0);
+    let (stem, ext) = match dot {
+        Some(i) => (&bytes[..i], &bytes[i..]),
+        None => (bytes, &b""[..]),
+    };
+    let tag = format!(" ({n})");
+    let room = NAME_MAX.saturating_sub(tag.len() + ext.len());
+    let mut out = shorten(stem, room);
+    out.extend_from_slice(tag.as_bytes());
+    out.extend_from_slice(ext);
+    OsString::from_vec(out)
+}
+
+/// The sidecar's name for a placed file `name`: `name.dropscan.json`, with `name` shortened
+/// when the whole would not fit (the sidecar holds the full original path inside).
+pub fn sidecar_name(name: &OsStr) -> OsString {
+    let mut out = shorten(name.as_bytes(), NAME_MAX - SIDECAR_SUFFIX.len());
+    out.extend_from_slice(SIDECAR_SUFFIX.as_bytes());
+    OsString::from_vec(out)
+}
+
+/// `<placed>.dropscan.json`.
+pub fn sidecar_path(placed: &Path) -> PathBuf {
+    placed.with_file_name(sidecar_name(placed.file_name().unwrap_or_default()))
+}
+
+/// Only letters, digits, `-` and `_` of an instance id, for our temp names.
+fn tag_of(instance: &str) -> String {
+    instance
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+        .take(64)
+        .collect()
+}
+
+/// The temp name of record `id`'s copy, at the top of its destination root:
+/// `.<instance>.<id>.dropscan-partial`. Deterministic, so that a restart finds it.
+pub fn copy_temp_name(instance: &str, id: i64) -> OsString {
+    OsString::from(format!(".{}.{id}{PARTIAL_SUFFIX}", tag_of(instance)))
+}
+
+/// The temp name of a sidecar being written: `.<instance>.sidecar-<random>.dropscan-partial`.
+pub fn sidecar_temp_name(instance: &str) -> OsString {
+    OsString::from(format!(
+        ".{}.sidecar-{}{PARTIAL_SUFFIX}",
+        tag_of(instance),
+        uuid::Uuid::new_v4().simple()
+    ))
+}
+
+/// What one of our temp names says: `Some(Some(id))` a copy of record `id`, `Some(None)` a
+/// sidecar, `None` not a temp of this instance (another agent's, or a user's file).
+pub fn parse_temp_name(name: &OsStr, instance: &str) -> Option<Option<i64>> {
+    let s = name.to_str()?;
+    let rest = s.strip_prefix('.')?.strip_suffix(PARTIAL_SUFFIX)?;
+    let rest = rest.strip_prefix(&tag_of(instance))?.strip_prefix('.')?;
+    if rest.starts_with("sidecar-") {
+        return Some(None);
+    }
+    rest.parse().ok().map(Some)
+}
+
+/// A path as it is safe to print in a text log or on a terminal: control characters (newline,
+/// CR, ESC, tab, DEL …) and bytes that are not UTF-8 are escaped, so that a file name can
+/// neither forge log lines nor send terminal escapes.
+pub struct Shown<'a>(&'a Path);
+
+/// Wraps `path` for printing; see [`Shown`].
+pub fn shown(path: &Path) -> Shown<'_> {
+    Shown(path)
+}
+
+impl fmt::Display for Shown<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for chunk in self.0.as_os_str().as_bytes().utf8_chunks() {
+            for c in chunk.valid().chars() {
+                if c.is_control() {
+                    match c {
+                        '\n' => f.write_str("\\n")?,
+                        '\r' => f.write_str("\\r")?,
+                        '\t' => f.write_str("\\t")?,
+                        c => write!(f, "\\u{{{:x}}}", u32::from(c))?,
+                    }
+                } else if c == '\\' {
+                    f.write_str("\\\\")?;
+                } else {
+                    fmt::Write::write_char(f, c)?;
+                }
+            }
+            for b in chunk.invalid() {
+                write!(f, "\\x{b:02x}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Shown<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "\"{self}\"")
+    }
+}

@@ -1,0 +1,391 @@
+//! Taking files in and placing them: the claim's rename into staging, and the release into a
+//! destination, with the crash rules that make both restartable.
+//!
+//! **Placement** of a staged file at `target` (a path relative to a destination root):
+//! - the staged file is opened (never through a link) and must still be [`same_file`] as when it
+//!   was hashed: checked on every attempt, retries and restarts included;
+//! - **clean is a release no writer can change.** A momentary write lease proves that no other
+//!   process holds the file open (for writing or reading, or through a shared mapping); since the
+//!   staging folder is private (0700) and the file has one link, nobody can open it afterwards
+//!   either, and the staged inode itself is renamed into clean. When the lease is refused (the
+//!   file is held open, the filesystem has no leases, e.g. NFS/SMB, or we may not take one), a
+//!   **verified copy** is released instead: a new inode, whose SHA-256 is checked against the
+//!   scanned one, that no earlier handle can reach;
+//! - a move is a no-replace rename, or, across filesystems and for the copy, the sequence copy
+//!   to `<dest root>/.<instance>.<record>.dropscan-partial` → fsync → verify SHA-256 → remove
+//!   the staged file → fsync staging → no-replace rename of the temp to the target → fsync.
+//!   At every instant a whole copy exists: first the staged file, then the verified temp, then
+//!   the target. The temp's name is derived from the record, so a restart finds it: staged file
+//!   present means the temp is a partial (removed and redone); staged file gone means the temp is
+//!   the verified copy (renamed into place).
+//! - An existing target is never replaced and never taken for ours unless it *is* ours (the same
+//!   inode, left by a link + unlink move): an identical twin somebody placed there stays theirs.
+
+use std::ffi::OsStr;
+use std::io::{self, Seek, Write};
+use std::path::{Component, Path, PathBuf};
+
+use super::names::{numbered, safe_relative, sidecar_name, sidecar_temp_name, parse_temp_name};
+use super::{Dir, FileStamp, FsError, Renamed, no_other_opener, rename_noreplace, same_file, sha256_file, split_rel};
+use crate::journal::Stamp;
+
+/// Numbered names tried before giving up on a free name.
+const MAX_NUMBERED: u32 = 10_000;
+
+/// What a claim attempt came to.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// Moved into staging.
+    Claimed(Renamed),
+    /// Not the file that settled any more (written to, replaced): left alone.
+    Changed,
+    /// Gone (taken by another agent, or removed by the user).
+    Gone,
+    /// Hard-linked, and hard links may not be taken (the failed folder is on another
+    /// filesystem, where the file could only be placed by reading it): left in the inbox.
+    HardLinkedLeft,
+}
+
+/// Moves the settled file `rel` (relative to the inbox) into `staging` as `staged_name`, if it
+/// is still [`same_file`] as `settled`. Every component of `rel` is resolved beneath the inbox
+/// without following links: a subfolder swapped for a symlink after it settled is refused.
+///
+/// A hard-linked file is taken only when `hard_links_ok` (it then goes to failed by a rename,
+/// unread); otherwise it stays where it is: its other name may be a user's last copy.
+pub fn claim(
+    inbox: &Dir,
+    rel: &Path,
+    settled: &Stamp,
+    staging: &Dir,
+    staged_name: &OsStr,
+    hard_links_ok: bool,
+) -> Result<Claim, FsError> {
+    let (parent, name) = split_rel(rel)?;
+    let dir = match inbox.open_dir(parent) {
+        Ok(d) => d,
+        Err(FsError::Vanished { .. }) => return Ok(Claim::Gone),
+        Err(e) => return Err(e),
+    };
+    let now = match dir.stamp(name) {
+        Ok(s) => s,
+        Err(FsError::Vanished { .. }) => return Ok(Claim::Gone),
+        Err(e) => return Err(e),
+    };
+    if !same_file(settled, &now.stamp()) {
+        return Ok(Claim::Changed);
+    }
+    if now.nlink > 1 && !hard_links_ok {
+        return Ok(Claim::HardLinkedLeft);
+    }
+    match rename_noreplace(&dir, name, staging, staged_name) {
+        Ok(r) => Ok(Claim::Claimed(r)),
+        Err(e) if e.is_vanished() => Ok(Claim::Gone),
+        Err(e) => Err(e),
+    }
+}
+
+/// A free path (relative to `dest_root`) for a user's `rel`: the folders are made (with
+/// `dir_mode`) beneath the root, never through a symlink or a file that stands where a folder
+/// should be (such an entry is left alone and `sub (1)` is used beside it); the name is free
+/// and so is its sidecar's. The caller journals it, then calls [`place`], which fails rather
+/// than replace if someone took the name meanwhile.
+pub fn free_name(dest_root: &Dir, rel: &Path, dir_mode: u32) -> Result<PathBuf, FsError> {
+    let rel = safe_relative(rel);
+    let mut out = PathBuf::new();
+    let mut dir = dest_root.try_clone()?;
+    if let Some(parent) = rel.parent() {
+        for comp in parent.components() {
+            let Component::Normal(name) = comp else { continue };
+            let mut n = 0;
+            let (next, used) = loop {
+                let candidate = if n == 0 { name.to_os_string() } else { numbered(name, n) };
+                match dir.child_dir_or_create(&candidate, dir_mode) {
+                    Ok(d) => break (d, candidate),
+                    Err(FsError::NotRegular { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+                n += 1;
+                if n > MAX_NUMBERED {
+                    return Err(FsError::AlreadyExists { path: dir.path().join(name) });
+                }
+            };
+            out.push(used);
+            dir = next;
+        }
+    }
+    let name = rel.file_name().unwrap_or_else(|| OsStr::new("_"));
+    for n in 0..=MAX_NUMBERED {
+        let candidate = if n == 0 { name.to_os_string() } else { numbered(name, n) };
+        if !dir.exists(&candidate)? && !dir.exists(&sidecar_name(&candidate))? {
+            out.push(candidate);
+            return Ok(out);
+        }
+    }
+    Err(FsError::AlreadyExists { path: dir.path().join(name) })
+}
+
+/// One placement; see the module docs.
+#[derive(Debug)]
+pub struct Release<'a> {
+    /// The staging folder.
+    pub staging: &'a Dir,
+    /// The staged file's name in it.
+    pub staged_name: &'a OsStr,
+    /// The stamp the file was hashed with (`None`: never hashed, e.g. unreadable).
+    pub hashed: Option<Stamp>,
+    /// The SHA-256 it was hashed with.
+    pub sha256: Option<[u8; 32]>,
+    /// The destination root.
+    pub dest_root: &'a Dir,
+    /// The target, relative to `dest_root` (from [`free_name`]).
+    pub target: &'a Path,
+    /// Mode of the placed file (`Some(0o600)` for quarantine); `None` keeps it.
+    pub file_mode: Option<u32>,
+    /// A release to clean: the bytes must be the hashed ones and no writer may keep a handle.
+    pub clean: bool,
+    /// The copy's temp name at the top of `dest_root` ([`super::names::copy_temp_name`]).
+    pub temp_name: &'a OsStr,
+}
+
+/// How a file was placed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placed {
+    /// The staged inode was renamed into place.
+    Renamed,
+    /// A verified copy was placed and the staged file removed.
+    Copied,
+    /// The move had already happened (found after a restart).
+    AlreadyDone,
+}
+
+/// Places a staged file; see the module docs. `AlreadyExists`: choose another target and call
+/// again (nothing was lost: the file is in staging or in the verified temp).
+pub fn place(r: &Release<'_>) -> Result<Placed, FsError> {
+    let (tparent, tname) = split_rel(r.target)?;
+    let tdir = match r.dest_root.open_dir(tparent) {
+        Ok(d) => d,
+        // Never "vanished": that word is for the staged file. A destination folder removed
+        // meanwhile means choosing the target again.
+        Err(FsError::Vanished { path }) => {
+            return Err(FsError::Io {
+                path,
+                about: "open the destination folder (removed meanwhile)",
+                source: io::Error::from_raw_os_error(libc::ENOENT),
+            });
+        }
+        Err(e) => return Err(e),
+    };
+    let (mut file, now) = match r.staging.open_file(r.staged_name) {
+        Ok(x) => x,
+        Err(FsError::Vanished { .. }) => return resume_from_temp(r, &tdir, tname),
+        Err(e) => return Err(e),
+    };
+    // With the staged file still here, a temp of ours is a partial copy from before a crash.
+    if r.dest_root.exists(r.temp_name)? {
+        r.dest_root.unlink(r.temp_name)?;
+    }
+    match r.hashed {
+        Some(h) if !same_file(&h, &now.stamp()) => {
+            return Err(FsError::Changed {
+                path: r.staging.path().join(r.staged_name),
+                detail: "changed since it was hashed".into(),
+            });
+        }
+        None if r.clean => {
+            return Err(FsError::Changed {
+                path: r.staging.path().join(r.staged_name),
+                detail: "was never hashed".into(),
+            });
+        }
+        _ => {}
+    }
+    match tdir.stamp(tname) {
+        // Our own inode under the target: a link + unlink move interrupted after the link.
+        Ok(t) if (t.dev, t.ino) == (now.dev, now.ino) => {
+            r.staging.unlink(r.staged_name)?;
+            r.staging.fsync()?;
+            return Ok(Placed::Renamed);
+        }
+        Ok(_) | Err(FsError::NotRegular { .. }) => {
+            return Err(FsError::AlreadyExists {
+                path: tdir.path().join(tname),
+            });
+        }
+        Err(FsError::Vanished { .. }) => {}
+        Err(e) => return Err(e),
+    }
+    if r.clean && now.nlink != 1 {
+        return Err(FsError::HardLinked {
+            path: r.staging.path().join(r.staged_name),
+            nlink: now.nlink,
+        });
+    }
+    if let Some(mode) = r.file_mode {
+        rustix::fs::fchmod(&file, rustix::fs::Mode::from_raw_mode(mode)).map_err(|e| {
+            FsError::io(
+                &r.staging.path().join(r.staged_name),
+                "chmod",
+                io::Error::from_raw_os_error(e.raw_os_error()),
+            )
+        })?;
+    }
+    let rename = !r.clean
+        || match no_other_opener(&file) {
+            Ok(true) => true,
+            Ok(false) => {
+                tracing::info!(
+                    target = %super::shown(&tdir.path().join(tname)),
+                    "another process still holds the file open: releasing a verified copy"
+                );
+                false
+            }
+            Err(_) => false,
+        };
+    if rename {
+        match rename_noreplace(r.staging, r.staged_name, &tdir, tname) {
+            Ok(_) => return Ok(Placed::Renamed),
+            Err(FsError::Io { ref source, .. }) if source.raw_os_error() == Some(libc::EXDEV) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    copy_then_release(r, &mut file, &now, &tdir, tname)
+}
+
+fn copy_then_release(
+    r: &Release<'_>,
+    src: &mut std::fs::File,
+    now: &FileStamp,
+    tdir: &Dir,
+    tname: &OsStr,
+) -> Result<Placed, FsError> {
+    let temp_path = r.dest_root.path().join(r.temp_name);
+    let mode = r.file_mode.unwrap_or(now.mode & 0o777);
+    let result = (|| {
+        let mut tmp = r.dest_root.create_file(r.temp_name, mode)?;
+        src.seek(io::SeekFrom::Start(0))
+            .map_err(|e| FsError::io(&temp_path, "read the staged file", e))?;
+        io::copy(src, &mut tmp).map_err(|e| FsError::io(&temp_path, "copy", e))?;
+        tmp.flush().map_err(|e| FsError::io(&temp_path, "copy", e))?;
+        tmp.sync_all().map_err(|e| FsError::io(&temp_path, "fsync", e))?;
+        if let Some(expected) = r.sha256 {
+            tmp.seek(io::SeekFrom::Start(0))
+                .map_err(|e| FsError::io(&temp_path, "read the copy", e))?;
+            let (sha, _) = sha256_file(&mut tmp)?;
+            if sha != expected {
+                return Err(FsError::Changed {
+                    path: r.staging.path().join(r.staged_name),
+                    detail: "the copy's SHA-256 differs from the scanned content".into(),
+                });
+            }
+        }
+        r.dest_root.fsync()
+    })();
+    if let Err(e) = result {
+        r.dest_root.unlink(r.temp_name).ok();
+        return Err(e);
+    }
+    // The verified copy is durable: only now may the staged file go.
+    r.staging.unlink(r.staged_name)?;
+    if let Err(e) = r.staging.fsync() {
+        tracing::warn!(error = %e, "staging folder fsync failed after a copy; continuing");
+    }
+    finish_temp(r, tdir, tname)
+}
+
+/// The staged file is gone: a verified temp of ours is renamed into place; no temp and the
+/// target present means the move happened before a restart.
+fn resume_from_temp(r: &Release<'_>, tdir: &Dir, tname: &OsStr) -> Result<Placed, FsError> {
+    if r.dest_root.exists(r.temp_name)? {
+        if let Some(expected) = r.sha256 {
+            let (mut f, _) = r.dest_root.open_file(r.temp_name)?;
+            let (sha, _) = sha256_file(&mut f)?;
+            if sha != expected {
+                // Never delete it: it may be the only copy. Say where it is.
+                return Err(FsError::Changed {
+                    path: r.dest_root.path().join(r.temp_name),
+                    detail: "the copy left by an interrupted placement does not hold the scanned bytes; kept there".into(),
+                });
+            }
+        }
+        return finish_temp(r, tdir, tname);
+    }
+    if tdir.exists(tname)? {
+        return Ok(Placed::AlreadyDone);
+    }
+    Err(FsError::Vanished {
+        path: r.staging.path().join(r.staged_name),
+    })
+}
+
+fn finish_temp(r: &Release<'_>, tdir: &Dir, tname: &OsStr) -> Result<Placed, FsError> {
+    rename_noreplace(r.dest_root, r.temp_name, tdir, tname)?;
+    Ok(Placed::Copied)
+}
+
+/// Writes a sidecar beside `target` (relative to `dest_root`) atomically: a private temp name,
+/// fsync, rename, fsync the folder.
+pub fn write_sidecar(
+    dest_root: &Dir,
+    target: &Path,
+    bytes: &[u8],
+    mode: u32,
+    instance: &str,
+) -> Result<PathBuf, FsError> {
+    let (parent, name) = split_rel(target)?;
+    let dir = dest_root.open_dir(parent)?;
+    let side = sidecar_name(name);
+    let tmp_name = sidecar_temp_name(instance);
+    let result = (|| {
+        let mut f = dir.create_file(&tmp_name, mode)?;
+        let p = dir.path().join(&tmp_name);
+        f.write_all(bytes).map_err(|e| FsError::io(&p, "write", e))?;
+        f.sync_all().map_err(|e| FsError::io(&p, "fsync", e))?;
+        rustix::fs::renameat(dir.fd(), &tmp_name, dir.fd(), &side).map_err(|e| {
+            FsError::io(
+                &dir.path().join(&side),
+                "rename",
+                io::Error::from_raw_os_error(e.raw_os_error()),
+            )
+        })?;
+        dir.fsync()
+    })();
+    if result.is_err() {
+        dir.unlink(&tmp_name).ok();
+    }
+    result.map(|()| dir.path().join(side))
+}
+
+/// Removes this instance's leftover temps below `dest_root` (never following links, never
+/// touching other agents' temps or users' files): every sidecar temp, and each copy temp whose
+/// record `keep` does not claim (a copy whose staged file is gone is the only copy: its record
+/// keeps it until the placement is finished). Returns how many were removed.
+pub fn remove_partials(dest_root: &Dir, instance: &str, keep: &dyn Fn(i64) -> bool) -> usize {
+    let mut removed = 0;
+    let mut stack = match dest_root.try_clone() {
+        Ok(d) => vec![(d, true)],
+        Err(_) => return 0,
+    };
+    while let Some((dir, top)) = stack.pop() {
+        let Ok(entries) = dir.entries() else { continue };
+        for (name, st) in entries {
+            if st.is_dir() {
+                if let Ok(sub) = dir.open_dir(Path::new(&name)) {
+                    stack.push((sub, false));
+                }
+                continue;
+            }
+            if !st.is_regular() {
+                continue;
+            }
+            let remove = match parse_temp_name(&name, instance) {
+                Some(None) => true,
+                Some(Some(id)) => top && !keep(id),
+                None => false,
+            };
+            if remove && dir.unlink(&name).is_ok() {
+                removed += 1;
+            }
+        }
+    }
+    removed
+}

@@ -1,0 +1,296 @@
+//! The folders of one watched root, opened once and reopened only when removed, and the owner
+//! marker that says which agent a staging folder belongs to.
+//!
+//! The inbox and the destinations are named by the administrator and opened as given. A staging
+//! folder or destination *inside* the inbox is opened beneath the inbox's descriptor without
+//! following links: users can write there, and a `.dropscan` swapped for a symlink must stop
+//! claiming, never redirect it.
+//!
+//! A root is **recognised** before anything under it is judged missing: its staging folder must
+//! exist with our owner marker. An inbox on a share that is not mounted yet shows an empty
+//! mount point, and the staged files of records in flight would otherwise all look vanished.
+
+use std::ffi::OsStr;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use super::{Dir, FsError};
+use crate::config::WatchConfig;
+
+/// Name of the owner marker in a staging folder.
+pub const OWNER_MARKER: &str = ".owner";
+/// A marker not refreshed for this long belongs to an agent that is gone.
+pub const OWNER_STALE_AFTER: Duration = Duration::from_secs(180);
+/// How often a running agent refreshes its marker.
+pub const OWNER_HEARTBEAT: Duration = Duration::from_secs(30);
+
+/// Which folder of a root.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Which {
+    /// The inbox.
+    Inbox,
+    /// Its staging folder.
+    Staging,
+    /// `not detected`.
+    Clean,
+    /// `detect`.
+    Quarantine,
+    /// Everything else.
+    Failed,
+}
+
+#[derive(Debug)]
+struct Slot {
+    path: PathBuf,
+    /// Relative to the inbox when the folder lives inside it.
+    beneath_inbox: Option<PathBuf>,
+    mode: u32,
+    open: Mutex<Option<Arc<Dir>>>,
+}
+
+impl Slot {
+    fn new(path: &Path, inbox: &Path, mode: u32, is_inbox: bool) -> Slot {
+        let beneath_inbox = if is_inbox {
+            None
+        } else {
+            path.strip_prefix(inbox).ok().map(Path::to_path_buf)
+        };
+        Slot {
+            path: path.to_path_buf(),
+            beneath_inbox,
+            mode,
+            open: Mutex::new(None),
+        }
+    }
+}
+
+/// The folders of one `[[watch]]`.
+#[derive(Debug)]
+pub struct RootDirs {
+    inbox: Slot,
+    staging: Slot,
+    clean: Slot,
+    quarantine: Slot,
+    failed: Slot,
+}
+
+impl RootDirs {
+    /// The folders of `w` (nothing is opened yet).
+    pub fn new(w: &WatchConfig) -> RootDirs {
+        let slot = |p: &Path, mode| Slot::new(p, &w.path, mode, false);
+        RootDirs {
+            inbox: Slot::new(&w.path, &w.path, 0o755, true),
+            staging: slot(&w.staging_dir, 0o700),
+            clean: slot(&w.clean_dir, 0o755),
+            quarantine: slot(&w.quarantine_dir, 0o700),
+            failed: slot(&w.failed_dir, 0o750),
+        }
+    }
+
+    fn slot(&self, which: Which) -> &Slot {
+        match which {
+            Which::Inbox => &self.inbox,
+            Which::Staging => &self.staging,
+            Which::Clean => &self.clean,
+            Which::Quarantine => &self.quarantine,
+            Which::Failed => &self.failed,
+        }
+    }
+
+    /// The configured path of a folder (for messages and the journal).
+    pub fn path(&self, which: Which) -> &Path {
+        &self.slot(which).path
+    }
+
+    /// The open folder, made if missing (`create`), reopened if it was removed since.
+    pub fn get(&self, which: Which, create: bool) -> Result<Arc<Dir>, FsError> {
+        let slot = self.slot(which);
+        let mut open = slot.open.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(d) = open.as_ref() {
+            if !d.is_removed() {
+                return Ok(Arc::clone(d));
+            }
+        }
+        let dir = match &slot.beneath_inbox {
+            Some(rel) => {
+                let inbox = self.get(Which::Inbox, false)?;
+                if create {
+                    inbox.create_dirs(rel, slot.mode)?
+                } else {
+                    inbox.open_dir(rel)?
+                }
+            }
+            None => {
+                if create && which != Which::Inbox {
+                    create_trusted(&slot.path, slot.mode)?;
+                }
+                Dir::open_trusted(&slot.path)?
+            }
+        };
+        let dir = Arc::new(dir);
+        *open = Some(Arc::clone(&dir));
+        Ok(dir)
+    }
+
+    /// The staging folder if the root is recognised (it exists, with an owner marker): `None`
+    /// when it is missing, which after a crash means "not mounted yet" until proven otherwise.
+    pub fn staging_if_present(&self) -> Result<Option<Arc<Dir>>, FsError> {
+        match self.get(Which::Staging, false) {
+            Ok(d) => Ok(Some(d)),
+            Err(FsError::Vanished { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// `mkdir -p` of an administrator's folder (its path is trusted); new folders get `mode`.
+fn create_trusted(path: &Path, mode: u32) -> Result<(), FsError> {
+    use std::os::unix::fs::DirBuilderExt;
+    if path.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(path)
+        .map_err(|e| FsError::io(path, "create folder", e))?;
+    let d = Dir::open_trusted(path)?;
+    rustix::fs::fchmod(d.fd(), rustix::fs::Mode::from_raw_mode(mode)).ok();
+    if let Some(parent) = path.parent() {
+        if let Ok(p) = Dir::open_trusted(parent) {
+            p.fsync().ok();
+        }
+    }
+    Ok(())
+}
+
+/// Who runs an agent: the host's machine id (when readable) and name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner {
+    /// `/etc/machine-id`, if any.
+    pub machine_id: String,
+    /// The host name.
+    pub host: String,
+}
+
+impl Owner {
+    /// This host.
+    pub fn this_host() -> Owner {
+        let machine_id = std::fs::read_to_string("/etc/machine-id")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default();
+        let host = rustix::system::uname()
+            .nodename()
+            .to_string_lossy()
+            .into_owned();
+        Owner { machine_id, host }
+    }
+
+    fn same_host(&self, other: &Owner) -> bool {
+        if !self.machine_id.is_empty() && !other.machine_id.is_empty() {
+            self.machine_id == other.machine_id
+        } else {
+            self.host == other.host
+        }
+    }
+}
+
+/// The staging folder belongs to an agent on another host that is still alive.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the staging folder {} is in use by host {host} (marker refreshed {age_s} s ago): two hosts \
+     must never share a sensor_instance_id / staging folder; give each host its own \
+     [server].sensor_instance_id (if that host is retired, remove {}/{OWNER_MARKER})",
+    super::shown(staging), super::shown(staging)
+)]
+pub struct OwnerConflict {
+    /// The staging folder.
+    pub staging: PathBuf,
+    /// The other host.
+    pub host: String,
+    /// Seconds since its last heartbeat.
+    pub age_s: u64,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Reads the marker: (owner, last heartbeat in unix seconds).
+fn read_owner(staging: &Dir) -> Option<(Owner, u64)> {
+    let (mut f, _) = staging.open_file(OsStr::new(OWNER_MARKER)).ok()?;
+    let mut text = String::new();
+    Read::by_ref(&mut f).take(4096).read_to_string(&mut text).ok()?;
+    let mut owner = Owner {
+        machine_id: String::new(),
+        host: String::new(),
+    };
+    let mut beat = 0;
+    for line in text.lines() {
+        match line.split_once('=') {
+            Some(("machine_id", v)) => owner.machine_id = v.to_string(),
+            Some(("host", v)) => owner.host = v.to_string(),
+            Some(("heartbeat", v)) => beat = v.parse().unwrap_or(0),
+            _ => {}
+        }
+    }
+    Some((owner, beat))
+}
+
+/// Takes (or refreshes) the staging folder for `me`: refused while another host's marker is
+/// fresh. A marker of another host older than [`OWNER_STALE_AFTER`] (or with a heartbeat in the
+/// future by more than that, a clock gone wrong) is taken over with a warning.
+pub fn claim_owner(staging: &Dir, me: &Owner) -> Result<(), FsError> {
+    if let Some((other, beat)) = read_owner(staging) {
+        if !other.same_host(me) {
+            let now = unix_now();
+            let age = now.abs_diff(beat);
+            if age < OWNER_STALE_AFTER.as_secs() {
+                return Err(FsError::Owner(Box::new(OwnerConflict {
+                    staging: staging.path().to_path_buf(),
+                    host: other.host,
+                    age_s: now.saturating_sub(beat),
+                })));
+            }
+            tracing::warn!(
+                staging = %super::shown(staging.path()),
+                host = %other.host,
+                "taking over a staging folder whose previous owner stopped refreshing it"
+            );
+        }
+    }
+    let text = format!(
+        "# dropscan: the agent that owns this staging folder\nmachine_id={}\nhost={}\npid={}\nheartbeat={}\n",
+        me.machine_id,
+        me.host,
+        std::process::id(),
+        unix_now()
+    );
+    let tmp = OsStr::new(".owner.tmp");
+    staging.unlink(tmp).ok();
+    let mut f = staging.create_file(tmp, 0o600)?;
+    f.write_all(text.as_bytes())
+        .map_err(|e| FsError::io(&staging.path().join(tmp), "write", e))?;
+    f.sync_all()
+        .map_err(|e| FsError::io(&staging.path().join(tmp), "fsync", e))?;
+    rustix::fs::renameat(staging.fd(), tmp, staging.fd(), OWNER_MARKER).map_err(|e| {
+        FsError::io(
+            &staging.path().join(OWNER_MARKER),
+            "rename",
+            std::io::Error::from_raw_os_error(e.raw_os_error()),
+        )
+    })?;
+    staging.fsync()
+}
+
+/// [`claim_owner`] unless the marker already names this host.
+pub fn claim_owner_if_missing(staging: &Dir, me: &Owner) -> Result<(), FsError> {
+    match read_owner(staging) {
+        Some((o, _)) if o.same_host(me) => Ok(()),
+        _ => claim_owner(staging, me),
+    }
+}
