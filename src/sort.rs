@@ -235,7 +235,7 @@ impl Sorter {
         let dest_root = match outcome {
             Outcome::Clean => &watch.clean_dir,
             Outcome::Quarantine => &watch.quarantine_dir,
-            Outcome::Failed => &watch.failed_dir,
+            Outcome::Failed | Outcome::Vanished => &watch.failed_dir,
         };
         let opts = PlaceOptions {
             file_mode: (outcome == Outcome::Quarantine).then_some(0o600),
