@@ -1900,6 +1900,33 @@ mod tests {
         assert_eq!(s.per_state, vec![("claimed".to_string(), 201)]);
     }
 
+    #[test]
+    fn a_verdict_ttl_fails_closed_against_clock_jumps() {
+        let ttl = Duration::from_secs(60);
+        assert!(verdict_reusable(1_000, 1_000, ttl));
+        assert!(verdict_reusable(1_000, 61_000, ttl));
+        assert!(!verdict_reusable(1_000, 61_001, ttl));
+        // Decided "in the future": the clock went back; never reused.
+        assert!(!verdict_reusable(2_000, 1_000, ttl));
+        assert!(!verdict_reusable(1_000, 1_000, Duration::ZERO));
+    }
+
+    #[test]
+    fn the_transition_table_matches_every_operation() {
+        for (from, to) in [
+            (&DECIDE_FROM[..], FileState::Decided),
+            (&REHASH_FROM[..], FileState::Claimed),
+            (&VANISH_FROM[..], FileState::Done),
+        ] {
+            for s in from {
+                assert!(s.can_become(to), "{s:?} -> {to:?}");
+            }
+        }
+        for s in FileState::ALL {
+            assert!(!s.can_become(FileState::Claimed) || REHASH_FROM.contains(&s));
+        }
+    }
+
     #[tokio::test]
     async fn survives_reopen() {
         let dir = tempfile::tempdir().unwrap();

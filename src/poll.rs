@@ -500,3 +500,64 @@ impl Poller<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(id: &str, state: ScanState) -> ScanResult {
+        ScanResult {
+            scan_id: id.to_string(),
+            state,
+        }
+    }
+
+    #[test]
+    fn scan_timeout_counts_monotonic_time_not_the_wall_clock() {
+        // The deadline is pure monotonic arithmetic: no wall-clock value enters it, so a jump of
+        // the wall clock (forward or back) neither fails nor prolongs a scan. Scans adopted at
+        // start-up start their clock at adoption (`run`), whatever their journaled submit time.
+        let timeout = Duration::from_secs(60);
+        let t0 = Instant::now();
+        let mut clock = ScanClock::starting_at(t0);
+        assert!(!clock.overdue(t0, timeout));
+        assert!(!clock.overdue(t0 + Duration::from_secs(59), timeout));
+        assert!(clock.overdue(t0 + Duration::from_secs(61), timeout));
+        // An outage of an hour does not count.
+        clock.stop_for(Duration::from_secs(3600));
+        assert!(!clock.overdue(t0 + Duration::from_secs(3600 + 59), timeout));
+        assert!(clock.overdue(t0 + Duration::from_secs(3600 + 61), timeout));
+        // A "now" before the start (never happens with a monotonic clock) is not overdue.
+        assert!(!ScanClock::starting_at(t0 + timeout * 2).overdue(t0, timeout));
+    }
+
+    #[test]
+    fn duplicate_entries_for_one_scan_in_one_answer_fold_to_detect() {
+        let (folded, contradictions) = fold_results(vec![
+            r("a", ScanState::NotDetected),
+            r("b", ScanState::NotDetected),
+            r("a", ScanState::Detect),
+            r("c", ScanState::Processing),
+            r("c", ScanState::NotDetected),
+            r("d", ScanState::NotDetected),
+            r("d", ScanState::Error),
+            r("b", ScanState::NotDetected),
+        ]);
+        assert_eq!(
+            folded,
+            vec![
+                r("a", ScanState::Detect),
+                r("b", ScanState::NotDetected),
+                r("c", ScanState::NotDetected),
+                r("d", ScanState::Error),
+            ]
+        );
+        assert_eq!(contradictions, vec!["a".to_string(), "d".to_string()]);
+        // Detect wins whatever the order.
+        let (folded, _) = fold_results(vec![
+            r("a", ScanState::Detect),
+            r("a", ScanState::NotDetected),
+        ]);
+        assert_eq!(folded, vec![r("a", ScanState::Detect)]);
+    }
+}
