@@ -103,6 +103,7 @@ pub async fn run(
                         Outcome::Clean => "clean     ",
                         Outcome::Quarantine => "QUARANTINE",
                         Outcome::Failed => "failed    ",
+                        Outcome::Vanished => "vanished  ",
                     };
                     let reason = p.reason.map(|r| format!("  ({r})")).unwrap_or_default();
                     println!(

@@ -12,7 +12,29 @@
 //!      │                 └─ same SHA-256 in flight ─▶ waiting ─(primary decided)─▶ decided
 //!      └─ unreadable, hard link, verdict reused ─────────────────────────────────▶ decided
 //!   decided ──▶ placing(dest) ──rename──▶ placed ──DELETE result──▶ done
+//!   (file changed: hashed/submitting/submitted/decided ──▶ claimed; gone: any unplaced ──▶ done)
 //! ```
+//!
+//! **The journal is the state machine.** Every operation checks the record's state against its
+//! own list of source states and against [`FileState::can_become`], the one table of allowed
+//! transitions; a record in any other state is refused with [`JournalError::Conflict`] and left
+//! unchanged. States and outcomes are typed ([`FileState`], [`Outcome`], [`ScanVerdict`]) and bound
+//! into SQL as parameters from their `as_str` names, never spelled as string literals in queries.
+//!
+//! **A verdict is decided once.** A record that is already decided (or placed, or done) is never
+//! overwritten by a later decision. A *contradicting* server answer for it (`detect` after
+//! `not detected`, or the reverse) is a server anomaly: it is logged and kept in the error history,
+//! and resolved fail-closed. `detect` wins while the file is still in staging (a record decided
+//! clean and not yet placing flips to quarantine, with every other unplaced record of the same
+//! content); a file already placing or placed stays where it is and the anomaly says so. The
+//! verdict cache (reuse of a verdict for the same SHA-256) never replaces `detect` by
+//! `not detected` either.
+//!
+//! **Clocks.** The journal's times (`claimed_at`, `updated_at`, `submitted_at`, `decided_at`) are
+//! wall-clock milliseconds for people and for history; no timeout is computed from them (the
+//! stages keep monotonic `tokio::time::Instant` deadlines). The one wall-clock rule that must
+//! survive restarts, the verdict TTL, fails closed against clock jumps: a cached verdict whose
+//! `decided_at` lies in the future (the clock went back) is never reused, and is pruned.
 //!
 //! Why SQLite rather than redb: the journal is also read by `dropscan status` while the daemon
 //! runs (WAL gives concurrent readers in another process for free), its crash behaviour is the
@@ -21,11 +43,17 @@
 //! All writes go through one thread that owns the connection. It takes every operation that is
 //! waiting, runs each inside its own SAVEPOINT (a failing operation rolls back alone), and commits
 //! them in one transaction: *group commit*, so that a burst of thousands of files costs a handful
-//! of fsyncs. An operation's caller is answered only after the COMMIT is durable.
+//! of fsyncs. An operation's caller is answered only after the COMMIT is durable. If SQLite rolls
+//! the whole transaction back on its own (disk full, I/O error), every operation of the batch run
+//! so far is answered as failed, and the operations not yet run go into a fresh transaction:
+//! what a caller is told always matches what is on disk.
 //!
 //! What this module does not do: touch files or the network. The stages do that, in the order the
-//! journal allows.
+//! journal allows. Who reads what it carries between stages: the claim sweep reads
+//! [`Journal::stuck_claimed`], the upload sweep reads `hashed` records, the sorter's sweep reads
+//! `decided` and `placed` records, and the poller reads `stale_scans`.
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -164,6 +192,84 @@ impl FileState {
     pub fn parse(s: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|st| st.as_str() == s)
     }
+
+    /// The table of allowed transitions: every state a record in `self` may move to. Each journal
+    /// operation also checks its own, narrower list of source states.
+    pub fn next_states(self) -> &'static [FileState] {
+        use FileState::{
+            Claimed, Decided, Done, Hashed, Placed, Placing, Submitted, Submitting, Waiting,
+        };
+        match self {
+            // Hashed, waiting for a twin, decided without a scan (reused, unreadable), or vanished.
+            Claimed => &[Hashed, Waiting, Decided, Done],
+            // Submitted, failed (too large), changed (hashed again), vanished.
+            Hashed => &[Submitting, Decided, Claimed, Done],
+            // Promoted (primary left), decided with the primary, vanished.
+            Waiting => &[Hashed, Decided, Done],
+            // Accepted, not accepted (back to hashed), refused (decided), changed, vanished.
+            Submitting => &[Submitted, Hashed, Decided, Claimed, Done],
+            // Verdict, error/timeout (back to hashed), changed, vanished.
+            Submitted => &[Decided, Hashed, Claimed, Done],
+            // Placed, changed before the move (scanned again), vanished.
+            Decided => &[Placing, Claimed, Done],
+            // Another name, moved, vanished.
+            Placing => &[Placing, Placed, Done],
+            // The server's result is deleted.
+            Placed => &[Done],
+            Done => &[],
+        }
+    }
+
+    /// Whether a record in `self` may move to `to` (see [`FileState::next_states`]).
+    pub fn can_become(self, to: FileState) -> bool {
+        self.next_states().contains(&to)
+    }
+
+    /// Whether the outcome is decided (decided, placing, placed, done): a verdict journaled here
+    /// never changes again.
+    pub fn is_decided(self) -> bool {
+        matches!(
+            self,
+            FileState::Decided | FileState::Placing | FileState::Placed | FileState::Done
+        )
+    }
+}
+
+/// The scan verdicts the journal records: the two final KATA states that decide a file. (`error`
+/// and `timeout` never decide a file: it is scanned again or fails without a verdict.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ScanVerdict {
+    /// `detect`: quarantine.
+    Detect,
+    /// `not detected`: clean, for the exact bytes uploaded.
+    NotDetected,
+}
+
+impl ScanVerdict {
+    /// The stored name: the KATA state as it appears on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ScanVerdict::Detect => "detect",
+            ScanVerdict::NotDetected => "not detected",
+        }
+    }
+
+    /// Parses a stored name.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "detect" => Some(ScanVerdict::Detect),
+            "not detected" => Some(ScanVerdict::NotDetected),
+            _ => None,
+        }
+    }
+
+    /// Where a file with this verdict goes.
+    pub fn outcome(self) -> Outcome {
+        match self {
+            ScanVerdict::Detect => Outcome::Quarantine,
+            ScanVerdict::NotDetected => Outcome::Clean,
+        }
+    }
 }
 
 /// Where a file ends up.
@@ -175,26 +281,33 @@ pub enum Outcome {
     Quarantine,
     /// Anything else, with a reason.
     Failed,
+    /// The file left staging before it was placed (removed by hand, say): nothing was placed
+    /// anywhere. Only ever on `done` records ([`Journal::close_vanished`]).
+    Vanished,
 }
 
 impl Outcome {
+    /// Every outcome.
+    pub const ALL: [Outcome; 4] = [
+        Outcome::Clean,
+        Outcome::Quarantine,
+        Outcome::Failed,
+        Outcome::Vanished,
+    ];
+
     /// The stored name.
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Clean => "clean",
             Outcome::Quarantine => "quarantine",
             Outcome::Failed => "failed",
+            Outcome::Vanished => "vanished",
         }
     }
 
     /// Parses a stored name.
     pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "clean" => Some(Outcome::Clean),
-            "quarantine" => Some(Outcome::Quarantine),
-            "failed" => Some(Outcome::Failed),
-            _ => None,
-        }
+        Self::ALL.into_iter().find(|o| o.as_str() == s)
     }
 }
 
@@ -258,6 +371,24 @@ pub struct FileRecord {
     pub dropped_at_ms: Option<i64>,
 }
 
+impl FileRecord {
+    /// The journaled verdict, typed (`None`: no verdict, or a name this version does not know).
+    pub fn scan_verdict(&self) -> Option<ScanVerdict> {
+        self.verdict.as_deref().and_then(ScanVerdict::parse)
+    }
+
+    /// Whether this record may be released as clean: its outcome is clean, its verdict is
+    /// `not detected`, and that verdict was given for exactly the content hashed (the SHA-256 of
+    /// the bytes uploaded equals the record's SHA-256). Anything else must not reach the clean
+    /// folder.
+    pub fn is_clean_verdict_for_content(&self) -> bool {
+        self.outcome == Some(Outcome::Clean)
+            && self.scan_verdict() == Some(ScanVerdict::NotDetected)
+            && self.sha256.is_some()
+            && self.verdict_sha256 == self.sha256
+    }
+}
+
 /// What a new claim records.
 #[derive(Debug, Clone)]
 pub struct NewClaim {
@@ -276,8 +407,8 @@ pub struct NewClaim {
 pub struct Decision {
     /// Where it goes.
     pub outcome: Outcome,
-    /// The KATA state that decided it, if a verdict did.
-    pub verdict: Option<String>,
+    /// The scan verdict that decided it, if one did.
+    pub verdict: Option<ScanVerdict>,
     /// The SHA-256 the verdict applies to.
     pub verdict_sha256: Option<[u8; 32]>,
     /// Why (for failed), or a note.
@@ -289,6 +420,18 @@ pub struct Decision {
 }
 
 impl Decision {
+    /// A scan verdict for the content whose SHA-256 (of the bytes uploaded) is `sha256`, shared
+    /// with files of the same content.
+    pub fn from_verdict(verdict: ScanVerdict, sha256: [u8; 32]) -> Self {
+        Decision {
+            outcome: verdict.outcome(),
+            verdict: Some(verdict),
+            verdict_sha256: Some(sha256),
+            reason: None,
+            propagate: true,
+        }
+    }
+
     /// A failure with a reason, shared with files of the same content.
     pub fn failed(reason: impl Into<String>, propagate: bool) -> Self {
         Decision {
@@ -463,24 +606,32 @@ fn load(conn: &Connection, id: FileId) -> Result<FileRecord, JournalError> {
     })
 }
 
-fn load_state(conn: &Connection, states: &[FileState]) -> Result<Vec<FileRecord>, JournalError> {
-    let list = states
-        .iter()
-        .map(|s| format!("'{}'", s.as_str()))
+/// `?first, ?first+1, …` for `n` values: an SQL list of numbered parameters.
+fn placeholders(first: usize, n: usize) -> String {
+    (first..first + n)
+        .map(|i| format!("?{i}"))
         .collect::<Vec<_>>()
-        .join(",");
+        .join(",")
+}
+
+fn load_state(conn: &Connection, states: &[FileState]) -> Result<Vec<FileRecord>, JournalError> {
     let mut stmt = conn
         .prepare(&format!(
-            "SELECT {COLUMNS} FROM files WHERE state IN ({list}) ORDER BY id"
+            "SELECT {COLUMNS} FROM files WHERE state IN ({}) ORDER BY id",
+            placeholders(1, states.len())
         ))
         .map_err(JournalError::sql("read"))?;
     let rows = stmt
-        .query_map([], row_to_record)
+        .query_map(
+            rusqlite::params_from_iter(states.iter().map(|s| s.as_str())),
+            row_to_record,
+        )
         .map_err(JournalError::sql("read"))?;
     rows.collect::<Result<Vec<_>, _>>()
         .map_err(JournalError::sql("read"))
 }
 
+/// Refuses an operation on a record that is not in one of the states it starts from.
 fn expect_state(rec: &FileRecord, allowed: &[FileState]) -> Result<(), JournalError> {
     if allowed.contains(&rec.state) {
         Ok(())
@@ -496,95 +647,367 @@ fn expect_state(rec: &FileRecord, allowed: &[FileState]) -> Result<(), JournalEr
     }
 }
 
-fn set_state(conn: &Connection, id: FileId, state: FileState) -> Result<(), JournalError> {
+/// Checks a transition twice: against the operation's own source states, and against the table
+/// of allowed transitions ([`FileState::can_become`]).
+fn expect_transition(
+    rec: &FileRecord,
+    from: &[FileState],
+    to: FileState,
+) -> Result<(), JournalError> {
+    expect_state(rec, from)?;
+    if rec.state.can_become(to) {
+        Ok(())
+    } else {
+        Err(JournalError::Conflict {
+            id: rec.id,
+            detail: format!("may not go from {} to {}", rec.state.as_str(), to.as_str()),
+        })
+    }
+}
+
+/// Moves a loaded record to `to` after checking the transition. The update also requires the
+/// state the record was loaded in, so it can never apply to a record that moved meanwhile.
+fn transition(
+    conn: &Connection,
+    rec: &FileRecord,
+    from: &[FileState],
+    to: FileState,
+) -> Result<(), JournalError> {
+    expect_transition(rec, from, to)?;
     conn.execute(
-        "UPDATE files SET state = ?2, updated_at = ?3 WHERE id = ?1",
-        params![id, state.as_str(), now_ms()],
+        "UPDATE files SET state = ?2, updated_at = ?3 WHERE id = ?1 AND state = ?4",
+        params![rec.id, to.as_str(), now_ms(), rec.state.as_str()],
     )
     .map_err(JournalError::sql("update"))?;
     Ok(())
 }
 
-/// Writes a decision on `id` and, if it propagates, on every record waiting for the same content.
-/// Returns the ids decided.
-fn decide_in(conn: &Connection, id: FileId, d: &Decision) -> Result<Vec<FileId>, JournalError> {
-    let rec = load(conn, id)?;
-    let now = now_ms();
-    let mut decided = vec![id];
+/// Appends to the error history (inside the current operation).
+fn note_error_in(conn: &Connection, text: &str) -> Result<(), JournalError> {
     conn.execute(
-        "UPDATE files SET state = 'decided', outcome = ?2, verdict = ?3, verdict_sha256 = ?4, \
-         reason = ?5, updated_at = ?6 WHERE id = ?1",
+        "INSERT INTO errors (at, text) VALUES (?1, ?2)",
+        params![now_ms(), text],
+    )
+    .map_err(JournalError::sql("errors"))?;
+    conn.execute(
+        "DELETE FROM errors WHERE id <= (SELECT MAX(id) FROM errors) - ?1",
+        [ERRORS_KEPT],
+    )
+    .map_err(JournalError::sql("errors"))?;
+    Ok(())
+}
+
+/// Queues a scan's result for deletion on the server (inside the current operation).
+fn stale_scan_in(conn: &Connection, scan_id: &str) -> Result<(), JournalError> {
+    conn.execute(
+        "INSERT OR IGNORE INTO stale_scans (scan_id, added_at) VALUES (?1, ?2)",
+        params![scan_id, now_ms()],
+    )
+    .map_err(JournalError::sql("stale"))?;
+    Ok(())
+}
+
+/// Records a verdict in the reuse table. `detect` wins: a cached `detect` is never replaced by
+/// `not detected` for the same SHA-256 (it expires with the TTL instead).
+fn cache_verdict(
+    conn: &Connection,
+    sha256: [u8; 32],
+    verdict: ScanVerdict,
+    scan_id: &str,
+) -> Result<(), JournalError> {
+    conn.execute(
+        "INSERT INTO verdicts (sha256, outcome, verdict, scan_id, decided_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT(sha256) DO UPDATE SET \
+         outcome = excluded.outcome, verdict = excluded.verdict, \
+         scan_id = excluded.scan_id, decided_at = excluded.decided_at \
+         WHERE verdicts.verdict != ?6 OR excluded.verdict = ?6",
         params![
-            id,
-            d.outcome.as_str(),
-            d.verdict,
-            d.verdict_sha256.map(|s| s.to_vec()),
-            d.reason,
-            now
+            sha256.to_vec(),
+            verdict.outcome().as_str(),
+            verdict.as_str(),
+            scan_id,
+            now_ms(),
+            ScanVerdict::Detect.as_str()
         ],
     )
     .map_err(JournalError::sql("decide"))?;
-    if let Some(sha) = rec.sha256 {
-        if d.propagate {
-            let mut stmt = conn
-                .prepare("SELECT id FROM files WHERE state = 'waiting' AND sha256 = ?1")
-                .map_err(JournalError::sql("decide"))?;
-            let waiting: Vec<FileId> = stmt
-                .query_map([sha.to_vec()], |r| r.get(0))
-                .map_err(JournalError::sql("decide"))?
-                .collect::<Result<_, _>>()
-                .map_err(JournalError::sql("decide"))?;
-            for w in waiting {
-                let note = match &d.reason {
-                    Some(r) => format!("{r} (verdict shared with an identical file in flight)"),
-                    None => "verdict shared with an identical file in flight".to_string(),
-                };
-                conn.execute(
-                    "UPDATE files SET state = 'decided', outcome = ?2, verdict = ?3, \
-                     verdict_sha256 = ?4, reason = ?5, reused = 1, scan_id = ?6, updated_at = ?7 \
-                     WHERE id = ?1",
-                    params![
-                        w,
-                        d.outcome.as_str(),
-                        d.verdict,
-                        d.verdict_sha256.map(|s| s.to_vec()),
-                        note,
-                        rec.scan_id,
-                        now
-                    ],
-                )
-                .map_err(JournalError::sql("decide"))?;
-                decided.push(w);
-            }
-        } else {
-            // The content was not judged: one waiting record takes over as the primary.
+    Ok(())
+}
+
+/// The states a first decision may start from.
+const DECIDE_FROM: [FileState; 5] = [
+    FileState::Claimed,
+    FileState::Hashed,
+    FileState::Waiting,
+    FileState::Submitting,
+    FileState::Submitted,
+];
+
+/// Writes a decision on `id` and, if it propagates, on every record waiting for the same content.
+/// Returns the ids decided. A record already decided is never overwritten: see
+/// [`decided_again`].
+fn decide_in(conn: &Connection, id: FileId, d: &Decision) -> Result<Vec<FileId>, JournalError> {
+    let rec = load(conn, id)?;
+    if rec.state.is_decided() {
+        return decided_again(conn, &rec, d);
+    }
+    expect_transition(&rec, &DECIDE_FROM, FileState::Decided)?;
+    let now = now_ms();
+    let mut decided = vec![id];
+    let verdict = d.verdict.map(ScanVerdict::as_str);
+    conn.execute(
+        "UPDATE files SET state = ?2, outcome = ?3, verdict = ?4, verdict_sha256 = ?5, \
+         reason = ?6, updated_at = ?7 WHERE id = ?1 AND state = ?8",
+        params![
+            id,
+            FileState::Decided.as_str(),
+            d.outcome.as_str(),
+            verdict,
+            d.verdict_sha256.map(|s| s.to_vec()),
+            d.reason,
+            now,
+            rec.state.as_str()
+        ],
+    )
+    .map_err(JournalError::sql("decide"))?;
+    let Some(sha) = rec.sha256 else {
+        return Ok(decided);
+    };
+    if d.propagate {
+        let mut stmt = conn
+            .prepare("SELECT id FROM files WHERE state = ?1 AND sha256 = ?2 ORDER BY id")
+            .map_err(JournalError::sql("decide"))?;
+        let waiting: Vec<FileId> = stmt
+            .query_map(params![FileState::Waiting.as_str(), sha.to_vec()], |r| {
+                r.get(0)
+            })
+            .map_err(JournalError::sql("decide"))?
+            .collect::<Result<_, _>>()
+            .map_err(JournalError::sql("decide"))?;
+        let note = match &d.reason {
+            Some(r) => format!("{r} (verdict shared with an identical file in flight)"),
+            None => "verdict shared with an identical file in flight".to_string(),
+        };
+        for w in waiting {
             conn.execute(
-                "UPDATE files SET state = 'hashed', updated_at = ?2 WHERE id = \
-                 (SELECT id FROM files WHERE state = 'waiting' AND sha256 = ?1 ORDER BY id LIMIT 1)",
-                params![sha.to_vec(), now],
+                "UPDATE files SET state = ?2, outcome = ?3, verdict = ?4, \
+                 verdict_sha256 = ?5, reason = ?6, reused = 1, scan_id = ?7, updated_at = ?8 \
+                 WHERE id = ?1 AND state = ?9",
+                params![
+                    w,
+                    FileState::Decided.as_str(),
+                    d.outcome.as_str(),
+                    verdict,
+                    d.verdict_sha256.map(|s| s.to_vec()),
+                    note,
+                    rec.scan_id,
+                    now,
+                    FileState::Waiting.as_str()
+                ],
             )
             .map_err(JournalError::sql("decide"))?;
+            decided.push(w);
         }
-        if d.outcome != Outcome::Failed {
-            if let (Some(verdict), Some(vsha)) = (&d.verdict, d.verdict_sha256) {
-                conn.execute(
-                    "INSERT INTO verdicts (sha256, outcome, verdict, scan_id, decided_at) \
-                     VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT(sha256) DO UPDATE SET \
-                     outcome = excluded.outcome, verdict = excluded.verdict, \
-                     scan_id = excluded.scan_id, decided_at = excluded.decided_at",
-                    params![
-                        vsha.to_vec(),
-                        d.outcome.as_str(),
-                        verdict,
-                        rec.scan_id.clone().unwrap_or_default(),
-                        now
-                    ],
-                )
-                .map_err(JournalError::sql("decide"))?;
-            }
+    } else {
+        // The content was not judged: one waiting record takes over as the primary.
+        conn.execute(
+            "UPDATE files SET state = ?3, updated_at = ?2 WHERE id = \
+             (SELECT id FROM files WHERE state = ?4 AND sha256 = ?1 ORDER BY id LIMIT 1)",
+            params![
+                sha.to_vec(),
+                now,
+                FileState::Hashed.as_str(),
+                FileState::Waiting.as_str()
+            ],
+        )
+        .map_err(JournalError::sql("decide"))?;
+    }
+    if let (Some(v), Some(vsha)) = (d.verdict, d.verdict_sha256) {
+        if d.outcome == v.outcome() {
+            cache_verdict(conn, vsha, v, rec.scan_id.as_deref().unwrap_or_default())?;
         }
     }
     Ok(decided)
+}
+
+/// A decision for a record that is already decided. Never overwrites it:
+/// - the same verdict again (a repeated answer, a retried write): nothing to do;
+/// - a decision without a verdict (a local failure, a timeout) that arrives late: ignored;
+/// - a contradicting verdict: a server anomaly, logged and kept in the error history, and resolved
+///   fail-closed. `detect` wins: it replaces `not detected` in the verdict cache, and every
+///   record of that content still `decided` clean (not yet placing) flips to quarantine; files
+///   already placing or placed stay, and the anomaly names how many. A `not detected` after
+///   `detect` changes nothing.
+///
+/// Returns the ids whose outcome changed (to be placed again by the sorter).
+fn decided_again(
+    conn: &Connection,
+    rec: &FileRecord,
+    d: &Decision,
+) -> Result<Vec<FileId>, JournalError> {
+    let old = rec.scan_verdict();
+    let Some(new) = d.verdict else {
+        tracing::warn!(
+            id = rec.id,
+            state = rec.state.as_str(),
+            outcome = rec.outcome.map_or("-", Outcome::as_str),
+            "a late decision for a file already decided is ignored"
+        );
+        return Ok(Vec::new());
+    };
+    if old == Some(new) {
+        return Ok(Vec::new());
+    }
+    if old.is_none() {
+        // Decided without a verdict (failed, vanished): the file never goes to clean anyway.
+        tracing::warn!(
+            id = rec.id,
+            verdict = new.as_str(),
+            "a verdict for a file already failed is ignored"
+        );
+        return Ok(Vec::new());
+    }
+    let scan = rec.scan_id.as_deref().unwrap_or("-");
+    let mut text = format!(
+        "server anomaly: scan {scan} answered {} for {} after {} was journaled",
+        new.as_str(),
+        rec.rel_path.display(),
+        old.map_or("-", ScanVerdict::as_str)
+    );
+    let mut flipped = Vec::new();
+    if new == ScanVerdict::Detect {
+        if let Some(vsha) = d.verdict_sha256.or(rec.verdict_sha256) {
+            cache_verdict(conn, vsha, ScanVerdict::Detect, scan)?;
+            let mut stmt = conn
+                .prepare(
+                    "UPDATE files SET outcome = ?1, verdict = ?2, reason = ?3, updated_at = ?4 \
+                     WHERE state = ?5 AND outcome = ?6 AND verdict_sha256 = ?7 RETURNING id",
+                )
+                .map_err(JournalError::sql("decide"))?;
+            flipped = stmt
+                .query_map(
+                    params![
+                        Outcome::Quarantine.as_str(),
+                        ScanVerdict::Detect.as_str(),
+                        format!("{text}: detect wins"),
+                        now_ms(),
+                        FileState::Decided.as_str(),
+                        Outcome::Clean.as_str(),
+                        vsha.to_vec()
+                    ],
+                    |r| r.get(0),
+                )
+                .map_err(JournalError::sql("decide"))?
+                .collect::<Result<Vec<FileId>, _>>()
+                .map_err(JournalError::sql("decide"))?;
+            let released: i64 = conn
+                .query_row(
+                    &format!(
+                        "SELECT COUNT(*) FROM files WHERE outcome = ?1 AND verdict_sha256 = ?2 \
+                         AND state IN ({})",
+                        placeholders(3, 3)
+                    ),
+                    params![
+                        Outcome::Clean.as_str(),
+                        vsha.to_vec(),
+                        FileState::Placing.as_str(),
+                        FileState::Placed.as_str(),
+                        FileState::Done.as_str()
+                    ],
+                    |r| r.get(0),
+                )
+                .map_err(JournalError::sql("decide"))?;
+            text.push_str(&format!(
+                "; detect wins: {} file(s) still in staging go to quarantine",
+                flipped.len()
+            ));
+            if released > 0 {
+                text.push_str(&format!(
+                    "; {released} file(s) of this content were already placed as clean: check them"
+                ));
+            }
+        }
+    } else {
+        text.push_str("; the detect stands");
+    }
+    tracing::warn!(id = rec.id, scan_id = scan, "{text}");
+    note_error_in(conn, &text)?;
+    Ok(flipped)
+}
+
+/// The states a record may be sent back to `claimed` from (its file changed).
+const REHASH_FROM: [FileState; 4] = [
+    FileState::Hashed,
+    FileState::Submitting,
+    FileState::Submitted,
+    FileState::Decided,
+];
+
+/// The states a record may be closed as vanished from: any before the file was placed.
+const VANISH_FROM: [FileState; 7] = [
+    FileState::Claimed,
+    FileState::Hashed,
+    FileState::Waiting,
+    FileState::Submitting,
+    FileState::Submitted,
+    FileState::Decided,
+    FileState::Placing,
+];
+
+/// Whether a verdict decided at `decided_at_ms` may be reused at `now_ms` under `ttl`. Fails
+/// closed against wall-clock jumps: a `decided_at` in the future (the clock went back) is never
+/// reused, whatever the TTL.
+pub fn verdict_reusable(decided_at_ms: i64, now_ms: i64, ttl: Duration) -> bool {
+    let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+    let age = now_ms.saturating_sub(decided_at_ms);
+    !ttl.is_zero() && (0..=ttl_ms).contains(&age)
+}
+
+/// Decides a record just hashed from a cached verdict for its content, if one is young enough.
+fn reuse_verdict(
+    conn: &Connection,
+    id: FileId,
+    sha256: [u8; 32],
+    ttl: Duration,
+) -> Result<Option<Outcome>, JournalError> {
+    let cached: Option<(String, String, i64)> = conn
+        .query_row(
+            "SELECT verdict, scan_id, decided_at FROM verdicts WHERE sha256 = ?1",
+            [sha256.to_vec()],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()
+        .map_err(JournalError::sql("hashed"))?;
+    let Some((verdict, scan_id, at)) = cached else {
+        return Ok(None);
+    };
+    let now = now_ms();
+    let Some(v) = ScanVerdict::parse(&verdict) else {
+        return Ok(None);
+    };
+    if !verdict_reusable(at, now, ttl) {
+        return Ok(None);
+    }
+    let o = v.outcome();
+    conn.execute(
+        "UPDATE files SET state = ?7, outcome = ?2, verdict = ?3, verdict_sha256 = ?4, \
+         reused = 1, scan_id = ?5, reason = ?6, updated_at = ?8 WHERE id = ?1",
+        params![
+            id,
+            o.as_str(),
+            v.as_str(),
+            sha256.to_vec(),
+            scan_id,
+            format!(
+                "verdict reused from scan {scan_id} of identical content {}s ago",
+                now.saturating_sub(at) / 1000
+            ),
+            FileState::Decided.as_str(),
+            now
+        ],
+    )
+    .map_err(JournalError::sql("hashed"))?;
+    Ok(Some(o))
 }
 
 fn ensure_parent_dir(path: &Path) -> Result<(), JournalError> {
@@ -663,23 +1086,28 @@ pub fn read_summary(path: &Path) -> Result<Summary, JournalError> {
 }
 
 fn summary_in(conn: &Connection) -> Result<Summary, JournalError> {
-    let pairs = |sql: &str| -> Result<Vec<(String, i64)>, JournalError> {
+    let pairs = |sql: &str, states: &[FileState]| -> Result<Vec<(String, i64)>, JournalError> {
         let mut stmt = conn.prepare(sql).map_err(JournalError::sql("summary"))?;
         let rows = stmt
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .query_map(
+                rusqlite::params_from_iter(states.iter().map(|s| s.as_str())),
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
             .map_err(JournalError::sql("summary"))?;
         rows.collect::<Result<_, _>>()
             .map_err(JournalError::sql("summary"))
     };
-    let per_state = pairs("SELECT state, COUNT(*) FROM files GROUP BY state")?;
+    let per_state = pairs("SELECT state, COUNT(*) FROM files GROUP BY state", &[])?;
+    // Finished records: placed or done. Outcomes include `vanished` (done, nothing placed).
     let per_outcome = pairs(
-        "SELECT outcome, COUNT(*) FROM files WHERE state IN ('placed','done') GROUP BY outcome",
+        "SELECT outcome, COUNT(*) FROM files WHERE state IN (?1, ?2) GROUP BY outcome",
+        &[FileState::Placed, FileState::Done],
     )?;
     let oldest_pending = conn
         .query_row(
-            "SELECT rel_path, claimed_at FROM files WHERE state NOT IN ('placed','done') \
+            "SELECT rel_path, claimed_at FROM files WHERE state NOT IN (?1, ?2) \
              ORDER BY claimed_at LIMIT 1",
-            [],
+            params![FileState::Placed.as_str(), FileState::Done.as_str()],
             |r| Ok((blob_path(r.get(0)?), r.get(1)?)),
         )
         .optional()
@@ -703,62 +1131,107 @@ fn summary_in(conn: &Connection) -> Result<Summary, JournalError> {
 /// The journal thread: takes what is waiting, runs each operation in its own savepoint, commits
 /// once, then answers every caller with the commit's result.
 fn serve(conn: &Connection, mut ops_rx: mpsc::Receiver<Op>) {
-    while let Some(first) = ops_rx.blocking_recv() {
-        let mut batch = vec![first];
-        while batch.len() < GROUP_COMMIT_MAX {
+    let mut pending: VecDeque<Op> = VecDeque::new();
+    loop {
+        if pending.is_empty() {
+            match ops_rx.blocking_recv() {
+                Some(op) => pending.push_back(op),
+                None => break,
+            }
+        }
+        while pending.len() < GROUP_COMMIT_MAX {
             match ops_rx.try_recv() {
-                Ok(op) => batch.push(op),
+                Ok(op) => pending.push_back(op),
                 Err(_) => break,
             }
         }
-        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
-            let msg = e.to_string();
-            for op in batch {
-                // Each op still has to answer; run nothing, report the failure.
-                let (_, reply) = op_failed(op, conn);
-                reply(Err(msg.clone()));
-            }
-            continue;
-        }
-        let mut replies = Vec::with_capacity(batch.len());
-        for op in batch {
-            if let Err(e) = conn.execute_batch("SAVEPOINT op") {
-                replies.push(Box::new(move |_: Result<(), String>| {
-                    tracing::error!(error = %e, "journal savepoint failed");
-                }) as Reply);
-                continue;
-            }
-            let (ok, reply) = op(conn);
-            let end = if ok {
-                "RELEASE op"
-            } else {
-                "ROLLBACK TO op; RELEASE op"
-            };
-            if let Err(e) = conn.execute_batch(end) {
-                tracing::error!(error = %e, "journal savepoint end failed");
-            }
-            replies.push(reply);
-        }
-        let commit = conn.execute_batch("COMMIT").map_err(|e| {
-            // The transaction is void; nothing of it happened.
-            conn.execute_batch("ROLLBACK").ok();
-            e.to_string()
-        });
-        for reply in replies {
-            reply(commit.clone());
-        }
+        run_batch(conn, &mut pending);
     }
 }
 
-/// Runs an operation outside a transaction only to obtain its reply handle; used when BEGIN fails.
+/// Runs one transaction of operations taken from the front of `pending`. Every operation taken is
+/// answered; operations left in `pending` run in the next transaction. Each run takes at least
+/// one operation, so the thread always makes progress.
+fn run_batch(conn: &Connection, pending: &mut VecDeque<Op>) {
+    if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+        let msg = e.to_string();
+        for op in pending.drain(..) {
+            // Each op still has to answer; report the failure, keep nothing of what it did.
+            let (_, reply) = op_failed(op, conn);
+            reply(Err(msg.clone()));
+        }
+        return;
+    }
+    let mut replies: Vec<Reply> = Vec::with_capacity(pending.len().min(GROUP_COMMIT_MAX));
+    while replies.len() < GROUP_COMMIT_MAX {
+        let Some(op) = pending.pop_front() else { break };
+        let reply = match conn.execute_batch("SAVEPOINT op") {
+            Ok(()) => {
+                let (ok, reply) = op(conn);
+                // If the transaction is already gone, there is no savepoint left to end.
+                if !conn.is_autocommit() {
+                    let end = if ok {
+                        "RELEASE op"
+                    } else {
+                        "ROLLBACK TO op; RELEASE op"
+                    };
+                    if let Err(e) = conn.execute_batch(end) {
+                        tracing::error!(error = %e, "journal savepoint end failed");
+                    }
+                }
+                reply
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "journal savepoint failed");
+                let (_, reply) = op_failed(op, conn);
+                let msg = e.to_string();
+                Box::new(move |_: Result<(), String>| reply(Err(msg))) as Reply
+            }
+        };
+        replies.push(reply);
+        if conn.is_autocommit() {
+            // SQLite rolled the whole transaction back on its own (SQLITE_FULL, SQLITE_IOERR,
+            // SQLITE_NOMEM…), or an operation ended it. Nothing of this batch is on disk, so
+            // every operation run so far is told so; the operations not yet run would otherwise
+            // run outside any transaction (each committed on its own) and are left for a fresh
+            // transaction instead.
+            tracing::error!(
+                operations = replies.len(),
+                "the journal transaction was rolled back by SQLite; its operations failed"
+            );
+            let msg = "the transaction was rolled back by SQLite (disk full or I/O error?)";
+            for reply in replies {
+                reply(Err(msg.to_string()));
+            }
+            return;
+        }
+    }
+    let commit = conn.execute_batch("COMMIT").map_err(|e| {
+        // The transaction is void; nothing of it happened.
+        if !conn.is_autocommit() {
+            conn.execute_batch("ROLLBACK").ok();
+        }
+        e.to_string()
+    });
+    for reply in replies {
+        reply(commit.clone());
+    }
+}
+
+/// Runs an operation only to obtain its reply handle, keeping nothing of what it did; used when
+/// no transaction can be had for it.
 fn op_failed(op: Op, conn: &Connection) -> (bool, Reply) {
     // A savepoint outside a transaction starts one; roll it back whatever the op did.
     if conn.execute_batch("SAVEPOINT failed").is_ok() {
         let out = op(conn);
-        conn.execute_batch("ROLLBACK TO failed; RELEASE failed")
-            .ok();
+        if !conn.is_autocommit() {
+            conn.execute_batch("ROLLBACK TO failed; RELEASE failed")
+                .ok();
+        }
         out
     } else {
+        // Not even a savepoint: the op is dropped unanswered, and its caller sees the journal
+        // as closed rather than being told something happened.
         (false, Box::new(|_| {}))
     }
 }
@@ -821,11 +1294,12 @@ impl Journal {
             for c in &claims {
                 conn.execute(
                     "INSERT INTO files (root, rel_path, staged, state, claimed_at, updated_at, \
-                     dropped_at) VALUES (?1, ?2, ?3, 'claimed', ?4, ?4, ?5)",
+                     dropped_at) VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6)",
                     params![
                         path_blob(&c.root),
                         path_blob(&c.rel_path),
                         path_blob(&c.staged),
+                        FileState::Claimed.as_str(),
                         now,
                         c.dropped_at_ms
                     ],
@@ -839,13 +1313,13 @@ impl Journal {
     }
 
     /// Forgets claims whose move into staging did not happen (another agent took the file, or it
-    /// vanished). The file, if any, is still in the inbox.
+    /// vanished). The file, if any, is still in the inbox. Records past `claimed` are kept.
     pub async fn unclaim(&self, ids: Vec<FileId>) -> Result<(), JournalError> {
         self.run(move |conn| {
             for id in ids {
                 conn.execute(
-                    "DELETE FROM files WHERE id = ?1 AND state = 'claimed'",
-                    [id],
+                    "DELETE FROM files WHERE id = ?1 AND state = ?2",
+                    params![id, FileState::Claimed.as_str()],
                 )
                 .map_err(JournalError::sql("unclaim"))?;
             }
@@ -856,6 +1330,10 @@ impl Journal {
 
     /// Records a hash. Chooses between uploading, waiting for an identical file in flight, and
     /// reusing a verdict younger than `verdict_ttl` (zero: never reused).
+    ///
+    /// The TTL is wall-clock time (it must survive restarts) and fails closed against clock
+    /// jumps: a cached verdict whose `decided_at` lies in the future (the clock went back since)
+    /// is never reused; after a jump forward verdicts merely expire early.
     pub async fn hashed(
         &self,
         id: FileId,
@@ -865,10 +1343,10 @@ impl Journal {
     ) -> Result<HashedAs, JournalError> {
         self.run(move |conn| {
             let rec = load(conn, id)?;
-            expect_state(&rec, &[FileState::Claimed])?;
+            expect_transition(&rec, &[FileState::Claimed], FileState::Hashed)?;
             #[allow(clippy::cast_possible_wrap)]
             conn.execute(
-                "UPDATE files SET state = 'hashed', sha256 = ?2, size = ?3, mtime_ns = ?4, \
+                "UPDATE files SET state = ?9, sha256 = ?2, size = ?3, mtime_ns = ?4, \
                  ctime_ns = ?5, dev = ?6, ino = ?7, updated_at = ?8 WHERE id = ?1",
                 params![
                     id,
@@ -878,53 +1356,37 @@ impl Journal {
                     stamp.ctime_ns,
                     stamp.dev as i64,
                     stamp.ino as i64,
-                    now_ms()
+                    now_ms(),
+                    FileState::Hashed.as_str()
                 ],
             )
             .map_err(JournalError::sql("hashed"))?;
             if !verdict_ttl.is_zero() {
-                let ttl_ms = i64::try_from(verdict_ttl.as_millis()).unwrap_or(i64::MAX);
-                let cached: Option<(String, String, String, i64)> = conn
-                    .query_row(
-                        "SELECT outcome, verdict, scan_id, decided_at FROM verdicts WHERE sha256 = ?1",
-                        [sha256.to_vec()],
-                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-                    )
-                    .optional()
-                    .map_err(JournalError::sql("hashed"))?;
-                if let Some((outcome, verdict, scan_id, at)) = cached {
-                    let age = now_ms().saturating_sub(at);
-                    if let (Some(o), true) = (Outcome::parse(&outcome), age <= ttl_ms) {
-                        conn.execute(
-                            "UPDATE files SET state = 'decided', outcome = ?2, verdict = ?3, \
-                             verdict_sha256 = ?4, reused = 1, scan_id = ?5, reason = ?6 WHERE id = ?1",
-                            params![
-                                id,
-                                o.as_str(),
-                                verdict,
-                                sha256.to_vec(),
-                                scan_id,
-                                format!(
-                                    "verdict reused from scan {scan_id} of identical content {}s ago",
-                                    age / 1000
-                                )
-                            ],
-                        )
-                        .map_err(JournalError::sql("hashed"))?;
-                        return Ok(HashedAs::Reused(o));
-                    }
+                if let Some(reused) = reuse_verdict(conn, id, sha256, verdict_ttl)? {
+                    return Ok(HashedAs::Reused(reused));
                 }
             }
             let in_flight: bool = conn
                 .query_row(
                     "SELECT EXISTS(SELECT 1 FROM files WHERE sha256 = ?1 AND id != ?2 AND \
-                     state IN ('hashed','submitting','submitted'))",
-                    params![sha256.to_vec(), id],
+                     state IN (?3, ?4, ?5))",
+                    params![
+                        sha256.to_vec(),
+                        id,
+                        FileState::Hashed.as_str(),
+                        FileState::Submitting.as_str(),
+                        FileState::Submitted.as_str()
+                    ],
                     |r| r.get(0),
                 )
                 .map_err(JournalError::sql("hashed"))?;
             if in_flight {
-                set_state(conn, id, FileState::Waiting)?;
+                // claimed → waiting: the `hashed` above is part of the same operation.
+                conn.execute(
+                    "UPDATE files SET state = ?2 WHERE id = ?1",
+                    params![id, FileState::Waiting.as_str()],
+                )
+                .map_err(JournalError::sql("hashed"))?;
                 return Ok(HashedAs::Waiting);
             }
             Ok(HashedAs::Hashed)
@@ -937,25 +1399,73 @@ impl Journal {
     pub async fn promote_orphaned_waiting(&self) -> Result<usize, JournalError> {
         self.run(|conn| {
             conn.execute(
-                "UPDATE files SET state = 'hashed', updated_at = ?1 WHERE id IN ( \
-                   SELECT MIN(w.id) FROM files w WHERE w.state = 'waiting' AND NOT EXISTS ( \
+                "UPDATE files SET state = ?2, updated_at = ?1 WHERE id IN ( \
+                   SELECT MIN(w.id) FROM files w WHERE w.state = ?3 AND NOT EXISTS ( \
                      SELECT 1 FROM files p WHERE p.sha256 = w.sha256 AND p.id != w.id \
-                     AND p.state IN ('hashed','submitting','submitted')) \
+                     AND p.state IN (?2, ?4, ?5)) \
                    GROUP BY w.sha256)",
-                [now_ms()],
+                params![
+                    now_ms(),
+                    FileState::Hashed.as_str(),
+                    FileState::Waiting.as_str(),
+                    FileState::Submitting.as_str(),
+                    FileState::Submitted.as_str()
+                ],
             )
             .map_err(JournalError::sql("promote"))
         })
         .await
     }
 
-    /// Sends a record back to be hashed again (its file changed).
+    /// Records `claimed` whose hash step has not moved them on for `older_than`: the journal
+    /// write after hashing failed (disk full?), and nothing else will retry it before a restart.
+    /// The caller (the claim sweep) re-hashes those whose staged file exists; [`Journal::hashed`]
+    /// refuses a record that moved on meanwhile, so a race with a slow hash is harmless.
+    ///
+    /// Age is the journal's wall-clock `updated_at`; a record stamped in the future (the clock
+    /// went back) counts as stuck: re-hashing too early is safe, never re-hashing is not.
+    pub async fn stuck_claimed(
+        &self,
+        older_than: Duration,
+    ) -> Result<Vec<FileRecord>, JournalError> {
+        self.run(move |conn| {
+            let now = now_ms();
+            let age = i64::try_from(older_than.as_millis()).unwrap_or(i64::MAX);
+            let mut stmt = conn
+                .prepare(&format!(
+                    "SELECT {COLUMNS} FROM files WHERE state = ?1 \
+                     AND (updated_at <= ?2 OR updated_at > ?3) ORDER BY id LIMIT 1000"
+                ))
+                .map_err(JournalError::sql("read"))?;
+            let rows = stmt
+                .query_map(
+                    params![FileState::Claimed.as_str(), now.saturating_sub(age), now],
+                    row_to_record,
+                )
+                .map_err(JournalError::sql("read"))?;
+            rows.collect::<Result<Vec<_>, _>>()
+                .map_err(JournalError::sql("read"))
+        })
+        .await
+    }
+
+    /// Sends a record back to be hashed again (its file changed). Whatever was decided for the
+    /// old content is dropped with it; the record's own scan, if it had one, is queued for
+    /// deletion on the server in the same transaction (a reused verdict's scan belongs to
+    /// another record and is left alone).
     pub async fn rehash(&self, id: FileId) -> Result<(), JournalError> {
         self.run(move |conn| {
+            let rec = load(conn, id)?;
+            transition(conn, &rec, &REHASH_FROM, FileState::Claimed)?;
+            if let (false, Some(scan_id)) = (rec.reused, rec.scan_id.as_deref()) {
+                if rec.state != FileState::Hashed {
+                    stale_scan_in(conn, scan_id)?;
+                }
+            }
             conn.execute(
-                "UPDATE files SET state = 'claimed', sha256 = NULL, size = NULL, updated_at = ?2 \
-                 WHERE id = ?1",
-                params![id, now_ms()],
+                "UPDATE files SET sha256 = NULL, size = NULL, scan_id = NULL, outcome = NULL, \
+                 verdict = NULL, verdict_sha256 = NULL, reused = 0, dest = NULL WHERE id = ?1",
+                params![id],
             )
             .map_err(JournalError::sql("rehash"))?;
             Ok(())
@@ -967,16 +1477,14 @@ impl Journal {
     pub async fn submitting(&self, id: FileId, scan_id: String) -> Result<(), JournalError> {
         self.run(move |conn| {
             let rec = load(conn, id)?;
-            expect_state(&rec, &[FileState::Hashed])?;
+            transition(conn, &rec, &[FileState::Hashed], FileState::Submitting)?;
             let mut ids = rec.scan_ids.clone();
             if !ids.contains(&scan_id) {
                 ids.push(scan_id.clone());
             }
-            let now = now_ms();
             conn.execute(
-                "UPDATE files SET state = 'submitting', scan_id = ?2, scan_ids = ?3, \
-                 submitted_at = ?4, updated_at = ?4 WHERE id = ?1",
-                params![id, scan_id, ids.join(","), now],
+                "UPDATE files SET scan_id = ?2, scan_ids = ?3, submitted_at = ?4 WHERE id = ?1",
+                params![id, scan_id, ids.join(","), now_ms()],
             )
             .map_err(JournalError::sql("submitting"))?;
             Ok(())
@@ -984,13 +1492,14 @@ impl Journal {
         .await
     }
 
-    /// The server accepted the scan.
+    /// The server accepted the scan (or, at start-up, knows it).
     pub async fn submitted(&self, id: FileId) -> Result<(), JournalError> {
         self.run(move |conn| {
+            let rec = load(conn, id)?;
+            transition(conn, &rec, &[FileState::Submitting], FileState::Submitted)?;
             conn.execute(
-                "UPDATE files SET state = 'submitted', attempts = attempts + 1, updated_at = ?2 \
-                 WHERE id = ?1 AND state = 'submitting'",
-                params![id, now_ms()],
+                "UPDATE files SET attempts = attempts + 1 WHERE id = ?1",
+                params![id],
             )
             .map_err(JournalError::sql("submitted"))?;
             Ok(())
@@ -998,10 +1507,27 @@ impl Journal {
         .await
     }
 
-    /// The submission was not accepted (429, 5xx, transport, 401): back to waiting for a slot.
+    /// The submission was certainly not accepted (429, 5xx, 401): back to waiting for a slot.
+    /// When it may have been accepted after all, use [`Journal::resend`].
     pub async fn not_submitted(&self, id: FileId) -> Result<(), JournalError> {
         self.run(move |conn| {
-            set_state(conn, id, FileState::Hashed)?;
+            let rec = load(conn, id)?;
+            transition(conn, &rec, &[FileState::Submitting], FileState::Hashed)
+        })
+        .await
+    }
+
+    /// The submission may or may not have reached the server (a broken connection, or a
+    /// `submitting` scan the server did not list after a restart): back to waiting for a slot,
+    /// and the old scanId is queued for deletion in the same transaction, so a scan the server
+    /// did take is never left behind when the file is sent again under a new scanId.
+    pub async fn resend(&self, id: FileId) -> Result<(), JournalError> {
+        self.run(move |conn| {
+            let rec = load(conn, id)?;
+            transition(conn, &rec, &[FileState::Submitting], FileState::Hashed)?;
+            if let Some(old) = rec.scan_id.as_deref() {
+                stale_scan_in(conn, old)?;
+            }
             Ok(())
         })
         .await
@@ -1016,24 +1542,28 @@ impl Journal {
         note: String,
     ) -> Result<(), JournalError> {
         self.run(move |conn| {
-            set_state(conn, id, FileState::Hashed)?;
+            let rec = load(conn, id)?;
+            if rec.scan_id.as_deref() != Some(old_scan_id.as_str()) {
+                return Err(JournalError::Conflict {
+                    id,
+                    detail: format!("scan {old_scan_id} is not its current scan"),
+                });
+            }
+            transition(conn, &rec, &[FileState::Submitted], FileState::Hashed)?;
             conn.execute(
                 "UPDATE files SET reason = ?2 WHERE id = ?1",
                 params![id, note],
             )
             .map_err(JournalError::sql("resubmit"))?;
-            conn.execute(
-                "INSERT OR IGNORE INTO stale_scans (scan_id, added_at) VALUES (?1, ?2)",
-                params![old_scan_id, now_ms()],
-            )
-            .map_err(JournalError::sql("resubmit"))?;
-            Ok(())
+            stale_scan_in(conn, &old_scan_id)
         })
         .await
     }
 
     /// Journals several decisions in one transaction; returns every id decided (with the waiting
-    /// records that share a verdict).
+    /// records that share a verdict). A decision for a record already decided never overwrites
+    /// it (see the module docs: a verdict is decided once); the ids of records whose outcome a
+    /// contradicting `detect` flipped to quarantine are returned too.
     pub async fn decide(
         &self,
         decisions: Vec<(FileId, Decision)>,
@@ -1041,7 +1571,11 @@ impl Journal {
         self.run(move |conn| {
             let mut all = Vec::new();
             for (id, d) in &decisions {
-                all.extend(decide_in(conn, *id, d)?);
+                for decided in decide_in(conn, *id, d)? {
+                    if !all.contains(&decided) {
+                        all.push(decided);
+                    }
+                }
             }
             Ok(all)
         })
@@ -1050,15 +1584,7 @@ impl Journal {
 
     /// Queues scan results to delete on the server (a scan abandoned after a timeout).
     pub async fn stale_scan(&self, scan_id: String) -> Result<(), JournalError> {
-        self.run(move |conn| {
-            conn.execute(
-                "INSERT OR IGNORE INTO stale_scans (scan_id, added_at) VALUES (?1, ?2)",
-                params![scan_id, now_ms()],
-            )
-            .map_err(JournalError::sql("stale"))?;
-            Ok(())
-        })
-        .await
+        self.run(move |conn| stale_scan_in(conn, &scan_id)).await
     }
 
     /// Scan results waiting to be deleted on the server.
@@ -1086,14 +1612,54 @@ impl Journal {
         .await
     }
 
-    /// Records the exact destination path before the move.
+    /// Records the exact destination path before the move. Prefer [`Journal::placing_checked`],
+    /// which also refuses when the outcome changed since the caller read the record.
     pub async fn placing(&self, id: FileId, dest: PathBuf) -> Result<(), JournalError> {
+        self.placing_inner(id, dest, None).await
+    }
+
+    /// Records the exact destination path before the move, provided the record's outcome is
+    /// still `seen` (what the caller read when it chose the destination). A contradicting
+    /// `detect` may flip a decided clean record to quarantine at any time before `placing`; this
+    /// makes sure a destination chosen for the old outcome is refused rather than used.
+    pub async fn placing_checked(
+        &self,
+        id: FileId,
+        dest: PathBuf,
+        seen: Option<Outcome>,
+    ) -> Result<(), JournalError> {
+        self.placing_inner(id, dest, Some(seen)).await
+    }
+
+    async fn placing_inner(
+        &self,
+        id: FileId,
+        dest: PathBuf,
+        seen: Option<Option<Outcome>>,
+    ) -> Result<(), JournalError> {
         self.run(move |conn| {
             let rec = load(conn, id)?;
-            expect_state(&rec, &[FileState::Decided, FileState::Placing])?;
+            if let Some(seen) = seen {
+                if rec.outcome != seen {
+                    return Err(JournalError::Conflict {
+                        id,
+                        detail: format!(
+                            "its outcome is now {}, not {}",
+                            rec.outcome.map_or("-", Outcome::as_str),
+                            seen.map_or("-", Outcome::as_str)
+                        ),
+                    });
+                }
+            }
+            transition(
+                conn,
+                &rec,
+                &[FileState::Decided, FileState::Placing],
+                FileState::Placing,
+            )?;
             conn.execute(
-                "UPDATE files SET state = 'placing', dest = ?2, updated_at = ?3 WHERE id = ?1",
-                params![id, path_blob(&dest), now_ms()],
+                "UPDATE files SET dest = ?2 WHERE id = ?1",
+                params![id, path_blob(&dest)],
             )
             .map_err(JournalError::sql("placing"))?;
             Ok(())
@@ -1104,12 +1670,8 @@ impl Journal {
     /// The file is in its destination.
     pub async fn placed(&self, id: FileId) -> Result<(), JournalError> {
         self.run(move |conn| {
-            conn.execute(
-                "UPDATE files SET state = 'placed', updated_at = ?2 WHERE id = ?1 AND state = 'placing'",
-                params![id, now_ms()],
-            )
-            .map_err(JournalError::sql("placed"))?;
-            Ok(())
+            let rec = load(conn, id)?;
+            transition(conn, &rec, &[FileState::Placing], FileState::Placed)
         })
         .await
     }
@@ -1117,20 +1679,22 @@ impl Journal {
     /// The server's result is deleted (or there was none): the record is finished.
     pub async fn done(&self, id: FileId) -> Result<(), JournalError> {
         self.run(move |conn| {
-            set_state(conn, id, FileState::Done)?;
-            Ok(())
+            let rec = load(conn, id)?;
+            transition(conn, &rec, &[FileState::Placed], FileState::Done)
         })
         .await
     }
 
     /// Closes a record whose file is gone for good (vanished from staging before it was placed:
-    /// removed by hand, say). Its outcome reads `vanished`: nothing was placed anywhere.
+    /// removed by hand, say). Its outcome reads [`Outcome::Vanished`]: nothing was placed
+    /// anywhere. A placed record is never closed this way.
     pub async fn close_vanished(&self, id: FileId, reason: String) -> Result<(), JournalError> {
         self.run(move |conn| {
+            let rec = load(conn, id)?;
+            transition(conn, &rec, &VANISH_FROM, FileState::Done)?;
             conn.execute(
-                "UPDATE files SET state = 'done', outcome = 'vanished', \
-                 reason = ?2, updated_at = ?3 WHERE id = ?1",
-                params![id, reason, now_ms()],
+                "UPDATE files SET outcome = ?2, reason = ?3 WHERE id = ?1",
+                params![id, Outcome::Vanished.as_str(), reason],
             )
             .map_err(JournalError::sql("close"))?;
             Ok(())
@@ -1174,23 +1738,12 @@ impl Journal {
 
     /// Keeps a short history of errors for `dropscan status`.
     pub async fn note_error(&self, text: String) -> Result<(), JournalError> {
-        self.run(move |conn| {
-            conn.execute(
-                "INSERT INTO errors (at, text) VALUES (?1, ?2)",
-                params![now_ms(), text],
-            )
-            .map_err(JournalError::sql("errors"))?;
-            conn.execute(
-                "DELETE FROM errors WHERE id <= (SELECT MAX(id) FROM errors) - ?1",
-                [ERRORS_KEPT],
-            )
-            .map_err(JournalError::sql("errors"))?;
-            Ok(())
-        })
-        .await
+        self.run(move |conn| note_error_in(conn, &text)).await
     }
 
-    /// Drops finished records and expired verdicts older than `history`.
+    /// Drops finished records older than `history` and verdicts older than `verdict_ttl`. A
+    /// verdict stamped in the future (the wall clock went back) is dropped too: its age cannot
+    /// be known, so it is never reused.
     pub async fn prune(
         &self,
         history: Duration,
@@ -1202,13 +1755,13 @@ impl Journal {
             let t = i64::try_from(verdict_ttl.as_millis()).unwrap_or(i64::MAX);
             let n = conn
                 .execute(
-                    "DELETE FROM files WHERE state = 'done' AND updated_at < ?1",
-                    [now.saturating_sub(h)],
+                    "DELETE FROM files WHERE state = ?2 AND updated_at < ?1",
+                    params![now.saturating_sub(h), FileState::Done.as_str()],
                 )
                 .map_err(JournalError::sql("prune"))?;
             conn.execute(
-                "DELETE FROM verdicts WHERE decided_at < ?1",
-                [now.saturating_sub(t)],
+                "DELETE FROM verdicts WHERE decided_at < ?1 OR decided_at > ?2",
+                params![now.saturating_sub(t), now],
             )
             .map_err(JournalError::sql("prune"))?;
             Ok(n)
@@ -1271,13 +1824,7 @@ mod tests {
         let decided = j
             .decide(vec![(
                 a,
-                Decision {
-                    outcome: Outcome::Clean,
-                    verdict: Some("not detected".into()),
-                    verdict_sha256: Some(sha),
-                    reason: None,
-                    propagate: true,
-                },
+                Decision::from_verdict(ScanVerdict::NotDetected, sha),
             )])
             .await
             .unwrap();
@@ -1357,6 +1904,33 @@ mod tests {
         }
         let s = j.summary().await.unwrap();
         assert_eq!(s.per_state, vec![("claimed".to_string(), 201)]);
+    }
+
+    #[test]
+    fn a_verdict_ttl_fails_closed_against_clock_jumps() {
+        let ttl = Duration::from_secs(60);
+        assert!(verdict_reusable(1_000, 1_000, ttl));
+        assert!(verdict_reusable(1_000, 61_000, ttl));
+        assert!(!verdict_reusable(1_000, 61_001, ttl));
+        // Decided "in the future": the clock went back; never reused.
+        assert!(!verdict_reusable(2_000, 1_000, ttl));
+        assert!(!verdict_reusable(1_000, 1_000, Duration::ZERO));
+    }
+
+    #[test]
+    fn the_transition_table_matches_every_operation() {
+        for (from, to) in [
+            (&DECIDE_FROM[..], FileState::Decided),
+            (&REHASH_FROM[..], FileState::Claimed),
+            (&VANISH_FROM[..], FileState::Done),
+        ] {
+            for s in from {
+                assert!(s.can_become(to), "{s:?} -> {to:?}");
+            }
+        }
+        for s in FileState::ALL {
+            assert!(!s.can_become(FileState::Claimed) || REHASH_FROM.contains(&s));
+        }
     }
 
     #[tokio::test]

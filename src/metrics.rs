@@ -58,7 +58,8 @@ impl Metrics {
         let c = match outcome {
             Outcome::Clean => &self.placed_clean,
             Outcome::Quarantine => &self.placed_quarantine,
-            Outcome::Failed => &self.placed_failed,
+            // Vanished files are never placed; counted with failed if one were.
+            Outcome::Failed | Outcome::Vanished => &self.placed_failed,
         };
         c.fetch_add(1, Ordering::Relaxed);
         self.latency_ms_sum.fetch_add(latency_ms, Ordering::Relaxed);

@@ -105,7 +105,8 @@ pub async fn run(path: &Path, max_time: Option<Duration>) -> ExitCode {
                     match p.outcome {
                         Outcome::Clean => tally.clean += 1,
                         Outcome::Quarantine => tally.quarantine += 1,
-                        Outcome::Failed => tally.failed += 1,
+                        // Vanished files are never placed; counted with failed if one were.
+                        Outcome::Failed | Outcome::Vanished => tally.failed += 1,
                     }
                 }
             }

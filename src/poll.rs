@@ -7,35 +7,128 @@
 //! or timed-out scans) are deleted on the server here; results of placed files are deleted by the
 //! sorter once the file is in place.
 //!
+//! One answer may list a scanId more than once; its entries are folded into one state first, and
+//! `detect` wins over anything else (then `error`, `timeout`, `not detected`): a contradicting
+//! answer never lets a file through. The journal decides a verdict once; a later answer that
+//! contradicts a verdict decided in this process (remembered for [`RECENT_KEEP`]) is handed to it
+//! as a server anomaly, which it resolves fail-closed (see `journal.rs`).
+//!
+//! `scan_timeout` counts monotonic time (`tokio::time::Instant`), never the wall clock: a clock
+//! jump must not fail (or prolong) the scans in flight. The clock starts when the scan is accepted
+//! or, for scans found in the journal at start-up, when they are adopted (they get a full timeout
+//! again: fail-safe), and it stops while KATA is unreachable.
+//!
 //! At start-up the poller also settles scans the journal left `submitting` (the process died
 //! while the POST was in flight): a scan the server knows in any state is adopted as submitted,
-//! never sent again; one it does not know after a successful poll was never accepted and goes back
-//! to the uploader.
+//! never sent again; one it does not list after a successful poll goes back to the uploader, and
+//! its scanId is queued for deletion in the same journal write, since the server may still take
+//! it (a scan sent again under a new scanId never leaves the old one behind).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::Shared;
 use crate::claim::Claimed;
-use crate::journal::{Decision, FileId, FileRecord, Outcome, now_ms};
-use crate::kata::{ScanId, ScanState};
+use crate::journal::{Decision, FileId, FileRecord, ScanVerdict};
+use crate::kata::{ScanId, ScanResult, ScanState};
 use crate::limits::InFlight;
 use crate::sort::Verdict;
 use crate::upload::{Resubmit, Submitted};
 
 /// Stale results deleted per tick at most.
 const STALE_DELETES_PER_TICK: usize = 100;
+/// How long a verdict decided here is remembered, to catch a later answer contradicting it.
+pub const RECENT_KEEP: Duration = Duration::from_secs(600);
+/// Verdicts remembered at most (beyond that, new ones are not remembered).
+const RECENT_MAX: usize = 10_000;
+
+/// The monotonic clock of one scan in flight: when it started, moved on by outages.
+#[derive(Debug, Clone, Copy)]
+struct ScanClock {
+    started: Instant,
+}
+
+impl ScanClock {
+    /// A clock starting at `at` (acceptance, or adoption at start-up).
+    fn starting_at(at: Instant) -> Self {
+        ScanClock { started: at }
+    }
+
+    /// The server was unreachable for `outage`: that time does not count.
+    fn stop_for(&mut self, outage: Duration) {
+        self.started += outage;
+    }
+
+    /// Whether the scan has had no final answer for longer than `timeout` at `now`.
+    fn overdue(&self, now: Instant, timeout: Duration) -> bool {
+        now.saturating_duration_since(self.started) > timeout
+    }
+}
 
 struct Entry {
     id: FileId,
     sha256: [u8; 32],
     attempts: u32,
-    submitted_at_ms: i64,
+    clock: ScanClock,
     _slot: InFlight,
+}
+
+/// A verdict decided in this process, kept for a while to catch contradicting answers.
+struct Recent {
+    id: FileId,
+    sha256: [u8; 32],
+    verdict: ScanVerdict,
+    until: Instant,
+}
+
+/// How much a state weighs when one answer lists a scan more than once: the heaviest wins, and
+/// `detect` is the heaviest (fail closed).
+fn weight(s: &ScanState) -> u8 {
+    match s {
+        ScanState::Detect => 5,
+        ScanState::Error => 4,
+        ScanState::Timeout => 3,
+        ScanState::NotDetected => 2,
+        ScanState::Processing => 1,
+        ScanState::Unknown(_) => 0,
+    }
+}
+
+/// Folds duplicate entries for one scanId into one, `detect` first (see [`weight`]); keeps the
+/// order of first appearance. Returns the folded list and the scanIds whose entries disagreed
+/// on a final state.
+fn fold_results(results: Vec<ScanResult>) -> (Vec<ScanResult>, Vec<String>) {
+    let mut at: HashMap<String, usize> = HashMap::new();
+    let mut out: Vec<ScanResult> = Vec::with_capacity(results.len());
+    let mut contradictions = Vec::new();
+    for r in results {
+        match at.get(&r.scan_id) {
+            Some(&i) => {
+                let kept = &mut out[i];
+                if kept.state != r.state
+                    && kept.state.is_final()
+                    && r.state.is_final()
+                    && !contradictions.contains(&r.scan_id)
+                {
+                    contradictions.push(r.scan_id.clone());
+                }
+                if weight(&r.state) > weight(&kept.state) {
+                    kept.state = r.state;
+                }
+            }
+            None => {
+                at.insert(r.scan_id.clone(), out.len());
+                out.push(r);
+            }
+        }
+    }
+    (out, contradictions)
 }
 
 /// Runs the poller until shutdown. `submitted` and `unconfirmed` come from the journal at start-up
@@ -50,6 +143,9 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let mut scans: HashMap<String, Entry> = HashMap::new();
+    // Adopted scans start their clock now: the journal's submit time is wall-clock time, and a
+    // full timeout again is the fail-safe choice.
+    let adopted_at = Instant::now();
     for r in submitted {
         if let (Some(scan_id), Some(sha256)) = (r.scan_id, r.sha256) {
             shared.metrics.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -59,7 +155,7 @@ pub async fn run(
                     id: r.id,
                     sha256,
                     attempts: r.attempts.max(1),
-                    submitted_at_ms: r.submitted_at_ms.unwrap_or_else(now_ms),
+                    clock: ScanClock::starting_at(adopted_at),
                     _slot: shared.limits.adopt(),
                 },
             );
@@ -75,7 +171,8 @@ pub async fn run(
         shared: &shared,
         resubmit: &resubmit,
         verdicts_tx: &verdicts_tx,
-        down_since_ms: None,
+        down_since: None,
+        recent: HashMap::new(),
     };
     loop {
         tokio::select! {
@@ -87,7 +184,7 @@ pub async fn run(
                         id: s.id,
                         sha256: s.sha256,
                         attempts: s.attempts,
-                        submitted_at_ms: s.submitted_at_ms,
+                        clock: ScanClock::starting_at(s.submitted_at),
                         _slot: s.slot,
                     });
                 }
@@ -104,8 +201,10 @@ struct Poller<'a> {
     shared: &'a Shared,
     resubmit: &'a Resubmit,
     verdicts_tx: &'a mpsc::Sender<Verdict>,
-    /// Since when (ms) the results request has been failing, if it is.
-    down_since_ms: Option<i64>,
+    /// Since when the results request has been failing, if it is.
+    down_since: Option<Instant>,
+    /// Verdicts decided here lately, by scanId.
+    recent: HashMap<String, Recent>,
 }
 
 impl Poller<'_> {
@@ -118,17 +217,19 @@ impl Poller<'_> {
             if self.poll(scans, unconfirmed).await {
                 // The scan clock stops while KATA is unreachable: an outage of hours must not
                 // fail the scans that were in flight when it began.
-                if let Some(since) = self.down_since_ms.take() {
-                    let outage = now_ms().saturating_sub(since);
+                if let Some(since) = self.down_since.take() {
+                    let outage = since.elapsed();
                     for e in scans.values_mut() {
-                        e.submitted_at_ms = e.submitted_at_ms.saturating_add(outage);
+                        e.clock.stop_for(outage);
                     }
                 }
             } else {
-                self.down_since_ms.get_or_insert_with(now_ms);
+                self.down_since.get_or_insert_with(Instant::now);
                 return;
             }
         }
+        let now = Instant::now();
+        self.recent.retain(|_, r| r.until > now);
         self.expire(scans).await;
         self.delete_stale().await;
     }
@@ -166,7 +267,16 @@ impl Poller<'_> {
                 return false;
             }
         };
+        let (results, contradictions) = fold_results(results);
+        for scan_id in contradictions {
+            let text = format!(
+                "server anomaly: one results answer lists scan {scan_id} with contradicting final states; the most cautious one is used"
+            );
+            tracing::warn!(%scan_id, "{text}");
+            shared.journal.note_error(text).await.ok();
+        }
         let mut decisions: Vec<(FileId, Decision)> = Vec::new();
+        let mut verdicts: Vec<(String, FileId, [u8; 32], ScanVerdict)> = Vec::new();
         let mut retries: Vec<(FileId, String, String)> = Vec::new();
         let mut seen_unconfirmed = Vec::new();
         let max_attempts = shared.config.server.max_attempts.get();
@@ -174,32 +284,32 @@ impl Poller<'_> {
             if let Some(rec) = unconfirmed.remove(&r.scan_id) {
                 seen_unconfirmed.push(rec);
             }
+            let verdict = match &r.state {
+                ScanState::Detect => Some(ScanVerdict::Detect),
+                ScanState::NotDetected => Some(ScanVerdict::NotDetected),
+                _ => None,
+            };
             let Some(entry) = scans.get(&r.scan_id) else {
-                if !matches!(r.state, ScanState::Processing) {
+                // A scan decided here lately that now answers otherwise: the journal keeps the
+                // first verdict and resolves the anomaly (detect wins while not yet placed).
+                if let (Some(v), Some(recent)) = (verdict, self.recent.get(&r.scan_id)) {
+                    if v != recent.verdict {
+                        decisions.push((recent.id, Decision::from_verdict(v, recent.sha256)));
+                        verdicts.push((r.scan_id.clone(), recent.id, recent.sha256, v));
+                    }
+                } else if !matches!(r.state, ScanState::Processing) {
                     tracing::trace!(scan_id = %r.scan_id, "result for a scan we do not know; ignored");
                 }
                 continue;
             };
-            let verdict = |outcome, state: &str| Decision {
-                outcome,
-                verdict: Some(state.to_string()),
-                verdict_sha256: Some(entry.sha256),
-                reason: None,
-                propagate: true,
-            };
+            if let Some(v) = verdict {
+                decisions.push((entry.id, Decision::from_verdict(v, entry.sha256)));
+                verdicts.push((r.scan_id.clone(), entry.id, entry.sha256, v));
+                continue;
+            }
             match &r.state {
-                ScanState::NotDetected => {
-                    decisions.push((entry.id, verdict(Outcome::Clean, "not detected")));
-                }
-                ScanState::Detect => {
-                    decisions.push((entry.id, verdict(Outcome::Quarantine, "detect")));
-                }
                 ScanState::Error | ScanState::Timeout => {
-                    let what = if r.state == ScanState::Error {
-                        "error"
-                    } else {
-                        "timeout"
-                    };
+                    let what = r.state.as_wire();
                     if entry.attempts < max_attempts {
                         retries.push((
                             entry.id,
@@ -219,10 +329,11 @@ impl Poller<'_> {
                         ));
                     }
                 }
-                ScanState::Processing | ScanState::Unknown(_) => {}
+                _ => {}
             }
         }
         // Scans found `submitting` at start-up: known to the server → adopt; unknown → resubmit.
+        let adopted_at = Instant::now();
         for rec in seen_unconfirmed {
             if let Err(e) = shared.journal.submitted(rec.id).await {
                 tracing::error!(id = rec.id, error = %e, "journal write failed");
@@ -237,7 +348,7 @@ impl Poller<'_> {
                         id: rec.id,
                         sha256,
                         attempts: rec.attempts + 1,
-                        submitted_at_ms: rec.submitted_at_ms.unwrap_or_else(now_ms),
+                        clock: ScanClock::starting_at(adopted_at),
                         _slot: shared.limits.adopt(),
                     },
                 );
@@ -246,10 +357,12 @@ impl Poller<'_> {
         for (_, rec) in unconfirmed.drain() {
             tracing::info!(
                 id = rec.id,
-                "scan interrupted by the restart was never accepted: submitting again"
+                scan_id = rec.scan_id.as_deref().unwrap_or("-"),
+                "scan interrupted by the restart is not known to the server: its scanId is deleted and the file submitted again"
             );
-            if shared.journal.not_submitted(rec.id).await.is_ok() {
-                self.requeue(&rec);
+            match shared.journal.resend(rec.id).await {
+                Ok(()) => self.requeue(&rec),
+                Err(e) => tracing::error!(id = rec.id, error = %e, "journal write failed"),
             }
         }
         for (id, scan_id, note) in retries {
@@ -266,7 +379,20 @@ impl Poller<'_> {
                 }
             }
         }
-        self.decide(scans, decisions).await;
+        if self.decide(scans, decisions).await {
+            let until = Instant::now() + RECENT_KEEP;
+            for (scan_id, id, sha256, verdict) in verdicts {
+                if self.recent.len() < RECENT_MAX || self.recent.contains_key(&scan_id) {
+                    // The first verdict stays the reference: the journal never changes it.
+                    self.recent.entry(scan_id).or_insert(Recent {
+                        id,
+                        sha256,
+                        verdict,
+                        until,
+                    });
+                }
+            }
+        }
         true
     }
 
@@ -290,9 +416,14 @@ impl Poller<'_> {
         }
     }
 
-    async fn decide(&self, scans: &mut HashMap<String, Entry>, decisions: Vec<(FileId, Decision)>) {
+    /// Journals decisions and announces what was decided; false when the journal write failed.
+    async fn decide(
+        &self,
+        scans: &mut HashMap<String, Entry>,
+        decisions: Vec<(FileId, Decision)>,
+    ) -> bool {
         if decisions.is_empty() {
-            return;
+            return true;
         }
         let ids: Vec<FileId> = decisions.iter().map(|(id, _)| *id).collect();
         match self.shared.journal.decide(decisions).await {
@@ -305,22 +436,23 @@ impl Poller<'_> {
                 for id in decided {
                     self.verdicts_tx.send(Verdict { id }).await.ok();
                 }
+                true
             }
             Err(e) => {
                 // Nothing was journaled: the scans stay in flight and the next tick decides again.
                 tracing::error!(error = %e, "journal write failed; verdicts applied next tick");
+                false
             }
         }
     }
 
-    /// Fails scans that had no final answer within `scan_timeout`.
+    /// Fails scans that had no final answer within `scan_timeout` (monotonic time).
     async fn expire(&self, scans: &mut HashMap<String, Entry>) {
         let timeout = self.shared.config.server.scan_timeout;
-        let limit = i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX);
-        let now = now_ms();
+        let now = Instant::now();
         let expired: Vec<(String, FileId)> = scans
             .iter()
-            .filter(|(_, e)| now.saturating_sub(e.submitted_at_ms) > limit)
+            .filter(|(_, e)| e.clock.overdue(now, timeout))
             .map(|(s, e)| (s.clone(), e.id))
             .collect();
         if expired.is_empty() {
@@ -366,5 +498,66 @@ impl Poller<'_> {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(id: &str, state: ScanState) -> ScanResult {
+        ScanResult {
+            scan_id: id.to_string(),
+            state,
+        }
+    }
+
+    #[test]
+    fn scan_timeout_counts_monotonic_time_not_the_wall_clock() {
+        // The deadline is pure monotonic arithmetic: no wall-clock value enters it, so a jump of
+        // the wall clock (forward or back) neither fails nor prolongs a scan. Scans adopted at
+        // start-up start their clock at adoption (`run`), whatever their journaled submit time.
+        let timeout = Duration::from_secs(60);
+        let t0 = Instant::now();
+        let mut clock = ScanClock::starting_at(t0);
+        assert!(!clock.overdue(t0, timeout));
+        assert!(!clock.overdue(t0 + Duration::from_secs(59), timeout));
+        assert!(clock.overdue(t0 + Duration::from_secs(61), timeout));
+        // An outage of an hour does not count.
+        clock.stop_for(Duration::from_secs(3600));
+        assert!(!clock.overdue(t0 + Duration::from_secs(3600 + 59), timeout));
+        assert!(clock.overdue(t0 + Duration::from_secs(3600 + 61), timeout));
+        // A "now" before the start (never happens with a monotonic clock) is not overdue.
+        assert!(!ScanClock::starting_at(t0 + timeout * 2).overdue(t0, timeout));
+    }
+
+    #[test]
+    fn duplicate_entries_for_one_scan_in_one_answer_fold_to_detect() {
+        let (folded, contradictions) = fold_results(vec![
+            r("a", ScanState::NotDetected),
+            r("b", ScanState::NotDetected),
+            r("a", ScanState::Detect),
+            r("c", ScanState::Processing),
+            r("c", ScanState::NotDetected),
+            r("d", ScanState::NotDetected),
+            r("d", ScanState::Error),
+            r("b", ScanState::NotDetected),
+        ]);
+        assert_eq!(
+            folded,
+            vec![
+                r("a", ScanState::Detect),
+                r("b", ScanState::NotDetected),
+                r("c", ScanState::NotDetected),
+                r("d", ScanState::Error),
+            ]
+        );
+        assert_eq!(contradictions, vec!["a".to_string(), "d".to_string()]);
+        // Detect wins whatever the order.
+        let (folded, _) = fold_results(vec![
+            r("a", ScanState::Detect),
+            r("a", ScanState::NotDetected),
+        ]);
+        assert_eq!(folded, vec![r("a", ScanState::Detect)]);
     }
 }

@@ -28,7 +28,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::{Placement, Shared};
 use crate::claim::{self, Hashed};
-use crate::config::WatchConfig;
 use crate::fsops::place::Release;
 use crate::fsops::roots::Which;
 use crate::fsops::{self, FsError};
@@ -241,14 +240,6 @@ impl Sorter {
             // Anything else is not ours (a stale message): ignore.
             _ => Step::Done,
         }
-    }
-
-    fn watch_for(&self, rec: &FileRecord) -> Option<&WatchConfig> {
-        self.shared
-            .config
-            .watches
-            .iter()
-            .find(|w| w.path == rec.root)
     }
 
     async fn place(&self, rec: FileRecord) -> Step {

@@ -46,8 +46,8 @@ pub struct Submitted {
     pub sha256: [u8; 32],
     /// Accepted scans of this file so far (this one included).
     pub attempts: u32,
-    /// When it was submitted (ms since the epoch).
-    pub submitted_at_ms: i64,
+    /// When the server accepted it (monotonic: the poller's `scan_timeout` counts from here).
+    pub submitted_at: tokio::time::Instant,
     /// Its in-flight slot, freed when the verdict is final.
     pub slot: InFlight,
 }
@@ -127,6 +127,8 @@ pub async fn run(
 ) {
     let mut uploads: JoinSet<()> = JoinSet::new();
     let mut sweep = tokio::time::interval(SWEEP_EVERY);
+    // `hashed` records seen by the previous sweep (see `sweep_strays`).
+    let mut strays: HashSet<FileId> = HashSet::new();
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         shared.limits.gate(&shutdown).await;
@@ -147,7 +149,7 @@ pub async fn run(
                     Some(c) => if resubmit.start(c.id) { break Some(c) },
                     None => break None,
                 },
-                _ = sweep.tick() => sweep_strays(&shared, &resubmit).await,
+                _ = sweep.tick() => sweep_strays(&shared, &resubmit, &mut strays).await,
                 Some(_) = uploads.join_next(), if !uploads.is_empty() => {}
             }
         };
@@ -193,8 +195,12 @@ pub async fn run(
     }
 }
 
-/// Re-queues `hashed` records that no stage holds (the queue ignores those it holds).
-async fn sweep_strays(shared: &Shared, resubmit: &Resubmit) {
+/// Re-queues `hashed` records that no stage holds (the queue ignores those it holds). A record is
+/// re-queued only when the previous sweep, `SWEEP_EVERY` ago on the monotonic clock, saw it
+/// `hashed` too: one just hashed is probably still on its way through the claim → upload channel.
+/// (`strays` carries the ids seen from one sweep to the next; the journal's wall-clock
+/// `updated_at` is not used, so a clock jump cannot make every record look stale or fresh.)
+async fn sweep_strays(shared: &Shared, resubmit: &Resubmit, strays: &mut HashSet<FileId>) {
     match shared.journal.promote_orphaned_waiting().await {
         Ok(0) => {}
         Ok(n) => tracing::debug!(
@@ -206,9 +212,10 @@ async fn sweep_strays(shared: &Shared, resubmit: &Resubmit) {
     let Ok(records) = shared.journal.in_states(&[FileState::Hashed]).await else {
         return;
     };
-    let settled_for = crate::journal::now_ms() - 5_000;
+    let seen_before = std::mem::take(strays);
     for r in records {
-        if r.updated_at_ms > settled_for {
+        strays.insert(r.id);
+        if !seen_before.contains(&r.id) {
             continue; // Probably still on its way through the claim → upload channel.
         }
         if let (Some(sha256), Some(stamp)) = (r.sha256, r.stamp) {
@@ -309,7 +316,7 @@ impl Upload {
                         scan_id,
                         sha256: item.sha256,
                         attempts,
-                        submitted_at_ms: crate::journal::now_ms(),
+                        submitted_at: tokio::time::Instant::now(),
                         slot,
                     })
                     .await
@@ -317,13 +324,9 @@ impl Upload {
                 None
             }
             Ok(_) => {
-                // The server scanned bytes we did not hash: its verdict must not be used.
+                // The server scanned bytes we did not hash: its verdict must not be used. The
+                // journal's `rehash` queues this scanId for deletion in the same transaction.
                 tracing::warn!(id = item.id, "file changed during upload: hashing again");
-                shared
-                    .journal
-                    .stale_scan(scan_id.as_str().to_string())
-                    .await
-                    .ok();
                 self.rehash(item.id, item.staged.clone()).await
             }
             Err(ApiError::TooLarge) => {
@@ -365,16 +368,16 @@ impl Upload {
                 }
                 let pause = shared.server_failed(&e).await;
                 tracing::debug!(id = item.id, error = %e, ?pause, "upload not accepted; will retry");
-                if matches!(e, ApiError::Transport { .. } | ApiError::Protocol { .. }) {
+                let back = if matches!(e, ApiError::Transport { .. } | ApiError::Protocol { .. }) {
                     // Ambiguous: the server may have accepted the scan before the connection
-                    // broke. Its result, if any, is deleted rather than left behind.
-                    shared
-                        .journal
-                        .stale_scan(scan_id.as_str().to_string())
-                        .await
-                        .ok();
-                }
-                if let Err(e) = shared.journal.not_submitted(item.id).await {
+                    // broke. `resend` queues the scanId for deletion in the same transaction that
+                    // sends the file back, so a scan the server took is never left behind.
+                    shared.journal.resend(item.id).await
+                } else {
+                    shared.journal.not_submitted(item.id).await
+                };
+                if let Err(e) = back {
+                    // The record still says `submitting(scanId)`: the next start asks the server.
                     tracing::error!(id = item.id, error = %e, "journal write failed");
                 }
                 drop(slot);

@@ -490,3 +490,79 @@ async fn full_destination_keeps_the_file_until_there_is_room() {
     agent.stop().await.0.unwrap();
     drop(fs);
 }
+
+/// A record left `submitting` by a crash whose scanId the server does not list is sent again
+/// under a new scanId, and the old scanId is DELETEd on the server (it may still arrive there),
+/// never left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submitting_scan_the_server_does_not_list_is_deleted_before_it_is_sent_again() {
+    use dropscan::journal::{FileState, Journal, NewClaim, Stamp};
+    let w = World::quick().await;
+    let staging = w.inbox.join(".dropscan/test");
+    std::fs::create_dir_all(&staging).unwrap();
+    let data = bytes(77, 3000);
+    let staged = staging.join("crashed.staged");
+    std::fs::write(&staged, &data).unwrap();
+    let old_scan = "0b6f5c3e-1d2a-4c8e-9f00-aa11bb22cc33".to_string();
+    {
+        use std::os::unix::fs::MetadataExt;
+        let md = std::fs::metadata(&staged).unwrap();
+        let j = Journal::open(&w.state_dir().join("journal.sqlite")).unwrap();
+        let id = j
+            .claim(vec![NewClaim {
+                root: std::fs::canonicalize(&w.inbox).unwrap(),
+                rel_path: "crashed.bin".into(),
+                staged: std::fs::canonicalize(&staged).unwrap(),
+                dropped_at_ms: None,
+            }])
+            .await
+            .unwrap()[0];
+        let stamp = Stamp {
+            size: md.len(),
+            mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
+            ctime_ns: md.ctime() * 1_000_000_000 + md.ctime_nsec(),
+            dev: md.dev(),
+            ino: md.ino(),
+        };
+        let sha: [u8; 32] = {
+            use sha2::Digest;
+            sha2::Sha256::digest(&data).into()
+        };
+        j.hashed(id, sha, stamp, Duration::ZERO).await.unwrap();
+        j.submitting(id, old_scan.clone()).await.unwrap();
+        assert_eq!(j.get(id).await.unwrap().state, FileState::Submitting);
+    }
+    let agent = w.start_agent();
+    let placed = w.wait_placed(1, Duration::from_secs(30)).await;
+    assert_eq!(
+        placed.get(std::path::Path::new("crashed.bin")),
+        Some(&Outcome::Clean),
+        "{placed:?}"
+    );
+    // The old scanId was queued for deletion in the same write that sent the file back, and
+    // the poller DELETEd it on the server.
+    let j = Journal::open(&w.state_dir().join("journal.sqlite")).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let stale = j.stale_scans().await.unwrap();
+        if !stale.contains(&old_scan) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the old scanId is still queued: {stale:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let rec = j
+        .in_states(&[FileState::Placed, FileState::Done])
+        .await
+        .unwrap()
+        .pop()
+        .unwrap();
+    assert_eq!(rec.scan_ids.first(), Some(&old_scan));
+    assert_eq!(rec.scan_ids.len(), 2, "{:?}", rec.scan_ids);
+    // One DELETE for the old scan, one for the result of the new one once placed.
+    assert!(w.emulator().state().stats().deletes >= 2);
+    agent.stop().await.0.unwrap();
+}

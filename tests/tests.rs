@@ -7,6 +7,7 @@ mod util;
 mod cli;
 mod durability;
 mod emulator_server;
+mod journal_guards;
 mod kata_client;
 mod kata_emulator;
 mod kata_parse;
