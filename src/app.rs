@@ -87,7 +87,11 @@ impl Shared {
     pub fn staging_of(&self, staged: &Path) -> Result<(Arc<Dir>, OsString), FsError> {
         let parent = staged.parent().unwrap_or(Path::new(""));
         let name = staged.file_name().map(OsStr::to_os_string);
-        let i = self.config.watches.iter().position(|w| w.staging_dir == parent);
+        let i = self
+            .config
+            .watches
+            .iter()
+            .position(|w| w.staging_dir == parent);
         match (i, name) {
             (Some(i), Some(name)) => Ok((self.roots[i].get(Which::Staging, false)?, name)),
             _ => Err(FsError::NotBeneath {

@@ -320,7 +320,10 @@ async fn claim_batch(shared: &Arc<Shared>, batch: &[Settled]) -> Vec<(FileId, Pa
             Ok(Ok(Claim::Claimed(renamed))) => {
                 if renamed == Renamed::NotSynced {
                     // The rename happened: the file is ours now, whatever the fsync said.
-                    tracing::warn!(id, "claimed, but the folder fsync failed; it is retried with the next claim");
+                    tracing::warn!(
+                        id,
+                        "claimed, but the folder fsync failed; it is retried with the next claim"
+                    );
                 }
                 shared.metrics.claimed.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(id, path = %fsops::shown(&s.rel_path), "claimed");

@@ -276,7 +276,10 @@ impl Sorter {
         // After a crash or a failed attempt in `placing`: the journaled target first (the move
         // may have happened, or a verified copy may wait under its temp name).
         let mut target: Option<PathBuf> = match (&rec.state, &rec.dest) {
-            (FileState::Placing, Some(dest)) => dest.strip_prefix(&dest_root_path).ok().map(Path::to_path_buf),
+            (FileState::Placing, Some(dest)) => dest
+                .strip_prefix(&dest_root_path)
+                .ok()
+                .map(Path::to_path_buf),
             _ => None,
         };
         for _ in 0..16 {
@@ -291,7 +294,13 @@ impl Sorter {
                     .await;
                     let t = match chosen {
                         Ok(t) => t,
-                        Err(e) => return Step::Retry(format!("cannot place {} into {}: {e}", fsops::shown(&original), fsops::shown(&dest_root_path))),
+                        Err(e) => {
+                            return Step::Retry(format!(
+                                "cannot place {} into {}: {e}",
+                                fsops::shown(&original),
+                                fsops::shown(&dest_root_path)
+                            ));
+                        }
                     };
                     if let Err(e) = self
                         .shared
@@ -306,7 +315,11 @@ impl Sorter {
             };
             let sh = Arc::clone(&self.shared);
             let (staged, rel2, temp) = (rec.staged.clone(), rel.clone(), temp_name.clone());
-            let (hashed, sha256) = if clean { (rec.stamp, rec.sha256) } else { (None, None) };
+            let (hashed, sha256) = if clean {
+                (rec.stamp, rec.sha256)
+            } else {
+                (None, None)
+            };
             let placed = blocking(move || {
                 let (staging, staged_name) = sh.staging_of(&staged)?;
                 let dest_root = sh.roots[i].get(which, true)?;
@@ -324,7 +337,11 @@ impl Sorter {
             })
             .await;
             match placed {
-                Ok(_) => return self.finish_placement(rec, outcome, reason, which, rel).await,
+                Ok(_) => {
+                    return self
+                        .finish_placement(rec, outcome, reason, which, rel)
+                        .await;
+                }
                 Err(e) if e.is_already_exists() => continue,
                 Err(FsError::Vanished { .. }) => {
                     self.shared

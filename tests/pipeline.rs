@@ -450,7 +450,8 @@ async fn two_agents_sharing_an_inbox_never_take_the_same_file() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn destinations_on_another_filesystem_are_copied_and_verified() {
+async fn destinations_on_another_filesystem_are_copied_and_verified_and_a_hard_linked_pair_keeps_both_names()
+ {
     use std::os::unix::fs::MetadataExt;
     let w = World::quick().await;
     let Ok(other) = tempfile::tempdir_in("/dev/shm") else {
@@ -477,6 +478,9 @@ async fn destinations_on_another_filesystem_are_copied_and_verified() {
     let outside = w.dir.path().join("outside.txt");
     std::fs::write(&outside, b"not to be read").unwrap();
     std::fs::hard_link(&outside, w.inbox.join("linked.txt")).unwrap();
+    // A hard-linked pair inside the inbox: neither name may ever be unlinked.
+    std::fs::write(w.inbox.join("pair-a.txt"), b"the user's only data").unwrap();
+    std::fs::hard_link(w.inbox.join("pair-a.txt"), w.inbox.join("pair-b.txt")).unwrap();
     w.drop_file("big.bin", &bytes(9, 3 << 20));
     w.drop_file("bad.com", EICAR);
     let agent = dropscan::app::Agent::new(dropscan::config::Config::load(&cfg).unwrap()).unwrap();
@@ -484,13 +488,11 @@ async fn destinations_on_another_filesystem_are_copied_and_verified() {
     let task = tokio::spawn(agent.run(token.clone()));
     let dest = other.path().to_path_buf();
     wait_for(LIMIT, || {
-        (dest.join("clean/big.bin").exists()
-            && dest.join("quarantine/bad.com").exists()
-            && dest.join("failed/linked.txt.dropscan.json").exists())
-        .then_some(())
+        (dest.join("clean/big.bin").exists() && dest.join("quarantine/bad.com").exists())
+            .then_some(())
     })
     .await
-    .expect("all three placed across filesystems");
+    .expect("both placed across filesystems");
     assert_eq!(
         std::fs::read(dest.join("clean/big.bin")).unwrap(),
         bytes(9, 3 << 20)
@@ -499,10 +501,19 @@ async fn destinations_on_another_filesystem_are_copied_and_verified() {
         std::fs::read(dest.join("quarantine/bad.com")).unwrap(),
         EICAR
     );
-    // The hard link's content was never copied; the file it points to is untouched.
+    // Hard-linked files cannot reach failed there without being read: they stay where they
+    // are, unread, every name intact (regression: the pair used to lose both names).
+    tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(!dest.join("failed/linked.txt").exists());
     assert_eq!(std::fs::read(&outside).unwrap(), b"not to be read");
-    assert_eq!(std::fs::metadata(&outside).unwrap().nlink(), 1);
+    assert_eq!(std::fs::metadata(&outside).unwrap().nlink(), 2);
+    for name in ["pair-a.txt", "pair-b.txt"] {
+        assert_eq!(
+            std::fs::read(w.inbox.join(name)).unwrap(),
+            b"the user's only data"
+        );
+    }
+    assert_eq!(w.emulator().state().stats().submits_accepted, 2);
     assert_eq!(w.staged_files(), 0, "staging empty");
     token.cancel();
     task.await.unwrap().unwrap();

@@ -239,7 +239,12 @@ level = "warn"
     /// Files in staging.
     pub fn staged_files(&self) -> usize {
         let staging = self.inbox.join(".dropscan/test");
-        std::fs::read_dir(staging).map_or(0, |rd| rd.flatten().count())
+        // Staged files only: the owner marker (`.owner`) is ours, not a user's file.
+        std::fs::read_dir(staging).map_or(0, |rd| {
+            rd.flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".staged"))
+                .count()
+        })
     }
 
     /// Waits until `n` files are placed in all, or panics after `limit`.

@@ -59,10 +59,7 @@ pub fn split_rel(rel: &Path) -> Result<(&Path, &OsStr), FsError> {
 }
 
 fn check_relative(rel: &Path) -> Result<(), FsError> {
-    if rel
-        .components()
-        .all(|c| matches!(c, Component::Normal(_)))
-    {
+    if rel.components().all(|c| matches!(c, Component::Normal(_))) {
         Ok(())
     } else {
         Err(FsError::NotBeneath {
@@ -141,7 +138,8 @@ impl Dir {
         }
         let full = self.path.join(rel);
         let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-        let resolve = ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
+        let resolve =
+            ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
         match rustix::fs::openat2(&self.fd, rel, flags, Mode::empty(), resolve) {
             Ok(fd) => Ok(Dir { fd, path: full }),
             // No openat2 here (before Linux 5.6, or a seccomp filter that refuses it): the walk
@@ -165,6 +163,12 @@ impl Dir {
         Ok(cur)
     }
 
+    /// The openat2-less walk, for tests on machines that have openat2.
+    #[cfg(test)]
+    pub(crate) fn walk_for_test(&self, rel: &Path) -> Result<Dir, FsError> {
+        self.walk(rel)
+    }
+
     /// Opens the direct subfolder `name`, refusing a symlink or a file.
     fn child_dir(&self, name: &OsStr) -> Result<Dir, FsError> {
         let name = single(name)?;
@@ -175,7 +179,10 @@ impl Dir {
             OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode::empty(),
         )
-        .map(|fd| Dir { fd, path: full.clone() })
+        .map(|fd| Dir {
+            fd,
+            path: full.clone(),
+        })
         .map_err(|e| dir_error(&full, e))
     }
 
@@ -213,7 +220,13 @@ impl Dir {
                 }
                 // Made meanwhile by someone else: look again.
                 Err(Errno::EXIST) => {}
-                Err(e) => return Err(FsError::io(&self.path.join(name), "create folder", errno_io(e))),
+                Err(e) => {
+                    return Err(FsError::io(
+                        &self.path.join(name),
+                        "create folder",
+                        errno_io(e),
+                    ));
+                }
             }
         }
         Err(FsError::io(
@@ -308,7 +321,8 @@ impl Dir {
 
     /// Fsyncs the folder, making the entries created or removed in it durable.
     pub fn fsync(&self) -> Result<(), FsError> {
-        rustix::fs::fsync(&self.fd).map_err(|e| FsError::io(&self.path, "fsync folder", errno_io(e)))
+        rustix::fs::fsync(&self.fd)
+            .map_err(|e| FsError::io(&self.path, "fsync folder", errno_io(e)))
     }
 
     /// The entries of this folder: (name, stamp without following symlinks). Entries that vanish
@@ -368,11 +382,23 @@ pub fn rename_noreplace(
     let (from_name, to_name) = (single(from_name)?, single(to_name)?);
     let from_full = from_dir.path.join(from_name);
     let to_full = to_dir.path.join(to_name);
-    match rustix::fs::renameat_with(&from_dir.fd, from_name, &to_dir.fd, to_name, RenameFlags::NOREPLACE) {
+    match rustix::fs::renameat_with(
+        &from_dir.fd,
+        from_name,
+        &to_dir.fd,
+        to_name,
+        RenameFlags::NOREPLACE,
+    ) {
         Ok(()) => {}
         Err(Errno::INVAL | Errno::NOSYS) => {
-            rustix::fs::linkat(&from_dir.fd, from_name, &to_dir.fd, to_name, AtFlags::empty())
-                .map_err(|e| rename_error(from_dir, from_name, &from_full, &to_full, e))?;
+            rustix::fs::linkat(
+                &from_dir.fd,
+                from_name,
+                &to_dir.fd,
+                to_name,
+                AtFlags::empty(),
+            )
+            .map_err(|e| rename_error(from_dir, from_name, &from_full, &to_full, e))?;
             if let Err(e) = rustix::fs::unlinkat(&from_dir.fd, from_name, AtFlags::empty()) {
                 // Someone else (another agent's link + unlink) took the source first: our link
                 // is a second name for their file. Remove it again.
@@ -393,7 +419,13 @@ pub fn rename_noreplace(
 /// ENOENT from a rename may be the source (gone) or the target's folder (removed meanwhile):
 /// look at the source to tell which, so that a missing destination is never taken for a vanished
 /// file.
-fn rename_error(from_dir: &Dir, from_name: &OsStr, from_full: &Path, to_full: &Path, e: Errno) -> FsError {
+fn rename_error(
+    from_dir: &Dir,
+    from_name: &OsStr,
+    from_full: &Path,
+    to_full: &Path,
+    e: Errno,
+) -> FsError {
     if e == Errno::NOENT {
         return match from_dir.exists(from_name) {
             Ok(false) => FsError::Vanished {

@@ -21,6 +21,8 @@ pub mod dir;
 pub mod names;
 pub mod place;
 pub mod roots;
+#[cfg(test)]
+mod tests;
 
 use std::fs::File;
 use std::io::{self, Read};
@@ -48,7 +50,10 @@ pub enum FsError {
         kind: &'static str,
     },
     /// A regular file with more than one link.
-    #[error("{}: has {nlink} hard links; refused (it could expose a file from outside the inbox)", shown(path))]
+    #[error(
+        "{}: has {nlink} hard links; refused (it could expose a file from outside the inbox)",
+        shown(path)
+    )]
     HardLinked {
         /// The path.
         path: PathBuf,
@@ -82,7 +87,10 @@ pub enum FsError {
         path: PathBuf,
     },
     /// No space left (or quota exceeded).
-    #[error("{}: destination full ({source}); the file stays in staging and the move is retried", shown(path))]
+    #[error(
+        "{}: destination full ({source}); the file stays in staging and the move is retried",
+        shown(path)
+    )]
     NoSpace {
         /// Where.
         path: PathBuf,

@@ -25,8 +25,11 @@ use std::ffi::OsStr;
 use std::io::{self, Seek, Write};
 use std::path::{Component, Path, PathBuf};
 
-use super::names::{numbered, safe_relative, sidecar_name, sidecar_temp_name, parse_temp_name};
-use super::{Dir, FileStamp, FsError, Renamed, no_other_opener, rename_noreplace, same_file, sha256_file, split_rel};
+use super::names::{numbered, parse_temp_name, safe_relative, sidecar_name, sidecar_temp_name};
+use super::{
+    Dir, FileStamp, FsError, Renamed, no_other_opener, rename_noreplace, same_file, sha256_file,
+    split_rel,
+};
 use crate::journal::Stamp;
 
 /// Numbered names tried before giving up on a free name.
@@ -95,10 +98,16 @@ pub fn free_name(dest_root: &Dir, rel: &Path, dir_mode: u32) -> Result<PathBuf, 
     let mut dir = dest_root.try_clone()?;
     if let Some(parent) = rel.parent() {
         for comp in parent.components() {
-            let Component::Normal(name) = comp else { continue };
+            let Component::Normal(name) = comp else {
+                continue;
+            };
             let mut n = 0;
             let (next, used) = loop {
-                let candidate = if n == 0 { name.to_os_string() } else { numbered(name, n) };
+                let candidate = if n == 0 {
+                    name.to_os_string()
+                } else {
+                    numbered(name, n)
+                };
                 match dir.child_dir_or_create(&candidate, dir_mode) {
                     Ok(d) => break (d, candidate),
                     Err(FsError::NotRegular { .. }) => {}
@@ -106,7 +115,9 @@ pub fn free_name(dest_root: &Dir, rel: &Path, dir_mode: u32) -> Result<PathBuf, 
                 }
                 n += 1;
                 if n > MAX_NUMBERED {
-                    return Err(FsError::AlreadyExists { path: dir.path().join(name) });
+                    return Err(FsError::AlreadyExists {
+                        path: dir.path().join(name),
+                    });
                 }
             };
             out.push(used);
@@ -115,13 +126,19 @@ pub fn free_name(dest_root: &Dir, rel: &Path, dir_mode: u32) -> Result<PathBuf, 
     }
     let name = rel.file_name().unwrap_or_else(|| OsStr::new("_"));
     for n in 0..=MAX_NUMBERED {
-        let candidate = if n == 0 { name.to_os_string() } else { numbered(name, n) };
+        let candidate = if n == 0 {
+            name.to_os_string()
+        } else {
+            numbered(name, n)
+        };
         if !dir.exists(&candidate)? && !dir.exists(&sidecar_name(&candidate))? {
             out.push(candidate);
             return Ok(out);
         }
     }
-    Err(FsError::AlreadyExists { path: dir.path().join(name) })
+    Err(FsError::AlreadyExists {
+        path: dir.path().join(name),
+    })
 }
 
 /// One placement; see the module docs.
@@ -265,8 +282,10 @@ fn copy_then_release(
         src.seek(io::SeekFrom::Start(0))
             .map_err(|e| FsError::io(&temp_path, "read the staged file", e))?;
         io::copy(src, &mut tmp).map_err(|e| FsError::io(&temp_path, "copy", e))?;
-        tmp.flush().map_err(|e| FsError::io(&temp_path, "copy", e))?;
-        tmp.sync_all().map_err(|e| FsError::io(&temp_path, "fsync", e))?;
+        tmp.flush()
+            .map_err(|e| FsError::io(&temp_path, "copy", e))?;
+        tmp.sync_all()
+            .map_err(|e| FsError::io(&temp_path, "fsync", e))?;
         if let Some(expected) = r.sha256 {
             tmp.seek(io::SeekFrom::Start(0))
                 .map_err(|e| FsError::io(&temp_path, "read the copy", e))?;
@@ -338,7 +357,8 @@ pub fn write_sidecar(
     let result = (|| {
         let mut f = dir.create_file(&tmp_name, mode)?;
         let p = dir.path().join(&tmp_name);
-        f.write_all(bytes).map_err(|e| FsError::io(&p, "write", e))?;
+        f.write_all(bytes)
+            .map_err(|e| FsError::io(&p, "write", e))?;
         f.sync_all().map_err(|e| FsError::io(&p, "fsync", e))?;
         rustix::fs::renameat(dir.fd(), &tmp_name, dir.fd(), &side).map_err(|e| {
             FsError::io(

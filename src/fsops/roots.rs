@@ -203,7 +203,8 @@ impl Owner {
     "the staging folder {} is in use by host {host} (marker refreshed {age_s} s ago): two hosts \
      must never share a sensor_instance_id / staging folder; give each host its own \
      [server].sensor_instance_id (if that host is retired, remove {}/{OWNER_MARKER})",
-    super::shown(staging), super::shown(staging)
+    super::shown(staging),
+    super::shown(staging)
 )]
 pub struct OwnerConflict {
     /// The staging folder.
@@ -224,7 +225,10 @@ fn unix_now() -> u64 {
 fn read_owner(staging: &Dir) -> Option<(Owner, u64)> {
     let (mut f, _) = staging.open_file(OsStr::new(OWNER_MARKER)).ok()?;
     let mut text = String::new();
-    Read::by_ref(&mut f).take(4096).read_to_string(&mut text).ok()?;
+    Read::by_ref(&mut f)
+        .take(4096)
+        .read_to_string(&mut text)
+        .ok()?;
     let mut owner = Owner {
         machine_id: String::new(),
         host: String::new(),
