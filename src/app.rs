@@ -445,6 +445,9 @@ async fn recognise_root(
     };
     let mut waited = 0u64;
     let staging = loop {
+        if waited > 0 {
+            roots.forget();
+        }
         let inbox_ok = roots.get(Which::Inbox, false).is_ok();
         match roots.staging_if_present().map_err(unsafe_staging)? {
             Some(d) => break d,

@@ -313,7 +313,7 @@ impl Settler {
                     now + w.reconcile_interval.max(w.settle),
                 )
             });
-            debug!(path = %settled.path.display(), size = settled.size, "settled");
+            debug!(path = %crate::fsops::shown(&settled.path), size = settled.size, "settled");
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => return Break(()),
@@ -340,7 +340,7 @@ impl Settler {
             Err(e) => {
                 self.forget(&path);
                 if e.kind() != io::ErrorKind::NotFound && self.first_warning(&path) {
-                    warn!(path = %path.display(), error = %e, "cannot stat file; skipping it until it is seen again");
+                    warn!(path = %crate::fsops::shown(&path), error = %e, "cannot stat file; skipping it until it is seen again");
                 }
                 return None;
             }
@@ -350,7 +350,7 @@ impl Settler {
             self.forget(&path);
             if !file_type.is_dir() && self.first_warning(&path) {
                 warn!(
-                    path = %path.display(),
+                    path = %crate::fsops::shown(&path),
                     kind = crate::fsops::kind_of(file_type),
                     "not a regular file; skipped and never opened"
                 );

@@ -342,7 +342,8 @@ impl Sorter {
                         .finish_placement(rec, outcome, reason, which, rel)
                         .await;
                 }
-                Err(e) if e.is_already_exists() => continue,
+                // Taken meanwhile, or its folder removed meanwhile: choose again.
+                Err(e) if e.is_already_exists() || e.is_folder_gone() => continue,
                 Err(FsError::Vanished { .. }) => {
                     self.shared
                         .journal

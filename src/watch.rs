@@ -167,7 +167,7 @@ pub fn detect_fs(path: &Path) -> FsKind {
         )]
         Ok(st) => fs_kind_from_magic(st.f_type as u32),
         Err(e) => {
-            debug!(path = %path.display(), error = %e, "statfs failed");
+            debug!(path = %crate::fsops::shown(&path), error = %e, "statfs failed");
             FsKind::Unknown
         }
     }
@@ -247,7 +247,7 @@ pub async fn run(
         let path = root_of
             .get(&e.id())
             .map_or_else(PathBuf::new, |&root| watches[root].path.clone());
-        error!(root = %path.display(), error = %e, "an inbox watcher stopped unexpectedly");
+        error!(root = %crate::fsops::shown(&path), error = %e, "an inbox watcher stopped unexpectedly");
         if result.is_ok() {
             result = Err(WatchError::Crashed {
                 path,
@@ -430,7 +430,7 @@ impl WarnedFolders {
 
     fn readable(&mut self, dir: &Path) {
         if !self.0.is_empty() && self.0.remove(dir) {
-            info!(folder = %dir.display(), "folder readable again");
+            info!(folder = %crate::fsops::shown(&dir), "folder readable again");
         }
     }
 }
@@ -475,7 +475,7 @@ fn walk_blocking(
             Err(e) if e.kind() == io::ErrorKind::NotFound && dir != w.path => continue,
             Err(e) => {
                 if warned.first(&dir) {
-                    warn!(folder = %dir.display(), error = %e, "cannot list folder; skipping it");
+                    warn!(folder = %crate::fsops::shown(&dir), error = %e, "cannot list folder; skipping it");
                 }
                 continue;
             }
@@ -484,7 +484,7 @@ fn walk_blocking(
             let entry = match entry {
                 Ok(entry) => entry,
                 Err(e) => {
-                    debug!(folder = %dir.display(), error = %e, "cannot read a folder entry");
+                    debug!(folder = %crate::fsops::shown(&dir), error = %e, "cannot read a folder entry");
                     continue;
                 }
             };
@@ -501,7 +501,7 @@ fn walk_blocking(
                 }
                 if depth + 1 > MAX_DEPTH {
                     if warned.first(&path) {
-                        warn!(folder = %path.display(), max = MAX_DEPTH, "folder too deep; not descending");
+                        warn!(folder = %crate::fsops::shown(&path), max = MAX_DEPTH, "folder too deep; not descending");
                     }
                     continue;
                 }
@@ -571,7 +571,7 @@ impl RootTask {
             (w.path.clone(), w.poll_interval, w.reconcile_interval)
         };
         info!(
-            root = %path.display(),
+            root = %crate::fsops::shown(&path),
             mode = if polling { "poll" } else { "notify" },
             "watching inbox"
         );
@@ -605,7 +605,7 @@ impl RootTask {
                         watcher = None;
                         polling = true;
                         poll_tick.reset();
-                        info!(root = %path.display(), mode = "poll", "watching inbox");
+                        info!(root = %crate::fsops::shown(&path), mode = "poll", "watching inbox");
                     }
                     if !signal.rescan.load(Ordering::Acquire) {
                         continue;
@@ -617,7 +617,7 @@ impl RootTask {
                     }
                     // Cleared before listing: a hint lost during the listing forces another.
                     signal.rescan.store(false, Ordering::Release);
-                    debug!(root = %path.display(), "forced rescan");
+                    debug!(root = %crate::fsops::shown(&path), "forced rescan");
                     last_walk = Instant::now();
                     reconcile_tick.reset();
                     self.walk(path.clone()).await
@@ -648,7 +648,7 @@ impl RootTask {
                     self.walk(path.clone()).await
                 }
                 _ = reconcile_tick.tick(), if !polling => {
-                    debug!(root = %path.display(), "reconcile");
+                    debug!(root = %crate::fsops::shown(&path), "reconcile");
                     last_walk = Instant::now();
                     self.walk(path.clone()).await
                 }

@@ -348,10 +348,20 @@ async fn metrics_and_health_endpoints_answer() {
         s.read_to_string(&mut out).unwrap();
         out
     };
-    let body =
-        tokio::task::spawn_blocking(move || (get("/metrics"), get("/healthz"), get("/readyz")))
-            .await
-            .unwrap();
+    // The files are on disk a moment before their placement is journaled and counted.
+    let body = tokio::task::spawn_blocking(move || {
+        let t0 = std::time::Instant::now();
+        let metrics = loop {
+            let m = get("/metrics");
+            if m.contains("outcome=\"quarantine\"} 1") || t0.elapsed() > Duration::from_secs(10) {
+                break m;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        (metrics, get("/healthz"), get("/readyz"))
+    })
+    .await
+    .unwrap();
     assert!(
         body.0
             .contains("dropscan_files_placed_total{outcome=\"clean\"} 1"),

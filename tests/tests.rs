@@ -4,6 +4,7 @@
 
 mod util;
 
+mod attacks;
 mod cli;
 mod durability;
 mod emulator_server;

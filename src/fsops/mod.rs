@@ -152,6 +152,12 @@ impl FsError {
         matches!(self, FsError::Vanished { .. })
     }
 
+    /// Whether a destination folder disappeared under the move (never the file itself): the
+    /// target is to be chosen again.
+    pub fn is_folder_gone(&self) -> bool {
+        matches!(self, FsError::Io { source, .. } if source.raw_os_error() == Some(libc::ENOENT))
+    }
+
     /// Whether the failure means the target exists.
     pub fn is_already_exists(&self) -> bool {
         matches!(self, FsError::AlreadyExists { .. })

@@ -134,6 +134,24 @@ impl RootDirs {
         Ok(dir)
     }
 
+    /// Forgets every open folder: the next use opens them again from their paths (after a
+    /// share was mounted over an inbox, the old descriptor still shows the empty mount point).
+    pub fn forget(&self) {
+        for which in [
+            Which::Inbox,
+            Which::Staging,
+            Which::Clean,
+            Which::Quarantine,
+            Which::Failed,
+        ] {
+            *self
+                .slot(which)
+                .open
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = None;
+        }
+    }
+
     /// The staging folder if the root is recognised (it exists, with an owner marker): `None`
     /// when it is missing, which after a crash means "not mounted yet" until proven otherwise.
     pub fn staging_if_present(&self) -> Result<Option<Arc<Dir>>, FsError> {

@@ -1,0 +1,169 @@
+//! Regressions from the attack review: an inbox writer as attacker, power cuts and outages
+//! between steps. Each test is named after the hole it closes.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::util::{EICAR, Outcome, World, bytes, wait_for};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planted_dropscan_symlink_is_never_followed_at_start_up() {
+    let w = World::quick().await;
+    // While the agent is stopped, a user replaces `.dropscan` with a symlink to a folder that
+    // looks like staging and holds a file of someone else's.
+    let elsewhere = w.dir.path().join("elsewhere");
+    std::fs::create_dir_all(elsewhere.join("test")).unwrap();
+    std::fs::write(elsewhere.join("test/0123.staged"), b"not yours").unwrap();
+    std::os::unix::fs::symlink(&elsewhere, w.inbox.join(".dropscan")).unwrap();
+    w.drop_file("a.txt", b"a");
+    let agent = w.start_agent();
+    let (r, _) = tokio::time::timeout(Duration::from_secs(20), async {
+        let mut agent = agent;
+        let r = agent.task.take().unwrap().await.unwrap();
+        (r, agent)
+    })
+    .await
+    .expect("the agent stops by itself");
+    let e = r.expect_err("start-up refuses a staging folder reached through a symlink");
+    assert!(e.contains("symlink"), "{e}");
+    assert_eq!(
+        std::fs::read(elsewhere.join("test/0123.staged")).unwrap(),
+        b"not yours"
+    );
+    assert_eq!(
+        std::fs::read_dir(elsewhere.join("test")).unwrap().count(),
+        1
+    );
+    assert!(w.outcomes().is_empty(), "nothing recovered or placed");
+    assert_eq!(w.emulator().state().stats().submits_accepted, 0);
+    assert!(w.inbox.join("a.txt").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_rewritten_through_an_open_handle_after_release_never_puts_eicar_in_clean() {
+    let w = World::quick().await;
+    let agent = w.start_agent();
+    // The writer keeps its handle open past settle, then writes EICAR once the file is clean.
+    let mut handle = std::fs::File::create(w.inbox.join("report.txt")).unwrap();
+    handle.write_all(b"quarterly figures").unwrap();
+    handle.flush().unwrap();
+    let clean = w.clean.join("report.txt");
+    wait_for(LIMIT, || clean.exists().then_some(()))
+        .await
+        .expect("released to clean");
+    handle.write_all(EICAR).unwrap();
+    handle.sync_all().unwrap();
+    assert_eq!(std::fs::read(&clean).unwrap(), b"quarterly figures");
+    agent.stop().await.0.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_up_with_the_share_not_mounted_waits_and_strands_nothing() {
+    let mut w = World::new(dropscan::emulator::EmulatorConfig {
+        scan_delay: Duration::from_secs(3),
+        ..Default::default()
+    })
+    .await;
+    w.settle = "200ms";
+    let agent = w.start_agent();
+    w.drop_file("in-flight.bin", &bytes(1, 10_000));
+    wait_for(LIMIT, || (w.staged_files() == 1).then_some(()))
+        .await
+        .expect("claimed");
+    agent.stop().await.0.unwrap();
+    // The share is not mounted at the next start: the inbox is an empty mount point.
+    let share = w.dir.path().join("share");
+    #[allow(clippy::disallowed_methods)]
+    std::fs::rename(&w.inbox, &share).unwrap();
+    std::fs::create_dir(&w.inbox).unwrap();
+    let agent = w.start_agent();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let s = dropscan::journal::read_summary(&w.state_dir().join("journal.sqlite")).unwrap();
+    assert!(
+        s.per_outcome.is_empty(),
+        "nothing judged while the root is not recognised: {:?}",
+        s.per_outcome
+    );
+    // The share is mounted: the file goes on to clean.
+    std::fs::remove_dir(&w.inbox).unwrap();
+    #[allow(clippy::disallowed_methods)]
+    std::fs::rename(&share, &w.inbox).unwrap();
+    let o = w.wait_placed(1, LIMIT).await;
+    assert_eq!(o[&PathBuf::from("in-flight.bin")], Outcome::Clean);
+    assert_eq!(
+        std::fs::read(w.clean.join("in-flight.bin")).unwrap(),
+        bytes(1, 10_000)
+    );
+    agent.stop().await.0.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hosts_with_one_instance_id_are_refused_and_a_stale_owner_is_taken_over() {
+    let w = World::quick().await;
+    let staging = w.inbox.join(".dropscan/test");
+    std::fs::create_dir_all(&staging).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let marker =
+        |beat: u64| format!("machine_id=0000other0000\nhost=fs02\npid=1\nheartbeat={beat}\n");
+    std::fs::write(staging.join(".owner"), marker(now)).unwrap();
+    let mut agent = w.start_agent();
+    let r = tokio::time::timeout(Duration::from_secs(20), agent.task.take().unwrap())
+        .await
+        .expect("refused at once")
+        .unwrap();
+    let e = r.expect_err("another live host owns the staging folder");
+    assert!(e.contains("in use by host fs02"), "{e}");
+    // The other host stopped refreshing its marker long ago: taken over.
+    std::fs::write(staging.join(".owner"), marker(now - 3600)).unwrap();
+    let agent = w.start_agent();
+    w.drop_file("x.txt", b"x");
+    w.wait_placed(1, LIMIT).await;
+    let text = std::fs::read_to_string(staging.join(".owner")).unwrap();
+    assert!(!text.contains("fs02"), "{text}");
+    agent.stop().await.0.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_clean_subfolders_removed_while_files_are_placed_strand_nothing() {
+    let w = World::quick().await;
+    let agent = w.start_agent();
+    let n = 200u64;
+    for i in 0..n {
+        w.drop_file(&format!("d{}/f{i}.bin", i % 20), &bytes(i, 500));
+    }
+    // Someone tidies up empty folders in clean, every millisecond for 4 s.
+    let clean = w.clean.clone();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let s2 = std::sync::Arc::clone(&stop);
+    let tidy = std::thread::spawn(move || {
+        let t0 = std::time::Instant::now();
+        while !s2.load(std::sync::atomic::Ordering::Relaxed)
+            && t0.elapsed() < Duration::from_secs(4)
+        {
+            for i in 0..20 {
+                std::fs::remove_dir(clean.join(format!("d{i}"))).ok();
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    });
+    let o = w.wait_placed(n as usize, LIMIT).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    tidy.join().unwrap();
+    assert_eq!(o.len(), n as usize);
+    for i in 0..n {
+        let rel = format!("d{}/f{i}.bin", i % 20);
+        let found = crate::util::World::files_in(&w.clean)
+            .into_iter()
+            .find(|(p, _)| p.file_name() == PathBuf::from(&rel).file_name())
+            .map(|(_, c)| c);
+        assert_eq!(found, Some(bytes(i, 500)), "{rel}");
+    }
+    assert_eq!(w.staged_files(), 0, "nothing stranded in staging");
+    agent.stop().await.0.unwrap();
+}
