@@ -35,6 +35,10 @@ pub const CLAIMED_CAPACITY: usize = 64;
 const HASH_CONCURRENCY: usize = 2;
 /// Hash attempts of a file that keeps changing before it is failed.
 const HASH_TRIES: u32 = 3;
+/// How often the journal is swept for records left `claimed`.
+const STUCK_SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+/// A `claimed` record untouched this long is hashed again (longer than any hash queue).
+const STUCK_AFTER: std::time::Duration = std::time::Duration::from_secs(600);
 /// Settled files claimed in one journal transaction at most.
 const CLAIM_BATCH: usize = 64;
 
@@ -209,14 +213,28 @@ pub async fn run(
         .await;
     }
     let mut batch = Vec::with_capacity(CLAIM_BATCH);
+    let mut sweep = tokio::time::interval(STUCK_SWEEP_EVERY);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    sweep.tick().await;
     loop {
         batch.clear();
-        tokio::select! {
+        let claimed = tokio::select! {
             biased;
             () = shutdown.cancelled() => break,
-            n = settled_rx.recv_many(&mut batch, CLAIM_BATCH) => if n == 0 { break },
-        }
-        let claimed = claim_batch(&shared, &batch).await;
+            n = settled_rx.recv_many(&mut batch, CLAIM_BATCH) => {
+                if n == 0 { break }
+                claim_batch(&shared, &batch).await
+            }
+            // A record left `claimed` because the journal write after hashing failed (disk
+            // full): hashed again once the journal takes writes, not only after a restart.
+            _ = sweep.tick() => match shared.journal.stuck_claimed(STUCK_AFTER).await {
+                Ok(recs) => recs.into_iter().map(|r| (r.id, r.staged)).collect(),
+                Err(e) => {
+                    tracing::debug!(error = %e, "stuck-claim sweep failed");
+                    Vec::new()
+                }
+            },
+        };
         for (id, staged) in claimed {
             tokio::select! {
                 biased;

@@ -217,6 +217,31 @@ pub async fn run(
 /// A file stat result, for one tick.
 type Observation = (PathBuf, io::Result<std::fs::Metadata>);
 
+/// `lstat` of `rel` beneath the inbox `root`: every folder on the way is resolved beneath the
+/// root without following a symlink (a folder swapped for a link is an error, never followed),
+/// then the last name is looked up in that folder through its descriptor.
+fn stat_beneath(root: &Path, rel: &Path) -> io::Result<std::fs::Metadata> {
+    use std::os::fd::AsRawFd;
+    let refused = |e: crate::fsops::FsError| match e {
+        crate::fsops::FsError::Vanished { .. } => io::Error::from(io::ErrorKind::NotFound),
+        e => io::Error::other(e.to_string()),
+    };
+    let (parent, name) = crate::fsops::split_rel(rel).map_err(refused)?;
+    let dir = crate::fsops::Dir::open_trusted(root)
+        .and_then(|d| d.open_dir(parent))
+        .map_err(refused)?;
+    let mut via = PathBuf::from(format!("/proc/self/fd/{}", dir.fd().as_raw_fd()));
+    via.push(name);
+    match std::fs::symlink_metadata(&via) {
+        // No /proc here (a minimal container): the folders were checked just now; the claim
+        // checks again beneath the root before it moves anything.
+        Err(e) if e.kind() == io::ErrorKind::NotFound && !Path::new("/proc/self/fd").exists() => {
+            std::fs::symlink_metadata(root.join(rel))
+        }
+        other => other,
+    }
+}
+
 /// The state of settle.
 struct Settler {
     watches: Arc<[WatchConfig]>,
@@ -266,17 +291,26 @@ impl Settler {
         if self.pending.is_empty() && self.fresh.is_empty() {
             return Continue(());
         }
-        let paths: Vec<PathBuf> = self
+        let watches = &self.watches;
+        let root_of = |root: usize| watches.get(root).map(|w| w.path.clone());
+        let paths: Vec<(PathBuf, Option<PathBuf>, PathBuf)> = self
             .pending
-            .keys()
-            .chain(self.fresh.keys())
-            .cloned()
+            .iter()
+            .map(|(p, pe)| (p.clone(), root_of(pe.root), pe.rel_path.clone()))
+            .chain(
+                self.fresh
+                    .iter()
+                    .map(|(p, (root, rel))| (p.clone(), root_of(*root), rel.clone())),
+            )
             .collect();
         let stat = tokio::task::spawn_blocking(move || {
             paths
                 .into_iter()
-                .map(|p| {
-                    let meta = std::fs::symlink_metadata(&p);
+                .map(|(p, root, rel)| {
+                    let meta = match root {
+                        Some(root) => stat_beneath(&root, &rel),
+                        None => Err(io::Error::from(io::ErrorKind::NotFound)),
+                    };
                     (p, meta)
                 })
                 .collect::<Vec<Observation>>()
