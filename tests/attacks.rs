@@ -167,3 +167,54 @@ async fn empty_clean_subfolders_removed_while_files_are_placed_strand_nothing() 
     assert_eq!(w.staged_files(), 0, "nothing stranded in staging");
     agent.stop().await.0.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropscan_symlink_planted_before_a_sighup_reload_is_never_followed() {
+    let w = World::quick().await;
+    let cfg = w.write_config();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_dropscan"))
+        .args(["run", "--config", cfg.to_str().unwrap()])
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    w.drop_file("first.txt", b"1");
+    let placed = wait_for(LIMIT, || w.clean.join("first.txt").exists().then_some(())).await;
+    if placed.is_none() {
+        child.kill().ok();
+        panic!("the agent did not place the first file");
+    }
+    // While it runs, `.dropscan` becomes a symlink to a look-alike staging folder; then reload.
+    let elsewhere = w.dir.path().join("elsewhere");
+    std::fs::create_dir_all(elsewhere.join("test")).unwrap();
+    std::fs::write(elsewhere.join("test/0123.staged"), b"not yours").unwrap();
+    std::fs::remove_dir_all(w.inbox.join(".dropscan")).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, w.inbox.join(".dropscan")).unwrap();
+    w.drop_file("second.txt", b"2");
+    let pid = rustix::process::Pid::from_raw(i32::try_from(child.id()).unwrap()).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::HUP).unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        std::fs::read(elsewhere.join("test/0123.staged")).unwrap(),
+        b"not yours",
+        "the file behind the symlink is untouched"
+    );
+    assert_eq!(
+        std::fs::read_dir(elsewhere.join("test")).unwrap().count(),
+        1
+    );
+    assert!(!w.clean.join("recovered").exists(), "nothing recovered");
+    assert!(
+        w.inbox.join("second.txt").exists(),
+        "the new file waits in the inbox"
+    );
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).ok();
+    let t0 = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() && t0.elapsed() < Duration::from_secs(20) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    child.kill().ok();
+    child.wait().ok();
+}
