@@ -694,10 +694,27 @@ async fn housekeeping(shared: Arc<Shared>, shutdown: CancellationToken) {
     refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     refresh.tick().await;
     let mut prune = tokio::time::interval(std::time::Duration::from_secs(3600));
+    let mut heartbeat = tokio::time::interval(fsops::roots::OWNER_HEARTBEAT);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             biased;
             () = shutdown.cancelled() => break,
+            _ = heartbeat.tick() => {
+                // Keep the staging folders' owner markers fresh: another host configured with
+                // our instance id is refused while we run.
+                let sh = Arc::clone(&shared);
+                let beat = tokio::task::spawn_blocking(move || {
+                    for roots in &sh.roots {
+                        if let Ok(Some(staging)) = roots.staging_if_present() {
+                            if let Err(e) = fsops::roots::claim_owner(&staging, &sh.owner) {
+                                tracing::error!(error = %e, "cannot refresh the staging folder's owner marker");
+                            }
+                        }
+                    }
+                });
+                beat.await.ok();
+            }
             _ = refresh.tick() => {
                 shared.limits.refresh(&shared.client).await.ok();
             }

@@ -167,7 +167,7 @@ pub fn detect_fs(path: &Path) -> FsKind {
         )]
         Ok(st) => fs_kind_from_magic(st.f_type as u32),
         Err(e) => {
-            debug!(path = %crate::fsops::shown(&path), error = %e, "statfs failed");
+            debug!(path = %crate::fsops::shown(path), error = %e, "statfs failed");
             FsKind::Unknown
         }
     }
@@ -430,7 +430,7 @@ impl WarnedFolders {
 
     fn readable(&mut self, dir: &Path) {
         if !self.0.is_empty() && self.0.remove(dir) {
-            info!(folder = %crate::fsops::shown(&dir), "folder readable again");
+            info!(folder = %crate::fsops::shown(dir), "folder readable again");
         }
     }
 }

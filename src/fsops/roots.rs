@@ -218,11 +218,10 @@ impl Owner {
 /// The staging folder belongs to an agent on another host that is still alive.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "the staging folder {} is in use by host {host} (marker refreshed {age_s} s ago): two hosts \
+    "the staging folder {shown} is in use by host {host} (marker refreshed {age_s} s ago): two hosts \
      must never share a sensor_instance_id / staging folder; give each host its own \
-     [server].sensor_instance_id (if that host is retired, remove {}/{OWNER_MARKER})",
-    super::shown(staging),
-    super::shown(staging)
+     [server].sensor_instance_id (if that host is retired, remove {shown}/{OWNER_MARKER})",
+    shown = super::shown(staging)
 )]
 pub struct OwnerConflict {
     /// The staging folder.

@@ -269,6 +269,7 @@ fn a_subfolder_swapped_for_a_symlink_between_settle_and_claim_is_refused() {
     let outside = d.path().join("secret");
     std::fs::create_dir_all(&outside).unwrap();
     std::fs::write(outside.join("f.txt"), b"secret").unwrap();
+    #[allow(clippy::disallowed_methods)]
     std::fs::rename(d.path().join("inbox/sub"), d.path().join("inbox/sub-old")).unwrap();
     std::os::unix::fs::symlink(&outside, d.path().join("inbox/sub")).unwrap();
     let r = claim(
