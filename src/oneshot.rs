@@ -23,18 +23,24 @@ const PROGRESS_LOG_EVERY: Duration = Duration::from_secs(10);
 fn eligible_files(w: &WatchConfig) -> usize {
     let mut n = 0;
     let mut stack = vec![w.path.clone()];
+    let Ok(root) = crate::fsops::Dir::open_trusted(&w.path) else {
+        return 0;
+    };
     while let Some(dir) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&dir) else {
+        // Beneath the root, never through a link: the same view the watcher has.
+        let rel = dir.strip_prefix(&w.path).unwrap_or(Path::new(""));
+        let Ok(entries) = root.open_dir(rel).and_then(|d| d.entry_types()) else {
             continue;
         };
-        for e in rd.flatten() {
-            let Ok(t) = e.file_type() else { continue };
-            let p = e.path();
-            if t.is_dir() {
+        for (name, t) in entries {
+            let p = dir.join(name);
+            if t == rustix::fs::FileType::Directory {
                 if w.recursive && !crate::watch::is_out_of_scope(w, &p.join("x")) {
                     stack.push(p);
                 }
-            } else if t.is_file() && crate::settle::admit(w, &p).is_some() {
+            } else if t == rustix::fs::FileType::RegularFile
+                && crate::settle::admit(w, &p).is_some()
+            {
                 n += 1;
             }
         }

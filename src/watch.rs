@@ -467,12 +467,18 @@ fn walk_blocking(
         if shutdown.is_cancelled() {
             return Walked::Stopped;
         }
-        let entries = match std::fs::read_dir(&dir) {
+        // Listed beneath the root's descriptor: a folder swapped for a symlink while we walk
+        // is refused, never listed (what it points to is outside the inbox).
+        let listed = crate::fsops::Dir::open_trusted(&w.path).and_then(|root| {
+            let rel = dir.strip_prefix(&w.path).unwrap_or(Path::new(""));
+            root.open_dir(rel)?.entry_types()
+        });
+        let entries = match listed {
             Ok(entries) => {
                 warned.readable(&dir);
                 entries
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound && dir != w.path => continue,
+            Err(crate::fsops::FsError::Vanished { .. }) if dir != w.path => continue,
             Err(e) => {
                 if warned.first(&dir) {
                     warn!(folder = %crate::fsops::shown(&dir), error = %e, "cannot list folder; skipping it");
@@ -480,18 +486,10 @@ fn walk_blocking(
                 continue;
             }
         };
-        for entry in entries {
-            let entry = match entry {
-                Ok(entry) => entry,
-                Err(e) => {
-                    debug!(folder = %crate::fsops::shown(&dir), error = %e, "cannot read a folder entry");
-                    continue;
-                }
-            };
-            let name = entry.file_name();
-            let path = entry.path();
-            // `DirEntry::file_type` does not follow symlinks (and rarely needs a stat).
-            let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+        for (name, file_type) in entries {
+            let path = dir.join(&name);
+            // As listed (never followed): a symlink is never a folder here.
+            let is_dir = file_type == rustix::fs::FileType::Directory;
             if is_dir {
                 let descend = w.recursive
                     && !name.as_encoded_bytes().starts_with(b".")
