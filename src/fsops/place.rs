@@ -246,9 +246,21 @@ pub fn place(r: &Release<'_>) -> Result<Placed, FsError> {
             )
         })?;
     }
+    // The lease proves nobody else holds the file open *now*; nobody can open it later (private
+    // staging folder, one link). A writer that wrote and closed just before the probe is caught
+    // by the same-file check made after it.
     let rename = !r.clean
         || match no_other_opener(&file) {
-            Ok(true) => true,
+            Ok(true) => {
+                let after = super::stamp_of(&file)?;
+                if !r.hashed.is_some_and(|h| same_file(&h, &after.stamp())) {
+                    return Err(FsError::Changed {
+                        path: r.staging.path().join(r.staged_name),
+                        detail: "changed since it was hashed".into(),
+                    });
+                }
+                true
+            }
             Ok(false) => {
                 tracing::info!(
                     target = %super::shown(&tdir.path().join(tname)),
@@ -275,6 +287,13 @@ fn copy_then_release(
     tdir: &Dir,
     tname: &OsStr,
 ) -> Result<Placed, FsError> {
+    if now.nlink != 1 {
+        // A copy would read what a hard link points to, possibly outside the inbox.
+        return Err(FsError::HardLinked {
+            path: r.staging.path().join(r.staged_name),
+            nlink: now.nlink,
+        });
+    }
     let temp_path = r.dest_root.path().join(r.temp_name);
     let mode = r.file_mode.unwrap_or(now.mode & 0o777);
     let result = (|| {
