@@ -237,15 +237,6 @@ pub fn place(r: &Release<'_>) -> Result<Placed, FsError> {
             nlink: now.nlink,
         });
     }
-    if let Some(mode) = r.file_mode {
-        rustix::fs::fchmod(&file, rustix::fs::Mode::from_raw_mode(mode)).map_err(|e| {
-            FsError::io(
-                &r.staging.path().join(r.staged_name),
-                "chmod",
-                io::Error::from_raw_os_error(e.raw_os_error()),
-            )
-        })?;
-    }
     // The lease proves nobody else holds the file open *now*; nobody can open it later (private
     // staging folder, one link). A writer that wrote and closed just before the probe is caught
     // by the same-file check made after it.
@@ -270,6 +261,15 @@ pub fn place(r: &Release<'_>) -> Result<Placed, FsError> {
             }
             Err(_) => false,
         };
+    if let (true, Some(mode)) = (rename, r.file_mode) {
+        rustix::fs::fchmod(&file, rustix::fs::Mode::from_raw_mode(mode)).map_err(|e| {
+            FsError::io(
+                &r.staging.path().join(r.staged_name),
+                "chmod",
+                io::Error::from_raw_os_error(e.raw_os_error()),
+            )
+        })?;
+    }
     if rename {
         match rename_noreplace(r.staging, r.staged_name, &tdir, tname) {
             Ok(_) => return Ok(Placed::Renamed),
