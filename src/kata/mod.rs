@@ -21,4 +21,7 @@ pub use client::{
 };
 pub use error::{ApiError, TlsError};
 pub use tls::{TlsOptions, parse_fingerprint};
-pub use wire::{Restrictions, ScanId, ScanResult, ScanState, parse_restrictions, parse_results};
+pub use wire::{
+    Contradiction, Restrictions, ScanId, ScanResult, ScanState, merge_duplicates, parse_restrictions,
+    parse_results,
+};
