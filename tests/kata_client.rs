@@ -286,7 +286,7 @@ async fn statuses_map_to_errors_and_outcomes() {
                 client.submit(&id, f, 3).await.unwrap_err()
             }
         };
-        assert!(matches!(submit("busy").await, ApiError::Busy));
+        assert!(matches!(submit("busy").await, ApiError::Busy { .. }));
         assert!(matches!(submit("big").await, ApiError::TooLarge));
         assert!(matches!(
             submit("auth").await,
@@ -294,7 +294,7 @@ async fn statuses_map_to_errors_and_outcomes() {
         ));
         assert!(matches!(
             submit("boom").await,
-            ApiError::Server { status: 503 }
+            ApiError::Server { status: 503, .. }
         ));
         match submit("other").await {
             ApiError::Rejected { status, body } => {

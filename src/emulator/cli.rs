@@ -90,6 +90,11 @@ pub struct EmulateArgs {
     #[arg(long, value_name = "F", default_value_t = 0.0, value_parser = parse_share)]
     pub timeout_verdicts: f64,
 
+    /// `Retry-After` value sent with every 429 and 500 answer: seconds (e.g. 30) or an
+    /// HTTP-date (e.g. "Wed, 21 Oct 2026 07:28:00 GMT").
+    #[arg(long, value_name = "SECONDS|HTTP-DATE")]
+    pub retry_after: Option<String>,
+
     /// Version string reported by /scans/filters.
     #[arg(long, value_name = "TEXT")]
     pub version_string: Option<String>,
@@ -115,6 +120,7 @@ impl EmulateArgs {
                 slow_delay: self.slow_delay,
                 error_verdict_share: self.error_verdicts,
                 timeout_verdict_share: self.timeout_verdicts,
+                retry_after: self.retry_after.clone(),
             },
             version: self.version_string.clone().unwrap_or(defaults.version),
         }

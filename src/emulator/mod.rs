@@ -67,6 +67,9 @@ pub struct Faults {
     pub error_verdict_share: f64,
     /// Share of scans that end with `timeout`.
     pub timeout_verdict_share: f64,
+    /// `Retry-After` header value sent with every 429 and 500 answer (seconds such as `30`, or
+    /// an HTTP-date); `None` sends none.
+    pub retry_after: Option<String>,
 }
 
 /// How an emulator instance behaves. Every field can also be changed at run time through

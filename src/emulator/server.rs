@@ -19,7 +19,7 @@ use bytes::Bytes;
 use futures_util::TryStreamExt;
 use http_body_util::{BodyExt, BodyStream, Full};
 use hyper::body::Incoming;
-use hyper::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
+use hyper::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -283,7 +283,7 @@ async fn handle(
     let endpoint = parse_path(&path);
     let submit = req.method() == Method::POST && matches!(endpoint, Some(Endpoint::Scans(_)));
     let chunked = submit && !req.headers().contains_key(CONTENT_LENGTH);
-    let answer = if roll(faults.http_500_share) {
+    let mut answer = if roll(faults.http_500_share) {
         drain(req.into_body()).await;
         text(StatusCode::INTERNAL_SERVER_ERROR, "Internal server error")
     } else if submit && roll(faults.http_429_share) {
@@ -292,6 +292,16 @@ async fn handle(
     } else {
         route(req, endpoint, &state, fingerprint, settings.max_object_size).await
     };
+    if matches!(
+        answer.status(),
+        StatusCode::TOO_MANY_REQUESTS | StatusCode::INTERNAL_SERVER_ERROR
+    ) && let Some(value) = faults
+        .retry_after
+        .as_deref()
+        .and_then(|v| HeaderValue::from_str(v).ok())
+    {
+        answer.headers_mut().insert(RETRY_AFTER, value);
+    }
     if submit {
         state.record_post_status(answer.status().as_u16(), chunked);
     }

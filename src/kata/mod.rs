@@ -17,7 +17,7 @@ pub mod wire;
 
 pub use client::{
     ClientOptions, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_IDLE_PER_HOST, DEFAULT_REQUEST_TIMEOUT,
-    DeleteOutcome, KataClient, Submitted,
+    DeleteOutcome, KataClient, MAX_RETRY_AFTER, Submitted, parse_retry_after,
 };
 pub use error::{ApiError, TlsError};
 pub use tls::{TlsOptions, parse_fingerprint};
