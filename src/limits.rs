@@ -299,7 +299,8 @@ impl Limits {
             _ => Health::Down,
         };
         // At least what the server asked for in Retry-After (capped by the client).
-        let pause = backoff(g.failures, rand::random::<f64>()).max(err.retry_after().unwrap_or_default());
+        let pause =
+            backoff(g.failures, rand::random::<f64>()).max(err.retry_after().unwrap_or_default());
         g.paused_until = Some(Instant::now() + pause);
         if g.health != new {
             match new {

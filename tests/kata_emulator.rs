@@ -156,7 +156,10 @@ async fn status_codes_413_429_500_and_401() {
     r.unwrap();
     let (_, r) = submit(&c, b"second").await;
     let e = r.unwrap_err();
-    assert!(matches!(e, ApiError::Busy { .. }) && e.is_retryable(), "{e:?}");
+    assert!(
+        matches!(e, ApiError::Busy { .. }) && e.is_retryable(),
+        "{e:?}"
+    );
     // 500 on every request.
     emu.state().set_faults(Faults {
         http_500_share: 1.0,
@@ -268,7 +271,10 @@ async fn retry_after_of_429_and_500_reaches_the_caller_in_both_forms() {
     let e = c.restrictions().await.unwrap_err();
     assert!(matches!(e, ApiError::Server { status: 500, .. }), "{e:?}");
     let wait = e.retry_after().expect("Retry-After parsed");
-    assert!(wait > Duration::ZERO && wait <= Duration::from_secs(120), "{wait:?}");
+    assert!(
+        wait > Duration::ZERO && wait <= Duration::from_secs(120),
+        "{wait:?}"
+    );
     // Far beyond the cap: capped.
     emu.state().set_faults(Faults {
         http_500_share: 1.0,

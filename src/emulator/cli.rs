@@ -15,6 +15,11 @@ use super::{
 };
 
 /// Run a KATA scanner API emulator (mutual TLS) for demos and integration tests.
+///
+/// The sensorInstanceId of a submission is taken from the query (the documented place) or,
+/// when the query lacks it, from a `sensorInstanceId` form field; DELETE of one result and GET
+/// filters accept it in the query or not at all. A form with a repeated part (two `content` or
+/// two `scanId` parts) is answered 400 malformed form.
 #[derive(Clone, Debug, clap::Args)]
 pub struct EmulateArgs {
     /// Address to listen on.
@@ -95,6 +100,11 @@ pub struct EmulateArgs {
     #[arg(long, value_name = "SECONDS|HTTP-DATE")]
     pub retry_after: Option<String>,
 
+    /// Answer GET …/scans/filters with this status (404 or 405; 405 when given without a
+    /// value), as KATA versions without that route do.
+    #[arg(long, value_name = "STATUS", num_args = 0..=1, default_missing_value = "405", value_parser = parse_missing_route_status)]
+    pub no_filters_route: Option<u16>,
+
     /// Version string reported by /scans/filters.
     #[arg(long, value_name = "TEXT")]
     pub version_string: Option<String>,
@@ -123,6 +133,7 @@ impl EmulateArgs {
                 retry_after: self.retry_after.clone(),
             },
             version: self.version_string.clone().unwrap_or(defaults.version),
+            no_filters_route: self.no_filters_route,
         }
     }
 }
@@ -172,6 +183,14 @@ fn parse_share(s: &str) -> Result<f64, String> {
         Ok(share)
     } else {
         Err("a share is between 0 and 1".to_owned())
+    }
+}
+
+fn parse_missing_route_status(s: &str) -> Result<u16, String> {
+    match s.trim() {
+        "404" => Ok(404),
+        "405" => Ok(405),
+        _ => Err("expected 404 or 405".to_owned()),
     }
 }
 
@@ -225,5 +244,12 @@ mod tests {
         assert_eq!(config.max_scans, None);
         assert!(config.detect_sha256.contains(&[0xab; 32]));
         assert!(Wrapper::try_parse_from(["emulate", "--fail-500", "1.5"]).is_err());
+        let w = Wrapper::try_parse_from(["emulate", "--no-filters-route"]).unwrap();
+        assert_eq!(w.args.to_config().no_filters_route, Some(405));
+        let w = Wrapper::try_parse_from(["emulate", "--no-filters-route", "404"]).unwrap();
+        assert_eq!(w.args.to_config().no_filters_route, Some(404));
+        assert!(Wrapper::try_parse_from(["emulate", "--no-filters-route", "500"]).is_err());
+        let w = Wrapper::try_parse_from(["emulate", "--retry-after", "30"]).unwrap();
+        assert_eq!(w.args.to_config().faults.retry_after.as_deref(), Some("30"));
     }
 }

@@ -259,11 +259,7 @@ impl KataClient {
     /// Sends a request and reads the answer up to `cap` bytes: an answer announcing more, or
     /// streaming more, is a protocol error as soon as the cap is crossed (never buffered
     /// beyond it); an endless slow answer ends at the request's timeout.
-    async fn send(
-        &self,
-        request: reqwest::RequestBuilder,
-        cap: usize,
-    ) -> Result<Answer, ApiError> {
+    async fn send(&self, request: reqwest::RequestBuilder, cap: usize) -> Result<Answer, ApiError> {
         let mut response = request.send().await.map_err(ApiError::from_reqwest)?;
         let status = response.status();
         let retry_after = response
@@ -555,8 +551,9 @@ mod tests {
 
     #[test]
     fn status_table() {
-        let kinds =
-            |code: u16| status_error(StatusCode::from_u16(code).unwrap(), b"nope", None, SENSOR).kind();
+        let kinds = |code: u16| {
+            status_error(StatusCode::from_u16(code).unwrap(), b"nope", None, SENSOR).kind()
+        };
         assert_eq!(kinds(401), "unauthorized");
         assert_eq!(kinds(413), "too_large");
         assert_eq!(kinds(429), "busy");
@@ -583,12 +580,25 @@ mod tests {
         assert_eq!(p("300"), Some(MAX_RETRY_AFTER));
         assert_eq!(p("301"), Some(MAX_RETRY_AFTER));
         assert_eq!(p("99999999999999999999999999"), Some(MAX_RETRY_AFTER));
-        assert_eq!(p("Wed, 21 Oct 2015 07:28:30 GMT"), Some(Duration::from_secs(30)));
+        assert_eq!(
+            p("Wed, 21 Oct 2015 07:28:30 GMT"),
+            Some(Duration::from_secs(30))
+        );
         // A date in the past: retry now.
         assert_eq!(p("Wed, 21 Oct 2015 07:00:00 GMT"), Some(Duration::ZERO));
         // Far future date: capped.
         assert_eq!(p("Fri, 31 Dec 2100 23:59:59 GMT"), Some(MAX_RETRY_AFTER));
-        for garbage in ["", "  ", "-5", "+5", "1.5", "soon", "12abc", "Wed, 99 Oct 2015", "\u{e9}"] {
+        for garbage in [
+            "",
+            "  ",
+            "-5",
+            "+5",
+            "1.5",
+            "soon",
+            "12abc",
+            "Wed, 99 Oct 2015",
+            "\u{e9}",
+        ] {
             assert_eq!(p(garbage), None, "{garbage:?}");
         }
     }

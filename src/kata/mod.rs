@@ -22,6 +22,6 @@ pub use client::{
 pub use error::{ApiError, TlsError};
 pub use tls::{TlsOptions, parse_fingerprint};
 pub use wire::{
-    Contradiction, Restrictions, ScanId, ScanResult, ScanState, merge_duplicates, parse_restrictions,
-    parse_results,
+    Contradiction, Restrictions, ScanId, ScanResult, ScanState, merge_duplicates,
+    parse_restrictions, parse_results,
 };
