@@ -432,6 +432,9 @@ impl Endpoints {
             segments.extend(tail);
         }
         let mut query: Vec<String> = Vec::new();
+        // Sent on every call, also on DELETE of one result and GET filters where the documented
+        // syntax has no query: a client used against real servers sends it there, a server that
+        // scopes results per instance needs it to find the scan, and the others ignore it.
         if let Some(id) = &self.sensor_instance_id {
             query.push(format!("sensorInstanceId={}", encode_query_value(id)));
         }
