@@ -5,13 +5,14 @@
 //!
 //! - [`tls`]: certificates, keys, fingerprint pinning, the rustls configuration;
 //! - [`wire`]: [`ScanId`], [`ScanState`], [`ScanResult`], [`Restrictions`] and their parsers;
-//! - `multipart`: the exact-length streaming upload body;
+//! - [`multipart`]: the exact-length streaming upload body ([`multipart::encode_upload`] runs
+//!   it in memory for fuzzing and property tests);
 //! - [`client`]: [`KataClient`], URLs and status mapping;
 //! - [`error`]: [`ApiError`], [`TlsError`].
 
 pub mod client;
 pub mod error;
-mod multipart;
+pub mod multipart;
 pub mod tls;
 pub mod wire;
 
