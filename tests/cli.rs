@@ -373,7 +373,9 @@ async fn clear_text_server(reply: Vec<u8>) -> (std::net::SocketAddr, tokio::task
             tokio::spawn(async move {
                 let work = async {
                     let mut buf = [0u8; 4096];
-                    tcp.read(&mut buf).await.ok()?;
+                    if tcp.read(&mut buf).await.ok()? == 0 {
+                        return None;
+                    }
                     tcp.write_all(&reply).await.ok()?;
                     while tcp.read(&mut buf).await.ok()? > 0 {}
                     Some(())

@@ -144,7 +144,7 @@ async fn multer_parts(
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .build()
-        .unwrap()
+        .expect("a current-thread runtime")
 }
 
 proptest! {
