@@ -21,6 +21,9 @@ use super::{
 /// filters accept it in the query or not at all. A form with a repeated part (two `content` or
 /// two `scanId` parts) is answered 400 malformed form.
 #[derive(Clone, Debug, clap::Args)]
+#[command(
+    after_help = "sensorInstanceId: read from the query (the documented place) or, on POST when the query lacks it, from a `sensorInstanceId` form field, so a client sending it in the form sees its scans in its own results. DELETE of one result and GET filters work with or without it. A form with two `content` (or two `scanId`) parts is answered 400 malformed form."
+)]
 pub struct EmulateArgs {
     /// Address to listen on.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8443")]
@@ -244,6 +247,8 @@ mod tests {
         assert_eq!(config.max_scans, None);
         assert!(config.detect_sha256.contains(&[0xab; 32]));
         assert!(Wrapper::try_parse_from(["emulate", "--fail-500", "1.5"]).is_err());
+        let help = Wrapper::command().render_long_help().to_string();
+        assert!(help.contains("`sensorInstanceId` form field"), "{help}");
         let w = Wrapper::try_parse_from(["emulate", "--no-filters-route"]).unwrap();
         assert_eq!(w.args.to_config().no_filters_route, Some(405));
         let w = Wrapper::try_parse_from(["emulate", "--no-filters-route", "404"]).unwrap();

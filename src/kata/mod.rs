@@ -4,10 +4,12 @@
 //! every failure into an [`ApiError`] for the callers to act on.
 //!
 //! - [`tls`]: certificates, keys, fingerprint pinning, the rustls configuration;
-//! - [`wire`]: [`ScanId`], [`ScanState`], [`ScanResult`], [`Restrictions`] and their parsers;
+//! - [`wire`]: [`ScanId`], [`ScanState`], [`ScanResult`], [`Restrictions`] and their parsers,
+//!   fail-closed ([`merge_duplicates`] folds a scanId reported twice, `detect` wins);
 //! - [`multipart`]: the exact-length streaming upload body ([`multipart::encode_upload`] runs
 //!   it in memory for fuzzing and property tests);
-//! - [`client`]: [`KataClient`], URLs and status mapping;
+//! - [`client`]: [`KataClient`], URLs, status mapping, capped answers and `Retry-After`
+//!   ([`parse_retry_after`]);
 //! - [`error`]: [`ApiError`], [`TlsError`].
 
 pub mod client;
