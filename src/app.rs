@@ -109,7 +109,7 @@ impl Agent {
             config.server.requests_per_second,
         );
         let (events, _) = broadcast::channel(EVENTS_CAPACITY);
-        let cert_expiry = crate::kata::tls::warn_if_expiring(&config.server.tls);
+        let cert_expiry = crate::kata::tls::warn_at_start(&config.server.tls);
         Ok(Agent {
             shared: Arc::new(Shared {
                 config,

@@ -190,6 +190,9 @@ async fn check(path: &Path, offline: bool) -> ExitCode {
             println!("  warning: {} does not exist (yet)", w.path.display());
         }
     }
+    if let Some(warning) = &config.server.tls.load_warning {
+        println!("warning: {warning}");
+    }
     print_client_cert_expiry(&config.server.tls);
     if offline {
         return ExitCode::SUCCESS;

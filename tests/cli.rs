@@ -474,10 +474,16 @@ async fn check_prints_client_cert_expiry_and_refuses_bad_keys_offline() {
         out.contains(&format!("chmod 600 {}", key.display())),
         "{out}"
     );
-    // Group-readable: loads.
+    // Group-readable: loads, with a warning line.
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
     let o = check(&config, true).await;
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        text(&o).contains("warning: the client key file")
+            && text(&o).contains("readable by its group"),
+        "{}",
+        text(&o)
+    );
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
 
     // The key of another certificate: refused naming both files, offline too.

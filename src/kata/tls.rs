@@ -51,6 +51,10 @@ pub struct TlsOptions {
     pub ca_roots: Option<Vec<CertificateDer<'static>>>,
     /// SHA-256 of the server's leaf certificate (DER).
     pub server_pin: Option<[u8; 32]>,
+    /// A problem found while loading that does not stop it (a group-readable key): logged
+    /// then, and again by [`warn_at_start`] and `check`, since configuration loads before
+    /// logging is set up.
+    pub load_warning: Option<String>,
 }
 
 impl fmt::Debug for TlsOptions {
@@ -71,6 +75,7 @@ impl Clone for TlsOptions {
             client_key: self.client_key.clone_key(),
             ca_roots: self.ca_roots.clone(),
             server_pin: self.server_pin,
+            load_warning: self.load_warning.clone(),
         }
     }
 }
@@ -92,7 +97,7 @@ impl TlsOptions {
             })
         };
         let cert_pem = read(WHAT_CERT, client_cert)?;
-        let key_pem = read_private_file(client_key)?;
+        let (key_pem, load_warning) = read_private_file(client_key)?;
         let ca_pem = ca_cert.map(|p| read(WHAT_CA, p)).transpose()?;
         let opts = TlsOptions {
             client_chain: parse_certs(WHAT_CERT, client_cert, &cert_pem)?,
@@ -102,6 +107,7 @@ impl TlsOptions {
                 _ => None,
             },
             server_pin,
+            load_warning,
         };
         opts.check_key_matches(client_cert, client_key)?;
         Ok(opts)
@@ -148,6 +154,7 @@ impl TlsOptions {
                 .map(|pem| parse_certs(WHAT_CA, mem, pem))
                 .transpose()?,
             server_pin,
+            load_warning: None,
         };
         opts.check_key_matches(mem, mem)?;
         Ok(opts)
@@ -186,10 +193,13 @@ pub fn expiry_warning(days: i64) -> String {
     }
 }
 
-/// At agent start: logs a warning when the client certificate expires within
-/// [`EXPIRY_WARNING_DAYS`] (or has expired), and returns its notAfter (Unix seconds) for the
-/// metrics.
-pub fn warn_if_expiring(opts: &TlsOptions) -> Option<i64> {
+/// At agent start (logging is set up by then): repeats the load warning (a group-readable key),
+/// logs a warning when the client certificate expires within [`EXPIRY_WARNING_DAYS`] (or has
+/// expired), and returns its notAfter (Unix seconds) for the metrics.
+pub fn warn_at_start(opts: &TlsOptions) -> Option<i64> {
+    if let Some(warning) = &opts.load_warning {
+        tracing::warn!("{warning}");
+    }
     let not_after = opts.client_cert_not_after()?;
     let days = days_left(not_after, SystemTime::now());
     if days < EXPIRY_WARNING_DAYS {
@@ -204,8 +214,8 @@ pub fn warn_if_expiring(opts: &TlsOptions) -> Option<i64> {
 }
 
 /// Reads the client key after checking, on the opened file's `fstat` (no window between check
-/// and read), that other users cannot read it; group-readable only warns.
-fn read_private_file(path: &Path) -> Result<Vec<u8>, TlsError> {
+/// and read), that other users cannot read it; group-readable only warns (logged and returned).
+fn read_private_file(path: &Path) -> Result<(Vec<u8>, Option<String>), TlsError> {
     use std::io::Read as _;
     use std::os::unix::fs::PermissionsExt as _;
     let read_err = |source| TlsError::Read {
@@ -221,16 +231,19 @@ fn read_private_file(path: &Path) -> Result<Vec<u8>, TlsError> {
             mode,
         });
     }
-    if mode & 0o070 != 0 {
-        tracing::warn!(
-            path = %path.display(),
-            mode = format!("{mode:04o}"),
-            "the client key file is readable by its group; `chmod 600` it unless that group needs it"
-        );
+    let warning = (mode & 0o070 != 0).then(|| {
+        format!(
+            "the client key file {} is readable by its group (mode {mode:04o}): run `chmod 600 {}` unless that group needs it",
+            path.display(),
+            path.display()
+        )
+    });
+    if let Some(w) = &warning {
+        tracing::warn!("{w}");
     }
     let mut pem = Vec::new();
     file.read_to_end(&mut pem).map_err(read_err)?;
-    Ok(pem)
+    Ok((pem, warning))
 }
 
 fn invalid(what: &'static str, path: &Path, detail: impl Into<String>) -> TlsError {
@@ -532,6 +545,7 @@ mod tests {
             client_key: PrivateKeyDer::Pkcs8(vec![0x42; 16].into()),
             ca_roots: None,
             server_pin: None,
+            load_warning: None,
         };
         let dbg = format!("{opts:?}");
         assert!(dbg.contains("redacted"));
@@ -562,9 +576,14 @@ mod tests {
             );
         }
         // Group-readable only warns; owner-only is fine.
-        for mode in [0o640, 0o600, 0o400] {
+        write_mode(&key, certs.client_key_pem.as_bytes(), 0o640);
+        let opts = TlsOptions::from_pem_files(&cert, &key, None, None).unwrap();
+        let warning = opts.load_warning.unwrap();
+        assert!(warning.contains("readable by its group"), "{warning}");
+        for mode in [0o600, 0o400] {
             write_mode(&key, certs.client_key_pem.as_bytes(), mode);
-            TlsOptions::from_pem_files(&cert, &key, None, None).unwrap();
+            let opts = TlsOptions::from_pem_files(&cert, &key, None, None).unwrap();
+            assert_eq!(opts.load_warning, None);
         }
     }
 
