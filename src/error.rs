@@ -101,3 +101,30 @@ pub fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
         format!(" ({deepest})")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_server_not_speaking_tls_maps_to_exit_76_not_69() {
+        let not_tls = ApiError::NotTls {
+            detail: "received corrupt message of type InvalidContentType".into(),
+        };
+        assert_eq!(api_exit_code(&not_tls), EXIT_PROTOCOL);
+        assert_eq!(
+            api_exit_code(&ApiError::Busy { retry_after: None }),
+            EXIT_UNAVAILABLE
+        );
+        assert_eq!(
+            api_exit_code(&ApiError::Unauthorized {
+                sensor_id: "s".into()
+            }),
+            EXIT_NOPERM
+        );
+        assert_eq!(
+            api_exit_code(&ApiError::Setup { detail: "x".into() }),
+            EXIT_CONFIG
+        );
+    }
+}
