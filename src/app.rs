@@ -192,13 +192,14 @@ impl Agent {
             config.server.requests_per_second,
         );
         let (events, _) = broadcast::channel(EVENTS_CAPACITY);
+        let cert_expiry = crate::kata::tls::warn_at_start(&config.server.tls);
         Ok(Agent {
             shared: Arc::new(Shared {
                 config,
                 journal,
                 client,
                 limits,
-                metrics: Arc::new(Metrics::default()),
+                metrics: Arc::new(Metrics::with_client_cert_expiry(cert_expiry)),
                 events,
                 roots,
                 owner: Owner::this_host(),

@@ -1,22 +1,24 @@
 //! The subcommands: each loads what it needs, runs, and turns the outcome into an exit code.
 //!
-//! Exit codes (sysexits): 0 ok; 78 configuration error; 77 the server refuses us (401, client
-//! certificate refused); 76 the server is not who it should be (untrusted certificate, pin
-//! mismatch) or answers garbage; 69 unavailable (unreachable, 5xx, fatal runtime error).
+//! Exit codes (sysexits, mapped in [`crate::error::api_exit_code`]): 0 ok; 78 configuration
+//! error (including a client key readable by others or not matching its certificate); 77 the
+//! server refuses us (401, client certificate refused); 76 the server is not who it should be
+//! (untrusted certificate, pin mismatch) or answers garbage (plain HTTP or no TLS on the port,
+//! unparsable answers); 69 unavailable (unreachable, 5xx, fatal runtime error).
+//!
+//! `check` also prints the client certificate's expiry, and treats a 404/405 on
+//! `GET …/scans/filters` as a warning: TLS and authorization succeeded, some KATA versions
+//! just lack the route.
 
 use std::path::Path;
 use std::process::ExitCode;
 
 use crate::cli::Command;
 use crate::config::{Config, LogFormat};
-use crate::error::{EXIT_CONFIG, EXIT_UNAVAILABLE};
+use crate::error::{EXIT_CONFIG, EXIT_UNAVAILABLE, api_exit_code};
+pub use crate::error::{EXIT_NOPERM, EXIT_PROTOCOL};
 use crate::kata::{ApiError, KataClient};
 use crate::{app, demo, logging, signal};
-
-/// Exit code: the server refuses our credentials.
-pub const EXIT_NOPERM: u8 = 77;
-/// Exit code: the server's identity or answers are wrong.
-pub const EXIT_PROTOCOL: u8 = 76;
 
 /// Runs one subcommand.
 pub async fn dispatch(command: Command) -> ExitCode {
@@ -132,41 +134,32 @@ async fn run(path: &Path) -> ExitCode {
     }
 }
 
-/// What a failed connection means for the user, and the exit code.
+/// What a failed connection means for the user, and the exit code
+/// ([`crate::error::api_exit_code`]).
 pub fn explain(e: &ApiError, sensor_id: &str) -> (String, u8) {
-    match e {
-        ApiError::Unauthorized { .. } => (
-            format!(
-                "the server answered 401: accept the integration request for sensorId {sensor_id} in the KATA web UI (Settings → External systems), or check that this client certificate is the one integrated"
-            ),
-            EXIT_NOPERM,
+    let line = match e {
+        ApiError::Unauthorized { .. } => format!(
+            "the server answered 401: accept the integration request for sensorId {sensor_id} in the KATA web UI (Settings → External systems), or check that this client certificate is the one integrated"
         ),
-        ApiError::ClientCertRefused { .. } => (
-            format!("the server refused our client certificate: {e}"),
-            EXIT_NOPERM,
+        ApiError::ClientCertRefused { .. } => {
+            format!("the server refused our client certificate: {e}")
+        }
+        ApiError::ServerNotTrusted { .. } => format!(
+            "the server certificate is not trusted: {e} (set server.ca_cert to the CA that issued it, or pin it with server.server_fingerprint)"
         ),
-        ApiError::ServerNotTrusted { .. } => (
-            format!(
-                "the server certificate is not trusted: {e} (set server.ca_cert to the CA that issued it, or pin it with server.server_fingerprint)"
-            ),
-            EXIT_PROTOCOL,
+        ApiError::PinMismatch { .. } => {
+            format!("the server certificate does not match server.server_fingerprint: {e}")
+        }
+        ApiError::NotTls { .. } => format!("the server is not a KATA scanner API: {e}"),
+        ApiError::Protocol { .. } | ApiError::Rejected { .. } => {
+            format!("the server's answer makes no sense: {e}")
+        }
+        _ => format!(
+            "the server is unreachable or failing: {e}{}",
+            crate::error::root_cause(e)
         ),
-        ApiError::PinMismatch { .. } => (
-            format!("the server certificate does not match server.server_fingerprint: {e}"),
-            EXIT_PROTOCOL,
-        ),
-        ApiError::Protocol { .. } | ApiError::Rejected { .. } => (
-            format!("the server's answer makes no sense: {e}"),
-            EXIT_PROTOCOL,
-        ),
-        _ => (
-            format!(
-                "the server is unreachable or failing: {e}{}",
-                crate::error::root_cause(e)
-            ),
-            EXIT_UNAVAILABLE,
-        ),
-    }
+    };
+    (line, api_exit_code(e))
 }
 
 async fn check(path: &Path, offline: bool) -> ExitCode {
@@ -197,6 +190,10 @@ async fn check(path: &Path, offline: bool) -> ExitCode {
             println!("  warning: {} does not exist (yet)", w.path.display());
         }
     }
+    if let Some(warning) = &config.server.tls.load_warning {
+        println!("warning: {warning}");
+    }
+    print_client_cert_expiry(&config.server.tls);
     if offline {
         return ExitCode::SUCCESS;
     }
@@ -220,11 +217,37 @@ async fn check(path: &Path, offline: bool) -> ExitCode {
             println!("ok: connected over mutual TLS and authorized");
             ExitCode::SUCCESS
         }
+        Err(ApiError::Rejected { status, .. }) if matches!(status, 404 | 405) => {
+            // TLS and authorization succeeded (a refusal would be 401 or a TLS alert); some
+            // KATA versions lack the filters route.
+            println!(
+                "warning: connected and authorized; restrictions unavailable ({status}): the server has no GET …/scans/filters route, so no maxObjectSize is known"
+            );
+            println!("ok: connected over mutual TLS and authorized");
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             let (line, code) = explain(&e, &config.server.sensor_id);
             eprintln!("error: {line}");
             ExitCode::from(code)
         }
+    }
+}
+
+/// `client cert: expires 2027-01-01T00:00:00Z (402 days left)`, with a warning line when
+/// fewer than [`crate::kata::tls::EXPIRY_WARNING_DAYS`] days are left.
+fn print_client_cert_expiry(tls: &crate::kata::TlsOptions) {
+    let Some(not_after) = tls.client_cert_not_after() else {
+        println!("client cert: expiry unknown (the certificate could not be parsed)");
+        return;
+    };
+    let days = crate::kata::tls::days_left(not_after, std::time::SystemTime::now());
+    println!(
+        "client cert: notAfter {} ({days} days left)",
+        crate::kata::tls::format_unix(not_after)
+    );
+    if days < crate::kata::tls::EXPIRY_WARNING_DAYS {
+        println!("  warning: {}", crate::kata::tls::expiry_warning(days));
     }
 }
 

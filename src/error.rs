@@ -15,8 +15,34 @@ use crate::kata::ApiError;
 /// Exit code for a configuration error (sysexits EX_CONFIG); systemd's
 /// `RestartPreventExitStatus=78` stops a restart loop on it.
 pub const EXIT_CONFIG: u8 = 78;
-/// Exit code for a fatal runtime error (sysexits EX_UNAVAILABLE).
+/// Exit code for a fatal runtime error or an unreachable / failing server (sysexits
+/// EX_UNAVAILABLE).
 pub const EXIT_UNAVAILABLE: u8 = 69;
+/// Exit code: the server refuses our credentials (401, client certificate refused).
+pub const EXIT_NOPERM: u8 = 77;
+/// Exit code: the server is not who it should be (untrusted certificate, pin mismatch) or
+/// answers garbage (no TLS on the port, plain HTTP, unparsable answers).
+pub const EXIT_PROTOCOL: u8 = 76;
+
+/// The exit code a failed KATA call maps to: 77 refused credentials, 76 wrong server identity
+/// or garbage (including a peer that does not speak TLS), 78 a client that cannot be set up,
+/// 69 everything retryable (unreachable, 429, 5xx, transport).
+pub fn api_exit_code(e: &ApiError) -> u8 {
+    match e {
+        ApiError::Unauthorized { .. } | ApiError::ClientCertRefused { .. } => EXIT_NOPERM,
+        ApiError::ServerNotTrusted { .. }
+        | ApiError::PinMismatch { .. }
+        | ApiError::NotTls { .. }
+        | ApiError::Protocol { .. }
+        | ApiError::Rejected { .. } => EXIT_PROTOCOL,
+        ApiError::Setup { .. } => EXIT_CONFIG,
+        ApiError::TooLarge
+        | ApiError::Busy { .. }
+        | ApiError::Server { .. }
+        | ApiError::Transport { .. }
+        | ApiError::Local { .. } => EXIT_UNAVAILABLE,
+    }
+}
 
 /// An error that ends the daemon.
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +95,7 @@ impl FatalError {
                 source: crate::fsops::FsError::Owner(_),
                 ..
             } => ExitCode::from(EXIT_CONFIG),
+            FatalError::Client(e) => ExitCode::from(api_exit_code(e)),
             _ => ExitCode::from(EXIT_UNAVAILABLE),
         }
     }
@@ -86,5 +113,32 @@ pub fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
         String::new()
     } else {
         format!(" ({deepest})")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_server_not_speaking_tls_maps_to_exit_76_not_69() {
+        let not_tls = ApiError::NotTls {
+            detail: "received corrupt message of type InvalidContentType".into(),
+        };
+        assert_eq!(api_exit_code(&not_tls), EXIT_PROTOCOL);
+        assert_eq!(
+            api_exit_code(&ApiError::Busy { retry_after: None }),
+            EXIT_UNAVAILABLE
+        );
+        assert_eq!(
+            api_exit_code(&ApiError::Unauthorized {
+                sensor_id: "s".into()
+            }),
+            EXIT_NOPERM
+        );
+        assert_eq!(
+            api_exit_code(&ApiError::Setup { detail: "x".into() }),
+            EXIT_CONFIG
+        );
     }
 }

@@ -298,7 +298,9 @@ impl Limits {
             ApiError::Unauthorized { .. } => Health::Unauthorized,
             _ => Health::Down,
         };
-        let pause = backoff(g.failures, rand::random::<f64>());
+        // At least what the server asked for in Retry-After (capped by the client).
+        let pause =
+            backoff(g.failures, rand::random::<f64>()).max(err.retry_after().unwrap_or_default());
         g.paused_until = Some(Instant::now() + pause);
         if g.health != new {
             match new {
@@ -314,7 +316,7 @@ impl Limits {
             }
             g.health = new;
         }
-        if matches!(err, ApiError::Busy) {
+        if matches!(err, ApiError::Busy { .. }) {
             drop(g);
             self.throttled();
         }
@@ -377,11 +379,32 @@ mod tests {
             NonZeroU32::new(1000).unwrap(),
         );
         assert_eq!(l.health(), Health::Up);
-        let p = l.server_failed(&ApiError::Server { status: 503 });
+        let p = l.server_failed(&ApiError::Server {
+            status: 503,
+            retry_after: None,
+        });
         assert!(p <= BACKOFF_MIN);
         assert_eq!(l.health(), Health::Down);
         l.server_ok();
         assert_eq!(l.health(), Health::Up);
         l.gate(&CancellationToken::new()).await;
+    }
+
+    #[tokio::test]
+    async fn retry_after_on_429_or_503_sets_the_minimum_pause() {
+        let l = Limits::new(
+            NonZeroUsize::new(1).unwrap(),
+            NonZeroU32::new(1000).unwrap(),
+        );
+        let wait = Duration::from_secs(90);
+        let p = l.server_failed(&ApiError::Busy {
+            retry_after: Some(wait),
+        });
+        assert!(p >= wait, "{p:?}");
+        let p = l.server_failed(&ApiError::Server {
+            status: 503,
+            retry_after: Some(wait),
+        });
+        assert!(p >= wait, "{p:?}");
     }
 }

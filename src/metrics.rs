@@ -2,7 +2,8 @@
 //! small HTTP endpoint serving `/metrics`, `/healthz` (the process runs) and `/readyz` (the
 //! server answers and the journal works).
 //!
-//! Counters are plain atomics: the stages never wait on metrics.
+//! Counters are plain atomics: the stages never wait on metrics. One gauge is set once at
+//! start: `dropscan_client_cert_expiry_timestamp_seconds`, the client certificate's notAfter.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -50,9 +51,19 @@ pub struct Metrics {
     pub in_flight: AtomicI64,
     /// Sum of milliseconds from claim to placement.
     pub latency_ms_sum: AtomicU64,
+    /// The client certificate's notAfter in Unix seconds; 0 when unknown (not exported then).
+    pub client_cert_expiry: AtomicI64,
 }
 
 impl Metrics {
+    /// Fresh counters with the client certificate's notAfter (Unix seconds) set, if known.
+    pub fn with_client_cert_expiry(not_after: Option<i64>) -> Self {
+        let m = Metrics::default();
+        m.client_cert_expiry
+            .store(not_after.unwrap_or(0), Ordering::Relaxed);
+        m
+    }
+
     /// Counts a placement.
     pub fn placed(&self, outcome: Outcome, latency_ms: u64) {
         let c = match outcome {
@@ -156,6 +167,14 @@ impl Metrics {
             self.in_flight.load(Ordering::Relaxed),
             limits.cap()
         ).ok();
+        let expiry = self.client_cert_expiry.load(Ordering::Relaxed);
+        if expiry != 0 {
+            writeln!(
+                out,
+                "# HELP dropscan_client_cert_expiry_timestamp_seconds notAfter of the client certificate, Unix seconds.\n# TYPE dropscan_client_cert_expiry_timestamp_seconds gauge\ndropscan_client_cert_expiry_timestamp_seconds {expiry}"
+            )
+            .ok();
+        }
         out
     }
 }
@@ -210,5 +229,24 @@ pub async fn serve(
                 .await
                 .ok();
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::num::{NonZeroU32, NonZeroUsize};
+
+    use super::*;
+
+    #[test]
+    fn client_cert_expiry_gauge_is_exported_when_known() {
+        let limits = Limits::new(NonZeroUsize::MIN, NonZeroU32::MIN);
+        let known = Metrics::with_client_cert_expiry(Some(1_800_000_000)).render(&limits);
+        assert!(
+            known.contains("# TYPE dropscan_client_cert_expiry_timestamp_seconds gauge\ndropscan_client_cert_expiry_timestamp_seconds 1800000000"),
+            "{known}"
+        );
+        let unknown = Metrics::with_client_cert_expiry(None).render(&limits);
+        assert!(!unknown.contains("client_cert_expiry"), "{unknown}");
     }
 }

@@ -363,7 +363,7 @@ impl Upload {
                     .metrics
                     .request_errors
                     .fetch_add(1, Ordering::Relaxed);
-                if matches!(e, ApiError::Busy) {
+                if matches!(e, ApiError::Busy { .. }) {
                     shared.metrics.throttled.fetch_add(1, Ordering::Relaxed);
                 }
                 let pause = shared.server_failed(&e).await;

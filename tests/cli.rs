@@ -19,6 +19,27 @@ fn dropscan(args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// Writes a private key file readable by its owner only, as the agent requires.
+fn write_key(path: &std::path::Path, pem: &str) {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::write(path, pem).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+/// Runs `dropscan check [--offline] --config CONFIG` off the async runtime.
+async fn check(config: &std::path::Path, offline: bool) -> Output {
+    let cfg = config.to_str().unwrap().to_string();
+    tokio::task::spawn_blocking(move || {
+        if offline {
+            dropscan(&["check", "--offline", "--config", &cfg])
+        } else {
+            dropscan(&["check", "--config", &cfg])
+        }
+    })
+    .await
+    .unwrap()
+}
+
 fn text(o: &Output) -> String {
     format!(
         "{}{}",
@@ -78,7 +99,7 @@ async fn check_prints_restrictions_and_names_each_failure() {
     let cert = w.dir.path().join("foreign.crt");
     let key = w.dir.path().join("foreign.key");
     std::fs::write(&cert, &other.client_cert_pem).unwrap();
-    std::fs::write(&key, &other.client_key_pem).unwrap();
+    write_key(&key, &other.client_key_pem);
     let mut foreign = String::new();
     for l in text_cfg.lines() {
         if l.starts_with("client_cert") {
@@ -111,7 +132,7 @@ async fn check_prints_restrictions_and_names_each_failure() {
     second.client_cert_pem = c;
     second.client_key_pem = k;
     std::fs::write(&cert, &second.client_cert_pem).unwrap();
-    std::fs::write(&key, &second.client_key_pem).unwrap();
+    write_key(&key, &second.client_key_pem);
     let pending_cfg = w.dir.path().join("foreign.toml");
     let o = tokio::task::spawn_blocking(move || {
         dropscan(&["check", "--config", pending_cfg.to_str().unwrap()])
@@ -338,4 +359,141 @@ async fn one_shot_scan_reports_progress_and_exits_by_verdict() {
     let o = run(c).await.unwrap();
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     assert!(text(&o).contains("0 placed"), "{}", text(&o));
+}
+
+/// A TCP server on 127.0.0.1 that answers every connection with `reply` in clear text once it
+/// has read the first bytes (the TLS ClientHello), then waits for the client to hang up.
+async fn clear_text_server(reply: Vec<u8>) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let reply = reply.clone();
+            tokio::spawn(async move {
+                let work = async {
+                    let mut buf = [0u8; 4096];
+                    if tcp.read(&mut buf).await.ok()? == 0 {
+                        return None;
+                    }
+                    tcp.write_all(&reply).await.ok()?;
+                    while tcp.read(&mut buf).await.ok()? > 0 {}
+                    Some(())
+                };
+                tokio::time::timeout(Duration::from_secs(20), work)
+                    .await
+                    .ok();
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// The world's config pointed at another address.
+fn config_for(w: &World, addr: std::net::SocketAddr, name: &str) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(w.write_config()).unwrap();
+    let path = w.dir.path().join(name);
+    std::fs::write(
+        &path,
+        text.replace(&format!("https://{}", w.addr), &format!("https://{addr}")),
+    )
+    .unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_against_plain_http_or_garbage_on_the_port_exits_76() {
+    let w = World::quick().await;
+    let plain =
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok".to_vec();
+    let (plain_addr, plain_task) = clear_text_server(plain).await;
+    let o = check(&config_for(&w, plain_addr, "plain.toml"), false).await;
+    assert_eq!(o.status.code(), Some(76), "{}", text(&o));
+    assert!(text(&o).contains("does not speak TLS"), "{}", text(&o));
+    plain_task.abort();
+
+    for seed in 0..3u64 {
+        let garbage = crate::util::bytes(seed, 16 * 1024);
+        let (addr, task) = clear_text_server(garbage).await;
+        let o = check(&config_for(&w, addr, "garbage.toml"), false).await;
+        assert_eq!(o.status.code(), Some(76), "seed {seed}: {}", text(&o));
+        assert!(text(&o).contains("not a KATA scanner API"), "{}", text(&o));
+        task.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_without_filters_route_warns_connected_and_authorized_and_exits_0() {
+    let w = World::quick().await;
+    let config = w.write_config();
+    for status in [405u16, 404] {
+        w.emulator().state().set_no_filters_route(Some(status));
+        let o = check(&config, false).await;
+        let out = text(&o);
+        assert_eq!(o.status.code(), Some(0), "{out}");
+        assert!(
+            out.lines().any(|l| l.starts_with(&format!(
+                "warning: connected and authorized; restrictions unavailable ({status})"
+            ))),
+            "{out}"
+        );
+    }
+    // A 401 still wins over the missing route.
+    w.emulator().state().set_no_filters_route(Some(405));
+    w.emulator().state().set_auto_accept(false);
+    let mut other = CertBundle::load_from_dir(&w.certs_dir).unwrap();
+    let (c, k) = other.issue_client("pending").unwrap();
+    other.client_cert_pem = c;
+    std::fs::write(w.certs_dir.join("client.crt"), &other.client_cert_pem).unwrap();
+    write_key(&w.certs_dir.join("client.key"), &k);
+    let o = check(&config, false).await;
+    assert_eq!(o.status.code(), Some(77), "{}", text(&o));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_prints_client_cert_expiry_and_refuses_bad_keys_offline() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let w = World::quick().await;
+    let config = w.write_config();
+    let o = check(&config, true).await;
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("client cert: notAfter "))
+        .unwrap_or_else(|| panic!("no expiry line in {out}"));
+    assert!(line.contains("days left"), "{line}");
+
+    // World-readable key: refused with the fix.
+    let key = w.certs_dir.join("client.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let o = check(&config, true).await;
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(78), "{out}");
+    assert!(
+        out.contains(&format!("chmod 600 {}", key.display())),
+        "{out}"
+    );
+    // Group-readable: loads, with a warning line.
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let o = check(&config, true).await;
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        text(&o).contains("warning: the client key file")
+            && text(&o).contains("readable by its group"),
+        "{}",
+        text(&o)
+    );
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    // The key of another certificate: refused naming both files, offline too.
+    let cert = w.certs_dir.join("client.crt");
+    let (other_cert, _) = w.certs.issue_client("other").unwrap();
+    std::fs::write(&cert, other_cert).unwrap();
+    let o = check(&config, true).await;
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(78), "{out}");
+    assert!(out.contains("does not belong"), "{out}");
+    assert!(out.contains(&cert.display().to_string()), "{out}");
+    assert!(out.contains(&key.display().to_string()), "{out}");
 }

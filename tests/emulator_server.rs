@@ -442,3 +442,171 @@ async fn emulator_fault_answers() {
     assert_eq!(stats.submits_accepted, 1);
     fx.emulator.stop().await;
 }
+
+/// A form part: `name`, optional filename, value.
+fn part(name: &str, filename: Option<&str>, value: &[u8]) -> Vec<u8> {
+    let mut body = match filename {
+        Some(f) => format!(
+            "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"{f}\"\r\nContent-Type: application/octet-stream\r\n\r\n"
+        ),
+        None => format!("--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n"),
+    }
+    .into_bytes();
+    body.extend_from_slice(value);
+    body.extend_from_slice(b"\r\n");
+    body
+}
+
+impl Fixture {
+    /// POSTs `parts` as they are (plus the closing boundary) to `…/scans{query}`.
+    async fn post_parts(&self, query: &str, parts: &[Vec<u8>]) -> (StatusCode, String) {
+        let mut body: Vec<u8> = parts.concat();
+        body.extend_from_slice(format!("--{BOUNDARY}--\r\n").as_bytes());
+        let answer = self
+            .client
+            .post(format!("{}{query}", self.url("")))
+            .header(
+                "content-type",
+                format!("multipart/form-data; boundary={BOUNDARY}"),
+            )
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        (answer.status(), answer.text().await.unwrap())
+    }
+}
+
+#[tokio::test]
+async fn eicar_upload_followed_by_a_second_text_content_part_is_400_malformed_form() {
+    let fx = Fixture::start(EmulatorConfig::default()).await;
+    // The exact shape seen from a third-party client: the file part, then a text `content`.
+    let (status, body) = fx
+        .post_parts(
+            "?sensorInstanceId=node-1",
+            &[
+                part("scanId", None, b"twice1"),
+                part("objectType", None, b"file"),
+                part("content", Some("eicar.com"), EICAR),
+                part("content", None, b"hello, just text"),
+            ],
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body.contains("malformed form"), "{body}");
+    assert!(fx.emulator.state().scan("twice1").is_none());
+    // Two scanId parts: same answer.
+    let (status, body) = fx
+        .post_parts(
+            "?sensorInstanceId=node-1",
+            &[
+                part("scanId", None, b"twice2"),
+                part("scanId", None, b"twice3"),
+                part("objectType", None, b"file"),
+                part("content", Some("x"), b"data"),
+            ],
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body.contains("malformed form"), "{body}");
+    // The single-part EICAR upload is still detected.
+    assert_eq!(fx.submit("once", EICAR).await, StatusCode::OK);
+    fx.wait_for_state("?sensorInstanceId=node-1&state=detect", "once")
+        .await;
+    fx.emulator.stop().await;
+}
+
+#[tokio::test]
+async fn sensor_instance_id_as_form_field_scopes_the_scan_when_the_query_lacks_it() {
+    let fx = Fixture::start(EmulatorConfig::default()).await;
+    let (status, body) = fx
+        .post_parts(
+            "",
+            &[
+                part("scanId", None, b"fromform"),
+                part("objectType", None, b"file"),
+                part("sensorInstanceId", None, b"form-node"),
+                part("content", Some("x"), b"harmless"),
+            ],
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        fx.emulator
+            .state()
+            .scan("fromform")
+            .unwrap()
+            .sensor_instance_id
+            .as_deref(),
+        Some("form-node")
+    );
+    fx.wait_for_state("?sensorInstanceId=form-node", "fromform")
+        .await;
+    // The query stays the documented place and wins over the form field.
+    let (status, _) = fx
+        .post_parts(
+            "?sensorInstanceId=query-node",
+            &[
+                part("scanId", None, b"both"),
+                part("objectType", None, b"file"),
+                part("sensorInstanceId", None, b"form-node"),
+                part("content", Some("x"), b"harmless too"),
+            ],
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        fx.emulator
+            .state()
+            .scan("both")
+            .unwrap()
+            .sensor_instance_id
+            .as_deref(),
+        Some("query-node")
+    );
+    fx.emulator.stop().await;
+}
+
+#[tokio::test]
+async fn delete_and_filters_accept_sensor_instance_id_or_not() {
+    let fx = Fixture::start(EmulatorConfig::default()).await;
+    for query in ["", "?sensorInstanceId=node-1"] {
+        let filters = fx
+            .client
+            .get(format!("{}{query}", fx.url("/filters")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(filters.status(), StatusCode::OK, "{query}");
+        let id = format!("del{}", query.len());
+        assert_eq!(fx.submit(&id, b"x").await, StatusCode::OK);
+        let deleted = fx
+            .client
+            .delete(format!("{}{query}", fx.url(&format!("/{id}"))))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(deleted.status(), StatusCode::OK, "{query}");
+        assert!(fx.emulator.state().scan(&id).unwrap().deleted);
+    }
+    fx.emulator.stop().await;
+}
+
+#[tokio::test]
+async fn no_filters_route_mode_answers_405_or_404_after_authorization() {
+    let fx = Fixture::start(EmulatorConfig {
+        no_filters_route: Some(405),
+        ..EmulatorConfig::default()
+    })
+    .await;
+    let get = || fx.client.get(fx.url("/filters")).send();
+    assert_eq!(
+        get().await.unwrap().status(),
+        StatusCode::METHOD_NOT_ALLOWED
+    );
+    fx.emulator.state().set_no_filters_route(Some(404));
+    assert_eq!(get().await.unwrap().status(), StatusCode::NOT_FOUND);
+    fx.emulator.state().set_no_filters_route(None);
+    assert_eq!(get().await.unwrap().status(), StatusCode::OK);
+    fx.emulator.stop().await;
+}

@@ -286,7 +286,7 @@ async fn statuses_map_to_errors_and_outcomes() {
                 client.submit(&id, f, 3).await.unwrap_err()
             }
         };
-        assert!(matches!(submit("busy").await, ApiError::Busy));
+        assert!(matches!(submit("busy").await, ApiError::Busy { .. }));
         assert!(matches!(submit("big").await, ApiError::TooLarge));
         assert!(matches!(
             submit("auth").await,
@@ -294,7 +294,7 @@ async fn statuses_map_to_errors_and_outcomes() {
         ));
         assert!(matches!(
             submit("boom").await,
-            ApiError::Server { status: 503 }
+            ApiError::Server { status: 503, .. }
         ));
         match submit("other").await {
             ApiError::Rejected { status, body } => {
@@ -565,6 +565,97 @@ async fn foreign_client_cert_during_a_large_upload_tls13() {
             .await
             .unwrap_err();
         assert!(matches!(err, ApiError::ClientCertRefused { .. }), "{err:?}");
+    })
+    .await;
+}
+
+/// A TLS server that answers every request with a chunked body that never ends: 4 KiB chunks
+/// as fast as possible, or one byte per `pace`. Bounded: it stops after 256 MiB or 60 s.
+async fn endless_server(ca: &TestCa, pace: Option<Duration>) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let config = server_config(&ca.server(), ca, ServerTls::Default);
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let work = async {
+                    let mut tls = acceptor.accept(tcp).await.ok()?;
+                    let mut head = Vec::new();
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 65536 {
+                        let mut buf = [0u8; 4096];
+                        let n = tls.read(&mut buf).await.ok()?;
+                        if n == 0 {
+                            return None;
+                        }
+                        head.extend_from_slice(&buf[..n]);
+                    }
+                    tls.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+                        .await
+                        .ok()?;
+                    let mut chunk = b"1000\r\n".to_vec();
+                    chunk.extend(std::iter::repeat_n(b' ', 4096));
+                    chunk.extend_from_slice(b"\r\n");
+                    for _ in 0..65_536 {
+                        match pace {
+                            None => tls.write_all(&chunk).await.ok()?,
+                            Some(pace) => {
+                                tls.write_all(b"1\r\n \r\n").await.ok()?;
+                                tls.flush().await.ok()?;
+                                tokio::time::sleep(pace).await;
+                            }
+                        }
+                    }
+                    Some(())
+                };
+                tokio::time::timeout(Duration::from_secs(60), work)
+                    .await
+                    .ok();
+            });
+        }
+    });
+    format!("https://127.0.0.1:{}", addr.port())
+}
+
+#[tokio::test]
+async fn endless_answers_are_cut_at_the_cap_or_the_timeout() {
+    within(async {
+        let ca = TestCa::new("endless ca");
+        let client_leaf = ca.client();
+        // Fast and endless: refused once past the cap (64 KiB for filters), not buffered.
+        let base = endless_server(&ca, None).await;
+        let opts = client_options_from_pem(
+            &base,
+            &client_leaf.cert_pem,
+            &client_leaf.key_pem,
+            Some(&ca.cert_pem),
+            None,
+        );
+        let client = KataClient::new(opts).unwrap();
+        let err = client.restrictions().await.unwrap_err();
+        assert!(matches!(err, ApiError::Protocol { .. }), "{err:?}");
+        assert!(err.to_string().contains("larger than"), "{err}");
+        // The results cap (16 MiB) holds too.
+        let err = client.results(&ScanState::FINAL).await.unwrap_err();
+        assert!(matches!(err, ApiError::Protocol { .. }), "{err:?}");
+
+        // Slow and endless (one byte at a time, never finishing): ends at the request timeout
+        // as a retryable transport error.
+        let base = endless_server(&ca, Some(Duration::from_millis(20))).await;
+        let mut opts = client_options_from_pem(
+            &base,
+            &client_leaf.cert_pem,
+            &client_leaf.key_pem,
+            Some(&ca.cert_pem),
+            None,
+        );
+        opts.request_timeout = Duration::from_millis(500);
+        let client = KataClient::new(opts).unwrap();
+        let err = client.restrictions().await.unwrap_err();
+        assert!(matches!(err, ApiError::Transport { .. }), "{err:?}");
+        assert!(err.is_retryable());
     })
     .await;
 }

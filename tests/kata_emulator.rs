@@ -156,7 +156,10 @@ async fn status_codes_413_429_500_and_401() {
     r.unwrap();
     let (_, r) = submit(&c, b"second").await;
     let e = r.unwrap_err();
-    assert!(matches!(e, ApiError::Busy) && e.is_retryable(), "{e:?}");
+    assert!(
+        matches!(e, ApiError::Busy { .. }) && e.is_retryable(),
+        "{e:?}"
+    );
     // 500 on every request.
     emu.state().set_faults(Faults {
         http_500_share: 1.0,
@@ -164,7 +167,7 @@ async fn status_codes_413_429_500_and_401() {
     });
     let e = c.restrictions().await.unwrap_err();
     assert!(
-        matches!(e, ApiError::Server { status: 500 }) && e.is_retryable(),
+        matches!(e, ApiError::Server { status: 500, .. }) && e.is_retryable(),
         "{e:?}"
     );
     let e = c.results(&ScanState::FINAL).await.unwrap_err();
@@ -243,4 +246,48 @@ async fn tls_refusals_untrusted_server_pin_mismatch_foreign_client() {
         matches!(r, Err(ApiError::ClientCertRefused { .. })),
         "{r:?}"
     );
+}
+
+#[tokio::test]
+async fn retry_after_of_429_and_500_reaches_the_caller_in_both_forms() {
+    let (certs, emu) = start(EmulatorConfig::default()).await;
+    let c = client(&emu, &certs);
+    emu.state().set_faults(Faults {
+        http_429_share: 1.0,
+        retry_after: Some("7".into()),
+        ..Faults::default()
+    });
+    let (_, r) = submit(&c, b"throttled").await;
+    let e = r.unwrap_err();
+    assert!(matches!(e, ApiError::Busy { .. }), "{e:?}");
+    assert_eq!(e.retry_after(), Some(Duration::from_secs(7)), "{e:?}");
+    // An HTTP-date two minutes ahead: a positive wait, at most two minutes.
+    let date = httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(120));
+    emu.state().set_faults(Faults {
+        http_500_share: 1.0,
+        retry_after: Some(date),
+        ..Faults::default()
+    });
+    let e = c.restrictions().await.unwrap_err();
+    assert!(matches!(e, ApiError::Server { status: 500, .. }), "{e:?}");
+    let wait = e.retry_after().expect("Retry-After parsed");
+    assert!(
+        wait > Duration::ZERO && wait <= Duration::from_secs(120),
+        "{wait:?}"
+    );
+    // Far beyond the cap: capped.
+    emu.state().set_faults(Faults {
+        http_500_share: 1.0,
+        retry_after: Some("86400".into()),
+        ..Faults::default()
+    });
+    let e = c.restrictions().await.unwrap_err();
+    assert_eq!(e.retry_after(), Some(dropscan::kata::MAX_RETRY_AFTER));
+    // Without the header: none.
+    emu.state().set_faults(Faults {
+        http_500_share: 1.0,
+        ..Faults::default()
+    });
+    let e = c.restrictions().await.unwrap_err();
+    assert_eq!(e.retry_after(), None);
 }

@@ -1,9 +1,16 @@
 //! Property tests of the tolerant KATA answer parsers: arbitrary bytes and arbitrary JSON never
-//! panic them, and a well-formed results list in either documented shape round-trips.
+//! panic them, and a well-formed results list in either documented shape round-trips; a state
+//! array or a repeated scanId is folded fail-closed (detect wins); the multipart upload body
+//! has exactly its declared length and parses back with multer. The same properties run as
+//! cargo-fuzz targets in `fuzz/`.
 
-use dropscan::kata::{ScanResult, ScanState, parse_restrictions, parse_results};
+use dropscan::kata::multipart::encode_upload;
+use dropscan::kata::{
+    ScanId, ScanResult, ScanState, merge_duplicates, parse_restrictions, parse_results,
+};
 use proptest::prelude::*;
 use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
 
 /// Arbitrary JSON values, nested a few levels, biased towards the keys the parsers look at.
 fn arb_json() -> impl Strategy<Value = Value> {
@@ -110,5 +117,91 @@ proptest! {
         let r = parse_restrictions(&body).unwrap();
         prop_assert_eq!(r.max_object_size, Some(size));
         prop_assert_eq!(r.version.as_deref(), Some(version.trim()));
+    }
+}
+
+/// Parses an upload body with multer; returns (name, filename, bytes) per part.
+async fn multer_parts(
+    content_type: &str,
+    body: Vec<u8>,
+) -> Result<Vec<(String, Option<String>, Vec<u8>)>, multer::Error> {
+    let boundary = multer::parse_boundary(content_type)?;
+    let stream =
+        futures_util::stream::once(
+            async move { Ok::<_, std::io::Error>(bytes::Bytes::from(body)) },
+        );
+    let mut form = multer::Multipart::new(stream, boundary);
+    let mut parts = Vec::new();
+    while let Some(field) = form.next_field().await? {
+        let name = field.name().unwrap_or_default().to_owned();
+        let filename = field.file_name().map(str::to_owned);
+        let data = field.bytes().await?.to_vec();
+        parts.push((name, filename, data));
+    }
+    Ok(parts)
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("a current-thread runtime")
+}
+
+proptest! {
+    #[test]
+    fn state_array_with_detect_anywhere_is_detect(
+        mut states in prop::collection::vec(arb_state(), 0..6),
+        at in any::<prop::sample::Index>(),
+    ) {
+        let i = at.index(states.len() + 1);
+        states.insert(i, ScanState::Detect);
+        let wire: Vec<&str> = states.iter().map(ScanState::as_wire).collect();
+        let body = serde_json::to_vec(&json!([{"scanId": "a", "state": wire}])).unwrap();
+        let got = parse_results(&body).unwrap();
+        prop_assert_eq!(got[0].state.clone(), ScanState::Detect);
+    }
+
+    #[test]
+    fn state_array_with_a_final_entry_is_final(states in prop::collection::vec(arb_state(), 1..6)) {
+        let wire: Vec<&str> = states.iter().map(ScanState::as_wire).collect();
+        let body = serde_json::to_vec(&json!([{"scanId": "a", "state": wire}])).unwrap();
+        let got = parse_results(&body).unwrap();
+        prop_assert_eq!(got[0].state.is_final(), states.iter().any(ScanState::is_final));
+    }
+
+    #[test]
+    fn merged_duplicates_are_unique_and_fail_closed(results in arb_results()) {
+        let (merged, contradictions) = merge_duplicates(results.clone());
+        let mut seen = std::collections::HashSet::new();
+        for m in &merged {
+            prop_assert!(seen.insert(m.scan_id.clone()), "duplicate {}", m.scan_id);
+            let all: Vec<&ScanState> = results.iter().filter(|r| r.scan_id == m.scan_id).map(|r| &r.state).collect();
+            if all.contains(&&ScanState::Detect) {
+                prop_assert_eq!(&m.state, &ScanState::Detect);
+            }
+            prop_assert_eq!(m.state.is_final(), all.iter().any(|s| s.is_final()));
+        }
+        prop_assert_eq!(seen.len(), results.iter().map(|r| &r.scan_id).collect::<std::collections::HashSet<_>>().len());
+        for c in &contradictions {
+            prop_assert!(c.states.len() >= 2);
+        }
+    }
+
+    #[test]
+    fn multipart_body_has_its_declared_length_and_parses_back(
+        id in "[A-Za-z0-9_-]{1,128}",
+        content in prop::collection::vec(any::<u8>(), 0..4096),
+        chunk in 1usize..5000,
+    ) {
+        let scan_id = ScanId::parse(&id).unwrap();
+        let rt = runtime();
+        let encoded = rt.block_on(encode_upload(&scan_id, &content, chunk)).unwrap();
+        prop_assert_eq!(encoded.body.len() as u64, encoded.declared_len);
+        prop_assert_eq!(encoded.sha256, <[u8; 32]>::from(Sha256::digest(&content)));
+        let parts = rt.block_on(multer_parts(&encoded.content_type, encoded.body)).unwrap();
+        prop_assert_eq!(parts.len(), 3);
+        prop_assert_eq!(&parts[0], &("scanId".to_owned(), None, id.clone().into_bytes()));
+        prop_assert_eq!(&parts[1], &("objectType".to_owned(), None, b"file".to_vec()));
+        prop_assert_eq!(&parts[2], &("content".to_owned(), Some(id.clone()), content));
     }
 }

@@ -15,7 +15,15 @@ use super::{
 };
 
 /// Run a KATA scanner API emulator (mutual TLS) for demos and integration tests.
+///
+/// The sensorInstanceId of a submission is taken from the query (the documented place) or,
+/// when the query lacks it, from a `sensorInstanceId` form field; DELETE of one result and GET
+/// filters accept it in the query or not at all. A form with a repeated part (two `content` or
+/// two `scanId` parts) is answered 400 malformed form.
 #[derive(Clone, Debug, clap::Args)]
+#[command(
+    after_help = "sensorInstanceId: read from the query (the documented place) or, on POST when the query lacks it, from a `sensorInstanceId` form field, so a client sending it in the form sees its scans in its own results. DELETE of one result and GET filters work with or without it. A form with two `content` (or two `scanId`) parts is answered 400 malformed form."
+)]
 pub struct EmulateArgs {
     /// Address to listen on.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8443")]
@@ -90,6 +98,16 @@ pub struct EmulateArgs {
     #[arg(long, value_name = "F", default_value_t = 0.0, value_parser = parse_share)]
     pub timeout_verdicts: f64,
 
+    /// `Retry-After` value sent with every 429 and 500 answer: seconds (e.g. 30) or an
+    /// HTTP-date (e.g. "Wed, 21 Oct 2026 07:28:00 GMT").
+    #[arg(long, value_name = "SECONDS|HTTP-DATE")]
+    pub retry_after: Option<String>,
+
+    /// Answer GET …/scans/filters with this status (404 or 405; 405 when given without a
+    /// value), as KATA versions without that route do.
+    #[arg(long, value_name = "STATUS", num_args = 0..=1, default_missing_value = "405", value_parser = parse_missing_route_status)]
+    pub no_filters_route: Option<u16>,
+
     /// Version string reported by /scans/filters.
     #[arg(long, value_name = "TEXT")]
     pub version_string: Option<String>,
@@ -115,8 +133,10 @@ impl EmulateArgs {
                 slow_delay: self.slow_delay,
                 error_verdict_share: self.error_verdicts,
                 timeout_verdict_share: self.timeout_verdicts,
+                retry_after: self.retry_after.clone(),
             },
             version: self.version_string.clone().unwrap_or(defaults.version),
+            no_filters_route: self.no_filters_route,
         }
     }
 }
@@ -166,6 +186,14 @@ fn parse_share(s: &str) -> Result<f64, String> {
         Ok(share)
     } else {
         Err("a share is between 0 and 1".to_owned())
+    }
+}
+
+fn parse_missing_route_status(s: &str) -> Result<u16, String> {
+    match s.trim() {
+        "404" => Ok(404),
+        "405" => Ok(405),
+        _ => Err("expected 404 or 405".to_owned()),
     }
 }
 
@@ -219,5 +247,14 @@ mod tests {
         assert_eq!(config.max_scans, None);
         assert!(config.detect_sha256.contains(&[0xab; 32]));
         assert!(Wrapper::try_parse_from(["emulate", "--fail-500", "1.5"]).is_err());
+        let help = Wrapper::command().render_long_help().to_string();
+        assert!(help.contains("`sensorInstanceId` form field"), "{help}");
+        let w = Wrapper::try_parse_from(["emulate", "--no-filters-route"]).unwrap();
+        assert_eq!(w.args.to_config().no_filters_route, Some(405));
+        let w = Wrapper::try_parse_from(["emulate", "--no-filters-route", "404"]).unwrap();
+        assert_eq!(w.args.to_config().no_filters_route, Some(404));
+        assert!(Wrapper::try_parse_from(["emulate", "--no-filters-route", "500"]).is_err());
+        let w = Wrapper::try_parse_from(["emulate", "--retry-after", "30"]).unwrap();
+        assert_eq!(w.args.to_config().faults.retry_after.as_deref(), Some("30"));
     }
 }

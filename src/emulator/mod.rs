@@ -17,6 +17,17 @@
 //! Choices the docs leave open: a sensorId that is not a UUID gets **400** (a malformed request,
 //! permanent for the client) before any authorization; a path outside the API gets 404, a known
 //! path with another method 405.
+//!
+//! Tolerance towards third-party clients and servers:
+//! - `sensorInstanceId` is read from the query (the documented place) and, on POST only when
+//!   the query lacks it, from a form field of that name, so a client that sends it in the form
+//!   sees its scans in its own results;
+//! - `DELETE …/scans/{scanId}` and `GET …/scans/filters` work with and without
+//!   `?sensorInstanceId=` (it is ignored there);
+//! - a form with two `scanId`, `objectType`, `content` or `sensorInstanceId` parts is a
+//!   **400 malformed form**: which part would be scanned is ambiguous, so none is;
+//! - `no_filters_route` (`--no-filters-route`) answers 404 or 405 on `GET …/scans/filters`, as
+//!   KATA versions without that route do.
 
 mod certs;
 mod cli;
@@ -67,6 +78,9 @@ pub struct Faults {
     pub error_verdict_share: f64,
     /// Share of scans that end with `timeout`.
     pub timeout_verdict_share: f64,
+    /// `Retry-After` header value sent with every 429 and 500 answer (seconds such as `30`, or
+    /// an HTTP-date); `None` sends none.
+    pub retry_after: Option<String>,
 }
 
 /// How an emulator instance behaves. Every field can also be changed at run time through
@@ -91,6 +105,9 @@ pub struct EmulatorConfig {
     pub faults: Faults,
     /// Reported in `/scans/filters`.
     pub version: String,
+    /// When set (404 or 405), `GET …/scans/filters` answers this status after authorization,
+    /// as KATA versions without that route do.
+    pub no_filters_route: Option<u16>,
 }
 
 impl Default for EmulatorConfig {
@@ -105,6 +122,7 @@ impl Default for EmulatorConfig {
             shape: ResultShape::default(),
             faults: Faults::default(),
             version: concat!("dropscan-emulator ", env!("CARGO_PKG_VERSION")).to_owned(),
+            no_filters_route: None,
         }
     }
 }

@@ -19,7 +19,7 @@ use bytes::Bytes;
 use futures_util::TryStreamExt;
 use http_body_util::{BodyExt, BodyStream, Full};
 use hyper::body::Incoming;
-use hyper::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
+use hyper::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -283,7 +283,7 @@ async fn handle(
     let endpoint = parse_path(&path);
     let submit = req.method() == Method::POST && matches!(endpoint, Some(Endpoint::Scans(_)));
     let chunked = submit && !req.headers().contains_key(CONTENT_LENGTH);
-    let answer = if roll(faults.http_500_share) {
+    let mut answer = if roll(faults.http_500_share) {
         drain(req.into_body()).await;
         text(StatusCode::INTERNAL_SERVER_ERROR, "Internal server error")
     } else if submit && roll(faults.http_429_share) {
@@ -292,6 +292,16 @@ async fn handle(
     } else {
         route(req, endpoint, &state, fingerprint, settings.max_object_size).await
     };
+    if matches!(
+        answer.status(),
+        StatusCode::TOO_MANY_REQUESTS | StatusCode::INTERNAL_SERVER_ERROR
+    ) && let Some(value) = faults
+        .retry_after
+        .as_deref()
+        .and_then(|v| HeaderValue::from_str(v).ok())
+    {
+        answer.headers_mut().insert(RETRY_AFTER, value);
+    }
     if submit {
         state.record_post_status(answer.status().as_u16(), chunked);
     }
@@ -395,10 +405,13 @@ async fn route(
             let (found, shape) = state.query(&sensor_id, instance.as_deref(), wanted.as_ref());
             results_answer(&found, shape)
         }
-        (Endpoint::Filters(_), _) => {
-            let (max, version) = state.filters();
-            json(&serde_json::json!({ "maxObjectSize": max, "version": version }))
-        }
+        (Endpoint::Filters(_), _) => match state.filters() {
+            Ok((max, version)) => {
+                json(&serde_json::json!({ "maxObjectSize": max, "version": version }))
+            }
+            Err(404) => text(StatusCode::NOT_FOUND, "Not found"),
+            Err(_) => text(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed"),
+        },
         (Endpoint::Scan(_, scan_id), _) => {
             if state.delete(&sensor_id, scan_id) {
                 text(StatusCode::OK, "OK")
@@ -440,6 +453,8 @@ fn results_answer(found: &[(String, ScanState)], shape: ResultShape) -> Answer {
 struct Form {
     scan_id: Option<String>,
     object_type: Option<String>,
+    /// The `sensorInstanceId` form field, used when the query lacks it.
+    sensor_instance_id: Option<String>,
     /// (SHA-256, size, EICAR found)
     content: Option<([u8; 32], u64, bool)>,
 }
@@ -502,6 +517,8 @@ async fn submit(
     let Some((sha256, size, eicar)) = form.content else {
         return text(StatusCode::BAD_REQUEST, "missing part content");
     };
+    // The query is the documented place; a form field is the fallback some clients use.
+    let instance = instance.or(form.sensor_instance_id.filter(|s| !s.is_empty()));
     state.register_scan(slot, &scan_id, instance, sha256, size, eicar);
     debug!(scan_id, size, "scan submitted");
     text(StatusCode::OK, "OK")
@@ -519,9 +536,23 @@ async fn read_form(
     let mut form = Form::default();
     let malformed = |_| FormError::Malformed("malformed multipart body");
     while let Some(mut field) = multipart.next_field().await.map_err(malformed)? {
+        // A second part of the same name makes the form ambiguous (which content is scanned?).
+        let duplicate = match field.name() {
+            Some("scanId" | "scanID") => form.scan_id.is_some(),
+            Some("objectType") => form.object_type.is_some(),
+            Some("sensorInstanceId") => form.sensor_instance_id.is_some(),
+            Some("content") => form.content.is_some(),
+            _ => false,
+        };
+        if duplicate {
+            return Err(FormError::Malformed("malformed form: a part is repeated"));
+        }
         match field.name() {
             Some("scanId" | "scanID") => form.scan_id = Some(read_text(&mut field).await?),
             Some("objectType") => form.object_type = Some(read_text(&mut field).await?),
+            Some("sensorInstanceId") => {
+                form.sensor_instance_id = Some(read_text(&mut field).await?);
+            }
             Some("content") => {
                 let mut hasher = Sha256::new();
                 let mut eicar = EicarSearch::default();

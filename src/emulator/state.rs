@@ -146,6 +146,7 @@ struct Settings {
     shape: ResultShape,
     faults: Faults,
     version: String,
+    no_filters_route: Option<u16>,
 }
 
 #[derive(Debug)]
@@ -205,6 +206,7 @@ impl Default for Inner {
                 shape: ResultShape::default(),
                 faults: Faults::default(),
                 version: String::new(),
+                no_filters_route: None,
             },
             scans: HashMap::new(),
             due: HashMap::new(),
@@ -231,6 +233,7 @@ impl Inner {
             shape: config.shape,
             faults: config.faults.clone(),
             version: config.version.clone(),
+            no_filters_route: config.no_filters_route,
         };
     }
 
@@ -351,6 +354,12 @@ impl SharedState {
         self.lock().settings.shape = s;
     }
 
+    /// Makes `GET …/scans/filters` answer `status` (404 or 405) as if the route did not exist;
+    /// `None` restores it.
+    pub fn set_no_filters_route(&self, status: Option<u16>) {
+        self.lock().settings.no_filters_route = status;
+    }
+
     /// Sets whether new (sensorId, certificate) pairs are accepted without an administrator.
     pub fn set_auto_accept(&self, b: bool) {
         self.lock().settings.auto_accept = b;
@@ -424,13 +433,17 @@ impl SharedState {
         }
     }
 
-    pub(crate) fn filters(&self) -> (i64, String) {
+    /// `Ok((maxObjectSize, version))`, or `Err(status)` when the route is switched off.
+    pub(crate) fn filters(&self) -> Result<(i64, String), u16> {
         let mut inner = self.lock();
         inner.stats.filters_requests += 1;
-        (
+        if let Some(status) = inner.settings.no_filters_route {
+            return Err(status);
+        }
+        Ok((
             inner.settings.max_object_size,
             inner.settings.version.clone(),
-        )
+        ))
     }
 
     /// Looks up, and on first sight records, the (sensorId, certificate) pair.

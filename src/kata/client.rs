@@ -3,9 +3,9 @@
 //! cap; it does not retry, back off or decide what a verdict means — callers do.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use reqwest::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use reqwest::header::{CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
 use reqwest::{Method, StatusCode, Url};
 use tracing::debug;
 
@@ -21,6 +21,9 @@ const MAX_SMALL_BODY: usize = 64 * 1024;
 /// Slowest upload rate allowed before a submit times out: the submit timeout is
 /// `request_timeout` plus the file size at this rate.
 const MIN_UPLOAD_BYTES_PER_SEC: u64 = 64 * 1024;
+
+/// Longest `Retry-After` honoured; a server asking for more gets this.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(5 * 60);
 
 /// Default total timeout of one non-upload request.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
@@ -148,13 +151,14 @@ impl KataClient {
             .header(CONTENT_LENGTH, total)
             .timeout(timeout)
             .body(reqwest::Body::wrap(body));
-        let (status, body) = match self.send(request, MAX_SMALL_BODY).await {
+        let answer = match self.send(request, MAX_SMALL_BODY).await {
             Ok(answer) => answer,
             Err(err) => return Err(self.diagnose_broken_upload(err).await),
         };
+        let status = answer.status;
         match status.as_u16() {
             200..=299 => {}
-            _ => return Err(self.status_error(status, &body)),
+            _ => return Err(self.status_error(&answer)),
         }
         // The body reports its digest only after reading the file exactly; an early answer
         // (before the upload completed) does not prove what the server received.
@@ -175,12 +179,12 @@ impl KataClient {
     pub async fn results(&self, states: &[ScanState]) -> Result<Vec<ScanResult>, ApiError> {
         let url = self.inner.endpoints.state(states);
         let request = self.inner.http.get(url).timeout(self.inner.request_timeout);
-        let (status, body) = self.send(request, MAX_RESULTS_BODY).await?;
-        match status.as_u16() {
-            200 => parse_results(&body),
+        let answer = self.send(request, MAX_RESULTS_BODY).await?;
+        match answer.status.as_u16() {
+            200 => parse_results(&answer.body),
             204 | 404 => Ok(Vec::new()),
-            201..=299 => parse_results(&body),
-            _ => Err(self.status_error(status, &body)),
+            201..=299 => parse_results(&answer.body),
+            _ => Err(self.status_error(&answer)),
         }
     }
 
@@ -192,11 +196,11 @@ impl KataClient {
             .http
             .request(Method::DELETE, url)
             .timeout(self.inner.request_timeout);
-        let (status, body) = self.send(request, MAX_SMALL_BODY).await?;
-        match status.as_u16() {
+        let answer = self.send(request, MAX_SMALL_BODY).await?;
+        match answer.status.as_u16() {
             200..=299 => Ok(DeleteOutcome::Deleted),
             404 => Ok(DeleteOutcome::AlreadyGone),
-            _ => Err(self.status_error(status, &body)),
+            _ => Err(self.status_error(&answer)),
         }
     }
 
@@ -209,10 +213,10 @@ impl KataClient {
             .http
             .request(Method::DELETE, url)
             .timeout(self.inner.request_timeout);
-        let (status, body) = self.send(request, MAX_SMALL_BODY).await?;
-        match status.as_u16() {
+        let answer = self.send(request, MAX_SMALL_BODY).await?;
+        match answer.status.as_u16() {
             200..=299 | 404 => Ok(()),
-            _ => Err(self.status_error(status, &body)),
+            _ => Err(self.status_error(&answer)),
         }
     }
 
@@ -220,11 +224,11 @@ impl KataClient {
     pub async fn restrictions(&self) -> Result<Restrictions, ApiError> {
         let url = self.inner.endpoints.filters();
         let request = self.inner.http.get(url).timeout(self.inner.request_timeout);
-        let (status, body) = self.send(request, MAX_SMALL_BODY).await?;
-        match status.as_u16() {
+        let answer = self.send(request, MAX_SMALL_BODY).await?;
+        match answer.status.as_u16() {
             204 => Ok(Restrictions::default()),
-            200..=299 => parse_restrictions(&body),
-            _ => Err(self.status_error(status, &body)),
+            200..=299 => parse_restrictions(&answer.body),
+            _ => Err(self.status_error(&answer)),
         }
     }
 
@@ -252,14 +256,17 @@ impl KataClient {
         }
     }
 
-    /// Sends a request and reads the answer up to `cap` bytes.
-    async fn send(
-        &self,
-        request: reqwest::RequestBuilder,
-        cap: usize,
-    ) -> Result<(StatusCode, Vec<u8>), ApiError> {
+    /// Sends a request and reads the answer up to `cap` bytes: an answer announcing more, or
+    /// streaming more, is a protocol error as soon as the cap is crossed (never buffered
+    /// beyond it); an endless slow answer ends at the request's timeout.
+    async fn send(&self, request: reqwest::RequestBuilder, cap: usize) -> Result<Answer, ApiError> {
         let mut response = request.send().await.map_err(ApiError::from_reqwest)?;
         let status = response.status();
+        let retry_after = response
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| parse_retry_after(v, SystemTime::now()));
         if let Some(announced) = response.content_length()
             && announced > cap as u64
         {
@@ -276,13 +283,48 @@ impl KataClient {
             }
             body.extend_from_slice(&chunk);
         }
-        Ok((status, body))
+        Ok(Answer {
+            status,
+            body,
+            retry_after,
+        })
     }
 
-    /// Maps a non-success status to its error.
-    fn status_error(&self, status: StatusCode, body: &[u8]) -> ApiError {
-        status_error(status, body, self.sensor_id())
+    /// Maps a non-success answer to its error.
+    fn status_error(&self, answer: &Answer) -> ApiError {
+        status_error(
+            answer.status,
+            &answer.body,
+            answer.retry_after,
+            self.sensor_id(),
+        )
     }
+}
+
+/// One answer, read within its cap.
+struct Answer {
+    status: StatusCode,
+    body: Vec<u8>,
+    /// `Retry-After`, parsed and capped.
+    retry_after: Option<Duration>,
+}
+
+/// Parses a `Retry-After` value: delay-seconds (`120`) or an HTTP-date (`Wed, 21 Oct 2015
+/// 07:28:00 GMT`, relative to `now`; a past date is zero). The result is capped at
+/// [`MAX_RETRY_AFTER`]. Garbage, negative or fractional numbers and empty values are `None`.
+pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if value.is_empty() {
+        return None;
+    }
+    let wait = if value.bytes().all(|b| b.is_ascii_digit()) {
+        // Too many digits for a u64 is still "a very long time": capped below.
+        Duration::from_secs(value.parse::<u64>().unwrap_or(u64::MAX))
+    } else {
+        let at = httpdate::parse_http_date(value).ok()?;
+        at.duration_since(now).unwrap_or(Duration::ZERO)
+    };
+    Some(wait.min(MAX_RETRY_AFTER))
 }
 
 /// True when the error chain holds a broken pipe or a connection reset.
@@ -309,16 +351,23 @@ fn is_broken_connection(err: &reqwest::Error) -> bool {
     false
 }
 
-/// Maps a non-success status to its error (401, 413, 429, 5xx, other 4xx, anything else).
-fn status_error(status: StatusCode, body: &[u8], sensor_id: &str) -> ApiError {
+/// Maps a non-success status to its error (401, 413, 429, 5xx, other 4xx, anything else);
+/// 429 and 5xx carry the answer's `Retry-After`.
+fn status_error(
+    status: StatusCode,
+    body: &[u8],
+    retry_after: Option<Duration>,
+    sensor_id: &str,
+) -> ApiError {
     match status.as_u16() {
         401 => ApiError::Unauthorized {
             sensor_id: sensor_id.to_owned(),
         },
         413 => ApiError::TooLarge,
-        429 => ApiError::Busy,
+        429 => ApiError::Busy { retry_after },
         500..=599 => ApiError::Server {
             status: status.as_u16(),
+            retry_after,
         },
         400..=499 => ApiError::Rejected {
             status: status.as_u16(),
@@ -383,6 +432,9 @@ impl Endpoints {
             segments.extend(tail);
         }
         let mut query: Vec<String> = Vec::new();
+        // Sent on every call, also on DELETE of one result and GET filters where the documented
+        // syntax has no query: a client used against real servers sends it there, a server that
+        // scopes results per instance needs it to find the scan, and the others ignore it.
         if let Some(id) = &self.sensor_instance_id {
             query.push(format!("sensorInstanceId={}", encode_query_value(id)));
         }
@@ -502,8 +554,9 @@ mod tests {
 
     #[test]
     fn status_table() {
-        let kinds =
-            |code: u16| status_error(StatusCode::from_u16(code).unwrap(), b"nope", SENSOR).kind();
+        let kinds = |code: u16| {
+            status_error(StatusCode::from_u16(code).unwrap(), b"nope", None, SENSOR).kind()
+        };
         assert_eq!(kinds(401), "unauthorized");
         assert_eq!(kinds(413), "too_large");
         assert_eq!(kinds(429), "busy");
@@ -512,12 +565,56 @@ mod tests {
         assert_eq!(kinds(400), "rejected");
         assert_eq!(kinds(403), "rejected");
         assert_eq!(kinds(302), "protocol");
-        match status_error(StatusCode::BAD_REQUEST, b"bad form\n", SENSOR) {
+        match status_error(StatusCode::BAD_REQUEST, b"bad form\n", None, SENSOR) {
             ApiError::Rejected { status, body } => {
                 assert_eq!(status, 400);
                 assert_eq!(body, "bad form");
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn retry_after_seconds_dates_garbage_and_caps() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_445_412_480); // 2015-10-21 07:28:00
+        let p = |v: &str| parse_retry_after(v, now);
+        assert_eq!(p("0"), Some(Duration::ZERO));
+        assert_eq!(p(" 120 "), Some(Duration::from_secs(120)));
+        assert_eq!(p("300"), Some(MAX_RETRY_AFTER));
+        assert_eq!(p("301"), Some(MAX_RETRY_AFTER));
+        assert_eq!(p("99999999999999999999999999"), Some(MAX_RETRY_AFTER));
+        assert_eq!(
+            p("Wed, 21 Oct 2015 07:28:30 GMT"),
+            Some(Duration::from_secs(30))
+        );
+        // A date in the past: retry now.
+        assert_eq!(p("Wed, 21 Oct 2015 07:00:00 GMT"), Some(Duration::ZERO));
+        // Far future date: capped.
+        assert_eq!(p("Fri, 31 Dec 2100 23:59:59 GMT"), Some(MAX_RETRY_AFTER));
+        for garbage in [
+            "",
+            "  ",
+            "-5",
+            "+5",
+            "1.5",
+            "soon",
+            "12abc",
+            "Wed, 99 Oct 2015",
+            "\u{e9}",
+        ] {
+            assert_eq!(p(garbage), None, "{garbage:?}");
+        }
+    }
+
+    #[test]
+    fn busy_and_server_errors_carry_retry_after() {
+        let wait = Some(Duration::from_secs(7));
+        let busy = status_error(StatusCode::TOO_MANY_REQUESTS, b"", wait, SENSOR);
+        assert_eq!(busy.retry_after(), wait);
+        assert!(busy.to_string().contains("retry after 7s"), "{busy}");
+        let server = status_error(StatusCode::SERVICE_UNAVAILABLE, b"", wait, SENSOR);
+        assert_eq!(server.retry_after(), wait);
+        let other = status_error(StatusCode::BAD_REQUEST, b"", wait, SENSOR);
+        assert_eq!(other.retry_after(), None);
     }
 }

@@ -8,6 +8,7 @@
 use std::error::Error as StdError;
 use std::io;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use rustls::{AlertDescription, CertificateError};
 
@@ -31,13 +32,18 @@ pub enum ApiError {
     #[error("KATA answered 413: the object is larger than the maximum object size")]
     TooLarge,
     /// 429: too many simultaneous scans; try again later.
-    #[error("KATA answered 429: too many simultaneous scan requests, try again later")]
-    Busy,
+    #[error("KATA answered 429: too many simultaneous scan requests, try again later{}", after(*retry_after))]
+    Busy {
+        /// The server's `Retry-After`, when it sent a usable one (capped).
+        retry_after: Option<Duration>,
+    },
     /// 5xx: a server-side failure; try again later.
-    #[error("KATA answered {status}: server error, try again later")]
+    #[error("KATA answered {status}: server error, try again later{}", after(*retry_after))]
     Server {
         /// The HTTP status code.
         status: u16,
+        /// The server's `Retry-After`, when it sent a usable one (capped).
+        retry_after: Option<Duration>,
     },
     /// Any other 4xx: permanent for that request.
     #[error("KATA rejected the request with {status}: {body}")]
@@ -70,6 +76,16 @@ pub enum ApiError {
     )]
     ClientCertRefused {
         /// The alert or error seen.
+        detail: String,
+    },
+    /// The server on the KATA port does not speak TLS: a plain-HTTP server, another service, or
+    /// garbage where a TLS record was expected.
+    #[error(
+        "the server does not speak TLS on this port ({detail}): is it a plain-HTTP server or \
+         another service? Check the port and scheme of server.url"
+    )]
+    NotTls {
+        /// What the TLS layer said.
         detail: String,
     },
     /// Connecting, sending or receiving failed (refused, reset, timed out, DNS...).
@@ -106,8 +122,16 @@ impl ApiError {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            ApiError::Busy | ApiError::Server { .. } | ApiError::Transport { .. }
+            ApiError::Busy { .. } | ApiError::Server { .. } | ApiError::Transport { .. }
         )
+    }
+
+    /// The server's `Retry-After` (already capped) for 429 and 5xx answers that carried one.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ApiError::Busy { retry_after } | ApiError::Server { retry_after, .. } => *retry_after,
+            _ => None,
+        }
     }
 
     /// A short stable label for metrics and logs.
@@ -115,12 +139,13 @@ impl ApiError {
         match self {
             ApiError::Unauthorized { .. } => "unauthorized",
             ApiError::TooLarge => "too_large",
-            ApiError::Busy => "busy",
+            ApiError::Busy { .. } => "busy",
             ApiError::Server { .. } => "server",
             ApiError::Rejected { .. } => "rejected",
             ApiError::ServerNotTrusted { .. } => "server_not_trusted",
             ApiError::PinMismatch { .. } => "pin_mismatch",
             ApiError::ClientCertRefused { .. } => "client_cert_refused",
+            ApiError::NotTls { .. } => "not_tls",
             ApiError::Transport { .. } => "transport",
             ApiError::Protocol { .. } => "protocol",
             ApiError::Setup { .. } => "setup",
@@ -161,11 +186,26 @@ impl ApiError {
                         detail: format!("alert received: {alert:?}"),
                     };
                 }
+                // Plain HTTP ("HTTP/1.1 200 OK" read as a TLS record) or random bytes.
+                rustls::Error::InvalidMessage(_)
+                | rustls::Error::InappropriateMessage { .. }
+                | rustls::Error::InappropriateHandshakeMessage { .. } => {
+                    return ApiError::NotTls {
+                        detail: tls.to_string(),
+                    };
+                }
                 _ => {}
             }
         }
         ApiError::Transport { source: err }
     }
+}
+
+/// `" (retry after 30s)"` when the server said when to come back.
+fn after(retry_after: Option<Duration>) -> String {
+    retry_after.map_or_else(String::new, |d| {
+        format!(" (retry after {})", humantime::format_duration(d))
+    })
 }
 
 /// Alerts a server sends when it does not accept the client certificate.
@@ -290,6 +330,31 @@ pub enum TlsError {
         /// What is wrong.
         detail: String,
     },
+    /// The client key file can be read by users other than its owner and group.
+    #[error(
+        "the client key file {} is readable by other users (mode {mode:04o}): run `chmod 600 {}`",
+        path.display(),
+        path.display()
+    )]
+    KeyReadableByOthers {
+        /// The key file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// The private key does not belong to the client certificate.
+    #[error(
+        "the client key {} does not belong to the client certificate {}: configure the key that \
+         was generated with this certificate",
+        key.display(),
+        cert.display()
+    )]
+    KeyMismatch {
+        /// The certificate file.
+        cert: PathBuf,
+        /// The key file.
+        key: PathBuf,
+    },
     /// No CA was configured and the system trust store holds no usable certificate.
     #[error("no CA certificate configured and no system root certificates found: {detail}")]
     NoSystemRoots {
@@ -318,9 +383,22 @@ mod tests {
                 false,
             ),
             (ApiError::TooLarge, false),
-            (ApiError::Busy, true),
-            (ApiError::Server { status: 500 }, true),
-            (ApiError::Server { status: 503 }, true),
+            (ApiError::Busy { retry_after: None }, true),
+            (
+                ApiError::Server {
+                    status: 500,
+                    retry_after: None,
+                },
+                true,
+            ),
+            (
+                ApiError::Server {
+                    status: 503,
+                    retry_after: Some(Duration::from_secs(3)),
+                },
+                true,
+            ),
+            (ApiError::NotTls { detail: "x".into() }, false),
             (
                 ApiError::Rejected {
                     status: 400,

@@ -4,21 +4,27 @@
 //! every failure into an [`ApiError`] for the callers to act on.
 //!
 //! - [`tls`]: certificates, keys, fingerprint pinning, the rustls configuration;
-//! - [`wire`]: [`ScanId`], [`ScanState`], [`ScanResult`], [`Restrictions`] and their parsers;
-//! - `multipart`: the exact-length streaming upload body;
-//! - [`client`]: [`KataClient`], URLs and status mapping;
+//! - [`wire`]: [`ScanId`], [`ScanState`], [`ScanResult`], [`Restrictions`] and their parsers,
+//!   fail-closed ([`merge_duplicates`] folds a scanId reported twice, `detect` wins);
+//! - [`multipart`]: the exact-length streaming upload body ([`multipart::encode_upload`] runs
+//!   it in memory for fuzzing and property tests);
+//! - [`client`]: [`KataClient`], URLs, status mapping, capped answers and `Retry-After`
+//!   ([`parse_retry_after`]);
 //! - [`error`]: [`ApiError`], [`TlsError`].
 
 pub mod client;
 pub mod error;
-mod multipart;
+pub mod multipart;
 pub mod tls;
 pub mod wire;
 
 pub use client::{
     ClientOptions, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_IDLE_PER_HOST, DEFAULT_REQUEST_TIMEOUT,
-    DeleteOutcome, KataClient, Submitted,
+    DeleteOutcome, KataClient, MAX_RETRY_AFTER, Submitted, parse_retry_after,
 };
 pub use error::{ApiError, TlsError};
 pub use tls::{TlsOptions, parse_fingerprint};
-pub use wire::{Restrictions, ScanId, ScanResult, ScanState, parse_restrictions, parse_results};
+pub use wire::{
+    Contradiction, Restrictions, ScanId, ScanResult, ScanState, merge_duplicates,
+    parse_restrictions, parse_results,
+};

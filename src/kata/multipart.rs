@@ -246,6 +246,72 @@ impl<R: AsyncRead + Unpin> Body for UploadBody<R> {
     }
 }
 
+/// One upload body built in memory, for fuzzing and property tests of the framing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EncodedUpload {
+    /// The `Content-Type` header value (with the boundary).
+    pub content_type: String,
+    /// The `Content-Length` the client would declare.
+    pub declared_len: u64,
+    /// The bytes the streaming body actually produced.
+    pub body: Vec<u8>,
+    /// The SHA-256 the body reported for the file bytes.
+    pub sha256: [u8; 32],
+}
+
+/// Runs the real streaming body of `POST scans` over `content` (read in small pieces through
+/// `chunk` bytes at a time, to exercise every seam) and collects what it sends. For fuzz targets
+/// and property tests: the framing logic is the one used on the wire.
+pub async fn encode_upload(
+    scan_id: &ScanId,
+    content: &[u8],
+    chunk: usize,
+) -> Result<EncodedUpload, io::Error> {
+    use http_body_util::BodyExt as _;
+    let framing = Framing::new(scan_id);
+    let content_type = framing.content_type();
+    let declared_len = framing.total_len(content.len() as u64);
+    let reader = ChunkedReader {
+        data: content,
+        chunk: chunk.max(1),
+    };
+    let (body, digest_rx) = UploadBody::new(reader, content.len() as u64, framing);
+    let collected = body
+        .collect()
+        .await
+        .map_err(|e| io::Error::new(e.kind, e.message))?
+        .to_bytes();
+    let digest = digest_rx
+        .await
+        .map_err(|_| io::Error::other("the body reported no digest"))?;
+    Ok(EncodedUpload {
+        content_type,
+        declared_len,
+        body: collected.to_vec(),
+        sha256: digest.sha256,
+    })
+}
+
+/// An `AsyncRead` over a slice that yields at most `chunk` bytes per read.
+struct ChunkedReader<'a> {
+    data: &'a [u8],
+    chunk: usize,
+}
+
+impl AsyncRead for ChunkedReader<'_> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let n = self.chunk.min(self.data.len()).min(buf.remaining());
+        let (head, tail) = self.data.split_at(n);
+        buf.put_slice(head);
+        self.data = tail;
+        Poll::Ready(Ok(()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,19 +10,27 @@
 //! - neither: the system roots.
 //!
 //! There is deliberately no way to switch verification off. Key material is never logged.
+//!
+//! Loading also checks the client credentials: a key file readable by other users is refused
+//! (group-readable only warns), checked on the opened file's `fstat`; a key that does not belong
+//! to the certificate is refused naming both files. [`TlsOptions::client_cert_not_after`] gives
+//! the certificate's expiry for `check`, the start-up warning and the metrics.
 
 use std::fmt;
 use std::fs;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::sign::CertifiedKey;
 use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+    CertificateError, ClientConfig, DigitallySignedStruct, InconsistentKeys, RootCertStore,
+    SignatureScheme,
 };
 use sha2::{Digest, Sha256};
 
@@ -43,6 +51,10 @@ pub struct TlsOptions {
     pub ca_roots: Option<Vec<CertificateDer<'static>>>,
     /// SHA-256 of the server's leaf certificate (DER).
     pub server_pin: Option<[u8; 32]>,
+    /// A problem found while loading that does not stop it (a group-readable key): logged
+    /// then, and again by [`warn_at_start`] and `check`, since configuration loads before
+    /// logging is set up.
+    pub load_warning: Option<String>,
 }
 
 impl fmt::Debug for TlsOptions {
@@ -63,6 +75,7 @@ impl Clone for TlsOptions {
             client_key: self.client_key.clone_key(),
             ca_roots: self.ca_roots.clone(),
             server_pin: self.server_pin,
+            load_warning: self.load_warning.clone(),
         }
     }
 }
@@ -84,9 +97,9 @@ impl TlsOptions {
             })
         };
         let cert_pem = read(WHAT_CERT, client_cert)?;
-        let key_pem = read(WHAT_KEY, client_key)?;
+        let (key_pem, load_warning) = read_private_file(client_key)?;
         let ca_pem = ca_cert.map(|p| read(WHAT_CA, p)).transpose()?;
-        Ok(TlsOptions {
+        let opts = TlsOptions {
             client_chain: parse_certs(WHAT_CERT, client_cert, &cert_pem)?,
             client_key: parse_key(client_key, &key_pem)?,
             ca_roots: match (ca_cert, ca_pem) {
@@ -94,7 +107,35 @@ impl TlsOptions {
                 _ => None,
             },
             server_pin,
-        })
+            load_warning,
+        };
+        opts.check_key_matches(client_cert, client_key)?;
+        Ok(opts)
+    }
+
+    /// Refuses a key that does not belong to the leaf certificate (their public keys differ).
+    /// A key whose public half rustls cannot derive is let through: the handshake decides.
+    fn check_key_matches(&self, cert: &Path, key: &Path) -> Result<(), TlsError> {
+        let signing = rustls::crypto::ring::sign::any_supported_type(&self.client_key)
+            .map_err(|e| invalid(WHAT_KEY, key, format!("unsupported key: {e}")))?;
+        match CertifiedKey::new(self.client_chain.clone(), signing).keys_match() {
+            Ok(()) | Err(rustls::Error::InconsistentKeys(InconsistentKeys::Unknown)) => Ok(()),
+            Err(rustls::Error::InconsistentKeys(InconsistentKeys::KeyMismatch)) => {
+                Err(TlsError::KeyMismatch {
+                    cert: cert.to_owned(),
+                    key: key.to_owned(),
+                })
+            }
+            Err(e) => Err(invalid(WHAT_CERT, cert, e.to_string())),
+        }
+    }
+
+    /// The leaf client certificate's notAfter, in Unix seconds; `None` when it cannot be
+    /// parsed.
+    pub fn client_cert_not_after(&self) -> Option<i64> {
+        let leaf = self.client_chain.first()?;
+        let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+        Some(cert.validity().not_after.timestamp())
     }
 
     /// Same as [`TlsOptions::from_pem_files`] from PEM text in memory (tests, generated
@@ -106,15 +147,103 @@ impl TlsOptions {
         server_pin: Option<[u8; 32]>,
     ) -> Result<Self, TlsError> {
         let mem = Path::new("<memory>");
-        Ok(TlsOptions {
+        let opts = TlsOptions {
             client_chain: parse_certs(WHAT_CERT, mem, client_cert)?,
             client_key: parse_key(mem, client_key)?,
             ca_roots: ca_cert
                 .map(|pem| parse_certs(WHAT_CA, mem, pem))
                 .transpose()?,
             server_pin,
-        })
+            load_warning: None,
+        };
+        opts.check_key_matches(mem, mem)?;
+        Ok(opts)
     }
+}
+
+/// Below this many days left, the client certificate's expiry is warned about.
+pub const EXPIRY_WARNING_DAYS: i64 = 30;
+
+/// Whole days from `now` to `not_after` (Unix seconds), rounded down; negative once expired.
+pub fn days_left(not_after: i64, now: SystemTime) -> i64 {
+    let now = match now.duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_secs()).unwrap_or(i64::MAX),
+    };
+    not_after.saturating_sub(now).div_euclid(86_400)
+}
+
+/// Unix seconds as RFC 3339 (`2027-01-01T00:00:00Z`); dates before 1970 print as the epoch.
+pub fn format_unix(secs: i64) -> String {
+    let at = UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).unwrap_or(0));
+    humantime::format_rfc3339_seconds(at).to_string()
+}
+
+/// The advice for a certificate with `days` left (negative: expired).
+pub fn expiry_warning(days: i64) -> String {
+    if days < 0 {
+        format!(
+            "the client certificate expired {} days ago: issue a new one (the server will refuse this one; a new certificate needs a new integration in KATA)",
+            -days
+        )
+    } else {
+        format!(
+            "the client certificate expires in {days} days: issue a new one before then (a new certificate needs a new integration in KATA)"
+        )
+    }
+}
+
+/// At agent start (logging is set up by then): repeats the load warning (a group-readable key),
+/// logs a warning when the client certificate expires within [`EXPIRY_WARNING_DAYS`] (or has
+/// expired), and returns its notAfter (Unix seconds) for the metrics.
+pub fn warn_at_start(opts: &TlsOptions) -> Option<i64> {
+    if let Some(warning) = &opts.load_warning {
+        tracing::warn!("{warning}");
+    }
+    let not_after = opts.client_cert_not_after()?;
+    let days = days_left(not_after, SystemTime::now());
+    if days < EXPIRY_WARNING_DAYS {
+        tracing::warn!(
+            not_after = %format_unix(not_after),
+            days_left = days,
+            "{}",
+            expiry_warning(days)
+        );
+    }
+    Some(not_after)
+}
+
+/// Reads the client key after checking, on the opened file's `fstat` (no window between check
+/// and read), that other users cannot read it; group-readable only warns (logged and returned).
+fn read_private_file(path: &Path) -> Result<(Vec<u8>, Option<String>), TlsError> {
+    use std::io::Read as _;
+    use std::os::unix::fs::PermissionsExt as _;
+    let read_err = |source| TlsError::Read {
+        what: WHAT_KEY,
+        path: path.to_owned(),
+        source,
+    };
+    let mut file = fs::File::open(path).map_err(read_err)?;
+    let mode = file.metadata().map_err(read_err)?.permissions().mode() & 0o7777;
+    if mode & 0o007 != 0 {
+        return Err(TlsError::KeyReadableByOthers {
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    let warning = (mode & 0o070 != 0).then(|| {
+        format!(
+            "the client key file {} is readable by its group (mode {mode:04o}): run `chmod 600 {}` unless that group needs it",
+            path.display(),
+            path.display()
+        )
+    });
+    if let Some(w) = &warning {
+        tracing::warn!("{w}");
+    }
+    let mut pem = Vec::new();
+    file.read_to_end(&mut pem).map_err(read_err)?;
+    Ok((pem, warning))
 }
 
 fn invalid(what: &'static str, path: &Path, detail: impl Into<String>) -> TlsError {
@@ -416,9 +545,91 @@ mod tests {
             client_key: PrivateKeyDer::Pkcs8(vec![0x42; 16].into()),
             ca_roots: None,
             server_pin: None,
+            load_warning: None,
         };
         let dbg = format!("{opts:?}");
         assert!(dbg.contains("redacted"));
         assert!(!dbg.contains("66"));
+    }
+
+    fn write_mode(path: &Path, bytes: &[u8], mode: u32) {
+        use std::os::unix::fs::PermissionsExt as _;
+        fs::write(path, bytes).unwrap();
+        fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    #[test]
+    fn client_key_readable_by_others_is_refused_with_chmod_advice() {
+        let dir = tempfile::tempdir().unwrap();
+        let certs = crate::emulator::CertBundle::generate(&[]).unwrap();
+        let cert = dir.path().join("client.crt");
+        let key = dir.path().join("client.key");
+        fs::write(&cert, &certs.client_cert_pem).unwrap();
+        for mode in [0o644, 0o604, 0o601, 0o602, 0o666] {
+            write_mode(&key, certs.client_key_pem.as_bytes(), mode);
+            let err = TlsOptions::from_pem_files(&cert, &key, None, None).unwrap_err();
+            let msg = err.to_string();
+            assert!(matches!(err, TlsError::KeyReadableByOthers { .. }), "{msg}");
+            assert!(
+                msg.contains(&format!("chmod 600 {}", key.display())),
+                "{msg}"
+            );
+        }
+        // Group-readable only warns; owner-only is fine.
+        write_mode(&key, certs.client_key_pem.as_bytes(), 0o640);
+        let opts = TlsOptions::from_pem_files(&cert, &key, None, None).unwrap();
+        let warning = opts.load_warning.unwrap();
+        assert!(warning.contains("readable by its group"), "{warning}");
+        for mode in [0o600, 0o400] {
+            write_mode(&key, certs.client_key_pem.as_bytes(), mode);
+            let opts = TlsOptions::from_pem_files(&cert, &key, None, None).unwrap();
+            assert_eq!(opts.load_warning, None);
+        }
+    }
+
+    #[test]
+    fn client_key_of_another_certificate_is_refused_naming_both_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut certs = crate::emulator::CertBundle::generate(&[]).unwrap();
+        let (other_cert, _other_key) = certs.issue_client("other").unwrap();
+        certs.client_cert_pem = other_cert;
+        let cert = dir.path().join("client.crt");
+        let key = dir.path().join("client.key");
+        fs::write(&cert, &certs.client_cert_pem).unwrap();
+        write_mode(&key, certs.client_key_pem.as_bytes(), 0o600);
+        let err = TlsOptions::from_pem_files(&cert, &key, None, None).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, TlsError::KeyMismatch { .. }), "{msg}");
+        assert!(msg.contains(&cert.display().to_string()), "{msg}");
+        assert!(msg.contains(&key.display().to_string()), "{msg}");
+        let mem = TlsOptions::from_pem(
+            certs.client_cert_pem.as_bytes(),
+            certs.client_key_pem.as_bytes(),
+            None,
+            None,
+        )
+        .unwrap_err();
+        assert!(matches!(mem, TlsError::KeyMismatch { .. }), "{mem}");
+    }
+
+    #[test]
+    fn client_cert_expiry_is_read_and_counted_in_days() {
+        let certs = crate::emulator::CertBundle::generate(&[]).unwrap();
+        let opts = TlsOptions::from_pem(
+            certs.client_cert_pem.as_bytes(),
+            certs.client_key_pem.as_bytes(),
+            None,
+            None,
+        )
+        .unwrap();
+        let not_after = opts.client_cert_not_after().unwrap();
+        assert!(not_after > 1_700_000_000, "{not_after}");
+        let at = |secs: u64| UNIX_EPOCH + Duration::from_secs(secs);
+        assert_eq!(days_left(86_400 * 10, at(0)), 10);
+        assert_eq!(days_left(86_400 * 10, at(86_400 * 10 - 1)), 0);
+        assert_eq!(days_left(86_400 * 10, at(86_400 * 10 + 1)), -1);
+        assert_eq!(format_unix(0), "1970-01-01T00:00:00Z");
+        assert!(expiry_warning(-3).contains("expired 3 days ago"));
+        assert!(expiry_warning(12).contains("expires in 12 days"));
     }
 }

@@ -4,7 +4,12 @@
 //! results body may be `{"scans":[...]}` or a top-level array, `scanId` a string or a number,
 //! `state` a string or an array; unknown fields are ignored and garbage is an
 //! [`ApiError::Protocol`], never a panic. These functions are pure and know nothing of HTTP.
+//!
+//! Several reports of one scan are folded fail-closed: a `state` array counts as final if any
+//! entry is final and `detect` wins over every other entry; [`merge_duplicates`] does the same
+//! for a scanId listed twice in one body and reports contradicting final states.
 
+use std::collections::HashMap;
 use std::fmt;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -205,8 +210,9 @@ fn parse_json(body: &[u8]) -> Result<Option<Value>, ApiError> {
 /// Accepted shapes: a top-level array of items; an object holding the array under `scans`
 /// (or `results`, `items`, `data`, `objects`, any case); an object that is itself one item;
 /// an empty object. Per item: `scanId` (also `scanID`, `scan_id`) as a string or an integer;
-/// `state` as a string or an array of strings, where the first element naming a known state
-/// wins (else the first string, as [`ScanState::Unknown`]). Items without a usable scanId are
+/// `state` as a string or an array of strings, folded fail-closed: `detect` anywhere in the
+/// array wins, else any final state makes the item final (else the first string, as
+/// [`ScanState::Unknown`]). Items without a usable scanId are
 /// skipped; an item without a state is reported as `Unknown("")`.
 pub fn parse_results(body: &[u8]) -> Result<Vec<ScanResult>, ApiError> {
     let Some(value) = parse_json(body)? else {
@@ -284,18 +290,90 @@ fn parse_item(item: &Value) -> Option<ScanResult> {
     Some(ScanResult { scan_id, state })
 }
 
+/// Folds the entries of a `state` array fail-closed: `detect` anywhere wins, then any other
+/// final state (`error`, `timeout`, `not detected`, in that order), then `processing`; with no
+/// known entry the first string is kept as [`ScanState::Unknown`].
 fn state_from_array(states: &[Value]) -> ScanState {
-    let strings = states.iter().filter_map(Value::as_str);
+    let mut best: Option<ScanState> = None;
     let mut first_unknown = None;
-    for s in strings {
+    for s in states.iter().filter_map(Value::as_str) {
         match ScanState::from_wire(s) {
             ScanState::Unknown(u) => {
                 first_unknown.get_or_insert(u);
             }
-            known => return known,
+            known => {
+                if best.as_ref().is_none_or(|b| severity(&known) > severity(b)) {
+                    best = Some(known);
+                }
+            }
         }
     }
-    ScanState::Unknown(first_unknown.unwrap_or_default())
+    best.unwrap_or_else(|| ScanState::Unknown(first_unknown.unwrap_or_default()))
+}
+
+/// Rank used to fold several reports of one scan fail-closed: the higher wins.
+fn severity(state: &ScanState) -> u8 {
+    match state {
+        ScanState::Detect => 5,
+        ScanState::Error => 4,
+        ScanState::Timeout => 3,
+        ScanState::NotDetected => 2,
+        ScanState::Processing => 1,
+        ScanState::Unknown(_) => 0,
+    }
+}
+
+/// Two different final states reported for one scanId in one results body.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Contradiction {
+    /// The scanId as received.
+    pub scan_id: String,
+    /// Every distinct final state reported for it, in order of appearance.
+    pub states: Vec<ScanState>,
+}
+
+/// Folds the entries of one results body that share a scanId into one entry each, fail-closed,
+/// keeping the order of first appearance.
+///
+/// The folded state is the most severe one reported (`detect` > `error` > `timeout` >
+/// `not detected` > `processing` > unknown): a scan reported both `not detected` and `detect`
+/// is `detect`, and a scan reported final anywhere is final. Each scanId reported with two or
+/// more *different final* states also yields a [`Contradiction`], for the caller to log as an
+/// anomaly. Pure; results without duplicates come back unchanged.
+pub fn merge_duplicates(results: Vec<ScanResult>) -> (Vec<ScanResult>, Vec<Contradiction>) {
+    let mut merged: Vec<ScanResult> = Vec::with_capacity(results.len());
+    let mut index: HashMap<String, usize> = HashMap::with_capacity(results.len());
+    let mut finals: HashMap<String, Vec<ScanState>> = HashMap::new();
+    for result in results {
+        if result.state.is_final() {
+            let seen = finals.entry(result.scan_id.clone()).or_default();
+            if !seen.contains(&result.state) {
+                seen.push(result.state.clone());
+            }
+        }
+        match index.get(&result.scan_id) {
+            Some(&i) => {
+                if severity(&result.state) > severity(&merged[i].state) {
+                    merged[i].state = result.state;
+                }
+            }
+            None => {
+                index.insert(result.scan_id.clone(), merged.len());
+                merged.push(result);
+            }
+        }
+    }
+    let contradictions = merged
+        .iter()
+        .filter_map(|r| {
+            let states = finals.remove(&r.scan_id)?;
+            (states.len() > 1).then(|| Contradiction {
+                scan_id: r.scan_id.clone(),
+                states,
+            })
+        })
+        .collect();
+    (merged, contradictions)
 }
 
 /// Parses the body of `GET scans/filters` (200). `maxObjectSize` may be an integer, a float
@@ -510,5 +588,69 @@ mod tests {
         }
         assert!(parse_restrictions(b"[1]").is_err());
         assert!(parse_restrictions(b"nope").is_err());
+    }
+
+    #[test]
+    fn state_array_with_detect_anywhere_is_detect() {
+        for body in [
+            &br#"[{"scanId":"a","state":["not detected","detect"]}]"#[..],
+            br#"[{"scanId":"a","state":["processing","weird","detect"]}]"#,
+            br#"[{"scanId":"a","state":["error","detect","timeout"]}]"#,
+        ] {
+            assert_eq!(
+                parse_results(body).unwrap(),
+                vec![r("a", ScanState::Detect)],
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    #[test]
+    fn state_array_with_a_final_entry_is_final() {
+        let body = br#"[{"scanId":"a","state":["processing","not detected"]},
+            {"scanId":"b","state":["not detected","error"]},
+            {"scanId":"c","state":["processing","x"]}]"#;
+        assert_eq!(
+            parse_results(body).unwrap(),
+            vec![
+                r("a", ScanState::NotDetected),
+                r("b", ScanState::Error),
+                r("c", ScanState::Processing)
+            ]
+        );
+    }
+
+    #[test]
+    fn duplicate_scan_ids_fold_fail_closed_and_report_contradictions() {
+        let (merged, contradictions) = merge_duplicates(vec![
+            r("a", ScanState::NotDetected),
+            r("b", ScanState::Processing),
+            r("a", ScanState::Detect),
+            r("b", ScanState::NotDetected),
+            r("c", ScanState::Timeout),
+            r("a", ScanState::NotDetected),
+        ]);
+        assert_eq!(
+            merged,
+            vec![
+                r("a", ScanState::Detect),
+                r("b", ScanState::NotDetected),
+                r("c", ScanState::Timeout)
+            ]
+        );
+        assert_eq!(
+            contradictions,
+            vec![Contradiction {
+                scan_id: "a".into(),
+                states: vec![ScanState::NotDetected, ScanState::Detect],
+            }]
+        );
+        // No duplicates: unchanged, no contradiction.
+        let plain = vec![r("x", ScanState::Detect), r("y", ScanState::Error)];
+        assert_eq!(merge_duplicates(plain.clone()), (plain, vec![]));
+        // The same final state twice is no contradiction.
+        let (m, c) = merge_duplicates(vec![r("x", ScanState::Error), r("x", ScanState::Error)]);
+        assert_eq!((m, c), (vec![r("x", ScanState::Error)], vec![]));
     }
 }
