@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 use crate::app::Shared;
 use crate::claim::Claimed;
 use crate::journal::{Decision, FileId, FileRecord, ScanVerdict};
-use crate::kata::{ScanId, ScanResult, ScanState};
+use crate::kata::{ScanId, ScanState};
 use crate::limits::InFlight;
 use crate::sort::Verdict;
 use crate::upload::{Resubmit, Submitted};
@@ -85,50 +85,6 @@ struct Recent {
     sha256: [u8; 32],
     verdict: ScanVerdict,
     until: Instant,
-}
-
-/// How much a state weighs when one answer lists a scan more than once: the heaviest wins, and
-/// `detect` is the heaviest (fail closed).
-fn weight(s: &ScanState) -> u8 {
-    match s {
-        ScanState::Detect => 5,
-        ScanState::Error => 4,
-        ScanState::Timeout => 3,
-        ScanState::NotDetected => 2,
-        ScanState::Processing => 1,
-        ScanState::Unknown(_) => 0,
-    }
-}
-
-/// Folds duplicate entries for one scanId into one, `detect` first (see [`weight`]); keeps the
-/// order of first appearance. Returns the folded list and the scanIds whose entries disagreed
-/// on a final state.
-fn fold_results(results: Vec<ScanResult>) -> (Vec<ScanResult>, Vec<String>) {
-    let mut at: HashMap<String, usize> = HashMap::new();
-    let mut out: Vec<ScanResult> = Vec::with_capacity(results.len());
-    let mut contradictions = Vec::new();
-    for r in results {
-        match at.get(&r.scan_id) {
-            Some(&i) => {
-                let kept = &mut out[i];
-                if kept.state != r.state
-                    && kept.state.is_final()
-                    && r.state.is_final()
-                    && !contradictions.contains(&r.scan_id)
-                {
-                    contradictions.push(r.scan_id.clone());
-                }
-                if weight(&r.state) > weight(&kept.state) {
-                    kept.state = r.state;
-                }
-            }
-            None => {
-                at.insert(r.scan_id.clone(), out.len());
-                out.push(r);
-            }
-        }
-    }
-    (out, contradictions)
 }
 
 /// Runs the poller until shutdown. `submitted` and `unconfirmed` come from the journal at start-up
@@ -267,8 +223,9 @@ impl Poller<'_> {
                 return false;
             }
         };
-        let (results, contradictions) = fold_results(results);
-        for scan_id in contradictions {
+        // One answer listing a scan twice is folded fail-closed (detect wins).
+        let (results, contradictions) = crate::kata::merge_duplicates(results);
+        for scan_id in contradictions.into_iter().map(|c| c.scan_id) {
             let text = format!(
                 "server anomaly: one results answer lists scan {scan_id} with contradicting final states; the most cautious one is used"
             );
@@ -504,6 +461,7 @@ impl Poller<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kata::ScanResult;
 
     fn r(id: &str, state: ScanState) -> ScanResult {
         ScanResult {
@@ -533,7 +491,7 @@ mod tests {
 
     #[test]
     fn duplicate_entries_for_one_scan_in_one_answer_fold_to_detect() {
-        let (folded, contradictions) = fold_results(vec![
+        let (folded, contradictions) = crate::kata::merge_duplicates(vec![
             r("a", ScanState::NotDetected),
             r("b", ScanState::NotDetected),
             r("a", ScanState::Detect),
@@ -552,9 +510,10 @@ mod tests {
                 r("d", ScanState::Error),
             ]
         );
-        assert_eq!(contradictions, vec!["a".to_string(), "d".to_string()]);
+        let ids: Vec<String> = contradictions.into_iter().map(|c| c.scan_id).collect();
+        assert_eq!(ids, vec!["a".to_string(), "d".to_string()]);
         // Detect wins whatever the order.
-        let (folded, _) = fold_results(vec![
+        let (folded, _) = crate::kata::merge_duplicates(vec![
             r("a", ScanState::Detect),
             r("a", ScanState::NotDetected),
         ]);
