@@ -31,149 +31,25 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::claim::{self, Claimed};
-use crate::config::Config;
-use crate::error::FatalError;
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsString;
 use std::os::unix::ffi::OsStrExt;
 
-use crate::fsops::place::Claim;
+use crate::config::Config;
+pub use crate::context::{Shared, instance_of};
+use crate::error::FatalError;
+
 use crate::fsops::roots::{Owner, RootDirs, Which};
-use crate::fsops::{self, Dir, FsError};
-use crate::journal::Stamp;
+use crate::fsops::{self, Dir};
 use crate::journal::{FileId, FileState, Journal, NewClaim};
 use crate::kata::KataClient;
 use crate::limits::Limits;
 use crate::metrics::Metrics;
-use crate::upload::Resubmit;
-use crate::{poll, settle, sort, upload, watch};
+pub use crate::pipeline::Placement;
+use crate::pipeline::{Claimed, Resubmit};
+use crate::{claim, poll, settle, sort, upload, watch};
 
 /// Capacity of the placement event channel (observers that lag lose old events).
 const EVENTS_CAPACITY: usize = 1024;
-
-/// What every stage shares.
-pub struct Shared {
-    /// The validated configuration.
-    pub config: Arc<Config>,
-    /// The journal.
-    pub journal: Journal,
-    /// The protocol client (one pooled connection set).
-    pub client: KataClient,
-    /// Restrictions, rate, in-flight cap, server health.
-    pub limits: Limits,
-    /// Counters.
-    pub metrics: Arc<Metrics>,
-    /// Placement events, for the demo, tests and any observer.
-    pub events: broadcast::Sender<Placement>,
-    /// The folders of each watched root, as descriptors (same order as `config.watches`).
-    pub roots: Vec<RootDirs>,
-    /// This host, as written in the staging folders' owner markers.
-    pub owner: Owner,
-    /// Per root: whether its failed folder is on the inbox's filesystem, so that a hard-linked
-    /// file can be moved there unread.
-    pub hard_links_ok: Vec<bool>,
-    /// Paths already warned about (hard-linked files left in the inbox), to warn once.
-    warned: std::sync::Mutex<HashSet<PathBuf>>,
-}
-
-impl Shared {
-    /// The index of the watched root `root` (a journal record's root).
-    pub fn root_index(&self, root: &Path) -> Option<usize> {
-        self.config.watches.iter().position(|w| w.path == root)
-    }
-
-    /// The staging folder holding `staged` (a journal record's staged path), opened beneath
-    /// its root, and the file's name in it.
-    pub fn staging_of(&self, staged: &Path) -> Result<(Arc<Dir>, OsString), FsError> {
-        let parent = staged.parent().unwrap_or(Path::new(""));
-        let name = staged.file_name().map(OsStr::to_os_string);
-        let i = self
-            .config
-            .watches
-            .iter()
-            .position(|w| w.staging_dir == parent);
-        match (i, name) {
-            (Some(i), Some(name)) => Ok((self.roots[i].get(Which::Staging, false)?, name)),
-            _ => Err(FsError::NotBeneath {
-                path: staged.to_path_buf(),
-            }),
-        }
-    }
-
-    /// Opens a staged file for reading; it must still be the file that was hashed.
-    pub fn open_staged(&self, staged: &Path, hashed: &Stamp) -> Result<std::fs::File, FsError> {
-        let (dir, name) = self.staging_of(staged)?;
-        let (file, now) = dir.open_file(&name)?;
-        if !fsops::same_file(hashed, &now.stamp()) {
-            return Err(FsError::Changed {
-                path: staged.to_path_buf(),
-                detail: "changed since it was hashed".into(),
-            });
-        }
-        Ok(file)
-    }
-
-    /// Makes sure root `i`'s staging folder is safe to claim into: opened beneath the inbox
-    /// without following links (made again if removed) and owned by this host.
-    pub fn staging_ready(&self, i: usize) -> Result<(), FsError> {
-        let staging = self.roots[i].get(Which::Staging, true)?;
-        fsops::roots::claim_owner_if_missing(&staging, &self.owner)
-    }
-
-    /// Claims the settled file `rel` of root `i` into its staging folder as `name`.
-    pub fn claim_file(
-        &self,
-        i: usize,
-        rel: &Path,
-        settled: &Stamp,
-        name: &OsStr,
-    ) -> Result<Claim, FsError> {
-        let inbox = self.roots[i].get(Which::Inbox, false)?;
-        let staging = self.roots[i].get(Which::Staging, false)?;
-        fsops::place::claim(&inbox, rel, settled, &staging, name, self.hard_links_ok[i])
-    }
-
-    /// True the first time `path` is warned about.
-    pub fn first_warning(&self, path: &Path) -> bool {
-        let mut w = self
-            .warned
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if w.len() > 10_000 {
-            w.clear();
-        }
-        w.insert(path.to_path_buf())
-    }
-
-    /// A request to KATA failed: pause submissions accordingly, and when this changes the
-    /// server's state (up → down, or → unauthorized), keep the error for `dropscan status`.
-    pub async fn server_failed(&self, e: &crate::kata::ApiError) -> std::time::Duration {
-        let before = self.limits.health();
-        let pause = self.limits.server_failed(e);
-        if self.limits.health() != before {
-            let text = format!("KATA: {e}{}", crate::error::root_cause(e));
-            if let Err(err) = self.journal.note_error(text).await {
-                tracing::debug!(error = %err, "could not record the error in the journal");
-            }
-        }
-        pause
-    }
-}
-
-/// A file reached its destination.
-#[derive(Debug, Clone)]
-pub struct Placement {
-    /// Its watched root.
-    pub root: PathBuf,
-    /// Its path relative to the root.
-    pub rel_path: PathBuf,
-    /// Where it went.
-    pub outcome: crate::journal::Outcome,
-    /// Its final path.
-    pub dest: PathBuf,
-    /// The reason (failed) or a note.
-    pub reason: Option<String>,
-}
 
 /// The agent before it runs: lets callers subscribe to events first.
 pub struct Agent {
@@ -678,15 +554,6 @@ async fn reconcile(shared: &Shared, shutdown: &CancellationToken) -> Result<Resu
         );
     }
     Ok(resume)
-}
-
-/// The instance tag of a root's temp names: its staging folder's name (the instance id or the
-/// host name), which no other agent sharing the destination uses.
-pub fn instance_of(w: &crate::config::WatchConfig) -> String {
-    w.staging_dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default()
 }
 
 /// Periodic chores: restrictions refresh, journal pruning.

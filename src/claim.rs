@@ -13,7 +13,7 @@
 
 use std::collections::HashSet;
 use std::ffi::OsString;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -21,148 +21,25 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::app::Shared;
+use crate::context::Shared;
 use crate::fsops::place::Claim;
-use crate::fsops::{self, FsError, Renamed};
-use crate::journal::{Decision, FileId, HashedAs, NewClaim, Stamp};
+use crate::fsops::{self, Renamed};
+use crate::hashing::hash_record;
+use crate::journal::{FileId, NewClaim, Stamp};
+use crate::pipeline::{Claimed, Hashed, Verdict};
 use crate::settle::Settled;
-use crate::sort::Verdict;
 
 /// Capacity of claim → upload. Full: claim stops claiming, and files stay in the inbox, where
 /// another agent on the same share can take them.
 pub const CLAIMED_CAPACITY: usize = 64;
 /// Files hashed at once.
 const HASH_CONCURRENCY: usize = 2;
-/// Hash attempts of a file that keeps changing before it is failed.
-const HASH_TRIES: u32 = 3;
 /// How often the journal is swept for records left `claimed`.
 const STUCK_SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 /// A `claimed` record untouched this long is hashed again (longer than any hash queue).
 const STUCK_AFTER: std::time::Duration = std::time::Duration::from_secs(600);
 /// Settled files claimed in one journal transaction at most.
 const CLAIM_BATCH: usize = 64;
-
-/// A staged, hashed file ready for upload.
-#[derive(Debug, Clone)]
-pub struct Claimed {
-    /// Journal record.
-    pub id: FileId,
-    /// Path in staging.
-    pub staged: PathBuf,
-    /// SHA-256 of its content.
-    pub sha256: [u8; 32],
-    /// Its size and stamp when hashed.
-    pub stamp: Stamp,
-}
-
-/// What hashing a staged file came to.
-#[derive(Debug)]
-pub enum Hashed {
-    /// Ready for upload.
-    Ready(Claimed),
-    /// Waits for an identical file's verdict.
-    Waiting,
-    /// Decided without a scan: to the sorter.
-    Decided(Vec<FileId>),
-    /// The staged file is gone (the record is closed).
-    Gone,
-}
-
-/// Opens and hashes a staged file; retries while it changes under us.
-fn hash_blocking(shared: &Shared, staged: &Path) -> Result<([u8; 32], Stamp), FsError> {
-    let (staging, name) = shared.staging_of(staged)?;
-    let mut last = None;
-    for _ in 0..HASH_TRIES {
-        let (mut file, before) = staging.open_file(&name)?;
-        if before.nlink > 1 {
-            return Err(FsError::HardLinked {
-                path: staged.to_path_buf(),
-                nlink: before.nlink,
-            });
-        }
-        let (sha, bytes) = fsops::sha256_file(&mut file)?;
-        let after = fsops::stamp_of(&file)?;
-        if before == after && bytes == after.size {
-            return Ok((sha, after.stamp()));
-        }
-        last = Some(format!(
-            "changed while hashed ({} → {} bytes)",
-            before.size, after.size
-        ));
-    }
-    Err(FsError::Changed {
-        path: staged.to_path_buf(),
-        detail: last.unwrap_or_default(),
-    })
-}
-
-/// Hashes a claimed record's staged file and journals the result. Used for new claims, for
-/// records found `claimed` at start-up, and for files that changed after hashing.
-pub async fn hash_record(shared: &Arc<Shared>, id: FileId, staged: PathBuf) -> Hashed {
-    let path = staged.clone();
-    let sh = Arc::clone(shared);
-    let result = tokio::task::spawn_blocking(move || hash_blocking(&sh, &path)).await;
-    let result = match result {
-        Ok(r) => r,
-        Err(e) => Err(FsError::Changed {
-            path: staged.clone(),
-            detail: format!("hash task failed: {e}"),
-        }),
-    };
-    let journal = &shared.journal;
-    let outcome = match result {
-        Ok((sha256, stamp)) => {
-            shared.metrics.hashed.fetch_add(1, Ordering::Relaxed);
-            shared
-                .metrics
-                .hashed_bytes
-                .fetch_add(stamp.size, Ordering::Relaxed);
-            match journal
-                .hashed(id, sha256, stamp, shared.config.state.verdict_ttl)
-                .await
-            {
-                Ok(HashedAs::Hashed) => Ok(Hashed::Ready(Claimed {
-                    id,
-                    staged,
-                    sha256,
-                    stamp,
-                })),
-                Ok(HashedAs::Waiting) => {
-                    tracing::debug!(id, "identical content in flight: waiting for its verdict");
-                    Ok(Hashed::Waiting)
-                }
-                Ok(HashedAs::Reused(_)) => {
-                    shared.metrics.reused.fetch_add(1, Ordering::Relaxed);
-                    Ok(Hashed::Decided(vec![id]))
-                }
-                Err(e) => Err(e),
-            }
-        }
-        Err(FsError::Vanished { .. }) => journal
-            .close_vanished(id, "vanished from staging before it was hashed".into())
-            .await
-            .map(|()| Hashed::Gone),
-        Err(e) => {
-            // Unreadable, not a regular file, hard-linked, or never still: this one file fails.
-            // The reason names the user's path, not the staging name.
-            let e = match journal.get(id).await {
-                Ok(rec) => e.at(&rec.root.join(&rec.rel_path)),
-                Err(_) => e,
-            };
-            tracing::warn!(id, error = %e, "cannot hash staged file");
-            journal
-                .decide(vec![(id, Decision::failed(e.to_string(), false))])
-                .await
-                .map(Hashed::Decided)
-        }
-    };
-    outcome.unwrap_or_else(|e| {
-        // The journal is unusable (disk full?): the file stays in staging, and the record says
-        // `claimed`, so a restart hashes it again.
-        tracing::error!(id, error = %e, "journal write failed after hashing; file kept in staging");
-        Hashed::Waiting
-    })
-}
 
 /// Hands a hashing result to the next stage.
 async fn forward(

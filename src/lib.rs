@@ -18,15 +18,20 @@
 //! files), [`app`] (wiring, start-up reconciliation, shutdown), [`emulator`] (the built-in KATA
 //! stand-in), [`metrics`], and the commands.
 
-// The pipeline, in order.
+// The pipeline, in order: each stage is one module with one `run`.
 pub mod claim;
-pub mod journal;
 pub mod limits;
 pub mod poll;
 pub mod settle;
 pub mod sort;
 pub mod upload;
 pub mod watch;
+
+// What the stages share, below them (stages never import each other or `app`).
+pub mod context;
+pub mod hashing;
+pub mod journal;
+pub mod pipeline;
 
 // Around it.
 pub mod app;

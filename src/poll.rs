@@ -33,13 +33,13 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::app::Shared;
-use crate::claim::Claimed;
+use crate::context::Shared;
 use crate::journal::{Decision, FileId, FileRecord, ScanVerdict};
 use crate::kata::{ScanId, ScanState};
 use crate::limits::InFlight;
-use crate::sort::Verdict;
-use crate::upload::{Resubmit, Submitted};
+use crate::pipeline::Claimed;
+use crate::pipeline::Verdict;
+use crate::pipeline::{Resubmit, Submitted};
 
 /// Stale results deleted per tick at most.
 const STALE_DELETES_PER_TICK: usize = 100;

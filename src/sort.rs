@@ -26,14 +26,16 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::app::{Placement, Shared};
-use crate::claim::{self, Hashed};
+use crate::context::Shared;
 use crate::fsops::place::Release;
 use crate::fsops::roots::Which;
 use crate::fsops::{self, FsError};
+use crate::hashing;
 use crate::journal::{FileId, FileRecord, FileState, Outcome, now_ms};
 use crate::kata::ScanId;
-use crate::upload::Resubmit;
+use crate::pipeline::Hashed;
+use crate::pipeline::Placement;
+use crate::pipeline::{Resubmit, Verdict};
 
 /// Capacity of the edge into the sorter (from claim, upload and poll). Full: the sender waits.
 pub const VERDICTS_CAPACITY: usize = 1024;
@@ -43,13 +45,6 @@ pub const SORT_CONCURRENCY: usize = 16;
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
 /// Longest wait before retrying a move into a full or unwritable destination.
 const RETRY_MAX: Duration = Duration::from_secs(60);
-
-/// A record whose outcome is journaled and which is ready to be placed.
-#[derive(Debug, Clone, Copy)]
-pub struct Verdict {
-    /// Journal record.
-    pub id: FileId,
-}
 
 /// The sidecar written beside quarantined and failed files.
 #[derive(Serialize)]
@@ -270,7 +265,7 @@ impl Sorter {
             Outcome::Clean => 0o755,
             _ => 0o750,
         };
-        let instance = crate::app::instance_of(&self.shared.config.watches[i]);
+        let instance = crate::context::instance_of(&self.shared.config.watches[i]);
         let temp_name = fsops::names::copy_temp_name(&instance, rec.id);
         let dest_root_path = self.shared.roots[i].path(which).to_path_buf();
         // After a crash or a failed attempt in `placing`: the journaled target first (the move
@@ -381,7 +376,7 @@ impl Sorter {
         if let Err(e) = self.shared.journal.rehash(rec.id).await {
             return Step::Retry(format!("journal write failed: {e}"));
         }
-        match claim::hash_record(&self.shared, rec.id, rec.staged.clone()).await {
+        match hashing::hash_record(&self.shared, rec.id, rec.staged.clone()).await {
             Hashed::Ready(c) => self.resubmit.push(c),
             Hashed::Decided(_) => {
                 // Decided again without a scan (reused verdict or failure): the sweep places it.
@@ -424,7 +419,7 @@ impl Sorter {
                 0o644
             };
             let (sh, rel2) = (Arc::clone(&self.shared), rel.clone());
-            let instance = crate::app::instance_of(&self.shared.config.watches[i]);
+            let instance = crate::context::instance_of(&self.shared.config.watches[i]);
             let written = blocking(move || {
                 let root = sh.roots[i].get(which, false)?;
                 fsops::place::write_sidecar(&root, &rel2, &bytes, mode, &instance)

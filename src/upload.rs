@@ -15,106 +15,27 @@
 //! `hashed` record this stage does not know about (e.g. a twin that took over after its primary
 //! failed), so no hand-off can be lost.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::HashSet;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::app::Shared;
-use crate::claim::{self, Claimed, Hashed};
+use crate::context::Shared;
+use crate::hashing;
 use crate::journal::{Decision, FileId, FileState};
 use crate::kata::{ApiError, ScanId};
 use crate::limits::InFlight;
-use crate::sort::Verdict;
+use crate::pipeline::Verdict;
+use crate::pipeline::{Claimed, Hashed, Resubmit, Submitted};
 
 /// Capacity of upload → poll. The poller only files these away, so it is rarely full.
 pub const SUBMITTED_CAPACITY: usize = 1024;
 /// How often the journal is swept for `hashed` records nobody holds.
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
-
-/// A scan the server accepted.
-pub struct Submitted {
-    /// Journal record.
-    pub id: FileId,
-    /// Its scanId.
-    pub scan_id: ScanId,
-    /// SHA-256 of the bytes sent.
-    pub sha256: [u8; 32],
-    /// Accepted scans of this file so far (this one included).
-    pub attempts: u32,
-    /// When the server accepted it (monotonic: the poller's `scan_timeout` counts from here).
-    pub submitted_at: tokio::time::Instant,
-    /// Its in-flight slot, freed when the verdict is final.
-    pub slot: InFlight,
-}
-
-/// The backward edge into the uploader; see the module docs. It also knows which records are
-/// being uploaded, so that the same record is never queued twice.
-#[derive(Clone, Default)]
-pub struct Resubmit {
-    inner: Arc<(Mutex<Queue>, Notify)>,
-}
-
-#[derive(Default)]
-struct Queue {
-    waiting: VecDeque<Claimed>,
-    queued: HashSet<FileId>,
-    uploading: HashSet<FileId>,
-}
-
-impl Resubmit {
-    /// Queues a file for (re)submission, unless it is queued or being uploaded already.
-    pub fn push(&self, c: Claimed) {
-        let mut q = self.lock();
-        if q.uploading.contains(&c.id) || !q.queued.insert(c.id) {
-            return;
-        }
-        q.waiting.push_back(c);
-        drop(q);
-        self.inner.1.notify_one();
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
-        self.inner
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    fn pop(&self) -> Option<Claimed> {
-        let mut q = self.lock();
-        loop {
-            let c = q.waiting.pop_front()?;
-            q.queued.remove(&c.id);
-            if q.uploading.insert(c.id) {
-                return Some(c);
-            }
-        }
-    }
-
-    /// Marks a record as being uploaded; false if it already is.
-    fn start(&self, id: FileId) -> bool {
-        self.lock().uploading.insert(id)
-    }
-
-    fn finish(&self, id: FileId) {
-        self.lock().uploading.remove(&id);
-    }
-
-    /// Files waiting in the queue.
-    pub fn len(&self) -> usize {
-        self.lock().waiting.len()
-    }
-
-    /// Whether the queue is empty.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
 
 /// Runs the upload stage until shutdown; in-flight uploads get `shutdown_grace` to finish.
 pub async fn run(
@@ -144,7 +65,7 @@ pub async fn run(
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break None,
-                () = resubmit.inner.1.notified() => {}
+                () = resubmit.notified() => {}
                 c = claimed_rx.recv() => match c {
                     Some(c) => if resubmit.start(c.id) { break Some(c) },
                     None => break None,
@@ -392,7 +313,7 @@ impl Upload {
             tracing::error!(id, error = %e, "journal write failed");
             return None;
         }
-        match claim::hash_record(&self.shared, id, staged).await {
+        match hashing::hash_record(&self.shared, id, staged).await {
             Hashed::Ready(c) => Some(c),
             Hashed::Decided(ids) => {
                 for id in ids {
@@ -416,46 +337,4 @@ async fn open_for_upload(shared: &Arc<Shared>, item: &Claimed) -> Result<tokio::
     })
     .await
     .map_err(|e| e.to_string())?
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::journal::Stamp;
-
-    fn item(id: FileId) -> Claimed {
-        Claimed {
-            id,
-            staged: format!("/s/{id}").into(),
-            sha256: [0; 32],
-            stamp: Stamp {
-                size: 1,
-                mtime_ns: 0,
-                ctime_ns: 0,
-                dev: 0,
-                ino: 0,
-            },
-        }
-    }
-
-    #[test]
-    fn a_record_is_never_queued_or_uploaded_twice() {
-        let q = Resubmit::default();
-        q.push(item(1));
-        q.push(item(1));
-        q.push(item(2));
-        assert_eq!(q.len(), 2);
-        assert_eq!(q.pop().map(|c| c.id), Some(1));
-        // While 1 uploads, pushing it again is ignored, and the channel path refuses it.
-        q.push(item(1));
-        assert!(!q.start(1));
-        assert_eq!(q.len(), 1);
-        q.finish(1);
-        q.push(item(1));
-        assert!(q.start(3));
-        q.push(item(3));
-        assert_eq!(q.pop().map(|c| c.id), Some(2));
-        assert_eq!(q.pop().map(|c| c.id), Some(1));
-        assert!(q.pop().is_none());
-    }
 }
