@@ -48,6 +48,9 @@ pub use crate::pipeline::Placement;
 use crate::pipeline::{Claimed, Resubmit};
 use crate::{claim, poll, settle, sort, upload, watch};
 
+/// A stage as the supervisor holds it.
+type StageFuture = std::pin::Pin<Box<dyn Future<Output = Result<(), FatalError>> + Send>>;
+
 /// Capacity of the placement event channel (observers that lag lose old events).
 const EVENTS_CAPACITY: usize = 1024;
 
@@ -126,28 +129,32 @@ impl Agent {
         // Every stage runs until `stages` is cancelled. One that ends before that (a panic, a
         // fatal error) is logged by name and stops the others: the journal makes a restart by
         // the service manager lossless, while a half-running pipeline would silently stall.
-        let stage =
-            |name: &'static str,
-             fut: std::pin::Pin<Box<dyn Future<Output = Result<(), String>> + Send>>| {
-                let (stages, failure) = (stages.clone(), Arc::clone(&failure));
-                tracker.spawn(async move {
+        let stage = |name: &'static str, fut: StageFuture| {
+            let (stages, failure) = (stages.clone(), Arc::clone(&failure));
+            tracker.spawn(async move {
                 let outcome = std::panic::AssertUnwindSafe(fut).catch_unwind().await;
                 if stages.is_cancelled() {
                     return;
                 }
-                let detail = match outcome {
-                    Ok(Ok(())) => "ended".to_string(),
+                let error = match outcome {
+                    Ok(Ok(())) => FatalError::Stage {
+                        stage: name,
+                        detail: "ended".into(),
+                    },
                     Ok(Err(e)) => e,
-                    Err(_) => "panicked".to_string(),
+                    Err(_) => FatalError::Stage {
+                        stage: name,
+                        detail: "panicked".into(),
+                    },
                 };
-                tracing::error!(stage = name, %detail, "stage stopped unexpectedly; stopping the agent");
+                tracing::error!(stage = name, error = %error, "stage stopped unexpectedly; stopping the agent");
                 failure
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .get_or_insert(FatalError::Stage { stage: name, detail });
+                    .get_or_insert(error);
                 stages.cancel();
             });
-            };
+        };
         {
             let (watches, stages) = (Arc::clone(&watches), stages.clone());
             stage(
@@ -155,7 +162,10 @@ impl Agent {
                 Box::pin(async move {
                     watch::run(watches, candidates_tx, stages)
                         .await
-                        .map_err(|e| e.to_string())
+                        .map_err(|e| FatalError::Stage {
+                            stage: "watch",
+                            detail: e.to_string(),
+                        })
                 }),
             );
         }
@@ -163,62 +173,56 @@ impl Agent {
             "settle",
             Box::pin(settle::run(watches, candidates_rx, settled_tx, stages.clone()).map(Ok)),
         );
-        stage(
-            "claim",
-            Box::pin(
-                claim::run(
-                    Arc::clone(&shared),
-                    settled_rx,
-                    claimed_tx,
-                    verdicts_tx.clone(),
-                    resume.claimed,
-                    stages.clone(),
-                )
-                .map(Ok),
-            ),
+        let claim = claim::run(
+            Arc::clone(&shared),
+            claim::Inputs {
+                settled_rx,
+                resume: resume.claimed,
+            },
+            claim::Outputs {
+                claimed_tx,
+                verdicts_tx: verdicts_tx.clone(),
+            },
+            stages.clone(),
         );
-        stage(
-            "upload",
-            Box::pin(
-                upload::run(
-                    Arc::clone(&shared),
-                    claimed_rx,
-                    resubmit.clone(),
-                    submitted_tx,
-                    verdicts_tx.clone(),
-                    stages.clone(),
-                )
-                .map(Ok),
-            ),
+        stage("claim", Box::pin(claim));
+        let upload = upload::run(
+            Arc::clone(&shared),
+            upload::Inputs {
+                claimed_rx,
+                resubmit: resubmit.clone(),
+            },
+            upload::Outputs {
+                submitted_tx,
+                verdicts_tx: verdicts_tx.clone(),
+            },
+            stages.clone(),
         );
-        stage(
-            "poll",
-            Box::pin(
-                poll::run(
-                    Arc::clone(&shared),
-                    submitted_rx,
-                    resubmit.clone(),
-                    verdicts_tx,
-                    resume.submitted,
-                    resume.submitting,
-                    stages.clone(),
-                )
-                .map(Ok),
-            ),
+        stage("upload", Box::pin(upload));
+        let poll = poll::run(
+            Arc::clone(&shared),
+            poll::Inputs {
+                submitted_rx,
+                submitted: resume.submitted,
+                unconfirmed: resume.submitting,
+            },
+            poll::Outputs {
+                resubmit: resubmit.clone(),
+                verdicts_tx,
+            },
+            stages.clone(),
         );
-        stage(
-            "sort",
-            Box::pin(
-                sort::run(
-                    Arc::clone(&shared),
-                    verdicts_rx,
-                    resubmit,
-                    resume.to_place,
-                    stages.clone(),
-                )
-                .map(Ok),
-            ),
+        stage("poll", Box::pin(poll));
+        let sort = sort::run(
+            Arc::clone(&shared),
+            sort::Inputs {
+                verdicts_rx,
+                resume: resume.to_place,
+            },
+            sort::Outputs { resubmit },
+            stages.clone(),
         );
+        stage("sort", Box::pin(sort));
         tracker.spawn(housekeeping(Arc::clone(&shared), stages.clone()));
         if let Some(addr) = cfg.metrics_listen {
             let (m, l, s) = (

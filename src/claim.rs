@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::context::Shared;
+use crate::error::FatalError;
 use crate::fsops::place::Claim;
 use crate::fsops::{self, Renamed};
 use crate::hashing::hash_record;
@@ -66,8 +67,42 @@ fn staged_name() -> OsString {
     OsString::from(format!("{}.staged", uuid::Uuid::new_v4().simple()))
 }
 
+/// What this stage reads.
+pub struct Inputs {
+    /// Settled files, from settle.
+    pub settled_rx: mpsc::Receiver<Settled>,
+    /// Records found `claimed` at start-up, to hash.
+    pub resume: Vec<(FileId, PathBuf)>,
+}
+
+/// What this stage writes.
+pub struct Outputs {
+    /// Hashed files, to the uploader.
+    pub claimed_tx: mpsc::Sender<Claimed>,
+    /// Files decided without a scan, to the sorter.
+    pub verdicts_tx: mpsc::Sender<Verdict>,
+}
+
 /// Runs the claim stage until shutdown. `resume` lists records found `claimed` at start-up.
 pub async fn run(
+    ctx: Arc<Shared>,
+    inputs: Inputs,
+    outputs: Outputs,
+    shutdown: CancellationToken,
+) -> Result<(), FatalError> {
+    serve(
+        ctx,
+        inputs.settled_rx,
+        outputs.claimed_tx,
+        outputs.verdicts_tx,
+        inputs.resume,
+        shutdown,
+    )
+    .await;
+    Ok(())
+}
+
+async fn serve(
     shared: Arc<Shared>,
     mut settled_rx: mpsc::Receiver<Settled>,
     claimed_tx: mpsc::Sender<Claimed>,

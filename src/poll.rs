@@ -34,6 +34,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::context::Shared;
+use crate::error::FatalError;
 use crate::journal::{Decision, FileId, FileRecord, ScanVerdict};
 use crate::kata::{ScanId, ScanState};
 use crate::limits::InFlight;
@@ -87,9 +88,46 @@ struct Recent {
     until: Instant,
 }
 
+/// What this stage reads.
+pub struct Inputs {
+    /// Accepted scans, from the uploader.
+    pub submitted_rx: mpsc::Receiver<Submitted>,
+    /// Records found `submitted` at start-up.
+    pub submitted: Vec<FileRecord>,
+    /// Records found `submitting` at start-up: asked about, never resent blindly.
+    pub unconfirmed: Vec<FileRecord>,
+}
+
+/// What this stage writes.
+pub struct Outputs {
+    /// Scans to run again (`error`/`timeout`, never accepted).
+    pub resubmit: Resubmit,
+    /// Decided files, to the sorter.
+    pub verdicts_tx: mpsc::Sender<Verdict>,
+}
+
 /// Runs the poller until shutdown. `submitted` and `unconfirmed` come from the journal at start-up
 /// (`submitted` and `submitting` records).
 pub async fn run(
+    ctx: Arc<Shared>,
+    inputs: Inputs,
+    outputs: Outputs,
+    shutdown: CancellationToken,
+) -> Result<(), FatalError> {
+    serve(
+        ctx,
+        inputs.submitted_rx,
+        outputs.resubmit,
+        outputs.verdicts_tx,
+        inputs.submitted,
+        inputs.unconfirmed,
+        shutdown,
+    )
+    .await;
+    Ok(())
+}
+
+async fn serve(
     shared: Arc<Shared>,
     mut submitted_rx: mpsc::Receiver<Submitted>,
     resubmit: Resubmit,

@@ -27,6 +27,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::context::Shared;
+use crate::error::FatalError;
 use crate::fsops::place::Release;
 use crate::fsops::roots::Which;
 use crate::fsops::{self, FsError};
@@ -86,11 +87,42 @@ enum Step {
     Retry(String),
 }
 
+/// What this stage reads.
+pub struct Inputs {
+    /// Decided files, from claim, upload and poll.
+    pub verdicts_rx: mpsc::Receiver<Verdict>,
+    /// Records found decided, placing or placed at start-up.
+    pub resume: Vec<FileId>,
+}
+
+/// What this stage writes.
+pub struct Outputs {
+    /// Files that changed since they were hashed, to scan again.
+    pub resubmit: Resubmit,
+}
+
 /// Runs the sorter until shutdown. `resume` are records found decided/placing/placed at start-up.
 ///
 /// Placements run concurrently (up to [`SORT_CONCURRENCY`]) so that their journal commits group
 /// together; one record is never worked on twice at the same time.
 pub async fn run(
+    ctx: Arc<Shared>,
+    inputs: Inputs,
+    outputs: Outputs,
+    shutdown: CancellationToken,
+) -> Result<(), FatalError> {
+    serve(
+        ctx,
+        inputs.verdicts_rx,
+        outputs.resubmit,
+        inputs.resume,
+        shutdown,
+    )
+    .await;
+    Ok(())
+}
+
+async fn serve(
     shared: Arc<Shared>,
     mut verdicts_rx: mpsc::Receiver<Verdict>,
     resubmit: Resubmit,

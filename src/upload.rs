@@ -25,6 +25,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::context::Shared;
+use crate::error::FatalError;
 use crate::hashing;
 use crate::journal::{Decision, FileId, FileState};
 use crate::kata::{ApiError, ScanId};
@@ -37,8 +38,42 @@ pub const SUBMITTED_CAPACITY: usize = 1024;
 /// How often the journal is swept for `hashed` records nobody holds.
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
 
+/// What this stage reads.
+pub struct Inputs {
+    /// Hashed files, from claim.
+    pub claimed_rx: mpsc::Receiver<Claimed>,
+    /// Files to submit again (poller, sorter, own sweep).
+    pub resubmit: Resubmit,
+}
+
+/// What this stage writes.
+pub struct Outputs {
+    /// Accepted scans, to the poller.
+    pub submitted_tx: mpsc::Sender<Submitted>,
+    /// Files decided without a verdict (too large, rejected), to the sorter.
+    pub verdicts_tx: mpsc::Sender<Verdict>,
+}
+
 /// Runs the upload stage until shutdown; in-flight uploads get `shutdown_grace` to finish.
 pub async fn run(
+    ctx: Arc<Shared>,
+    inputs: Inputs,
+    outputs: Outputs,
+    shutdown: CancellationToken,
+) -> Result<(), FatalError> {
+    serve(
+        ctx,
+        inputs.claimed_rx,
+        inputs.resubmit,
+        outputs.submitted_tx,
+        outputs.verdicts_tx,
+        shutdown,
+    )
+    .await;
+    Ok(())
+}
+
+async fn serve(
     shared: Arc<Shared>,
     mut claimed_rx: mpsc::Receiver<Claimed>,
     resubmit: Resubmit,
