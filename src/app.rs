@@ -451,7 +451,10 @@ async fn reconcile(shared: &Shared, shutdown: &CancellationToken) -> Result<Resu
                 journal
                     .decide(vec![(
                         r.id,
-                        crate::journal::Decision::failed("vanished from staging", false),
+                        crate::journal::Decision::failed(
+                            crate::error::FileError::Vanished.to_string(),
+                            false,
+                        ),
                     )])
                     .await?;
                 journal

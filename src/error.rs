@@ -12,6 +12,25 @@ use crate::config::ConfigError;
 use crate::journal::JournalError;
 use crate::kata::ApiError;
 
+/// The exit-code table, in one place.
+///
+/// | code | meaning |
+/// |---|---|
+/// | 0 | ok (`scan`: everything clean) |
+/// | 1 | `scan`: something was quarantined |
+/// | 2 | `scan`: something failed |
+/// | 69 | fatal runtime error, server unreachable |
+/// | 76 | the server is not who it should be, or answers garbage |
+/// | 77 | the server refuses our credentials |
+/// | 78 | configuration error (systemd's `RestartPreventExitStatus=78`) |
+/// | 130 | interrupted by a second signal |
+pub const EXIT_OK: u8 = 0;
+/// `dropscan scan`: something was quarantined.
+pub const EXIT_DETECTED: u8 = 1;
+/// `dropscan scan`: something failed.
+pub const EXIT_FILES_FAILED: u8 = 2;
+/// Interrupted (a second SIGINT/SIGTERM, or `scan` stopped by a signal).
+pub const EXIT_INTERRUPTED: u8 = 130;
 /// Exit code for a configuration error (sysexits EX_CONFIG); systemd's
 /// `RestartPreventExitStatus=78` stops a restart loop on it.
 pub const EXIT_CONFIG: u8 = 78;
@@ -42,6 +61,56 @@ pub fn api_exit_code(e: &ApiError) -> u8 {
         | ApiError::Transport { .. }
         | ApiError::Local { .. } => EXIT_UNAVAILABLE,
     }
+}
+
+/// Why one file failed. It is journaled as the file's reason and written in its sidecar; it
+/// never stops the agent (a [`FatalError`] does that).
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    /// The filesystem refused (unreadable, not a regular file, hard-linked, changed, …).
+    #[error(transparent)]
+    Fs(#[from] crate::fsops::FsError),
+    /// Larger than the server's `maxObjectSize`, known before the upload.
+    #[error("too large: {size} bytes, the server takes at most {max} bytes")]
+    TooLarge {
+        /// The file's size.
+        size: u64,
+        /// The server's limit.
+        max: u64,
+    },
+    /// The server answered 413 to the upload.
+    #[error("too large: the server refused {size} bytes (413)")]
+    RefusedTooLarge {
+        /// The file's size.
+        size: u64,
+    },
+    /// The server refused the upload for good (another 4xx).
+    #[error("the server refused the file ({status}): {body}")]
+    Rejected {
+        /// The HTTP status.
+        status: u16,
+        /// The start of the server's answer.
+        body: String,
+    },
+    /// Every attempt ended with `error` or `timeout`.
+    #[error("scan ended with {what} on each of {attempts} attempts")]
+    ScanFailed {
+        /// `error` or `timeout`.
+        what: &'static str,
+        /// Attempts made.
+        attempts: u32,
+    },
+    /// No final answer within `scan_timeout`.
+    #[error("no verdict within {} (scan {scan_id})", humantime::format_duration(*timeout))]
+    NoVerdict {
+        /// The configured timeout.
+        timeout: std::time::Duration,
+        /// The last scan.
+        scan_id: String,
+    },
+    /// The staged file disappeared (removed by hand).
+    #[error("vanished from staging")]
+    Vanished,
 }
 
 /// An error that ends the daemon.

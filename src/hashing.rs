@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use crate::context::Shared;
+use crate::error::FileError;
 use crate::fsops::{self, FsError};
 use crate::journal::{Decision, FileId, HashedAs, Stamp};
 use crate::pipeline::{Claimed, Hashed};
@@ -96,7 +97,10 @@ pub async fn hash_record(shared: &Arc<Shared>, id: FileId, staged: PathBuf) -> H
             };
             tracing::warn!(id, error = %e, "cannot hash staged file");
             journal
-                .decide(vec![(id, Decision::failed(e.to_string(), false))])
+                .decide(vec![(
+                    id,
+                    Decision::failed(FileError::from(e).to_string(), false),
+                )])
                 .await
                 .map(Hashed::Decided)
         }

@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use crate::app::Agent;
 use crate::config::{Config, WatchConfig};
-use crate::error::{EXIT_CONFIG, EXIT_UNAVAILABLE};
+use crate::error::{
+    EXIT_CONFIG, EXIT_DETECTED, EXIT_FILES_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_UNAVAILABLE,
+};
 use crate::journal::{FileState, Outcome};
 
 /// How often the progress line is refreshed on a terminal.
@@ -178,17 +180,17 @@ pub async fn run(path: &Path, max_time: Option<Duration>) -> ExitCode {
     }
     if !finished && !timed_out {
         eprintln!("dropscan: interrupted; what is unfinished resumes at the next run");
-        return ExitCode::from(130);
+        return ExitCode::from(EXIT_INTERRUPTED);
     }
     if timed_out {
         eprintln!("dropscan: --max-time ran out; what is unfinished resumes at the next run");
         return ExitCode::from(EXIT_UNAVAILABLE);
     }
     if tally.quarantine > 0 {
-        ExitCode::from(1)
+        ExitCode::from(EXIT_DETECTED)
     } else if tally.failed > 0 {
-        ExitCode::from(2)
+        ExitCode::from(EXIT_FILES_FAILED)
     } else {
-        ExitCode::SUCCESS
+        ExitCode::from(EXIT_OK)
     }
 }

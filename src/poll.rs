@@ -34,7 +34,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::context::Shared;
-use crate::error::FatalError;
+use crate::error::{FatalError, FileError};
 use crate::journal::{Decision, FileId, FileRecord, ScanVerdict};
 use crate::kata::{ScanId, ScanState};
 use crate::limits::InFlight;
@@ -315,10 +315,15 @@ impl Poller<'_> {
                         decisions.push((
                             entry.id,
                             Decision::failed(
-                                format!(
-                                    "scan ended with {what} on each of {} attempts",
-                                    entry.attempts
-                                ),
+                                FileError::ScanFailed {
+                                    what: if r.state == ScanState::Error {
+                                        "error"
+                                    } else {
+                                        "timeout"
+                                    },
+                                    attempts: entry.attempts,
+                                }
+                                .to_string(),
                                 true,
                             ),
                         ));
@@ -460,10 +465,11 @@ impl Poller<'_> {
             decisions.push((
                 *id,
                 Decision::failed(
-                    format!(
-                        "no verdict within {} (scan {scan_id})",
-                        humantime::format_duration(timeout)
-                    ),
+                    FileError::NoVerdict {
+                        timeout,
+                        scan_id: scan_id.clone(),
+                    }
+                    .to_string(),
                     true,
                 ),
             ));

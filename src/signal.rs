@@ -9,7 +9,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 /// Exit code after a second signal (128 + SIGINT, as shells report it).
-const EXIT_NOW: i32 = 130;
+const EXIT_NOW: i32 = crate::error::EXIT_INTERRUPTED as i32;
 
 /// Spawns the signal watcher; returns the token it cancels.
 pub fn shutdown_token() -> std::io::Result<CancellationToken> {

@@ -25,7 +25,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::context::Shared;
-use crate::error::FatalError;
+use crate::error::{FatalError, FileError};
 use crate::hashing;
 use crate::journal::{Decision, FileId, FileState};
 use crate::kata::{ApiError, ScanId};
@@ -112,16 +112,16 @@ async fn serve(
         let Some(item) = next else { break };
         if let Some(max) = shared.limits.max_object_size() {
             if item.stamp.size > max {
-                let reason = format!(
-                    "too large: {} bytes, the server takes at most {max} bytes",
-                    item.stamp.size
-                );
+                let reason = FileError::TooLarge {
+                    size: item.stamp.size,
+                    max,
+                };
                 resubmit.finish(item.id);
                 decide(
                     &shared,
                     &verdicts_tx,
                     item.id,
-                    Decision::failed(reason, true),
+                    Decision::failed(reason.to_string(), true),
                 )
                 .await;
                 continue;
@@ -292,10 +292,10 @@ impl Upload {
                     limits.refresh(&client).await.ok();
                 });
                 let d = Decision::failed(
-                    format!(
-                        "too large: the server refused {} bytes (413)",
-                        item.stamp.size
-                    ),
+                    FileError::RefusedTooLarge {
+                        size: item.stamp.size,
+                    }
+                    .to_string(),
                     true,
                 );
                 decide(shared, &self.verdicts_tx, item.id, d).await;
@@ -307,7 +307,11 @@ impl Upload {
             }
             Err(ApiError::Rejected { status, body }) => {
                 let d = Decision::failed(
-                    format!("the server refused the file ({status}): {body}"),
+                    FileError::Rejected {
+                        status,
+                        body: body.clone(),
+                    }
+                    .to_string(),
                     true,
                 );
                 decide(shared, &self.verdicts_tx, item.id, d).await;
