@@ -45,5 +45,4 @@ pub mod fsops;
 pub mod kata;
 pub mod logging;
 pub mod metrics;
-pub mod oneshot;
 pub mod signal;

@@ -20,11 +20,13 @@ pub use crate::error::{EXIT_NOPERM, EXIT_PROTOCOL};
 use crate::kata::{ApiError, KataClient};
 use crate::{app, demo, logging, signal};
 
+pub mod scan;
+
 /// Runs one subcommand.
 pub async fn dispatch(command: Command) -> ExitCode {
     match command {
         Command::Run { config } => run(&config.path).await,
-        Command::Scan { config, max_time } => crate::oneshot::run(&config.path, max_time).await,
+        Command::Scan { config, max_time } => scan::run(&config.path, max_time).await,
         Command::Demo {
             dir,
             poll_interval,
@@ -76,60 +78,15 @@ async fn run(path: &Path) -> ExitCode {
             return ExitCode::from(EXIT_UNAVAILABLE);
         }
     };
-    let mut config = config;
-    loop {
-        // One agent per configuration. SIGHUP: the new file is validated first; a bad one is
-        // refused (the agent keeps running on the old one), a good one replaces the agent
-        // through a graceful stop, which the journal makes lossless.
-        let generation = shutdown.child_token();
-        let next: std::sync::Arc<std::sync::Mutex<Option<Config>>> = std::sync::Arc::default();
-        let watcher = {
-            let (generation, next, reload, path) = (
-                generation.clone(),
-                std::sync::Arc::clone(&next),
-                std::sync::Arc::clone(&reload),
-                path.to_path_buf(),
-            );
-            tokio::spawn(async move {
-                loop {
-                    tokio::select! {
-                        () = generation.cancelled() => return,
-                        () = reload.notified() => {}
-                    }
-                    match Config::load(&path) {
-                        Ok(c) => {
-                            tracing::info!(config = %path.display(), "SIGHUP: configuration valid, restarting the agent on it");
-                            *next
-                                .lock()
-                                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(c);
-                            generation.cancel();
-                            return;
-                        }
-                        Err(e) => {
-                            tracing::error!(error = %e, "SIGHUP: configuration refused; still running on the previous one")
-                        }
-                    }
-                }
-            })
-        };
-        let result = app::run(config, generation.clone()).await;
-        generation.cancel();
-        watcher.await.ok();
-        if let Err(e) = result {
+    match app::run_reloading(config, path, shutdown, reload).await {
+        Ok(()) => {
+            tracing::info!("stopped");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
             tracing::error!(error = %e, "fatal");
             eprintln!("dropscan: {e}");
-            return e.exit_code();
-        }
-        let reloaded = next
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
-        match reloaded {
-            Some(c) if !shutdown.is_cancelled() => config = c,
-            _ => {
-                tracing::info!("stopped");
-                return ExitCode::SUCCESS;
-            }
+            e.exit_code()
         }
     }
 }

@@ -1,0 +1,310 @@
+//! The agent: opens the journal, reconciles it with staging, creates the channels, spawns and
+//! names the stages, and shuts them down in order.
+//!
+//! ```text
+//!  watch ──Candidate──▶ settle ──Settled──▶ claim ──Claimed──▶ upload ──Submitted──▶ poll
+//!                                            │                  ▲  │                  │
+//!                                            │                  └──┼── Resubmit ◀─────┤ (error/timeout)
+//!                                            └───────Verdict───────┴──────────────────┴──▶ sort
+//! ```
+//!
+//! Start-up order matters: the journal is reconciled with the staging folders *before* any stage
+//! runs, so that every record is handed to exactly one stage:
+//! - `claimed` with its staged file → hashed again; without it → forgotten when the file is back
+//!   in the inbox (the claim never happened), else closed as vanished;
+//! - `hashed` → the uploader; `submitting` → the poller asks the server whether the scan exists
+//!   (it is never sent twice); `submitted` → the poller;
+//! - `decided`, `placing`, `placed` → the sorter (placing is idempotent: it looks at both ends);
+//! - a staged file with no record (the journal was lost or is new) re-enters as a new file under
+//!   `recovered/`.
+//!
+//! Shutdown: the token is cancelled (SIGINT/SIGTERM); sources stop taking work; uploads in
+//! progress get `shutdown_grace`, then are abandoned, which is safe because the journal already
+//! says `submitting(scanId)`.
+
+use std::sync::Arc;
+
+use futures_util::FutureExt;
+use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+mod reconcile;
+mod reload;
+
+pub use reload::run_reloading;
+
+use crate::config::Config;
+pub use crate::context::{Shared, instance_of};
+use crate::error::FatalError;
+
+use crate::fsops;
+use crate::fsops::roots::Owner;
+use crate::journal::Journal;
+use crate::kata::KataClient;
+use crate::limits::Limits;
+use crate::metrics::Metrics;
+pub use crate::pipeline::Placement;
+use crate::pipeline::Resubmit;
+use crate::{claim, poll, settle, sort, upload, watch};
+
+/// A stage as the supervisor holds it.
+type StageFuture = std::pin::Pin<Box<dyn Future<Output = Result<(), FatalError>> + Send>>;
+
+/// Capacity of the placement event channel (observers that lag lose old events).
+const EVENTS_CAPACITY: usize = 1024;
+
+/// The agent before it runs: lets callers subscribe to events first.
+pub struct Agent {
+    shared: Arc<Shared>,
+}
+
+impl Agent {
+    /// Opens the journal, builds the client and prepares the folders.
+    pub fn new(config: Config) -> Result<Self, FatalError> {
+        let config = Arc::new(config);
+        let (roots, hard_links_ok) = reconcile::prepare_folders(&config)?;
+        let journal = Journal::open(&config.journal_path())?;
+        let client = KataClient::new(config.server.client_options())?;
+        let limits = Limits::new(
+            config.server.max_in_flight,
+            config.server.requests_per_second,
+        );
+        let (events, _) = broadcast::channel(EVENTS_CAPACITY);
+        let cert_expiry = crate::kata::tls::warn_at_start(&config.server.tls);
+        Ok(Agent {
+            shared: Arc::new(Shared {
+                config,
+                journal,
+                client,
+                limits,
+                metrics: Arc::new(Metrics::with_client_cert_expiry(cert_expiry)),
+                events,
+                roots,
+                owner: Owner::this_host(),
+                hard_links_ok,
+                warned: std::sync::Mutex::default(),
+            }),
+        })
+    }
+
+    /// Placement events from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Placement> {
+        self.shared.events.subscribe()
+    }
+
+    /// The counters.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        Arc::clone(&self.shared.metrics)
+    }
+
+    /// Runs until `shutdown` is cancelled or a stage fails.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), FatalError> {
+        let shared = self.shared;
+        let cfg = Arc::clone(&shared.config);
+        // Restrictions first (a failure is not fatal: the server may be down; it is retried).
+        if shared.limits.refresh(&shared.client).await.is_err() {
+            tracing::warn!(
+                "starting without the server's restrictions; they are fetched again later"
+            );
+        }
+        let resume = reconcile::reconcile(&shared, &shutdown).await?;
+
+        let (candidates_tx, candidates_rx) = mpsc::channel(watch::CANDIDATES_CAPACITY);
+        let (settled_tx, settled_rx) = mpsc::channel(settle::SETTLED_CAPACITY);
+        let (claimed_tx, claimed_rx) = mpsc::channel(claim::CLAIMED_CAPACITY);
+        let (submitted_tx, submitted_rx) = mpsc::channel(upload::SUBMITTED_CAPACITY);
+        let (verdicts_tx, verdicts_rx) = mpsc::channel(sort::VERDICTS_CAPACITY);
+        let resubmit = Resubmit::default();
+        for c in resume.hashed {
+            resubmit.push(c);
+        }
+
+        // Stages stop on `stages`; it is cancelled by the caller's token or by a failing stage.
+        let stages = shutdown.child_token();
+        let tracker = TaskTracker::new();
+        let failure: Arc<std::sync::Mutex<Option<FatalError>>> = Arc::default();
+        let watches: Arc<[crate::config::WatchConfig]> = cfg.watches.clone().into();
+
+        // Every stage runs until `stages` is cancelled. One that ends before that (a panic, a
+        // fatal error) is logged by name and stops the others: the journal makes a restart by
+        // the service manager lossless, while a half-running pipeline would silently stall.
+        let stage = |name: &'static str, fut: StageFuture| {
+            let (stages, failure) = (stages.clone(), Arc::clone(&failure));
+            tracker.spawn(async move {
+                let outcome = std::panic::AssertUnwindSafe(fut).catch_unwind().await;
+                if stages.is_cancelled() {
+                    return;
+                }
+                let error = match outcome {
+                    Ok(Ok(())) => FatalError::Stage {
+                        stage: name,
+                        detail: "ended".into(),
+                    },
+                    Ok(Err(e)) => e,
+                    Err(_) => FatalError::Stage {
+                        stage: name,
+                        detail: "panicked".into(),
+                    },
+                };
+                tracing::error!(stage = name, error = %error, "stage stopped unexpectedly; stopping the agent");
+                failure
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .get_or_insert(error);
+                stages.cancel();
+            });
+        };
+        {
+            let (watches, stages) = (Arc::clone(&watches), stages.clone());
+            stage(
+                "watch",
+                Box::pin(async move {
+                    watch::run(watches, candidates_tx, stages)
+                        .await
+                        .map_err(|e| FatalError::Stage {
+                            stage: "watch",
+                            detail: e.to_string(),
+                        })
+                }),
+            );
+        }
+        stage(
+            "settle",
+            Box::pin(settle::run(watches, candidates_rx, settled_tx, stages.clone()).map(Ok)),
+        );
+        let claim = claim::run(
+            Arc::clone(&shared),
+            claim::Inputs {
+                settled_rx,
+                resume: resume.claimed,
+            },
+            claim::Outputs {
+                claimed_tx,
+                verdicts_tx: verdicts_tx.clone(),
+            },
+            stages.clone(),
+        );
+        stage("claim", Box::pin(claim));
+        let upload = upload::run(
+            Arc::clone(&shared),
+            upload::Inputs {
+                claimed_rx,
+                resubmit: resubmit.clone(),
+            },
+            upload::Outputs {
+                submitted_tx,
+                verdicts_tx: verdicts_tx.clone(),
+            },
+            stages.clone(),
+        );
+        stage("upload", Box::pin(upload));
+        let poll = poll::run(
+            Arc::clone(&shared),
+            poll::Inputs {
+                submitted_rx,
+                submitted: resume.submitted,
+                unconfirmed: resume.submitting,
+            },
+            poll::Outputs {
+                resubmit: resubmit.clone(),
+                verdicts_tx,
+            },
+            stages.clone(),
+        );
+        stage("poll", Box::pin(poll));
+        let sort = sort::run(
+            Arc::clone(&shared),
+            sort::Inputs {
+                verdicts_rx,
+                resume: resume.to_place,
+            },
+            sort::Outputs { resubmit },
+            stages.clone(),
+        );
+        stage("sort", Box::pin(sort));
+        tracker.spawn(housekeeping(Arc::clone(&shared), stages.clone()));
+        if let Some(addr) = cfg.metrics_listen {
+            let (m, l, s) = (
+                Arc::clone(&shared.metrics),
+                shared.limits.clone(),
+                stages.clone(),
+            );
+            tracker.spawn(async move {
+                if let Err(e) = crate::metrics::serve(addr, m, l, s).await {
+                    tracing::error!(%addr, error = %e, "metrics endpoint failed; the agent goes on without it");
+                }
+            });
+        }
+        tracker.close();
+        tracing::info!(
+            roots = cfg.watches.len(),
+            server = %cfg.server.url,
+            sensor_id = %cfg.server.sensor_id,
+            "dropscan running"
+        );
+
+        stages.cancelled().await;
+        tracing::info!("shutting down: finishing or journaling work in progress");
+        let grace = cfg.state.shutdown_grace + std::time::Duration::from_secs(2);
+        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+            tracing::warn!(
+                "some stages did not stop in time; their work resumes at the next start"
+            );
+        }
+        let failed = failure
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Runs the agent with `config` until `shutdown`.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), FatalError> {
+    Agent::new(config)?.run(shutdown).await
+}
+
+/// Periodic chores: restrictions refresh, journal pruning.
+async fn housekeeping(shared: Arc<Shared>, shutdown: CancellationToken) {
+    let mut refresh = tokio::time::interval(shared.config.server.restrictions_refresh);
+    refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    refresh.tick().await;
+    let mut prune = tokio::time::interval(std::time::Duration::from_secs(3600));
+    let mut heartbeat = tokio::time::interval(fsops::roots::OWNER_HEARTBEAT);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break,
+            _ = heartbeat.tick() => {
+                // Keep the staging folders' owner markers fresh: another host configured with
+                // our instance id is refused while we run.
+                let sh = Arc::clone(&shared);
+                let beat = tokio::task::spawn_blocking(move || {
+                    for roots in &sh.roots {
+                        if let Ok(Some(staging)) = roots.staging_if_present() {
+                            if let Err(e) = fsops::roots::claim_owner(&staging, &sh.owner) {
+                                tracing::error!(error = %e, "cannot refresh the staging folder's owner marker");
+                            }
+                        }
+                    }
+                });
+                beat.await.ok();
+            }
+            _ = refresh.tick() => {
+                shared.limits.refresh(&shared.client).await.ok();
+            }
+            _ = prune.tick() => {
+                match shared.journal.prune(crate::journal::DEFAULT_HISTORY, shared.config.state.verdict_ttl).await {
+                    Ok(n) if n > 0 => tracing::debug!(records = n, "pruned finished records"),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "journal prune failed"),
+                }
+            }
+        }
+    }
+}

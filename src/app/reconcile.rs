@@ -1,0 +1,317 @@
+//! Start-up: the folders are opened as descriptors, every root is recognised, and the journal
+//! is reconciled with the staging folders *before* any stage runs, so that every record is
+//! handed to exactly one stage (see the rules in [`super`]'s docs).
+
+use std::collections::HashSet;
+use std::ffi::OsString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::context::{Shared, instance_of};
+use crate::error::FatalError;
+use crate::fsops::roots::{RootDirs, Which};
+use crate::fsops::{self, Dir};
+use crate::journal::{FileId, FileState, NewClaim};
+use crate::pipeline::Claimed;
+
+/// Opens every inbox and creates the destinations with their modes, each as a descriptor
+/// ([`RootDirs`]); a destination inside an inbox is opened beneath it without following links.
+/// Staging folders are left to [`reconcile`], which must first recognise each root.
+pub(super) fn prepare_folders(config: &Config) -> Result<(Vec<RootDirs>, Vec<bool>), FatalError> {
+    let mut all = Vec::with_capacity(config.watches.len());
+    let mut hard_links_ok = Vec::with_capacity(config.watches.len());
+    for w in &config.watches {
+        let roots = RootDirs::new(w);
+        let folder = |about| move |source| FatalError::Folder { about, source };
+        let inbox = roots
+            .get(Which::Inbox, false)
+            .map_err(folder("watched folder"))?;
+        for which in [Which::Clean, Which::Failed, Which::Quarantine] {
+            roots
+                .get(which, true)
+                .map_err(folder("destination folder"))?;
+        }
+        let quarantine = roots
+            .get(Which::Quarantine, false)
+            .map_err(folder("quarantine folder"))?;
+        if let Ok(st) = rustix::fs::fstat(quarantine.fd()) {
+            if st.st_mode & 0o077 != 0 {
+                tracing::warn!(
+                    path = %fsops::shown(quarantine.path()),
+                    mode = format!("{:o}", st.st_mode & 0o777),
+                    "the quarantine folder is readable by others than its owner; consider chmod 0700"
+                );
+            }
+        }
+        let inbox_dev = inbox.identity().map_err(folder("watched folder"))?.0;
+        let failed_dev = roots
+            .get(Which::Failed, false)
+            .and_then(|d| d.identity())
+            .map_err(folder("failed folder"))?
+            .0;
+        hard_links_ok.push(inbox_dev == failed_dev);
+        all.push(roots);
+    }
+    Ok((all, hard_links_ok))
+}
+
+/// Recognises root `i` before anything under it is judged: its staging folder must exist
+/// (opened beneath the inbox, never through a link), be on the inbox's filesystem and be ours.
+/// A missing staging folder while records of the root are in flight means the inbox is not
+/// what it was (a share not mounted yet): wait for it rather than call every file vanished.
+async fn recognise_root(
+    shared: &Shared,
+    i: usize,
+    in_flight: usize,
+    shutdown: &CancellationToken,
+) -> Result<Option<Arc<Dir>>, FatalError> {
+    let roots = &shared.roots[i];
+    let unsafe_staging = |source| FatalError::Folder {
+        about: "staging folder",
+        source,
+    };
+    let mut waited = 0u64;
+    let staging = loop {
+        if waited > 0 {
+            roots.forget();
+        }
+        let inbox_ok = roots.get(Which::Inbox, false).is_ok();
+        match roots.staging_if_present().map_err(unsafe_staging)? {
+            Some(d) => break d,
+            None if in_flight == 0 && inbox_ok => {
+                break roots.get(Which::Staging, true).map_err(unsafe_staging)?;
+            }
+            None => {
+                if waited % 60 == 0 {
+                    tracing::warn!(
+                        inbox = %fsops::shown(roots.path(Which::Inbox)),
+                        staging = %fsops::shown(roots.path(Which::Staging)),
+                        files = in_flight,
+                        "the staging folder is missing while files are in flight: is the share \
+                         mounted? waiting for it (nothing is judged missing until it is back; if \
+                         the folder is really gone, create it empty to let dropscan close the records)"
+                    );
+                }
+                tokio::select! {
+                    () = shutdown.cancelled() => return Ok(None),
+                    () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                }
+                waited += 1;
+            }
+        }
+    };
+    let inbox = roots
+        .get(Which::Inbox, false)
+        .map_err(|source| FatalError::Folder {
+            about: "watched folder",
+            source,
+        })?;
+    let same_fs = match (inbox.identity(), staging.identity()) {
+        (Ok(a), Ok(b)) => a.0 == b.0,
+        _ => false,
+    };
+    if !same_fs {
+        return Err(FatalError::Io {
+            about: "staging folder must be on the same filesystem as the inbox",
+            path: roots.path(Which::Staging).to_path_buf(),
+            source: std::io::Error::from(std::io::ErrorKind::CrossesDevices),
+        });
+    }
+    fsops::roots::claim_owner(&staging, &shared.owner).map_err(unsafe_staging)?;
+    Ok(Some(staging))
+}
+
+/// What each stage resumes with.
+pub(super) struct Resume {
+    pub(super) claimed: Vec<(FileId, PathBuf)>,
+    pub(super) hashed: Vec<Claimed>,
+    pub(super) submitting: Vec<crate::journal::FileRecord>,
+    pub(super) submitted: Vec<crate::journal::FileRecord>,
+    pub(super) to_place: Vec<FileId>,
+}
+
+/// Reconciles the journal with the staging folders; see the module docs.
+pub(super) async fn reconcile(
+    shared: &Shared,
+    shutdown: &CancellationToken,
+) -> Result<Resume, FatalError> {
+    let journal = &shared.journal;
+    let records = journal.in_states(&FileState::UNFINISHED).await?;
+    let mut resume = Resume {
+        claimed: Vec::new(),
+        hashed: Vec::new(),
+        submitting: Vec::new(),
+        submitted: Vec::new(),
+        to_place: Vec::new(),
+    };
+    // Every root is recognised first; records of a root no longer configured are left alone
+    // (the sorter says so when it meets them).
+    let mut stagings = Vec::with_capacity(shared.roots.len());
+    for i in 0..shared.roots.len() {
+        let in_flight = records
+            .iter()
+            .filter(|r| shared.root_index(&r.root) == Some(i))
+            .count();
+        match recognise_root(shared, i, in_flight, shutdown).await? {
+            Some(d) => stagings.push(d),
+            None => return Ok(resume),
+        }
+    }
+    let unfinished: HashSet<FileId> = records.iter().map(|r| r.id).collect();
+    let mut known: HashSet<PathBuf> = HashSet::new();
+    for r in records {
+        known.insert(r.staged.clone());
+        let Some(i) = shared.root_index(&r.root) else {
+            tracing::warn!(id = r.id, root = %fsops::shown(&r.root), "record of a root that is no longer configured: left as it is");
+            continue;
+        };
+        let name = r.staged.file_name().unwrap_or_default();
+        let staged_exists = match stagings[i].exists(name) {
+            Ok(x) => x,
+            Err(e) => {
+                return Err(FatalError::Folder {
+                    about: "staging folder",
+                    source: e,
+                });
+            }
+        };
+        match r.state {
+            FileState::Claimed => {
+                if staged_exists {
+                    resume.claimed.push((r.id, r.staged));
+                } else {
+                    // The rename never happened: the file is still in the inbox (and is seen
+                    // again), or another agent or the user took it. Nothing of it was ours.
+                    journal.unclaim(vec![r.id]).await?;
+                }
+            }
+            FileState::Hashed
+            | FileState::Waiting
+            | FileState::Submitting
+            | FileState::Submitted
+                if !staged_exists =>
+            {
+                tracing::warn!(id = r.id, path = %fsops::shown(&r.rel_path), "staged file vanished while the agent was down");
+                if let (FileState::Submitting | FileState::Submitted, Some(scan_id)) =
+                    (r.state, r.scan_id.clone())
+                {
+                    journal.stale_scan(scan_id).await?;
+                }
+                journal
+                    .decide(vec![(
+                        r.id,
+                        crate::journal::Decision::failed(
+                            crate::error::FileError::Vanished.to_string(),
+                            false,
+                        ),
+                    )])
+                    .await?;
+                journal
+                    .close_vanished(
+                        r.id,
+                        "vanished from staging while the agent was down".into(),
+                    )
+                    .await?;
+            }
+            FileState::Hashed => {
+                if let (Some(sha256), Some(stamp)) = (r.sha256, r.stamp) {
+                    resume.hashed.push(Claimed {
+                        id: r.id,
+                        staged: r.staged,
+                        sha256,
+                        stamp,
+                    });
+                }
+            }
+            FileState::Waiting => {}
+            FileState::Submitting => resume.submitting.push(r),
+            FileState::Submitted => resume.submitted.push(r),
+            FileState::Decided | FileState::Placing | FileState::Placed => {
+                resume.to_place.push(r.id);
+            }
+            FileState::Done => {}
+        }
+    }
+    // Staged files without an unfinished record re-enter as new files: under their original
+    // path when a finished record still names them (a file must never sit in staging behind a
+    // closed record), else under `recovered/`.
+    let mut orphans = Vec::new();
+    for (i, staging) in stagings.iter().enumerate() {
+        let entries = staging.entries().map_err(|source| FatalError::Folder {
+            about: "staging folder",
+            source,
+        })?;
+        for (name, st) in entries {
+            let p = staging.path().join(&name);
+            if known.contains(&p) || !st.is_regular() || !name.as_bytes().ends_with(b".staged") {
+                continue;
+            }
+            orphans.push((i, name, p));
+        }
+    }
+    if !orphans.is_empty() {
+        let staged: Vec<PathBuf> = orphans.iter().map(|(_, _, p)| p.clone()).collect();
+        let previous = journal.closed_records_of(staged).await?;
+        let mut claims = Vec::new();
+        let mut moves = Vec::new();
+        for ((i, name, p), prev) in orphans.into_iter().zip(previous) {
+            let w = &shared.config.watches[i];
+            let rel_path = match prev {
+                Some(rel) => {
+                    tracing::warn!(path = %fsops::shown(&rel), "file still in staging behind a finished record: scanning it again");
+                    rel
+                }
+                None => {
+                    tracing::warn!(path = %fsops::shown(&p), "file in staging without a journal record: scanning it as new");
+                    Path::new("recovered").join(&name)
+                }
+            };
+            // A fresh staged name: the old one may still be on a finished record.
+            let fresh = OsString::from(format!("{}.staged", uuid::Uuid::new_v4().simple()));
+            claims.push(NewClaim {
+                root: w.path.clone(),
+                rel_path,
+                staged: w.staging_dir.join(&fresh),
+                dropped_at_ms: None,
+            });
+            moves.push((i, name, fresh));
+        }
+        let staged: Vec<PathBuf> = claims.iter().map(|c| c.staged.clone()).collect();
+        let ids = journal.claim(claims).await?;
+        for ((id, to), (i, from, fresh)) in ids.into_iter().zip(staged).zip(moves) {
+            match fsops::rename_noreplace(&stagings[i], &from, &stagings[i], &fresh) {
+                Ok(_) => resume.claimed.push((id, to)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot re-enter a staged file; retried at the next start");
+                    journal.unclaim(vec![id]).await?;
+                }
+            }
+        }
+    }
+    for (i, roots) in shared.roots.iter().enumerate() {
+        let instance = instance_of(&shared.config.watches[i]);
+        for which in [Which::Clean, Which::Quarantine, Which::Failed] {
+            if let Ok(d) = roots.get(which, false) {
+                fsops::place::remove_partials(&d, &instance, &|id| unfinished.contains(&id));
+            }
+        }
+    }
+    let n = resume.claimed.len()
+        + resume.hashed.len()
+        + resume.submitting.len()
+        + resume.submitted.len()
+        + resume.to_place.len();
+    if n > 0 {
+        tracing::info!(
+            files = n,
+            submitted = resume.submitted.len(),
+            unconfirmed = resume.submitting.len(),
+            "resuming work from the journal"
+        );
+    }
+    Ok(resume)
+}
