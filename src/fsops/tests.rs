@@ -839,3 +839,63 @@ fn a_world_writable_drop_is_never_released_writable_by_others() {
         );
     }
 }
+
+/// Review finding: two placements of one record can run at once (after a SIGHUP reload or a
+/// stop whose grace ran out, the old agent's blocking placement goes on while the new agent
+/// resumes the same `placing` record). Both use the record's deterministic temp name: the
+/// second takes the first's live temp for "a partial from before a crash" and removes it, the
+/// first then renames the second's half-written temp into clean and reports the file placed,
+/// and the second finds the staged file gone and reports it vanished.
+#[test]
+fn a_second_placement_of_one_record_never_takes_the_live_temp_of_the_first() {
+    let d = tempfile::tempdir().unwrap();
+    let staging = dir(&d.path().join("s"));
+    let clean = dir(&d.path().join("clean"));
+    let content: Vec<u8> = (0..48u32 << 20).map(|i| (i % 251) as u8).collect();
+    let hashed = stage(staging.path(), "f.staged", &content);
+    // A reader keeps the lease refused: both placements release a verified copy.
+    let _reader = std::fs::File::open(staging.path().join("f.staged")).unwrap();
+    let temp = copy_temp_name("t", 7);
+    let r = release(
+        &staging,
+        OsStr::new("f.staged"),
+        hashed,
+        &content,
+        &clean,
+        Path::new("report.bin"),
+        &temp,
+    );
+    let target = clean.path().join("report.bin");
+    let expected = sha(&content);
+    std::thread::scope(|s| {
+        let first = s.spawn(|| {
+            let res = place(&r);
+            let seen = std::fs::read(&target).ok().map(|b| sha(&b));
+            (res, seen)
+        });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !clean.path().join(&temp).exists() && !first.is_finished() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "first copy never began"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let second = place(&r);
+        let (first, seen) = first.join().unwrap();
+        for (who, res) in [("first", &first), ("second", &second)] {
+            assert!(
+                !matches!(res, Err(e) if e.is_vanished()),
+                "{who} placement reports the staged file vanished: {res:?}"
+            );
+        }
+        if first.is_ok() {
+            assert_eq!(
+                seen,
+                Some(expected),
+                "the first placement reported success with other bytes in clean"
+            );
+        }
+    });
+    assert_eq!(sha(&std::fs::read(&target).unwrap()), expected);
+}
