@@ -209,3 +209,35 @@ async fn a_staging_folder_owned_by_another_user_is_refused() {
         assert_eq!(w.staged_files(), 0);
     }
 }
+
+/// Review finding: a clean placement journals `placing` before it opens the staged file; when
+/// the file changed since it was hashed (a writer kept its handle), `rescan` asks the journal to
+/// `rehash`, whose guard accepts only hashed/submitting/submitted/decided. The record stays
+/// `placing` and every retry meets the same refusal: the file is stranded in staging forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_changed_after_its_verdict_is_scanned_again_not_stranded_in_placing() {
+    let w = World::new(dropscan::emulator::EmulatorConfig {
+        scan_delay: Duration::from_secs(2),
+        ..Default::default()
+    })
+    .await;
+    let agent = w.start_agent();
+    let mut handle = std::fs::File::create(w.inbox.join("notes.txt")).unwrap();
+    handle.write_all(b"first draft").unwrap();
+    handle.flush().unwrap();
+    wait_for(LIMIT, || {
+        (w.emulator().state().stats().submits_accepted > 0).then_some(())
+    })
+    .await
+    .expect("uploaded");
+    // Written through the kept handle while the scan runs: the verdict is for the old bytes.
+    handle.write_all(b", second draft").unwrap();
+    handle.sync_all().unwrap();
+    let o = w.wait_placed(1, Duration::from_secs(90)).await;
+    assert_eq!(o[&PathBuf::from("notes.txt")], Outcome::Clean);
+    assert_eq!(
+        std::fs::read(w.clean.join("notes.txt")).unwrap(),
+        b"first draft, second draft"
+    );
+    agent.stop().await.0.unwrap();
+}
