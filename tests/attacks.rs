@@ -241,3 +241,85 @@ async fn a_file_changed_after_its_verdict_is_scanned_again_not_stranded_in_placi
     );
     agent.stop().await.0.unwrap();
 }
+
+/// Review finding: the inbox descriptor is cached and reopened only when its folder is removed.
+/// An agent started while the share was not mounted yet (nothing in flight, so the root counts
+/// as recognised) makes its staging folder on the empty mount point and keeps claiming through
+/// the covered folder once the share is mounted over it: every file on the share is found by
+/// path, settles, and is then "gone" at the claim, forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_share_mounted_after_start_up_is_claimed_from() {
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status()
+                .ok();
+        }
+    }
+    let w = World::quick().await;
+    let share = w.dir.path().join("share");
+    std::fs::create_dir(&share).unwrap();
+    let agent = w.start_agent();
+    wait_for(LIMIT, || {
+        w.inbox.join(".dropscan/test/.owner").exists().then_some(())
+    })
+    .await
+    .expect("started on the empty mount point");
+    let mounted = std::process::Command::new("mount")
+        .arg("--bind")
+        .arg(&share)
+        .arg(&w.inbox)
+        .status();
+    if !mounted.is_ok_and(|s| s.success()) {
+        eprintln!("cannot bind-mount here (needs CAP_SYS_ADMIN): skipped");
+        return;
+    }
+    let _unmount = Unmount(w.inbox.clone());
+    w.drop_file("late.txt", b"arrived after the mount");
+    let o = w.wait_placed(1, LIMIT).await;
+    assert_eq!(o[&PathBuf::from("late.txt")], Outcome::Clean);
+    agent.stop().await.0.unwrap();
+}
+
+/// Review finding: `OWNER_HEARTBEAT` is never used: a running agent writes its owner marker
+/// once, at start-up, and never refreshes it. Three minutes later the marker looks stale, and a
+/// second host configured with the same `sensor_instance_id` takes the staging folder over at
+/// its start (re-entering the first agent's in-flight files as its own orphans).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_agent_keeps_its_owner_marker_fresh() {
+    let w = World::quick().await;
+    let agent = w.start_agent();
+    let marker = w.inbox.join(".dropscan/test/.owner");
+    let text = wait_for(LIMIT, || std::fs::read_to_string(&marker).ok())
+        .await
+        .expect("marker written at start-up");
+    let beat = |t: &str| -> u64 {
+        t.lines()
+            .find_map(|l| l.strip_prefix("heartbeat="))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    // Make the marker look an hour old (same host): as it would after an hour of running.
+    let old = beat(&text).saturating_sub(3600);
+    std::fs::write(
+        &marker,
+        text.replace(
+            &format!("heartbeat={}", beat(&text)),
+            &format!("heartbeat={old}"),
+        ),
+    )
+    .unwrap();
+    let refreshed = wait_for(Duration::from_secs(75), || {
+        let t = std::fs::read_to_string(&marker).ok()?;
+        (beat(&t) > old + 3000).then_some(())
+    })
+    .await;
+    assert!(
+        refreshed.is_some(),
+        "the owner marker was not refreshed within 75 s (heartbeat every 30 s)"
+    );
+    agent.stop().await.0.unwrap();
+}
