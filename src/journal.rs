@@ -212,8 +212,9 @@ impl FileState {
             Submitted => &[Decided, Hashed, Claimed, Done],
             // Placed, changed before the move (scanned again), vanished.
             Decided => &[Placing, Claimed, Done],
-            // Another name, moved, vanished.
-            Placing => &[Placing, Placed, Done],
+            // Another name, moved, changed before the move (the target is journaled before the
+            // staged file is checked: scanned again), vanished.
+            Placing => &[Placing, Placed, Claimed, Done],
             // The server's result is deleted.
             Placed => &[Done],
             Done => &[],
@@ -935,12 +936,14 @@ fn decided_again(
     Ok(flipped)
 }
 
-/// The states a record may be sent back to `claimed` from (its file changed).
-const REHASH_FROM: [FileState; 4] = [
+/// The states a record may be sent back to `claimed` from (its file changed). `placing`
+/// included: a clean placement journals its target before it finds the staged file changed.
+const REHASH_FROM: [FileState; 5] = [
     FileState::Hashed,
     FileState::Submitting,
     FileState::Submitted,
     FileState::Decided,
+    FileState::Placing,
 ];
 
 /// The states a record may be closed as vanished from: any before the file was placed.
@@ -1456,6 +1459,15 @@ impl Journal {
     pub async fn rehash(&self, id: FileId) -> Result<(), JournalError> {
         self.run(move |conn| {
             let rec = load(conn, id)?;
+            // From `placing` only a clean release is taken back (its file changed before the
+            // move); a quarantine or failed placement goes on with the bytes it has.
+            if rec.state == FileState::Placing && rec.outcome != Some(Outcome::Clean) {
+                return Err(JournalError::Conflict {
+                    id,
+                    detail: "is placing outside clean; only a clean release is scanned again"
+                        .into(),
+                });
+            }
             transition(conn, &rec, &REHASH_FROM, FileState::Claimed)?;
             if let (false, Some(scan_id)) = (rec.reused, rec.scan_id.as_deref()) {
                 if rec.state != FileState::Hashed {

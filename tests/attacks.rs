@@ -218,3 +218,159 @@ async fn a_dropscan_symlink_planted_before_a_sighup_reload_is_never_followed() {
     child.kill().ok();
     child.wait().ok();
 }
+
+/// Review finding: the staging folder (and `.dropscan` above it) is accepted whoever owns it.
+/// A user who can write the inbox renames `.dropscan` away while the agent is stopped and makes
+/// their own: the agent then claims into a folder that user controls (they can open, link, swap
+/// staged files, and the lease's "nobody can open it afterwards" no longer holds), and records
+/// in flight are judged against the user's folder. Either level owned by someone else must be
+/// refused, naming the folder and its owner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_staging_folder_owned_by_another_user_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let w = World::quick().await;
+    let (dropscan_dir, staging) = (w.inbox.join(".dropscan"), w.inbox.join(".dropscan/test"));
+    // `nobody`: any uid other than the agent's.
+    let other = Some(65534);
+    for attacker_owns_parent in [false, true] {
+        std::fs::remove_dir_all(&dropscan_dir).ok();
+        std::fs::create_dir_all(&staging).unwrap();
+        std::fs::set_permissions(&dropscan_dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+        std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let planted = if attacker_owns_parent {
+            &dropscan_dir
+        } else {
+            &staging
+        };
+        std::os::unix::fs::chown(planted, other, other).unwrap();
+        w.drop_file("a.txt", b"a");
+        let mut agent = w.start_agent();
+        let r = tokio::time::timeout(Duration::from_secs(20), agent.task.take().unwrap())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "claims into {} owned by another user (attacker owns .dropscan: {attacker_owns_parent})",
+                    planted.display()
+                )
+            })
+            .unwrap();
+        let e = r.expect_err("start-up refuses a staging folder owned by another user");
+        assert!(e.contains("staging"), "{e}");
+        assert!(w.inbox.join("a.txt").exists());
+        assert_eq!(w.staged_files(), 0);
+    }
+}
+
+/// Review finding: a clean placement journals `placing` before it opens the staged file; when
+/// the file changed since it was hashed (a writer kept its handle), `rescan` asks the journal to
+/// `rehash`, whose guard accepts only hashed/submitting/submitted/decided. The record stays
+/// `placing` and every retry meets the same refusal: the file is stranded in staging forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_changed_after_its_verdict_is_scanned_again_not_stranded_in_placing() {
+    let w = World::new(dropscan::emulator::EmulatorConfig {
+        scan_delay: Duration::from_secs(2),
+        ..Default::default()
+    })
+    .await;
+    let agent = w.start_agent();
+    let mut handle = std::fs::File::create(w.inbox.join("notes.txt")).unwrap();
+    handle.write_all(b"first draft").unwrap();
+    handle.flush().unwrap();
+    wait_for(LIMIT, || {
+        (w.emulator().state().stats().submits_accepted > 0).then_some(())
+    })
+    .await
+    .expect("uploaded");
+    // Written through the kept handle while the scan runs: the verdict is for the old bytes.
+    handle.write_all(b", second draft").unwrap();
+    handle.sync_all().unwrap();
+    let o = w.wait_placed(1, Duration::from_secs(90)).await;
+    assert_eq!(o[&PathBuf::from("notes.txt")], Outcome::Clean);
+    assert_eq!(
+        std::fs::read(w.clean.join("notes.txt")).unwrap(),
+        b"first draft, second draft"
+    );
+    agent.stop().await.0.unwrap();
+}
+
+/// Review finding: the inbox descriptor is cached and reopened only when its folder is removed.
+/// An agent started while the share was not mounted yet (nothing in flight, so the root counts
+/// as recognised) makes its staging folder on the empty mount point and keeps claiming through
+/// the covered folder once the share is mounted over it: every file on the share is found by
+/// path, settles, and is then "gone" at the claim, forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_share_mounted_after_start_up_is_claimed_from() {
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status()
+                .ok();
+        }
+    }
+    let w = World::quick().await;
+    let share = w.dir.path().join("share");
+    std::fs::create_dir(&share).unwrap();
+    let agent = w.start_agent();
+    wait_for(LIMIT, || {
+        w.inbox.join(".dropscan/test/.owner").exists().then_some(())
+    })
+    .await
+    .expect("started on the empty mount point");
+    let mounted = std::process::Command::new("mount")
+        .arg("--bind")
+        .arg(&share)
+        .arg(&w.inbox)
+        .status();
+    if !mounted.is_ok_and(|s| s.success()) {
+        eprintln!("cannot bind-mount here (needs CAP_SYS_ADMIN): skipped");
+        return;
+    }
+    let _unmount = Unmount(w.inbox.clone());
+    w.drop_file("late.txt", b"arrived after the mount");
+    let o = w.wait_placed(1, LIMIT).await;
+    assert_eq!(o[&PathBuf::from("late.txt")], Outcome::Clean);
+    agent.stop().await.0.unwrap();
+}
+
+/// Review finding: `OWNER_HEARTBEAT` is never used: a running agent writes its owner marker
+/// once, at start-up, and never refreshes it. Three minutes later the marker looks stale, and a
+/// second host configured with the same `sensor_instance_id` takes the staging folder over at
+/// its start (re-entering the first agent's in-flight files as its own orphans).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_agent_keeps_its_owner_marker_fresh() {
+    let w = World::quick().await;
+    let agent = w.start_agent();
+    let marker = w.inbox.join(".dropscan/test/.owner");
+    let text = wait_for(LIMIT, || std::fs::read_to_string(&marker).ok())
+        .await
+        .expect("marker written at start-up");
+    let beat = |t: &str| -> u64 {
+        t.lines()
+            .find_map(|l| l.strip_prefix("heartbeat="))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    // Make the marker look an hour old (same host): as it would after an hour of running.
+    let old = beat(&text).saturating_sub(3600);
+    std::fs::write(
+        &marker,
+        text.replace(
+            &format!("heartbeat={}", beat(&text)),
+            &format!("heartbeat={old}"),
+        ),
+    )
+    .unwrap();
+    let refreshed = wait_for(Duration::from_secs(75), || {
+        let t = std::fs::read_to_string(&marker).ok()?;
+        (beat(&t) > old + 3000).then_some(())
+    })
+    .await;
+    assert!(
+        refreshed.is_some(),
+        "the owner marker was not refreshed within 75 s (heartbeat every 30 s)"
+    );
+    agent.stop().await.0.unwrap();
+}

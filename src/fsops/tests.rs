@@ -748,3 +748,155 @@ fn place_across_filesystems_copies_verifies_and_unlinks() {
         0o600
     );
 }
+
+const EICAR: &[u8] = b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$EICAR";
+
+/// Review finding: a handle opened with `O_PATH` takes no read or write access, so the write
+/// lease probe does not see it; once the staged inode itself is renamed into clean, the holder
+/// reopens it for writing through `/proc/self/fd` (or links it back into the inbox with
+/// `linkat(AT_SYMLINK_FOLLOW)`) and rewrites the released file.
+#[test]
+fn an_o_path_handle_kept_past_release_never_rewrites_clean() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let d = tempfile::tempdir().unwrap();
+    let staging = dir(&d.path().join("s"));
+    let clean = dir(&d.path().join("clean"));
+    let hashed = stage(staging.path(), "f.staged", b"harmless report");
+    // Opened by the user while the file was still theirs (in the inbox): no access mode at all.
+    let handle = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH)
+        .open(d.path().join("s/f.staged"))
+        .unwrap();
+    let temp = copy_temp_name("t", 7);
+    let r = release(
+        &staging,
+        OsStr::new("f.staged"),
+        hashed,
+        b"harmless report",
+        &clean,
+        Path::new("report.txt"),
+        &temp,
+    );
+    place(&r).unwrap();
+    // Reopened for writing after the release.
+    let proc_path = format!("/proc/self/fd/{}", handle.as_raw_fd());
+    if let Ok(mut w) = std::fs::OpenOptions::new().write(true).open(&proc_path) {
+        w.write_all(EICAR).unwrap();
+        w.sync_all().unwrap();
+    }
+    assert_eq!(
+        std::fs::read(d.path().join("clean/report.txt")).unwrap(),
+        b"harmless report",
+        "an earlier handle reached the released inode"
+    );
+}
+
+/// Review finding: a released file keeps the mode the user gave it (renamed inode, or the copy
+/// made with `now.mode & 0o777`), so a drop made 0666 lands world-writable in clean (and its
+/// copy temp is world-writable at a predictable name in the clean root while it is verified):
+/// any local user who can traverse clean rewrites it after the verdict.
+#[test]
+fn a_world_writable_drop_is_never_released_writable_by_others() {
+    let d = tempfile::tempdir().unwrap();
+    let staging = dir(&d.path().join("s"));
+    let clean = dir(&d.path().join("clean"));
+    let temp = copy_temp_name("t", 7);
+    // Renamed (no other opener) and copied (a writer holds it open).
+    for (name, held) in [("a", false), ("b", true)] {
+        let staged = format!("{name}.staged");
+        let hashed = {
+            let p = staging.path().join(&staged);
+            std::fs::write(&p, b"harmless report").unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o666)).unwrap();
+            FileStamp::of(&std::fs::symlink_metadata(&p).unwrap()).stamp()
+        };
+        let _writer = held.then(|| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(staging.path().join(&staged))
+                .unwrap()
+        });
+        let target = PathBuf::from(format!("{name}.txt"));
+        let r = release(
+            &staging,
+            OsStr::new(&staged),
+            hashed,
+            b"harmless report",
+            &clean,
+            &target,
+            &temp,
+        );
+        place(&r).unwrap();
+        let mode = std::fs::metadata(clean.path().join(&target))
+            .unwrap()
+            .mode();
+        assert_eq!(
+            mode & 0o022,
+            0,
+            "{name}: released into clean with mode {:o}",
+            mode & 0o777
+        );
+    }
+}
+
+/// Review finding: two placements of one record can run at once (after a SIGHUP reload or a
+/// stop whose grace ran out, the old agent's blocking placement goes on while the new agent
+/// resumes the same `placing` record). Both use the record's deterministic temp name: the
+/// second takes the first's live temp for "a partial from before a crash" and removes it, the
+/// first then renames the second's half-written temp into clean and reports the file placed,
+/// and the second finds the staged file gone and reports it vanished.
+#[test]
+fn a_second_placement_of_one_record_never_takes_the_live_temp_of_the_first() {
+    let d = tempfile::tempdir().unwrap();
+    let staging = dir(&d.path().join("s"));
+    let clean = dir(&d.path().join("clean"));
+    let content: Vec<u8> = (0..48u32 << 20).map(|i| (i % 251) as u8).collect();
+    let hashed = stage(staging.path(), "f.staged", &content);
+    // A reader keeps the lease refused: both placements release a verified copy.
+    let _reader = std::fs::File::open(staging.path().join("f.staged")).unwrap();
+    let temp = copy_temp_name("t", 7);
+    let r = release(
+        &staging,
+        OsStr::new("f.staged"),
+        hashed,
+        &content,
+        &clean,
+        Path::new("report.bin"),
+        &temp,
+    );
+    let target = clean.path().join("report.bin");
+    let expected = sha(&content);
+    std::thread::scope(|s| {
+        let first = s.spawn(|| {
+            let res = place(&r);
+            let seen = std::fs::read(&target).ok().map(|b| sha(&b));
+            (res, seen)
+        });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !clean.path().join(&temp).exists() && !first.is_finished() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "first copy never began"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let second = place(&r);
+        let (first, seen) = first.join().unwrap();
+        for (who, res) in [("first", &first), ("second", &second)] {
+            assert!(
+                !matches!(res, Err(e) if e.is_vanished()),
+                "{who} placement reports the staged file vanished: {res:?}"
+            );
+        }
+        if first.is_ok() {
+            assert_eq!(
+                seen,
+                Some(expected),
+                "the first placement reported success with other bytes in clean"
+            );
+        }
+    });
+    assert_eq!(sha(&std::fs::read(&target).unwrap()), expected);
+}
