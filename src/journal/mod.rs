@@ -48,10 +48,38 @@
 //! so far is answered as failed, and the operations not yet run go into a fresh transaction:
 //! what a caller is told always matches what is on disk.
 //!
+//! ## The journal as the bus
+//!
+//! The messages on the stages' channels carry little more than a record id; what a file *is* (its
+//! state, hash, scanId, outcome, destination) lives here. A message is sent only after the state
+//! it announces is committed (durable before announce), so a message that is lost (a full
+//! channel, a failed send, a crash) loses no work: each stage also sweeps the journal for records
+//! in the state it consumes that no message brought it.
+//!
+//! | Writes the state | State(s) | Swept by | Why the sweep |
+//! |---|---|---|---|
+//! | claim ([`Journal::claim`]) | `claimed` | claim, [`Journal::stuck_claimed`] | the write after hashing failed (disk full): hash again without a restart |
+//! | claim ([`Journal::hashed`]), poll (`error`/`timeout`) | `hashed`, `waiting` | upload, [`Journal::in_states`] and [`Journal::promote_orphaned_waiting`] | a record no queue holds; a twin whose primary left |
+//! | upload ([`Journal::submitting`], [`Journal::submitted`]) | `submitting`, `submitted` | start-up reconciliation (`app`) | the POST's fate is known only to the server |
+//! | poll (verdicts), upload and claim (failures, reused verdicts) ([`Journal::decide`], [`Journal::hashed`]) | `decided` | sort, [`Journal::in_states`] | a verdict whose message was lost; a contradicting `detect` that flipped a clean record |
+//! | sort ([`Journal::placing`], [`Journal::placed`]) | `placing`, `placed` | sort (`placed`), start-up reconciliation (`placing`) | the DELETE on the server still due; a move cut short by a crash |
+//! | upload, poll, sort, start-up (abandoned scanIds: `resend`, `resubmit`, `rehash`, `stale_scan`) | `stale_scans` table | poll, [`Journal::stale_scans`] | results nobody needs any more, deleted on the server |
+//!
+//! ## Layout
+//!
+//! - `types.rs`: the vocabulary ([`FileState`] and its transition table, [`Outcome`],
+//!   [`ScanVerdict`], [`FileRecord`], [`Decision`], [`JournalError`], …);
+//! - `schema.rs`: the SQL schema, the connection, row mapping, the transition helpers;
+//! - `writer.rs`: the group-commit thread; `Journal::run`, private to this module, is the only
+//!   way to the connection: the rest of the crate sees operations;
+//! - `ops_claim.rs`, `ops_submit.rs`, `ops_decide.rs`, `ops_place.rs`, `ops_maint.rs`: the
+//!   operations, by pipeline stage (claim and hash; submit and poll; decide; place and done, and
+//!   reading records; stale scans, errors, pruning and the summary);
+//! - `testing.rs`: a test hook (raw access for integration tests that simulate a clock jump or a
+//!   rollback by SQLite), hidden from the docs and never used by the daemon.
+//!
 //! What this module does not do: touch files or the network. The stages do that, in the order the
-//! journal allows. Who reads what it carries between stages: the claim sweep reads
-//! [`Journal::stuck_claimed`], the upload sweep reads `hashed` records, the sorter's sweep reads
-//! `decided` and `placed` records, and the poller reads `stale_scans`.
+//! journal allows.
 
 mod ops_claim;
 mod ops_decide;

@@ -221,7 +221,7 @@ pub enum Outcome {
     /// Anything else, with a reason.
     Failed,
     /// The file left staging before it was placed (removed by hand, say): nothing was placed
-    /// anywhere. Only ever on `done` records ([`Journal::close_vanished`]).
+    /// anywhere. Only ever on `done` records ([`Journal::close_vanished`](super::Journal::close_vanished)).
     Vanished,
 }
 
