@@ -87,6 +87,7 @@ mod ops_maint;
 mod ops_place;
 mod ops_submit;
 mod schema;
+#[doc(hidden)]
 pub mod testing;
 #[cfg(test)]
 mod tests;
