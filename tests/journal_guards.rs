@@ -12,6 +12,8 @@ use dropscan::journal::{
     Decision, FileId, FileState, HashedAs, Journal, JournalError, NewClaim, Outcome, ScanVerdict,
     Stamp, now_ms,
 };
+// Raw access to the connection, for what no operation does (a clock jump, a rollback by SQLite).
+use dropscan::journal::testing::RawAccess as _;
 
 const SHA: [u8; 32] = [9; 32];
 const TTL: Duration = Duration::from_secs(3600);

@@ -1,0 +1,183 @@
+//! Journal maintenance: the queue of scan results to delete on the server (`stale_scans`, read
+//! by the poller), the short error history, pruning of old records and expired verdicts, and the
+//! summary for `dropscan status` and metrics (also read from another process, read-only, by
+//! [`read_summary`]).
+//!
+//! What this file does not do: delete anything on the server (the poller does).
+
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::schema::{blob_path, execute};
+use super::types::{FileState, JournalError, Summary};
+use super::{Journal, now_ms};
+
+/// Done records older than this are pruned.
+pub(crate) const DEFAULT_HISTORY: Duration = Duration::from_secs(7 * 24 * 3600);
+/// How many recent errors are kept for `dropscan status`.
+const ERRORS_KEPT: i64 = 200;
+
+/// Appends to the error history (inside the current operation).
+pub(super) fn note_error_in(conn: &Connection, text: &str) -> Result<(), JournalError> {
+    execute(
+        conn,
+        "INSERT INTO errors (at, text) VALUES (?1, ?2)",
+        params![now_ms(), text],
+        "errors",
+    )?;
+    execute(
+        conn,
+        "DELETE FROM errors WHERE id <= (SELECT MAX(id) FROM errors) - ?1",
+        [ERRORS_KEPT],
+        "errors",
+    )?;
+    Ok(())
+}
+
+/// Queues a scan's result for deletion on the server (inside the current operation).
+pub(super) fn stale_scan_in(conn: &Connection, scan_id: &str) -> Result<(), JournalError> {
+    execute(
+        conn,
+        "INSERT OR IGNORE INTO stale_scans (scan_id, added_at) VALUES (?1, ?2)",
+        params![scan_id, now_ms()],
+        "stale",
+    )?;
+    Ok(())
+}
+
+/// Reads a summary from a journal file without taking part in writing (for `dropscan status`,
+/// which runs beside the daemon).
+pub fn read_summary(path: &Path) -> Result<Summary, JournalError> {
+    let conn = rusqlite::Connection::open_with_flags(
+        path,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|source| JournalError::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    conn.busy_timeout(Duration::from_secs(5))
+        .map_err(JournalError::sql("open"))?;
+    summary_in(&conn)
+}
+
+/// Counts and ages, read on `conn` (the writer's, or a read-only one).
+fn summary_in(conn: &Connection) -> Result<Summary, JournalError> {
+    let pairs = |sql: &str, states: &[FileState]| -> Result<Vec<(String, i64)>, JournalError> {
+        let mut stmt = conn.prepare(sql).map_err(JournalError::sql("summary"))?;
+        let rows = stmt
+            .query_map(
+                rusqlite::params_from_iter(states.iter().map(|s| s.as_str())),
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .map_err(JournalError::sql("summary"))?;
+        rows.collect::<Result<_, _>>()
+            .map_err(JournalError::sql("summary"))
+    };
+    let per_state = pairs("SELECT state, COUNT(*) FROM files GROUP BY state", &[])?;
+    // Finished records: placed or done. Outcomes include `vanished` (done, nothing placed).
+    let per_outcome = pairs(
+        "SELECT outcome, COUNT(*) FROM files WHERE state IN (?1, ?2) GROUP BY outcome",
+        &[FileState::Placed, FileState::Done],
+    )?;
+    let oldest_pending = conn
+        .query_row(
+            "SELECT rel_path, claimed_at FROM files WHERE state NOT IN (?1, ?2) \
+             ORDER BY claimed_at LIMIT 1",
+            params![FileState::Placed.as_str(), FileState::Done.as_str()],
+            |r| Ok((blob_path(r.get(0)?), r.get(1)?)),
+        )
+        .optional()
+        .map_err(JournalError::sql("summary"))?;
+    let mut stmt = conn
+        .prepare("SELECT at, text FROM errors ORDER BY id DESC LIMIT 10")
+        .map_err(JournalError::sql("summary"))?;
+    let last_errors = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .map_err(JournalError::sql("summary"))?
+        .collect::<Result<_, _>>()
+        .map_err(JournalError::sql("summary"))?;
+    Ok(Summary {
+        per_state,
+        per_outcome,
+        oldest_pending,
+        last_errors,
+    })
+}
+
+impl Journal {
+    /// Queues scan results to delete on the server (a scan abandoned after a timeout).
+    pub async fn stale_scan(&self, scan_id: String) -> Result<(), JournalError> {
+        self.run(move |conn| stale_scan_in(conn, &scan_id)).await
+    }
+
+    /// Scan results waiting to be deleted on the server.
+    pub async fn stale_scans(&self) -> Result<Vec<String>, JournalError> {
+        self.run(|conn| {
+            let mut stmt = conn
+                .prepare_cached("SELECT scan_id FROM stale_scans ORDER BY added_at LIMIT 1000")
+                .map_err(JournalError::sql("stale"))?;
+            let rows = stmt
+                .query_map([], |r| r.get(0))
+                .map_err(JournalError::sql("stale"))?;
+            rows.collect::<Result<_, _>>()
+                .map_err(JournalError::sql("stale"))
+        })
+        .await
+    }
+
+    /// A stale result is gone from the server.
+    pub async fn stale_deleted(&self, scan_id: String) -> Result<(), JournalError> {
+        self.run(move |conn| {
+            execute(
+                conn,
+                "DELETE FROM stale_scans WHERE scan_id = ?1",
+                [scan_id],
+                "stale",
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Keeps a short history of errors for `dropscan status`.
+    pub async fn note_error(&self, text: String) -> Result<(), JournalError> {
+        self.run(move |conn| note_error_in(conn, &text)).await
+    }
+
+    /// Drops finished records older than `history` and verdicts older than `verdict_ttl`. A
+    /// verdict stamped in the future (the wall clock went back) is dropped too: its age cannot
+    /// be known, so it is never reused.
+    pub async fn prune(
+        &self,
+        history: Duration,
+        verdict_ttl: Duration,
+    ) -> Result<usize, JournalError> {
+        self.run(move |conn| {
+            let now = now_ms();
+            let h = i64::try_from(history.as_millis()).unwrap_or(i64::MAX);
+            let t = i64::try_from(verdict_ttl.as_millis()).unwrap_or(i64::MAX);
+            let n = conn
+                .execute(
+                    "DELETE FROM files WHERE state = ?2 AND updated_at < ?1",
+                    params![now.saturating_sub(h), FileState::Done.as_str()],
+                )
+                .map_err(JournalError::sql("prune"))?;
+            execute(
+                conn,
+                "DELETE FROM verdicts WHERE decided_at < ?1 OR decided_at > ?2",
+                params![now.saturating_sub(t), now],
+                "prune",
+            )?;
+            Ok(n)
+        })
+        .await
+    }
+
+    /// Counts and ages.
+    pub async fn summary(&self) -> Result<Summary, JournalError> {
+        self.run(summary_in).await
+    }
+}

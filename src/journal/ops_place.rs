@@ -1,0 +1,153 @@
+//! Journal operations of the sort stage and the readers every stage shares: the destination
+//! recorded before the move (`placing`, `placing_checked`), `placed`, `done`, records closed
+//! because their file vanished, and reading records back (`get`, `in_states`,
+//! `closed_records_of`).
+//!
+//! What this file does not do: move files (the sorter does, through `fsops`).
+
+use std::path::PathBuf;
+
+use rusqlite::{OptionalExtension, params};
+
+use super::Journal;
+use super::schema::{blob_path, execute, load, load_state, path_blob, transition};
+use super::types::{FileId, FileRecord, FileState, JournalError, Outcome};
+
+/// The states a record may be closed as vanished from: any before the file was placed.
+pub(super) const VANISH_FROM: [FileState; 7] = [
+    FileState::Claimed,
+    FileState::Hashed,
+    FileState::Waiting,
+    FileState::Submitting,
+    FileState::Submitted,
+    FileState::Decided,
+    FileState::Placing,
+];
+
+impl Journal {
+    /// Records the exact destination path before the move. Prefer [`Journal::placing_checked`],
+    /// which also refuses when the outcome changed since the caller read the record.
+    pub async fn placing(&self, id: FileId, dest: PathBuf) -> Result<(), JournalError> {
+        self.placing_inner(id, dest, None).await
+    }
+
+    /// Records the exact destination path before the move, provided the record's outcome is
+    /// still `seen` (what the caller read when it chose the destination). A contradicting
+    /// `detect` may flip a decided clean record to quarantine at any time before `placing`; this
+    /// makes sure a destination chosen for the old outcome is refused rather than used.
+    pub async fn placing_checked(
+        &self,
+        id: FileId,
+        dest: PathBuf,
+        seen: Option<Outcome>,
+    ) -> Result<(), JournalError> {
+        self.placing_inner(id, dest, Some(seen)).await
+    }
+
+    async fn placing_inner(
+        &self,
+        id: FileId,
+        dest: PathBuf,
+        seen: Option<Option<Outcome>>,
+    ) -> Result<(), JournalError> {
+        self.run(move |conn| {
+            let rec = load(conn, id)?;
+            if let Some(seen) = seen {
+                if rec.outcome != seen {
+                    return Err(JournalError::Conflict {
+                        id,
+                        detail: format!(
+                            "its outcome is now {}, not {}",
+                            rec.outcome.map_or("-", Outcome::as_str),
+                            seen.map_or("-", Outcome::as_str)
+                        ),
+                    });
+                }
+            }
+            transition(
+                conn,
+                &rec,
+                &[FileState::Decided, FileState::Placing],
+                FileState::Placing,
+            )?;
+            execute(
+                conn,
+                "UPDATE files SET dest = ?2 WHERE id = ?1",
+                params![id, path_blob(&dest)],
+                "placing",
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// The file is in its destination.
+    pub async fn placed(&self, id: FileId) -> Result<(), JournalError> {
+        self.run(move |conn| {
+            let rec = load(conn, id)?;
+            transition(conn, &rec, &[FileState::Placing], FileState::Placed)
+        })
+        .await
+    }
+
+    /// The server's result is deleted (or there was none): the record is finished.
+    pub async fn done(&self, id: FileId) -> Result<(), JournalError> {
+        self.run(move |conn| {
+            let rec = load(conn, id)?;
+            transition(conn, &rec, &[FileState::Placed], FileState::Done)
+        })
+        .await
+    }
+
+    /// Closes a record whose file is gone for good (vanished from staging before it was placed:
+    /// removed by hand, say). Its outcome reads [`Outcome::Vanished`]: nothing was placed
+    /// anywhere. A placed record is never closed this way.
+    pub async fn close_vanished(&self, id: FileId, reason: String) -> Result<(), JournalError> {
+        self.run(move |conn| {
+            let rec = load(conn, id)?;
+            transition(conn, &rec, &VANISH_FROM, FileState::Done)?;
+            execute(
+                conn,
+                "UPDATE files SET outcome = ?2, reason = ?3 WHERE id = ?1",
+                params![id, Outcome::Vanished.as_str(), reason],
+                "close",
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// One record.
+    pub async fn get(&self, id: FileId) -> Result<FileRecord, JournalError> {
+        self.run(move |conn| load(conn, id)).await
+    }
+
+    /// Every record in one of `states`, oldest first.
+    pub async fn in_states(&self, states: &[FileState]) -> Result<Vec<FileRecord>, JournalError> {
+        let states = states.to_vec();
+        self.run(move |conn| load_state(conn, &states)).await
+    }
+
+    /// For each staged path, the original relative path of a record that names it, if any
+    /// (the caller asks only about paths no unfinished record holds: such a record is closed).
+    pub async fn closed_records_of(
+        &self,
+        staged: Vec<PathBuf>,
+    ) -> Result<Vec<Option<PathBuf>>, JournalError> {
+        self.run(move |conn| {
+            let mut stmt = conn
+                .prepare_cached("SELECT rel_path FROM files WHERE staged = ?1")
+                .map_err(JournalError::sql("read"))?;
+            staged
+                .iter()
+                .map(|p| {
+                    stmt.query_row([path_blob(p)], |r| r.get::<_, Vec<u8>>(0))
+                        .optional()
+                        .map(|o| o.map(blob_path))
+                        .map_err(JournalError::sql("read"))
+                })
+                .collect()
+        })
+        .await
+    }
+}

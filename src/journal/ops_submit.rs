@@ -1,0 +1,107 @@
+//! Journal operations of the upload and poll stages: the scanId chosen before the POST
+//! (`submitting`), the server's acceptance (`submitted`), and the ways back to `hashed` when a
+//! submission was certainly not accepted (`not_submitted`), may have been (`resend`), or ended in
+//! `error`/`timeout` (`resubmit`). Every abandoned scanId is queued for deletion on the server in
+//! the same transaction.
+//!
+//! What this file does not do: talk to the server, or decide a verdict (`ops_decide.rs`).
+
+use rusqlite::params;
+
+use super::Journal;
+use super::now_ms;
+use super::ops_maint::stale_scan_in;
+use super::schema::{execute, load, transition};
+use super::types::{FileId, FileState, JournalError};
+
+impl Journal {
+    /// Records the scanId of a submission about to be sent.
+    pub async fn submitting(&self, id: FileId, scan_id: String) -> Result<(), JournalError> {
+        self.run(move |conn| {
+            let rec = load(conn, id)?;
+            transition(conn, &rec, &[FileState::Hashed], FileState::Submitting)?;
+            let mut ids = rec.scan_ids.clone();
+            if !ids.contains(&scan_id) {
+                ids.push(scan_id.clone());
+            }
+            execute(
+                conn,
+                "UPDATE files SET scan_id = ?2, scan_ids = ?3, submitted_at = ?4 WHERE id = ?1",
+                params![id, scan_id, ids.join(","), now_ms()],
+                "submitting",
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// The server accepted the scan (or, at start-up, knows it).
+    pub async fn submitted(&self, id: FileId) -> Result<(), JournalError> {
+        self.run(move |conn| {
+            let rec = load(conn, id)?;
+            transition(conn, &rec, &[FileState::Submitting], FileState::Submitted)?;
+            execute(
+                conn,
+                "UPDATE files SET attempts = attempts + 1 WHERE id = ?1",
+                params![id],
+                "submitted",
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// The submission was certainly not accepted (429, 5xx, 401): back to waiting for a slot.
+    /// When it may have been accepted after all, use [`Journal::resend`].
+    pub async fn not_submitted(&self, id: FileId) -> Result<(), JournalError> {
+        self.run(move |conn| {
+            let rec = load(conn, id)?;
+            transition(conn, &rec, &[FileState::Submitting], FileState::Hashed)
+        })
+        .await
+    }
+
+    /// The submission may or may not have reached the server (a broken connection, or a
+    /// `submitting` scan the server did not list after a restart): back to waiting for a slot,
+    /// and the old scanId is queued for deletion in the same transaction, so a scan the server
+    /// did take is never left behind when the file is sent again under a new scanId.
+    pub async fn resend(&self, id: FileId) -> Result<(), JournalError> {
+        self.run(move |conn| {
+            let rec = load(conn, id)?;
+            transition(conn, &rec, &[FileState::Submitting], FileState::Hashed)?;
+            if let Some(old) = rec.scan_id.as_deref() {
+                stale_scan_in(conn, old)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// A scan ended with `error` or `timeout` and will be tried again under a new scanId; the old
+    /// result is queued for deletion on the server.
+    pub async fn resubmit(
+        &self,
+        id: FileId,
+        old_scan_id: String,
+        note: String,
+    ) -> Result<(), JournalError> {
+        self.run(move |conn| {
+            let rec = load(conn, id)?;
+            if rec.scan_id.as_deref() != Some(old_scan_id.as_str()) {
+                return Err(JournalError::Conflict {
+                    id,
+                    detail: format!("scan {old_scan_id} is not its current scan"),
+                });
+            }
+            transition(conn, &rec, &[FileState::Submitted], FileState::Hashed)?;
+            execute(
+                conn,
+                "UPDATE files SET reason = ?2 WHERE id = ?1",
+                params![id, note],
+                "resubmit",
+            )?;
+            stale_scan_in(conn, &old_scan_id)
+        })
+        .await
+    }
+}

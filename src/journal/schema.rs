@@ -1,0 +1,331 @@
+//! The journal's storage: the SQL schema and how the connection is opened, the mapping between
+//! rows and [`FileRecord`], and the helpers every operation uses to read a record and to move it
+//! through the transition table ([`transition`]). Constant statements go through the
+//! connection's cache of prepared statements ([`execute`], [`query_row`]).
+//!
+//! What this file does not do: decide anything. The operations live in the `ops_*` files, the
+//! group commit in `writer.rs`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension, Params, Row, params};
+
+use super::now_ms;
+use super::types::{FileId, FileRecord, FileState, JournalError, Outcome, Stamp};
+
+const SCHEMA: &str = r"
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS files (
+    id              INTEGER PRIMARY KEY,
+    root            BLOB NOT NULL,
+    rel_path        BLOB NOT NULL,
+    staged          BLOB NOT NULL UNIQUE,
+    state           TEXT NOT NULL,
+    size            INTEGER,
+    mtime_ns        INTEGER,
+    ctime_ns        INTEGER,
+    dev             INTEGER,
+    ino             INTEGER,
+    sha256          BLOB,
+    scan_id         TEXT,
+    scan_ids        TEXT NOT NULL DEFAULT '',
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    submitted_at    INTEGER,
+    outcome         TEXT,
+    verdict         TEXT,
+    verdict_sha256  BLOB,
+    reason          TEXT,
+    reused          INTEGER NOT NULL DEFAULT 0,
+    dest            BLOB,
+    dropped_at      INTEGER,
+    claimed_at      INTEGER NOT NULL,
+    updated_at      INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS files_state ON files(state);
+CREATE INDEX IF NOT EXISTS files_sha ON files(sha256) WHERE sha256 IS NOT NULL;
+CREATE INDEX IF NOT EXISTS files_scan ON files(scan_id) WHERE scan_id IS NOT NULL;
+CREATE TABLE IF NOT EXISTS verdicts (
+    sha256      BLOB PRIMARY KEY,
+    outcome     TEXT NOT NULL,
+    verdict     TEXT NOT NULL,
+    scan_id     TEXT NOT NULL,
+    decided_at  INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS stale_scans (scan_id TEXT PRIMARY KEY, added_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS errors (id INTEGER PRIMARY KEY, at INTEGER NOT NULL, text TEXT NOT NULL);
+";
+
+const SCHEMA_VERSION: &str = "1";
+
+/// The columns of `files` in the order [`row_to_record`] reads them, as a literal so that
+/// constant queries can be built with `concat!` (and so be cached prepared statements).
+macro_rules! columns {
+    () => {
+        "id, root, rel_path, staged, state, size, mtime_ns, ctime_ns, dev, ino, \
+         sha256, scan_id, scan_ids, attempts, submitted_at, outcome, verdict, verdict_sha256, \
+         reason, reused, dest, claimed_at, updated_at, dropped_at"
+    };
+}
+
+/// The columns of `files` in the order [`row_to_record`] reads them.
+pub(super) const COLUMNS: &str = columns!();
+
+/// How many prepared statements the connection keeps. The hot operations use about twenty
+/// distinct statements; rusqlite's default of 16 would evict some of them on every batch.
+const STATEMENT_CACHE: usize = 64;
+
+/// Runs one statement through the connection's cache of prepared statements: preparing SQL costs
+/// more than running it on the hot path. Returns the number of rows changed.
+pub(super) fn execute<P: Params>(
+    conn: &Connection,
+    sql: &str,
+    params: P,
+    about: &'static str,
+) -> Result<usize, JournalError> {
+    conn.prepare_cached(sql)
+        .and_then(|mut stmt| stmt.execute(params))
+        .map_err(JournalError::sql(about))
+}
+
+/// Reads the one row a query always returns (a count, an `EXISTS`) through the cache of prepared
+/// statements.
+pub(super) fn query_one<T, P: Params>(
+    conn: &Connection,
+    sql: &str,
+    params: P,
+    about: &'static str,
+    f: impl FnOnce(&Row<'_>) -> rusqlite::Result<T>,
+) -> Result<T, JournalError> {
+    conn.prepare_cached(sql)
+        .and_then(|mut stmt| stmt.query_row(params, f))
+        .map_err(JournalError::sql(about))
+}
+
+/// Reads one row through the cache of prepared statements; `None` if there is none.
+pub(super) fn query_row<T, P: Params>(
+    conn: &Connection,
+    sql: &str,
+    params: P,
+    about: &'static str,
+    f: impl FnOnce(&Row<'_>) -> rusqlite::Result<T>,
+) -> Result<Option<T>, JournalError> {
+    conn.prepare_cached(sql)
+        .and_then(|mut stmt| stmt.query_row(params, f).optional())
+        .map_err(JournalError::sql(about))
+}
+
+pub(super) fn path_blob(p: &Path) -> Vec<u8> {
+    use std::os::unix::ffi::OsStrExt;
+    p.as_os_str().as_bytes().to_vec()
+}
+
+pub(super) fn blob_path(b: Vec<u8>) -> PathBuf {
+    use std::os::unix::ffi::OsStringExt;
+    PathBuf::from(std::ffi::OsString::from_vec(b))
+}
+
+fn sha_from(b: Option<Vec<u8>>) -> Option<[u8; 32]> {
+    b.and_then(|v| <[u8; 32]>::try_from(v.as_slice()).ok())
+}
+
+#[allow(clippy::cast_sign_loss, clippy::cast_possible_wrap)]
+pub(super) fn row_to_record(r: &Row<'_>) -> rusqlite::Result<FileRecord> {
+    let state: String = r.get(4)?;
+    let size: Option<i64> = r.get(5)?;
+    let stamp = match size {
+        Some(size) => Some(Stamp {
+            size: size as u64,
+            mtime_ns: r.get::<_, Option<i64>>(6)?.unwrap_or(0),
+            ctime_ns: r.get::<_, Option<i64>>(7)?.unwrap_or(0),
+            dev: r.get::<_, Option<i64>>(8)?.unwrap_or(0) as u64,
+            ino: r.get::<_, Option<i64>>(9)?.unwrap_or(0) as u64,
+        }),
+        None => None,
+    };
+    let scan_ids: String = r.get(12)?;
+    let outcome: Option<String> = r.get(15)?;
+    Ok(FileRecord {
+        id: r.get(0)?,
+        root: blob_path(r.get(1)?),
+        rel_path: blob_path(r.get(2)?),
+        staged: blob_path(r.get(3)?),
+        state: FileState::parse(&state).unwrap_or(FileState::Claimed),
+        stamp,
+        sha256: sha_from(r.get(10)?),
+        scan_id: r.get(11)?,
+        scan_ids: scan_ids
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect(),
+        attempts: u32::try_from(r.get::<_, i64>(13)?).unwrap_or(0),
+        submitted_at_ms: r.get(14)?,
+        outcome: outcome.as_deref().and_then(Outcome::parse),
+        verdict: r.get(16)?,
+        verdict_sha256: sha_from(r.get(17)?),
+        reason: r.get(18)?,
+        reused: r.get::<_, i64>(19)? != 0,
+        dest: r.get::<_, Option<Vec<u8>>>(20)?.map(blob_path),
+        claimed_at_ms: r.get(21)?,
+        updated_at_ms: r.get(22)?,
+        dropped_at_ms: r.get(23)?,
+    })
+}
+
+/// Loads one record inside an operation.
+pub(super) fn load(conn: &Connection, id: FileId) -> Result<FileRecord, JournalError> {
+    query_row(
+        conn,
+        concat!("SELECT ", columns!(), " FROM files WHERE id = ?1"),
+        [id],
+        "read",
+        row_to_record,
+    )?
+    .ok_or_else(|| JournalError::Conflict {
+        id,
+        detail: "no such record".into(),
+    })
+}
+
+/// `?first, ?first+1, …` for `n` values: an SQL list of numbered parameters.
+pub(super) fn placeholders(first: usize, n: usize) -> String {
+    (first..first + n)
+        .map(|i| format!("?{i}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+pub(super) fn load_state(
+    conn: &Connection,
+    states: &[FileState],
+) -> Result<Vec<FileRecord>, JournalError> {
+    let mut stmt = conn
+        .prepare(&format!(
+            "SELECT {COLUMNS} FROM files WHERE state IN ({}) ORDER BY id",
+            placeholders(1, states.len())
+        ))
+        .map_err(JournalError::sql("read"))?;
+    let rows = stmt
+        .query_map(
+            rusqlite::params_from_iter(states.iter().map(|s| s.as_str())),
+            row_to_record,
+        )
+        .map_err(JournalError::sql("read"))?;
+    rows.collect::<Result<Vec<_>, _>>()
+        .map_err(JournalError::sql("read"))
+}
+
+/// Refuses an operation on a record that is not in one of the states it starts from.
+pub(super) fn expect_state(rec: &FileRecord, allowed: &[FileState]) -> Result<(), JournalError> {
+    if allowed.contains(&rec.state) {
+        Ok(())
+    } else {
+        Err(JournalError::Conflict {
+            id: rec.id,
+            detail: format!(
+                "is {}, expected one of {:?}",
+                rec.state.as_str(),
+                allowed.iter().map(|s| s.as_str()).collect::<Vec<_>>()
+            ),
+        })
+    }
+}
+
+/// Checks a transition twice: against the operation's own source states, and against the table
+/// of allowed transitions ([`FileState::can_become`]).
+pub(super) fn expect_transition(
+    rec: &FileRecord,
+    from: &[FileState],
+    to: FileState,
+) -> Result<(), JournalError> {
+    expect_state(rec, from)?;
+    if rec.state.can_become(to) {
+        Ok(())
+    } else {
+        Err(JournalError::Conflict {
+            id: rec.id,
+            detail: format!("may not go from {} to {}", rec.state.as_str(), to.as_str()),
+        })
+    }
+}
+
+/// Moves a loaded record to `to` after checking the transition. The update also requires the
+/// state the record was loaded in, so it can never apply to a record that moved meanwhile.
+pub(super) fn transition(
+    conn: &Connection,
+    rec: &FileRecord,
+    from: &[FileState],
+    to: FileState,
+) -> Result<(), JournalError> {
+    expect_transition(rec, from, to)?;
+    execute(
+        conn,
+        "UPDATE files SET state = ?2, updated_at = ?3 WHERE id = ?1 AND state = ?4",
+        params![rec.id, to.as_str(), now_ms(), rec.state.as_str()],
+        "update",
+    )?;
+    Ok(())
+}
+
+fn ensure_parent_dir(path: &Path) -> Result<(), JournalError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|source| JournalError::Dir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            // The journal holds file names of users' drops: owner only.
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).ok();
+        }
+    }
+    Ok(())
+}
+
+/// Opens (or creates) the database, sets WAL and `synchronous = FULL`, creates the schema and
+/// checks its version.
+pub(super) fn open_connection(path: &Path) -> Result<Connection, JournalError> {
+    ensure_parent_dir(path)?;
+    let open_err = |source| JournalError::Open {
+        path: path.to_path_buf(),
+        source,
+    };
+    let conn = Connection::open(path).map_err(open_err)?;
+    conn.busy_timeout(Duration::from_secs(10))
+        .map_err(open_err)?;
+    // WAL: readers (dropscan status) never block the writer. FULL: a COMMIT is on disk before the
+    // side effect it guards happens, even through power loss.
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(open_err)?;
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(open_err)?;
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    conn.execute_batch(SCHEMA).map_err(open_err)?;
+    let version: Option<String> = conn
+        .query_row("SELECT value FROM meta WHERE key = 'schema'", [], |r| {
+            r.get(0)
+        })
+        .optional()
+        .map_err(open_err)?;
+    match version.as_deref() {
+        None => {
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('schema', ?1)",
+                [SCHEMA_VERSION],
+            )
+            .map_err(open_err)?;
+        }
+        Some(SCHEMA_VERSION) => {}
+        Some(other) => {
+            return Err(JournalError::Conflict {
+                id: 0,
+                detail: format!(
+                    "schema version {other} is not {SCHEMA_VERSION}: this journal was written by another dropscan version"
+                ),
+            });
+        }
+    }
+    Ok(conn)
+}

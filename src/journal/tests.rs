@@ -1,0 +1,187 @@
+//! Unit tests of the journal: the state machine, twins, group-commit rollback, the verdict TTL
+//! and the transition table.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::ops_claim::{REHASH_FROM, verdict_reusable};
+use super::ops_decide::DECIDE_FROM;
+use super::ops_place::VANISH_FROM;
+use super::*;
+
+fn stamp(size: u64) -> Stamp {
+    Stamp {
+        size,
+        mtime_ns: 1,
+        ctime_ns: 2,
+        dev: 3,
+        ino: 4,
+    }
+}
+
+async fn claim_one(j: &Journal, name: &str) -> FileId {
+    j.claim(vec![NewClaim {
+        root: "/in".into(),
+        rel_path: name.into(),
+        staged: format!("/in/.dropscan/{name}").into(),
+        dropped_at_ms: None,
+    }])
+    .await
+    .unwrap()[0]
+}
+
+#[tokio::test]
+async fn state_machine_and_dedup() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = Journal::open(&dir.path().join("j.sqlite")).unwrap();
+    let a = claim_one(&j, "a").await;
+    let b = claim_one(&j, "b").await;
+    let sha = [7u8; 32];
+    assert_eq!(
+        j.hashed(a, sha, stamp(5), Duration::from_secs(60))
+            .await
+            .unwrap(),
+        HashedAs::Hashed
+    );
+    assert_eq!(
+        j.hashed(b, sha, stamp(5), Duration::from_secs(60))
+            .await
+            .unwrap(),
+        HashedAs::Waiting
+    );
+    j.submitting(a, "s1".into()).await.unwrap();
+    j.submitted(a).await.unwrap();
+    let decided = j
+        .decide(vec![(
+            a,
+            Decision::from_verdict(ScanVerdict::NotDetected, sha),
+        )])
+        .await
+        .unwrap();
+    assert_eq!(decided, vec![a, b]);
+    let rb = j.get(b).await.unwrap();
+    assert_eq!(rb.outcome, Some(Outcome::Clean));
+    assert!(rb.reused);
+    // A third identical file reuses the cached verdict.
+    let c = claim_one(&j, "c").await;
+    assert_eq!(
+        j.hashed(c, sha, stamp(5), Duration::from_secs(60))
+            .await
+            .unwrap(),
+        HashedAs::Reused(Outcome::Clean)
+    );
+    // With reuse disabled it is uploaded.
+    let d = claim_one(&j, "d").await;
+    assert_eq!(
+        j.hashed(d, sha, stamp(5), Duration::ZERO).await.unwrap(),
+        HashedAs::Hashed
+    );
+}
+
+#[tokio::test]
+async fn a_waiting_twin_whose_primary_changed_is_promoted() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = Journal::open(&dir.path().join("j.sqlite")).unwrap();
+    let a = claim_one(&j, "a").await;
+    let b = claim_one(&j, "b").await;
+    let c = claim_one(&j, "c").await;
+    let sha = [3u8; 32];
+    for id in [a, b, c] {
+        j.hashed(id, sha, stamp(1), Duration::ZERO).await.unwrap();
+    }
+    assert_eq!(j.promote_orphaned_waiting().await.unwrap(), 0);
+    // The primary's file changed: it is hashed again, the twins lose their primary.
+    j.rehash(a).await.unwrap();
+    assert_eq!(j.promote_orphaned_waiting().await.unwrap(), 1);
+    assert_eq!(j.get(b).await.unwrap().state, FileState::Hashed);
+    assert_eq!(j.get(c).await.unwrap().state, FileState::Waiting);
+}
+
+#[tokio::test]
+async fn local_failure_hands_over_to_a_waiting_twin() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = Journal::open(&dir.path().join("j.sqlite")).unwrap();
+    let a = claim_one(&j, "a").await;
+    let b = claim_one(&j, "b").await;
+    let sha = [1u8; 32];
+    j.hashed(a, sha, stamp(1), Duration::ZERO).await.unwrap();
+    j.hashed(b, sha, stamp(1), Duration::ZERO).await.unwrap();
+    let decided = j
+        .decide(vec![(a, Decision::failed("unreadable", false))])
+        .await
+        .unwrap();
+    assert_eq!(decided, vec![a]);
+    assert_eq!(j.get(b).await.unwrap().state, FileState::Hashed);
+}
+
+#[tokio::test]
+async fn a_failing_operation_rolls_back_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = Journal::open(&dir.path().join("j.sqlite")).unwrap();
+    let a = claim_one(&j, "a").await;
+    // submitting on a claimed record is refused; the record is unchanged.
+    let err = j.submitting(a, "x".into()).await.unwrap_err();
+    assert!(matches!(err, JournalError::Conflict { .. }), "{err}");
+    assert_eq!(j.get(a).await.unwrap().state, FileState::Claimed);
+    // Concurrent operations in one group commit all land.
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..200 {
+        let j = j.clone();
+        set.spawn(async move { claim_one(&j, &format!("f{i}")).await });
+    }
+    while let Some(r) = set.join_next().await {
+        r.unwrap();
+    }
+    let s = j.summary().await.unwrap();
+    assert_eq!(s.per_state, vec![("claimed".to_string(), 201)]);
+}
+
+#[test]
+fn a_verdict_ttl_fails_closed_against_clock_jumps() {
+    let ttl = Duration::from_secs(60);
+    assert!(verdict_reusable(1_000, 1_000, ttl));
+    assert!(verdict_reusable(1_000, 61_000, ttl));
+    assert!(!verdict_reusable(1_000, 61_001, ttl));
+    // Decided "in the future": the clock went back; never reused.
+    assert!(!verdict_reusable(2_000, 1_000, ttl));
+    assert!(!verdict_reusable(1_000, 1_000, Duration::ZERO));
+}
+
+#[test]
+fn the_transition_table_matches_every_operation() {
+    for (from, to) in [
+        (&DECIDE_FROM[..], FileState::Decided),
+        (&REHASH_FROM[..], FileState::Claimed),
+        (&VANISH_FROM[..], FileState::Done),
+    ] {
+        for s in from {
+            assert!(s.can_become(to), "{s:?} -> {to:?}");
+        }
+    }
+    for s in FileState::ALL {
+        assert!(!s.can_become(FileState::Claimed) || REHASH_FROM.contains(&s));
+    }
+}
+
+#[tokio::test]
+async fn survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j.sqlite");
+    let a;
+    {
+        let j = Journal::open(&path).unwrap();
+        a = claim_one(&j, "ä/b c").await;
+        j.hashed(a, [2; 32], stamp(9), Duration::ZERO)
+            .await
+            .unwrap();
+        j.submitting(a, "scan1".into()).await.unwrap();
+    }
+    let j = Journal::open(&path).unwrap();
+    let r = j.get(a).await.unwrap();
+    assert_eq!(r.state, FileState::Submitting);
+    assert_eq!(r.scan_id.as_deref(), Some("scan1"));
+    assert_eq!(r.rel_path, PathBuf::from("ä/b c"));
+    assert_eq!(r.stamp, Some(stamp(9)));
+    let summary = read_summary(&path).unwrap();
+    assert_eq!(summary.oldest_pending.unwrap().0, PathBuf::from("ä/b c"));
+}

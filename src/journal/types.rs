@@ -1,0 +1,410 @@
+//! The journal's vocabulary: the typed states and their transition table ([`FileState`]), the
+//! verdicts and outcomes, the record read back ([`FileRecord`]), what callers hand in
+//! ([`NewClaim`], [`Decision`]) and get back ([`HashedAs`], [`Summary`]), and [`JournalError`].
+//!
+//! What this file does not do: SQL. The `as_str` names are the on-disk values; `schema.rs` maps
+//! rows to these types and the `ops_*` files enforce the transitions.
+
+use std::path::PathBuf;
+
+/// A journal failure.
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    /// The database could not be opened or created.
+    #[error("cannot open the journal {path}: {source}")]
+    Open {
+        /// Database file.
+        path: PathBuf,
+        /// SQLite's error.
+        source: rusqlite::Error,
+    },
+    /// The state folder could not be created.
+    #[error("cannot create the state folder {path}: {source}")]
+    Dir {
+        /// The folder.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A statement failed (disk full, I/O error, corruption).
+    #[error("journal {about}: {source}")]
+    Sqlite {
+        /// What was being done.
+        about: &'static str,
+        /// SQLite's error.
+        source: rusqlite::Error,
+    },
+    /// A record was not in the state an operation expects (a bug, or a concurrent instance).
+    #[error("journal record {id}: {detail}")]
+    Conflict {
+        /// The record.
+        id: FileId,
+        /// What was expected.
+        detail: String,
+    },
+    /// The transaction could not be committed (disk full, I/O error): nothing of it happened.
+    #[error("journal commit failed: {message}")]
+    Commit {
+        /// SQLite's message.
+        message: String,
+    },
+    /// The journal thread has stopped.
+    #[error("the journal is closed")]
+    Closed,
+}
+
+impl JournalError {
+    /// Wraps an SQLite error with what was being done (for `map_err`).
+    pub(super) fn sql(about: &'static str) -> impl FnOnce(rusqlite::Error) -> Self {
+        move |source| JournalError::Sqlite { about, source }
+    }
+}
+
+/// A record's id.
+pub type FileId = i64;
+
+/// Where a record stands. Stored as text; the `as_str` names are the on-disk values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FileState {
+    /// Moved into staging (or about to be: the record is written first).
+    Claimed,
+    /// SHA-256 known; waiting for an upload slot.
+    Hashed,
+    /// Same content as another record in flight: waits for its verdict.
+    Waiting,
+    /// A scanId is chosen and the POST may have reached the server.
+    Submitting,
+    /// The server accepted the scan; waiting for a verdict.
+    Submitted,
+    /// The outcome is decided and durable; the file is not yet placed.
+    Decided,
+    /// The exact destination path is chosen; the move may have happened.
+    Placing,
+    /// The file is in its destination; the server result may still need a DELETE.
+    Placed,
+    /// Finished.
+    Done,
+}
+
+impl FileState {
+    /// Every state, in pipeline order.
+    pub const ALL: [FileState; 9] = [
+        FileState::Claimed,
+        FileState::Hashed,
+        FileState::Waiting,
+        FileState::Submitting,
+        FileState::Submitted,
+        FileState::Decided,
+        FileState::Placing,
+        FileState::Placed,
+        FileState::Done,
+    ];
+
+    /// Every state but `done`: the records work is still due on.
+    pub const UNFINISHED: [FileState; 8] = [
+        FileState::Claimed,
+        FileState::Hashed,
+        FileState::Waiting,
+        FileState::Submitting,
+        FileState::Submitted,
+        FileState::Decided,
+        FileState::Placing,
+        FileState::Placed,
+    ];
+
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FileState::Claimed => "claimed",
+            FileState::Hashed => "hashed",
+            FileState::Waiting => "waiting",
+            FileState::Submitting => "submitting",
+            FileState::Submitted => "submitted",
+            FileState::Decided => "decided",
+            FileState::Placing => "placing",
+            FileState::Placed => "placed",
+            FileState::Done => "done",
+        }
+    }
+
+    /// Parses a stored name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    /// The table of allowed transitions: every state a record in `self` may move to. Each journal
+    /// operation also checks its own, narrower list of source states.
+    pub fn next_states(self) -> &'static [FileState] {
+        use FileState::{
+            Claimed, Decided, Done, Hashed, Placed, Placing, Submitted, Submitting, Waiting,
+        };
+        match self {
+            // Hashed, waiting for a twin, decided without a scan (reused, unreadable), or vanished.
+            Claimed => &[Hashed, Waiting, Decided, Done],
+            // Submitted, failed (too large), changed (hashed again), vanished.
+            Hashed => &[Submitting, Decided, Claimed, Done],
+            // Promoted (primary left), decided with the primary, vanished.
+            Waiting => &[Hashed, Decided, Done],
+            // Accepted, not accepted (back to hashed), refused (decided), changed, vanished.
+            Submitting => &[Submitted, Hashed, Decided, Claimed, Done],
+            // Verdict, error/timeout (back to hashed), changed, vanished.
+            Submitted => &[Decided, Hashed, Claimed, Done],
+            // Placed, changed before the move (scanned again), vanished.
+            Decided => &[Placing, Claimed, Done],
+            // Another name, moved, vanished.
+            // Another name, moved, changed before the move (the target is journaled before the
+            // staged file is checked: scanned again), vanished.
+            Placing => &[Placing, Placed, Claimed, Done],
+            // The server's result is deleted.
+            Placed => &[Done],
+            Done => &[],
+        }
+    }
+
+    /// Whether a record in `self` may move to `to` (see [`FileState::next_states`]).
+    pub fn can_become(self, to: FileState) -> bool {
+        self.next_states().contains(&to)
+    }
+
+    /// Whether the outcome is decided (decided, placing, placed, done): a verdict journaled here
+    /// never changes again.
+    pub fn is_decided(self) -> bool {
+        matches!(
+            self,
+            FileState::Decided | FileState::Placing | FileState::Placed | FileState::Done
+        )
+    }
+}
+
+/// The scan verdicts the journal records: the two final KATA states that decide a file. (`error`
+/// and `timeout` never decide a file: it is scanned again or fails without a verdict.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ScanVerdict {
+    /// `detect`: quarantine.
+    Detect,
+    /// `not detected`: clean, for the exact bytes uploaded.
+    NotDetected,
+}
+
+impl ScanVerdict {
+    /// The stored name: the KATA state as it appears on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ScanVerdict::Detect => "detect",
+            ScanVerdict::NotDetected => "not detected",
+        }
+    }
+
+    /// Parses a stored name.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "detect" => Some(ScanVerdict::Detect),
+            "not detected" => Some(ScanVerdict::NotDetected),
+            _ => None,
+        }
+    }
+
+    /// Where a file with this verdict goes.
+    pub fn outcome(self) -> Outcome {
+        match self {
+            ScanVerdict::Detect => Outcome::Quarantine,
+            ScanVerdict::NotDetected => Outcome::Clean,
+        }
+    }
+}
+
+/// Where a file ends up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// `not detected` for the exact bytes uploaded.
+    Clean,
+    /// `detect`.
+    Quarantine,
+    /// Anything else, with a reason.
+    Failed,
+    /// The file left staging before it was placed (removed by hand, say): nothing was placed
+    /// anywhere. Only ever on `done` records ([`Journal::close_vanished`](super::Journal::close_vanished)).
+    Vanished,
+}
+
+impl Outcome {
+    /// Every outcome.
+    pub const ALL: [Outcome; 4] = [
+        Outcome::Clean,
+        Outcome::Quarantine,
+        Outcome::Failed,
+        Outcome::Vanished,
+    ];
+
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Clean => "clean",
+            Outcome::Quarantine => "quarantine",
+            Outcome::Failed => "failed",
+            Outcome::Vanished => "vanished",
+        }
+    }
+
+    /// Parses a stored name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|o| o.as_str() == s)
+    }
+}
+
+/// The size and change stamp of a staged file, as hashed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    /// Bytes.
+    pub size: u64,
+    /// Modification time, ns since the epoch.
+    pub mtime_ns: i64,
+    /// Status change time, ns since the epoch.
+    pub ctime_ns: i64,
+    /// Device.
+    pub dev: u64,
+    /// Inode.
+    pub ino: u64,
+}
+
+/// One file's record.
+#[derive(Debug, Clone)]
+pub struct FileRecord {
+    /// Id.
+    pub id: FileId,
+    /// The watched root it came from (absolute).
+    pub root: PathBuf,
+    /// Its path relative to the root when it was dropped.
+    pub rel_path: PathBuf,
+    /// Its path in staging.
+    pub staged: PathBuf,
+    /// Where it stands.
+    pub state: FileState,
+    /// Size and stamp when hashed.
+    pub stamp: Option<Stamp>,
+    /// SHA-256 of its content.
+    pub sha256: Option<[u8; 32]>,
+    /// The current (or last) scanId.
+    pub scan_id: Option<String>,
+    /// Every scanId used for it, oldest first.
+    pub scan_ids: Vec<String>,
+    /// Scans the server accepted for it.
+    pub attempts: u32,
+    /// When the current scan was submitted (ms since the epoch).
+    pub submitted_at_ms: Option<i64>,
+    /// The decided outcome.
+    pub outcome: Option<Outcome>,
+    /// The KATA state that decided it (`detect`, `not detected`, …), if any.
+    pub verdict: Option<String>,
+    /// The SHA-256 the verdict applies to (the bytes uploaded).
+    pub verdict_sha256: Option<[u8; 32]>,
+    /// Why it failed, or a note.
+    pub reason: Option<String>,
+    /// The verdict was reused from an earlier scan of the same content.
+    pub reused: bool,
+    /// Its destination path, once chosen.
+    pub dest: Option<PathBuf>,
+    /// When it was claimed (ms).
+    pub claimed_at_ms: i64,
+    /// When it was last changed (ms).
+    pub updated_at_ms: i64,
+    /// When the drop was complete: the file's last change in the inbox (ms), if known.
+    pub dropped_at_ms: Option<i64>,
+}
+
+impl FileRecord {
+    /// The journaled verdict, typed (`None`: no verdict, or a name this version does not know).
+    pub fn scan_verdict(&self) -> Option<ScanVerdict> {
+        self.verdict.as_deref().and_then(ScanVerdict::parse)
+    }
+
+    /// Whether this record may be released as clean: its outcome is clean, its verdict is
+    /// `not detected`, and that verdict was given for exactly the content hashed (the SHA-256 of
+    /// the bytes uploaded equals the record's SHA-256). Anything else must not reach the clean
+    /// folder.
+    pub fn is_clean_verdict_for_content(&self) -> bool {
+        self.outcome == Some(Outcome::Clean)
+            && self.scan_verdict() == Some(ScanVerdict::NotDetected)
+            && self.sha256.is_some()
+            && self.verdict_sha256 == self.sha256
+    }
+}
+
+/// What a new claim records.
+#[derive(Debug, Clone)]
+pub struct NewClaim {
+    /// The watched root.
+    pub root: PathBuf,
+    /// Relative path in the inbox.
+    pub rel_path: PathBuf,
+    /// Destination in staging.
+    pub staged: PathBuf,
+    /// The file's last change in the inbox (ms), if known.
+    pub dropped_at_ms: Option<i64>,
+}
+
+/// A decision to journal.
+#[derive(Debug, Clone)]
+pub struct Decision {
+    /// Where it goes.
+    pub outcome: Outcome,
+    /// The scan verdict that decided it, if one did.
+    pub verdict: Option<ScanVerdict>,
+    /// The SHA-256 the verdict applies to.
+    pub verdict_sha256: Option<[u8; 32]>,
+    /// Why (for failed), or a note.
+    pub reason: Option<String>,
+    /// Whether files waiting on the same content get the same decision. True for verdicts and for
+    /// content failures (too large, attempts exhausted); false for failures of this one file
+    /// (unreadable), after which a waiting file is submitted on its own.
+    pub propagate: bool,
+}
+
+impl Decision {
+    /// A scan verdict for the content whose SHA-256 (of the bytes uploaded) is `sha256`, shared
+    /// with files of the same content.
+    pub fn from_verdict(verdict: ScanVerdict, sha256: [u8; 32]) -> Self {
+        Decision {
+            outcome: verdict.outcome(),
+            verdict: Some(verdict),
+            verdict_sha256: Some(sha256),
+            reason: None,
+            propagate: true,
+        }
+    }
+
+    /// A failure with a reason, shared with files of the same content.
+    pub fn failed(reason: impl Into<String>, propagate: bool) -> Self {
+        Decision {
+            outcome: Outcome::Failed,
+            verdict: None,
+            verdict_sha256: None,
+            reason: Some(reason.into()),
+            propagate,
+        }
+    }
+}
+
+/// Result of recording a hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashedAs {
+    /// To be uploaded.
+    Hashed,
+    /// Same content already in flight: waits for its verdict.
+    Waiting,
+    /// A recent verdict for the same content was reused.
+    Reused(Outcome),
+}
+
+/// Counts and ages for `dropscan status` and metrics.
+#[derive(Debug, Clone, Default)]
+pub struct Summary {
+    /// Records per state (done included).
+    pub per_state: Vec<(String, i64)>,
+    /// Finished records per outcome.
+    pub per_outcome: Vec<(String, i64)>,
+    /// The oldest unfinished record: its relative path and claim time (ms).
+    pub oldest_pending: Option<(PathBuf, i64)>,
+    /// The latest errors, newest first: time (ms) and text.
+    pub last_errors: Vec<(i64, String)>,
+}
