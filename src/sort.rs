@@ -291,7 +291,14 @@ impl Sorter {
             _ => Which::Failed,
         };
         let clean = outcome == Outcome::Clean;
-        let file_mode = (outcome == Outcome::Quarantine).then_some(0o600);
+        // Clean and quarantine get a copy owned by dropscan with a fixed mode (see fsops::place);
+        // failed keeps the staged file itself (a hard-linked file must not be read).
+        let file_mode = match outcome {
+            Outcome::Clean => 0o644,
+            Outcome::Quarantine => 0o600,
+            _ => 0o640,
+        };
+        let copy = matches!(outcome, Outcome::Clean | Outcome::Quarantine);
         let dir_mode = match outcome {
             Outcome::Quarantine => 0o700,
             Outcome::Clean => 0o755,
@@ -358,6 +365,7 @@ impl Sorter {
                     dest_root: &dest_root,
                     target: &rel2,
                     file_mode,
+                    copy,
                     clean,
                     temp_name: &temp,
                 })
@@ -368,6 +376,9 @@ impl Sorter {
                     return self
                         .finish_placement(rec, outcome, reason, which, rel)
                         .await;
+                }
+                Err(e @ FsError::Busy { .. }) => {
+                    return Step::Retry(e.to_string());
                 }
                 // Taken meanwhile, or its folder removed meanwhile: choose again.
                 Err(e) if e.is_already_exists() || e.is_folder_gone() => continue,

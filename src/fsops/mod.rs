@@ -97,6 +97,12 @@ pub enum FsError {
         /// The OS error.
         source: io::Error,
     },
+    /// Another placement of the same file is in progress (it holds the lock).
+    #[error("{}: another placement of this file is in progress; retried later", shown(path))]
+    Busy {
+        /// The locked file.
+        path: PathBuf,
+    },
     /// The staging folder belongs to another live agent.
     #[error(transparent)]
     Owner(Box<roots::OwnerConflict>),
@@ -177,6 +183,7 @@ impl FsError {
             FsError::AlreadyExists { .. } => FsError::AlreadyExists { path },
             FsError::NoSpace { source, .. } => FsError::NoSpace { path, source },
             FsError::Owner(o) => FsError::Owner(o),
+            FsError::Busy { .. } => FsError::Busy { path },
             FsError::Io { about, source, .. } => FsError::Io {
                 path,
                 about,
@@ -325,30 +332,4 @@ pub fn sha256_file(file: &mut File) -> Result<([u8; 32], u64), FsError> {
         total += n as u64;
     }
     Ok((hasher.finalize().into(), total))
-}
-
-/// Whether no other open file description (and no shared writable mapping) refers to the file:
-/// a momentary write lease (`F_SETLEASE F_WRLCK`, released at once) is granted only then.
-/// `Ok(false)`: someone has it open. `Err`: leases are not available here (network filesystems,
-/// or a dropscan user that neither owns the file nor has `CAP_LEASE`).
-#[allow(unsafe_code)]
-pub fn no_other_opener(file: &File) -> io::Result<bool> {
-    use std::os::fd::AsRawFd;
-    let fd = file.as_raw_fd();
-    // SAFETY: fcntl(F_SETLEASE) takes an int argument and acts only on the lease state of the
-    // descriptor we own; no memory is passed.
-    let r = unsafe { libc::fcntl(fd, libc::F_SETLEASE, libc::F_WRLCK) };
-    if r == -1 {
-        let e = io::Error::last_os_error();
-        return match e.raw_os_error() {
-            Some(libc::EAGAIN | libc::EBUSY) => Ok(false),
-            _ => Err(e),
-        };
-    }
-    // SAFETY: as above.
-    let r = unsafe { libc::fcntl(fd, libc::F_SETLEASE, libc::F_UNLCK) };
-    if r == -1 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(true)
 }

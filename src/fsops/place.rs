@@ -27,7 +27,7 @@ use std::path::{Component, Path, PathBuf};
 
 use super::names::{numbered, parse_temp_name, safe_relative, sidecar_name, sidecar_temp_name};
 use super::{
-    Dir, FileStamp, FsError, Renamed, no_other_opener, rename_noreplace, same_file, sha256_file,
+    Dir, FileStamp, FsError, Renamed, rename_noreplace, same_file, sha256_file,
     split_rel,
 };
 use crate::journal::Stamp;
@@ -156,10 +156,17 @@ pub struct Release<'a> {
     pub dest_root: &'a Dir,
     /// The target, relative to `dest_root` (from [`free_name`]).
     pub target: &'a Path,
-    /// Mode of the placed file (`Some(0o600)` for quarantine); `None` keeps it.
-    pub file_mode: Option<u32>,
-    /// A release to clean: the bytes must be the hashed ones and no writer may keep a handle.
+    /// Mode of a placed copy (0644 clean, 0600 quarantine, 0640 failed); a rename keeps the
+    /// file as it is.
+    pub file_mode: u32,
+    /// See [`Release::clean`]: whether a copy is placed even on the same filesystem.
+    pub copy: bool,
+    /// A release to clean: the staged file must still be the one hashed, and the copy must hold
+    /// exactly the hashed bytes.
     pub clean: bool,
+    /// Place a copy (a new inode owned by dropscan, with `file_mode`) rather than the staged
+    /// inode itself: for clean and quarantine, so that no handle a user kept from before the
+    /// claim (read, write or `O_PATH`) and no ownership of the user's reaches what is placed.
     /// The copy's temp name at the top of `dest_root` ([`super::names::copy_temp_name`]).
     pub temp_name: &'a OsStr,
 }
@@ -197,8 +204,14 @@ pub fn place(r: &Release<'_>) -> Result<Placed, FsError> {
         Err(FsError::Vanished { .. }) => return resume_from_temp(r, &tdir, tname),
         Err(e) => return Err(e),
     };
-    // With the staged file still here, a temp of ours is a partial copy from before a crash.
+    // One placement of a file at a time, across agents too (an old agent's copy still running
+    // after a reload): the staged file is locked for the whole placement.
+    lock(&file, &r.staging.path().join(r.staged_name))?;
+    // With the staged file still here, a temp of ours is a partial copy from before a crash;
+    // one that is locked is being written right now by another placement.
     if r.dest_root.exists(r.temp_name)? {
+        let (temp, _) = r.dest_root.open_file(r.temp_name)?;
+        lock(&temp, &r.dest_root.path().join(r.temp_name))?;
         r.dest_root.unlink(r.temp_name)?;
     }
     match r.hashed {
@@ -231,46 +244,7 @@ pub fn place(r: &Release<'_>) -> Result<Placed, FsError> {
         Err(FsError::Vanished { .. }) => {}
         Err(e) => return Err(e),
     }
-    if r.clean && now.nlink != 1 {
-        return Err(FsError::HardLinked {
-            path: r.staging.path().join(r.staged_name),
-            nlink: now.nlink,
-        });
-    }
-    // The lease proves nobody else holds the file open *now*; nobody can open it later (private
-    // staging folder, one link). A writer that wrote and closed just before the probe is caught
-    // by the same-file check made after it.
-    let rename = !r.clean
-        || match no_other_opener(&file) {
-            Ok(true) => {
-                let after = super::stamp_of(&file)?;
-                if !r.hashed.is_some_and(|h| same_file(&h, &after.stamp())) {
-                    return Err(FsError::Changed {
-                        path: r.staging.path().join(r.staged_name),
-                        detail: "changed since it was hashed".into(),
-                    });
-                }
-                true
-            }
-            Ok(false) => {
-                tracing::info!(
-                    target = %super::shown(&tdir.path().join(tname)),
-                    "another process still holds the file open: releasing a verified copy"
-                );
-                false
-            }
-            Err(_) => false,
-        };
-    if let (true, Some(mode)) = (rename, r.file_mode) {
-        rustix::fs::fchmod(&file, rustix::fs::Mode::from_raw_mode(mode)).map_err(|e| {
-            FsError::io(
-                &r.staging.path().join(r.staged_name),
-                "chmod",
-                io::Error::from_raw_os_error(e.raw_os_error()),
-            )
-        })?;
-    }
-    if rename {
+    if !r.copy {
         match rename_noreplace(r.staging, r.staged_name, &tdir, tname) {
             Ok(_) => return Ok(Placed::Renamed),
             Err(FsError::Io { ref source, .. }) if source.raw_os_error() == Some(libc::EXDEV) => {}
@@ -295,9 +269,9 @@ fn copy_then_release(
         });
     }
     let temp_path = r.dest_root.path().join(r.temp_name);
-    let mode = r.file_mode.unwrap_or(now.mode & 0o777);
     let result = (|| {
-        let mut tmp = r.dest_root.create_file(r.temp_name, mode)?;
+        let mut tmp = r.dest_root.create_file(r.temp_name, r.file_mode)?;
+        lock(&tmp, &temp_path)?;
         src.seek(io::SeekFrom::Start(0))
             .map_err(|e| FsError::io(&temp_path, "read the staged file", e))?;
         io::copy(src, &mut tmp).map_err(|e| FsError::io(&temp_path, "copy", e))?;
@@ -316,12 +290,16 @@ fn copy_then_release(
                 });
             }
         }
-        r.dest_root.fsync()
+        r.dest_root.fsync()?;
+        Ok(tmp)
     })();
-    if let Err(e) = result {
-        r.dest_root.unlink(r.temp_name).ok();
-        return Err(e);
-    }
+    let _held = match result {
+        Ok(tmp) => tmp,
+        Err(e) => {
+            r.dest_root.unlink(r.temp_name).ok();
+            return Err(e);
+        }
+    };
     // The verified copy is durable: only now may the staged file go.
     r.staging.unlink(r.staged_name)?;
     if let Err(e) = r.staging.fsync() {
@@ -334,8 +312,9 @@ fn copy_then_release(
 /// target present means the move happened before a restart.
 fn resume_from_temp(r: &Release<'_>, tdir: &Dir, tname: &OsStr) -> Result<Placed, FsError> {
     if r.dest_root.exists(r.temp_name)? {
+        let (mut f, _) = r.dest_root.open_file(r.temp_name)?;
+        lock(&f, &r.dest_root.path().join(r.temp_name))?;
         if let Some(expected) = r.sha256 {
-            let (mut f, _) = r.dest_root.open_file(r.temp_name)?;
             let (sha, _) = sha256_file(&mut f)?;
             if sha != expected {
                 // Never delete it: it may be the only copy. Say where it is.
@@ -358,6 +337,24 @@ fn resume_from_temp(r: &Release<'_>, tdir: &Dir, tname: &OsStr) -> Result<Placed
 fn finish_temp(r: &Release<'_>, tdir: &Dir, tname: &OsStr) -> Result<Placed, FsError> {
     rename_noreplace(r.dest_root, r.temp_name, tdir, tname)?;
     Ok(Placed::Copied)
+}
+
+/// Takes an exclusive `flock` on `file` without waiting; held until the file is closed.
+fn lock(file: &std::fs::File, path: &Path) -> Result<(), FsError> {
+    match rustix::fs::flock(file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(FsError::Busy {
+            path: path.to_path_buf(),
+        }),
+        // No flock here (some network filesystems): placements of one record are then kept
+        // apart by the sorter alone, as before.
+        Err(rustix::io::Errno::NOLCK | rustix::io::Errno::OPNOTSUPP) => Ok(()),
+        Err(e) => Err(FsError::io(
+            path,
+            "lock",
+            io::Error::from_raw_os_error(e.raw_os_error()),
+        )),
+    }
 }
 
 /// Writes a sidecar beside `target` (relative to `dest_root`) atomically: a private temp name,

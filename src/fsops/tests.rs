@@ -46,7 +46,8 @@ fn release<'a>(
         sha256: Some(sha(content)),
         dest_root: dest,
         target,
-        file_mode: None,
+        file_mode: 0o644,
+        copy: true,
         clean: true,
         temp_name: temp,
     }
@@ -369,7 +370,8 @@ fn the_quarantine_chmod_never_follows_a_symlink() {
         sha256: None,
         dest_root: &q,
         target: Path::new("f"),
-        file_mode: Some(0o600),
+        file_mode: 0o600,
+        copy: true,
         clean: false,
         temp_name: &temp,
     };
@@ -423,7 +425,8 @@ fn a_file_held_open_by_a_writer_is_released_as_a_verified_copy_the_writer_cannot
     );
     assert!(!d.path().join("s/f.staged").exists());
     assert!(!d.path().join("clean").join(&temp).exists());
-    // Without another opener, the staged inode itself is renamed.
+    // Without another opener too: always a new inode, owned by dropscan, mode 0644 (an `O_PATH`
+    // handle escapes any check of openers, so the user's inode is never what clean holds).
     let hashed = stage(staging.path(), "g.staged", b"other");
     let ino = hashed.ino;
     let r = release(
@@ -435,8 +438,8 @@ fn a_file_held_open_by_a_writer_is_released_as_a_verified_copy_the_writer_cannot
         Path::new("g.txt"),
         &temp,
     );
-    assert_eq!(place(&r).unwrap(), Placed::Renamed);
-    assert_eq!(
+    assert_eq!(place(&r).unwrap(), Placed::Copied);
+    assert_ne!(
         std::fs::metadata(d.path().join("clean/g.txt"))
             .unwrap()
             .ino(),
@@ -735,7 +738,7 @@ fn place_across_filesystems_copies_verifies_and_unlinks() {
     assert!(src.path().join("f.staged").exists() && !dst.path().join("q/a.bin").exists());
     assert!(!dst.path().join("q").join(&temp).exists());
     r.sha256 = Some(sha(&data));
-    r.file_mode = Some(0o600);
+    r.file_mode = 0o600;
     assert_eq!(place(&r).unwrap(), Placed::Copied);
     assert!(!src.path().join("f.staged").exists());
     assert_eq!(std::fs::read(dst.path().join("q/a.bin")).unwrap(), data);
