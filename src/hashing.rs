@@ -13,13 +13,25 @@ use crate::pipeline::{Claimed, Hashed};
 
 /// Hash attempts of a file that keeps changing before it is failed.
 const HASH_TRIES: u32 = 3;
+/// Looks (100 ms apart) at a staged file with several links before it counts as hard-linked.
+const HARD_LINK_SETTLE_TRIES: u32 = 10;
 
 /// Opens and hashes a staged file; retries while it changes under us.
 fn hash_blocking(shared: &Shared, staged: &Path) -> Result<([u8; 32], Stamp), FsError> {
     let (staging, name) = shared.staging_of(staged)?;
     let mut last = None;
     for _ in 0..HASH_TRIES {
-        let (mut file, before) = staging.open_file(&name)?;
+        let (mut file, mut before) = staging.open_file(&name)?;
+        // Where a claim is link + unlink (no RENAME_NOREPLACE, e.g. NFS), the agent that lost
+        // the race removes its second link a moment later: look again before calling it a hard
+        // link.
+        for _ in 0..HARD_LINK_SETTLE_TRIES {
+            if before.nlink <= 1 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            before = fsops::stamp_of(&file)?;
+        }
         if before.nlink > 1 {
             return Err(FsError::HardLinked {
                 path: staged.to_path_buf(),

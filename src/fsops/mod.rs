@@ -97,8 +97,25 @@ pub enum FsError {
         /// The OS error.
         source: io::Error,
     },
+    /// A staging folder (or a folder above it in the inbox) that is not dropscan's own.
+    #[error(
+        "{}: belongs to uid {uid} with mode {mode:o}; a staging folder must belong to the dropscan \
+         user and be writable by nobody else (someone may have replaced it): refused",
+        shown(path)
+    )]
+    NotPrivate {
+        /// The folder.
+        path: PathBuf,
+        /// Its owner.
+        uid: u32,
+        /// Its mode.
+        mode: u32,
+    },
     /// Another placement of the same file is in progress (it holds the lock).
-    #[error("{}: another placement of this file is in progress; retried later", shown(path))]
+    #[error(
+        "{}: another placement of this file is in progress; retried later",
+        shown(path)
+    )]
     Busy {
         /// The locked file.
         path: PathBuf,
@@ -184,6 +201,7 @@ impl FsError {
             FsError::NoSpace { source, .. } => FsError::NoSpace { path, source },
             FsError::Owner(o) => FsError::Owner(o),
             FsError::Busy { .. } => FsError::Busy { path },
+            FsError::NotPrivate { uid, mode, .. } => FsError::NotPrivate { path, uid, mode },
             FsError::Io { about, source, .. } => FsError::Io {
                 path,
                 about,

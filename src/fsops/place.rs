@@ -27,8 +27,7 @@ use std::path::{Component, Path, PathBuf};
 
 use super::names::{numbered, parse_temp_name, safe_relative, sidecar_name, sidecar_temp_name};
 use super::{
-    Dir, FileStamp, FsError, Renamed, rename_noreplace, same_file, sha256_file,
-    split_rel,
+    Dir, FileStamp, FsError, Renamed, rename_noreplace, same_file, sha256_file, split_rel,
 };
 use crate::journal::Stamp;
 

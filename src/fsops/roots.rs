@@ -106,6 +106,9 @@ impl RootDirs {
 
     /// The open folder, made if missing (`create`), reopened if it was removed since.
     pub fn get(&self, which: Which, create: bool) -> Result<Arc<Dir>, FsError> {
+        if which == Which::Inbox || self.slot(which).beneath_inbox.is_some() {
+            self.forget_if_remounted();
+        }
         let slot = self.slot(which);
         let mut open = slot.open.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(d) = open.as_ref() {
@@ -116,11 +119,15 @@ impl RootDirs {
         let dir = match &slot.beneath_inbox {
             Some(rel) => {
                 let inbox = self.get(Which::Inbox, false)?;
-                if create {
+                let dir = if create {
                     inbox.create_dirs(rel, slot.mode)?
                 } else {
                     inbox.open_dir(rel)?
+                };
+                if which == Which::Staging {
+                    check_private(&inbox, rel)?;
                 }
+                dir
             }
             None => {
                 if create && which != Which::Inbox {
@@ -132,6 +139,24 @@ impl RootDirs {
         let dir = Arc::new(dir);
         *open = Some(Arc::clone(&dir));
         Ok(dir)
+    }
+
+    /// A share mounted over the inbox after it was opened (or unmounted): the path now leads to
+    /// another folder than the open descriptor. Everything is opened again from the paths.
+    fn forget_if_remounted(&self) {
+        let cached = self
+            .inbox
+            .open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .map(Arc::clone);
+        let Some(cached) = cached else { return };
+        let now = rustix::fs::stat(&self.inbox.path).map(|st| (st.st_dev, st.st_ino));
+        if now.ok() != cached.identity().ok() {
+            tracing::info!(inbox = %super::shown(&self.inbox.path), "the inbox is another folder now (a share mounted or unmounted): opening it again");
+            self.forget();
+        }
     }
 
     /// Forgets every open folder: the next use opens them again from their paths (after a
@@ -161,6 +186,33 @@ impl RootDirs {
             Err(e) => Err(e),
         }
     }
+}
+
+/// The staging folder and every folder between it and the inbox must belong to dropscan's user
+/// and be writable by nobody else: one a user made (after renaming ours away) would let that
+/// user reach staged files.
+fn check_private(inbox: &Dir, rel: &Path) -> Result<(), FsError> {
+    let me = rustix::process::geteuid().as_raw();
+    let mut sub = PathBuf::new();
+    for c in rel.components() {
+        sub.push(c);
+        let d = inbox.open_dir(&sub)?;
+        let st = rustix::fs::fstat(d.fd()).map_err(|e| {
+            FsError::io(
+                d.path(),
+                "stat folder",
+                std::io::Error::from_raw_os_error(e.raw_os_error()),
+            )
+        })?;
+        if st.st_uid != me || st.st_mode & 0o022 != 0 {
+            return Err(FsError::NotPrivate {
+                path: d.path().to_path_buf(),
+                uid: st.st_uid,
+                mode: st.st_mode & 0o7777,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// `mkdir -p` of an administrator's folder (its path is trusted); new folders get `mode`.
@@ -206,12 +258,13 @@ impl Owner {
         Owner { machine_id, host }
     }
 
+    /// Both the machine id (when known on both sides) and the host name must match: cloned
+    /// virtual machines often share a machine id.
     fn same_host(&self, other: &Owner) -> bool {
-        if !self.machine_id.is_empty() && !other.machine_id.is_empty() {
-            self.machine_id == other.machine_id
-        } else {
-            self.host == other.host
-        }
+        let ids_agree = self.machine_id.is_empty()
+            || other.machine_id.is_empty()
+            || self.machine_id == other.machine_id;
+        ids_agree && self.host == other.host
     }
 }
 
