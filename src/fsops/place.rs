@@ -4,14 +4,18 @@
 //! **Placement** of a staged file at `target` (a path relative to a destination root):
 //! - the staged file is opened (never through a link) and must still be [`same_file`] as when it
 //!   was hashed: checked on every attempt, retries and restarts included;
-//! - **clean is a release no writer can change.** A momentary write lease proves that no other
-//!   process holds the file open (for writing or reading, or through a shared mapping); since the
-//!   staging folder is private (0700) and the file has one link, nobody can open it afterwards
-//!   either, and the staged inode itself is renamed into clean. When the lease is refused (the
-//!   file is held open, the filesystem has no leases, e.g. NFS/SMB, or we may not take one), a
-//!   **verified copy** is released instead: a new inode, whose SHA-256 is checked against the
-//!   scanned one, that no earlier handle can reach;
-//! - a move is a no-replace rename, or, across filesystems and for the copy, the sequence copy
+//! - **clean is a release no writer can change**, and quarantine is a file no user owns: both
+//!   receive a **verified copy**, a new inode owned by dropscan with a fixed mode (0644 clean,
+//!   0600 quarantine) whose SHA-256 is checked against the scanned one (clean). No handle a user
+//!   kept from before the claim (read, write, a shared mapping, or an `O_PATH` handle that could
+//!   be reopened for writing through `/proc`), and no ownership of the user's, reaches it. Where
+//!   the filesystem shares blocks (`copy_file_range` reflinks on btrfs and XFS) the copy is
+//!   cheap; elsewhere it costs one more write of each released file. Failed files (which may be
+//!   hard links that must never be read) are moved by rename;
+//! - one placement of a file at a time, across agents too: the staged file (and a temp being
+//!   written or finished) is held under an exclusive `flock`; a second placement is told to
+//!   retry later, never takes or deletes the first one's temp;
+//! - a move is a no-replace rename, or, for a copy, the sequence copy
 //!   to `<dest root>/.<instance>.<record>.dropscan-partial` → fsync → verify SHA-256 → remove
 //!   the staged file → fsync staging → no-replace rename of the temp to the target → fsync.
 //!   At every instant a whole copy exists: first the staged file, then the verified temp, then
