@@ -5,13 +5,14 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use reqwest::header::{CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
 use reqwest::{Method, StatusCode, Url};
 use tracing::debug;
 
 use super::error::{ApiError, body_excerpt};
 use super::multipart::{Framing, UploadBody};
-use super::tls::{TlsOptions, client_config, hex};
+use super::tls::{TlsOptions, client_config};
 use super::wire::{Restrictions, ScanId, ScanResult, ScanState, parse_restrictions, parse_results};
 
 /// Largest results answer read; beyond it the answer is a protocol error.
@@ -167,7 +168,7 @@ impl KataClient {
                 "KATA answered {status} before the upload of {len} bytes completed"
             ))
         })?;
-        debug!(scan_id = %scan_id, bytes = digest.bytes, sha256 = %hex(&digest.sha256), "submitted");
+        debug!(scan_id = %scan_id, bytes = digest.bytes, sha256 = %hex::encode(digest.sha256), "submitted");
         Ok(Submitted {
             sha256: digest.sha256,
             bytes: digest.bytes,
@@ -484,15 +485,13 @@ impl Endpoints {
 /// Percent-encodes a query value: everything but RFC 3986 unreserved characters, so a space
 /// is `%20` (never `+`).
 fn encode_query_value(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    /// Everything but ALPHA / DIGIT / "-" / "." / "_" / "~" (RFC 3986, 2.3).
+    const NOT_UNRESERVED: &AsciiSet = &NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'.')
+        .remove(b'_')
+        .remove(b'~');
+    utf8_percent_encode(s, NOT_UNRESERVED).to_string()
 }
 
 #[cfg(test)]

@@ -18,7 +18,6 @@
 
 use std::fmt;
 use std::fs;
-use std::io::BufReader;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -28,6 +27,7 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::sign::CertifiedKey;
+use rustls_pki_types::pem::PemObject;
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, InconsistentKeys, RootCertStore,
     SignatureScheme,
@@ -63,7 +63,7 @@ impl fmt::Debug for TlsOptions {
             .field("client_chain_len", &self.client_chain.len())
             .field("client_key", &"<redacted>")
             .field("ca_roots_len", &self.ca_roots.as_ref().map(Vec::len))
-            .field("server_pin", &self.server_pin.map(|p| hex(&p)))
+            .field("server_pin", &self.server_pin.map(hex::encode))
             .finish()
     }
 }
@@ -259,7 +259,7 @@ fn parse_certs(
     path: &Path,
     pem: &[u8],
 ) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let certs = rustls_pemfile::certs(&mut BufReader::new(pem))
+    let certs = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| invalid(what, path, format!("bad PEM: {e}")))?;
     if certs.is_empty() {
@@ -273,10 +273,11 @@ fn parse_certs(
 }
 
 fn parse_key(path: &Path, pem: &[u8]) -> Result<PrivateKeyDer<'static>, TlsError> {
-    // The error text of rustls-pemfile never contains key bytes.
-    match rustls_pemfile::private_key(&mut BufReader::new(pem)) {
-        Ok(Some(key)) => Ok(key),
-        Ok(None) => Err(invalid(
+    // The error text of the PEM reader never contains key bytes (markers and base64 errors
+    // only).
+    match PrivateKeyDer::from_pem_slice(pem) {
+        Ok(key) => Ok(key),
+        Err(rustls_pki_types::pem::Error::NoItemsFound) => Err(invalid(
             WHAT_KEY,
             path,
             "no private key block found (expected PEM PKCS#8, PKCS#1 or SEC1; encrypted keys are not supported)",
@@ -301,35 +302,9 @@ pub fn parse_fingerprint(s: &str) -> Result<[u8; 32], String> {
         ));
     }
     let mut out = [0u8; 32];
-    for (i, pair) in digits.chunks(2).enumerate() {
-        let hi = hex_val(pair[0]);
-        let lo = hex_val(pair[1]);
-        match (hi, lo) {
-            (Some(h), Some(l)) => out[i] = (h << 4) | l,
-            _ => return Err(format!("not a hex digit in fingerprint {s:?}")),
-        }
-    }
+    hex::decode_to_slice(&digits, &mut out)
+        .map_err(|_| format!("not a hex digit in fingerprint {s:?}"))?;
     Ok(out)
-}
-
-fn hex_val(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
-    }
-}
-
-/// Lower-case hex of bytes.
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(char::from(DIGITS[usize::from(b >> 4)]));
-        s.push(char::from(DIGITS[usize::from(b & 0x0f)]));
-    }
-    s
 }
 
 /// The ring provider, the only one this crate uses.
@@ -431,8 +406,8 @@ impl ServerCertVerifier for KataServerVerifier {
             let got: [u8; 32] = Sha256::digest(end_entity.as_ref()).into();
             if got != pin {
                 let mismatch = PinMismatchError {
-                    expected: hex(&pin),
-                    got: hex(&got),
+                    expected: hex::encode(pin),
+                    got: hex::encode(got),
                 };
                 return Err(rustls::Error::InvalidCertificate(CertificateError::Other(
                     rustls::OtherError(Arc::new(mismatch)),
