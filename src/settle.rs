@@ -150,8 +150,7 @@ impl Pending {
 pub fn matches_filters(rel: &Path, include: &[Pattern], exclude: &[Pattern]) -> bool {
     let rel_str = rel.to_string_lossy();
     let name = rel.file_name().map(|n| n.to_string_lossy());
-    let matches =
-        |p: &Pattern| p.matches(&rel_str) || name.as_ref().is_some_and(|n| p.matches(n));
+    let matches = |p: &Pattern| p.matches(&rel_str) || name.as_ref().is_some_and(|n| p.matches(n));
     include.iter().any(matches) && !exclude.iter().any(matches)
 }
 
@@ -456,9 +455,7 @@ mod tests {
     }
 
     fn globs(list: &[&str]) -> Vec<Pattern> {
-        list.iter()
-            .map(|g| Pattern::new(g).unwrap())
-            .collect()
+        list.iter().map(|g| Pattern::new(g).unwrap()).collect()
     }
 
     fn config() -> WatchConfig {

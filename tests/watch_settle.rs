@@ -20,9 +20,7 @@ use tokio_util::sync::CancellationToken;
 const DEADLINE: Duration = Duration::from_secs(5);
 
 fn globs(list: &[&str]) -> Vec<Pattern> {
-    list.iter()
-        .map(|g| Pattern::new(g).unwrap())
-        .collect()
+    list.iter().map(|g| Pattern::new(g).unwrap()).collect()
 }
 
 fn config(root: &Path, mode: WatchMode, settle: Duration) -> WatchConfig {

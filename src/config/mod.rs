@@ -60,7 +60,6 @@ pub(crate) const DEFAULT_VERDICT_TTL: &str = "1h";
 /// Built-in default for `state.shutdown_grace`.
 pub(crate) const DEFAULT_SHUTDOWN_GRACE: &str = "5s";
 
-
 /// How a root is watched (`watch.mode`, written in lower case).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -218,7 +217,6 @@ pub struct LogConfig {
     /// Filter directive.
     pub level: String,
 }
-
 
 impl Config {
     /// Reads, parses and validates the file at `path`.

@@ -45,7 +45,9 @@ fn leaf_or_walk(
 ) {
     match value.get_ref() {
         DeValue::Table(t) => walk(t, &name, out),
-        DeValue::Array(items) if !items.is_empty() && items.iter().all(|i| i.get_ref().is_table()) => {
+        DeValue::Array(items)
+            if !items.is_empty() && items.iter().all(|i| i.get_ref().is_table()) =>
+        {
             for (i, item) in items.iter().enumerate() {
                 if let DeValue::Table(t) = item.get_ref() {
                     walk(t, &format!("{name}[{i}]"), out);
@@ -63,7 +65,11 @@ fn leaf_or_walk(
 /// The 1-based line of byte `offset` in `text`.
 pub(crate) fn line_of(text: &str, offset: usize) -> usize {
     let end = offset.min(text.len());
-    text.as_bytes()[..end].iter().filter(|b| **b == b'\n').count() + 1
+    text.as_bytes()[..end]
+        .iter()
+        .filter(|b| **b == b'\n')
+        .count()
+        + 1
 }
 
 /// The line (1-based) where a dotted key such as `server.url` or `watch[1].settle` is written.

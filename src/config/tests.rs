@@ -68,8 +68,7 @@ fn example_config_parses_and_names_every_key() {
 
 #[test]
 fn keys_are_located_in_the_text() {
-    let text =
-        "[server]\nurl = \"x\"\n\n[[watch]]\npath = \"a\"\n[[watch]]\n  settle = \"zz\"\n";
+    let text = "[server]\nurl = \"x\"\n\n[[watch]]\npath = \"a\"\n[[watch]]\n  settle = \"zz\"\n";
     assert_eq!(locate(text, "server.url"), Some(2));
     assert_eq!(locate(text, "watch[0].path"), Some(5));
     assert_eq!(locate(text, "watch[1].settle"), Some(7));
@@ -90,4 +89,81 @@ fn absolute_folds_dots() {
         absolute(Path::new("/x/y"), Path::new("/etc")),
         PathBuf::from("/x/y")
     );
+}
+
+#[test]
+fn bad_watch_mode_names_key_and_line() {
+    let text = MINIMAL.replace(
+        "path = \"inbox\"\n",
+        "path = \"inbox\"\nmode = \"inotify\"\n",
+    );
+    let err = RawConfig::parse(&text, Path::new("/etc/d.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("/etc/d.toml:13: key `watch[0].mode`: "),
+        "{err}"
+    );
+    assert!(err.contains("inotify") && err.contains("poll"), "{err}");
+}
+
+#[test]
+fn wrong_type_names_key_and_line() {
+    let text = MINIMAL.replace("[state]\n", "[state]\nverdict_ttl = 5\n");
+    let err = RawConfig::parse(&text, Path::new("/etc/d.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("/etc/d.toml:9: key `state.verdict_ttl`: "),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_log_format_names_key() {
+    let text = format!("{MINIMAL}\n[log]\nformat = \"xml\"\n");
+    let err = RawConfig::parse(&text, Path::new("/etc/d.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("key `log.format`"), "{err}");
+    assert!(err.contains("xml") && err.contains("json"), "{err}");
+}
+
+#[test]
+fn enums_are_read_in_lower_case() {
+    let text = MINIMAL.replace("path = \"inbox\"\n", "path = \"inbox\"\nmode = \"poll\"\n")
+        + "\n[log]\nformat = \"json\"\n";
+    let raw = RawConfig::parse(&text, Path::new("/etc/d.toml")).unwrap();
+    assert_eq!(raw.watch[0].mode, Some(WatchMode::Poll));
+    assert_eq!(raw.log.format, Some(LogFormat::Json));
+}
+
+#[test]
+fn line_finder_ignores_keys_inside_a_multiline_string() {
+    // A text search took the `[[watch]]` and `settle =` lines inside the string for real ones.
+    let text = "[server]\nurl = \"\"\"\n[[watch]]\nsettle = 1\n\"\"\"\n[[watch]]\npath = \"a\"\nsettle = \"zz\"\n";
+    assert_eq!(locate(text, "server.url"), Some(2));
+    assert_eq!(locate(text, "watch[0].settle"), Some(8));
+    assert_eq!(locate(text, "watch[1].settle"), None);
+}
+
+#[test]
+fn line_finder_reads_quoted_keys_and_commented_headers() {
+    let text = "[server] # the node\n\"url\" = \"x\"\n[[watch]] # first\n  'path' = \"a\"\n";
+    assert_eq!(locate(text, "server.url"), Some(2));
+    assert_eq!(locate(text, "watch[0].path"), Some(4));
+    assert_eq!(locate("not = [toml", "not.x"), None);
+}
+
+#[test]
+fn globs_are_case_sensitive_and_star_crosses_folders() {
+    let p = |g: &str| Pattern::new(g).unwrap();
+    assert!(p("*.tmp").matches("a/b/c.tmp"));
+    assert!(p("skip/*").matches("skip/deeper/q.bin"));
+    assert!(!p("*.PDF").matches("x.pdf"));
+    assert!(p("*").matches(".hidden"));
+    assert!(p("[!x]*.bin").matches("a.bin"));
+    assert!(!p("[!x]*.bin").matches("x.bin"));
+    assert_eq!(p("*.log").as_str(), "*.log");
+    assert!(Pattern::new("[").is_err());
 }
