@@ -23,7 +23,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::config::WatchConfig;
+use crate::config::{Pattern, WatchConfig};
 use crate::watch::{self, Candidate};
 
 /// A file whose size, mtime and ctime have not changed for the root's `settle` time.
@@ -147,18 +147,10 @@ impl Pending {
 /// True when `rel` is taken by the globs: some `include` matches and no `exclude` matches, each
 /// tried against the relative path and against the file name (`*` crosses `/`, so `*.tmp` also
 /// excludes `a/b/c.tmp`). Non-UTF-8 bytes are matched as U+FFFD.
-pub fn matches_filters(rel: &Path, include: &[glob::Pattern], exclude: &[glob::Pattern]) -> bool {
-    let options = glob::MatchOptions {
-        case_sensitive: true,
-        require_literal_separator: false,
-        require_literal_leading_dot: false,
-    };
+pub fn matches_filters(rel: &Path, include: &[Pattern], exclude: &[Pattern]) -> bool {
     let rel_str = rel.to_string_lossy();
     let name = rel.file_name().map(|n| n.to_string_lossy());
-    let matches = |p: &glob::Pattern| {
-        p.matches_with(&rel_str, options)
-            || name.as_ref().is_some_and(|n| p.matches_with(n, options))
-    };
+    let matches = |p: &Pattern| p.matches(&rel_str) || name.as_ref().is_some_and(|n| p.matches(n));
     include.iter().any(matches) && !exclude.iter().any(matches)
 }
 
@@ -462,10 +454,8 @@ mod tests {
         }
     }
 
-    fn globs(list: &[&str]) -> Vec<glob::Pattern> {
-        list.iter()
-            .map(|g| glob::Pattern::new(g).unwrap())
-            .collect()
+    fn globs(list: &[&str]) -> Vec<Pattern> {
+        list.iter().map(|g| Pattern::new(g).unwrap()).collect()
     }
 
     fn config() -> WatchConfig {

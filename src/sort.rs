@@ -65,13 +65,7 @@ struct Sidecar<'a> {
 
 /// Lower-case hex.
 pub fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            write!(s, "{b:02x}").ok();
-            s
-        })
+    hex::encode(bytes)
 }
 
 fn rfc3339(ms: i64) -> String {

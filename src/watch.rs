@@ -799,7 +799,7 @@ mod tests {
             recursive,
             settle: Duration::from_secs(1),
             mode: WatchMode::Auto,
-            include: vec![glob::Pattern::new("*").unwrap()],
+            include: vec![crate::config::Pattern::new("*").unwrap()],
             exclude: vec![],
             clean_dir: PathBuf::from("/in/out/clean"),
             quarantine_dir: PathBuf::from("/in/quarantine"),

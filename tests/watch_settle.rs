@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use dropscan::config::{WatchConfig, WatchMode};
+use dropscan::config::{Pattern, WatchConfig, WatchMode};
 use dropscan::settle::{self, SETTLED_CAPACITY, Settled};
 use dropscan::watch::{self, CANDIDATES_CAPACITY};
 use tokio::sync::mpsc;
@@ -19,10 +19,8 @@ use tokio_util::sync::CancellationToken;
 
 const DEADLINE: Duration = Duration::from_secs(5);
 
-fn globs(list: &[&str]) -> Vec<glob::Pattern> {
-    list.iter()
-        .map(|g| glob::Pattern::new(g).unwrap())
-        .collect()
+fn globs(list: &[&str]) -> Vec<Pattern> {
+    list.iter().map(|g| Pattern::new(g).unwrap()).collect()
 }
 
 fn config(root: &Path, mode: WatchMode, settle: Duration) -> WatchConfig {

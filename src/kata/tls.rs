@@ -18,7 +18,6 @@
 
 use std::fmt;
 use std::fs;
-use std::io::BufReader;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -32,6 +31,7 @@ use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, InconsistentKeys, RootCertStore,
     SignatureScheme,
 };
+use rustls_pki_types::pem::PemObject;
 use sha2::{Digest, Sha256};
 
 use super::error::{PinMismatchError, TlsError};
@@ -63,7 +63,7 @@ impl fmt::Debug for TlsOptions {
             .field("client_chain_len", &self.client_chain.len())
             .field("client_key", &"<redacted>")
             .field("ca_roots_len", &self.ca_roots.as_ref().map(Vec::len))
-            .field("server_pin", &self.server_pin.map(|p| hex(&p)))
+            .field("server_pin", &self.server_pin.map(hex::encode))
             .finish()
     }
 }
@@ -259,7 +259,7 @@ fn parse_certs(
     path: &Path,
     pem: &[u8],
 ) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let certs = rustls_pemfile::certs(&mut BufReader::new(pem))
+    let certs = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| invalid(what, path, format!("bad PEM: {e}")))?;
     if certs.is_empty() {
@@ -273,10 +273,11 @@ fn parse_certs(
 }
 
 fn parse_key(path: &Path, pem: &[u8]) -> Result<PrivateKeyDer<'static>, TlsError> {
-    // The error text of rustls-pemfile never contains key bytes.
-    match rustls_pemfile::private_key(&mut BufReader::new(pem)) {
-        Ok(Some(key)) => Ok(key),
-        Ok(None) => Err(invalid(
+    // The error text of the PEM reader never contains key bytes (markers and base64 errors
+    // only).
+    match PrivateKeyDer::from_pem_slice(pem) {
+        Ok(key) => Ok(key),
+        Err(rustls_pki_types::pem::Error::NoItemsFound) => Err(invalid(
             WHAT_KEY,
             path,
             "no private key block found (expected PEM PKCS#8, PKCS#1 or SEC1; encrypted keys are not supported)",
@@ -301,35 +302,9 @@ pub fn parse_fingerprint(s: &str) -> Result<[u8; 32], String> {
         ));
     }
     let mut out = [0u8; 32];
-    for (i, pair) in digits.chunks(2).enumerate() {
-        let hi = hex_val(pair[0]);
-        let lo = hex_val(pair[1]);
-        match (hi, lo) {
-            (Some(h), Some(l)) => out[i] = (h << 4) | l,
-            _ => return Err(format!("not a hex digit in fingerprint {s:?}")),
-        }
-    }
+    hex::decode_to_slice(&digits, &mut out)
+        .map_err(|_| format!("not a hex digit in fingerprint {s:?}"))?;
     Ok(out)
-}
-
-fn hex_val(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
-    }
-}
-
-/// Lower-case hex of bytes.
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(char::from(DIGITS[usize::from(b >> 4)]));
-        s.push(char::from(DIGITS[usize::from(b & 0x0f)]));
-    }
-    s
 }
 
 /// The ring provider, the only one this crate uses.
@@ -431,8 +406,8 @@ impl ServerCertVerifier for KataServerVerifier {
             let got: [u8; 32] = Sha256::digest(end_entity.as_ref()).into();
             if got != pin {
                 let mismatch = PinMismatchError {
-                    expected: hex(&pin),
-                    got: hex(&got),
+                    expected: hex::encode(pin),
+                    got: hex::encode(got),
                 };
                 return Err(rustls::Error::InvalidCertificate(CertificateError::Other(
                     rustls::OtherError(Arc::new(mismatch)),
@@ -476,160 +451,5 @@ impl ServerCertVerifier for KataServerVerifier {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const HEX: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
-
-    fn expected() -> [u8; 32] {
-        let mut out = [0u8; 32];
-        for (i, b) in out.iter_mut().enumerate() {
-            *b = [0x01, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd, 0xef][i % 8];
-        }
-        out
-    }
-
-    #[test]
-    fn fingerprint_forms() {
-        let colons: String = HEX
-            .as_bytes()
-            .chunks(2)
-            .map(|c| std::str::from_utf8(c).unwrap())
-            .collect::<Vec<_>>()
-            .join(":");
-        for s in [
-            HEX.to_owned(),
-            HEX.to_uppercase(),
-            format!("sha256:{HEX}"),
-            format!("SHA256:{}", HEX.to_uppercase()),
-            colons.clone(),
-            format!("sha256:{colons}"),
-            format!("  {HEX} "),
-        ] {
-            assert_eq!(parse_fingerprint(&s), Ok(expected()), "{s}");
-        }
-    }
-
-    #[test]
-    fn fingerprint_errors() {
-        assert!(parse_fingerprint("").is_err());
-        assert!(parse_fingerprint(&HEX[..62]).is_err());
-        assert!(parse_fingerprint(&format!("{HEX}00")).is_err());
-        assert!(parse_fingerprint(&format!("{}zz", &HEX[..62])).is_err());
-        assert!(parse_fingerprint("sha1:0123").is_err());
-        // Multi-byte characters must not panic the prefix slicing.
-        assert!(parse_fingerprint("ééééé").is_err());
-    }
-
-    #[test]
-    fn pem_errors_name_the_file() {
-        let err = TlsOptions::from_pem(b"not pem", b"", None, None).unwrap_err();
-        assert!(err.to_string().contains("client certificate"), "{err}");
-        let missing = TlsOptions::from_pem_files(
-            Path::new("/nonexistent/cert.pem"),
-            Path::new("/nonexistent/key.pem"),
-            None,
-            None,
-        )
-        .unwrap_err();
-        assert!(
-            missing.to_string().contains("/nonexistent/cert.pem"),
-            "{missing}"
-        );
-    }
-
-    #[test]
-    fn debug_redacts_the_key() {
-        let opts = TlsOptions {
-            client_chain: vec![],
-            client_key: PrivateKeyDer::Pkcs8(vec![0x42; 16].into()),
-            ca_roots: None,
-            server_pin: None,
-            load_warning: None,
-        };
-        let dbg = format!("{opts:?}");
-        assert!(dbg.contains("redacted"));
-        assert!(!dbg.contains("66"));
-    }
-
-    fn write_mode(path: &Path, bytes: &[u8], mode: u32) {
-        use std::os::unix::fs::PermissionsExt as _;
-        fs::write(path, bytes).unwrap();
-        fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
-    }
-
-    #[test]
-    fn client_key_readable_by_others_is_refused_with_chmod_advice() {
-        let dir = tempfile::tempdir().unwrap();
-        let certs = crate::emulator::CertBundle::generate(&[]).unwrap();
-        let cert = dir.path().join("client.crt");
-        let key = dir.path().join("client.key");
-        fs::write(&cert, &certs.client_cert_pem).unwrap();
-        for mode in [0o644, 0o604, 0o601, 0o602, 0o666] {
-            write_mode(&key, certs.client_key_pem.as_bytes(), mode);
-            let err = TlsOptions::from_pem_files(&cert, &key, None, None).unwrap_err();
-            let msg = err.to_string();
-            assert!(matches!(err, TlsError::KeyReadableByOthers { .. }), "{msg}");
-            assert!(
-                msg.contains(&format!("chmod 600 {}", key.display())),
-                "{msg}"
-            );
-        }
-        // Group-readable only warns; owner-only is fine.
-        write_mode(&key, certs.client_key_pem.as_bytes(), 0o640);
-        let opts = TlsOptions::from_pem_files(&cert, &key, None, None).unwrap();
-        let warning = opts.load_warning.unwrap();
-        assert!(warning.contains("readable by its group"), "{warning}");
-        for mode in [0o600, 0o400] {
-            write_mode(&key, certs.client_key_pem.as_bytes(), mode);
-            let opts = TlsOptions::from_pem_files(&cert, &key, None, None).unwrap();
-            assert_eq!(opts.load_warning, None);
-        }
-    }
-
-    #[test]
-    fn client_key_of_another_certificate_is_refused_naming_both_files() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut certs = crate::emulator::CertBundle::generate(&[]).unwrap();
-        let (other_cert, _other_key) = certs.issue_client("other").unwrap();
-        certs.client_cert_pem = other_cert;
-        let cert = dir.path().join("client.crt");
-        let key = dir.path().join("client.key");
-        fs::write(&cert, &certs.client_cert_pem).unwrap();
-        write_mode(&key, certs.client_key_pem.as_bytes(), 0o600);
-        let err = TlsOptions::from_pem_files(&cert, &key, None, None).unwrap_err();
-        let msg = err.to_string();
-        assert!(matches!(err, TlsError::KeyMismatch { .. }), "{msg}");
-        assert!(msg.contains(&cert.display().to_string()), "{msg}");
-        assert!(msg.contains(&key.display().to_string()), "{msg}");
-        let mem = TlsOptions::from_pem(
-            certs.client_cert_pem.as_bytes(),
-            certs.client_key_pem.as_bytes(),
-            None,
-            None,
-        )
-        .unwrap_err();
-        assert!(matches!(mem, TlsError::KeyMismatch { .. }), "{mem}");
-    }
-
-    #[test]
-    fn client_cert_expiry_is_read_and_counted_in_days() {
-        let certs = crate::emulator::CertBundle::generate(&[]).unwrap();
-        let opts = TlsOptions::from_pem(
-            certs.client_cert_pem.as_bytes(),
-            certs.client_key_pem.as_bytes(),
-            None,
-            None,
-        )
-        .unwrap();
-        let not_after = opts.client_cert_not_after().unwrap();
-        assert!(not_after > 1_700_000_000, "{not_after}");
-        let at = |secs: u64| UNIX_EPOCH + Duration::from_secs(secs);
-        assert_eq!(days_left(86_400 * 10, at(0)), 10);
-        assert_eq!(days_left(86_400 * 10, at(86_400 * 10 - 1)), 0);
-        assert_eq!(days_left(86_400 * 10, at(86_400 * 10 + 1)), -1);
-        assert_eq!(format_unix(0), "1970-01-01T00:00:00Z");
-        assert!(expiry_warning(-3).contains("expired 3 days ago"));
-        assert!(expiry_warning(12).contains("expires in 12 days"));
-    }
-}
+#[path = "tls_tests.rs"]
+mod tests;

@@ -1,0 +1,279 @@
+//! Configuration: the TOML file, parsed into `RawConfig` and validated once into `Config`.
+//!
+//! The module root owns the validated types and the built-in defaults; the work is split by
+//! concern:
+//! - `raw`: the serde structs as written (`deny_unknown_fields`, enums as serde enums); parsing
+//!   is pure, so that it can be unit-tested;
+//! - `validate`: `RawConfig` → `Config`: paths resolved against the config file's folder,
+//!   durations (`humantime`), limits as `NonZero*`, globs (`globset`), folder nesting, TLS
+//!   material read;
+//! - `spans`: where a key is written, from the TOML parser's spans;
+//! - `error`: `ConfigError`.
+//!
+//! Only `Config::load` touches the disk (and `validate`, for the TLS files). After validation no
+//! code checks for a missing key again. Every error names the file, the key and what is wrong,
+//! and the line where the key is written.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::num::{NonZeroU32, NonZeroUsize};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::kata::{ClientOptions, TlsOptions};
+
+mod error;
+mod raw;
+mod spans;
+mod validate;
+
+#[cfg(test)]
+mod tests;
+
+pub use error::ConfigError;
+use raw::RawConfig;
+
+/// Built-in default for `server.poll_interval` (the vendor recommends once a minute).
+pub(crate) const DEFAULT_POLL_INTERVAL: &str = "60s";
+/// Built-in default for `server.request_timeout`.
+pub(crate) const DEFAULT_REQUEST_TIMEOUT: &str = "30s";
+/// Built-in default for `server.max_in_flight`.
+pub(crate) const DEFAULT_MAX_IN_FLIGHT: usize = 8;
+/// Built-in default for `server.requests_per_second`.
+pub(crate) const DEFAULT_REQUESTS_PER_SECOND: u32 = 10;
+/// Built-in default for `server.max_attempts`.
+pub(crate) const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+/// Built-in default for `server.scan_timeout`.
+pub(crate) const DEFAULT_SCAN_TIMEOUT: &str = "30m";
+/// Built-in default for `server.restrictions_refresh`.
+pub(crate) const DEFAULT_RESTRICTIONS_REFRESH: &str = "10m";
+/// Built-in default for `watch.settle`.
+pub(crate) const DEFAULT_SETTLE: &str = "5s";
+/// Built-in default for `watch.reconcile_interval`.
+pub(crate) const DEFAULT_RECONCILE_INTERVAL: &str = "3m";
+/// Built-in default for `watch.poll_interval` (used in poll mode).
+pub(crate) const DEFAULT_WATCH_POLL_INTERVAL: &str = "2s";
+/// Built-in default for `state.verdict_ttl`.
+pub(crate) const DEFAULT_VERDICT_TTL: &str = "1h";
+/// Built-in default for `state.shutdown_grace`.
+pub(crate) const DEFAULT_SHUTDOWN_GRACE: &str = "5s";
+
+/// How a root is watched (`watch.mode`, written in lower case).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WatchMode {
+    /// inotify on local filesystems, polling on network and FUSE filesystems.
+    Auto,
+    /// Always inotify (notify).
+    Notify,
+    /// Always polling.
+    Poll,
+}
+
+/// Log output format (`log.format`, written in lower case).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object a line.
+    Json,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it came from.
+    pub path: PathBuf,
+    /// The KATA server and client.
+    pub server: ServerConfig,
+    /// The journal.
+    pub state: StateConfig,
+    /// The watched roots, in file order.
+    pub watches: Vec<WatchConfig>,
+    /// Logging.
+    pub log: LogConfig,
+    /// Metrics endpoint.
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+/// `[server]`, validated.
+#[derive(Clone)]
+pub struct ServerConfig {
+    /// Base URL (https).
+    pub url: reqwest::Url,
+    /// The sensorId (lower-case UUID).
+    pub sensor_id: String,
+    /// The instance id, if set.
+    pub sensor_instance_id: Option<String>,
+    /// Client certificate, key, CA and pin, read and parsed.
+    pub tls: TlsOptions,
+    /// Where they came from (for messages).
+    pub client_cert_path: PathBuf,
+    /// Results polling period.
+    pub poll_interval: Duration,
+    /// Timeout of one request.
+    pub request_timeout: Duration,
+    /// Scans in flight, at most.
+    pub max_in_flight: NonZeroUsize,
+    /// Requests per second, at most.
+    pub requests_per_second: NonZeroU32,
+    /// Submissions of one file, at most.
+    pub max_attempts: NonZeroU32,
+    /// Scan deadline.
+    pub scan_timeout: Duration,
+    /// Restrictions refresh period.
+    pub restrictions_refresh: Duration,
+}
+
+impl fmt::Debug for ServerConfig {
+    // Hand-written so that key material can never reach a log line.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerConfig")
+            .field("url", &self.url.as_str())
+            .field("sensor_id", &self.sensor_id)
+            .field("sensor_instance_id", &self.sensor_instance_id)
+            .field("client_cert", &self.client_cert_path)
+            .field("poll_interval", &self.poll_interval)
+            .field("max_in_flight", &self.max_in_flight)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServerConfig {
+    /// The options of the protocol client.
+    pub fn client_options(&self) -> ClientOptions {
+        ClientOptions {
+            base_url: self.url.clone(),
+            sensor_id: self.sensor_id.clone(),
+            sensor_instance_id: self.sensor_instance_id.clone(),
+            tls: self.tls.clone(),
+            request_timeout: self.request_timeout,
+            connect_timeout: self.request_timeout.min(Duration::from_secs(10)),
+            max_idle_per_host: self.max_in_flight.get().max(4),
+        }
+    }
+}
+
+/// `[state]`, validated.
+#[derive(Debug, Clone)]
+pub struct StateConfig {
+    /// Journal folder.
+    pub dir: PathBuf,
+    /// Verdict reuse window; zero disables.
+    pub verdict_ttl: Duration,
+    /// Grace for in-flight requests at shutdown.
+    pub shutdown_grace: Duration,
+}
+
+/// One `[[watch]]`, validated.
+#[derive(Debug, Clone)]
+pub struct WatchConfig {
+    /// The inbox (absolute).
+    pub path: PathBuf,
+    /// Watch subfolders too.
+    pub recursive: bool,
+    /// Quiet time before a file counts as complete.
+    pub settle: Duration,
+    /// How it is watched.
+    pub mode: WatchMode,
+    /// Included globs (relative path).
+    pub include: Vec<Pattern>,
+    /// Excluded globs (relative path).
+    pub exclude: Vec<Pattern>,
+    /// `not detected` destination.
+    pub clean_dir: PathBuf,
+    /// `detect` destination.
+    pub quarantine_dir: PathBuf,
+    /// Destination of everything else.
+    pub failed_dir: PathBuf,
+    /// Staging folder, same filesystem as `path`.
+    pub staging_dir: PathBuf,
+    /// Reconcile scan period.
+    pub reconcile_interval: Duration,
+    /// Scan period in poll mode.
+    pub poll_interval: Duration,
+}
+
+impl WatchConfig {
+    /// The folders dropscan itself writes into, which are never watched.
+    pub fn own_dirs(&self) -> [&Path; 4] {
+        [
+            &self.clean_dir,
+            &self.quarantine_dir,
+            &self.failed_dir,
+            &self.staging_dir,
+        ]
+    }
+}
+
+/// `[log]`, validated.
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    /// Output format.
+    pub format: LogFormat,
+    /// Filter directive.
+    pub level: String,
+}
+
+impl Config {
+    /// Reads, parses and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let raw = RawConfig::parse(&text, path)?;
+        Self::from_raw(raw, path).map_err(|e| match e {
+            ConfigError::Invalid {
+                path, key, message, ..
+            } => ConfigError::Invalid {
+                line: spans::locate(&text, &key),
+                path,
+                key,
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Validates and resolves a parsed file. Relative paths are taken relative to `path`'s folder.
+    pub(crate) fn from_raw(raw: RawConfig, path: &Path) -> Result<Self, ConfigError> {
+        validate::config(raw, path)
+    }
+
+    /// The journal database file.
+    pub fn journal_path(&self) -> PathBuf {
+        self.state.dir.join("journal.sqlite")
+    }
+}
+
+/// One `include` / `exclude` glob, compiled (`globset` syntax). Matching is case-sensitive and
+/// `*` also crosses `/`, so `*.tmp` excludes `a/b/c.tmp` and `skip/*` everything under `skip`;
+/// a leading dot needs no literal dot.
+#[derive(Debug, Clone)]
+pub struct Pattern(globset::GlobMatcher);
+
+impl Pattern {
+    /// Compiles `glob`; the error says what is wrong with it.
+    pub fn new(glob: &str) -> Result<Self, globset::Error> {
+        globset::GlobBuilder::new(glob)
+            .literal_separator(false)
+            .case_insensitive(false)
+            .backslash_escape(true)
+            .build()
+            .map(|g| Pattern(g.compile_matcher()))
+    }
+
+    /// True when `text` (a relative path or a file name) matches.
+    pub fn matches(&self, text: &str) -> bool {
+        self.0.is_match(text)
+    }
+
+    /// The glob as written.
+    pub fn as_str(&self) -> &str {
+        self.0.glob().glob()
+    }
+}
