@@ -1,7 +1,10 @@
 //! watch → settle on real folders: backlog, live files, slow writers, filters, odd file types.
 //!
 //! Real time with deadlines: every wait polls for a condition. A negative check ("never
-//! settled") waits for a barrier file dropped after the ones that must not appear.
+//! settled") waits for a barrier file dropped after the ones that must not appear; "the listing
+//! at start is over" waits for a marker file left before the start. The only fixed sleeps are
+//! the slow writers' pauses, which are the scenario. Settle's timing alone is tested with the
+//! clock paused, in `src/settle/tests.rs`.
 #![allow(clippy::unwrap_used)] // test helpers, outside #[test] fns
 
 use std::fs;
@@ -18,6 +21,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 const DEADLINE: Duration = Duration::from_secs(5);
+
+/// A file left in the inbox before the start, see `Inbox::wait_for_start_listing`.
+const START_MARKER: &str = "listed-at-start.bin";
 
 fn globs(list: &[&str]) -> Vec<Pattern> {
     list.iter().map(|g| Pattern::new(g).unwrap()).collect()
@@ -115,6 +121,13 @@ impl Inbox {
         }
     }
 
+    /// Waits until the listing at start is over: `START_MARKER`, put in the inbox before the
+    /// start, has settled, so the root was listed; what is written from now on can only be found
+    /// live (by notify, or by a later poll).
+    async fn wait_for_start_listing(&mut self) {
+        self.wait_for(START_MARKER).await;
+    }
+
     /// Takes whatever has settled so far, without waiting.
     fn drain(&mut self) {
         while let Ok(s) = self.settled_rx.try_recv() {
@@ -182,12 +195,13 @@ async fn backlog_present_at_start_is_settled() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_file_in_new_nested_non_ascii_folder_is_settled() {
     let (tmp, root) = Inbox::tempdir();
+    fs::write(root.join(START_MARKER), b"m").unwrap();
     let mut inbox = Inbox::start(
         tmp,
         config(&root, WatchMode::Notify, Duration::from_millis(200)),
     );
-    // Let the initial listing finish so that the files below can only be found live.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The files below can only be found live.
+    inbox.wait_for_start_listing().await;
     // Created together with its folders: no watch exists on them yet when the file appears.
     inbox.write("Übergabe/2024/年報.pdf", b"%PDF-1.7");
     let s = inbox.wait_for("Übergabe/2024/年報.pdf").await;
@@ -206,11 +220,12 @@ async fn folder_moved_in_with_files_is_listed() {
     fs::create_dir_all(outside.join("inner")).unwrap();
     fs::write(outside.join("one.bin"), b"1").unwrap();
     fs::write(outside.join("inner/two.bin"), b"22").unwrap();
+    fs::write(root.join(START_MARKER), b"m").unwrap();
     let mut inbox = Inbox::start(
         tmp,
         config(&root, WatchMode::Notify, Duration::from_millis(200)),
     );
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    inbox.wait_for_start_listing().await;
     #[allow(clippy::disallowed_methods)] // a test stands in for a user moving a folder in
     fs::rename(&outside, root.join("moved")).unwrap();
     assert_eq!(inbox.wait_for("moved/one.bin").await.size, 1);
@@ -398,11 +413,12 @@ async fn own_folders_nested_in_the_root_are_never_reported() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poll_mode_finds_files_created_after_start() {
     let (tmp, root) = Inbox::tempdir();
+    fs::write(root.join(START_MARKER), b"m").unwrap();
     let mut inbox = Inbox::start(
         tmp,
         config(&root, WatchMode::Poll, Duration::from_millis(200)),
     );
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    inbox.wait_for_start_listing().await;
     inbox.write("polled.bin", b"p");
     inbox.write("nested/dir/polled2.bin", b"pp");
     assert_eq!(inbox.wait_for("polled.bin").await.size, 1);

@@ -10,8 +10,9 @@
 //! [`SharedState`]. The behaviour where the docs are silent is the one of
 //! `shared/kata-scanner-api.md` ("The built-in emulator").
 //!
-//! Layout: `certs.rs` (CA, server and client certificates), `state.rs` (scans, authorizations,
-//! counters), `server.rs` (TLS accept loop, routing, handlers), `cli.rs` (`dropscan emulate`).
+//! Layout: `certs.rs` (CA, server and client certificates), `state/` (settings and counters,
+//! the authorization table, scans and verdicts), `server/` (TLS listener, routing, handlers,
+//! multipart form), `cli.rs` (`dropscan emulate`).
 //! It knows nothing of the dropscan pipeline or of the client in `kata/`.
 //!
 //! Choices the docs leave open: a sensorId that is not a UUID gets **400** (a malformed request,

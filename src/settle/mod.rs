@@ -26,6 +26,9 @@ use tracing::{debug, warn};
 use crate::config::{Pattern, WatchConfig};
 use crate::watch::{self, Candidate};
 
+#[cfg(test)]
+mod tests;
+
 /// A file whose size, mtime and ctime have not changed for the root's `settle` time.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settled {
@@ -61,7 +64,7 @@ const MAX_WARNED_PATHS: usize = 4096;
 
 /// What a stat says about a file, as far as completion is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Snapshot {
+pub(crate) struct Snapshot {
     /// Size in bytes.
     pub size: u64,
     /// mtime in nanoseconds.
@@ -76,7 +79,7 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// Takes the fields from `symlink_metadata`.
-    pub fn from_metadata(meta: &std::fs::Metadata) -> Self {
+    pub(crate) fn from_metadata(meta: &std::fs::Metadata) -> Self {
         Snapshot {
             size: meta.size(),
             mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
@@ -89,7 +92,7 @@ impl Snapshot {
 
 /// The outcome of one observation of a pending file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Decision {
+pub(crate) enum Decision {
     /// Changed recently, or not quiet for long enough yet.
     Wait,
     /// Unchanged for at least the settle time.
@@ -98,7 +101,7 @@ pub enum Decision {
 
 /// A file being watched for quiet.
 #[derive(Debug, Clone)]
-pub struct Pending {
+pub(crate) struct Pending {
     /// Index of the root.
     pub root: usize,
     /// Path relative to the root.
@@ -113,7 +116,7 @@ pub struct Pending {
 
 impl Pending {
     /// Starts watching a file first seen at `now` with `snapshot`.
-    pub fn new(
+    pub(crate) fn new(
         root: usize,
         rel_path: PathBuf,
         snapshot: Snapshot,
@@ -130,7 +133,7 @@ impl Pending {
     }
 
     /// Records a new observation: any change restarts the quiet period.
-    pub fn observe(&mut self, snapshot: Snapshot, now: Instant) -> Decision {
+    pub(crate) fn observe(&mut self, snapshot: Snapshot, now: Instant) -> Decision {
         if snapshot != self.snapshot {
             self.snapshot = snapshot;
             self.stable_since = now;
@@ -147,7 +150,7 @@ impl Pending {
 /// True when `rel` is taken by the globs: some `include` matches and no `exclude` matches, each
 /// tried against the relative path and against the file name (`*` crosses `/`, so `*.tmp` also
 /// excludes `a/b/c.tmp`). Non-UTF-8 bytes are matched as U+FFFD.
-pub fn matches_filters(rel: &Path, include: &[Pattern], exclude: &[Pattern]) -> bool {
+pub(crate) fn matches_filters(rel: &Path, include: &[Pattern], exclude: &[Pattern]) -> bool {
     let rel_str = rel.to_string_lossy();
     let name = rel.file_name().map(|n| n.to_string_lossy());
     let matches = |p: &Pattern| p.matches(&rel_str) || name.as_ref().is_some_and(|n| p.matches(n));
@@ -156,7 +159,7 @@ pub fn matches_filters(rel: &Path, include: &[Pattern], exclude: &[Pattern]) -> 
 
 /// The relative path of `path` when root `w` takes it: in scope (`watch::is_out_of_scope`), a
 /// name that is not ignored (`watch::is_ignored_name`), and passing the globs. Pure.
-pub fn admit(w: &WatchConfig, path: &Path) -> Option<PathBuf> {
+pub(crate) fn admit(w: &WatchConfig, path: &Path) -> Option<PathBuf> {
     if watch::is_out_of_scope(w, path) {
         return None;
     }
@@ -434,286 +437,5 @@ impl Settler {
         }
         self.warned.insert(path.to_path_buf());
         true
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::WatchMode;
-
-    const SETTLE: Duration = Duration::from_millis(400);
-
-    fn snap(size: u64, mtime_ns: i128, ctime_ns: i128) -> Snapshot {
-        Snapshot {
-            size,
-            mtime_ns,
-            ctime_ns,
-            dev: 1,
-            ino: 7,
-        }
-    }
-
-    fn globs(list: &[&str]) -> Vec<Pattern> {
-        list.iter().map(|g| Pattern::new(g).unwrap()).collect()
-    }
-
-    fn config() -> WatchConfig {
-        WatchConfig {
-            path: PathBuf::from("/in"),
-            recursive: true,
-            settle: SETTLE,
-            mode: WatchMode::Auto,
-            include: globs(&["*"]),
-            exclude: globs(&["*.log", "skip/*"]),
-            clean_dir: PathBuf::from("/in/clean"),
-            quarantine_dir: PathBuf::from("/in/q"),
-            failed_dir: PathBuf::from("/failed"),
-            staging_dir: PathBuf::from("/in/.dropscan/default"),
-            reconcile_interval: Duration::from_secs(60),
-            poll_interval: Duration::from_secs(2),
-        }
-    }
-
-    #[test]
-    fn unchanged_for_settle_is_ready() {
-        let t0 = Instant::now();
-        let mut p = Pending::new(0, "a".into(), snap(10, 1, 1), t0, SETTLE);
-        assert_eq!(p.observe(snap(10, 1, 1), t0 + SETTLE / 2), Decision::Wait);
-        assert_eq!(p.observe(snap(10, 1, 1), t0 + SETTLE), Decision::Ready);
-    }
-
-    #[test]
-    fn growth_resets_the_quiet_period() {
-        let t0 = Instant::now();
-        let mut p = Pending::new(0, "a".into(), snap(10, 1, 1), t0, SETTLE);
-        assert_eq!(p.observe(snap(20, 2, 2), t0 + SETTLE), Decision::Wait);
-        assert_eq!(
-            p.observe(snap(20, 2, 2), t0 + SETTLE * 3 / 2),
-            Decision::Wait
-        );
-        assert_eq!(p.observe(snap(20, 2, 2), t0 + SETTLE * 2), Decision::Ready);
-    }
-
-    #[test]
-    fn ctime_change_with_old_mtime_restored_is_not_ready() {
-        // `cp -p`: data written, then the old mtime put back. Only ctime tells.
-        let t0 = Instant::now();
-        let mut p = Pending::new(0, "a".into(), snap(10, 5, 100), t0, SETTLE);
-        assert_eq!(p.observe(snap(10, 5, 200), t0 + SETTLE), Decision::Wait);
-        assert_eq!(
-            p.observe(snap(10, 5, 200), t0 + SETTLE + SETTLE / 2),
-            Decision::Wait
-        );
-        assert_eq!(
-            p.observe(snap(10, 5, 200), t0 + SETTLE * 2),
-            Decision::Ready
-        );
-    }
-
-    #[test]
-    fn same_size_rewrite_or_replacement_is_a_change() {
-        let t0 = Instant::now();
-        let mut p = Pending::new(0, "a".into(), snap(10, 5, 5), t0, SETTLE);
-        // Replaced by another file of the same size and times (new inode).
-        let mut other = snap(10, 5, 5);
-        other.ino = 8;
-        assert_eq!(p.observe(other, t0 + SETTLE), Decision::Wait);
-        let mut moved = other;
-        moved.dev = 2;
-        assert_eq!(p.observe(moved, t0 + SETTLE * 2), Decision::Wait);
-        assert_eq!(p.observe(moved, t0 + SETTLE * 3), Decision::Ready);
-    }
-
-    #[test]
-    fn zero_length_files_settle() {
-        let t0 = Instant::now();
-        let mut p = Pending::new(0, "empty".into(), snap(0, 1, 1), t0, SETTLE);
-        assert_eq!(p.observe(snap(0, 1, 1), t0 + SETTLE), Decision::Ready);
-    }
-
-    #[test]
-    fn filters_match_path_and_name() {
-        let include = globs(&["*"]);
-        let exclude = globs(&["*.tmp", "*.log", "skip/*"]);
-        assert!(matches_filters(Path::new("a.bin"), &include, &exclude));
-        assert!(matches_filters(Path::new("a/b/c.bin"), &include, &exclude));
-        assert!(!matches_filters(Path::new("a/b/c.tmp"), &include, &exclude));
-        assert!(!matches_filters(Path::new("x.log"), &include, &exclude));
-        assert!(!matches_filters(
-            Path::new("skip/q.bin"),
-            &include,
-            &exclude
-        ));
-        assert!(!matches_filters(
-            Path::new("skip/deeper/q.bin"),
-            &include,
-            &exclude
-        ));
-        assert!(matches_filters(
-            Path::new("noskip/q.bin"),
-            &include,
-            &exclude
-        ));
-
-        let only_pdf = globs(&["*.pdf"]);
-        assert!(matches_filters(
-            Path::new("Übergabe/年報.pdf"),
-            &only_pdf,
-            &[]
-        ));
-        assert!(!matches_filters(
-            Path::new("Übergabe/年報.doc"),
-            &only_pdf,
-            &[]
-        ));
-        // By file name: `report*` takes a report anywhere.
-        assert!(matches_filters(
-            Path::new("x/y/report-1.pdf"),
-            &globs(&["report*"]),
-            &[]
-        ));
-        assert!(!matches_filters(Path::new("a.bin"), &[], &[]));
-    }
-
-    #[test]
-    fn filters_non_utf8() {
-        use std::os::unix::ffi::OsStrExt;
-        let rel = Path::new(std::ffi::OsStr::from_bytes(b"d\xff/\xfe.bin"));
-        assert!(matches_filters(rel, &globs(&["*"]), &[]));
-        assert!(matches_filters(rel, &globs(&["*.bin"]), &[]));
-        assert!(!matches_filters(rel, &globs(&["*"]), &globs(&["*.bin"])));
-    }
-
-    #[test]
-    fn admit_applies_every_filter() {
-        let w = config();
-        assert_eq!(
-            admit(&w, Path::new("/in/a.bin")),
-            Some(PathBuf::from("a.bin"))
-        );
-        assert_eq!(
-            admit(&w, Path::new("/in/Übergabe/年報.pdf")),
-            Some(PathBuf::from("Übergabe/年報.pdf"))
-        );
-        for refused in [
-            "/in/a.part",
-            "/in/sub/b.crdownload",
-            "/in/.hidden",
-            "/in/~$doc.docx",
-            "/in/.~lock.a.odt#",
-            "/in/x.log",
-            "/in/skip/q.bin",
-            "/in/clean/a.bin",
-            "/in/q/a.bin",
-            "/in/.dropscan/default/a.bin",
-            "/in/.git/config",
-            "/other/a.bin",
-            "/in",
-        ] {
-            assert_eq!(admit(&w, Path::new(refused)), None, "{refused}");
-        }
-        let mut flat = config();
-        flat.recursive = false;
-        assert_eq!(admit(&flat, Path::new("/in/sub/a.bin")), None);
-    }
-
-    #[test]
-    fn tick_is_a_quarter_of_the_shortest_settle_bounded() {
-        let mut a = config();
-        a.settle = Duration::from_secs(5);
-        let mut b = config();
-        b.settle = Duration::from_millis(400);
-        assert_eq!(
-            tick_period(&[a.clone(), b.clone()]),
-            Duration::from_millis(100)
-        );
-        assert_eq!(tick_period(&[a.clone()]), MAX_TICK);
-        b.settle = Duration::ZERO;
-        assert_eq!(tick_period(&[a, b]), MIN_TICK);
-        assert_eq!(tick_period(&[]), MAX_TICK);
-    }
-
-    #[test]
-    fn settler_skips_fifos_and_warns_once() {
-        let tmp = tempfile::tempdir().unwrap();
-        let mut w = config();
-        w.path = tmp.path().to_path_buf();
-        let fifo = tmp.path().join("pipe");
-        let status = std::process::Command::new("mkfifo")
-            .arg(&fifo)
-            .status()
-            .unwrap();
-        assert!(status.success());
-        let mut s = Settler::new(Arc::from(vec![w]));
-        let now = Instant::now();
-        for _ in 0..3 {
-            s.offer(Candidate {
-                root: 0,
-                path: fifo.clone(),
-            });
-            assert!(s.fresh.contains_key(&fifo));
-            let meta = std::fs::symlink_metadata(&fifo);
-            assert!(s.observe(fifo.clone(), meta, now).is_none());
-            assert!(s.fresh.is_empty() && s.pending.is_empty());
-        }
-        assert_eq!(s.warned.len(), 1);
-    }
-
-    #[test]
-    fn settler_does_not_resend_an_unchanged_file() {
-        let tmp = tempfile::tempdir().unwrap();
-        let mut w = config();
-        w.path = tmp.path().to_path_buf();
-        let file = tmp.path().join("a.bin");
-        std::fs::write(&file, b"abc").unwrap();
-        let mut s = Settler::new(Arc::from(vec![w]));
-        let t0 = Instant::now();
-        let offer = |s: &mut Settler| {
-            s.offer(Candidate {
-                root: 0,
-                path: file.clone(),
-            });
-        };
-        offer(&mut s);
-        assert!(
-            s.observe(file.clone(), std::fs::symlink_metadata(&file), t0)
-                .is_none()
-        );
-        let settled = s
-            .observe(file.clone(), std::fs::symlink_metadata(&file), t0 + SETTLE)
-            .unwrap();
-        assert_eq!(
-            (settled.size, settled.rel_path.as_path()),
-            (3, Path::new("a.bin"))
-        );
-        let snapshot = Snapshot::from_metadata(&std::fs::symlink_metadata(&file).unwrap());
-        s.sent
-            .insert(file.clone(), (snapshot, t0 + Duration::from_secs(60)));
-
-        // Listed again while it waits for claim: not pending again.
-        offer(&mut s);
-        assert!(
-            s.observe(
-                file.clone(),
-                std::fs::symlink_metadata(&file),
-                t0 + SETTLE * 2
-            )
-            .is_none()
-        );
-        assert!(s.pending.is_empty());
-
-        // Rewritten: a new file as far as settle is concerned.
-        std::fs::write(&file, b"abcd").unwrap();
-        offer(&mut s);
-        assert!(
-            s.observe(
-                file.clone(),
-                std::fs::symlink_metadata(&file),
-                t0 + SETTLE * 3
-            )
-            .is_none()
-        );
-        assert!(s.pending.contains_key(&file));
     }
 }

@@ -1,0 +1,390 @@
+//! Unit tests of settle: the completion gate, the filters and the settler's bookkeeping.
+
+use super::*;
+use crate::config::WatchMode;
+use tokio_util::sync::CancellationToken;
+
+const SETTLE: Duration = Duration::from_millis(400);
+
+fn snap(size: u64, mtime_ns: i128, ctime_ns: i128) -> Snapshot {
+    Snapshot {
+        size,
+        mtime_ns,
+        ctime_ns,
+        dev: 1,
+        ino: 7,
+    }
+}
+
+fn globs(list: &[&str]) -> Vec<crate::config::Pattern> {
+    list.iter()
+        .map(|g| crate::config::Pattern::new(g).unwrap())
+        .collect()
+}
+
+fn config() -> WatchConfig {
+    WatchConfig {
+        path: PathBuf::from("/in"),
+        recursive: true,
+        settle: SETTLE,
+        mode: WatchMode::Auto,
+        include: globs(&["*"]),
+        exclude: globs(&["*.log", "skip/*"]),
+        clean_dir: PathBuf::from("/in/clean"),
+        quarantine_dir: PathBuf::from("/in/q"),
+        failed_dir: PathBuf::from("/failed"),
+        staging_dir: PathBuf::from("/in/.dropscan/default"),
+        reconcile_interval: Duration::from_secs(60),
+        poll_interval: Duration::from_secs(2),
+    }
+}
+
+#[test]
+fn unchanged_for_settle_is_ready() {
+    let t0 = Instant::now();
+    let mut p = Pending::new(0, "a".into(), snap(10, 1, 1), t0, SETTLE);
+    assert_eq!(p.observe(snap(10, 1, 1), t0 + SETTLE / 2), Decision::Wait);
+    assert_eq!(p.observe(snap(10, 1, 1), t0 + SETTLE), Decision::Ready);
+}
+
+#[test]
+fn growth_resets_the_quiet_period() {
+    let t0 = Instant::now();
+    let mut p = Pending::new(0, "a".into(), snap(10, 1, 1), t0, SETTLE);
+    assert_eq!(p.observe(snap(20, 2, 2), t0 + SETTLE), Decision::Wait);
+    assert_eq!(
+        p.observe(snap(20, 2, 2), t0 + SETTLE * 3 / 2),
+        Decision::Wait
+    );
+    assert_eq!(p.observe(snap(20, 2, 2), t0 + SETTLE * 2), Decision::Ready);
+}
+
+#[test]
+fn ctime_change_with_old_mtime_restored_is_not_ready() {
+    // `cp -p`: data written, then the old mtime put back. Only ctime tells.
+    let t0 = Instant::now();
+    let mut p = Pending::new(0, "a".into(), snap(10, 5, 100), t0, SETTLE);
+    assert_eq!(p.observe(snap(10, 5, 200), t0 + SETTLE), Decision::Wait);
+    assert_eq!(
+        p.observe(snap(10, 5, 200), t0 + SETTLE + SETTLE / 2),
+        Decision::Wait
+    );
+    assert_eq!(
+        p.observe(snap(10, 5, 200), t0 + SETTLE * 2),
+        Decision::Ready
+    );
+}
+
+#[test]
+fn same_size_rewrite_or_replacement_is_a_change() {
+    let t0 = Instant::now();
+    let mut p = Pending::new(0, "a".into(), snap(10, 5, 5), t0, SETTLE);
+    // Replaced by another file of the same size and times (new inode).
+    let mut other = snap(10, 5, 5);
+    other.ino = 8;
+    assert_eq!(p.observe(other, t0 + SETTLE), Decision::Wait);
+    let mut moved = other;
+    moved.dev = 2;
+    assert_eq!(p.observe(moved, t0 + SETTLE * 2), Decision::Wait);
+    assert_eq!(p.observe(moved, t0 + SETTLE * 3), Decision::Ready);
+}
+
+#[test]
+fn zero_length_files_settle() {
+    let t0 = Instant::now();
+    let mut p = Pending::new(0, "empty".into(), snap(0, 1, 1), t0, SETTLE);
+    assert_eq!(p.observe(snap(0, 1, 1), t0 + SETTLE), Decision::Ready);
+}
+
+#[test]
+fn filters_match_path_and_name() {
+    let include = globs(&["*"]);
+    let exclude = globs(&["*.tmp", "*.log", "skip/*"]);
+    assert!(matches_filters(Path::new("a.bin"), &include, &exclude));
+    assert!(matches_filters(Path::new("a/b/c.bin"), &include, &exclude));
+    assert!(!matches_filters(Path::new("a/b/c.tmp"), &include, &exclude));
+    assert!(!matches_filters(Path::new("x.log"), &include, &exclude));
+    assert!(!matches_filters(
+        Path::new("skip/q.bin"),
+        &include,
+        &exclude
+    ));
+    assert!(!matches_filters(
+        Path::new("skip/deeper/q.bin"),
+        &include,
+        &exclude
+    ));
+    assert!(matches_filters(
+        Path::new("noskip/q.bin"),
+        &include,
+        &exclude
+    ));
+
+    let only_pdf = globs(&["*.pdf"]);
+    assert!(matches_filters(
+        Path::new("Übergabe/年報.pdf"),
+        &only_pdf,
+        &[]
+    ));
+    assert!(!matches_filters(
+        Path::new("Übergabe/年報.doc"),
+        &only_pdf,
+        &[]
+    ));
+    // By file name: `report*` takes a report anywhere.
+    assert!(matches_filters(
+        Path::new("x/y/report-1.pdf"),
+        &globs(&["report*"]),
+        &[]
+    ));
+    assert!(!matches_filters(Path::new("a.bin"), &[], &[]));
+}
+
+#[test]
+fn filters_non_utf8() {
+    use std::os::unix::ffi::OsStrExt;
+    let rel = Path::new(std::ffi::OsStr::from_bytes(b"d\xff/\xfe.bin"));
+    assert!(matches_filters(rel, &globs(&["*"]), &[]));
+    assert!(matches_filters(rel, &globs(&["*.bin"]), &[]));
+    assert!(!matches_filters(rel, &globs(&["*"]), &globs(&["*.bin"])));
+}
+
+#[test]
+fn admit_applies_every_filter() {
+    let w = config();
+    assert_eq!(
+        admit(&w, Path::new("/in/a.bin")),
+        Some(PathBuf::from("a.bin"))
+    );
+    assert_eq!(
+        admit(&w, Path::new("/in/Übergabe/年報.pdf")),
+        Some(PathBuf::from("Übergabe/年報.pdf"))
+    );
+    for refused in [
+        "/in/a.part",
+        "/in/sub/b.crdownload",
+        "/in/.hidden",
+        "/in/~$doc.docx",
+        "/in/.~lock.a.odt#",
+        "/in/x.log",
+        "/in/skip/q.bin",
+        "/in/clean/a.bin",
+        "/in/q/a.bin",
+        "/in/.dropscan/default/a.bin",
+        "/in/.git/config",
+        "/other/a.bin",
+        "/in",
+    ] {
+        assert_eq!(admit(&w, Path::new(refused)), None, "{refused}");
+    }
+    let mut flat = config();
+    flat.recursive = false;
+    assert_eq!(admit(&flat, Path::new("/in/sub/a.bin")), None);
+}
+
+#[test]
+fn tick_is_a_quarter_of_the_shortest_settle_bounded() {
+    let mut a = config();
+    a.settle = Duration::from_secs(5);
+    let mut b = config();
+    b.settle = Duration::from_millis(400);
+    assert_eq!(
+        tick_period(&[a.clone(), b.clone()]),
+        Duration::from_millis(100)
+    );
+    assert_eq!(tick_period(&[a.clone()]), MAX_TICK);
+    b.settle = Duration::ZERO;
+    assert_eq!(tick_period(&[a, b]), MIN_TICK);
+    assert_eq!(tick_period(&[]), MAX_TICK);
+}
+
+#[test]
+fn settler_skips_fifos_and_warns_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut w = config();
+    w.path = tmp.path().to_path_buf();
+    let fifo = tmp.path().join("pipe");
+    let status = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let mut s = Settler::new(Arc::from(vec![w]));
+    let now = Instant::now();
+    for _ in 0..3 {
+        s.offer(Candidate {
+            root: 0,
+            path: fifo.clone(),
+        });
+        assert!(s.fresh.contains_key(&fifo));
+        let meta = std::fs::symlink_metadata(&fifo);
+        assert!(s.observe(fifo.clone(), meta, now).is_none());
+        assert!(s.fresh.is_empty() && s.pending.is_empty());
+    }
+    assert_eq!(s.warned.len(), 1);
+}
+
+#[test]
+fn settler_does_not_resend_an_unchanged_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut w = config();
+    w.path = tmp.path().to_path_buf();
+    let file = tmp.path().join("a.bin");
+    std::fs::write(&file, b"abc").unwrap();
+    let mut s = Settler::new(Arc::from(vec![w]));
+    let t0 = Instant::now();
+    let offer = |s: &mut Settler| {
+        s.offer(Candidate {
+            root: 0,
+            path: file.clone(),
+        });
+    };
+    offer(&mut s);
+    assert!(
+        s.observe(file.clone(), std::fs::symlink_metadata(&file), t0)
+            .is_none()
+    );
+    let settled = s
+        .observe(file.clone(), std::fs::symlink_metadata(&file), t0 + SETTLE)
+        .unwrap();
+    assert_eq!(
+        (settled.size, settled.rel_path.as_path()),
+        (3, Path::new("a.bin"))
+    );
+    let snapshot = Snapshot::from_metadata(&std::fs::symlink_metadata(&file).unwrap());
+    s.sent
+        .insert(file.clone(), (snapshot, t0 + Duration::from_secs(60)));
+
+    // Listed again while it waits for claim: not pending again.
+    offer(&mut s);
+    assert!(
+        s.observe(
+            file.clone(),
+            std::fs::symlink_metadata(&file),
+            t0 + SETTLE * 2
+        )
+        .is_none()
+    );
+    assert!(s.pending.is_empty());
+
+    // Rewritten: a new file as far as settle is concerned.
+    std::fs::write(&file, b"abcd").unwrap();
+    offer(&mut s);
+    assert!(
+        s.observe(
+            file.clone(),
+            std::fs::symlink_metadata(&file),
+            t0 + SETTLE * 3
+        )
+        .is_none()
+    );
+    assert!(s.pending.contains_key(&file));
+}
+
+/// Runs `settle::run` for one root; the test holds the candidate sender and the settled receiver.
+fn start_settle(
+    w: WatchConfig,
+) -> (
+    mpsc::Sender<Candidate>,
+    mpsc::Receiver<Settled>,
+    CancellationToken,
+    tokio::task::JoinHandle<()>,
+) {
+    let (candidates_tx, candidates_rx) = mpsc::channel(8);
+    let (settled_tx, settled_rx) = mpsc::channel(8);
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(run(
+        Arc::from(vec![w]),
+        candidates_rx,
+        settled_tx,
+        shutdown.clone(),
+    ));
+    (candidates_tx, settled_rx, shutdown, task)
+}
+
+// The two tests below run the real settle loop on a real file with the clock paused: the ticks
+// and the waits are virtual (tokio does not advance the clock while a stat runs in
+// `spawn_blocking`), so they take milliseconds and a loaded machine cannot make them late.
+
+#[tokio::test(start_paused = true)]
+async fn growing_file_settles_only_after_a_quiet_settle_time() {
+    use std::io::Write;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut w = config();
+    w.path = tmp.path().to_path_buf();
+    let path = tmp.path().join("slow.bin");
+    let mut file = std::fs::File::create(&path).unwrap();
+    file.write_all(b"x").unwrap();
+    let (candidates_tx, mut settled_rx, shutdown, task) = start_settle(w);
+    candidates_tx
+        .send(Candidate {
+            root: 0,
+            path: path.clone(),
+        })
+        .await
+        .unwrap();
+    // A writer that appends a byte every half settle time is never quiet for long enough.
+    for writes in 2..=12 {
+        tokio::time::sleep(SETTLE / 2).await;
+        file.write_all(b"x").unwrap();
+        assert!(
+            settled_rx.try_recv().is_err(),
+            "settled while still growing, after {writes} writes"
+        );
+    }
+    drop(file);
+    let last_write = Instant::now();
+    let settled = tokio::time::timeout(SETTLE * 4, settled_rx.recv())
+        .await
+        .expect("settles once quiet")
+        .unwrap();
+    assert_eq!((settled.size, settled.path), (12, path));
+    // Virtual time: exact, not a measurement.
+    assert!(last_write.elapsed() >= SETTLE);
+    shutdown.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn settled_file_is_handed_on_again_only_after_the_reconcile_interval() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut w = config();
+    w.path = tmp.path().to_path_buf();
+    let reconcile_interval = w.reconcile_interval;
+    let path = tmp.path().join("a.bin");
+    std::fs::write(&path, b"abc").unwrap();
+    let (candidates_tx, mut settled_rx, shutdown, task) = start_settle(w);
+    let offer = || {
+        candidates_tx.send(Candidate {
+            root: 0,
+            path: path.clone(),
+        })
+    };
+    offer().await.unwrap();
+    let first = tokio::time::timeout(SETTLE * 4, settled_rx.recv())
+        .await
+        .expect("settles")
+        .unwrap();
+    assert_eq!(first.rel_path, Path::new("a.bin"));
+
+    // Listed again while claim may still hold it: not handed on twice.
+    offer().await.unwrap();
+    assert!(
+        tokio::time::timeout(SETTLE * 4, settled_rx.recv())
+            .await
+            .is_err(),
+        "handed on twice within the reconcile interval"
+    );
+
+    // Once the reconcile interval has passed, a file still there is settled again (claim judges
+    // it by its journal).
+    tokio::time::sleep(reconcile_interval).await;
+    offer().await.unwrap();
+    let again = tokio::time::timeout(SETTLE * 4, settled_rx.recv())
+        .await
+        .expect("settles again")
+        .unwrap();
+    assert_eq!(again, first);
+    shutdown.cancel();
+    task.await.unwrap();
+}

@@ -1,0 +1,192 @@
+//! Watch: turns filesystem activity in the inboxes into `Candidate` hints for settle.
+//!
+//! One task per `[[watch]]` root. A root is watched with inotify (through `notify`) when it is on
+//! a local filesystem, and by listing it every `poll_interval` when it is on a network or FUSE
+//! filesystem, where inotify never hears about changes made by other hosts. Either way the root is
+//! also listed at start (the backlog), every `reconcile_interval`, and soon after a hint was lost:
+//! the notify callback cannot wait, so when the channel is full or inotify's queue overflowed it
+//! sets the root's rescan flag instead. The filesystem is the durable queue and the listing is the
+//! source of truth; notify only makes us faster.
+//!
+//! This module does not decide whether a file is complete, and never opens or stats files for
+//! that purpose: it only says "look at this path". Settle applies the filters and the completion
+//! gates. The walk rules (no symlinks followed, never into the root's own folders or dot-folders,
+//! no subfolders when not recursive) live here and are shared by every listing.
+//!
+//! Layout: this file holds the stage's entry point (`run`), the record it sends (`Candidate`),
+//! its fatal error and the scope rules every listing and hint obeys (`is_out_of_scope`,
+//! `is_ignored_name`, also used by settle and the `scan` command). `root.rs` is the task that
+//! watches one root (notify or polling, reconcile and forced rescans); `hints.rs` is the notify
+//! callback, which must never wait; `walk.rs` lists a folder tree by the walk rules; `fstype.rs`
+//! tells local from network and FUSE filesystems by `statfs`.
+
+mod fstype;
+mod hints;
+mod root;
+#[cfg(test)]
+mod tests;
+mod walk;
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::io;
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::error;
+
+use crate::config::WatchConfig;
+use root::RootTask;
+
+/// A hint that something at `path` may be new or changed (a file, or a folder to list).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    /// Index of the root in the watches slice.
+    pub root: usize,
+    /// Absolute path, below the root.
+    pub path: PathBuf,
+}
+
+/// Capacity of the watch → settle channel. When full, the notify callback cannot wait: it drops
+/// the event and sets the root's rescan flag, so the next reconcile (forced soon) lists the root
+/// again. The listings themselves wait.
+pub const CANDIDATES_CAPACITY: usize = 4096;
+
+/// A watcher error that stops the daemon. Anything that happens later to one folder or file is
+/// logged and worked around (polling, rescans) instead.
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    /// The inbox cannot be examined at start.
+    #[error(
+        "{path}: cannot watch the inbox: {source}; create the folder, check that dropscan may \
+         read it, or correct `watch.path`"
+    )]
+    RootUnreadable {
+        /// The inbox.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The inbox exists but is not a folder.
+    #[error("{path}: the inbox is not a folder; point `watch.path` at a folder")]
+    RootNotAFolder {
+        /// The inbox.
+        path: PathBuf,
+    },
+    /// The task watching one inbox ended abnormally (a bug).
+    #[error("{path}: the watcher of this inbox stopped unexpectedly: {message}")]
+    Crashed {
+        /// The inbox.
+        path: PathBuf,
+        /// What the runtime said.
+        message: String,
+    },
+}
+
+/// True for names that are never files to scan: dotfiles (which covers `.~lock.*` and
+/// `.syncthing.*`), Office owner files `~$*`, `~syncthing~*`, and the partial-download suffixes
+/// `.part`, `.partial`, `.crdownload`, `.filepart` and `.tmp` (suffixes in any letter case).
+pub(crate) fn is_ignored_name(file_name: &OsStr) -> bool {
+    const SUFFIXES: [&[u8]; 5] = [b".part", b".partial", b".crdownload", b".filepart", b".tmp"];
+    let name = file_name.as_encoded_bytes();
+    if name.is_empty()
+        || name.starts_with(b".")
+        || name.starts_with(b"~$")
+        || name.starts_with(b"~syncthing~")
+    {
+        return true;
+    }
+    SUFFIXES
+        .iter()
+        .any(|s| name.len() > s.len() && name[name.len() - s.len()..].eq_ignore_ascii_case(s))
+}
+
+/// True when `path` is somewhere the watcher never looks for `w`: outside the root, inside one of
+/// its own folders (`WatchConfig::own_dirs`) or a dot-folder, or in a subfolder when the root is
+/// not recursive. The last component is not judged by name (see `is_ignored_name`), only its
+/// parents are; a path equal to an own folder is out of scope.
+pub(crate) fn is_out_of_scope(w: &WatchConfig, path: &Path) -> bool {
+    let Ok(rel) = path.strip_prefix(&w.path) else {
+        return true;
+    };
+    if w.own_dirs().iter().any(|d| path.starts_with(d)) {
+        return true;
+    }
+    let mut parents = 0usize;
+    let mut components = rel.components().peekable();
+    while let Some(c) = components.next() {
+        let Component::Normal(name) = c else {
+            // `..` or `.` in a hint: refuse rather than reason about it.
+            return true;
+        };
+        if components.peek().is_some() {
+            parents += 1;
+            if name.as_encoded_bytes().starts_with(b".") {
+                return true;
+            }
+        }
+    }
+    !w.recursive && parents > 0
+}
+/// Watches every root until `shutdown`; see the module docs. Fails only at start, when a root is
+/// missing or not a folder.
+pub async fn run(
+    watches: Arc<[WatchConfig]>,
+    candidates_tx: mpsc::Sender<Candidate>,
+    shutdown: CancellationToken,
+) -> Result<(), WatchError> {
+    for w in watches.iter() {
+        check_root(&w.path)?;
+    }
+    let mut roots = JoinSet::new();
+    let mut root_of = HashMap::new();
+    for root in 0..watches.len() {
+        let task = RootTask::new(
+            root,
+            watches.clone(),
+            candidates_tx.clone(),
+            shutdown.clone(),
+        );
+        root_of.insert(roots.spawn(task.run()).id(), root);
+    }
+    drop(candidates_tx);
+    let mut result = Ok(());
+    while let Some(joined) = roots.join_next().await {
+        let Err(e) = joined else { continue };
+        let path = root_of
+            .get(&e.id())
+            .map_or_else(PathBuf::new, |&root| watches[root].path.clone());
+        error!(root = %crate::fsops::shown(&path), error = %e, "an inbox watcher stopped unexpectedly");
+        if result.is_ok() {
+            result = Err(WatchError::Crashed {
+                path,
+                message: e.to_string(),
+            });
+        }
+        // Without this watcher the inbox would silently go unscanned: stop everything.
+        shutdown.cancel();
+    }
+    result
+}
+
+fn check_root(path: &Path) -> Result<(), WatchError> {
+    // The root itself may be a symlink (e.g. /srv/inbox → /mnt/nas/inbox); what is inside is not
+    // followed.
+    let meta = std::fs::metadata(path).map_err(|source| WatchError::RootUnreadable {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if !meta.is_dir() {
+        return Err(WatchError::RootNotAFolder {
+            path: path.to_path_buf(),
+        });
+    }
+    std::fs::read_dir(path).map_err(|source| WatchError::RootUnreadable {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(())
+}

@@ -1,0 +1,301 @@
+//! The task that watches one root: picks notify or polling (`fstype.rs`, the root's `mode`),
+//! lists the backlog, then lists again on every poll or reconcile tick, on a forced rescan (a
+//! hint was lost, see `hints.rs`) and when a new subfolder appears. Falls back to polling when
+//! inotify cannot be started or hits its limits. The listing itself is `walk.rs`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use notify::{RecommendedWatcher, RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info};
+
+use super::Candidate;
+use super::fstype::{FsKind, detect_fs};
+use super::hints::{Hints, RootSignal, SYSCTL_ADVICE, is_watch_limit};
+use super::walk::{Walked, WarnedFolders, walk_blocking};
+use crate::config::{WatchConfig, WatchMode};
+
+/// Capacity of the notify callback → folder lister channel (new subfolders to list). When full,
+/// the callback sets the root's rescan flag, as for candidates.
+const FOLDERS_CAPACITY: usize = 1024;
+
+/// Delay before a new subfolder is listed. notify adds the inotify watch for a new subfolder only
+/// after it has delivered the batch of events that announced it; listing a little later closes
+/// the window in which a file could be created after our listing but before the watch.
+const FOLDER_LIST_DELAY: Duration = Duration::from_millis(200);
+
+/// Forced rescans of one root are at least this far apart, so that a flood of events during a
+/// long listing cannot make the root be listed back to back forever.
+const MIN_RESCAN_GAP: Duration = Duration::from_secs(1);
+
+/// Watches one root.
+pub(super) struct RootTask {
+    root: usize,
+    watches: Arc<[WatchConfig]>,
+    candidates_tx: mpsc::Sender<Candidate>,
+    shutdown: CancellationToken,
+    signal: Arc<RootSignal>,
+    warned: WarnedFolders,
+}
+
+impl RootTask {
+    pub(super) fn new(
+        root: usize,
+        watches: Arc<[WatchConfig]>,
+        candidates_tx: mpsc::Sender<Candidate>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        RootTask {
+            root,
+            watches,
+            candidates_tx,
+            shutdown,
+            signal: Arc::new(RootSignal::default()),
+            warned: WarnedFolders::default(),
+        }
+    }
+
+    fn config(&self) -> &WatchConfig {
+        &self.watches[self.root]
+    }
+
+    pub(super) async fn run(mut self) {
+        let (folders_tx, mut folders_rx) = mpsc::channel::<PathBuf>(FOLDERS_CAPACITY);
+        let mut watcher = None;
+        let mut polling = self.choose_polling();
+        if !polling {
+            match self.start_notify(folders_tx.clone()).await {
+                Ok(w) => watcher = Some(w),
+                Err(e) => {
+                    self.log_notify_failure(&e);
+                    polling = true;
+                }
+            }
+        }
+        let (path, poll_interval, reconcile_interval) = {
+            let w = self.config();
+            (w.path.clone(), w.poll_interval, w.reconcile_interval)
+        };
+        info!(
+            root = %crate::fsops::shown(&path),
+            mode = if polling { "poll" } else { "notify" },
+            "watching inbox"
+        );
+
+        // The backlog: whatever is already there.
+        let mut last_walk = Instant::now();
+        if self.walk(path.clone()).await == Walked::Stopped {
+            return;
+        }
+
+        let mut reconcile_tick = tokio::time::interval_at(
+            Instant::now() + reconcile_interval,
+            reconcile_interval.max(Duration::from_millis(10)),
+        );
+        reconcile_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut poll_tick = tokio::time::interval_at(
+            Instant::now() + poll_interval,
+            poll_interval.max(Duration::from_millis(10)),
+        );
+        poll_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+
+        let signal = self.signal.clone();
+        let shutdown = self.shutdown.clone();
+        loop {
+            let walked = tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                () = signal.wake.notified() => {
+                    if signal.degraded.swap(false, Ordering::AcqRel) && !polling {
+                        // Dropping the watcher removes its inotify watches and ends its thread.
+                        watcher = None;
+                        polling = true;
+                        poll_tick.reset();
+                        info!(root = %crate::fsops::shown(&path), mode = "poll", "watching inbox");
+                    }
+                    if !signal.rescan.load(Ordering::Acquire) {
+                        continue;
+                    }
+                    tokio::select! {
+                        biased;
+                        () = shutdown.cancelled() => break,
+                        () = tokio::time::sleep_until(last_walk + MIN_RESCAN_GAP) => {}
+                    }
+                    // Cleared before listing: a hint lost during the listing forces another.
+                    signal.rescan.store(false, Ordering::Release);
+                    debug!(root = %crate::fsops::shown(&path), "forced rescan");
+                    last_walk = Instant::now();
+                    reconcile_tick.reset();
+                    self.walk(path.clone()).await
+                }
+                Some(first) = folders_rx.recv() => {
+                    tokio::select! {
+                        biased;
+                        () = shutdown.cancelled() => break,
+                        () = tokio::time::sleep(FOLDER_LIST_DELAY) => {}
+                    }
+                    let mut folders = vec![first];
+                    while let Ok(more) = folders_rx.try_recv() {
+                        folders.push(more);
+                    }
+                    folders.sort();
+                    folders.dedup();
+                    let mut walked = Walked::Done;
+                    for folder in folders {
+                        walked = self.walk(folder).await;
+                        if walked == Walked::Stopped {
+                            break;
+                        }
+                    }
+                    walked
+                }
+                _ = poll_tick.tick(), if polling => {
+                    last_walk = Instant::now();
+                    self.walk(path.clone()).await
+                }
+                _ = reconcile_tick.tick(), if !polling => {
+                    debug!(root = %crate::fsops::shown(&path), "reconcile");
+                    last_walk = Instant::now();
+                    self.walk(path.clone()).await
+                }
+            };
+            if walked == Walked::Stopped {
+                break;
+            }
+        }
+        drop(watcher);
+        drop(folders_tx);
+    }
+
+    /// Auto mode: poll on network and FUSE filesystems.
+    fn choose_polling(&self) -> bool {
+        let w = self.config();
+        match w.mode {
+            WatchMode::Poll => true,
+            WatchMode::Notify => false,
+            WatchMode::Auto => {
+                let kind = detect_fs(&w.path);
+                match kind {
+                    FsKind::Local => {}
+                    FsKind::Network(fs) => {
+                        info!(
+                            root = %w.path.display(),
+                            filesystem = fs,
+                            "network filesystem: polling, because inotify gives no events for \
+                             changes made by other hosts"
+                        );
+                    }
+                    FsKind::Fuse => {
+                        info!(
+                            root = %w.path.display(),
+                            filesystem = "fuse",
+                            "FUSE filesystem: polling, because inotify events depend on the FUSE \
+                             daemon and miss changes made elsewhere"
+                        );
+                    }
+                    FsKind::Unknown => {
+                        info!(
+                            root = %w.path.display(),
+                            "filesystem type unknown (statfs failed): polling, to be safe"
+                        );
+                    }
+                }
+                kind.needs_polling()
+            }
+        }
+    }
+
+    /// Starts inotify on the root. Adding a recursive watch walks the tree, so it runs off the
+    /// async threads.
+    async fn start_notify(
+        &self,
+        folders_tx: mpsc::Sender<PathBuf>,
+    ) -> notify::Result<RecommendedWatcher> {
+        let hints = Hints {
+            root: self.root,
+            watches: self.watches.clone(),
+            candidates_tx: self.candidates_tx.clone(),
+            folders_tx,
+            signal: self.signal.clone(),
+        };
+        let path = self.config().path.clone();
+        let mode = if self.config().recursive {
+            RecursiveMode::Recursive
+        } else {
+            RecursiveMode::NonRecursive
+        };
+        let started = tokio::task::spawn_blocking(move || {
+            let config = notify::Config::default().with_follow_symlinks(false);
+            let mut watcher = RecommendedWatcher::new(move |res| hints.handle(res), config)?;
+            watcher.watch(&path, mode)?;
+            Ok(watcher)
+        })
+        .await;
+        match started {
+            Ok(result) => result,
+            Err(e) => Err(notify::Error::generic(&e.to_string())),
+        }
+    }
+
+    fn log_notify_failure(&self, e: &notify::Error) {
+        let root = self.config().path.display();
+        if is_watch_limit(e) {
+            error!(
+                root = %root,
+                error = %e,
+                advice = SYSCTL_ADVICE,
+                "cannot watch the inbox with inotify: the limit fs.inotify.max_user_watches \
+                 (or max_user_instances) is reached; falling back to polling"
+            );
+        } else {
+            error!(
+                root = %root,
+                error = %e,
+                "cannot watch the inbox with inotify; falling back to polling"
+            );
+        }
+    }
+
+    /// Lists `start` in a blocking task; the listing waits for room in the channel.
+    async fn walk(&mut self, start: PathBuf) -> Walked {
+        if self.candidates_tx.is_closed() {
+            return Walked::Stopped;
+        }
+        let root = self.root;
+        let watches = self.watches.clone();
+        let candidates_tx = self.candidates_tx.clone();
+        let token = self.shutdown.clone();
+        let mut warned = std::mem::take(&mut self.warned);
+        let listing = tokio::task::spawn_blocking(move || {
+            let walked = walk_blocking(
+                root,
+                &watches[root],
+                &start,
+                &candidates_tx,
+                &token,
+                &mut warned,
+            );
+            (walked, warned)
+        });
+        tokio::select! {
+            biased;
+            // A listing stuck on a dead network share must not hold up shutdown.
+            () = self.shutdown.cancelled() => Walked::Stopped,
+            joined = listing => match joined {
+                Ok((walked, warned)) => {
+                    self.warned = warned;
+                    walked
+                }
+                Err(e) => {
+                    error!(root = %self.config().path.display(), error = %e, "listing failed");
+                    Walked::Done
+                }
+            }
+        }
+    }
+}
