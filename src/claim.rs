@@ -27,8 +27,7 @@ use crate::fsops::place::Claim;
 use crate::fsops::{self, Renamed};
 use crate::hashing::hash_record;
 use crate::journal::{FileId, NewClaim, Stamp};
-use crate::pipeline::{Claimed, Hashed, Verdict};
-use crate::settle::Settled;
+use crate::pipeline::{Claimed, Hashed, Settled, Verdict};
 
 /// Capacity of claim → upload. Full: claim stops claiming, and files stay in the inbox, where
 /// another agent on the same share can take them.

@@ -6,32 +6,45 @@
 //! pipeline, in order; every step is journaled so that a restart resumes where it stopped:
 //!
 //! ```text
-//! watch ─▶ settle ─▶ claim (+hash) ─▶ limits ─▶ upload ─▶ poll ─▶ sort
-//!   inotify/poll   quiet size,      rename into   maxObjectSize,  streamed     one GET      clean /
-//!   + reconcile    mtime, ctime     staging,      in-flight cap,  multipart,   for all      quarantine /
-//!                                   SHA-256       rate limit      fresh scanId scans        failed
-//!                              └──────────── journal (SQLite WAL): what survives kill -9 ─────────┘
+//! watch ─▶ settle ─▶ claim ─▶ upload ─▶ poll ─▶ sort
+//!   inotify/poll   quiet size,   rename into    streamed      one GET      clean /
+//!   + reconcile    mtime, ctime  staging,       multipart,    for all      quarantine /
+//!                                SHA-256        fresh scanId  scans        failed
+//!   (limits: maxObjectSize, in-flight cap, rate — consulted by upload, poll and sort)
+//! └──────────── journal (SQLite WAL): what survives kill -9, and the bus between stages ──────┘
 //! ```
 //!
+//! The stages never import each other or [`app`]: what crosses an edge is in [`pipeline`],
+//! what they share in [`context`], and [`hashing`] and [`scope`] are the pieces two stages
+//! need. A test (`tests/layout.rs`) keeps the module graph acyclic.
+//!
 //! Around the pipeline: [`config`] (validated once at start), [`kata`] (the protocol client,
-//! knowing nothing of the pipeline), [`fsops`] (the only place that renames and opens users'
-//! files), [`app`] (wiring, start-up reconciliation, shutdown), [`emulator`] (the built-in KATA
-//! stand-in), [`metrics`], and the commands.
+//! knowing nothing of the pipeline), [`fsops`] (the only place that touches users' files,
+//! every path beneath its root), [`app`] (wiring, start-up reconciliation, reload, shutdown),
+//! [`emulator`] (the built-in KATA stand-in), [`metrics`], and the [`commands`].
 
-// The pipeline, in order: each stage is one module with one `run`.
-pub mod claim;
-pub mod limits;
-pub mod poll;
-pub mod settle;
-pub mod sort;
-pub mod upload;
+// The pipeline, in order: each stage is one module with one `run(ctx, inputs, outputs,
+// shutdown)`. (Blank lines keep rustfmt from sorting them.)
 pub mod watch;
 
-// What the stages share, below them (stages never import each other or `app`).
+pub mod settle;
+
+pub mod claim;
+
+pub mod upload;
+
+pub mod poll;
+
+pub mod sort;
+
+// Below the stages: the records between them, their shared context, the journal, and the pieces
+// two stages need.
 pub mod context;
 pub mod hashing;
 pub mod journal;
+pub mod limits;
 pub mod pipeline;
+pub mod scope;
 
 // Around it.
 pub mod app;

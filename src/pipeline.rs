@@ -22,6 +22,36 @@ use crate::journal::{FileId, Stamp};
 use crate::kata::ScanId;
 use crate::limits::InFlight;
 
+/// A hint that something at `path` may be new or changed (a file, or a folder to list).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    /// Index of the root in the watches slice.
+    pub root: usize,
+    /// Absolute path, below the root.
+    pub path: PathBuf,
+}
+
+/// A file whose size, mtime and ctime have not changed for the root's `settle` time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settled {
+    /// Index of the root in the watches slice.
+    pub root: usize,
+    /// Absolute path.
+    pub path: PathBuf,
+    /// Path relative to the root.
+    pub rel_path: PathBuf,
+    /// Size in bytes when it settled.
+    pub size: u64,
+    /// Modification time, nanoseconds since the epoch.
+    pub mtime_ns: i128,
+    /// Status change time, nanoseconds since the epoch.
+    pub ctime_ns: i128,
+    /// Device of the file.
+    pub dev: u64,
+    /// Inode of the file.
+    pub ino: u64,
+}
+
 /// A staged, hashed file ready for upload.
 #[derive(Debug, Clone)]
 pub struct Claimed {

@@ -12,6 +12,7 @@ mod journal_guards;
 mod kata_client;
 mod kata_emulator;
 mod kata_parse;
+mod layout;
 mod model;
 mod pipeline;
 mod watch_settle;

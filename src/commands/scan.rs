@@ -37,11 +37,10 @@ fn eligible_files(w: &WatchConfig) -> usize {
         for (name, t) in entries {
             let p = dir.join(name);
             if t == rustix::fs::FileType::Directory {
-                if w.recursive && !crate::watch::is_out_of_scope(w, &p.join("x")) {
+                if w.recursive && !crate::scope::is_out_of_scope(w, &p.join("x")) {
                     stack.push(p);
                 }
-            } else if t == rustix::fs::FileType::RegularFile
-                && crate::settle::admit(w, &p).is_some()
+            } else if t == rustix::fs::FileType::RegularFile && crate::scope::admit(w, &p).is_some()
             {
                 n += 1;
             }

@@ -23,32 +23,12 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::config::{Pattern, WatchConfig};
-use crate::watch::{self, Candidate};
+use crate::config::WatchConfig;
+pub use crate::pipeline::{Candidate, Settled};
+pub(crate) use crate::scope::admit;
 
 #[cfg(test)]
 mod tests;
-
-/// A file whose size, mtime and ctime have not changed for the root's `settle` time.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Settled {
-    /// Index of the root in the watches slice.
-    pub root: usize,
-    /// Absolute path.
-    pub path: PathBuf,
-    /// Path relative to the root.
-    pub rel_path: PathBuf,
-    /// Size in bytes when it settled.
-    pub size: u64,
-    /// Modification time, nanoseconds since the epoch.
-    pub mtime_ns: i128,
-    /// Status change time, nanoseconds since the epoch.
-    pub ctime_ns: i128,
-    /// Device of the file.
-    pub dev: u64,
-    /// Inode of the file.
-    pub ino: u64,
-}
 
 /// Capacity of settle → claim. Full: settle waits (files stay in the inbox, which is the durable
 /// queue).
@@ -145,30 +125,6 @@ impl Pending {
             Decision::Wait
         }
     }
-}
-
-/// True when `rel` is taken by the globs: some `include` matches and no `exclude` matches, each
-/// tried against the relative path and against the file name (`*` crosses `/`, so `*.tmp` also
-/// excludes `a/b/c.tmp`). Non-UTF-8 bytes are matched as U+FFFD.
-pub(crate) fn matches_filters(rel: &Path, include: &[Pattern], exclude: &[Pattern]) -> bool {
-    let rel_str = rel.to_string_lossy();
-    let name = rel.file_name().map(|n| n.to_string_lossy());
-    let matches = |p: &Pattern| p.matches(&rel_str) || name.as_ref().is_some_and(|n| p.matches(n));
-    include.iter().any(matches) && !exclude.iter().any(matches)
-}
-
-/// The relative path of `path` when root `w` takes it: in scope (`watch::is_out_of_scope`), a
-/// name that is not ignored (`watch::is_ignored_name`), and passing the globs. Pure.
-pub(crate) fn admit(w: &WatchConfig, path: &Path) -> Option<PathBuf> {
-    if watch::is_out_of_scope(w, path) {
-        return None;
-    }
-    let rel = path.strip_prefix(&w.path).ok()?;
-    let name = rel.file_name()?;
-    if watch::is_ignored_name(name) {
-        return None;
-    }
-    matches_filters(rel, &w.include, &w.exclude).then(|| rel.to_path_buf())
 }
 
 /// The re-stat period for these roots.

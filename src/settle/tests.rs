@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::config::WatchMode;
+use crate::scope::matches_filters;
 use tokio_util::sync::CancellationToken;
 
 const SETTLE: Duration = Duration::from_millis(400);

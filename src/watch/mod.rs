@@ -28,9 +28,8 @@ mod tests;
 mod walk;
 
 use std::collections::HashMap;
-use std::ffi::OsStr;
 use std::io;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
@@ -39,16 +38,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::error;
 
 use crate::config::WatchConfig;
+pub use crate::pipeline::Candidate;
+pub(crate) use crate::scope::{is_ignored_name, is_out_of_scope};
 use root::RootTask;
-
-/// A hint that something at `path` may be new or changed (a file, or a folder to list).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Candidate {
-    /// Index of the root in the watches slice.
-    pub root: usize,
-    /// Absolute path, below the root.
-    pub path: PathBuf,
-}
 
 /// Capacity of the watch → settle channel. When full, the notify callback cannot wait: it drops
 /// the event and sets the root's rescan flag, so the next reconcile (forced soon) lists the root
@@ -86,51 +78,6 @@ pub enum WatchError {
     },
 }
 
-/// True for names that are never files to scan: dotfiles (which covers `.~lock.*` and
-/// `.syncthing.*`), Office owner files `~$*`, `~syncthing~*`, and the partial-download suffixes
-/// `.part`, `.partial`, `.crdownload`, `.filepart` and `.tmp` (suffixes in any letter case).
-pub(crate) fn is_ignored_name(file_name: &OsStr) -> bool {
-    const SUFFIXES: [&[u8]; 5] = [b".part", b".partial", b".crdownload", b".filepart", b".tmp"];
-    let name = file_name.as_encoded_bytes();
-    if name.is_empty()
-        || name.starts_with(b".")
-        || name.starts_with(b"~$")
-        || name.starts_with(b"~syncthing~")
-    {
-        return true;
-    }
-    SUFFIXES
-        .iter()
-        .any(|s| name.len() > s.len() && name[name.len() - s.len()..].eq_ignore_ascii_case(s))
-}
-
-/// True when `path` is somewhere the watcher never looks for `w`: outside the root, inside one of
-/// its own folders (`WatchConfig::own_dirs`) or a dot-folder, or in a subfolder when the root is
-/// not recursive. The last component is not judged by name (see `is_ignored_name`), only its
-/// parents are; a path equal to an own folder is out of scope.
-pub(crate) fn is_out_of_scope(w: &WatchConfig, path: &Path) -> bool {
-    let Ok(rel) = path.strip_prefix(&w.path) else {
-        return true;
-    };
-    if w.own_dirs().iter().any(|d| path.starts_with(d)) {
-        return true;
-    }
-    let mut parents = 0usize;
-    let mut components = rel.components().peekable();
-    while let Some(c) = components.next() {
-        let Component::Normal(name) = c else {
-            // `..` or `.` in a hint: refuse rather than reason about it.
-            return true;
-        };
-        if components.peek().is_some() {
-            parents += 1;
-            if name.as_encoded_bytes().starts_with(b".") {
-                return true;
-            }
-        }
-    }
-    !w.recursive && parents > 0
-}
 /// Watches every root until `shutdown`; see the module docs. Fails only at start, when a root is
 /// missing or not a folder.
 pub async fn run(
