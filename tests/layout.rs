@@ -2,6 +2,7 @@
 //! `app` or another stage, and no source file outside tests grows past ~600 lines. Run it with
 //! `cargo test --test integration layout`.
 
+#![allow(clippy::unwrap_used)]
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
