@@ -288,3 +288,79 @@ async fn claim_batch(shared: &Arc<Shared>, batch: &[Settled]) -> Vec<(FileId, Pa
     }
     claimed
 }
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::OsStr;
+    use std::path::Path;
+
+    use crate::fsops::place::{Claim, claim};
+    use crate::fsops::{Dir, FileStamp, Renamed};
+
+    /// What the claim decides for each state a settled file can be in when its turn comes.
+    #[test]
+    fn claim_decisions_table() {
+        enum Then {
+            Untouched,
+            Appended,
+            Removed,
+            HardLinked,
+            FolderSwappedForLink,
+        }
+        // (what happened since it settled, hard links allowed) → the claim's answer
+        let table: [(Then, bool, Result<Claim, &str>); 6] = [
+            (Then::Untouched, false, Ok(Claim::Claimed(Renamed::Durable))),
+            (Then::Appended, false, Ok(Claim::Changed)),
+            (Then::Removed, false, Ok(Claim::Gone)),
+            (Then::HardLinked, false, Ok(Claim::HardLinkedLeft)),
+            (Then::HardLinked, true, Ok(Claim::Claimed(Renamed::Durable))),
+            (Then::FolderSwappedForLink, false, Err("symlink")),
+        ];
+        for (i, (then, hard_links_ok, want)) in table.into_iter().enumerate() {
+            let d = tempfile::tempdir().unwrap();
+            let (inbox, staging) = (d.path().join("in"), d.path().join("st"));
+            std::fs::create_dir_all(inbox.join("sub")).unwrap();
+            std::fs::create_dir_all(&staging).unwrap();
+            let file = inbox.join("sub/f.bin");
+            std::fs::write(&file, b"settled").unwrap();
+            let settled = FileStamp::of(&std::fs::metadata(&file).unwrap()).stamp();
+            match then {
+                Then::Untouched => {}
+                Then::Appended => {
+                    use std::io::Write;
+                    let mut f = std::fs::OpenOptions::new()
+                        .append(true)
+                        .open(&file)
+                        .unwrap();
+                    f.write_all(b" and more").unwrap();
+                }
+                Then::Removed => std::fs::remove_file(&file).unwrap(),
+                Then::HardLinked => std::fs::hard_link(&file, inbox.join("twin.bin")).unwrap(),
+                Then::FolderSwappedForLink => {
+                    #[allow(clippy::disallowed_methods)]
+                    std::fs::rename(inbox.join("sub"), inbox.join("sub-real")).unwrap();
+                    std::os::unix::fs::symlink(inbox.join("sub-real"), inbox.join("sub")).unwrap();
+                }
+            }
+            // Hard-linked: the stamp it settled with already had two links.
+            let settled = if matches!(then, Then::HardLinked) {
+                FileStamp::of(&std::fs::metadata(&file).unwrap()).stamp()
+            } else {
+                settled
+            };
+            let got = claim(
+                &Dir::open_trusted(&inbox).unwrap(),
+                Path::new("sub/f.bin"),
+                &settled,
+                &Dir::open_trusted(&staging).unwrap(),
+                OsStr::new("x.staged"),
+                hard_links_ok,
+            );
+            match (got, want) {
+                (Ok(g), Ok(w)) => assert_eq!(g, w, "row {i}"),
+                (Err(e), Err(needle)) => assert!(e.to_string().contains(needle), "row {i}: {e}"),
+                (got, want) => panic!("row {i}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
+}

@@ -171,8 +171,9 @@ impl Limits {
         lock(&self.inner.cap).cap
     }
 
-    /// Free slots now.
-    pub fn available(&self) -> usize {
+    /// Free slots now (for tests of the cap).
+    #[cfg(test)]
+    fn available(&self) -> usize {
         self.inner.sem.available_permits()
     }
 

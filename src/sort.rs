@@ -225,6 +225,53 @@ impl Queue {
     }
 }
 
+/// Where a decided record goes, and how it is placed there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Plan {
+    outcome: Outcome,
+    which: Which,
+    /// Mode of a placed copy.
+    file_mode: u32,
+    /// Mode of folders made on the way.
+    dir_mode: u32,
+    /// A verified copy owned by dropscan (clean, quarantine) rather than the staged inode.
+    copy: bool,
+    /// A release: the staged file must be the one hashed, the copy the hashed bytes.
+    clean: bool,
+    /// Replaces the record's reason.
+    note: Option<&'static str>,
+}
+
+/// The placement plan of a record with `outcome`. Fail closed: clean only when the verdict is
+/// `not detected` for exactly the hashed bytes (`clean_bound`); anything else that claims clean
+/// goes to failed. Clean and quarantine get a copy owned by dropscan with a fixed mode (see
+/// `fsops::place`); failed keeps the staged file itself (a hard-linked file must not be read).
+fn plan(outcome: Option<Outcome>, clean_bound: bool) -> Plan {
+    let (outcome, note) = match outcome {
+        Some(Outcome::Clean) if clean_bound => (Outcome::Clean, None),
+        Some(Outcome::Clean) => (
+            Outcome::Failed,
+            Some("internal: the clean verdict does not match the content"),
+        ),
+        Some(o) => (o, None),
+        None => (Outcome::Failed, None),
+    };
+    let (which, file_mode, dir_mode, copy) = match outcome {
+        Outcome::Clean => (Which::Clean, 0o644, 0o755, true),
+        Outcome::Quarantine => (Which::Quarantine, 0o600, 0o700, true),
+        Outcome::Failed | Outcome::Vanished => (Which::Failed, 0o640, 0o750, false),
+    };
+    Plan {
+        outcome,
+        which,
+        file_mode,
+        dir_mode,
+        copy,
+        clean: outcome == Outcome::Clean,
+        note,
+    }
+}
+
 #[derive(Clone)]
 struct Sorter {
     shared: Arc<Shared>,
@@ -272,32 +319,16 @@ impl Sorter {
             ));
         };
         let original = rec.root.join(&rec.rel_path);
-        let mut outcome = rec.outcome.unwrap_or(Outcome::Failed);
-        let mut reason = rec.reason.clone();
-        if outcome == Outcome::Clean && !rec.is_clean_verdict_for_content() {
-            // Fail closed: the verdict must be `not detected` for exactly these bytes.
-            outcome = Outcome::Failed;
-            reason = Some("internal: the clean verdict does not match the content".into());
-        }
-        let which = match outcome {
-            Outcome::Clean => Which::Clean,
-            Outcome::Quarantine => Which::Quarantine,
-            _ => Which::Failed,
-        };
-        let clean = outcome == Outcome::Clean;
-        // Clean and quarantine get a copy owned by dropscan with a fixed mode (see fsops::place);
-        // failed keeps the staged file itself (a hard-linked file must not be read).
-        let file_mode = match outcome {
-            Outcome::Clean => 0o644,
-            Outcome::Quarantine => 0o600,
-            _ => 0o640,
-        };
-        let copy = matches!(outcome, Outcome::Clean | Outcome::Quarantine);
-        let dir_mode = match outcome {
-            Outcome::Quarantine => 0o700,
-            Outcome::Clean => 0o755,
-            _ => 0o750,
-        };
+        let Plan {
+            outcome,
+            which,
+            file_mode,
+            dir_mode,
+            copy,
+            clean,
+            note,
+        } = plan(rec.outcome, rec.is_clean_verdict_for_content());
+        let reason = note.map(str::to_string).or_else(|| rec.reason.clone());
         let instance = crate::context::instance_of(&self.shared.config.watches[i]);
         let temp_name = fsops::names::copy_temp_name(&instance, rec.id);
         let dest_root_path = self.shared.roots[i].path(which).to_path_buf();
@@ -538,5 +569,81 @@ async fn blocking<T: Send + 'static>(
             about: "blocking task",
             source: std::io::Error::other(e.to_string()),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placement_plans_fail_closed_and_copy_what_is_released() {
+        use Outcome::{Clean, Failed, Quarantine, Vanished};
+        // (outcome, clean verdict bound to the content) → (where, copy, file mode, folder mode, note)
+        let table = [
+            (Some(Clean), true, Which::Clean, true, 0o644, 0o755, false),
+            (Some(Clean), false, Which::Failed, false, 0o640, 0o750, true),
+            (
+                Some(Quarantine),
+                false,
+                Which::Quarantine,
+                true,
+                0o600,
+                0o700,
+                false,
+            ),
+            (
+                Some(Quarantine),
+                true,
+                Which::Quarantine,
+                true,
+                0o600,
+                0o700,
+                false,
+            ),
+            (
+                Some(Failed),
+                true,
+                Which::Failed,
+                false,
+                0o640,
+                0o750,
+                false,
+            ),
+            (
+                Some(Vanished),
+                false,
+                Which::Failed,
+                false,
+                0o640,
+                0o750,
+                false,
+            ),
+            (None, true, Which::Failed, false, 0o640, 0o750, false),
+        ];
+        for (outcome, bound, which, copy, file_mode, dir_mode, note) in table {
+            let p = plan(outcome, bound);
+            assert_eq!(
+                (p.which, p.copy, p.file_mode, p.dir_mode, p.note.is_some()),
+                (which, copy, file_mode, dir_mode, note),
+                "{outcome:?} bound={bound}"
+            );
+            assert_eq!(p.clean, p.which == Which::Clean, "{outcome:?}");
+        }
+    }
+
+    #[test]
+    fn the_queue_holds_each_record_once() {
+        let mut q = Queue::default();
+        for id in [1, 2, 1, 3, 2] {
+            q.push(id);
+        }
+        assert_eq!(q.len(), 3);
+        assert_eq!(
+            (q.pop(), q.pop(), q.pop(), q.pop()),
+            (Some(1), Some(2), Some(3), None)
+        );
+        q.push(1);
+        assert_eq!(q.pop(), Some(1));
     }
 }

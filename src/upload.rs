@@ -28,6 +28,7 @@ use crate::context::Shared;
 use crate::error::{FatalError, FileError};
 use crate::hashing;
 use crate::journal::{Decision, FileId, FileState};
+use crate::kata::error::UploadDisposition;
 use crate::kata::{ApiError, ScanId};
 use crate::limits::InFlight;
 use crate::pipeline::Verdict;
@@ -285,64 +286,64 @@ impl Upload {
                 tracing::warn!(id = item.id, "file changed during upload: hashing again");
                 self.rehash(item.id, item.staged.clone()).await
             }
-            Err(ApiError::TooLarge) => {
-                let limits = shared.limits.clone();
-                let client = shared.client.clone();
-                tokio::spawn(async move {
-                    limits.refresh(&client).await.ok();
-                });
-                let d = Decision::failed(
-                    FileError::RefusedTooLarge {
-                        size: item.stamp.size,
-                    }
-                    .to_string(),
-                    true,
-                );
-                decide(shared, &self.verdicts_tx, item.id, d).await;
-                None
-            }
-            Err(ApiError::Local { source }) => {
-                tracing::info!(id = item.id, error = %source, "reading the staged file failed: hashing again");
-                self.rehash(item.id, item.staged.clone()).await
-            }
-            Err(ApiError::Rejected { status, body }) => {
-                let d = Decision::failed(
-                    FileError::Rejected {
-                        status,
-                        body: body.clone(),
-                    }
-                    .to_string(),
-                    true,
-                );
-                decide(shared, &self.verdicts_tx, item.id, d).await;
-                None
-            }
-            Err(e) => {
-                // 429, 5xx, transport, TLS, 401, garbage: the file waits and is tried again.
-                shared
-                    .metrics
-                    .request_errors
-                    .fetch_add(1, Ordering::Relaxed);
-                if matches!(e, ApiError::Busy { .. }) {
-                    shared.metrics.throttled.fetch_add(1, Ordering::Relaxed);
+            Err(e) => match e.upload_disposition() {
+                UploadDisposition::TooLarge => {
+                    let limits = shared.limits.clone();
+                    let client = shared.client.clone();
+                    tokio::spawn(async move {
+                        limits.refresh(&client).await.ok();
+                    });
+                    let d = Decision::failed(
+                        FileError::RefusedTooLarge {
+                            size: item.stamp.size,
+                        }
+                        .to_string(),
+                        true,
+                    );
+                    decide(shared, &self.verdicts_tx, item.id, d).await;
+                    None
                 }
-                let pause = shared.server_failed(&e).await;
-                tracing::debug!(id = item.id, error = %e, ?pause, "upload not accepted; will retry");
-                let back = if matches!(e, ApiError::Transport { .. } | ApiError::Protocol { .. }) {
-                    // Ambiguous: the server may have accepted the scan before the connection
-                    // broke. `resend` queues the scanId for deletion in the same transaction that
-                    // sends the file back, so a scan the server took is never left behind.
-                    shared.journal.resend(item.id).await
-                } else {
-                    shared.journal.not_submitted(item.id).await
-                };
-                if let Err(e) = back {
-                    // The record still says `submitting(scanId)`: the next start asks the server.
-                    tracing::error!(id = item.id, error = %e, "journal write failed");
+                UploadDisposition::Rehash => {
+                    tracing::info!(id = item.id, error = %e, "reading the staged file failed: hashing again");
+                    self.rehash(item.id, item.staged.clone()).await
                 }
-                drop(slot);
-                Some(item)
-            }
+                UploadDisposition::Rejected => {
+                    let (status, body) = match &e {
+                        ApiError::Rejected { status, body } => (*status, body.clone()),
+                        _ => (0, String::new()),
+                    };
+                    let d =
+                        Decision::failed(FileError::Rejected { status, body }.to_string(), true);
+                    decide(shared, &self.verdicts_tx, item.id, d).await;
+                    None
+                }
+                UploadDisposition::RetryLater { ambiguous } => {
+                    // 429, 5xx, transport, TLS, 401, garbage: the file waits and is tried again.
+                    shared
+                        .metrics
+                        .request_errors
+                        .fetch_add(1, Ordering::Relaxed);
+                    if matches!(e, ApiError::Busy { .. }) {
+                        shared.metrics.throttled.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let pause = shared.server_failed(&e).await;
+                    tracing::debug!(id = item.id, error = %e, ?pause, "upload not accepted; will retry");
+                    let back = if ambiguous {
+                        // `resend` queues the scanId for deletion in the same transaction that
+                        // sends the file back, so a scan the server took is never left behind.
+                        shared.journal.resend(item.id).await
+                    } else {
+                        shared.journal.not_submitted(item.id).await
+                    };
+                    if let Err(e) = back {
+                        // The record still says `submitting(scanId)`: the next start asks the
+                        // server.
+                        tracing::error!(id = item.id, error = %e, "journal write failed");
+                    }
+                    drop(slot);
+                    Some(item)
+                }
+            },
         }
     }
 

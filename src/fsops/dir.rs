@@ -375,14 +375,17 @@ impl Dir {
 
 fn dir_error(full: &Path, e: Errno) -> FsError {
     match e {
-        // RESOLVE_NO_SYMLINKS / O_NOFOLLOW met a symlink.
-        Errno::LOOP => FsError::NotRegular {
+        // RESOLVE_NO_SYMLINKS / O_NOFOLLOW met a symlink (ELOOP), or O_DIRECTORY met a symlink
+        // or a file (ENOTDIR). Which one is looked up for the message only: nothing acts on it.
+        Errno::LOOP | Errno::NOTDIR => FsError::NotRegular {
             path: full.to_path_buf(),
-            kind: "symlink where a folder must be",
-        },
-        Errno::NOTDIR => FsError::NotRegular {
-            path: full.to_path_buf(),
-            kind: "file where a folder must be",
+            kind: if e == Errno::LOOP
+                || std::fs::symlink_metadata(full).is_ok_and(|m| m.file_type().is_symlink())
+            {
+                "symlink where a folder must be"
+            } else {
+                "file where a folder must be"
+            },
         },
         // RESOLVE_BENEATH refused a path leaving the root.
         Errno::XDEV => FsError::NotBeneath {

@@ -120,11 +120,6 @@ impl KataClient {
         &self.inner.endpoints.sensor_id
     }
 
-    /// The sensorInstanceId sent in queries, if any.
-    pub fn sensor_instance_id(&self) -> Option<&str> {
-        self.inner.endpoints.sensor_instance_id.as_deref()
-    }
-
     /// The server base URL as configured.
     pub fn base_url(&self) -> &Url {
         &self.inner.endpoints.base

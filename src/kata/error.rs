@@ -117,7 +117,37 @@ pub enum ApiError {
     },
 }
 
+/// What a failed upload means for the file: the one retry policy of the uploader.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UploadDisposition {
+    /// Larger than the server takes (413): the file fails.
+    TooLarge,
+    /// Refused for good (another 4xx): the file fails.
+    Rejected,
+    /// Reading the staged file failed or it changed: hash it again.
+    Rehash,
+    /// The server or the way to it failed: the file waits and is submitted again. `ambiguous`:
+    /// the server may have accepted the scan before the answer was lost, so its scanId is
+    /// deleted before the file is sent again under a new one.
+    RetryLater {
+        /// The scan may exist on the server.
+        ambiguous: bool,
+    },
+}
+
 impl ApiError {
+    /// What a failed upload means for the file (see [`UploadDisposition`]).
+    pub fn upload_disposition(&self) -> UploadDisposition {
+        match self {
+            ApiError::TooLarge => UploadDisposition::TooLarge,
+            ApiError::Rejected { .. } => UploadDisposition::Rejected,
+            ApiError::Local { .. } => UploadDisposition::Rehash,
+            e => UploadDisposition::RetryLater {
+                ambiguous: matches!(e, ApiError::Transport { .. } | ApiError::Protocol { .. }),
+            },
+        }
+    }
+
     /// True when the same request may succeed later unchanged: 429, 5xx and transport failures.
     pub fn is_retryable(&self) -> bool {
         matches!(
@@ -372,6 +402,51 @@ pub enum TlsError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn upload_dispositions_fail_only_what_the_server_refused_for_good() {
+        use UploadDisposition::{Rehash, Rejected, RetryLater, TooLarge};
+        let cases: Vec<(ApiError, UploadDisposition)> = vec![
+            (ApiError::TooLarge, TooLarge),
+            (
+                ApiError::Rejected {
+                    status: 400,
+                    body: String::new(),
+                },
+                Rejected,
+            ),
+            (
+                ApiError::Local {
+                    source: io::Error::other("short read"),
+                },
+                Rehash,
+            ),
+            (
+                ApiError::Busy { retry_after: None },
+                RetryLater { ambiguous: false },
+            ),
+            (
+                ApiError::Server {
+                    status: 500,
+                    retry_after: None,
+                },
+                RetryLater { ambiguous: false },
+            ),
+            (
+                ApiError::Unauthorized {
+                    sensor_id: "s".into(),
+                },
+                RetryLater { ambiguous: false },
+            ),
+            (
+                ApiError::NotTls { detail: "x".into() },
+                RetryLater { ambiguous: false },
+            ),
+        ];
+        for (e, want) in cases {
+            assert_eq!(e.upload_disposition(), want, "{}", e.kind());
+        }
+    }
 
     #[test]
     fn retryable_table() {

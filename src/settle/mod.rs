@@ -10,6 +10,10 @@
 //! Settle never opens a file (so a FIFO cannot hang it), never moves one (that is claim), and does
 //! not list folders (that is watch: a candidate that turns out to be a folder is dropped). When
 //! claim is slow, `settled_tx.send` waits, and the files simply stay in the inbox.
+//!
+//! Departure from the house shape (on purpose): `run` takes the roots' configuration and its
+//! channels rather than the agent's `Shared` context, and reports its own error type. This stage
+//! needs nothing else (no journal, no client), and its tests drive it without an agent.
 
 use std::collections::{HashMap, HashSet};
 use std::io;
