@@ -264,8 +264,11 @@ fn copy_then_release(
     tdir: &Dir,
     tname: &OsStr,
 ) -> Result<Placed, FsError> {
-    if now.nlink != 1 {
-        // A copy would read what a hard link points to, possibly outside the inbox.
+    // A file that goes to failed unread (it may be hard-linked to something outside the inbox)
+    // is never read here either. Clean and quarantine copies only follow a hash, which refused
+    // a hard link: a link made since (from a descriptor the user kept, through `/proc`) names
+    // the inode that was scanned, and refusing it would make a retry that never succeeds.
+    if now.nlink != 1 && !r.copy {
         return Err(FsError::HardLinked {
             path: r.staging.path().join(r.staged_name),
             nlink: now.nlink,
