@@ -352,15 +352,25 @@ fn lock(file: &std::fs::File, path: &Path) -> Result<(), FsError> {
         Err(rustix::io::Errno::WOULDBLOCK) => Err(FsError::Busy {
             path: path.to_path_buf(),
         }),
-        // No flock here (some network filesystems): placements of one record are then kept
-        // apart by the sorter alone, as before.
-        Err(rustix::io::Errno::NOLCK | rustix::io::Errno::OPNOTSUPP) => Ok(()),
+        Err(e) if no_flock_here(e) => Ok(()),
         Err(e) => Err(FsError::io(
             path,
             "lock",
             io::Error::from_raw_os_error(e.raw_os_error()),
         )),
     }
+}
+
+/// Whether `flock` failed because this filesystem cannot give the lock, not because someone
+/// holds it: placements of one record are then kept apart by the sorter alone, as before. The
+/// NFS client emulates `flock` with a whole-file POSIX lock, and an exclusive one needs a
+/// descriptor open for writing: on the read-only descriptor of a user's staged file it fails
+/// with `EBADF`, which must not become a retry that can never succeed.
+pub(super) fn no_flock_here(e: rustix::io::Errno) -> bool {
+    matches!(
+        e,
+        rustix::io::Errno::NOLCK | rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::BADF
+    )
 }
 
 /// Writes a sidecar beside `target` (relative to `dest_root`) atomically: a private temp name,

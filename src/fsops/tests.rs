@@ -943,3 +943,21 @@ fn a_detected_file_linked_back_out_of_staging_after_hashing_still_reaches_quaran
     assert_eq!(std::fs::read(q.path().join("f")).unwrap(), EICAR);
     assert!(!staging.path().join("f.staged").exists());
 }
+
+/// Review finding (by reading flock(2) and the NFS client): over NFS an exclusive `flock` needs
+/// a descriptor open for writing, and placements lock the staged file through a read-only one
+/// (it is the user's file): every placement failed with "cannot lock: Bad file descriptor" and
+/// was retried for ever, so nothing dropped into an inbox on NFS ever left staging. A filesystem
+/// that cannot give the lock is treated like one without `flock`; a lock someone holds stays
+/// `Busy`.
+#[test]
+fn an_exclusive_flock_refused_on_a_read_only_nfs_descriptor_never_stalls_placement() {
+    use super::place::no_flock_here;
+    use rustix::io::Errno;
+    assert!(
+        no_flock_here(Errno::BADF),
+        "EBADF from NFS stalls every placement"
+    );
+    assert!(no_flock_here(Errno::NOLCK) && no_flock_here(Errno::OPNOTSUPP));
+    assert!(!no_flock_here(Errno::WOULDBLOCK) && !no_flock_here(Errno::IO));
+}
