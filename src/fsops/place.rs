@@ -264,8 +264,11 @@ fn copy_then_release(
     tdir: &Dir,
     tname: &OsStr,
 ) -> Result<Placed, FsError> {
-    if now.nlink != 1 {
-        // A copy would read what a hard link points to, possibly outside the inbox.
+    // A file that goes to failed unread (it may be hard-linked to something outside the inbox)
+    // is never read here either. Clean and quarantine copies only follow a hash, which refused
+    // a hard link: a link made since (from a descriptor the user kept, through `/proc`) names
+    // the inode that was scanned, and refusing it would make a retry that never succeeds.
+    if now.nlink != 1 && !r.copy {
         return Err(FsError::HardLinked {
             path: r.staging.path().join(r.staged_name),
             nlink: now.nlink,
@@ -349,15 +352,25 @@ fn lock(file: &std::fs::File, path: &Path) -> Result<(), FsError> {
         Err(rustix::io::Errno::WOULDBLOCK) => Err(FsError::Busy {
             path: path.to_path_buf(),
         }),
-        // No flock here (some network filesystems): placements of one record are then kept
-        // apart by the sorter alone, as before.
-        Err(rustix::io::Errno::NOLCK | rustix::io::Errno::OPNOTSUPP) => Ok(()),
+        Err(e) if no_flock_here(e) => Ok(()),
         Err(e) => Err(FsError::io(
             path,
             "lock",
             io::Error::from_raw_os_error(e.raw_os_error()),
         )),
     }
+}
+
+/// Whether `flock` failed because this filesystem cannot give the lock, not because someone
+/// holds it: placements of one record are then kept apart by the sorter alone, as before. The
+/// NFS client emulates `flock` with a whole-file POSIX lock, and an exclusive one needs a
+/// descriptor open for writing: on the read-only descriptor of a user's staged file it fails
+/// with `EBADF`, which must not become a retry that can never succeed.
+pub(super) fn no_flock_here(e: rustix::io::Errno) -> bool {
+    matches!(
+        e,
+        rustix::io::Errno::NOLCK | rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::BADF
+    )
 }
 
 /// Writes a sidecar beside `target` (relative to `dest_root`) atomically: a private temp name,

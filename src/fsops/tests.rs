@@ -903,3 +903,61 @@ fn a_second_placement_of_one_record_never_takes_the_live_temp_of_the_first() {
     });
     assert_eq!(sha(&std::fs::read(&target).unwrap()), expected);
 }
+
+/// Review finding: a user who kept a descriptor of their drop can link the inode back out of
+/// the private staging folder after it was hashed (`linkat` of `/proc/self/fd/N`, allowed for
+/// the file's owner). A detected file then has two links when it is placed: the quarantine copy
+/// refused it as hard-linked, the sorter turned that into a retry, and the retry could never
+/// succeed: the record stayed `placing` and the file in staging for ever. A copy for clean or
+/// quarantine only follows a hash, which refused a hard link, so the inode is the one scanned.
+#[test]
+fn a_detected_file_linked_back_out_of_staging_after_hashing_still_reaches_quarantine() {
+    let d = tempfile::tempdir().unwrap();
+    let staging = dir(&d.path().join("s"));
+    let q = dir(&d.path().join("q"));
+    stage(staging.path(), "f.staged", EICAR);
+    // The second name the user made from their descriptor.
+    std::fs::hard_link(staging.path().join("f.staged"), d.path().join("mine")).unwrap();
+    let temp = copy_temp_name("t", 9);
+    // What the sorter passes for quarantine (sort.rs: no stamp, no digest, a copy).
+    let r = Release {
+        staging: &staging,
+        staged_name: OsStr::new("f.staged"),
+        hashed: None,
+        sha256: None,
+        dest_root: &q,
+        target: Path::new("f"),
+        file_mode: 0o600,
+        copy: true,
+        clean: false,
+        temp_name: &temp,
+    };
+    let placed = place(&r);
+    assert!(
+        placed.is_ok(),
+        "a detected file with a second link never reaches quarantine: {placed:?}"
+    );
+    let meta = std::fs::metadata(q.path().join("f")).unwrap();
+    assert_eq!(meta.mode() & 0o777, 0o600);
+    assert_eq!(meta.nlink(), 1, "quarantine holds the user's inode");
+    assert_eq!(std::fs::read(q.path().join("f")).unwrap(), EICAR);
+    assert!(!staging.path().join("f.staged").exists());
+}
+
+/// Review finding (by reading flock(2) and the NFS client): over NFS an exclusive `flock` needs
+/// a descriptor open for writing, and placements lock the staged file through a read-only one
+/// (it is the user's file): every placement failed with "cannot lock: Bad file descriptor" and
+/// was retried for ever, so nothing dropped into an inbox on NFS ever left staging. A filesystem
+/// that cannot give the lock is treated like one without `flock`; a lock someone holds stays
+/// `Busy`.
+#[test]
+fn an_exclusive_flock_refused_on_a_read_only_nfs_descriptor_never_stalls_placement() {
+    use super::place::no_flock_here;
+    use rustix::io::Errno;
+    assert!(
+        no_flock_here(Errno::BADF),
+        "EBADF from NFS stalls every placement"
+    );
+    assert!(no_flock_here(Errno::NOLCK) && no_flock_here(Errno::OPNOTSUPP));
+    assert!(!no_flock_here(Errno::WOULDBLOCK) && !no_flock_here(Errno::IO));
+}
