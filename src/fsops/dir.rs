@@ -342,7 +342,11 @@ impl Dir {
                 rustix::fs::FileType::Unknown => match self.stat(name) {
                     Ok(st) => rustix::fs::FileType::from_raw_mode(st.st_mode),
                     Err(FsError::Vanished { .. }) => continue,
-                    Err(e) => return Err(e),
+                    // One entry that cannot be looked at must not hide its neighbours.
+                    Err(e) => {
+                        tracing::debug!(error = %e, "cannot stat a folder entry; skipped");
+                        continue;
+                    }
                 },
                 ft => ft,
             };
