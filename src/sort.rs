@@ -405,6 +405,13 @@ impl Sorter {
                 Err(e @ FsError::Busy { .. }) => {
                     return Step::Retry(e.to_string());
                 }
+                // A hard link (made after the claim) bound for a failed folder on another
+                // filesystem: it can be neither renamed there nor copied (that would read what it
+                // points to). It goes back where it was dropped, unread, every name kept; the
+                // claim leaves hard links there alone.
+                Err(e @ FsError::HardLinked { .. }) if !copy => {
+                    return self.return_to_inbox(rec, i, &e).await;
+                }
                 // Taken meanwhile, or its folder removed meanwhile: choose again.
                 Err(e) if e.is_already_exists() || e.is_folder_gone() => continue,
                 Err(FsError::Vanished { .. }) => {
@@ -436,6 +443,46 @@ impl Sorter {
             "{} stays in staging: no free destination name after 16 tries",
             fsops::shown(&original)
         ))
+    }
+
+    async fn return_to_inbox(&self, rec: FileRecord, i: usize, why: &FsError) -> Step {
+        let (sh, staged, rel) = (
+            Arc::clone(&self.shared),
+            rec.staged.clone(),
+            rec.rel_path.clone(),
+        );
+        let back = blocking(move || {
+            let (staging, name) = sh.staging_of(&staged)?;
+            let inbox = sh.roots[i].get(Which::Inbox, false)?;
+            fsops::place::return_to_inbox(&staging, &name, &inbox, &rel)
+        })
+        .await;
+        match back {
+            Ok(rel_back) => {
+                tracing::warn!(
+                    path = %fsops::shown(&rec.rel_path),
+                    back = %fsops::shown(&rel_back),
+                    error = %why,
+                    "hard-linked file returned to the inbox unread (the failed folder is on another filesystem)"
+                );
+                self.shared
+                    .journal
+                    .close_vanished(
+                        rec.id,
+                        format!(
+                            "{why}; returned to the inbox as {} (unread; the failed folder is on another filesystem)",
+                            fsops::shown(&rel_back)
+                        ),
+                    )
+                    .await
+                    .ok();
+                Step::Done
+            }
+            Err(e) => Step::Retry(format!(
+                "{} stays in staging: it is hard-linked and cannot be returned to the inbox: {e}",
+                fsops::shown(&rec.rel_path)
+            )),
+        }
     }
 
     /// The file changed after hashing: never release it on the old verdict.

@@ -345,6 +345,36 @@ fn finish_temp(r: &Release<'_>, tdir: &Dir, tname: &OsStr) -> Result<Placed, FsE
     Ok(Placed::Copied)
 }
 
+/// Puts a staged file back into the inbox at `rel` (or `name (n)` beside it), by a no-replace
+/// rename on the inbox's filesystem: for a file that can be placed neither by rename nor by
+/// copy (a hard link, when the failed folder is on another filesystem). Nothing is read and no
+/// name is removed; the claim then leaves it where it is. Returns the relative path used.
+pub fn return_to_inbox(
+    staging: &Dir,
+    staged_name: &OsStr,
+    inbox: &Dir,
+    rel: &Path,
+) -> Result<PathBuf, FsError> {
+    let rel = safe_relative(rel);
+    let (parent, name) = split_rel(&rel)?;
+    let dir = inbox.create_dirs(parent, 0o755)?;
+    for n in 0..=MAX_NUMBERED {
+        let candidate = if n == 0 {
+            name.to_os_string()
+        } else {
+            numbered(name, n)
+        };
+        match rename_noreplace(staging, staged_name, &dir, &candidate) {
+            Ok(_) => return Ok(parent.join(candidate)),
+            Err(e) if e.is_already_exists() => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Err(FsError::AlreadyExists {
+        path: inbox.path().join(rel),
+    })
+}
+
 /// Takes an exclusive `flock` on `file` without waiting; held until the file is closed.
 fn lock(file: &std::fs::File, path: &Path) -> Result<(), FsError> {
     match rustix::fs::flock(file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {

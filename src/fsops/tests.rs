@@ -10,7 +10,8 @@ use sha2::{Digest, Sha256};
 
 use super::names::{NAME_MAX, copy_temp_name, numbered, sidecar_name};
 use super::place::{
-    Claim, Placed, Release, claim, free_name, place, remove_partials, write_sidecar,
+    Claim, Placed, Release, claim, free_name, place, remove_partials, return_to_inbox,
+    write_sidecar,
 };
 use super::*;
 
@@ -960,4 +961,34 @@ fn an_exclusive_flock_refused_on_a_read_only_nfs_descriptor_never_stalls_placeme
     );
     assert!(no_flock_here(Errno::NOLCK) && no_flock_here(Errno::OPNOTSUPP));
     assert!(!no_flock_here(Errno::WOULDBLOCK) && !no_flock_here(Errno::IO));
+}
+
+#[test]
+fn a_hard_link_that_cannot_reach_failed_goes_back_to_the_inbox_unread_with_every_name_kept() {
+    let d = tempfile::tempdir().unwrap();
+    let inbox = dir(&d.path().join("in"));
+    let staging = dir(&d.path().join("in/.dropscan/t"));
+    std::fs::create_dir_all(d.path().join("in/sub")).unwrap();
+    std::fs::write(d.path().join("in/sub/r.txt"), b"someone else's").unwrap();
+    std::fs::write(d.path().join("in/.dropscan/t/1.staged"), b"mine").unwrap();
+    let elsewhere = d.path().join("kept-by-user");
+    std::fs::hard_link(d.path().join("in/.dropscan/t/1.staged"), &elsewhere).unwrap();
+    let back = return_to_inbox(
+        &staging,
+        OsStr::new("1.staged"),
+        &inbox,
+        Path::new("sub/r.txt"),
+    )
+    .unwrap();
+    assert_eq!(back, PathBuf::from("sub/r (1).txt"));
+    assert_eq!(
+        std::fs::read(d.path().join("in/sub/r (1).txt")).unwrap(),
+        b"mine"
+    );
+    assert_eq!(
+        std::fs::read(d.path().join("in/sub/r.txt")).unwrap(),
+        b"someone else's"
+    );
+    assert_eq!(std::fs::read(&elsewhere).unwrap(), b"mine");
+    assert!(!d.path().join("in/.dropscan/t/1.staged").exists());
 }
