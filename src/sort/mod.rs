@@ -30,6 +30,8 @@ use crate::context::Shared;
 use crate::error::FatalError;
 use crate::fsops::place::Release;
 use crate::fsops::roots::Which;
+
+mod plan;
 use crate::fsops::{self, FsError};
 use crate::hashing;
 use crate::journal::{FileId, FileRecord, FileState, Outcome, now_ms};
@@ -37,6 +39,7 @@ use crate::kata::ScanId;
 use crate::pipeline::Hashed;
 use crate::pipeline::Placement;
 use crate::pipeline::{Resubmit, Verdict};
+use plan::{Plan, plan};
 
 /// Capacity of the edge into the sorter (from claim, upload and poll). Full: the sender waits.
 pub const VERDICTS_CAPACITY: usize = 1024;
@@ -222,53 +225,6 @@ impl Queue {
 
     fn len(&self) -> usize {
         self.order.len()
-    }
-}
-
-/// Where a decided record goes, and how it is placed there.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Plan {
-    outcome: Outcome,
-    which: Which,
-    /// Mode of a placed copy.
-    file_mode: u32,
-    /// Mode of folders made on the way.
-    dir_mode: u32,
-    /// A verified copy owned by dropscan (clean, quarantine) rather than the staged inode.
-    copy: bool,
-    /// A release: the staged file must be the one hashed, the copy the hashed bytes.
-    clean: bool,
-    /// Replaces the record's reason.
-    note: Option<&'static str>,
-}
-
-/// The placement plan of a record with `outcome`. Fail closed: clean only when the verdict is
-/// `not detected` for exactly the hashed bytes (`clean_bound`); anything else that claims clean
-/// goes to failed. Clean and quarantine get a copy owned by dropscan with a fixed mode (see
-/// `fsops::place`); failed keeps the staged file itself (a hard-linked file must not be read).
-fn plan(outcome: Option<Outcome>, clean_bound: bool) -> Plan {
-    let (outcome, note) = match outcome {
-        Some(Outcome::Clean) if clean_bound => (Outcome::Clean, None),
-        Some(Outcome::Clean) => (
-            Outcome::Failed,
-            Some("internal: the clean verdict does not match the content"),
-        ),
-        Some(o) => (o, None),
-        None => (Outcome::Failed, None),
-    };
-    let (which, file_mode, dir_mode, copy) = match outcome {
-        Outcome::Clean => (Which::Clean, 0o644, 0o755, true),
-        Outcome::Quarantine => (Which::Quarantine, 0o600, 0o700, true),
-        Outcome::Failed | Outcome::Vanished => (Which::Failed, 0o640, 0o750, false),
-    };
-    Plan {
-        outcome,
-        which,
-        file_mode,
-        dir_mode,
-        copy,
-        clean: outcome == Outcome::Clean,
-        note,
     }
 }
 
@@ -620,77 +576,4 @@ async fn blocking<T: Send + 'static>(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn placement_plans_fail_closed_and_copy_what_is_released() {
-        use Outcome::{Clean, Failed, Quarantine, Vanished};
-        // (outcome, clean verdict bound to the content) → (where, copy, file mode, folder mode, note)
-        let table = [
-            (Some(Clean), true, Which::Clean, true, 0o644, 0o755, false),
-            (Some(Clean), false, Which::Failed, false, 0o640, 0o750, true),
-            (
-                Some(Quarantine),
-                false,
-                Which::Quarantine,
-                true,
-                0o600,
-                0o700,
-                false,
-            ),
-            (
-                Some(Quarantine),
-                true,
-                Which::Quarantine,
-                true,
-                0o600,
-                0o700,
-                false,
-            ),
-            (
-                Some(Failed),
-                true,
-                Which::Failed,
-                false,
-                0o640,
-                0o750,
-                false,
-            ),
-            (
-                Some(Vanished),
-                false,
-                Which::Failed,
-                false,
-                0o640,
-                0o750,
-                false,
-            ),
-            (None, true, Which::Failed, false, 0o640, 0o750, false),
-        ];
-        for (outcome, bound, which, copy, file_mode, dir_mode, note) in table {
-            let p = plan(outcome, bound);
-            assert_eq!(
-                (p.which, p.copy, p.file_mode, p.dir_mode, p.note.is_some()),
-                (which, copy, file_mode, dir_mode, note),
-                "{outcome:?} bound={bound}"
-            );
-            assert_eq!(p.clean, p.which == Which::Clean, "{outcome:?}");
-        }
-    }
-
-    #[test]
-    fn the_queue_holds_each_record_once() {
-        let mut q = Queue::default();
-        for id in [1, 2, 1, 3, 2] {
-            q.push(id);
-        }
-        assert_eq!(q.len(), 3);
-        assert_eq!(
-            (q.pop(), q.pop(), q.pop(), q.pop()),
-            (Some(1), Some(2), Some(3), None)
-        );
-        q.push(1);
-        assert_eq!(q.pop(), Some(1));
-    }
-}
+mod tests;

@@ -1,0 +1,74 @@
+//! Unit tests of the sorter's decisions.
+
+use super::*;
+
+#[test]
+fn placement_plans_fail_closed_and_copy_what_is_released() {
+    use Outcome::{Clean, Failed, Quarantine, Vanished};
+    // (outcome, clean verdict bound to the content) → (where, copy, file mode, folder mode, note)
+    let table = [
+        (Some(Clean), true, Which::Clean, true, 0o644, 0o755, false),
+        (Some(Clean), false, Which::Failed, false, 0o640, 0o750, true),
+        (
+            Some(Quarantine),
+            false,
+            Which::Quarantine,
+            true,
+            0o600,
+            0o700,
+            false,
+        ),
+        (
+            Some(Quarantine),
+            true,
+            Which::Quarantine,
+            true,
+            0o600,
+            0o700,
+            false,
+        ),
+        (
+            Some(Failed),
+            true,
+            Which::Failed,
+            false,
+            0o640,
+            0o750,
+            false,
+        ),
+        (
+            Some(Vanished),
+            false,
+            Which::Failed,
+            false,
+            0o640,
+            0o750,
+            false,
+        ),
+        (None, true, Which::Failed, false, 0o640, 0o750, false),
+    ];
+    for (outcome, bound, which, copy, file_mode, dir_mode, note) in table {
+        let p = plan(outcome, bound);
+        assert_eq!(
+            (p.which, p.copy, p.file_mode, p.dir_mode, p.note.is_some()),
+            (which, copy, file_mode, dir_mode, note),
+            "{outcome:?} bound={bound}"
+        );
+        assert_eq!(p.clean, p.which == Which::Clean, "{outcome:?}");
+    }
+}
+
+#[test]
+fn the_queue_holds_each_record_once() {
+    let mut q = Queue::default();
+    for id in [1, 2, 1, 3, 2] {
+        q.push(id);
+    }
+    assert_eq!(q.len(), 3);
+    assert_eq!(
+        (q.pop(), q.pop(), q.pop(), q.pop()),
+        (Some(1), Some(2), Some(3), None)
+    );
+    q.push(1);
+    assert_eq!(q.pop(), Some(1));
+}
