@@ -11,7 +11,7 @@
 //! `detect` wins over anything else (then `error`, `timeout`, `not detected`): a contradicting
 //! answer never lets a file through. The journal decides a verdict once; a later answer that
 //! contradicts a verdict decided in this process (remembered for [`RECENT_KEEP`]) is handed to it
-//! as a server anomaly, which it resolves fail-closed (see `journal.rs`).
+//! as a server anomaly, which it resolves fail-closed (see the `journal` module).
 //!
 //! `scan_timeout` counts monotonic time (`tokio::time::Instant`), never the wall clock: a clock
 //! jump must not fail (or prolong) the scans in flight. The clock starts when the scan is accepted
