@@ -325,21 +325,29 @@ impl Dir {
             .map_err(|e| FsError::io(&self.path, "fsync folder", errno_io(e)))
     }
 
-    /// The entries of this folder with their types as the folder reports them (`d_type`, a
-    /// `statat` without following links only where the filesystem does not say): cheaper than
+    /// The names in this folder (without `.` and `..`) with the type the folder reports
+    /// (`d_type`, `Unknown` where the filesystem does not say).
+    fn names(&self) -> Result<Vec<(OsString, rustix::fs::FileType)>, FsError> {
+        let list_error = |e: Errno| FsError::io(&self.path, "list folder", errno_io(e));
+        let mut out = Vec::new();
+        for entry in rustix::fs::Dir::read_from(&self.fd).map_err(list_error)? {
+            let entry = entry.map_err(list_error)?;
+            let name = OsStr::from_bytes(entry.file_name().to_bytes());
+            if name != "." && name != ".." {
+                out.push((name.to_os_string(), entry.file_type()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The entries of this folder with their types as the folder reports them (a `statat`
+    /// without following links only where the filesystem does not say): cheaper than
     /// [`Dir::entries`] for walking.
     pub fn entry_types(&self) -> Result<Vec<(OsString, rustix::fs::FileType)>, FsError> {
         let mut out = Vec::new();
-        let rd = rustix::fs::Dir::read_from(&self.fd)
-            .map_err(|e| FsError::io(&self.path, "list folder", errno_io(e)))?;
-        for entry in rd {
-            let entry = entry.map_err(|e| FsError::io(&self.path, "list folder", errno_io(e)))?;
-            let name = OsStr::from_bytes(entry.file_name().to_bytes());
-            if name == "." || name == ".." {
-                continue;
-            }
-            let ft = match entry.file_type() {
-                rustix::fs::FileType::Unknown => match self.stat(name) {
+        for (name, ft) in self.names()? {
+            let ft = match ft {
+                rustix::fs::FileType::Unknown => match self.stat(&name) {
                     Ok(st) => rustix::fs::FileType::from_raw_mode(st.st_mode),
                     Err(FsError::Vanished { .. }) => continue,
                     // One entry that cannot be looked at must not hide its neighbours.
@@ -350,7 +358,7 @@ impl Dir {
                 },
                 ft => ft,
             };
-            out.push((name.to_os_string(), ft));
+            out.push((name, ft));
         }
         Ok(out)
     }
@@ -359,16 +367,9 @@ impl Dir {
     /// while listed are left out.
     pub fn entries(&self) -> Result<Vec<(OsString, FileStamp)>, FsError> {
         let mut out = Vec::new();
-        let rd = rustix::fs::Dir::read_from(&self.fd)
-            .map_err(|e| FsError::io(&self.path, "list folder", errno_io(e)))?;
-        for entry in rd {
-            let entry = entry.map_err(|e| FsError::io(&self.path, "list folder", errno_io(e)))?;
-            let name = OsStr::from_bytes(entry.file_name().to_bytes());
-            if name == "." || name == ".." {
-                continue;
-            }
-            match self.stat(name) {
-                Ok(st) => out.push((name.to_os_string(), FileStamp::from_stat(&st))),
+        for (name, _) in self.names()? {
+            match self.stat(&name) {
+                Ok(st) => out.push((name, FileStamp::from_stat(&st))),
                 Err(FsError::Vanished { .. }) => {}
                 Err(e) => return Err(e),
             }
