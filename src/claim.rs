@@ -89,26 +89,15 @@ pub async fn run(
     outputs: Outputs,
     shutdown: CancellationToken,
 ) -> Result<(), FatalError> {
-    serve(
-        ctx,
-        inputs.settled_rx,
-        outputs.claimed_tx,
-        outputs.verdicts_tx,
-        inputs.resume,
-        shutdown,
-    )
-    .await;
-    Ok(())
-}
-
-async fn serve(
-    shared: Arc<Shared>,
-    mut settled_rx: mpsc::Receiver<Settled>,
-    claimed_tx: mpsc::Sender<Claimed>,
-    verdicts_tx: mpsc::Sender<Verdict>,
-    resume: Vec<(FileId, PathBuf)>,
-    shutdown: CancellationToken,
-) {
+    let shared = ctx;
+    let Inputs {
+        mut settled_rx,
+        resume,
+    } = inputs;
+    let Outputs {
+        claimed_tx,
+        verdicts_tx,
+    } = outputs;
     let hashing = Arc::new(Semaphore::new(HASH_CONCURRENCY));
     let tasks = TaskTracker::new();
     for (id, staged) in resume {
@@ -156,6 +145,7 @@ async fn serve(
     }
     tasks.close();
     tasks.wait().await;
+    Ok(())
 }
 
 async fn spawn_hash(

@@ -114,28 +114,16 @@ pub async fn run(
     outputs: Outputs,
     shutdown: CancellationToken,
 ) -> Result<(), FatalError> {
-    serve(
-        ctx,
-        inputs.submitted_rx,
-        outputs.resubmit,
-        outputs.verdicts_tx,
-        inputs.submitted,
-        inputs.unconfirmed,
-        shutdown,
-    )
-    .await;
-    Ok(())
-}
-
-async fn serve(
-    shared: Arc<Shared>,
-    mut submitted_rx: mpsc::Receiver<Submitted>,
-    resubmit: Resubmit,
-    verdicts_tx: mpsc::Sender<Verdict>,
-    submitted: Vec<FileRecord>,
-    unconfirmed: Vec<FileRecord>,
-    shutdown: CancellationToken,
-) {
+    let shared = ctx;
+    let Inputs {
+        mut submitted_rx,
+        submitted,
+        unconfirmed,
+    } = inputs;
+    let Outputs {
+        resubmit,
+        verdicts_tx,
+    } = outputs;
     let mut scans: HashMap<String, Entry> = HashMap::new();
     // Adopted scans start their clock now: the journal's submit time is wall-clock time, and a
     // full timeout again is the fail-safe choice.
@@ -189,6 +177,7 @@ async fn serve(
             }
         }
     }
+    Ok(())
 }
 
 struct Poller<'a> {

@@ -62,26 +62,15 @@ pub async fn run(
     outputs: Outputs,
     shutdown: CancellationToken,
 ) -> Result<(), FatalError> {
-    serve(
-        ctx,
-        inputs.claimed_rx,
-        inputs.resubmit,
-        outputs.submitted_tx,
-        outputs.verdicts_tx,
-        shutdown,
-    )
-    .await;
-    Ok(())
-}
-
-async fn serve(
-    shared: Arc<Shared>,
-    mut claimed_rx: mpsc::Receiver<Claimed>,
-    resubmit: Resubmit,
-    submitted_tx: mpsc::Sender<Submitted>,
-    verdicts_tx: mpsc::Sender<Verdict>,
-    shutdown: CancellationToken,
-) {
+    let shared = ctx;
+    let Inputs {
+        mut claimed_rx,
+        resubmit,
+    } = inputs;
+    let Outputs {
+        submitted_tx,
+        verdicts_tx,
+    } = outputs;
     let mut uploads: JoinSet<()> = JoinSet::new();
     let mut sweep = tokio::time::interval(SWEEP_EVERY);
     // `hashed` records seen by the previous sweep (see `sweep_strays`).
@@ -150,6 +139,7 @@ async fn serve(
         );
         uploads.abort_all();
     }
+    Ok(())
 }
 
 /// Re-queues `hashed` records that no stage holds (the queue ignores those it holds). A record is

@@ -172,19 +172,36 @@ pub async fn run(
 /// A file stat result, for one tick.
 type Observation = (PathBuf, io::Result<std::fs::Metadata>);
 
+/// Folders opened beneath their roots during one stat pass, so that a thousand pending files
+/// in one folder cost one resolution, not a thousand.
+type OpenFolders = HashMap<(PathBuf, PathBuf), Result<crate::fsops::Dir, (io::ErrorKind, String)>>;
+
 /// `lstat` of `rel` beneath the inbox `root`: every folder on the way is resolved beneath the
 /// root without following a symlink (a folder swapped for a link is an error, never followed),
 /// then the last name is looked up in that folder through its descriptor.
-fn stat_beneath(root: &Path, rel: &Path) -> io::Result<std::fs::Metadata> {
+fn stat_beneath(
+    folders: &mut OpenFolders,
+    root: &Path,
+    rel: &Path,
+) -> io::Result<std::fs::Metadata> {
     use std::os::fd::AsRawFd;
     let refused = |e: crate::fsops::FsError| match e {
-        crate::fsops::FsError::Vanished { .. } => io::Error::from(io::ErrorKind::NotFound),
-        e => io::Error::other(e.to_string()),
+        crate::fsops::FsError::Vanished { .. } => (io::ErrorKind::NotFound, e.to_string()),
+        e => (io::ErrorKind::Other, e.to_string()),
     };
-    let (parent, name) = crate::fsops::split_rel(rel).map_err(refused)?;
-    let dir = crate::fsops::Dir::open_trusted(root)
-        .and_then(|d| d.open_dir(parent))
-        .map_err(refused)?;
+    let (parent, name) = crate::fsops::split_rel(rel).map_err(|e| {
+        let (kind, text) = refused(e);
+        io::Error::new(kind, text)
+    })?;
+    let dir = folders
+        .entry((root.to_path_buf(), parent.to_path_buf()))
+        .or_insert_with(|| {
+            crate::fsops::Dir::open_trusted(root)
+                .and_then(|d| d.open_dir(parent))
+                .map_err(refused)
+        })
+        .as_ref()
+        .map_err(|(kind, text)| io::Error::new(*kind, text.clone()))?;
     let mut via = PathBuf::from(format!("/proc/self/fd/{}", dir.fd().as_raw_fd()));
     via.push(name);
     match std::fs::symlink_metadata(&via) {
@@ -259,11 +276,12 @@ impl Settler {
             )
             .collect();
         let stat = tokio::task::spawn_blocking(move || {
+            let mut folders = OpenFolders::new();
             paths
                 .into_iter()
                 .map(|(p, root, rel)| {
                     let meta = match root {
-                        Some(root) => stat_beneath(&root, &rel),
+                        Some(root) => stat_beneath(&mut folders, &root, &rel),
                         None => Err(io::Error::from(io::ErrorKind::NotFound)),
                     };
                     (p, meta)

@@ -108,24 +108,12 @@ pub async fn run(
     outputs: Outputs,
     shutdown: CancellationToken,
 ) -> Result<(), FatalError> {
-    serve(
-        ctx,
-        inputs.verdicts_rx,
-        outputs.resubmit,
-        inputs.resume,
-        shutdown,
-    )
-    .await;
-    Ok(())
-}
-
-async fn serve(
-    shared: Arc<Shared>,
-    mut verdicts_rx: mpsc::Receiver<Verdict>,
-    resubmit: Resubmit,
-    resume: Vec<FileId>,
-    shutdown: CancellationToken,
-) {
+    let shared = ctx;
+    let Inputs {
+        mut verdicts_rx,
+        resume,
+    } = inputs;
+    let Outputs { resubmit } = outputs;
     let sorter = Sorter {
         shared: Arc::clone(&shared),
         resubmit,
@@ -201,6 +189,7 @@ async fn serve(
     {
         tasks.abort_all();
     }
+    Ok(())
 }
 
 /// The records waiting to be placed, each at most once.
