@@ -320,9 +320,16 @@ impl Dir {
     }
 
     /// Fsyncs the folder, making the entries created or removed in it durable.
+    ///
+    /// Concurrent calls for one folder share an fsync (group commit, see `syncgate`): each
+    /// returns once an fsync that started after its call has completed.
     pub fn fsync(&self) -> Result<(), FsError> {
-        rustix::fs::fsync(&self.fd)
-            .map_err(|e| FsError::io(&self.path, "fsync folder", errno_io(e)))
+        let fail = |e: io::Error| FsError::io(&self.path, "fsync folder", e);
+        let st = rustix::fs::fstat(&self.fd).map_err(|e| fail(errno_io(e)))?;
+        super::syncgate::sync_shared(self.fd.as_fd(), st.st_dev, st.st_ino, |fd| {
+            rustix::fs::fsync(fd).map_err(errno_io)
+        })
+        .map_err(fail)
     }
 
     /// The names in this folder (without `.` and `..`) with the type the folder reports

@@ -21,6 +21,7 @@ pub mod dir;
 pub mod names;
 pub mod place;
 pub mod roots;
+mod syncgate;
 #[cfg(test)]
 mod tests;
 
@@ -336,11 +337,34 @@ pub fn stamp_of(file: &File) -> Result<FileStamp, FsError> {
 
 /// Streaming SHA-256 of an open file from its current position (constant memory).
 pub fn sha256_file(file: &mut File) -> Result<([u8; 32], u64), FsError> {
+    with_buffer(|buf| sha256_with(file, buf))
+}
+
+thread_local! {
+    /// One read buffer per thread, kept: zeroing a fresh megabyte for every small file cost
+    /// more than hashing it.
+    static READ_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with this thread's read buffer of [`BUF`] bytes (allocated once per thread). A
+/// nested call, which nothing does today, gets a fresh buffer instead of panicking.
+pub(crate) fn with_buffer<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
+    READ_BUF.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => {
+            if buf.len() < BUF {
+                buf.resize(BUF, 0);
+            }
+            f(&mut buf)
+        }
+        Err(_) => f(&mut vec![0u8; BUF]),
+    })
+}
+
+fn sha256_with(file: &mut File, buf: &mut [u8]) -> Result<([u8; 32], u64), FsError> {
     let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; BUF];
     let mut total = 0u64;
     loop {
-        let n = match file.read(&mut buf) {
+        let n = match file.read(buf) {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
