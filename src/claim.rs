@@ -221,20 +221,49 @@ async fn claim_batch(shared: &Arc<Shared>, batch: &[Settled]) -> Vec<(FileId, Pa
             return Vec::new();
         }
     };
+    // One blocking call and one fsync per folder for each root's share of the batch.
+    let mut per_root: Vec<(usize, Vec<usize>)> = Vec::new();
+    for (k, (s, _)) in sources.iter().enumerate() {
+        match per_root.iter_mut().find(|(r, _)| *r == s.root) {
+            Some((_, ks)) => ks.push(k),
+            None => per_root.push((s.root, vec![k])),
+        }
+    }
+    let mut results: Vec<Option<Result<Result<Claim, crate::fsops::FsError>, String>>> =
+        (0..sources.len()).map(|_| None).collect();
+    for (root, ks) in per_root {
+        let files: Vec<(PathBuf, Stamp, std::ffi::OsString)> = ks
+            .iter()
+            .map(|&k| {
+                let (s, name) = &sources[k];
+                let settled = Stamp {
+                    size: s.size,
+                    mtime_ns: i64::try_from(s.mtime_ns).unwrap_or(i64::MAX),
+                    ctime_ns: i64::try_from(s.ctime_ns).unwrap_or(i64::MAX),
+                    dev: s.dev,
+                    ino: s.ino,
+                };
+                (s.rel_path.clone(), settled, name.clone())
+            })
+            .collect();
+        let sh = Arc::clone(shared);
+        match tokio::task::spawn_blocking(move || sh.claim_files(root, &files)).await {
+            Ok(rs) => {
+                for (&k, r) in ks.iter().zip(rs) {
+                    results[k] = Some(Ok(r));
+                }
+            }
+            Err(e) => {
+                for &k in &ks {
+                    results[k] = Some(Err(e.to_string()));
+                }
+            }
+        }
+    }
     let mut claimed = Vec::with_capacity(ids.len());
     let mut dropped = Vec::new();
-    for ((id, to), (s, name)) in ids.into_iter().zip(staged).zip(sources) {
-        let sh = Arc::clone(shared);
-        let (root, rel) = (s.root, s.rel_path.clone());
-        let settled = Stamp {
-            size: s.size,
-            mtime_ns: i64::try_from(s.mtime_ns).unwrap_or(i64::MAX),
-            ctime_ns: i64::try_from(s.ctime_ns).unwrap_or(i64::MAX),
-            dev: s.dev,
-            ino: s.ino,
-        };
-        let moved =
-            tokio::task::spawn_blocking(move || sh.claim_file(root, &rel, &settled, &name)).await;
+    for (((id, to), (s, _)), moved) in ids.into_iter().zip(staged).zip(&sources).zip(results) {
+        let moved = moved.unwrap_or_else(|| Err("not attempted".into()));
         match moved {
             Ok(Ok(Claim::Claimed(renamed))) => {
                 if renamed == Renamed::NotSynced {

@@ -102,6 +102,43 @@ impl Shared {
         fsops::place::claim(&inbox, rel, settled, &staging, name, self.hard_links_ok[i])
     }
 
+    /// Claims a batch of settled files of root `i` (relative path, settled stamp, staged name)
+    /// with one fsync per folder for the whole batch. One result per file, in order.
+    pub fn claim_files(
+        &self,
+        i: usize,
+        files: &[(PathBuf, Stamp, OsString)],
+    ) -> Vec<Result<Claim, FsError>> {
+        let dirs = self.roots[i]
+            .get(Which::Inbox, false)
+            .and_then(|inbox| Ok((inbox, self.roots[i].get(Which::Staging, false)?)));
+        let (inbox, staging) = match dirs {
+            Ok(d) => d,
+            Err(e) => {
+                let msg = e.to_string();
+                return files
+                    .iter()
+                    .map(|(rel, _, _)| {
+                        Err(FsError::io(
+                            rel,
+                            "claim",
+                            std::io::Error::other(msg.clone()),
+                        ))
+                    })
+                    .collect();
+            }
+        };
+        let items: Vec<fsops::place::ClaimItem<'_>> = files
+            .iter()
+            .map(|(rel, settled, name)| fsops::place::ClaimItem {
+                rel,
+                settled,
+                staged_name: name,
+            })
+            .collect();
+        fsops::place::claim_many(&inbox, &staging, &items, self.hard_links_ok[i])
+    }
+
     /// True the first time `path` is warned about.
     pub fn first_warning(&self, path: &Path) -> bool {
         let mut w = self

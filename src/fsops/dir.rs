@@ -420,6 +420,23 @@ pub fn rename_noreplace(
     to_dir: &Dir,
     to_name: &OsStr,
 ) -> Result<Renamed, FsError> {
+    rename_noreplace_unsynced(from_dir, from_name, to_dir, to_name)?;
+    let synced = to_dir.fsync().is_ok() & from_dir.fsync().is_ok();
+    Ok(if synced {
+        Renamed::Durable
+    } else {
+        Renamed::NotSynced
+    })
+}
+
+/// [`rename_noreplace`] without the folder fsyncs: for a batch of renames that the caller
+/// makes durable with one fsync per folder afterwards.
+pub fn rename_noreplace_unsynced(
+    from_dir: &Dir,
+    from_name: &OsStr,
+    to_dir: &Dir,
+    to_name: &OsStr,
+) -> Result<(), FsError> {
     let (from_name, to_name) = (single(from_name)?, single(to_name)?);
     let from_full = from_dir.path.join(from_name);
     let to_full = to_dir.path.join(to_name);
@@ -449,12 +466,7 @@ pub fn rename_noreplace(
         }
         Err(e) => return Err(rename_error(from_dir, from_name, &from_full, &to_full, e)),
     }
-    let synced = to_dir.fsync().is_ok() & from_dir.fsync().is_ok();
-    Ok(if synced {
-        Renamed::Durable
-    } else {
-        Renamed::NotSynced
-    })
+    Ok(())
 }
 
 /// ENOENT from a rename may be the source (gone) or the target's folder (removed meanwhile):

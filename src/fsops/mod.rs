@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-pub use dir::{Dir, Renamed, rename_noreplace, split_rel};
+pub use dir::{Dir, Renamed, rename_noreplace, rename_noreplace_unsynced, split_rel};
 pub use names::{Shown, safe_relative, shown};
 
 use crate::journal::Stamp;
