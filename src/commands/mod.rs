@@ -71,6 +71,14 @@ async fn run(path: &Path) -> ExitCode {
         Err(code) => return code,
     };
     logging::init(config.log.format, &config.log.level);
+    // Held until the process ends: one agent per state folder.
+    let _lock = match app::lock::lock_state_dir(&config.state.dir) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::from(lock_exit_code(&e));
+        }
+    };
     let (shutdown, reload) = match (signal::shutdown_token(), signal::reload_notify()) {
         (Ok(t), Ok(r)) => (t, r),
         (Err(e), _) | (_, Err(e)) => {
@@ -84,10 +92,19 @@ async fn run(path: &Path) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
+            // Logged once, on stderr (the log's destination); not printed a second time.
             tracing::error!(error = %e, "fatal");
-            eprintln!("dropscan: {e}");
             e.exit_code()
         }
+    }
+}
+
+/// The exit code of a refused lock: 75 when another agent holds it, 69 when it cannot be
+/// taken at all.
+pub fn lock_exit_code(e: &app::lock::LockError) -> u8 {
+    match e {
+        app::lock::LockError::Held { .. } => crate::error::EXIT_LOCKED,
+        app::lock::LockError::Io { .. } => EXIT_UNAVAILABLE,
     }
 }
 
