@@ -13,6 +13,7 @@ mod kata_client;
 mod kata_emulator;
 mod kata_parse;
 mod layout;
+mod metrics;
 mod model;
 mod pipeline;
 mod watch_settle;

@@ -129,31 +129,31 @@ impl Metrics {
         let drop_to_submitted = Histogram::new(latency_buckets());
         registry.register(
             "drop_to_submitted_seconds",
-            "Time from drop completion (the file's last change in the inbox) to the server accepting its upload.",
+            "Time from drop completion (the file's last change in the inbox) to the server accepting its upload",
             drop_to_submitted.clone(),
         );
         let submitted_to_verdict = Histogram::new(latency_buckets());
         registry.register(
             "submitted_to_verdict_seconds",
-            "Time from the server accepting an upload to its verdict, server outages excluded.",
+            "Time from the server accepting an upload to its verdict, server outages excluded",
             submitted_to_verdict.clone(),
         );
         let drop_to_placed = Histogram::new(latency_buckets());
         registry.register(
             "drop_to_placed_seconds",
-            "Time from drop completion (the file's last change in the inbox) to placement in clean, quarantine or failed.",
+            "Time from drop completion (the file's last change in the inbox) to placement in clean, quarantine or failed",
             drop_to_placed.clone(),
         );
         let answers = Family::<Labels, Counter>::default();
         registry.register(
             "kata_answers",
-            "Answers from KATA by endpoint and HTTP code (code=\"none\": no answer, a transport error).",
+            "Answers from KATA by endpoint and HTTP code (code=\"none\": no answer, a transport error)",
             answers.clone(),
         );
         let queue = Family::<Labels, Gauge>::default();
         registry.register(
             "queue_files",
-            "Files in the journal by state (work still due on them).",
+            "Files in the journal by state (work still due on them)",
             queue.clone(),
         );
         Metrics {
@@ -309,16 +309,16 @@ impl Metrics {
         if let Some(live) = &live {
             self.gauge(
                 "in_flight_cap",
-                "Current cap on scans in flight (adapts to the server's answers).",
+                "Current cap on scans in flight (adapts to the server's answers)",
             )
             .set(i64::try_from(live.limits.cap()).unwrap_or(i64::MAX));
-            self.gauge("server_up", "1 when KATA answers normally.")
+            self.gauge("server_up", "1 when KATA answers normally")
                 .set(i64::from(live.limits.health() == Health::Up));
             self.queue_depth(&live.journal);
         }
         self.gauge(
             "inboxes_missing",
-            "Watched inboxes that do not exist now (waited for).",
+            "Watched inboxes that do not exist now (waited for)",
         )
         .set(i64::try_from(self.missing_inboxes().len()).unwrap_or(i64::MAX));
         let mut out = String::with_capacity(4096);
@@ -326,7 +326,7 @@ impl Metrics {
         if let Err(e) = prometheus_client::encoding::text::encode_registry(&mut out, &registry) {
             tracing::warn!(error = %e, "cannot encode the metrics");
         }
-        out
+        to_text_0_0_4(&out)
     }
 
     /// Sets `dropscan_queue_files{state=…}` from the journal summary.
@@ -346,6 +346,32 @@ impl Metrics {
                 .set(n);
         }
     }
+}
+
+/// The OpenMetrics encoder names a counter family `x` and its sample `x_total`; the text format
+/// 0.0.4 (what `/metrics` announces) wants the family named as its sample: `# HELP x_total` and
+/// `# TYPE x_total counter`.
+fn to_text_0_0_4(open_metrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = open_metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(open_metrics.len() + 256);
+    for line in open_metrics.lines() {
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|tag| {
+            let rest = line.strip_prefix(tag)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{tag}{name}_total {tail}"))
+        });
+        match renamed {
+            Some(l) => out.push_str(&l),
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
 }
 
 /// Turns the [`Counters`] atomics into Prometheus series at scrape time.
@@ -373,51 +399,51 @@ impl Collector for CountersCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
         let c = &self.0;
         let e = &mut encoder;
-        Self::counter(e, "files_claimed", "Files moved into staging.", &c.claimed)?;
-        Self::counter(e, "files_hashed", "Files hashed.", &c.hashed)?;
-        Self::counter(e, "hashed_bytes", "Bytes hashed.", &c.hashed_bytes)?;
+        Self::counter(e, "files_claimed", "Files moved into staging", &c.claimed)?;
+        Self::counter(e, "files_hashed", "Files hashed", &c.hashed)?;
+        Self::counter(e, "hashed_bytes", "Bytes hashed", &c.hashed_bytes)?;
         Self::counter(
             e,
             "scans_submitted",
-            "Submissions accepted by KATA.",
+            "Submissions accepted by KATA",
             &c.submitted,
         )?;
         Self::counter(
             e,
             "uploaded_bytes",
-            "Bytes uploaded in accepted submissions.",
+            "Bytes uploaded in accepted submissions",
             &c.uploaded_bytes,
         )?;
-        Self::counter(e, "throttled", "Submissions answered 429.", &c.throttled)?;
+        Self::counter(e, "throttled", "Submissions answered 429", &c.throttled)?;
         Self::counter(
             e,
             "request_errors",
-            "Requests to KATA that failed.",
+            "Requests to KATA that failed",
             &c.request_errors,
         )?;
         Self::counter(
             e,
             "polls",
-            "Results requests (one per tick for all scans).",
+            "Results requests (one per tick for all scans)",
             &c.polls,
         )?;
         Self::counter(
             e,
             "verdicts_reused",
-            "Verdicts reused for identical content.",
+            "Verdicts reused for identical content",
             &c.reused,
         )?;
         Self::counter(
             e,
             "place_errors",
-            "Placements that failed and are retried.",
+            "Placements that failed and are retried",
             &c.place_errors,
         )?;
         {
             let proto = ConstCounter::new(0u64);
             let mut family = e.encode_descriptor(
                 "files_placed",
-                "Files placed, by outcome.",
+                "Files placed, by outcome",
                 None,
                 proto.metric_type(),
             )?;
@@ -433,7 +459,7 @@ impl Collector for CountersCollector {
         Self::gauge(
             e,
             "scans_in_flight",
-            "Scans submitted and not finished.",
+            "Scans submitted and not finished",
             c.in_flight.load(Ordering::Relaxed),
         )?;
         let expiry = c.client_cert_expiry.load(Ordering::Relaxed);
@@ -441,7 +467,7 @@ impl Collector for CountersCollector {
             Self::gauge(
                 e,
                 "client_cert_expiry_timestamp_seconds",
-                "notAfter of the client certificate, Unix seconds.",
+                "notAfter of the client certificate, Unix seconds",
                 expiry,
             )?;
         }
@@ -450,7 +476,7 @@ impl Collector for CountersCollector {
             Self::gauge(
                 e,
                 "last_successful_poll_timestamp_seconds",
-                "When the last results request succeeded, Unix seconds.",
+                "When the last results request succeeded, Unix seconds",
                 last_poll,
             )?;
         }
