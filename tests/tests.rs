@@ -16,4 +16,5 @@ mod layout;
 mod metrics;
 mod model;
 mod pipeline;
+mod scan_cli;
 mod watch_settle;

@@ -21,12 +21,18 @@ use crate::kata::{ApiError, KataClient};
 use crate::{app, demo, logging, signal};
 
 pub mod scan;
+pub mod scan_paths;
 
 /// Runs one subcommand.
 pub async fn dispatch(command: Command) -> ExitCode {
     match command {
         Command::Run { config } => run(&config.path).await,
-        Command::Scan { config, max_time } => scan::run(&config.path, max_time).await,
+        Command::Scan {
+            config,
+            max_time,
+            paths,
+            json,
+        } => scan::run(&config.path, max_time, &paths, json).await,
         Command::Demo {
             dir,
             poll_interval,
