@@ -115,22 +115,20 @@ pub fn lock_exit_code(e: &app::lock::LockError) -> u8 {
 }
 
 /// What a failed connection means for the user, and the exit code
-/// ([`crate::error::api_exit_code`]).
+/// ([`crate::error::api_exit_code`]). The error's own text already names the problem; only
+/// what to do about it is added (never the same statement twice).
 pub fn explain(e: &ApiError, sensor_id: &str) -> (String, u8) {
     let line = match e {
         ApiError::Unauthorized { .. } => format!(
             "the server answered 401: accept the integration request for sensorId {sensor_id} in the KATA web UI (Settings → External systems), or check that this client certificate is the one integrated"
         ),
-        ApiError::ClientCertRefused { .. } => {
-            format!("the server refused our client certificate: {e}")
-        }
+        ApiError::ClientCertRefused { .. } | ApiError::NotTls { .. } => e.to_string(),
         ApiError::ServerNotTrusted { .. } => format!(
-            "the server certificate is not trusted: {e} (set server.ca_cert to the CA that issued it, or pin it with server.server_fingerprint)"
+            "{e} (set server.ca_cert to the CA that issued it, or pin it with server.server_fingerprint)"
         ),
         ApiError::PinMismatch { .. } => {
-            format!("the server certificate does not match server.server_fingerprint: {e}")
+            format!("{e} (server.server_fingerprint)")
         }
-        ApiError::NotTls { .. } => format!("the server is not a KATA scanner API: {e}"),
         ApiError::Protocol { .. } | ApiError::Rejected { .. } => {
             format!("the server's answer makes no sense: {e}")
         }
@@ -294,9 +292,17 @@ fn status(path: &Path) -> ExitCode {
     for (state, n) in &summary.per_state {
         println!("  {state:<12} {n}");
     }
-    println!("finished files by outcome (vanished: removed from staging by hand):");
+    println!("finished files by outcome:");
+    if summary.per_outcome.is_empty() {
+        println!("  (none)");
+    }
     for (outcome, n) in &summary.per_outcome {
-        println!("  {outcome:<12} {n}");
+        let note = if outcome == "vanished" {
+            "  (removed from staging by hand)"
+        } else {
+            ""
+        };
+        println!("  {outcome:<12} {n}{note}");
     }
     match &summary.oldest_pending {
         Some((p, at)) => {
