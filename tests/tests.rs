@@ -8,6 +8,7 @@ mod attacks;
 mod cli;
 mod durability;
 mod emulator_server;
+mod friction;
 mod journal_guards;
 mod kata_client;
 mod kata_emulator;
