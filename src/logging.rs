@@ -84,3 +84,24 @@ pub fn apply(format: LogFormat, level: &str) {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_changes_on_sighup_are_silently_ignored() {
+        if std::env::var_os("RUST_LOG").is_some() {
+            return; // RUST_LOG overrides the configured level by design.
+        }
+        init(LogFormat::Text, "warn");
+        if INSTALLED.get().is_none() {
+            return; // another subscriber was installed first in this process
+        }
+        assert!(!tracing::enabled!(tracing::Level::INFO));
+        apply(LogFormat::Text, "info");
+        assert!(tracing::enabled!(tracing::Level::INFO));
+        apply(LogFormat::Text, "warn");
+        assert!(!tracing::enabled!(tracing::Level::INFO));
+    }
+}

@@ -4,7 +4,8 @@
 //! error (including a client key readable by others or not matching its certificate); 77 the
 //! server refuses us (401, client certificate refused); 76 the server is not who it should be
 //! (untrusted certificate, pin mismatch) or answers garbage (plain HTTP or no TLS on the port,
-//! unparsable answers); 69 unavailable (unreachable, 5xx, fatal runtime error).
+//! unparsable answers); 75 another `run`/`scan` holds the state folder's lock; 69 unavailable
+//! (unreachable, 5xx, fatal runtime error).
 //!
 //! `check` also prints the client certificate's expiry, and treats a 404/405 on
 //! `GET …/scans/filters` as a warning: TLS and authorization succeeded, some KATA versions
@@ -122,7 +123,10 @@ pub fn explain(e: &ApiError, sensor_id: &str) -> (String, u8) {
         ApiError::Unauthorized { .. } => format!(
             "the server answered 401: accept the integration request for sensorId {sensor_id} in the KATA web UI (Settings → External systems), or check that this client certificate is the one integrated"
         ),
-        ApiError::ClientCertRefused { .. } | ApiError::NotTls { .. } => e.to_string(),
+        ApiError::ClientCertRefused { .. } => {
+            format!("the server refused our client certificate: {e}")
+        }
+        ApiError::NotTls { .. } => format!("the server is not a KATA scanner API: {e}"),
         ApiError::ServerNotTrusted { .. } => format!(
             "{e} (set server.ca_cert to the CA that issued it, or pin it with server.server_fingerprint)"
         ),

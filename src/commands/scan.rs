@@ -4,7 +4,8 @@
 //! It runs the same pipeline as `dropscan run` (same journal, same guarantees) and stops when
 //! no eligible file is left in any inbox and the journal has nothing unfinished. The exit code
 //! follows virus scanners' habit: 0 everything clean, 1 something was quarantined, 2 something
-//! failed (and 69 when `--max-time` ran out, 78 for a config error).
+//! failed (and 69 when `--max-time` ran out, 75 when another agent holds the state folder, 78
+//! for a config error).
 
 use std::path::Path;
 use std::process::ExitCode;
