@@ -37,12 +37,20 @@ pub enum Command {
         #[command(flatten)]
         config: ConfigFile,
     },
-    /// Scan what is in the inboxes now, then exit: a one-shot run with a progress line.
-    /// Exit 0: everything clean; 1: something was quarantined; 2: something failed.
+    /// Scan the given files and folders and report, moving nothing; without PATH, scan what is
+    /// in the inboxes now and sort it, then exit. Exit 0: everything clean; 1: something was
+    /// detected; 2: something failed; 75: another agent holds the state folder.
     Scan {
         /// `--config FILE`.
         #[command(flatten)]
         config: ConfigFile,
+        /// Files or folders to scan (folders recursively; symbolic links are never followed).
+        /// Nothing is moved.
+        #[arg(value_name = "PATH")]
+        paths: Vec<PathBuf>,
+        /// With PATH: print one JSON document (per-file results and totals) on stdout.
+        #[arg(long, requires = "paths")]
+        json: bool,
         /// Give up after this long (exit 69), e.g. "30m"; default: wait as long as it takes.
         #[arg(long, value_parser = humantime::parse_duration)]
         max_time: Option<std::time::Duration>,

@@ -3,7 +3,8 @@
 //! Starts the built-in emulator on 127.0.0.1 with certificates generated into the demo folder,
 //! creates `inbox/`, `clean/`, `quarantine/` and `failed/` there, writes a real config file
 //! (`dropscan.toml`) pointing at the emulator, and runs the agent on it with a short poll
-//! interval. Two sample files are dropped at the first start so that something happens at once.
+//! interval. Two sample files are dropped at each start (unless still in the inbox) so that
+//! something happens at once, and `--exit-after 2` ends on every run, not only the first.
 //! Every placed file is printed as it happens. Ctrl-C stops it cleanly.
 
 use std::path::Path;
@@ -45,7 +46,6 @@ pub async fn run(
     .await
     .context("cannot start the built-in KATA emulator")?;
     let inbox = dir.join("inbox");
-    let first_run = !inbox.exists();
     // Only the inbox: the agent creates the destinations itself, quarantine owner-only.
     std::fs::create_dir_all(&inbox)?;
     let config_path = dir.join("dropscan.toml");
@@ -82,14 +82,18 @@ pub async fn run(
     println!("  make a harmless EICAR test file to see quarantine work:");
     println!("    printf '%s' '{EICAR}' > {}/eicar.com", show(&inbox));
     println!("  Ctrl-C stops it.");
-    if first_run {
-        std::fs::write(
-            inbox.join("hello.txt"),
-            "Hello from dropscan: this file is clean.\n",
-        )?;
-        std::fs::write(inbox.join("eicar-sample.com"), EICAR)?;
-        println!("  (dropped two samples: hello.txt and eicar-sample.com)");
+    // At every start: a second run with `--exit-after 2` must have something to place too.
+    let samples: [(&str, &[u8]); 2] = [
+        ("hello.txt", b"Hello from dropscan: this file is clean.\n"),
+        ("eicar-sample.com", EICAR.as_bytes()),
+    ];
+    for (name, bytes) in samples {
+        let p = inbox.join(name);
+        if std::fs::symlink_metadata(&p).is_err() {
+            std::fs::write(&p, bytes).with_context(|| format!("cannot write {}", p.display()))?;
+        }
     }
+    println!("  (dropped two samples: hello.txt and eicar-sample.com)");
     println!();
 
     let token = shutdown.clone();

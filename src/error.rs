@@ -20,6 +20,7 @@ use crate::kata::ApiError;
 /// | 1 | `scan`: something was quarantined |
 /// | 2 | `scan`: something failed |
 /// | 69 | fatal runtime error, server unreachable |
+/// | 75 | another agent holds the state folder's lock (`run`, `scan`): try again once it stopped |
 /// | 76 | the server is not who it should be, or answers garbage |
 /// | 77 | the server refuses our credentials |
 /// | 78 | configuration error (systemd's `RestartPreventExitStatus=78`) |
@@ -37,6 +38,9 @@ pub const EXIT_CONFIG: u8 = 78;
 /// Exit code for a fatal runtime error or an unreachable / failing server (sysexits
 /// EX_UNAVAILABLE).
 pub const EXIT_UNAVAILABLE: u8 = 69;
+/// Exit code: another `run` or `scan` holds the state folder's single-instance lock (sysexits
+/// EX_TEMPFAIL: nothing is wrong with this one; it can run once the other stopped).
+pub const EXIT_LOCKED: u8 = 75;
 /// Exit code: the server refuses our credentials (401, client certificate refused).
 pub const EXIT_NOPERM: u8 = 77;
 /// Exit code: the server is not who it should be (untrusted certificate, pin mismatch) or

@@ -238,6 +238,7 @@ impl Poller<'_> {
         let results = match shared.client.results(&states).await {
             Ok(r) => {
                 shared.limits.server_ok();
+                shared.metrics.poll_succeeded();
                 r
             }
             Err(e) => {
@@ -287,6 +288,9 @@ impl Poller<'_> {
                 continue;
             };
             if let Some(v) = verdict {
+                self.shared
+                    .metrics
+                    .observe_verdict(entry.clock.started.elapsed());
                 decisions.push((entry.id, Decision::from_verdict(v, entry.sha256)));
                 verdicts.push((r.scan_id.clone(), entry.id, entry.sha256, v));
                 continue;

@@ -245,11 +245,25 @@ impl Upload {
                     // The record says `submitting`: the next start asks the server about it.
                     tracing::error!(id = item.id, error = %e, "journal write failed after upload");
                 }
-                let attempts = shared
-                    .journal
-                    .get(item.id)
-                    .await
-                    .map_or(1, |r| r.attempts.max(1));
+                let rec = shared.journal.get(item.id).await;
+                let attempts = rec.as_ref().map_or(1, |r| r.attempts.max(1));
+                if let Ok(r) = &rec {
+                    let dropped = r
+                        .dropped_at_ms
+                        .unwrap_or(r.claimed_at_ms)
+                        .min(r.claimed_at_ms);
+                    let ms = crate::journal::now_ms().saturating_sub(dropped);
+                    shared
+                        .metrics
+                        .observe_submitted(Duration::from_millis(u64::try_from(ms).unwrap_or(0)));
+                    // With a long poll interval nothing else is said until the verdict.
+                    tracing::info!(
+                        path = %crate::fsops::shown(&r.rel_path),
+                        scan_id = %scan_id,
+                        "submitted; next results request in {}",
+                        humantime::format_duration(shared.config.server.poll_interval)
+                    );
+                }
                 shared.metrics.submitted.fetch_add(1, Ordering::Relaxed);
                 shared
                     .metrics

@@ -29,10 +29,11 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub mod lock;
 mod reconcile;
 mod reload;
 
-pub use reload::run_reloading;
+pub use reload::{missing_inboxes, run_reloading, run_reloading_with, wait_for_inboxes};
 
 use crate::config::Config;
 pub use crate::context::{Shared, instance_of};
@@ -57,11 +58,23 @@ const EVENTS_CAPACITY: usize = 1024;
 /// The agent before it runs: lets callers subscribe to events first.
 pub struct Agent {
     shared: Arc<Shared>,
+    /// Whether this agent serves its own metrics endpoint (`dropscan run` serves one for the
+    /// whole process instead, outside the reload loop).
+    serve_metrics: bool,
 }
 
 impl Agent {
-    /// Opens the journal, builds the client and prepares the folders.
+    /// Opens the journal, builds the client and prepares the folders; the agent serves its own
+    /// metrics endpoint when `[metrics] listen` is set.
     pub fn new(config: Config) -> Result<Self, FatalError> {
+        let mut agent = Agent::with_metrics(config, Arc::new(Metrics::new()))?;
+        agent.serve_metrics = true;
+        Ok(agent)
+    }
+
+    /// As [`Agent::new`], counting into `metrics`, which outlive this agent (a SIGHUP reload
+    /// replaces the agent, never the counters); the caller serves them.
+    pub fn with_metrics(config: Config, metrics: Arc<Metrics>) -> Result<Self, FatalError> {
         let config = Arc::new(config);
         let (roots, hard_links_ok) = reconcile::prepare_folders(&config)?;
         let journal = Journal::open(&config.journal_path())?;
@@ -72,13 +85,20 @@ impl Agent {
         );
         let (events, _) = broadcast::channel(EVENTS_CAPACITY);
         let cert_expiry = crate::kata::tls::warn_at_start(&config.server.tls);
+        metrics.set_client_cert_expiry(cert_expiry);
+        metrics.attach(limits.clone(), &config.journal_path());
+        {
+            let m = Arc::clone(&metrics);
+            client.observe(Arc::new(move |endpoint, code| m.answer(endpoint, code)));
+        }
         Ok(Agent {
+            serve_metrics: false,
             shared: Arc::new(Shared {
                 config,
                 journal,
                 client,
                 limits,
-                metrics: Arc::new(Metrics::with_client_cert_expiry(cert_expiry)),
+                metrics,
                 events,
                 roots,
                 owner: Owner::this_host(),
@@ -100,7 +120,7 @@ impl Agent {
 
     /// Runs until `shutdown` is cancelled or a stage fails.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), FatalError> {
-        let shared = self.shared;
+        let (shared, serve_metrics) = (self.shared, self.serve_metrics);
         let cfg = Arc::clone(&shared.config);
         // Restrictions first (a failure is not fatal: the server may be down; it is retried).
         if shared.limits.refresh(&shared.client).await.is_err() {
@@ -224,14 +244,10 @@ impl Agent {
         );
         stage("sort", Box::pin(sort));
         tracker.spawn(housekeeping(Arc::clone(&shared), stages.clone()));
-        if let Some(addr) = cfg.metrics_listen {
-            let (m, l, s) = (
-                Arc::clone(&shared.metrics),
-                shared.limits.clone(),
-                stages.clone(),
-            );
+        if let Some(addr) = cfg.metrics_listen.filter(|_| serve_metrics) {
+            let (m, s) = (Arc::clone(&shared.metrics), stages.clone());
             tracker.spawn(async move {
-                if let Err(e) = crate::metrics::serve(addr, m, l, s).await {
+                if let Err(e) = crate::metrics::serve(addr, m, s).await {
                     tracing::error!(%addr, error = %e, "metrics endpoint failed; the agent goes on without it");
                 }
             });

@@ -1,15 +1,116 @@
 //! SIGHUP: the configuration is read again and validated first. A bad one is refused (the agent
 //! keeps running on the old one, and says so); a good one replaces the agent through a graceful
 //! stop, which the journal makes lossless.
+//!
+//! What outlives the agents lives here: the [`Metrics`] (counters survive a reload) and their
+//! HTTP endpoint (the port stays open; it is rebound only when `[metrics] listen` changed). A new
+//! `[log]` level is applied at once. Before each agent starts, missing inboxes (a share not
+//! mounted yet) are waited for, logged once, and shown on `/readyz`.
 
-use std::path::Path;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use tokio::sync::Notify;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::error::FatalError;
+use crate::metrics::Metrics;
+
+/// How often missing inboxes are looked for again.
+pub const INBOX_RETRY: Duration = Duration::from_secs(5);
+
+/// The metrics endpoint, across agent generations.
+struct Endpoint {
+    addr: SocketAddr,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Endpoint {
+    /// Serves `metrics` on `addr` (a bind error is logged; the agent goes on without it).
+    fn start(addr: SocketAddr, metrics: &Arc<Metrics>) -> Endpoint {
+        let stop = CancellationToken::new();
+        let (m, s) = (Arc::clone(metrics), stop.clone());
+        let task = tokio::spawn(async move {
+            if let Err(e) = crate::metrics::serve(addr, m, s).await {
+                tracing::error!(%addr, error = %e, "metrics endpoint failed; the agent goes on without it");
+            }
+        });
+        Endpoint { addr, stop, task }
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        self.task.await.ok();
+    }
+}
+
+/// Keeps the endpoint on `wanted`: unchanged when it already listens there, rebound otherwise.
+async fn keep_endpoint(
+    current: Option<Endpoint>,
+    wanted: Option<SocketAddr>,
+    metrics: &Arc<Metrics>,
+) -> Option<Endpoint> {
+    match (current, wanted) {
+        (Some(e), Some(addr)) if e.addr == addr => Some(e),
+        (current, wanted) => {
+            if let Some(e) = current {
+                e.stop().await;
+            }
+            wanted.map(|addr| Endpoint::start(addr, metrics))
+        }
+    }
+}
+
+/// The inboxes of `config` that are not folders now.
+pub fn missing_inboxes(config: &Config) -> Vec<PathBuf> {
+    config
+        .watches
+        .iter()
+        .filter(|w| !w.path.is_dir())
+        .map(|w| w.path.clone())
+        .collect()
+}
+
+/// Waits until every inbox exists (a share mounted late), logging once per missing set and
+/// showing them on `/readyz`. False when `shutdown` came first.
+pub async fn wait_for_inboxes(
+    config: &Config,
+    metrics: &Metrics,
+    shutdown: &CancellationToken,
+) -> bool {
+    let mut logged: Vec<PathBuf> = Vec::new();
+    loop {
+        let missing = missing_inboxes(config);
+        metrics.set_missing_inboxes(missing.clone());
+        if missing.is_empty() {
+            if !logged.is_empty() {
+                tracing::info!("every inbox exists now; starting");
+            }
+            return true;
+        }
+        if missing != logged {
+            let shown: Vec<String> = missing
+                .iter()
+                .map(|p| crate::fsops::shown(p).to_string())
+                .collect();
+            tracing::warn!(
+                inboxes = %shown.join(", "),
+                retry = %humantime::format_duration(INBOX_RETRY),
+                "inbox missing (a share not mounted yet?): waiting for it"
+            );
+            logged = missing;
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return false,
+            () = tokio::time::sleep(INBOX_RETRY) => {}
+        }
+    }
+}
 
 /// Runs the agent on `config` until `shutdown`, replacing it with the configuration at `path`
 /// on each `reload` notification (SIGHUP) whose file is valid.
@@ -19,8 +120,20 @@ pub async fn run_reloading(
     shutdown: CancellationToken,
     reload: Arc<Notify>,
 ) -> Result<(), FatalError> {
+    run_reloading_with(config, path, shutdown, reload, Arc::new(Metrics::new())).await
+}
+
+/// As [`run_reloading`], counting into `metrics` (kept across reloads).
+pub async fn run_reloading_with(
+    config: Config,
+    path: &Path,
+    shutdown: CancellationToken,
+    reload: Arc<Notify>,
+    metrics: Arc<Metrics>,
+) -> Result<(), FatalError> {
     let mut config = config;
-    loop {
+    let mut endpoint = keep_endpoint(None, config.metrics_listen, &metrics).await;
+    let result = loop {
         // One agent per configuration. SIGHUP: the new file is validated first; a bad one is
         // refused (the agent keeps running on the old one), a good one replaces the agent
         // through a graceful stop, which the journal makes lossless.
@@ -53,14 +166,31 @@ pub async fn run_reloading(
                 }
             })
         };
-        let result = super::run(config, generation.clone()).await;
+        let result = if wait_for_inboxes(&config, &metrics, &generation).await {
+            match super::Agent::with_metrics(config, Arc::clone(&metrics)) {
+                Ok(agent) => agent.run(generation.clone()).await,
+                Err(e) => Err(e),
+            }
+        } else {
+            Ok(())
+        };
         generation.cancel();
         watcher.await.ok();
-        result?;
+        if let Err(e) = result {
+            break Err(e);
+        }
         let reloaded = next.lock().unwrap_or_else(PoisonError::into_inner).take();
         match reloaded {
-            Some(c) if !shutdown.is_cancelled() => config = c,
-            _ => return Ok(()),
+            Some(c) if !shutdown.is_cancelled() => {
+                crate::logging::apply(c.log.format, &c.log.level);
+                endpoint = keep_endpoint(endpoint, c.metrics_listen, &metrics).await;
+                config = c;
+            }
+            _ => break Ok(()),
         }
+    };
+    if let Some(e) = endpoint {
+        e.stop().await;
     }
+    result
 }

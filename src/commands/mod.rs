@@ -4,7 +4,8 @@
 //! error (including a client key readable by others or not matching its certificate); 77 the
 //! server refuses us (401, client certificate refused); 76 the server is not who it should be
 //! (untrusted certificate, pin mismatch) or answers garbage (plain HTTP or no TLS on the port,
-//! unparsable answers); 69 unavailable (unreachable, 5xx, fatal runtime error).
+//! unparsable answers); 75 another `run`/`scan` holds the state folder's lock; 69 unavailable
+//! (unreachable, 5xx, fatal runtime error).
 //!
 //! `check` also prints the client certificate's expiry, and treats a 404/405 on
 //! `GET …/scans/filters` as a warning: TLS and authorization succeeded, some KATA versions
@@ -21,12 +22,18 @@ use crate::kata::{ApiError, KataClient};
 use crate::{app, demo, logging, signal};
 
 pub mod scan;
+pub mod scan_paths;
 
 /// Runs one subcommand.
 pub async fn dispatch(command: Command) -> ExitCode {
     match command {
         Command::Run { config } => run(&config.path).await,
-        Command::Scan { config, max_time } => scan::run(&config.path, max_time).await,
+        Command::Scan {
+            config,
+            max_time,
+            paths,
+            json,
+        } => scan::run(&config.path, max_time, &paths, json).await,
         Command::Demo {
             dir,
             poll_interval,
@@ -71,6 +78,14 @@ async fn run(path: &Path) -> ExitCode {
         Err(code) => return code,
     };
     logging::init(config.log.format, &config.log.level);
+    // Held until the process ends: one agent per state folder.
+    let _lock = match app::lock::lock_state_dir(&config.state.dir) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::from(lock_exit_code(&e));
+        }
+    };
     let (shutdown, reload) = match (signal::shutdown_token(), signal::reload_notify()) {
         (Ok(t), Ok(r)) => (t, r),
         (Err(e), _) | (_, Err(e)) => {
@@ -84,15 +99,25 @@ async fn run(path: &Path) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
+            // Logged once, on stderr (the log's destination); not printed a second time.
             tracing::error!(error = %e, "fatal");
-            eprintln!("dropscan: {e}");
             e.exit_code()
         }
     }
 }
 
+/// The exit code of a refused lock: 75 when another agent holds it, 69 when it cannot be
+/// taken at all.
+pub fn lock_exit_code(e: &app::lock::LockError) -> u8 {
+    match e {
+        app::lock::LockError::Held { .. } => crate::error::EXIT_LOCKED,
+        app::lock::LockError::Io { .. } => EXIT_UNAVAILABLE,
+    }
+}
+
 /// What a failed connection means for the user, and the exit code
-/// ([`crate::error::api_exit_code`]).
+/// ([`crate::error::api_exit_code`]). The error's own text already names the problem; only
+/// what to do about it is added (never the same statement twice).
 pub fn explain(e: &ApiError, sensor_id: &str) -> (String, u8) {
     let line = match e {
         ApiError::Unauthorized { .. } => format!(
@@ -101,13 +126,13 @@ pub fn explain(e: &ApiError, sensor_id: &str) -> (String, u8) {
         ApiError::ClientCertRefused { .. } => {
             format!("the server refused our client certificate: {e}")
         }
+        ApiError::NotTls { .. } => format!("the server is not a KATA scanner API: {e}"),
         ApiError::ServerNotTrusted { .. } => format!(
-            "the server certificate is not trusted: {e} (set server.ca_cert to the CA that issued it, or pin it with server.server_fingerprint)"
+            "{e} (set server.ca_cert to the CA that issued it, or pin it with server.server_fingerprint)"
         ),
         ApiError::PinMismatch { .. } => {
-            format!("the server certificate does not match server.server_fingerprint: {e}")
+            format!("{e} (server.server_fingerprint)")
         }
-        ApiError::NotTls { .. } => format!("the server is not a KATA scanner API: {e}"),
         ApiError::Protocol { .. } | ApiError::Rejected { .. } => {
             format!("the server's answer makes no sense: {e}")
         }
@@ -271,9 +296,17 @@ fn status(path: &Path) -> ExitCode {
     for (state, n) in &summary.per_state {
         println!("  {state:<12} {n}");
     }
-    println!("finished files by outcome (vanished: removed from staging by hand):");
+    println!("finished files by outcome:");
+    if summary.per_outcome.is_empty() {
+        println!("  (none)");
+    }
     for (outcome, n) in &summary.per_outcome {
-        println!("  {outcome:<12} {n}");
+        let note = if outcome == "vanished" {
+            "  (removed from staging by hand)"
+        } else {
+            ""
+        };
+        println!("  {outcome:<12} {n}{note}");
     }
     match &summary.oldest_pending {
         Some((p, at)) => {

@@ -1,9 +1,11 @@
-//! `dropscan scan`: the agent run once over what the inboxes hold now, with a progress line.
+//! `dropscan scan`: the agent run once over what the inboxes hold now, with a progress line
+//! (`dropscan scan PATH…` is [`super::scan_paths`]). Both hold the state folder's lock.
 //!
 //! It runs the same pipeline as `dropscan run` (same journal, same guarantees) and stops when
 //! no eligible file is left in any inbox and the journal has nothing unfinished. The exit code
 //! follows virus scanners' habit: 0 everything clean, 1 something was quarantined, 2 something
-//! failed (and 69 when `--max-time` ran out, 78 for a config error).
+//! failed (and 69 when `--max-time` ran out, 75 when another agent holds the state folder, 78
+//! for a config error).
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -68,8 +70,14 @@ impl Tally {
     }
 }
 
-/// Runs the one-shot scan.
-pub async fn run(path: &Path, max_time: Option<Duration>) -> ExitCode {
+/// Runs the one-shot scan: of `paths` when given (nothing moved, see
+/// [`super::scan_paths`]), else of the inboxes. Both hold the state folder's lock.
+pub async fn run(
+    path: &Path,
+    max_time: Option<Duration>,
+    paths: &[std::path::PathBuf],
+    json: bool,
+) -> ExitCode {
     use std::io::{IsTerminal, Write};
     let config = match Config::load(path) {
         Ok(c) => c,
@@ -79,6 +87,16 @@ pub async fn run(path: &Path, max_time: Option<Duration>) -> ExitCode {
         }
     };
     crate::logging::init(config.log.format, "warn");
+    let _lock = match crate::app::lock::lock_state_dir(&config.state.dir) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("dropscan: {e}");
+            return ExitCode::from(super::lock_exit_code(&e));
+        }
+    };
+    if !paths.is_empty() {
+        return super::scan_paths::run(&config, paths, json).await;
+    }
     let journal_path = config.journal_path();
     let watches = config.watches.clone();
     let agent = match Agent::new(config) {

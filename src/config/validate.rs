@@ -412,6 +412,57 @@ impl Validator {
                 }
             }
         }
+        self.check_real_paths(watches)
+    }
+
+    /// The same checks across every `[[watch]]`, on real paths (symlinks resolved): one inbox
+    /// reached through a symlink, or an inbox equal to, inside or around a clean, quarantine,
+    /// failed or staging folder of another watch (or its own, through a link), would make
+    /// dropscan sweep what it placed and upload it again.
+    fn check_real_paths(&self, watches: &[WatchConfig]) -> Result<(), ConfigError> {
+        let inboxes: Vec<PathBuf> = watches.iter().map(|w| real_path(&w.path)).collect();
+        for (i, inbox) in inboxes.iter().enumerate() {
+            for (j, w) in watches.iter().enumerate() {
+                if i != j && *inbox == inboxes[j] {
+                    return Err(self.invalid(
+                        &format!("watch[{i}].path"),
+                        &format!(
+                            "is the same folder as watch[{j}].path ({}) once symlinks are resolved: {}",
+                            w.path.display(),
+                            inbox.display()
+                        ),
+                    ));
+                }
+                for (name, dir) in [
+                    ("clean_dir", &w.clean_dir),
+                    ("quarantine_dir", &w.quarantine_dir),
+                    ("failed_dir", &w.failed_dir),
+                    ("staging_dir", &w.staging_dir),
+                ] {
+                    let real = real_path(dir);
+                    let relation = if real == *inbox {
+                        "is the same folder as"
+                    } else if inbox.starts_with(&real) {
+                        "is inside"
+                    } else if i != j && real.starts_with(inbox) {
+                        // A watch's own destinations may sit inside its inbox (never watched);
+                        // another watch's may not.
+                        "contains"
+                    } else {
+                        continue;
+                    };
+                    return Err(self.invalid(
+                        &format!("watch[{i}].path"),
+                        &format!(
+                            "{relation} watch[{j}].{name} ({}) once symlinks are resolved ({} and {}): placed files would be scanned again",
+                            dir.display(),
+                            inbox.display(),
+                            real.display()
+                        ),
+                    ));
+                }
+            }
+        }
         Ok(())
     }
 
@@ -425,6 +476,25 @@ impl Validator {
             ));
         }
         Ok(LogConfig { format, level })
+    }
+}
+
+/// `p` with every symlink resolved: the deepest existing ancestor canonicalised, the missing
+/// rest appended (a folder not created yet still compares right).
+pub(crate) fn real_path(p: &Path) -> PathBuf {
+    let mut missing = Vec::new();
+    let mut cur = p;
+    loop {
+        if let Ok(real) = std::fs::canonicalize(cur) {
+            return missing.iter().rev().fold(real, |acc, name| acc.join(name));
+        }
+        match (cur.parent(), cur.file_name()) {
+            (Some(parent), Some(name)) => {
+                missing.push(name.to_os_string());
+                cur = parent;
+            }
+            _ => return p.to_path_buf(),
+        }
     }
 }
 

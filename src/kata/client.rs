@@ -76,11 +76,24 @@ pub struct KataClient {
     inner: Arc<Inner>,
 }
 
-#[derive(Debug)]
+/// Told of every answer: the method and endpoint (`POST scans`, `GET scans/state`, …)
+/// and the HTTP code, `None` when no answer came (a transport error). Used for metrics.
+pub type AnswerObserver = Arc<dyn Fn(&'static str, Option<u16>) + Send + Sync>;
+
 struct Inner {
     http: reqwest::Client,
     endpoints: Endpoints,
     request_timeout: Duration,
+    observer: std::sync::OnceLock<AnswerObserver>,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inner")
+            .field("endpoints", &self.endpoints)
+            .field("request_timeout", &self.request_timeout)
+            .finish_non_exhaustive()
+    }
 }
 
 impl KataClient {
@@ -111,8 +124,14 @@ impl KataClient {
                 http,
                 endpoints,
                 request_timeout: opts.request_timeout,
+                observer: std::sync::OnceLock::new(),
             }),
         })
+    }
+
+    /// Installs the observer told of every answer (once; a second call is ignored).
+    pub fn observe(&self, observer: AnswerObserver) {
+        self.inner.observer.set(observer).ok();
     }
 
     /// The sensorId in every path.
@@ -147,7 +166,7 @@ impl KataClient {
             .header(CONTENT_LENGTH, total)
             .timeout(timeout)
             .body(reqwest::Body::wrap(body));
-        let answer = match self.send(request, MAX_SMALL_BODY).await {
+        let answer = match self.send("POST scans", request, MAX_SMALL_BODY).await {
             Ok(answer) => answer,
             Err(err) => return Err(self.diagnose_broken_upload(err).await),
         };
@@ -175,7 +194,9 @@ impl KataClient {
     pub async fn results(&self, states: &[ScanState]) -> Result<Vec<ScanResult>, ApiError> {
         let url = self.inner.endpoints.state(states);
         let request = self.inner.http.get(url).timeout(self.inner.request_timeout);
-        let answer = self.send(request, MAX_RESULTS_BODY).await?;
+        let answer = self
+            .send("GET scans/state", request, MAX_RESULTS_BODY)
+            .await?;
         match answer.status.as_u16() {
             200 => parse_results(&answer.body),
             204 | 404 => Ok(Vec::new()),
@@ -192,7 +213,9 @@ impl KataClient {
             .http
             .request(Method::DELETE, url)
             .timeout(self.inner.request_timeout);
-        let answer = self.send(request, MAX_SMALL_BODY).await?;
+        let answer = self
+            .send("DELETE scans/{scanId}", request, MAX_SMALL_BODY)
+            .await?;
         match answer.status.as_u16() {
             200..=299 => Ok(DeleteOutcome::Deleted),
             404 => Ok(DeleteOutcome::AlreadyGone),
@@ -209,7 +232,7 @@ impl KataClient {
             .http
             .request(Method::DELETE, url)
             .timeout(self.inner.request_timeout);
-        let answer = self.send(request, MAX_SMALL_BODY).await?;
+        let answer = self.send("DELETE scans", request, MAX_SMALL_BODY).await?;
         match answer.status.as_u16() {
             200..=299 | 404 => Ok(()),
             _ => Err(self.status_error(&answer)),
@@ -220,7 +243,9 @@ impl KataClient {
     pub async fn restrictions(&self) -> Result<Restrictions, ApiError> {
         let url = self.inner.endpoints.filters();
         let request = self.inner.http.get(url).timeout(self.inner.request_timeout);
-        let answer = self.send(request, MAX_SMALL_BODY).await?;
+        let answer = self
+            .send("GET scans/filters", request, MAX_SMALL_BODY)
+            .await?;
         match answer.status.as_u16() {
             204 => Ok(Restrictions::default()),
             200..=299 => parse_restrictions(&answer.body),
@@ -255,8 +280,20 @@ impl KataClient {
     /// Sends a request and reads the answer up to `cap` bytes: an answer announcing more, or
     /// streaming more, is a protocol error as soon as the cap is crossed (never buffered
     /// beyond it); an endless slow answer ends at the request's timeout.
-    async fn send(&self, request: reqwest::RequestBuilder, cap: usize) -> Result<Answer, ApiError> {
-        let mut response = request.send().await.map_err(ApiError::from_reqwest)?;
+    async fn send(
+        &self,
+        endpoint: &'static str,
+        request: reqwest::RequestBuilder,
+        cap: usize,
+    ) -> Result<Answer, ApiError> {
+        let observed = request.send().await;
+        if let Some(observer) = self.inner.observer.get() {
+            observer(
+                endpoint,
+                observed.as_ref().ok().map(|r| r.status().as_u16()),
+            );
+        }
+        let mut response = observed.map_err(ApiError::from_reqwest)?;
         let status = response.status();
         let retry_after = response
             .headers()

@@ -19,8 +19,9 @@ pub mod tls;
 pub mod wire;
 
 pub use client::{
-    ClientOptions, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_IDLE_PER_HOST, DEFAULT_REQUEST_TIMEOUT,
-    DeleteOutcome, KataClient, MAX_RETRY_AFTER, Submitted, parse_retry_after,
+    AnswerObserver, ClientOptions, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_IDLE_PER_HOST,
+    DEFAULT_REQUEST_TIMEOUT, DeleteOutcome, KataClient, MAX_RETRY_AFTER, Submitted,
+    parse_retry_after,
 };
 pub use error::{ApiError, TlsError};
 pub use tls::{TlsOptions, parse_fingerprint};

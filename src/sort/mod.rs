@@ -459,6 +459,17 @@ impl Sorter {
         };
         let dest = self.shared.roots[i].path(which).join(&rel);
         if outcome != Outcome::Clean {
+            // A reused verdict's record has no scan of its own: its sidecar names the scan
+            // whose verdict it reused.
+            let reused_scan: Vec<String> = match (&rec.scan_ids[..], rec.reused, &rec.scan_id) {
+                ([], true, Some(id)) => vec![id.clone()],
+                _ => Vec::new(),
+            };
+            let scan_ids = if reused_scan.is_empty() {
+                &rec.scan_ids
+            } else {
+                &reused_scan
+            };
             let sidecar = Sidecar {
                 original_path: rec.root.join(&rec.rel_path).display().to_string(),
                 size: rec.stamp.map(|s| s.size),
@@ -466,7 +477,7 @@ impl Sorter {
                 outcome: outcome.as_str(),
                 verdict: rec.verdict.as_deref(),
                 reason: reason.as_deref(),
-                scan_ids: &rec.scan_ids,
+                scan_ids,
                 verdict_reused: rec.reused,
                 dropped_at: rec.dropped_at_ms.map(rfc3339),
                 claimed_at: rfc3339(rec.claimed_at_ms),
@@ -512,7 +523,7 @@ impl Sorter {
             verdict = rec.verdict.as_deref().unwrap_or("-"),
             reason = reason.as_deref().unwrap_or("-"),
             reused = rec.reused,
-            elapsed_ms = latency,
+            since_drop_ms = latency,
             dest = %fsops::shown(&dest),
             "placed"
         );

@@ -1,0 +1,407 @@
+//! `dropscan scan PATH… [--json]`: scans the given files and folders and reports, moving
+//! nothing and writing no journal.
+//!
+//! What is read: regular files only, folders recursively. Symbolic links are never followed
+//! (a PATH that is a link, or a link met in a folder, is listed as skipped), nor are devices,
+//! FIFOs or sockets. Each file is opened with `O_NOFOLLOW` and checked to be a regular file on
+//! the open descriptor. Hard-linked files are read: nothing is moved, so a link cannot make
+//! dropscan move or expose a file elsewhere; the verdict is for the bytes read.
+//!
+//! Exit codes: 0 every file clean; 1 something detected (wins over errors); 2 an error for some
+//! file (unreadable, refused, no verdict within `server.scan_timeout`) and nothing detected;
+//! 75 another agent holds the state folder's lock; 78 configuration error.
+//!
+//! Progress on stderr: an indicatif bar (files, bytes, rate, ETA) on a terminal, a plain line
+//! every [`PLAIN_EVERY`] otherwise. `--json` prints one document on stdout at the end.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::task::JoinSet;
+
+use crate::config::Config;
+use crate::error::{EXIT_CONFIG, EXIT_DETECTED, EXIT_FILES_FAILED, EXIT_OK};
+use crate::kata::{ApiError, KataClient, ScanId, ScanState};
+
+/// How often a plain progress line is written when stderr is not a terminal.
+pub const PLAIN_EVERY: Duration = Duration::from_secs(10);
+/// Upload attempts per file (429, 5xx and transport errors are retried).
+const ATTEMPTS: u32 = 5;
+
+/// One file's result, as printed in the JSON document.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct FileResult {
+    /// The path as found (the PATH given, or beneath it).
+    pub path: PathBuf,
+    /// Its size in bytes.
+    pub size: u64,
+    /// SHA-256 (hex) of the bytes uploaded; absent when not read.
+    pub sha256: Option<String>,
+    /// `detect`, `not detected`, `error`, `timeout`, or absent when no verdict came.
+    pub verdict: Option<String>,
+    /// The scanId used.
+    pub scan_id: Option<String>,
+    /// Why there is no verdict, or why the entry was skipped.
+    pub error: Option<String>,
+    /// Not scanned on purpose (a symlink, a device, …): not an error.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub skipped: bool,
+}
+
+/// Totals of a run.
+#[derive(Debug, Clone, Serialize, Default, PartialEq, Eq)]
+pub struct Totals {
+    /// Files scanned (with or without a verdict).
+    pub files: u64,
+    /// Bytes uploaded.
+    pub bytes: u64,
+    /// Files with `not detected`.
+    pub clean: u64,
+    /// Files with `detect`.
+    pub detected: u64,
+    /// Files without a verdict (or with `error`/`timeout`).
+    pub errors: u64,
+    /// Entries skipped on purpose.
+    pub skipped: u64,
+}
+
+/// The JSON document.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    /// Per-file results, in the order found.
+    pub files: Vec<FileResult>,
+    /// Totals.
+    pub totals: Totals,
+}
+
+impl Report {
+    /// Totals from the per-file results.
+    pub fn new(files: Vec<FileResult>) -> Report {
+        let mut t = Totals::default();
+        for f in &files {
+            if f.skipped {
+                t.skipped += 1;
+                continue;
+            }
+            t.files += 1;
+            if f.sha256.is_some() {
+                t.bytes += f.size;
+            }
+            match f.verdict.as_deref() {
+                Some("not detected") => t.clean += 1,
+                Some("detect") => t.detected += 1,
+                _ => t.errors += 1,
+            }
+        }
+        Report { files, totals: t }
+    }
+
+    /// 1 detected, else 2 errors, else 0.
+    pub fn exit_code(&self) -> u8 {
+        if self.totals.detected > 0 {
+            EXIT_DETECTED
+        } else if self.totals.errors > 0 {
+            EXIT_FILES_FAILED
+        } else {
+            EXIT_OK
+        }
+    }
+}
+
+/// Lists the regular files under `paths` (never through a symlink); the rest as skipped or
+/// errors.
+pub fn collect(paths: &[PathBuf]) -> (Vec<(PathBuf, u64)>, Vec<FileResult>) {
+    let (mut files, mut other) = (Vec::new(), Vec::new());
+    let mut stack: Vec<PathBuf> = paths.iter().rev().cloned().collect();
+    let top: std::collections::HashSet<PathBuf> = paths.iter().cloned().collect();
+    while let Some(p) = stack.pop() {
+        match std::fs::symlink_metadata(&p) {
+            Err(e) => other.push(FileResult {
+                path: p,
+                error: Some(format!("cannot read: {e}")),
+                ..FileResult::default()
+            }),
+            Ok(m) if m.file_type().is_file() => files.push((p, m.len())),
+            Ok(m) if m.file_type().is_dir() => match std::fs::read_dir(&p) {
+                Ok(rd) => {
+                    let mut names: Vec<PathBuf> = rd.flatten().map(|e| e.path()).collect();
+                    names.sort();
+                    stack.extend(names.into_iter().rev());
+                }
+                Err(e) => other.push(FileResult {
+                    path: p,
+                    error: Some(format!("cannot list the folder: {e}")),
+                    ..FileResult::default()
+                }),
+            },
+            Ok(m) => {
+                let what = if m.file_type().is_symlink() {
+                    "a symbolic link (never followed)"
+                } else {
+                    "not a regular file"
+                };
+                // A link or device given by name is an error; one met inside a folder is
+                // skipped.
+                let explicit = top.contains(&p);
+                other.push(FileResult {
+                    path: p,
+                    error: Some(format!("skipped: {what}")),
+                    skipped: !explicit,
+                    ..FileResult::default()
+                });
+            }
+        }
+    }
+    (files, other)
+}
+
+/// Opens `path` for reading without following a symlink; it must be a regular file.
+fn open_regular(path: &Path) -> Result<(std::fs::File, u64), String> {
+    use rustix::fs::{Mode, OFlags};
+    let fd = rustix::fs::open(
+        path,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
+        Mode::empty(),
+    )
+    .map_err(|e| format!("cannot open: {}", std::io::Error::from(e)))?;
+    let file = std::fs::File::from(fd);
+    let meta = file.metadata().map_err(|e| format!("cannot stat: {e}"))?;
+    if !meta.file_type().is_file() {
+        return Err("not a regular file".into());
+    }
+    Ok((file, meta.len()))
+}
+
+/// Uploads one file, retrying what is retryable; the scanId and SHA-256 of the bytes sent.
+async fn submit(client: &KataClient, path: &Path) -> Result<(ScanId, String, u64), String> {
+    let mut last = String::new();
+    for attempt in 1..=ATTEMPTS {
+        let (file, len) = open_regular(path)?;
+        let scan_id = ScanId::generate();
+        match client
+            .submit(&scan_id, tokio::fs::File::from_std(file), len)
+            .await
+        {
+            Ok(sent) => return Ok((scan_id, hex::encode(sent.sha256), sent.bytes)),
+            Err(
+                e @ (ApiError::Busy { .. } | ApiError::Server { .. } | ApiError::Transport { .. }),
+            ) => {
+                last = e.to_string();
+                tokio::time::sleep(Duration::from_secs(u64::from(attempt))).await;
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    Err(format!("not accepted after {ATTEMPTS} attempts: {last}"))
+}
+
+/// Progress on stderr: a bar on a terminal, plain lines otherwise.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    files: u64,
+    done: u64,
+    bytes: u64,
+    started: Instant,
+    last_plain: Instant,
+}
+
+impl Progress {
+    fn new(files: u64, bytes: u64) -> Progress {
+        use std::io::IsTerminal;
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::with_draw_target(
+                Some(bytes),
+                indicatif::ProgressDrawTarget::stderr(),
+            );
+            if let Ok(style) = indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+            ) {
+                bar.set_style(style.progress_chars("=> "));
+            }
+            bar
+        });
+        let p = Progress {
+            bar,
+            files,
+            done: 0,
+            bytes: 0,
+            started: Instant::now(),
+            last_plain: Instant::now(),
+        };
+        p.show();
+        p
+    }
+
+    fn uploaded(&mut self, bytes: u64) {
+        self.bytes += bytes;
+        if let Some(bar) = &self.bar {
+            bar.inc(bytes);
+        }
+        self.show();
+    }
+
+    fn verdict(&mut self) {
+        self.done += 1;
+        self.show();
+    }
+
+    fn show(&self) {
+        let msg = format!("{}/{} files", self.done, self.files);
+        if let Some(bar) = &self.bar {
+            bar.set_message(msg);
+        }
+    }
+
+    fn plain_tick(&mut self, force: bool) {
+        if self.bar.is_some() || (!force && self.last_plain.elapsed() < PLAIN_EVERY) {
+            return;
+        }
+        self.last_plain = Instant::now();
+        let secs = self.started.elapsed().as_secs_f64().max(0.001);
+        #[allow(clippy::cast_precision_loss, clippy::cast_possible_truncation)]
+        let rate = (self.bytes as f64 / secs) as u64;
+        eprintln!(
+            "dropscan scan: {}/{} files with a verdict, {} uploaded ({}/s)",
+            self.done,
+            self.files,
+            super::human_bytes(self.bytes),
+            super::human_bytes(rate)
+        );
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+/// Runs `scan PATH…`.
+pub async fn run(config: &Config, paths: &[PathBuf], json: bool) -> ExitCode {
+    let client = match KataClient::new(config.server.client_options()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("dropscan: cannot set up the client: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let listed = {
+        let paths = paths.to_vec();
+        tokio::task::spawn_blocking(move || collect(&paths))
+            .await
+            .unwrap_or_default()
+    };
+    let (files, mut results) = listed;
+    let total: u64 = files.iter().map(|(_, n)| n).sum();
+    let mut progress = Progress::new(files.len() as u64, total);
+    let mut pending: HashMap<String, usize> = HashMap::new();
+    let mut scanned: Vec<FileResult> = files
+        .iter()
+        .map(|(p, n)| FileResult {
+            path: p.clone(),
+            size: *n,
+            ..FileResult::default()
+        })
+        .collect();
+
+    // Uploads, at most server.max_in_flight at once.
+    let limit = config.server.max_in_flight.get();
+    let mut uploads = JoinSet::new();
+    let mut next = 0;
+    while next < files.len() || !uploads.is_empty() {
+        while next < files.len() && uploads.len() < limit {
+            let (c, p, i) = (client.clone(), files[next].0.clone(), next);
+            uploads.spawn(async move { (i, submit(&c, &p).await) });
+            next += 1;
+        }
+        let Some(Ok((i, outcome))) = uploads.join_next().await else {
+            continue;
+        };
+        match outcome {
+            Ok((scan_id, sha256, bytes)) => {
+                scanned[i].sha256 = Some(sha256);
+                scanned[i].size = bytes;
+                scanned[i].scan_id = Some(scan_id.as_str().to_string());
+                pending.insert(scan_id.as_str().to_string(), i);
+                progress.uploaded(bytes);
+            }
+            Err(e) => {
+                scanned[i].error = Some(e);
+                progress.verdict();
+            }
+        }
+        progress.plain_tick(false);
+    }
+
+    // Verdicts, until every scan has one or server.scan_timeout passed.
+    let deadline = Instant::now() + config.server.scan_timeout;
+    let mut finished: Vec<String> = Vec::new();
+    while !pending.is_empty() && Instant::now() < deadline {
+        match client.results(&ScanState::FINAL).await {
+            Ok(list) => {
+                for r in list {
+                    if let Some(i) = pending.remove(&r.scan_id) {
+                        let verdict = r.state.as_wire().to_string();
+                        if matches!(r.state, ScanState::Error | ScanState::Timeout) {
+                            scanned[i].error = Some(format!("the scan ended with {verdict}"));
+                        }
+                        scanned[i].verdict = Some(verdict);
+                        finished.push(r.scan_id);
+                        progress.verdict();
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "results request failed; retrying"),
+        }
+        progress.plain_tick(false);
+        if !pending.is_empty() {
+            tokio::time::sleep(config.server.poll_interval.min(Duration::from_secs(2))).await;
+        }
+    }
+    for i in pending.values() {
+        scanned[*i].error = Some(format!(
+            "no verdict within {} (server.scan_timeout)",
+            humantime::format_duration(config.server.scan_timeout)
+        ));
+    }
+    // The results are ours: delete them on the server (best effort).
+    for scan_id in finished {
+        if let Ok(id) = ScanId::parse(&scan_id) {
+            client.delete(&id).await.ok();
+        }
+    }
+    progress.plain_tick(true);
+    progress.finish();
+
+    scanned.append(&mut results);
+    let report = Report::new(scanned);
+    if json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(text) => println!("{text}"),
+            Err(e) => eprintln!("dropscan: cannot write the report: {e}"),
+        }
+    } else {
+        for f in &report.files {
+            let what = match (&f.verdict, &f.error) {
+                (_, Some(e)) => e.clone(),
+                (Some(v), None) => v.clone(),
+                (None, None) => "no verdict".into(),
+            };
+            println!("{}: {what}", f.path.display());
+        }
+        let t = &report.totals;
+        println!(
+            "{} files, {}: {} clean, {} detected, {} errors, {} skipped",
+            t.files,
+            super::human_bytes(t.bytes),
+            t.clean,
+            t.detected,
+            t.errors,
+            t.skipped
+        );
+    }
+    ExitCode::from(report.exit_code())
+}

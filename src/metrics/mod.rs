@@ -1,0 +1,488 @@
+//! Metrics and health, the way Prometheus expects them (`prometheus-client`): counters the
+//! stages bump, `_seconds` histograms, gauges, and a small HTTP endpoint ([`serve`]) answering
+//! `/metrics` (`text/plain; version=0.0.4`), `/healthz` (the process runs) and `/readyz` (the
+//! server answers and every inbox exists).
+//!
+//! One [`Metrics`] lives as long as the process: `dropscan run` creates it (and the endpoint)
+//! outside the SIGHUP reload loop, so counters survive a reload and the port stays open. Each
+//! agent generation [`attach`](Metrics::attach)es its limits and journal; what depends on them
+//! (in-flight cap, server health, queue depth per state) is read at scrape time.
+//!
+//! The hot counters are plain atomics ([`Counters`], reached through `Deref`): the stages never
+//! wait on metrics; a collector turns them into Prometheus counters when scraped. Adding a gauge
+//! is one line: `metrics.gauge("name", "help").set(v)`.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::journal::Outcome;
+use crate::limits::{Health, Limits};
+
+mod http;
+
+pub use http::{CONTENT_TYPE, serve};
+
+/// Labels of a family: `(name, value)` pairs.
+type Labels = Vec<(&'static str, String)>;
+
+/// The hot counters, bumped by the stages with relaxed atomics.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Files moved into staging.
+    pub claimed: AtomicU64,
+    /// Files hashed.
+    pub hashed: AtomicU64,
+    /// Bytes hashed.
+    pub hashed_bytes: AtomicU64,
+    /// Submissions accepted by the server.
+    pub submitted: AtomicU64,
+    /// Bytes uploaded in accepted submissions.
+    pub uploaded_bytes: AtomicU64,
+    /// Submissions refused with 429.
+    pub throttled: AtomicU64,
+    /// Requests that failed (any endpoint, any reason).
+    pub request_errors: AtomicU64,
+    /// `scans/state` requests.
+    pub polls: AtomicU64,
+    /// Verdicts reused from identical content.
+    pub reused: AtomicU64,
+    /// Files placed in clean.
+    pub placed_clean: AtomicU64,
+    /// Files placed in quarantine.
+    pub placed_quarantine: AtomicU64,
+    /// Files placed in failed.
+    pub placed_failed: AtomicU64,
+    /// Placement attempts that failed and will be retried.
+    pub place_errors: AtomicU64,
+    /// Scans in flight now.
+    pub in_flight: AtomicI64,
+    /// The client certificate's notAfter in Unix seconds; 0 when unknown (not exported then).
+    pub client_cert_expiry: AtomicI64,
+    /// Unix seconds of the last successful results request; 0 before the first.
+    pub last_poll: AtomicI64,
+}
+
+/// What the current agent generation lends the metrics for scrape-time readings.
+#[derive(Clone)]
+struct Live {
+    limits: Limits,
+    journal: PathBuf,
+}
+
+/// Everything exported, for the life of the process.
+pub struct Metrics {
+    counters: Arc<Counters>,
+    registry: Mutex<Registry>,
+    gauges: Mutex<HashMap<&'static str, Gauge>>,
+    drop_to_submitted: Histogram,
+    submitted_to_verdict: Histogram,
+    drop_to_placed: Histogram,
+    answers: Family<Labels, Counter>,
+    queue: Family<Labels, Gauge>,
+    live: Mutex<Option<Live>>,
+    missing_inboxes: Mutex<BTreeSet<PathBuf>>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics")
+            .field("counters", &self.counters)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::ops::Deref for Metrics {
+    type Target = Counters;
+    fn deref(&self) -> &Counters {
+        &self.counters
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+/// Buckets of the latency histograms: 50 ms to about two hours, ×2.5.
+fn latency_buckets() -> impl Iterator<Item = f64> {
+    exponential_buckets(0.05, 2.5, 14)
+}
+
+impl Metrics {
+    /// Fresh metrics, every series registered.
+    pub fn new() -> Self {
+        let counters = Arc::new(Counters::default());
+        let mut registry = Registry::with_prefix("dropscan");
+        registry.register_collector(Box::new(CountersCollector(Arc::clone(&counters))));
+        let drop_to_submitted = Histogram::new(latency_buckets());
+        registry.register(
+            "drop_to_submitted_seconds",
+            "Time from drop completion (the file's last change in the inbox) to the server accepting its upload",
+            drop_to_submitted.clone(),
+        );
+        let submitted_to_verdict = Histogram::new(latency_buckets());
+        registry.register(
+            "submitted_to_verdict_seconds",
+            "Time from the server accepting an upload to its verdict, server outages excluded",
+            submitted_to_verdict.clone(),
+        );
+        let drop_to_placed = Histogram::new(latency_buckets());
+        registry.register(
+            "drop_to_placed_seconds",
+            "Time from drop completion (the file's last change in the inbox) to placement in clean, quarantine or failed",
+            drop_to_placed.clone(),
+        );
+        let answers = Family::<Labels, Counter>::default();
+        registry.register(
+            "kata_answers",
+            "Answers from KATA by endpoint and HTTP code (code=\"none\": no answer, a transport error)",
+            answers.clone(),
+        );
+        let queue = Family::<Labels, Gauge>::default();
+        registry.register(
+            "queue_files",
+            "Files in the journal by state (work still due on them)",
+            queue.clone(),
+        );
+        Metrics {
+            counters,
+            queue,
+            registry: Mutex::new(registry),
+            gauges: Mutex::default(),
+            drop_to_submitted,
+            submitted_to_verdict,
+            drop_to_placed,
+            answers,
+            live: Mutex::default(),
+            missing_inboxes: Mutex::default(),
+        }
+    }
+
+    /// Fresh metrics with the client certificate's notAfter (Unix seconds) set, if known.
+    pub fn with_client_cert_expiry(not_after: Option<i64>) -> Self {
+        let m = Metrics::new();
+        m.set_client_cert_expiry(not_after);
+        m
+    }
+
+    /// Sets the client certificate's notAfter (Unix seconds); `None`: unknown, not exported.
+    pub fn set_client_cert_expiry(&self, not_after: Option<i64>) {
+        self.client_cert_expiry
+            .store(not_after.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    /// The gauge `dropscan_<name>`, registered on first use; the same gauge on later calls
+    /// (so a reloaded agent keeps setting the series the endpoint exports).
+    pub fn gauge(&self, name: &'static str, help: &str) -> Gauge {
+        let mut gauges = self.gauges.lock().unwrap_or_else(PoisonError::into_inner);
+        gauges
+            .entry(name)
+            .or_insert_with(|| {
+                let g = Gauge::default();
+                self.registry
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .register(name, help, g.clone());
+                g
+            })
+            .clone()
+    }
+
+    /// The agent generation now running: its limits (cap, health) and journal (queue depth).
+    pub fn attach(&self, limits: Limits, journal: &Path) {
+        *self.live.lock().unwrap_or_else(PoisonError::into_inner) = Some(Live {
+            limits,
+            journal: journal.to_path_buf(),
+        });
+    }
+
+    /// Records which inboxes are missing now (a share not mounted yet): `/readyz` says not
+    /// ready while any is.
+    pub fn set_missing_inboxes(&self, missing: impl IntoIterator<Item = PathBuf>) {
+        *self
+            .missing_inboxes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = missing.into_iter().collect();
+    }
+
+    /// The inboxes missing now.
+    pub fn missing_inboxes(&self) -> Vec<PathBuf> {
+        self.missing_inboxes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    /// Counts an answer of KATA (`code` `None`: no answer, a transport error).
+    pub fn answer(&self, endpoint: &'static str, code: Option<u16>) {
+        let code = code.map_or_else(|| "none".to_string(), |c| c.to_string());
+        self.answers
+            .get_or_create(&vec![("endpoint", endpoint.to_string()), ("code", code)])
+            .inc();
+    }
+
+    /// Counts a successful results request (its time is exported).
+    pub fn poll_succeeded(&self) {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        self.last_poll.store(now, Ordering::Relaxed);
+    }
+
+    /// An upload accepted `since_drop` after the drop was complete.
+    pub fn observe_submitted(&self, since_drop: Duration) {
+        self.drop_to_submitted.observe(since_drop.as_secs_f64());
+    }
+
+    /// A verdict arrived `since_submit` after the upload was accepted.
+    pub fn observe_verdict(&self, since_submit: Duration) {
+        self.submitted_to_verdict
+            .observe(since_submit.as_secs_f64());
+    }
+
+    /// Counts a placement `since_drop_ms` milliseconds after the drop was complete.
+    pub fn placed(&self, outcome: Outcome, since_drop_ms: u64) {
+        let c = match outcome {
+            Outcome::Clean => &self.placed_clean,
+            Outcome::Quarantine => &self.placed_quarantine,
+            // Vanished files are never placed; counted with failed if one were.
+            Outcome::Failed | Outcome::Vanished => &self.placed_failed,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+        #[allow(clippy::cast_precision_loss)]
+        self.drop_to_placed.observe(since_drop_ms as f64 / 1000.0);
+    }
+
+    /// Total files placed.
+    pub fn placed_total(&self) -> u64 {
+        self.placed_clean.load(Ordering::Relaxed)
+            + self.placed_quarantine.load(Ordering::Relaxed)
+            + self.placed_failed.load(Ordering::Relaxed)
+    }
+
+    /// Whether the agent is ready: the server answers normally and every inbox exists; else
+    /// why not.
+    pub fn readiness(&self) -> Result<(), String> {
+        let missing = self.missing_inboxes();
+        if !missing.is_empty() {
+            let shown: Vec<String> = missing
+                .iter()
+                .map(|p| crate::fsops::shown(p).to_string())
+                .collect();
+            return Err(format!("inbox missing: {}", shown.join(", ")));
+        }
+        let live = self
+            .live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        match live.map(|l| l.limits.health()) {
+            None => Err("agent starting".into()),
+            Some(Health::Up) => Ok(()),
+            Some(Health::Down) => Err("KATA unavailable".into()),
+            Some(Health::Unauthorized) => Err("KATA refuses this sensor (401)".into()),
+        }
+    }
+
+    /// The exposition (Prometheus text format 0.0.4), read from the live agent at call time.
+    /// Reads the journal summary (a blocking SQLite read): call it off the async threads.
+    pub fn render(&self) -> String {
+        let live = self
+            .live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        if let Some(live) = &live {
+            self.gauge(
+                "in_flight_cap",
+                "Current cap on scans in flight (adapts to the server's answers)",
+            )
+            .set(i64::try_from(live.limits.cap()).unwrap_or(i64::MAX));
+            self.gauge("server_up", "1 when KATA answers normally")
+                .set(i64::from(live.limits.health() == Health::Up));
+            self.queue_depth(&live.journal);
+        }
+        self.gauge(
+            "inboxes_missing",
+            "Watched inboxes that do not exist now (waited for)",
+        )
+        .set(i64::try_from(self.missing_inboxes().len()).unwrap_or(i64::MAX));
+        let mut out = String::with_capacity(4096);
+        let registry = self.registry.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Err(e) = prometheus_client::encoding::text::encode_registry(&mut out, &registry) {
+            tracing::warn!(error = %e, "cannot encode the metrics");
+        }
+        to_text_0_0_4(&out)
+    }
+
+    /// Sets `dropscan_queue_files{state=…}` from the journal summary.
+    fn queue_depth(&self, journal: &Path) {
+        let Ok(summary) = crate::journal::read_summary(journal) else {
+            return;
+        };
+        for state in crate::journal::FileState::UNFINISHED {
+            let name = state.as_str();
+            let n = summary
+                .per_state
+                .iter()
+                .find(|(s, _)| s == name)
+                .map_or(0, |(_, n)| *n);
+            self.queue
+                .get_or_create(&vec![("state", name.to_string())])
+                .set(n);
+        }
+    }
+}
+
+/// The OpenMetrics encoder names a counter family `x` and its sample `x_total`; the text format
+/// 0.0.4 (what `/metrics` announces) wants the family named as its sample: `# HELP x_total` and
+/// `# TYPE x_total counter`.
+fn to_text_0_0_4(open_metrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = open_metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(open_metrics.len() + 256);
+    for line in open_metrics.lines() {
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|tag| {
+            let rest = line.strip_prefix(tag)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{tag}{name}_total {tail}"))
+        });
+        match renamed {
+            Some(l) => out.push_str(&l),
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// Turns the [`Counters`] atomics into Prometheus series at scrape time.
+#[derive(Debug)]
+struct CountersCollector(Arc<Counters>);
+
+impl CountersCollector {
+    fn counter(
+        encoder: &mut DescriptorEncoder,
+        name: &str,
+        help: &str,
+        v: &AtomicU64,
+    ) -> std::fmt::Result {
+        let c = ConstCounter::new(v.load(Ordering::Relaxed));
+        c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)
+    }
+
+    fn gauge(encoder: &mut DescriptorEncoder, name: &str, help: &str, v: i64) -> std::fmt::Result {
+        let g = ConstGauge::new(v);
+        g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)
+    }
+}
+
+impl Collector for CountersCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let c = &self.0;
+        let e = &mut encoder;
+        Self::counter(e, "files_claimed", "Files moved into staging", &c.claimed)?;
+        Self::counter(e, "files_hashed", "Files hashed", &c.hashed)?;
+        Self::counter(e, "hashed_bytes", "Bytes hashed", &c.hashed_bytes)?;
+        Self::counter(
+            e,
+            "scans_submitted",
+            "Submissions accepted by KATA",
+            &c.submitted,
+        )?;
+        Self::counter(
+            e,
+            "uploaded_bytes",
+            "Bytes uploaded in accepted submissions",
+            &c.uploaded_bytes,
+        )?;
+        Self::counter(e, "throttled", "Submissions answered 429", &c.throttled)?;
+        Self::counter(
+            e,
+            "request_errors",
+            "Requests to KATA that failed",
+            &c.request_errors,
+        )?;
+        Self::counter(
+            e,
+            "polls",
+            "Results requests (one per tick for all scans)",
+            &c.polls,
+        )?;
+        Self::counter(
+            e,
+            "verdicts_reused",
+            "Verdicts reused for identical content",
+            &c.reused,
+        )?;
+        Self::counter(
+            e,
+            "place_errors",
+            "Placements that failed and are retried",
+            &c.place_errors,
+        )?;
+        {
+            let proto = ConstCounter::new(0u64);
+            let mut family = e.encode_descriptor(
+                "files_placed",
+                "Files placed, by outcome",
+                None,
+                proto.metric_type(),
+            )?;
+            for (outcome, v) in [
+                ("clean", &c.placed_clean),
+                ("quarantine", &c.placed_quarantine),
+                ("failed", &c.placed_failed),
+            ] {
+                ConstCounter::new(v.load(Ordering::Relaxed))
+                    .encode(family.encode_family(&[("outcome", outcome)])?)?;
+            }
+        }
+        Self::gauge(
+            e,
+            "scans_in_flight",
+            "Scans submitted and not finished",
+            c.in_flight.load(Ordering::Relaxed),
+        )?;
+        let expiry = c.client_cert_expiry.load(Ordering::Relaxed);
+        if expiry != 0 {
+            Self::gauge(
+                e,
+                "client_cert_expiry_timestamp_seconds",
+                "notAfter of the client certificate, Unix seconds",
+                expiry,
+            )?;
+        }
+        let last_poll = c.last_poll.load(Ordering::Relaxed);
+        if last_poll != 0 {
+            Self::gauge(
+                e,
+                "last_successful_poll_timestamp_seconds",
+                "When the last results request succeeded, Unix seconds",
+                last_poll,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

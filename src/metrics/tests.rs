@@ -1,0 +1,88 @@
+//! Unit tests of the exposition.
+
+use std::num::{NonZeroU32, NonZeroUsize};
+
+use super::*;
+
+#[test]
+fn client_cert_expiry_gauge_is_exported_when_known() {
+    let known = Metrics::with_client_cert_expiry(Some(1_800_000_000)).render();
+    assert!(
+        known.contains("# TYPE dropscan_client_cert_expiry_timestamp_seconds gauge\ndropscan_client_cert_expiry_timestamp_seconds 1800000000"),
+        "{known}"
+    );
+    let unknown = Metrics::with_client_cert_expiry(None).render();
+    assert!(!unknown.contains("client_cert_expiry"), "{unknown}");
+}
+
+#[test]
+fn placement_latency_is_a_seconds_histogram_with_a_count() {
+    let m = Metrics::new();
+    m.placed(Outcome::Clean, 1500);
+    m.placed(Outcome::Quarantine, 500);
+    let text = m.render();
+    assert!(
+        text.contains("# TYPE dropscan_drop_to_placed_seconds histogram"),
+        "{text}"
+    );
+    assert!(
+        text.contains("dropscan_drop_to_placed_seconds_count 2"),
+        "{text}"
+    );
+    assert!(
+        text.contains("dropscan_drop_to_placed_seconds_sum 2.0"),
+        "{text}"
+    );
+    assert!(
+        text.contains("dropscan_files_placed_total{outcome=\"clean\"} 1"),
+        "{text}"
+    );
+    assert!(!text.contains("latency_ms"), "{text}");
+}
+
+#[test]
+fn a_gauge_is_one_line_and_the_same_series_on_a_second_call() {
+    let m = Metrics::new();
+    m.gauge("test_gauge", "A test gauge.").set(3);
+    m.gauge("test_gauge", "A test gauge.").inc();
+    let text = m.render();
+    assert!(text.contains("dropscan_test_gauge 4"), "{text}");
+    assert_eq!(text.matches("# TYPE dropscan_test_gauge gauge").count(), 1);
+}
+
+#[test]
+fn cap_health_and_answers_are_exported_once_attached() {
+    let m = Metrics::new();
+    let limits = Limits::new(
+        NonZeroUsize::new(7).unwrap_or(NonZeroUsize::MIN),
+        NonZeroU32::MIN,
+    );
+    m.attach(limits, Path::new("/nonexistent/journal.sqlite"));
+    m.answer("scans/state", Some(200));
+    m.answer("scans", None);
+    let text = m.render();
+    assert!(text.contains("dropscan_in_flight_cap 7"), "{text}");
+    assert!(
+        text.contains("dropscan_kata_answers_total{endpoint=\"scans/state\",code=\"200\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("dropscan_kata_answers_total{endpoint=\"scans\",code=\"none\"} 1"),
+        "{text}"
+    );
+}
+
+#[test]
+fn readyz_is_not_ready_while_an_inbox_is_missing() {
+    let m = Metrics::new();
+    m.attach(
+        Limits::new(NonZeroUsize::MIN, NonZeroU32::MIN),
+        Path::new("/nonexistent"),
+    );
+    assert_eq!(m.readiness(), Ok(()));
+    m.set_missing_inboxes([PathBuf::from("/mnt/share/inbox")]);
+    let why = m.readiness().unwrap_err();
+    assert!(why.contains("/mnt/share/inbox"), "{why}");
+    m.set_missing_inboxes([]);
+    assert_eq!(m.readiness(), Ok(()));
+}
