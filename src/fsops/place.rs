@@ -362,15 +362,14 @@ fn copy_then_release(
         lock(&tmp, &temp_path)?;
         src.seek(io::SeekFrom::Start(0))
             .map_err(|e| FsError::io(&temp_path, "read the staged file", e))?;
-        io::copy(src, &mut tmp).map_err(|e| FsError::io(&temp_path, "copy", e))?;
-        tmp.flush()
-            .map_err(|e| FsError::io(&temp_path, "copy", e))?;
+        // One pass: every byte written to the copy is hashed on its way there, so the copy
+        // holds exactly the bytes whose SHA-256 is compared below (the temp is ours, created
+        // exclusively, writable by nobody else). A reflinking `copy_file_range` would save the
+        // write on btrfs/XFS but need a second read to verify; one pass wins elsewhere.
+        let (sha, _) = copy_hashing(src, &mut tmp, &temp_path)?;
         tmp.sync_all()
             .map_err(|e| FsError::io(&temp_path, "fsync", e))?;
         if let Some(expected) = r.sha256 {
-            tmp.seek(io::SeekFrom::Start(0))
-                .map_err(|e| FsError::io(&temp_path, "read the copy", e))?;
-            let (sha, _) = sha256_file(&mut tmp)?;
             if sha != expected {
                 return Err(FsError::Changed {
                     path: r.staging.path().join(r.staged_name),
@@ -394,6 +393,34 @@ fn copy_then_release(
         tracing::warn!(error = %e, "staging folder fsync failed after a copy; continuing");
     }
     finish_temp(r, tdir, tname)
+}
+
+/// Copies `src` to `dst` through this thread's buffer, hashing what is written.
+fn copy_hashing(
+    src: &mut std::fs::File,
+    dst: &mut std::fs::File,
+    dst_path: &Path,
+) -> Result<([u8; 32], u64), FsError> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    super::with_buffer(|buf| {
+        let mut hasher = Sha256::new();
+        let mut total = 0u64;
+        loop {
+            let n = match src.read(buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(FsError::io(dst_path, "read the staged file", e)),
+            };
+            let chunk = buf.get(..n).unwrap_or_default();
+            hasher.update(chunk);
+            dst.write_all(chunk)
+                .map_err(|e| FsError::io(dst_path, "copy", e))?;
+            total += n as u64;
+        }
+        Ok((hasher.finalize().into(), total))
+    })
 }
 
 /// The staged file is gone: a verified temp of ours is renamed into place; no temp and the
