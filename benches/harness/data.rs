@@ -10,10 +10,12 @@ use std::path::{Path, PathBuf};
 pub struct Rng(u64);
 
 impl Rng {
+    /// A generator from `seed` (0 is replaced by 1).
     pub fn new(seed: u64) -> Self {
         Rng(seed.max(1))
     }
 
+    /// The next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x >> 12;
@@ -38,7 +40,9 @@ impl Rng {
 
 /// The folders of one scenario under `root`.
 pub struct Layout {
+    /// The scenario's folder: inbox, clean, quarantine, failed, state, logs.
     pub root: PathBuf,
+    /// The watched folder.
     pub inbox: PathBuf,
 }
 

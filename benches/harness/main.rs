@@ -36,12 +36,17 @@ use procs::{AgentFigures, Requests};
 
 /// What the command line asked for.
 pub struct Options {
+    /// Scenario names, in order.
     pub scenarios: Vec<String>,
+    /// `--tiny`: the CI sizes.
     pub tiny: bool,
     /// `None`: the scenario's default (1, or 600 with `--tiny`).
     pub time_scale: Option<f64>,
+    /// The `dropscan` binary measured.
     pub binary: PathBuf,
+    /// Where scenarios write their files (deleted after each one unless `keep`).
     pub work: PathBuf,
+    /// `--keep`: leave files and logs behind.
     pub keep: bool,
 }
 
@@ -99,6 +104,7 @@ fn parse_options() -> Result<Options, String> {
 
 /// One measured baseline and how the agent compares with it.
 pub struct Baseline {
+    /// What was run.
     pub name: String,
     /// The baseline's own figures, or why it was skipped.
     pub figures: String,
@@ -108,12 +114,19 @@ pub struct Baseline {
 
 /// Everything a scenario measured.
 pub struct Outcome {
+    /// The scenario's name.
     pub name: &'static str,
+    /// One line on what it moves.
     pub what: String,
+    /// Files dropped.
     pub files: usize,
+    /// Bytes dropped.
     pub bytes: u64,
+    /// The agent process.
     pub agent: AgentFigures,
+    /// What the agent's emulator saw.
     pub requests: Requests,
+    /// The baselines run next to it.
     pub baselines: Vec<Baseline>,
     /// Scenario-specific lines (first upload, share of the server's ceiling, …).
     pub notes: Vec<String>,

@@ -20,12 +20,19 @@ pub struct Sink {
 /// The request counters `dropscan emulate` prints when it stops.
 #[derive(Clone, Debug, Default)]
 pub struct Requests {
+    /// Every request.
     pub total: u64,
+    /// Submissions (`POST …/scans`).
     pub post: u64,
+    /// Results requests (`GET …/scans/state`).
     pub get_state: u64,
+    /// Restrictions requests (`GET …/scans/filters`).
     pub get_filters: u64,
+    /// `DELETE …/scans/{scanId}`.
     pub delete: u64,
+    /// TLS connections.
     pub connections: u64,
+    /// When the first submission arrived, ms since the Unix epoch.
     pub first_post_unix_ms: Option<u64>,
 }
 
