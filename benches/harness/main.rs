@@ -150,11 +150,11 @@ impl Outcome {
         println!("== {}: {}", self.name, self.what);
         let a = &self.agent;
         println!(
-            "   agent: {:.2} s wall, {:.0} files/s, {:.1} MB/s, {} CPU/file ({:.2} s in all), \
+            "   agent: {:.2} s wall, {} files/s, {:.1} MB/s, {} CPU/file ({:.2} s in all), \
              peak RSS {:.1} MiB, {:.2} HTTP requests/file (post {}, state {}, delete {}, \
              filters {}; {} TLS connections)",
             a.wall.as_secs_f64(),
-            self.files_per_s(),
+            rate(self.files_per_s()),
             self.mb_per_s(),
             human(self.cpu_per_file()),
             a.cpu.as_secs_f64(),
@@ -194,11 +194,11 @@ impl Outcome {
             .map(|b| format!("{}: {}", b.name, b.ratio.trim_start_matches("→ ")))
             .collect();
         format!(
-            "| {} | {} | {:.2} s | {:.0} | {:.1} | {} | {:.1} MiB | {:.2} | {} |",
+            "| {} | {} | {:.2} s | {} | {:.1} | {} | {:.1} MiB | {:.2} | {} |",
             self.name,
             self.files,
             self.agent.wall.as_secs_f64(),
-            self.files_per_s(),
+            rate(self.files_per_s()),
             self.mb_per_s(),
             human(self.cpu_per_file()),
             self.agent.peak_rss_kib as f64 / 1024.0,
@@ -209,6 +209,17 @@ impl Outcome {
                 ratios.join("; ")
             }
         )
+    }
+}
+
+/// A rate with as many decimals as it deserves: 515, 8.3, 0.12.
+pub fn rate(r: f64) -> String {
+    if r >= 100.0 {
+        format!("{r:.0}")
+    } else if r >= 1.0 {
+        format!("{r:.1}")
+    } else {
+        format!("{r:.2}")
     }
 }
 
