@@ -610,3 +610,44 @@ async fn no_filters_route_mode_answers_405_or_404_after_authorization() {
     assert_eq!(get().await.unwrap().status(), StatusCode::OK);
     fx.emulator.stop().await;
 }
+
+#[tokio::test]
+async fn emulator_counts_every_request_by_kind() {
+    let fx = Fixture::start(EmulatorConfig::default()).await;
+    let before = fx.emulator.request_counts();
+    assert_eq!(before.total(), 0);
+    assert_eq!(before.first_post_unix_ms, None);
+    assert_eq!(fx.submit("c1", b"one").await, StatusCode::OK);
+    assert_eq!(fx.submit("c2", b"two").await, StatusCode::OK);
+    fx.wait_for_state("?sensorInstanceId=node-1", "c2").await;
+    let answer = fx
+        .client
+        .delete(fx.url("/c1?sensorInstanceId=node-1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), StatusCode::OK);
+    let filters = fx.client.get(fx.url("/filters")).send().await.unwrap();
+    assert_eq!(filters.status(), StatusCode::OK);
+    let outside = format!("{}/elsewhere", fx.emulator.base_url());
+    let answer = fx.client.get(outside).send().await.unwrap();
+    assert_eq!(answer.status(), StatusCode::NOT_FOUND);
+
+    let counts = fx.emulator.request_counts();
+    assert_eq!(counts.posts, 2);
+    assert!(counts.state_gets >= 1, "{counts:?}");
+    assert_eq!(counts.deletes, 1);
+    assert_eq!(counts.filters_gets, 1);
+    assert_eq!(counts.other, 1);
+    assert_eq!(counts.delete_alls, 0);
+    assert_eq!(counts.total(), 5 + counts.state_gets);
+    // One keep-alive client: every request rode the connections it opened.
+    assert!(counts.connections >= 1 && counts.connections <= counts.total());
+    assert!(counts.first_post_unix_ms.is_some());
+    let line = counts.to_string();
+    assert!(
+        line.starts_with("emulator requests: total=") && line.contains(" post=2 "),
+        "{line}"
+    );
+    fx.emulator.stop().await;
+}

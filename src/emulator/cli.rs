@@ -1,4 +1,5 @@
-//! `dropscan emulate`: runs the emulator in the foreground until Ctrl-C.
+//! `dropscan emulate`: runs the emulator in the foreground until Ctrl-C or SIGTERM, then prints
+//! one line of request counters (`emulator requests: total=… post=… …`).
 //!
 //! Owns the subcommand's flags (clap derive; the doc comments are the help text) and the start-up
 //! message with a ready-to-paste `[server]` section. It does not parse the dropscan config file.
@@ -141,7 +142,8 @@ impl EmulateArgs {
     }
 }
 
-/// The `dropscan emulate` subcommand: serves until Ctrl-C, then stops cleanly.
+/// The `dropscan emulate` subcommand: serves until Ctrl-C or SIGTERM, prints the request
+/// counters, then stops cleanly.
 pub async fn run_cli(args: EmulateArgs) -> anyhow::Result<()> {
     let certs = CertBundle::load_or_generate_for(&args.certs, &args.server_names)
         .with_context(|| format!("certificates in {}", args.certs.display()))?;
@@ -164,10 +166,21 @@ pub async fn run_cli(args: EmulateArgs) -> anyhow::Result<()> {
     println!("ca_cert = {}", toml_path(&dir, CA_CERT_FILE));
     println!();
     println!("Ctrl-C stops.");
-    tokio::signal::ctrl_c()
-        .await
-        .context("waiting for Ctrl-C")?;
+    wait_for_stop_signal().await?;
+    // One line of request counters, for benchmarks (requests per file) and curious users.
+    println!("{}", handle.request_counts());
     handle.stop().await;
+    Ok(())
+}
+
+/// Waits for SIGINT (Ctrl-C) or SIGTERM, the signal a supervisor or a benchmark harness sends.
+async fn wait_for_stop_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+    tokio::select! {
+        interrupted = tokio::signal::ctrl_c() => interrupted.context("waiting for Ctrl-C")?,
+        _ = term.recv() => {}
+    }
     Ok(())
 }
 

@@ -45,7 +45,7 @@ pub use certs::{
     SERVER_KEY_FILE,
 };
 pub use cli::{EmulateArgs, run_cli};
-pub use server::{Emulator, EmulatorHandle};
+pub use server::{Emulator, EmulatorHandle, RequestCounts};
 pub use state::{Authorization, InjectedVerdict, ScanInfo, ScanState, SharedState, Stats};
 
 /// Default `maxObjectSize` reported and enforced: 100 MiB.

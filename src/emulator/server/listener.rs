@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::debug;
 
+use super::counters::RequestCounters;
 use super::routing::handle;
 use crate::emulator::state::SharedState;
 use crate::emulator::{CertBundle, EmulatorError};
@@ -44,6 +45,7 @@ pub(super) async fn accept_loop(
     state: SharedState,
     shutdown: CancellationToken,
     tasks: TaskTracker,
+    counters: Arc<RequestCounters>,
 ) {
     loop {
         let accepted = tokio::select! {
@@ -58,6 +60,7 @@ pub(super) async fn accept_loop(
                     acceptor.clone(),
                     state.clone(),
                     shutdown.clone(),
+                    Arc::clone(&counters),
                 ));
             }
             // Typically EMFILE: wait a little instead of spinning.
@@ -75,6 +78,7 @@ async fn connection(
     acceptor: TlsAcceptor,
     state: SharedState,
     shutdown: CancellationToken,
+    counters: Arc<RequestCounters>,
 ) {
     tcp.set_nodelay(true).ok();
     let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp));
@@ -100,11 +104,20 @@ async fn connection(
     else {
         return;
     };
+    counters.connection();
     // Cancelled by the `drop` fault (this connection only) or by `stop` (all).
     let closing = shutdown.child_token();
     let service = service_fn({
         let closing = closing.clone();
-        move |req| handle(req, state.clone(), fingerprint, closing.clone())
+        move |req| {
+            handle(
+                req,
+                state.clone(),
+                fingerprint,
+                closing.clone(),
+                Arc::clone(&counters),
+            )
+        }
     });
     let builder = auto::Builder::new(TokioExecutor::new());
     let conn = builder.serve_connection(TokioIo::new(tls), service);

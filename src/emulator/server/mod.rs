@@ -13,10 +13,12 @@
 //! Layout: this file starts and stops instances; `listener.rs` is the TLS accept loop and the
 //! per-connection task; `routing.rs` the fault injection, the path parser and the dispatch;
 //! `handlers.rs` the submit and results handlers; `form.rs` the multipart form reader with its
-//! EICAR search; `answer.rs` the answer builders and the body drain. The scans and counters live
+//! EICAR search; `answer.rs` the answer builders and the body drain; `counters.rs` the per-instance request
+//! counters ([`RequestCounts`], printed by `dropscan emulate` when it stops). The scans and counters live
 //! in the state (`super::state`), which knows nothing of HTTP.
 
 mod answer;
+mod counters;
 mod form;
 mod handlers;
 mod listener;
@@ -25,6 +27,7 @@ mod routing;
 mod tests;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
@@ -34,6 +37,8 @@ use tracing::debug;
 
 use super::state::SharedState;
 use super::{CertBundle, EmulatorConfig, EmulatorError};
+use counters::RequestCounters;
+pub use counters::RequestCounts;
 use listener::{accept_loop, tls_config};
 
 /// Most bytes read and discarded before an early answer; beyond, the connection just closes.
@@ -74,6 +79,7 @@ pub struct EmulatorHandle {
     state: SharedState,
     shutdown: CancellationToken,
     tasks: TaskTracker,
+    counters: Arc<RequestCounters>,
 }
 
 impl EmulatorHandle {
@@ -96,6 +102,11 @@ impl EmulatorHandle {
     /// The state: runtime control and observation.
     pub fn state(&self) -> SharedState {
         self.state.clone()
+    }
+
+    /// The HTTP requests this instance received so far, by kind (see [`RequestCounts`]).
+    pub fn request_counts(&self) -> RequestCounts {
+        self.counters.snapshot()
     }
 
     /// Stops accepting AND closes open connections; the port is free afterwards.
@@ -132,12 +143,14 @@ async fn serve(
         })?;
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
+    let counters = Arc::new(RequestCounters::default());
     tasks.spawn(accept_loop(
         listener,
         acceptor,
         state.clone(),
         shutdown.clone(),
         tasks.clone(),
+        Arc::clone(&counters),
     ));
     debug!(%addr, "emulator listening");
     Ok(EmulatorHandle {
@@ -145,5 +158,6 @@ async fn serve(
         state,
         shutdown,
         tasks,
+        counters,
     })
 }

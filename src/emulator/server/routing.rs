@@ -2,6 +2,7 @@
 //! parser, the method, sensorId and authorization checks, then the dispatch to the handlers.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use hyper::body::Incoming;
 use hyper::header::{ALLOW, CONTENT_LENGTH, HeaderValue, RETRY_AFTER};
@@ -9,6 +10,7 @@ use hyper::{Method, Request, StatusCode};
 use tokio_util::sync::CancellationToken;
 
 use super::answer::{Answer, drain, json, text, too_many};
+use super::counters::RequestCounters;
 use super::handlers::{results_answer, submit};
 use crate::emulator::Authorization;
 use crate::emulator::state::{ScanState, SharedState, parse_sensor_id};
@@ -30,7 +32,9 @@ pub(super) async fn handle(
     state: SharedState,
     fingerprint: [u8; 32],
     closing: CancellationToken,
+    counters: Arc<RequestCounters>,
 ) -> Result<Answer, Dropped> {
+    counters.request(req.method(), parse_path(req.uri().path()).as_ref());
     let settings = state.request_settings();
     let faults = &settings.faults;
     if roll(faults.slow_share) {
