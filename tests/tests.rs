@@ -14,5 +14,6 @@ mod kata_emulator;
 mod kata_parse;
 mod layout;
 mod model;
+mod packaging;
 mod pipeline;
 mod watch_settle;
