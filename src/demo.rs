@@ -3,7 +3,7 @@
 //! Starts the built-in emulator on 127.0.0.1 with certificates generated into the demo folder,
 //! creates `inbox/`, `clean/`, `quarantine/` and `failed/` there, writes a real config file
 //! (`dropscan.toml`) pointing at the emulator, and runs the agent on it with a short poll
-//! interval. Two sample files are dropped at the first start so that something happens at once.
+//! interval. Two sample files are dropped at each start so that something happens at once.
 //! Every placed file is printed as it happens. Ctrl-C stops it cleanly.
 
 use std::path::Path;
@@ -45,7 +45,6 @@ pub async fn run(
     .await
     .context("cannot start the built-in KATA emulator")?;
     let inbox = dir.join("inbox");
-    let first_run = !inbox.exists();
     // Only the inbox: the agent creates the destinations itself, quarantine owner-only.
     std::fs::create_dir_all(&inbox)?;
     let config_path = dir.join("dropscan.toml");
@@ -82,12 +81,13 @@ pub async fn run(
     println!("  make a harmless EICAR test file to see quarantine work:");
     println!("    printf '%s' '{EICAR}' > {}/eicar.com", show(&inbox));
     println!("  Ctrl-C stops it.");
-    if first_run {
-        std::fs::write(
-            inbox.join("hello.txt"),
-            "Hello from dropscan: this file is clean.\n",
-        )?;
-        std::fs::write(inbox.join("eicar-sample.com"), EICAR)?;
+    // The samples are dropped at every start (unless still waiting in the inbox), so that
+    // `--exit-after 2` ends on a second run too instead of waiting for files that never come.
+    let hello = inbox.join("hello.txt");
+    let eicar = inbox.join("eicar-sample.com");
+    if !hello.exists() && !eicar.exists() {
+        std::fs::write(&hello, "Hello from dropscan: this file is clean.\n")?;
+        std::fs::write(&eicar, EICAR)?;
         println!("  (dropped two samples: hello.txt and eicar-sample.com)");
     }
     println!();

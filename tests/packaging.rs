@@ -325,3 +325,33 @@ fn the_debian_changelog_is_for_this_version_and_in_debian_format() {
         "{trailer}"
     );
 }
+
+/// Issue 10, friction found by a new user: `demo --exit-after 2` hung on a second run, because
+/// the two samples were only dropped on the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_exit_after_2_no_longer_hangs_on_a_second_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let demo = dir.path().join("demo");
+    for run in 1..=2 {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_dropscan"))
+            .args(["demo", "--exit-after", "2", "--poll-interval", "100ms"])
+            .args(["--settle", "200ms", "--dir"])
+            .arg(&demo)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let status = wait_for(LIMIT, || child.try_wait().unwrap()).await;
+        if status.is_none() {
+            child.kill().ok();
+            child.wait().ok();
+        }
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "run {run} of `demo --exit-after 2` did not end: {status:?}"
+        );
+    }
+    let clean = World::files_in(&demo.join("clean"));
+    assert_eq!(clean.len(), 2, "hello.txt twice: {clean:?}");
+}
