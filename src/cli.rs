@@ -98,6 +98,25 @@ pub enum Command {
         #[command(flatten)]
         config: ConfigFile,
     },
+    /// Write shell completions or man pages into a folder (for packagers; see
+    /// `packaging/build-deb`).
+    #[command(hide = true)]
+    Generate {
+        /// What to write.
+        what: Generated,
+        /// The folder to write into (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
+}
+
+/// What `dropscan generate` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Generated {
+    /// `dropscan.bash`, `_dropscan` (zsh) and `dropscan.fish`.
+    Completions,
+    /// `dropscan.1` and one `dropscan-COMMAND.1` per subcommand.
+    Man,
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ mod kata_parse;
 mod layout;
 mod metrics;
 mod model;
+mod packaging;
 mod pipeline;
 mod scan_cli;
 mod watch_settle;

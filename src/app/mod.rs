@@ -18,6 +18,8 @@
 //! - a staged file with no record (the journal was lost or is new) re-enters as a new file under
 //!   `recovered/`.
 //!
+//! Once every stage runs, the service manager is told `READY=1` ([`crate::service`]).
+//!
 //! Shutdown: the token is cancelled (SIGINT/SIGTERM); sources stop taking work; uploads in
 //! progress get `shutdown_grace`, then are abandoned, which is safe because the journal already
 //! says `submitting(scanId)`.
@@ -259,6 +261,11 @@ impl Agent {
             sensor_id = %cfg.server.sensor_id,
             "dropscan running"
         );
+        crate::service::ready(&format!(
+            "running: {} watched folder(s), server {}",
+            cfg.watches.len(),
+            cfg.server.url
+        ));
 
         stages.cancelled().await;
         tracing::info!("shutting down: finishing or journaling work in progress");
@@ -284,7 +291,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Fata
     Agent::new(config)?.run(shutdown).await
 }
 
-/// Periodic chores: restrictions refresh, journal pruning.
+/// Periodic chores: restrictions refresh, journal pruning, owner markers, systemd watchdog pings.
 async fn housekeeping(shared: Arc<Shared>, shutdown: CancellationToken) {
     let mut refresh = tokio::time::interval(shared.config.server.restrictions_refresh);
     refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -292,10 +299,15 @@ async fn housekeeping(shared: Arc<Shared>, shutdown: CancellationToken) {
     let mut prune = tokio::time::interval(std::time::Duration::from_secs(3600));
     let mut heartbeat = tokio::time::interval(fsops::roots::OWNER_HEARTBEAT);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // systemd's WatchdogSec: pinged from here, so a stuck housekeeping loop gets us restarted.
+    let watchdog_every = crate::service::watchdog_interval();
+    let mut watchdog =
+        tokio::time::interval(watchdog_every.unwrap_or(std::time::Duration::from_secs(3600)));
     loop {
         tokio::select! {
             biased;
             () = shutdown.cancelled() => break,
+            _ = watchdog.tick(), if watchdog_every.is_some() => crate::service::watchdog(),
             _ = heartbeat.tick() => {
                 // Keep the staging folders' owner markers fresh: another host configured with
                 // our instance id is refused while we run.

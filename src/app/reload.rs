@@ -155,6 +155,9 @@ pub async fn run_reloading_with(
                     match Config::load(&path) {
                         Ok(c) => {
                             tracing::info!(config = %crate::fsops::shown(&path), "SIGHUP: configuration valid, restarting the agent on it");
+                            crate::service::status(
+                                "reloading: restarting the agent on the new configuration",
+                            );
                             *next.lock().unwrap_or_else(PoisonError::into_inner) = Some(c);
                             generation.cancel();
                             return;

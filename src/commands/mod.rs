@@ -21,6 +21,7 @@ pub use crate::error::{EXIT_NOPERM, EXIT_PROTOCOL};
 use crate::kata::{ApiError, KataClient};
 use crate::{app, demo, logging, signal};
 
+pub mod generate;
 pub mod scan;
 pub mod scan_paths;
 
@@ -62,6 +63,7 @@ pub async fn dispatch(command: Command) -> ExitCode {
         Command::Check { config, offline } => check(&config.path, offline).await,
         Command::Status { config } => status(&config.path),
         Command::PurgeResults { config, yes } => purge_results(&config.path, yes).await,
+        Command::Generate { what, out } => generate::run(what, &out),
     }
 }
 
@@ -93,6 +95,7 @@ async fn run(path: &Path) -> ExitCode {
             return ExitCode::from(EXIT_UNAVAILABLE);
         }
     };
+    crate::service::stopping_on(shutdown.clone());
     match app::run_reloading(config, path, shutdown, reload).await {
         Ok(()) => {
             tracing::info!("stopped");

@@ -2,9 +2,9 @@
 //!
 //! Resolves every relative path against the config file's folder, parses durations
 //! (`humantime`), turns limits into `NonZero*`, compiles the globs, checks that the folders are
-//! distinct and correctly nested, and reads the TLS material. Every error names the key; the
-//! caller (`Config::load`) adds its line. Owns no parsing of TOML and no defaults' documentation
-//! (those are in `raw` and the module root).
+//! distinct and correctly nested, refuses the example's `REPLACE-ME` placeholders, and reads the
+//! TLS material. Every error names the key; the caller (`Config::load`) adds its line. Owns no
+//! parsing of TOML and no defaults' documentation (those are in `raw` and the module root).
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -21,6 +21,10 @@ use super::{
     StateConfig, WatchConfig, WatchMode,
 };
 use crate::kata::{self, TlsOptions};
+
+/// What the example config (the `.deb`'s conffile) holds where only an administrator knows the
+/// value: `check` and `run` refuse it until it is replaced.
+const PLACEHOLDER: &str = "REPLACE-ME";
 
 /// Validates and resolves a parsed file. Relative paths are taken relative to `path`'s folder.
 pub(super) fn config(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
@@ -121,7 +125,35 @@ impl Validator {
         Ok(n)
     }
 
+    /// Refuses a value still holding the example config's placeholder, saying what to put there.
+    fn not_placeholder(&self, key: &str, value: &str, what: &str) -> Result<(), ConfigError> {
+        if value.to_ascii_uppercase().contains(PLACEHOLDER) {
+            return Err(self.invalid(
+                key,
+                &format!("still holds the example's placeholder `{value}`: set it to {what}"),
+            ));
+        }
+        Ok(())
+    }
+
     fn server(&self, raw: RawServer) -> Result<ServerConfig, ConfigError> {
+        self.not_placeholder(
+            "server.url",
+            &raw.url,
+            "the address of your KATA Central Node, e.g. \"https://kata.example.org\"",
+        )?;
+        self.not_placeholder(
+            "server.sensor_id",
+            &raw.sensor_id,
+            "one UUID for the whole installation, generated once (e.g. with `uuidgen`) and shared by all its agents",
+        )?;
+        if let Some(id) = &raw.sensor_instance_id {
+            self.not_placeholder(
+                "server.sensor_instance_id",
+                id,
+                "a name unique to this host (letters, digits, - _ .), or remove the key to use the host name",
+            )?;
+        }
         let url = reqwest::Url::parse(raw.url.trim()).map_err(|e| {
             self.invalid("server.url", &format!("`{}` is not a URL ({e})", raw.url))
         })?;
