@@ -20,7 +20,10 @@ pub use crate::error::{EXIT_NOPERM, EXIT_PROTOCOL};
 use crate::kata::{ApiError, KataClient};
 use crate::{app, demo, logging, signal};
 
+pub mod failed;
+pub mod quarantine;
 pub mod scan;
+pub mod tools;
 
 /// Runs one subcommand.
 pub async fn dispatch(command: Command) -> ExitCode {
@@ -55,6 +58,8 @@ pub async fn dispatch(command: Command) -> ExitCode {
         Command::Check { config, offline } => check(&config.path, offline).await,
         Command::Status { config } => status(&config.path),
         Command::PurgeResults { config, yes } => purge_results(&config.path, yes).await,
+        Command::Quarantine { action } => quarantine::run(action).await,
+        Command::Failed { action } => failed::run(action).await,
     }
 }
 
