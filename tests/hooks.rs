@@ -292,3 +292,50 @@ command = ["{hook}", "{out}", "{flag}"]
     let (r, _) = agent.stop().await;
     r.unwrap();
 }
+
+#[tokio::test]
+async fn a_wrong_hook_is_refused_naming_the_key_and_the_file() {
+    let mut w = World::quick().await;
+    let secret = w.dir.path().join("open.secret");
+    std::fs::write(&secret, "key").unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let cases = [
+        (
+            "on = [\"clean\"]\nurl = \"http://siem.example.org/x\"",
+            "hook[0].url",
+        ),
+        ("on = [\"clean\"]\ncommand = []", "hook[0].command"),
+        ("on = []\ncommand = [\"/bin/true\"]", "hook[0].on"),
+        (
+            "on = [\"clean\"]\ncommand = [\"/bin/true\"]\nurl = \"https://a.example/\"",
+            "hook[0].url",
+        ),
+        (
+            "on = [\"clean\"]\ncommand = [\"/bin/true\"]\ntimeout = \"soon\"",
+            "hook[0].timeout",
+        ),
+        (
+            &format!(
+                "on = [\"clean\"]\nurl = \"https://a.example/\"\nsecret_file = \"{}\"",
+                secret.display()
+            ),
+            "hook[0].secret_file",
+        ),
+    ];
+    for (hook, key) in cases {
+        w.more_watches = format!("\n[[hook]]\n{hook}\n");
+        let path = w.write_config();
+        let err = dropscan::config::Config::load(&path)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(key), "{hook}: {err}");
+        assert!(err.contains(&path.display().to_string()), "{hook}: {err}");
+    }
+    // An unknown outcome is named by the parser, with its line.
+    w.more_watches = "\n[[hook]]\non = [\"detected\"]\ncommand = [\"/bin/true\"]\n".into();
+    let path = w.write_config();
+    let err = dropscan::config::Config::load(&path)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("detected"), "{err}");
+}

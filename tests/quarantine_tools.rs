@@ -59,7 +59,10 @@ fn id_of(entries: &[serde_json::Value], path: &str) -> String {
 }
 
 fn entry<'a>(entries: &'a [serde_json::Value], id: &str) -> &'a serde_json::Value {
-    entries.iter().find(|e| e["id"].to_string() == id).unwrap()
+    entries
+        .iter()
+        .find(|e| e["id"] == id.parse::<i64>().unwrap())
+        .unwrap()
 }
 
 fn hex_sha(b: &[u8]) -> String {

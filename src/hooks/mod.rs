@@ -11,8 +11,10 @@
 //!   once (a hanging hook holds only its own slots, and is killed after its `timeout`), and
 //!   deletes a row once delivered. A failed delivery is retried after an exponential backoff
 //!   with jitter (1 s, 2 s, 4 s … at most 10 min); after `max_attempts` the row is given up on:
-//!   an error is logged and kept in the journal's error history (`dropscan status`), and the row
-//!   stays (counted by `status`) until pruned with the finished records.
+//!   an error is logged and kept in the journal's error history (shown by `dropscan status`),
+//!   and the row stays in the journal's `hook_events` table (`gave_up = 1`,
+//!   [`Journal::hook_counts`](crate::journal::Journal::hook_counts)) until pruned with the
+//!   finished records.
 //! - **At least once**: a delivery cut short by a shutdown or a crash is repeated after the
 //!   restart; receivers may see an event twice (its `sha256`, `dest` and `time` identify it).
 //!
