@@ -14,6 +14,12 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// The text shown under `--help` of `quarantine` and `failed`.
+pub const TOOLS_EXIT_HELP: &str = "Exit codes: 0 done; 2 refused (no such entry, no longer kept, another tool is working on it, \
+the bytes changed since they were quarantined, the target exists, the file is missing); \
+69 the journal or a folder failed; 78 configuration or usage error. Every action (and every \
+refusal) is audited in the journal: Unix user, time, reason, what.";
+
 /// `--config FILE`, shared by the commands that read the configuration.
 #[derive(Debug, Args)]
 pub struct ConfigFile {
@@ -92,6 +98,22 @@ pub enum Command {
         #[arg(long)]
         yes: bool,
     },
+    /// Files in quarantine: list, show, release a false positive, restore for analysis, purge.
+    /// Reads the journal; works while the agent runs; every action is audited.
+    #[command(after_help = TOOLS_EXIT_HELP)]
+    Quarantine {
+        /// What to do.
+        #[command(subcommand)]
+        action: QuarantineAction,
+    },
+    /// Files in failed: list, show, retry (back into the pipeline), purge.
+    /// Reads the journal; works while the agent runs; every action is audited.
+    #[command(after_help = TOOLS_EXIT_HELP)]
+    Failed {
+        /// What to do.
+        #[command(subcommand)]
+        action: FailedAction,
+    },
     /// Show what the journal holds: counts per state, the oldest pending file, the last errors.
     Status {
         /// `--config FILE`.
@@ -117,6 +139,137 @@ pub enum Generated {
     Completions,
     /// `dropscan.1` and one `dropscan-COMMAND.1` per subcommand.
     Man,
+}
+
+/// `dropscan quarantine …`.
+#[derive(Debug, Subcommand)]
+pub enum QuarantineAction {
+    /// The files in quarantine: id, when, original root and path, current path, size,
+    /// SHA-256, verdict, scanIds.
+    List {
+        /// `--config FILE`.
+        #[command(flatten)]
+        config: ConfigFile,
+        /// One JSON array.
+        #[arg(long)]
+        json: bool,
+        /// Also released, restored and purged entries, with their audit records.
+        #[arg(long)]
+        all: bool,
+    },
+    /// One entry with its audit records.
+    Show {
+        /// `--config FILE`.
+        #[command(flatten)]
+        config: ConfigFile,
+        /// The entry's id (from `list`).
+        id: i64,
+        /// As JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Release a false positive: a verified copy (the bytes must still have the quarantined
+    /// SHA-256) goes to the clean folder at the original relative path; the quarantined file
+    /// is removed.
+    Release {
+        /// `--config FILE`.
+        #[command(flatten)]
+        config: ConfigFile,
+        /// The entry's id (from `list`).
+        id: i64,
+        /// Why (kept in the audit record).
+        #[arg(long)]
+        reason: String,
+    },
+    /// Move a file out of quarantine to where an analyst wants it (a verified copy, mode
+    /// 0600; never replaces an existing file).
+    Restore {
+        /// `--config FILE`.
+        #[command(flatten)]
+        config: ConfigFile,
+        /// The entry's id (from `list`).
+        id: i64,
+        /// Destination file, or an existing folder (the original name is kept).
+        #[arg(long, value_name = "PATH")]
+        to: PathBuf,
+        /// Why (kept in the audit record).
+        #[arg(long)]
+        reason: String,
+    },
+    /// Delete quarantined files placed longer ago than DURATION (with their sidecars).
+    Purge {
+        /// `--config FILE`.
+        #[command(flatten)]
+        config: ConfigFile,
+        /// e.g. "30d"; "0s" for everything.
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        older_than: std::time::Duration,
+        /// Confirm the deletion.
+        #[arg(long)]
+        yes: bool,
+        /// Why (kept in the audit records); default: "older than DURATION".
+        #[arg(long)]
+        reason: Option<String>,
+    },
+}
+
+/// `dropscan failed …`.
+#[derive(Debug, Subcommand)]
+pub enum FailedAction {
+    /// The files in failed: id, when, original root and path, current path, size, reason.
+    List {
+        /// `--config FILE`.
+        #[command(flatten)]
+        config: ConfigFile,
+        /// One JSON array.
+        #[arg(long)]
+        json: bool,
+        /// Also retried and purged entries, with their audit records.
+        #[arg(long)]
+        all: bool,
+    },
+    /// One entry with its audit records.
+    Show {
+        /// `--config FILE`.
+        #[command(flatten)]
+        config: ConfigFile,
+        /// The entry's id (from `list`).
+        id: i64,
+        /// As JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put failed files back into their inbox at their original path: the agent scans them
+    /// again as new drops (after an outage, or a raised size limit).
+    Retry {
+        /// `--config FILE`.
+        #[command(flatten)]
+        config: ConfigFile,
+        /// The entry's id (from `list`).
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<i64>,
+        /// Every file in failed.
+        #[arg(long)]
+        all: bool,
+        /// Why (kept in the audit records); default: "retry".
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Delete failed files placed longer ago than DURATION (with their sidecars).
+    Purge {
+        /// `--config FILE`.
+        #[command(flatten)]
+        config: ConfigFile,
+        /// e.g. "30d"; "0s" for everything.
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        older_than: std::time::Duration,
+        /// Confirm the deletion.
+        #[arg(long)]
+        yes: bool,
+        /// Why (kept in the audit records); default: "older than DURATION".
+        #[arg(long)]
+        reason: Option<String>,
+    },
 }
 
 #[cfg(test)]

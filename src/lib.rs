@@ -21,8 +21,8 @@
 //! Around the pipeline: [`config`] (validated once at start), [`kata`] (the protocol client,
 //! knowing nothing of the pipeline), [`fsops`] (the only place that touches users' files,
 //! every path beneath its root), [`app`] (wiring, start-up reconciliation, reload, shutdown),
-//! [`emulator`] (the built-in KATA stand-in), [`metrics`], [`service`] (systemd notifications),
-//! and the [`commands`].
+//! [`emulator`] (the built-in KATA stand-in), [`hooks`] (notifications of placements),
+//! [`metrics`], [`service`] (systemd notifications), and the [`commands`].
 
 // The pipeline, in order: each stage is one module with one `run(ctx, inputs, outputs,
 // shutdown)`. (Blank lines keep rustfmt from sorting them.)
@@ -56,6 +56,7 @@ pub mod demo;
 pub mod emulator;
 pub mod error;
 pub mod fsops;
+pub mod hooks;
 pub mod kata;
 pub mod logging;
 pub mod metrics;

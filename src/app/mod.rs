@@ -246,6 +246,12 @@ impl Agent {
         );
         stage("sort", Box::pin(sort));
         tracker.spawn(housekeeping(Arc::clone(&shared), stages.clone()));
+        // Notifications: their own task, reading the journal's queue; never on a stage's path.
+        tracker.spawn(crate::hooks::run(
+            shared.journal.clone(),
+            cfg.hooks.clone(),
+            stages.clone(),
+        ));
         if let Some(addr) = cfg.metrics_listen.filter(|_| serve_metrics) {
             let (m, s) = (Arc::clone(&shared.metrics), stages.clone());
             tracker.spawn(async move {

@@ -21,9 +21,12 @@ pub use crate::error::{EXIT_NOPERM, EXIT_PROTOCOL};
 use crate::kata::{ApiError, KataClient};
 use crate::{app, demo, logging, signal};
 
+pub mod failed;
 pub mod generate;
+pub mod quarantine;
 pub mod scan;
 pub mod scan_paths;
+pub mod tools;
 
 /// Runs one subcommand.
 pub async fn dispatch(command: Command) -> ExitCode {
@@ -64,6 +67,8 @@ pub async fn dispatch(command: Command) -> ExitCode {
         Command::Status { config } => status(&config.path),
         Command::PurgeResults { config, yes } => purge_results(&config.path, yes).await,
         Command::Generate { what, out } => generate::run(what, &out),
+        Command::Quarantine { action } => quarantine::run(action).await,
+        Command::Failed { action } => failed::run(action).await,
     }
 }
 

@@ -8,6 +8,7 @@
 //!   durations (`humantime`), limits as `NonZero*`, globs (`globset`), folder nesting, TLS
 //!   material read;
 //! - `spans`: where a key is written, from the TOML parser's spans;
+//! - `hooks`: `[[hook]]` (notifications), as written and validated;
 //! - `error`: `ConfigError`.
 //!
 //! Only `Config::load` touches the disk (and `validate`, for the TLS files). After validation no
@@ -25,6 +26,7 @@ use serde::Deserialize;
 use crate::kata::{ClientOptions, TlsOptions};
 
 mod error;
+mod hooks;
 mod raw;
 mod spans;
 mod validate;
@@ -33,6 +35,7 @@ mod validate;
 mod tests;
 
 pub use error::ConfigError;
+pub use hooks::{HookConfig, HookOn, HookTarget, Secret};
 use raw::RawConfig;
 
 /// Built-in default for `server.poll_interval` (the vendor recommends once a minute).
@@ -97,6 +100,8 @@ pub struct Config {
     pub log: LogConfig,
     /// Metrics endpoint.
     pub metrics_listen: Option<SocketAddr>,
+    /// Notifications of placements (`[[hook]]`), in file order.
+    pub hooks: Vec<HookConfig>,
 }
 
 /// `[server]`, validated.

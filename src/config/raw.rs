@@ -31,6 +31,9 @@ pub(crate) struct RawConfig {
     /// `[metrics]`
     #[serde(default)]
     pub metrics: RawMetrics,
+    /// `[[hook]]`, zero or more.
+    #[serde(default)]
+    pub hook: Vec<super::hooks::RawHook>,
 }
 
 /// `[server]` as written.

@@ -50,7 +50,14 @@ pub(super) fn config(raw: RawConfig, path: &Path) -> Result<Config, ConfigError>
             )
         })?),
     };
+    let hooks = raw
+        .hook
+        .into_iter()
+        .enumerate()
+        .map(|(i, h)| v.hook(i, h))
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(Config {
+        hooks,
         path: v.file.clone(),
         server,
         state,
@@ -61,7 +68,7 @@ pub(super) fn config(raw: RawConfig, path: &Path) -> Result<Config, ConfigError>
 }
 
 /// Validation helpers that know the file and its folder.
-struct Validator {
+pub(super) struct Validator {
     file: PathBuf,
     base: PathBuf,
 }
@@ -78,7 +85,7 @@ impl Validator {
         Validator { file, base }
     }
 
-    fn invalid(&self, key: &str, message: &str) -> ConfigError {
+    pub(super) fn invalid(&self, key: &str, message: &str) -> ConfigError {
         ConfigError::Invalid {
             path: self.file.clone(),
             line: None,
@@ -87,14 +94,14 @@ impl Validator {
         }
     }
 
-    fn path(&self, p: &Path, key: &str) -> Result<PathBuf, ConfigError> {
+    pub(super) fn path(&self, p: &Path, key: &str) -> Result<PathBuf, ConfigError> {
         if p.as_os_str().is_empty() {
             return Err(self.invalid(key, "is empty; give a path"));
         }
         Ok(absolute(p, &self.base))
     }
 
-    fn duration(
+    pub(super) fn duration(
         &self,
         value: Option<&str>,
         default: &str,
@@ -109,7 +116,7 @@ impl Validator {
         })
     }
 
-    fn positive(
+    pub(super) fn positive(
         &self,
         value: Option<i64>,
         default: u64,

@@ -75,14 +75,18 @@
 //! - `ops_claim.rs`, `ops_submit.rs`, `ops_decide.rs`, `ops_place.rs`, `ops_maint.rs`: the
 //!   operations, by pipeline stage (claim and hash; submit and poll; decide; place and done, and
 //!   reading records; stale scans, errors, pruning and the summary);
+//! - `ops_audit.rs`: the quarantine and failed tools: kept files, custody, audit records;
+//! - `ops_hooks.rs`: the queue of notifications (`[[hook]]`), filled with the placement;
 //! - `testing.rs`: a test hook (raw access for integration tests that simulate a clock jump or a
 //!   rollback by SQLite), hidden from the docs and never used by the daemon.
 //!
 //! What this module does not do: touch files or the network. The stages do that, in the order the
 //! journal allows.
 
+mod ops_audit;
 mod ops_claim;
 mod ops_decide;
+mod ops_hooks;
 mod ops_maint;
 mod ops_place;
 mod ops_submit;
@@ -99,6 +103,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::mpsc;
 
+pub use ops_audit::{AuditEntry, CUSTODY_STALE_MS, Kept};
+pub use ops_hooks::{HookEvent, NewHookEvent};
 pub(crate) use ops_maint::DEFAULT_HISTORY;
 pub use ops_maint::read_summary;
 pub use types::{

@@ -11,7 +11,7 @@ use std::time::Duration;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::schema::{blob_path, execute};
-use super::types::{FileState, JournalError, Summary};
+use super::types::{FileState, JournalError, Outcome, Summary};
 use super::{Journal, now_ms};
 
 /// Done records older than this are pruned.
@@ -147,7 +147,9 @@ impl Journal {
         self.run(move |conn| note_error_in(conn, &text)).await
     }
 
-    /// Drops finished records older than `history` and verdicts older than `verdict_ttl`. A
+    /// Drops finished records older than `history` (but never one whose file is still kept in
+    /// quarantine or failed, nor one with an audit trail; see `ops_audit.rs`), notifications
+    /// given up on longer ago than `history`, and verdicts older than `verdict_ttl`. A
     /// verdict stamped in the future (the wall clock went back) is dropped too: its age cannot
     /// be known, so it is never reused.
     pub async fn prune(
@@ -159,12 +161,29 @@ impl Journal {
             let now = now_ms();
             let h = i64::try_from(history.as_millis()).unwrap_or(i64::MAX);
             let t = i64::try_from(verdict_ttl.as_millis()).unwrap_or(i64::MAX);
+            // Never pruned: a file still kept in quarantine or failed (no custody row says it
+            // left), and a record with an audit trail (the audit names it).
             let n = conn
                 .execute(
-                    "DELETE FROM files WHERE state = ?2 AND updated_at < ?1",
-                    params![now.saturating_sub(h), FileState::Done.as_str()],
+                    "DELETE FROM files WHERE state = ?2 AND updated_at < ?1 \
+                     AND NOT (outcome IN (?3, ?4) AND dest IS NOT NULL \
+                              AND id NOT IN (SELECT file_id FROM custody)) \
+                     AND id NOT IN (SELECT file_id FROM audit WHERE file_id IS NOT NULL)",
+                    params![
+                        now.saturating_sub(h),
+                        FileState::Done.as_str(),
+                        Outcome::Quarantine.as_str(),
+                        Outcome::Failed.as_str()
+                    ],
                 )
                 .map_err(JournalError::sql("prune"))?;
+            // Notifications given up on are kept for `status` as long as finished records.
+            execute(
+                conn,
+                "DELETE FROM hook_events WHERE gave_up != 0 AND next_at < ?1",
+                [now.saturating_sub(h)],
+                "prune",
+            )?;
             execute(
                 conn,
                 "DELETE FROM verdicts WHERE decided_at < ?1 OR decided_at > ?2",

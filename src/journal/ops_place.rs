@@ -1,6 +1,7 @@
 //! Journal operations of the sort stage and the readers every stage shares: the destination
 //! recorded before the move (`placing`, `placing_checked`), `placed`, `done`, records closed
-//! because their file vanished, and reading records back (`get`, `in_states`,
+//! because their file vanished (`placed_with_events` also queues the placement's notifications),
+//! and reading records back (`get`, `in_states`,
 //! `closed_records_of`).
 //!
 //! What this file does not do: move files (the sorter does, through `fsops`).
@@ -10,6 +11,7 @@ use std::path::PathBuf;
 use rusqlite::{OptionalExtension, params};
 
 use super::Journal;
+use super::ops_hooks::{NewHookEvent, queue_in};
 use super::schema::{blob_path, execute, load, load_state, path_blob, transition};
 use super::types::{FileId, FileRecord, FileState, JournalError, Outcome};
 
@@ -86,6 +88,22 @@ impl Journal {
         self.run(move |conn| {
             let rec = load(conn, id)?;
             transition(conn, &rec, &[FileState::Placing], FileState::Placed)
+        })
+        .await
+    }
+
+    /// The file is in its destination, and `events` (notifications of this placement) are
+    /// queued in the same transaction: a placement is never announced without being recorded,
+    /// nor recorded without its notifications queued.
+    pub async fn placed_with_events(
+        &self,
+        id: FileId,
+        events: Vec<NewHookEvent>,
+    ) -> Result<(), JournalError> {
+        self.run(move |conn| {
+            let rec = load(conn, id)?;
+            transition(conn, &rec, &[FileState::Placing], FileState::Placed)?;
+            queue_in(conn, id, &events)
         })
         .await
     }

@@ -54,6 +54,37 @@ CREATE TABLE IF NOT EXISTS verdicts (
 );
 CREATE TABLE IF NOT EXISTS stale_scans (scan_id TEXT PRIMARY KEY, added_at INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS errors (id INTEGER PRIMARY KEY, at INTEGER NOT NULL, text TEXT NOT NULL);
+-- The quarantine and failed tools (ops_audit.rs): who did what to a kept file, and why.
+CREATE TABLE IF NOT EXISTS audit (
+    id          INTEGER PRIMARY KEY,
+    at          INTEGER NOT NULL,
+    user        TEXT NOT NULL,
+    action      TEXT NOT NULL,
+    file_id     INTEGER,
+    reason      TEXT,
+    detail      TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS audit_file ON audit(file_id);
+-- What became of a file kept in quarantine or failed: no row while it is kept there; a tool at
+-- work on it ('busy:ACTION'), or where it went ('released', 'restored', 'purged', 'retried').
+CREATE TABLE IF NOT EXISTS custody (
+    file_id     INTEGER PRIMARY KEY,
+    status      TEXT NOT NULL,
+    at          INTEGER NOT NULL
+);
+-- Notifications waiting for delivery (ops_hooks.rs), queued with the placement they announce.
+CREATE TABLE IF NOT EXISTS hook_events (
+    id          INTEGER PRIMARY KEY,
+    hook        TEXT NOT NULL,
+    file_id     INTEGER,
+    event       TEXT NOT NULL,
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    next_at     INTEGER NOT NULL,
+    last_error  TEXT,
+    gave_up     INTEGER NOT NULL DEFAULT 0,
+    created_at  INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS hook_events_due ON hook_events(gave_up, next_at);
 ";
 
 const SCHEMA_VERSION: &str = "1";

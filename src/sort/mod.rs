@@ -12,6 +12,9 @@
 //! it was hashed with, and only if the staged file still has the size and times it had when it
 //! was hashed; a file that changed is hashed and scanned again, never released on an old verdict.
 //!
+//! `placed` is journaled together with the placement's notifications (`[[hook]]`, see
+//! [`crate::hooks`]), so that none is lost and none announces a placement not recorded.
+//!
 //! A destination that is full or not writable keeps the file in staging and the move is retried
 //! with backoff; nothing is ever deleted to make room.
 
@@ -505,7 +508,9 @@ impl Sorter {
                 ));
             }
         }
-        if let Err(e) = self.shared.journal.placed(rec.id).await {
+        let events =
+            crate::hooks::events_for(&self.shared.config, &rec, outcome, &dest, reason.as_deref());
+        if let Err(e) = self.shared.journal.placed_with_events(rec.id, events).await {
             return Step::Retry(format!("journal write failed: {e}"));
         }
         // From the moment the drop was complete (its last change in the inbox) to placement.

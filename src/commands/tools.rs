@@ -1,0 +1,408 @@
+//! What the quarantine and failed tools share: opening the journal beside a running agent,
+//! who is running the tool (for the audit), printing kept files, custody around one action, and
+//! `purge`.
+//!
+//! The tools never take the agent's single-instance lock: the journal (SQLite in WAL mode) is
+//! the single source of truth, and every action takes custody of its record in the journal
+//! before it touches the file (`crate::journal::Journal::take_custody`), so two tools, or a
+//! tool and the agent, never work on one file at once. Run them as the agent's user (e.g.
+//! `sudo -u dropscan dropscan quarantine list`): the journal and the folders are its own.
+//!
+//! Exit codes of the tools: 0 done; 2 refused (no such entry, no longer kept, another tool is
+//! working on it, the bytes changed since they were quarantined, the target exists, the file is
+//! missing); 69 the journal or a folder failed; 78 configuration or usage error (e.g. `purge`
+//! without `--yes`).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::config::{Config, WatchConfig};
+use crate::error::{EXIT_CONFIG, EXIT_UNAVAILABLE};
+use crate::fsops::roots::{RootDirs, Which};
+use crate::fsops::{Dir, FsError, split_rel};
+use crate::journal::{
+    AuditEntry, FileId, FileRecord, Journal, JournalError, Kept, Outcome, now_ms,
+};
+
+/// Exit code of a refused action (see the module docs).
+pub const EXIT_REFUSED: u8 = 2;
+
+/// Loads the config and opens its journal (which must exist: the agent has run).
+pub(super) fn open(path: &Path) -> Result<(Config, Journal), ExitCode> {
+    let config = super::load(path)?;
+    let journal_path = config.journal_path();
+    if !journal_path.exists() {
+        eprintln!(
+            "no journal at {}: the agent has not run yet, so nothing is kept",
+            journal_path.display()
+        );
+        return Err(ExitCode::from(EXIT_REFUSED));
+    }
+    match Journal::open(&journal_path) {
+        Ok(j) => Ok((config, j)),
+        Err(e) => {
+            eprintln!("error: {e}");
+            Err(ExitCode::from(EXIT_UNAVAILABLE))
+        }
+    }
+}
+
+/// The Unix user running this process, as `name (uid N)`, with the user behind `sudo`.
+pub fn unix_user() -> String {
+    let uid = rustix::process::getuid().as_raw();
+    let name = std::fs::read_to_string("/etc/passwd").ok().and_then(|t| {
+        t.lines().find_map(|l| {
+            let mut f = l.split(':');
+            let (name, _, id) = (f.next()?, f.next()?, f.next()?);
+            (id == uid.to_string()).then(|| name.to_string())
+        })
+    });
+    let mut who = match name {
+        Some(n) => format!("{n} (uid {uid})"),
+        None => format!("uid {uid}"),
+    };
+    if let Ok(by) = std::env::var("SUDO_USER") {
+        if !by.is_empty() {
+            who.push_str(&format!(" via sudo by {by}"));
+        }
+    }
+    who
+}
+
+/// An audit record of `action` on `id`, by this process's user, now.
+pub(super) fn entry(
+    action: &str,
+    id: FileId,
+    reason: Option<&str>,
+    detail: serde_json::Value,
+) -> AuditEntry {
+    AuditEntry {
+        id: 0,
+        at_ms: now_ms(),
+        user: unix_user(),
+        action: action.to_string(),
+        file_id: Some(id),
+        reason: reason.map(str::to_string),
+        detail,
+    }
+}
+
+/// RFC 3339 of a journal time.
+pub(super) fn rfc3339(ms: i64) -> String {
+    let t = std::time::UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// A kept file as JSON (`list --json`, `show --json`).
+pub fn kept_json(k: &Kept) -> serde_json::Value {
+    let r = &k.record;
+    json!({
+        "id": r.id,
+        "claimed_at": rfc3339(r.claimed_at_ms),
+        "placed_at": rfc3339(r.updated_at_ms),
+        "root": r.root.display().to_string(),
+        "path": r.rel_path.display().to_string(),
+        "current": r.dest.as_ref().map(|d| d.display().to_string()),
+        "size": r.stamp.map(|s| s.size),
+        "sha256": r.sha256.map(hex::encode),
+        "verdict": r.verdict,
+        "reason": r.reason,
+        "scan_ids": r.scan_ids,
+        "status": k.status.clone().unwrap_or_else(|| "kept".into()),
+        "audit": k.audit.iter().map(|a| json!({
+            "id": a.id,
+            "at": rfc3339(a.at_ms),
+            "user": a.user,
+            "action": a.action,
+            "reason": a.reason,
+            "detail": a.detail,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// `list`: kept files of `outcome` (with `all`, also those that left), as text or JSON.
+pub(super) async fn list(path: &Path, outcome: Outcome, json: bool, all: bool) -> ExitCode {
+    let (_, journal) = match open(path) {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    let kept = match journal.kept(outcome, all).await {
+        Ok(k) => k,
+        Err(e) => return journal_failed(&e),
+    };
+    if json {
+        let v: Vec<_> = kept.iter().map(kept_json).collect();
+        println!("{}", serde_json::Value::Array(v));
+        return ExitCode::SUCCESS;
+    }
+    if kept.is_empty() {
+        println!("nothing in {}", outcome.as_str());
+    }
+    for k in &kept {
+        print_one(k, false);
+    }
+    ExitCode::SUCCESS
+}
+
+/// `show ID`: one kept file with its audit trail.
+pub(super) async fn show(path: &Path, outcome: Outcome, id: FileId, json: bool) -> ExitCode {
+    let (_, journal) = match open(path) {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    match journal.kept_one(id, outcome).await {
+        Ok(Some(k)) if json => {
+            println!("{}", kept_json(&k));
+            ExitCode::SUCCESS
+        }
+        Ok(Some(k)) => {
+            print_one(&k, true);
+            ExitCode::SUCCESS
+        }
+        Ok(None) => {
+            eprintln!("no entry {id} in {}", outcome.as_str());
+            ExitCode::from(EXIT_REFUSED)
+        }
+        Err(e) => journal_failed(&e),
+    }
+}
+
+fn print_one(k: &Kept, long: bool) {
+    let r = &k.record;
+    let status = k.status.as_deref().unwrap_or("kept");
+    println!(
+        "{:<6} {}  {}  {}  {}  {}  {}",
+        r.id,
+        rfc3339(r.updated_at_ms),
+        status,
+        r.root.join(&r.rel_path).display(),
+        r.dest
+            .as_deref()
+            .map_or_else(String::new, |d| format!("→ {}", d.display())),
+        r.stamp
+            .map_or_else(|| "-".into(), |s| super::human_bytes(s.size)),
+        r.verdict.as_deref().or(r.reason.as_deref()).unwrap_or("-"),
+    );
+    if long {
+        println!(
+            "  sha256:   {}",
+            r.sha256.map(hex::encode).unwrap_or_else(|| "-".into())
+        );
+        println!("  scan_ids: {}", r.scan_ids.join(", "));
+        println!("  reason:   {}", r.reason.as_deref().unwrap_or("-"));
+        for a in &k.audit {
+            println!(
+                "  audit {} {} by {}: {} ({})",
+                rfc3339(a.at_ms),
+                a.action,
+                a.user,
+                a.reason.as_deref().unwrap_or("-"),
+                a.detail
+            );
+        }
+    }
+}
+
+pub(super) fn journal_failed(e: &JournalError) -> ExitCode {
+    eprintln!("error: {e}");
+    ExitCode::from(EXIT_UNAVAILABLE)
+}
+
+/// The `[[watch]]` a record belongs to.
+pub(super) fn watch_of<'a>(config: &'a Config, rec: &FileRecord) -> Option<&'a WatchConfig> {
+    config.watches.iter().find(|w| w.path == rec.root)
+}
+
+/// Where a kept file is: its folder (opened beneath the configured root without following
+/// links) and its name.
+pub(super) fn locate(
+    roots: &RootDirs,
+    which: Which,
+    rec: &FileRecord,
+) -> Result<(Dir, std::ffi::OsString), FsError> {
+    let dest = rec.dest.clone().unwrap_or_default();
+    let root = roots.get(which, false)?;
+    let rel = dest
+        .strip_prefix(roots.path(which))
+        .map_err(|_| FsError::NotBeneath { path: dest.clone() })?;
+    let (parent, name) = split_rel(rel)?;
+    Ok((root.open_dir(parent)?, name.to_os_string()))
+}
+
+/// Runs filesystem work off the async runtime.
+pub(super) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, FsError> + Send + 'static,
+) -> Result<T, FsError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r,
+        Err(e) => Err(FsError::Io {
+            path: PathBuf::new(),
+            about: "blocking task",
+            source: std::io::Error::other(e.to_string()),
+        }),
+    }
+}
+
+/// Takes custody of record `id` of `outcome` for `action`, or says why not (audited when the
+/// record exists).
+pub(super) async fn take(
+    journal: &Journal,
+    id: FileId,
+    outcome: Outcome,
+    action: &'static str,
+    reason: Option<&str>,
+) -> Result<FileRecord, ExitCode> {
+    match journal.take_custody(id, outcome, action).await {
+        Ok(r) => Ok(r),
+        Err(JournalError::Conflict { detail, .. }) => {
+            eprintln!("refused: entry {id} {detail}");
+            if detail != "no such record" {
+                let e = entry(
+                    &format!("{action}-refused"),
+                    id,
+                    reason,
+                    json!({ "error": detail }),
+                );
+                journal.audit(e).await.ok();
+            }
+            Err(ExitCode::from(EXIT_REFUSED))
+        }
+        Err(e) => Err(journal_failed(&e)),
+    }
+}
+
+/// Ends custody after an action: `Ok(detail)` → `done_status`, audited as `action`; `Err` →
+/// kept, audited as `action-refused`, exit 2 (or 69 for an I/O failure).
+pub(super) async fn finish(
+    journal: &Journal,
+    id: FileId,
+    action: &str,
+    done_status: &'static str,
+    reason: Option<&str>,
+    result: Result<serde_json::Value, (FsError, serde_json::Value)>,
+) -> ExitCode {
+    match result {
+        Ok(detail) => {
+            let e = entry(action, id, reason, detail);
+            match journal.end_custody(id, Some(done_status), e).await {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => journal_failed(&e),
+            }
+        }
+        Err((err, mut detail)) => {
+            eprintln!("refused: entry {id}: {err}");
+            detail["error"] = json!(err.to_string());
+            let e = entry(&format!("{action}-refused"), id, reason, detail);
+            if let Err(e) = journal.end_custody(id, None, e).await {
+                return journal_failed(&e);
+            }
+            let refused = matches!(
+                err,
+                FsError::Changed { .. }
+                    | FsError::Vanished { .. }
+                    | FsError::AlreadyExists { .. }
+                    | FsError::NotBeneath { .. }
+            );
+            ExitCode::from(if refused {
+                EXIT_REFUSED
+            } else {
+                EXIT_UNAVAILABLE
+            })
+        }
+    }
+}
+
+/// `purge --older-than D --yes`: removes kept files of `outcome` placed longer than `older`
+/// ago, with their sidecars, each audited.
+pub(super) async fn purge(
+    path: &Path,
+    outcome: Outcome,
+    older: Duration,
+    yes: bool,
+    reason: Option<String>,
+) -> ExitCode {
+    let (config, journal) = match open(path) {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    let kept = match journal.kept(outcome, false).await {
+        Ok(k) => k,
+        Err(e) => return journal_failed(&e),
+    };
+    let cutoff = now_ms().saturating_sub(i64::try_from(older.as_millis()).unwrap_or(i64::MAX));
+    let old: Vec<_> = kept
+        .into_iter()
+        .filter(|k| k.record.updated_at_ms <= cutoff)
+        .collect();
+    if !yes {
+        eprintln!(
+            "{} files in {} are older than {}; run again with --yes to delete them",
+            old.len(),
+            outcome.as_str(),
+            humantime::format_duration(older)
+        );
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let which = if outcome == Outcome::Quarantine {
+        Which::Quarantine
+    } else {
+        Which::Failed
+    };
+    let reason =
+        reason.unwrap_or_else(|| format!("older than {}", humantime::format_duration(older)));
+    let mut code = ExitCode::SUCCESS;
+    for k in old {
+        let id = k.record.id;
+        let Ok(rec) = take(&journal, id, outcome, "purge", Some(&reason)).await else {
+            code = ExitCode::from(EXIT_REFUSED);
+            continue;
+        };
+        let Some(w) = watch_of(&config, &rec).cloned() else {
+            eprintln!(
+                "refused: entry {id}: its root {} is no longer configured",
+                rec.root.display()
+            );
+            let e = entry(
+                "purge-refused",
+                id,
+                Some(&reason),
+                json!({ "error": "root not configured" }),
+            );
+            journal.end_custody(id, None, e).await.ok();
+            code = ExitCode::from(EXIT_REFUSED);
+            continue;
+        };
+        let from = rec.dest.as_ref().map(|d| d.display().to_string());
+        let removed = blocking(move || {
+            let roots = RootDirs::new(&w);
+            match locate(&roots, which, &rec) {
+                Ok((dir, name)) => {
+                    let gone = |r: Result<(), FsError>| match r {
+                        Err(FsError::Vanished { .. }) => Ok(()),
+                        other => other,
+                    };
+                    gone(dir.unlink(&name))?;
+                    gone(dir.unlink(&crate::fsops::names::sidecar_name(&name)))?;
+                    dir.fsync()
+                }
+                // Its folder is gone already: so is the file.
+                Err(FsError::Vanished { .. }) => Ok(()),
+                Err(e) => Err(e),
+            }
+        })
+        .await;
+        let result = removed
+            .map(|()| json!({ "from": from }))
+            .map_err(|e| (e, json!({ "from": from })));
+        let c = finish(&journal, id, "purge", "purged", Some(&reason), result).await;
+        if c == ExitCode::SUCCESS {
+            println!("purged {id}: {}", from.unwrap_or_default());
+        } else {
+            code = c;
+        }
+    }
+    code
+}

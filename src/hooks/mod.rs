@@ -1,0 +1,126 @@
+//! Notifications of placements (`[[hook]]`): at least once, surviving restarts, retried with
+//! backoff, bounded concurrency, never stalling the pipeline.
+//!
+//! - **Queued with the placement.** The sorter builds the events of a placement
+//!   ([`events_for`]) and hands them to [`Journal::placed_with_events`](crate::journal::Journal::placed_with_events),
+//!   which records `placed` and queues one row per hook in the same transaction. A crash after
+//!   that commit loses no notification; a crash before it repeats the placement step, not the
+//!   notification.
+//! - **Delivered by a runner** ([`run`], spawned by the agent beside its housekeeping): it reads
+//!   due rows from the journal, delivers at most [`PER_HOOK_CONCURRENCY`] events per hook at
+//!   once (a hanging hook holds only its own slots, and is killed after its `timeout`), and
+//!   deletes a row once delivered. A failed delivery is retried after an exponential backoff
+//!   with jitter (1 s, 2 s, 4 s … at most 10 min); after `max_attempts` the row is given up on:
+//!   an error is logged and kept in the journal's error history (shown by `dropscan status`),
+//!   and the row stays in the journal's `hook_events` table (`gave_up = 1`,
+//!   [`Journal::hook_counts`](crate::journal::Journal::hook_counts)) until pruned with the
+//!   finished records.
+//! - **At least once**: a delivery cut short by a shutdown or a crash is repeated after the
+//!   restart; receivers may see an event twice (its `sha256`, `dest` and `time` identify it).
+//!
+//! Delivery (`deliver.rs`): a command gets the event's JSON on stdin (argv, never a shell; exit
+//! 0 is success; it is killed with its process group on timeout); a URL gets it POSTed as
+//! `application/json`, with `X-Dropscan-Signature: sha256=<hex HMAC-SHA256 of the body>` when
+//! a secret is set (any 2xx is success).
+//!
+//! What this module does not do: decide or move anything.
+
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::journal::{FileRecord, NewHookEvent, Outcome};
+
+mod deliver;
+mod runner;
+
+pub use deliver::{SIGNATURE_HEADER, sign};
+pub use runner::{PER_HOOK_CONCURRENCY, backoff, run};
+
+/// The event delivered for one placement.
+#[derive(Debug, Serialize)]
+pub struct Event<'a> {
+    /// Always `placed`.
+    pub event: &'static str,
+    /// `clean`, `quarantine` or `failed`.
+    pub outcome: &'static str,
+    /// The server's verdict, if any.
+    pub verdict: Option<&'a str>,
+    /// The watched root (the inbox).
+    pub root: String,
+    /// The original path, relative to the root.
+    pub path: String,
+    /// Where the file was placed.
+    pub dest: String,
+    /// Bytes.
+    pub size: Option<u64>,
+    /// Lower-case hex SHA-256, if the file was hashed.
+    pub sha256: Option<String>,
+    /// The scanIds of its submissions.
+    pub scan_ids: &'a [String],
+    /// Why it failed (or a note), if any.
+    pub reason: Option<&'a str>,
+    /// When it was placed (RFC 3339).
+    pub time: String,
+    /// This host's name.
+    pub host: String,
+    /// `server.sensor_instance_id`, if set.
+    pub sensor_instance_id: Option<&'a str>,
+}
+
+/// This host's name.
+pub fn host_name() -> String {
+    rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// The events to queue for the placement of `rec` as `outcome` at `dest`: one per configured
+/// hook that wants this outcome (hooks with the same target are told once).
+pub fn events_for(
+    config: &Config,
+    rec: &FileRecord,
+    outcome: Outcome,
+    dest: &Path,
+    reason: Option<&str>,
+) -> Vec<NewHookEvent> {
+    let mut out: Vec<NewHookEvent> = Vec::new();
+    let wanting: Vec<_> = config
+        .hooks
+        .iter()
+        .filter(|h| h.wants(outcome.as_str()))
+        .collect();
+    if wanting.is_empty() {
+        return out;
+    }
+    let event = Event {
+        event: "placed",
+        outcome: outcome.as_str(),
+        verdict: rec.verdict.as_deref(),
+        root: rec.root.display().to_string(),
+        path: rec.rel_path.display().to_string(),
+        dest: dest.display().to_string(),
+        size: rec.stamp.map(|s| s.size),
+        sha256: rec.sha256.map(hex::encode),
+        scan_ids: &rec.scan_ids,
+        reason,
+        time: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+        host: host_name(),
+        sensor_instance_id: config.server.sensor_instance_id.as_deref(),
+    };
+    let Ok(text) = serde_json::to_string(&event) else {
+        return out;
+    };
+    for h in wanting {
+        let hook = h.key();
+        if !out.iter().any(|e| e.hook == hook) {
+            out.push(NewHookEvent {
+                hook,
+                event: text.clone(),
+            });
+        }
+    }
+    out
+}

@@ -1,0 +1,304 @@
+//! `dropscan quarantine …` and `dropscan failed …` as an operator runs them, beside a running
+//! agent: files quarantined by the real agent and the emulator are listed, released to clean
+//! with their content intact, restored, refused when tampered with, purged; a failed file is
+//! retried once the server takes larger files. Every action leaves an audit record.
+
+#![allow(clippy::unwrap_used)]
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
+
+use dropscan::emulator::EmulatorConfig;
+use dropscan::journal::Journal;
+
+use crate::util::{EICAR, Outcome, World, bytes, wait_for};
+
+/// Runs the real binary off the async runtime.
+async fn dropscan(args: &[&str]) -> Output {
+    let args: Vec<String> = args.iter().map(|s| (*s).to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_dropscan"))
+            .args(&args)
+            .env("RUST_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// `<kind> list --json [--all]` parsed.
+async fn list(cfg: &Path, kind: &str, all: bool) -> Vec<serde_json::Value> {
+    let c = cfg.to_str().unwrap();
+    let mut args = vec![kind, "list", "--json", "--config", c];
+    if all {
+        args.push("--all");
+    }
+    let out = dropscan(&args).await;
+    assert!(out.status.success(), "{}", text(&out));
+    serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout).unwrap()
+}
+
+fn id_of(entries: &[serde_json::Value], path: &str) -> String {
+    entries
+        .iter()
+        .find(|e| e["path"] == path)
+        .unwrap_or_else(|| panic!("{path} not listed: {entries:?}"))["id"]
+        .to_string()
+}
+
+fn entry<'a>(entries: &'a [serde_json::Value], id: &str) -> &'a serde_json::Value {
+    entries
+        .iter()
+        .find(|e| e["id"] == id.parse::<i64>().unwrap())
+        .unwrap()
+}
+
+fn hex_sha(b: &[u8]) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(b))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quarantine_release_restore_refusal_and_purge_round_trip_while_the_agent_runs() {
+    let w = World::quick().await;
+    let cfg = w.write_config();
+    let c = cfg.to_str().unwrap().to_string();
+    let agent = w.start_agent();
+    let samples: Vec<(&str, Vec<u8>)> = vec![
+        ("fp/report.doc", [EICAR, b" release me"].concat()),
+        ("analysis.bin", [EICAR, b" restore me"].concat()),
+        ("tampered.com", [EICAR, b" tamper"].concat()),
+        ("old.com", [EICAR, b" purge me"].concat()),
+    ];
+    for (p, b) in &samples {
+        w.drop_file(p, b);
+    }
+    let placed = w.wait_placed(4, Duration::from_secs(30)).await;
+    assert!(
+        placed.values().all(|o| *o == Outcome::Quarantine),
+        "{placed:?}"
+    );
+
+    // The hourly prune never forgets a file still in quarantine, even with no history at all.
+    let journal = Journal::open(&w.state_dir().join("journal.sqlite")).unwrap();
+    wait_for(Duration::from_secs(20), || {
+        let s = dropscan::journal::read_summary(&w.state_dir().join("journal.sqlite")).ok()?;
+        s.per_state
+            .iter()
+            .any(|(st, n)| st == "done" && *n == 4)
+            .then_some(())
+    })
+    .await
+    .expect("records done");
+    journal.prune(Duration::ZERO, Duration::ZERO).await.unwrap();
+
+    let kept = list(&cfg, "quarantine", false).await;
+    assert_eq!(kept.len(), 4, "{kept:?}");
+    let fp = id_of(&kept, "fp/report.doc");
+    let e = entry(&kept, &fp);
+    assert_eq!(e["sha256"], hex_sha(&samples[0].1));
+    assert_eq!(e["verdict"], "detect");
+    assert_eq!(e["size"], samples[0].1.len());
+    assert!(!e["scan_ids"].as_array().unwrap().is_empty(), "{e}");
+    assert_eq!(e["status"], "kept");
+    assert!(
+        e["current"]
+            .as_str()
+            .unwrap()
+            .starts_with(w.quarantine.to_str().unwrap())
+    );
+
+    // Release: to clean at the original relative path, content intact, mode 0644, audited.
+    let out = dropscan(&[
+        "quarantine",
+        "release",
+        &fp,
+        "--reason",
+        "false positive: our own test file",
+        "--config",
+        &c,
+    ])
+    .await;
+    assert!(out.status.success(), "{}", text(&out));
+    let released = w.clean.join("fp/report.doc");
+    assert_eq!(std::fs::read(&released).unwrap(), samples[0].1);
+    assert_eq!(
+        std::fs::metadata(&released).unwrap().permissions().mode() & 0o777,
+        0o644
+    );
+    assert!(!w.quarantine.join("fp/report.doc").exists());
+    assert!(!w.quarantine.join("fp/report.doc.dropscan.json").exists());
+    // Released twice: refused.
+    let again = dropscan(&[
+        "quarantine",
+        "release",
+        &fp,
+        "--reason",
+        "again",
+        "--config",
+        &c,
+    ])
+    .await;
+    assert_eq!(again.status.code(), Some(2), "{}", text(&again));
+
+    // Restore: where the analyst wants it.
+    let restore_id = id_of(&kept, "analysis.bin");
+    let lab = w.dir.path().join("lab");
+    std::fs::create_dir_all(&lab).unwrap();
+    let to = lab.join("sample.bin");
+    let out = dropscan(&[
+        "quarantine",
+        "restore",
+        &restore_id,
+        "--to",
+        to.to_str().unwrap(),
+        "--reason",
+        "analysis",
+        "--config",
+        &c,
+    ])
+    .await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(std::fs::read(&to).unwrap(), samples[1].1);
+    assert!(!w.quarantine.join("analysis.bin").exists());
+
+    // Tampered with in quarantine: refused, nothing moves, the refusal is audited.
+    let tampered_id = id_of(&kept, "tampered.com");
+    let q = w.quarantine.join("tampered.com");
+    std::fs::write(&q, b"something else entirely").unwrap();
+    let out = dropscan(&[
+        "quarantine",
+        "release",
+        &tampered_id,
+        "--reason",
+        "fp",
+        "--config",
+        &c,
+    ])
+    .await;
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("SHA-256"), "{}", text(&out));
+    assert!(q.exists());
+    assert!(!w.clean.join("tampered.com").exists());
+    assert!(
+        World::files_in(&w.clean).len() == 1,
+        "{:?}",
+        World::files_in(&w.clean).keys()
+    );
+
+    // Purge: refused without --yes, then everything older than 0 s goes.
+    let out = dropscan(&["quarantine", "purge", "--older-than", "0s", "--config", &c]).await;
+    assert_eq!(out.status.code(), Some(78), "{}", text(&out));
+    assert!(q.exists());
+    let out = dropscan(&[
+        "quarantine",
+        "purge",
+        "--older-than",
+        "0s",
+        "--yes",
+        "--config",
+        &c,
+    ])
+    .await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        World::files_in(&w.quarantine).is_empty(),
+        "{:?}",
+        World::files_in(&w.quarantine).keys()
+    );
+    assert!(list(&cfg, "quarantine", false).await.is_empty());
+
+    // The audit trail: every entry with what happened, by whom, why.
+    let all = list(&cfg, "quarantine", true).await;
+    assert_eq!(all.len(), 4);
+    let actions = |id: &str| -> Vec<String> {
+        entry(&all, id)["audit"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["action"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(entry(&all, &fp)["status"], "released");
+    assert_eq!(actions(&fp), ["release", "release-refused"]);
+    let rel = &entry(&all, &fp)["audit"][0];
+    assert_eq!(rel["reason"], "false positive: our own test file");
+    assert!(!rel["user"].as_str().unwrap().is_empty());
+    assert_eq!(rel["detail"]["to"], released.display().to_string());
+    assert_eq!(entry(&all, &restore_id)["status"], "restored");
+    assert_eq!(actions(&tampered_id), ["release-refused", "purge"]);
+    assert_eq!(entry(&all, &tampered_id)["status"], "purged");
+
+    // The agent ran all along, and stops cleanly.
+    let (r, _) = agent.stop().await;
+    r.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_file_is_retried_into_the_pipeline_after_the_size_limit_is_raised() {
+    let w = World::new(EmulatorConfig {
+        scan_delay: Duration::from_millis(100),
+        max_object_size: 1000,
+        ..EmulatorConfig::default()
+    })
+    .await;
+    let cfg = w.write_config();
+    let c = cfg.to_str().unwrap().to_string();
+    let agent = w.start_agent();
+    let big = bytes(7, 5000);
+    w.drop_file("large/upload.bin", &big);
+    let placed = w.wait_placed(1, Duration::from_secs(30)).await;
+    assert_eq!(placed[&PathBuf::from("large/upload.bin")], Outcome::Failed);
+
+    let failed = list(&cfg, "failed", false).await;
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    let id = id_of(&failed, "large/upload.bin");
+    assert!(
+        failed[0]["reason"].as_str().unwrap().contains("too large"),
+        "{failed:?}"
+    );
+
+    // The server takes larger files now; the restarted agent learns it at start-up.
+    let (r, _) = agent.stop().await;
+    r.unwrap();
+    w.emulator().state().set_max_object_size(10_000_000);
+    let agent = w.start_agent();
+    let out = dropscan(&[
+        "failed",
+        "retry",
+        &id,
+        "--reason",
+        "limit raised",
+        "--config",
+        &c,
+    ])
+    .await;
+    assert!(out.status.success(), "{}", text(&out));
+    let clean = wait_for(Duration::from_secs(30), || {
+        std::fs::read(w.clean.join("large/upload.bin")).ok()
+    })
+    .await
+    .expect("the retried file reaches clean");
+    assert_eq!(clean, big);
+    assert!(World::files_in(&w.failed).is_empty());
+    assert!(list(&cfg, "failed", false).await.is_empty());
+    let all = list(&cfg, "failed", true).await;
+    let e = entry(&all, &id);
+    assert_eq!(e["status"], "retried");
+    assert_eq!(e["audit"][0]["action"], "retry");
+    assert_eq!(e["audit"][0]["reason"], "limit raised");
+    let (r, _) = agent.stop().await;
+    r.unwrap();
+}
