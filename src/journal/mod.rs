@@ -75,12 +75,15 @@
 //! - `ops_claim.rs`, `ops_submit.rs`, `ops_decide.rs`, `ops_place.rs`, `ops_maint.rs`: the
 //!   operations, by pipeline stage (claim and hash; submit and poll; decide; place and done, and
 //!   reading records; stale scans, errors, pruning and the summary);
+//! - `ops_capacity.rs`: the server capacity learned by the limits and their snapshot for
+//!   `dropscan status`, in the `meta` table;
 //! - `testing.rs`: a test hook (raw access for integration tests that simulate a clock jump or a
 //!   rollback by SQLite), hidden from the docs and never used by the daemon.
 //!
 //! What this module does not do: touch files or the network. The stages do that, in the order the
 //! journal allows.
 
+mod ops_capacity;
 mod ops_claim;
 mod ops_decide;
 mod ops_maint;
@@ -99,6 +102,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::mpsc;
 
+pub use ops_capacity::read_capacity_snapshot;
 pub(crate) use ops_maint::DEFAULT_HISTORY;
 pub use ops_maint::read_summary;
 pub use types::{
