@@ -4,6 +4,8 @@
 //!
 //! Counters are plain atomics: the stages never wait on metrics. One gauge is set once at
 //! start: `dropscan_client_cert_expiry_timestamp_seconds`, the client certificate's notAfter.
+//! The limits' gauges (cap, learned capacity, mean scan time, files per hour, 429s, binding
+//! limit) come from `Limits::snapshot()` at each scrape.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -167,6 +169,7 @@ impl Metrics {
             self.in_flight.load(Ordering::Relaxed),
             limits.cap()
         ).ok();
+        render_limits(&mut out, &limits.snapshot());
         let expiry = self.client_cert_expiry.load(Ordering::Relaxed);
         if expiry != 0 {
             writeln!(
@@ -176,6 +179,53 @@ impl Metrics {
             .ok();
         }
         out
+    }
+}
+
+/// The gauges of the limits: learned capacity, mean scan time, files per hour, 429s since
+/// start, and the binding limit (1 for the one that binds).
+fn render_limits(out: &mut String, s: &crate::limits::LimitsSnapshot) {
+    use std::fmt::Write as _;
+    let mut gauge = |name: &str, help: &str, v: String| {
+        writeln!(
+            out,
+            "# HELP dropscan_{name} {help}\n# TYPE dropscan_{name} gauge\ndropscan_{name} {v}"
+        )
+        .ok();
+    };
+    gauge(
+        "in_flight_learned_capacity",
+        "Scans in flight the server took before answering 429 (0 = not known yet).",
+        s.learned.to_string(),
+    );
+    gauge(
+        "scan_seconds_mean",
+        "Mean time from acceptance to final verdict (EWMA), seconds.",
+        format!("{}", s.mean_scan_secs.unwrap_or(0.0)),
+    );
+    gauge(
+        "files_per_hour",
+        "Scans finished per hour, over the last ten minutes.",
+        format!("{}", s.files_per_hour),
+    );
+    gauge(
+        "submissions_throttled",
+        "Submissions answered 429 since start.",
+        s.throttled.to_string(),
+    );
+    writeln!(
+        out,
+        "# HELP dropscan_binding_limit 1 for the limit that bounds throughput now.\n# TYPE dropscan_binding_limit gauge"
+    )
+    .ok();
+    for b in crate::limits::Binding::ALL {
+        writeln!(
+            out,
+            "dropscan_binding_limit{{limit=\"{}\"}} {}",
+            b.as_str(),
+            i32::from(b == s.binding)
+        )
+        .ok();
     }
 }
 
@@ -248,5 +298,22 @@ mod tests {
         );
         let unknown = Metrics::with_client_cert_expiry(None).render(&limits);
         assert!(!unknown.contains("client_cert_expiry"), "{unknown}");
+    }
+
+    #[test]
+    fn limits_gauges_are_exported() {
+        let limits = Limits::auto(NonZeroUsize::new(100).unwrap(), NonZeroU32::MIN);
+        let text = Metrics::with_client_cert_expiry(None).render(&limits);
+        for line in [
+            "dropscan_in_flight_cap 4",
+            "dropscan_in_flight_learned_capacity 0",
+            "dropscan_scan_seconds_mean 0",
+            "dropscan_files_per_hour 0",
+            "dropscan_submissions_throttled 0",
+            "dropscan_binding_limit{limit=\"unknown\"} 1",
+            "dropscan_binding_limit{limit=\"server_concurrency\"} 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
+        }
     }
 }

@@ -385,3 +385,54 @@ impl Limits {
         self.save(&journal).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inputs(at_ceiling: bool, poll: u64) -> Inputs {
+        Inputs {
+            health: Health::Up,
+            at_ceiling,
+            poll_interval: Duration::from_secs(poll),
+        }
+    }
+
+    #[test]
+    fn the_binding_limit_follows_what_holds_submissions_back() {
+        let now = Instant::now();
+        let mut o = Observer::new();
+        // Slots free: input.
+        assert_eq!(decide(&o, &inputs(false, 60), now), Binding::Input);
+        o.saturation = 0.9;
+        o.scan_secs = Some(100.0);
+        // Slots full, no 429, below the ceiling: the scans take the time.
+        assert_eq!(decide(&o, &inputs(false, 60), now), Binding::ScanTime);
+        // Scans that wait for the poll more than they take.
+        assert_eq!(decide(&o, &inputs(false, 120), now), Binding::PollInterval);
+        // Pinned (or at the ceiling) without 429s: the configured cap.
+        assert_eq!(decide(&o, &inputs(true, 60), now), Binding::ConfiguredCap);
+        // 429s lately: the server's concurrency, pinned or not.
+        o.last_429 = Some(now);
+        assert_eq!(
+            decide(&o, &inputs(true, 60), now),
+            Binding::ServerConcurrency
+        );
+        assert_eq!(
+            decide(
+                &o,
+                &inputs(false, 60),
+                now + THROTTLE_MEMORY + Duration::from_secs(1)
+            ),
+            Binding::ScanTime
+        );
+        // Waiting for the rate limiter beats everything but an outage.
+        o.rate_busy = 0.5;
+        assert_eq!(decide(&o, &inputs(false, 60), now), Binding::RateLimit);
+        let down = Inputs {
+            health: Health::Down,
+            ..inputs(false, 60)
+        };
+        assert_eq!(decide(&o, &down, now), Binding::Unavailable);
+    }
+}
