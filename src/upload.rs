@@ -142,6 +142,7 @@ pub async fn run(
         );
         uploads.abort_all();
     }
+    shared.limits.finish(&shared.journal).await;
     Ok(())
 }
 

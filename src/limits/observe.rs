@@ -14,7 +14,7 @@
 //! From those, [`Binding`] is decided every [`EVALUATE_EVERY`] and logged once per change (after
 //! it held for two evaluations, so a boundary case does not flap). The tuner task (`run`) also
 //! saves the learned capacity and a [`LimitsSnapshot`] in the journal's `meta` table, at most
-//! every [`SAVE_EVERY`] and at shutdown, for `dropscan status` and for the next start.
+//! every [`SAVE_EVERY`] and at shutdown ([`Limits::finish`]), for `dropscan status` and for the next start.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -341,7 +341,7 @@ impl Limits {
     }
 
     /// The tuner: samples, decides and logs the binding limit, saves the snapshot; until
-    /// shutdown, then saves once more.
+    /// shutdown.
     pub(super) async fn run_tuner(self, journal: Journal, shutdown: CancellationToken) {
         let mut tick = tokio::time::interval(SAMPLE_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -381,8 +381,16 @@ impl Limits {
                 saved = Some((now, self.save(&journal).await));
             }
         }
+        // Slots dropped from now on are scans abandoned at shutdown, not finished ones. The
+        // last save is `finish`'s, awaited by the uploader while the journal still runs.
         self.inner.closing.store(true, Ordering::Relaxed);
-        self.save(&journal).await;
+    }
+
+    /// At shutdown: stops counting dropped slots as finished scans and saves the snapshot and
+    /// the learned capacity one last time.
+    pub async fn finish(&self, journal: &Journal) {
+        self.inner.closing.store(true, Ordering::Relaxed);
+        self.save(journal).await;
     }
 }
 
