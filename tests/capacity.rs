@@ -90,3 +90,38 @@ async fn default_config_finds_the_server_concurrency_and_loses_nothing() {
         "the cap converged near the limit: {snap:?}"
     );
 }
+
+/// The harness's config with `max_in_flight` (and optionally the ceiling) written as `value`.
+fn config_with(w: &World, lines: &str) -> Result<Config, String> {
+    let path = w.write_config();
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("max_in_flight = 16\n", &format!("{lines}\n"));
+    std::fs::write(&path, text).unwrap();
+    Config::load(&path).map_err(|e| e.to_string())
+}
+
+#[tokio::test]
+async fn max_in_flight_takes_a_number_or_auto_and_errors_name_key_and_file() {
+    use dropscan::config::MaxInFlight;
+    let w = World::quick().await;
+    let c = config_with(&w, "max_in_flight = \"auto\"\nmax_in_flight_ceiling = 50").unwrap();
+    assert_eq!(c.server.max_in_flight, MaxInFlight::Auto);
+    assert_eq!(c.server.max_in_flight_ceiling.get(), 50);
+    let c = config_with(&w, "max_in_flight = 40").unwrap();
+    assert_eq!(
+        c.server.max_in_flight,
+        MaxInFlight::Fixed(std::num::NonZeroUsize::new(40).unwrap())
+    );
+    assert_eq!(c.server.max_in_flight_ceiling.get(), 1000);
+    for (bad, what) in [
+        ("max_in_flight = \"lots\"", "server.max_in_flight"),
+        ("max_in_flight = 0", "server.max_in_flight"),
+        ("max_in_flight = true", "max_in_flight"),
+        ("max_in_flight_ceiling = 0", "server.max_in_flight_ceiling"),
+    ] {
+        let err = config_with(&w, bad).unwrap_err();
+        assert!(err.contains(what), "{bad}: {err}");
+        assert!(err.contains("dropscan.toml"), "{bad}: {err}");
+    }
+}

@@ -439,6 +439,9 @@ impl Limits {
         g.failures = g.failures.saturating_add(1);
         let new = match err {
             ApiError::Unauthorized { .. } => Health::Unauthorized,
+            // A 429 is the server at its limit, not down: with `max_in_flight = "auto"` it is
+            // how the cap is learned, so it pauses submissions briefly without a warning.
+            ApiError::Busy { .. } => g.health,
             _ => Health::Down,
         };
         // At least what the server asked for in Retry-After (capped by the client).

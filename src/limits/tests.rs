@@ -268,3 +268,22 @@ async fn retry_after_on_429_or_503_sets_the_minimum_pause() {
     });
     assert!(p >= wait, "{p:?}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_429_pauses_submissions_without_marking_the_server_down() {
+    let l = Limits::auto(nz(100), rps());
+    let p = l.server_failed(&ApiError::Busy { retry_after: None });
+    assert!(p > Duration::ZERO);
+    assert_eq!(l.health(), Health::Up, "a 429 is not an outage");
+    // Paused until the backoff ends (paused time moves on by itself).
+    let t0 = Instant::now();
+    l.gate(&CancellationToken::new()).await;
+    assert!(t0.elapsed() >= p);
+    // A server already down stays down on a 429.
+    l.server_failed(&ApiError::Server {
+        status: 503,
+        retry_after: None,
+    });
+    l.server_failed(&ApiError::Busy { retry_after: None });
+    assert_eq!(l.health(), Health::Down);
+}
