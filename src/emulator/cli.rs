@@ -123,9 +123,9 @@ impl EmulateArgs {
             auto_accept: !self.no_auto_accept,
             max_object_size: self.max_object_size,
             max_scans: (self.max_scans > 0).then_some(self.max_scans),
-            scan_delay: self.scan_delay.min,
-            scan_delay_max: (self.scan_delay.max > self.scan_delay.min)
-                .then_some(self.scan_delay.max),
+            scan_delay: self.scan_delay.min(),
+            scan_delay_max: (self.scan_delay.max() > self.scan_delay.min())
+                .then_some(self.scan_delay.max()),
             detect_sha256: self.detect_sha256.iter().copied().collect(),
             shape: self.shape,
             faults: Faults {
@@ -183,13 +183,32 @@ fn toml_path(dir: &Path, name: &str) -> String {
     toml_string(&dir.join(name).to_string_lossy())
 }
 
-/// `--scan-delay`: one duration (`min == max`) or a range `MIN..MAX`.
+/// `--scan-delay`: one duration (`min == max`) or a range `MIN..MAX`, to the millisecond (kept
+/// as small as one `Duration`, so that the subcommand's arguments do not grow).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DelayRange {
+    min_ms: u64,
+    max_ms: u64,
+}
+
+impl DelayRange {
+    fn new(min: Duration, max: Duration) -> Self {
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        DelayRange {
+            min_ms: ms(min),
+            max_ms: ms(max),
+        }
+    }
+
     /// Shortest scan.
-    pub min: Duration,
+    pub fn min(&self) -> Duration {
+        Duration::from_millis(self.min_ms)
+    }
+
     /// Longest scan.
-    pub max: Duration,
+    pub fn max(&self) -> Duration {
+        Duration::from_millis(self.max_ms)
+    }
 }
 
 fn parse_delay_range(s: &str) -> Result<DelayRange, String> {
@@ -200,7 +219,7 @@ fn parse_delay_range(s: &str) -> Result<DelayRange, String> {
     match s.split_once("..") {
         None => {
             let d = one(s)?;
-            Ok(DelayRange { min: d, max: d })
+            Ok(DelayRange::new(d, d))
         }
         Some((lo, hi)) => {
             let (min, max) = (one(lo)?, one(hi)?);
@@ -209,7 +228,7 @@ fn parse_delay_range(s: &str) -> Result<DelayRange, String> {
                     "the range {s} ends before it starts; write MIN..MAX, e.g. 30s..120s"
                 ));
             }
-            Ok(DelayRange { min, max })
+            Ok(DelayRange::new(min, max))
         }
     }
 }

@@ -359,7 +359,7 @@ impl Limits {
             let now = Instant::now();
             let elapsed = now.saturating_duration_since(last);
             last = now;
-            if let Some(b) = self.observe(elapsed, n.is_multiple_of(evaluate_every)) {
+            if let Some(b) = self.observe(elapsed, n % evaluate_every == 0) {
                 let s = self.snapshot();
                 tracing::info!(
                     binding = b.as_str(),
