@@ -76,6 +76,9 @@ pub async fn run(
     // `hashed` records seen by the previous sweep (see `sweep_strays`).
     let mut strays: HashSet<FileId> = HashSet::new();
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The capacity learned by an earlier run, before the first slot is taken; the tuner then
+    // logs the binding limit and keeps the snapshot in the journal.
+    shared.limits.start(&shared.journal, &shutdown).await;
     loop {
         shared.limits.gate(&shutdown).await;
         let slot = tokio::select! {
@@ -139,6 +142,7 @@ pub async fn run(
         );
         uploads.abort_all();
     }
+    shared.limits.finish(&shared.journal).await;
     Ok(())
 }
 
@@ -206,7 +210,7 @@ impl Upload {
     }
 
     /// Uploads one file; returns it when it must be queued again.
-    async fn submit(&self, item: Claimed, slot: InFlight) -> Option<Claimed> {
+    async fn submit(&self, item: Claimed, mut slot: InFlight) -> Option<Claimed> {
         let shared = &self.shared;
         let scan_id = ScanId::generate();
         if let Err(e) = shared
@@ -240,7 +244,7 @@ impl Upload {
         match result {
             Ok(sent) if sent.sha256 == item.sha256 && sent.bytes == item.stamp.size => {
                 shared.limits.server_ok();
-                shared.limits.accepted();
+                shared.limits.accepted(&mut slot);
                 if let Err(e) = shared.journal.submitted(item.id).await {
                     // The record says `submitting`: the next start asks the server about it.
                     tracing::error!(id = item.id, error = %e, "journal write failed after upload");
@@ -329,6 +333,8 @@ impl Upload {
                         .fetch_add(1, Ordering::Relaxed);
                     if matches!(e, ApiError::Busy { .. }) {
                         shared.metrics.throttled.fetch_add(1, Ordering::Relaxed);
+                        // The server's concurrency limit: the in-flight cap learns from it.
+                        shared.limits.throttled(&slot);
                     }
                     let pause = shared.server_failed(&e).await;
                     tracing::debug!(id = item.id, error = %e, ?pause, "upload not accepted; will retry");

@@ -5,6 +5,7 @@
 mod util;
 
 mod attacks;
+mod capacity;
 mod cli;
 mod durability;
 mod emulator_server;

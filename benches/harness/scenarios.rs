@@ -21,7 +21,7 @@ const ZERO_DELAY: [&str; 6] = [
 
 /// `requests_per_second` when the config leaves it out (config/mod.rs); `realistic` multiplies
 /// it by the time scale so that the rate limit keeps its real-time weight.
-const AGENT_DEFAULT_RPS: f64 = 10.0;
+const AGENT_DEFAULT_RPS: f64 = dropscan::config::DEFAULT_REQUESTS_PER_SECOND as f64;
 
 const MIB: u64 = 1 << 20;
 

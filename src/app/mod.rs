@@ -81,10 +81,7 @@ impl Agent {
         let (roots, hard_links_ok) = reconcile::prepare_folders(&config)?;
         let journal = Journal::open(&config.journal_path())?;
         let client = KataClient::new(config.server.client_options())?;
-        let limits = Limits::new(
-            config.server.max_in_flight,
-            config.server.requests_per_second,
-        );
+        let limits = Limits::from_config(&config.server);
         let (events, _) = broadcast::channel(EVENTS_CAPACITY);
         let cert_expiry = crate::kata::tls::warn_at_start(&config.server.tls);
         metrics.set_client_cert_expiry(cert_expiry);

@@ -329,6 +329,7 @@ fn status(path: &Path) -> ExitCode {
         }
         None => println!("oldest pending: none"),
     }
+    print_limits(&journal);
     if !summary.last_errors.is_empty() {
         println!("last errors:");
         for (at, text) in &summary.last_errors {
@@ -338,6 +339,52 @@ fn status(path: &Path) -> ExitCode {
         }
     }
     ExitCode::SUCCESS
+}
+
+/// The limits as the daemon last saved them: cap, learned capacity, scan time, throughput and
+/// the limit that binds.
+fn print_limits(journal: &Path) {
+    let snap = match crate::journal::read_capacity_snapshot(journal) {
+        Ok(Some(text)) => crate::limits::LimitsSnapshot::from_json(&text),
+        Ok(None) => None,
+        Err(e) => {
+            println!("limits: unreadable ({e})");
+            return;
+        }
+    };
+    let Some(s) = snap else {
+        println!("limits: none saved yet");
+        return;
+    };
+    let age = crate::journal::now_ms().saturating_sub(s.updated_at) / 1000;
+    let age = humantime::format_duration(std::time::Duration::from_secs(
+        u64::try_from(age).unwrap_or(0),
+    ));
+    println!("limits (saved {age} ago):");
+    println!("  bound by:      {}", s.binding);
+    match s.mode.as_str() {
+        "auto" => println!(
+            "  scans in flight: {} of cap {} (auto; learned server capacity {}, ceiling {})",
+            s.in_flight,
+            s.cap,
+            if s.learned == 0 {
+                "not yet known".to_owned()
+            } else {
+                s.learned.to_string()
+            },
+            s.ceiling
+        ),
+        _ => println!(
+            "  scans in flight: {} of cap {} (pinned by server.max_in_flight)",
+            s.in_flight, s.cap
+        ),
+    }
+    match s.mean_scan_secs {
+        Some(m) => println!("  mean scan time: {m:.1} s (accepted to verdict)"),
+        None => println!("  mean scan time: none finished yet"),
+    }
+    println!("  files per hour: {:.0}", s.files_per_hour);
+    println!("  429 answers:   {}", s.throttled);
 }
 
 /// `1536` → `1.5 KiB`.

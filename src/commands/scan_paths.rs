@@ -307,8 +307,13 @@ pub async fn run(config: &Config, paths: &[PathBuf], json: bool) -> ExitCode {
         })
         .collect();
 
-    // Uploads, at most server.max_in_flight at once.
-    let limit = config.server.max_in_flight.get();
+    // Uploads, at most server.max_in_flight at once; with "auto", a modest fixed number (a
+    // one-shot scan has no time to learn the server's concurrency; 429s are retried by
+    // `submit`).
+    let limit = match config.server.max_in_flight {
+        crate::config::MaxInFlight::Fixed(n) => n.get(),
+        crate::config::MaxInFlight::Auto => config.server.max_in_flight_ceiling.get().min(16),
+    };
     let mut uploads = JoinSet::new();
     let mut next = 0;
     while next < files.len() || !uploads.is_empty() {

@@ -42,10 +42,14 @@ use raw::RawConfig;
 pub(crate) const DEFAULT_POLL_INTERVAL: &str = "60s";
 /// Built-in default for `server.request_timeout`.
 pub(crate) const DEFAULT_REQUEST_TIMEOUT: &str = "30s";
-/// Built-in default for `server.max_in_flight`.
-pub(crate) const DEFAULT_MAX_IN_FLIGHT: usize = 8;
-/// Built-in default for `server.requests_per_second`.
-pub(crate) const DEFAULT_REQUESTS_PER_SECOND: u32 = 10;
+/// Built-in default for `server.max_in_flight_ceiling` (with `max_in_flight = "auto"`).
+pub(crate) const DEFAULT_MAX_IN_FLIGHT_CEILING: usize = 1000;
+/// Built-in default for `server.requests_per_second`. Sized so that it does not bind before the
+/// server does: a file costs two requests (upload, delete of its result) and one results request
+/// per poll serves every scan, so 100 requests a second carry 50 files a second, e.g. the whole
+/// default ceiling of 1000 scans in flight turning over every 20 s; a real sandbox scan takes
+/// tens of seconds to minutes.
+pub const DEFAULT_REQUESTS_PER_SECOND: u32 = 100;
 /// Built-in default for `server.max_attempts`.
 pub(crate) const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 /// Built-in default for `server.scan_timeout`.
@@ -121,8 +125,10 @@ pub struct ServerConfig {
     pub poll_interval: Duration,
     /// Timeout of one request.
     pub request_timeout: Duration,
-    /// Scans in flight, at most.
-    pub max_in_flight: NonZeroUsize,
+    /// Scans in flight, at most: learned from the server's 429 answers, or pinned.
+    pub max_in_flight: MaxInFlight,
+    /// With [`MaxInFlight::Auto`]: the cap never grows past this.
+    pub max_in_flight_ceiling: NonZeroUsize,
     /// Requests per second, at most.
     pub requests_per_second: NonZeroU32,
     /// Submissions of one file, at most.
@@ -157,9 +163,23 @@ impl ServerConfig {
             tls: self.tls.clone(),
             request_timeout: self.request_timeout,
             connect_timeout: self.request_timeout.min(Duration::from_secs(10)),
-            max_idle_per_host: self.max_in_flight.get().max(4),
+            max_idle_per_host: match self.max_in_flight {
+                MaxInFlight::Fixed(n) => n.get(),
+                MaxInFlight::Auto => self.max_in_flight_ceiling.get().min(128),
+            }
+            .max(4),
         }
     }
+}
+
+/// `server.max_in_flight`: how many scans may be in flight at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MaxInFlight {
+    /// `"auto"` (the default): learned from the server's 429 answers (AIMD, see `limits`), kept
+    /// in the journal across restarts, bounded by `server.max_in_flight_ceiling`.
+    Auto,
+    /// A number: the cap is pinned there and never adapts.
+    Fixed(NonZeroUsize),
 }
 
 /// `[state]`, validated.

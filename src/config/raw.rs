@@ -58,8 +58,10 @@ pub(crate) struct RawServer {
     pub poll_interval: Option<String>,
     /// Timeout of one request.
     pub request_timeout: Option<String>,
-    /// Scans submitted and not finished, at most.
-    pub max_in_flight: Option<i64>,
+    /// Scans submitted and not finished, at most: a number (pinned) or "auto" (learned).
+    pub max_in_flight: Option<RawCount>,
+    /// With `max_in_flight = "auto"`: the cap never grows past this.
+    pub max_in_flight_ceiling: Option<i64>,
     /// Rate limit for all requests.
     pub requests_per_second: Option<i64>,
     /// Submissions of one file (error/timeout verdicts retried).
@@ -68,6 +70,37 @@ pub(crate) struct RawServer {
     pub scan_timeout: Option<String>,
     /// How often the server's restrictions are fetched again.
     pub restrictions_refresh: Option<String>,
+}
+
+/// A count that may also be a word (`max_in_flight = 40` or `max_in_flight = "auto"`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum RawCount {
+    /// An integer as written (checked by `validate`).
+    Number(i64),
+    /// A string as written (only "auto" is valid; checked by `validate`).
+    Word(String),
+}
+
+impl<'de> Deserialize<'de> for RawCount {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = RawCount;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a positive integer or \"auto\"")
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<RawCount, E> {
+                Ok(RawCount::Number(v))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<RawCount, E> {
+                Ok(RawCount::Number(i64::try_from(v).unwrap_or(i64::MAX)))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawCount, E> {
+                Ok(RawCount::Word(v.to_owned()))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 /// `[state]` as written.

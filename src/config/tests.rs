@@ -56,7 +56,18 @@ fn example_config_parses_and_names_every_key() {
     let text = include_str!("../../config/dropscan.example.toml");
     let raw = RawConfig::parse(text, Path::new("config/dropscan.example.toml")).unwrap();
     assert_eq!(raw.watch.len(), 1);
-    assert_eq!(raw.server.max_in_flight, Some(DEFAULT_MAX_IN_FLIGHT as i64));
+    assert_eq!(
+        raw.server.max_in_flight,
+        Some(raw::RawCount::Word("auto".into()))
+    );
+    assert_eq!(
+        raw.server.max_in_flight_ceiling,
+        Some(DEFAULT_MAX_IN_FLIGHT_CEILING as i64)
+    );
+    assert_eq!(
+        raw.server.requests_per_second,
+        Some(i64::from(DEFAULT_REQUESTS_PER_SECOND))
+    );
     assert_eq!(
         raw.server.poll_interval.as_deref(),
         Some(DEFAULT_POLL_INTERVAL)

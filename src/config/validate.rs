@@ -14,12 +14,13 @@ use std::time::Duration;
 
 use super::raw::{RawConfig, RawLog, RawServer, RawState, RawWatch};
 use super::{
-    Config, ConfigError, DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_IN_FLIGHT, DEFAULT_POLL_INTERVAL,
-    DEFAULT_RECONCILE_INTERVAL, DEFAULT_REQUEST_TIMEOUT, DEFAULT_REQUESTS_PER_SECOND,
-    DEFAULT_RESTRICTIONS_REFRESH, DEFAULT_SCAN_TIMEOUT, DEFAULT_SETTLE, DEFAULT_SHUTDOWN_GRACE,
-    DEFAULT_VERDICT_TTL, DEFAULT_WATCH_POLL_INTERVAL, LogConfig, LogFormat, Pattern, ServerConfig,
-    StateConfig, WatchConfig, WatchMode,
+    Config, ConfigError, DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_IN_FLIGHT_CEILING,
+    DEFAULT_POLL_INTERVAL, DEFAULT_RECONCILE_INTERVAL, DEFAULT_REQUEST_TIMEOUT,
+    DEFAULT_REQUESTS_PER_SECOND, DEFAULT_RESTRICTIONS_REFRESH, DEFAULT_SCAN_TIMEOUT,
+    DEFAULT_SETTLE, DEFAULT_SHUTDOWN_GRACE, DEFAULT_VERDICT_TTL, DEFAULT_WATCH_POLL_INTERVAL,
+    LogConfig, LogFormat, Pattern, ServerConfig, StateConfig, WatchConfig, WatchMode,
 };
+use super::{MaxInFlight, raw::RawCount};
 use crate::kata::{self, TlsOptions};
 
 /// What the example config (the `.deb`'s conffile) holds where only an administrator knows the
@@ -234,10 +235,26 @@ impl Validator {
             .map_err(|e| {
                 self.invalid("server.client_cert / client_key / ca_cert", &e.to_string())
             })?;
-        let max_in_flight = self.positive(
-            raw.max_in_flight,
-            DEFAULT_MAX_IN_FLIGHT as u64,
-            "server.max_in_flight",
+        let max_in_flight = match raw.max_in_flight {
+            None => MaxInFlight::Auto,
+            Some(RawCount::Word(w)) if w.trim().eq_ignore_ascii_case("auto") => MaxInFlight::Auto,
+            Some(RawCount::Word(w)) => {
+                return Err(self.invalid(
+                    "server.max_in_flight",
+                    &format!("`{w}` is neither a number (1 to 100000) nor \"auto\""),
+                ));
+            }
+            Some(RawCount::Number(n)) => MaxInFlight::Fixed(to_nonzero_usize(self.positive(
+                Some(n),
+                1,
+                "server.max_in_flight",
+                100_000,
+            )?)),
+        };
+        let ceiling = self.positive(
+            raw.max_in_flight_ceiling,
+            DEFAULT_MAX_IN_FLIGHT_CEILING as u64,
+            "server.max_in_flight_ceiling",
             100_000,
         )?;
         let rps = self.positive(
@@ -295,7 +312,8 @@ impl Validator {
             client_cert_path: client_cert,
             poll_interval,
             request_timeout,
-            max_in_flight: to_nonzero_usize(max_in_flight),
+            max_in_flight,
+            max_in_flight_ceiling: to_nonzero_usize(ceiling),
             requests_per_second: to_nonzero_u32(rps),
             max_attempts: to_nonzero_u32(attempts),
             scan_timeout,

@@ -58,9 +58,10 @@ pub struct EmulateArgs {
     #[arg(long, value_name = "N", default_value_t = 50)]
     pub max_scans: usize,
 
-    /// Time from the end of an upload to its verdict, e.g. 2s, 500ms.
-    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = humantime::parse_duration)]
-    pub scan_delay: Duration,
+    /// Time from the end of an upload to its verdict, e.g. 2s, 500ms; or a range MIN..MAX,
+    /// e.g. 30s..120s, from which each scan draws its time uniformly (a realistic sandbox).
+    #[arg(long, value_name = "DURATION|MIN..MAX", default_value = "2s", value_parser = parse_delay_range)]
+    pub scan_delay: DelayRange,
 
     /// SHA-256 (64 hex characters) of a content to report as `detect` (repeatable). Content
     /// holding the EICAR test string is always detected.
@@ -123,7 +124,9 @@ impl EmulateArgs {
             auto_accept: !self.no_auto_accept,
             max_object_size: self.max_object_size,
             max_scans: (self.max_scans > 0).then_some(self.max_scans),
-            scan_delay: self.scan_delay,
+            scan_delay: self.scan_delay.min(),
+            scan_delay_max: (self.scan_delay.max() > self.scan_delay.min())
+                .then_some(self.scan_delay.max()),
             detect_sha256: self.detect_sha256.iter().copied().collect(),
             shape: self.shape,
             faults: Faults {
@@ -191,6 +194,56 @@ fn toml_string(s: &str) -> String {
 
 fn toml_path(dir: &Path, name: &str) -> String {
     toml_string(&dir.join(name).to_string_lossy())
+}
+
+/// `--scan-delay`: one duration (`min == max`) or a range `MIN..MAX`, to the millisecond (kept
+/// as small as one `Duration`, so that the subcommand's arguments do not grow).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DelayRange {
+    min_ms: u64,
+    max_ms: u64,
+}
+
+impl DelayRange {
+    fn new(min: Duration, max: Duration) -> Self {
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        DelayRange {
+            min_ms: ms(min),
+            max_ms: ms(max),
+        }
+    }
+
+    /// Shortest scan.
+    pub fn min(&self) -> Duration {
+        Duration::from_millis(self.min_ms)
+    }
+
+    /// Longest scan.
+    pub fn max(&self) -> Duration {
+        Duration::from_millis(self.max_ms)
+    }
+}
+
+fn parse_delay_range(s: &str) -> Result<DelayRange, String> {
+    let one = |t: &str| {
+        humantime::parse_duration(t.trim())
+            .map_err(|e| format!("`{}` is not a duration like 2s or 500ms ({e})", t.trim()))
+    };
+    match s.split_once("..") {
+        None => {
+            let d = one(s)?;
+            Ok(DelayRange::new(d, d))
+        }
+        Some((lo, hi)) => {
+            let (min, max) = (one(lo)?, one(hi)?);
+            if min > max {
+                return Err(format!(
+                    "the range {s} ends before it starts; write MIN..MAX, e.g. 30s..120s"
+                ));
+            }
+            Ok(DelayRange::new(min, max))
+        }
+    }
 }
 
 fn parse_share(s: &str) -> Result<f64, String> {
@@ -267,6 +320,26 @@ mod tests {
         let w = Wrapper::try_parse_from(["emulate", "--no-filters-route", "404"]).unwrap();
         assert_eq!(w.args.to_config().no_filters_route, Some(404));
         assert!(Wrapper::try_parse_from(["emulate", "--no-filters-route", "500"]).is_err());
+        let w = Wrapper::try_parse_from(["emulate", "--scan-delay", "30s..2m"]).unwrap();
+        let config = w.args.to_config();
+        assert_eq!(config.scan_delay, Duration::from_secs(30));
+        assert_eq!(config.scan_delay_max, Some(Duration::from_secs(120)));
+        let w = Wrapper::try_parse_from(["emulate", "--scan-delay", "3s..3s"]).unwrap();
+        assert_eq!(w.args.to_config().scan_delay_max, None);
+        for bad in ["2m..30s", "30s..", "..2m", "fast..slow"] {
+            assert!(
+                Wrapper::try_parse_from(["emulate", "--scan-delay", bad]).is_err(),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            Wrapper::try_parse_from(["emulate"])
+                .unwrap()
+                .args
+                .to_config()
+                .scan_delay_max,
+            None
+        );
         let w = Wrapper::try_parse_from(["emulate", "--retry-after", "30"]).unwrap();
         assert_eq!(w.args.to_config().faults.retry_after.as_deref(), Some("30"));
     }

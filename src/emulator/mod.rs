@@ -98,6 +98,9 @@ pub struct EmulatorConfig {
     pub max_scans: Option<usize>,
     /// Time from the end of an upload to its verdict (default zero: the verdict is immediate).
     pub scan_delay: Duration,
+    /// When set and longer than `scan_delay`, each scan takes a time drawn uniformly from
+    /// `scan_delay..=scan_delay_max` instead (a realistic sandbox: e.g. 30 s to 120 s).
+    pub scan_delay_max: Option<Duration>,
     /// Contents (by SHA-256) reported as `detect`, besides those holding the EICAR string.
     pub detect_sha256: HashSet<[u8; 32]>,
     /// Body shape of `GET …/scans/state` answers.
@@ -119,6 +122,7 @@ impl Default for EmulatorConfig {
             max_object_size: DEFAULT_MAX_OBJECT_SIZE,
             max_scans: None,
             scan_delay: Duration::ZERO,
+            scan_delay_max: None,
             detect_sha256: HashSet::new(),
             shape: ResultShape::default(),
             faults: Faults::default(),

@@ -99,7 +99,7 @@ pub fn claim_many(
 ) -> Vec<Result<Claim, FsError>> {
     let mut out = Vec::with_capacity(items.len());
     // The source folders of the renames done, each once, with the items that left it.
-    let mut sources: Vec<(Option<(u64, u64)>, Dir, Vec<usize>)> = Vec::new();
+    let mut sources: Vec<Source> = Vec::new();
     for (i, item) in items.iter().enumerate() {
         match claim_one(inbox, item, staging, hard_links_ok) {
             Ok(Some(dir)) => {
@@ -133,6 +133,9 @@ pub fn claim_many(
     }
     out
 }
+
+/// A folder files of a batch left: its identity (if known), the folder, the items.
+type Source = (Option<(u64, u64)>, Dir, Vec<usize>);
 
 /// Why [`claim_one`] did not rename.
 enum ClaimStop {

@@ -77,6 +77,8 @@
 //!   reading records; stale scans, errors, pruning and the summary);
 //! - `ops_audit.rs`: the quarantine and failed tools: kept files, custody, audit records;
 //! - `ops_hooks.rs`: the queue of notifications (`[[hook]]`), filled with the placement;
+//! - `ops_capacity.rs`: the server capacity learned by the limits and their snapshot for
+//!   `dropscan status`, in the `meta` table;
 //! - `testing.rs`: a test hook (raw access for integration tests that simulate a clock jump or a
 //!   rollback by SQLite), hidden from the docs and never used by the daemon.
 //!
@@ -84,6 +86,7 @@
 //! journal allows.
 
 mod ops_audit;
+mod ops_capacity;
 mod ops_claim;
 mod ops_decide;
 mod ops_hooks;
@@ -104,6 +107,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 
 pub use ops_audit::{AuditEntry, CUSTODY_STALE_MS, Kept};
+pub use ops_capacity::read_capacity_snapshot;
 pub use ops_hooks::{HookEvent, NewHookEvent};
 pub(crate) use ops_maint::DEFAULT_HISTORY;
 pub use ops_maint::read_summary;

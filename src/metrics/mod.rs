@@ -90,6 +90,9 @@ pub struct Metrics {
     drop_to_placed: Histogram,
     answers: Family<Labels, Counter>,
     queue: Family<Labels, Gauge>,
+    binding: Family<Labels, Gauge>,
+    scan_mean: Gauge<f64, std::sync::atomic::AtomicU64>,
+    files_per_hour: Gauge<f64, std::sync::atomic::AtomicU64>,
     live: Mutex<Option<Live>>,
     missing_inboxes: Mutex<BTreeSet<PathBuf>>,
 }
@@ -156,9 +159,30 @@ impl Metrics {
             "Files in the journal by state (work still due on them)",
             queue.clone(),
         );
+        let binding = Family::<Labels, Gauge>::default();
+        registry.register(
+            "binding_limit",
+            "1 for the limit that bounds throughput now (input, rate limit, server concurrency, configured cap, poll interval, scan time, unavailable)",
+            binding.clone(),
+        );
+        let scan_mean = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "scan_mean_seconds",
+            "Mean time from the server accepting an upload to its final verdict (moving average; 0 before the first)",
+            scan_mean.clone(),
+        );
+        let files_per_hour = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "files_per_hour",
+            "Scans finished per hour, over the last ten minutes",
+            files_per_hour.clone(),
+        );
         Metrics {
             counters,
             queue,
+            binding,
+            scan_mean,
+            files_per_hour,
             registry: Mutex::new(registry),
             gauges: Mutex::default(),
             drop_to_submitted,
@@ -314,6 +338,7 @@ impl Metrics {
             .set(i64::try_from(live.limits.cap()).unwrap_or(i64::MAX));
             self.gauge("server_up", "1 when KATA answers normally")
                 .set(i64::from(live.limits.health() == Health::Up));
+            self.limits_gauges(&live.limits.snapshot());
             self.queue_depth(&live.journal);
         }
         self.gauge(
@@ -327,6 +352,28 @@ impl Metrics {
             tracing::warn!(error = %e, "cannot encode the metrics");
         }
         to_text_0_0_4(&out)
+    }
+
+    /// The limits' readings: learned capacity, mean scan time, files per hour, 429s, and which
+    /// limit binds now.
+    fn limits_gauges(&self, snap: &crate::limits::LimitsSnapshot) {
+        self.gauge(
+            "in_flight_learned_capacity",
+            "Scans in flight the server took before answering 429 (0: not known yet)",
+        )
+        .set(i64::try_from(snap.learned).unwrap_or(i64::MAX));
+        self.gauge(
+            "submissions_throttled_since_start",
+            "Submissions answered 429 since the agent started",
+        )
+        .set(i64::try_from(snap.throttled).unwrap_or(i64::MAX));
+        self.scan_mean.set(snap.mean_scan_secs.unwrap_or(0.0));
+        self.files_per_hour.set(snap.files_per_hour);
+        for b in crate::limits::Binding::ALL {
+            self.binding
+                .get_or_create(&vec![("limit", b.as_str().to_string())])
+                .set(i64::from(b == snap.binding));
+        }
     }
 
     /// Sets `dropscan_queue_files{state=…}` from the journal summary.

@@ -86,3 +86,25 @@ fn readyz_is_not_ready_while_an_inbox_is_missing() {
     m.set_missing_inboxes([]);
     assert_eq!(m.readiness(), Ok(()));
 }
+
+#[test]
+fn limits_gauges_are_exported() {
+    let limits = Limits::auto(
+        std::num::NonZeroUsize::new(100).unwrap(),
+        std::num::NonZeroU32::MIN,
+    );
+    let m = Metrics::new();
+    m.attach(limits, Path::new("/nonexistent/journal.sqlite"));
+    let text = m.render();
+    for line in [
+        "dropscan_in_flight_cap 4",
+        "dropscan_in_flight_learned_capacity 0",
+        "dropscan_scan_mean_seconds 0.0",
+        "dropscan_files_per_hour 0.0",
+        "dropscan_submissions_throttled_since_start 0",
+        "dropscan_binding_limit{limit=\"unknown\"} 1",
+        "dropscan_binding_limit{limit=\"server_concurrency\"} 0",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
+    }
+}

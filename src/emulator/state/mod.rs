@@ -68,6 +68,8 @@ struct Settings {
     max_object_size: i64,
     max_scans: Option<usize>,
     scan_delay: Duration,
+    /// Upper end of a uniform scan delay, when longer than `scan_delay`.
+    scan_delay_max: Option<Duration>,
     detect_sha256: HashSet<[u8; 32]>,
     shape: ResultShape,
     faults: Faults,
@@ -103,6 +105,7 @@ impl Default for Inner {
                 max_object_size: 0,
                 max_scans: None,
                 scan_delay: Duration::ZERO,
+                scan_delay_max: None,
                 detect_sha256: HashSet::new(),
                 shape: ResultShape::default(),
                 faults: Faults::default(),
@@ -130,6 +133,7 @@ impl Inner {
             max_object_size: config.max_object_size,
             max_scans: config.max_scans,
             scan_delay: config.scan_delay,
+            scan_delay_max: config.scan_delay_max,
             detect_sha256: config.detect_sha256.clone(),
             shape: config.shape,
             faults: config.faults.clone(),
@@ -183,7 +187,16 @@ impl SharedState {
 
     /// Sets the scan delay for scans submitted from now on.
     pub fn set_scan_delay(&self, d: Duration) {
-        self.lock().settings.scan_delay = d;
+        let mut inner = self.lock();
+        inner.settings.scan_delay = d;
+        inner.settings.scan_delay_max = None;
+    }
+
+    /// Sets a uniform scan delay range (`min..=max`) for scans submitted from now on.
+    pub fn set_scan_delay_range(&self, min: Duration, max: Duration) {
+        let mut inner = self.lock();
+        inner.settings.scan_delay = min.min(max);
+        inner.settings.scan_delay_max = Some(min.max(max));
     }
 
     /// Sets the body shape of `GET …/scans/state` answers.

@@ -4,6 +4,7 @@
 
 use std::cmp::Reverse;
 use std::collections::HashSet;
+use std::time::Duration;
 
 use tokio::time::Instant;
 
@@ -258,7 +259,12 @@ impl SharedState {
         } else {
             ScanState::NotDetected
         };
-        let ready_at = (verdict != ScanState::Processing).then(|| now + inner.settings.scan_delay);
+        let delay = scan_delay(
+            inner.settings.scan_delay,
+            inner.settings.scan_delay_max,
+            rand::random::<f64>(),
+        );
+        let ready_at = (verdict != ScanState::Processing).then(|| now + delay);
         let sensor_id = slot.sensor_id.clone();
         match ready_at {
             Some(at) if at > now => inner
@@ -366,5 +372,14 @@ impl SharedState {
             inner.retire(sensor_id, ready_at);
             inner.bury(sensor_id, &id);
         }
+    }
+}
+
+/// The delay of one scan: `min`, or uniform in `min..=max` when a longer `max` is set; `roll` is
+/// in [0, 1).
+pub(crate) fn scan_delay(min: Duration, max: Option<Duration>, roll: f64) -> Duration {
+    match max {
+        Some(max) if max > min => min + (max - min).mul_f64(roll.clamp(0.0, 1.0)),
+        _ => min,
     }
 }

@@ -1,4 +1,5 @@
-//! Unit tests of the emulator's state: authorization, injected verdicts, the 429 bookkeeping.
+//! Unit tests of the emulator's state: authorization, injected verdicts, the 429 bookkeeping,
+//! the scan delay range.
 
 use super::*;
 
@@ -73,4 +74,52 @@ fn upload_slots_count_toward_max_scans() {
     assert!(state.try_reserve_upload(SENSOR).is_none());
     drop(slot);
     assert!(state.try_reserve_upload(SENSOR).is_some());
+}
+
+#[test]
+fn scan_delay_is_drawn_within_its_range() {
+    let (lo, hi) = (Duration::from_secs(30), Duration::from_secs(120));
+    assert_eq!(scans::scan_delay(lo, None, 0.7), lo);
+    assert_eq!(scans::scan_delay(lo, Some(lo), 0.7), lo);
+    assert_eq!(scans::scan_delay(hi, Some(lo), 0.7), hi);
+    assert_eq!(scans::scan_delay(lo, Some(hi), 0.0), lo);
+    assert_eq!(
+        scans::scan_delay(lo, Some(hi), 0.5),
+        Duration::from_secs(75)
+    );
+    for _ in 0..1000 {
+        let d = scans::scan_delay(lo, Some(hi), rand::random::<f64>());
+        assert!((lo..=hi).contains(&d), "{d:?}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn scans_with_a_delay_range_finish_within_it() {
+    let state = SharedState::default();
+    state.set_scan_delay_range(Duration::from_secs(1), Duration::from_secs(3));
+    let ids: Vec<String> = (0..50).map(|n| format!("r{n}")).collect();
+    for (n, id) in ids.iter().enumerate() {
+        let slot = state.try_reserve_upload(SENSOR).unwrap();
+        let sha = [u8::try_from(n).unwrap(); 32];
+        state.register_scan(slot, id, None, sha, 1, false);
+    }
+    let final_count = |state: &SharedState| {
+        ids.iter()
+            .filter(|id| state.scan(id).unwrap().state != ScanState::Processing)
+            .count()
+    };
+    tokio::time::advance(Duration::from_millis(999)).await;
+    assert_eq!(final_count(&state), 0, "none before the range starts");
+    tokio::time::advance(Duration::from_millis(1002)).await;
+    let middle = final_count(&state);
+    assert!(
+        0 < middle && middle < ids.len(),
+        "spread over the range: {middle}"
+    );
+    tokio::time::advance(Duration::from_millis(1000)).await;
+    assert_eq!(
+        final_count(&state),
+        ids.len(),
+        "all by the end of the range"
+    );
 }

@@ -4,18 +4,33 @@
 //!   periodically and after a 413; the last known value is kept when a refresh fails.
 //! - **Rate**: one governor limiter for every request to the server (`requests_per_second`).
 //!   governor's own `until_ready()` sleeps on a clock tokio does not control, so we loop on
-//!   `check()` and `tokio::time::sleep`.
+//!   `check()` and `tokio::time::sleep`. The time spent waiting is measured (see `observe`).
 //! - **In flight**: scans submitted and not finished are capped by permits taken *before* the
-//!   upload starts and released when the verdict is final. The cap adapts to 429: it shrinks by
-//!   one on every 429 and grows back by one after a run of accepted submissions.
+//!   upload starts and released when the verdict is final. With `max_in_flight = "auto"` the
+//!   cap is learned from the server's 429 answers by AIMD (`aimd.rs`: slow start, cut ×0.5–0.75
+//!   with jitter once per burst, fast recovery to the learned capacity, then +1 per round), the
+//!   learned capacity is kept in the journal and restored at start; a number pins the cap. When
+//!   the cap shrinks below the scans in flight, the permits they hold are retired as they come
+//!   back (*debt*), so there are never more uploads than the cap, except scans adopted at
+//!   start-up, which run over it when no permit is free. Only a 429 to a *submission* moves the
+//!   cap; a 429 to a results request pauses the gate like any transient failure.
+//! - **Observation** (`observe.rs`): mean scan time, files per hour, which limit binds now (one
+//!   info line per change), a [`LimitsSnapshot`] for status and metrics, saved in the journal by
+//!   the tuner task that [`Limits::start`] spawns.
 //! - **Gate**: the server's health as the pipeline sees it. Transient failures (429, 5xx,
 //!   transport) pause submissions with capped, jittered exponential backoff; a 401 pauses them
 //!   until the integration is accepted. Each change of state is logged once, not per request.
 //!
-//! This module does no I/O except the restrictions refresh through the client.
+//! This module does no I/O except the restrictions refresh through the client and the snapshot
+//! through the journal.
+
+mod aimd;
+mod observe;
+#[cfg(test)]
+mod tests;
 
 use std::num::{NonZeroU32, NonZeroUsize};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,14 +40,17 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::{MaxInFlight, ServerConfig};
+use crate::journal::Journal;
 use crate::kata::{ApiError, KataClient, Restrictions};
+
+pub use aimd::START_CAP;
+pub use observe::{Binding, LimitsSnapshot};
 
 /// First backoff after a transient failure.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(500);
 /// Longest backoff between tries while the server is down.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(60);
-/// Accepted submissions in a row before the in-flight cap grows by one.
-const GROW_AFTER: usize = 4;
 
 type Limiter = RateLimiter<
     governor::state::NotKeyed,
@@ -50,9 +68,18 @@ pub struct Limits {
 struct Inner {
     rate: Limiter,
     clock: DefaultClock,
+    /// Nanoseconds spent waiting in `rate()` since the tuner last looked.
+    rate_wait_ns: AtomicU64,
     sem: Arc<Semaphore>,
     cap: Mutex<CapState>,
-    max_in_flight: usize,
+    /// Scans the server holds for us (accepted or adopted, verdict not final).
+    on_server: AtomicUsize,
+    observer: Mutex<observe::Observer>,
+    poll_interval: Duration,
+    /// Set by [`Limits::start`]: the tuner runs.
+    started: AtomicBool,
+    /// Set at shutdown: slots dropped from now on are not finished scans.
+    closing: AtomicBool,
     max_object_size: AtomicU64,
     gate: Mutex<GateState>,
     /// Woken when the server answers again, so that paused submissions resume at once rather
@@ -61,12 +88,25 @@ struct Inner {
 }
 
 struct CapState {
-    /// The current cap.
-    cap: usize,
+    aimd: aimd::Aimd,
     /// Permits to retire instead of releasing (after a shrink).
     debt: usize,
-    /// Accepted submissions since the last change.
-    streak: usize,
+}
+
+impl CapState {
+    /// Applies a change of the cap to the semaphore: new permits pay the debt first; a shrink
+    /// retires free permits now and the rest as they come back.
+    fn apply(&mut self, sem: &Semaphore, delta: isize) {
+        let n = delta.unsigned_abs();
+        if delta > 0 {
+            let paid = n.min(self.debt);
+            self.debt -= paid;
+            sem.add_permits(n - paid);
+        } else if delta < 0 {
+            let retired = sem.forget_permits(n);
+            self.debt += n - retired;
+        }
+    }
 }
 
 /// The server's state as seen by the pipeline.
@@ -86,16 +126,32 @@ struct GateState {
     paused_until: Option<Instant>,
 }
 
-/// One scan in flight. Dropping it frees the slot (or retires it, after a shrink).
+/// One scan in flight. Dropping it frees the slot (or retires it, after a shrink); a slot whose
+/// submission was accepted counts as a finished scan when dropped.
 pub struct InFlight {
     permit: Option<OwnedSemaphorePermit>,
     limits: Limits,
+    /// The AIMD window the slot was granted in.
+    generation: u64,
+    /// Held by a scan the server has (accepted or adopted).
+    on_server: bool,
+    /// When the server accepted it (not for adopted scans).
+    since: Option<Instant>,
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
+        let inner = &self.limits.inner;
+        if self.on_server {
+            inner.on_server.fetch_sub(1, Ordering::Relaxed);
+            if let Some(since) = self.since {
+                if !inner.closing.load(Ordering::Relaxed) {
+                    lock(&inner.observer).finished(since);
+                }
+            }
+        }
         if let Some(permit) = self.permit.take() {
-            let mut cap = lock(&self.limits.inner.cap);
+            let mut cap = lock(&inner.cap);
             if cap.debt > 0 {
                 cap.debt -= 1;
                 permit.forget();
@@ -110,20 +166,47 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Limits {
-    /// New limits with the configured cap and rate.
+    /// New limits with a cap pinned at `max_in_flight` (no adaptation) and this rate.
     pub fn new(max_in_flight: NonZeroUsize, requests_per_second: NonZeroU32) -> Self {
-        let max = max_in_flight.get();
+        Self::with(
+            aimd::Aimd::fixed(max_in_flight.get()),
+            requests_per_second,
+            Duration::from_secs(60),
+        )
+    }
+
+    /// New limits whose cap is learned from 429s, up to `ceiling`, starting at [`START_CAP`]
+    /// until [`Limits::start`] restores what an earlier run learned.
+    pub fn auto(ceiling: NonZeroUsize, requests_per_second: NonZeroU32) -> Self {
+        Self::with(
+            aimd::Aimd::auto(ceiling.get(), None),
+            requests_per_second,
+            Duration::from_secs(60),
+        )
+    }
+
+    /// The limits `[server]` describes.
+    pub fn from_config(server: &ServerConfig) -> Self {
+        let aimd = match server.max_in_flight {
+            MaxInFlight::Auto => aimd::Aimd::auto(server.max_in_flight_ceiling.get(), None),
+            MaxInFlight::Fixed(n) => aimd::Aimd::fixed(n.get()),
+        };
+        Self::with(aimd, server.requests_per_second, server.poll_interval)
+    }
+
+    fn with(aimd: aimd::Aimd, requests_per_second: NonZeroU32, poll_interval: Duration) -> Self {
         Limits {
             inner: Arc::new(Inner {
                 rate: RateLimiter::direct(Quota::per_second(requests_per_second)),
                 clock: DefaultClock::default(),
-                sem: Arc::new(Semaphore::new(max)),
-                cap: Mutex::new(CapState {
-                    cap: max,
-                    debt: 0,
-                    streak: 0,
-                }),
-                max_in_flight: max,
+                rate_wait_ns: AtomicU64::new(0),
+                sem: Arc::new(Semaphore::new(aimd.cap())),
+                cap: Mutex::new(CapState { aimd, debt: 0 }),
+                on_server: AtomicUsize::new(0),
+                observer: Mutex::new(observe::Observer::new()),
+                poll_interval,
+                started: AtomicBool::new(false),
+                closing: AtomicBool::new(false),
                 max_object_size: AtomicU64::new(0),
                 gate: Mutex::new(GateState {
                     health: Health::Up,
@@ -135,14 +218,51 @@ impl Limits {
         }
     }
 
+    /// Restores the capacity learned by an earlier run (auto mode) and spawns the tuner, which
+    /// logs the binding limit and saves the snapshot in the journal until `shutdown`. Only the
+    /// first call does anything.
+    pub async fn start(&self, journal: &Journal, shutdown: &CancellationToken) {
+        if self.inner.started.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        match journal.learned_capacity().await {
+            Ok(Some(n)) => self.restore(n),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read the learned server capacity; learning it again")
+            }
+        }
+        tokio::spawn(self.clone().run_tuner(journal.clone(), shutdown.clone()));
+    }
+
+    /// Adopts a capacity learned earlier (auto mode; ignored when pinned).
+    fn restore(&self, learned: usize) {
+        let mut c = lock(&self.inner.cap);
+        let delta = c.aimd.restore(learned);
+        c.apply(&self.inner.sem, delta);
+        if delta != 0 {
+            tracing::info!(
+                cap = c.aimd.cap(),
+                learned = c.aimd.learned(),
+                "scans in flight: starting from the server capacity learned earlier"
+            );
+        }
+    }
+
     /// Waits for the rate limiter's next slot.
     pub async fn rate(&self) {
         loop {
             match self.inner.rate.check() {
                 Ok(()) => return,
                 Err(not_until) => {
-                    let wait = not_until.wait_time_from(self.inner.clock.now());
-                    tokio::time::sleep(wait.max(Duration::from_millis(1))).await;
+                    let wait = not_until
+                        .wait_time_from(self.inner.clock.now())
+                        .max(Duration::from_millis(1));
+                    self.inner.rate_wait_ns.fetch_add(
+                        u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX),
+                        Ordering::Relaxed,
+                    );
+                    tokio::time::sleep(wait).await;
                 }
             }
         }
@@ -154,21 +274,33 @@ impl Limits {
         InFlight {
             permit,
             limits: self.clone(),
+            generation: lock(&self.inner.cap).aimd.generation(),
+            on_server: false,
+            since: None,
         }
     }
 
     /// A slot for a scan that is already in flight (found in the journal at start-up): takes a
     /// free permit if there is one, else runs over the cap until it finishes.
     pub fn adopt(&self) -> InFlight {
+        self.inner.on_server.fetch_add(1, Ordering::Relaxed);
         InFlight {
             permit: Arc::clone(&self.inner.sem).try_acquire_owned().ok(),
             limits: self.clone(),
+            generation: lock(&self.inner.cap).aimd.generation(),
+            on_server: true,
+            since: None,
         }
     }
 
     /// The current in-flight cap.
     pub fn cap(&self) -> usize {
-        lock(&self.inner.cap).cap
+        lock(&self.inner.cap).aimd.cap()
+    }
+
+    /// The server capacity learned so far (0 = nothing yet, or a pinned cap).
+    pub fn learned(&self) -> usize {
+        lock(&self.inner.cap).aimd.learned()
     }
 
     /// Free slots now (for tests of the cap).
@@ -177,36 +309,46 @@ impl Limits {
         self.inner.sem.available_permits()
     }
 
-    /// The server said 429: shrink the cap by one (never below one).
-    pub fn throttled(&self) {
-        let mut cap = lock(&self.inner.cap);
-        cap.streak = 0;
-        if cap.cap > 1 {
-            cap.cap -= 1;
-            match self.inner.sem.try_acquire() {
-                Ok(p) => p.forget(),
-                Err(_) => cap.debt += 1,
-            }
-            tracing::info!(cap = cap.cap, "server busy (429): fewer scans in flight");
+    /// The server answered 429 to the submission holding `slot`: cuts the cap (auto mode), once
+    /// per burst. The gate's pause is [`Limits::server_failed`]'s business.
+    pub fn throttled(&self, slot: &InFlight) {
+        let now = Instant::now();
+        {
+            let mut o = lock(&self.inner.observer);
+            o.throttled = o.throttled.saturating_add(1);
+            o.last_429 = Some(now);
+        }
+        let on_server = self.inner.on_server.load(Ordering::Relaxed);
+        let mut c = lock(&self.inner.cap);
+        let delta = c
+            .aimd
+            .throttled(slot.generation, on_server, rand::random::<f64>());
+        if delta < 0 {
+            c.apply(&self.inner.sem, delta);
+            tracing::info!(
+                cap = c.aimd.cap(),
+                learned = c.aimd.learned(),
+                "server busy (429): fewer scans in flight"
+            );
         }
     }
 
-    /// A submission was accepted: after a run of them, grow the cap back by one.
-    pub fn accepted(&self) {
-        let mut cap = lock(&self.inner.cap);
-        if cap.cap >= self.inner.max_in_flight {
-            return;
+    /// The server accepted the submission holding `slot`: from now on the slot is a scan in
+    /// flight (its scan time is measured), and the cap may grow (auto mode).
+    pub fn accepted(&self, slot: &mut InFlight) {
+        if !slot.on_server {
+            slot.on_server = true;
+            slot.since = Some(Instant::now());
+            self.inner.on_server.fetch_add(1, Ordering::Relaxed);
         }
-        cap.streak += 1;
-        if cap.streak >= GROW_AFTER.min(cap.cap.max(1)) {
-            cap.streak = 0;
-            cap.cap += 1;
-            if cap.debt > 0 {
-                cap.debt -= 1;
-            } else {
-                self.inner.sem.add_permits(1);
-            }
-            tracing::debug!(cap = cap.cap, "scans in flight cap raised");
+        let on_server = self.inner.on_server.load(Ordering::Relaxed);
+        let mut c = lock(&self.inner.cap);
+        let held = (c.aimd.cap() + c.debt).saturating_sub(self.inner.sem.available_permits());
+        let saturated = held >= c.aimd.cap();
+        let delta = c.aimd.accepted(on_server, saturated);
+        if delta != 0 {
+            c.apply(&self.inner.sem, delta);
+            tracing::debug!(cap = c.aimd.cap(), "scans in flight cap raised");
         }
     }
 
@@ -297,6 +439,9 @@ impl Limits {
         g.failures = g.failures.saturating_add(1);
         let new = match err {
             ApiError::Unauthorized { .. } => Health::Unauthorized,
+            // A 429 is the server at its limit, not down: with `max_in_flight = "auto"` it is
+            // how the cap is learned, so it pauses submissions briefly without a warning.
+            ApiError::Busy { .. } => g.health,
             _ => Health::Down,
         };
         // At least what the server asked for in Retry-After (capped by the client).
@@ -317,10 +462,6 @@ impl Limits {
             }
             g.health = new;
         }
-        if matches!(err, ApiError::Busy { .. }) {
-            drop(g);
-            self.throttled();
-        }
         pause
     }
 }
@@ -332,80 +473,4 @@ pub fn backoff(attempt: u32, jitter: f64) -> Duration {
     let ceiling = exp.min(BACKOFF_MAX);
     let half = ceiling / 2;
     half + half.mul_f64(jitter.clamp(0.0, 1.0))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_caps_and_jitters() {
-        assert_eq!(backoff(1, 0.0), Duration::from_millis(250));
-        assert_eq!(backoff(1, 1.0), Duration::from_millis(500));
-        assert_eq!(backoff(3, 0.0), Duration::from_millis(1000));
-        assert_eq!(backoff(30, 1.0), BACKOFF_MAX);
-        assert!(backoff(30, 0.0) >= BACKOFF_MAX / 2);
-    }
-
-    #[tokio::test]
-    async fn cap_shrinks_on_429_and_grows_back() {
-        let l = Limits::new(
-            NonZeroUsize::new(4).unwrap(),
-            NonZeroU32::new(1000).unwrap(),
-        );
-        let a = l.acquire().await;
-        let b = l.acquire().await;
-        l.throttled();
-        l.throttled();
-        assert_eq!(l.cap(), 2);
-        // Two permits were free and are retired at once.
-        assert_eq!(l.available(), 0);
-        l.throttled();
-        assert_eq!(l.cap(), 1);
-        drop(a); // retired (debt)
-        assert_eq!(l.available(), 0);
-        drop(b);
-        assert_eq!(l.available(), 1);
-        for _ in 0..20 {
-            l.accepted();
-        }
-        assert_eq!(l.cap(), 4);
-        assert_eq!(l.available(), 4);
-    }
-
-    #[tokio::test]
-    async fn gate_logs_state_changes_and_pauses() {
-        let l = Limits::new(
-            NonZeroUsize::new(1).unwrap(),
-            NonZeroU32::new(1000).unwrap(),
-        );
-        assert_eq!(l.health(), Health::Up);
-        let p = l.server_failed(&ApiError::Server {
-            status: 503,
-            retry_after: None,
-        });
-        assert!(p <= BACKOFF_MIN);
-        assert_eq!(l.health(), Health::Down);
-        l.server_ok();
-        assert_eq!(l.health(), Health::Up);
-        l.gate(&CancellationToken::new()).await;
-    }
-
-    #[tokio::test]
-    async fn retry_after_on_429_or_503_sets_the_minimum_pause() {
-        let l = Limits::new(
-            NonZeroUsize::new(1).unwrap(),
-            NonZeroU32::new(1000).unwrap(),
-        );
-        let wait = Duration::from_secs(90);
-        let p = l.server_failed(&ApiError::Busy {
-            retry_after: Some(wait),
-        });
-        assert!(p >= wait, "{p:?}");
-        let p = l.server_failed(&ApiError::Server {
-            status: 503,
-            retry_after: Some(wait),
-        });
-        assert!(p >= wait, "{p:?}");
-    }
 }
