@@ -26,6 +26,7 @@ use serde::Deserialize;
 use crate::kata::{ClientOptions, TlsOptions};
 
 mod error;
+mod folders;
 mod hooks;
 mod raw;
 mod spans;
