@@ -458,3 +458,30 @@ async fn a_release_killed_after_the_quarantined_file_went_loses_nothing() {
     assert_eq!(std::fs::read(w.clean.join("fp.com")).unwrap(), body);
     assert!(!temp.exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_of_a_vanished_quarantined_file_onto_an_existing_path_is_refused() {
+    use crate::quarantine_tools::{dropscan, text};
+    let w = World::quick().await;
+    let cfg = w.write_config();
+    let (journal, id) = quarantined_entry(&w, "gone.com", &[EICAR, b" gone"].concat()).await;
+    drop(journal);
+    std::fs::remove_file(w.quarantine.join("gone.com")).unwrap();
+    let to = w.dir.path().join("lab.bin");
+    std::fs::write(&to, b"the analyst's own file").unwrap();
+    let id_s = id.to_string();
+    let out = dropscan(&[
+        "quarantine",
+        "restore",
+        &id_s,
+        "--to",
+        to.to_str().unwrap(),
+        "--reason",
+        "analysis",
+        "--config",
+        cfg.to_str().unwrap(),
+    ])
+    .await;
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert_eq!(std::fs::read(&to).unwrap(), b"the analyst's own file");
+}

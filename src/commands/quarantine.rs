@@ -133,6 +133,13 @@ fn copy_out(w: &WatchConfig, rec: &FileRecord, to: Option<&Path>) -> Result<Path
             (Dir::open_trusted(parent)?, Some(PathBuf::from(file)), 0o600)
         }
     };
+    // Gone, and no verified copy of ours to finish: nothing to release (an existing target is
+    // never taken for a copy that was made).
+    if now.is_none() && !dest_root.exists(&temp)? {
+        return Err(FsError::Vanished {
+            path: qdir.path().join(&name),
+        });
+    }
     for _ in 0..16 {
         let target = match &fixed {
             Some(t) => t.clone(),
