@@ -405,3 +405,33 @@ pub async fn run(config: &Config, paths: &[PathBuf], json: bool) -> ExitCode {
     }
     ExitCode::from(report.exit_code())
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn scan_never_reads_through_a_folder_swapped_for_a_symlink_after_listing() {
+        // Someone scans a tree another user can write to; after it is listed, that user swaps
+        // a subfolder for a symlink to a folder of secrets with the same file name.
+        let d = tempfile::tempdir().unwrap();
+        let top = d.path().join("tree");
+        std::fs::create_dir_all(top.join("sub")).unwrap();
+        std::fs::write(top.join("sub/notes.txt"), b"harmless").unwrap();
+        let secrets = d.path().join("secrets");
+        std::fs::create_dir_all(&secrets).unwrap();
+        std::fs::write(secrets.join("notes.txt"), b"private key material").unwrap();
+        let (files, _) = collect(std::slice::from_ref(&top));
+        assert_eq!(files.len(), 1);
+        std::fs::rename(top.join("sub"), d.path().join("old-sub")).unwrap();
+        std::os::unix::fs::symlink(&secrets, top.join("sub")).unwrap();
+        let read = open_regular(&files[0].0).ok().map(|(mut f, _)| {
+            let mut s = Vec::new();
+            std::io::Read::read_to_end(&mut f, &mut s).unwrap();
+            s
+        });
+        assert_ne!(read.as_deref(), Some(&b"private key material"[..]));
+    }
+}
