@@ -87,6 +87,10 @@ pub struct ClaimItem<'a> {
     pub staged_name: &'a OsStr,
 }
 
+/// A source folder of a [`claim_many`] batch: its identity (device, inode; `None` when
+/// unknown), the folder, and the items renamed out of it.
+type SourceDir = (Option<(u64, u64)>, Dir, Vec<usize>);
+
 /// [`claim`] for a batch of files of one inbox: every rename first, then one fsync per folder
 /// involved (staging, and each inbox folder a file left), so that a batch of N claims costs a
 /// few fsyncs instead of 2N. A claim is reported `Claimed(NotSynced)` when an fsync of one of
@@ -99,7 +103,7 @@ pub fn claim_many(
 ) -> Vec<Result<Claim, FsError>> {
     let mut out = Vec::with_capacity(items.len());
     // The source folders of the renames done, each once, with the items that left it.
-    let mut sources: Vec<(Option<(u64, u64)>, Dir, Vec<usize>)> = Vec::new();
+    let mut sources: Vec<SourceDir> = Vec::new();
     for (i, item) in items.iter().enumerate() {
         match claim_one(inbox, item, staging, hard_links_ok) {
             Ok(Some(dir)) => {

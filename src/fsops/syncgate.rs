@@ -32,8 +32,11 @@ struct State {
     running: bool,
 }
 
-fn gates() -> &'static Mutex<HashMap<(u64, u64), Arc<Gate>>> {
-    static GATES: OnceLock<Mutex<HashMap<(u64, u64), Arc<Gate>>>> = OnceLock::new();
+/// The gates, by folder (device, inode).
+type Gates = Mutex<HashMap<(u64, u64), Arc<Gate>>>;
+
+fn gates() -> &'static Gates {
+    static GATES: OnceLock<Gates> = OnceLock::new();
     GATES.get_or_init(Mutex::default)
 }
 

@@ -276,12 +276,14 @@ impl Journal {
             let mut stmt = conn
                 .prepare_cached("SELECT file_id FROM custody WHERE status LIKE 'busy:%'")
                 .map_err(JournalError::sql("custody"))?;
-            let ids = stmt
+            let mut ids = Vec::new();
+            for id in stmt
                 .query_map([], |r| r.get(0))
                 .map_err(JournalError::sql("custody"))?
-                .collect::<Result<Vec<FileId>, _>>()
-                .map_err(JournalError::sql("custody"));
-            ids
+            {
+                ids.push(id.map_err(JournalError::sql("custody"))?);
+            }
+            Ok(ids)
         })
         .await
     }

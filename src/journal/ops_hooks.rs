@@ -100,12 +100,14 @@ impl Journal {
             let mut stmt = conn
                 .prepare_cached("SELECT DISTINCT hook FROM hook_events WHERE gave_up = 0")
                 .map_err(JournalError::sql("hooks"))?;
-            let rows = stmt
+            let mut hooks: Vec<String> = Vec::new();
+            for h in stmt
                 .query_map([], |r| r.get(0))
                 .map_err(JournalError::sql("hooks"))?
-                .collect::<Result<Vec<String>, _>>()
-                .map_err(JournalError::sql("hooks"));
-            rows
+            {
+                hooks.push(h.map_err(JournalError::sql("hooks"))?);
+            }
+            Ok(hooks)
         })
         .await
     }
