@@ -374,3 +374,115 @@ async fn a_running_agent_keeps_its_owner_marker_fresh() {
     );
     agent.stop().await.0.unwrap();
 }
+
+/// The quarantined file of entry `id` after the agent placed it, and the agent stopped.
+#[allow(clippy::unwrap_used)]
+async fn quarantined_entry(w: &World, rel: &str, body: &[u8]) -> (dropscan::journal::Journal, i64) {
+    let agent = w.start_agent();
+    w.drop_file(rel, body);
+    let placed = w.wait_placed(1, LIMIT).await;
+    assert_eq!(placed[&PathBuf::from(rel)], Outcome::Quarantine);
+    let journal_path = w.state_dir().join("journal.sqlite");
+    wait_for(LIMIT, || {
+        let s = dropscan::journal::read_summary(&journal_path).ok()?;
+        s.per_state
+            .iter()
+            .any(|(st, n)| st == "done" && *n == 1)
+            .then_some(())
+    })
+    .await
+    .expect("record done");
+    agent.stop().await.0.unwrap();
+    let journal = dropscan::journal::Journal::open(&journal_path).unwrap();
+    let kept = journal
+        .kept(dropscan::journal::Outcome::Quarantine, false)
+        .await
+        .unwrap();
+    assert_eq!(kept.len(), 1);
+    let id = kept[0].record.id;
+    (journal, id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_killed_after_the_quarantined_file_went_loses_nothing() {
+    use crate::quarantine_tools::{dropscan, text};
+    let w = World::quick().await;
+    let cfg = w.write_config();
+    let body = [EICAR, b" a false positive"].concat();
+    let (journal, id) = quarantined_entry(&w, "fp.com", &body).await;
+    // What `quarantine release` leaves when killed -9 between removing the quarantined file
+    // and renaming its verified copy into place: custody busy, the only copy in the temp at the
+    // top of clean.
+    journal
+        .take_custody(id, dropscan::journal::Outcome::Quarantine, "release")
+        .await
+        .unwrap();
+    drop(journal);
+    let config = dropscan::config::Config::load(&cfg).unwrap();
+    let temp = w.clean.join(dropscan::fsops::names::copy_temp_name(
+        &dropscan::context::instance_of(&config.watches[0]),
+        id,
+    ));
+    std::fs::create_dir_all(&w.clean).unwrap();
+    #[allow(clippy::disallowed_methods)]
+    std::fs::rename(w.quarantine.join("fp.com"), &temp).unwrap();
+
+    // The agent restarts meanwhile: its start-up clean-up must not take the only copy.
+    let agent = w.start_agent();
+    w.drop_file("later.txt", b"later");
+    wait_for(LIMIT, || w.clean.join("later.txt").exists().then_some(()))
+        .await
+        .expect("the restarted agent works");
+    agent.stop().await.0.unwrap();
+    assert!(
+        std::fs::read(&temp).ok().as_deref() == Some(&body[..]),
+        "the verified copy of a release in progress was removed at start-up"
+    );
+
+    // Once the dead tool's custody is stale, running the release again finishes it.
+    let conn = rusqlite::Connection::open(w.state_dir().join("journal.sqlite")).unwrap();
+    conn.execute("UPDATE custody SET at = 0", []).unwrap();
+    drop(conn);
+    let c = cfg.to_str().unwrap();
+    let id_s = id.to_string();
+    let out = dropscan(&[
+        "quarantine",
+        "release",
+        &id_s,
+        "--reason",
+        "fp",
+        "--config",
+        c,
+    ])
+    .await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(std::fs::read(w.clean.join("fp.com")).unwrap(), body);
+    assert!(!temp.exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_of_a_vanished_quarantined_file_onto_an_existing_path_is_refused() {
+    use crate::quarantine_tools::{dropscan, text};
+    let w = World::quick().await;
+    let cfg = w.write_config();
+    let (journal, id) = quarantined_entry(&w, "gone.com", &[EICAR, b" gone"].concat()).await;
+    drop(journal);
+    std::fs::remove_file(w.quarantine.join("gone.com")).unwrap();
+    let to = w.dir.path().join("lab.bin");
+    std::fs::write(&to, b"the analyst's own file").unwrap();
+    let id_s = id.to_string();
+    let out = dropscan(&[
+        "quarantine",
+        "restore",
+        &id_s,
+        "--to",
+        to.to_str().unwrap(),
+        "--reason",
+        "analysis",
+        "--config",
+        cfg.to_str().unwrap(),
+    ])
+    .await;
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert_eq!(std::fs::read(&to).unwrap(), b"the analyst's own file");
+}

@@ -229,10 +229,15 @@ command = ["{rec}", "{out}"]
     .unwrap_or_else(|| panic!("{} events recorded", recorded(&out).len()));
     let (r, _) = agent.stop().await;
     r.unwrap();
-    // The hanging hook's events are still queued (delivered after a restart).
+    // The hanging hook's 12 events are still queued (delivered after a restart). A recorder
+    // delivery that ran but was not yet marked done when the agent stopped stays queued and is
+    // sent again (at least once): up to 4 of them, the per-hook concurrency.
     let journal = Journal::open(&w.state_dir().join("journal.sqlite")).unwrap();
     let (waiting, given_up) = journal.hook_counts().await.unwrap();
-    assert_eq!((waiting, given_up), (12, 0));
+    assert!(
+        (12..=16).contains(&waiting) && given_up == 0,
+        "waiting {waiting}, given up {given_up}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -338,4 +343,46 @@ async fn a_wrong_hook_is_refused_naming_the_key_and_the_file() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("detected"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_of_a_removed_hook_never_starve_the_configured_ones() {
+    let mut w = World::quick().await;
+    let out = w.dir.path().join("events");
+    let hook = recorder(&w, &out);
+    w.more_watches = format!(
+        r#"
+[[hook]]
+on = ["quarantine"]
+command = ["{hook}", "{out}"]
+"#,
+        hook = hook.display(),
+        out = out.display(),
+    );
+    // A hook removed from the config left a backlog behind (kept for a later config).
+    std::fs::create_dir_all(w.state_dir()).unwrap();
+    let db = w.state_dir().join("journal.sqlite");
+    drop(Journal::open(&db).unwrap());
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    for _ in 0..300 {
+        conn.execute(
+            "INSERT INTO hook_events (hook, file_id, event, next_at, created_at) \
+             VALUES ('command:[\"/usr/local/bin/removed\"]', NULL, '{}', 0, 0)",
+            [],
+        )
+        .unwrap();
+    }
+    drop(conn);
+    let agent = w.start_agent();
+    w.drop_file("eicar.com", EICAR);
+    w.wait_placed(1, Duration::from_secs(30)).await;
+    let events = wait_for(Duration::from_secs(30), || {
+        let e = recorded(&out);
+        (!e.is_empty()).then_some(e)
+    })
+    .await
+    .expect("the configured hook gets its event despite the removed hook's backlog");
+    assert_eq!(events[0]["path"], "eicar.com");
+    let (r, _) = agent.stop().await;
+    r.unwrap();
 }

@@ -16,7 +16,7 @@ use dropscan::journal::Journal;
 use crate::util::{EICAR, Outcome, World, bytes, wait_for};
 
 /// Runs the real binary off the async runtime.
-async fn dropscan(args: &[&str]) -> Output {
+pub(crate) async fn dropscan(args: &[&str]) -> Output {
     let args: Vec<String> = args.iter().map(|s| (*s).to_string()).collect();
     tokio::task::spawn_blocking(move || {
         std::process::Command::new(env!("CARGO_BIN_EXE_dropscan"))
@@ -30,7 +30,7 @@ async fn dropscan(args: &[&str]) -> Output {
     .unwrap()
 }
 
-fn text(o: &Output) -> String {
+pub(crate) fn text(o: &Output) -> String {
     format!(
         "{}{}",
         String::from_utf8_lossy(&o.stdout),

@@ -161,7 +161,10 @@ pub(super) async fn reconcile(
             None => return Ok(resume),
         }
     }
-    let unfinished: HashSet<FileId> = records.iter().map(|r| r.id).collect();
+    let mut unfinished: HashSet<FileId> = records.iter().map(|r| r.id).collect();
+    // A tool's copy (release, restore) uses its record's temp name: while the tool holds
+    // custody, that temp may be the only copy of the file.
+    unfinished.extend(journal.in_custody().await?);
     let mut known: HashSet<PathBuf> = HashSet::new();
     for r in records {
         known.insert(r.staged.clone());

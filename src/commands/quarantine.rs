@@ -102,7 +102,13 @@ async fn relocate(config: &Path, id: i64, to: Option<PathBuf>, reason: String) -
 fn copy_out(w: &WatchConfig, rec: &FileRecord, to: Option<&Path>) -> Result<PathBuf, FsError> {
     let roots = RootDirs::new(w);
     let (qdir, name) = locate(&roots, Which::Quarantine, rec)?;
-    let now = qdir.stamp(&name)?;
+    // Gone from quarantine: a release killed after removing it left the verified copy in its
+    // temp, which `place` finishes (or says the file is gone).
+    let now = match qdir.stamp(&name) {
+        Ok(s) => Some(s.stamp()),
+        Err(FsError::Vanished { .. }) => None,
+        Err(e) => return Err(e),
+    };
     let Some(sha256) = rec.sha256 else {
         return Err(FsError::Changed {
             path: qdir.path().join(&name),
@@ -127,6 +133,13 @@ fn copy_out(w: &WatchConfig, rec: &FileRecord, to: Option<&Path>) -> Result<Path
             (Dir::open_trusted(parent)?, Some(PathBuf::from(file)), 0o600)
         }
     };
+    // Gone, and no verified copy of ours to finish: nothing to release (an existing target is
+    // never taken for a copy that was made).
+    if now.is_none() && !dest_root.exists(&temp)? {
+        return Err(FsError::Vanished {
+            path: qdir.path().join(&name),
+        });
+    }
     for _ in 0..16 {
         let target = match &fixed {
             Some(t) => t.clone(),
@@ -135,7 +148,7 @@ fn copy_out(w: &WatchConfig, rec: &FileRecord, to: Option<&Path>) -> Result<Path
         let placed = place(&Release {
             staging: &qdir,
             staged_name: &name,
-            hashed: Some(now.stamp()),
+            hashed: now,
             sha256: Some(sha256),
             dest_root: &dest_root,
             target: &target,

@@ -111,25 +111,30 @@ impl Report {
     }
 }
 
+/// A regular file found: its path, its size when listed, and the PATH given it was found
+/// beneath (the file itself when given by name).
+pub type Listed = (PathBuf, u64, PathBuf);
+
 /// Lists the regular files under `paths` (never through a symlink); the rest as skipped or
 /// errors.
-pub fn collect(paths: &[PathBuf]) -> (Vec<(PathBuf, u64)>, Vec<FileResult>) {
+pub fn collect(paths: &[PathBuf]) -> (Vec<Listed>, Vec<FileResult>) {
     let (mut files, mut other) = (Vec::new(), Vec::new());
-    let mut stack: Vec<PathBuf> = paths.iter().rev().cloned().collect();
+    let mut stack: Vec<(PathBuf, PathBuf)> =
+        paths.iter().rev().map(|p| (p.clone(), p.clone())).collect();
     let top: std::collections::HashSet<PathBuf> = paths.iter().cloned().collect();
-    while let Some(p) = stack.pop() {
+    while let Some((p, given)) = stack.pop() {
         match std::fs::symlink_metadata(&p) {
             Err(e) => other.push(FileResult {
                 path: p,
                 error: Some(format!("cannot read: {e}")),
                 ..FileResult::default()
             }),
-            Ok(m) if m.file_type().is_file() => files.push((p, m.len())),
+            Ok(m) if m.file_type().is_file() => files.push((p, m.len(), given)),
             Ok(m) if m.file_type().is_dir() => match std::fs::read_dir(&p) {
                 Ok(rd) => {
                     let mut names: Vec<PathBuf> = rd.flatten().map(|e| e.path()).collect();
                     names.sort();
-                    stack.extend(names.into_iter().rev());
+                    stack.extend(names.into_iter().rev().map(|n| (n, given.clone())));
                 }
                 Err(e) => other.push(FileResult {
                     path: p,
@@ -158,9 +163,20 @@ pub fn collect(paths: &[PathBuf]) -> (Vec<(PathBuf, u64)>, Vec<FileResult>) {
     (files, other)
 }
 
-/// Opens `path` for reading without following a symlink; it must be a regular file.
-fn open_regular(path: &Path) -> Result<(std::fs::File, u64), String> {
+/// Opens `path`, found beneath the PATH `given`, for reading without following a symlink
+/// anywhere beneath `given` (a folder swapped for a link after it was listed is refused, not
+/// followed); it must be a regular file.
+fn open_regular(path: &Path, given: &Path) -> Result<(std::fs::File, u64), String> {
     use rustix::fs::{Mode, OFlags};
+    if let Ok(rel) = path.strip_prefix(given) {
+        if !rel.as_os_str().is_empty() {
+            let (parent, name) = crate::fsops::split_rel(rel).map_err(|e| e.to_string())?;
+            let top = crate::fsops::Dir::open_trusted(given).map_err(|e| e.to_string())?;
+            let dir = top.open_dir(parent).map_err(|e| e.to_string())?;
+            let (file, stamp) = dir.open_file(name).map_err(|e| e.to_string())?;
+            return Ok((file, stamp.size));
+        }
+    }
     let fd = rustix::fs::open(
         path,
         OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
@@ -176,10 +192,14 @@ fn open_regular(path: &Path) -> Result<(std::fs::File, u64), String> {
 }
 
 /// Uploads one file, retrying what is retryable; the scanId and SHA-256 of the bytes sent.
-async fn submit(client: &KataClient, path: &Path) -> Result<(ScanId, String, u64), String> {
+async fn submit(
+    client: &KataClient,
+    path: &Path,
+    given: &Path,
+) -> Result<(ScanId, String, u64), String> {
     let mut last = String::new();
     for attempt in 1..=ATTEMPTS {
-        let (file, len) = open_regular(path)?;
+        let (file, len) = open_regular(path, given)?;
         let scan_id = ScanId::generate();
         match client
             .submit(&scan_id, tokio::fs::File::from_std(file), len)
@@ -295,12 +315,12 @@ pub async fn run(config: &Config, paths: &[PathBuf], json: bool) -> ExitCode {
             .unwrap_or_default()
     };
     let (files, mut results) = listed;
-    let total: u64 = files.iter().map(|(_, n)| n).sum();
+    let total: u64 = files.iter().map(|(_, n, _)| n).sum();
     let mut progress = Progress::new(files.len() as u64, total);
     let mut pending: HashMap<String, usize> = HashMap::new();
     let mut scanned: Vec<FileResult> = files
         .iter()
-        .map(|(p, n)| FileResult {
+        .map(|(p, n, _)| FileResult {
             path: p.clone(),
             size: *n,
             ..FileResult::default()
@@ -318,8 +338,13 @@ pub async fn run(config: &Config, paths: &[PathBuf], json: bool) -> ExitCode {
     let mut next = 0;
     while next < files.len() || !uploads.is_empty() {
         while next < files.len() && uploads.len() < limit {
-            let (c, p, i) = (client.clone(), files[next].0.clone(), next);
-            uploads.spawn(async move { (i, submit(&c, &p).await) });
+            let (c, p, g, i) = (
+                client.clone(),
+                files[next].0.clone(),
+                files[next].2.clone(),
+                next,
+            );
+            uploads.spawn(async move { (i, submit(&c, &p, &g).await) });
             next += 1;
         }
         let Some(Ok((i, outcome))) = uploads.join_next().await else {
@@ -409,4 +434,37 @@ pub async fn run(config: &Config, paths: &[PathBuf], json: bool) -> ExitCode {
         );
     }
     ExitCode::from(report.exit_code())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn scan_never_reads_through_a_folder_swapped_for_a_symlink_after_listing() {
+        // Someone scans a tree another user can write to; after it is listed, that user swaps
+        // a subfolder for a symlink to a folder of secrets with the same file name.
+        let d = tempfile::tempdir().unwrap();
+        let top = d.path().join("tree");
+        std::fs::create_dir_all(top.join("sub")).unwrap();
+        std::fs::write(top.join("sub/notes.txt"), b"harmless").unwrap();
+        let secrets = d.path().join("secrets");
+        std::fs::create_dir_all(&secrets).unwrap();
+        std::fs::write(secrets.join("notes.txt"), b"private key material").unwrap();
+        let (files, _) = collect(std::slice::from_ref(&top));
+        assert_eq!(files.len(), 1);
+        std::fs::remove_file(top.join("sub/notes.txt")).unwrap();
+        std::fs::remove_dir(top.join("sub")).unwrap();
+        std::os::unix::fs::symlink(&secrets, top.join("sub")).unwrap();
+        let read = open_regular(&files[0].0, &files[0].2)
+            .ok()
+            .map(|(mut f, _)| {
+                let mut s = Vec::new();
+                std::io::Read::read_to_end(&mut f, &mut s).unwrap();
+                s
+            });
+        assert_ne!(read.as_deref(), Some(&b"private key material"[..]));
+    }
 }

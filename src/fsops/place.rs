@@ -550,7 +550,8 @@ pub fn write_sidecar(
 }
 
 /// Removes this instance's leftover temps below `dest_root` (never following links, never
-/// touching other agents' temps or users' files): every sidecar temp, and each copy temp whose
+/// touching other agents' temps, users' files, or a temp a running placement holds locked):
+/// every sidecar temp, and each copy temp whose
 /// record `keep` does not claim (a copy whose staged file is gone is the only copy: its record
 /// keeps it until the placement is finished). Returns how many were removed.
 pub fn remove_partials(dest_root: &Dir, instance: &str, keep: &dyn Fn(i64) -> bool) -> usize {
@@ -576,7 +577,17 @@ pub fn remove_partials(dest_root: &Dir, instance: &str, keep: &dyn Fn(i64) -> bo
                 Some(Some(id)) => top && !keep(id),
                 None => false,
             };
-            if remove && dir.unlink(&name).is_ok() {
+            if !remove {
+                continue;
+            }
+            // A temp locked right now is being written by a placement that is still running
+            // (a quarantine tool's release beside a starting agent): never taken from under it.
+            let held = match dir.open_file(&name) {
+                Ok((f, _)) => lock(&f, &dir.path().join(&name)).map(|()| f),
+                Err(e) => Err(e),
+            };
+            let Ok(_held) = held else { continue };
+            if dir.unlink(&name).is_ok() {
                 removed += 1;
             }
         }

@@ -26,10 +26,30 @@ struct Gate {
 struct State {
     /// fsyncs started so far.
     started: u64,
-    /// The last fsync finished (its number) and how it ended.
+    /// The last fsync finished (its number).
     completed: u64,
-    result: Option<io::ErrorKind>,
+    /// The number of the last fsync that failed (0: none yet) and its error.
+    last_failed: u64,
+    failure: Option<io::ErrorKind>,
     running: bool,
+}
+
+impl State {
+    /// What a caller waiting for fsync number `target` is told, once one that started after its
+    /// call has completed: an error if any fsync numbered `target` or later failed. (Telling it
+    /// only how the latest one ended would hide a failure of `target` followed by a success:
+    /// Linux reports a writeback error once, and the entries may be lost.)
+    fn answer(&self, target: u64) -> Option<io::Result<()>> {
+        if self.completed < target {
+            return None;
+        }
+        Some(match self.failure {
+            Some(kind) if self.last_failed >= target => {
+                Err(io::Error::new(kind, "folder fsync failed"))
+            }
+            _ => Ok(()),
+        })
+    }
 }
 
 /// One gate per folder, by (device, inode).
@@ -61,11 +81,8 @@ pub(crate) fn sync_shared(
     // The first fsync to start from now on covers this caller.
     let target = st.started + 1;
     loop {
-        if st.completed >= target {
-            return match st.result {
-                None => Ok(()),
-                Some(kind) => Err(io::Error::new(kind, "folder fsync failed")),
-            };
+        if let Some(answer) = st.answer(target) {
+            return answer;
         }
         if !st.running {
             st.running = true;
@@ -76,7 +93,10 @@ pub(crate) fn sync_shared(
             st = gate.state.lock().unwrap_or_else(PoisonError::into_inner);
             st.running = false;
             st.completed = mine;
-            st.result = outcome.as_ref().err().map(io::Error::kind);
+            if let Err(e) = &outcome {
+                st.last_failed = mine;
+                st.failure = Some(e.kind());
+            }
             gate.done.notify_all();
             // Our own fsync: hand back its exact error.
             return outcome;
@@ -118,6 +138,23 @@ mod tests {
             }
         });
         assert!(calls.load(Ordering::SeqCst) <= 160);
+    }
+
+    #[test]
+    fn a_waiter_is_told_of_a_failed_fsync_even_when_a_later_one_succeeded() {
+        // Caller waits for fsync 2; fsync 2 failed, fsync 3 succeeded before it woke.
+        let st = State {
+            started: 3,
+            completed: 3,
+            last_failed: 2,
+            failure: Some(io::ErrorKind::Other),
+            running: false,
+        };
+        assert!(st.answer(2).is_some_and(|r| r.is_err()));
+        // A failure before its target does not concern it.
+        assert!(st.answer(3).is_some_and(|r| r.is_ok()));
+        // Not served yet.
+        assert!(st.answer(4).is_none());
     }
 
     #[test]

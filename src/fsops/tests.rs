@@ -647,6 +647,24 @@ fn two_same_named_files_copied_at_once_keep_their_own_bytes() {
 }
 
 #[test]
+fn leftover_clean_up_never_removes_a_temp_a_running_placement_holds_locked() {
+    // A `quarantine release` (another process) is writing its verified copy, under the lock
+    // `place` holds, while the agent starts: removing the temp from under it would let the
+    // tool remove the quarantined file and then find no copy to rename.
+    let d = tempfile::tempdir().unwrap();
+    let clean = dir(&d.path().join("clean"));
+    let temp = d.path().join("clean/.me.7.dropscan-partial");
+    std::fs::write(&temp, b"copy in progress").unwrap();
+    let held = std::fs::File::open(&temp).unwrap();
+    rustix::fs::flock(&held, rustix::fs::FlockOperation::NonBlockingLockExclusive).unwrap();
+    let removed = remove_partials(&clean, "me", &|_| false);
+    assert_eq!(removed, 0);
+    assert!(temp.exists());
+    drop(held);
+    assert_eq!(remove_partials(&clean, "me", &|_| false), 1);
+}
+
+#[test]
 fn leftover_clean_up_keeps_other_agents_temps_users_files_and_live_copies() {
     let d = tempfile::tempdir().unwrap();
     let clean = dir(&d.path().join("clean"));

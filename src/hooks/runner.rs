@@ -17,7 +17,7 @@ use crate::journal::{HookEvent, Journal, now_ms};
 pub const PER_HOOK_CONCURRENCY: usize = 4;
 /// How often the queue is read.
 const POLL_EVERY: Duration = Duration::from_millis(250);
-/// Events read from the queue at once.
+/// Events read from the queue at once, per hook.
 const BATCH: usize = 256;
 /// The first retry waits about this long, doubling each time…
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
@@ -63,7 +63,14 @@ pub async fn run(journal: Journal, hooks: Vec<HookConfig>, shutdown: Cancellatio
         );
     }
     let mut busy: HashSet<i64> = HashSet::new();
-    let mut unknown_warned: HashSet<String> = HashSet::new();
+    // Events of hooks not configured now (removed, or not set up) wait for a later config;
+    // they are never read, so they cannot crowd out the others.
+    if let Ok(waiting) = journal.hooks_waiting().await {
+        for hook in waiting.iter().filter(|h| !ready.contains_key(*h)) {
+            tracing::warn!(hook = %hook, "events queued for a hook that is not configured now; they wait");
+        }
+    }
+    let keys: Vec<String> = ready.keys().cloned().collect();
     let mut tasks: JoinSet<(i64, Result<(), String>, HookEvent, u32)> = JoinSet::new();
     let mut tick = tokio::time::interval(POLL_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -78,7 +85,10 @@ pub async fn run(journal: Journal, hooks: Vec<HookConfig>, shutdown: Cancellatio
                 }
             }
             _ = tick.tick() => {
-                let due = match journal.hook_due(BATCH).await {
+                if keys.is_empty() {
+                    continue;
+                }
+                let due = match journal.hook_due(BATCH, keys.clone()).await {
                     Ok(d) => d,
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot read the notification queue");
@@ -90,10 +100,6 @@ pub async fn run(journal: Journal, hooks: Vec<HookConfig>, shutdown: Cancellatio
                         continue;
                     }
                     let Some(r) = ready.get(&ev.hook) else {
-                        // Removed from the config (or not set up): kept for a later config.
-                        if unknown_warned.insert(ev.hook.clone()) {
-                            tracing::warn!(hook = %ev.hook, "events queued for a hook that is not configured now; they wait");
-                        }
                         continue;
                     };
                     // A hook whose slots are all taken (slow or hanging) waits alone.

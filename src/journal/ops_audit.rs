@@ -268,6 +268,26 @@ impl Journal {
         .await
     }
 
+    /// The records a tool holds (or held, and died holding) custody of: the copy temp of such a
+    /// record may be the only copy of its file (a release killed after the quarantined file
+    /// went), so start-up clean-up leaves it for the tool to finish.
+    pub async fn in_custody(&self) -> Result<Vec<FileId>, JournalError> {
+        self.run(|conn| {
+            let mut stmt = conn
+                .prepare_cached("SELECT file_id FROM custody WHERE status LIKE 'busy:%'")
+                .map_err(JournalError::sql("custody"))?;
+            let mut ids = Vec::new();
+            for id in stmt
+                .query_map([], |r| r.get(0))
+                .map_err(JournalError::sql("custody"))?
+            {
+                ids.push(id.map_err(JournalError::sql("custody"))?);
+            }
+            Ok(ids)
+        })
+        .await
+    }
+
     /// Writes one audit record (a refusal that took no custody). Returns its row id.
     pub async fn audit(&self, entry: AuditEntry) -> Result<i64, JournalError> {
         self.run(move |conn| insert_audit(conn, &entry)).await

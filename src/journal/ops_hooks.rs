@@ -54,31 +54,60 @@ pub(super) fn queue_in(
 }
 
 impl Journal {
-    /// Events due now (not given up, their retry time passed), oldest first, at most `limit`.
-    pub async fn hook_due(&self, limit: usize) -> Result<Vec<HookEvent>, JournalError> {
+    /// Events due now (not given up, their retry time passed) for each of `hooks`, oldest
+    /// first, at most `limit` per hook: a hook's backlog (one that hangs, or one no longer
+    /// configured, whose events wait) never keeps the others' events from being read.
+    pub async fn hook_due(
+        &self,
+        limit: usize,
+        hooks: Vec<String>,
+    ) -> Result<Vec<HookEvent>, JournalError> {
         self.run(move |conn| {
             let mut stmt = conn
                 .prepare_cached(
                     "SELECT id, hook, file_id, event, attempts FROM hook_events \
-                     WHERE gave_up = 0 AND next_at <= ?1 ORDER BY next_at, id LIMIT ?2",
+                     WHERE hook = ?3 AND gave_up = 0 AND next_at <= ?1 ORDER BY next_at, id LIMIT ?2",
                 )
                 .map_err(JournalError::sql("hooks"))?;
-            let rows = stmt
-                .query_map(
-                    params![now_ms(), i64::try_from(limit).unwrap_or(i64::MAX)],
-                    |r| {
-                        Ok(HookEvent {
-                            id: r.get(0)?,
-                            hook: r.get(1)?,
-                            file_id: r.get(2)?,
-                            event: r.get(3)?,
-                            attempts: u32::try_from(r.get::<_, i64>(4)?).unwrap_or(u32::MAX),
-                        })
-                    },
-                )
+            let mut out = Vec::new();
+            for hook in &hooks {
+                let rows = stmt
+                    .query_map(
+                        params![now_ms(), i64::try_from(limit).unwrap_or(i64::MAX), hook],
+                        |r| {
+                            Ok(HookEvent {
+                                id: r.get(0)?,
+                                hook: r.get(1)?,
+                                file_id: r.get(2)?,
+                                event: r.get(3)?,
+                                attempts: u32::try_from(r.get::<_, i64>(4)?).unwrap_or(u32::MAX),
+                            })
+                        },
+                    )
+                    .map_err(JournalError::sql("hooks"))?;
+                for row in rows {
+                    out.push(row.map_err(JournalError::sql("hooks"))?);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// The hooks with events waiting (not given up), for a warning about those not configured.
+    pub async fn hooks_waiting(&self) -> Result<Vec<String>, JournalError> {
+        self.run(|conn| {
+            let mut stmt = conn
+                .prepare_cached("SELECT DISTINCT hook FROM hook_events WHERE gave_up = 0")
                 .map_err(JournalError::sql("hooks"))?;
-            rows.collect::<Result<_, _>>()
-                .map_err(JournalError::sql("hooks"))
+            let mut hooks: Vec<String> = Vec::new();
+            for h in stmt
+                .query_map([], |r| r.get(0))
+                .map_err(JournalError::sql("hooks"))?
+            {
+                hooks.push(h.map_err(JournalError::sql("hooks"))?);
+            }
+            Ok(hooks)
         })
         .await
     }

@@ -85,6 +85,7 @@ CREATE TABLE IF NOT EXISTS hook_events (
     created_at  INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS hook_events_due ON hook_events(gave_up, next_at);
+CREATE INDEX IF NOT EXISTS hook_events_hook_due ON hook_events(hook, gave_up, next_at);
 ";
 
 const SCHEMA_VERSION: &str = "1";
