@@ -82,19 +82,7 @@ async fn retry(config: &Path, id: Option<FileId>, all: bool, reason: Option<Stri
             continue;
         };
         let moved = blocking(move || back_to_inbox(&w, &rec)).await;
-        let result = match moved {
-            Ok(dest) => {
-                println!(
-                    "retried {id}: {} → {}",
-                    from.as_deref().unwrap_or("?"),
-                    dest.display()
-                );
-                let mut d = detail;
-                d["to"] = json!(dest.display().to_string());
-                Ok(d)
-            }
-            Err(e) => Err((e, detail)),
-        };
+        let result = tools::moved("retried", id, from.as_deref(), moved, detail);
         let c = finish(&journal, id, "retry", "retried", Some(&reason), result).await;
         if c != ExitCode::SUCCESS {
             code = c;

@@ -81,19 +81,7 @@ async fn relocate(config: &Path, id: i64, to: Option<PathBuf>, reason: String) -
     } else {
         "restored"
     };
-    let result = match moved {
-        Ok(dest) => {
-            println!(
-                "{status} {id}: {} → {}",
-                from.as_deref().unwrap_or("?"),
-                dest.display()
-            );
-            let mut d = detail;
-            d["to"] = json!(dest.display().to_string());
-            Ok(d)
-        }
-        Err(e) => Err((e, detail)),
-    };
+    let result = tools::moved(status, id, from.as_deref(), moved, detail);
     finish(&journal, id, action, status, Some(&reason), result).await
 }
 

@@ -206,6 +206,30 @@ fn print_one(k: &Kept, long: bool) {
     }
 }
 
+/// The result of a move out of quarantine or failed, as [`finish`] takes it: on success, one
+/// line for the operator (`{status} {id}: from → dest`) and the destination added to the audit
+/// detail.
+pub(super) fn moved(
+    status: &str,
+    id: FileId,
+    from: Option<&str>,
+    result: Result<PathBuf, FsError>,
+    mut detail: serde_json::Value,
+) -> Result<serde_json::Value, (FsError, serde_json::Value)> {
+    match result {
+        Ok(dest) => {
+            println!(
+                "{status} {id}: {} → {}",
+                from.unwrap_or("?"),
+                dest.display()
+            );
+            detail["to"] = json!(dest.display().to_string());
+            Ok(detail)
+        }
+        Err(e) => Err((e, detail)),
+    }
+}
+
 pub(super) fn journal_failed(e: &JournalError) -> ExitCode {
     eprintln!("error: {e}");
     ExitCode::from(EXIT_UNAVAILABLE)
