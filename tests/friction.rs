@@ -280,3 +280,36 @@ async fn check_offline_passes_a_key_that_does_not_match_its_cert() {
         "{text}"
     );
 }
+
+/// Issue 11: the running agent (not only the decision function) logs one info line when the
+/// limit that bounds throughput changes. An idle agent is bound by its input: after two
+/// evaluations (5 s apart) it says so, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_running_agent_logs_the_binding_limit_once_when_it_changes() {
+    let w = World::quick().await;
+    let config = w.write_config();
+    let mut child = bin()
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = collect_stderr(&mut child);
+    let bound = |l: &String| l.contains("throughput is now bound by");
+    let found = wait_for(Duration::from_secs(40), || {
+        lines.lock().unwrap().iter().find(|l| bound(l)).cloned()
+    })
+    .await;
+    // Another evaluation period with nothing changed: no second line.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    child.kill().ok();
+    child.wait().ok();
+    let found = found.unwrap_or_else(|| panic!("no binding line in {:?}", lines.lock().unwrap()));
+    assert!(
+        found.contains("binding=\"input\"") || found.contains("binding=input"),
+        "{found}"
+    );
+    let count = lines.lock().unwrap().iter().filter(|l| bound(l)).count();
+    assert_eq!(count, 1, "{:?}", lines.lock().unwrap());
+}
