@@ -38,6 +38,9 @@ const HASH_CONCURRENCY: usize = 2;
 const STUCK_SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 /// A `claimed` record untouched this long is hashed again (longer than any hash queue).
 const STUCK_AFTER: std::time::Duration = std::time::Duration::from_secs(600);
+/// Bounds of the kept originals' sweep period.
+const KEPT_SWEEP_MIN: std::time::Duration = std::time::Duration::from_millis(250);
+const KEPT_SWEEP_MAX: std::time::Duration = std::time::Duration::from_secs(30);
 /// Settled files claimed in one journal transaction at most.
 const CLAIM_BATCH: usize = 64;
 
@@ -116,6 +119,8 @@ pub async fn run(
     let mut sweep = tokio::time::interval(STUCK_SWEEP_EVERY);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     sweep.tick().await;
+    let mut kept_sweep = tokio::time::interval(kept_sweep_period(&shared));
+    kept_sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         batch.clear();
         let claimed = tokio::select! {
@@ -124,6 +129,10 @@ pub async fn run(
             n = settled_rx.recv_many(&mut batch, CLAIM_BATCH) => {
                 if n == 0 { break }
                 claim_batch(&shared, &batch).await
+            }
+            _ = kept_sweep.tick() => {
+                sweep_kept(&shared).await;
+                Vec::new()
             }
             // A record left `claimed` because the journal write after hashing failed (disk
             // full): hashed again once the journal takes writes, not only after a restart.
@@ -146,6 +155,99 @@ pub async fn run(
     tasks.close();
     tasks.wait().await;
     Ok(())
+}
+
+/// How often kept originals are looked at: a quarter of the shortest `keep_original`, 250 ms to
+/// 30 s.
+fn kept_sweep_period(shared: &Shared) -> std::time::Duration {
+    shared
+        .config
+        .watches
+        .iter()
+        .map(|w| w.keep_original / 4)
+        .min()
+        .unwrap_or(KEPT_SWEEP_MAX)
+        .clamp(KEPT_SWEEP_MIN, KEPT_SWEEP_MAX)
+}
+
+/// What became of one kept original.
+enum KeptStep {
+    /// Unchanged, and not yet kept for `keep_original`.
+    Waiting,
+    /// Unchanged for `keep_original`: removed (its copy went through the pipeline).
+    Dropped,
+    /// Changed after its copy was taken: back in the inbox at this path, as a new version.
+    Returned(PathBuf),
+    /// Gone (a user with access to staging, or an operator).
+    Gone,
+}
+
+/// The kept originals' sweep (see [`crate::fsops::own`]): an original that a late writer
+/// changed goes back into the inbox under its name (or `name (1)`), so that what the writer
+/// added is scanned as a new version; one unchanged for `keep_original` is removed. An original
+/// of a root no longer configured is left where it is.
+async fn sweep_kept(shared: &Arc<Shared>) {
+    let kept = match shared.journal.retained().await {
+        Ok(k) => k,
+        Err(e) => {
+            tracing::debug!(error = %e, "kept-originals sweep failed");
+            return;
+        }
+    };
+    let now = crate::journal::now_ms();
+    for k in kept {
+        let Some(i) = shared.root_index(&k.root) else {
+            continue;
+        };
+        let keep_ms = i64::try_from(shared.config.watches[i].keep_original.as_millis())
+            .unwrap_or(i64::MAX);
+        let old_enough = now.saturating_sub(k.kept_at_ms) >= keep_ms;
+        let (sh, orig, rel, stamp) = (Arc::clone(shared), k.orig.clone(), k.rel_path.clone(), k.stamp);
+        let step = tokio::task::spawn_blocking(move || -> Result<KeptStep, fsops::FsError> {
+            let (staging, name) = sh.staging_of(&orig)?;
+            match staging.stamp(&name) {
+                Err(fsops::FsError::Vanished { .. }) => Ok(KeptStep::Gone),
+                Err(e) => Err(e),
+                Ok(st) if fsops::same_file(&stamp, &st.stamp()) => {
+                    if old_enough {
+                        staging.unlink(&name)?;
+                        Ok(KeptStep::Dropped)
+                    } else {
+                        Ok(KeptStep::Waiting)
+                    }
+                }
+                Ok(_) => {
+                    let inbox = sh.roots[i].get(fsops::roots::Which::Inbox, false)?;
+                    fsops::place::return_to_inbox(&staging, &name, &inbox, &rel)
+                        .map(KeptStep::Returned)
+                }
+            }
+        })
+        .await;
+        match step {
+            Ok(Ok(KeptStep::Waiting)) => continue,
+            Ok(Ok(KeptStep::Returned(back))) => {
+                shared.metrics.returned_changed.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    path = %fsops::shown(&k.rel_path),
+                    back = %fsops::shown(&back),
+                    "a writer changed this file after it was taken: the new version is back in the inbox and will be scanned"
+                );
+            }
+            Ok(Ok(KeptStep::Dropped | KeptStep::Gone)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(path = %fsops::shown(&k.orig), error = %e, "kept original: cannot look at it or put it back; tried again later");
+                continue;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "kept-originals task failed");
+                continue;
+            }
+        }
+        if let Err(e) = shared.journal.unretain(k.orig).await {
+            tracing::debug!(error = %e, "could not forget a kept original");
+        }
+    }
 }
 
 async fn spawn_hash(
@@ -278,6 +380,10 @@ async fn claim_batch(shared: &Arc<Shared>, batch: &[Settled]) -> Vec<(FileId, Pa
                 claimed.push((id, to));
             }
             Ok(Ok(Claim::Changed | Claim::Gone)) => dropped.push(id),
+            Ok(Ok(Claim::HeldOpen)) => {
+                tracing::debug!(path = %fsops::shown(&s.path), "held open for writing; left in the inbox");
+                dropped.push(id);
+            }
             Ok(Ok(Claim::HardLinkedLeft)) => {
                 if shared.first_warning(&s.path) {
                     tracing::warn!(

@@ -69,6 +69,15 @@ impl Shared {
         }
     }
 
+    /// The index of the root whose staging folder holds `staged`.
+    pub fn root_of_staging(&self, staged: &Path) -> Option<usize> {
+        let parent = staged.parent()?;
+        self.config
+            .watches
+            .iter()
+            .position(|w| w.staging_dir == parent)
+    }
+
     /// Opens a staged file for reading; it must still be the file that was hashed.
     pub fn open_staged(&self, staged: &Path, hashed: &Stamp) -> Result<std::fs::File, FsError> {
         let (dir, name) = self.staging_of(staged)?;
@@ -136,7 +145,15 @@ impl Shared {
                 staged_name: name,
             })
             .collect();
-        fsops::place::claim_many(&inbox, &staging, &items, self.hard_links_ok[i])
+        let leases = self.leases_here(i, &inbox);
+        fsops::place::claim_many(&inbox, &staging, &items, self.hard_links_ok[i], leases)
+    }
+
+    /// Whether open writers of root `i` are asked for with leases (its config, and not on a
+    /// client mount): see [`fsops::lease::check_here`].
+    pub fn leases_here(&self, i: usize, inbox: &Dir) -> bool {
+        let enabled = self.config.watches[i].lease_check == crate::config::LeaseCheck::Auto;
+        fsops::lease::check_here(inbox, enabled).is_ok()
     }
 
     /// True the first time `path` is warned about.

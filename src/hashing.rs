@@ -1,72 +1,116 @@
-//! Hashing a staged file and journaling the result: the second half of the claim stage, also
-//! run by the uploader and the sorter when a staged file changed after it was hashed.
+//! Owning and hashing a staged file, and journaling the result: the second half of the claim
+//! stage, also run by the uploader and the sorter when a staged file changed after it was hashed.
+//!
+//! The staged file is copied into a private inode while it is hashed, under a read lease
+//! ([`crate::fsops::own`]); the copy is what is uploaded and released. A file that a writer still
+//! holds open (it paused longer than `settle`) is put back into the inbox under its name, and
+//! settle waits for it again: nothing the writer adds is lost, and no half-written version is
+//! uploaded. Where no lease can be had, the original is kept in staging beside the copy and
+//! journaled ([`crate::journal::Journal::retain`]) for the claim stage's sweep.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use crate::context::Shared;
 use crate::error::FileError;
+use crate::fsops::own::{Owned, Owning};
 use crate::fsops::{self, FsError};
-use crate::journal::{Decision, FileId, HashedAs, Stamp};
+use crate::journal::{Decision, FileId, HashedAs};
 use crate::pipeline::{Claimed, Hashed};
 
-/// Hash attempts of a file that keeps changing before it is failed.
-const HASH_TRIES: u32 = 3;
-/// Looks (100 ms apart) at a staged file with several links before it counts as hard-linked.
-const HARD_LINK_SETTLE_TRIES: u32 = 10;
-
-/// Opens and hashes a staged file; retries while it changes under us.
-fn hash_blocking(shared: &Shared, staged: &Path) -> Result<([u8; 32], Stamp), FsError> {
-    let (staging, name) = shared.staging_of(staged)?;
-    let mut last = None;
-    for _ in 0..HASH_TRIES {
-        let (mut file, mut before) = staging.open_file(&name)?;
-        // Where a claim is link + unlink (no RENAME_NOREPLACE, e.g. NFS), the agent that lost
-        // the race removes its second link a moment later: look again before calling it a hard
-        // link.
-        for _ in 0..HARD_LINK_SETTLE_TRIES {
-            if before.nlink <= 1 {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-            before = fsops::stamp_of(&file)?;
-        }
-        if before.nlink > 1 {
-            return Err(FsError::HardLinked {
-                path: staged.to_path_buf(),
-                nlink: before.nlink,
-            });
-        }
-        let (sha, bytes) = fsops::sha256_file(&mut file)?;
-        let after = fsops::stamp_of(&file)?;
-        if before == after && bytes == after.size {
-            return Ok((sha, after.stamp()));
-        }
-        last = Some(format!(
-            "changed while hashed ({} → {} bytes)",
-            before.size, after.size
-        ));
-    }
-    Err(FsError::Changed {
-        path: staged.to_path_buf(),
-        detail: last.unwrap_or_default(),
+/// Owns a staged file (see the module docs) on the blocking pool.
+async fn own_staged(shared: &Arc<Shared>, staged: &std::path::Path) -> Result<Owned, Owning> {
+    let (sh, path) = (Arc::clone(shared), staged.to_path_buf());
+    let joined = tokio::task::spawn_blocking(move || {
+        let (staging, name) = sh.staging_of(&path)?;
+        let leases = match sh.root_of_staging(&path) {
+            Some(i) => match sh.roots[i].get(fsops::roots::Which::Inbox, false) {
+                Ok(inbox) => sh.leases_here(i, &inbox),
+                Err(_) => false,
+            },
+            None => false,
+        };
+        fsops::own::own(&staging, &name, leases)
     })
+    .await;
+    joined.unwrap_or_else(|e| {
+        Err(Owning::Failed(FsError::Changed {
+            path: staged.to_path_buf(),
+            detail: format!("hash task failed: {e}"),
+        }))
+    })
+}
+
+/// A staged file that a writer still holds open goes back into the inbox under its name (or
+/// `name (1)` beside it if that was taken meanwhile), and its claim is forgotten.
+async fn give_back(shared: &Arc<Shared>, id: FileId, staged: PathBuf) -> Hashed {
+    let rec = match shared.journal.get(id).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(id, error = %e, "journal read failed; the file stays in staging");
+            return Hashed::Waiting;
+        }
+    };
+    let Some(i) = shared.root_index(&rec.root) else {
+        return Hashed::Waiting;
+    };
+    let (sh, rel) = (Arc::clone(shared), rec.rel_path.clone());
+    let back = tokio::task::spawn_blocking(move || {
+        let (staging, name) = sh.staging_of(&staged)?;
+        let inbox = sh.roots[i].get(fsops::roots::Which::Inbox, false)?;
+        fsops::place::return_to_inbox(&staging, &name, &inbox, &rel)
+    })
+    .await;
+    match back {
+        Ok(Ok(rel_back)) => {
+            shared
+                .metrics
+                .returned_still_written
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                id,
+                path = %fsops::shown(&rec.rel_path),
+                back = %fsops::shown(&rel_back),
+                "still held open for writing: put back into the inbox until the writer is done"
+            );
+            if let Err(e) = shared.journal.unclaim(vec![id]).await {
+                // Harmless: at start-up a `claimed` record without a staged file is dropped.
+                tracing::warn!(id, error = %e, "could not forget the claim");
+            }
+            Hashed::Gone
+        }
+        Ok(Err(e)) => {
+            // It stays claimed: the stuck-claim sweep tries again (the writer may be done).
+            tracing::warn!(id, path = %fsops::shown(&rec.rel_path), error = %e, "still held open for writing, and cannot be put back into the inbox; tried again later");
+            Hashed::Waiting
+        }
+        Err(e) => {
+            tracing::error!(id, error = %e, "give-back task failed");
+            Hashed::Waiting
+        }
+    }
 }
 
 /// Hashes a claimed record's staged file and journals the result. Used for new claims, for
 /// records found `claimed` at start-up, and for files that changed after hashing.
 pub async fn hash_record(shared: &Arc<Shared>, id: FileId, staged: PathBuf) -> Hashed {
-    let path = staged.clone();
-    let sh = Arc::clone(shared);
-    let result = tokio::task::spawn_blocking(move || hash_blocking(&sh, &path)).await;
-    let result = match result {
-        Ok(r) => r,
-        Err(e) => Err(FsError::Changed {
-            path: staged.clone(),
-            detail: format!("hash task failed: {e}"),
-        }),
+    let result = match own_staged(shared, &staged).await {
+        Ok(owned) => Ok(owned),
+        Err(Owning::StillWritten) => return give_back(shared, id, staged).await,
+        Err(Owning::Failed(e)) => Err(e),
     };
+    if let Ok(Owned {
+        kept: Some(kept), ..
+    }) = &result
+    {
+        let orig = staged.with_file_name(&kept.name);
+        // Not journaled (disk full): start-up finds the `X.orig` and keeps it from then on.
+        if let Err(e) = shared.journal.retain(id, orig, kept.stamp).await {
+            tracing::warn!(id, error = %e, "could not journal the kept original");
+        }
+    }
+    let result = result.map(|o| (o.sha256, o.stamp));
     let journal = &shared.journal;
     let outcome = match result {
         Ok((sha256, stamp)) => {

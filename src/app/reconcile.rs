@@ -165,14 +165,21 @@ pub(super) async fn reconcile(
     // A tool's copy (release, restore) uses its record's temp name: while the tool holds
     // custody, that temp may be the only copy of the file.
     unfinished.extend(journal.in_custody().await?);
-    let mut known: HashSet<PathBuf> = HashSet::new();
+    let mut known: std::collections::HashMap<PathBuf, FileId> = std::collections::HashMap::new();
     for r in records {
-        known.insert(r.staged.clone());
+        known.insert(r.staged.clone(), r.id);
         let Some(i) = shared.root_index(&r.root) else {
             tracing::warn!(id = r.id, root = %fsops::shown(&r.root), "record of a root that is no longer configured: left as it is");
             continue;
         };
         let name = r.staged.file_name().unwrap_or_default();
+        if r.state == FileState::Claimed {
+            // A crash while the hash owned the file (`fsops::own`): the original goes back to
+            // its staged name, a partial copy goes.
+            if let Err(e) = fsops::own::repair(&stagings[i], name) {
+                tracing::warn!(id = r.id, error = %e, "cannot tidy a staged file's copy");
+            }
+        }
         let staged_exists = match stagings[i].exists(name) {
             Ok(x) => x,
             Err(e) => {
@@ -242,18 +249,47 @@ pub(super) async fn reconcile(
     // Staged files without an unfinished record re-enter as new files: under their original
     // path when a finished record still names them (a file must never sit in staging behind a
     // closed record), else under `recovered/`.
+    //
+    // Beside them, the hash's own names (`fsops::own`): a kept original (`X.orig`) is the
+    // user's inode; one the journal does not keep (a crash before it was journaled) re-enters
+    // like an orphan, never removed unseen. A copy (`X.copy`) beside its `X.staged` is partial
+    // and goes; one alone re-enters too.
+    let kept: HashSet<PathBuf> = journal.retained().await?.into_iter().map(|k| k.orig).collect();
     let mut orphans = Vec::new();
     for (i, staging) in stagings.iter().enumerate() {
         let entries = staging.entries().map_err(|source| FatalError::Folder {
             about: "staging folder",
             source,
         })?;
+        let names: HashSet<OsString> = entries.iter().map(|(n, _)| n.clone()).collect();
         for (name, st) in entries {
             let p = staging.path().join(&name);
-            if known.contains(&p) || !st.is_regular() || !name.as_bytes().ends_with(b".staged") {
+            if known.contains_key(&p) || kept.contains(&p) || !st.is_regular() {
                 continue;
             }
-            orphans.push((i, name, p));
+            // The path a finished record would name it by.
+            let mut record_path = p.clone();
+            if !name.as_bytes().ends_with(b".staged") {
+                let Some(staged) = fsops::own::staged_name_of(&name) else {
+                    continue;
+                };
+                if name.as_bytes().ends_with(b".copy") && names.contains(&staged) {
+                    if let Err(e) = staging.unlink(&name) {
+                        tracing::warn!(error = %e, "cannot remove a partial copy in staging");
+                    }
+                    continue;
+                }
+                record_path = staging.path().join(&staged);
+                if name.as_bytes().ends_with(b".orig") {
+                    if let Some(&id) = known.get(&record_path) {
+                        // Its copy is in flight: kept from now on, like any other.
+                        if journal.retain(id, p.clone(), st.stamp()).await? {
+                            continue;
+                        }
+                    }
+                }
+            }
+            orphans.push((i, name, record_path));
         }
     }
     if !orphans.is_empty() {

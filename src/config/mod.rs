@@ -59,6 +59,10 @@ pub(crate) const DEFAULT_SCAN_TIMEOUT: &str = "30m";
 pub(crate) const DEFAULT_RESTRICTIONS_REFRESH: &str = "10m";
 /// Built-in default for `watch.settle`.
 pub(crate) const DEFAULT_SETTLE: &str = "5s";
+/// Built-in default for `watch.settle_empty`.
+pub(crate) const DEFAULT_SETTLE_EMPTY: &str = "1m";
+/// Built-in default for `watch.keep_original`.
+pub(crate) const DEFAULT_KEEP_ORIGINAL: &str = "10m";
 /// Built-in default for `watch.reconcile_interval`.
 pub(crate) const DEFAULT_RECONCILE_INTERVAL: &str = "3m";
 /// Built-in default for `watch.poll_interval` (used in poll mode).
@@ -78,6 +82,17 @@ pub enum WatchMode {
     Notify,
     /// Always polling.
     Poll,
+}
+
+/// Whether open writers are asked for with a read lease (`watch.lease_check`, lower case).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LeaseCheck {
+    /// On local filesystems; never on client mounts (NFS, SMB, FUSE), where a lease does not
+    /// see writers on other machines.
+    Auto,
+    /// Never: completion rests on `settle`, and originals are kept for `keep_original`.
+    Off,
 }
 
 /// Log output format (`log.format`, written in lower case).
@@ -203,6 +218,14 @@ pub struct WatchConfig {
     pub recursive: bool,
     /// Quiet time before a file counts as complete.
     pub settle: Duration,
+    /// Quiet time before an empty file counts as complete (used as at least `settle`).
+    pub settle_empty: Duration,
+    /// Where no open-writer check is available (no lease): how long the original of a taken
+    /// file is kept unchanged in staging after it was copied, so that a writer still holding it
+    /// loses nothing (a change sends it back to the inbox as a new version).
+    pub keep_original: Duration,
+    /// Whether open writers are asked for with a read lease.
+    pub lease_check: LeaseCheck,
     /// How it is watched.
     pub mode: WatchMode,
     /// Included globs (relative path).

@@ -125,6 +125,12 @@ pub(crate) struct RawWatch {
     pub recursive: Option<bool>,
     /// Quiet time before a file counts as complete.
     pub settle: Option<String>,
+    /// Quiet time before an empty file counts as complete.
+    pub settle_empty: Option<String>,
+    /// Where open writers cannot be detected: how long a taken file's original is kept.
+    pub keep_original: Option<String>,
+    /// auto | off
+    pub lease_check: Option<super::LeaseCheck>,
     /// auto | notify | poll
     pub mode: Option<WatchMode>,
     /// Globs on the relative path that are taken.

@@ -16,7 +16,7 @@ use super::{
     Config, ConfigError, DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_IN_FLIGHT_CEILING,
     DEFAULT_POLL_INTERVAL, DEFAULT_RECONCILE_INTERVAL, DEFAULT_REQUEST_TIMEOUT,
     DEFAULT_REQUESTS_PER_SECOND, DEFAULT_RESTRICTIONS_REFRESH, DEFAULT_SCAN_TIMEOUT,
-    DEFAULT_SETTLE, DEFAULT_SHUTDOWN_GRACE, DEFAULT_VERDICT_TTL, DEFAULT_WATCH_POLL_INTERVAL,
+    DEFAULT_KEEP_ORIGINAL, DEFAULT_SETTLE, DEFAULT_SETTLE_EMPTY, DEFAULT_SHUTDOWN_GRACE, DEFAULT_VERDICT_TTL, DEFAULT_WATCH_POLL_INTERVAL,
     LogConfig, LogFormat, Pattern, ServerConfig, StateConfig, WatchConfig, WatchMode,
 };
 use super::{MaxInFlight, raw::RawCount};
@@ -369,9 +369,22 @@ impl Validator {
             Some(p) => self.path(&p, &key("staging_dir"))?,
             None => path.join(".dropscan").join(instance),
         };
+        let settle_empty = self.duration(
+            raw.settle_empty.as_deref(),
+            DEFAULT_SETTLE_EMPTY,
+            &key("settle_empty"),
+        )?;
+        let keep_original = self.duration(
+            raw.keep_original.as_deref(),
+            DEFAULT_KEEP_ORIGINAL,
+            &key("keep_original"),
+        )?;
         Ok(WatchConfig {
             recursive: raw.recursive.unwrap_or(true),
             settle,
+            settle_empty,
+            keep_original,
+            lease_check: raw.lease_check.unwrap_or(super::LeaseCheck::Auto),
             mode,
             include: self.globs(raw.include, &["*"], &key("include"))?,
             exclude: self.globs(raw.exclude, &[], &key("exclude"))?,

@@ -18,6 +18,9 @@
 //! still the one it saw: device, inode, size, mtime and ctime must all match.
 
 pub mod dir;
+pub mod fstype;
+pub mod lease;
+pub mod own;
 pub mod names;
 pub mod place;
 pub mod roots;
@@ -229,6 +232,8 @@ pub struct FileStamp {
     pub nlink: u64,
     /// `st_mode` (type and permission bits).
     pub mode: u32,
+    /// Owner.
+    pub uid: u32,
 }
 
 impl FileStamp {
@@ -242,6 +247,7 @@ impl FileStamp {
             ctime_ns: i128::from(st.st_ctime) * 1_000_000_000 + i128::from(st.st_ctime_nsec),
             nlink: st.st_nlink,
             mode: st.st_mode,
+            uid: st.st_uid,
         }
     }
 
@@ -256,6 +262,7 @@ impl FileStamp {
             ctime_ns: i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
             nlink: m.nlink(),
             mode: m.mode(),
+            uid: m.uid(),
         }
     }
 

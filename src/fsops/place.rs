@@ -5,13 +5,14 @@
 //! - the staged file is opened (never through a link) and must still be [`same_file`] as when it
 //!   was hashed: checked on every attempt, retries and restarts included;
 //! - **clean is a release no writer can change**, and quarantine is a file no user owns: both
-//!   receive a **verified copy**, a new inode owned by dropscan with a fixed mode (0644 clean,
-//!   0600 quarantine) whose SHA-256 is checked against the scanned one (clean). No handle a user
-//!   kept from before the claim (read, write, a shared mapping, or an `O_PATH` handle that could
-//!   be reopened for writing through `/proc`), and no ownership of the user's, reaches it. Where
-//!   the filesystem shares blocks (`copy_file_range` reflinks on btrfs and XFS) the copy is
-//!   cheap; elsewhere it costs one more write of each released file. Failed files (which may be
-//!   hard links that must never be read) are moved by rename;
+//!   receive a new inode owned by dropscan with a fixed mode (0644 clean, 0600 quarantine). No
+//!   handle a user kept from before the claim (read, write, a shared mapping, or an `O_PATH`
+//!   handle that could be reopened for writing through `/proc`), and no ownership of the
+//!   user's, reaches it. Normally the staged file already *is* such an inode (the hash copied
+//!   the user's bytes into it, see [`super::own`]) and it is renamed into place. Otherwise (a
+//!   destination on another filesystem, a record staged by an older version) a **verified
+//!   copy** is made, whose SHA-256 is checked against the scanned one (clean). Failed files
+//!   (which may be hard links that must never be read) are moved by rename;
 //! - one placement of a file at a time, across agents too: the staged file (and a temp being
 //!   written or finished) is held under an exclusive `flock`; a second placement is told to
 //!   retry later, never takes or deletes the first one's temp;
@@ -51,6 +52,9 @@ pub enum Claim {
     /// Hard-linked, and hard links may not be taken (the failed folder is on another
     /// filesystem, where the file could only be placed by reading it): left in the inbox.
     HardLinkedLeft,
+    /// Somebody holds it open for writing (its read lease was refused, or broke during the
+    /// rename and the file was put back): not complete, left in the inbox.
+    HeldOpen,
 }
 
 /// Moves the settled file `rel` (relative to the inbox) into `staging` as `staged_name`, if it
@@ -72,7 +76,14 @@ pub fn claim(
         settled,
         staged_name,
     };
-    claim_many(inbox, staging, std::slice::from_ref(&item), hard_links_ok)
+    let leases = super::lease::check_here(inbox, true).is_ok();
+    claim_many(
+        inbox,
+        staging,
+        std::slice::from_ref(&item),
+        hard_links_ok,
+        leases,
+    )
         .pop()
         .unwrap_or(Ok(Claim::Gone))
 }
@@ -91,17 +102,23 @@ pub struct ClaimItem<'a> {
 /// involved (staging, and each inbox folder a file left), so that a batch of N claims costs a
 /// few fsyncs instead of 2N. A claim is reported `Claimed(NotSynced)` when an fsync of one of
 /// its two folders failed (the rename happened all the same). One result per item, in order.
+///
+/// With `leases` (see [`super::lease::check_here`]), each rename happens under a read lease: a
+/// file somebody holds open for writing is not taken ([`Claim::HeldOpen`]), and one whose lease
+/// started breaking during the rename (a writer that looked the name up just before it, and now
+/// waits for us) is put back under its name before the lease goes.
 pub fn claim_many(
     inbox: &Dir,
     staging: &Dir,
     items: &[ClaimItem<'_>],
     hard_links_ok: bool,
+    leases: bool,
 ) -> Vec<Result<Claim, FsError>> {
     let mut out = Vec::with_capacity(items.len());
     // The source folders of the renames done, each once, with the items that left it.
     let mut sources: Vec<Source> = Vec::new();
     for (i, item) in items.iter().enumerate() {
-        match claim_one(inbox, item, staging, hard_links_ok) {
+        match claim_one(inbox, item, staging, hard_links_ok, leases) {
             Ok(Some(dir)) => {
                 out.push(Ok(Claim::Claimed(Renamed::Durable)));
                 let key = dir.identity().ok();
@@ -150,6 +167,7 @@ fn claim_one(
     item: &ClaimItem<'_>,
     staging: &Dir,
     hard_links_ok: bool,
+    leases: bool,
 ) -> Result<Option<Dir>, ClaimStop> {
     let (parent, name) = split_rel(item.rel).map_err(ClaimStop::Failed)?;
     let dir = match inbox.open_dir(parent) {
@@ -168,11 +186,41 @@ fn claim_one(
     if now.nlink > 1 && !hard_links_ok {
         return Err(ClaimStop::Decided(Claim::HardLinkedLeft));
     }
+    // The lease is taken on the inode that settled (a name swapped since is "changed"). A file
+    // that cannot be opened for reading is taken without one: it goes to failed, unread, by
+    // rename (the same inode), so a writer still at it loses nothing.
+    let opened = if leases {
+        match dir.open_file(name) {
+            Ok((f, st)) if (st.dev, st.ino) == (now.dev, now.ino) => Some(f),
+            Ok(_) => return Err(ClaimStop::Decided(Claim::Changed)),
+            Err(FsError::Vanished { .. }) => return Ok(None),
+            Err(_) => None,
+        }
+    } else {
+        None
+    };
+    let lease = match opened.as_ref().map(super::lease::ReadLease::take) {
+        Some(Ok(l)) => Some(l),
+        Some(Err(super::lease::LeaseRefused::HeldOpen)) => {
+            return Err(ClaimStop::Decided(Claim::HeldOpen));
+        }
+        Some(Err(_)) | None => None,
+    };
     match rename_noreplace_unsynced(&dir, name, staging, item.staged_name) {
-        Ok(()) => Ok(Some(dir)),
-        Err(e) if e.is_vanished() => Ok(None),
-        Err(e) => Err(ClaimStop::Failed(e)),
+        Ok(()) => {}
+        Err(e) if e.is_vanished() => return Ok(None),
+        Err(e) => return Err(ClaimStop::Failed(e)),
     }
+    if lease.as_ref().is_some_and(super::lease::ReadLease::breaking) {
+        // A writer is opening it right now (it looked the name up before the rename): put it
+        // back where the writer will find it. If the name was taken meanwhile, it stays staged,
+        // and the hash sees the writer and returns it to the inbox beside that name.
+        if rename_noreplace_unsynced(staging, item.staged_name, &dir, name).is_ok() {
+            return Err(ClaimStop::Decided(Claim::HeldOpen));
+        }
+    }
+    drop(lease);
+    Ok(Some(dir))
 }
 
 /// A free path (relative to `dest_root`) for a user's `rel`: the folders are made (with
@@ -332,9 +380,21 @@ pub fn place(r: &Release<'_>) -> Result<Placed, FsError> {
         Err(FsError::Vanished { .. }) => {}
         Err(e) => return Err(e),
     }
-    if !r.copy {
+    // The staged file is normally the private copy the hash made (`fsops::own`): a new inode of
+    // ours that no user ever had a handle on, which is all the verified copy below would give.
+    // It is renamed into place, then given its mode (after the rename, so that a retry still
+    // finds it unchanged; a crash in between leaves it stricter, 0600, never looser).
+    let own_copy = super::own::is_own_copy(&now);
+    if !r.copy || own_copy {
         match rename_noreplace(r.staging, r.staged_name, &tdir, tname) {
-            Ok(_) => return Ok(Placed::Renamed),
+            Ok(_) => {
+                if own_copy && now.mode & 0o7777 != r.file_mode {
+                    if let Err(e) = rustix::fs::fchmod(&file, rustix::fs::Mode::from_raw_mode(r.file_mode)) {
+                        tracing::warn!(path = %super::shown(&tdir.path().join(tname)), error = %e, "placed, but its mode could not be set");
+                    }
+                }
+                return Ok(Placed::Renamed);
+            }
             Err(FsError::Io { ref source, .. }) if source.raw_os_error() == Some(libc::EXDEV) => {}
             Err(e) => return Err(e),
         }

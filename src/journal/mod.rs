@@ -63,6 +63,7 @@
 //! | upload ([`Journal::submitting`], [`Journal::submitted`]) | `submitting`, `submitted` | start-up reconciliation (`app`) | the POST's fate is known only to the server |
 //! | poll (verdicts), upload and claim (failures, reused verdicts) ([`Journal::decide`], [`Journal::hashed`]) | `decided` | sort, [`Journal::in_states`] | a verdict whose message was lost; a contradicting `detect` that flipped a clean record |
 //! | sort ([`Journal::placing`], [`Journal::placed`]) | `placing`, `placed` | sort (`placed`), start-up reconciliation (`placing`) | the DELETE on the server still due; a move cut short by a crash |
+//! | claim ([`Journal::retain`]), start-up | `retained` table | claim, [`Journal::retained`] | an original kept until `keep_original` has passed unchanged, or sent back to the inbox changed |
 //! | upload, poll, sort, start-up (abandoned scanIds: `resend`, `resubmit`, `rehash`, `stale_scan`) | `stale_scans` table | poll, [`Journal::stale_scans`] | results nobody needs any more, deleted on the server |
 //!
 //! ## Layout
@@ -77,6 +78,8 @@
 //!   reading records; stale scans, errors, pruning and the summary);
 //! - `ops_audit.rs`: the quarantine and failed tools: kept files, custody, audit records;
 //! - `ops_hooks.rs`: the queue of notifications (`[[hook]]`), filled with the placement;
+//! - `ops_retain.rs`: users' originals kept in staging beside their copy where no lease could
+//!   be had (see `fsops::own`), swept by the claim stage;
 //! - `ops_capacity.rs`: the server capacity learned by the limits and their snapshot for
 //!   `dropscan status`, in the `meta` table;
 //! - `testing.rs`: a test hook (raw access for integration tests that simulate a clock jump or a
@@ -92,6 +95,7 @@ mod ops_decide;
 mod ops_hooks;
 mod ops_maint;
 mod ops_place;
+mod ops_retain;
 mod ops_submit;
 mod schema;
 #[doc(hidden)]
@@ -111,6 +115,7 @@ pub use ops_capacity::read_capacity_snapshot;
 pub use ops_hooks::{HookEvent, NewHookEvent};
 pub(crate) use ops_maint::DEFAULT_HISTORY;
 pub use ops_maint::read_summary;
+pub use ops_retain::Retained;
 pub use types::{
     Decision, FileId, FileRecord, FileState, HashedAs, JournalError, NewClaim, Outcome,
     ScanVerdict, Stamp, Summary,

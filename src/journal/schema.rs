@@ -86,6 +86,20 @@ CREATE TABLE IF NOT EXISTS hook_events (
 );
 CREATE INDEX IF NOT EXISTS hook_events_due ON hook_events(gave_up, next_at);
 CREATE INDEX IF NOT EXISTS hook_events_hook_due ON hook_events(hook, gave_up, next_at);
+-- Originals kept in staging beside their private copy where no lease could tell whether a writer
+-- still holds them (ops_retain.rs): dropped once unchanged for keep_original, or sent back to
+-- the inbox as a new version when changed.
+CREATE TABLE IF NOT EXISTS retained (
+    orig        BLOB PRIMARY KEY,
+    root        BLOB NOT NULL,
+    rel_path    BLOB NOT NULL,
+    size        INTEGER NOT NULL,
+    mtime_ns    INTEGER NOT NULL,
+    ctime_ns    INTEGER NOT NULL,
+    dev         INTEGER NOT NULL,
+    ino         INTEGER NOT NULL,
+    kept_at     INTEGER NOT NULL
+);
 ";
 
 const SCHEMA_VERSION: &str = "1";

@@ -57,6 +57,10 @@ pub struct Counters {
     pub polls: AtomicU64,
     /// Verdicts reused from identical content.
     pub reused: AtomicU64,
+    /// Files taken into staging that a writer still held open: put back into the inbox.
+    pub returned_still_written: AtomicU64,
+    /// Kept originals that a late writer changed: put back into the inbox as a new version.
+    pub returned_changed: AtomicU64,
     /// Files placed in clean.
     pub placed_clean: AtomicU64,
     /// Files placed in quarantine.
@@ -479,6 +483,18 @@ impl Collector for CountersCollector {
             "verdicts_reused",
             "Verdicts reused for identical content",
             &c.reused,
+        )?;
+        Self::counter(
+            e,
+            "returned_still_written",
+            "Files a writer still held open when dropscan took them, put back into the inbox",
+            &c.returned_still_written,
+        )?;
+        Self::counter(
+            e,
+            "returned_changed",
+            "Kept originals a late writer changed, put back into the inbox as a new version",
+            &c.returned_changed,
         )?;
         Self::counter(
             e,

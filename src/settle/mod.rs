@@ -1,15 +1,46 @@
 //! Settle: decides when a dropped file is completely written, and hands it on as `Settled`.
 //!
 //! Settle owns the filters (built-in temporary names, the root's `include` / `exclude` globs, own
-//! folders and dot-folders) and the completion gate: a file is complete when its size, mtime,
-//! ctime, device and inode have not changed for the root's `settle` time. ctime is in the gate
-//! because `cp -p` and many sync tools put an old mtime back after writing; nobody can set ctime.
-//! Every pending path is re-stated on a tick (a quarter of the shortest `settle`, 50 ms to 1 s),
-//! off the async threads, since a stat on a network share may block.
+//! folders and dot-folders) and the completion rule. Every pending path is re-stated on a tick (a
+//! quarter of the shortest `settle`, 50 ms to 1 s), off the async threads, since a stat on a
+//! network share may block. When claim is slow, `settled_tx.send` waits, and the files simply
+//! stay in the inbox.
 //!
-//! Settle never opens a file (so a FIFO cannot hang it), never moves one (that is claim), and does
-//! not list folders (that is watch: a candidate that turns out to be a folder is dropped). When
-//! claim is slow, `settled_tx.send` waits, and the files simply stay in the inbox.
+//! ## The completion rule, and the signals it rests on
+//!
+//! A file is complete when **all** of these hold:
+//!
+//! 1. **Quiet.** Its size, mtime, ctime, device and inode have not changed for the root's
+//!    `settle` time. ctime is in the gate because `cp -p` and rsync put an old mtime back after
+//!    writing, and nobody can set ctime.
+//! 2. **Empty files wait longer.** A 0-byte file must be quiet for `settle_empty` (default one
+//!    minute, never less than `settle`). Created empty and written later is the usual shape of a
+//!    paused copy (smbd creates the file at the client's open; an NFS client creates it before
+//!    its first WRITE), and an empty file's verdict is always reusable, so it would otherwise be
+//!    released at once with no upload at all.
+//! 3. **Nobody holds it open for writing.** Before a quiet file is handed on, settle opens it
+//!    read-only (never following a link, never blocking on a FIFO) and takes and drops a read
+//!    lease ([`crate::fsops::lease`]). The kernel refuses it while any process has the file open
+//!    for writing: on the file server that is smbd for a paused SMB client, Ganesha or knfsd for
+//!    an NFS client with open state, rsync, or a local program. Refused: the file is not
+//!    complete, whatever its times say; its quiet period starts again.
+//!
+//! The lease is asked again by claim around its rename and held by the hash while it copies the
+//! file into a private inode (see [`crate::claim`] and [`crate::hashing`]): a writer that opens
+//! the file in between breaks it, the work stops at once, and the file stays (or goes back) in
+//! the inbox. No writer waits on dropscan for more than one copy step.
+//!
+//! **When a signal is missing.** Leases need a local filesystem that supports them and, for
+//! files of other users, `CAP_LEASE` (the systemd unit grants it). On a client mount (an inbox
+//! that is itself an SMB or NFS mount), without the capability, or for NFSv3 writers that hold
+//! no open state, rule 3 cannot be asked: settle logs this once per root and the rule rests on
+//! 1 and 2, so `settle` must be longer than the writers' longest pause. What still holds there is
+//! that nothing is lost: the hash keeps the user's original inode in staging (`keep_original`)
+//! after copying it, and if a writer that was still at it changes it, it goes back to the inbox
+//! and through the pipeline again as a new version.
+//!
+//! Settle never moves a file (that is claim), and does not list folders (that is watch: a
+//! candidate that turns out to be a folder is dropped).
 //!
 //! Departure from the house shape (on purpose): `run` takes the roots' configuration and its
 //! channels rather than the agent's `Shared` context, and reports its own error type. This stage
@@ -83,6 +114,30 @@ pub(crate) enum Decision {
     Ready,
 }
 
+/// How long a file must stay unchanged: rules 1 and 2 of the module docs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Quiet {
+    /// For a file with content.
+    pub settle: Duration,
+    /// For an empty file (never less than `settle`).
+    pub empty: Duration,
+}
+
+impl Quiet {
+    /// The root's rule.
+    pub(crate) fn of(w: &WatchConfig) -> Self {
+        Quiet {
+            settle: w.settle,
+            empty: w.settle_empty.max(w.settle),
+        }
+    }
+
+    /// The quiet time a file of `size` bytes needs.
+    fn needed(self, size: u64) -> Duration {
+        if size == 0 { self.empty } else { self.settle }
+    }
+}
+
 /// A file being watched for quiet.
 #[derive(Debug, Clone)]
 pub(crate) struct Pending {
@@ -92,10 +147,10 @@ pub(crate) struct Pending {
     pub rel_path: PathBuf,
     /// The last snapshot seen.
     pub snapshot: Snapshot,
-    /// When the last change was seen (or the file first seen).
+    /// When the last change was seen (or the file first seen, or last found held open).
     pub stable_since: Instant,
-    /// The root's settle time.
-    pub settle: Duration,
+    /// The root's quiet times.
+    pub quiet: Quiet,
 }
 
 impl Pending {
@@ -105,14 +160,14 @@ impl Pending {
         rel_path: PathBuf,
         snapshot: Snapshot,
         now: Instant,
-        settle: Duration,
+        quiet: Quiet,
     ) -> Self {
         Pending {
             root,
             rel_path,
             snapshot,
             stable_since: now,
-            settle,
+            quiet,
         }
     }
 
@@ -123,7 +178,7 @@ impl Pending {
             self.stable_since = now;
             return Decision::Wait;
         }
-        if now.saturating_duration_since(self.stable_since) >= self.settle {
+        if now.saturating_duration_since(self.stable_since) >= self.quiet.needed(snapshot.size) {
             Decision::Ready
         } else {
             Decision::Wait
@@ -214,6 +269,61 @@ fn stat_beneath(
     }
 }
 
+/// What the open-writer check found.
+#[derive(Debug)]
+enum Probe {
+    /// Nobody holds it open for writing.
+    Free,
+    /// Somebody does.
+    HeldOpen,
+    /// Leases cannot be had here.
+    Unsupported(crate::fsops::lease::LeaseRefused),
+    /// Not the file that settled any more (or gone, or not a regular file now).
+    Changed,
+    /// It cannot be opened for reading: it goes on, to be failed with that reason.
+    Unreadable,
+}
+
+/// Rule 3 for one quiet file: opened beneath its root (read-only, no link followed, never
+/// blocking on a FIFO), checked to be the inode that settled, then a read lease taken and given
+/// back.
+fn probe_beneath(folders: &mut OpenFolders, root: &Path, s: &Settled, enabled: bool) -> Probe {
+    use crate::fsops::lease::{self, LeaseRefused};
+    let Ok((parent, name)) = crate::fsops::split_rel(&s.rel_path) else {
+        return Probe::Changed;
+    };
+    let dir = folders
+        .entry((root.to_path_buf(), parent.to_path_buf()))
+        .or_insert_with(|| {
+            crate::fsops::Dir::open_trusted(root)
+                .and_then(|d| d.open_dir(parent))
+                .map_err(|e| (io::ErrorKind::Other, e.to_string()))
+        });
+    let Ok(dir) = dir.as_ref() else {
+        return Probe::Changed;
+    };
+    if let Err(refused) = lease::check_here(dir, enabled) {
+        return Probe::Unsupported(refused);
+    }
+    let (file, now) = match dir.open_file(name) {
+        Ok(x) => x,
+        Err(crate::fsops::FsError::Vanished { .. } | crate::fsops::FsError::NotRegular { .. }) => {
+            return Probe::Changed;
+        }
+        // Not readable by the service user: nothing can be asked, and the claim fails it with
+        // that reason (it must not wait here for ever).
+        Err(_) => return Probe::Unreadable,
+    };
+    if (now.dev, now.ino, now.size) != (s.dev, s.ino, s.size) {
+        return Probe::Changed;
+    }
+    match lease::probe(&file) {
+        Ok(()) => Probe::Free,
+        Err(LeaseRefused::HeldOpen) => Probe::HeldOpen,
+        Err(refused) => Probe::Unsupported(refused),
+    }
+}
+
 /// The state of settle.
 struct Settler {
     watches: Arc<[WatchConfig]>,
@@ -226,6 +336,8 @@ struct Settler {
     sent: HashMap<PathBuf, (Snapshot, Instant)>,
     /// Paths already warned about.
     warned: HashSet<PathBuf>,
+    /// Roots already named as having no open-writer check.
+    no_lease_noted: HashSet<usize>,
 }
 
 impl Settler {
@@ -236,6 +348,7 @@ impl Settler {
             fresh: HashMap::new(),
             sent: HashMap::new(),
             warned: HashSet::new(),
+            no_lease_noted: HashSet::new(),
         }
     }
 
@@ -306,6 +419,14 @@ impl Settler {
                 ready.push(settled);
             }
         }
+        if ready.is_empty() {
+            return Continue(());
+        }
+        let ready = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => return Break(()),
+            ready = self.not_held_open(ready) => ready,
+        };
         for settled in ready {
             let sent = self.watches.get(settled.root).map(|w| {
                 (
@@ -333,6 +454,90 @@ impl Settler {
             }
         }
         Continue(())
+    }
+
+    /// Rule 3: asks for a read lease on each quiet file. One that somebody holds open for
+    /// writing goes back to waiting (its quiet period starts again); one where leases cannot be
+    /// had goes on, and its root is named once in the log.
+    async fn not_held_open(&mut self, quiet: Vec<Settled>) -> Vec<Settled> {
+        let watches = Arc::clone(&self.watches);
+        let probed = tokio::task::spawn_blocking(move || {
+            let mut folders = OpenFolders::new();
+            quiet
+                .into_iter()
+                .map(|s| {
+                    let probe = match watches.get(s.root) {
+                        Some(w) => probe_beneath(
+                            &mut folders,
+                            &w.path,
+                            &s,
+                            w.lease_check == crate::config::LeaseCheck::Auto,
+                        ),
+                        None => Probe::Changed,
+                    };
+                    (s, probe)
+                })
+                .collect::<Vec<_>>()
+        })
+        .await;
+        let probed = match probed {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(error = %e, "open-writer check failed; the files are checked again");
+                return Vec::new();
+            }
+        };
+        let now = Instant::now();
+        let mut ready = Vec::with_capacity(probed.len());
+        for (s, probe) in probed {
+            match probe {
+                Probe::Free | Probe::Unreadable => ready.push(s),
+                Probe::Unsupported(why) => {
+                    if self.no_lease_noted.insert(s.root) {
+                        warn!(
+                            root = %self.watches.get(s.root).map(|w| crate::fsops::shown(&w.path).to_string()).unwrap_or_default(),
+                            reason = %why.describe(),
+                            "cannot ask whether a writer still holds files open here: completion \
+                             rests on `settle` alone (make it longer than your writers' longest \
+                             pause); originals are kept for `keep_original` so that nothing a late \
+                             writer adds is lost"
+                        );
+                    }
+                    ready.push(s);
+                }
+                Probe::HeldOpen => {
+                    debug!(path = %crate::fsops::shown(&s.path), "quiet but held open for writing; waiting");
+                    self.wait_again(s, now);
+                }
+                // Changed or vanished between the stat and the open: watched from scratch.
+                Probe::Changed => {
+                    self.fresh.insert(s.path, (s.root, s.rel_path));
+                }
+            }
+        }
+        ready
+    }
+
+    /// Puts a file that is not complete after all back to waiting from `now`.
+    fn wait_again(&mut self, s: Settled, now: Instant) {
+        let quiet = self.watches.get(s.root).map_or(
+            Quiet {
+                settle: Duration::ZERO,
+                empty: Duration::ZERO,
+            },
+            Quiet::of,
+        );
+        let snapshot = Snapshot {
+            size: s.size,
+            mtime_ns: s.mtime_ns,
+            ctime_ns: s.ctime_ns,
+            dev: s.dev,
+            ino: s.ino,
+        };
+        self.pending.insert(
+            s.path,
+            Pending::new(s.root, s.rel_path, snapshot, now, quiet),
+        );
     }
 
     /// Applies one stat result; returns the file when it is ready to go.
@@ -370,9 +575,15 @@ impl Settler {
                 // Already handed to claim, unchanged since: a listing saw it again.
                 return None;
             }
-            let settle = self.watches.get(root).map_or(Duration::ZERO, |w| w.settle);
+            let quiet = self.watches.get(root).map_or(
+                Quiet {
+                    settle: Duration::ZERO,
+                    empty: Duration::ZERO,
+                },
+                Quiet::of,
+            );
             self.pending
-                .insert(path, Pending::new(root, rel_path, snapshot, now, settle));
+                .insert(path, Pending::new(root, rel_path, snapshot, now, quiet));
             return None;
         }
         let pending = self.pending.get_mut(&path)?;

@@ -17,14 +17,13 @@
 //! its fatal error and the scope rules every listing and hint obeys (`is_out_of_scope`,
 //! `is_ignored_name`, also used by settle and the `scan` command). `root.rs` is the task that
 //! watches one root (notify or polling, reconcile and forced rescans); `hints.rs` is the notify
-//! callback, which must never wait; `walk.rs` lists a folder tree by the walk rules; `fstype.rs`
+//! callback, which must never wait; `walk.rs` lists a folder tree by the walk rules; `fsops::fstype`
 //! tells local from network and FUSE filesystems by `statfs`.
 //!
 //! Departure from the house shape (on purpose): `run` takes the roots' configuration and its
 //! channels rather than the agent's `Shared` context, and reports its own error type. This stage
 //! needs nothing else (no journal, no client), and its tests drive it without an agent.
 
-mod fstype;
 mod hints;
 mod root;
 #[cfg(test)]

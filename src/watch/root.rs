@@ -1,4 +1,4 @@
-//! The task that watches one root: picks notify or polling (`fstype.rs`, the root's `mode`),
+//! The task that watches one root: picks notify or polling (`fsops::fstype`, the root's `mode`),
 //! lists the backlog, then lists again on every poll or reconcile tick, on a forced rescan (a
 //! hint was lost, see `hints.rs`) and when a new subfolder appears. Falls back to polling when
 //! inotify cannot be started or hits its limits. The listing itself is `walk.rs`.
@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info};
 
 use super::Candidate;
-use super::fstype::{FsKind, detect_fs};
+use crate::fsops::fstype::{FsKind, detect_fs};
 use super::hints::{Hints, RootSignal, SYSCTL_ADVICE, is_watch_limit};
 use super::walk::{Walked, WarnedFolders, walk_blocking};
 use crate::config::{WatchConfig, WatchMode};

@@ -13,7 +13,7 @@ use notify::event::{AccessKind, AccessMode, CreateKind, EventKind, ModifyKind};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::fstype::{FsKind, detect_fs, fs_kind_from_magic};
+use crate::fsops::fstype::{FsKind, detect_fs, fs_kind_from_magic};
 use super::hints::{Hints, RootSignal, is_watch_limit};
 use super::walk::{Walked, WarnedFolders, walk_blocking};
 use super::{Candidate, is_ignored_name, is_out_of_scope};
@@ -24,6 +24,9 @@ fn config(recursive: bool) -> WatchConfig {
         path: PathBuf::from("/in"),
         recursive,
         settle: Duration::from_secs(1),
+        settle_empty: Duration::from_secs(60),
+        keep_original: Duration::from_secs(600),
+        lease_check: crate::config::LeaseCheck::Auto,
         mode: WatchMode::Auto,
         include: vec![crate::config::Pattern::new("*").unwrap()],
         exclude: vec![],

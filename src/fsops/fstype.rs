@@ -1,6 +1,8 @@
-//! Which kind of filesystem an inbox is on, by `statfs` magic: local (inotify sees every change),
-//! network or FUSE (changes made elsewhere raise no event, so the root is polled). Only detects;
-//! the choice between notify and polling is made by the root task (`root.rs`).
+//! Which kind of filesystem a folder is on, by `statfs` magic: local (inotify sees every change,
+//! and a read lease sees every writer), or network and FUSE client mounts (changes made on other
+//! machines raise no event, so the root is polled, and a lease there only sees this machine's
+//! writers, so it is not asked). Only detects: the watcher chooses notify or polling
+//! (`watch/root.rs`), and [`crate::fsops::lease::check_here`] whether leases can be trusted.
 
 use std::path::Path;
 
@@ -8,7 +10,7 @@ use tracing::debug;
 
 /// What kind of filesystem a root is on, as far as watching it is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum FsKind {
+pub enum FsKind {
     /// A local filesystem (ext4, xfs, btrfs, tmpfs, overlay, …): inotify sees every change.
     Local,
     /// A network filesystem, by name: changes made by other hosts raise no inotify event.
@@ -21,7 +23,7 @@ pub(crate) enum FsKind {
 
 impl FsKind {
     /// True when inotify cannot be trusted there and the root must be polled.
-    pub(crate) fn needs_polling(self) -> bool {
+    pub fn needs_polling(self) -> bool {
         !matches!(self, FsKind::Local)
     }
 }
@@ -53,7 +55,7 @@ const NETWORK_MAGICS: &[(u32, &str)] = &[
 const FUSE_MAGIC: u32 = 0x6573_5546;
 
 /// Maps a `statfs` `f_type` to a kind.
-pub(super) fn fs_kind_from_magic(magic: u32) -> FsKind {
+pub fn fs_kind_from_magic(magic: u32) -> FsKind {
     if magic == FUSE_MAGIC {
         return FsKind::Fuse;
     }
@@ -63,8 +65,21 @@ pub(super) fn fs_kind_from_magic(magic: u32) -> FsKind {
         .map_or(FsKind::Local, |(_, name)| FsKind::Network(name))
 }
 
+/// The kind of filesystem the open folder `dir` is on, by `fstatfs` magic.
+pub fn kind_of_dir(dir: &super::Dir) -> FsKind {
+    match rustix::fs::fstatfs(dir.fd()) {
+        #[allow(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            clippy::unnecessary_cast
+        )]
+        Ok(st) => fs_kind_from_magic(st.f_type as u32),
+        Err(_) => FsKind::Unknown,
+    }
+}
+
 /// The kind of filesystem `path` is on, by `statfs` magic.
-pub(crate) fn detect_fs(path: &Path) -> FsKind {
+pub fn detect_fs(path: &Path) -> FsKind {
     match rustix::fs::statfs(path) {
         // `f_type` is a signed long on most targets; the magic is its low 32 bits.
         #[allow(
