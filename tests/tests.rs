@@ -22,4 +22,5 @@ mod packaging;
 mod pipeline;
 mod quarantine_tools;
 mod scan_cli;
+mod shares_fixture;
 mod watch_settle;
