@@ -112,6 +112,7 @@ pub async fn run(
             &verdicts_tx,
             id,
             staged,
+            false,
         )
         .await;
     }
@@ -137,18 +138,18 @@ pub async fn run(
             // A record left `claimed` because the journal write after hashing failed (disk
             // full): hashed again once the journal takes writes, not only after a restart.
             _ = sweep.tick() => match shared.journal.stuck_claimed(STUCK_AFTER).await {
-                Ok(recs) => recs.into_iter().map(|r| (r.id, r.staged)).collect(),
+                Ok(recs) => recs.into_iter().map(|r| (r.id, r.staged, false)).collect(),
                 Err(e) => {
                     tracing::debug!(error = %e, "stuck-claim sweep failed");
                     Vec::new()
                 }
             },
         };
-        for (id, staged) in claimed {
+        for (id, staged, held_open) in claimed {
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
-                () = spawn_hash(&shared, &hashing, &tasks, &claimed_tx, &verdicts_tx, id, staged) => {}
+                () = spawn_hash(&shared, &hashing, &tasks, &claimed_tx, &verdicts_tx, id, staged, held_open) => {}
             }
         }
     }
@@ -258,6 +259,7 @@ async fn spawn_hash(
     verdicts_tx: &mpsc::Sender<Verdict>,
     id: FileId,
     staged: PathBuf,
+    held_open: bool,
 ) {
     // Taking the permit here (not in the task) makes claim wait when hashing is saturated.
     let Ok(permit) = Arc::clone(hashing).acquire_owned().await else {
@@ -267,14 +269,14 @@ async fn spawn_hash(
     let claimed_tx = claimed_tx.clone();
     let verdicts_tx = verdicts_tx.clone();
     tasks.spawn(async move {
-        let h = hash_record(&shared, id, staged).await;
+        let h = hash_record(&shared, id, staged, held_open).await;
         drop(permit);
         forward(h, &claimed_tx, &verdicts_tx).await;
     });
 }
 
 /// Journals a batch of claims, then moves each file into staging. Returns the claimed ones.
-async fn claim_batch(shared: &Arc<Shared>, batch: &[Settled]) -> Vec<(FileId, PathBuf)> {
+async fn claim_batch(shared: &Arc<Shared>, batch: &[Settled]) -> Vec<(FileId, PathBuf, bool)> {
     // The staging folder lives in the inbox, where users can write: it is opened beneath the
     // inbox without following links (a `.dropscan` swapped for a symlink must not redirect
     // claimed files), made again if removed, and must carry our owner marker. A root whose
@@ -334,7 +336,7 @@ async fn claim_batch(shared: &Arc<Shared>, batch: &[Settled]) -> Vec<(FileId, Pa
     let mut results: Vec<Option<Result<Result<Claim, crate::fsops::FsError>, String>>> =
         (0..sources.len()).map(|_| None).collect();
     for (root, ks) in per_root {
-        let files: Vec<(PathBuf, Stamp, std::ffi::OsString)> = ks
+        let files: Vec<(PathBuf, Stamp, std::ffi::OsString, bool)> = ks
             .iter()
             .map(|&k| {
                 let (s, name) = &sources[k];
@@ -345,7 +347,7 @@ async fn claim_batch(shared: &Arc<Shared>, batch: &[Settled]) -> Vec<(FileId, Pa
                     dev: s.dev,
                     ino: s.ino,
                 };
-                (s.rel_path.clone(), settled, name.clone())
+                (s.rel_path.clone(), settled, name.clone(), s.held_open)
             })
             .collect();
         let sh = Arc::clone(shared);
@@ -377,7 +379,7 @@ async fn claim_batch(shared: &Arc<Shared>, batch: &[Settled]) -> Vec<(FileId, Pa
                 }
                 shared.metrics.claimed.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(id, path = %fsops::shown(&s.rel_path), "claimed");
-                claimed.push((id, to));
+                claimed.push((id, to, s.held_open));
             }
             Ok(Ok(Claim::Changed | Claim::Gone)) => dropped.push(id),
             Ok(Ok(Claim::HeldOpen)) => {

@@ -111,12 +111,13 @@ impl Shared {
         fsops::place::claim(&inbox, rel, settled, &staging, name, self.hard_links_ok[i])
     }
 
-    /// Claims a batch of settled files of root `i` (relative path, settled stamp, staged name)
+    /// Claims a batch of settled files of root `i` (relative path, settled stamp, staged name,
+    /// taken even if held open)
     /// with one fsync per folder for the whole batch. One result per file, in order.
     pub fn claim_files(
         &self,
         i: usize,
-        files: &[(PathBuf, Stamp, OsString)],
+        files: &[(PathBuf, Stamp, OsString, bool)],
     ) -> Vec<Result<Claim, FsError>> {
         let dirs = self.roots[i]
             .get(Which::Inbox, false)
@@ -127,7 +128,7 @@ impl Shared {
                 let msg = e.to_string();
                 return files
                     .iter()
-                    .map(|(rel, _, _)| {
+                    .map(|(rel, _, _, _)| {
                         Err(FsError::io(
                             rel,
                             "claim",
@@ -139,10 +140,11 @@ impl Shared {
         };
         let items: Vec<fsops::place::ClaimItem<'_>> = files
             .iter()
-            .map(|(rel, settled, name)| fsops::place::ClaimItem {
+            .map(|(rel, settled, name, held_open)| fsops::place::ClaimItem {
                 rel,
                 settled,
                 staged_name: name,
+                held_open_ok: *held_open,
             })
             .collect();
         let leases = self.leases_here(i, &inbox);

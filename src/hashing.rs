@@ -20,11 +20,15 @@ use crate::journal::{Decision, FileId, HashedAs};
 use crate::pipeline::{Claimed, Hashed};
 
 /// Owns a staged file (see the module docs) on the blocking pool.
-async fn own_staged(shared: &Arc<Shared>, staged: &std::path::Path) -> Result<Owned, Owning> {
+async fn own_staged(
+    shared: &Arc<Shared>,
+    staged: &std::path::Path,
+    ask_lease: bool,
+) -> Result<Owned, Owning> {
     let (sh, path) = (Arc::clone(shared), staged.to_path_buf());
     let joined = tokio::task::spawn_blocking(move || {
         let (staging, name) = sh.staging_of(&path)?;
-        let leases = match sh.root_of_staging(&path) {
+        let leases = match sh.root_of_staging(&path).filter(|_| ask_lease) {
             Some(i) => match sh.roots[i].get(fsops::roots::Which::Inbox, false) {
                 Ok(inbox) => sh.leases_here(i, &inbox),
                 Err(_) => false,
@@ -94,10 +98,24 @@ async fn give_back(shared: &Arc<Shared>, id: FileId, staged: PathBuf) -> Hashed 
 
 /// Hashes a claimed record's staged file and journals the result. Used for new claims, for
 /// records found `claimed` at start-up, and for files that changed after hashing.
-pub async fn hash_record(shared: &Arc<Shared>, id: FileId, staged: PathBuf) -> Hashed {
-    let result = match own_staged(shared, &staged).await {
+///
+/// `held_open`: the file was taken although a writer holds it open (`Settled::held_open`), so
+/// no lease is asked and its original is kept.
+pub async fn hash_record(
+    shared: &Arc<Shared>,
+    id: FileId,
+    staged: PathBuf,
+    held_open: bool,
+) -> Hashed {
+    let result = match own_staged(shared, &staged, !held_open).await {
         Ok(owned) => Ok(owned),
         Err(Owning::StillWritten) => return give_back(shared, id, staged).await,
+        // Staging is full: the copy cannot be made yet. The record stays `claimed` and the
+        // stuck-claim sweep owns it again later; nothing is failed for want of space.
+        Err(Owning::Failed(e @ FsError::NoSpace { .. })) => {
+            tracing::warn!(id, error = %e, "no space in staging for the private copy; retried later");
+            return Hashed::Waiting;
+        }
         Err(Owning::Failed(e)) => Err(e),
     };
     if let Ok(Owned {

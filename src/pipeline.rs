@@ -50,6 +50,10 @@ pub struct Settled {
     pub dev: u64,
     /// Inode of the file.
     pub ino: u64,
+    /// Taken although a writer still holds it open: it stayed unchanged and held open for the
+    /// root's `held_open_limit` (a server that keeps descriptors open long after its client is
+    /// done). Its original is kept rather than dropped (see `fsops::own`).
+    pub held_open: bool,
 }
 
 /// A staged, hashed file ready for upload.

@@ -363,7 +363,7 @@ impl Upload {
             tracing::error!(id, error = %e, "journal write failed");
             return None;
         }
-        match hashing::hash_record(&self.shared, id, staged).await {
+        match hashing::hash_record(&self.shared, id, staged, false).await {
             Hashed::Ready(c) => Some(c),
             Hashed::Decided(ids) => {
                 for id in ids {

@@ -37,6 +37,7 @@ fn config(root: &Path, mode: WatchMode, settle: Duration) -> WatchConfig {
         settle_empty: Duration::from_secs(60),
         keep_original: Duration::from_secs(600),
         lease_check: dropscan::config::LeaseCheck::Auto,
+        held_open_limit: Duration::from_secs(600),
         mode,
         include: globs(&["*"]),
         exclude: vec![],

@@ -63,6 +63,8 @@ pub(crate) const DEFAULT_SETTLE: &str = "5s";
 pub(crate) const DEFAULT_SETTLE_EMPTY: &str = "1m";
 /// Built-in default for `watch.keep_original`.
 pub(crate) const DEFAULT_KEEP_ORIGINAL: &str = "10m";
+/// Built-in default for `watch.held_open_limit`.
+pub(crate) const DEFAULT_HELD_OPEN_LIMIT: &str = "10m";
 /// Built-in default for `watch.reconcile_interval`.
 pub(crate) const DEFAULT_RECONCILE_INTERVAL: &str = "3m";
 /// Built-in default for `watch.poll_interval` (used in poll mode).
@@ -226,6 +228,9 @@ pub struct WatchConfig {
     pub keep_original: Duration,
     /// Whether open writers are asked for with a read lease.
     pub lease_check: LeaseCheck,
+    /// A quiet file that a writer holds open is waited for this long; then it is taken with its
+    /// original kept (for servers that keep descriptors open after their client is done).
+    pub held_open_limit: Duration,
     /// How it is watched.
     pub mode: WatchMode,
     /// Included globs (relative path).

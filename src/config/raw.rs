@@ -131,6 +131,8 @@ pub(crate) struct RawWatch {
     pub keep_original: Option<String>,
     /// auto | off
     pub lease_check: Option<super::LeaseCheck>,
+    /// How long a quiet file held open for writing is waited for.
+    pub held_open_limit: Option<String>,
     /// auto | notify | poll
     pub mode: Option<WatchMode>,
     /// Globs on the relative path that are taken.

@@ -16,7 +16,7 @@ use super::{
     Config, ConfigError, DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_IN_FLIGHT_CEILING,
     DEFAULT_POLL_INTERVAL, DEFAULT_RECONCILE_INTERVAL, DEFAULT_REQUEST_TIMEOUT,
     DEFAULT_REQUESTS_PER_SECOND, DEFAULT_RESTRICTIONS_REFRESH, DEFAULT_SCAN_TIMEOUT,
-    DEFAULT_KEEP_ORIGINAL, DEFAULT_SETTLE, DEFAULT_SETTLE_EMPTY, DEFAULT_SHUTDOWN_GRACE, DEFAULT_VERDICT_TTL, DEFAULT_WATCH_POLL_INTERVAL,
+    DEFAULT_HELD_OPEN_LIMIT, DEFAULT_KEEP_ORIGINAL, DEFAULT_SETTLE, DEFAULT_SETTLE_EMPTY, DEFAULT_SHUTDOWN_GRACE, DEFAULT_VERDICT_TTL, DEFAULT_WATCH_POLL_INTERVAL,
     LogConfig, LogFormat, Pattern, ServerConfig, StateConfig, WatchConfig, WatchMode,
 };
 use super::{MaxInFlight, raw::RawCount};
@@ -385,6 +385,11 @@ impl Validator {
             settle_empty,
             keep_original,
             lease_check: raw.lease_check.unwrap_or(super::LeaseCheck::Auto),
+            held_open_limit: self.duration(
+                raw.held_open_limit.as_deref(),
+                DEFAULT_HELD_OPEN_LIMIT,
+                &key("held_open_limit"),
+            )?,
             mode,
             include: self.globs(raw.include, &["*"], &key("include"))?,
             exclude: self.globs(raw.exclude, &[], &key("exclude"))?,

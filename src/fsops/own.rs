@@ -172,7 +172,6 @@ pub fn own(staging: &Dir, name: &OsStr, leases: bool) -> Result<Owned, Owning> {
         }
         out.sync_all()
             .map_err(|e| FsError::io(&staging.path().join(&copy), "fsync", e))?;
-        let stamp = stamp_of(&out)?.stamp();
         let kept = match &lease {
             Some(l) if l.breaking() => {
                 drop(lease);
@@ -196,6 +195,8 @@ pub fn own(staging: &Dir, name: &OsStr, leases: bool) -> Result<Owned, Owning> {
             }
         };
         drop(lease);
+        // After the renames: a rename changes the moved inode's ctime on most filesystems.
+        let stamp = stamp_of(&out)?.stamp();
         return Ok(Owned {
             sha256,
             stamp,

@@ -75,6 +75,7 @@ pub fn claim(
         rel,
         settled,
         staged_name,
+        held_open_ok: false,
     };
     let leases = super::lease::check_here(inbox, true).is_ok();
     claim_many(
@@ -96,6 +97,8 @@ pub struct ClaimItem<'a> {
     pub settled: &'a Stamp,
     /// Its name in staging.
     pub staged_name: &'a OsStr,
+    /// Taken even if a writer holds it open (see `Settled::held_open`).
+    pub held_open_ok: bool,
 }
 
 /// [`claim`] for a batch of files of one inbox: every rename first, then one fsync per folder
@@ -201,7 +204,7 @@ fn claim_one(
     };
     let lease = match opened.as_ref().map(super::lease::ReadLease::take) {
         Some(Ok(l)) => Some(l),
-        Some(Err(super::lease::LeaseRefused::HeldOpen)) => {
+        Some(Err(super::lease::LeaseRefused::HeldOpen)) if !item.held_open_ok => {
             return Err(ClaimStop::Decided(Claim::HeldOpen));
         }
         Some(Err(_)) | None => None,

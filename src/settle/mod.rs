@@ -269,6 +269,17 @@ fn stat_beneath(
     }
 }
 
+/// The completion snapshot a settled file was handed on with.
+fn snapshot_of(s: &Settled) -> Snapshot {
+    Snapshot {
+        size: s.size,
+        mtime_ns: s.mtime_ns,
+        ctime_ns: s.ctime_ns,
+        dev: s.dev,
+        ino: s.ino,
+    }
+}
+
 /// What the open-writer check found.
 #[derive(Debug)]
 enum Probe {
@@ -338,6 +349,8 @@ struct Settler {
     warned: HashSet<PathBuf>,
     /// Roots already named as having no open-writer check.
     no_lease_noted: HashSet<usize>,
+    /// Quiet files found held open for writing: since when, unchanged.
+    held: HashMap<PathBuf, (Instant, Snapshot)>,
 }
 
 impl Settler {
@@ -349,6 +362,7 @@ impl Settler {
             sent: HashMap::new(),
             warned: HashSet::new(),
             no_lease_noted: HashSet::new(),
+            held: HashMap::new(),
         }
     }
 
@@ -490,6 +504,9 @@ impl Settler {
         let now = Instant::now();
         let mut ready = Vec::with_capacity(probed.len());
         for (s, probe) in probed {
+            if !matches!(probe, Probe::HeldOpen) {
+                self.held.remove(&s.path);
+            }
             match probe {
                 Probe::Free | Probe::Unreadable => ready.push(s),
                 Probe::Unsupported(why) => {
@@ -506,8 +523,33 @@ impl Settler {
                     ready.push(s);
                 }
                 Probe::HeldOpen => {
-                    debug!(path = %crate::fsops::shown(&s.path), "quiet but held open for writing; waiting");
-                    self.wait_again(s, now);
+                    let snapshot = snapshot_of(&s);
+                    let limit = self
+                        .watches
+                        .get(s.root)
+                        .map_or(Duration::MAX, |w| w.held_open_limit);
+                    let since = match self.held.get(&s.path) {
+                        Some((since, seen)) if *seen == snapshot => *since,
+                        _ => {
+                            self.held.insert(s.path.clone(), (now, snapshot));
+                            now
+                        }
+                    };
+                    if now.saturating_duration_since(since) >= limit {
+                        self.held.remove(&s.path);
+                        warn!(
+                            path = %crate::fsops::shown(&s.path),
+                            "held open for writing but unchanged for `held_open_limit`: taken, and \
+                             its original kept for `keep_original` in case the writer goes on"
+                        );
+                        ready.push(Settled {
+                            held_open: true,
+                            ..s
+                        });
+                    } else {
+                        debug!(path = %crate::fsops::shown(&s.path), "quiet but held open for writing; waiting");
+                        self.wait_again(s, now);
+                    }
                 }
                 // Changed or vanished between the stat and the open: watched from scratch.
                 Probe::Changed => {
@@ -527,13 +569,7 @@ impl Settler {
             },
             Quiet::of,
         );
-        let snapshot = Snapshot {
-            size: s.size,
-            mtime_ns: s.mtime_ns,
-            ctime_ns: s.ctime_ns,
-            dev: s.dev,
-            ino: s.ino,
-        };
+        let snapshot = snapshot_of(&s);
         self.pending.insert(
             s.path,
             Pending::new(s.root, s.rel_path, snapshot, now, quiet),
@@ -600,12 +636,14 @@ impl Settler {
             ctime_ns: snapshot.ctime_ns,
             dev: snapshot.dev,
             ino: snapshot.ino,
+            held_open: false,
         })
     }
 
     fn forget(&mut self, path: &Path) {
         self.pending.remove(path);
         self.fresh.remove(path);
+        self.held.remove(path);
     }
 
     fn forget_old_sends(&mut self) {

@@ -6,6 +6,11 @@ use crate::scope::matches_filters;
 use tokio_util::sync::CancellationToken;
 
 const SETTLE: Duration = Duration::from_millis(400);
+const EMPTY: Duration = Duration::from_secs(60);
+const QUIET: Quiet = Quiet {
+    settle: SETTLE,
+    empty: EMPTY,
+};
 
 fn snap(size: u64, mtime_ns: i128, ctime_ns: i128) -> Snapshot {
     Snapshot {
@@ -31,6 +36,7 @@ fn config() -> WatchConfig {
         settle_empty: Duration::from_secs(60),
         keep_original: Duration::from_secs(600),
         lease_check: crate::config::LeaseCheck::Auto,
+        held_open_limit: Duration::from_secs(600),
         mode: WatchMode::Auto,
         include: globs(&["*"]),
         exclude: globs(&["*.log", "skip/*"]),
@@ -46,7 +52,7 @@ fn config() -> WatchConfig {
 #[test]
 fn unchanged_for_settle_is_ready() {
     let t0 = Instant::now();
-    let mut p = Pending::new(0, "a".into(), snap(10, 1, 1), t0, SETTLE);
+    let mut p = Pending::new(0, "a".into(), snap(10, 1, 1), t0, QUIET);
     assert_eq!(p.observe(snap(10, 1, 1), t0 + SETTLE / 2), Decision::Wait);
     assert_eq!(p.observe(snap(10, 1, 1), t0 + SETTLE), Decision::Ready);
 }
@@ -54,7 +60,7 @@ fn unchanged_for_settle_is_ready() {
 #[test]
 fn growth_resets_the_quiet_period() {
     let t0 = Instant::now();
-    let mut p = Pending::new(0, "a".into(), snap(10, 1, 1), t0, SETTLE);
+    let mut p = Pending::new(0, "a".into(), snap(10, 1, 1), t0, QUIET);
     assert_eq!(p.observe(snap(20, 2, 2), t0 + SETTLE), Decision::Wait);
     assert_eq!(
         p.observe(snap(20, 2, 2), t0 + SETTLE * 3 / 2),
@@ -67,7 +73,7 @@ fn growth_resets_the_quiet_period() {
 fn ctime_change_with_old_mtime_restored_is_not_ready() {
     // `cp -p`: data written, then the old mtime put back. Only ctime tells.
     let t0 = Instant::now();
-    let mut p = Pending::new(0, "a".into(), snap(10, 5, 100), t0, SETTLE);
+    let mut p = Pending::new(0, "a".into(), snap(10, 5, 100), t0, QUIET);
     assert_eq!(p.observe(snap(10, 5, 200), t0 + SETTLE), Decision::Wait);
     assert_eq!(
         p.observe(snap(10, 5, 200), t0 + SETTLE + SETTLE / 2),
@@ -82,7 +88,7 @@ fn ctime_change_with_old_mtime_restored_is_not_ready() {
 #[test]
 fn same_size_rewrite_or_replacement_is_a_change() {
     let t0 = Instant::now();
-    let mut p = Pending::new(0, "a".into(), snap(10, 5, 5), t0, SETTLE);
+    let mut p = Pending::new(0, "a".into(), snap(10, 5, 5), t0, QUIET);
     // Replaced by another file of the same size and times (new inode).
     let mut other = snap(10, 5, 5);
     other.ino = 8;
@@ -94,10 +100,18 @@ fn same_size_rewrite_or_replacement_is_a_change() {
 }
 
 #[test]
-fn zero_length_files_settle() {
+fn an_empty_file_is_not_complete_after_settle_alone_only_after_settle_empty() {
+    // smbd creates the file at the client's open and holds it empty while the client pauses:
+    // after `settle` it must still wait (it was released as a 0-byte file, with no upload).
     let t0 = Instant::now();
-    let mut p = Pending::new(0, "empty".into(), snap(0, 1, 1), t0, SETTLE);
-    assert_eq!(p.observe(snap(0, 1, 1), t0 + SETTLE), Decision::Ready);
+    let mut p = Pending::new(0, "empty".into(), snap(0, 1, 1), t0, QUIET);
+    assert_eq!(p.observe(snap(0, 1, 1), t0 + SETTLE), Decision::Wait);
+    assert_eq!(p.observe(snap(0, 1, 1), t0 + EMPTY - SETTLE), Decision::Wait);
+    assert_eq!(p.observe(snap(0, 1, 1), t0 + EMPTY), Decision::Ready);
+    // Written at last: content settles on the ordinary time from its last change.
+    let t1 = t0 + EMPTY + SETTLE;
+    assert_eq!(p.observe(snap(5, 2, 2), t1), Decision::Wait);
+    assert_eq!(p.observe(snap(5, 2, 2), t1 + SETTLE), Decision::Ready);
 }
 
 #[test]

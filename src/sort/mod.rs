@@ -439,7 +439,7 @@ impl Sorter {
         if let Err(e) = self.shared.journal.rehash(rec.id).await {
             return Step::Retry(format!("journal write failed: {e}"));
         }
-        match hashing::hash_record(&self.shared, rec.id, rec.staged.clone()).await {
+        match hashing::hash_record(&self.shared, rec.id, rec.staged.clone(), false).await {
             Hashed::Ready(c) => self.resubmit.push(c),
             Hashed::Decided(_) => {
                 // Decided again without a scan (reused verdict or failure): the sweep places it.
