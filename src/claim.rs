@@ -23,7 +23,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::context::Shared;
 use crate::error::FatalError;
-use crate::fsops::place::Claim;
+use crate::fsops::claim::Claim;
 use crate::fsops::{self, Renamed};
 use crate::hashing::hash_record;
 use crate::journal::{FileId, NewClaim, Stamp};
@@ -69,6 +69,14 @@ fn staged_name() -> OsString {
     OsString::from(format!("{}.staged", uuid::Uuid::new_v4().simple()))
 }
 
+/// A claimed file to own and hash.
+struct ToOwn {
+    id: FileId,
+    staged: PathBuf,
+    /// Taken although held open (`Settled::held_open`).
+    held_open: bool,
+}
+
 /// What this stage reads.
 pub struct Inputs {
     /// Settled files, from settle.
@@ -104,17 +112,12 @@ pub async fn run(
     let hashing = Arc::new(Semaphore::new(HASH_CONCURRENCY));
     let tasks = TaskTracker::new();
     for (id, staged) in resume {
-        spawn_hash(
-            &shared,
-            &hashing,
-            &tasks,
-            &claimed_tx,
-            &verdicts_tx,
+        let job = ToOwn {
             id,
             staged,
-            false,
-        )
-        .await;
+            held_open: false,
+        };
+        spawn_hash(&shared, &hashing, &tasks, &claimed_tx, &verdicts_tx, job).await;
     }
     let mut batch = Vec::with_capacity(CLAIM_BATCH);
     let mut sweep = tokio::time::interval(STUCK_SWEEP_EVERY);
@@ -138,18 +141,25 @@ pub async fn run(
             // A record left `claimed` because the journal write after hashing failed (disk
             // full): hashed again once the journal takes writes, not only after a restart.
             _ = sweep.tick() => match shared.journal.stuck_claimed(STUCK_AFTER).await {
-                Ok(recs) => recs.into_iter().map(|r| (r.id, r.staged, false)).collect(),
+                Ok(recs) => recs
+                    .into_iter()
+                    .map(|r| ToOwn {
+                        id: r.id,
+                        staged: r.staged,
+                        held_open: false,
+                    })
+                    .collect(),
                 Err(e) => {
                     tracing::debug!(error = %e, "stuck-claim sweep failed");
                     Vec::new()
                 }
             },
         };
-        for (id, staged, held_open) in claimed {
+        for job in claimed {
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
-                () = spawn_hash(&shared, &hashing, &tasks, &claimed_tx, &verdicts_tx, id, staged, held_open) => {}
+                () = spawn_hash(&shared, &hashing, &tasks, &claimed_tx, &verdicts_tx, job) => {}
             }
         }
     }
@@ -200,10 +210,15 @@ async fn sweep_kept(shared: &Arc<Shared>) {
         let Some(i) = shared.root_index(&k.root) else {
             continue;
         };
-        let keep_ms = i64::try_from(shared.config.watches[i].keep_original.as_millis())
-            .unwrap_or(i64::MAX);
+        let keep_ms =
+            i64::try_from(shared.config.watches[i].keep_original.as_millis()).unwrap_or(i64::MAX);
         let old_enough = now.saturating_sub(k.kept_at_ms) >= keep_ms;
-        let (sh, orig, rel, stamp) = (Arc::clone(shared), k.orig.clone(), k.rel_path.clone(), k.stamp);
+        let (sh, orig, rel, stamp) = (
+            Arc::clone(shared),
+            k.orig.clone(),
+            k.rel_path.clone(),
+            k.stamp,
+        );
         let step = tokio::task::spawn_blocking(move || -> Result<KeptStep, fsops::FsError> {
             let (staging, name) = sh.staging_of(&orig)?;
             match staging.stamp(&name) {
@@ -228,7 +243,10 @@ async fn sweep_kept(shared: &Arc<Shared>) {
         match step {
             Ok(Ok(KeptStep::Waiting)) => continue,
             Ok(Ok(KeptStep::Returned(back))) => {
-                shared.metrics.returned_changed.fetch_add(1, Ordering::Relaxed);
+                shared
+                    .metrics
+                    .returned_changed
+                    .fetch_add(1, Ordering::Relaxed);
                 tracing::info!(
                     path = %fsops::shown(&k.rel_path),
                     back = %fsops::shown(&back),
@@ -257,9 +275,7 @@ async fn spawn_hash(
     tasks: &TaskTracker,
     claimed_tx: &mpsc::Sender<Claimed>,
     verdicts_tx: &mpsc::Sender<Verdict>,
-    id: FileId,
-    staged: PathBuf,
-    held_open: bool,
+    job: ToOwn,
 ) {
     // Taking the permit here (not in the task) makes claim wait when hashing is saturated.
     let Ok(permit) = Arc::clone(hashing).acquire_owned().await else {
@@ -269,14 +285,14 @@ async fn spawn_hash(
     let claimed_tx = claimed_tx.clone();
     let verdicts_tx = verdicts_tx.clone();
     tasks.spawn(async move {
-        let h = hash_record(&shared, id, staged, held_open).await;
+        let h = hash_record(&shared, job.id, job.staged, job.held_open).await;
         drop(permit);
         forward(h, &claimed_tx, &verdicts_tx).await;
     });
 }
 
 /// Journals a batch of claims, then moves each file into staging. Returns the claimed ones.
-async fn claim_batch(shared: &Arc<Shared>, batch: &[Settled]) -> Vec<(FileId, PathBuf, bool)> {
+async fn claim_batch(shared: &Arc<Shared>, batch: &[Settled]) -> Vec<ToOwn> {
     // The staging folder lives in the inbox, where users can write: it is opened beneath the
     // inbox without following links (a `.dropscan` swapped for a symlink must not redirect
     // claimed files), made again if removed, and must carry our owner marker. A root whose
@@ -379,7 +395,11 @@ async fn claim_batch(shared: &Arc<Shared>, batch: &[Settled]) -> Vec<(FileId, Pa
                 }
                 shared.metrics.claimed.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(id, path = %fsops::shown(&s.rel_path), "claimed");
-                claimed.push((id, to, s.held_open));
+                claimed.push(ToOwn {
+                    id,
+                    staged: to,
+                    held_open: s.held_open,
+                });
             }
             Ok(Ok(Claim::Changed | Claim::Gone)) => dropped.push(id),
             Ok(Ok(Claim::HeldOpen)) => {
@@ -421,7 +441,7 @@ mod tests {
     use std::ffi::OsStr;
     use std::path::Path;
 
-    use crate::fsops::place::{Claim, claim};
+    use crate::fsops::claim::{Claim, claim};
     use crate::fsops::{Dir, FileStamp, Renamed};
 
     /// What the claim decides for each state a settled file can be in when its turn comes.

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use tokio::sync::broadcast;
 
 use crate::config::Config;
-use crate::fsops::place::Claim;
+use crate::fsops::claim::Claim;
 use crate::fsops::roots::{Owner, RootDirs, Which};
 use crate::fsops::{self, Dir, FsError};
 use crate::journal::{Journal, Stamp};
@@ -108,7 +108,7 @@ impl Shared {
     ) -> Result<Claim, FsError> {
         let inbox = self.roots[i].get(Which::Inbox, false)?;
         let staging = self.roots[i].get(Which::Staging, false)?;
-        fsops::place::claim(&inbox, rel, settled, &staging, name, self.hard_links_ok[i])
+        fsops::claim::claim(&inbox, rel, settled, &staging, name, self.hard_links_ok[i])
     }
 
     /// Claims a batch of settled files of root `i` (relative path, settled stamp, staged name,
@@ -138,9 +138,9 @@ impl Shared {
                     .collect();
             }
         };
-        let items: Vec<fsops::place::ClaimItem<'_>> = files
+        let items: Vec<fsops::claim::ClaimItem<'_>> = files
             .iter()
-            .map(|(rel, settled, name, held_open)| fsops::place::ClaimItem {
+            .map(|(rel, settled, name, held_open)| fsops::claim::ClaimItem {
                 rel,
                 settled,
                 staged_name: name,
@@ -148,7 +148,7 @@ impl Shared {
             })
             .collect();
         let leases = self.leases_here(i, &inbox);
-        fsops::place::claim_many(&inbox, &staging, &items, self.hard_links_ok[i], leases)
+        fsops::claim::claim_many(&inbox, &staging, &items, self.hard_links_ok[i], leases)
     }
 
     /// Whether open writers of root `i` are asked for with leases (its config, and not on a

@@ -42,11 +42,15 @@ async fn a_planted_dropscan_symlink_is_never_followed_at_start_up() {
     assert!(w.inbox.join("a.txt").exists());
 }
 
+/// Without leases (`lease_check = "off"`, as on a client mount), a writer that keeps its handle
+/// past `settle` has its file taken; it then writes EICAR through the handle once the file is
+/// clean. Clean keeps the scanned bytes, and what the writer added is not lost either: the kept
+/// original changed, goes back to the inbox, and is scanned as a new version (quarantine).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_rewritten_through_an_open_handle_after_release_never_puts_eicar_in_clean() {
-    let w = World::quick().await;
+    let mut w = World::quick().await;
+    w.watch_extra = "lease_check = \"off\"\nkeep_original = \"20s\"".into();
     let agent = w.start_agent();
-    // The writer keeps its handle open past settle, then writes EICAR once the file is clean.
     let mut handle = std::fs::File::create(w.inbox.join("report.txt")).unwrap();
     handle.write_all(b"quarterly figures").unwrap();
     handle.flush().unwrap();
@@ -56,7 +60,47 @@ async fn a_file_rewritten_through_an_open_handle_after_release_never_puts_eicar_
         .expect("released to clean");
     handle.write_all(EICAR).unwrap();
     handle.sync_all().unwrap();
+    drop(handle);
+    // The same name in clean and in quarantine (the harness's `outcomes` refuses that).
+    let quarantined = w.quarantine.join("report.txt.dropscan.json");
+    wait_for(LIMIT, || quarantined.exists().then_some(()))
+        .await
+        .expect("the new version is scanned and quarantined");
     assert_eq!(std::fs::read(&clean).unwrap(), b"quarterly figures");
+    assert_eq!(
+        std::fs::read(w.quarantine.join("report.txt")).unwrap(),
+        [b"quarterly figures".as_slice(), EICAR].concat()
+    );
+    wait_for(LIMIT, || (w.staged_files() == 0).then_some(()))
+        .await
+        .expect("staging empties");
+    agent.stop().await.0.unwrap();
+}
+
+/// With leases (the default on a local filesystem): a writer that keeps its handle open longer
+/// than `settle` is waited for. Nothing is taken, uploaded or released while it holds the file;
+/// once it closes, the whole file is uploaded once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_holding_its_file_open_past_settle_is_waited_for_and_scanned_once_whole() {
+    let w = World::quick().await;
+    let agent = w.start_agent();
+    let mut handle = std::fs::File::create(w.inbox.join("report.txt")).unwrap();
+    handle.write_all(b"quarterly figures").unwrap();
+    handle.flush().unwrap();
+    // Ten times `settle` (300 ms) with the handle open and nothing written.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(w.emulator().state().stats().submits_accepted, 0);
+    assert!(w.inbox.join("report.txt").exists(), "left in the inbox");
+    assert_eq!(w.staged_files(), 0);
+    handle.write_all(EICAR).unwrap();
+    drop(handle);
+    let o = w.wait_placed(1, LIMIT).await;
+    assert_eq!(o[&PathBuf::from("report.txt")], Outcome::Quarantine);
+    assert_eq!(
+        std::fs::read(w.quarantine.join("report.txt")).unwrap(),
+        [b"quarterly figures".as_slice(), EICAR].concat()
+    );
+    assert_eq!(w.emulator().state().stats().submits_accepted, 1);
     agent.stop().await.0.unwrap();
 }
 
@@ -265,13 +309,19 @@ async fn a_staging_folder_owned_by_another_user_is_refused() {
 /// the file changed since it was hashed (a writer kept its handle), `rescan` asks the journal to
 /// `rehash`, whose guard accepts only hashed/submitting/submitted/decided. The record stays
 /// `placing` and every retry meets the same refusal: the file is stranded in staging forever.
+///
+/// Since the hash owns the bytes (a private copy), a kept handle reaches the user's original,
+/// never the staged copy; and with leases such a writer is waited for (test above). Without
+/// leases the original is kept, and the writer's change comes back as a new version: scanned
+/// again (`notes (1).txt`), nothing stranded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_changed_after_its_verdict_is_scanned_again_not_stranded_in_placing() {
-    let w = World::new(dropscan::emulator::EmulatorConfig {
+    let mut w = World::new(dropscan::emulator::EmulatorConfig {
         scan_delay: Duration::from_secs(2),
         ..Default::default()
     })
     .await;
+    w.watch_extra = "lease_check = \"off\"\nkeep_original = \"20s\"".into();
     let agent = w.start_agent();
     let mut handle = std::fs::File::create(w.inbox.join("notes.txt")).unwrap();
     handle.write_all(b"first draft").unwrap();
@@ -284,12 +334,21 @@ async fn a_file_changed_after_its_verdict_is_scanned_again_not_stranded_in_placi
     // Written through the kept handle while the scan runs: the verdict is for the old bytes.
     handle.write_all(b", second draft").unwrap();
     handle.sync_all().unwrap();
-    let o = w.wait_placed(1, Duration::from_secs(90)).await;
+    drop(handle);
+    let o = w.wait_placed(2, Duration::from_secs(90)).await;
     assert_eq!(o[&PathBuf::from("notes.txt")], Outcome::Clean);
+    assert_eq!(o[&PathBuf::from("notes (1).txt")], Outcome::Clean);
     assert_eq!(
         std::fs::read(w.clean.join("notes.txt")).unwrap(),
+        b"first draft"
+    );
+    assert_eq!(
+        std::fs::read(w.clean.join("notes (1).txt")).unwrap(),
         b"first draft, second draft"
     );
+    wait_for(LIMIT, || (w.staged_files() == 0).then_some(()))
+        .await
+        .expect("nothing stranded in staging");
     agent.stop().await.0.unwrap();
 }
 

@@ -49,6 +49,9 @@ pub struct World {
     pub more_watches: String,
     /// The inbox's settle time.
     pub settle: &'static str,
+    /// The inbox's settle time for empty files (short here, so that tests with empty files stay
+    /// quick; it is still longer than `settle`).
+    pub settle_empty: &'static str,
 }
 
 impl World {
@@ -74,6 +77,7 @@ impl World {
             watch_extra: String::new(),
             more_watches: String::new(),
             settle: "300ms",
+            settle_empty: "2s",
         };
         std::fs::create_dir_all(&w.inbox).unwrap();
         w
@@ -122,6 +126,7 @@ shutdown_grace = "2s"
 [[watch]]
 path = "inbox"
 settle = "{settle}"
+settle_empty = "{settle_empty}"
 reconcile_interval = "2s"
 poll_interval = "200ms"
 clean_dir = "out/clean"
@@ -138,6 +143,7 @@ level = "warn"
             key = p(CLIENT_KEY_FILE),
             ca = p(CA_CERT_FILE),
             settle = self.settle,
+            settle_empty = self.settle_empty,
             server_extra = self.server_extra,
             scan_timeout = if self.server_extra.contains("scan_timeout") {
                 ""

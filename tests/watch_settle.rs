@@ -34,7 +34,8 @@ fn config(root: &Path, mode: WatchMode, settle: Duration) -> WatchConfig {
         path: root.to_path_buf(),
         recursive: true,
         settle,
-        settle_empty: Duration::from_secs(60),
+        // Longer than `settle`, short enough for the deadlines here.
+        settle_empty: settle * 3,
         keep_original: Duration::from_secs(600),
         lease_check: dropscan::config::LeaseCheck::Auto,
         held_open_limit: Duration::from_secs(600),

@@ -254,7 +254,12 @@ pub(super) async fn reconcile(
     // user's inode; one the journal does not keep (a crash before it was journaled) re-enters
     // like an orphan, never removed unseen. A copy (`X.copy`) beside its `X.staged` is partial
     // and goes; one alone re-enters too.
-    let kept: HashSet<PathBuf> = journal.retained().await?.into_iter().map(|k| k.orig).collect();
+    let kept: HashSet<PathBuf> = journal
+        .retained()
+        .await?
+        .into_iter()
+        .map(|k| k.orig)
+        .collect();
     let mut orphans = Vec::new();
     for (i, staging) in stagings.iter().enumerate() {
         let entries = staging.entries().map_err(|source| FatalError::Folder {

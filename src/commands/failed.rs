@@ -112,6 +112,7 @@ fn back_to_inbox(w: &WatchConfig, rec: &FileRecord) -> Result<PathBuf, FsError> 
             copy: false,
             clean: false,
             temp_name: &temp,
+            own_copy: None,
         });
         match placed {
             Ok(_) => {

@@ -144,6 +144,7 @@ fn copy_out(w: &WatchConfig, rec: &FileRecord, to: Option<&Path>) -> Result<Path
             copy: true,
             clean: true,
             temp_name: &temp,
+            own_copy: None,
         });
         match placed {
             Ok(_) => {

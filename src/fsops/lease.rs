@@ -108,7 +108,9 @@ impl Drop for ReadLease<'_> {
 pub fn check_here(dir: &super::Dir, enabled: bool) -> Result<(), LeaseRefused> {
     use super::fstype::{FsKind, kind_of_dir};
     if !enabled {
-        return Err(LeaseRefused::NotAsked("lease_check = \"off\" in the config"));
+        return Err(LeaseRefused::NotAsked(
+            "lease_check = \"off\" in the config",
+        ));
     }
     match kind_of_dir(dir) {
         FsKind::Local => Ok(()),
@@ -175,7 +177,10 @@ mod tests {
         });
         let deadline = Instant::now() + Duration::from_secs(10);
         while !lease.breaking() {
-            assert!(Instant::now() < deadline, "the writer's open never broke the lease");
+            assert!(
+                Instant::now() < deadline,
+                "the writer's open never broke the lease"
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
         std::thread::sleep(Duration::from_millis(100));

@@ -17,11 +17,12 @@
 //! One "same file" predicate ([`same_file`]) is used by every stage that asks whether a file is
 //! still the one it saw: device, inode, size, mtime and ctime must all match.
 
+pub mod claim;
 pub mod dir;
 pub mod fstype;
 pub mod lease;
-pub mod own;
 pub mod names;
+pub mod own;
 pub mod place;
 pub mod roots;
 mod syncgate;

@@ -163,7 +163,10 @@ pub fn own(staging: &Dir, name: &OsStr, leases: bool) -> Result<Owned, Owning> {
             staging.unlink(&copy).ok();
             if lease.is_none() {
                 // Someone is writing, and only the stamps can tell: try again, then fail.
-                last = format!("changed while copied ({} → {} bytes)", before.size, after.size);
+                last = format!(
+                    "changed while copied ({} → {} bytes)",
+                    before.size, after.size
+                );
                 continue;
             }
             // With a lease held nobody could open it for writing: a writer that already had it
@@ -210,9 +213,10 @@ pub fn own(staging: &Dir, name: &OsStr, leases: bool) -> Result<Owned, Owning> {
     }))
 }
 
-/// Copies `src` to `dst` through this thread's buffer, hashing what is written. `Ok(None)`: the
-/// lease started breaking (a writer is opening the file) and the copy stopped.
-fn copy_hashing(
+/// Copies `src` (from its current position) to `dst` through this thread's buffer, hashing
+/// what is written. `Ok(None)`: the lease started breaking (a writer is opening the file) and
+/// the copy stopped; without a lease it always runs to the end.
+pub(super) fn copy_hashing(
     mut src: &std::fs::File,
     dst: &mut std::fs::File,
     lease: Option<&ReadLease<'_>>,
@@ -339,7 +343,11 @@ mod tests {
             .unwrap()
             .map(|e| e.unwrap().file_name())
             .collect();
-        assert_eq!(names, vec![OsString::from("a.staged")], "no copy or original left");
+        assert_eq!(
+            names,
+            vec![OsString::from("a.staged")],
+            "no copy or original left"
+        );
     }
 
     use sha2::Digest;

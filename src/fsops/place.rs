@@ -1,5 +1,5 @@
-//! Taking files in and placing them: the claim's rename into staging, and the release into a
-//! destination, with the crash rules that make both restartable.
+//! Placing files: the release of a staged file into a destination, with the crash rules that
+//! make it restartable (taking files in is [`super::claim`]).
 //!
 //! **Placement** of a staged file at `target` (a path relative to a destination root):
 //! - the staged file is opened (never through a link) and must still be [`same_file`] as when it
@@ -31,200 +31,11 @@ use std::io::{self, Seek, Write};
 use std::path::{Component, Path, PathBuf};
 
 use super::names::{numbered, parse_temp_name, safe_relative, sidecar_name, sidecar_temp_name};
-use super::{
-    Dir, FileStamp, FsError, Renamed, rename_noreplace, rename_noreplace_unsynced, same_file,
-    sha256_file, split_rel,
-};
+use super::{Dir, FileStamp, FsError, rename_noreplace, same_file, sha256_file, split_rel};
 use crate::journal::Stamp;
 
 /// Numbered names tried before giving up on a free name.
 const MAX_NUMBERED: u32 = 10_000;
-
-/// What a claim attempt came to.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Claim {
-    /// Moved into staging.
-    Claimed(Renamed),
-    /// Not the file that settled any more (written to, replaced): left alone.
-    Changed,
-    /// Gone (taken by another agent, or removed by the user).
-    Gone,
-    /// Hard-linked, and hard links may not be taken (the failed folder is on another
-    /// filesystem, where the file could only be placed by reading it): left in the inbox.
-    HardLinkedLeft,
-    /// Somebody holds it open for writing (its read lease was refused, or broke during the
-    /// rename and the file was put back): not complete, left in the inbox.
-    HeldOpen,
-}
-
-/// Moves the settled file `rel` (relative to the inbox) into `staging` as `staged_name`, if it
-/// is still [`same_file`] as `settled`. Every component of `rel` is resolved beneath the inbox
-/// without following links: a subfolder swapped for a symlink after it settled is refused.
-///
-/// A hard-linked file is taken only when `hard_links_ok` (it then goes to failed by a rename,
-/// unread); otherwise it stays where it is: its other name may be a user's last copy.
-pub fn claim(
-    inbox: &Dir,
-    rel: &Path,
-    settled: &Stamp,
-    staging: &Dir,
-    staged_name: &OsStr,
-    hard_links_ok: bool,
-) -> Result<Claim, FsError> {
-    let item = ClaimItem {
-        rel,
-        settled,
-        staged_name,
-        held_open_ok: false,
-    };
-    let leases = super::lease::check_here(inbox, true).is_ok();
-    claim_many(
-        inbox,
-        staging,
-        std::slice::from_ref(&item),
-        hard_links_ok,
-        leases,
-    )
-        .pop()
-        .unwrap_or(Ok(Claim::Gone))
-}
-
-/// One file of a [`claim_many`] batch.
-pub struct ClaimItem<'a> {
-    /// Its path relative to the inbox.
-    pub rel: &'a Path,
-    /// What it was when it settled.
-    pub settled: &'a Stamp,
-    /// Its name in staging.
-    pub staged_name: &'a OsStr,
-    /// Taken even if a writer holds it open (see `Settled::held_open`).
-    pub held_open_ok: bool,
-}
-
-/// [`claim`] for a batch of files of one inbox: every rename first, then one fsync per folder
-/// involved (staging, and each inbox folder a file left), so that a batch of N claims costs a
-/// few fsyncs instead of 2N. A claim is reported `Claimed(NotSynced)` when an fsync of one of
-/// its two folders failed (the rename happened all the same). One result per item, in order.
-///
-/// With `leases` (see [`super::lease::check_here`]), each rename happens under a read lease: a
-/// file somebody holds open for writing is not taken ([`Claim::HeldOpen`]), and one whose lease
-/// started breaking during the rename (a writer that looked the name up just before it, and now
-/// waits for us) is put back under its name before the lease goes.
-pub fn claim_many(
-    inbox: &Dir,
-    staging: &Dir,
-    items: &[ClaimItem<'_>],
-    hard_links_ok: bool,
-    leases: bool,
-) -> Vec<Result<Claim, FsError>> {
-    let mut out = Vec::with_capacity(items.len());
-    // The source folders of the renames done, each once, with the items that left it.
-    let mut sources: Vec<Source> = Vec::new();
-    for (i, item) in items.iter().enumerate() {
-        match claim_one(inbox, item, staging, hard_links_ok, leases) {
-            Ok(Some(dir)) => {
-                out.push(Ok(Claim::Claimed(Renamed::Durable)));
-                let key = dir.identity().ok();
-                // A folder whose identity is unknown is never merged with another.
-                match sources
-                    .iter_mut()
-                    .find(|(k, _, _)| key.is_some() && *k == key)
-                {
-                    Some((_, _, done)) => done.push(i),
-                    None => sources.push((key, dir, vec![i])),
-                }
-            }
-            Ok(None) => out.push(Ok(Claim::Gone)),
-            Err(ClaimStop::Decided(c)) => out.push(Ok(c)),
-            Err(ClaimStop::Failed(e)) => out.push(Err(e)),
-        }
-    }
-    if sources.is_empty() {
-        return out;
-    }
-    let staging_synced = staging.fsync().is_ok();
-    for (_, dir, done) in &sources {
-        let synced = staging_synced && dir.fsync().is_ok();
-        if !synced {
-            for &i in done {
-                out[i] = Ok(Claim::Claimed(Renamed::NotSynced));
-            }
-        }
-    }
-    out
-}
-
-/// A folder files of a batch left: its identity (if known), the folder, the items.
-type Source = (Option<(u64, u64)>, Dir, Vec<usize>);
-
-/// Why [`claim_one`] did not rename.
-enum ClaimStop {
-    Decided(Claim),
-    Failed(FsError),
-}
-
-/// Checks and renames one file without fsyncs. `Ok(Some(dir))`: renamed out of `dir`;
-/// `Ok(None)`: gone.
-fn claim_one(
-    inbox: &Dir,
-    item: &ClaimItem<'_>,
-    staging: &Dir,
-    hard_links_ok: bool,
-    leases: bool,
-) -> Result<Option<Dir>, ClaimStop> {
-    let (parent, name) = split_rel(item.rel).map_err(ClaimStop::Failed)?;
-    let dir = match inbox.open_dir(parent) {
-        Ok(d) => d,
-        Err(FsError::Vanished { .. }) => return Ok(None),
-        Err(e) => return Err(ClaimStop::Failed(e)),
-    };
-    let now = match dir.stamp(name) {
-        Ok(s) => s,
-        Err(FsError::Vanished { .. }) => return Ok(None),
-        Err(e) => return Err(ClaimStop::Failed(e)),
-    };
-    if !same_file(item.settled, &now.stamp()) {
-        return Err(ClaimStop::Decided(Claim::Changed));
-    }
-    if now.nlink > 1 && !hard_links_ok {
-        return Err(ClaimStop::Decided(Claim::HardLinkedLeft));
-    }
-    // The lease is taken on the inode that settled (a name swapped since is "changed"). A file
-    // that cannot be opened for reading is taken without one: it goes to failed, unread, by
-    // rename (the same inode), so a writer still at it loses nothing.
-    let opened = if leases {
-        match dir.open_file(name) {
-            Ok((f, st)) if (st.dev, st.ino) == (now.dev, now.ino) => Some(f),
-            Ok(_) => return Err(ClaimStop::Decided(Claim::Changed)),
-            Err(FsError::Vanished { .. }) => return Ok(None),
-            Err(_) => None,
-        }
-    } else {
-        None
-    };
-    let lease = match opened.as_ref().map(super::lease::ReadLease::take) {
-        Some(Ok(l)) => Some(l),
-        Some(Err(super::lease::LeaseRefused::HeldOpen)) if !item.held_open_ok => {
-            return Err(ClaimStop::Decided(Claim::HeldOpen));
-        }
-        Some(Err(_)) | None => None,
-    };
-    match rename_noreplace_unsynced(&dir, name, staging, item.staged_name) {
-        Ok(()) => {}
-        Err(e) if e.is_vanished() => return Ok(None),
-        Err(e) => return Err(ClaimStop::Failed(e)),
-    }
-    if lease.as_ref().is_some_and(super::lease::ReadLease::breaking) {
-        // A writer is opening it right now (it looked the name up before the rename): put it
-        // back where the writer will find it. If the name was taken meanwhile, it stays staged,
-        // and the hash sees the writer and returns it to the inbox beside that name.
-        if rename_noreplace_unsynced(staging, item.staged_name, &dir, name).is_ok() {
-            return Err(ClaimStop::Decided(Claim::HeldOpen));
-        }
-    }
-    drop(lease);
-    Ok(Some(dir))
-}
 
 /// A free path (relative to `dest_root`) for a user's `rel`: the folders are made (with
 /// `dir_mode`) beneath the root, never through a symlink or a file that stands where a folder
@@ -308,6 +119,11 @@ pub struct Release<'a> {
     /// claim (read, write or `O_PATH`) and no ownership of the user's reaches what is placed.
     /// The copy's temp name at the top of `dest_root` ([`super::names::copy_temp_name`]).
     pub temp_name: &'a OsStr,
+    /// The stamp of the private copy the hash made of this file ([`super::own`]), when the
+    /// staged file is expected to be it: if it still is (ours, one link, no access for others,
+    /// unchanged), it is renamed into place instead of copied. `None` (the quarantine and failed
+    /// tools): always a verified copy.
+    pub own_copy: Option<Stamp>,
 }
 
 /// How a file was placed.
@@ -387,12 +203,16 @@ pub fn place(r: &Release<'_>) -> Result<Placed, FsError> {
     // ours that no user ever had a handle on, which is all the verified copy below would give.
     // It is renamed into place, then given its mode (after the rename, so that a retry still
     // finds it unchanged; a crash in between leaves it stricter, 0600, never looser).
-    let own_copy = super::own::is_own_copy(&now);
+    let own_copy = r
+        .own_copy
+        .is_some_and(|h| same_file(&h, &now.stamp()) && super::own::is_own_copy(&now));
     if !r.copy || own_copy {
         match rename_noreplace(r.staging, r.staged_name, &tdir, tname) {
             Ok(_) => {
                 if own_copy && now.mode & 0o7777 != r.file_mode {
-                    if let Err(e) = rustix::fs::fchmod(&file, rustix::fs::Mode::from_raw_mode(r.file_mode)) {
+                    if let Err(e) =
+                        rustix::fs::fchmod(&file, rustix::fs::Mode::from_raw_mode(r.file_mode))
+                    {
                         tracing::warn!(path = %super::shown(&tdir.path().join(tname)), error = %e, "placed, but its mode could not be set");
                     }
                 }
@@ -432,7 +252,8 @@ fn copy_then_release(
         // holds exactly the bytes whose SHA-256 is compared below (the temp is ours, created
         // exclusively, writable by nobody else). A reflinking `copy_file_range` would save the
         // write on btrfs/XFS but need a second read to verify; one pass wins elsewhere.
-        let (sha, _) = copy_hashing(src, &mut tmp, &temp_path)?;
+        let (sha, _) = super::own::copy_hashing(src, &mut tmp, None, r.dest_root, r.temp_name)?
+            .ok_or_else(|| FsError::io(&temp_path, "copy", io::Error::other("interrupted")))?;
         tmp.sync_all()
             .map_err(|e| FsError::io(&temp_path, "fsync", e))?;
         if let Some(expected) = r.sha256 {
@@ -459,34 +280,6 @@ fn copy_then_release(
         tracing::warn!(error = %e, "staging folder fsync failed after a copy; continuing");
     }
     finish_temp(r, tdir, tname)
-}
-
-/// Copies `src` to `dst` through this thread's buffer, hashing what is written.
-fn copy_hashing(
-    src: &mut std::fs::File,
-    dst: &mut std::fs::File,
-    dst_path: &Path,
-) -> Result<([u8; 32], u64), FsError> {
-    use sha2::{Digest, Sha256};
-    use std::io::Read;
-    super::with_buffer(|buf| {
-        let mut hasher = Sha256::new();
-        let mut total = 0u64;
-        loop {
-            let n = match src.read(buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(FsError::io(dst_path, "read the staged file", e)),
-            };
-            let chunk = buf.get(..n).unwrap_or_default();
-            hasher.update(chunk);
-            dst.write_all(chunk)
-                .map_err(|e| FsError::io(dst_path, "copy", e))?;
-            total += n as u64;
-        }
-        Ok((hasher.finalize().into(), total))
-    })
 }
 
 /// The staged file is gone: a verified temp of ours is renamed into place; no temp and the

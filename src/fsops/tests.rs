@@ -8,10 +8,10 @@ use std::path::{Component, Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
+use super::claim::{Claim, claim};
 use super::names::{NAME_MAX, copy_temp_name, numbered, sidecar_name};
 use super::place::{
-    Claim, Placed, Release, claim, free_name, place, remove_partials, return_to_inbox,
-    write_sidecar,
+    Placed, Release, free_name, place, remove_partials, return_to_inbox, write_sidecar,
 };
 use super::*;
 
@@ -51,6 +51,7 @@ fn release<'a>(
         copy: true,
         clean: true,
         temp_name: temp,
+        own_copy: None,
     }
 }
 
@@ -375,6 +376,7 @@ fn the_quarantine_chmod_never_follows_a_symlink() {
         copy: true,
         clean: false,
         temp_name: &temp,
+        own_copy: None,
     };
     assert!(matches!(place(&r), Err(FsError::NotRegular { .. })));
     assert_eq!(
@@ -950,6 +952,7 @@ fn a_detected_file_linked_back_out_of_staging_after_hashing_still_reaches_quaran
         copy: true,
         clean: false,
         temp_name: &temp,
+        own_copy: None,
     };
     let placed = place(&r);
     assert!(

@@ -62,8 +62,11 @@ use crate::config::WatchConfig;
 pub use crate::pipeline::{Candidate, Settled};
 pub(crate) use crate::scope::admit;
 
+mod look;
 #[cfg(test)]
 mod tests;
+
+use look::{Observation, OpenFolders, Probe, probe_beneath, snapshot_of, stat_beneath};
 
 /// Capacity of settle → claim. Full: settle waits (files stay in the inbox, which is the durable
 /// queue).
@@ -221,117 +224,6 @@ pub async fn run(
                 None => break,
             },
         }
-    }
-}
-
-/// A file stat result, for one tick.
-type Observation = (PathBuf, io::Result<std::fs::Metadata>);
-
-/// Folders opened beneath their roots during one stat pass, so that a thousand pending files
-/// in one folder cost one resolution, not a thousand.
-type OpenFolders = HashMap<(PathBuf, PathBuf), Result<crate::fsops::Dir, (io::ErrorKind, String)>>;
-
-/// `lstat` of `rel` beneath the inbox `root`: every folder on the way is resolved beneath the
-/// root without following a symlink (a folder swapped for a link is an error, never followed),
-/// then the last name is looked up in that folder through its descriptor.
-fn stat_beneath(
-    folders: &mut OpenFolders,
-    root: &Path,
-    rel: &Path,
-) -> io::Result<std::fs::Metadata> {
-    use std::os::fd::AsRawFd;
-    let refused = |e: crate::fsops::FsError| match e {
-        crate::fsops::FsError::Vanished { .. } => (io::ErrorKind::NotFound, e.to_string()),
-        e => (io::ErrorKind::Other, e.to_string()),
-    };
-    let (parent, name) = crate::fsops::split_rel(rel).map_err(|e| {
-        let (kind, text) = refused(e);
-        io::Error::new(kind, text)
-    })?;
-    let dir = folders
-        .entry((root.to_path_buf(), parent.to_path_buf()))
-        .or_insert_with(|| {
-            crate::fsops::Dir::open_trusted(root)
-                .and_then(|d| d.open_dir(parent))
-                .map_err(refused)
-        })
-        .as_ref()
-        .map_err(|(kind, text)| io::Error::new(*kind, text.clone()))?;
-    let mut via = PathBuf::from(format!("/proc/self/fd/{}", dir.fd().as_raw_fd()));
-    via.push(name);
-    match std::fs::symlink_metadata(&via) {
-        // No /proc here (a minimal container): the folders were checked just now; the claim
-        // checks again beneath the root before it moves anything.
-        Err(e) if e.kind() == io::ErrorKind::NotFound && !Path::new("/proc/self/fd").exists() => {
-            std::fs::symlink_metadata(root.join(rel))
-        }
-        other => other,
-    }
-}
-
-/// The completion snapshot a settled file was handed on with.
-fn snapshot_of(s: &Settled) -> Snapshot {
-    Snapshot {
-        size: s.size,
-        mtime_ns: s.mtime_ns,
-        ctime_ns: s.ctime_ns,
-        dev: s.dev,
-        ino: s.ino,
-    }
-}
-
-/// What the open-writer check found.
-#[derive(Debug)]
-enum Probe {
-    /// Nobody holds it open for writing.
-    Free,
-    /// Somebody does.
-    HeldOpen,
-    /// Leases cannot be had here.
-    Unsupported(crate::fsops::lease::LeaseRefused),
-    /// Not the file that settled any more (or gone, or not a regular file now).
-    Changed,
-    /// It cannot be opened for reading: it goes on, to be failed with that reason.
-    Unreadable,
-}
-
-/// Rule 3 for one quiet file: opened beneath its root (read-only, no link followed, never
-/// blocking on a FIFO), checked to be the inode that settled, then a read lease taken and given
-/// back.
-fn probe_beneath(folders: &mut OpenFolders, root: &Path, s: &Settled, enabled: bool) -> Probe {
-    use crate::fsops::lease::{self, LeaseRefused};
-    let Ok((parent, name)) = crate::fsops::split_rel(&s.rel_path) else {
-        return Probe::Changed;
-    };
-    let dir = folders
-        .entry((root.to_path_buf(), parent.to_path_buf()))
-        .or_insert_with(|| {
-            crate::fsops::Dir::open_trusted(root)
-                .and_then(|d| d.open_dir(parent))
-                .map_err(|e| (io::ErrorKind::Other, e.to_string()))
-        });
-    let Ok(dir) = dir.as_ref() else {
-        return Probe::Changed;
-    };
-    if let Err(refused) = lease::check_here(dir, enabled) {
-        return Probe::Unsupported(refused);
-    }
-    let (file, now) = match dir.open_file(name) {
-        Ok(x) => x,
-        Err(crate::fsops::FsError::Vanished { .. } | crate::fsops::FsError::NotRegular { .. }) => {
-            return Probe::Changed;
-        }
-        // Not readable by the service user: nothing can be asked, and the claim fails it with
-        // that reason (it must not wait here for ever).
-        Err(_) => return Probe::Unreadable,
-    };
-    if (now.dev, now.ino, now.size) != (s.dev, s.ino, s.size) {
-        return Probe::Changed;
-    }
-    match lease::probe(&file) {
-        Ok(()) => Probe::Free,
-        Err(LeaseRefused::HeldOpen) => Probe::HeldOpen,
-        Err(refused) => Probe::Unsupported(refused),
     }
 }
 

@@ -106,7 +106,10 @@ fn an_empty_file_is_not_complete_after_settle_alone_only_after_settle_empty() {
     let t0 = Instant::now();
     let mut p = Pending::new(0, "empty".into(), snap(0, 1, 1), t0, QUIET);
     assert_eq!(p.observe(snap(0, 1, 1), t0 + SETTLE), Decision::Wait);
-    assert_eq!(p.observe(snap(0, 1, 1), t0 + EMPTY - SETTLE), Decision::Wait);
+    assert_eq!(
+        p.observe(snap(0, 1, 1), t0 + EMPTY - SETTLE),
+        Decision::Wait
+    );
     assert_eq!(p.observe(snap(0, 1, 1), t0 + EMPTY), Decision::Ready);
     // Written at last: content settles on the ordinary time from its last change.
     let t1 = t0 + EMPTY + SETTLE;

@@ -327,6 +327,7 @@ impl Sorter {
             } else {
                 (None, None)
             };
+            let own_copy = rec.stamp;
             let placed = blocking(move || {
                 let (staging, staged_name) = sh.staging_of(&staged)?;
                 let dest_root = sh.roots[i].get(which, true)?;
@@ -341,6 +342,7 @@ impl Sorter {
                     copy,
                     clean,
                     temp_name: &temp,
+                    own_copy,
                 })
             })
             .await;

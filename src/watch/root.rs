@@ -15,10 +15,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info};
 
 use super::Candidate;
-use crate::fsops::fstype::{FsKind, detect_fs};
 use super::hints::{Hints, RootSignal, SYSCTL_ADVICE, is_watch_limit};
 use super::walk::{Walked, WarnedFolders, walk_blocking};
 use crate::config::{WatchConfig, WatchMode};
+use crate::fsops::fstype::{FsKind, detect_fs};
 
 /// Capacity of the notify callback → folder lister channel (new subfolders to list). When full,
 /// the callback sets the root's rescan flag, as for candidates.

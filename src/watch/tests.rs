@@ -13,11 +13,11 @@ use notify::event::{AccessKind, AccessMode, CreateKind, EventKind, ModifyKind};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::fsops::fstype::{FsKind, detect_fs, fs_kind_from_magic};
 use super::hints::{Hints, RootSignal, is_watch_limit};
 use super::walk::{Walked, WarnedFolders, walk_blocking};
 use super::{Candidate, is_ignored_name, is_out_of_scope};
 use crate::config::{WatchConfig, WatchMode};
+use crate::fsops::fstype::{FsKind, detect_fs, fs_kind_from_magic};
 
 fn config(recursive: bool) -> WatchConfig {
     WatchConfig {
