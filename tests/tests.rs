@@ -22,5 +22,6 @@ mod packaging;
 mod pipeline;
 mod quarantine_tools;
 mod scan_cli;
+mod shares;
 mod shares_fixture;
 mod watch_settle;
