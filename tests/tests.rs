@@ -15,6 +15,7 @@ mod journal_guards;
 mod kata_client;
 mod kata_emulator;
 mod kata_parse;
+mod kill_points;
 mod layout;
 mod metrics;
 mod model;

@@ -26,9 +26,9 @@
 //! pass this saves is the one the verified-copy release used to cost).
 //!
 //! Crash rules (the journal record stays `claimed` until the hash is journaled, and a `claimed`
-//! record is owned again at start-up): a `X.copy` beside `X.staged` is a partial copy and is
-//! removed; `X.orig` without `X.staged` is put back as `X.staged` (a crash between the two
-//! renames of step 3); a `X.staged` that is already our copy is simply copied again.
+//! record is owned again at start-up, see [`repair`]): a `X.copy` is a partial copy and is
+//! removed; a `X.orig` takes the name `X.staged` back (from our copy, if the crash came after the
+//! second rename of step 3); a `X.staged` that is already our copy is simply copied again.
 
 use std::ffi::{OsStr, OsString};
 use std::io::{self, Read, Write};
@@ -191,9 +191,15 @@ pub fn own(staging: &Dir, name: &OsStr, leases: bool) -> Result<Owned, Owning> {
                 let orig = orig_name(name);
                 rename_within(staging, name, &orig, false)?;
                 rename_within(staging, &copy, name, false)?;
+                // Stamped after its rename, which moves ctime. A write that slipped in since
+                // the copy (size or mtime moved) keeps the stamp from before the copy, so that
+                // the sweep sends the new version back to the inbox.
+                let moved = stamp_of(&file)?;
+                let unchanged = (moved.dev, moved.ino, moved.size, moved.mtime_ns)
+                    == (before.dev, before.ino, before.size, before.mtime_ns);
                 Some(Kept {
                     name: orig,
-                    stamp: before.stamp(),
+                    stamp: if unchanged { moved } else { before }.stamp(),
                 })
             }
         };
@@ -282,14 +288,23 @@ fn rename_within(dir: &Dir, from: &OsStr, to: &OsStr, replace: bool) -> Result<(
     })
 }
 
-/// Start-up repair of one staged name after a crash inside [`own`]: a `X.orig` without its
-/// `X.staged` goes back to being `X.staged`; a `X.copy` beside a `X.staged` is removed. Returns
+/// Start-up repair of the staged name of a record still `claimed`, after a crash inside [`own`]
+/// or before its result was journaled: a `X.orig` goes back to being `X.staged` (replacing our
+/// copy of it, if the crash came after the copy took the name); a `X.copy` is removed. Returns
 /// whether anything was done.
 pub fn repair(staging: &Dir, staged: &OsStr) -> Result<bool, FsError> {
     let mut done = false;
     let orig = orig_name(staged);
-    if !staging.exists(staged)? && staging.exists(&orig)? {
-        rename_within(staging, &orig, staged, false)?;
+    if staging.exists(&orig)? {
+        // Beside it, `X.staged` can only be our copy of it (the record is still `claimed`:
+        // the crash came before its hash was journaled): the original takes its name back, and
+        // is owned again from scratch.
+        let taken_back = if staging.exists(staged)? {
+            replace(staging, &orig, staged)
+        } else {
+            rename_within(staging, &orig, staged, false)
+        };
+        taken_back?;
         done = true;
     }
     let copy = copy_name(staged);
@@ -369,6 +384,27 @@ mod tests {
         assert!(!d.path().join("a.copy").exists());
     }
 
+    /// Found by the kill-point test: the original was stamped before its rename to `X.orig`,
+    /// and a rename moves ctime, so the sweep took every kept original for changed by a late
+    /// writer and sent it back to the inbox (scanned again, kept again, for ever).
+    #[test]
+    fn a_kept_original_is_stamped_after_its_rename_so_an_unchanged_one_is_not_sent_back() {
+        let (d, dir) = staging();
+        std::fs::write(d.path().join("a.staged"), b"original").unwrap();
+        let owned = own(&dir, OsStr::new("a.staged"), false).unwrap();
+        let kept = owned.kept.expect("without leases the original is kept");
+        assert_eq!(kept.name, "a.orig");
+        let now = FileStamp::of(&std::fs::metadata(d.path().join("a.orig")).unwrap());
+        assert!(
+            super::super::same_file(&kept.stamp, &now.stamp()),
+            "{kept:?} vs {now:?}"
+        );
+        assert_eq!(
+            std::fs::read(d.path().join("a.staged")).unwrap(),
+            b"original"
+        );
+    }
+
     #[test]
     fn repair_puts_a_kept_original_back_and_removes_a_partial_copy() {
         let (d, dir) = staging();
@@ -378,6 +414,24 @@ mod tests {
         assert_eq!(std::fs::read(d.path().join("a.staged")).unwrap(), b"orig");
         assert!(!d.path().join("a.copy").exists());
         assert!(!d.path().join("a.orig").exists());
+    }
+
+    /// Found by the kill-point test (lease off, killed after the hash's renames but before its
+    /// result was journaled): the record was owned again, and renaming our copy `X.staged` to
+    /// `X.orig` met the kept original there: "exists already", and the file went to failed.
+    #[test]
+    fn an_original_kept_before_a_crash_takes_its_staged_name_back_from_our_copy() {
+        let (d, dir) = staging();
+        std::fs::write(d.path().join("a.orig"), b"the user's inode").unwrap();
+        std::fs::write(d.path().join("a.staged"), b"our copy").unwrap();
+        assert!(repair(&dir, OsStr::new("a.staged")).unwrap());
+        assert_eq!(
+            std::fs::read(d.path().join("a.staged")).unwrap(),
+            b"the user's inode"
+        );
+        assert!(!d.path().join("a.orig").exists());
+        let owned = own(&dir, OsStr::new("a.staged"), false).unwrap();
+        assert_eq!(owned.kept.unwrap().name, "a.orig");
     }
 
     #[test]
