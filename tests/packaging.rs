@@ -226,8 +226,9 @@ fn the_unit_is_type_notify_sandboxed_and_its_comments_are_right() {
     for line in [
         "Type=notify",
         "NotifyAccess=main",
-        "CapabilityBoundingSet=",
-        "AmbientCapabilities=",
+        // Leases on other users' files: the open-writer check (see `fsops::lease`).
+        "CapabilityBoundingSet=CAP_LEASE",
+        "AmbientCapabilities=CAP_LEASE",
         "NoNewPrivileges=yes",
         "ProtectSystem=strict",
         "PrivateTmp=yes",
