@@ -1013,3 +1013,89 @@ fn a_hard_link_that_cannot_reach_failed_goes_back_to_the_inbox_unread_with_every
     assert_eq!(std::fs::read(&elsewhere).unwrap(), b"mine");
     assert!(!d.path().join("in/.dropscan/t/1.staged").exists());
 }
+
+/// The hash's private copy (ours, 0600, one link, unchanged) is released by a rename: the same
+/// inode lands in clean with its mode set to 0644, and no temp is made. A staged file that is not
+/// such a copy, or no longer has the stamp it was hashed with, gets the verified copy instead.
+#[test]
+fn the_hashs_own_unchanged_copy_is_renamed_into_place_anything_else_is_copied_and_verified() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let d = tempfile::tempdir().unwrap();
+    let (staging, clean) = (dir(&d.path().join("s")), dir(&d.path().join("clean")));
+    let temp = copy_temp_name("t", 1);
+    let own = |name: &str, content: &[u8]| {
+        let p = d.path().join("s").join(name);
+        std::fs::write(&p, content).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        (
+            std::fs::metadata(&p).unwrap().ino(),
+            FileStamp::of(&std::fs::metadata(&p).unwrap()).stamp(),
+        )
+    };
+    let (ino, stamp) = own("a.staged", b"copy");
+    let target = PathBuf::from("a.txt");
+    let r = Release {
+        own_copy: Some(stamp),
+        ..release(
+            &staging,
+            OsStr::new("a.staged"),
+            stamp,
+            b"copy",
+            &clean,
+            &target,
+            &temp,
+        )
+    };
+    assert_eq!(place(&r).unwrap(), Placed::Renamed);
+    let placed = std::fs::metadata(d.path().join("clean/a.txt")).unwrap();
+    assert_eq!(placed.ino(), ino, "the same inode, renamed");
+    assert_eq!(placed.permissions().mode() & 0o777, 0o644);
+    // Its stamp moved since it was hashed (a write, say): verified copy, which refuses it here
+    // because the bytes no longer match.
+    let (_, old) = own("b.staged", b"copy");
+    std::fs::write(d.path().join("s/b.staged"), b"changed!").unwrap();
+    let now = FileStamp::of(&std::fs::metadata(d.path().join("s/b.staged")).unwrap()).stamp();
+    let target = PathBuf::from("b.txt");
+    let r = Release {
+        own_copy: Some(old),
+        ..release(
+            &staging,
+            OsStr::new("b.staged"),
+            now,
+            b"copy",
+            &clean,
+            &target,
+            &temp,
+        )
+    };
+    assert!(matches!(place(&r), Err(FsError::Changed { .. })));
+    assert!(!d.path().join("clean/b.txt").exists());
+    // Readable by others (not a copy of ours): a new inode.
+    let (ino, _) = own("c.staged", b"other");
+    std::fs::set_permissions(
+        d.path().join("s/c.staged"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let stamp2 = FileStamp::of(&std::fs::metadata(d.path().join("s/c.staged")).unwrap()).stamp();
+    let target = PathBuf::from("c.txt");
+    let r = Release {
+        own_copy: Some(stamp2),
+        ..release(
+            &staging,
+            OsStr::new("c.staged"),
+            stamp2,
+            b"other",
+            &clean,
+            &target,
+            &temp,
+        )
+    };
+    assert_eq!(place(&r).unwrap(), Placed::Copied);
+    assert_ne!(
+        std::fs::metadata(d.path().join("clean/c.txt"))
+            .unwrap()
+            .ino(),
+        ino
+    );
+}
