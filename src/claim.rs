@@ -32,8 +32,9 @@ use crate::pipeline::{Claimed, Hashed, Settled, Verdict};
 /// Capacity of claim → upload. Full: claim stops claiming, and files stay in the inbox, where
 /// another agent on the same share can take them.
 pub const CLAIMED_CAPACITY: usize = 64;
-/// Files hashed at once.
-const HASH_CONCURRENCY: usize = 2;
+/// Files owned (copied and hashed, see `fsops::own`) at once. More than the cores: each copy
+/// ends with an fsync, which waits on the disk, not the CPU.
+const HASH_CONCURRENCY: usize = 8;
 /// How often the journal is swept for records left `claimed`.
 const STUCK_SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 /// A `claimed` record untouched this long is hashed again (longer than any hash queue).

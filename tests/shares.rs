@@ -335,3 +335,62 @@ async fn nfs_a_server_that_never_closes_its_descriptor_delays_files_only_for_hel
     assert!(left.is_some(), "the kept original is dropped");
     agent.stop().await.0.unwrap();
 }
+
+/// Local writers on the file server that restore old mtimes: `rsync -t` (a dot-temp renamed to its
+/// name at the end, throttled so that it takes seconds) and `cp -p`, into the exported folder.
+/// Each file lands once, whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rsync_and_cp_p_with_old_mtimes_into_the_share_land_once_whole() {
+    let Some((w, _smbd)) = smb_world("").await else {
+        return;
+    };
+    let Some(rsync) = crate::shares_fixture::find_tool("rsync") else {
+        eprintln!("skipped: rsync not installed (Debian package rsync)");
+        return;
+    };
+    let agent = w.start_agent();
+    let src = w.dir.path().join("src");
+    std::fs::create_dir_all(src.join("tree")).unwrap();
+    let big = bytes(21, 3 << 20);
+    let small = bytes(22, 10_000);
+    let kept = bytes(23, 200_000);
+    std::fs::write(src.join("tree/big.bin"), &big).unwrap();
+    std::fs::write(src.join("tree/small.txt"), &small).unwrap();
+    std::fs::write(src.join("kept.doc"), &kept).unwrap();
+    let old = std::time::SystemTime::now() - Duration::from_secs(86_400 * 400);
+    for p in ["tree/big.bin", "tree/small.txt", "kept.doc"] {
+        std::fs::File::options()
+            .write(true)
+            .open(src.join(p))
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+    }
+    let (inbox, s) = (w.inbox.clone(), src.clone());
+    let (rs, cp) = client(move || {
+        let rs = std::process::Command::new(rsync)
+            .args(["-rt", "--bwlimit=1000"])
+            .arg(s.join("tree"))
+            .arg(&inbox)
+            .status()
+            .unwrap();
+        let cp = std::process::Command::new("cp")
+            .arg("-p")
+            .arg(s.join("kept.doc"))
+            .arg(inbox.join("kept.doc"))
+            .status()
+            .unwrap();
+        (rs, cp)
+    })
+    .await;
+    assert!(rs.success() && cp.success(), "rsync {rs:?}, cp {cp:?}");
+    w.wait_placed(3, LIMIT).await;
+    assert!(std::fs::read(w.clean.join("tree/big.bin")).unwrap() == big);
+    assert_eq!(
+        std::fs::read(w.clean.join("tree/small.txt")).unwrap(),
+        small
+    );
+    assert_eq!(std::fs::read(w.clean.join("kept.doc")).unwrap(), kept);
+    assert_eq!(uploads(&w), 3);
+    agent.stop().await.0.unwrap();
+}

@@ -124,6 +124,11 @@ pub fn count_files(dir: &Path) -> usize {
     };
     let mut n = 0;
     for entry in entries.flatten() {
+        // Hidden names are the agent's temps (a copy being made, `.<instance>.<id>.dropscan-
+        // partial`): counting one as placed stopped the clock before the copy was done.
+        if entry.file_name().as_encoded_bytes().starts_with(b".") {
+            continue;
+        }
         match entry.file_type() {
             Ok(t) if t.is_dir() => n += count_files(&entry.path()),
             Ok(t) if t.is_file() => n += 1,
