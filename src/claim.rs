@@ -1,12 +1,16 @@
-//! Claim and hash: settled files are taken out of users' reach, then fingerprinted.
+//! Claim and hash: settled files are taken out of users' reach, then owned and fingerprinted.
 //!
 //! A settled file is first recorded in the journal (so its original relative path survives any
 //! crash), then moved by atomic rename into the root's per-instance staging folder under a unique
-//! name. A rename that fails because the file is gone means another agent sharing the folder took
-//! it (or the user removed it): the record is dropped and nothing else happens. Once staged, the
-//! file is opened without following symlinks and without blocking on a FIFO, checked to be a
-//! regular file with one link, and hashed with streaming SHA-256 (sha2 picks the CPU's SHA
-//! extensions at run time). A file that changes while it is hashed is hashed again.
+//! name, under a read lease where leases can be asked ([`crate::fsops::claim`]): a file that a
+//! writer holds open is left where it is. A rename that fails because the file is gone means
+//! another agent sharing the folder took it (or the user removed it): the record is dropped and
+//! nothing else happens. Once staged, the file is **owned** ([`crate::hashing`],
+//! [`crate::fsops::own`]): copied into a private inode while it is hashed with streaming SHA-256,
+//! under the lease; a writer still at it sends it back to the inbox. Where no lease can be had,
+//! the user's original is kept beside the copy, and this stage's sweep of kept originals drops
+//! each once unchanged for `keep_original`, or sends it back to the inbox as a new version if a
+//! late writer changed it.
 //!
 //! What this stage does not do: decide verdicts. It hands hashed files to the uploader, and files
 //! it can already decide (unreadable, hard-linked, verdict reused) straight to the sorter.

@@ -23,7 +23,10 @@
 //!    lease ([`crate::fsops::lease`]). The kernel refuses it while any process has the file open
 //!    for writing: on the file server that is smbd for a paused SMB client, Ganesha or knfsd for
 //!    an NFS client with open state, rsync, or a local program. Refused: the file is not
-//!    complete, whatever its times say; its quiet period starts again.
+//!    complete, whatever its times say; its quiet period starts again. A file that stays
+//!    unchanged but held open for `held_open_limit` (a server that keeps descriptors open after
+//!    its client is done, like NFS-Ganesha's default cache) is handed on marked `held_open`: it
+//!    is then owned without a lease, its original kept (below).
 //!
 //! The lease is asked again by claim around its rename and held by the hash while it copies the
 //! file into a private inode (see [`crate::claim`] and [`crate::hashing`]): a writer that opens
@@ -452,15 +455,20 @@ impl Settler {
         ready
     }
 
-    /// Puts a file that is not complete after all back to waiting from `now`.
-    fn wait_again(&mut self, s: Settled, now: Instant) {
-        let quiet = self.watches.get(s.root).map_or(
+    /// The quiet times of root `root` (none for a root that is not configured).
+    fn quiet_of(&self, root: usize) -> Quiet {
+        self.watches.get(root).map_or(
             Quiet {
                 settle: Duration::ZERO,
                 empty: Duration::ZERO,
             },
             Quiet::of,
-        );
+        )
+    }
+
+    /// Puts a file that is not complete after all back to waiting from `now`.
+    fn wait_again(&mut self, s: Settled, now: Instant) {
+        let quiet = self.quiet_of(s.root);
         let snapshot = snapshot_of(&s);
         self.pending.insert(
             s.path,
@@ -503,13 +511,7 @@ impl Settler {
                 // Already handed to claim, unchanged since: a listing saw it again.
                 return None;
             }
-            let quiet = self.watches.get(root).map_or(
-                Quiet {
-                    settle: Duration::ZERO,
-                    empty: Duration::ZERO,
-                },
-                Quiet::of,
-            );
+            let quiet = self.quiet_of(root);
             self.pending
                 .insert(path, Pending::new(root, rel_path, snapshot, now, quiet));
             return None;
