@@ -10,8 +10,9 @@
 
 #![allow(clippy::unwrap_used)]
 
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use crate::shares_fixture::find_tool;
@@ -32,19 +33,25 @@ fn drops() -> Vec<(&'static str, Vec<u8>, Outcome)> {
 /// it was killed (false: the work never reached call `n`, and the agent was stopped by SIGTERM
 /// once everything was placed).
 async fn run_killed_at(w: &World, strace: &PathBuf, syscalls: &str, n: usize) -> bool {
-    let mut child = Command::new(strace)
-        .args(["-f", "-qq", "-o", "/dev/null", "-e"])
-        .arg(format!("trace={syscalls}"))
-        .arg("-e")
-        .arg(format!("inject={syscalls}:signal=SIGKILL:when={n}"))
-        .arg(env!("CARGO_BIN_EXE_dropscan"))
-        .args(["run", "--config"])
-        .arg(w.write_config())
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = Group(
+        Command::new(strace)
+            .args(["-f", "-qq", "-o", "/dev/null", "-e"])
+            .arg(format!("trace={syscalls}"))
+            .arg("-e")
+            .arg(format!("inject={syscalls}:signal=SIGKILL:when={n}"))
+            .arg(env!("CARGO_BIN_EXE_dropscan"))
+            .args(["run", "--config"])
+            .arg(w.write_config())
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            // Its own process group, killed whole at the end: killing strace alone would detach a
+            // traced agent that was not killed, and leave it running.
+            .process_group(0)
+            .spawn()
+            .unwrap(),
+    );
+    let child = &mut child.0;
     let n_files = drops().len();
     let ended = wait_for(LIMIT, || {
         if let Some(status) = child.try_wait().unwrap() {
@@ -60,14 +67,22 @@ async fn run_killed_at(w: &World, strace: &PathBuf, syscalls: &str, n: usize) ->
         Some(status) => Some(status),
         None => wait_for(Duration::from_secs(3), || child.try_wait().unwrap()).await,
     };
-    match ended {
-        // strace exits with the status of the traced program: killed by the injected signal.
-        Some(_) => true,
-        None => {
-            child.kill().ok();
-            child.wait().ok();
-            false
+    // strace exits with the status of the traced program: killed by the injected signal.
+    ended.is_some()
+}
+
+/// A child running in its own process group, which is killed (SIGKILL) and reaped on drop.
+struct Group(Child);
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        if let Some(pgid) = i32::try_from(self.0.id())
+            .ok()
+            .and_then(rustix::process::Pid::from_raw)
+        {
+            rustix::process::kill_process_group(pgid, rustix::process::Signal::KILL).ok();
         }
+        self.0.wait().ok();
     }
 }
 
