@@ -195,6 +195,12 @@ pub fn own(staging: &Dir, name: &OsStr, leases: bool) -> Result<Owned, Owning> {
                 replace(staging, &copy, name)?;
                 None
             }
+            None if staging.exists(&orig_name(name))? => {
+                // Owned before, its original kept then (and journaled, or found at start-up):
+                // the staged file is our copy already, and the kept original stays as it is.
+                replace(staging, &copy, name)?;
+                None
+            }
             None => {
                 let orig = orig_name(name);
                 rename_within(staging, name, &orig, false)?;
@@ -469,6 +475,27 @@ mod tests {
         assert!(p.exists(), "the user's inode keeps its staged name");
         assert!(!d.path().join("a.copy").exists());
         assert!(!d.path().join("a.orig").exists());
+    }
+
+    /// Review finding: a record owned again while its kept original is still there (the
+    /// stuck-claim sweep after the journal refused the hash's result, or a rescan) met `X.orig`
+    /// on the rename and failed "exists already": the file went to failed unscanned. The
+    /// staged file is then our copy already, and the kept original stays as it was journaled.
+    #[test]
+    fn owning_again_beside_a_kept_original_keeps_it_and_does_not_fail() {
+        let (d, dir) = staging();
+        std::fs::write(d.path().join("a.staged"), b"the user's bytes").unwrap();
+        let first = own(&dir, OsStr::new("a.staged"), false).unwrap();
+        assert!(first.kept.is_some());
+        let again = own(&dir, OsStr::new("a.staged"), false);
+        let again = again.unwrap_or_else(|e| panic!("owned again: {e:?}"));
+        assert_eq!(again.sha256, first.sha256);
+        assert_eq!(
+            std::fs::read(d.path().join("a.orig")).unwrap(),
+            b"the user's bytes",
+            "the kept original is untouched"
+        );
+        assert!(!d.path().join("a.copy").exists());
     }
 
     #[test]
