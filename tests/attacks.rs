@@ -545,3 +545,58 @@ async fn a_restore_of_a_vanished_quarantined_file_onto_an_existing_path_is_refus
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert_eq!(std::fs::read(&to).unwrap(), b"the analyst's own file");
 }
+
+/// Review finding: without leases (`lease_check = "off"`, a client mount, no `CAP_LEASE`), a
+/// writer that paused longer than `settle` and resumes while the hash copies its file made each
+/// of the three copies "changed while copied", and the file was **failed**: moved to the failed
+/// folder with the writer still at it (everything it wrote next landed there, or, with failed on
+/// another filesystem, in an unlinked inode). It is given back to the inbox instead, waited for,
+/// and scanned whole once the writer is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_resuming_during_the_copy_without_leases_is_given_back_not_failed() {
+    let mut w = World::quick().await;
+    w.watch_extra = "lease_check = \"off\"\nkeep_original = \"2s\"".into();
+    let agent = w.start_agent();
+    let first = bytes(21, 64 << 20);
+    let mut handle = std::fs::File::create(w.inbox.join("scan.bin")).unwrap();
+    handle.write_all(&first).unwrap();
+    handle.flush().unwrap();
+    // Paused past `settle`; it resumes as soon as the hash's private copy appears.
+    let staging = w.inbox.join(".dropscan/test");
+    let writer = std::thread::spawn(move || {
+        let t0 = std::time::Instant::now();
+        let copying = || {
+            std::fs::read_dir(&staging).is_ok_and(|rd| {
+                rd.flatten()
+                    .any(|e| e.file_name().to_string_lossy().ends_with(".copy"))
+            })
+        };
+        while !copying() {
+            assert!(t0.elapsed() < LIMIT, "the hash never started copying");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let mut added = Vec::new();
+        let t1 = std::time::Instant::now();
+        while t1.elapsed() < Duration::from_secs(6) {
+            let chunk = [b'x'; 4096];
+            handle.write_all(&chunk).unwrap();
+            added.extend_from_slice(&chunk);
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        handle.sync_all().unwrap();
+        added
+    });
+    let added = tokio::task::spawn_blocking(move || writer.join().unwrap())
+        .await
+        .unwrap();
+    let o = w.wait_placed(1, Duration::from_secs(120)).await;
+    assert_eq!(
+        o.get(&PathBuf::from("scan.bin")),
+        Some(&Outcome::Clean),
+        "{o:?}"
+    );
+    let clean = std::fs::read(w.clean.join("scan.bin")).unwrap();
+    assert_eq!(clean.len(), first.len() + added.len(), "scanned whole");
+    assert!(clean == [first, added].concat());
+    agent.stop().await.0.unwrap();
+}

@@ -386,3 +386,34 @@ command = ["{hook}", "{out}"]
     let (r, _) = agent.stop().await;
     r.unwrap();
 }
+
+/// Review finding: the read leases make dropscan ignore `SIGIO` (a lease break would otherwise
+/// end the process), and an ignored signal stays ignored across `exec`: every hook command (and
+/// whatever it runs) started with `SIGIO` ignored. A hook starts with default dispositions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hook_command_does_not_inherit_dropscans_ignored_sigio() {
+    let mut w = World::quick().await;
+    let out = w.dir.path().join("sig");
+    std::fs::create_dir_all(&out).unwrap();
+    let probe = script(
+        w.dir.path(),
+        "sigign.sh",
+        "grep SigIgn /proc/self/status > \"$1/.s\" && mv \"$1/.s\" \"$1/sigign\"",
+    );
+    w.more_watches = format!(
+        "\n[[hook]]\non = [\"clean\"]\ncommand = [\"{}\", \"{}\"]\ntimeout = \"10s\"\n",
+        probe.display(),
+        out.display()
+    );
+    let agent = w.start_agent();
+    w.drop_file("plain.txt", b"just text");
+    let line = wait_for(Duration::from_secs(30), || {
+        std::fs::read_to_string(out.join("sigign")).ok()
+    })
+    .await
+    .expect("the hook ran");
+    let mask = u64::from_str_radix(line.trim().trim_start_matches("SigIgn:").trim(), 16).unwrap();
+    let sigio = 1u64 << (libc::SIGIO - 1);
+    assert_eq!(mask & sigio, 0, "SIGIO ignored in the hook: {line}");
+    agent.stop().await.0.unwrap();
+}

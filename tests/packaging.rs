@@ -356,3 +356,22 @@ async fn demo_exit_after_2_no_longer_hangs_on_a_second_run() {
     let clean = World::files_in(&demo.join("clean"));
     assert_eq!(clean.len(), 2, "hello.txt twice: {clean:?}");
 }
+
+/// Review finding: the unit grants `CAP_LEASE` (the open-writer check), while the README's
+/// security section still said it runs "with no capabilities".
+#[test]
+fn the_readme_names_the_capability_the_unit_grants() {
+    let readme = include_str!("../README.md")
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert!(
+        UNIT.lines()
+            .any(|l| l.trim() == "AmbientCapabilities=CAP_LEASE")
+    );
+    assert!(
+        !readme.contains("with no capabilities"),
+        "README says no capabilities"
+    );
+    assert!(readme.contains("with one capability (`CAP_LEASE`"));
+}

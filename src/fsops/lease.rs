@@ -11,15 +11,17 @@
 //!
 //! The kernel tells a lease holder of a break with `SIGIO`, whose default action ends the
 //! process. dropscan polls instead, so [`ReadLease::take`] sets `SIGIO` to be ignored (once,
-//! process-wide; nothing else in dropscan uses it).
+//! process-wide; nothing else in dropscan uses it, and hook commands get the default back).
 //!
 //! A lease needs `CAP_LEASE` on files the service user does not own (the systemd unit grants
 //! it), a local filesystem that supports leases, and `fs.leases-enable = 1`. Where any of that
 //! is missing the answer is [`LeaseRefused::Unsupported`], and the callers fall back to rules
 //! that do not need it (see `settle` and `hashing`).
 //!
-//! This is the crate's only `unsafe`: two `fcntl` calls with integer arguments on a descriptor
-//! borrowed for the call, and one `signal` disposition. Neither rustix nor std offers leases.
+//! The `unsafe` here: two `fcntl` calls with integer arguments on a descriptor borrowed for
+//! the call, and one `signal` disposition. Neither rustix nor std offers leases. An ignored
+//! signal stays ignored across `exec`, so hook commands put `SIGIO` back to its default in the
+//! child (`hooks::deliver`, the crate's only other `unsafe`).
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::sync::Once;

@@ -18,8 +18,10 @@
 //! Where no lease can be had (a client mount, no `CAP_LEASE`, NFSv3 writers), step 3 keeps the
 //! user's inode as `X.orig` instead ([`Kept`]): the caller journals it, and the claim stage's
 //! sweep drops it once it has stayed unchanged for `keep_original`, or sends it back to the
-//! inbox as a new version if a late writer changed it. So a writer that pauses longer than
-//! `settle` loses nothing there either.
+//! inbox as a new version if a late writer changed it. A writer that resumes while the copy is
+//! made (the file's size or mtime moved meanwhile) is not failed: the file goes back to the
+//! inbox ([`Owning::StillWritten`]). So a writer that pauses longer than `settle` loses nothing
+//! there either.
 //!
 //! The uploader, the results and the release all use `X.staged`, which is now a file no user has
 //! ever had a handle on: same-filesystem releases are a rename, with no verifying copy (the
@@ -162,7 +164,13 @@ pub fn own(staging: &Dir, name: &OsStr, leases: bool) -> Result<Owned, Owning> {
         if before != after || bytes != after.size {
             staging.unlink(&copy).ok();
             if lease.is_none() {
-                // Someone is writing, and only the stamps can tell: try again, then fail.
+                // New bytes (size or mtime moved): a writer that paused longer than `settle` is
+                // at it again. Failing the file would move it to failed with the writer still
+                // writing: it goes back to the inbox, where settle waits for it.
+                if (before.size, before.mtime_ns) != (after.size, after.mtime_ns) {
+                    return Err(Owning::StillWritten);
+                }
+                // Only the ctime moved (a chmod, a touch of the attributes): try again, then fail.
                 last = format!(
                     "changed while copied ({} → {} bytes)",
                     before.size, after.size
@@ -184,6 +192,12 @@ pub fn own(staging: &Dir, name: &OsStr, leases: bool) -> Result<Owned, Owning> {
             // Nobody holds the original open for writing, and no one can open it before the
             // lease goes: its last name may go, replaced by the copy.
             Some(_) => {
+                replace(staging, &copy, name)?;
+                None
+            }
+            None if staging.exists(&orig_name(name))? => {
+                // Owned before, its original kept then (and journaled, or found at start-up):
+                // the staged file is our copy already, and the kept original stays as it is.
                 replace(staging, &copy, name)?;
                 None
             }
@@ -432,6 +446,56 @@ mod tests {
         assert!(!d.path().join("a.orig").exists());
         let owned = own(&dir, OsStr::new("a.staged"), false).unwrap();
         assert_eq!(owned.kept.unwrap().name, "a.orig");
+    }
+
+    /// Review finding: without a lease (a client mount, `lease_check = "off"`, a file taken
+    /// after `held_open_limit`), a writer that paused longer than `settle` and resumes while the
+    /// hash copies its file made every copy "changed": after three tries the file was *failed*.
+    /// It went to the failed folder with the writer still at it (and where that folder is on
+    /// another filesystem, the staged inode is copied and unlinked: what the writer wrote next
+    /// went into a deleted inode). A writer at work is what the inbox is for: it is given back.
+    #[test]
+    fn a_writer_resuming_during_a_copy_without_a_lease_is_given_back_not_failed() {
+        let (d, dir) = staging();
+        let p = d.path().join("a.staged");
+        std::fs::write(&p, vec![7u8; 8 << 20]).unwrap();
+        let mut writer = OpenOptions::new().append(true).open(&p).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop2 = std::sync::Arc::clone(&stop);
+        let t = std::thread::spawn(move || {
+            while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+                writer.write_all(&[1u8; 512]).unwrap();
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        });
+        let r = own(&dir, OsStr::new("a.staged"), false);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        t.join().unwrap();
+        assert!(matches!(r, Err(Owning::StillWritten)), "{r:?}");
+        assert!(p.exists(), "the user's inode keeps its staged name");
+        assert!(!d.path().join("a.copy").exists());
+        assert!(!d.path().join("a.orig").exists());
+    }
+
+    /// Review finding: a record owned again while its kept original is still there (the
+    /// stuck-claim sweep after the journal refused the hash's result, or a rescan) met `X.orig`
+    /// on the rename and failed "exists already": the file went to failed unscanned. The
+    /// staged file is then our copy already, and the kept original stays as it was journaled.
+    #[test]
+    fn owning_again_beside_a_kept_original_keeps_it_and_does_not_fail() {
+        let (d, dir) = staging();
+        std::fs::write(d.path().join("a.staged"), b"the user's bytes").unwrap();
+        let first = own(&dir, OsStr::new("a.staged"), false).unwrap();
+        assert!(first.kept.is_some());
+        let again = own(&dir, OsStr::new("a.staged"), false);
+        let again = again.unwrap_or_else(|e| panic!("owned again: {e:?}"));
+        assert_eq!(again.sha256, first.sha256);
+        assert_eq!(
+            std::fs::read(d.path().join("a.orig")).unwrap(),
+            b"the user's bytes",
+            "the kept original is untouched"
+        );
+        assert!(!d.path().join("a.copy").exists());
     }
 
     #[test]

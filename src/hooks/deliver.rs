@@ -112,13 +112,25 @@ async fn run_command(
     let Some((program, args)) = argv.split_first() else {
         return Err("empty command".into());
     };
-    let mut child = tokio::process::Command::new(program)
-        .args(args)
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .process_group(0)
-        .kill_on_drop(true)
+        .kill_on_drop(true);
+    // dropscan ignores SIGIO (see `fsops::lease`), and an ignored signal stays ignored across
+    // exec: the hook gets the default disposition back.
+    // SAFETY: runs in the forked child before exec; `signal` is async-signal-safe, and only
+    // sets a disposition (no handler, no memory touched).
+    #[allow(unsafe_code)]
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGIO, libc::SIG_DFL);
+            Ok(())
+        });
+    }
+    let mut child = cmd
         .spawn()
         .map_err(|e| format!("cannot run {program}: {e}"))?;
     let pid = child.id();
