@@ -268,7 +268,7 @@ async fn sweep_kept(shared: &Arc<Shared>) {
                 continue;
             }
         }
-        if let Err(e) = shared.journal.unretain(k.orig).await {
+        if let Err(e) = shared.journal.unretain(k.orig, Some(k.kept_at_ms)).await {
             tracing::debug!(error = %e, "could not forget a kept original");
         }
     }

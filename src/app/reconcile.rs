@@ -176,8 +176,18 @@ pub(super) async fn reconcile(
         if r.state == FileState::Claimed {
             // A crash while the hash owned the file (`fsops::own`): the original goes back to
             // its staged name, a partial copy goes.
-            if let Err(e) = fsops::own::repair(&stagings[i], name) {
-                tracing::warn!(id = r.id, error = %e, "cannot tidy a staged file's copy");
+            match fsops::own::repair(&stagings[i], name) {
+                // The original took its staged name back: a row keeping it under `X.orig` is
+                // stale (the sweep would find a new `X.orig`, made when it is owned again, and
+                // take it for changed).
+                Ok(true) => {
+                    let orig = r.staged.with_file_name(fsops::own::orig_name(name));
+                    journal.unretain(orig, None).await?;
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(id = r.id, error = %e, "cannot tidy a staged file's copy");
+                }
             }
         }
         let staged_exists = match stagings[i].exists(name) {

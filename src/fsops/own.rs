@@ -181,8 +181,32 @@ pub fn own(staging: &Dir, name: &OsStr, leases: bool) -> Result<Owned, Owning> {
             // open (through a mapping) is still at it.
             return Err(Owning::StillWritten);
         }
+        // The fsync waits on the disk, for seconds with a big file: not with the lease held,
+        // or a writer opening the original would wait that long. The lease is taken again
+        // after it, and the original must still be what was copied.
+        let had_lease = lease.is_some();
+        drop(lease);
         out.sync_all()
             .map_err(|e| FsError::io(&staging.path().join(&copy), "fsync", e))?;
+        let lease = if had_lease {
+            match ReadLease::take(&file) {
+                Ok(l) if stamp_of(&file)? == after => Some(l),
+                Ok(_) | Err(LeaseRefused::HeldOpen) => {
+                    staging.unlink(&copy).ok();
+                    return Err(Owning::StillWritten);
+                }
+                Err(e) => {
+                    staging.unlink(&copy).ok();
+                    return Err(Owning::Failed(FsError::io(
+                        &staging.path().join(name),
+                        "lease",
+                        io::Error::other(e.describe()),
+                    )));
+                }
+            }
+        } else {
+            None
+        };
         let kept = match &lease {
             Some(l) if l.breaking() => {
                 drop(lease);

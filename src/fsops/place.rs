@@ -301,6 +301,15 @@ fn resume_from_temp(r: &Release<'_>, tdir: &Dir, tname: &OsStr) -> Result<Placed
         return finish_temp(r, tdir, tname);
     }
     if tdir.exists(tname)? {
+        // Our copy renamed into place before a crash: it may still lack its mode (set just after
+        // the rename).
+        if let Some(own) = r.own_copy {
+            if let Ok((placed, st)) = tdir.open_file(tname) {
+                if (st.dev, st.ino) == (own.dev, own.ino) && st.mode & 0o7777 != r.file_mode {
+                    rustix::fs::fchmod(&placed, rustix::fs::Mode::from_raw_mode(r.file_mode)).ok();
+                }
+            }
+        }
         return Ok(Placed::AlreadyDone);
     }
     Err(FsError::Vanished {

@@ -96,13 +96,18 @@ impl Journal {
         .await
     }
 
-    /// Forgets a kept original (dropped, sent back, or gone).
-    pub async fn unretain(&self, orig: PathBuf) -> Result<(), JournalError> {
+    /// Forgets a kept original (dropped, sent back, or gone). With `kept_at_ms`, only the row
+    /// of that keeping: the same name kept again meanwhile (the file owned again) stays.
+    pub async fn unretain(
+        &self,
+        orig: PathBuf,
+        kept_at_ms: Option<i64>,
+    ) -> Result<(), JournalError> {
         self.run(move |conn| {
             execute(
                 conn,
-                "DELETE FROM retained WHERE orig = ?1",
-                params![path_blob(&orig)],
+                "DELETE FROM retained WHERE orig = ?1 AND (?2 IS NULL OR kept_at = ?2)",
+                params![path_blob(&orig), kept_at_ms],
                 "unretain",
             )?;
             Ok(())
