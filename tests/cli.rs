@@ -497,3 +497,25 @@ async fn check_prints_client_cert_expiry_and_refuses_bad_keys_offline() {
     assert!(out.contains(&cert.display().to_string()), "{out}");
     assert!(out.contains(&key.display().to_string()), "{out}");
 }
+
+/// `check` says, per inbox, how open writers are detected, and what completion rests on where
+/// they cannot be (README, "Writers that pause").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_says_how_open_writers_are_detected_in_each_inbox() {
+    let mut w = World::quick().await;
+    let out = check(&w.write_config(), true).await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("open writers: asked with a read lease"),
+        "{}",
+        text(&out)
+    );
+    w.watch_extra = "lease_check = \"off\"".into();
+    let out = check(&w.write_config(), true).await;
+    assert!(out.status.success(), "{}", text(&out));
+    let t = text(&out);
+    assert!(
+        t.contains("open writers: not asked: lease_check = \"off\"") && t.contains("`settle`"),
+        "{t}"
+    );
+}

@@ -179,6 +179,13 @@ async fn check(path: &Path, offline: bool) -> ExitCode {
         if !w.path.is_dir() {
             println!("  warning: {} does not exist (yet)", w.path.display());
         }
+        println!(
+            "  open writers: {}",
+            crate::fsops::lease::describe_for(
+                &w.path,
+                w.lease_check == crate::config::LeaseCheck::Auto
+            )
+        );
     }
     if let Some(warning) = &config.server.tls.load_warning {
         println!("warning: {warning}");

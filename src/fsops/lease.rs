@@ -125,6 +125,39 @@ pub fn check_here(dir: &super::Dir, enabled: bool) -> Result<(), LeaseRefused> {
     }
 }
 
+/// One line for `dropscan check`: how open writers will be detected in the inbox `path`.
+pub fn describe_for(path: &std::path::Path, enabled: bool) -> String {
+    let dir = match super::Dir::open_trusted(path) {
+        Ok(d) => d,
+        Err(_) => return "not known until the inbox exists".into(),
+    };
+    match check_here(&dir, enabled) {
+        Ok(()) if has_cap_lease() => "asked with a read lease (local filesystem, CAP_LEASE)".into(),
+        Ok(()) => "asked with a read lease for files the service user owns; other users' files \
+                   need CAP_LEASE (the packaged unit grants it), else completion rests on `settle`"
+            .into(),
+        Err(refused) => format!(
+            "not asked: {}; completion rests on `settle` (make it longer than your writers' \
+             longest pause) and originals are kept for `keep_original`",
+            refused.describe()
+        ),
+    }
+}
+
+/// Whether this process may take leases on files of other users (`CAP_LEASE`, bit 28 of the
+/// effective set in `/proc/self/status`).
+fn has_cap_lease() -> bool {
+    const CAP_LEASE: u32 = 28;
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|h| u64::from_str_radix(h.trim(), 16).ok())
+        })
+        .is_some_and(|caps| caps & (1 << CAP_LEASE) != 0)
+}
+
 /// Takes and gives back a read lease at once: whether anyone holds `file` open for writing now.
 pub fn probe(file: &impl AsFd) -> Result<(), LeaseRefused> {
     ReadLease::take(file).map(drop)
