@@ -200,8 +200,9 @@ enum KeptStep {
 
 /// The kept originals' sweep (see [`crate::fsops::own`]): an original that a late writer
 /// changed goes back into the inbox under its name (or `name (1)`), so that what the writer
-/// added is scanned as a new version; one unchanged for `keep_original` is removed. An original
-/// of a root no longer configured is left where it is.
+/// added is scanned as a new version; one unchanged for `keep_original` is removed, unless it is
+/// still held open for writing (a file taken after `held_open_limit`: its writer may go on). An
+/// original of a root no longer configured is left where it is.
 async fn sweep_kept(shared: &Arc<Shared>) {
     let kept = match shared.journal.retained().await {
         Ok(k) => k,
@@ -230,7 +231,9 @@ async fn sweep_kept(shared: &Arc<Shared>) {
                 Err(fsops::FsError::Vanished { .. }) => Ok(KeptStep::Gone),
                 Err(e) => Err(e),
                 Ok(st) if fsops::same_file(&stamp, &st.stamp()) => {
-                    if old_enough {
+                    // Still held open for writing (a file taken after `held_open_limit`): its
+                    // writer may go on, and must never write into a deleted inode.
+                    if old_enough && !held_open_for_writing(&sh, i, &staging, &name) {
                         staging.unlink(&name)?;
                         Ok(KeptStep::Dropped)
                     } else {
@@ -272,6 +275,26 @@ async fn sweep_kept(shared: &Arc<Shared>) {
             tracing::debug!(error = %e, "could not forget a kept original");
         }
     }
+}
+
+/// Whether a kept original is held open for writing, where leases can tell (root `i`).
+fn held_open_for_writing(
+    shared: &Shared,
+    i: usize,
+    staging: &fsops::Dir,
+    name: &std::ffi::OsStr,
+) -> bool {
+    let asked = match shared.roots[i].get(fsops::roots::Which::Inbox, false) {
+        Ok(inbox) => shared.leases_here(i, &inbox),
+        Err(_) => false,
+    };
+    asked
+        && staging.open_file(name).is_ok_and(|(file, _)| {
+            matches!(
+                fsops::lease::probe(&file),
+                Err(fsops::lease::LeaseRefused::HeldOpen)
+            )
+        })
 }
 
 async fn spawn_hash(

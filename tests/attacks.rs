@@ -77,6 +77,41 @@ async fn a_file_rewritten_through_an_open_handle_after_release_never_puts_eicar_
     agent.stop().await.0.unwrap();
 }
 
+/// Review finding: a file taken after `held_open_limit` (its writer still holds it open, and
+/// the lease says so) had its kept original dropped once `keep_original` had passed, although
+/// the writer still held it: what the writer wrote next went into a deleted inode, silently
+/// lost (SECURITY.md: "never into a deleted inode"). An original somebody holds open for
+/// writing is kept until it is closed; what the writer adds comes back as a new version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_still_holding_a_file_taken_after_held_open_limit_loses_what_it_writes_after_keep_original()
+ {
+    let mut w = World::quick().await;
+    w.watch_extra = "held_open_limit = \"1s\"\nkeep_original = \"1s\"".into();
+    let agent = w.start_agent();
+    let mut handle = std::fs::File::create(w.inbox.join("log.txt")).unwrap();
+    handle.write_all(b"first part").unwrap();
+    handle.flush().unwrap();
+    let clean = w.clean.join("log.txt");
+    wait_for(LIMIT, || clean.exists().then_some(()))
+        .await
+        .expect("taken after held_open_limit and released to clean");
+    // Well past `keep_original` (1 s) with the handle still open.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    handle.write_all(b", second part").unwrap();
+    handle.sync_all().unwrap();
+    drop(handle);
+    let second = w.clean.join("log (1).txt");
+    wait_for(LIMIT, || second.exists().then_some(()))
+        .await
+        .expect("what the writer added is scanned as a new version, not lost");
+    assert_eq!(std::fs::read(&clean).unwrap(), b"first part");
+    assert_eq!(std::fs::read(&second).unwrap(), b"first part, second part");
+    wait_for(LIMIT, || (w.staged_files() == 0).then_some(()))
+        .await
+        .expect("staging empties once the writer is done");
+    agent.stop().await.0.unwrap();
+}
+
 /// With leases (the default on a local filesystem): a writer that keeps its handle open longer
 /// than `settle` is waited for. Nothing is taken, uploaded or released while it holds the file;
 /// once it closes, the whole file is uploaded once.

@@ -1,6 +1,9 @@
-//! Killed at each durable step: the real binary runs under `strace`, which kills it (SIGKILL) on
-//! entry to the N-th `rename`/`renameat2`, or the N-th `fsync`/`fdatasync`, for every N that the
-//! work reaches. Between them these are the claim's rename into staging (under its lease), the
+//! Killed at each durable step: the real binary runs under `strace`, and is killed (SIGKILL) right
+//! after the N-th `rename`/`renameat2`, or the N-th `fsync`/`fdatasync`, counted over the whole
+//! process, for every N that the work reaches. (strace's own `inject=…:when=N` counts per thread:
+//! with the work spread over the blocking pool's threads, most calls were never a kill point.
+//! Each traced call is held for a moment on its way out instead, and the harness kills the agent
+//! once the log shows the N-th.) Between them these are the claim's rename into staging (under its lease), the
 //! private copy's fsync and its rename over the staged name (or the two renames that keep the
 //! original), the journal's commits, and the release's rename into place. A second, unkilled run
 //! must then finish every file: each in exactly one destination, byte for byte, nothing left in
@@ -19,6 +22,8 @@ use crate::shares_fixture::find_tool;
 use crate::util::{EICAR, Outcome, World, bytes, wait_for};
 
 const LIMIT: Duration = Duration::from_secs(60);
+/// Kill points per syscall set at most (the journal's commits make the fsyncs the most).
+const MAX_KILL_POINTS: usize = 150;
 
 /// The files of one round: (name, content, where it must end).
 fn drops() -> Vec<(&'static str, Vec<u8>, Outcome)> {
@@ -29,16 +34,20 @@ fn drops() -> Vec<(&'static str, Vec<u8>, Outcome)> {
     ]
 }
 
-/// Runs the agent under strace, killed on entry to the `n`-th call of `syscalls`. Returns whether
-/// it was killed (false: the work never reached call `n`, and the agent was stopped by SIGTERM
-/// once everything was placed).
+/// Runs the agent under strace, killed right after the `n`-th call of `syscalls` in the whole
+/// process (each call is held 200 ms on its way out, so the kill lands before its thread goes
+/// on). Returns whether it was killed (false: the work never reached call `n`, and the agent was
+/// stopped once everything was placed).
 async fn run_killed_at(w: &World, strace: &PathBuf, syscalls: &str, n: usize) -> bool {
+    let log = w.dir.path().join("strace.log");
     let mut child = Group(
         Command::new(strace)
-            .args(["-f", "-qq", "-o", "/dev/null", "-e"])
+            .args(["-f", "-qq", "-o"])
+            .arg(&log)
+            .arg("-e")
             .arg(format!("trace={syscalls}"))
             .arg("-e")
-            .arg(format!("inject={syscalls}:signal=SIGKILL:when={n}"))
+            .arg(format!("inject={syscalls}:delay_exit=200000"))
             .arg(env!("CARGO_BIN_EXE_dropscan"))
             .args(["run", "--config"])
             .arg(w.write_config())
@@ -53,22 +62,61 @@ async fn run_killed_at(w: &World, strace: &PathBuf, syscalls: &str, n: usize) ->
     );
     let child = &mut child.0;
     let n_files = drops().len();
-    let ended = wait_for(LIMIT, || {
-        if let Some(status) = child.try_wait().unwrap() {
-            return Some(Some(status));
+    let calls = || {
+        std::fs::read_to_string(&log)
+            .map(|t| t.matches("(DELAYED)").count())
+            .unwrap_or(0)
+    };
+    let reached = |child: &mut Child| {
+        if calls() >= n {
+            kill_group(child);
+            return true;
         }
-        (w.outcomes().len() == n_files).then_some(None)
+        false
+    };
+    let killed = wait_for(LIMIT, || {
+        if reached(child) {
+            return Some(true);
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the agent died by itself"
+        );
+        (w.outcomes().len() == n_files).then_some(false)
     })
     .await
-    .expect("the agent neither died nor finished");
+    .expect("the agent was neither killed nor finished");
     // Everything is placed: a kill point after that (a sidecar, a kept original's removal) may
     // still come.
-    let ended = match ended {
-        Some(status) => Some(status),
-        None => wait_for(Duration::from_secs(3), || child.try_wait().unwrap()).await,
-    };
-    // strace exits with the status of the traced program: killed by the injected signal.
-    ended.is_some()
+    killed
+        || wait_for(Duration::from_secs(3), || reached(child).then_some(()))
+            .await
+            .is_some()
+}
+
+/// Kills (SIGKILL) and reaps the process group `child` leads.
+fn kill_group(child: &mut Child) {
+    if let Some(pgid) = i32::try_from(child.id())
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+    {
+        rustix::process::kill_process_group(pgid, rustix::process::Signal::KILL).ok();
+    }
+    child.wait().ok();
+}
+
+/// Waits until no process holds the agent's lock on the state folder: a killed tracee may
+/// outlive its tracer for a moment.
+async fn wait_unlocked(w: &World) {
+    let lock = w.state_dir().join("dropscan.lock");
+    let free = wait_for(LIMIT, || {
+        let Ok(f) = std::fs::File::open(&lock) else {
+            return Some(());
+        };
+        rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).ok()
+    })
+    .await;
+    assert!(free.is_some(), "the killed agent never let go of its lock");
 }
 
 /// A child running in its own process group, which is killed (SIGKILL) and reaped on drop.
@@ -76,13 +124,7 @@ struct Group(Child);
 
 impl Drop for Group {
     fn drop(&mut self) {
-        if let Some(pgid) = i32::try_from(self.0.id())
-            .ok()
-            .and_then(rustix::process::Pid::from_raw)
-        {
-            rustix::process::kill_process_group(pgid, rustix::process::Signal::KILL).ok();
-        }
-        self.0.wait().ok();
+        kill_group(&mut self.0);
     }
 }
 
@@ -92,7 +134,7 @@ async fn every_kill_point(syscalls: &str, watch_extra: &str) {
         eprintln!("skipped: strace not installed (Debian package strace)");
         return;
     };
-    for n in 1..=40 {
+    for n in 1..=MAX_KILL_POINTS {
         let mut w = World::quick().await;
         w.watch_extra = watch_extra.to_string();
         for (name, content, _) in drops() {
@@ -100,6 +142,7 @@ async fn every_kill_point(syscalls: &str, watch_extra: &str) {
         }
         let killed = run_killed_at(&w, &strace, syscalls, n).await;
         eprintln!("{syscalls} #{n}: killed {killed}");
+        wait_unlocked(&w).await;
         // The next start finishes the work.
         let agent = w.start_agent();
         let o = w.wait_placed(drops().len(), LIMIT).await;
@@ -146,7 +189,7 @@ async fn every_kill_point(syscalls: &str, watch_extra: &str) {
             return;
         }
     }
-    panic!("more than 40 kill points for {syscalls}: the loop would not end");
+    panic!("more than {MAX_KILL_POINTS} kill points for {syscalls}: the loop would not end");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
