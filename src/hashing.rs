@@ -35,7 +35,10 @@ async fn own_staged(
             },
             None => false,
         };
-        fsops::own::own(&staging, &name, leases)
+        let keep_always = sh.root_of_staging(&path).is_some_and(|i| {
+            sh.config.watches[i].keep_originals == crate::config::KeepOriginals::Always
+        });
+        fsops::own::own(&staging, &name, leases, keep_always)
     })
     .await;
     joined.unwrap_or_else(|e| {

@@ -404,3 +404,38 @@ async fn rsync_and_cp_p_with_old_mtimes_into_the_share_land_once_whole() {
     assert_eq!(uploads(&w), 3);
     agent.stop().await.0.unwrap();
 }
+
+/// An NFSv3 client holds no open state: Ganesha (closing idle descriptors) lets go of the file
+/// while the client pauses, and the lease is granted. With `keep_originals = "always"` the
+/// user's inode is kept even so, and what the client writes after a pause longer than
+/// `settle_empty` lands in it and comes back as a new version: nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nfs3_with_keep_originals_always_a_client_pausing_past_settle_loses_nothing() {
+    let opts = GaneshaOptions {
+        extra_config: MDCACHE_PROMPT_CLOSE.to_string(),
+    };
+    let extra = "keep_originals = \"always\"\nkeep_original = \"60s\"";
+    let Some((w, ganesha)) = nfs_world(extra, &opts).await else {
+        return;
+    };
+    if !ganesha.has_v3() {
+        eprintln!("skipped: NFSv3 (Ganesha serves NFSv4 only here)");
+        return;
+    }
+    let agent = w.start_agent();
+    let data = bytes(51, 300_000);
+    let d = data.clone();
+    let r = client(move || {
+        ganesha.create_then_write_version(NfsVersion::V3, "late.bin", Duration::from_secs(6), &d)
+    })
+    .await;
+    if let Err(skip) = r {
+        eprintln!("{skip}");
+        return;
+    }
+    let o = w.wait_placed(2, LIMIT).await;
+    assert_eq!(o[Path::new("late (1).bin")], Outcome::Clean, "{o:?}");
+    assert_eq!(std::fs::read(w.clean.join("late (1).bin")).unwrap(), data);
+    assert!(std::fs::read(w.clean.join("late.bin")).unwrap().is_empty());
+    agent.stop().await.0.unwrap();
+}

@@ -38,6 +38,7 @@ fn config(root: &Path, mode: WatchMode, settle: Duration) -> WatchConfig {
         settle_empty: settle * 3,
         keep_original: Duration::from_secs(600),
         lease_check: dropscan::config::LeaseCheck::Auto,
+        keep_originals: dropscan::config::KeepOriginals::Unleased,
         held_open_limit: Duration::from_secs(600),
         mode,
         include: globs(&["*"]),

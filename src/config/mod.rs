@@ -97,6 +97,17 @@ pub enum LeaseCheck {
     Off,
 }
 
+/// When the user's original of a taken file is kept beside its copy (`watch.keep_originals`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeepOriginals {
+    /// Only where no lease proved that nobody can write to it any more.
+    Unleased,
+    /// Always, for `keep_original`: for NFSv3 exports, whose clients hold no open state (their
+    /// server may close its descriptor while they pause, and the lease is then granted).
+    Always,
+}
+
 /// Log output format (`log.format`, written in lower case).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -228,6 +239,8 @@ pub struct WatchConfig {
     pub keep_original: Duration,
     /// Whether open writers are asked for with a read lease.
     pub lease_check: LeaseCheck,
+    /// When originals are kept for `keep_original`.
+    pub keep_originals: KeepOriginals,
     /// A quiet file that a writer holds open is waited for this long; then it is taken with its
     /// original kept (for servers that keep descriptors open after their client is done).
     pub held_open_limit: Duration,

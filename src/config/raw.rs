@@ -131,6 +131,8 @@ pub(crate) struct RawWatch {
     pub keep_original: Option<String>,
     /// auto | off
     pub lease_check: Option<super::LeaseCheck>,
+    /// unleased | always
+    pub keep_originals: Option<super::KeepOriginals>,
     /// How long a quiet file held open for writing is waited for.
     pub held_open_limit: Option<String>,
     /// auto | notify | poll

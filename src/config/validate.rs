@@ -386,6 +386,7 @@ impl Validator {
             settle_empty,
             keep_original,
             lease_check: raw.lease_check.unwrap_or(super::LeaseCheck::Auto),
+            keep_originals: raw.keep_originals.unwrap_or(super::KeepOriginals::Unleased),
             held_open_limit: self.duration(
                 raw.held_open_limit.as_deref(),
                 DEFAULT_HELD_OPEN_LIMIT,

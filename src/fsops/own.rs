@@ -109,8 +109,9 @@ impl From<FsError> for Owning {
 
 /// Copies the staged file `name` into a private inode while hashing it, and makes that copy the
 /// staged file; see the module docs. `leases`: whether leases are asked on this root at all
-/// ([`super::lease::check_here`]).
-pub fn own(staging: &Dir, name: &OsStr, leases: bool) -> Result<Owned, Owning> {
+/// ([`super::lease::check_here`]); `keep_always`: keep the original even when a lease proved
+/// nobody holds it (`keep_originals = "always"`, for NFSv3 exports).
+pub fn own(staging: &Dir, name: &OsStr, leases: bool, keep_always: bool) -> Result<Owned, Owning> {
     let copy = copy_name(name);
     let mut last = String::new();
     for _ in 0..COPY_TRIES {
@@ -215,17 +216,17 @@ pub fn own(staging: &Dir, name: &OsStr, leases: bool) -> Result<Owned, Owning> {
             }
             // Nobody holds the original open for writing, and no one can open it before the
             // lease goes: its last name may go, replaced by the copy.
-            Some(_) => {
+            Some(_) if !keep_always => {
                 replace(staging, &copy, name)?;
                 None
             }
-            None if staging.exists(&orig_name(name))? => {
+            _ if staging.exists(&orig_name(name))? => {
                 // Owned before, its original kept then (and journaled, or found at start-up):
                 // the staged file is our copy already, and the kept original stays as it is.
                 replace(staging, &copy, name)?;
                 None
             }
-            None => {
+            _ => {
                 let orig = orig_name(name);
                 rename_within(staging, name, &orig, false)?;
                 rename_within(staging, &copy, name, false)?;
@@ -380,7 +381,7 @@ mod tests {
         let p = d.path().join("a.staged");
         std::fs::write(&p, b"the user's bytes").unwrap();
         let before = std::fs::metadata(&p).unwrap();
-        let owned = own(&dir, OsStr::new("a.staged"), true).unwrap();
+        let owned = own(&dir, OsStr::new("a.staged"), true, false).unwrap();
         let after = std::fs::metadata(&p).unwrap();
         use std::os::unix::fs::MetadataExt;
         assert_ne!(before.ino(), after.ino(), "a new inode");
@@ -412,7 +413,7 @@ mod tests {
         std::fs::write(&p, b"first half").unwrap();
         let mut writer = OpenOptions::new().append(true).open(&p).unwrap();
         assert!(matches!(
-            own(&dir, OsStr::new("a.staged"), true),
+            own(&dir, OsStr::new("a.staged"), true, false),
             Err(Owning::StillWritten)
         ));
         // The writer's later bytes land in the file, which is still there under its name.
@@ -429,7 +430,7 @@ mod tests {
     fn a_kept_original_is_stamped_after_its_rename_so_an_unchanged_one_is_not_sent_back() {
         let (d, dir) = staging();
         std::fs::write(d.path().join("a.staged"), b"original").unwrap();
-        let owned = own(&dir, OsStr::new("a.staged"), false).unwrap();
+        let owned = own(&dir, OsStr::new("a.staged"), false, false).unwrap();
         let kept = owned.kept.expect("without leases the original is kept");
         assert_eq!(kept.name, "a.orig");
         let now = FileStamp::of(&std::fs::metadata(d.path().join("a.orig")).unwrap());
@@ -468,7 +469,7 @@ mod tests {
             b"the user's inode"
         );
         assert!(!d.path().join("a.orig").exists());
-        let owned = own(&dir, OsStr::new("a.staged"), false).unwrap();
+        let owned = own(&dir, OsStr::new("a.staged"), false, false).unwrap();
         assert_eq!(owned.kept.unwrap().name, "a.orig");
     }
 
@@ -492,7 +493,7 @@ mod tests {
                 std::thread::sleep(std::time::Duration::from_millis(1));
             }
         });
-        let r = own(&dir, OsStr::new("a.staged"), false);
+        let r = own(&dir, OsStr::new("a.staged"), false, false);
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         t.join().unwrap();
         assert!(matches!(r, Err(Owning::StillWritten)), "{r:?}");
@@ -509,9 +510,9 @@ mod tests {
     fn owning_again_beside_a_kept_original_keeps_it_and_does_not_fail() {
         let (d, dir) = staging();
         std::fs::write(d.path().join("a.staged"), b"the user's bytes").unwrap();
-        let first = own(&dir, OsStr::new("a.staged"), false).unwrap();
+        let first = own(&dir, OsStr::new("a.staged"), false, false).unwrap();
         assert!(first.kept.is_some());
-        let again = own(&dir, OsStr::new("a.staged"), false);
+        let again = own(&dir, OsStr::new("a.staged"), false, false);
         let again = again.unwrap_or_else(|e| panic!("owned again: {e:?}"));
         assert_eq!(again.sha256, first.sha256);
         assert_eq!(

@@ -27,6 +27,7 @@ fn config(recursive: bool) -> WatchConfig {
         settle_empty: Duration::from_secs(60),
         keep_original: Duration::from_secs(600),
         lease_check: crate::config::LeaseCheck::Auto,
+        keep_originals: crate::config::KeepOriginals::Unleased,
         held_open_limit: Duration::from_secs(600),
         mode: WatchMode::Auto,
         include: vec![crate::config::Pattern::new("*").unwrap()],
