@@ -235,6 +235,9 @@ async fn sweep_kept(shared: &Arc<Shared>) {
                     // writer may go on, and must never write into a deleted inode.
                     if old_enough && !held_open_for_writing(&sh, i, &staging, &name) {
                         staging.unlink(&name)?;
+                        // Durable before its row goes: after a power cut a kept original that
+                        // came back without a row would be scanned again as a new file.
+                        staging.fsync()?;
                         Ok(KeptStep::Dropped)
                     } else {
                         Ok(KeptStep::Waiting)
