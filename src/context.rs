@@ -98,19 +98,6 @@ impl Shared {
         fsops::roots::claim_owner_if_missing(&staging, &self.owner)
     }
 
-    /// Claims the settled file `rel` of root `i` into its staging folder as `name`.
-    pub fn claim_file(
-        &self,
-        i: usize,
-        rel: &Path,
-        settled: &Stamp,
-        name: &OsStr,
-    ) -> Result<Claim, FsError> {
-        let inbox = self.roots[i].get(Which::Inbox, false)?;
-        let staging = self.roots[i].get(Which::Staging, false)?;
-        fsops::claim::claim(&inbox, rel, settled, &staging, name, self.hard_links_ok[i])
-    }
-
     /// Claims a batch of settled files of root `i` (relative path, settled stamp, staged name,
     /// taken even if held open)
     /// with one fsync per folder for the whole batch. One result per file, in order.

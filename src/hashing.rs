@@ -28,14 +28,13 @@ async fn own_staged(
     let (sh, path) = (Arc::clone(shared), staged.to_path_buf());
     let joined = tokio::task::spawn_blocking(move || {
         let (staging, name) = sh.staging_of(&path)?;
-        let leases = match sh.root_of_staging(&path).filter(|_| ask_lease) {
-            Some(i) => match sh.roots[i].get(fsops::roots::Which::Inbox, false) {
-                Ok(inbox) => sh.leases_here(i, &inbox),
-                Err(_) => false,
-            },
-            None => false,
-        };
-        let keep_always = sh.root_of_staging(&path).is_some_and(|i| {
+        let root = sh.root_of_staging(&path);
+        let leases = root.filter(|_| ask_lease).is_some_and(|i| {
+            sh.roots[i]
+                .get(fsops::roots::Which::Inbox, false)
+                .is_ok_and(|inbox| sh.leases_here(i, &inbox))
+        });
+        let keep_always = root.is_some_and(|i| {
             sh.config.watches[i].keep_originals == crate::config::KeepOriginals::Always
         });
         fsops::own::own(&staging, &name, leases, keep_always)

@@ -16,6 +16,26 @@ pub(super) type Observation = (PathBuf, io::Result<std::fs::Metadata>);
 pub(super) type OpenFolders =
     HashMap<(PathBuf, PathBuf), Result<crate::fsops::Dir, (io::ErrorKind, String)>>;
 
+/// The folder `parent` beneath the inbox `root`, opened once per pass.
+fn folder<'f>(
+    folders: &'f mut OpenFolders,
+    root: &Path,
+    parent: &Path,
+) -> &'f Result<crate::fsops::Dir, (io::ErrorKind, String)> {
+    folders
+        .entry((root.to_path_buf(), parent.to_path_buf()))
+        .or_insert_with(|| {
+            crate::fsops::Dir::open_trusted(root)
+                .and_then(|d| d.open_dir(parent))
+                .map_err(|e| match e {
+                    crate::fsops::FsError::Vanished { .. } => {
+                        (io::ErrorKind::NotFound, e.to_string())
+                    }
+                    e => (io::ErrorKind::Other, e.to_string()),
+                })
+        })
+}
+
 /// `lstat` of `rel` beneath the inbox `root`: every folder on the way is resolved beneath the
 /// root without following a symlink (a folder swapped for a link is an error, never followed),
 /// then the last name is looked up in that folder through its descriptor.
@@ -33,13 +53,7 @@ pub(super) fn stat_beneath(
         let (kind, text) = refused(e);
         io::Error::new(kind, text)
     })?;
-    let dir = folders
-        .entry((root.to_path_buf(), parent.to_path_buf()))
-        .or_insert_with(|| {
-            crate::fsops::Dir::open_trusted(root)
-                .and_then(|d| d.open_dir(parent))
-                .map_err(refused)
-        })
+    let dir = folder(folders, root, parent)
         .as_ref()
         .map_err(|(kind, text)| io::Error::new(*kind, text.clone()))?;
     let mut via = PathBuf::from(format!("/proc/self/fd/{}", dir.fd().as_raw_fd()));
@@ -93,14 +107,7 @@ pub(super) fn probe_beneath(
     let Ok((parent, name)) = crate::fsops::split_rel(&s.rel_path) else {
         return Probe::Changed;
     };
-    let dir = folders
-        .entry((root.to_path_buf(), parent.to_path_buf()))
-        .or_insert_with(|| {
-            crate::fsops::Dir::open_trusted(root)
-                .and_then(|d| d.open_dir(parent))
-                .map_err(|e| (io::ErrorKind::Other, e.to_string()))
-        });
-    let Ok(dir) = dir.as_ref() else {
+    let Ok(dir) = folder(folders, root, parent).as_ref() else {
         return Probe::Changed;
     };
     if let Err(refused) = lease::check_here(dir, enabled) {
