@@ -511,11 +511,14 @@ async fn a_release_killed_after_the_quarantined_file_went_loses_nothing() {
         .take_custody(id, dropscan::journal::Outcome::Quarantine, "release")
         .await
         .unwrap();
+    let rec = journal.get(id).await.unwrap();
     drop(journal);
     let config = dropscan::config::Config::load(&cfg).unwrap();
     let temp = w.clean.join(dropscan::fsops::names::copy_temp_name(
         &dropscan::context::instance_of(&config.watches[0]),
-        id,
+        dropscan::fsops::names::TempOf::Tool,
+        &rec.staged,
+        &rec.rel_path,
     ));
     std::fs::create_dir_all(&w.clean).unwrap();
     #[allow(clippy::disallowed_methods)]

@@ -155,9 +155,14 @@ async fn a_contradicting_detect_flips_unplaced_clean_twins_and_only_records_plac
         .await
         .unwrap();
     assert_eq!(decided, vec![a, b]);
-    j.placing_checked(b, "/out/clean/b".into(), Some(Outcome::Clean))
-        .await
-        .unwrap();
+    j.placing_checked(
+        b,
+        "/out/clean".into(),
+        "/out/clean/b".into(),
+        Some(Outcome::Clean),
+    )
+    .await
+    .unwrap();
     // Now the server says detect for a's scan: a (still decided) flips; b is placing and stays.
     let flipped = j
         .decide(vec![(a, verdict(ScanVerdict::Detect))])
@@ -178,7 +183,12 @@ async fn a_contradicting_detect_flips_unplaced_clean_twins_and_only_records_plac
     );
     // A sorter that read a as clean before the flip cannot place it with that destination.
     let err = j
-        .placing_checked(a, "/out/clean/a".into(), Some(Outcome::Clean))
+        .placing_checked(
+            a,
+            "/out/clean".into(),
+            "/out/clean/a".into(),
+            Some(Outcome::Clean),
+        )
         .await
         .unwrap_err();
     assert!(matches!(err, JournalError::Conflict { .. }), "{err}");

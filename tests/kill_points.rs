@@ -221,3 +221,164 @@ async fn killed_at_every_fsync_loses_nothing() {
     // and each round costs seconds; the renames above are every one.
     every_kill_point("fsync,fdatasync", "", 1, 2).await;
 }
+
+/// What is done to the agent's surroundings between the kill and the restart.
+#[derive(Clone, Copy, Debug)]
+enum Disturb {
+    /// The journal is moved aside (the obvious step after a crash that left it unreadable): a
+    /// new, empty one is made at the restart.
+    JournalAside,
+    /// `clean_dir` now names another folder.
+    CleanMoved,
+}
+
+/// The contents under `dir`, recursively (sidecars and hidden files excluded), with their paths.
+fn contents(dir: &std::path::Path) -> Vec<(PathBuf, Vec<u8>)> {
+    World::files_in(dir).into_iter().collect()
+}
+
+/// Hidden leftovers of ours (temps) under `dir`.
+fn temps_in(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.to_string_lossy().ends_with(".dropscan-partial") {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// Kills the agent at every call of `syscalls` while it places two files into destinations on
+/// another filesystem (a verified copy, so a temp exists), disturbs its surroundings, restarts it
+/// and checks: each file's bytes in exactly one destination (clean, perhaps the earlier clean
+/// folder, or quarantine), nothing left in the inbox, in staging or as a temp, and no record closed
+/// "vanished".
+async fn killed_then(syscalls: &str, disturb: Disturb) {
+    let Some(strace) = find_tool("strace") else {
+        eprintln!("skipped: strace not installed (Debian package strace)");
+        return;
+    };
+    let drops = || drops().into_iter().filter(|(n, _, _)| *n != "sub/b.txt");
+    let n_files = drops().count();
+    for n in 1..=MAX_KILL_POINTS {
+        let mut w = World::quick().await;
+        let Ok(other) = tempfile::tempdir_in("/dev/shm") else {
+            eprintln!("skipped: no /dev/shm for destinations on another filesystem");
+            return;
+        };
+        w.clean = other.path().join("clean");
+        w.quarantine = other.path().join("quarantine");
+        w.failed = other.path().join("failed");
+        for (name, content, _) in drops() {
+            w.drop_file(name, &content);
+        }
+        let killed = run_killed_at(&w, &strace, syscalls, n, n_files).await;
+        eprintln!("{syscalls} #{n} then {disturb:?}: killed {killed}");
+        wait_unlocked(&w).await;
+        let first_clean = w.clean.clone();
+        match disturb {
+            Disturb::JournalAside => {
+                for f in ["journal.sqlite", "journal.sqlite-wal", "journal.sqlite-shm"] {
+                    let from = w.state_dir().join(f);
+                    if from.exists() {
+                        #[allow(clippy::disallowed_methods)]
+                        std::fs::rename(&from, w.state_dir().join(format!("{f}.broken"))).unwrap();
+                    }
+                }
+            }
+            Disturb::CleanMoved => w.clean = other.path().join("clean-new"),
+        }
+        let agent = w.start_agent();
+        let at = format!("killed at {syscalls} #{n}, then {disturb:?}");
+        let settled = wait_for(LIMIT, || {
+            let staging = w.inbox.join(".dropscan/test");
+            let staged = std::fs::read_dir(&staging)
+                .map(|r| r.flatten().filter(|e| e.file_name() != ".owner").count())
+                .unwrap_or(0);
+            let placed = contents(&first_clean).len()
+                + contents(&w.clean).len() * usize::from(w.clean != first_clean)
+                + contents(&w.quarantine).len();
+            (placed >= n_files && staged == 0 && w.inbox_files().is_empty()).then_some(())
+        })
+        .await;
+        agent.stop().await.0.unwrap();
+        let mut clean = contents(&first_clean);
+        if w.clean != first_clean {
+            clean.extend(contents(&w.clean));
+        }
+        let quarantine = contents(&w.quarantine);
+        let failed = contents(&w.failed);
+        assert!(
+            settled.is_some(),
+            "{at}: not settled: clean {:?} quarantine {:?} failed {:?} inbox {:?}",
+            clean.iter().map(|c| &c.0).collect::<Vec<_>>(),
+            quarantine.iter().map(|c| &c.0).collect::<Vec<_>>(),
+            failed.iter().map(|c| &c.0).collect::<Vec<_>>(),
+            w.inbox_files().keys().collect::<Vec<_>>()
+        );
+        for (name, content, outcome) in drops() {
+            let here = match outcome {
+                Outcome::Clean => &clean,
+                Outcome::Quarantine => &quarantine,
+                Outcome::Failed => &failed,
+            };
+            let found: Vec<_> = here.iter().filter(|(_, c)| *c == content).collect();
+            assert_eq!(
+                found.len(),
+                1,
+                "{at}: {name} must be placed exactly once with its bytes: {:?}",
+                found.iter().map(|(p, _)| p).collect::<Vec<_>>()
+            );
+        }
+        assert_eq!(
+            clean.len() + quarantine.len() + failed.len(),
+            n_files,
+            "{at}: a file placed twice or a stranger placed: clean {:?} quarantine {:?} failed {:?}",
+            clean.iter().map(|c| &c.0).collect::<Vec<_>>(),
+            quarantine.iter().map(|c| &c.0).collect::<Vec<_>>(),
+            failed.iter().map(|c| &c.0).collect::<Vec<_>>()
+        );
+        let left: Vec<_> = [&first_clean, &w.clean, &w.quarantine, &w.failed, &w.inbox]
+            .into_iter()
+            .flat_map(|d| temps_in(d))
+            .collect();
+        assert!(left.is_empty(), "{at}: temps left: {left:?}");
+        let conn = rusqlite::Connection::open(w.state_dir().join("journal.sqlite")).unwrap();
+        let vanished: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM files WHERE reason LIKE '%vanished%'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(vanished, 0, "{at}: a record was closed as vanished");
+        if !killed {
+            return;
+        }
+    }
+    panic!("more than {MAX_KILL_POINTS} kill points for {syscalls}: the loop would not end");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verified_temp_is_never_deleted_when_the_journal_is_moved_aside_after_a_kill() {
+    killed_then(
+        "unlink,unlinkat,rename,renameat,renameat2",
+        Disturb::JournalAside,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn placing_record_is_finished_where_it_started_after_clean_dir_changes() {
+    killed_then(
+        "unlink,unlinkat,rename,renameat,renameat2",
+        Disturb::CleanMoved,
+    )
+    .await;
+}

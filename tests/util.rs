@@ -103,6 +103,13 @@ impl World {
     /// Writes the config file and returns its path.
     pub fn write_config(&self) -> PathBuf {
         let p = |name: &str| self.certs_dir.join(name).display().to_string();
+        // Destinations as given (relative to the config's folder when beneath it).
+        let dest = |d: &Path| {
+            d.strip_prefix(self.dir.path())
+                .unwrap_or(d)
+                .display()
+                .to_string()
+        };
         let text = format!(
             r#"
 [server]
@@ -129,9 +136,9 @@ settle = "{settle}"
 settle_empty = "{settle_empty}"
 reconcile_interval = "2s"
 poll_interval = "200ms"
-clean_dir = "out/clean"
-quarantine_dir = "out/quarantine"
-failed_dir = "out/failed"
+clean_dir = "{clean}"
+quarantine_dir = "{quarantine}"
+failed_dir = "{failed}"
 {watch_extra}
 {more}
 
@@ -152,6 +159,9 @@ level = "warn"
             },
             watch_extra = self.watch_extra,
             more = self.more_watches,
+            clean = dest(&self.clean),
+            quarantine = dest(&self.quarantine),
+            failed = dest(&self.failed),
         );
         let path = self.dir.path().join("dropscan.toml");
         std::fs::write(&path, text).unwrap();

@@ -31,6 +31,7 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+mod leftovers;
 pub mod lock;
 mod reconcile;
 mod reload;

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::context::{Shared, instance_of};
+use crate::context::Shared;
 use crate::error::FatalError;
 use crate::fsops::roots::{RootDirs, Which};
 use crate::fsops::{self, Dir};
@@ -166,6 +166,7 @@ pub(super) async fn reconcile(
     // custody, that temp may be the only copy of the file.
     unfinished.extend(journal.in_custody().await?);
     let mut known: std::collections::HashMap<PathBuf, FileId> = std::collections::HashMap::new();
+    let all = records.clone();
     for r in records {
         known.insert(r.staged.clone(), r.id);
         let Some(i) = shared.root_index(&r.root) else {
@@ -282,6 +283,15 @@ pub(super) async fn reconcile(
             if known.contains_key(&p) || kept.contains(&p) || !st.is_regular() {
                 continue;
             }
+            // A copy taken back from a destination, interrupted: the temp it came from is
+            // still there (`fsops::place::take_back`).
+            if name
+                .as_bytes()
+                .ends_with(fsops::names::PARTIAL_SUFFIX.as_bytes())
+            {
+                fsops::place::remove_temp(staging, &name, "a partial copy taken back into staging");
+                continue;
+            }
             // The path a finished record would name it by.
             let mut record_path = p.clone();
             if !name.as_bytes().ends_with(b".staged") {
@@ -346,14 +356,7 @@ pub(super) async fn reconcile(
             }
         }
     }
-    for (i, roots) in shared.roots.iter().enumerate() {
-        let instance = instance_of(&shared.config.watches[i]);
-        for which in [Which::Clean, Which::Quarantine, Which::Failed] {
-            if let Ok(d) = roots.get(which, false) {
-                fsops::place::remove_partials(&d, &instance, &|id| unfinished.contains(&id));
-            }
-        }
-    }
+    super::leftovers::tidy(shared, &stagings, &all, &unfinished, &mut resume.claimed).await?;
     let n = resume.claimed.len()
         + resume.hashed.len()
         + resume.submitting.len()

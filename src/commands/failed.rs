@@ -17,7 +17,7 @@ use super::tools::{self, blocking, finish, locate, take, watch_of};
 use crate::cli::FailedAction;
 use crate::config::WatchConfig;
 use crate::fsops::FsError;
-use crate::fsops::names::{copy_temp_name, sidecar_name};
+use crate::fsops::names::{TempOf, copy_temp_name, sidecar_name};
 use crate::fsops::place::{Release, free_name, place};
 use crate::fsops::roots::{RootDirs, Which};
 use crate::journal::{FileId, FileRecord, Outcome};
@@ -98,7 +98,12 @@ fn back_to_inbox(w: &WatchConfig, rec: &FileRecord) -> Result<PathBuf, FsError> 
     let (fdir, name) = locate(&roots, Which::Failed, rec)?;
     fdir.stamp(&name)?;
     let inbox = roots.get(Which::Inbox, false)?;
-    let temp = copy_temp_name(&crate::context::instance_of(w), rec.id);
+    let temp = copy_temp_name(
+        &crate::context::instance_of(w),
+        TempOf::Tool,
+        &rec.staged,
+        &rec.rel_path,
+    );
     for _ in 0..16 {
         let target = free_name(&inbox, &rec.rel_path, 0o755)?;
         let placed = place(&Release {

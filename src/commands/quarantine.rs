@@ -17,7 +17,7 @@ use serde_json::json;
 use super::tools::{self, blocking, finish, locate, take, watch_of};
 use crate::cli::QuarantineAction;
 use crate::config::WatchConfig;
-use crate::fsops::names::{copy_temp_name, sidecar_name};
+use crate::fsops::names::{TempOf, copy_temp_name, sidecar_name};
 use crate::fsops::place::{Release, free_name, place};
 use crate::fsops::roots::{RootDirs, Which};
 use crate::fsops::{Dir, FsError};
@@ -103,7 +103,12 @@ fn copy_out(w: &WatchConfig, rec: &FileRecord, to: Option<&Path>) -> Result<Path
             detail: "its record holds no SHA-256 to check it against".into(),
         });
     };
-    let temp = copy_temp_name(&crate::context::instance_of(w), rec.id);
+    let temp = copy_temp_name(
+        &crate::context::instance_of(w),
+        TempOf::Tool,
+        &rec.staged,
+        &rec.rel_path,
+    );
     let (dest_root, fixed, mode): (Dir, Option<PathBuf>, u32) = match to {
         None => (roots.get(Which::Clean, true)?.try_clone()?, None, 0o644),
         Some(p) if p.is_dir() => (

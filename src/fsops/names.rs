@@ -110,10 +110,45 @@ fn tag_of(instance: &str) -> String {
         .collect()
 }
 
-/// The temp name of record `id`'s copy, at the top of its destination root:
-/// `.<instance>.<id>.dropscan-partial`. Deterministic, so that a restart finds it.
-pub fn copy_temp_name(instance: &str, id: i64) -> OsString {
-    OsString::from(format!(".{}.{id}{PARTIAL_SUFFIX}", tag_of(instance)))
+/// Whose copy a temp holds ([`copy_temp_name`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TempOf {
+    /// The agent's placement of a staged file.
+    Agent,
+    /// A quarantine or failed tool's copy of a kept file.
+    Tool,
+}
+
+/// The temp name of a copy, at the top of its destination root:
+/// `.<instance>.<s|t><token>.<name>.dropscan-partial`, where `token` is the stem of the record's
+/// staged name (a random id given at the claim: unique across journals, so that a record of a
+/// new journal can never take an old temp for its own) and `name` the user's file name
+/// (shortened to fit), so that a temp found without its record still says what it holds.
+/// Deterministic for a record, so that a restart finds it; `s` marks the agent's copies, `t`
+/// a tool's.
+pub fn copy_temp_name(instance: &str, of: TempOf, staged: &Path, rel: &Path) -> OsString {
+    let token = staged
+        .file_stem()
+        .map(|s| {
+            s.to_string_lossy()
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric())
+                .take(64)
+                .collect::<String>()
+        })
+        .unwrap_or_default();
+    let kind = match of {
+        TempOf::Agent => 's',
+        TempOf::Tool => 't',
+    };
+    let head = format!(".{}.{kind}{token}.", tag_of(instance));
+    let name = safe_relative(rel);
+    let base = name.file_name().unwrap_or(OsStr::new("_")).as_bytes();
+    let room = NAME_MAX.saturating_sub(head.len() + PARTIAL_SUFFIX.len());
+    let mut out = head.into_bytes();
+    out.extend_from_slice(&shorten(base, room));
+    out.extend_from_slice(PARTIAL_SUFFIX.as_bytes());
+    OsString::from_vec(out)
 }
 
 /// The temp name of a sidecar being written: `.<instance>.sidecar-<random>.dropscan-partial`.
@@ -125,16 +160,54 @@ pub fn sidecar_temp_name(instance: &str) -> OsString {
     ))
 }
 
-/// What one of our temp names says: `Some(Some(id))` a copy of record `id`, `Some(None)` a
-/// sidecar, `None` not a temp of this instance (another agent's, or a user's file).
-pub fn parse_temp_name(name: &OsStr, instance: &str) -> Option<Option<i64>> {
-    let s = name.to_str()?;
-    let rest = s.strip_prefix('.')?.strip_suffix(PARTIAL_SUFFIX)?;
-    let rest = rest.strip_prefix(&tag_of(instance))?.strip_prefix('.')?;
-    if rest.starts_with("sidecar-") {
-        return Some(None);
+/// What one of this instance's temp names says ([`parse_temp_name`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Temp {
+    /// A sidecar being written: never the only copy of anything.
+    Sidecar,
+    /// A copy ([`copy_temp_name`]): whose, the stem of its record's staged name, and the
+    /// user's file name it holds.
+    Copy {
+        /// Whose copy it is.
+        of: TempOf,
+        /// The stem of the staged name of the record it copies.
+        token: String,
+        /// The user's file name it holds (perhaps shortened).
+        name: OsString,
+    },
+    /// A copy named by an older version after its journal record id (`.<instance>.<id>.…`).
+    Numbered(i64),
+}
+
+/// What one of our temp names says; `None`: not a temp of this instance (another agent's, or a
+/// user's file).
+pub fn parse_temp_name(name: &OsStr, instance: &str) -> Option<Temp> {
+    let b = name.as_bytes();
+    let head = format!(".{}.", tag_of(instance));
+    let rest = b
+        .strip_prefix(head.as_bytes())?
+        .strip_suffix(PARTIAL_SUFFIX.as_bytes())?;
+    if rest.starts_with(b"sidecar-") {
+        return Some(Temp::Sidecar);
     }
-    rest.parse().ok().map(Some)
+    if let Some(id) = std::str::from_utf8(rest).ok().and_then(|s| s.parse().ok()) {
+        return Some(Temp::Numbered(id));
+    }
+    let of = match rest.first()? {
+        b's' => TempOf::Agent,
+        b't' => TempOf::Tool,
+        _ => return None,
+    };
+    let dot = rest.iter().position(|c| *c == b'.')?;
+    let token = std::str::from_utf8(&rest[1..dot]).ok()?;
+    if token.is_empty() || !token.bytes().all(|c| c.is_ascii_alphanumeric()) {
+        return None;
+    }
+    Some(Temp::Copy {
+        of,
+        token: token.to_string(),
+        name: OsString::from_vec(rest[dot + 1..].to_vec()),
+    })
 }
 
 /// A path as it is safe to print in a text log or on a terminal: control characters (newline,

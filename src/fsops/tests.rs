@@ -9,9 +9,10 @@ use std::path::{Component, Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use super::claim::{Claim, claim};
-use super::names::{NAME_MAX, copy_temp_name, numbered, sidecar_name};
+use super::names::{NAME_MAX, Temp, TempOf, copy_temp_name, numbered, sidecar_name};
 use super::place::{
-    Placed, Release, free_name, place, remove_partials, return_to_inbox, write_sidecar,
+    Placed, Release, free_name, leftover_temps, place, remove_temp, return_to_inbox, take_back,
+    write_sidecar,
 };
 use super::*;
 
@@ -125,7 +126,7 @@ fn a_legal_name_of_201_to_255_bytes_is_kept_exactly_and_only_the_sidecar_is_shor
     let hashed = stage(staging.path(), "f.staged", b"x");
     let target = free_name(&dest, Path::new(&name), 0o755).unwrap();
     assert_eq!(target, PathBuf::from(&name));
-    let temp = copy_temp_name("t", 1);
+    let temp = temp_for("t", 1);
     place(&release(
         &staging,
         OsStr::new("f.staged"),
@@ -364,7 +365,7 @@ fn the_quarantine_chmod_never_follows_a_symlink() {
     std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o644)).unwrap();
     // A symlink where the staged file should be: never opened, never chmodded.
     std::os::unix::fs::symlink(&victim, d.path().join("s/f.staged")).unwrap();
-    let temp = copy_temp_name("t", 1);
+    let temp = temp_for("t", 1);
     let r = Release {
         staging: &staging,
         staged_name: OsStr::new("f.staged"),
@@ -407,7 +408,7 @@ fn a_file_held_open_by_a_writer_is_released_as_a_verified_copy_the_writer_cannot
         .write(true)
         .open(d.path().join("s/f.staged"))
         .unwrap();
-    let temp = copy_temp_name("t", 7);
+    let temp = temp_for("t", 7);
     let r = release(
         &staging,
         OsStr::new("f.staged"),
@@ -458,7 +459,7 @@ fn a_file_rewritten_after_hashing_is_never_placed_in_clean() {
     let hashed = stage(staging.path(), "f.staged", b"clean bytes");
     std::thread::sleep(std::time::Duration::from_millis(20));
     std::fs::write(d.path().join("s/f.staged"), b"other bytes").unwrap();
-    let temp = copy_temp_name("t", 1);
+    let temp = temp_for("t", 1);
     let r = release(
         &staging,
         OsStr::new("f.staged"),
@@ -480,7 +481,7 @@ fn an_identical_twin_at_the_destination_is_never_taken_for_our_file() {
     let hashed = stage(staging.path(), "f.staged", b"same");
     // Another drop of the same content already sits under the journaled target.
     std::fs::write(d.path().join("clean/f.txt"), b"same").unwrap();
-    let temp = copy_temp_name("t", 1);
+    let temp = temp_for("t", 1);
     let r = release(
         &staging,
         OsStr::new("f.staged"),
@@ -517,7 +518,7 @@ fn a_missing_destination_folder_is_not_taken_for_a_vanished_file() {
     let target = free_name(&clean, Path::new("sub/f"), 0o755).unwrap();
     // Someone removes the empty subfolder between the choice and the move.
     std::fs::remove_dir(d.path().join("clean/sub")).unwrap();
-    let temp = copy_temp_name("t", 1);
+    let temp = temp_for("t", 1);
     let r = release(
         &staging,
         OsStr::new("f.staged"),
@@ -544,7 +545,7 @@ fn an_interrupted_copy_resumes_from_its_verified_temp_and_a_partial_is_redone() 
     let d = tempfile::tempdir().unwrap();
     let staging = dir(&d.path().join("s"));
     let clean = dir(&d.path().join("clean"));
-    let temp = copy_temp_name("t", 9);
+    let temp = temp_for("t", 9);
     // A crash mid-copy: staged file present, partial temp → the temp is discarded, redone.
     let hashed = stage(staging.path(), "f.staged", b"whole content");
     std::fs::write(d.path().join("clean").join(&temp), b"whole").unwrap();
@@ -607,12 +608,12 @@ fn an_interrupted_copy_resumes_from_its_verified_temp_and_a_partial_is_redone() 
 #[test]
 fn two_same_named_files_copied_at_once_keep_their_own_bytes() {
     // Each record has its own temp name: two placements of `report.txt` never share one.
-    assert_ne!(copy_temp_name("fs01", 1), copy_temp_name("fs01", 2));
-    assert_ne!(copy_temp_name("fs01", 1), copy_temp_name("fs02", 1));
+    assert_ne!(temp_for("fs01", 1), temp_for("fs01", 2));
+    assert_ne!(temp_for("fs01", 1), temp_for("fs02", 1));
     let d = tempfile::tempdir().unwrap();
     let staging = dir(&d.path().join("s"));
     let clean = dir(&d.path().join("clean"));
-    let (ta, tb) = (copy_temp_name("t", 1), copy_temp_name("t", 2));
+    let (ta, tb) = (temp_for("t", 1), temp_for("t", 2));
     let ha = stage(staging.path(), "a.staged", b"first file");
     let hb = stage(staging.path(), "b.staged", b"second file");
     // Both copies are half-way (the writer of a holds it open, forcing copies).
@@ -648,45 +649,184 @@ fn two_same_named_files_copied_at_once_keep_their_own_bytes() {
     );
 }
 
+/// The agent's temp name for a record whose staged file is `<id as 32 hex digits>.staged`.
+fn temp_for(instance: &str, id: i64) -> std::ffi::OsString {
+    copy_temp_name(
+        instance,
+        TempOf::Agent,
+        Path::new(&format!("/s/{id:032x}.staged")),
+        Path::new("dir/report.pdf"),
+    )
+}
+
 #[test]
-fn leftover_clean_up_never_removes_a_temp_a_running_placement_holds_locked() {
+fn temp_names_say_whose_copy_of_which_staged_file_and_name_they_hold() {
+    let t = copy_temp_name(
+        "fs01",
+        TempOf::Agent,
+        Path::new("/in/.dropscan/fs01/0123abcd.staged"),
+        Path::new("a/b/report.pdf"),
+    );
+    assert_eq!(t, ".fs01.s0123abcd.report.pdf.dropscan-partial");
+    assert_eq!(
+        super::names::parse_temp_name(&t, "fs01"),
+        Some(Temp::Copy {
+            of: TempOf::Agent,
+            token: "0123abcd".into(),
+            name: "report.pdf".into()
+        })
+    );
+    let tool = copy_temp_name(
+        "fs01",
+        TempOf::Tool,
+        Path::new("/x/ff.staged"),
+        Path::new("q"),
+    );
+    assert!(matches!(
+        super::names::parse_temp_name(&tool, "fs01"),
+        Some(Temp::Copy {
+            of: TempOf::Tool,
+            ..
+        })
+    ));
+    assert_eq!(super::names::parse_temp_name(&t, "fs02"), None);
+    assert_eq!(
+        super::names::parse_temp_name(OsStr::new(".fs01.7.dropscan-partial"), "fs01"),
+        Some(Temp::Numbered(7))
+    );
+    // A long name still fits, cut to NAME_MAX.
+    let long = "x".repeat(300);
+    let t = copy_temp_name(
+        "fs01",
+        TempOf::Agent,
+        Path::new("/s/ab.staged"),
+        Path::new(&long),
+    );
+    assert!(t.len() <= NAME_MAX);
+}
+
+#[test]
+fn leftover_temps_never_lists_a_temp_a_running_placement_holds_locked() {
     // A `quarantine release` (another process) is writing its verified copy, under the lock
     // `place` holds, while the agent starts: removing the temp from under it would let the
     // tool remove the quarantined file and then find no copy to rename.
     let d = tempfile::tempdir().unwrap();
     let clean = dir(&d.path().join("clean"));
-    let temp = d.path().join("clean/.me.7.dropscan-partial");
+    let temp = d.path().join("clean").join(temp_for("me", 7));
     std::fs::write(&temp, b"copy in progress").unwrap();
     let held = std::fs::File::open(&temp).unwrap();
     rustix::fs::flock(&held, rustix::fs::FlockOperation::NonBlockingLockExclusive).unwrap();
-    let removed = remove_partials(&clean, "me", &|_| false);
-    assert_eq!(removed, 0);
+    assert!(leftover_temps(&clean, "me").is_empty());
+    assert!(!remove_temp(&clean, &temp_for("me", 7), "test"));
     assert!(temp.exists());
     drop(held);
-    assert_eq!(remove_partials(&clean, "me", &|_| false), 1);
+    assert_eq!(leftover_temps(&clean, "me").len(), 1);
+    assert!(remove_temp(&clean, &temp_for("me", 7), "test"));
+    assert!(!temp.exists());
 }
 
 #[test]
-fn leftover_clean_up_keeps_other_agents_temps_users_files_and_live_copies() {
+fn leftover_temps_lists_copies_removes_sidecar_temps_and_keeps_other_files() {
     let d = tempfile::tempdir().unwrap();
     let clean = dir(&d.path().join("clean"));
     std::fs::create_dir_all(d.path().join("clean/sub")).unwrap();
-    let w = |p: &str| std::fs::write(d.path().join("clean").join(p), b"x").unwrap();
-    w("user.dropscan-partial");
-    w(".other-agent.5.dropscan-partial");
-    w(".me.5.dropscan-partial"); // record 5 still needs it
-    w(".me.6.dropscan-partial"); // record 6 is finished
-    w("sub/.me.sidecar-abc.dropscan-partial");
-    let removed = remove_partials(&clean, "me", &|id| id == 5);
-    assert_eq!(removed, 2);
-    let left: Vec<_> = std::fs::read_dir(d.path().join("clean"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+    let w = |p: &std::ffi::OsStr| std::fs::write(d.path().join("clean").join(p), b"x").unwrap();
+    w(OsStr::new("user.dropscan-partial"));
+    w(OsStr::new(".other-agent.5.dropscan-partial"));
+    w(OsStr::new(".me.5.dropscan-partial"));
+    w(&temp_for("me", 6));
+    w(&temp_for("other-agent", 6));
+    w(OsStr::new("sub/.me.sidecar-abc.dropscan-partial"));
+    w(&std::path::Path::new("sub")
+        .join(temp_for("me", 8))
+        .into_os_string());
+    let mut found: Vec<_> = leftover_temps(&clean, "me")
+        .into_iter()
+        .map(|(n, _)| n)
         .collect();
-    assert!(left.contains(&"user.dropscan-partial".to_string()));
-    assert!(left.contains(&".other-agent.5.dropscan-partial".to_string()));
-    assert!(left.contains(&".me.5.dropscan-partial".to_string()));
-    assert!(!left.contains(&".me.6.dropscan-partial".to_string()));
+    found.sort();
+    // Copy temps at the top only (a placement never puts one lower); nothing is removed but the
+    // sidecar temp.
+    assert_eq!(
+        found,
+        vec![
+            std::ffi::OsString::from(".me.5.dropscan-partial"),
+            temp_for("me", 6)
+        ]
+    );
+    assert!(
+        !d.path()
+            .join("clean/sub/.me.sidecar-abc.dropscan-partial")
+            .exists()
+    );
+    for kept in [
+        "user.dropscan-partial",
+        ".other-agent.5.dropscan-partial",
+        ".me.5.dropscan-partial",
+    ] {
+        assert!(d.path().join("clean").join(kept).exists(), "{kept}");
+    }
+}
+
+#[test]
+fn take_back_moves_a_whole_copy_into_staging_on_the_same_filesystem() {
+    let d = tempfile::tempdir().unwrap();
+    let clean = dir(&d.path().join("clean"));
+    let staging = dir(&d.path().join("s"));
+    let old = temp_for("me", 1);
+    std::fs::write(d.path().join("clean").join(&old), b"the only copy").unwrap();
+    let fresh_temp = temp_for("me", 2);
+    take_back(
+        &clean,
+        &old,
+        &fresh_temp,
+        &staging,
+        OsStr::new("new.staged"),
+    )
+    .unwrap();
+    assert_eq!(
+        std::fs::read(d.path().join("s/new.staged")).unwrap(),
+        b"the only copy"
+    );
+    assert!(!d.path().join("clean").join(&old).exists());
+    assert!(!d.path().join("clean").join(&fresh_temp).exists());
+}
+
+#[test]
+fn take_back_copies_a_whole_copy_across_filesystems_and_leaves_no_partial() {
+    let Ok(other) = tempfile::tempdir_in("/dev/shm") else {
+        eprintln!("skipped: no /dev/shm");
+        return;
+    };
+    let d = tempfile::tempdir().unwrap();
+    let clean = dir(&other.path().join("clean"));
+    let staging = dir(&d.path().join("s"));
+    let old = temp_for("me", 1);
+    std::fs::write(other.path().join("clean").join(&old), b"the only copy").unwrap();
+    take_back(
+        &clean,
+        &old,
+        &temp_for("me", 2),
+        &staging,
+        OsStr::new("new.staged"),
+    )
+    .unwrap();
+    assert_eq!(
+        std::fs::read(d.path().join("s/new.staged")).unwrap(),
+        b"the only copy"
+    );
+    let left: Vec<_> = std::fs::read_dir(other.path().join("clean"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    let left: Vec<_> = std::fs::read_dir(d.path().join("s"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(left, vec![std::ffi::OsString::from("new.staged")]);
 }
 
 #[test]
@@ -744,7 +884,7 @@ fn place_across_filesystems_copies_verifies_and_unlinks() {
     let staging = dir(src.path());
     let q = dir(&dst.path().join("q"));
     let hashed = stage(src.path(), "f.staged", &data);
-    let temp = copy_temp_name("t", 1);
+    let temp = temp_for("t", 1);
     let mut r = release(
         &staging,
         OsStr::new("f.staged"),
@@ -793,7 +933,7 @@ fn an_o_path_handle_kept_past_release_never_rewrites_clean() {
         .custom_flags(libc::O_PATH)
         .open(d.path().join("s/f.staged"))
         .unwrap();
-    let temp = copy_temp_name("t", 7);
+    let temp = temp_for("t", 7);
     let r = release(
         &staging,
         OsStr::new("f.staged"),
@@ -826,7 +966,7 @@ fn a_world_writable_drop_is_never_released_writable_by_others() {
     let d = tempfile::tempdir().unwrap();
     let staging = dir(&d.path().join("s"));
     let clean = dir(&d.path().join("clean"));
-    let temp = copy_temp_name("t", 7);
+    let temp = temp_for("t", 7);
     // Renamed (no other opener) and copied (a writer holds it open).
     for (name, held) in [("a", false), ("b", true)] {
         let staged = format!("{name}.staged");
@@ -880,7 +1020,7 @@ fn a_second_placement_of_one_record_never_takes_the_live_temp_of_the_first() {
     let hashed = stage(staging.path(), "f.staged", &content);
     // A reader keeps the lease refused: both placements release a verified copy.
     let _reader = std::fs::File::open(staging.path().join("f.staged")).unwrap();
-    let temp = copy_temp_name("t", 7);
+    let temp = temp_for("t", 7);
     let r = release(
         &staging,
         OsStr::new("f.staged"),
@@ -939,7 +1079,7 @@ fn a_detected_file_linked_back_out_of_staging_after_hashing_still_reaches_quaran
     stage(staging.path(), "f.staged", EICAR);
     // The second name the user made from their descriptor.
     std::fs::hard_link(staging.path().join("f.staged"), d.path().join("mine")).unwrap();
-    let temp = copy_temp_name("t", 9);
+    let temp = temp_for("t", 9);
     // What the sorter passes for quarantine (sort.rs: no stamp, no digest, a copy).
     let r = Release {
         staging: &staging,
@@ -1022,7 +1162,7 @@ fn the_hashs_own_unchanged_copy_is_renamed_into_place_anything_else_is_copied_an
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let d = tempfile::tempdir().unwrap();
     let (staging, clean) = (dir(&d.path().join("s")), dir(&d.path().join("clean")));
-    let temp = copy_temp_name("t", 1);
+    let temp = temp_for("t", 1);
     let own = |name: &str, content: &[u8]| {
         let p = d.path().join("s").join(name);
         std::fs::write(&p, content).unwrap();

@@ -30,25 +30,30 @@ impl Journal {
     /// Records the exact destination path before the move. Prefer [`Journal::placing_checked`],
     /// which also refuses when the outcome changed since the caller read the record.
     pub async fn placing(&self, id: FileId, dest: PathBuf) -> Result<(), JournalError> {
-        self.placing_inner(id, dest, None).await
+        self.placing_inner(id, None, dest, None).await
     }
 
     /// Records the exact destination path before the move, provided the record's outcome is
     /// still `seen` (what the caller read when it chose the destination). A contradicting
     /// `detect` may flip a decided clean record to quarantine at any time before `placing`; this
     /// makes sure a destination chosen for the old outcome is refused rather than used.
+    /// `dest_root` is the destination root the path was chosen in: the placement is finished
+    /// there even if the configuration names another folder by then.
     pub async fn placing_checked(
         &self,
         id: FileId,
+        dest_root: PathBuf,
         dest: PathBuf,
         seen: Option<Outcome>,
     ) -> Result<(), JournalError> {
-        self.placing_inner(id, dest, Some(seen)).await
+        self.placing_inner(id, Some(dest_root), dest, Some(seen))
+            .await
     }
 
     async fn placing_inner(
         &self,
         id: FileId,
+        dest_root: Option<PathBuf>,
         dest: PathBuf,
         seen: Option<Option<Outcome>>,
     ) -> Result<(), JournalError> {
@@ -74,8 +79,8 @@ impl Journal {
             )?;
             execute(
                 conn,
-                "UPDATE files SET dest = ?2 WHERE id = ?1",
-                params![id, path_blob(&dest)],
+                "UPDATE files SET dest = ?2, dest_root = ?3 WHERE id = ?1",
+                params![id, path_blob(&dest), dest_root.as_deref().map(path_blob)],
                 "placing",
             )?;
             Ok(())

@@ -40,7 +40,10 @@ CREATE TABLE IF NOT EXISTS files (
     dest            BLOB,
     dropped_at      INTEGER,
     claimed_at      INTEGER NOT NULL,
-    updated_at      INTEGER NOT NULL
+    updated_at      INTEGER NOT NULL,
+    -- The destination root `dest` was chosen in: a placement is finished there even after the
+    -- configuration names another folder.
+    dest_root       BLOB
 );
 CREATE INDEX IF NOT EXISTS files_state ON files(state);
 CREATE INDEX IF NOT EXISTS files_sha ON files(sha256) WHERE sha256 IS NOT NULL;
@@ -110,7 +113,7 @@ macro_rules! columns {
     () => {
         "id, root, rel_path, staged, state, size, mtime_ns, ctime_ns, dev, ino, \
          sha256, scan_id, scan_ids, attempts, submitted_at, outcome, verdict, verdict_sha256, \
-         reason, reused, dest, claimed_at, updated_at, dropped_at"
+         reason, reused, dest, claimed_at, updated_at, dropped_at, dest_root"
     };
 }
 
@@ -216,6 +219,7 @@ pub(super) fn row_to_record(r: &Row<'_>) -> rusqlite::Result<FileRecord> {
         claimed_at_ms: r.get(21)?,
         updated_at_ms: r.get(22)?,
         dropped_at_ms: r.get(23)?,
+        dest_root: r.get::<_, Option<Vec<u8>>>(24)?.map(blob_path),
     })
 }
 
@@ -330,6 +334,20 @@ fn ensure_parent_dir(path: &Path) -> Result<(), JournalError> {
     Ok(())
 }
 
+/// Columns added since the schema's first version, added to a journal written before them (a
+/// version that does not know a column ignores it: every query names its columns).
+fn add_missing_columns(conn: &Connection) -> rusqlite::Result<()> {
+    let has: bool = conn.query_row(
+        "SELECT count(*) FROM pragma_table_info('files') WHERE name = 'dest_root'",
+        [],
+        |r| r.get::<_, i64>(0).map(|n| n > 0),
+    )?;
+    if !has {
+        conn.execute_batch("ALTER TABLE files ADD COLUMN dest_root BLOB")?;
+    }
+    Ok(())
+}
+
 /// Opens (or creates) the database, sets WAL and `synchronous = FULL`, creates the schema and
 /// checks its version.
 pub(super) fn open_connection(path: &Path) -> Result<Connection, JournalError> {
@@ -349,6 +367,7 @@ pub(super) fn open_connection(path: &Path) -> Result<Connection, JournalError> {
         .map_err(open_err)?;
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     conn.execute_batch(SCHEMA).map_err(open_err)?;
+    add_missing_columns(&conn).map_err(open_err)?;
     let version: Option<String> = conn
         .query_row("SELECT value FROM meta WHERE key = 'schema'", [], |r| {
             r.get(0)

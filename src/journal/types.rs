@@ -304,6 +304,9 @@ pub struct FileRecord {
     pub reused: bool,
     /// Its destination path, once chosen.
     pub dest: Option<PathBuf>,
+    /// The destination root `dest` was chosen in (`None`: chosen by a version that did not
+    /// record it).
+    pub dest_root: Option<PathBuf>,
     /// When it was claimed (ms).
     pub claimed_at_ms: i64,
     /// When it was last changed (ms).

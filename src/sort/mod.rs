@@ -278,24 +278,59 @@ impl Sorter {
         } = plan(rec.outcome, rec.is_clean_verdict_for_content());
         let reason = note.map(str::to_string).or_else(|| rec.reason.clone());
         let instance = crate::context::instance_of(&self.shared.config.watches[i]);
-        let temp_name = fsops::names::copy_temp_name(&instance, rec.id);
-        let dest_root_path = self.shared.roots[i].path(which).to_path_buf();
+        let temp_name = fsops::names::copy_temp_name(
+            &instance,
+            fsops::names::TempOf::Agent,
+            &rec.staged,
+            &rec.rel_path,
+        );
+        let current_root = self.shared.roots[i].path(which).to_path_buf();
         // After a crash or a failed attempt in `placing`: the journaled target first (the move
-        // may have happened, or a verified copy may wait under its temp name).
-        let mut target: Option<PathBuf> = match (&rec.state, &rec.dest) {
-            (FileState::Placing, Some(dest)) => dest
-                .strip_prefix(&dest_root_path)
-                .ok()
-                .map(Path::to_path_buf),
-            _ => None,
+        // may have happened, or a verified copy may wait under its temp name), in the root it
+        // was chosen in, even if the configuration names another folder by now.
+        let mut dest_root_path = current_root.clone();
+        let mut target: Option<PathBuf> = None;
+        if let (FileState::Placing, Some(dest)) = (&rec.state, &rec.dest) {
+            let chosen_in = rec.dest_root.clone().or_else(|| {
+                dest.starts_with(&current_root)
+                    .then(|| current_root.clone())
+            });
+            let Some(root) = chosen_in else {
+                return Step::Retry(format!(
+                    "{} was being placed at {}, outside the configured {}: restore the earlier \
+                     folder setting so that dropscan can finish it there (the file is in \
+                     staging, or hidden as {} in that folder)",
+                    fsops::shown(&original),
+                    fsops::shown(dest),
+                    fsops::shown(&current_root),
+                    fsops::shown(Path::new(&temp_name))
+                ));
+            };
+            let rel = dest.strip_prefix(&root).map(Path::to_path_buf).ok();
+            if root == current_root {
+                target = rel;
+            } else {
+                match self.root_changed(&rec, &root, dest, &temp_name).await {
+                    Ok(true) => {
+                        dest_root_path = root;
+                        target = rel;
+                    }
+                    Ok(false) => {}
+                    Err(why) => return Step::Retry(why),
+                }
+            }
+        }
+        let open_root = {
+            let (sh, root) = (Arc::clone(&self.shared), dest_root_path.clone());
+            move |create: bool| open_dest(&sh, i, which, &root, create)
         };
         for _ in 0..16 {
             let rel = match target.take() {
                 Some(t) => t,
                 None => {
-                    let (sh, rel_path) = (Arc::clone(&self.shared), rec.rel_path.clone());
+                    let (open, rel_path) = (open_root.clone(), rec.rel_path.clone());
                     let chosen = blocking(move || {
-                        let root = sh.roots[i].get(which, true)?;
+                        let root = open(true)?;
                         fsops::place::free_name(&root, &rel_path, dir_mode)
                     })
                     .await;
@@ -312,7 +347,12 @@ impl Sorter {
                     if let Err(e) = self
                         .shared
                         .journal
-                        .placing_checked(rec.id, dest_root_path.join(&t), rec.outcome)
+                        .placing_checked(
+                            rec.id,
+                            dest_root_path.clone(),
+                            dest_root_path.join(&t),
+                            rec.outcome,
+                        )
                         .await
                     {
                         return Step::Retry(format!("journal write failed: {e}"));
@@ -320,7 +360,7 @@ impl Sorter {
                     t
                 }
             };
-            let sh = Arc::clone(&self.shared);
+            let (sh, open) = (Arc::clone(&self.shared), open_root.clone());
             let (staged, rel2, temp) = (rec.staged.clone(), rel.clone(), temp_name.clone());
             let (hashed, sha256) = if clean {
                 (rec.stamp, rec.sha256)
@@ -330,7 +370,7 @@ impl Sorter {
             let own_copy = rec.stamp;
             let placed = blocking(move || {
                 let (staging, staged_name) = sh.staging_of(&staged)?;
-                let dest_root = sh.roots[i].get(which, true)?;
+                let dest_root = open(true)?;
                 fsops::place::place(&Release {
                     staging: &staging,
                     staged_name: &staged_name,
@@ -349,7 +389,7 @@ impl Sorter {
             match placed {
                 Ok(_) => {
                     return self
-                        .finish_placement(rec, outcome, reason, which, rel)
+                        .finish_placement(rec, outcome, reason, which, &dest_root_path, rel)
                         .await;
                 }
                 Err(e @ FsError::Busy { .. }) => {
@@ -393,6 +433,73 @@ impl Sorter {
             "{} stays in staging: no free destination name after 16 tries",
             fsops::shown(&original)
         ))
+    }
+
+    /// A record in `placing` whose destination was chosen in `root`, which the configuration no
+    /// longer names (changed, then a restart or a reload). While the staged file is there,
+    /// nothing was released: a partial copy in the old folder is removed and the file goes
+    /// where the configuration says now (`Ok(false)`). Once it is gone, the verified copy or
+    /// the placed file is in the old folder: the placement is finished there (`Ok(true)`), or
+    /// kept open with the reason while that folder cannot be opened (`Err`): never "vanished"
+    /// for having been looked for in the wrong place.
+    async fn root_changed(
+        &self,
+        rec: &FileRecord,
+        root: &Path,
+        dest: &Path,
+        temp: &std::ffi::OsStr,
+    ) -> Result<bool, String> {
+        let (sh, staged, old, temp2) = (
+            Arc::clone(&self.shared),
+            rec.staged.clone(),
+            root.to_path_buf(),
+            temp.to_os_string(),
+        );
+        let found = blocking(move || {
+            let (staging, name) = sh.staging_of(&staged)?;
+            let staged_here = staging.exists(&name)?;
+            let old_dir = fsops::Dir::open_trusted(&old);
+            if staged_here {
+                if let Ok(d) = &old_dir {
+                    if d.exists(&temp2).unwrap_or(false) {
+                        fsops::place::remove_temp(
+                            d,
+                            &temp2,
+                            "a partial copy; its file is still in staging and goes to the folder now configured",
+                        );
+                    }
+                }
+                return Ok(None);
+            }
+            old_dir.map(|_| Some(()))
+        })
+        .await;
+        match found {
+            Ok(None) => {
+                tracing::warn!(
+                    path = %fsops::shown(&rec.rel_path),
+                    was = %fsops::shown(root),
+                    "the destination folder changed before this file was placed: placing it into the folder now configured"
+                );
+                Ok(false)
+            }
+            Ok(Some(())) => {
+                tracing::warn!(
+                    path = %fsops::shown(&rec.rel_path),
+                    root = %fsops::shown(root),
+                    "finishing a placement in the folder it was started in (the configuration names another one now)"
+                );
+                Ok(true)
+            }
+            Err(e) => Err(format!(
+                "{} was being placed at {} when the configuration changed; that folder cannot be \
+                 opened ({e}): the file is kept there (hidden as {}, or already at that path). \
+                 Make the folder reachable again so that dropscan can finish it",
+                fsops::shown(&rec.rel_path),
+                fsops::shown(dest),
+                fsops::shown(Path::new(temp))
+            )),
+        }
     }
 
     async fn return_to_inbox(&self, rec: FileRecord, i: usize, why: &FsError) -> Step {
@@ -457,12 +564,13 @@ impl Sorter {
         outcome: Outcome,
         reason: Option<String>,
         which: Which,
+        dest_root: &Path,
         rel: PathBuf,
     ) -> Step {
         let Some(i) = self.shared.root_index(&rec.root) else {
             return Step::Retry("the root is no longer configured".into());
         };
-        let dest = self.shared.roots[i].path(which).join(&rel);
+        let dest = dest_root.join(&rel);
         if outcome != Outcome::Clean {
             // A reused verdict's record has no scan of its own: its sidecar names the scan
             // whose verdict it reused.
@@ -494,10 +602,14 @@ impl Sorter {
             } else {
                 0o644
             };
-            let (sh, rel2) = (Arc::clone(&self.shared), rel.clone());
+            let (sh, rel2, root) = (
+                Arc::clone(&self.shared),
+                rel.clone(),
+                dest_root.to_path_buf(),
+            );
             let instance = crate::context::instance_of(&self.shared.config.watches[i]);
             let written = blocking(move || {
-                let root = sh.roots[i].get(which, false)?;
+                let root = open_dest(&sh, i, which, &root, false)?;
                 fsops::place::write_sidecar(&root, &rel2, &bytes, mode, &instance)
             })
             .await;
@@ -566,6 +678,23 @@ impl Sorter {
             Ok(()) => Step::Done,
             Err(e) => Step::Retry(format!("journal write failed: {e}")),
         }
+    }
+}
+
+/// Opens the destination root `root` of watch `i`: the configured folder through its
+/// descriptor, or a folder an earlier configuration named (a placement finished where it was
+/// started).
+fn open_dest(
+    sh: &Shared,
+    i: usize,
+    which: Which,
+    root: &Path,
+    create: bool,
+) -> Result<Arc<fsops::Dir>, FsError> {
+    if sh.roots[i].path(which) == root {
+        sh.roots[i].get(which, create)
+    } else {
+        fsops::Dir::open_trusted(root).map(Arc::new)
     }
 }
 
