@@ -337,10 +337,17 @@ async fn claim_batch(shared: &Arc<Shared>, batch: &[Settled]) -> Vec<ToOwn> {
         let check = tokio::task::spawn_blocking(move || sh.staging_ready(root)).await;
         match check {
             Ok(Ok(())) => {
+                shared
+                    .metrics
+                    .set_watch_held(shared.roots[root].path(fsops::roots::Which::Inbox), None);
                 ready.insert(root);
             }
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "staging folder is not safe; files stay in the inbox");
+                shared.metrics.set_watch_held(
+                    shared.roots[root].path(fsops::roots::Which::Inbox),
+                    Some(e.to_string()),
+                );
             }
             Err(e) => tracing::error!(error = %e, "staging check failed"),
         }

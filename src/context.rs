@@ -95,6 +95,7 @@ impl Shared {
     /// without following links (made again if removed) and owned by this host.
     pub fn staging_ready(&self, i: usize) -> Result<(), FsError> {
         let staging = self.roots[i].get(Which::Staging, true)?;
+        self.roots[i].hold_staging(&staging)?;
         fsops::roots::claim_owner_if_missing(&staging, &self.owner)
     }
 

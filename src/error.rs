@@ -163,9 +163,10 @@ impl FatalError {
     pub fn exit_code(&self) -> ExitCode {
         match self {
             FatalError::Config(_) => ExitCode::from(EXIT_CONFIG),
-            // Two hosts configured with one instance id: only the configuration can fix it.
+            // Two hosts, or two agents of one host, configured with one instance id: only the
+            // configuration can fix it.
             FatalError::Folder {
-                source: crate::fsops::FsError::Owner(_),
+                source: crate::fsops::FsError::Owner(_) | crate::fsops::FsError::StagingInUse { .. },
                 ..
             } => ExitCode::from(EXIT_CONFIG),
             FatalError::Client(e) => ExitCode::from(api_exit_code(e)),

@@ -182,7 +182,7 @@ async fn every_kill_point(syscalls: &str, watch_extra: &str, files: usize, strid
                 .unwrap()
                 .flatten()
                 .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n != ".owner")
+                .filter(|n| n != ".owner" && n != ".lock")
                 .collect();
             left.is_empty().then_some(())
         })
@@ -299,7 +299,11 @@ async fn killed_then(syscalls: &str, disturb: Disturb) {
         let settled = wait_for(LIMIT, || {
             let staging = w.inbox.join(".dropscan/test");
             let staged = std::fs::read_dir(&staging)
-                .map(|r| r.flatten().filter(|e| e.file_name() != ".owner").count())
+                .map(|r| {
+                    r.flatten()
+                        .filter(|e| e.file_name() != ".owner" && e.file_name() != ".lock")
+                        .count()
+                })
                 .unwrap_or(0);
             let placed = contents(&first_clean).len()
                 + contents(&w.clean).len() * usize::from(w.clean != first_clean)

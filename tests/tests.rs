@@ -25,4 +25,5 @@ mod quarantine_tools;
 mod scan_cli;
 mod shares;
 mod shares_fixture;
+mod staging_guard;
 mod watch_settle;

@@ -46,7 +46,7 @@ struct Whole {
 /// `claimed` receives the records made for copies taken back.
 pub(super) async fn tidy(
     shared: &Shared,
-    stagings: &[Arc<Dir>],
+    stagings: &[Option<Arc<Dir>>],
     records: &[FileRecord],
     unfinished: &HashSet<FileId>,
     claimed: &mut Vec<(FileId, PathBuf)>,
@@ -60,11 +60,23 @@ pub(super) async fn tidy(
     let staged_everywhere = |name: &OsString| -> Vec<PathBuf> {
         watches.iter().map(|w| w.staging_dir.join(name)).collect()
     };
-    let present_in_staging = |name: &OsString| {
+    // Whether a staged name is in some staging folder: `None` when a folder cannot be looked
+    // into (a held watch, an I/O error): then nothing is decided about its temp.
+    let in_staging = |name: &OsString| -> Option<bool> {
         let orig = fsops::own::orig_name(name);
-        stagings
-            .iter()
-            .any(|s| s.exists(name).unwrap_or(true) || s.exists(&orig).unwrap_or(true))
+        let mut unknown = false;
+        for s in stagings {
+            let Some(s) = s else {
+                unknown = true;
+                continue;
+            };
+            match (s.exists(name), s.exists(&orig)) {
+                (Ok(true), _) | (_, Ok(true)) => return Some(true),
+                (Ok(false), Ok(false)) => {}
+                _ => unknown = true,
+            }
+        }
+        (!unknown).then_some(false)
     };
     let mut seen: HashSet<(u64, u64)> = HashSet::new();
     let mut whole = Vec::new();
@@ -89,13 +101,17 @@ pub(super) async fn tidy(
                 match what {
                     Temp::Copy { of, token, name } => {
                         let staged = OsString::from(format!("{token}.staged"));
-                        if present_in_staging(&staged) {
-                            fsops::place::remove_temp(
-                                &d,
-                                &temp,
-                                "a partial copy: its file is still in staging",
-                            );
-                            continue;
+                        match in_staging(&staged) {
+                            Some(true) => {
+                                fsops::place::remove_temp(
+                                    &d,
+                                    &temp,
+                                    "a partial copy: its file is still in staging",
+                                );
+                                continue;
+                            }
+                            None => continue,
+                            Some(false) => {}
                         }
                         let was = staged_everywhere(&staged);
                         if of == TempOf::Agent && was.iter().any(|p| live.contains_key(p.as_path()))
@@ -121,9 +137,9 @@ pub(super) async fn tidy(
                         // the name the sorter looks for.
                         let placing = by_id.get(&id).filter(|r| {
                             r.state == crate::journal::FileState::Placing
-                                && !present_in_staging(
+                                && in_staging(
                                     &r.staged.file_name().unwrap_or_default().to_os_string(),
-                                )
+                                ) == Some(false)
                         });
                         if let Some(rec) = placing {
                             let new = copy_temp_name(
@@ -163,9 +179,9 @@ pub(super) async fn tidy(
         let known = journal.closed_records_of(names.concat()).await?;
         let mut known = known.into_iter();
         for t in tools {
-            let any = (&mut known)
-                .take(t.was.len())
-                .fold(false, |a, k| a || k.is_some());
+            // Every answer of this temp is consumed, whatever the first says.
+            let answers: Vec<_> = (&mut known).take(t.was.len()).collect();
+            let any = answers.iter().any(Option::is_some);
             if any {
                 tracing::warn!(
                     temp = %fsops::shown(&t.dest_root.path().join(&t.temp)),
@@ -185,7 +201,7 @@ pub(super) async fn tidy(
 /// files to place).
 async fn take_back_all(
     shared: &Shared,
-    stagings: &[Arc<Dir>],
+    stagings: &[Option<Arc<Dir>>],
     whole: Vec<Whole>,
     claimed: &mut Vec<(FileId, PathBuf)>,
 ) -> Result<(), FatalError> {
@@ -221,7 +237,10 @@ async fn take_back_all(
         let instance = instance_of(&shared.config.watches[w.watch]);
         let fresh_temp = copy_temp_name(&instance, TempOf::Agent, &claim.staged, &claim.rel_path);
         let fresh = claim.staged.file_name().unwrap_or_default().to_os_string();
-        let staging = Arc::clone(&stagings[w.watch]);
+        let Some(staging) = stagings[w.watch].as_ref().map(Arc::clone) else {
+            journal.unclaim(vec![id]).await?;
+            continue;
+        };
         let taken = tokio::task::spawn_blocking(move || {
             fsops::place::take_back(&w.dest_root, &w.temp, &fresh_temp, &staging, &fresh)
         })

@@ -319,7 +319,10 @@ async fn housekeeping(shared: Arc<Shared>, shutdown: CancellationToken) {
                 let beat = tokio::task::spawn_blocking(move || {
                     for roots in &sh.roots {
                         if let Ok(Some(staging)) = roots.staging_if_present() {
-                            if let Err(e) = fsops::roots::claim_owner(&staging, &sh.owner) {
+                            let owned = roots
+                                .hold_staging(&staging)
+                                .and_then(|()| fsops::roots::claim_owner(&staging, &sh.owner));
+                            if let Err(e) = owned {
                                 tracing::error!(error = %e, "cannot refresh the staging folder's owner marker");
                             }
                         }

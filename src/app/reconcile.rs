@@ -14,7 +14,7 @@ use crate::config::Config;
 use crate::context::Shared;
 use crate::error::FatalError;
 use crate::fsops::roots::{RootDirs, Which};
-use crate::fsops::{self, Dir};
+use crate::fsops::{self, Dir, FsError};
 use crate::journal::{FileId, FileState, NewClaim};
 use crate::pipeline::Claimed;
 
@@ -59,33 +59,46 @@ pub(super) fn prepare_folders(config: &Config) -> Result<(Vec<RootDirs>, Vec<boo
     Ok((all, hard_links_ok))
 }
 
+/// What became of a root at start-up.
+enum Recognised {
+    /// Its staging folder, locked for this agent and marked ours.
+    Ready(Arc<Dir>),
+    /// A problem of this watch alone (its staging folder is not dropscan's, or cannot be
+    /// made): logged, shown on `/readyz` and in a metric; every other watch works.
+    Held,
+    /// Shutdown came while waiting for it.
+    Shutdown,
+}
+
 /// Recognises root `i` before anything under it is judged: its staging folder must exist
 /// (opened beneath the inbox, never through a link), be on the inbox's filesystem and be ours.
 /// A missing staging folder while records of the root are in flight means the inbox is not
 /// what it was (a share not mounted yet): wait for it rather than call every file vanished.
+/// An entry planted where the staging folder belongs (a symlink, a file) is moved aside, never
+/// followed, and a fresh folder made ([`RootDirs::get`]); with records in flight the watch is
+/// held instead. Another agent holding the folder's lock (two agents configured with one
+/// instance id) stops the start: only the configuration can fix that.
 async fn recognise_root(
     shared: &Shared,
     i: usize,
     in_flight: usize,
     shutdown: &CancellationToken,
-) -> Result<Option<Arc<Dir>>, FatalError> {
+) -> Result<Recognised, FatalError> {
     let roots = &shared.roots[i];
-    let unsafe_staging = |source| FatalError::Folder {
-        about: "staging folder",
-        source,
-    };
     let mut waited = 0u64;
-    let staging = loop {
+    let found = loop {
         if waited > 0 {
             roots.forget();
         }
         let inbox_ok = roots.get(Which::Inbox, false).is_ok();
-        match roots.staging_if_present().map_err(unsafe_staging)? {
-            Some(d) => break d,
-            None if in_flight == 0 && inbox_ok => {
-                break roots.get(Which::Staging, true).map_err(unsafe_staging)?;
+        match roots.staging_if_present() {
+            Ok(Some(d)) => break Ok(d),
+            Ok(None) if in_flight == 0 && inbox_ok => break roots.get(Which::Staging, true),
+            Err(FsError::NotRegular { .. }) if in_flight == 0 && inbox_ok => {
+                break roots.get(Which::Staging, true);
             }
-            None => {
+            Err(e) => break Err(e),
+            Ok(None) => {
                 if waited % 60 == 0 {
                     tracing::warn!(
                         inbox = %fsops::shown(roots.path(Which::Inbox)),
@@ -97,32 +110,51 @@ async fn recognise_root(
                     );
                 }
                 tokio::select! {
-                    () = shutdown.cancelled() => return Ok(None),
+                    () = shutdown.cancelled() => return Ok(Recognised::Shutdown),
                     () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
                 }
                 waited += 1;
             }
         }
     };
-    let inbox = roots
-        .get(Which::Inbox, false)
-        .map_err(|source| FatalError::Folder {
-            about: "watched folder",
-            source,
-        })?;
-    let same_fs = match (inbox.identity(), staging.identity()) {
-        (Ok(a), Ok(b)) => a.0 == b.0,
-        _ => false,
-    };
-    if !same_fs {
-        return Err(FatalError::Io {
-            about: "staging folder must be on the same filesystem as the inbox",
-            path: roots.path(Which::Staging).to_path_buf(),
-            source: std::io::Error::from(std::io::ErrorKind::CrossesDevices),
-        });
+    let checked = found.and_then(|staging| {
+        let inbox = roots.get(Which::Inbox, false)?;
+        if inbox.identity()?.0 != staging.identity()?.0 {
+            return Err(FsError::io(
+                roots.path(Which::Staging),
+                "use the staging folder (it must be on the inbox's filesystem)",
+                std::io::Error::from(std::io::ErrorKind::CrossesDevices),
+            ));
+        }
+        roots.hold_staging(&staging)?;
+        fsops::roots::claim_owner(&staging, &shared.owner)?;
+        Ok(staging)
+    });
+    match checked {
+        Ok(staging) => {
+            shared
+                .metrics
+                .set_watch_held(roots.path(Which::Inbox), None);
+            Ok(Recognised::Ready(staging))
+        }
+        Err(e @ (FsError::Owner(_) | FsError::StagingInUse { .. })) => Err(FatalError::Folder {
+            about: "staging folder",
+            source: e,
+        }),
+        Err(e) => {
+            tracing::error!(
+                inbox = %fsops::shown(roots.path(Which::Inbox)),
+                files = in_flight,
+                error = %e,
+                "this watch is held: its staging folder cannot be used (every other watch goes on; \
+                 fix the folder and restart, or reload, to resume it)"
+            );
+            shared
+                .metrics
+                .set_watch_held(roots.path(Which::Inbox), Some(e.to_string()));
+            Ok(Recognised::Held)
+        }
     }
-    fsops::roots::claim_owner(&staging, &shared.owner).map_err(unsafe_staging)?;
-    Ok(Some(staging))
 }
 
 /// What each stage resumes with.
@@ -157,8 +189,9 @@ pub(super) async fn reconcile(
             .filter(|r| shared.root_index(&r.root) == Some(i))
             .count();
         match recognise_root(shared, i, in_flight, shutdown).await? {
-            Some(d) => stagings.push(d),
-            None => return Ok(resume),
+            Recognised::Ready(d) => stagings.push(Some(d)),
+            Recognised::Held => stagings.push(None),
+            Recognised::Shutdown => return Ok(resume),
         }
     }
     let mut unfinished: HashSet<FileId> = records.iter().map(|r| r.id).collect();
@@ -173,11 +206,15 @@ pub(super) async fn reconcile(
             tracing::warn!(id = r.id, root = %fsops::shown(&r.root), "record of a root that is no longer configured: left as it is");
             continue;
         };
+        let Some(staging) = &stagings[i] else {
+            // A held watch: its records wait for the next start.
+            continue;
+        };
         let name = r.staged.file_name().unwrap_or_default();
         if r.state == FileState::Claimed {
             // A crash while the hash owned the file (`fsops::own`): the original goes back to
             // its staged name, a partial copy goes.
-            match fsops::own::repair(&stagings[i], name) {
+            match fsops::own::repair(staging, name) {
                 // The original took its staged name back: a row keeping it under `X.orig` is
                 // stale (the sweep would find a new `X.orig`, made when it is owned again, and
                 // take it for changed).
@@ -191,7 +228,7 @@ pub(super) async fn reconcile(
                 }
             }
         }
-        let staged_exists = match stagings[i].exists(name) {
+        let staged_exists = match staging.exists(name) {
             Ok(x) => x,
             Err(e) => {
                 return Err(FatalError::Folder {
@@ -273,6 +310,7 @@ pub(super) async fn reconcile(
         .collect();
     let mut orphans = Vec::new();
     for (i, staging) in stagings.iter().enumerate() {
+        let Some(staging) = staging else { continue };
         let entries = staging.entries().map_err(|source| FatalError::Folder {
             about: "staging folder",
             source,
@@ -347,7 +385,10 @@ pub(super) async fn reconcile(
         let staged: Vec<PathBuf> = claims.iter().map(|c| c.staged.clone()).collect();
         let ids = journal.claim(claims).await?;
         for ((id, to), (i, from, fresh)) in ids.into_iter().zip(staged).zip(moves) {
-            match fsops::rename_noreplace(&stagings[i], &from, &stagings[i], &fresh) {
+            let Some(staging) = &stagings[i] else {
+                continue;
+            };
+            match fsops::rename_noreplace(staging, &from, staging, &fresh) {
                 Ok(_) => resume.claimed.push((id, to)),
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot re-enter a staged file; retried at the next start");

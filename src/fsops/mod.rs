@@ -128,6 +128,18 @@ pub enum FsError {
     /// The staging folder belongs to another live agent.
     #[error(transparent)]
     Owner(Box<roots::OwnerConflict>),
+    /// Another agent process on this host holds the staging folder's lock.
+    #[error(
+        "the staging folder {} is in use by another dropscan on this host ({holder}): two agents \
+         must never share a staging folder; give each its own [server].sensor_instance_id",
+        shown(staging)
+    )]
+    StagingInUse {
+        /// The staging folder.
+        staging: PathBuf,
+        /// What the holder wrote into the lock (PID, host, working folder).
+        holder: String,
+    },
     /// Any other I/O error.
     #[error("{}: cannot {about}: {source}{}", shown(path), advice(about, source))]
     Io {
@@ -205,6 +217,7 @@ impl FsError {
             FsError::AlreadyExists { .. } => FsError::AlreadyExists { path },
             FsError::NoSpace { source, .. } => FsError::NoSpace { path, source },
             FsError::Owner(o) => FsError::Owner(o),
+            FsError::StagingInUse { staging, holder } => FsError::StagingInUse { staging, holder },
             FsError::Busy { .. } => FsError::Busy { path },
             FsError::NotPrivate { uid, mode, .. } => FsError::NotPrivate { path, uid, mode },
             FsError::Io { about, source, .. } => FsError::Io {
@@ -279,16 +292,7 @@ impl FileStamp {
 
     /// The kind of file, for messages.
     pub fn kind(&self) -> &'static str {
-        match self.mode & libc::S_IFMT {
-            libc::S_IFREG => "regular file",
-            libc::S_IFDIR => "directory",
-            libc::S_IFLNK => "symlink",
-            libc::S_IFIFO => "fifo",
-            libc::S_IFSOCK => "socket",
-            libc::S_IFBLK => "block device",
-            libc::S_IFCHR => "character device",
-            _ => "other",
-        }
+        kind_of_mode(self.mode)
     }
 
     /// The journal's form of the stamp.
@@ -312,6 +316,20 @@ pub fn same_file(then: &Stamp, now: &Stamp) -> bool {
         && then.size == now.size
         && then.mtime_ns == now.mtime_ns
         && then.ctime_ns == now.ctime_ns
+}
+
+/// The kind of file a `st_mode` says, for messages.
+pub fn kind_of_mode(mode: u32) -> &'static str {
+    match mode & libc::S_IFMT {
+        libc::S_IFREG => "regular file",
+        libc::S_IFDIR => "directory",
+        libc::S_IFLNK => "symlink",
+        libc::S_IFIFO => "fifo",
+        libc::S_IFSOCK => "socket",
+        libc::S_IFBLK => "block device",
+        libc::S_IFCHR => "character device",
+        _ => "other",
+    }
 }
 
 /// The kind of a non-regular file, for messages.

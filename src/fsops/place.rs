@@ -512,9 +512,9 @@ pub fn take_back(
     part.push(PARTIAL_SUFFIX);
     let part_path = staging.path().join(&part);
     let copied = (|| {
-        let (mut src, _) = dest_root.open_file(fresh_temp)?;
+        let (src, _) = dest_root.open_file(fresh_temp)?;
         let mut dst = staging.create_file(&part, 0o600)?;
-        super::own::copy_hashing(&mut src, &mut dst, None, staging, &part)?
+        super::own::copy_hashing(&src, &mut dst, None, staging, &part)?
             .ok_or_else(|| FsError::io(&part_path, "copy", io::Error::other("interrupted")))?;
         dst.sync_all()
             .map_err(|e| FsError::io(&part_path, "fsync", e))?;

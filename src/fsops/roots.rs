@@ -74,6 +74,8 @@ pub struct RootDirs {
     clean: Slot,
     quarantine: Slot,
     failed: Slot,
+    /// The staging folder's lock, held while this agent uses it ([`lock_staging`]).
+    lock: Mutex<Option<StagingLock>>,
 }
 
 impl RootDirs {
@@ -86,7 +88,20 @@ impl RootDirs {
             clean: slot(&w.clean_dir, 0o755),
             quarantine: slot(&w.quarantine_dir, 0o700),
             failed: slot(&w.failed_dir, 0o750),
+            lock: Mutex::new(None),
         }
+    }
+
+    /// Holds the staging folder's lock for this agent ([`lock_staging`]): taken on first use,
+    /// and again when the folder was made anew. Refused while another process holds it.
+    pub fn hold_staging(&self, staging: &Dir) -> Result<(), FsError> {
+        let mut held = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+        let here = staging.identity()?;
+        if held.as_ref().is_some_and(|l| l.folder == here) {
+            return Ok(());
+        }
+        *held = Some(lock_staging(staging)?);
+        Ok(())
     }
 
     fn slot(&self, which: Which) -> &Slot {
@@ -120,6 +135,9 @@ impl RootDirs {
             Some(rel) => {
                 let inbox = self.get(Which::Inbox, false)?;
                 let dir = if create {
+                    if which == Which::Staging {
+                        move_planted_aside(&inbox, rel);
+                    }
                     inbox.create_dirs(rel, slot.mode)?
                 } else {
                     inbox.open_dir(rel)?
@@ -188,6 +206,51 @@ impl RootDirs {
     }
 }
 
+/// Where the staging folder (or a folder above it) should be, beneath the inbox, stands an entry
+/// that is no folder: a symlink, a file or a FIFO that a user who can write the inbox planted
+/// (for example while the agent was stopped). It is never dropscan's and never followed: it is
+/// renamed aside (`<name>.planted-<unix time>`, logged) so that a fresh staging folder can be
+/// made, and only this watch is concerned. A folder is left as it is: one that is not dropscan's
+/// own is refused by [`check_private`], which holds this watch alone.
+fn move_planted_aside(inbox: &Dir, rel: &Path) {
+    let mut parent = match inbox.try_clone() {
+        Ok(d) => d,
+        Err(_) => return,
+    };
+    for c in rel.components() {
+        let std::path::Component::Normal(name) = c else {
+            continue;
+        };
+        match parent.stat(name) {
+            Ok(st) if rustix::fs::FileType::from_raw_mode(st.st_mode).is_dir() => {}
+            Ok(st) => {
+                let aside = format!("{}.planted-{}", name.to_string_lossy(), unix_now());
+                let kind = super::kind_of_mode(st.st_mode);
+                match super::rename_noreplace(&parent, name, &parent, OsStr::new(&aside)) {
+                    Ok(_) => tracing::warn!(
+                        entry = %super::shown(&parent.path().join(name)),
+                        kind,
+                        moved_to = %super::shown(&parent.path().join(&aside)),
+                        "a {kind} stood where the staging folder must be: moved aside (not followed) and a fresh staging folder made"
+                    ),
+                    Err(e) => tracing::error!(
+                        entry = %super::shown(&parent.path().join(name)),
+                        kind,
+                        error = %e,
+                        "a {kind} stands where the staging folder must be and cannot be moved aside"
+                    ),
+                }
+                return;
+            }
+            Err(_) => return,
+        }
+        parent = match parent.open_dir(Path::new(name)) {
+            Ok(d) => d,
+            Err(_) => return,
+        };
+    }
+}
+
 /// The staging folder and every folder between it and the inbox must belong to dropscan's user
 /// and be writable by nobody else: one a user made (after renaming ours away) would let that
 /// user reach staged files.
@@ -234,6 +297,105 @@ fn create_trusted(path: &Path, mode: u32) -> Result<(), FsError> {
         }
     }
     Ok(())
+}
+
+/// Name of the lock file in a staging folder.
+pub const STAGING_LOCK: &str = ".lock";
+
+/// An exclusive `flock` on a staging folder's [`STAGING_LOCK`], held for the life of the agent
+/// that uses the folder (the kernel drops it when the process ends, crash included). Two agents
+/// on one host configured with one `sensor_instance_id` (a test configuration run beside the
+/// service, with its own state folder) would take each other's staged files: the second one is
+/// refused, naming the first. Shared within a process: a SIGHUP reload's new agent may start
+/// while a placement of the previous one still finishes.
+#[derive(Debug, Clone)]
+pub struct StagingLock {
+    _file: Arc<std::fs::File>,
+    /// The staging folder's (dev, ino) when locked.
+    folder: (u64, u64),
+}
+
+/// A lock file's (dev, ino), and the open lock while anybody in this process holds it.
+type HeldLock = ((u64, u64), std::sync::Weak<std::fs::File>);
+
+/// The staging locks this process holds.
+static HELD: Mutex<Vec<HeldLock>> = Mutex::new(Vec::new());
+
+/// Takes the staging folder's lock; see [`StagingLock`].
+pub fn lock_staging(staging: &Dir) -> Result<StagingLock, FsError> {
+    use rustix::fs::{Mode, OFlags};
+    let path = staging.path().join(STAGING_LOCK);
+    let io = |about, e: rustix::io::Errno| {
+        FsError::io(
+            &path,
+            about,
+            std::io::Error::from_raw_os_error(e.raw_os_error()),
+        )
+    };
+    let folder = staging.identity()?;
+    let fd = rustix::fs::openat(
+        staging.fd(),
+        STAGING_LOCK,
+        OFlags::RDWR | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
+        Mode::from_raw_mode(0o600),
+    )
+    .map_err(|e| io("open the lock", e))?;
+    let st = rustix::fs::fstat(&fd).map_err(|e| io("stat the lock", e))?;
+    if !rustix::fs::FileType::from_raw_mode(st.st_mode).is_file() {
+        return Err(FsError::NotRegular {
+            path,
+            kind: super::kind_of_mode(st.st_mode),
+        });
+    }
+    let id = (st.st_dev, st.st_ino);
+    let mut held = HELD.lock().unwrap_or_else(PoisonError::into_inner);
+    held.retain(|(_, w)| w.strong_count() > 0);
+    if let Some(file) = held
+        .iter()
+        .find(|(k, _)| *k == id)
+        .and_then(|(_, w)| w.upgrade())
+    {
+        return Ok(StagingLock {
+            _file: file,
+            folder,
+        });
+    }
+    let mut file = std::fs::File::from(fd);
+    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => {}
+        Err(rustix::io::Errno::WOULDBLOCK) => {
+            let mut text = String::new();
+            Read::by_ref(&mut file)
+                .take(4096)
+                .read_to_string(&mut text)
+                .ok();
+            return Err(FsError::StagingInUse {
+                staging: staging.path().to_path_buf(),
+                holder: text.lines().collect::<Vec<_>>().join(", "),
+            });
+        }
+        Err(e) if super::place::no_flock_here(e) => {
+            tracing::debug!(staging = %super::shown(staging.path()), "no flock on this filesystem: the staging folder's owner marker alone keeps agents apart");
+        }
+        Err(e) => return Err(io("lock", e)),
+    }
+    let me = format!(
+        "pid={} host={} state={}\n",
+        std::process::id(),
+        rustix::system::uname().nodename().to_string_lossy(),
+        std::env::current_dir()
+            .map(|d| d.display().to_string())
+            .unwrap_or_default()
+    );
+    if file.set_len(0).is_ok() {
+        file.write_all(me.as_bytes()).ok();
+    }
+    let file = Arc::new(file);
+    held.push((id, Arc::downgrade(&file)));
+    Ok(StagingLock {
+        _file: file,
+        folder,
+    })
 }
 
 /// Who runs an agent: the host's machine id (when readable) and name.

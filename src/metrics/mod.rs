@@ -99,6 +99,8 @@ pub struct Metrics {
     files_per_hour: Gauge<f64, std::sync::atomic::AtomicU64>,
     live: Mutex<Option<Live>>,
     missing_inboxes: Mutex<BTreeSet<PathBuf>>,
+    /// Watches held (by inbox), with the reason: their staging folder cannot be used.
+    held_watches: Mutex<std::collections::BTreeMap<PathBuf, String>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -195,6 +197,7 @@ impl Metrics {
             answers,
             live: Mutex::default(),
             missing_inboxes: Mutex::default(),
+            held_watches: Mutex::default(),
         }
     }
 
@@ -252,6 +255,34 @@ impl Metrics {
             .unwrap_or_else(PoisonError::into_inner)
             .iter()
             .cloned()
+            .collect()
+    }
+
+    /// Records that the watch of `inbox` is held (`Some(reason)`: its staging folder cannot be
+    /// used; the other watches go on) or works again (`None`). `/readyz` says not ready while
+    /// any is held, and names it.
+    pub fn set_watch_held(&self, inbox: &Path, reason: Option<String>) {
+        let mut held = self
+            .held_watches
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match reason {
+            Some(r) => {
+                held.insert(inbox.to_path_buf(), r);
+            }
+            None => {
+                held.remove(inbox);
+            }
+        }
+    }
+
+    /// The watches held now: (inbox, reason).
+    pub fn held_watches(&self) -> Vec<(PathBuf, String)> {
+        self.held_watches
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(p, r)| (p.clone(), r.clone()))
             .collect()
     }
 
@@ -313,6 +344,14 @@ impl Metrics {
                 .collect();
             return Err(format!("inbox missing: {}", shown.join(", ")));
         }
+        let held = self.held_watches();
+        if !held.is_empty() {
+            let shown: Vec<String> = held
+                .iter()
+                .map(|(p, r)| format!("{} ({r})", crate::fsops::shown(p)))
+                .collect();
+            return Err(format!("watch held: {}", shown.join("; ")));
+        }
         let live = self
             .live
             .lock()
@@ -350,6 +389,11 @@ impl Metrics {
             "Watched inboxes that do not exist now (waited for)",
         )
         .set(i64::try_from(self.missing_inboxes().len()).unwrap_or(i64::MAX));
+        self.gauge(
+            "watches_held",
+            "Watches held because their staging folder cannot be used (see /readyz for which)",
+        )
+        .set(i64::try_from(self.held_watches().len()).unwrap_or(i64::MAX));
         let mut out = String::with_capacity(4096);
         let registry = self.registry.lock().unwrap_or_else(PoisonError::into_inner);
         if let Err(e) = prometheus_client::encoding::text::encode_registry(&mut out, &registry) {
