@@ -18,8 +18,8 @@
 use std::collections::HashSet;
 use std::ffi::OsString;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -115,6 +115,7 @@ pub async fn run(
         verdicts_tx,
     } = outputs;
     let hashing = Arc::new(Semaphore::new(HASH_CONCURRENCY));
+    let hashing_now: HashingNow = Arc::default();
     let tasks = TaskTracker::new();
     for (id, staged) in resume {
         let job = ToOwn {
@@ -122,7 +123,16 @@ pub async fn run(
             staged,
             held_open: false,
         };
-        spawn_hash(&shared, &hashing, &tasks, &claimed_tx, &verdicts_tx, job).await;
+        spawn_hash(
+            &shared,
+            &hashing,
+            &hashing_now,
+            &tasks,
+            &claimed_tx,
+            &verdicts_tx,
+            job,
+        )
+        .await;
     }
     let mut batch = Vec::with_capacity(CLAIM_BATCH);
     let mut sweep = tokio::time::interval(STUCK_SWEEP_EVERY);
@@ -130,6 +140,8 @@ pub async fn run(
     sweep.tick().await;
     let mut kept_sweep = tokio::time::interval(kept_sweep_period(&shared));
     kept_sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut journal_back = shared.journal.recovered();
+    journal_back.mark_unchanged();
     loop {
         batch.clear();
         let claimed = tokio::select! {
@@ -144,27 +156,21 @@ pub async fn run(
                 Vec::new()
             }
             // A record left `claimed` because the journal write after hashing failed (disk
-            // full): hashed again once the journal takes writes, not only after a restart.
-            _ = sweep.tick() => match shared.journal.stuck_claimed(STUCK_AFTER).await {
-                Ok(recs) => recs
-                    .into_iter()
-                    .map(|r| ToOwn {
-                        id: r.id,
-                        staged: r.staged,
-                        held_open: false,
-                    })
-                    .collect(),
-                Err(e) => {
-                    tracing::debug!(error = %e, "stuck-claim sweep failed");
-                    Vec::new()
+            // full): hashed again as soon as the journal takes writes again (every record
+            // `claimed` that no hash is working on), and at the latest by the periodic sweep.
+            changed = journal_back.changed() => {
+                if changed.is_err() {
+                    break;
                 }
-            },
+                stuck(&shared, std::time::Duration::ZERO, &hashing_now).await
+            }
+            _ = sweep.tick() => stuck(&shared, STUCK_AFTER, &hashing_now).await,
         };
         for job in claimed {
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
-                () = spawn_hash(&shared, &hashing, &tasks, &claimed_tx, &verdicts_tx, job) => {}
+                () = spawn_hash(&shared, &hashing, &hashing_now, &tasks, &claimed_tx, &verdicts_tx, job) => {}
             }
         }
     }
@@ -300,9 +306,38 @@ fn held_open_for_writing(
         })
 }
 
+/// Records left `claimed` for at least `older_than` that no hash of this stage is working on.
+async fn stuck(
+    shared: &Shared,
+    older_than: std::time::Duration,
+    hashing_now: &HashingNow,
+) -> Vec<ToOwn> {
+    match shared.journal.stuck_claimed(older_than).await {
+        Ok(recs) => {
+            let busy = hashing_now.lock().unwrap_or_else(PoisonError::into_inner);
+            recs.into_iter()
+                .filter(|r| !busy.contains(&r.id))
+                .map(|r| ToOwn {
+                    id: r.id,
+                    staged: r.staged,
+                    held_open: false,
+                })
+                .collect()
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "stuck-claim sweep failed");
+            Vec::new()
+        }
+    }
+}
+
+/// The records a hash of this stage is working on now.
+type HashingNow = Arc<Mutex<HashSet<FileId>>>;
+
 async fn spawn_hash(
     shared: &Arc<Shared>,
     hashing: &Arc<Semaphore>,
+    hashing_now: &HashingNow,
     tasks: &TaskTracker,
     claimed_tx: &mpsc::Sender<Claimed>,
     verdicts_tx: &mpsc::Sender<Verdict>,
@@ -312,12 +347,24 @@ async fn spawn_hash(
     let Ok(permit) = Arc::clone(hashing).acquire_owned().await else {
         return;
     };
+    if !hashing_now
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .insert(job.id)
+    {
+        return;
+    }
     let shared = Arc::clone(shared);
     let claimed_tx = claimed_tx.clone();
     let verdicts_tx = verdicts_tx.clone();
+    let now = Arc::clone(hashing_now);
     tasks.spawn(async move {
-        let h = hash_record(&shared, job.id, job.staged, job.held_open).await;
+        let id = job.id;
+        let h = hash_record(&shared, id, job.staged, job.held_open).await;
         drop(permit);
+        now.lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&id);
         forward(h, &claimed_tx, &verdicts_tx).await;
     });
 }

@@ -576,3 +576,76 @@ async fn a_submitting_scan_the_server_does_not_list_is_deleted_before_it_is_sent
     assert!(w.emulator().state().stats().deletes >= 2);
     agent.stop().await.0.unwrap();
 }
+
+/// Review finding: after the journal's disk was full and space returned, files waited in the
+/// inbox for two reconcile walks, and records left `claimed` for the 10-minute sweep. The first
+/// write that succeeds again (a probe every few seconds while writes fail) offers them again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_waiting_for_a_full_journal_disk_are_offered_again_as_soon_as_space_returns() {
+    use dropscan::journal::JournalError;
+    use dropscan::journal::testing::RawAccess as _;
+    let w = World::quick().await;
+    // Reconcile walks far apart: only the recovery itself can bring the files in quickly.
+    let text = std::fs::read_to_string(w.write_config()).unwrap().replace(
+        "reconcile_interval = \"2s\"",
+        "reconcile_interval = \"10m\"",
+    );
+    let cfg = w.dir.path().join("slow-walks.toml");
+    std::fs::write(&cfg, text).unwrap();
+    let agent = dropscan::app::Agent::new(dropscan::config::Config::load(&cfg).unwrap()).unwrap();
+    let journal = agent.journal();
+    let token = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(agent.run(token.clone()));
+    w.drop_file("first.txt", b"before the disk filled");
+    let limit = Duration::from_secs(30);
+    wait_for(limit, || w.clean.join("first.txt").exists().then_some(()))
+        .await
+        .expect("placed while the disk has space");
+    let sql = |source| JournalError::Sqlite {
+        about: "test",
+        source,
+    };
+    // The disk is full: the journal cannot grow by one page.
+    journal
+        .run(move |c| {
+            let pages: i64 = c
+                .query_row("PRAGMA page_count", [], |r| r.get(0))
+                .map_err(sql)?;
+            c.pragma_update(None, "max_page_count", pages).map_err(sql)
+        })
+        .await
+        .unwrap();
+    let long = "n".repeat(200);
+    let n = 30;
+    for i in 0..n {
+        w.drop_file(&format!("{long}-{i}.txt"), format!("file {i}").as_bytes());
+    }
+    let refused = wait_for(limit, || journal.writes_failing().then_some(())).await;
+    assert!(refused.is_some(), "the journal never refused a write");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !w.inbox_files().is_empty(),
+        "the files were taken although the journal could not record them"
+    );
+    // Space returns.
+    journal
+        .run(move |c| {
+            c.pragma_update(None, "max_page_count", 1_073_741_823_i64)
+                .map_err(sql)
+        })
+        .await
+        .unwrap();
+    let all = wait_for(limit, || {
+        (0..n)
+            .all(|i| w.clean.join(format!("{long}-{i}.txt")).exists())
+            .then_some(())
+    })
+    .await;
+    token.cancel();
+    task.await.unwrap().unwrap();
+    assert!(
+        all.is_some(),
+        "files still waiting {limit:?} after space returned: inbox {:?}",
+        w.inbox_files().len()
+    );
+}

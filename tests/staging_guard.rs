@@ -153,7 +153,7 @@ async fn two_agents_with_one_instance_id_on_one_host_refuse_the_second_naming_th
     let first = w.start_agent();
     // The first agent holds the staging folder once it has started.
     let started = wait_for(LIMIT, || {
-        w.inbox.join(".dropscan/test/.lock").exists().then_some(())
+        w.inbox.join(".dropscan/test/.owner").exists().then_some(())
     })
     .await;
     assert!(started.is_some());

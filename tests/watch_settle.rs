@@ -84,11 +84,17 @@ impl Inbox {
         let (candidates_tx, candidates_rx) = mpsc::channel(CANDIDATES_CAPACITY);
         let (settled_tx, settled_rx) = mpsc::channel(SETTLED_CAPACITY);
         let shutdown = CancellationToken::new();
-        let watch = tokio::spawn(watch::run(watches.clone(), candidates_tx, shutdown.clone()));
+        let watch = tokio::spawn(watch::run(
+            watches.clone(),
+            candidates_tx,
+            tokio::sync::watch::channel(0).1,
+            shutdown.clone(),
+        ));
         let settle = tokio::spawn(settle::run(
             watches,
             candidates_rx,
             settled_tx,
+            tokio::sync::watch::channel(0).1,
             shutdown.clone(),
         ));
         Inbox {
@@ -471,6 +477,7 @@ async fn missing_root_is_a_fatal_error() {
     let err = watch::run(
         Arc::from(vec![cfg]),
         candidates_tx,
+        tokio::sync::watch::channel(0).1,
         CancellationToken::new(),
     )
     .await

@@ -113,6 +113,12 @@ impl Agent {
         self.shared.events.subscribe()
     }
 
+    /// Its journal (tests simulate a full disk through it).
+    #[doc(hidden)]
+    pub fn journal(&self) -> crate::journal::Journal {
+        self.shared.journal.clone()
+    }
+
     /// The counters.
     pub fn metrics(&self) -> Arc<Metrics> {
         Arc::clone(&self.shared.metrics)
@@ -177,10 +183,11 @@ impl Agent {
         };
         {
             let (watches, stages) = (Arc::clone(&watches), stages.clone());
+            let list_again = shared.journal.recovered();
             stage(
                 "watch",
                 Box::pin(async move {
-                    watch::run(watches, candidates_tx, stages)
+                    watch::run(watches, candidates_tx, list_again, stages)
                         .await
                         .map_err(|e| FatalError::Stage {
                             stage: "watch",
@@ -191,7 +198,16 @@ impl Agent {
         }
         stage(
             "settle",
-            Box::pin(settle::run(watches, candidates_rx, settled_tx, stages.clone()).map(Ok)),
+            Box::pin(
+                settle::run(
+                    watches,
+                    candidates_rx,
+                    settled_tx,
+                    shared.journal.recovered(),
+                    stages.clone(),
+                )
+                .map(Ok),
+            ),
         );
         let claim = claim::run(
             Arc::clone(&shared),
@@ -295,12 +311,19 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Fata
     Agent::new(config)?.run(shutdown).await
 }
 
+/// How often a journal whose writes fail is probed for space.
+const JOURNAL_PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Periodic chores: restrictions refresh, journal pruning, owner markers, systemd watchdog pings.
 async fn housekeeping(shared: Arc<Shared>, shutdown: CancellationToken) {
     let mut refresh = tokio::time::interval(shared.config.server.restrictions_refresh);
     refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     refresh.tick().await;
     let mut prune = tokio::time::interval(std::time::Duration::from_secs(3600));
+    // While the disk refuses the journal's writes, a small write every few seconds tells when
+    // space is back (nothing else may write meanwhile: files wait in the inbox).
+    let mut probe = tokio::time::interval(JOURNAL_PROBE_EVERY);
+    probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut heartbeat = tokio::time::interval(fsops::roots::OWNER_HEARTBEAT);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // systemd's WatchdogSec: pinged from here, so a stuck housekeeping loop gets us restarted.
@@ -332,6 +355,11 @@ async fn housekeeping(shared: Arc<Shared>, shutdown: CancellationToken) {
             }
             _ = refresh.tick() => {
                 shared.limits.refresh(&shared.client).await.ok();
+            }
+            _ = probe.tick(), if shared.journal.writes_failing() => {
+                if let Err(e) = shared.journal.probe_write().await {
+                    tracing::debug!(error = %e, "the journal still refuses writes");
+                }
             }
             _ = prune.tick() => {
                 match shared.journal.prune(crate::journal::DEFAULT_HISTORY, shared.config.state.verdict_ttl).await {

@@ -106,6 +106,7 @@ mod types;
 mod writer;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::mpsc;
@@ -131,6 +132,35 @@ use writer::{OPS_CAPACITY, Op, serve};
 pub struct Journal {
     ops_tx: mpsc::Sender<Op>,
     path: PathBuf,
+    health: Arc<WriteHealth>,
+}
+
+/// Whether the journal takes writes: set failing by a write that the disk refused (full, I/O
+/// error), and announced as recovered by the first commit that writes after that, so that the
+/// stages offer again at once what waited for it (inbox files not claimed, records left
+/// `claimed`) instead of at their next periodic look.
+pub(crate) struct WriteHealth {
+    failing: std::sync::atomic::AtomicBool,
+    recovered: tokio::sync::watch::Sender<u64>,
+}
+
+impl WriteHealth {
+    /// A write failed for lack of space or an I/O error.
+    pub(crate) fn failed(&self) {
+        self.failing
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// A commit that wrote succeeded: announces a recovery if writes were failing.
+    pub(crate) fn wrote(&self) {
+        if self
+            .failing
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
+        {
+            tracing::info!("the journal takes writes again: offering what waited for it");
+            self.recovered.send_modify(|n| *n += 1);
+        }
+    }
 }
 
 /// Milliseconds since the epoch, now.
@@ -145,9 +175,14 @@ impl Journal {
     pub fn open(path: &Path) -> Result<Self, JournalError> {
         let conn = open_connection(path)?;
         let (ops_tx, ops_rx) = mpsc::channel::<Op>(OPS_CAPACITY);
+        let health = Arc::new(WriteHealth {
+            failing: std::sync::atomic::AtomicBool::new(false),
+            recovered: tokio::sync::watch::Sender::new(0),
+        });
+        let h = Arc::clone(&health);
         std::thread::Builder::new()
             .name("dropscan-journal".into())
-            .spawn(move || serve(&conn, ops_rx))
+            .spawn(move || serve(&conn, ops_rx, &h))
             .map_err(|source| JournalError::Dir {
                 path: path.to_path_buf(),
                 source,
@@ -155,7 +190,14 @@ impl Journal {
         Ok(Journal {
             ops_tx,
             path: path.to_path_buf(),
+            health,
         })
+    }
+
+    /// Changes each time the journal takes writes again after the disk refused one (full, I/O
+    /// error): the moment to offer again what waited for it.
+    pub fn recovered(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.health.recovered.subscribe()
     }
 
     /// The database file.

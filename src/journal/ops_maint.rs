@@ -108,6 +108,28 @@ fn summary_in(conn: &Connection) -> Result<Summary, JournalError> {
 }
 
 impl Journal {
+    /// Whether a write was refused by the disk (full, I/O error) and none has succeeded since.
+    pub fn writes_failing(&self) -> bool {
+        self.health
+            .failing
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// A small write that tells whether the disk takes writes again (see [`Journal::recovered`]):
+    /// called while [`Journal::writes_failing`], since nothing else may write while files wait.
+    pub async fn probe_write(&self) -> Result<(), JournalError> {
+        self.run(|conn| {
+            execute(
+                conn,
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('write_probe', ?1)",
+                params![now_ms().to_string()],
+                "write probe",
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
     /// Queues scan results to delete on the server (a scan abandoned after a timeout).
     pub async fn stale_scan(&self, scan_id: String) -> Result<(), JournalError> {
         self.run(move |conn| stale_scan_in(conn, &scan_id)).await

@@ -58,6 +58,20 @@ impl JournalError {
     pub(super) fn sql(about: &'static str) -> impl FnOnce(rusqlite::Error) -> Self {
         move |source| JournalError::Sqlite { about, source }
     }
+
+    /// Whether the disk refused the write (full, I/O error, read-only), as opposed to a refusal
+    /// of the operation itself: such a failure ends when space returns.
+    pub fn is_storage(&self) -> bool {
+        use rusqlite::ErrorCode as C;
+        match self {
+            JournalError::Sqlite { source, .. } => matches!(
+                source.sqlite_error_code(),
+                Some(C::DiskFull | C::SystemIoFailure | C::ReadOnly | C::CannotOpen)
+            ),
+            JournalError::Commit { .. } => true,
+            _ => false,
+        }
+    }
 }
 
 /// A record's id.

@@ -5,12 +5,13 @@
 //! What this file does not do: know any operation or any table.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot};
 
-use super::Journal;
 use super::types::JournalError;
+use super::{Journal, WriteHealth};
 
 /// How many waiting operations one transaction takes at most.
 const GROUP_COMMIT_MAX: usize = 1024;
@@ -24,7 +25,7 @@ pub(super) type Op = Box<dyn FnOnce(&Connection) -> (bool, Reply) + Send>;
 
 /// The journal thread: takes what is waiting, runs each operation in its own savepoint, commits
 /// once, then answers every caller with the commit's result.
-pub(super) fn serve(conn: &Connection, mut ops_rx: mpsc::Receiver<Op>) {
+pub(super) fn serve(conn: &Connection, mut ops_rx: mpsc::Receiver<Op>, health: &WriteHealth) {
     let mut pending: VecDeque<Op> = VecDeque::new();
     loop {
         if pending.is_empty() {
@@ -39,14 +40,28 @@ pub(super) fn serve(conn: &Connection, mut ops_rx: mpsc::Receiver<Op>) {
                 Err(_) => break,
             }
         }
-        run_batch(conn, &mut pending);
+        match run_batch(conn, &mut pending) {
+            Batch::Wrote => health.wrote(),
+            Batch::Failed => health.failed(),
+            Batch::ReadOnly => {}
+        }
     }
+}
+
+/// What one transaction did, for [`WriteHealth`].
+enum Batch {
+    /// Committed with at least one change.
+    Wrote,
+    /// Committed without changes (reads, or operations that refused).
+    ReadOnly,
+    /// Not committed: no transaction, rolled back by SQLite, or the COMMIT failed.
+    Failed,
 }
 
 /// Runs one transaction of operations taken from the front of `pending`. Every operation taken is
 /// answered; operations left in `pending` run in the next transaction. Each run takes at least
 /// one operation, so the thread always makes progress.
-fn run_batch(conn: &Connection, pending: &mut VecDeque<Op>) {
+fn run_batch(conn: &Connection, pending: &mut VecDeque<Op>) -> Batch {
     if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
         let msg = e.to_string();
         for op in pending.drain(..) {
@@ -54,8 +69,9 @@ fn run_batch(conn: &Connection, pending: &mut VecDeque<Op>) {
             let (_, reply) = op_failed(op, conn);
             reply(Err(msg.clone()));
         }
-        return;
+        return Batch::Failed;
     }
+    let changes_before = conn.total_changes();
     let mut replies: Vec<Reply> = Vec::with_capacity(pending.len().min(GROUP_COMMIT_MAX));
     while replies.len() < GROUP_COMMIT_MAX {
         let Some(op) = pending.pop_front() else { break };
@@ -97,7 +113,7 @@ fn run_batch(conn: &Connection, pending: &mut VecDeque<Op>) {
             for reply in replies {
                 reply(Err(msg.to_string()));
             }
-            return;
+            return Batch::Failed;
         }
     }
     let commit = conn.execute_batch("COMMIT").map_err(|e| {
@@ -107,9 +123,15 @@ fn run_batch(conn: &Connection, pending: &mut VecDeque<Op>) {
         }
         e.to_string()
     });
+    let outcome = match &commit {
+        Err(_) => Batch::Failed,
+        Ok(()) if conn.total_changes() > changes_before => Batch::Wrote,
+        Ok(()) => Batch::ReadOnly,
+    };
     for reply in replies {
         reply(commit.clone());
     }
+    outcome
 }
 
 /// Runs an operation only to obtain its reply handle, keeping nothing of what it did; used when
@@ -139,8 +161,12 @@ impl Journal {
         F: FnOnce(&Connection) -> Result<T, JournalError> + Send + 'static,
     {
         let (tx, rx) = oneshot::channel::<Result<T, JournalError>>();
+        let health = Arc::clone(&self.health);
         let op: Op = Box::new(move |conn| {
             let result = f(conn);
+            if result.as_ref().is_err_and(JournalError::is_storage) {
+                health.failed();
+            }
             let ok = result.is_ok();
             let reply: Reply = Box::new(move |commit| {
                 let answer = match (result, commit) {

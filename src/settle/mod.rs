@@ -207,15 +207,22 @@ pub async fn run(
     watches: Arc<[WatchConfig]>,
     mut candidates_rx: mpsc::Receiver<Candidate>,
     settled_tx: mpsc::Sender<Settled>,
+    mut offer_again: tokio::sync::watch::Receiver<u64>,
     shutdown: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(tick_period(&watches));
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut settler = Settler::new(watches);
+    offer_again.mark_unchanged();
+    let mut offers = true;
     loop {
         tokio::select! {
             biased;
             () = shutdown.cancelled() => break,
+            changed = offer_again.changed(), if offers => match changed {
+                Ok(()) => settler.offer_sent_again(),
+                Err(_) => offers = false,
+            },
             // Before candidates: a steady flood of hints must not starve the re-stats.
             _ = tick.tick() => {
                 if settler.step(&settled_tx, &shutdown).await.is_break() {
@@ -239,7 +246,9 @@ struct Settler {
     fresh: HashMap<PathBuf, (usize, PathBuf)>,
     /// Files handed to claim, with the snapshot they had, until the root's reconcile interval
     /// passes: listings would otherwise settle a file again while it waits in claim's queue.
-    sent: HashMap<PathBuf, (Snapshot, Instant)>,
+    /// With their root and relative path, to offer them again at once when the journal takes
+    /// writes again (a claim refused for a full disk leaves the file in the inbox).
+    sent: HashMap<PathBuf, (Snapshot, Instant, usize, PathBuf)>,
     /// Paths already warned about.
     warned: HashSet<PathBuf>,
     /// Roots already named as having no open-writer check.
@@ -339,6 +348,8 @@ impl Settler {
         for settled in ready {
             let sent = self.watches.get(settled.root).map(|w| {
                 (
+                    settled.root,
+                    settled.rel_path.clone(),
                     settled.path.clone(),
                     Snapshot {
                         size: settled.size,
@@ -358,8 +369,8 @@ impl Settler {
                     return Break(());
                 },
             }
-            if let Some((path, snapshot, until)) = sent {
-                self.sent.insert(path, (snapshot, until));
+            if let Some((root, rel, path, snapshot, until)) = sent {
+                self.sent.insert(path, (snapshot, until, root, rel));
             }
         }
         Continue(())
@@ -507,7 +518,7 @@ impl Settler {
         }
         let snapshot = Snapshot::from_metadata(&meta);
         if let Some((root, rel_path)) = self.fresh.remove(&path) {
-            if self.sent.get(&path).is_some_and(|(s, _)| *s == snapshot) {
+            if self.sent.get(&path).is_some_and(|(s, ..)| *s == snapshot) {
                 // Already handed to claim, unchanged since: a listing saw it again.
                 return None;
             }
@@ -545,7 +556,17 @@ impl Settler {
             return;
         }
         let now = Instant::now();
-        self.sent.retain(|_, (_, until)| *until > now);
+        self.sent.retain(|_, (_, until, ..)| *until > now);
+    }
+
+    /// The journal takes writes again: every file handed on lately is looked at again now (one
+    /// whose claim the full disk refused is still in the inbox; the others are gone from it).
+    fn offer_sent_again(&mut self) {
+        for (path, (_, _, root, rel)) in self.sent.drain() {
+            if !self.pending.contains_key(&path) {
+                self.fresh.insert(path, (root, rel));
+            }
+        }
     }
 
     /// True the first time `path` is warned about.

@@ -274,8 +274,15 @@ fn settler_does_not_resend_an_unchanged_file() {
         (3, Path::new("a.bin"))
     );
     let snapshot = Snapshot::from_metadata(&std::fs::symlink_metadata(&file).unwrap());
-    s.sent
-        .insert(file.clone(), (snapshot, t0 + Duration::from_secs(60)));
+    s.sent.insert(
+        file.clone(),
+        (
+            snapshot,
+            t0 + Duration::from_secs(60),
+            0,
+            PathBuf::from("a.bin"),
+        ),
+    );
 
     // Listed again while it waits for claim: not pending again.
     offer(&mut s);
@@ -319,6 +326,7 @@ fn start_settle(
         Arc::from(vec![w]),
         candidates_rx,
         settled_tx,
+        tokio::sync::watch::channel(0).1,
         shutdown.clone(),
     ));
     (candidates_tx, settled_rx, shutdown, task)

@@ -82,10 +82,12 @@ pub enum WatchError {
 }
 
 /// Watches every root until `shutdown`; see the module docs. Fails only at start, when a root is
-/// missing or not a folder.
+/// missing or not a folder. Each change of `list_again` lists every root again soon (the
+/// journal takes writes again after a full disk: files it could not claim wait in the inbox).
 pub async fn run(
     watches: Arc<[WatchConfig]>,
     candidates_tx: mpsc::Sender<Candidate>,
+    mut list_again: tokio::sync::watch::Receiver<u64>,
     shutdown: CancellationToken,
 ) -> Result<(), WatchError> {
     for w in watches.iter() {
@@ -93,6 +95,7 @@ pub async fn run(
     }
     let mut roots = JoinSet::new();
     let mut root_of = HashMap::new();
+    let mut signals = Vec::with_capacity(watches.len());
     for root in 0..watches.len() {
         let task = RootTask::new(
             root,
@@ -100,9 +103,25 @@ pub async fn run(
             candidates_tx.clone(),
             shutdown.clone(),
         );
+        signals.push(task.signal());
         root_of.insert(roots.spawn(task.run()).id(), root);
     }
     drop(candidates_tx);
+    list_again.mark_unchanged();
+    let relister = {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    changed = list_again.changed() => if changed.is_err() { return },
+                }
+                for s in &signals {
+                    s.request_rescan();
+                }
+            }
+        })
+    };
     let mut result = Ok(());
     while let Some(joined) = roots.join_next().await {
         let Err(e) = joined else { continue };
@@ -119,6 +138,7 @@ pub async fn run(
         // Without this watcher the inbox would silently go unscanned: stop everything.
         shutdown.cancel();
     }
+    relister.abort();
     result
 }
 

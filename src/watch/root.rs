@@ -60,6 +60,12 @@ impl RootTask {
         }
     }
 
+    /// What makes this root list itself again soon (a lost hint, the journal taking writes
+    /// again).
+    pub(super) fn signal(&self) -> Arc<RootSignal> {
+        Arc::clone(&self.signal)
+    }
+
     fn config(&self) -> &WatchConfig {
         &self.watches[self.root]
     }
