@@ -598,3 +598,48 @@ async fn a_writer_resuming_during_the_copy_without_leases_is_given_back_not_fail
     assert!(clean == [first, added].concat());
     agent.stop().await.0.unwrap();
 }
+
+/// Review finding (by reading): the owner marker of another host was judged by comparing its
+/// heartbeat with this host's wall clock. With this clock stepped back by an hour, a live
+/// host's marker looks an hour ahead, and was taken over as stale. A marker from the future is
+/// watched instead: rewritten meanwhile, its host is alive and the staging folder is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_owner_marker_ahead_of_this_hosts_clock_is_not_taken_over() {
+    let w = World::quick().await;
+    let staging = w.inbox.join(".dropscan/test");
+    std::fs::create_dir_all(&staging).unwrap();
+    let ahead = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    let marker = staging.join(".owner");
+    let write = move |beat: u64| {
+        std::fs::write(
+            &marker,
+            format!("machine_id=0000other0000\nhost=fs02\npid=1\nheartbeat={beat}\n"),
+        )
+        .unwrap();
+    };
+    write(ahead);
+    // The other host keeps refreshing its marker (by its own clock, an hour ahead of ours).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let beating = {
+        let stop = std::sync::Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut beat = ahead;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(300));
+                beat += 1;
+                write(beat);
+            }
+        })
+    };
+    let mut agent = w.start_agent();
+    let r = tokio::time::timeout(Duration::from_secs(30), agent.task.take().unwrap()).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    beating.join().unwrap();
+    let r = r.expect("refused within the observation").unwrap();
+    let e = r.expect_err("a live host owns the staging folder");
+    assert!(e.contains("in use by host fs02"), "{e}");
+}

@@ -79,7 +79,7 @@ enum Recognised {
 /// held instead. Another agent holding the folder's lock (two agents configured with one
 /// instance id) stops the start: only the configuration can fix that.
 async fn recognise_root(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     i: usize,
     in_flight: usize,
     shutdown: &CancellationToken,
@@ -117,7 +117,11 @@ async fn recognise_root(
             }
         }
     };
-    let checked = found.and_then(|staging| {
+    // Off the async threads: a marker of another host may have to be watched for a while.
+    let sh = Arc::clone(shared);
+    let checked = tokio::task::spawn_blocking(move || {
+        let roots = &sh.roots[i];
+        let staging = found?;
         let inbox = roots.get(Which::Inbox, false)?;
         if inbox.identity()?.0 != staging.identity()?.0 {
             return Err(FsError::io(
@@ -127,8 +131,16 @@ async fn recognise_root(
             ));
         }
         roots.hold_staging(&staging)?;
-        fsops::roots::claim_owner(&staging, &shared.owner)?;
+        fsops::roots::claim_owner(&staging, &sh.owner)?;
         Ok(staging)
+    })
+    .await
+    .unwrap_or_else(|e| {
+        Err(FsError::io(
+            roots.path(Which::Staging),
+            "check the staging folder",
+            std::io::Error::other(e.to_string()),
+        ))
     });
     match checked {
         Ok(staging) => {
@@ -168,7 +180,7 @@ pub(super) struct Resume {
 
 /// Reconciles the journal with the staging folders; see the module docs.
 pub(super) async fn reconcile(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     shutdown: &CancellationToken,
 ) -> Result<Resume, FatalError> {
     let journal = &shared.journal;

@@ -478,19 +478,27 @@ fn read_owner(staging: &Dir) -> Option<(Owner, u64)> {
 }
 
 /// Takes (or refreshes) the staging folder for `me`: refused while another host's marker is
-/// fresh. A marker of another host older than [`OWNER_STALE_AFTER`] (or with a heartbeat in the
-/// future by more than that, a clock gone wrong) is taken over with a warning.
+/// fresh. A marker of another host older than [`OWNER_STALE_AFTER`] is taken over with a
+/// warning. One whose heartbeat is ahead of this host's clock by more than that cannot be
+/// judged by clocks (this clock may have stepped back): it is watched, by this host's
+/// monotonic clock, for up to [`OWNER_STALE_AFTER`]; rewritten meanwhile, its host is alive and
+/// the folder is refused. Blocks for that long in that case only: call it off the async threads.
 pub fn claim_owner(staging: &Dir, me: &Owner) -> Result<(), FsError> {
     if let Some((other, beat)) = read_owner(staging) {
         if !other.same_host(me) {
             let now = unix_now();
-            let age = now.abs_diff(beat);
-            if age < OWNER_STALE_AFTER.as_secs() {
-                return Err(FsError::Owner(Box::new(OwnerConflict {
+            let conflict = |age_s| {
+                FsError::Owner(Box::new(OwnerConflict {
                     staging: staging.path().to_path_buf(),
-                    host: other.host,
-                    age_s: now.saturating_sub(beat),
-                })));
+                    host: other.host.clone(),
+                    age_s,
+                }))
+            };
+            if now.abs_diff(beat) < OWNER_STALE_AFTER.as_secs() {
+                return Err(conflict(now.saturating_sub(beat)));
+            }
+            if beat > now && refreshed_within(staging, beat, OWNER_STALE_AFTER) {
+                return Err(conflict(0));
             }
             tracing::warn!(
                 staging = %super::shown(staging.path()),
@@ -521,6 +529,25 @@ pub fn claim_owner(staging: &Dir, me: &Owner) -> Result<(), FsError> {
         )
     })?;
     staging.fsync()
+}
+
+/// Whether the owner marker's heartbeat moves on from `beat` within `window` (this host's
+/// monotonic clock), looked at every second.
+fn refreshed_within(staging: &Dir, beat: u64, window: Duration) -> bool {
+    tracing::warn!(
+        staging = %super::shown(staging.path()),
+        "the staging folder's owner marker is ahead of this host's clock: watching whether its \
+         host still refreshes it (up to {} s; remove the marker to skip if that host is retired)",
+        window.as_secs()
+    );
+    let start = std::time::Instant::now();
+    while start.elapsed() < window {
+        std::thread::sleep(Duration::from_secs(1));
+        if read_owner(staging).is_some_and(|(_, b)| b != beat) {
+            return true;
+        }
+    }
+    false
 }
 
 /// [`claim_owner`] unless the marker already names this host.

@@ -158,6 +158,13 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_longest_hook_backoff_is_within_the_journals_retry_horizon() {
+        // Beyond the horizon, a retry time is taken for one written before the clock stepped
+        // back: no real backoff may reach it.
+        assert!(BACKOFF_MAX < crate::journal::RETRY_HORIZON / 2);
+    }
+
+    #[test]
     fn hook_backoff_doubles_and_caps() {
         assert_eq!(backoff(1, 1.0), Duration::from_secs(1));
         assert_eq!(backoff(2, 1.0), Duration::from_secs(2));

@@ -113,7 +113,7 @@ use tokio::sync::mpsc;
 
 pub use ops_audit::{AuditEntry, CUSTODY_STALE_MS, Kept};
 pub use ops_capacity::read_capacity_snapshot;
-pub use ops_hooks::{HookEvent, NewHookEvent};
+pub use ops_hooks::{HookEvent, NewHookEvent, RETRY_HORIZON};
 pub(crate) use ops_maint::DEFAULT_HISTORY;
 pub use ops_maint::read_summary;
 pub use ops_retain::Retained;

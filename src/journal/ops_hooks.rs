@@ -11,6 +11,11 @@ use super::schema::execute;
 use super::types::{FileId, JournalError};
 use super::{Journal, now_ms};
 
+/// No retry is ever scheduled further ahead than this (the hooks' longest backoff is well
+/// below it): a retry time beyond `now + RETRY_HORIZON` was written before the wall clock
+/// stepped back, and is due now rather than hours late.
+pub const RETRY_HORIZON: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// One event to queue for one hook.
 #[derive(Debug, Clone)]
 pub struct NewHookEvent {
@@ -54,7 +59,8 @@ pub(super) fn queue_in(
 }
 
 impl Journal {
-    /// Events due now (not given up, their retry time passed) for each of `hooks`, oldest
+    /// Events due now (not given up, their retry time passed, or beyond [`RETRY_HORIZON`]: a
+    /// clock stepped back) for each of `hooks`, oldest
     /// first, at most `limit` per hook: a hook's backlog (one that hangs, or one no longer
     /// configured, whose events wait) never keeps the others' events from being read.
     pub async fn hook_due(
@@ -66,14 +72,18 @@ impl Journal {
             let mut stmt = conn
                 .prepare_cached(
                     "SELECT id, hook, file_id, event, attempts FROM hook_events \
-                     WHERE hook = ?3 AND gave_up = 0 AND next_at <= ?1 ORDER BY next_at, id LIMIT ?2",
+                     WHERE hook = ?3 AND gave_up = 0 AND (next_at <= ?1 OR next_at > ?4) \
+                     ORDER BY next_at, id LIMIT ?2",
                 )
                 .map_err(JournalError::sql("hooks"))?;
             let mut out = Vec::new();
+            let now = now_ms();
+            let horizon =
+                now.saturating_add(i64::try_from(RETRY_HORIZON.as_millis()).unwrap_or(i64::MAX));
             for hook in &hooks {
                 let rows = stmt
                     .query_map(
-                        params![now_ms(), i64::try_from(limit).unwrap_or(i64::MAX), hook],
+                        params![now, i64::try_from(limit).unwrap_or(i64::MAX), hook, horizon],
                         |r| {
                             Ok(HookEvent {
                                 id: r.get(0)?,

@@ -185,3 +185,31 @@ async fn survives_reopen() {
     let summary = read_summary(&path).unwrap();
     assert_eq!(summary.oldest_pending.unwrap().0, PathBuf::from("ä/b c"));
 }
+
+/// Review finding (by reading): hook retry times are wall-clock milliseconds, so a clock stepped
+/// back by hours delayed every queued notification by that much. A retry time further ahead
+/// than any backoff is ever scheduled is due now.
+#[tokio::test]
+async fn hook_retries_are_due_after_the_wall_clock_stepped_back_by_hours() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = Journal::open(&dir.path().join("j.sqlite")).unwrap();
+    let hours_ahead = now_ms() + 5 * 3600 * 1000;
+    let soon = now_ms() + 60 * 1000;
+    j.run(move |conn| {
+        for (event, at) in [("stepped", hours_ahead), ("backing-off", soon)] {
+            schema::execute(
+                conn,
+                "INSERT INTO hook_events (hook, file_id, event, next_at, created_at) \
+                 VALUES ('h', NULL, ?1, ?2, ?2)",
+                rusqlite::params![event, at],
+                "test",
+            )?;
+        }
+        Ok(())
+    })
+    .await
+    .unwrap();
+    let due = j.hook_due(10, vec!["h".into()]).await.unwrap();
+    let events: Vec<&str> = due.iter().map(|e| e.event.as_str()).collect();
+    assert_eq!(events, vec!["stepped"], "a retry in a minute still waits");
+}
