@@ -555,7 +555,7 @@ async fn a_symlink_planted_in_a_destination_is_never_followed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_staging_folder_swapped_for_a_symlink_is_refused() {
+async fn a_staging_folder_swapped_for_a_symlink_is_moved_aside_never_followed() {
     let w = World::quick().await;
     let agent = w.start_agent();
     w.drop_file("one.txt", b"1");
@@ -566,19 +566,24 @@ async fn a_staging_folder_swapped_for_a_symlink_is_refused() {
     std::fs::remove_dir_all(w.inbox.join(".dropscan")).unwrap();
     std::os::unix::fs::symlink(&elsewhere, w.inbox.join(".dropscan")).unwrap();
     w.drop_file("two.txt", b"2");
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The symlink is moved aside, never followed; a fresh staging folder takes the file.
+    let o = w.wait_placed(2, LIMIT).await;
+    assert_eq!(o[&PathBuf::from("two.txt")], Outcome::Clean);
     assert_eq!(
         std::fs::read_dir(elsewhere.join("test")).unwrap().count(),
         0,
         "nothing moved through the symlink"
     );
-    assert!(
-        w.inbox.join("two.txt").exists(),
-        "the file stays in the inbox"
-    );
-    // The admin removes the symlink: staging is made again and the file goes through.
-    std::fs::remove_file(w.inbox.join(".dropscan")).unwrap();
-    let o = w.wait_placed(2, LIMIT).await;
-    assert_eq!(o[&PathBuf::from("two.txt")], Outcome::Clean);
+    let aside: Vec<_> = std::fs::read_dir(&w.inbox)
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(".dropscan.planted-")
+        })
+        .map(|e| e.file_type().unwrap().is_symlink())
+        .collect();
+    assert_eq!(aside, vec![true], "the symlink itself was moved aside");
     agent.stop().await.0.unwrap();
 }

@@ -349,9 +349,11 @@ pub(super) async fn reconcile(
                     continue;
                 };
                 if name.as_bytes().ends_with(b".copy") && names.contains(&staged) {
-                    if let Err(e) = staging.unlink(&name) {
-                        tracing::warn!(error = %e, "cannot remove a partial copy in staging");
-                    }
+                    fsops::place::remove_temp(
+                        staging,
+                        &name,
+                        "a partial private copy; its staged file is beside it",
+                    );
                     continue;
                 }
                 record_path = staging.path().join(&staged);

@@ -380,7 +380,7 @@ pub fn lock_staging(staging: &Dir) -> Result<StagingLock, FsError> {
         Err(e) => return Err(io("lock", e)),
     }
     let me = format!(
-        "pid={} host={} state={}\n",
+        "pid={} host={} cwd={}\n",
         std::process::id(),
         rustix::system::uname().nodename().to_string_lossy(),
         std::env::current_dir()

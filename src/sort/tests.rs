@@ -4,7 +4,7 @@ use super::*;
 
 #[test]
 fn placement_plans_fail_closed_and_copy_what_is_released() {
-    use Outcome::{Clean, Failed, Quarantine, Vanished};
+    use crate::journal::Outcome::{Clean, Failed, Quarantine, Vanished};
     // (outcome, clean verdict bound to the content) → (where, copy, file mode, folder mode, note)
     let table = [
         (Some(Clean), true, Which::Clean, true, 0o644, 0o755, false),
