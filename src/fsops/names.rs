@@ -1,5 +1,5 @@
 //! Names: users' relative paths made safe to join under a folder, the names dropscan gives its
-//! own files, and file names made safe to print.
+//! own files, file names made safe to print, and paths written losslessly into JSON.
 //!
 //! A legal user name is kept exactly in every destination: only our own additions (the ` (n)`
 //! of a taken name, the `.dropscan.json` of a sidecar) may force a shortening, and the sidecar
@@ -249,4 +249,22 @@ impl fmt::Debug for Shown<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "\"{self}\"")
     }
+}
+
+/// A path in JSON output (tools' `--json`, hook events), lossless: `key` holds its text, exact
+/// when the name is UTF-8; a name that is not UTF-8 has its invalid bytes shown as U+FFFD there
+/// and, only then, `<key>_hex` beside it: the lower-case hex of its bytes, which is exact (two
+/// such names that print alike still differ there).
+pub fn insert_json(obj: &mut serde_json::Map<String, serde_json::Value>, key: &str, path: &Path) {
+    obj.insert(key.to_owned(), path.to_string_lossy().into_owned().into());
+    if let Some(hex) = json_hex(path) {
+        obj.insert(format!("{key}_hex"), hex.into());
+    }
+}
+
+/// The `<key>_hex` of [`insert_json`]: `None` for a UTF-8 name.
+pub fn json_hex(path: &Path) -> Option<String> {
+    path.to_str()
+        .is_none()
+        .then(|| hex::encode(path.as_os_str().as_bytes()))
 }
