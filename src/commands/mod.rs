@@ -7,6 +7,12 @@
 //! unparsable answers); 75 another `run`/`scan` holds the state folder's lock; 69 unavailable
 //! (unreachable, 5xx, fatal runtime error).
 //!
+//! `check --offline`, `run` (and `scan` of the inboxes) first try the writes the agent needs
+//! ([`app::preflight`]): what a restart cannot fix is a configuration error, printed alike
+//! (`config error: FILE:LINE: key …`) and exiting 78 from each, never 69.
+//!
+//! Human output escapes every name (`fsops::shown`): a file name is the inbox writer's choice.
+//!
 //! `check` also prints the client certificate's expiry, and treats a 404/405 on
 //! `GET …/scans/filters` as a warning: TLS and authorization succeeded, some KATA versions
 //! just lack the route.

@@ -2,6 +2,9 @@
 //! who is running the tool (for the audit), printing kept files, custody around one action, and
 //! `purge`.
 //!
+//! Printing: names and journal texts are escaped on the terminal (`fsops::shown`: an inbox
+//! writer chose them); `--json` keeps paths exact (`fsops::names::insert_json`).
+//!
 //! The tools never take the agent's single-instance lock: the journal (SQLite in WAL mode) is
 //! the single source of truth, and every action takes custody of its record in the journal
 //! before it touches the file (`crate::journal::Journal::take_custody`), so two tools, or a

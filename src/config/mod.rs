@@ -11,7 +11,8 @@
 //! - `hooks`: `[[hook]]` (notifications), as written and validated;
 //! - `error`: `ConfigError`.
 //!
-//! Only `Config::load` touches the disk (and `validate`, for the TLS files). After validation no
+//! Only `Config::load` touches the disk (and `validate`, for the TLS files, a hook's secret and
+//! program; what `run` will write is `app::preflight`'s to try). After validation no
 //! code checks for a missing key again. Every error names the file, the key and what is wrong,
 //! and the line where the key is written.
 

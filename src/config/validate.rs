@@ -3,7 +3,8 @@
 //! Resolves every relative path against the config file's folder, parses durations
 //! (`humantime`), turns limits into `NonZero*`, compiles the globs, checks that the folders are
 //! distinct and correctly nested, refuses the example's `REPLACE-ME` placeholders, and reads the
-//! TLS material. Every error names the key; the caller (`Config::load`) adds its line. Owns no
+//! TLS material: each file must be a regular file before any advice about its permissions, a
+//! key file holding a certificate is named as swapped, and each TLS error names its own key. Every error names the key; the caller (`Config::load`) adds its line. Owns no
 //! parsing of TOML and no defaults' documentation (those are in `raw` and the module root).
 
 use std::net::SocketAddr;
