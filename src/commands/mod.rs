@@ -378,7 +378,7 @@ fn status(path: &Path) -> ExitCode {
             println!(
                 "  {} {}",
                 humantime::format_rfc3339_seconds(t),
-                crate::fsops::shown(Path::new(&text))
+                crate::fsops::names::shown_text(&text)
             );
         }
     }

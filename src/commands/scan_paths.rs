@@ -436,7 +436,7 @@ pub async fn run(config: &Config, paths: &[PathBuf], json: bool) -> ExitCode {
             println!(
                 "{}: {}",
                 crate::fsops::shown(&f.path),
-                crate::fsops::shown(Path::new(&what))
+                crate::fsops::names::shown_text(&what)
             );
         }
         let t = &report.totals;

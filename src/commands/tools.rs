@@ -142,9 +142,9 @@ pub(super) fn detail_path(detail: &mut serde_json::Value, key: &str, path: Optio
 }
 
 /// Text from the journal (a verdict, a reason, an analyst's note) as it is safe to print on a
-/// terminal: control characters escaped, like names ([`shown`]).
+/// terminal: control characters escaped, like names.
 fn text(s: &str) -> String {
-    shown(Path::new(s)).to_string()
+    crate::fsops::names::shown_text(s)
 }
 
 /// `list`: kept files of `outcome` (with `all`, also those that left), as text or JSON.

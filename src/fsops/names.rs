@@ -268,3 +268,40 @@ pub fn json_hex(path: &Path) -> Option<String> {
         .is_none()
         .then(|| hex::encode(path.as_os_str().as_bytes()))
 }
+
+/// Free text that may quote names (a journaled reason, an error, a server's verdict) as it is
+/// safe to print on a terminal: control characters escaped as [`shown`] does; backslashes are
+/// kept (the names inside were escaped when the text was made).
+pub fn shown_text(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() => out.push_str(&format!("\\u{{{:x}}}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod json_and_text_tests {
+    use super::*;
+
+    #[test]
+    fn free_text_is_shown_without_control_characters_and_paths_are_exact_in_json() {
+        assert_eq!(
+            shown_text("a\u{1b}]0;x\u{7}\nb\\c"),
+            "a\\u{1b}]0;x\\u{7}\\nb\\c"
+        );
+        let bad = Path::new(OsStr::from_bytes(b"d/bad\xff.com"));
+        assert_eq!(json_hex(bad).as_deref(), Some("642f626164ff2e636f6d"));
+        assert_eq!(json_hex(Path::new("d/ok.com")), None);
+        let mut obj = serde_json::Map::new();
+        insert_json(&mut obj, "path", bad);
+        assert_eq!(obj["path"], "d/bad\u{fffd}.com");
+        assert_eq!(obj["path_hex"], "642f626164ff2e636f6d");
+    }
+}
