@@ -372,6 +372,59 @@ async fn a_hook_url_password_is_never_written_in_clear() {
             .await
             .unwrap();
     }
+    // … and an event still queued for that URL: the agent names the hook it no longer has.
+    {
+        use dropscan::journal::testing::RawAccess as _;
+        let journal =
+            dropscan::journal::Journal::open(&w.state_dir().join("journal.sqlite")).unwrap();
+        let hook = format!("url:https://alice:{PASSWORD}@siem.example.org/hooks/dropscan");
+        journal
+            .run(move |db| {
+                db.execute(
+                    "INSERT INTO hook_events (hook, file_id, event, next_at, created_at) VALUES (?1, NULL, '{}', 0, 0)",
+                    [hook],
+                )
+                .unwrap();
+                Ok(())
+            })
+            .await
+            .unwrap();
+    }
+    let log = w.dir.path().join("run.log");
+    let logged = {
+        let (c, log) = (cfg.to_str().unwrap().to_string(), log.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut child = dropscan_as(&["run", "--config", &c], None)
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .unwrap();
+            let start = Instant::now();
+            let mut text = String::new();
+            while start.elapsed() < Duration::from_secs(30) {
+                text = std::fs::read_to_string(&log).unwrap_or_default();
+                if text.contains("not configured now") {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let pid = rustix::process::Pid::from_raw(i32::try_from(child.id()).unwrap()).unwrap();
+            rustix::process::kill_process(pid, rustix::process::Signal::TERM).ok();
+            child.wait().unwrap();
+            text
+        })
+        .await
+        .unwrap()
+    };
+    assert!(
+        logged.contains("siem.example.org"),
+        "the hook is named: {logged}"
+    );
+    assert!(
+        !logged.contains(PASSWORD),
+        "the log shows the password: {logged}"
+    );
+
     let c = cfg.to_str().unwrap().to_string();
     let status = tokio::task::spawn_blocking(move || {
         dropscan_as(&["status", "--config", &c], None)

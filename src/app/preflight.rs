@@ -24,7 +24,8 @@
 //!   deals with at run time, never a reason to keep every watch from starting.
 //!
 //! Run as root, the check creates nothing (folders made by root would be refused by, or closed
-//! to, the service user) and only asks for write permission; it says so.
+//! to, the service user) and only asks for write permission (EROFS still shows); `check` says
+//! so ([`AS_ROOT_NOTE`]).
 
 use std::ffi::OsStr;
 use std::io;
@@ -41,19 +42,16 @@ use crate::fsops::{self, Dir, FsError};
 const PROBE: &str = ".dropscan-check.probe";
 const PROBE_RENAMED: &str = ".dropscan-check.probe-renamed";
 
+/// What `check` prints when run as root.
+pub const AS_ROOT_NOTE: &str = "running as root: no folder is created and no write is tried, \
+     only permissions asked; run the check as the service user (`sudo -u dropscan dropscan check`) \
+     to try the writes the service needs";
+
 /// Tries the writes `run` needs. `Err` for anything a restart cannot fix; `Ok` with notes for
 /// what is worth saying but left to the agent.
 pub fn check(config: &Config) -> Result<Vec<String>, ConfigError> {
     let mut notes = config.warnings();
     let as_root = rustix::process::geteuid().is_root();
-    if as_root {
-        notes.push(
-            "running as root: no folder is created and no write is tried, only permissions asked; \
-             run the check as the service user (`sudo -u dropscan dropscan check`) to try the \
-             writes it needs"
-                .to_owned(),
-        );
-    }
     state_dir(config, as_root)?;
     for (i, w) in config.watches.iter().enumerate() {
         watch(config, i, w, as_root, &mut notes)?;

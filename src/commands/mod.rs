@@ -206,6 +206,9 @@ async fn check(path: &Path, offline: bool) -> ExitCode {
             )
         );
     }
+    if rustix::process::geteuid().is_root() {
+        println!("note: {}", app::preflight::AS_ROOT_NOTE);
+    }
     match app::preflight::check(&config) {
         Ok(notes) => {
             for note in notes {
