@@ -620,3 +620,64 @@ async fn config_errors_give_advice_that_fits_the_mistake() {
         "{warning}"
     );
 }
+
+/// Finding 4, through a reload: a SIGHUP with a folder key naming a file used to replace the
+/// running agent with one that could not start, and `run` exited 69 (a restart loop). The new
+/// file is tried like `check --offline` tries it, and refused: the agent keeps running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_onto_a_folder_key_naming_a_file_is_refused_and_the_agent_keeps_running() {
+    let w = World::quick().await;
+    let cfg = w.write_config();
+    std::fs::write(w.dir.path().join("a-file"), b"not a folder").unwrap();
+    let log = w.dir.path().join("run.log");
+    let (c, l) = (cfg.clone(), log.clone());
+    let (refused, still_running) = tokio::task::spawn_blocking(move || {
+        let mut child = dropscan_as(&["run", "--config", c.to_str().unwrap()], None)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&l).unwrap())
+            .spawn()
+            .unwrap();
+        let pid = rustix::process::Pid::from_raw(i32::try_from(child.id()).unwrap()).unwrap();
+        // Running: its lock file exists.
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(30)
+            && !c.parent().unwrap().join("state/dropscan.lock").exists()
+        {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        let text = std::fs::read_to_string(&c).unwrap();
+        std::fs::write(
+            &c,
+            text.replace("clean_dir = \"out/clean\"", "clean_dir = \"a-file\""),
+        )
+        .unwrap();
+        rustix::process::kill_process(pid, rustix::process::Signal::HUP).unwrap();
+        let mut refused = String::new();
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(30) {
+            refused = std::fs::read_to_string(&l).unwrap_or_default();
+            if refused.contains("refused") || child.try_wait().unwrap().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        let still_running = child.try_wait().unwrap().is_none();
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).ok();
+        let status = child.wait().unwrap();
+        (format!("{refused}\nexit: {status:?}"), still_running)
+    })
+    .await
+    .unwrap();
+    assert!(
+        still_running,
+        "the agent stopped on a refused reload: {refused}"
+    );
+    assert!(
+        refused.contains("SIGHUP: configuration refused"),
+        "{refused}"
+    );
+    assert!(refused.contains("watch[0].clean_dir"), "{refused}");
+    assert!(refused.contains("not a folder"), "{refused}");
+}
