@@ -125,7 +125,10 @@ fn watch(
         ("failed_dir", Which::Failed),
     ] {
         let p = roots.path(which).to_path_buf();
-        let tried = if as_root {
+        let tried = if as_root && beneath(&p) {
+            // Only descriptors are used below an inbox (a path may be a user's symlink).
+            Ok(())
+        } else if as_root {
             writable_or_parent(&p).map_err(|e| FsError::io(&p, "write", e))
         } else {
             roots.get(which, true).and_then(|d| probe(&d))
@@ -142,7 +145,10 @@ fn watch(
     let staging = roots.path(Which::Staging).to_path_buf();
     let tried = match roots.staging_if_present() {
         Ok(Some(d)) if !as_root => probe(&d),
+        Ok(Some(_)) if beneath(&staging) => Ok(()),
         Ok(Some(_)) => writable(&staging).map_err(|e| FsError::io(&staging, "write", e)),
+        // Missing below the inbox: made there by `run`, and the inbox is writable (above).
+        Ok(None) if beneath(&staging) => Ok(()),
         Ok(None) => {
             let parent = staging.parent().unwrap_or(inbox);
             writable_or_parent(parent)
@@ -152,7 +158,9 @@ fn watch(
     };
     match tried {
         Ok(()) => Ok(()),
-        Err(e) if beneath(&staging) && !is_read_only(&e) && !is_denied(&e) => {
+        // Below the inbox, anything but a read-only filesystem may be an inbox user's doing
+        // (a planted or foreign `.dropscan`): the agent holds that watch alone at run time.
+        Err(e) if beneath(&staging) && !is_read_only(&e) => {
             notes.push(format!(
                 "watch[{i}]: staging folder: {e} (the agent deals with it when it starts)"
             ));
@@ -238,10 +246,6 @@ fn os_error(e: &FsError) -> Option<i32> {
 
 fn is_read_only(e: &FsError) -> bool {
     os_error(e) == Some(libc::EROFS)
-}
-
-fn is_denied(e: &FsError) -> bool {
-    matches!(os_error(e), Some(libc::EACCES | libc::EPERM))
 }
 
 /// The error for `key` from a filesystem failure at `p`: with the drop-in on EROFS, the user
