@@ -681,3 +681,34 @@ async fn a_reload_onto_a_folder_key_naming_a_file_is_refused_and_the_agent_keeps
     assert!(refused.contains("watch[0].clean_dir"), "{refused}");
     assert!(refused.contains("not a folder"), "{refused}");
 }
+
+/// Finding 4: a `staging_dir` on another filesystem than its inbox passed `check --offline`;
+/// `run` then exited 69 ("must be on the same filesystem"), a restart loop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_staging_dir_on_another_filesystem_fails_check_offline_and_run_alike_with_78() {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut w = World::quick().await;
+    let Some(other) = ["/dev/shm", "/run", "/var/tmp"]
+        .into_iter()
+        .map(Path::new)
+        .find(|p| {
+            std::fs::metadata(p).is_ok_and(|m| {
+                m.dev() != std::fs::metadata(&w.inbox).unwrap().dev() && !m.permissions().readonly()
+            })
+        })
+    else {
+        println!("skipped: no second filesystem to put a staging folder on");
+        return;
+    };
+    let staging = tempfile::tempdir_in(other).unwrap();
+    w.watch_extra = format!("staging_dir = \"{}\"", staging.path().display());
+    let cfg = w.write_config();
+    both_refuse(
+        &cfg,
+        None,
+        "watch[0].staging_dir",
+        "staging_dir",
+        &["not on the filesystem of the inbox"],
+    )
+    .await;
+}

@@ -5,7 +5,7 @@
 //! [`ConfigError`] naming the key and its line, so that both commands exit 78 with the same
 //! message and the unit does not restart in a loop (`RestartPreventExitStatus=`):
 //! - a path that exists but is not a folder: `state.dir`, `watch.path`, a destination, a
-//!   `staging_dir` outside the inbox;
+//!   `staging_dir` outside the inbox; such a `staging_dir` on another filesystem than its inbox;
 //! - a folder the running user cannot write. The state folder is created if missing, and a
 //!   probe file is created, renamed and removed in it; the journal's files must be writable.
 //!   Each destination is created if missing (with the modes `run` gives it: the same code) and
@@ -29,7 +29,7 @@
 
 use std::ffi::OsStr;
 use std::io;
-use std::os::unix::fs::FileTypeExt as _;
+use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
 use std::path::Path;
 
 use rustix::fs::Access;
@@ -105,6 +105,20 @@ fn watch(
     ] {
         if !beneath(p) {
             not_a_folder(config, &key(k), p)?;
+        }
+    }
+    if !beneath(&w.staging_dir) && inbox.is_dir() {
+        // Claiming is a rename: staging must be on the inbox's filesystem.
+        let dev = |p: &Path| std::fs::metadata(existing(p)).map(|m| m.dev()).ok();
+        if dev(&w.staging_dir) != dev(inbox) {
+            return Err(config.error_at(
+                &key("staging_dir"),
+                format!(
+                    "{} is not on the filesystem of the inbox {}: files are claimed by a rename, which cannot cross filesystems; put it on the inbox's (or remove the key: the default is inside the inbox)",
+                    fsops::shown(&w.staging_dir),
+                    fsops::shown(inbox)
+                ),
+            ));
         }
     }
     if !inbox.is_dir() {
@@ -225,16 +239,19 @@ fn writable(p: &Path) -> io::Result<()> {
 /// [`writable`] of `p`, or of its nearest existing ancestor when it is missing (where it would
 /// be created).
 fn writable_or_parent(p: &Path) -> io::Result<()> {
+    writable(existing(p))
+}
+
+/// `p`, or its nearest ancestor that exists.
+fn existing(p: &Path) -> &Path {
     let mut cur = p;
-    loop {
-        if cur.exists() {
-            return writable(cur);
-        }
+    while !cur.exists() {
         match cur.parent() {
             Some(parent) => cur = parent,
-            None => return Ok(()),
+            None => break,
         }
     }
+    cur
 }
 
 fn os_error(e: &FsError) -> Option<i32> {
@@ -268,13 +285,7 @@ fn cannot(what: &str, p: &Path, e: &io::Error) -> String {
     let user = name
         .as_ref()
         .map_or_else(|| format!("uid {uid}"), |n| format!("{n} (uid {uid})"));
-    let mut folder = p;
-    while !folder.exists() {
-        match folder.parent() {
-            Some(parent) => folder = parent,
-            None => break,
-        }
-    }
+    let folder = existing(p);
     let advice = match e.raw_os_error() {
         Some(libc::EROFS) => format!(
             "; the filesystem is read-only to dropscan. Under systemd the unit's \

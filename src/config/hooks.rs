@@ -181,9 +181,8 @@ impl Validator {
                     return Err(self.invalid(
                         &key("url"),
                         &format!(
-                            "`{}` holds a user name or password: it would be written into logs and the journal; remove it and authenticate the events with `secret_file` (an HMAC signature in {})",
+                            "`{}` holds a user name or password: it would be written into logs and the journal; remove it and authenticate the events with `secret_file` (an HMAC signature in X-Dropscan-Signature)",
                             redact_userinfo(&url),
-                            crate::hooks::SIGNATURE_HEADER
                         ),
                     ));
                 }
