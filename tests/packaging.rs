@@ -237,7 +237,6 @@ fn the_unit_is_type_notify_sandboxed_and_its_comments_are_right() {
         "SystemCallFilter=@system-service",
         "SystemCallArchitectures=native",
         "MemoryDenyWriteExecute=yes",
-        "RestartPreventExitStatus=78",
         "StateDirectory=dropscan",
     ] {
         assert!(has(line), "the unit lacks `{line}`");
@@ -374,4 +373,30 @@ fn the_readme_names_the_capability_the_unit_grants() {
         "README says no capabilities"
     );
     assert!(readme.contains("with one capability (`CAP_LEASE`"));
+}
+
+/// Issue 18, finding 4: what a restart cannot fix must not be restarted in a loop: a
+/// configuration error (78, which now includes a folder the service user cannot write), refused
+/// credentials (77) and a server that is not who it should be (76) need a person first. An
+/// unreachable server or a fatal runtime error (69) and a held state lock (75) are restarted.
+#[test]
+fn the_unit_does_not_restart_on_an_exit_code_a_restart_cannot_fix() {
+    use dropscan::error::{EXIT_CONFIG, EXIT_LOCKED, EXIT_NOPERM, EXIT_PROTOCOL, EXIT_UNAVAILABLE};
+    let codes: Vec<u8> = UNIT
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("RestartPreventExitStatus="))
+        .flat_map(|v| v.split_whitespace().map(|c| c.parse::<u8>().unwrap()))
+        .collect();
+    for code in [EXIT_CONFIG, EXIT_NOPERM, EXIT_PROTOCOL] {
+        assert!(
+            codes.contains(&code),
+            "the unit restarts on {code}: {codes:?}"
+        );
+    }
+    for code in [EXIT_UNAVAILABLE, EXIT_LOCKED] {
+        assert!(
+            !codes.contains(&code),
+            "the unit never restarts on {code}: {codes:?}"
+        );
+    }
 }

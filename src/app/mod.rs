@@ -33,6 +33,7 @@ use tokio_util::task::TaskTracker;
 
 mod leftovers;
 pub mod lock;
+pub mod preflight;
 mod reconcile;
 mod reload;
 

@@ -152,7 +152,14 @@ pub async fn run_reloading_with(
                         () = generation.cancelled() => return,
                         () = reload.notified() => {}
                     }
-                    match Config::load(&path) {
+                    match Config::load(&path).and_then(|c| {
+                        super::preflight::check(&c).map(|notes| {
+                            for note in notes {
+                                tracing::warn!("{note}");
+                            }
+                            c
+                        })
+                    }) {
                         Ok(c) => {
                             tracing::info!(config = %crate::fsops::shown(&path), "SIGHUP: configuration valid, restarting the agent on it");
                             crate::service::status(

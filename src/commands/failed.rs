@@ -72,8 +72,9 @@ async fn retry(config: &Path, id: Option<FileId>, all: bool, reason: Option<Stri
                 continue;
             }
         };
-        let from = rec.dest.as_ref().map(|d| d.display().to_string());
-        let detail = json!({ "from": from, "failed_reason": rec.reason });
+        let from = rec.dest.clone();
+        let mut detail = json!({ "failed_reason": rec.reason });
+        tools::detail_path(&mut detail, "from", from.as_deref());
         let Some(w) = watch_of(&config, &rec).cloned() else {
             let e = FsError::NotBeneath {
                 path: rec.root.clone(),

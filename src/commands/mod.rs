@@ -7,6 +7,12 @@
 //! unparsable answers); 75 another `run`/`scan` holds the state folder's lock; 69 unavailable
 //! (unreachable, 5xx, fatal runtime error).
 //!
+//! `check --offline`, `run` (and `scan` of the inboxes) first try the writes the agent needs
+//! ([`app::preflight`]): what a restart cannot fix is a configuration error, printed alike
+//! (`config error: FILE:LINE: key …`) and exiting 78 from each, never 69.
+//!
+//! Human output escapes every name (`fsops::shown`): a file name is the inbox writer's choice.
+//!
 //! `check` also prints the client certificate's expiry, and treats a 404/405 on
 //! `GET …/scans/filters` as a warning: TLS and authorization succeeded, some KATA versions
 //! just lack the route.
@@ -79,12 +85,28 @@ fn load(path: &Path) -> Result<Config, ExitCode> {
     })
 }
 
+/// [`load`], then the writes `run` needs ([`app::preflight`]): what a restart cannot fix is a
+/// configuration error (78), printed the same way by `check` and `run`.
+fn load_and_preflight(path: &Path) -> Result<(Config, Vec<String>), ExitCode> {
+    let config = load(path)?;
+    match app::preflight::check(&config) {
+        Ok(notes) => Ok((config, notes)),
+        Err(e) => {
+            eprintln!("config error: {e}");
+            Err(ExitCode::from(EXIT_CONFIG))
+        }
+    }
+}
+
 async fn run(path: &Path) -> ExitCode {
-    let config = match load(path) {
+    let (config, notes) = match load_and_preflight(path) {
         Ok(c) => c,
         Err(code) => return code,
     };
     logging::init(config.log.format, &config.log.level);
+    for note in &notes {
+        tracing::warn!("{note}");
+    }
     // Held until the process ends: one agent per state folder.
     let _lock = match app::lock::lock_state_dir(&config.state.dir) {
         Ok(l) => l,
@@ -176,9 +198,6 @@ async fn check(path: &Path, offline: bool) -> ExitCode {
             w.quarantine_dir.display(),
             w.failed_dir.display()
         );
-        if !w.path.is_dir() {
-            println!("  warning: {} does not exist (yet)", w.path.display());
-        }
         println!(
             "  open writers: {}",
             crate::fsops::lease::describe_for(
@@ -186,6 +205,20 @@ async fn check(path: &Path, offline: bool) -> ExitCode {
                 w.lease_check == crate::config::LeaseCheck::Auto
             )
         );
+    }
+    if rustix::process::geteuid().is_root() {
+        println!("note: {}", app::preflight::AS_ROOT_NOTE);
+    }
+    match app::preflight::check(&config) {
+        Ok(notes) => {
+            for note in notes {
+                println!("warning: {note}");
+            }
+        }
+        Err(e) => {
+            eprintln!("config error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
     }
     if let Some(warning) = &config.server.tls.load_warning {
         println!("warning: {warning}");
@@ -328,7 +361,7 @@ fn status(path: &Path) -> ExitCode {
             let age = crate::journal::now_ms().saturating_sub(*at) / 1000;
             println!(
                 "oldest pending: {} (claimed {} ago)",
-                p.display(),
+                crate::fsops::shown(p),
                 humantime::format_duration(std::time::Duration::from_secs(
                     u64::try_from(age).unwrap_or(0)
                 ))
@@ -342,7 +375,14 @@ fn status(path: &Path) -> ExitCode {
         for (at, text) in &summary.last_errors {
             let t = std::time::UNIX_EPOCH
                 + std::time::Duration::from_millis(u64::try_from(*at).unwrap_or(0));
-            println!("  {} {text}", humantime::format_rfc3339_seconds(t));
+            // Errors name users' files (escaped, like every name on a terminal) and, if
+            // written before such URLs were refused, a hook URL with a password (redacted).
+            let text = crate::config::redact_userinfo(text);
+            println!(
+                "  {} {}",
+                humantime::format_rfc3339_seconds(t),
+                crate::fsops::names::shown_text(&text)
+            );
         }
     }
     ExitCode::SUCCESS

@@ -61,16 +61,17 @@ async fn relocate(config: &Path, id: i64, to: Option<PathBuf>, reason: String) -
         Ok(r) => r,
         Err(code) => return code,
     };
-    let from = rec.dest.as_ref().map(|d| d.display().to_string());
+    let from = rec.dest.clone();
     let sha = rec.sha256.map(hex::encode);
-    let detail = json!({ "from": from, "sha256": sha, "size": rec.stamp.map(|s| s.size) });
+    let mut detail = json!({ "sha256": sha, "size": rec.stamp.map(|s| s.size) });
+    tools::detail_path(&mut detail, "from", from.as_deref());
     let Some(w) = watch_of(&config, &rec).cloned() else {
         let e = FsError::NotBeneath {
             path: rec.root.clone(),
         };
         eprintln!(
             "its root {} is no longer a [[watch]] of this configuration",
-            rec.root.display()
+            crate::fsops::shown(&rec.root)
         );
         return finish(&journal, id, action, "", Some(&reason), Err((e, detail))).await;
     };

@@ -86,6 +86,13 @@ pub async fn run(
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    if paths.is_empty() {
+        // The inboxes are scanned and placed: the writes that needs, as `run` tries them.
+        if let Err(e) = crate::app::preflight::check(&config) {
+            eprintln!("config error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    }
     crate::logging::init(config.log.format, "warn");
     let _lock = match crate::app::lock::lock_state_dir(&config.state.dir) {
         Ok(l) => l,

@@ -34,8 +34,13 @@ const ATTEMPTS: u32 = 5;
 /// One file's result, as printed in the JSON document.
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct FileResult {
-    /// The path as found (the PATH given, or beneath it).
+    /// The path as found (the PATH given, or beneath it): its text, exact when it is UTF-8.
+    #[serde(serialize_with = "lossy_path")]
     pub path: PathBuf,
+    /// For a path that is not UTF-8 only: the hex of its bytes, exact
+    /// ([`crate::fsops::names::insert_json`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path_hex: Option<String>,
     /// Its size in bytes.
     pub size: u64,
     /// SHA-256 (hex) of the bytes uploaded; absent when not read.
@@ -49,6 +54,11 @@ pub struct FileResult {
     /// Not scanned on purpose (a symlink, a device, …): not an error.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub skipped: bool,
+}
+
+/// A path as JSON text (serde refuses a `PathBuf` that is not UTF-8; `path_hex` is exact).
+fn lossy_path<S: serde::Serializer>(p: &Path, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&p.to_string_lossy())
 }
 
 /// Totals of a run.
@@ -79,8 +89,11 @@ pub struct Report {
 
 impl Report {
     /// Totals from the per-file results.
-    pub fn new(files: Vec<FileResult>) -> Report {
+    pub fn new(mut files: Vec<FileResult>) -> Report {
         let mut t = Totals::default();
+        for f in &mut files {
+            f.path_hex = crate::fsops::names::json_hex(&f.path);
+        }
         for f in &files {
             if f.skipped {
                 t.skipped += 1;
@@ -420,7 +433,11 @@ pub async fn run(config: &Config, paths: &[PathBuf], json: bool) -> ExitCode {
                 (Some(v), None) => v.clone(),
                 (None, None) => "no verdict".into(),
             };
-            println!("{}: {what}", f.path.display());
+            println!(
+                "{}: {}",
+                crate::fsops::shown(&f.path),
+                crate::fsops::names::shown_text(&what)
+            );
         }
         let t = &report.totals;
         println!(

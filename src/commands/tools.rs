@@ -2,6 +2,9 @@
 //! who is running the tool (for the audit), printing kept files, custody around one action, and
 //! `purge`.
 //!
+//! Printing: names and journal texts are escaped on the terminal (`fsops::shown`: an inbox
+//! writer chose them); `--json` keeps paths exact (`fsops::names::insert_json`).
+//!
 //! The tools never take the agent's single-instance lock: the journal (SQLite in WAL mode) is
 //! the single source of truth, and every action takes custody of its record in the journal
 //! before it touches the file (`crate::journal::Journal::take_custody`), so two tools, or a
@@ -21,8 +24,9 @@ use serde_json::json;
 
 use crate::config::{Config, WatchConfig};
 use crate::error::{EXIT_CONFIG, EXIT_UNAVAILABLE};
+use crate::fsops::names::insert_json;
 use crate::fsops::roots::{RootDirs, Which};
-use crate::fsops::{Dir, FsError, split_rel};
+use crate::fsops::{Dir, FsError, shown, split_rel};
 use crate::journal::{
     AuditEntry, FileId, FileRecord, Journal, JournalError, Kept, Outcome, now_ms,
 };
@@ -96,16 +100,15 @@ pub(super) fn rfc3339(ms: i64) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
-/// A kept file as JSON (`list --json`, `show --json`).
+/// A kept file as JSON (`list --json`, `show --json`). Paths are exact: a name that is not
+/// UTF-8 gets a `<key>_hex` beside its text ([`crate::fsops::names::insert_json`]).
 pub fn kept_json(k: &Kept) -> serde_json::Value {
     let r = &k.record;
-    json!({
+    let mut v = json!({
         "id": r.id,
         "claimed_at": rfc3339(r.claimed_at_ms),
         "placed_at": rfc3339(r.updated_at_ms),
-        "root": r.root.display().to_string(),
-        "path": r.rel_path.display().to_string(),
-        "current": r.dest.as_ref().map(|d| d.display().to_string()),
+        "current": null,
         "size": r.stamp.map(|s| s.size),
         "sha256": r.sha256.map(hex::encode),
         "verdict": r.verdict,
@@ -120,7 +123,28 @@ pub fn kept_json(k: &Kept) -> serde_json::Value {
             "reason": a.reason,
             "detail": a.detail,
         })).collect::<Vec<_>>(),
-    })
+    });
+    if let Some(obj) = v.as_object_mut() {
+        insert_json(obj, "root", &r.root);
+        insert_json(obj, "path", &r.rel_path);
+        if let Some(d) = &r.dest {
+            insert_json(obj, "current", d);
+        }
+    }
+    v
+}
+
+/// A path in a JSON audit detail (`from`, `to`), exact as in [`kept_json`].
+pub(super) fn detail_path(detail: &mut serde_json::Value, key: &str, path: Option<&Path>) {
+    if let (Some(obj), Some(p)) = (detail.as_object_mut(), path) {
+        insert_json(obj, key, p);
+    }
+}
+
+/// Text from the journal (a verdict, a reason, an analyst's note) as it is safe to print on a
+/// terminal: control characters escaped, like names.
+fn text(s: &str) -> String {
+    crate::fsops::names::shown_text(s)
 }
 
 /// `list`: kept files of `outcome` (with `all`, also those that left), as text or JSON.
@@ -173,33 +197,35 @@ pub(super) async fn show(path: &Path, outcome: Outcome, id: FileId, json: bool) 
 fn print_one(k: &Kept, long: bool) {
     let r = &k.record;
     let status = k.status.as_deref().unwrap_or("kept");
+    // Names are the inbox writer's: escaped, so that they can neither forge nor hide a line
+    // of the list an analyst picks an ID from, nor send the terminal escapes.
     println!(
         "{:<6} {}  {}  {}  {}  {}  {}",
         r.id,
         rfc3339(r.updated_at_ms),
-        status,
-        r.root.join(&r.rel_path).display(),
+        text(status),
+        shown(&r.root.join(&r.rel_path)),
         r.dest
             .as_deref()
-            .map_or_else(String::new, |d| format!("→ {}", d.display())),
+            .map_or_else(String::new, |d| format!("→ {}", shown(d))),
         r.stamp
             .map_or_else(|| "-".into(), |s| super::human_bytes(s.size)),
-        r.verdict.as_deref().or(r.reason.as_deref()).unwrap_or("-"),
+        text(r.verdict.as_deref().or(r.reason.as_deref()).unwrap_or("-")),
     );
     if long {
         println!(
             "  sha256:   {}",
             r.sha256.map(hex::encode).unwrap_or_else(|| "-".into())
         );
-        println!("  scan_ids: {}", r.scan_ids.join(", "));
-        println!("  reason:   {}", r.reason.as_deref().unwrap_or("-"));
+        println!("  scan_ids: {}", text(&r.scan_ids.join(", ")));
+        println!("  reason:   {}", text(r.reason.as_deref().unwrap_or("-")));
         for a in &k.audit {
             println!(
                 "  audit {} {} by {}: {} ({})",
                 rfc3339(a.at_ms),
-                a.action,
-                a.user,
-                a.reason.as_deref().unwrap_or("-"),
+                text(&a.action),
+                text(&a.user),
+                text(a.reason.as_deref().unwrap_or("-")),
                 a.detail
             );
         }
@@ -212,7 +238,7 @@ fn print_one(k: &Kept, long: bool) {
 pub(super) fn moved(
     status: &str,
     id: FileId,
-    from: Option<&str>,
+    from: Option<&Path>,
     result: Result<PathBuf, FsError>,
     mut detail: serde_json::Value,
 ) -> Result<serde_json::Value, (FsError, serde_json::Value)> {
@@ -220,10 +246,10 @@ pub(super) fn moved(
         Ok(dest) => {
             println!(
                 "{status} {id}: {} → {}",
-                from.unwrap_or("?"),
-                dest.display()
+                from.map_or_else(|| "?".to_owned(), |f| shown(f).to_string()),
+                shown(&dest)
             );
-            detail["to"] = json!(dest.display().to_string());
+            detail_path(&mut detail, "to", Some(&dest));
             Ok(detail)
         }
         Err(e) => Err((e, detail)),
@@ -282,7 +308,7 @@ pub(super) async fn take(
     match journal.take_custody(id, outcome, action).await {
         Ok(r) => Ok(r),
         Err(JournalError::Conflict { detail, .. }) => {
-            eprintln!("refused: entry {id} {detail}");
+            eprintln!("refused: entry {id} {}", text(&detail));
             if detail != "no such record" {
                 let e = entry(
                     &format!("{action}-refused"),
@@ -317,7 +343,7 @@ pub(super) async fn finish(
             }
         }
         Err((err, mut detail)) => {
-            eprintln!("refused: entry {id}: {err}");
+            eprintln!("refused: entry {id}: {}", text(&err.to_string()));
             detail["error"] = json!(err.to_string());
             let e = entry(&format!("{action}-refused"), id, reason, detail);
             if let Err(e) = journal.end_custody(id, None, e).await {
@@ -387,7 +413,7 @@ pub(super) async fn purge(
         let Some(w) = watch_of(&config, &rec).cloned() else {
             eprintln!(
                 "refused: entry {id}: its root {} is no longer configured",
-                rec.root.display()
+                shown(&rec.root)
             );
             let e = entry(
                 "purge-refused",
@@ -399,7 +425,9 @@ pub(super) async fn purge(
             code = ExitCode::from(EXIT_REFUSED);
             continue;
         };
-        let from = rec.dest.as_ref().map(|d| d.display().to_string());
+        let from = rec.dest.clone();
+        let mut from_json = json!({});
+        detail_path(&mut from_json, "from", from.as_deref());
         let removed = blocking(move || {
             let roots = RootDirs::new(&w);
             match locate(&roots, which, &rec) {
@@ -419,11 +447,17 @@ pub(super) async fn purge(
         })
         .await;
         let result = removed
-            .map(|()| json!({ "from": from }))
-            .map_err(|e| (e, json!({ "from": from })));
+            .map(|()| from_json.clone())
+            .map_err(|e| (e, from_json));
         let c = finish(&journal, id, "purge", "purged", Some(&reason), result).await;
         if c == ExitCode::SUCCESS {
-            println!("purged {id}: {}", from.unwrap_or_default());
+            println!(
+                "purged {id}: {}",
+                from.as_deref()
+                    .map(shown)
+                    .map(|s| s.to_string())
+                    .unwrap_or_default()
+            );
         } else {
             code = c;
         }

@@ -158,6 +158,7 @@ impl Validator {
                         "is empty; give the program and its arguments, e.g. [\"/usr/local/bin/notify\", \"--dropscan\"]",
                     ));
                 }
+                self.program(&key("command"), &argv[0])?;
                 for k in [
                     ("secret_file", raw.secret_file.is_some()),
                     ("ca_file", raw.ca_file.is_some()),
@@ -170,8 +171,21 @@ impl Validator {
             }
             (None, Some(url)) => {
                 let parsed = reqwest::Url::parse(url.trim()).map_err(|e| {
+                    let url = redact_userinfo(&url);
                     self.invalid(&key("url"), &format!("`{url}` is not a URL ({e})"))
                 })?;
+                if !parsed.username().is_empty() || parsed.password().is_some() {
+                    // Refused rather than redacted: a URL is the hook's identity in the journal,
+                    // and it travels into error texts (reqwest's, the receiver's, ours); only a
+                    // URL without a secret in it is sure never to be written down.
+                    return Err(self.invalid(
+                        &key("url"),
+                        &format!(
+                            "`{}` holds a user name or password: it would be written into logs and the journal; remove it and authenticate the events with `secret_file` (an HMAC signature in X-Dropscan-Signature)",
+                            redact_userinfo(&url),
+                        ),
+                    ));
+                }
                 if parsed.scheme() != "https" || parsed.host_str().is_none_or(str::is_empty) {
                     return Err(self.invalid(
                         &key("url"),
@@ -217,6 +231,7 @@ impl Validator {
     /// warning if its group may; trailing whitespace is not part of the key.
     fn read_secret(&self, path: &Path, key: &str) -> Result<Vec<u8>, ConfigError> {
         use std::os::unix::fs::PermissionsExt as _;
+        self.regular_file(key, path, "the file that holds the secret")?;
         let fail =
             |e: std::io::Error| self.invalid(key, &format!("cannot read {}: {e}", path.display()));
         let mut file = std::fs::File::open(path).map_err(fail)?;
@@ -249,6 +264,31 @@ impl Validator {
         Ok(bytes)
     }
 
+    /// A hook's program: an absolute path to an executable file. A relative one would depend
+    /// on the service's working folder and `PATH`, which are not the administrator's shell's.
+    fn program(&self, key: &str, program: &str) -> Result<(), ConfigError> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let p = Path::new(program);
+        if !p.is_absolute() {
+            return Err(self.invalid(
+                key,
+                &format!(
+                    "`{program}` is not an absolute path: give the program's full path (e.g. `/usr/local/bin/{}`); the service's working folder and PATH are not your shell's",
+                    p.file_name().map_or_else(|| program.into(), |n| n.to_string_lossy())
+                ),
+            ));
+        }
+        self.regular_file(key, p, "the program to run")?;
+        let mode = std::fs::metadata(p).map_or(0, |m| m.permissions().mode());
+        if mode & 0o111 == 0 {
+            return Err(self.invalid(
+                key,
+                &format!("{program} is not executable (mode {:04o})", mode & 0o7777),
+            ));
+        }
+        Ok(())
+    }
+
     /// Reads a PEM bundle of CA certificates (at least one).
     fn read_ca(&self, path: &Path, key: &str) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
         let pem = std::fs::read(path)
@@ -264,4 +304,28 @@ impl Validator {
         }
         Ok(certs)
     }
+}
+
+/// `text` with the user name and password of every URL in it replaced by `***`
+/// (`https://user:pw@host` → `https://***@host`): for texts that may hold a URL written before
+/// such URLs were refused (the journal's error history).
+pub fn redact_userinfo(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("://") {
+        let (head, tail) = rest.split_at(at + 3);
+        out.push_str(head);
+        let authority_end = tail
+            .find(|c: char| c == '/' || c == '?' || c == '#' || c.is_whitespace())
+            .unwrap_or(tail.len());
+        match tail[..authority_end].rfind('@') {
+            Some(userinfo_end) => {
+                out.push_str("***");
+                rest = &tail[userinfo_end..];
+            }
+            None => rest = tail,
+        }
+    }
+    out.push_str(rest);
+    out
 }

@@ -11,7 +11,8 @@
 //! - `hooks`: `[[hook]]` (notifications), as written and validated;
 //! - `error`: `ConfigError`.
 //!
-//! Only `Config::load` touches the disk (and `validate`, for the TLS files). After validation no
+//! Only `Config::load` touches the disk (and `validate`, for the TLS files, a hook's secret and
+//! program; what `run` will write is `app::preflight`'s to try). After validation no
 //! code checks for a missing key again. Every error names the file, the key and what is wrong,
 //! and the line where the key is written.
 
@@ -36,7 +37,7 @@ mod validate;
 mod tests;
 
 pub use error::ConfigError;
-pub use hooks::{HookConfig, HookOn, HookTarget, Secret};
+pub use hooks::{HookConfig, HookOn, HookTarget, Secret, redact_userinfo};
 use raw::RawConfig;
 
 /// Built-in default for `server.poll_interval` (the vendor recommends once a minute).
@@ -309,6 +310,40 @@ impl Config {
     /// Validates and resolves a parsed file. Relative paths are taken relative to `path`'s folder.
     pub(crate) fn from_raw(raw: RawConfig, path: &Path) -> Result<Self, ConfigError> {
         validate::config(raw, path)
+    }
+
+    /// An error about `key` found after validation (by the preflight of `check` and `run`),
+    /// with the line where the key is written when the file still says so.
+    pub fn error_at(&self, key: &str, message: String) -> ConfigError {
+        let line = std::fs::read_to_string(&self.path)
+            .ok()
+            .and_then(|text| spans::locate(&text, key));
+        ConfigError::Invalid {
+            path: self.path.clone(),
+            line,
+            key: key.to_owned(),
+            message,
+        }
+    }
+
+    /// What is valid but worth saying, each naming its key and line: `check` prints these and
+    /// `run` logs them at start (both through `app::preflight`).
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(addr) = self.metrics_listen.filter(|a| !a.ip().is_loopback()) {
+            let whom = if addr.ip().is_unspecified() {
+                "on every address of this host"
+            } else {
+                "on an address that is not loopback"
+            };
+            out.push(self.error_at(
+                "metrics.listen",
+                format!(
+                    "`{addr}` listens {whom}: other hosts can reach /metrics, /healthz and /readyz, which need no authentication; use 127.0.0.1 unless a firewall guards the port"
+                ),
+            ).to_string());
+        }
+        out
     }
 
     /// The journal database file.

@@ -178,3 +178,16 @@ fn globs_are_case_sensitive_and_star_crosses_folders() {
     assert_eq!(p("*.log").as_str(), "*.log");
     assert!(Pattern::new("[").is_err());
 }
+
+#[test]
+fn userinfo_is_redacted_from_every_url_in_a_text() {
+    assert_eq!(
+        redact_userinfo("POST https://alice:pw@siem.example.org/h failed (https://pw@x/y?a=b@c)"),
+        "POST https://***@siem.example.org/h failed (https://***@x/y?a=b@c)"
+    );
+    assert_eq!(
+        redact_userinfo("no url; mail alice@example.org"),
+        "no url; mail alice@example.org"
+    );
+    assert_eq!(redact_userinfo("https://host/p@q"), "https://host/p@q");
+}

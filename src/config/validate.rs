@@ -3,7 +3,8 @@
 //! Resolves every relative path against the config file's folder, parses durations
 //! (`humantime`), turns limits into `NonZero*`, compiles the globs, checks that the folders are
 //! distinct and correctly nested, refuses the example's `REPLACE-ME` placeholders, and reads the
-//! TLS material. Every error names the key; the caller (`Config::load`) adds its line. Owns no
+//! TLS material: each file must be a regular file before any advice about its permissions, a
+//! key file holding a certificate is named as swapped, and each TLS error names its own key. Every error names the key; the caller (`Config::load`) adds its line. Owns no
 //! parsing of TOML and no defaults' documentation (those are in `raw` and the module root).
 
 use std::net::SocketAddr;
@@ -163,8 +164,15 @@ impl Validator {
             )?;
         }
         let url = reqwest::Url::parse(raw.url.trim()).map_err(|e| {
-            self.invalid("server.url", &format!("`{}` is not a URL ({e})", raw.url))
+            let shown = super::redact_userinfo(&raw.url);
+            self.invalid("server.url", &format!("`{shown}` is not a URL ({e})"))
         })?;
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(self.invalid(
+                "server.url",
+                "holds a user name or password, which would be written into logs; KATA authenticates this client by its certificate only: remove it",
+            ));
+        }
         if url.scheme() != "https" {
             return Err(self.invalid(
                 "server.url",
@@ -226,15 +234,12 @@ impl Validator {
             ("server.ca_cert", ca_cert.as_ref()),
         ] {
             if let Some(p) = p {
-                if let Err(e) = std::fs::metadata(p) {
-                    return Err(self.invalid(key, &format!("{}: {e}", p.display())));
-                }
+                self.regular_file(key, p, "the PEM file")?;
             }
         }
+        self.not_swapped(&client_cert, &client_key)?;
         let tls = TlsOptions::from_pem_files(&client_cert, &client_key, ca_cert.as_deref(), pin)
-            .map_err(|e| {
-                self.invalid("server.client_cert / client_key / ca_cert", &e.to_string())
-            })?;
+            .map_err(|e| self.invalid(tls_key(&e), &e.to_string()))?;
         let max_in_flight = match raw.max_in_flight {
             None => MaxInFlight::Auto,
             Some(RawCount::Word(w)) if w.trim().eq_ignore_ascii_case("auto") => MaxInFlight::Auto,
@@ -319,6 +324,59 @@ impl Validator {
             scan_timeout,
             restrictions_refresh,
         })
+    }
+
+    /// `p` must be an existing regular file (not a folder, not `/dev/null`): checked before any
+    /// advice about its permissions, which would be wrong, even harmful, for anything else.
+    pub(super) fn regular_file(&self, key: &str, p: &Path, what: &str) -> Result<(), ConfigError> {
+        let m = std::fs::metadata(p)
+            .map_err(|e| self.invalid(key, &format!("{}: {e}", p.display())))?;
+        if m.is_file() {
+            return Ok(());
+        }
+        let kind = if m.is_dir() {
+            "a folder"
+        } else {
+            "a device or special file"
+        };
+        Err(self.invalid(
+            key,
+            &format!(
+                "{} is {kind}, not a regular file: give the path of {what}",
+                p.display()
+            ),
+        ))
+    }
+
+    /// A client key file that holds a certificate and no key (or a certificate file that holds
+    /// a key and no certificate): the two keys are swapped, which the permission check would
+    /// otherwise report as "run chmod 600" on the certificate.
+    fn not_swapped(&self, cert: &Path, key: &Path) -> Result<(), ConfigError> {
+        let markers = |p: &Path| {
+            let text = std::fs::read(p).unwrap_or_default();
+            let has = |m: &[u8]| text.windows(m.len()).any(|w| w == m);
+            (
+                has(b"-----BEGIN CERTIFICATE-----"),
+                has(b"PRIVATE KEY-----"),
+            )
+        };
+        let (key_has_cert, key_has_key) = markers(key);
+        if key_has_cert && !key_has_key {
+            let (_, cert_has_key) = markers(cert);
+            let hint = if cert_has_key {
+                " and server.client_cert names a key: the two are swapped"
+            } else {
+                ""
+            };
+            return Err(self.invalid(
+                "server.client_key",
+                &format!(
+                    "{} holds a certificate, not a private key{hint}; give the key file (PEM PKCS#8, PKCS#1 or SEC1)",
+                    key.display()
+                ),
+            ));
+        }
+        Ok(())
     }
 
     fn state(&self, raw: RawState) -> Result<StateConfig, ConfigError> {
@@ -422,7 +480,39 @@ impl Validator {
                 &format!("`{level}` is not a level or filter like `info` or `dropscan=debug`"),
             ));
         }
+        // A bare word is a valid filter (it enables that target at `trace` and hides everything
+        // else), so a misspelt level such as `verbose` or `warning` would silence the log.
+        const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+        for directive in level.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+            if !directive.contains('=')
+                && !LEVELS.contains(&directive.to_ascii_lowercase().as_str())
+            {
+                return Err(self.invalid(
+                    "log.level",
+                    &format!(
+                        "`{directive}` is not a level: use one of {}, or a filter like `dropscan=debug` (a bare word would hide every log line but that module's)",
+                        LEVELS.join(", ")
+                    ),
+                ));
+            }
+        }
         Ok(LogConfig { format, level })
+    }
+}
+
+/// The key a TLS loading error is about: each names its own file's key (and so its line).
+fn tls_key(e: &kata::TlsError) -> &'static str {
+    use kata::TlsError;
+    let by_what = |what: &str| match what {
+        "client key" => "server.client_key",
+        "CA certificate" => "server.ca_cert",
+        _ => "server.client_cert",
+    };
+    match e {
+        TlsError::Read { what, .. } | TlsError::Invalid { what, .. } => by_what(what),
+        TlsError::KeyReadableByOthers { .. } | TlsError::KeyMismatch { .. } => "server.client_key",
+        TlsError::NoSystemRoots { .. } => "server.ca_cert",
+        TlsError::Config { .. } => "server.client_cert",
     }
 }
 

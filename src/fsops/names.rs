@@ -1,5 +1,5 @@
 //! Names: users' relative paths made safe to join under a folder, the names dropscan gives its
-//! own files, and file names made safe to print.
+//! own files, file names made safe to print, and paths written losslessly into JSON.
 //!
 //! A legal user name is kept exactly in every destination: only our own additions (the ` (n)`
 //! of a taken name, the `.dropscan.json` of a sidecar) may force a shortening, and the sidecar
@@ -248,5 +248,60 @@ impl fmt::Display for Shown<'_> {
 impl fmt::Debug for Shown<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "\"{self}\"")
+    }
+}
+
+/// A path in JSON output (tools' `--json`, hook events), lossless: `key` holds its text, exact
+/// when the name is UTF-8; a name that is not UTF-8 has its invalid bytes shown as U+FFFD there
+/// and, only then, `<key>_hex` beside it: the lower-case hex of its bytes, which is exact (two
+/// such names that print alike still differ there).
+pub fn insert_json(obj: &mut serde_json::Map<String, serde_json::Value>, key: &str, path: &Path) {
+    obj.insert(key.to_owned(), path.to_string_lossy().into_owned().into());
+    if let Some(hex) = json_hex(path) {
+        obj.insert(format!("{key}_hex"), hex.into());
+    }
+}
+
+/// The `<key>_hex` of [`insert_json`]: `None` for a UTF-8 name.
+pub fn json_hex(path: &Path) -> Option<String> {
+    path.to_str()
+        .is_none()
+        .then(|| hex::encode(path.as_os_str().as_bytes()))
+}
+
+/// Free text that may quote names (a journaled reason, an error, a server's verdict) as it is
+/// safe to print on a terminal: control characters escaped as [`shown`] does; backslashes are
+/// kept (the names inside were escaped when the text was made).
+pub fn shown_text(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() => out.push_str(&format!("\\u{{{:x}}}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod json_and_text_tests {
+    use super::*;
+
+    #[test]
+    fn free_text_is_shown_without_control_characters_and_paths_are_exact_in_json() {
+        assert_eq!(
+            shown_text("a\u{1b}]0;x\u{7}\nb\\c"),
+            "a\\u{1b}]0;x\\u{7}\\nb\\c"
+        );
+        let bad = Path::new(OsStr::from_bytes(b"d/bad\xff.com"));
+        assert_eq!(json_hex(bad).as_deref(), Some("642f626164ff2e636f6d"));
+        assert_eq!(json_hex(Path::new("d/ok.com")), None);
+        let mut obj = serde_json::Map::new();
+        insert_json(&mut obj, "path", bad);
+        assert_eq!(obj["path"], "d/bad\u{fffd}.com");
+        assert_eq!(obj["path_hex"], "642f626164ff2e636f6d");
     }
 }

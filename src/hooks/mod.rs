@@ -23,6 +23,10 @@
 //! `application/json`, with `X-Dropscan-Signature: sha256=<hex HMAC-SHA256 of the body>` when
 //! a secret is set (any 2xx is success).
 //!
+//! Paths in an event are exact: `root`, `path` and `dest` hold the text of a UTF-8 name; a name
+//! that is not UTF-8 shows U+FFFD there and gets `root_hex` / `path_hex` / `dest_hex` beside it,
+//! the hex of its bytes (two such names never look alike to a receiver).
+//!
 //! What this module does not do: decide or move anything.
 
 use std::path::Path;
@@ -30,6 +34,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::config::Config;
+use crate::fsops::names::json_hex;
 use crate::journal::{FileRecord, NewHookEvent, Outcome};
 
 mod deliver;
@@ -49,10 +54,19 @@ pub struct Event<'a> {
     pub verdict: Option<&'a str>,
     /// The watched root (the inbox).
     pub root: String,
+    /// For a root that is not UTF-8 only: the hex of its bytes (exact; `root` shows U+FFFD).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub root_hex: Option<String>,
     /// The original path, relative to the root.
     pub path: String,
+    /// For a path that is not UTF-8 only: the hex of its bytes (exact; `path` shows U+FFFD).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path_hex: Option<String>,
     /// Where the file was placed.
     pub dest: String,
+    /// For a `dest` that is not UTF-8 only: the hex of its bytes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dest_hex: Option<String>,
     /// Bytes.
     pub size: Option<u64>,
     /// Lower-case hex SHA-256, if the file was hashed.
@@ -99,9 +113,12 @@ pub fn events_for(
         event: "placed",
         outcome: outcome.as_str(),
         verdict: rec.verdict.as_deref(),
-        root: rec.root.display().to_string(),
-        path: rec.rel_path.display().to_string(),
-        dest: dest.display().to_string(),
+        root: rec.root.to_string_lossy().into_owned(),
+        root_hex: json_hex(&rec.root),
+        path: rec.rel_path.to_string_lossy().into_owned(),
+        path_hex: json_hex(&rec.rel_path),
+        dest: dest.to_string_lossy().into_owned(),
+        dest_hex: json_hex(dest),
         size: rec.stamp.map(|s| s.size),
         sha256: rec.sha256.map(hex::encode),
         scan_ids: &rec.scan_ids,

@@ -67,6 +67,8 @@ pub async fn run(journal: Journal, hooks: Vec<HookConfig>, shutdown: Cancellatio
     // they are never read, so they cannot crowd out the others.
     if let Ok(waiting) = journal.hooks_waiting().await {
         for hook in waiting.iter().filter(|h| !ready.contains_key(*h)) {
+            // Such a hook may be a URL with a password, queued before those were refused.
+            let hook = crate::config::redact_userinfo(hook);
             tracing::warn!(hook = %hook, "events queued for a hook that is not configured now; they wait");
         }
     }
