@@ -193,3 +193,96 @@ fn promtool_check(body: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `GET path` with a 3 s connect/read/write timeout: Some(status line) or None.
+fn get_within(port: u16, path: &str) -> Option<String> {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+    s.set_write_timeout(Some(Duration::from_secs(3))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.lines().next().map(str::to_string)
+}
+
+/// Review finding (issue 18, 3): any local user could stall the agent through the metrics port.
+/// 1,100 idle connections used up the process's 1,024 descriptors: the accept loop spun on
+/// EMFILE, a new drop was skipped with "Too many open files" and `/healthz` stopped answering.
+/// Here the real binary runs with 256 descriptors (soft and hard, so raising the soft limit at
+/// start cannot help), 400 idle connections are opened and held, and still `/healthz` answers
+/// and a new drop is placed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_to_the_metrics_port_stall_neither_health_nor_drops() {
+    if std::process::Command::new("prlimit")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipped: prlimit (util-linux) is not installed");
+        return;
+    }
+    let mut w = World::quick().await;
+    let port = free_port();
+    w.more_watches = format!("\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n");
+    let cfg = w.write_config();
+    let child = std::process::Command::new("prlimit")
+        .arg("--nofile=256:256")
+        .arg(env!("CARGO_BIN_EXE_dropscan"))
+        .args(["run", "--config", cfg.to_str().unwrap()])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            self.0.kill().ok();
+            self.0.wait().ok();
+        }
+    }
+    let _agent = Kill(child);
+    let up = wait_for(Duration::from_secs(20), || {
+        get_within(port, "/healthz").filter(|l| l.contains(" 200"))
+    })
+    .await;
+    assert!(up.is_some(), "the endpoint never answered");
+    w.drop_file("before.txt", b"placed before the flood");
+    w.wait_placed(1, Duration::from_secs(30)).await;
+
+    // The flood: 400 connections that never send a byte, held open.
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut idle = Vec::new();
+    for _ in 0..400 {
+        if let Ok(s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+            idle.push(s);
+        }
+    }
+    assert!(idle.len() >= 300, "only {} connections opened", idle.len());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let health = wait_for(Duration::from_secs(20), || {
+        get_within(port, "/healthz").filter(|l| l.contains(" 200"))
+    })
+    .await;
+    assert!(
+        health.is_some(),
+        "/healthz does not answer while idle connections are held"
+    );
+    w.drop_file("during.txt", b"dropped during the flood");
+    let placed = wait_for(Duration::from_secs(30), || {
+        w.clean.join("during.txt").exists().then_some(())
+    })
+    .await;
+    assert!(
+        placed.is_some(),
+        "a drop is not placed while idle connections are held: {:?}",
+        w.outcomes()
+    );
+    drop(idle);
+}

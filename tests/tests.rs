@@ -9,6 +9,7 @@ mod capacity;
 mod cli;
 mod config_errors;
 mod durability;
+mod hostile_server;
 mod emulator_server;
 mod friction;
 mod hooks;
