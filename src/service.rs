@@ -6,6 +6,9 @@
 //! terminal, a container, the tests) every function here does nothing. A notification that
 //! cannot be sent is logged at debug level and otherwise ignored: the service manager's
 //! channel must never stop the pipeline.
+//!
+//! It also raises the process's descriptor limit at start ([`raise_nofile_limit`]): the soft
+//! limit (1,024 by default) to the hard one, which the unit sets with `LimitNOFILE=`.
 
 use std::time::Duration;
 
@@ -57,4 +60,34 @@ pub fn stopping_on(shutdown: CancellationToken) {
         shutdown.cancelled().await;
         stopping();
     });
+}
+
+/// Raises the soft limit on open descriptors (`RLIMIT_NOFILE`) to the hard limit, once at start:
+/// watches, staged files, connections to KATA and to the metrics port all take descriptors, and
+/// the soft default of 1,024 is a limit only for old `select(2)` users, which we are not. Returns
+/// the soft limit in force afterwards; a refusal is logged and the old limit kept.
+pub fn raise_nofile_limit() -> Option<u64> {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    // `None` is "unlimited": nothing to raise (or to raise to).
+    let (Some(soft), Some(hard)) = (limit.current, limit.maximum) else {
+        return limit.current;
+    };
+    if soft >= hard {
+        return Some(soft);
+    }
+    let raised = rustix::process::Rlimit {
+        current: Some(hard),
+        maximum: Some(hard),
+    };
+    match setrlimit(Resource::Nofile, raised) {
+        Ok(()) => {
+            tracing::debug!(from = soft, to = hard, "raised the open file limit");
+            Some(hard)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, soft, hard, "cannot raise the open file limit");
+            Some(soft)
+        }
+    }
 }
