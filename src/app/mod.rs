@@ -130,7 +130,13 @@ impl Agent {
         let (shared, serve_metrics) = (self.shared, self.serve_metrics);
         let cfg = Arc::clone(&shared.config);
         // Restrictions first (a failure is not fatal: the server may be down; it is retried).
-        if shared.limits.refresh(&shared.client).await.is_err() {
+        // A shutdown meanwhile ends the run: a server trickling its answer must not hold it.
+        let refreshed = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => return Ok(()),
+            r = shared.limits.refresh(&shared.client) => r,
+        };
+        if refreshed.is_err() {
             tracing::warn!(
                 "starting without the server's restrictions; they are fetched again later"
             );

@@ -183,6 +183,34 @@ impl ApiError {
         }
     }
 
+    /// The cause in a few words, for "KATA unavailable" and "answers again" log lines: the HTTP
+    /// status for an answer, the deepest error of the chain for a transport failure
+    /// ("Connection refused (os error 111)"), the detail otherwise. Never empty.
+    pub fn cause(&self) -> String {
+        match self {
+            ApiError::Unauthorized { .. } => "HTTP 401".into(),
+            ApiError::TooLarge => "HTTP 413".into(),
+            ApiError::Busy { .. } => "HTTP 429".into(),
+            ApiError::Server { status, .. } | ApiError::Rejected { status, .. } => {
+                format!("HTTP {status}")
+            }
+            ApiError::ServerNotTrusted { detail }
+            | ApiError::ClientCertRefused { detail }
+            | ApiError::NotTls { detail }
+            | ApiError::Protocol { detail }
+            | ApiError::Setup { detail } => detail.clone(),
+            ApiError::PinMismatch { .. } => "server certificate pin mismatch".into(),
+            ApiError::Transport { source } => {
+                let deepest = chain(source).last().map(ToString::to_string);
+                match deepest {
+                    Some(d) if !d.is_empty() => d,
+                    _ => source.to_string(),
+                }
+            }
+            ApiError::Local { source } => source.to_string(),
+        }
+    }
+
     /// Builds [`ApiError::Protocol`].
     pub(crate) fn protocol(detail: impl Into<String>) -> Self {
         ApiError::Protocol {
@@ -226,6 +254,13 @@ impl ApiError {
                 }
                 _ => {}
             }
+        }
+        // TLS went through, then the peer sent something that is not HTTP (an SSH banner,
+        // another protocol, random bytes): the server is not a KATA scanner API.
+        if let Some(parse) = find_in_chain::<hyper::Error>(&err).filter(|h| h.is_parse()) {
+            return ApiError::Protocol {
+                detail: format!("the server's answer is not HTTP: {parse}"),
+            };
         }
         ApiError::Transport { source: err }
     }

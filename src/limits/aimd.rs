@@ -19,8 +19,13 @@
 //!   holds back new submissions until enough scans finished, so the server stays nearly full.
 //!
 //! Growth only happens while the cap is what holds submissions back (every slot taken): an idle
-//! agent does not inflate it. A pinned cap (`max_in_flight = N`) never moves. The floor is 1 and
-//! the ceiling `server.max_in_flight_ceiling`.
+//! agent does not inflate it. The floor is 1 and the ceiling `server.max_in_flight_ceiling`.
+//!
+//! A pinned cap (`max_in_flight = N`) is a ceiling, not a promise to the server: it starts at N
+//! and never grows past it, but a 429 cuts it like any other, and it recovers the same way (fast
+//! to what the server took, then +1 per round, back up to N). It only skips slow start and the
+//! capacity learned by an earlier run. (Pinned at 16 against a server taking 3, holding the cap
+//! drew 110 answers of 429 for 30 files.)
 //!
 //! This file does no I/O and reads no clock; `Limits` applies the changes to the semaphore.
 
@@ -39,8 +44,11 @@ pub enum Mode {
         /// The cap never grows past this.
         ceiling: usize,
     },
-    /// Pinned.
-    Fixed,
+    /// Pinned: starts at this ceiling, cut by 429s below it, never above it.
+    Fixed {
+        /// The configured number: the cap never grows past this.
+        ceiling: usize,
+    },
 }
 
 /// The cap and what was learned.
@@ -60,10 +68,10 @@ pub struct Aimd {
 }
 
 impl Aimd {
-    /// A cap pinned at `n` (at least 1).
+    /// A cap pinned at `n` (at least 1): starts there, a 429 still cuts it.
     pub fn fixed(n: usize) -> Self {
         Aimd {
-            mode: Mode::Fixed,
+            mode: Mode::Fixed { ceiling: n.max(1) },
             cap: n.max(1),
             learned: 0,
             slow_start: false,
@@ -106,12 +114,16 @@ impl Aimd {
         self.generation
     }
 
-    /// Whether the cap is at its ceiling (always, when pinned).
-    pub fn at_ceiling(&self) -> bool {
+    /// The most the cap may grow to.
+    pub fn ceiling(&self) -> usize {
         match self.mode {
-            Mode::Auto { ceiling } => self.cap >= ceiling,
-            Mode::Fixed => true,
+            Mode::Auto { ceiling } | Mode::Fixed { ceiling } => ceiling,
         }
+    }
+
+    /// Whether the cap is at its ceiling.
+    pub fn at_ceiling(&self) -> bool {
+        self.cap >= self.ceiling()
     }
 
     /// Adopts a capacity learned by an earlier run, read after start-up (never lowers what this
@@ -132,9 +144,7 @@ impl Aimd {
     /// A submission was accepted; `on_server` scans are now in flight (this one included) and
     /// `saturated` says whether every slot was taken. Returns the change of the cap.
     pub fn accepted(&mut self, on_server: usize, saturated: bool) -> isize {
-        let Mode::Auto { ceiling } = self.mode else {
-            return 0;
-        };
+        let ceiling = self.ceiling();
         self.learned = self.learned.max(on_server.min(ceiling));
         if !saturated || self.cap >= ceiling {
             return 0;
@@ -155,9 +165,7 @@ impl Aimd {
     /// The server answered 429 to a submission whose slot was taken in window `generation`,
     /// with `on_server` scans in flight; `jitter` is in [0, 1). Returns the change of the cap.
     pub fn throttled(&mut self, generation: u64, on_server: usize, jitter: f64) -> isize {
-        let Mode::Auto { ceiling } = self.mode else {
-            return 0;
-        };
+        let ceiling = self.ceiling();
         if generation < self.generation {
             return 0; // Part of a burst already answered.
         }
@@ -233,11 +241,22 @@ mod tests {
     }
 
     #[test]
-    fn fixed_never_moves_and_restore_ignores_it() {
+    fn a_pinned_cap_is_a_ceiling_that_429_still_cuts() {
         let mut a = Aimd::fixed(8);
+        assert!(a.at_ceiling());
+        // Never past the pinned number, and nothing learned earlier is restored.
         assert_eq!(a.accepted(8, true), 0);
-        assert_eq!(a.throttled(0, 8, 0.5), 0);
         assert_eq!(a.restore(40), 0);
+        assert_eq!(a.cap(), 8);
+        // A 429 cuts it (once per burst), and it recovers up to the pin, not beyond.
+        let g = a.generation();
+        assert!(a.throttled(g, 3, 0.0) < 0);
+        assert_eq!(a.cap(), 4);
+        assert_eq!(a.learned(), 3);
+        assert_eq!(a.throttled(g, 3, 0.0), 0, "the same burst cuts once");
+        for _ in 0..100 {
+            a.accepted(8, true);
+        }
         assert_eq!(a.cap(), 8);
         assert!(a.at_ceiling());
     }

@@ -9,7 +9,8 @@
 //!   upload starts and released when the verdict is final. With `max_in_flight = "auto"` the
 //!   cap is learned from the server's 429 answers by AIMD (`aimd.rs`: slow start, cut ×0.5–0.75
 //!   with jitter once per burst, fast recovery to the learned capacity, then +1 per round), the
-//!   learned capacity is kept in the journal and restored at start; a number pins the cap. When
+//!   learned capacity is kept in the journal and restored at start; a number pins the cap's
+//!   ceiling (429s still cut it below, see `aimd.rs`). When
 //!   the cap shrinks below the scans in flight, the permits they hold are retired as they come
 //!   back (*debt*), so there are never more uploads than the cap, except scans adopted at
 //!   start-up, which run over it when no permit is free. Only a 429 to a *submission* moves the
@@ -19,7 +20,15 @@
 //!   the tuner task that [`Limits::start`] spawns.
 //! - **Gate**: the server's health as the pipeline sees it. Transient failures (429, 5xx,
 //!   transport) pause submissions with capped, jittered exponential backoff; a 401 pauses them
-//!   until the integration is accepted. Each change of state is logged once, not per request.
+//!   until the integration is accepted. When a pause ends, **one** submission probes the server
+//!   and the others wait for its answer (or for another pause's length, if it never comes):
+//!   retries after a wait are spread, never a herd of every queued upload at once. A 429's pause
+//!   ends only with an accepted submission (a results request that went through says nothing
+//!   about the server's room for scans); an outage's pause ends with any answer.
+//! - **Health** changes only on evidence: `Down` once requests have failed for
+//!   [`DOWN_AFTER`] with no success between (a 500 now and then among answers is a blip: it
+//!   pauses submissions, not the agent's health); `Unauthorized` at the first 401. Each change is
+//!   logged once, with its cause (the deepest error: "Connection refused", "HTTP 503").
 //!
 //! This module does no I/O except the restrictions refresh through the client and the snapshot
 //! through the journal.
@@ -51,6 +60,8 @@ pub use observe::{Binding, LimitsSnapshot};
 pub const BACKOFF_MIN: Duration = Duration::from_millis(500);
 /// Longest backoff between tries while the server is down.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// How long requests must fail, with no success between, before the server counts as down.
+pub const DOWN_AFTER: Duration = Duration::from_secs(5);
 
 type Limiter = RateLimiter<
     governor::state::NotKeyed,
@@ -122,8 +133,32 @@ pub enum Health {
 
 struct GateState {
     health: Health,
+    /// Failures since the last success (429s included: they lengthen the backoff), one per
+    /// burst: those that come while a pause is in force do not count.
     failures: u32,
+    /// The first failure (429s excluded) since the last success.
+    failing_since: Option<Instant>,
+    /// The cause of the last failure, for the recovery line.
+    last_cause: String,
     paused_until: Option<Instant>,
+    /// Why submissions are paused (or probing).
+    pause: Pause,
+    /// The length of the last pause.
+    last_pause: Duration,
+    /// A probe is out since a pause ended: other submissions wait until its answer, or until
+    /// this time (then another probes).
+    probing_until: Option<Instant>,
+}
+
+/// Why submissions wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pause {
+    /// Nothing.
+    None,
+    /// The server failed (5xx, transport, 401): any answer ends it.
+    Outage,
+    /// The server is full (429): only an accepted submission ends it.
+    Throttle,
 }
 
 /// One scan in flight. Dropping it frees the slot (or retires it, after a shrink); a slot whose
@@ -211,7 +246,12 @@ impl Limits {
                 gate: Mutex::new(GateState {
                     health: Health::Up,
                     failures: 0,
+                    failing_since: None,
+                    last_cause: String::new(),
                     paused_until: None,
+                    pause: Pause::None,
+                    last_pause: Duration::ZERO,
+                    probing_until: None,
                 }),
                 recovered: Notify::new(),
             }),
@@ -336,6 +376,8 @@ impl Limits {
     /// The server accepted the submission holding `slot`: from now on the slot is a scan in
     /// flight (its scan time is measured), and the cap may grow (auto mode).
     pub fn accepted(&self, slot: &mut InFlight) {
+        // The server took a scan: it has room again, whatever paused submissions.
+        self.resume(true);
         if !slot.on_server {
             slot.on_server = true;
             slot.since = Some(Instant::now());
@@ -395,59 +437,121 @@ impl Limits {
         lock(&self.inner.gate).health
     }
 
-    /// Waits until submissions may go on (no backoff pause in force) or shutdown.
+    /// Waits until submissions may go on or shutdown. After a pause the first caller goes on
+    /// as the probe; later ones wait for the probe's answer ([`Limits::server_ok`],
+    /// [`Limits::accepted`] or [`Limits::server_failed`]), or for another pause's length.
     pub async fn gate(&self, shutdown: &CancellationToken) {
         loop {
             // Registered before the state is read, so a recovery in between is not missed.
             let recovered = self.inner.recovered.notified();
             tokio::pin!(recovered);
             recovered.as_mut().enable();
-            let until = lock(&self.inner.gate).paused_until;
-            match until {
-                Some(t) if t > Instant::now() => {
-                    tokio::select! {
-                        biased;
-                        () = shutdown.cancelled() => return,
-                        () = recovered => {}
-                        () = tokio::time::sleep_until(t) => {}
+            let wait = {
+                let mut g = lock(&self.inner.gate);
+                let now = Instant::now();
+                match (g.paused_until, g.probing_until) {
+                    (Some(t), _) | (None, Some(t)) if t > now => t,
+                    (None, None) => return,
+                    _ => {
+                        // The pause (or the last probe's wait) is over: this caller probes.
+                        g.paused_until = None;
+                        g.probing_until = Some(now + g.last_pause.max(BACKOFF_MIN));
+                        return;
                     }
                 }
-                _ => return,
+            };
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => return,
+                () = recovered => {}
+                () = tokio::time::sleep_until(wait) => {}
             }
         }
     }
 
-    /// A request went through: the server is up. Logs the recovery once.
+    /// A request went through: the server is up. Logs the recovery once; ends an outage's
+    /// pause (a 429's pause waits for an accepted submission).
     pub fn server_ok(&self) {
+        self.resume(false);
+    }
+
+    /// Ends the pause (a throttle's too when `accepted`), resets the failure count, and logs a
+    /// recovery from `Down` or `Unauthorized` once.
+    fn resume(&self, accepted: bool) {
         let mut g = lock(&self.inner.gate);
-        let was_paused = g.paused_until.is_some();
         if g.health != Health::Up {
-            tracing::info!(after_failures = g.failures, "KATA answers again: resuming");
+            let down_for = g
+                .failing_since
+                .map(|t| humantime::format_duration(round_secs(t.elapsed())).to_string());
+            tracing::info!(
+                after_failures = g.failures,
+                down_for = down_for.as_deref().unwrap_or("-"),
+                cause = %g.last_cause,
+                "KATA answers again: resuming"
+            );
         }
         g.health = Health::Up;
+        g.failing_since = None;
+        let ends = match g.pause {
+            Pause::None => false,
+            Pause::Outage => true,
+            Pause::Throttle => accepted,
+        };
+        if !ends {
+            return;
+        }
         g.failures = 0;
         g.paused_until = None;
+        g.probing_until = None;
+        g.pause = Pause::None;
         drop(g);
-        if was_paused {
-            self.inner.recovered.notify_waiters();
-        }
+        self.inner.recovered.notify_waiters();
     }
 
     /// A request failed; pauses submissions accordingly. Returns the pause.
     pub fn server_failed(&self, err: &ApiError) -> Duration {
         let mut g = lock(&self.inner.gate);
-        g.failures = g.failures.saturating_add(1);
+        let now = Instant::now();
+        let cause = err.cause();
         let new = match err {
             ApiError::Unauthorized { .. } => Health::Unauthorized,
             // A 429 is the server at its limit, not down: with `max_in_flight = "auto"` it is
             // how the cap is learned, so it pauses submissions briefly without a warning.
             ApiError::Busy { .. } => g.health,
-            _ => Health::Down,
+            _ => {
+                let since = *g.failing_since.get_or_insert(now);
+                if g.health == Health::Up && now.saturating_duration_since(since) < DOWN_AFTER {
+                    Health::Up // A blip, so far.
+                } else {
+                    Health::Down
+                }
+            }
         };
-        // At least what the server asked for in Retry-After (capped by the client).
-        let pause =
-            backoff(g.failures, rand::random::<f64>()).max(err.retry_after().unwrap_or_default());
-        g.paused_until = Some(Instant::now() + pause);
+        // A burst of failures (every upload in flight refused at once) is one failure: only one
+        // that comes while no pause is in force (the probe's, or the first) lengthens the
+        // backoff. Otherwise thirteen 429s of one burst would pause for minutes.
+        let retry_after = err.retry_after().unwrap_or_default();
+        let pause = match g.paused_until {
+            Some(until) if until > now => {
+                let until = until.max(now + retry_after);
+                g.paused_until = Some(until);
+                until - now
+            }
+            _ => {
+                g.failures = g.failures.saturating_add(1);
+                // At least what the server asked for in Retry-After (capped by the client).
+                let pause = backoff(g.failures, rand::random::<f64>()).max(retry_after);
+                g.paused_until = Some(now + pause);
+                g.last_pause = pause;
+                pause
+            }
+        };
+        g.probing_until = None;
+        g.pause = match (err, g.pause) {
+            // A 429 during an outage leaves the outage's pause (any answer ends it).
+            (ApiError::Busy { .. }, Pause::None | Pause::Throttle) => Pause::Throttle,
+            _ => Pause::Outage,
+        };
         if g.health != new {
             match new {
                 Health::Unauthorized => tracing::error!(
@@ -456,14 +560,24 @@ impl Limits {
                 ),
                 _ => tracing::warn!(
                     error = %err,
-                    cause = %crate::error::root_cause(err),
+                    %cause,
+                    failures = g.failures,
                     "KATA unavailable: submissions paused, retrying with backoff (files wait in staging)"
                 ),
             }
             g.health = new;
         }
+        if !matches!(err, ApiError::Busy { .. }) {
+            g.last_cause = cause;
+        }
+        tracing::debug!(error = %err, ?pause, "request failed; submissions paused");
         pause
     }
+}
+
+/// `d` rounded to whole seconds, for log lines.
+fn round_secs(d: Duration) -> Duration {
+    Duration::from_secs(d.as_secs())
 }
 
 /// Capped exponential backoff with full jitter on the upper half: `attempt` counts from 1,

@@ -276,7 +276,7 @@ impl Limits {
             let c = lock(&inner.cap);
             let (mode, ceiling) = match c.aimd.mode() {
                 Mode::Auto { ceiling } => ("auto", ceiling),
-                Mode::Fixed => ("fixed", c.aimd.cap()),
+                Mode::Fixed { ceiling } => ("fixed", ceiling),
             };
             (mode, c.aimd.cap(), c.aimd.learned(), ceiling)
         };

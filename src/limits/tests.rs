@@ -250,19 +250,77 @@ async fn the_learned_capacity_survives_a_restart_in_the_journal() {
     shutdown.cancel();
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn gate_logs_state_changes_and_pauses() {
     let l = Limits::new(NonZeroUsize::new(1).unwrap(), rps());
     assert_eq!(l.health(), Health::Up);
-    let p = l.server_failed(&ApiError::Server {
+    let e503 = ApiError::Server {
         status: 503,
         retry_after: None,
-    });
+    };
+    let p = l.server_failed(&e503);
     assert!(p <= BACKOFF_MIN);
-    assert_eq!(l.health(), Health::Down);
+    assert_eq!(
+        l.health(),
+        Health::Up,
+        "one failure is a blip, not an outage"
+    );
+    tokio::time::advance(DOWN_AFTER).await;
+    l.server_failed(&e503);
+    assert_eq!(l.health(), Health::Down, "failing for DOWN_AFTER is");
     l.server_ok();
     assert_eq!(l.health(), Health::Up);
     l.gate(&CancellationToken::new()).await;
+}
+
+/// Review finding (issue 18, 9): with 30% of answers 500 the agent logged "KATA unavailable"
+/// and "answers again" 22 times in 2 s. Failures among successes never mark the server down.
+#[tokio::test(start_paused = true)]
+async fn failures_among_successes_are_blips_not_outages() {
+    let l = Limits::new(NonZeroUsize::new(1).unwrap(), rps());
+    for _ in 0..100 {
+        l.server_failed(&ApiError::Server {
+            status: 500,
+            retry_after: None,
+        });
+        tokio::time::advance(Duration::from_secs(1)).await;
+        l.server_ok();
+        tokio::time::advance(Duration::from_secs(1)).await;
+    }
+    assert_eq!(l.health(), Health::Up);
+}
+
+/// Review finding (issue 18, 9): after each wait every queued upload fired at once. When a
+/// pause ends one submission probes; the next waits for its answer.
+#[tokio::test(start_paused = true)]
+async fn after_a_pause_one_submission_probes_and_the_rest_wait_for_its_answer() {
+    let l = Limits::new(nz(16), rps());
+    let shutdown = CancellationToken::new();
+    let p = l.server_failed(&ApiError::Busy { retry_after: None });
+    let t0 = Instant::now();
+    l.gate(&shutdown).await;
+    assert!(t0.elapsed() >= p, "the pause is kept");
+    // The probe went; the next one waits for its answer.
+    let next = tokio::spawn({
+        let (l, s) = (l.clone(), shutdown.clone());
+        async move { l.gate(&s).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        !next.is_finished(),
+        "a second submission went before the probe's answer"
+    );
+    // A results request that went through says nothing about room for scans: still waiting.
+    l.server_ok();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!next.is_finished(), "a poll's success ended a 429's pause");
+    // The probe was accepted: the rest go on.
+    let mut slot = take(&l).await;
+    l.accepted(&mut slot);
+    tokio::time::timeout(Duration::from_secs(1), next)
+        .await
+        .expect("released by the accepted probe")
+        .unwrap();
 }
 
 #[tokio::test]
@@ -291,10 +349,14 @@ async fn a_429_pauses_submissions_without_marking_the_server_down() {
     l.gate(&CancellationToken::new()).await;
     assert!(t0.elapsed() >= p);
     // A server already down stays down on a 429.
-    l.server_failed(&ApiError::Server {
+    let e503 = ApiError::Server {
         status: 503,
         retry_after: None,
-    });
+    };
+    l.server_failed(&e503);
+    tokio::time::advance(DOWN_AFTER).await;
+    l.server_failed(&e503);
+    assert_eq!(l.health(), Health::Down);
     l.server_failed(&ApiError::Busy { retry_after: None });
     assert_eq!(l.health(), Health::Down);
 }
