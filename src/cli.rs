@@ -114,6 +114,15 @@ pub enum Command {
         #[command(subcommand)]
         action: FailedAction,
     },
+    /// Verdicts the server contradicted after the file was released as clean (`not detected`,
+    /// later `detect`): which file, where it was placed, which scan. Reads the journal; works
+    /// while the agent runs.
+    #[command(after_help = TOOLS_EXIT_HELP)]
+    Anomalies {
+        /// What to do.
+        #[command(subcommand)]
+        action: AnomaliesAction,
+    },
     /// Show what the journal holds: counts per state, the oldest pending file, the last errors.
     Status {
         /// `--config FILE`.
@@ -210,6 +219,21 @@ pub enum QuarantineAction {
         /// Why (kept in the audit records); default: "older than DURATION".
         #[arg(long)]
         reason: Option<String>,
+    },
+}
+
+/// `dropscan anomalies …`.
+#[derive(Debug, Subcommand)]
+pub enum AnomaliesAction {
+    /// Every recorded anomaly: id, when, original root and path, where it was placed in clean,
+    /// SHA-256, scanId, the verdict it was released on and the one contradicting it.
+    List {
+        /// `--config FILE`.
+        #[command(flatten)]
+        config: ConfigFile,
+        /// One JSON array.
+        #[arg(long)]
+        json: bool,
     },
 }
 

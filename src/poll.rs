@@ -13,6 +13,19 @@
 //! contradicts a verdict decided in this process (remembered for [`RECENT_KEEP`]) is handed to it
 //! as a server anomaly, which it resolves fail-closed (see the `journal` module).
 //!
+//! **Released scans stay watched.** The results request goes on, one per tick, while any verdict
+//! is remembered (at most [`RECENT_KEEP`] after the last one, at most [`RECENT_MAX`] scans), not
+//! only while scans are in flight: a `detect` that follows the `not detected` a file was released
+//! on is caught even when nothing else is scanned. The journal records such a contradiction of a
+//! released file as an anomaly; the poller then announces it ([`Journal::announce_anomalies`]:
+//! `anomaly` hook events, the `dropscan_verdict_anomalies_total` counter, one ERROR line), and
+//! `dropscan anomalies list` shows it. The file is not pulled from clean (see SECURITY.md).
+//!
+//! **Shutdown** cancels a results request in flight at once: nothing is journaled until its
+//! answer is complete, and a server trickling its answer must not hold the agent past the grace.
+//!
+//! [`Journal::announce_anomalies`]: crate::journal::Journal::announce_anomalies
+//!
 //! `scan_timeout` counts monotonic time (`tokio::time::Instant`), never the wall clock: a clock
 //! jump must not fail (or prolong) the scans in flight. The clock starts when the scan is accepted
 //! or, for scans found in the journal at start-up, when they are adopted (they get a full timeout
@@ -44,7 +57,8 @@ use crate::pipeline::{Resubmit, Submitted};
 
 /// Stale results deleted per tick at most.
 const STALE_DELETES_PER_TICK: usize = 100;
-/// How long a verdict decided here is remembered, to catch a later answer contradicting it.
+/// How long a verdict decided here is remembered, to catch a later answer contradicting it;
+/// results are requested for that long after the last verdict, even with nothing in flight.
 pub const RECENT_KEEP: Duration = Duration::from_secs(600);
 /// Verdicts remembered at most (beyond that, new ones are not remembered).
 const RECENT_MAX: usize = 10_000;
@@ -86,6 +100,8 @@ struct Recent {
     sha256: [u8; 32],
     verdict: ScanVerdict,
     until: Instant,
+    /// A contradicting answer was handed to the journal already (once is enough).
+    contradicted: bool,
 }
 
 /// What this stage reads.
@@ -156,6 +172,8 @@ pub async fn run(
         down_since: None,
         recent: HashMap::new(),
     };
+    // Anomalies journaled before a crash and not announced yet.
+    poller.announce_anomalies().await;
     loop {
         tokio::select! {
             biased;
@@ -173,7 +191,13 @@ pub async fn run(
                 None => break,
             },
             _ = tick.tick() => {
-                poller.tick(&mut scans, &mut unconfirmed).await;
+                // A results request in flight is cancelled by a shutdown: nothing is journaled
+                // before its answer is complete (a trickling answer must not hold the agent).
+                tokio::select! {
+                    biased;
+                    () = shutdown.cancelled() => break,
+                    () = poller.tick(&mut scans, &mut unconfirmed) => {}
+                }
             }
         }
     }
@@ -196,7 +220,10 @@ impl Poller<'_> {
         scans: &mut HashMap<String, Entry>,
         unconfirmed: &mut HashMap<String, FileRecord>,
     ) {
-        if !scans.is_empty() || !unconfirmed.is_empty() {
+        // Released verdicts are watched for contradictions for `RECENT_KEEP`, in flight or not.
+        let now = Instant::now();
+        self.recent.retain(|_, r| r.until > now);
+        if !scans.is_empty() || !unconfirmed.is_empty() || !self.recent.is_empty() {
             if self.poll(scans, unconfirmed).await {
                 // The scan clock stops while KATA is unreachable: an outage of hours must not
                 // fail the scans that were in flight when it began.
@@ -211,8 +238,6 @@ impl Poller<'_> {
                 return;
             }
         }
-        let now = Instant::now();
-        self.recent.retain(|_, r| r.until > now);
         self.expire(scans).await;
         self.delete_stale().await;
     }
@@ -277,8 +302,9 @@ impl Poller<'_> {
             let Some(entry) = scans.get(&r.scan_id) else {
                 // A scan decided here lately that now answers otherwise: the journal keeps the
                 // first verdict and resolves the anomaly (detect wins while not yet placed).
-                if let (Some(v), Some(recent)) = (verdict, self.recent.get(&r.scan_id)) {
-                    if v != recent.verdict {
+                if let (Some(v), Some(recent)) = (verdict, self.recent.get_mut(&r.scan_id)) {
+                    if v != recent.verdict && !recent.contradicted {
+                        recent.contradicted = true;
                         decisions.push((recent.id, Decision::from_verdict(v, recent.sha256)));
                         verdicts.push((r.scan_id.clone(), recent.id, recent.sha256, v));
                     }
@@ -382,6 +408,7 @@ impl Poller<'_> {
                         sha256,
                         verdict,
                         until,
+                        contradicted: false,
                     });
                 }
             }
@@ -429,6 +456,7 @@ impl Poller<'_> {
                 for id in decided {
                     self.verdicts_tx.send(Verdict { id }).await.ok();
                 }
+                self.announce_anomalies().await;
                 true
             }
             Err(e) => {
@@ -454,7 +482,8 @@ impl Poller<'_> {
         let mut decisions = Vec::new();
         for (scan_id, id) in &expired {
             tracing::warn!(id, %scan_id, ?timeout, "no verdict within scan_timeout");
-            self.shared.journal.stale_scan(scan_id.clone()).await.ok();
+            // Its result is deleted once, by the sorter, after the file is in failed (the
+            // record keeps the scanId); queuing it here too deleted it twice.
             decisions.push((
                 *id,
                 Decision::failed(
@@ -468,6 +497,45 @@ impl Poller<'_> {
             ));
         }
         self.decide(scans, decisions).await;
+    }
+
+    /// Announces the anomalies the journal recorded and nobody announced yet: one ERROR line
+    /// each, the `anomaly` hook events (queued with marking them, in one transaction), and the
+    /// counter. A failure leaves them for the next decision or start.
+    async fn announce_anomalies(&self) {
+        let shared = self.shared;
+        let Ok(found) = shared.journal.unannounced_anomalies().await else {
+            return;
+        };
+        if found.is_empty() {
+            return;
+        }
+        let mut announced = Vec::with_capacity(found.len());
+        for a in &found {
+            tracing::error!(
+                anomaly = a.id,
+                path = %crate::fsops::shown(&a.rel_path),
+                dest = %a.dest.as_deref().map(crate::fsops::shown).map(|d| d.to_string()).unwrap_or_default(),
+                scan_id = a.scan_id.as_deref().unwrap_or("-"),
+                sha256 = a.sha256.map(hex::encode).unwrap_or_default(),
+                "server anomaly: a file already released as clean is now reported {} (it was released on {}); it stays where it is: check it (dropscan anomalies list)",
+                a.later,
+                a.first
+            );
+            let events = crate::hooks::anomaly_events(&shared.config, a);
+            announced.push((a.id, a.file_id, events));
+        }
+        match shared.journal.announce_anomalies(announced).await {
+            Ok(()) => {
+                shared
+                    .metrics
+                    .anomalies
+                    .fetch_add(found.len() as u64, Ordering::Relaxed);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "journal write failed; anomalies announced later")
+            }
+        }
     }
 
     /// Deletes results nobody needs any more (retried or timed-out scans).

@@ -86,9 +86,10 @@ impl Hostile {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut roots = RootCertStore::empty();
         roots.add(certs.ca_cert_der().unwrap()).unwrap();
-        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-            .build()
-            .unwrap();
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                .build()
+                .unwrap();
         let config = ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .unwrap()
@@ -102,7 +103,8 @@ impl Hostile {
         let seen = Arc::clone(&requests);
         let task = tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
-                let (acceptor, script, seen) = (acceptor.clone(), Arc::clone(&script), Arc::clone(&seen));
+                let (acceptor, script, seen) =
+                    (acceptor.clone(), Arc::clone(&script), Arc::clone(&seen));
                 tokio::spawn(async move {
                     let work = async {
                         let mut tls = acceptor.accept(tcp).await.ok()?;
@@ -124,7 +126,9 @@ impl Hostile {
                             }
                         }
                     };
-                    tokio::time::timeout(Duration::from_secs(600), work).await.ok();
+                    tokio::time::timeout(Duration::from_secs(600), work)
+                        .await
+                        .ok();
                 });
             }
         });
@@ -196,7 +200,12 @@ fn config_edited(w: &World, edits: &[(&str, &str)]) -> std::path::PathBuf {
     path
 }
 
-fn spawn_agent(path: &Path) -> (CancellationToken, tokio::task::JoinHandle<Result<(), String>>) {
+fn spawn_agent(
+    path: &Path,
+) -> (
+    CancellationToken,
+    tokio::task::JoinHandle<Result<(), String>>,
+) {
     let agent = Agent::new(Config::load(path).unwrap()).unwrap();
     let token = CancellationToken::new();
     let t = token.clone();
@@ -212,7 +221,9 @@ async fn tls_then_non_http_bytes_exit_76_not_69() {
     let mut w = World::quick().await;
     let server = Hostile::start(
         &w.certs,
-        Arc::new(|_: &Request| Reply::Now(b"SSH-2.0-OpenSSH_9.6\r\nInvalid SSH identification string.\r\n".to_vec())),
+        Arc::new(|_: &Request| {
+            Reply::Now(b"SSH-2.0-OpenSSH_9.6\r\nInvalid SSH identification string.\r\n".to_vec())
+        }),
     )
     .await;
     w.addr = server.addr;
@@ -263,7 +274,10 @@ async fn a_results_body_trickling_one_byte_a_second_does_not_hold_shutdown_past_
         ],
     );
     let (token, task) = spawn_agent(&path);
-    w.drop_file("a.txt", b"scanned by a server that never finishes answering");
+    w.drop_file(
+        "a.txt",
+        b"scanned by a server that never finishes answering",
+    );
     let polling = wait_for(Duration::from_secs(30), || {
         (server.count("GET", "/scans/state") > 0).then_some(())
     })
@@ -441,8 +455,9 @@ async fn a_verdict_contradicted_after_release_is_an_anomaly_a_soc_sees() {
                 return http(200, "{}");
             }
             if r.is("DELETE", "/scans/") {
-                let id = r.line().split('/').next_back().unwrap_or("");
-                let id = id.split(['?', ' ']).next().unwrap_or("").to_string();
+                let path = r.line().split(' ').nth(1).unwrap_or("");
+                let id = path.rsplit('/').next().unwrap_or("");
+                let id = id.split('?').next().unwrap_or("").to_string();
                 st.deleted.insert(id);
                 return http(200, "{}");
             }
@@ -486,7 +501,9 @@ async fn a_verdict_contradicted_after_release_is_an_anomaly_a_soc_sees() {
     // Nothing else is in flight: the contradiction must still be noticed.
     let event = wait_for(Duration::from_secs(30), || {
         let text = std::fs::read_to_string(&events).ok()?;
-        text.lines().find(|l| !l.trim().is_empty()).map(str::to_string)
+        text.lines()
+            .find(|l| !l.trim().is_empty())
+            .map(str::to_string)
     })
     .await;
     let event: serde_json::Value =
@@ -513,21 +530,35 @@ async fn a_verdict_contradicted_after_release_is_an_anomaly_a_soc_sees() {
         .ok()?;
         let mut out = String::new();
         std::io::Read::read_to_string(&mut s, &mut out).ok()?;
-        out.contains("dropscan_verdict_anomalies_total 1").then_some(())
+        out.contains("dropscan_verdict_anomalies_total 1")
+            .then_some(())
     })
     .await;
-    assert!(metrics.is_some(), "dropscan_verdict_anomalies_total is not 1");
+    assert!(
+        metrics.is_some(),
+        "dropscan_verdict_anomalies_total is not 1"
+    );
     // The listing, while the agent runs.
     let cfg = w.dir.path().join("dropscan.toml");
     let out = tokio::task::spawn_blocking(move || {
         std::process::Command::new(env!("CARGO_BIN_EXE_dropscan"))
-            .args(["anomalies", "list", "--json", "--config", cfg.to_str().unwrap()])
+            .args([
+                "anomalies",
+                "list",
+                "--json",
+                "--config",
+                cfg.to_str().unwrap(),
+            ])
             .output()
             .unwrap()
     })
     .await
     .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let list: Vec<HashMap<String, serde_json::Value>> =
         serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(list.len(), 1, "{list:?}");

@@ -27,6 +27,7 @@ pub use crate::error::{EXIT_NOPERM, EXIT_PROTOCOL};
 use crate::kata::{ApiError, KataClient};
 use crate::{app, demo, logging, signal};
 
+pub mod anomalies;
 pub mod failed;
 pub mod generate;
 pub mod quarantine;
@@ -75,6 +76,7 @@ pub async fn dispatch(command: Command) -> ExitCode {
         Command::Generate { what, out } => generate::run(what, &out),
         Command::Quarantine { action } => quarantine::run(action).await,
         Command::Failed { action } => failed::run(action).await,
+        Command::Anomalies { action } => anomalies::run(action).await,
     }
 }
 
@@ -104,6 +106,7 @@ async fn run(path: &Path) -> ExitCode {
         Err(code) => return code,
     };
     logging::init(config.log.format, &config.log.level);
+    crate::service::raise_nofile_limit();
     for note in &notes {
         tracing::warn!("{note}");
     }

@@ -33,6 +33,8 @@ pub enum HookOn {
     Quarantine,
     /// Placed in failed.
     Failed,
+    /// A verdict contradicted after the file was released as clean (not a placement).
+    Anomaly,
 }
 
 impl HookOn {
@@ -42,6 +44,7 @@ impl HookOn {
             HookOn::Clean => "clean",
             HookOn::Quarantine => "quarantine",
             HookOn::Failed => "failed",
+            HookOn::Anomaly => "anomaly",
         }
     }
 }
@@ -120,7 +123,8 @@ impl HookConfig {
         }
     }
 
-    /// Whether placements with this outcome (`clean`, `quarantine`, `failed`) trigger it.
+    /// Whether placements with this outcome (`clean`, `quarantine`, `failed`), or anomalies
+    /// (`anomaly`), trigger it.
     pub fn wants(&self, outcome: &str) -> bool {
         self.on.iter().any(|o| o.as_str() == outcome)
     }
@@ -133,7 +137,7 @@ impl Validator {
         if raw.on.is_empty() {
             return Err(self.invalid(
                 &key("on"),
-                "is empty; list any of \"clean\", \"quarantine\", \"failed\"",
+                "is empty; list any of \"clean\", \"quarantine\", \"failed\", \"anomaly\"",
             ));
         }
         let timeout = self.duration(

@@ -1,6 +1,10 @@
 //! Notifications of placements (`[[hook]]`): at least once, surviving restarts, retried with
 //! backoff, bounded concurrency, never stalling the pipeline.
 //!
+//! Besides placements, one more event: `anomaly`, a verdict contradicted after the file was
+//! released as clean ([`anomaly_events`]). The journal records it with the decision; the poller
+//! queues its events (`Journal::announce_anomalies`) and the same runner delivers them.
+//!
 //! - **Queued with the placement.** The sorter builds the events of a placement
 //!   ([`events_for`]) and hands them to [`Journal::placed_with_events`](crate::journal::Journal::placed_with_events),
 //!   which records `placed` and queues one row per hook in the same transaction. A crash after
@@ -35,7 +39,7 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::fsops::names::json_hex;
-use crate::journal::{FileRecord, NewHookEvent, Outcome};
+use crate::journal::{Anomaly, FileRecord, NewHookEvent, Outcome};
 
 mod deliver;
 mod runner;
@@ -81,6 +85,95 @@ pub struct Event<'a> {
     pub host: String,
     /// `server.sensor_instance_id`, if set.
     pub sensor_instance_id: Option<&'a str>,
+}
+
+/// The event delivered for a verdict contradicted after the file was released as clean.
+#[derive(Debug, Serialize)]
+pub struct AnomalyEvent<'a> {
+    /// Always `anomaly`.
+    pub event: &'static str,
+    /// Where the file was released: `clean`.
+    pub outcome: &'static str,
+    /// The contradicting verdict (`detect`).
+    pub verdict: &'a str,
+    /// The verdict the file was released on (`not detected`).
+    pub first_verdict: &'a str,
+    /// The watched root (the inbox).
+    pub root: String,
+    /// For a root that is not UTF-8 only: the hex of its bytes (exact; `root` shows U+FFFD).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub root_hex: Option<String>,
+    /// The original path, relative to the root.
+    pub path: String,
+    /// For a path that is not UTF-8 only: the hex of its bytes (exact; `path` shows U+FFFD).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path_hex: Option<String>,
+    /// Where the file was placed in clean, if known.
+    pub dest: Option<String>,
+    /// For a `dest` that is not UTF-8 only: the hex of its bytes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dest_hex: Option<String>,
+    /// Lower-case hex SHA-256 the verdicts were given for.
+    pub sha256: Option<String>,
+    /// The scan whose answer changed.
+    pub scan_ids: Vec<&'a str>,
+    /// What happened, in a sentence.
+    pub reason: String,
+    /// The anomaly's id in `dropscan anomalies list`.
+    pub anomaly_id: i64,
+    /// When the contradicting answer came (RFC 3339).
+    pub time: String,
+    /// This host's name.
+    pub host: String,
+    /// `server.sensor_instance_id`, if set.
+    pub sensor_instance_id: Option<&'a str>,
+}
+
+/// The events to queue for anomaly `a`: one per configured hook with `anomaly` in `on` (hooks
+/// with the same target are told once).
+pub fn anomaly_events(config: &Config, a: &Anomaly) -> Vec<NewHookEvent> {
+    let mut out: Vec<NewHookEvent> = Vec::new();
+    let wanting: Vec<_> = config.hooks.iter().filter(|h| h.wants("anomaly")).collect();
+    if wanting.is_empty() {
+        return out;
+    }
+    let at = std::time::UNIX_EPOCH
+        + std::time::Duration::from_millis(u64::try_from(a.at_ms).unwrap_or(0));
+    let event = AnomalyEvent {
+        event: "anomaly",
+        outcome: Outcome::Clean.as_str(),
+        verdict: &a.later,
+        first_verdict: &a.first,
+        root: a.root.to_string_lossy().into_owned(),
+        root_hex: json_hex(&a.root),
+        path: a.rel_path.to_string_lossy().into_owned(),
+        path_hex: json_hex(&a.rel_path),
+        dest: a.dest.as_ref().map(|d| d.to_string_lossy().into_owned()),
+        dest_hex: a.dest.as_deref().and_then(json_hex),
+        sha256: a.sha256.map(hex::encode),
+        scan_ids: a.scan_id.as_deref().into_iter().collect(),
+        reason: format!(
+            "the server answered {} for a file released as clean on {}; the file was left in clean",
+            a.later, a.first
+        ),
+        anomaly_id: a.id,
+        time: humantime::format_rfc3339_millis(at).to_string(),
+        host: host_name(),
+        sensor_instance_id: config.server.sensor_instance_id.as_deref(),
+    };
+    let Ok(text) = serde_json::to_string(&event) else {
+        return out;
+    };
+    for h in wanting {
+        let hook = h.key();
+        if !out.iter().any(|e| e.hook == hook) {
+            out.push(NewHookEvent {
+                hook,
+                event: text.clone(),
+            });
+        }
+    }
+    out
 }
 
 /// This host's name.

@@ -64,6 +64,7 @@
 //! | poll (verdicts), upload and claim (failures, reused verdicts) ([`Journal::decide`], [`Journal::hashed`]) | `decided` | sort, [`Journal::in_states`] | a verdict whose message was lost; a contradicting `detect` that flipped a clean record |
 //! | sort ([`Journal::placing`], [`Journal::placed`]) | `placing`, `placed` | sort (`placed`), start-up reconciliation (`placing`) | the DELETE on the server still due; a move cut short by a crash |
 //! | claim ([`Journal::retain`]), start-up | `retained` table | claim, [`Journal::retained`] | an original kept until `keep_original` has passed unchanged, or sent back to the inbox changed |
+//! | poll, through [`Journal::decide`] (a `detect` for content already released as clean) | `anomalies` table | poll ([`Journal::announce_anomalies`]), `dropscan anomalies` | a contradiction the SOC must see, hook events not queued yet |
 //! | upload, poll, sort, start-up (abandoned scanIds: `resend`, `resubmit`, `rehash`, `stale_scan`) | `stale_scans` table | poll, [`Journal::stale_scans`] | results nobody needs any more, deleted on the server |
 //!
 //! ## Layout
@@ -78,6 +79,8 @@
 //!   reading records; stale scans, errors, pruning and the summary);
 //! - `ops_audit.rs`: the quarantine and failed tools: kept files, custody, audit records;
 //! - `ops_hooks.rs`: the queue of notifications (`[[hook]]`), filled with the placement;
+//! - `ops_anomaly.rs`: verdicts contradicted after release, written with the decision,
+//!   announced by the poller (`anomaly` hook events), listed by `dropscan anomalies`;
 //! - `ops_retain.rs`: users' originals kept in staging beside their copy where no lease could
 //!   be had (see `fsops::own`), swept by the claim stage;
 //! - `ops_capacity.rs`: the server capacity learned by the limits and their snapshot for
@@ -88,6 +91,7 @@
 //! What this module does not do: touch files or the network. The stages do that, in the order the
 //! journal allows.
 
+mod ops_anomaly;
 mod ops_audit;
 mod ops_capacity;
 mod ops_claim;
@@ -111,6 +115,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::mpsc;
 
+pub use ops_anomaly::Anomaly;
 pub use ops_audit::{AuditEntry, CUSTODY_STALE_MS, Kept};
 pub use ops_capacity::read_capacity_snapshot;
 pub use ops_hooks::{HookEvent, NewHookEvent, RETRY_HORIZON};

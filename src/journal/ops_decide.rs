@@ -8,8 +8,9 @@
 
 use rusqlite::{Connection, params};
 
+use super::ops_anomaly::record_in;
 use super::ops_maint::note_error_in;
-use super::schema::{execute, expect_transition, load, placeholders};
+use super::schema::{COLUMNS, execute, expect_transition, load, placeholders, row_to_record};
 use super::types::{Decision, FileId, FileRecord, FileState, JournalError, Outcome, ScanVerdict};
 use super::{Journal, now_ms};
 
@@ -210,13 +211,14 @@ fn decided_again(
                 .map_err(JournalError::sql("decide"))?
                 .collect::<Result<Vec<FileId>, _>>()
                 .map_err(JournalError::sql("decide"))?;
-            let released: i64 = conn
-                .query_row(
-                    &format!(
-                        "SELECT COUNT(*) FROM files WHERE outcome = ?1 AND verdict_sha256 = ?2 \
-                         AND state IN ({})",
-                        placeholders(3, 3)
-                    ),
+            let released: Vec<FileRecord> = {
+                let sql = format!(
+                    "SELECT {COLUMNS} FROM files WHERE outcome = ?1 AND verdict_sha256 = ?2 \
+                     AND state IN ({}) ORDER BY id",
+                    placeholders(3, 3)
+                );
+                let mut stmt = conn.prepare(&sql).map_err(JournalError::sql("decide"))?;
+                stmt.query_map(
                     params![
                         Outcome::Clean.as_str(),
                         vsha.to_vec(),
@@ -224,9 +226,17 @@ fn decided_again(
                         FileState::Placed.as_str(),
                         FileState::Done.as_str()
                     ],
-                    |r| r.get(0),
+                    row_to_record,
                 )
-                .map_err(JournalError::sql("decide"))?;
+                .map_err(JournalError::sql("decide"))?
+                .collect::<Result<_, _>>()
+                .map_err(JournalError::sql("decide"))?
+            };
+            // Each released file is an anomaly a SOC must see (hook event, metric, listing).
+            for r in &released {
+                record_in(conn, r, scan, ScanVerdict::NotDetected, ScanVerdict::Detect)?;
+            }
+            let released = released.len();
             text.push_str(&format!(
                 "; detect wins: {} file(s) still in staging go to quarantine",
                 flipped.len()

@@ -89,6 +89,22 @@ CREATE TABLE IF NOT EXISTS hook_events (
 );
 CREATE INDEX IF NOT EXISTS hook_events_due ON hook_events(gave_up, next_at);
 CREATE INDEX IF NOT EXISTS hook_events_hook_due ON hook_events(hook, gave_up, next_at);
+-- Verdicts contradicted after the file was released as clean (ops_anomaly.rs): one row per
+-- released file, written with the decision; `announced` once its hook events are queued.
+CREATE TABLE IF NOT EXISTS anomalies (
+    id          INTEGER PRIMARY KEY,
+    at          INTEGER NOT NULL,
+    file_id     INTEGER NOT NULL,
+    root        BLOB NOT NULL,
+    rel_path    BLOB NOT NULL,
+    dest        BLOB,
+    sha256      BLOB,
+    scan_id     TEXT,
+    first       TEXT NOT NULL,
+    later       TEXT NOT NULL,
+    announced   INTEGER NOT NULL DEFAULT 0
+);
+CREATE UNIQUE INDEX IF NOT EXISTS anomalies_once ON anomalies(file_id, scan_id, later);
 -- Originals kept in staging beside their private copy where no lease could tell whether a writer
 -- still holds them (ops_retain.rs): dropped once unchanged for keep_original, or sent back to
 -- the inbox as a new version when changed.

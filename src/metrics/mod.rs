@@ -69,6 +69,8 @@ pub struct Counters {
     pub placed_failed: AtomicU64,
     /// Placement attempts that failed and will be retried.
     pub place_errors: AtomicU64,
+    /// Verdicts contradicted after the file was released as clean (announced anomalies).
+    pub anomalies: AtomicU64,
     /// Scans in flight now.
     pub in_flight: AtomicI64,
     /// The client certificate's notAfter in Unix seconds; 0 when unknown (not exported then).
@@ -545,6 +547,12 @@ impl Collector for CountersCollector {
             "place_errors",
             "Placements that failed and are retried",
             &c.place_errors,
+        )?;
+        Self::counter(
+            e,
+            "verdict_anomalies",
+            "Files released as clean whose verdict the server contradicted later (detect after not detected); see dropscan anomalies list",
+            &c.anomalies,
         )?;
         {
             let proto = ConstCounter::new(0u64);
