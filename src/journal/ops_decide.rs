@@ -1,7 +1,7 @@
 //! Journal operations of the poll stage's outcome: [`Journal::decide`] writes a decision once,
 //! shares it with the records waiting for the same content, caches the verdict for reuse, and
 //! resolves a contradicting server answer fail-closed (`detect` wins while the file is still in
-//! staging; see the module docs of `journal`).
+//! staging; see the module docs of `journal`); a file already released is recorded as an anomaly.
 //!
 //! What this file does not do: read verdicts from the server (the poller does), or place files
 //! (`ops_place.rs` and the sorter).
@@ -147,8 +147,9 @@ fn decide_in(conn: &Connection, id: FileId, d: &Decision) -> Result<Vec<FileId>,
 /// - a contradicting verdict: a server anomaly, logged and kept in the error history, and resolved
 ///   fail-closed. `detect` wins: it replaces `not detected` in the verdict cache, and every
 ///   record of that content still `decided` clean (not yet placing) flips to quarantine; files
-///   already placing or placed stay, and the anomaly names how many. A `not detected` after
-///   `detect` changes nothing.
+///   already placing or placed stay, the anomaly names how many, and each of them gets a row in
+///   `anomalies` (`ops_anomaly.rs`) in the same transaction, for the SOC (the poller announces
+///   it). A `not detected` after `detect` changes nothing.
 ///
 /// Returns the ids whose outcome changed (to be placed again by the sorter).
 fn decided_again(
