@@ -14,7 +14,7 @@
 //! as a server anomaly, which it resolves fail-closed (see the `journal` module).
 //!
 //! **Released scans stay watched.** The results request goes on, one per tick, while any verdict
-//! is remembered (at most [`RECENT_KEEP`] after the last one, at most [`RECENT_MAX`] scans), not
+//! is remembered (at most [`RECENT_KEEP`] after the last one, at most `RECENT_MAX` scans), not
 //! only while scans are in flight: a `detect` that follows the `not detected` a file was released
 //! on is caught even when nothing else is scanned. The journal records such a contradiction of a
 //! released file as an anomaly; the poller then announces it ([`Journal::announce_anomalies`]:
