@@ -170,12 +170,21 @@ async fn server_outage_files_wait_and_the_agent_recovers_by_itself() {
         "nothing may be decided while the server is down"
     );
     assert!(w.inbox_files().is_empty() || w.staged_files() > 0);
-    // `dropscan status` shows why nothing moves.
-    let summary = dropscan::journal::read_summary(&w.state_dir().join("journal.sqlite")).unwrap();
+    // `dropscan status` shows why nothing moves, once requests have failed for DOWN_AFTER.
+    let journal = w.state_dir().join("journal.sqlite");
+    let noted = wait_for(Duration::from_secs(20), || {
+        let summary = dropscan::journal::read_summary(&journal).ok()?;
+        summary
+            .last_errors
+            .iter()
+            .any(|(_, t)| t.contains("KATA"))
+            .then_some(())
+    })
+    .await;
     assert!(
-        summary.last_errors.iter().any(|(_, t)| t.contains("KATA")),
+        noted.is_some(),
         "{:?}",
-        summary.last_errors
+        dropscan::journal::read_summary(&journal).map(|s| s.last_errors)
     );
     // It comes back on the same port, with its state.
     let config = EmulatorConfig {

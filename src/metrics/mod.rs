@@ -8,76 +8,35 @@
 //! agent generation [`attach`](Metrics::attach)es its limits and journal; what depends on them
 //! (in-flight cap, server health, queue depth per state) is read at scrape time.
 //!
-//! The hot counters are plain atomics ([`Counters`], reached through `Deref`): the stages never
-//! wait on metrics; a collector turns them into Prometheus counters when scraped. Adding a gauge
+//! The hot counters are plain atomics ([`Counters`], reached through `Deref`; `counters.rs`):
+//! the stages never wait on metrics; a collector turns them into Prometheus counters when
+//! scraped. Adding a gauge
 //! is one line: `metrics.gauge("name", "help").set(v)`.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
-use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
-use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::journal::Outcome;
 use crate::limits::{Health, Limits};
 
+mod counters;
 mod http;
 
+pub use counters::Counters;
+use counters::CountersCollector;
 pub use http::{CONTENT_TYPE, serve};
 
 /// Labels of a family: `(name, value)` pairs.
 type Labels = Vec<(&'static str, String)>;
-
-/// The hot counters, bumped by the stages with relaxed atomics.
-#[derive(Debug, Default)]
-pub struct Counters {
-    /// Files moved into staging.
-    pub claimed: AtomicU64,
-    /// Files hashed.
-    pub hashed: AtomicU64,
-    /// Bytes hashed.
-    pub hashed_bytes: AtomicU64,
-    /// Submissions accepted by the server.
-    pub submitted: AtomicU64,
-    /// Bytes uploaded in accepted submissions.
-    pub uploaded_bytes: AtomicU64,
-    /// Submissions refused with 429.
-    pub throttled: AtomicU64,
-    /// Requests that failed (any endpoint, any reason).
-    pub request_errors: AtomicU64,
-    /// `scans/state` requests.
-    pub polls: AtomicU64,
-    /// Verdicts reused from identical content.
-    pub reused: AtomicU64,
-    /// Files taken into staging that a writer still held open: put back into the inbox.
-    pub returned_still_written: AtomicU64,
-    /// Kept originals that a late writer changed: put back into the inbox as a new version.
-    pub returned_changed: AtomicU64,
-    /// Files placed in clean.
-    pub placed_clean: AtomicU64,
-    /// Files placed in quarantine.
-    pub placed_quarantine: AtomicU64,
-    /// Files placed in failed.
-    pub placed_failed: AtomicU64,
-    /// Placement attempts that failed and will be retried.
-    pub place_errors: AtomicU64,
-    /// Verdicts contradicted after the file was released as clean (announced anomalies).
-    pub anomalies: AtomicU64,
-    /// Scans in flight now.
-    pub in_flight: AtomicI64,
-    /// The client certificate's notAfter in Unix seconds; 0 when unknown (not exported then).
-    pub client_cert_expiry: AtomicI64,
-    /// Unix seconds of the last successful results request; 0 before the first.
-    pub last_poll: AtomicI64,
-}
 
 /// What the current agent generation lends the metrics for scrape-time readings.
 #[derive(Clone)]
@@ -469,134 +428,6 @@ fn to_text_0_0_4(open_metrics: &str) -> String {
         out.push('\n');
     }
     out
-}
-
-/// Turns the [`Counters`] atomics into Prometheus series at scrape time.
-#[derive(Debug)]
-struct CountersCollector(Arc<Counters>);
-
-impl CountersCollector {
-    fn counter(
-        encoder: &mut DescriptorEncoder,
-        name: &str,
-        help: &str,
-        v: &AtomicU64,
-    ) -> std::fmt::Result {
-        let c = ConstCounter::new(v.load(Ordering::Relaxed));
-        c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)
-    }
-
-    fn gauge(encoder: &mut DescriptorEncoder, name: &str, help: &str, v: i64) -> std::fmt::Result {
-        let g = ConstGauge::new(v);
-        g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)
-    }
-}
-
-impl Collector for CountersCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
-        let c = &self.0;
-        let e = &mut encoder;
-        Self::counter(e, "files_claimed", "Files moved into staging", &c.claimed)?;
-        Self::counter(e, "files_hashed", "Files hashed", &c.hashed)?;
-        Self::counter(e, "hashed_bytes", "Bytes hashed", &c.hashed_bytes)?;
-        Self::counter(
-            e,
-            "scans_submitted",
-            "Submissions accepted by KATA",
-            &c.submitted,
-        )?;
-        Self::counter(
-            e,
-            "uploaded_bytes",
-            "Bytes uploaded in accepted submissions",
-            &c.uploaded_bytes,
-        )?;
-        Self::counter(e, "throttled", "Submissions answered 429", &c.throttled)?;
-        Self::counter(
-            e,
-            "request_errors",
-            "Requests to KATA that failed",
-            &c.request_errors,
-        )?;
-        Self::counter(
-            e,
-            "polls",
-            "Results requests (one per tick for all scans)",
-            &c.polls,
-        )?;
-        Self::counter(
-            e,
-            "verdicts_reused",
-            "Verdicts reused for identical content",
-            &c.reused,
-        )?;
-        Self::counter(
-            e,
-            "returned_still_written",
-            "Files a writer still held open when dropscan took them, put back into the inbox",
-            &c.returned_still_written,
-        )?;
-        Self::counter(
-            e,
-            "returned_changed",
-            "Kept originals a late writer changed, put back into the inbox as a new version",
-            &c.returned_changed,
-        )?;
-        Self::counter(
-            e,
-            "place_errors",
-            "Placements that failed and are retried",
-            &c.place_errors,
-        )?;
-        Self::counter(
-            e,
-            "verdict_anomalies",
-            "Files released as clean whose verdict the server contradicted later (detect after not detected); see dropscan anomalies list",
-            &c.anomalies,
-        )?;
-        {
-            let proto = ConstCounter::new(0u64);
-            let mut family = e.encode_descriptor(
-                "files_placed",
-                "Files placed, by outcome",
-                None,
-                proto.metric_type(),
-            )?;
-            for (outcome, v) in [
-                ("clean", &c.placed_clean),
-                ("quarantine", &c.placed_quarantine),
-                ("failed", &c.placed_failed),
-            ] {
-                ConstCounter::new(v.load(Ordering::Relaxed))
-                    .encode(family.encode_family(&[("outcome", outcome)])?)?;
-            }
-        }
-        Self::gauge(
-            e,
-            "scans_in_flight",
-            "Scans submitted and not finished",
-            c.in_flight.load(Ordering::Relaxed),
-        )?;
-        let expiry = c.client_cert_expiry.load(Ordering::Relaxed);
-        if expiry != 0 {
-            Self::gauge(
-                e,
-                "client_cert_expiry_timestamp_seconds",
-                "notAfter of the client certificate, Unix seconds",
-                expiry,
-            )?;
-        }
-        let last_poll = c.last_poll.load(Ordering::Relaxed);
-        if last_poll != 0 {
-            Self::gauge(
-                e,
-                "last_successful_poll_timestamp_seconds",
-                "When the last results request succeeded, Unix seconds",
-                last_poll,
-            )?;
-        }
-        Ok(())
-    }
 }
 
 #[cfg(test)]
