@@ -91,3 +91,20 @@ pub fn raise_nofile_limit() -> Option<u64> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_soft_descriptor_limit_is_raised_to_the_hard_one() {
+        use rustix::process::{Resource, getrlimit};
+        let hard = getrlimit(Resource::Nofile).maximum;
+        let now = raise_nofile_limit();
+        let after = getrlimit(Resource::Nofile);
+        assert_eq!(now, after.current);
+        if hard.is_some() {
+            assert_eq!(after.current, hard, "raised to the hard limit");
+        }
+    }
+}
