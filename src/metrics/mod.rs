@@ -33,7 +33,10 @@ mod http;
 
 pub use counters::Counters;
 use counters::CountersCollector;
-pub use http::{CONTENT_TYPE, serve};
+pub use http::{
+    ACCEPT_ERROR_PAUSE, CONNECTION_LIFETIME, CONTENT_TYPE, HEADER_READ_TIMEOUT, MAX_CONNECTIONS,
+    serve,
+};
 
 /// Labels of a family: `(name, value)` pairs.
 type Labels = Vec<(&'static str, String)>;

@@ -108,3 +108,83 @@ fn limits_gauges_are_exported() {
         assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
     }
 }
+
+/// A free port on 127.0.0.1 (bound and released).
+fn free_addr() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+}
+
+/// Serves `Metrics::new()` on a free port until the returned token is cancelled.
+async fn serving() -> (std::net::SocketAddr, tokio_util::sync::CancellationToken) {
+    let addr = free_addr();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let s = stop.clone();
+    tokio::spawn(async move { serve(addr, std::sync::Arc::new(Metrics::new()), s).await });
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (addr, stop)
+}
+
+/// Reads until the server closes the connection; false if it is still open after `limit`.
+async fn closed_within(s: &mut tokio::net::TcpStream, limit: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 256];
+    tokio::time::timeout(limit, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+/// Review finding (issue 18, 3): a connection that never sends a request held its slot (and a
+/// descriptor) for ever. It is closed after the header-read timeout.
+#[tokio::test]
+async fn a_silent_connection_is_closed_after_the_header_read_timeout() {
+    let (addr, stop) = serving().await;
+    let mut idle = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    assert!(
+        closed_within(&mut idle, HEADER_READ_TIMEOUT + Duration::from_secs(5)).await,
+        "a silent connection is still open after {HEADER_READ_TIMEOUT:?}"
+    );
+    stop.cancel();
+}
+
+/// Review finding (issue 18, 3): beyond the cap, a new connection closes the oldest, so idle
+/// connections cannot lock out a scrape.
+#[tokio::test]
+async fn beyond_the_cap_a_new_connection_closes_the_oldest() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (addr, stop) = serving().await;
+    let mut oldest = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut others = Vec::new();
+    for _ in 0..MAX_CONNECTIONS {
+        others.push(tokio::net::TcpStream::connect(addr).await.expect("connect"));
+    }
+    assert!(
+        closed_within(&mut oldest, Duration::from_secs(3)).await,
+        "the oldest connection was not closed for the newest"
+    );
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(3), s.read_to_string(&mut out))
+        .await
+        .expect("answered at once")
+        .expect("read");
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    drop(others);
+    stop.cancel();
+}
