@@ -18,7 +18,8 @@ pub struct Cli {
 pub const TOOLS_EXIT_HELP: &str = "Exit codes: 0 done; 2 refused (no such entry, no longer kept, another tool is working on it, \
 the bytes changed since they were quarantined, the target exists, the file is missing); \
 69 the journal or a folder failed; 78 configuration or usage error. Every action (and every \
-refusal) is audited in the journal: Unix user, time, reason, what.";
+refusal) is audited in the journal: Unix user, time, reason, what. A run that was interrupted \
+(Ctrl-C, kill) is finished, or undone, by the next run on its entry.";
 
 /// `--config FILE`, shared by the commands that read the configuration.
 #[derive(Debug, Args)]

@@ -100,7 +100,7 @@ async fn run_killed_at(
 }
 
 /// Kills (SIGKILL) and reaps the process group `child` leads.
-fn kill_group(child: &mut Child) {
+pub(crate) fn kill_group(child: &mut Child) {
     if let Some(pgid) = i32::try_from(child.id())
         .ok()
         .and_then(rustix::process::Pid::from_raw)
@@ -125,7 +125,7 @@ async fn wait_unlocked(w: &World) {
 }
 
 /// A child running in its own process group, which is killed (SIGKILL) and reaped on drop.
-struct Group(Child);
+pub(crate) struct Group(pub(crate) Child);
 
 impl Drop for Group {
     fn drop(&mut self) {

@@ -19,6 +19,7 @@ mod kata_client;
 mod kata_emulator;
 mod kata_parse;
 mod kill_points;
+mod kill_points_tools;
 mod layout;
 mod metrics;
 mod model;

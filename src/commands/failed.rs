@@ -7,20 +7,26 @@
 //! marked `retried` with an audit record. The agent then sees a new drop and takes it through
 //! the whole pipeline again, under a new record (after an outage, or once the server takes
 //! larger files).
+//!
+//! The target is recorded in the journal before the move (`commands::moves`). A retry that
+//! was interrupted (across filesystems, the copy may then be the only one, hidden in a temp at
+//! the top of the inbox, which the agent never claims) is finished by the next run on that
+//! entry (`commands::custody`).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use serde_json::json;
 
-use super::tools::{self, blocking, finish, locate, take, watch_of};
+use super::custody::{self, TakenOver};
+use super::moves::{self, Action, Move};
+use super::tools::{self, finish, watch_of};
 use crate::cli::FailedAction;
-use crate::config::WatchConfig;
+use crate::config::Config;
 use crate::fsops::FsError;
-use crate::fsops::names::{TempOf, copy_temp_name, sidecar_name};
-use crate::fsops::place::{Release, free_name, place};
 use crate::fsops::roots::{RootDirs, Which};
-use crate::journal::{FileId, FileRecord, Outcome};
+use crate::journal::{FileId, Journal, Outcome};
 
 /// Runs one `failed` subcommand.
 pub async fn run(action: FailedAction) -> ExitCode {
@@ -65,26 +71,7 @@ async fn retry(config: &Path, id: Option<FileId>, all: bool, reason: Option<Stri
     let reason = reason.unwrap_or_else(|| "retry".into());
     let mut code = ExitCode::SUCCESS;
     for id in ids {
-        let rec = match take(&journal, id, Outcome::Failed, "retry", Some(&reason)).await {
-            Ok(r) => r,
-            Err(c) => {
-                code = c;
-                continue;
-            }
-        };
-        let from = rec.dest.clone();
-        let mut detail = json!({ "failed_reason": rec.reason });
-        tools::detail_path(&mut detail, "from", from.as_deref());
-        let Some(w) = watch_of(&config, &rec).cloned() else {
-            let e = FsError::NotBeneath {
-                path: rec.root.clone(),
-            };
-            code = finish(&journal, id, "retry", "", Some(&reason), Err((e, detail))).await;
-            continue;
-        };
-        let moved = blocking(move || back_to_inbox(&w, &rec)).await;
-        let result = tools::moved("retried", id, from.as_deref(), moved, detail);
-        let c = finish(&journal, id, "retry", "retried", Some(&reason), result).await;
+        let c = retry_one(&config, &journal, id, &reason).await;
         if c != ExitCode::SUCCESS {
             code = c;
         }
@@ -92,48 +79,78 @@ async fn retry(config: &Path, id: Option<FileId>, all: bool, reason: Option<Stri
     code
 }
 
-/// Moves the failed file of `rec` back into its inbox at its original relative path (or a free
-/// name beside it), then removes its sidecar. Returns where it went.
-fn back_to_inbox(w: &WatchConfig, rec: &FileRecord) -> Result<PathBuf, FsError> {
-    let roots = RootDirs::new(w);
-    let (fdir, name) = locate(&roots, Which::Failed, rec)?;
-    fdir.stamp(&name)?;
-    let inbox = roots.get(Which::Inbox, false)?;
-    let temp = copy_temp_name(
-        &crate::context::instance_of(w),
-        TempOf::Tool,
-        &rec.staged,
-        &rec.rel_path,
-    );
-    for _ in 0..16 {
-        let target = free_name(&inbox, &rec.rel_path, 0o755)?;
-        let placed = place(&Release {
-            staging: &fdir,
-            staged_name: &name,
-            hashed: None,
-            sha256: None,
-            dest_root: &inbox,
-            target: &target,
-            file_mode: 0o644,
-            copy: false,
-            clean: false,
-            temp_name: &temp,
-            own_copy: None,
-        });
-        match placed {
-            Ok(_) => {
-                match fdir.unlink(&sidecar_name(&name)) {
-                    Ok(()) | Err(FsError::Vanished { .. }) => {}
-                    Err(e) => tracing::warn!(error = %e, "cannot remove the sidecar"),
-                }
-                fdir.fsync().ok();
-                return Ok(inbox.path().join(target));
-            }
-            Err(e) if e.is_already_exists() => {}
-            Err(e) => return Err(e),
+/// Moves failed entry `id` back into its inbox at its original relative path (or a free name
+/// beside it), then removes its sidecar.
+async fn retry_one(config: &Config, journal: &Journal, id: FileId, reason: &str) -> ExitCode {
+    let held = match custody::take(
+        journal,
+        config,
+        id,
+        Outcome::Failed,
+        Action::Retry,
+        Some(reason),
+    )
+    .await
+    {
+        Ok(h) => h,
+        Err(c) => return c,
+    };
+    let rec = held.record.clone();
+    let from = rec.dest.clone();
+    let mut detail = json!({ "failed_reason": rec.reason });
+    tools::detail_path(&mut detail, "from", from.as_deref());
+    let Some(w) = watch_of(config, &rec).cloned() else {
+        let e = FsError::NotBeneath {
+            path: rec.root.clone(),
+        };
+        if held.interrupted.is_some() {
+            // An interrupted move may have left the only copy in its temp: custody stays.
+            eprintln!(
+                "refused: entry {id}: {}",
+                crate::fsops::names::shown_text(&e.to_string())
+            );
+            return ExitCode::from(tools::EXIT_REFUSED);
+        }
+        return finish(journal, id, "retry", "", Some(reason), Err((e, detail))).await;
+    };
+    let roots = Arc::new(RootDirs::new(&w));
+    let mv = Move::retry(&roots);
+    match custody::take_over(journal, &roots, &w, &held, Which::Failed).await {
+        TakenOver::GoAhead => {}
+        TakenOver::Stopped(code) => return code,
+        done @ TakenOver::Finished { .. } => {
+            return custody::after_take_over(
+                journal,
+                &done,
+                Some(&mv),
+                id,
+                from.as_deref(),
+                Action::Retry,
+                Some(reason),
+            )
+            .await;
         }
     }
-    Err(FsError::AlreadyExists {
-        path: inbox.path().join(&rec.rel_path),
-    })
+    let moved = moves::carry_out(
+        journal,
+        &roots,
+        &w,
+        &rec,
+        &mv,
+        None,
+        &tools::unix_user(),
+        Some(reason),
+    )
+    .await;
+    let result = tools::moved("retried", id, from.as_deref(), moved, detail);
+    moves::conclude(
+        journal,
+        &roots,
+        &held.record,
+        Which::Failed,
+        Action::Retry,
+        Some(reason),
+        result,
+    )
+    .await
 }

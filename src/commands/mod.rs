@@ -28,8 +28,10 @@ use crate::kata::{ApiError, KataClient};
 use crate::{app, demo, logging, signal};
 
 pub mod anomalies;
+mod custody;
 pub mod failed;
 pub mod generate;
+mod moves;
 pub mod quarantine;
 pub mod scan;
 pub mod scan_paths;

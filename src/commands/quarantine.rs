@@ -2,26 +2,31 @@
 //! original relative path), restore (out of quarantine to where an analyst wants it), purge.
 //!
 //! Release and restore place a **verified copy** (the sorter's machinery,
-//! `crate::fsops::place::place`): the quarantined file is copied to a temp beside the target,
-//! fsynced, and its SHA-256 compared with the one the file was quarantined with; only a match is
-//! renamed into place (never replacing anything), and only then is the quarantined file (and its
-//! sidecar) removed. Bytes that changed in quarantine are refused: nothing moves, the refusal is
+//! `crate::fsops::place::place`, driven by `commands::moves`): the target is chosen and
+//! recorded in the journal, the quarantined file is copied to a temp beside the target,
+//! fsynced, and its SHA-256 compared with the one the file was quarantined with; only then is
+//! the quarantined file removed, the temp renamed into place (never replacing anything), and the
+//! sidecar removed. Bytes that changed in quarantine are refused: nothing moves, the refusal is
 //! audited, exit 2. Released copies are mode 0644 in folders made beneath the clean folder
 //! without following links (a taken name gets `name (1)`); restored copies are mode 0600.
+//!
+//! A release or restore that was interrupted (killed, Ctrl-C, a power cut) is finished (the file
+//! had left quarantine) or undone (it had not) by the next run on that entry, whatever that run
+//! asks, before anything else: see `commands::custody`.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use serde_json::json;
 
-use super::tools::{self, blocking, finish, locate, take, watch_of};
+use super::custody::{self, TakenOver};
+use super::moves::{self, Action, Move};
+use super::tools::{self, finish, watch_of};
 use crate::cli::QuarantineAction;
-use crate::config::WatchConfig;
-use crate::fsops::names::{TempOf, copy_temp_name, sidecar_name};
-use crate::fsops::place::{Release, free_name, place};
+use crate::fsops::FsError;
 use crate::fsops::roots::{RootDirs, Which};
-use crate::fsops::{Dir, FsError};
-use crate::journal::{FileRecord, Outcome};
+use crate::journal::Outcome;
 
 /// Runs one `quarantine` subcommand.
 pub async fn run(action: QuarantineAction) -> ExitCode {
@@ -56,117 +61,100 @@ async fn relocate(config: &Path, id: i64, to: Option<PathBuf>, reason: String) -
         Ok(x) => x,
         Err(code) => return code,
     };
-    let action = if to.is_some() { "restore" } else { "release" };
-    let rec = match take(&journal, id, Outcome::Quarantine, action, Some(&reason)).await {
-        Ok(r) => r,
+    let action = if to.is_some() {
+        Action::Restore
+    } else {
+        Action::Release
+    };
+    let held = match custody::take(
+        &journal,
+        &config,
+        id,
+        Outcome::Quarantine,
+        action,
+        Some(&reason),
+    )
+    .await
+    {
+        Ok(h) => h,
         Err(code) => return code,
     };
+    let rec = held.record.clone();
     let from = rec.dest.clone();
     let sha = rec.sha256.map(hex::encode);
     let mut detail = json!({ "sha256": sha, "size": rec.stamp.map(|s| s.size) });
     tools::detail_path(&mut detail, "from", from.as_deref());
     let Some(w) = watch_of(&config, &rec).cloned() else {
-        let e = FsError::NotBeneath {
-            path: rec.root.clone(),
-        };
         eprintln!(
             "its root {} is no longer a [[watch]] of this configuration",
             crate::fsops::shown(&rec.root)
         );
-        return finish(&journal, id, action, "", Some(&reason), Err((e, detail))).await;
-    };
-    let to_abs = to.map(|t| std::env::current_dir().map_or(t.clone(), |cwd| cwd.join(&t)));
-    let moved = blocking(move || copy_out(&w, &rec, to_abs.as_deref())).await;
-    let status = if action == "release" {
-        "released"
-    } else {
-        "restored"
-    };
-    let result = tools::moved(status, id, from.as_deref(), moved, detail);
-    finish(&journal, id, action, status, Some(&reason), result).await
-}
-
-/// Copies the quarantined file of `rec` out (verified against its SHA-256), then removes it and
-/// its sidecar from quarantine. Returns where it went.
-fn copy_out(w: &WatchConfig, rec: &FileRecord, to: Option<&Path>) -> Result<PathBuf, FsError> {
-    let roots = RootDirs::new(w);
-    let (qdir, name) = locate(&roots, Which::Quarantine, rec)?;
-    // Gone from quarantine: a release killed after removing it left the verified copy in its
-    // temp, which `place` finishes (or says the file is gone).
-    let now = match qdir.stamp(&name) {
-        Ok(s) => Some(s.stamp()),
-        Err(FsError::Vanished { .. }) => None,
-        Err(e) => return Err(e),
-    };
-    let Some(sha256) = rec.sha256 else {
-        return Err(FsError::Changed {
-            path: qdir.path().join(&name),
-            detail: "its record holds no SHA-256 to check it against".into(),
-        });
-    };
-    let temp = copy_temp_name(
-        &crate::context::instance_of(w),
-        TempOf::Tool,
-        &rec.staged,
-        &rec.rel_path,
-    );
-    let (dest_root, fixed, mode): (Dir, Option<PathBuf>, u32) = match to {
-        None => (roots.get(Which::Clean, true)?.try_clone()?, None, 0o644),
-        Some(p) if p.is_dir() => (
-            Dir::open_trusted(p)?,
-            Some(PathBuf::from(
-                rec.rel_path.file_name().unwrap_or(name.as_os_str()),
-            )),
-            0o600,
-        ),
-        Some(p) => {
-            let parent = p.parent().unwrap_or(Path::new("/"));
-            let file = p.file_name().ok_or_else(|| FsError::NotBeneath {
-                path: p.to_path_buf(),
-            })?;
-            (Dir::open_trusted(parent)?, Some(PathBuf::from(file)), 0o600)
-        }
-    };
-    // Gone, and no verified copy of ours to finish: nothing to release (an existing target is
-    // never taken for a copy that was made).
-    if now.is_none() && !dest_root.exists(&temp)? {
-        return Err(FsError::Vanished {
-            path: qdir.path().join(&name),
-        });
-    }
-    for _ in 0..16 {
-        let target = match &fixed {
-            Some(t) => t.clone(),
-            None => free_name(&dest_root, &rec.rel_path, 0o755)?,
+        let e = FsError::NotBeneath {
+            path: rec.root.clone(),
         };
-        let placed = place(&Release {
-            staging: &qdir,
-            staged_name: &name,
-            hashed: now,
-            sha256: Some(sha256),
-            dest_root: &dest_root,
-            target: &target,
-            file_mode: mode,
-            copy: true,
-            clean: true,
-            temp_name: &temp,
-            own_copy: None,
-        });
-        match placed {
-            Ok(_) => {
-                // The verified copy is in place and the quarantined file gone: its sidecar too.
-                match qdir.unlink(&sidecar_name(&name)) {
-                    Ok(()) | Err(FsError::Vanished { .. }) => {}
-                    Err(e) => tracing::warn!(error = %e, "cannot remove the sidecar"),
-                }
-                qdir.fsync().ok();
-                return Ok(dest_root.path().join(target));
-            }
-            Err(e) if e.is_already_exists() && fixed.is_none() => {}
-            Err(e) => return Err(e),
+        if held.interrupted.is_some() {
+            // An interrupted move may have left the only copy in its temp: custody stays.
+            eprintln!(
+                "refused: entry {id}: {}",
+                crate::fsops::names::shown_text(&e.to_string())
+            );
+            return ExitCode::from(tools::EXIT_REFUSED);
+        }
+        return finish(
+            &journal,
+            id,
+            action.as_str(),
+            "",
+            Some(&reason),
+            Err((e, detail)),
+        )
+        .await;
+    };
+    let roots = Arc::new(RootDirs::new(&w));
+    let mv = match to {
+        None => Move::release(&roots),
+        Some(t) => {
+            let abs = std::env::current_dir().map_or(t.clone(), |cwd| cwd.join(&t));
+            Move::restore(&abs, &rec)
+        }
+    };
+    let status = action.done_status();
+    match custody::take_over(&journal, &roots, &w, &held, Which::Quarantine).await {
+        TakenOver::GoAhead => {}
+        TakenOver::Stopped(code) => return code,
+        done @ TakenOver::Finished { .. } => {
+            return custody::after_take_over(
+                &journal,
+                &done,
+                Some(&mv),
+                id,
+                from.as_deref(),
+                action,
+                Some(&reason),
+            )
+            .await;
         }
     }
-    Err(FsError::AlreadyExists {
-        path: dest_root.path().join(&rec.rel_path),
-    })
+    let moved = moves::carry_out(
+        &journal,
+        &roots,
+        &w,
+        &rec,
+        &mv,
+        None,
+        &tools::unix_user(),
+        Some(&reason),
+    )
+    .await;
+    let result = tools::moved(status, id, from.as_deref(), moved, detail);
+    moves::conclude(
+        &journal,
+        &roots,
+        &held.record,
+        Which::Quarantine,
+        action,
+        Some(&reason),
+        result,
+    )
+    .await
 }

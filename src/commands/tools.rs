@@ -1,15 +1,17 @@
 //! What the quarantine and failed tools share: opening the journal beside a running agent,
-//! who is running the tool (for the audit), printing kept files, custody around one action, and
-//! `purge`.
+//! who is running the tool (for the audit), printing kept files, ending custody after an
+//! action, and `purge`.
 //!
 //! Printing: names and journal texts are escaped on the terminal (`fsops::shown`: an inbox
 //! writer chose them); `--json` keeps paths exact (`fsops::names::insert_json`).
 //!
 //! The tools never take the agent's single-instance lock: the journal (SQLite in WAL mode) is
-//! the single source of truth, and every action takes custody of its record in the journal
-//! before it touches the file (`crate::journal::Journal::take_custody`), so two tools, or a
-//! tool and the agent, never work on one file at once. Run them as the agent's user (e.g.
-//! `sudo -u dropscan dropscan quarantine list`): the journal and the folders are its own.
+//! the single source of truth, and every action takes custody of its entry before it touches
+//! the file (an `flock` held for the tool's life, then the journal's custody; see
+//! `commands::custody`), so two tools, or a tool and the agent, never work on one file at once,
+//! and a tool that was interrupted is taken over by the next run at once. Run them as the
+//! agent's user (e.g. `sudo -u dropscan dropscan quarantine list`): the journal and the folders
+//! are its own.
 //!
 //! Exit codes of the tools: 0 done; 2 refused (no such entry, no longer kept, another tool is
 //! working on it, the bytes changed since they were quarantined, the target exists, the file is
@@ -18,10 +20,13 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
 
+use super::custody::TakenOver;
+use super::moves::Action;
 use crate::config::{Config, WatchConfig};
 use crate::error::{EXIT_CONFIG, EXIT_UNAVAILABLE};
 use crate::fsops::names::insert_json;
@@ -149,14 +154,15 @@ fn text(s: &str) -> String {
 
 /// `list`: kept files of `outcome` (with `all`, also those that left), as text or JSON.
 pub(super) async fn list(path: &Path, outcome: Outcome, json: bool, all: bool) -> ExitCode {
-    let (_, journal) = match open(path) {
+    let (config, journal) = match open(path) {
         Ok(x) => x,
         Err(code) => return code,
     };
-    let kept = match journal.kept(outcome, all).await {
+    let mut kept = match journal.kept(outcome, all).await {
         Ok(k) => k,
         Err(e) => return journal_failed(&e),
     };
+    super::custody::mark_interrupted(&config, &mut kept);
     if json {
         let v: Vec<_> = kept.iter().map(kept_json).collect();
         println!("{}", serde_json::Value::Array(v));
@@ -173,11 +179,17 @@ pub(super) async fn list(path: &Path, outcome: Outcome, json: bool, all: bool) -
 
 /// `show ID`: one kept file with its audit trail.
 pub(super) async fn show(path: &Path, outcome: Outcome, id: FileId, json: bool) -> ExitCode {
-    let (_, journal) = match open(path) {
+    let (config, journal) = match open(path) {
         Ok(x) => x,
         Err(code) => return code,
     };
-    match journal.kept_one(id, outcome).await {
+    let one = journal.kept_one(id, outcome).await.map(|k| {
+        k.map(|mut k| {
+            super::custody::mark_interrupted(&config, std::slice::from_mut(&mut k));
+            k
+        })
+    });
+    match one {
         Ok(Some(k)) if json => {
             println!("{}", kept_json(&k));
             ExitCode::SUCCESS
@@ -296,34 +308,6 @@ pub(super) async fn blocking<T: Send + 'static>(
     }
 }
 
-/// Takes custody of record `id` of `outcome` for `action`, or says why not (audited when the
-/// record exists).
-pub(super) async fn take(
-    journal: &Journal,
-    id: FileId,
-    outcome: Outcome,
-    action: &'static str,
-    reason: Option<&str>,
-) -> Result<FileRecord, ExitCode> {
-    match journal.take_custody(id, outcome, action).await {
-        Ok(r) => Ok(r),
-        Err(JournalError::Conflict { detail, .. }) => {
-            eprintln!("refused: entry {id} {}", text(&detail));
-            if detail != "no such record" {
-                let e = entry(
-                    &format!("{action}-refused"),
-                    id,
-                    reason,
-                    json!({ "error": detail }),
-                );
-                journal.audit(e).await.ok();
-            }
-            Err(ExitCode::from(EXIT_REFUSED))
-        }
-        Err(e) => Err(journal_failed(&e)),
-    }
-}
-
 /// Ends custody after an action: `Ok(detail)` → `done_status`, audited as `action`; `Err` →
 /// kept, audited as `action-refused`, exit 2 (or 69 for an I/O failure).
 pub(super) async fn finish(
@@ -396,71 +380,116 @@ pub(super) async fn purge(
         );
         return ExitCode::from(EXIT_CONFIG);
     }
+    let reason =
+        reason.unwrap_or_else(|| format!("older than {}", humantime::format_duration(older)));
+    let mut code = ExitCode::SUCCESS;
+    for k in old {
+        let c = purge_one(&config, &journal, k.record.id, outcome, &reason).await;
+        if c != ExitCode::SUCCESS {
+            code = c;
+        }
+    }
+    code
+}
+
+/// Purges kept entry `id` of `outcome`: the file and its sidecar go, audited.
+async fn purge_one(
+    config: &Config,
+    journal: &Journal,
+    id: FileId,
+    outcome: Outcome,
+    reason: &str,
+) -> ExitCode {
     let which = if outcome == Outcome::Quarantine {
         Which::Quarantine
     } else {
         Which::Failed
     };
-    let reason =
-        reason.unwrap_or_else(|| format!("older than {}", humantime::format_duration(older)));
-    let mut code = ExitCode::SUCCESS;
-    for k in old {
-        let id = k.record.id;
-        let Ok(rec) = take(&journal, id, outcome, "purge", Some(&reason)).await else {
-            code = ExitCode::from(EXIT_REFUSED);
-            continue;
-        };
-        let Some(w) = watch_of(&config, &rec).cloned() else {
-            eprintln!(
-                "refused: entry {id}: its root {} is no longer configured",
-                shown(&rec.root)
-            );
-            let e = entry(
-                "purge-refused",
-                id,
-                Some(&reason),
-                json!({ "error": "root not configured" }),
-            );
-            journal.end_custody(id, None, e).await.ok();
-            code = ExitCode::from(EXIT_REFUSED);
-            continue;
-        };
-        let from = rec.dest.clone();
-        let mut from_json = json!({});
-        detail_path(&mut from_json, "from", from.as_deref());
-        let removed = blocking(move || {
-            let roots = RootDirs::new(&w);
-            match locate(&roots, which, &rec) {
-                Ok((dir, name)) => {
-                    let gone = |r: Result<(), FsError>| match r {
-                        Err(FsError::Vanished { .. }) => Ok(()),
-                        other => other,
-                    };
-                    gone(dir.unlink(&name))?;
-                    gone(dir.unlink(&crate::fsops::names::sidecar_name(&name)))?;
-                    dir.fsync()
-                }
-                // Its folder is gone already: so is the file.
-                Err(FsError::Vanished { .. }) => Ok(()),
-                Err(e) => Err(e),
-            }
-        })
-        .await;
-        let result = removed
-            .map(|()| from_json.clone())
-            .map_err(|e| (e, from_json));
-        let c = finish(&journal, id, "purge", "purged", Some(&reason), result).await;
-        if c == ExitCode::SUCCESS {
-            println!(
-                "purged {id}: {}",
-                from.as_deref()
-                    .map(shown)
-                    .map(|s| s.to_string())
-                    .unwrap_or_default()
-            );
+    let held = match super::custody::take(journal, config, id, outcome, Action::Purge, Some(reason))
+        .await
+    {
+        Ok(h) => h,
+        Err(c) => return c,
+    };
+    let rec = held.record.clone();
+    let Some(w) = watch_of(config, &rec).cloned() else {
+        eprintln!(
+            "refused: entry {id}: its root {} is no longer configured",
+            shown(&rec.root)
+        );
+        let e = entry(
+            "purge-refused",
+            id,
+            Some(reason),
+            json!({ "error": "root not configured" }),
+        );
+        if held.interrupted.is_some() {
+            // An interrupted move may have left the only copy in its temp: custody stays.
+            journal.audit(e).await.ok();
         } else {
-            code = c;
+            journal.end_custody(id, None, e).await.ok();
+        }
+        return ExitCode::from(EXIT_REFUSED);
+    };
+    let roots = Arc::new(RootDirs::new(&w));
+    let from = rec.dest.clone();
+    let mut from_json = json!({});
+    detail_path(&mut from_json, "from", from.as_deref());
+    match super::custody::take_over(journal, &roots, &w, &held, which).await {
+        TakenOver::GoAhead => {}
+        TakenOver::Stopped(code) => return code,
+        done @ TakenOver::Finished { .. } => {
+            return super::custody::after_take_over(
+                journal,
+                &done,
+                None,
+                id,
+                from.as_deref(),
+                Action::Purge,
+                Some(reason),
+            )
+            .await;
         }
     }
-    code
+    let removed = {
+        let roots = roots.clone();
+        blocking(move || match locate(&roots, which, &rec) {
+            Ok((dir, name)) => {
+                let gone = |r: Result<(), FsError>| match r {
+                    Err(FsError::Vanished { .. }) => Ok(()),
+                    other => other,
+                };
+                gone(dir.unlink(&name))?;
+                gone(dir.unlink(&crate::fsops::names::sidecar_name(&name)))?;
+                dir.fsync()
+            }
+            // Its folder is gone already: so is the file.
+            Err(FsError::Vanished { .. }) => Ok(()),
+            Err(e) => Err(e),
+        })
+        .await
+    };
+    let result = removed
+        .map(|()| from_json.clone())
+        .map_err(|e| (e, from_json));
+    let c = super::moves::conclude(
+        journal,
+        &roots,
+        &held.record,
+        which,
+        Action::Purge,
+        Some(reason),
+        result,
+    )
+    .await;
+    if c == ExitCode::SUCCESS {
+        println!(
+            "purged {id}: {}",
+            from.as_deref()
+                .map(shown)
+                .map(|s| s.to_string())
+                .unwrap_or_default()
+        );
+    }
+    c
 }

@@ -116,7 +116,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 
 pub use ops_anomaly::Anomaly;
-pub use ops_audit::{AuditEntry, CUSTODY_STALE_MS, Kept};
+pub use ops_audit::{AuditEntry, Custody, CustodyPlan, Interrupted, Kept};
 pub use ops_capacity::read_capacity_snapshot;
 pub use ops_hooks::{HookEvent, NewHookEvent, RETRY_HORIZON};
 pub(crate) use ops_maint::DEFAULT_HISTORY;

@@ -1,30 +1,35 @@
 //! Journal operations of the quarantine and failed tools (`dropscan quarantine …`,
 //! `dropscan failed …`): the files kept in quarantine or failed, read with their audit trail
 //! ([`Journal::kept`]); custody of one such file while a tool works on it
-//! ([`Journal::take_custody`], [`Journal::end_custody`]); and the audit records themselves.
+//! ([`Journal::take_custody`], [`Journal::plan_custody`], [`Journal::end_custody`]); and the
+//! audit records themselves.
 //!
 //! A *kept* file is a record whose outcome is quarantine or failed and whose placement is done
 //! (`placed` or `done`, with a destination). While no `custody` row names it, its file is still
-//! where the sorter put it. A tool takes custody first (`busy:ACTION`, refused if another tool
-//! holds it), then ends it with where the file went (`released`, `restored`, `purged`,
-//! `retried`) or with nothing (it is kept, the action was refused), and writes the audit record
-//! in the same transaction. Custody left `busy` by a tool that died is taken over after
-//! [`CUSTODY_STALE_MS`].
+//! where the sorter put it. A tool takes custody first (`busy:ACTION`), records where the file
+//! is going (`custody_plan`) *before* it moves anything, then ends custody with where the file
+//! went (`released`, `restored`, `purged`, `retried`) or with nothing (it is kept, the action was
+//! refused), writing the audit record and dropping the plan in the same transaction.
+//!
+//! Whether a tool is still at work is not the journal's to say: the tool holds an `flock` for
+//! its whole life (`commands::custody`), and only the holder calls [`Journal::take_custody`]. A
+//! `busy` row found by the holder was therefore left by a run that is gone (killed, Ctrl-C,
+//! power cut), whatever its age: it is handed back as [`Interrupted`], with the plan, so that
+//! the new run finishes or undoes that move at once. No wall-clock age is involved.
 //!
 //! Records of kept files are never pruned, nor are records with an audit trail
 //! (`ops_maint.rs`): the audit always names its record. Audit rows are never pruned.
 //!
-//! What this file does not do: touch files (the commands do, through `fsops`).
+//! What this file does not do: touch files or locks (the commands do, through `fsops`).
+
+use std::path::PathBuf;
 
 use rusqlite::{Connection, params};
 use serde::Serialize;
 
-use super::schema::{COLUMNS, execute, load, query_row, row_to_record};
+use super::schema::{COLUMNS, blob_path, execute, load, path_blob, query_row, row_to_record};
 use super::types::{FileId, FileRecord, FileState, JournalError, Outcome};
 use super::{Journal, now_ms};
-
-/// Custody left `busy` longer than this (a tool that was killed) may be taken over.
-pub const CUSTODY_STALE_MS: i64 = 10 * 60 * 1000;
 
 /// One audit record: who did what to which file, when, why.
 #[derive(Debug, Clone, Serialize)]
@@ -50,19 +55,59 @@ pub struct AuditEntry {
 pub struct Kept {
     /// The journal record.
     pub record: FileRecord,
-    /// The custody status (`None` while the file is kept; `busy:ACTION`, `released`, …).
+    /// The custody status (`None` while the file is kept; `busy:ACTION`, `released`, …; the
+    /// tools show `busy:ACTION` whose tool is gone as `interrupted:ACTION`).
     pub status: Option<String>,
     /// Its audit records, oldest first.
     pub audit: Vec<AuditEntry>,
 }
 
 impl Kept {
-    /// True while the file is still in its quarantine or failed folder.
+    /// True while the file is still in its quarantine or failed folder, or a tool is moving it
+    /// (or was, and was interrupted: the next run finishes the move).
     pub fn is_kept(&self) -> bool {
         self.status
             .as_deref()
-            .is_none_or(|s| s.starts_with("busy:"))
+            .is_none_or(|s| s.starts_with("busy:") || s.starts_with("interrupted:"))
     }
+}
+
+/// Where a tool is moving a kept file, recorded before the move ([`Journal::plan_custody`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CustodyPlan {
+    /// `release`, `restore` or `retry`.
+    pub action: String,
+    /// The folder the file goes to (absolute): a copy's temp is made at its top.
+    pub to_root: PathBuf,
+    /// The target, relative to `to_root`.
+    pub target: PathBuf,
+    /// Who asked for the move (as in [`AuditEntry::user`]).
+    pub user: String,
+    /// Why, as given.
+    pub reason: Option<String>,
+    /// When it was recorded (ms since the epoch, for people).
+    pub at_ms: i64,
+}
+
+/// What a run that was interrupted left behind, found by the next run to take custody.
+#[derive(Debug, Clone)]
+pub struct Interrupted {
+    /// The action it was doing (`release`, `restore`, `retry`, `purge`).
+    pub action: String,
+    /// When it took custody (ms since the epoch, for people).
+    pub since_ms: i64,
+    /// Where it was moving the file, once it had chosen (`None`: nothing had moved yet, or a
+    /// `purge`).
+    pub plan: Option<CustodyPlan>,
+}
+
+/// Custody taken by [`Journal::take_custody`].
+#[derive(Debug, Clone)]
+pub struct Custody {
+    /// The record as it is now.
+    pub record: FileRecord,
+    /// Left by a run that is gone: to be finished or undone before anything else.
+    pub interrupted: Option<Interrupted>,
 }
 
 fn insert_audit(conn: &Connection, e: &AuditEntry) -> Result<i64, JournalError> {
@@ -113,6 +158,25 @@ fn status_of(conn: &Connection, id: FileId) -> Result<Option<(String, i64)>, Jou
         [id],
         "custody",
         |r| Ok((r.get(0)?, r.get(1)?)),
+    )
+}
+
+fn plan_of(conn: &Connection, id: FileId) -> Result<Option<CustodyPlan>, JournalError> {
+    query_row(
+        conn,
+        "SELECT action, to_root, target, user, reason, at FROM custody_plan WHERE file_id = ?1",
+        [id],
+        "custody",
+        |r| {
+            Ok(CustodyPlan {
+                action: r.get(0)?,
+                to_root: blob_path(r.get(1)?),
+                target: blob_path(r.get(2)?),
+                user: r.get(3)?,
+                reason: r.get(4)?,
+                at_ms: r.get(5)?,
+            })
+        },
     )
 }
 
@@ -195,14 +259,16 @@ impl Journal {
     }
 
     /// Takes custody of a kept file of `outcome` for `action`: refused (a
-    /// [`JournalError::Conflict`] saying why) if there is no such kept file or another tool holds
-    /// it. Returns the record as it is now.
+    /// [`JournalError::Conflict`] saying why) if there is no such kept file. The caller must
+    /// hold the entry's custody lock (see the module docs): custody left `busy` is then a run
+    /// that is gone, and comes back as [`Custody::interrupted`] with its plan, which stays
+    /// recorded until the new run ends custody.
     pub async fn take_custody(
         &self,
         id: FileId,
         outcome: Outcome,
         action: &'static str,
-    ) -> Result<FileRecord, JournalError> {
+    ) -> Result<Custody, JournalError> {
         self.run(move |conn| {
             let rec = load(conn, id)?;
             if !is_placed_as(&rec, outcome) {
@@ -211,37 +277,61 @@ impl Journal {
                     detail: format!("is not a file placed in {}", outcome.as_str()),
                 });
             }
-            match status_of(conn, id)? {
-                None => {}
-                Some((s, at)) if s.starts_with("busy:") && now_ms() - at > CUSTODY_STALE_MS => {
-                    tracing::warn!(id, status = %s, "taking over custody left by a tool that stopped");
-                }
-                Some((s, _)) if s.starts_with("busy:") => {
-                    return Err(JournalError::Conflict {
-                        id,
-                        detail: format!("another tool is working on it ({s})"),
-                    });
-                }
+            let interrupted = match status_of(conn, id)? {
+                None => None,
+                Some((s, at)) if s.starts_with("busy:") => Some(Interrupted {
+                    action: s.trim_start_matches("busy:").to_string(),
+                    since_ms: at,
+                    plan: plan_of(conn, id)?,
+                }),
                 Some((s, _)) => {
                     return Err(JournalError::Conflict {
                         id,
                         detail: format!("is no longer in {} ({s})", outcome.as_str()),
                     });
                 }
-            }
+            };
             execute(
                 conn,
                 "INSERT OR REPLACE INTO custody (file_id, status, at) VALUES (?1, ?2, ?3)",
                 params![id, format!("busy:{action}"), now_ms()],
                 "custody",
             )?;
-            Ok(rec)
+            Ok(Custody {
+                record: rec,
+                interrupted,
+            })
+        })
+        .await
+    }
+
+    /// Records where the file in custody is going, before it moves (replacing an earlier
+    /// plan: a target taken meanwhile, a run taking over).
+    pub async fn plan_custody(&self, id: FileId, plan: CustodyPlan) -> Result<(), JournalError> {
+        self.run(move |conn| {
+            execute(
+                conn,
+                "INSERT OR REPLACE INTO custody_plan (file_id, action, to_root, target, user, reason, at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    id,
+                    plan.action,
+                    path_blob(&plan.to_root),
+                    path_blob(&plan.target),
+                    plan.user,
+                    plan.reason,
+                    plan.at_ms
+                ],
+                "custody",
+            )?;
+            Ok(())
         })
         .await
     }
 
     /// Ends custody: `status` says where the file went (`None`: it is still kept), and `entry`
-    /// is audited in the same transaction. Returns the audit row's id.
+    /// is audited in the same transaction, which also drops the plan. Returns the audit row's
+    /// id.
     pub async fn end_custody(
         &self,
         id: FileId,
@@ -263,6 +353,12 @@ impl Journal {
                     "custody",
                 )?,
             };
+            execute(
+                conn,
+                "DELETE FROM custody_plan WHERE file_id = ?1",
+                [id],
+                "custody",
+            )?;
             insert_audit(conn, &entry)
         })
         .await
@@ -270,7 +366,7 @@ impl Journal {
 
     /// The records a tool holds (or held, and died holding) custody of: the copy temp of such a
     /// record may be the only copy of its file (a release killed after the quarantined file
-    /// went), so start-up clean-up leaves it for the tool to finish.
+    /// went), so start-up clean-up leaves it for the tool's next run to finish.
     pub async fn in_custody(&self) -> Result<Vec<FileId>, JournalError> {
         self.run(|conn| {
             let mut stmt = conn

@@ -75,6 +75,18 @@ CREATE TABLE IF NOT EXISTS custody (
     status      TEXT NOT NULL,
     at          INTEGER NOT NULL
 );
+-- Where a tool at work is moving a kept file (release, restore, retry): written before the move,
+-- removed when its custody ends, so that a run taking over from one that was killed finishes the
+-- same move. `to_root` is the folder the copy's temp is made in, `target` the path beneath it.
+CREATE TABLE IF NOT EXISTS custody_plan (
+    file_id     INTEGER PRIMARY KEY,
+    action      TEXT NOT NULL,
+    to_root     BLOB NOT NULL,
+    target      BLOB NOT NULL,
+    user        TEXT NOT NULL,
+    reason      TEXT,
+    at          INTEGER NOT NULL
+);
 -- Notifications waiting for delivery (ops_hooks.rs), queued with the placement they announce.
 CREATE TABLE IF NOT EXISTS hook_events (
     id          INTEGER PRIMARY KEY,

@@ -1,5 +1,5 @@
 //! Unit tests of the journal: the state machine, twins, group-commit rollback, the verdict TTL
-//! and the transition table.
+//! and the transition table, the tools' custody.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -212,4 +212,52 @@ async fn hook_retries_are_due_after_the_wall_clock_stepped_back_by_hours() {
     let due = j.hook_due(10, vec!["h".into()]).await.unwrap();
     let events: Vec<&str> = due.iter().map(|e| e.event.as_str()).collect();
     assert_eq!(events, vec!["stepped"], "a retry in a minute still waits");
+}
+
+#[tokio::test]
+async fn custody_left_busy_comes_back_interrupted_with_its_plan_until_it_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = Journal::open(&dir.path().join("j.sqlite")).unwrap();
+    let a = claim_one(&j, "a").await;
+    j.decide(vec![(
+        a,
+        Decision::failed(String::from("too large"), false),
+    )])
+    .await
+    .unwrap();
+    j.placing(a, "/out/failed/a".into()).await.unwrap();
+    j.placed(a).await.unwrap();
+    let c = j.take_custody(a, Outcome::Failed, "retry").await.unwrap();
+    assert!(c.interrupted.is_none());
+    let plan = CustodyPlan {
+        action: "retry".into(),
+        to_root: "/in".into(),
+        target: PathBuf::from("sub/a"),
+        user: "someone".into(),
+        reason: Some("limit raised".into()),
+        at_ms: 1,
+    };
+    j.plan_custody(a, plan.clone()).await.unwrap();
+    // That run is gone (the caller holds the entry's lock): the next one is told at once,
+    // whatever the age of the custody, and gets the plan.
+    let c = j.take_custody(a, Outcome::Failed, "purge").await.unwrap();
+    let i = c.interrupted.unwrap();
+    assert_eq!(i.action, "retry");
+    assert_eq!(i.plan, Some(plan));
+    let done = AuditEntry {
+        id: 0,
+        at_ms: 2,
+        user: "someone".into(),
+        action: "retry".into(),
+        file_id: Some(a),
+        reason: None,
+        detail: serde_json::json!({}),
+    };
+    j.end_custody(a, Some("retried"), done).await.unwrap();
+    assert!(j.kept(Outcome::Failed, false).await.unwrap().is_empty());
+    let refused = j.take_custody(a, Outcome::Failed, "retry").await;
+    assert!(
+        matches!(refused, Err(JournalError::Conflict { ref detail, .. }) if detail.contains("retried")),
+        "{refused:?}"
+    );
 }
