@@ -24,8 +24,9 @@
 //!   written by an older version) this run's action goes ahead, and `place` finishes a verified
 //!   temp of its own.
 //!
-//! Until a run takes over, `list` and `show` say `interrupted:ACTION`, and the running agent
-//! leaves the entry's temp alone (`Journal::in_custody`): it may be the only copy.
+//! Until a run takes over, `list` and `show` say `interrupted:ACTION`, and the agent leaves the
+//! entry's temp alone at start-up (`app::leftovers`: a tool's temp whose record the journal
+//! knows is the tool's to finish): it may be the only copy.
 
 use std::fs::File;
 use std::io::{Read, Write};
