@@ -36,8 +36,9 @@ const LIMIT: Duration = Duration::from_secs(60);
 pub(crate) const DURABLE: &str = "rename,renameat,renameat2,fsync,fdatasync";
 /// How long each traced call is held on its way out (µs), for the harness to kill there.
 const HOLD_US: u32 = 40_000;
-/// More kill points than this for one action means the loop would not end.
-const MAX_KILL_POINTS: usize = 60;
+/// More kill points than this for one action means the loop would not end (an action has
+/// about a dozen: three journal commits, the copy's fsync, the folders' fsyncs, one rename).
+const MAX_KILL_POINTS: usize = 30;
 
 /// Kept entries made by a real agent run: quarantined and failed files, with the agent stopped.
 pub(crate) struct KeptWorld {

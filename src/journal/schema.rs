@@ -69,7 +69,8 @@ CREATE TABLE IF NOT EXISTS audit (
 );
 CREATE INDEX IF NOT EXISTS audit_file ON audit(file_id);
 -- What became of a file kept in quarantine or failed: no row while it is kept there; a tool at
--- work on it ('busy:ACTION'), or where it went ('released', 'restored', 'purged', 'retried').
+-- work on it, or interrupted ('busy:ACTION': whether the tool still runs is its lock's to say,
+-- see commands/custody.rs), or where it went ('released', 'restored', 'purged', 'retried').
 CREATE TABLE IF NOT EXISTS custody (
     file_id     INTEGER PRIMARY KEY,
     status      TEXT NOT NULL,
