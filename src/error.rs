@@ -163,10 +163,14 @@ impl FatalError {
     pub fn exit_code(&self) -> ExitCode {
         match self {
             FatalError::Config(_) => ExitCode::from(EXIT_CONFIG),
-            // Two hosts, or two agents of one host, configured with one instance id: only the
-            // configuration can fix it.
+            // Two hosts, or two agents of one host, configured with one instance id, or a
+            // destination others control: only the administrator can fix it, and a restart would
+            // meet it again.
             FatalError::Folder {
-                source: crate::fsops::FsError::Owner(_) | crate::fsops::FsError::StagingInUse { .. },
+                source:
+                    crate::fsops::FsError::Owner(_)
+                    | crate::fsops::FsError::StagingInUse { .. }
+                    | crate::fsops::FsError::UnsafeDestination { .. },
                 ..
             } => ExitCode::from(EXIT_CONFIG),
             FatalError::Client(e) => ExitCode::from(api_exit_code(e)),

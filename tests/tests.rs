@@ -8,6 +8,7 @@ mod attacks;
 mod capacity;
 mod cli;
 mod config_errors;
+mod destinations;
 mod durability;
 mod emulator_server;
 mod friction;

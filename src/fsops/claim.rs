@@ -2,8 +2,9 @@
 //! a time, under a read lease where leases can be asked (see [`super::lease`]).
 //!
 //! A file is taken only if it is still the inode that settled, unchanged ([`same_file`]), and,
-//! with leases, only if nobody holds it open for writing. Every rename is a no-replace rename
-//! beneath the inbox's descriptor; the folders are fsynced once per batch.
+//! with leases, only if nobody holds it open for writing, and never from a folder that is or was
+//! a destination ([`super::dest`]). Every rename is a no-replace rename beneath the inbox's
+//! descriptor; the folders are fsynced once per batch.
 
 use std::ffi::OsStr;
 use std::path::Path;
@@ -23,6 +24,12 @@ pub enum Claim {
     /// Hard-linked, and hard links may not be taken (the failed folder is on another
     /// filesystem, where the file could only be placed by reading it): left in the inbox.
     HardLinkedLeft,
+    /// Not readable by dropscan's user, and the failed folder is on another filesystem, where
+    /// the file could only be placed by reading it: left in the inbox.
+    UnreadableLeft,
+    /// In a folder that is or was a destination of dropscan (its marker says so, see
+    /// [`super::dest`]): what dropscan placed is never taken again. Left alone.
+    InDestination,
     /// Somebody holds it open for writing (its read lease was refused, or broke during the
     /// rename and the file was put back): not complete, left in the inbox.
     HeldOpen,
@@ -144,8 +151,11 @@ fn claim_one(
     leases: bool,
 ) -> Result<Option<Dir>, ClaimStop> {
     let (parent, name) = split_rel(item.rel).map_err(ClaimStop::Failed)?;
-    let dir = match inbox.open_dir(parent) {
-        Ok(d) => d,
+    // A folder that is or was a destination (renamed into reach, see `super::dest`) holds
+    // what dropscan placed: never taken again.
+    let dir = match super::dest::open_unless_marked(inbox, parent) {
+        Ok(Some(d)) => d,
+        Ok(None) => return Err(ClaimStop::Decided(Claim::InDestination)),
         Err(FsError::Vanished { .. }) => return Ok(None),
         Err(e) => return Err(ClaimStop::Failed(e)),
     };
@@ -162,18 +172,30 @@ fn claim_one(
     }
     // The lease is taken on the inode that settled (a name swapped since is "changed"). A file
     // that cannot be opened for reading is taken without one: it goes to failed, unread, by
-    // rename (the same inode), so a writer still at it loses nothing.
-    let opened = if leases {
+    // rename (the same inode), so a writer still at it loses nothing. Where the failed folder
+    // is on another filesystem, such a file could only get there by being read: it is left
+    // where it is, like a hard link (so it is opened to find out, leases or not).
+    let opened = if leases || !hard_links_ok {
         match dir.open_file(name) {
             Ok((f, st)) if (st.dev, st.ino) == (now.dev, now.ino) => Some(f),
             Ok(_) => return Err(ClaimStop::Decided(Claim::Changed)),
             Err(FsError::Vanished { .. }) => return Ok(None),
+            Err(FsError::Io { source, .. })
+                if !hard_links_ok
+                    && matches!(source.raw_os_error(), Some(libc::EACCES | libc::EPERM)) =>
+            {
+                return Err(ClaimStop::Decided(Claim::UnreadableLeft));
+            }
             Err(_) => None,
         }
     } else {
         None
     };
-    let lease = match opened.as_ref().map(super::lease::ReadLease::take) {
+    let lease = match opened
+        .as_ref()
+        .filter(|_| leases)
+        .map(super::lease::ReadLease::take)
+    {
         Some(Ok(l)) => Some(l),
         Some(Err(super::lease::LeaseRefused::HeldOpen)) if !item.held_open_ok => {
             return Err(ClaimStop::Decided(Claim::HeldOpen));

@@ -18,6 +18,7 @@
 //! still the one it saw: device, inode, size, mtime and ctime must all match.
 
 pub mod claim;
+pub mod dest;
 pub mod dir;
 pub mod fstype;
 pub mod lease;
@@ -53,6 +54,19 @@ pub enum FsError {
         path: PathBuf,
         /// symlink, fifo, socket, device, directory.
         kind: &'static str,
+    },
+    /// A staged file dropscan's user cannot read, bound for a failed folder on another
+    /// filesystem: it can be neither renamed there nor copied.
+    #[error(
+        "{}: cannot open for reading: {source} (not readable by the dropscan user), and the failed \
+         folder is on another filesystem, so it cannot be moved there without reading it",
+        shown(path)
+    )]
+    Unreadable {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
     },
     /// A regular file with more than one link.
     #[error(
@@ -115,6 +129,24 @@ pub enum FsError {
         uid: u32,
         /// Its mode.
         mode: u32,
+    },
+    /// A destination folder that others control (or could rename away): see [`dest`].
+    #[error(
+        "{key} = {}: {} {problem}; refused: {advice}",
+        shown(dest),
+        shown(path)
+    )]
+    UnsafeDestination {
+        /// The configuration key: `clean_dir`, `quarantine_dir` or `failed_dir`.
+        key: &'static str,
+        /// The configured destination.
+        dest: PathBuf,
+        /// The folder found wanting (the destination, a folder above it, or its inbox).
+        path: PathBuf,
+        /// What is wrong with it.
+        problem: String,
+        /// What to do.
+        advice: &'static str,
     },
     /// Another placement of the same file is in progress (it holds the lock).
     #[error(
@@ -211,6 +243,7 @@ impl FsError {
         match self {
             FsError::NotRegular { kind, .. } => FsError::NotRegular { path, kind },
             FsError::HardLinked { nlink, .. } => FsError::HardLinked { path, nlink },
+            FsError::Unreadable { source, .. } => FsError::Unreadable { path, source },
             FsError::NotBeneath { .. } => FsError::NotBeneath { path },
             FsError::Vanished { .. } => FsError::Vanished { path },
             FsError::Changed { detail, .. } => FsError::Changed { path, detail },
@@ -219,6 +252,8 @@ impl FsError {
             FsError::Owner(o) => FsError::Owner(o),
             FsError::StagingInUse { staging, holder } => FsError::StagingInUse { staging, holder },
             FsError::Busy { .. } => FsError::Busy { path },
+            // About a folder, not the file: kept as it is.
+            e @ FsError::UnsafeDestination { .. } => e,
             FsError::NotPrivate { uid, mode, .. } => FsError::NotPrivate { path, uid, mode },
             FsError::Io { about, source, .. } => FsError::Io {
                 path,

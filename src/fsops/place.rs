@@ -15,7 +15,10 @@
 //!   (which may be hard links that must never be read) are moved by rename;
 //! - one placement of a file at a time, across agents too: the staged file (and a temp being
 //!   written or finished) is held under an exclusive `flock`; a second placement is told to
-//!   retry later, never takes or deletes the first one's temp;
+//!   retry later, never takes or deletes the first one's temp. A staged file dropscan's user
+//!   cannot read (dropped with mode 000: the hash failed it) gives no descriptor to lock; it
+//!   only ever goes to failed by one no-replace rename, with no temp, so two placements cannot
+//!   interleave there: one moves it, the other finds it placed;
 //! - a move is a no-replace rename, or, for a copy, the sequence copy
 //!   to `<dest root>/.<instance>.s<staged id>.<name>.dropscan-partial` → fsync → verify SHA-256
 //!   → remove the staged file → fsync staging → no-replace rename of the temp to the target →
@@ -161,6 +164,9 @@ pub fn place(r: &Release<'_>) -> Result<Placed, FsError> {
     let (mut file, now) = match r.staging.open_file(r.staged_name) {
         Ok(x) => x,
         Err(FsError::Vanished { .. }) => return resume_from_temp(r, &tdir, tname),
+        // Not readable by dropscan's user (dropped with mode 000, or an ACL that keeps us
+        // out): the hash failed it, and a plain rename into failed needs no reading.
+        Err(e) if !r.copy && is_denied(&e) => return rename_unreadable(r, &tdir, tname, e),
         Err(e) => return Err(e),
     };
     // One placement of a file at a time, across agents too (an old agent's copy still running
@@ -227,6 +233,68 @@ pub fn place(r: &Release<'_>) -> Result<Placed, FsError> {
         }
     }
     copy_then_release(r, &mut file, &now, &tdir, tname)
+}
+
+/// Whether opening the staged file failed for want of permission.
+fn is_denied(e: &FsError) -> bool {
+    matches!(e, FsError::Io { source, .. }
+        if matches!(source.raw_os_error(), Some(libc::EACCES | libc::EPERM)))
+}
+
+/// Places a staged file dropscan's user cannot read (only ever into failed, by rename: see
+/// [`place`]). Its identity comes from `lstat`, which needs no read permission, and no `flock`
+/// is taken, since that would need a readable descriptor. None is needed either: the placement
+/// is one atomic no-replace rename, and there is no temp to guard. Of two placements of the
+/// same record at once (an old agent after a reload), one moves the file and the other finds it
+/// gone and its target present ([`resume_from_temp`]): one placement, whichever wins. Across
+/// filesystems it can be neither renamed nor copied: [`FsError::Unreadable`], and the caller
+/// puts it back into the inbox (where the claim then leaves such files alone).
+fn rename_unreadable(
+    r: &Release<'_>,
+    tdir: &Dir,
+    tname: &OsStr,
+    denied: FsError,
+) -> Result<Placed, FsError> {
+    let now = match r.staging.stamp(r.staged_name) {
+        Ok(st) => st,
+        Err(FsError::Vanished { .. }) => return resume_from_temp(r, tdir, tname),
+        Err(e) => return Err(e),
+    };
+    if let Some(h) = r.hashed {
+        if !same_file(&h, &now.stamp()) {
+            return Err(FsError::Changed {
+                path: r.staging.path().join(r.staged_name),
+                detail: "changed since it was hashed".into(),
+            });
+        }
+    }
+    match tdir.stamp(tname) {
+        // Our own inode under the target: a link + unlink move interrupted after the link.
+        Ok(t) if (t.dev, t.ino) == (now.dev, now.ino) => {
+            r.staging.unlink(r.staged_name)?;
+            r.staging.fsync()?;
+            return Ok(Placed::Renamed);
+        }
+        Ok(_) | Err(FsError::NotRegular { .. }) => {
+            return Err(FsError::AlreadyExists {
+                path: tdir.path().join(tname),
+            });
+        }
+        Err(FsError::Vanished { .. }) => {}
+        Err(e) => return Err(e),
+    }
+    match rename_noreplace(r.staging, r.staged_name, tdir, tname) {
+        Ok(_) => Ok(Placed::Renamed),
+        // Another placement of this record moved it first.
+        Err(FsError::Vanished { .. }) => resume_from_temp(r, tdir, tname),
+        Err(FsError::Io { ref source, .. }) if source.raw_os_error() == Some(libc::EXDEV) => {
+            let FsError::Io { path, source, .. } = denied else {
+                return Err(denied);
+            };
+            Err(FsError::Unreadable { path, source })
+        }
+        Err(e) => Err(e),
+    }
 }
 
 fn copy_then_release(

@@ -9,6 +9,12 @@
 //! A root is **recognised** before anything under it is judged missing: its staging folder must
 //! exist with our owner marker. An inbox on a share that is not mounted yet shows an empty
 //! mount point, and the staged files of records in flight would otherwise all look vanished.
+//!
+//! A destination is judged whenever it is opened, and again on every use (see [`super::dest`]):
+//! it must be dropscan's own and writable by nobody else, an inbox holding it must not let
+//! others rename it away, and its path must still lead to the open descriptor; otherwise it is
+//! opened again from its path (and judged again), never placed into through a folder that was
+//! renamed away.
 
 use std::ffi::OsStr;
 use std::io::{Read, Write};
@@ -16,6 +22,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use super::dest::{self, Named};
 use super::{Dir, FsError};
 use crate::config::WatchConfig;
 
@@ -47,6 +54,8 @@ struct Slot {
     /// Relative to the inbox when the folder lives inside it.
     beneath_inbox: Option<PathBuf>,
     mode: u32,
+    /// The configuration key of a destination (`None`: the inbox or staging).
+    key: Option<&'static str>,
     open: Mutex<Option<Arc<Dir>>>,
 }
 
@@ -61,7 +70,22 @@ impl Slot {
             path: path.to_path_buf(),
             beneath_inbox,
             mode,
+            key: None,
             open: Mutex::new(None),
+        }
+    }
+
+    fn destination(path: &Path, inbox: &Path, mode: u32, key: &'static str) -> Slot {
+        Slot {
+            key: Some(key),
+            ..Slot::new(path, inbox, mode, false)
+        }
+    }
+
+    fn named(&self, key: &'static str) -> Named<'_> {
+        Named {
+            key,
+            path: &self.path,
         }
     }
 }
@@ -81,13 +105,13 @@ pub struct RootDirs {
 impl RootDirs {
     /// The folders of `w` (nothing is opened yet).
     pub fn new(w: &WatchConfig) -> RootDirs {
-        let slot = |p: &Path, mode| Slot::new(p, &w.path, mode, false);
+        let dest = |p: &Path, mode, key| Slot::destination(p, &w.path, mode, key);
         RootDirs {
             inbox: Slot::new(&w.path, &w.path, 0o755, true),
-            staging: slot(&w.staging_dir, 0o700),
-            clean: slot(&w.clean_dir, 0o755),
-            quarantine: slot(&w.quarantine_dir, 0o700),
-            failed: slot(&w.failed_dir, 0o750),
+            staging: Slot::new(&w.staging_dir, &w.path, 0o700, false),
+            clean: dest(&w.clean_dir, 0o755, "clean_dir"),
+            quarantine: dest(&w.quarantine_dir, 0o700, "quarantine_dir"),
+            failed: dest(&w.failed_dir, 0o750, "failed_dir"),
             lock: Mutex::new(None),
         }
     }
@@ -125,15 +149,35 @@ impl RootDirs {
             self.forget_if_remounted();
         }
         let slot = self.slot(which);
+        // A destination inside the inbox is judged through the inbox's descriptor, taken before
+        // the slot is locked (taking it may forget every open folder, this one's included).
+        let dest_inbox = match (slot.key, &slot.beneath_inbox) {
+            (Some(_), Some(_)) => Some(self.get(Which::Inbox, false)?),
+            _ => None,
+        };
         let mut open = slot.open.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(d) = open.as_ref() {
             if !d.is_removed() {
-                return Ok(Arc::clone(d));
+                match slot.key {
+                    None => return Ok(Arc::clone(d)),
+                    Some(key) if still_destination(slot, key, d, dest_inbox.as_deref())? => {
+                        return Ok(Arc::clone(d));
+                    }
+                    // Renamed or replaced meanwhile: opened again from its path, below.
+                    Some(_) => *open = None,
+                }
             }
         }
         let dir = match &slot.beneath_inbox {
             Some(rel) => {
-                let inbox = self.get(Which::Inbox, false)?;
+                let inbox = match &dest_inbox {
+                    Some(inbox) => Arc::clone(inbox),
+                    None => self.get(Which::Inbox, false)?,
+                };
+                // Nothing is made in an inbox that could rename it away.
+                if let Some(key) = slot.key {
+                    dest::check_inbox_holds(&inbox, slot.named(key))?;
+                }
                 let dir = if create {
                     if which == Which::Staging {
                         move_planted_aside(&inbox, rel);
@@ -145,15 +189,25 @@ impl RootDirs {
                 if which == Which::Staging {
                     check_private(&inbox, rel)?;
                 }
+                if let Some(key) = slot.key {
+                    dest::check_beneath(&inbox, rel, slot.named(key), true)?;
+                }
                 dir
             }
             None => {
                 if create && which != Which::Inbox {
                     create_trusted(&slot.path, slot.mode)?;
                 }
-                Dir::open_trusted(&slot.path)?
+                let dir = Dir::open_trusted(&slot.path)?;
+                if let Some(key) = slot.key {
+                    dest::check_folder(&dir, slot.named(key), true)?;
+                }
+                dir
             }
         };
+        if slot.key.is_some() {
+            dest::ensure_marker(&dir)?;
+        }
         let dir = Arc::new(dir);
         *open = Some(Arc::clone(&dir));
         Ok(dir)
@@ -249,6 +303,45 @@ fn move_planted_aside(inbox: &Dir, rel: &Path) {
             Err(_) => return,
         };
     }
+}
+
+/// Whether the open destination `d` may still be placed into: its path still leads to it
+/// (`false`, after a warning, when it was renamed or replaced: the caller opens it again),
+/// and it and its inbox still pass their tests (an error holds placements).
+fn still_destination(
+    slot: &Slot,
+    key: &'static str,
+    d: &Dir,
+    inbox: Option<&Dir>,
+) -> Result<bool, FsError> {
+    let named = slot.named(key);
+    let now = match &slot.beneath_inbox {
+        Some(rel) => {
+            let Some(inbox) = inbox else {
+                return Ok(false);
+            };
+            dest::check_inbox_holds(inbox, named)?;
+            match inbox.open_dir(rel) {
+                Ok(found) => Some(found.identity()?),
+                Err(FsError::Vanished { .. } | FsError::NotRegular { .. }) => None,
+                Err(e) => return Err(e),
+            }
+        }
+        None => rustix::fs::stat(&slot.path)
+            .ok()
+            .map(|st| (st.st_dev, st.st_ino)),
+    };
+    if now != Some(d.identity()?) {
+        tracing::warn!(
+            key,
+            path = %super::shown(&slot.path),
+            "the destination is another folder now (renamed, removed or replaced): it is opened again \
+             and judged again; nothing more is placed into the old one, and nothing is ever claimed from it"
+        );
+        return Ok(false);
+    }
+    dest::check_folder(d, named, true)?;
+    Ok(true)
 }
 
 /// The staging folder and every folder between it and the inbox must belong to dropscan's user

@@ -374,7 +374,8 @@ impl Sorter {
                 // filesystem: it can be neither renamed there nor copied (that would read what it
                 // points to). It goes back where it was dropped, unread, every name kept; the
                 // claim leaves hard links there alone.
-                Err(e @ FsError::HardLinked { .. }) if !copy => {
+                // The same for a file dropscan's user cannot read.
+                Err(e @ (FsError::HardLinked { .. } | FsError::Unreadable { .. })) if !copy => {
                     return self.return_to_inbox(rec, i, &e).await;
                 }
                 // Taken meanwhile, or its folder removed meanwhile: choose again.
@@ -428,7 +429,7 @@ impl Sorter {
                     path = %fsops::shown(&rec.rel_path),
                     back = %fsops::shown(&rel_back),
                     error = %why,
-                    "hard-linked file returned to the inbox unread (the failed folder is on another filesystem)"
+                    "returned to the inbox unread (the failed folder is on another filesystem)"
                 );
                 self.shared
                     .journal
@@ -444,7 +445,7 @@ impl Sorter {
                 Step::Done
             }
             Err(e) => Step::Retry(format!(
-                "{} stays in staging: it is hard-linked and cannot be returned to the inbox: {e}",
+                "{} stays in staging: {why}; and it cannot be returned to the inbox: {e}",
                 fsops::shown(&rec.rel_path)
             )),
         }

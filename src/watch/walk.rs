@@ -1,6 +1,6 @@
 //! Listing: walks a folder tree of one root by the walk rules (beneath the root's descriptor, no
-//! symlink followed, never into the root's own folders or dot-folders, no subfolders when not
-//! recursive, at most `MAX_DEPTH` deep) and sends a `Candidate` for every file found. Used for the
+//! symlink followed, never into the root's own folders, dot-folders or a folder that is or was a
+//! destination (`fsops::dest`), no subfolders when not recursive, at most `MAX_DEPTH` deep) and sends a `Candidate` for every file found. Used for the
 //! backlog, the reconcile scan, polling and new subfolders; when to list is the root task's
 //! business (`root.rs`). Blocking: runs in `spawn_blocking`.
 
@@ -80,10 +80,22 @@ pub(super) fn walk_blocking(
         // is refused, never listed (what it points to is outside the inbox).
         let listed = crate::fsops::Dir::open_trusted(&w.path).and_then(|root| {
             let rel = dir.strip_prefix(&w.path).unwrap_or(Path::new(""));
-            root.open_dir(rel)?.entry_types()
+            let folder = root.open_dir(rel)?;
+            let entries = folder.entry_types()?;
+            // A folder that is or was a destination (its marker moves with it when it is
+            // renamed into the inbox) holds what dropscan placed: never listed for claiming.
+            let destination = dir != w.path
+                && crate::fsops::dest::marked(&folder, entries.iter().map(|(n, _)| n.as_os_str()));
+            Ok((entries, destination))
         });
         let entries = match listed {
-            Ok(entries) => {
+            Ok((_, true)) => {
+                if warned.first(&dir) {
+                    warn!(folder = %crate::fsops::shown(&dir), "not scanned: a folder that is or was a destination of dropscan (renamed into the inbox?)");
+                }
+                continue;
+            }
+            Ok((entries, false)) => {
                 warned.readable(&dir);
                 entries
             }
