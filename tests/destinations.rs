@@ -99,13 +99,33 @@ fn start(w: &World) -> Running {
     }
 }
 
-/// The agent's result once it stops by itself, or `None` if it still runs after 20 s.
-async fn stops_by_itself(mut agent: Running) -> Option<Result<(), String>> {
-    let task = agent.task.take().unwrap();
-    tokio::time::timeout(Duration::from_secs(20), task)
-        .await
-        .ok()
-        .map(Result::unwrap)
+/// Runs the real binary (as root) on `config` until it exits by itself: its exit code and
+/// what it wrote to stderr, or `None` if it still runs after 20 s (it is then killed).
+fn exits_by_itself(config: &Path) -> Option<(i32, String)> {
+    use std::io::Read;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dropscan"))
+        .args(["run", "--config", config.to_str().unwrap()])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if t0.elapsed() > Duration::from_secs(20) {
+            child.kill().ok();
+            child.wait().ok();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut err).ok();
+    Some((status.code().unwrap_or(-1), err))
 }
 
 /// Files (not folders, hidden ones excluded) anywhere below `dir`.
@@ -129,10 +149,12 @@ async fn a_destination_made_by_an_inbox_writer_is_refused() {
         &w.inbox,
         "umask 000 && mkdir clean quarantine && echo hello > a.txt",
     );
-    let r = stops_by_itself(start(&w))
-        .await
+    let (code, e) = exits_by_itself(&write_config(&w))
         .expect("the agent accepted a clean folder made by another user, and runs");
-    let e = r.expect_err("refused");
+    assert_eq!(
+        code, 78,
+        "a configuration error, which a restart cannot fix: {e}"
+    );
     assert!(e.contains("clean_dir"), "names the key: {e}");
     assert!(e.contains(&format!("uid {other}")), "names the owner: {e}");
     assert!(w.inbox.join("a.txt").exists(), "nothing claimed");
@@ -149,10 +171,9 @@ async fn a_destination_inside_an_inbox_others_can_rename_in_is_refused() {
     }
     let w = world_with_destinations_in_the_inbox().await;
     chmod(&w.inbox, 0o777);
-    let r = stops_by_itself(start(&w))
-        .await
+    let (code, e) = exits_by_itself(&write_config(&w))
         .expect("the agent accepted destinations in an inbox where anybody can rename them away");
-    let e = r.expect_err("refused");
+    assert_eq!(code, 78, "{e}");
     assert!(e.contains("_dir"), "names the key: {e}");
     assert!(e.contains("sticky"), "says what to do: {e}");
     assert!(!w.clean.exists() && !w.quarantine.exists() && !w.failed.exists());

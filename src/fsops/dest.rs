@@ -150,9 +150,8 @@ pub fn check_inbox_holds(inbox: &Dir, named: Named<'_>) -> Result<(), FsError> {
         named,
         inbox.path(),
         format!(
-            "is inside this inbox, where others can rename it away (the inbox's owner is uid {}, \
-             mode {mode:o}: {who}{}), after which dropscan would place files into an ordinary \
-             inbox folder",
+            "(the inbox it is in) lets others rename it away (owner uid {}, mode {mode:o}: \
+             {who}{}), after which dropscan would place files into an ordinary inbox folder",
             st.st_uid,
             if sticky { "" } else { ", no sticky bit" }
         ),
