@@ -10,7 +10,9 @@ use super::{ConfigError, StateConfig, WatchConfig};
 
 impl Validator {
     /// The inboxes, destinations and the state folder must be distinct; a destination may sit
-    /// inside an inbox (it is then never watched) but an inbox may not sit inside a destination.
+    /// inside an inbox (it is then never watched; whether nobody else can rename it away there
+    /// is judged on the live folders, see `fsops::dest`) but an inbox may not sit inside a
+    /// destination.
     pub(super) fn check_folders(
         &self,
         watches: &[WatchConfig],

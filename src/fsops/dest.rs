@@ -228,3 +228,95 @@ pub fn open_unless_marked(inbox: &Dir, rel: &Path) -> Result<Option<Dir>, FsErro
     }
     Ok(Some(cur))
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::Path;
+
+    use super::{MARKER, Named, check_folder, ensure_marker, is_marked, open_unless_marked};
+    use crate::fsops::{Dir, FsError};
+
+    fn named() -> Named<'static> {
+        Named {
+            key: "clean_dir",
+            path: Path::new("/srv/clean"),
+        }
+    }
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o7777
+    }
+
+    /// Ours with write bits for others: tightened, not refused. Another user's: refused, naming
+    /// the key and the owner (root can make one to test with).
+    #[test]
+    fn a_destination_of_ours_is_tightened_and_another_users_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let ours = d.path().join("ours");
+        std::fs::create_dir(&ours).unwrap();
+        std::fs::set_permissions(&ours, std::fs::Permissions::from_mode(0o777)).unwrap();
+        check_folder(&Dir::open_trusted(&ours).unwrap(), named(), true).unwrap();
+        assert_eq!(mode(&ours), 0o755);
+        std::fs::set_permissions(&ours, std::fs::Permissions::from_mode(0o775)).unwrap();
+        let e = check_folder(&Dir::open_trusted(&ours).unwrap(), named(), false).unwrap_err();
+        assert!(e.to_string().contains("chmod go-w"), "{e}");
+        if !rustix::process::geteuid().is_root() {
+            println!("skipped: a folder of another user needs root to make");
+            return;
+        }
+        let theirs = d.path().join("theirs");
+        std::fs::create_dir(&theirs).unwrap();
+        std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+        let e = check_folder(&Dir::open_trusted(&theirs).unwrap(), named(), true).unwrap_err();
+        assert!(matches!(e, FsError::UnsafeDestination { .. }), "{e:?}");
+        let text = e.to_string();
+        assert!(
+            text.contains("clean_dir") && text.contains("uid 65534"),
+            "{text}"
+        );
+    }
+
+    /// Only a marker of ours with one link counts: one planted by another user, or a hard link
+    /// to ours, cannot hide a folder from scanning.
+    #[test]
+    fn only_a_genuine_marker_marks_a_folder() {
+        let d = tempfile::tempdir().unwrap();
+        let inbox = d.path().join("inbox");
+        let dest = inbox.join("a/clean.old");
+        std::fs::create_dir_all(dest.join("sub")).unwrap();
+        let inbox_dir = Dir::open_trusted(&inbox).unwrap();
+        assert!(
+            open_unless_marked(&inbox_dir, Path::new("a/clean.old/sub"))
+                .unwrap()
+                .is_some()
+        );
+        let dest_dir = Dir::open_trusted(&dest).unwrap();
+        ensure_marker(&dest_dir).unwrap();
+        assert!(is_marked(&dest_dir));
+        // The marker moved with its folder: everything below it is out of reach of the claim.
+        assert!(
+            open_unless_marked(&inbox_dir, Path::new("a/clean.old/sub"))
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            open_unless_marked(&inbox_dir, Path::new("a"))
+                .unwrap()
+                .is_some()
+        );
+        // A hard link to our marker elsewhere marks nothing (and unmarks the original, whose
+        // link count is 2 now: it is made again at the next open of the destination).
+        let planted = inbox.join("a").join(MARKER);
+        std::fs::hard_link(dest.join(MARKER), &planted).unwrap();
+        assert!(!is_marked(&Dir::open_trusted(&inbox.join("a")).unwrap()));
+        std::fs::remove_file(&planted).unwrap();
+        if rustix::process::geteuid().is_root() {
+            std::fs::write(&planted, b"").unwrap();
+            std::os::unix::fs::chown(&planted, Some(65534), Some(65534)).unwrap();
+            assert!(!is_marked(&Dir::open_trusted(&inbox.join("a")).unwrap()));
+        }
+    }
+}
