@@ -170,7 +170,7 @@ impl FatalError {
                 source:
                     crate::fsops::FsError::Owner(_)
                     | crate::fsops::FsError::StagingInUse { .. }
-                    | crate::fsops::FsError::UnsafeDestination { .. },
+                    | crate::fsops::FsError::UnsafeDestination(_),
                 ..
             } => ExitCode::from(EXIT_CONFIG),
             FatalError::Client(e) => ExitCode::from(api_exit_code(e)),

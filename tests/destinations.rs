@@ -4,6 +4,8 @@
 //! `nobody`): as the attacker, or as the service user running the real binary. Without root
 //! there is no second user to be: those tests print "skipped" and return.
 
+#![allow(clippy::unwrap_used)]
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

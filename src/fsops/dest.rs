@@ -31,7 +31,7 @@
 
 use std::ffi::OsStr;
 use std::io::Write;
-use std::path::{Component, Path};
+use std::path::{Component, Path, PathBuf};
 
 use super::{Dir, FsError};
 
@@ -66,14 +66,34 @@ fn fstat(d: &Dir) -> Result<rustix::fs::Stat, FsError> {
     })
 }
 
+/// A destination refused: which key, which folder is found wanting, and what to do.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{key} = {}: {} {problem}; refused: {advice}",
+    super::shown(dest),
+    super::shown(path)
+)]
+pub struct Refusal {
+    /// The configuration key: `clean_dir`, `quarantine_dir` or `failed_dir`.
+    pub key: &'static str,
+    /// The configured destination.
+    pub dest: PathBuf,
+    /// The folder found wanting (the destination, a folder above it, or its inbox).
+    pub path: PathBuf,
+    /// What is wrong with it.
+    pub problem: String,
+    /// What to do.
+    pub advice: &'static str,
+}
+
 fn refused(named: Named<'_>, path: &Path, problem: String, advice: &'static str) -> FsError {
-    FsError::UnsafeDestination {
+    FsError::UnsafeDestination(Box::new(Refusal {
         key: named.key,
         dest: named.path.to_path_buf(),
         path: path.to_path_buf(),
         problem,
         advice,
-    }
+    }))
 }
 
 /// The destination's own test (also applied to every folder between an inbox and a destination
@@ -271,7 +291,7 @@ mod tests {
         std::fs::create_dir(&theirs).unwrap();
         std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
         let e = check_folder(&Dir::open_trusted(&theirs).unwrap(), named(), true).unwrap_err();
-        assert!(matches!(e, FsError::UnsafeDestination { .. }), "{e:?}");
+        assert!(matches!(e, FsError::UnsafeDestination(_)), "{e:?}");
         let text = e.to_string();
         assert!(
             text.contains("clean_dir") && text.contains("uid 65534"),

@@ -131,23 +131,8 @@ pub enum FsError {
         mode: u32,
     },
     /// A destination folder that others control (or could rename away): see [`dest`].
-    #[error(
-        "{key} = {}: {} {problem}; refused: {advice}",
-        shown(dest),
-        shown(path)
-    )]
-    UnsafeDestination {
-        /// The configuration key: `clean_dir`, `quarantine_dir` or `failed_dir`.
-        key: &'static str,
-        /// The configured destination.
-        dest: PathBuf,
-        /// The folder found wanting (the destination, a folder above it, or its inbox).
-        path: PathBuf,
-        /// What is wrong with it.
-        problem: String,
-        /// What to do.
-        advice: &'static str,
-    },
+    #[error(transparent)]
+    UnsafeDestination(Box<dest::Refusal>),
     /// Another placement of the same file is in progress (it holds the lock).
     #[error(
         "{}: another placement of this file is in progress; retried later",
@@ -253,7 +238,7 @@ impl FsError {
             FsError::StagingInUse { staging, holder } => FsError::StagingInUse { staging, holder },
             FsError::Busy { .. } => FsError::Busy { path },
             // About a folder, not the file: kept as it is.
-            e @ FsError::UnsafeDestination { .. } => e,
+            e @ FsError::UnsafeDestination(_) => e,
             FsError::NotPrivate { uid, mode, .. } => FsError::NotPrivate { path, uid, mode },
             FsError::Io { about, source, .. } => FsError::Io {
                 path,
