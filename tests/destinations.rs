@@ -217,8 +217,20 @@ async fn a_destination_renamed_away_at_run_time_is_never_placed_into_nor_claimed
     wait_for(LIMIT, || (submits() >= 5).then_some(()))
         .await
         .expect("the two new files scanned");
-    // Nothing to wait for but time: several reconcile scans (every 2 s) and placement retries.
-    tokio::time::sleep(Duration::from_secs(8)).await;
+    // Placements are held with a clear error, which `dropscan status` shows.
+    let config = write_config(&w);
+    let held = wait_for(LIMIT, || {
+        let status = status(&config);
+        status.contains("cannot place").then_some(status)
+    })
+    .await
+    .unwrap_or_else(|| panic!("no held placement in: {}", status(&config)));
+    assert!(
+        held.contains("clean_dir") && held.contains("refused"),
+        "the reason names the key: {held}"
+    );
+    // Nothing more to wait for but time: several reconcile scans (every 2 s) and retries.
+    tokio::time::sleep(Duration::from_secs(6)).await;
     assert_eq!(
         submits(),
         5,
@@ -246,6 +258,48 @@ async fn a_destination_renamed_away_at_run_time_is_never_placed_into_nor_claimed
     assert!(w.inbox.join("clean.old/a1.txt").exists());
     assert_eq!(w.staged_files(), 0);
     agent.stop().await.0.unwrap();
+}
+
+/// Issue 18, finding 1, the path check alone: the inbox stays safe (sticky), and the folder is
+/// renamed by someone allowed to (here root, an operator tidying up). The next placement opens
+/// `clean` again from its path (made anew, dropscan's own) instead of going on through the
+/// descriptor of `clean.old`, which is never claimed from.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_renamed_by_its_owner_is_opened_again_not_placed_into_through_the_old_folder()
+{
+    let w = world_with_destinations_in_the_inbox().await;
+    let agent = start(&w);
+    w.drop_file("a.txt", b"one");
+    wait_for(LIMIT, || w.clean.join("a.txt").exists().then_some(()))
+        .await
+        .expect("released");
+    let old = w.inbox.join("clean.old");
+    #[allow(clippy::disallowed_methods)]
+    std::fs::rename(&w.clean, &old).unwrap();
+    w.drop_file("b.txt", b"two");
+    wait_for(LIMIT, || w.clean.join("b.txt").exists().then_some(()))
+        .await
+        .expect("placed into a new clean folder, not into clean.old");
+    // Nothing to wait for but time: a few reconcile scans (every 2 s).
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        World::files_in(&old).len(),
+        1,
+        "clean.old keeps a.txt alone"
+    );
+    assert!(old.join("a.txt").exists());
+    assert_eq!(World::files_in(&w.clean).len(), 1);
+    assert_eq!(w.emulator().state().stats().submits_accepted, 2);
+    agent.stop().await.0.unwrap();
+}
+
+/// What `dropscan status` prints (it reads the journal while the agent runs).
+fn status(config: &Path) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_dropscan"))
+        .args(["status", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Chowns `dir` and everything below it (never following a link) to `uid`.
