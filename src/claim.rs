@@ -376,7 +376,8 @@ async fn claim_batch(shared: &Arc<Shared>, batch: &[Settled]) -> Vec<ToOwn> {
     // The staging folder lives in the inbox, where users can write: it is opened beneath the
     // inbox without following links (a `.dropscan` swapped for a symlink must not redirect
     // claimed files), made again if removed, and must carry our owner marker. A root whose
-    // staging is unsafe is not claimed from: its files stay in the inbox and the error says why.
+    // staging is unsafe, or one of whose destinations others control (`fsops::dest`), is not
+    // claimed from: its files stay in the inbox and the error says why.
     let mut roots: Vec<usize> = batch.iter().map(|s| s.root).collect();
     roots.sort_unstable();
     roots.dedup();
@@ -392,7 +393,7 @@ async fn claim_batch(shared: &Arc<Shared>, batch: &[Settled]) -> Vec<ToOwn> {
                 ready.insert(root);
             }
             Ok(Err(e)) => {
-                tracing::error!(error = %e, "staging folder is not safe; files stay in the inbox");
+                tracing::error!(error = %e, "staging folder or a destination is not safe; files stay in the inbox");
                 shared.metrics.set_watch_held(
                     shared.roots[root].path(fsops::roots::Which::Inbox),
                     Some(e.to_string()),

@@ -91,12 +91,15 @@ impl Shared {
         Ok(file)
     }
 
-    /// Makes sure root `i`'s staging folder is safe to claim into: opened beneath the inbox
-    /// without following links (made again if removed) and owned by this host.
+    /// Makes sure root `i` is safe to claim from: its staging folder opened beneath the inbox
+    /// without following links (made again if removed) and owned by this host, and its
+    /// destinations dropscan's own (`fsops::dest`), so that nothing is taken in that could not
+    /// be placed.
     pub fn staging_ready(&self, i: usize) -> Result<(), FsError> {
         let staging = self.roots[i].get(Which::Staging, true)?;
         self.roots[i].hold_staging(&staging)?;
-        fsops::roots::claim_owner_if_missing(&staging, &self.owner)
+        fsops::roots::claim_owner_if_missing(&staging, &self.owner)?;
+        self.roots[i].destinations_ready()
     }
 
     /// Claims a batch of settled files of root `i` (relative path, settled stamp, staged name,

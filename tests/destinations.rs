@@ -11,11 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use dropscan::app::Agent;
-use dropscan::config::Config;
-use tokio_util::sync::CancellationToken;
-
-use crate::util::{Running, World, bytes, wait_for};
+use crate::friction::{free_port, http_get};
+use crate::util::{World, bytes, wait_for};
 
 const LIMIT: Duration = Duration::from_secs(60);
 /// The second user: any uid other than the agent's (root's); `nobody` exists nearly everywhere
@@ -67,67 +64,33 @@ async fn world_with_destinations_in_the_inbox() -> World {
     w
 }
 
-/// [`World::write_config`] with the destinations the world names (the harness writes
-/// `out/…`).
-fn write_config(w: &World) -> PathBuf {
-    let path = w.write_config();
-    let mut text = std::fs::read_to_string(&path).unwrap();
-    for (key, dir) in [
-        ("clean_dir", &w.clean),
-        ("quarantine_dir", &w.quarantine),
-        ("failed_dir", &w.failed),
-    ] {
-        let from = format!("{key} = \"out/{}\"", key.trim_end_matches("_dir"));
-        let to = format!("{key} = \"{}\"", dir.display());
-        assert!(text.contains(&from), "{from}");
-        text = text.replace(&from, &to);
-    }
-    std::fs::write(&path, text).unwrap();
-    path
+/// [`world_with_destinations_in_the_inbox`] with a second watch (`inbox2`, destinations in
+/// `out2/`) and metrics on `port`: a held watch must be that watch's problem alone.
+async fn two_watches_with_destinations_in_the_first_inbox(port: u16) -> World {
+    let mut w = world_with_destinations_in_the_inbox().await;
+    std::fs::create_dir_all(w.dir.path().join("inbox2")).unwrap();
+    w.more_watches = format!(
+        "\n[[watch]]\npath = \"inbox2\"\nsettle = \"300ms\"\nsettle_empty = \"2s\"\n\
+         clean_dir = \"out2/clean\"\nquarantine_dir = \"out2/quarantine\"\nfailed_dir = \"out2/failed\"\n\
+         \n[metrics]\nlisten = \"127.0.0.1:{port}\"\n"
+    );
+    w
 }
 
-/// Starts the agent in-process on [`write_config`]'s file.
-fn start(w: &World) -> Running {
-    let config = Config::load(&write_config(w)).unwrap();
-    let agent = Agent::new(config).unwrap();
-    let events = agent.subscribe();
-    let token = CancellationToken::new();
-    let t = token.clone();
-    let task = tokio::spawn(async move { agent.run(t).await.map_err(|e| e.to_string()) });
-    Running {
-        token,
-        task: Some(task),
-        events,
-    }
-}
-
-/// Runs the real binary (as root) on `config` until it exits by itself: its exit code and
-/// what it wrote to stderr, or `None` if it still runs after 20 s (it is then killed).
-fn exits_by_itself(config: &Path) -> Option<(i32, String)> {
-    use std::io::Read;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_dropscan"))
-        .args(["run", "--config", config.to_str().unwrap()])
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let t0 = std::time::Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if t0.elapsed() > Duration::from_secs(20) {
-            child.kill().ok();
-            child.wait().ok();
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let mut err = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut err).ok();
-    Some((status.code().unwrap_or(-1), err))
+/// Starts the agent on `w` (two watches, see above) and waits until the second watch released
+/// `b.txt`: (what `/readyz` said, whether the agent still ran). The agent is stopped.
+async fn second_watch_goes_on(w: &World, port: u16) -> (String, bool) {
+    std::fs::write(w.dir.path().join("inbox2/b.txt"), b"second watch").unwrap();
+    let agent = w.start_agent();
+    let placed = wait_for(LIMIT, || {
+        w.dir.path().join("out2/clean/b.txt").exists().then_some(())
+    })
+    .await;
+    let ready = http_get(port, "/readyz").unwrap_or_default();
+    let alive = agent.task.as_ref().is_some_and(|t| !t.is_finished());
+    agent.stop().await.0.ok();
+    assert!(placed.is_some(), "the other watch must keep working");
+    (ready, alive)
 }
 
 /// Files (not folders, hidden ones excluded) anywhere below `dir`.
@@ -138,56 +101,66 @@ fn files_below(dir: &Path) -> usize {
 /// Issue 18, finding 1 (a): before the first start, a user who can write the inbox makes
 /// `inbox/clean` and `inbox/quarantine` with `umask 000`. The agent took them (quarantine got a
 /// permissions warning, clean nothing), and that user could then swap a released file in clean
-/// for EICAR and delete quarantine sidecars. A destination must be dropscan's own: the agent
-/// refuses to start, naming the key and the owner, and claims nothing.
+/// for EICAR and delete quarantine sidecars. A destination must be dropscan's own: that watch is
+/// held (nothing claimed; `/readyz` names the key and the owner), and, as for a planted staging
+/// folder, every other watch goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_destination_made_by_an_inbox_writer_is_refused() {
     let Some(other) = second_user("a_destination_made_by_an_inbox_writer_is_refused") else {
         return;
     };
-    let w = world_with_destinations_in_the_inbox().await;
+    let port = free_port();
+    let w = two_watches_with_destinations_in_the_first_inbox(port).await;
     as_user(
         other,
         &w.inbox,
         "umask 000 && mkdir clean quarantine && echo hello > a.txt",
     );
-    let (code, e) = exits_by_itself(&write_config(&w))
-        .expect("the agent accepted a clean folder made by another user, and runs");
-    assert_eq!(
-        code, 78,
-        "a configuration error, which a restart cannot fix: {e}"
+    let (ready, alive) = second_watch_goes_on(&w, port).await;
+    assert!(alive, "the agent runs on");
+    assert!(
+        ready.contains("clean_dir"),
+        "/readyz names the key: {ready}"
     );
-    assert!(e.contains("clean_dir"), "names the key: {e}");
-    assert!(e.contains(&format!("uid {other}")), "names the owner: {e}");
-    assert!(w.inbox.join("a.txt").exists(), "nothing claimed");
-    assert_eq!(w.emulator().state().stats().submits_accepted, 0);
+    assert!(
+        ready.contains(&format!("uid {other}")),
+        "/readyz names the owner: {ready}"
+    );
+    assert!(
+        w.inbox.join("a.txt").exists(),
+        "nothing claimed into a watch whose clean another user controls"
+    );
+    assert_eq!(files_below(&w.clean), 0);
+    assert_eq!(w.emulator().state().stats().submits_accepted, 1);
 }
 
 /// Issue 18, finding 1, the rule's second half: a destination inside an inbox that others can
-/// rename folders in (world-writable, no sticky bit) is refused at start-up, naming the key, and
-/// no destination is made there.
+/// rename folders in (world-writable, no sticky bit) is refused, naming the key and what to do,
+/// and no destination is made there; that watch is held, the other goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_destination_inside_an_inbox_others_can_rename_in_is_refused() {
     if second_user("a_destination_inside_an_inbox_others_can_rename_in_is_refused").is_none() {
         return;
     }
-    let w = world_with_destinations_in_the_inbox().await;
+    let port = free_port();
+    let w = two_watches_with_destinations_in_the_first_inbox(port).await;
     chmod(&w.inbox, 0o777);
-    let (code, e) = exits_by_itself(&write_config(&w))
-        .expect("the agent accepted destinations in an inbox where anybody can rename them away");
-    assert_eq!(code, 78, "{e}");
-    assert!(e.contains("_dir"), "names the key: {e}");
-    assert!(e.contains("sticky"), "says what to do: {e}");
+    w.drop_file("a.txt", b"first watch");
+    let (ready, alive) = second_watch_goes_on(&w, port).await;
+    assert!(alive, "the agent runs on");
+    assert!(ready.contains("_dir"), "/readyz names the key: {ready}");
+    assert!(ready.contains("sticky"), "and says what to do: {ready}");
+    assert!(w.inbox.join("a.txt").exists(), "nothing claimed");
     assert!(!w.clean.exists() && !w.quarantine.exists() && !w.failed.exists());
 }
 
 /// Issue 18, finding 1 (b): at run time, in an inbox others can rename folders in, a user runs
 /// `mv clean clean.old; mkdir clean`. The agent went on placing through its old descriptor into
 /// `clean.old`, now an ordinary inbox folder: every placed file was claimed, scanned and placed
-/// again one level deeper (4,496 placements from 3 files in 80 s). Now the path is checked on
-/// every placement: the folder the user made is refused and placements are held (the files wait
-/// in staging, scanned once); the renamed folder is never claimed from, also after a restart
-/// (its marker moved with it); once the administrator repairs the inbox, placements resume.
+/// again one level deeper (4,496 placements from 3 files in 80 s). Now the destination is judged
+/// on every use: that watch is held (`/readyz` names the key; new files wait in the inbox), the
+/// renamed folder is never claimed from, also after a restart (its marker moved with it), and
+/// once the administrator repairs the inbox the watch resumes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_destination_renamed_away_at_run_time_is_never_placed_into_nor_claimed_from() {
     let Some(other) =
@@ -195,8 +168,9 @@ async fn a_destination_renamed_away_at_run_time_is_never_placed_into_nor_claimed
     else {
         return;
     };
-    let w = world_with_destinations_in_the_inbox().await;
-    let agent = start(&w);
+    let port = free_port();
+    let w = two_watches_with_destinations_in_the_first_inbox(port).await;
+    let agent = w.start_agent();
     as_user(
         other,
         &w.inbox,
@@ -214,48 +188,40 @@ async fn a_destination_renamed_away_at_run_time_is_never_placed_into_nor_claimed
     );
     let old = w.inbox.join("clean.old");
     let submits = || w.emulator().state().stats().submits_accepted;
-    wait_for(LIMIT, || (submits() >= 5).then_some(()))
-        .await
-        .expect("the two new files scanned");
-    // Placements are held with a clear error, which `dropscan status` shows.
-    let config = write_config(&w);
     let held = wait_for(LIMIT, || {
-        let status = status(&config);
-        status.contains("cannot place").then_some(status)
+        http_get(port, "/readyz").filter(|r| r.contains("clean_dir"))
     })
     .await
-    .unwrap_or_else(|| panic!("no held placement in: {}", status(&config)));
-    assert!(
-        held.contains("clean_dir") && held.contains("refused"),
-        "the reason names the key: {held}"
-    );
-    // Nothing more to wait for but time: several reconcile scans (every 2 s) and retries.
+    .expect("the watch is held, naming the key");
+    assert!(held.contains("sticky"), "says what to do: {held}");
+    // Nothing to wait for but time: several reconcile scans (every 2 s).
     tokio::time::sleep(Duration::from_secs(6)).await;
     assert_eq!(
         submits(),
-        5,
-        "files placed into the renamed-away folder were claimed and scanned again"
+        3,
+        "nothing claimed from clean.old, nor the new files"
     );
-    assert_eq!(files_below(&old), 3, "nothing more placed into clean.old");
+    assert_eq!(files_below(&old), 3, "nothing placed into clean.old");
     assert_eq!(
         files_below(&w.clean),
         0,
         "nothing placed into the user's clean"
     );
-    assert_eq!(w.staged_files(), 2, "the new files are held in staging");
+    assert!(w.inbox.join("b1.txt").exists() && w.inbox.join("b2.txt").exists());
+    assert_eq!(w.staged_files(), 0);
     agent.stop().await.0.unwrap();
 
     // The administrator repairs the inbox; the renamed folder stays where it is.
     std::fs::remove_dir(&w.clean).unwrap();
     chmod(&w.inbox, 0o1777);
-    let agent = start(&w);
+    let agent = w.start_agent();
     wait_for(LIMIT, || (files_below(&w.clean) == 2).then_some(()))
         .await
-        .expect("the held files placed once the inbox is repaired");
+        .expect("the new files released once the inbox is repaired");
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(submits(), 5, "clean.old claimed after the restart");
     assert_eq!(files_below(&old), 3);
-    assert!(w.inbox.join("clean.old/a1.txt").exists());
+    assert!(old.join("a1.txt").exists());
     assert_eq!(w.staged_files(), 0);
     agent.stop().await.0.unwrap();
 }
@@ -268,7 +234,7 @@ async fn a_destination_renamed_away_at_run_time_is_never_placed_into_nor_claimed
 async fn a_destination_renamed_by_its_owner_is_opened_again_not_placed_into_through_the_old_folder()
 {
     let w = world_with_destinations_in_the_inbox().await;
-    let agent = start(&w);
+    let agent = w.start_agent();
     w.drop_file("a.txt", b"one");
     wait_for(LIMIT, || w.clean.join("a.txt").exists().then_some(()))
         .await
@@ -291,15 +257,6 @@ async fn a_destination_renamed_by_its_owner_is_opened_again_not_placed_into_thro
     assert_eq!(World::files_in(&w.clean).len(), 1);
     assert_eq!(w.emulator().state().stats().submits_accepted, 2);
     agent.stop().await.0.unwrap();
-}
-
-/// What `dropscan status` prints (it reads the journal while the agent runs).
-fn status(config: &Path) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_dropscan"))
-        .args(["status", "--config", config.to_str().unwrap()])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Chowns `dir` and everything below it (never following a link) to `uid`.
@@ -408,7 +365,7 @@ async fn an_unreadable_file_is_left_in_the_inbox_when_failed_is_on_another_files
     let elsewhere = tempfile::tempdir_in(shm).unwrap();
     let mut w = World::quick().await;
     w.failed = elsewhere.path().join("failed");
-    let config = write_config(&w);
+    let config = w.write_config();
     chown_tree(w.dir.path(), service);
     chown_tree(elsewhere.path(), service);
     let agent = run_binary_as(service, &config);

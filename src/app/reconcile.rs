@@ -31,29 +31,33 @@ pub(super) fn prepare_folders(config: &Config) -> Result<(Vec<RootDirs>, Vec<boo
             .get(Which::Inbox, false)
             .map_err(folder("watched folder"))?;
         for which in [Which::Clean, Which::Failed, Which::Quarantine] {
-            roots
-                .get(which, true)
-                .map_err(folder("destination folder"))?;
+            match roots.get(which, true) {
+                Ok(_) => {}
+                // A destination others control (`fsops::dest`) is this watch's problem alone:
+                // `recognise_root` holds the watch, every other watch goes on.
+                Err(FsError::UnsafeDestination(_)) => {}
+                Err(e) => return Err(folder("destination folder")(e)),
+            }
         }
-        let quarantine = roots
-            .get(Which::Quarantine, false)
-            .map_err(folder("quarantine folder"))?;
-        if let Ok(st) = rustix::fs::fstat(quarantine.fd()) {
-            if st.st_mode & 0o077 != 0 {
-                tracing::warn!(
-                    path = %fsops::shown(quarantine.path()),
-                    mode = format!("{:o}", st.st_mode & 0o777),
-                    "the quarantine folder is readable by others than its owner; consider chmod 0700"
-                );
+        if let Ok(quarantine) = roots.get(Which::Quarantine, false) {
+            if let Ok(st) = rustix::fs::fstat(quarantine.fd()) {
+                if st.st_mode & 0o077 != 0 {
+                    tracing::warn!(
+                        path = %fsops::shown(quarantine.path()),
+                        mode = format!("{:o}", st.st_mode & 0o777),
+                        "the quarantine folder is readable by others than its owner; consider chmod 0700"
+                    );
+                }
             }
         }
         let inbox_dev = inbox.identity().map_err(folder("watched folder"))?.0;
-        let failed_dev = roots
-            .get(Which::Failed, false)
-            .and_then(|d| d.identity())
-            .map_err(folder("failed folder"))?
-            .0;
-        hard_links_ok.push(inbox_dev == failed_dev);
+        // A held failed folder counts as another filesystem: hard links stay in the inbox.
+        let failed_dev = match roots.get(Which::Failed, false) {
+            Ok(d) => Some(d.identity().map_err(folder("failed folder"))?.0),
+            Err(FsError::UnsafeDestination(_)) => None,
+            Err(e) => return Err(folder("failed folder")(e)),
+        };
+        hard_links_ok.push(failed_dev == Some(inbox_dev));
         all.push(roots);
     }
     Ok((all, hard_links_ok))
@@ -64,7 +68,8 @@ enum Recognised {
     /// Its staging folder, locked for this agent and marked ours.
     Ready(Arc<Dir>),
     /// A problem of this watch alone (its staging folder is not dropscan's, or cannot be
-    /// made): logged, shown on `/readyz` and in a metric; every other watch works.
+    /// made; a destination others control): logged, shown on `/readyz` and in a metric; every
+    /// other watch works.
     Held,
     /// Shutdown came while waiting for it.
     Shutdown,
@@ -132,6 +137,7 @@ async fn recognise_root(
         }
         roots.hold_staging(&staging)?;
         fsops::roots::claim_owner(&staging, &sh.owner)?;
+        roots.destinations_ready()?;
         Ok(staging)
     })
     .await
@@ -158,8 +164,8 @@ async fn recognise_root(
                 inbox = %fsops::shown(roots.path(Which::Inbox)),
                 files = in_flight,
                 error = %e,
-                "this watch is held: its staging folder cannot be used (every other watch goes on; \
-                 fix the folder and restart, or reload, to resume it)"
+                "this watch is held: its staging folder or a destination cannot be used (every \
+                 other watch goes on; fix the folder and restart, or reload, to resume it)"
             );
             shared
                 .metrics

@@ -213,6 +213,15 @@ impl RootDirs {
         Ok(dir)
     }
 
+    /// Opens (making them if missing) and judges every destination ([`super::dest`]): `Err`
+    /// while one is not safe to place into, which holds this watch alone.
+    pub fn destinations_ready(&self) -> Result<(), FsError> {
+        for which in [Which::Clean, Which::Quarantine, Which::Failed] {
+            self.get(which, true)?;
+        }
+        Ok(())
+    }
+
     /// A share mounted over the inbox after it was opened (or unmounted): the path now leads to
     /// another folder than the open descriptor. Everything is opened again from the paths.
     fn forget_if_remounted(&self) {
