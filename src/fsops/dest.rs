@@ -10,15 +10,15 @@
 //! - **Owned by dropscan's user (or root), writable by nobody else.** A destination dropscan's
 //!   user owns with write bits for group or others is tightened (`chmod go-w`, with a warning
 //!   naming the key): it is ours, and nobody else may write there. One owned by anybody else
-//!   is refused (someone made it before dropscan did, e.g. a user who can write the inbox): at
-//!   start-up the agent exits 78 naming the key, and later a placement into it is held, the
-//!   file staying in staging, with the same message.
+//!   is refused (someone made it before dropscan did, e.g. a user who can write the inbox),
+//!   naming the key: that watch is held (at start-up and before every batch of claims: nothing
+//!   is claimed, files stay in the inbox, every other watch goes on), and a placement into it
+//!   is held too, the file staying in staging, with the same message.
 //! - **Inside an inbox, only where nobody else can rename it away.** The inbox must belong to
 //!   dropscan's user or root, and be either writable by nobody else or sticky (`chmod +t`:
 //!   others may then rename only their own entries), and every folder between the inbox and
-//!   the destination must pass the destination's own test. Otherwise it is refused, and so is
-//!   every placement while it stays so (an inbox made world-writable at run time holds
-//!   placements).
+//!   the destination must pass the destination's own test. Otherwise it is refused in the same
+//!   way, also when the inbox is made world-writable at run time.
 //! - **The path still leads to the open folder**, checked on every use: a destination renamed
 //!   or replaced meanwhile is opened again from its path and judged again, never placed into
 //!   through the descriptor of the folder that was renamed away.
