@@ -13,9 +13,8 @@
 //! late writer changed it.
 //!
 //! What this stage does not do: decide verdicts. It hands hashed files to the uploader, and files
-//! it can already decide (unreadable, hard-linked, verdict reused) straight to the sorter. A file
-//! it cannot place without reading it (hard-linked or unreadable, with the failed folder on
-//! another filesystem) and a file in a folder that is or was a destination are left in the inbox.
+//! it can already decide (unreadable, hard-linked, verdict reused) straight to the sorter; what it
+//! must leave in the inbox, it leaves ([`Claim::why`]).
 
 use std::collections::HashSet;
 use std::ffi::OsString;
@@ -494,36 +493,9 @@ async fn claim_batch(shared: &Arc<Shared>, batch: &[Settled]) -> Vec<ToOwn> {
                 tracing::debug!(path = %fsops::shown(&s.path), "held open for writing; left in the inbox");
                 dropped.push(id);
             }
-            Ok(Ok(Claim::UnreadableLeft)) => {
+            Ok(Ok(c @ (Claim::HardLinkedLeft | Claim::UnreadableLeft | Claim::InDestination))) => {
                 if shared.first_warning(&s.path) {
-                    tracing::warn!(
-                        path = %fsops::shown(&s.path),
-                        "unreadable file left in the inbox: the dropscan user cannot read it, and \
-                         the failed folder is on another filesystem, so it cannot be moved there \
-                         without reading it (give dropscan read access, or put failed_dir on the \
-                         inbox's filesystem)"
-                    );
-                }
-                dropped.push(id);
-            }
-            Ok(Ok(Claim::InDestination)) => {
-                if shared.first_warning(&s.path) {
-                    tracing::warn!(
-                        path = %fsops::shown(&s.path),
-                        "left alone: it is in a folder that is or was a destination of dropscan \
-                         (renamed into the inbox?); what dropscan placed is never claimed again"
-                    );
-                }
-                dropped.push(id);
-            }
-            Ok(Ok(Claim::HardLinkedLeft)) => {
-                if shared.first_warning(&s.path) {
-                    tracing::warn!(
-                        path = %fsops::shown(&s.path),
-                        "hard-linked file left in the inbox: it could expose a file from outside \
-                         the inbox, and the failed folder is on another filesystem, so it cannot be \
-                         moved there without reading it"
-                    );
+                    tracing::warn!(path = %fsops::shown(&s.path), "left in the inbox: {}", c.why());
                 }
                 dropped.push(id);
             }

@@ -35,6 +35,28 @@ pub enum Claim {
     HeldOpen,
 }
 
+impl Claim {
+    /// Why a file was left in the inbox, for the log (the variants that leave one there).
+    pub fn why(&self) -> &'static str {
+        match self {
+            Claim::HardLinkedLeft => {
+                "it is hard-linked (it could expose a file from outside the inbox), and the failed \
+                 folder is on another filesystem, so it cannot be moved there without reading it"
+            }
+            Claim::UnreadableLeft => {
+                "the dropscan user cannot read it, and the failed folder is on another filesystem, \
+                 so it cannot be moved there without reading it (give dropscan read access, or put \
+                 failed_dir on the inbox's filesystem)"
+            }
+            Claim::InDestination => {
+                "it is in a folder that is or was a destination of dropscan (renamed into the \
+                 inbox?); what dropscan placed is never claimed again"
+            }
+            _ => "not taken",
+        }
+    }
+}
+
 /// Moves the settled file `rel` (relative to the inbox) into `staging` as `staged_name`, if it
 /// is still [`same_file`] as `settled`. Every component of `rel` is resolved beneath the inbox
 /// without following links: a subfolder swapped for a symlink after it settled is refused.

@@ -1,6 +1,7 @@
 //! Destinations: the standard a clean, quarantine or failed folder is held to, the marker that
 //! says a folder is (or was) one, and the checks that keep placements out of a folder somebody
-//! else controls. [`super::roots`] runs them whenever it opens or hands out a destination.
+//! else controls. [`super::roots`] opens destinations through [`open`] and checks
+//! [`still_leads_to`] whenever it hands one out.
 //!
 //! A destination is held to the staging folder's standard, because a user who controls it
 //! controls what "clean" means: they could swap a released file for another, delete sidecars,
@@ -49,6 +50,25 @@ pub struct Named<'a> {
     pub key: &'static str,
     /// The configured path.
     pub path: &'a Path,
+}
+
+impl<'a> Named<'a> {
+    /// The destination of `key` at `path`.
+    pub fn new(key: &'static str, path: &'a Path) -> Self {
+        Named { key, path }
+    }
+}
+
+impl super::roots::RootDirs {
+    /// Opens (making them if missing) and judges every destination of this root: `Err` while
+    /// one is not safe to place into, which holds this watch alone.
+    pub fn destinations_ready(&self) -> Result<(), FsError> {
+        use super::roots::Which;
+        for which in [Which::Clean, Which::Quarantine, Which::Failed] {
+            self.get(which, true)?;
+        }
+        Ok(())
+    }
 }
 
 /// Whether a folder of `uid` is trusted: dropscan's user or root.
@@ -195,6 +215,74 @@ pub fn check_beneath(inbox: &Dir, rel: &Path, named: Named<'_>, fix: bool) -> Re
         check_folder(&cur, named, fix)?;
     }
     Ok(())
+}
+
+/// Opens the destination `named` (made if missing, with `mode`, when `create`) and judges it:
+/// beneath `inbox` (the inbox's descriptor and the destination's path in it) where it lies
+/// inside one, else at its configured path. Its marker is made if missing.
+pub fn open(
+    inbox: Option<(&Dir, &Path)>,
+    named: Named<'_>,
+    mode: u32,
+    create: bool,
+) -> Result<Dir, FsError> {
+    let dir = match inbox {
+        Some((inbox, rel)) => {
+            // Nothing is made in an inbox that could rename it away.
+            check_inbox_holds(inbox, named)?;
+            let dir = if create {
+                inbox.create_dirs(rel, mode)?
+            } else {
+                inbox.open_dir(rel)?
+            };
+            check_beneath(inbox, rel, named, true)?;
+            dir
+        }
+        None => {
+            if create {
+                super::roots::create_trusted(named.path, mode)?;
+            }
+            let dir = Dir::open_trusted(named.path)?;
+            check_folder(&dir, named, true)?;
+            dir
+        }
+    };
+    ensure_marker(&dir)?;
+    Ok(dir)
+}
+
+/// Whether the open destination `d` may still be placed into: its path still leads to it
+/// (`false`, after a warning, when it was renamed, removed or replaced: the caller opens it
+/// again), and it and its inbox still pass their tests (an error holds placements).
+pub fn still_leads_to(
+    d: &Dir,
+    inbox: Option<(&Dir, &Path)>,
+    named: Named<'_>,
+) -> Result<bool, FsError> {
+    let now = match inbox {
+        Some((inbox, rel)) => {
+            check_inbox_holds(inbox, named)?;
+            match inbox.open_dir(rel) {
+                Ok(found) => Some(found.identity()?),
+                Err(FsError::Vanished { .. } | FsError::NotRegular { .. }) => None,
+                Err(e) => return Err(e),
+            }
+        }
+        None => rustix::fs::stat(named.path)
+            .ok()
+            .map(|st| (st.st_dev, st.st_ino)),
+    };
+    if now != Some(d.identity()?) {
+        tracing::warn!(
+            key = named.key,
+            path = %super::shown(named.path),
+            "the destination is another folder now (renamed, removed or replaced): it is opened \
+             again and judged again; nothing more is placed into the old one, nor claimed from it"
+        );
+        return Ok(false);
+    }
+    check_folder(d, named, true)?;
+    Ok(true)
 }
 
 /// Makes the marker in a destination folder that passed its test, unless a genuine one is

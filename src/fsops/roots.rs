@@ -10,11 +10,7 @@
 //! exist with our owner marker. An inbox on a share that is not mounted yet shows an empty
 //! mount point, and the staged files of records in flight would otherwise all look vanished.
 //!
-//! A destination is judged whenever it is opened, and again on every use (see [`super::dest`]):
-//! it must be dropscan's own and writable by nobody else, an inbox holding it must not let
-//! others rename it away, and its path must still lead to the open descriptor; otherwise it is
-//! opened again from its path (and judged again), never placed into through a folder that was
-//! renamed away.
+//! A destination is opened and judged by [`super::dest`], again on every use.
 
 use std::ffi::OsStr;
 use std::io::{Read, Write};
@@ -74,20 +70,6 @@ impl Slot {
             open: Mutex::new(None),
         }
     }
-
-    fn destination(path: &Path, inbox: &Path, mode: u32, key: &'static str) -> Slot {
-        Slot {
-            key: Some(key),
-            ..Slot::new(path, inbox, mode, false)
-        }
-    }
-
-    fn named(&self, key: &'static str) -> Named<'_> {
-        Named {
-            key,
-            path: &self.path,
-        }
-    }
 }
 
 /// The folders of one `[[watch]]`.
@@ -105,13 +87,16 @@ pub struct RootDirs {
 impl RootDirs {
     /// The folders of `w` (nothing is opened yet).
     pub fn new(w: &WatchConfig) -> RootDirs {
-        let dest = |p: &Path, mode, key| Slot::destination(p, &w.path, mode, key);
+        let slot = |p: &Path, mode, key| Slot {
+            key,
+            ..Slot::new(p, &w.path, mode, false)
+        };
         RootDirs {
             inbox: Slot::new(&w.path, &w.path, 0o755, true),
-            staging: Slot::new(&w.staging_dir, &w.path, 0o700, false),
-            clean: dest(&w.clean_dir, 0o755, "clean_dir"),
-            quarantine: dest(&w.quarantine_dir, 0o700, "quarantine_dir"),
-            failed: dest(&w.failed_dir, 0o750, "failed_dir"),
+            staging: slot(&w.staging_dir, 0o700, None),
+            clean: slot(&w.clean_dir, 0o755, Some("clean_dir")),
+            quarantine: slot(&w.quarantine_dir, 0o700, Some("quarantine_dir")),
+            failed: slot(&w.failed_dir, 0o750, Some("failed_dir")),
             lock: Mutex::new(None),
         }
     }
@@ -145,39 +130,22 @@ impl RootDirs {
 
     /// The open folder, made if missing (`create`), reopened if it was removed since.
     pub fn get(&self, which: Which, create: bool) -> Result<Arc<Dir>, FsError> {
+        if let Some(key) = self.slot(which).key {
+            return self.destination(which, key, create);
+        }
         if which == Which::Inbox || self.slot(which).beneath_inbox.is_some() {
             self.forget_if_remounted();
         }
         let slot = self.slot(which);
-        // A destination inside the inbox is judged through the inbox's descriptor, taken before
-        // the slot is locked (taking it may forget every open folder, this one's included).
-        let dest_inbox = match (slot.key, &slot.beneath_inbox) {
-            (Some(_), Some(_)) => Some(self.get(Which::Inbox, false)?),
-            _ => None,
-        };
         let mut open = slot.open.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(d) = open.as_ref() {
             if !d.is_removed() {
-                match slot.key {
-                    None => return Ok(Arc::clone(d)),
-                    Some(key) if still_destination(slot, key, d, dest_inbox.as_deref())? => {
-                        return Ok(Arc::clone(d));
-                    }
-                    // Renamed or replaced meanwhile: opened again from its path, below.
-                    Some(_) => *open = None,
-                }
+                return Ok(Arc::clone(d));
             }
         }
         let dir = match &slot.beneath_inbox {
             Some(rel) => {
-                let inbox = match &dest_inbox {
-                    Some(inbox) => Arc::clone(inbox),
-                    None => self.get(Which::Inbox, false)?,
-                };
-                // Nothing is made in an inbox that could rename it away.
-                if let Some(key) = slot.key {
-                    dest::check_inbox_holds(&inbox, slot.named(key))?;
-                }
+                let inbox = self.get(Which::Inbox, false)?;
                 let dir = if create {
                     if which == Which::Staging {
                         move_planted_aside(&inbox, rel);
@@ -189,37 +157,46 @@ impl RootDirs {
                 if which == Which::Staging {
                     check_private(&inbox, rel)?;
                 }
-                if let Some(key) = slot.key {
-                    dest::check_beneath(&inbox, rel, slot.named(key), true)?;
-                }
                 dir
             }
             None => {
                 if create && which != Which::Inbox {
                     create_trusted(&slot.path, slot.mode)?;
                 }
-                let dir = Dir::open_trusted(&slot.path)?;
-                if let Some(key) = slot.key {
-                    dest::check_folder(&dir, slot.named(key), true)?;
-                }
-                dir
+                Dir::open_trusted(&slot.path)?
             }
         };
-        if slot.key.is_some() {
-            dest::ensure_marker(&dir)?;
-        }
         let dir = Arc::new(dir);
         *open = Some(Arc::clone(&dir));
         Ok(dir)
     }
 
-    /// Opens (making them if missing) and judges every destination ([`super::dest`]): `Err`
-    /// while one is not safe to place into, which holds this watch alone.
-    pub fn destinations_ready(&self) -> Result<(), FsError> {
-        for which in [Which::Clean, Which::Quarantine, Which::Failed] {
-            self.get(which, true)?;
+    /// A destination: judged when opened ([`dest::open`]) and on every use ([`dest::still_leads_to`]).
+    fn destination(
+        &self,
+        which: Which,
+        key: &'static str,
+        create: bool,
+    ) -> Result<Arc<Dir>, FsError> {
+        let slot = self.slot(which);
+        let named = Named::new(key, &slot.path);
+        // Inside the inbox: judged through the inbox's descriptor, taken before the slot is
+        // locked (taking it may forget every open folder, this one's included).
+        let inbox = match &slot.beneath_inbox {
+            Some(rel) => Some((self.get(Which::Inbox, false)?, rel.as_path())),
+            None => None,
+        };
+        let beneath = inbox.as_ref().map(|(d, rel)| (&**d, *rel));
+        let mut open = slot.open.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(d) = open.as_ref() {
+            if !d.is_removed() && dest::still_leads_to(d, beneath, named)? {
+                return Ok(Arc::clone(d));
+            }
         }
-        Ok(())
+        *open = None;
+        let dir = Arc::new(dest::open(beneath, named, slot.mode, create)?);
+        *open = Some(Arc::clone(&dir));
+        Ok(dir)
     }
 
     /// A share mounted over the inbox after it was opened (or unmounted): the path now leads to
@@ -314,45 +291,6 @@ fn move_planted_aside(inbox: &Dir, rel: &Path) {
     }
 }
 
-/// Whether the open destination `d` may still be placed into: its path still leads to it
-/// (`false`, after a warning, when it was renamed or replaced: the caller opens it again),
-/// and it and its inbox still pass their tests (an error holds placements).
-fn still_destination(
-    slot: &Slot,
-    key: &'static str,
-    d: &Dir,
-    inbox: Option<&Dir>,
-) -> Result<bool, FsError> {
-    let named = slot.named(key);
-    let now = match &slot.beneath_inbox {
-        Some(rel) => {
-            let Some(inbox) = inbox else {
-                return Ok(false);
-            };
-            dest::check_inbox_holds(inbox, named)?;
-            match inbox.open_dir(rel) {
-                Ok(found) => Some(found.identity()?),
-                Err(FsError::Vanished { .. } | FsError::NotRegular { .. }) => None,
-                Err(e) => return Err(e),
-            }
-        }
-        None => rustix::fs::stat(&slot.path)
-            .ok()
-            .map(|st| (st.st_dev, st.st_ino)),
-    };
-    if now != Some(d.identity()?) {
-        tracing::warn!(
-            key,
-            path = %super::shown(&slot.path),
-            "the destination is another folder now (renamed, removed or replaced): it is opened again \
-             and judged again; nothing more is placed into the old one, and nothing is ever claimed from it"
-        );
-        return Ok(false);
-    }
-    dest::check_folder(d, named, true)?;
-    Ok(true)
-}
-
 /// The staging folder and every folder between it and the inbox must belong to dropscan's user
 /// and be writable by nobody else: one a user made (after renaming ours away) would let that
 /// user reach staged files.
@@ -381,7 +319,7 @@ fn check_private(inbox: &Dir, rel: &Path) -> Result<(), FsError> {
 }
 
 /// `mkdir -p` of an administrator's folder (its path is trusted); new folders get `mode`.
-fn create_trusted(path: &Path, mode: u32) -> Result<(), FsError> {
+pub(super) fn create_trusted(path: &Path, mode: u32) -> Result<(), FsError> {
     use std::os::unix::fs::DirBuilderExt;
     if path.is_dir() {
         return Ok(());
