@@ -61,11 +61,16 @@ impl<'a> Named<'a> {
 
 impl super::roots::RootDirs {
     /// Opens (making them if missing) and judges every destination of this root: `Err` while
-    /// one is not safe to place into, which holds this watch alone.
+    /// one is not safe to place into ([`FsError::UnsafeDestination`]), which holds this watch
+    /// alone. One that is merely unusable (missing, full, read-only, not mounted) is no reason
+    /// to stop claiming: a placement there keeps its file in staging and retries.
     pub fn destinations_ready(&self) -> Result<(), FsError> {
         use super::roots::Which;
         for which in [Which::Clean, Which::Quarantine, Which::Failed] {
-            self.get(which, true)?;
+            match self.get(which, true) {
+                Err(e @ FsError::UnsafeDestination(_)) => return Err(e),
+                Ok(_) | Err(_) => {}
+            }
         }
         Ok(())
     }
