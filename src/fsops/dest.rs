@@ -67,9 +67,8 @@ impl super::roots::RootDirs {
     pub fn destinations_ready(&self) -> Result<(), FsError> {
         use super::roots::Which;
         for which in [Which::Clean, Which::Quarantine, Which::Failed] {
-            match self.get(which, true) {
-                Err(e @ FsError::UnsafeDestination(_)) => return Err(e),
-                Ok(_) | Err(_) => {}
+            if let Err(e @ FsError::UnsafeDestination(_)) = self.get(which, true) {
+                return Err(e);
             }
         }
         Ok(())
