@@ -259,6 +259,42 @@ async fn a_destination_renamed_by_its_owner_is_opened_again_not_placed_into_thro
     agent.stop().await.0.unwrap();
 }
 
+/// Outside an inbox, a destination others can write is the administrator's to fix (nobody
+/// else could have made it so): `check --offline`, as the service user (as the unit's
+/// `ExecStartPre` runs it), exits 78 naming the key, before anything runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_outside_the_inbox_that_others_can_write_is_a_configuration_error() {
+    use std::os::unix::process::CommandExt;
+    let Some(service) = second_user(
+        "a_destination_outside_the_inbox_that_others_can_write_is_a_configuration_error",
+    ) else {
+        return;
+    };
+    let w = World::quick().await;
+    let config = w.write_config();
+    std::fs::create_dir_all(&w.clean).unwrap();
+    chown_tree(w.dir.path(), service);
+    // Made by root for the service, but writable by everybody.
+    std::os::unix::fs::chown(&w.clean, Some(0), Some(0)).unwrap();
+    chmod(&w.clean, 0o777);
+    let out = Command::new(env!("CARGO_BIN_EXE_dropscan"))
+        .args(["check", "--offline", "--config", config.to_str().unwrap()])
+        .uid(service)
+        .gid(service)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(78), "{text}");
+    assert!(
+        text.contains("clean_dir") && text.contains("chmod go-w"),
+        "{text}"
+    );
+}
+
 /// Chowns `dir` and everything below it (never following a link) to `uid`.
 fn chown_tree(dir: &Path, uid: u32) {
     let mut stack = vec![dir.to_path_buf()];

@@ -14,7 +14,9 @@
 //!   is refused (someone made it before dropscan did, e.g. a user who can write the inbox),
 //!   naming the key: that watch is held (at start-up and before every batch of claims: nothing
 //!   is claimed, files stay in the inbox, every other watch goes on), and a placement into it
-//!   is held too, the file staying in staging, with the same message.
+//!   is held too, the file staying in staging, with the same message. (Outside an inbox, where
+//!   only the administrator could have made it so, `app::preflight` makes it a configuration
+//!   error when it runs as the service user.)
 //! - **Inside an inbox, only where nobody else can rename it away.** The inbox must belong to
 //!   dropscan's user or root, and be either writable by nobody else or sticky (`chmod +t`:
 //!   others may then rename only their own entries), and every folder between the inbox and
