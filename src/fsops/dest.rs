@@ -134,9 +134,15 @@ pub fn check_folder(d: &Dir, named: Named<'_>, fix: bool) -> Result<(), FsError>
             d.path(),
             format!(
                 "belongs to uid {} (mode {mode:o}), neither the dropscan user (uid {}) nor root: \
-                 someone else made it, and could change or remove what dropscan places there",
+                 someone else made it, and could change or remove what dropscan places there{}",
                 st.st_uid,
-                rustix::process::geteuid().as_raw()
+                rustix::process::geteuid().as_raw(),
+                if rustix::process::geteuid().is_root() {
+                    " (run as root, only root's folders are trusted: run the quarantine and \
+                     failed tools as the service user, `sudo -u dropscan …`)"
+                } else {
+                    ""
+                }
             ),
             "remove it (dropscan then makes its own), or chown it to the dropscan user and chmod go-w it",
         ));
