@@ -380,6 +380,61 @@ async fn an_unreadable_file_reaches_failed_with_its_reason() {
     assert!(!secret.exists());
 }
 
+/// Finding 2 through a real share: an SMB client whose files the server creates with a
+/// restrictive mask (`create mask = 0000`, as a share set up so that users cannot read each
+/// other's drops), and the agent running as an unprivileged service user that cannot read them.
+/// The file reaches failed, unread, with its reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smb_an_unreadable_drop_reaches_failed_with_its_reason() {
+    let Some(service) = second_user("smb_an_unreadable_drop_reaches_failed_with_its_reason") else {
+        return;
+    };
+    let mut w = World::quick().await;
+    w.settle = "1s";
+    let config = w.write_config();
+    chown_tree(w.dir.path(), service);
+    let smbd = match crate::shares_fixture::Smbd::start_with(
+        &w.inbox,
+        "    create mask = 0000\n    force create mode = 0000",
+    ) {
+        Ok(s) => s,
+        Err(skip) => {
+            println!("skipped: {skip}");
+            return;
+        }
+    };
+    let agent = run_binary_as(service, &config);
+    let local = w.dir.path().join("local.bin");
+    std::fs::write(&local, bytes(9, 100_000)).unwrap();
+    let l = local.clone();
+    let smbd = std::sync::Arc::new(smbd);
+    let s = std::sync::Arc::clone(&smbd);
+    tokio::task::spawn_blocking(move || s.put(&l, "private.bin"))
+        .await
+        .unwrap();
+    let failed = w.failed.join("private.bin");
+    let mut side = failed.clone().into_os_string();
+    side.push(".dropscan.json");
+    let side = PathBuf::from(side);
+    let reached = wait_for(LIMIT, || side.exists().then_some(())).await;
+    let staged = w.staged_files();
+    stop_binary(agent);
+    assert!(
+        reached.is_some(),
+        "the unreadable SMB drop never reached failed ({staged} file(s) left in staging)"
+    );
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        std::fs::metadata(&failed).unwrap().mode() & 0o777,
+        0,
+        "unread, as dropped"
+    );
+    assert_eq!(std::fs::read(&failed).unwrap(), bytes(9, 100_000));
+    let sidecar = std::fs::read_to_string(&side).unwrap();
+    assert!(sidecar.contains("not readable"), "{sidecar}");
+    assert_eq!(w.staged_files(), 0);
+}
+
 /// Finding 2 where the failed folder is on another filesystem (here tmpfs): an unreadable file
 /// can be neither renamed there nor copied (that would read it). It is left in the inbox, unread
 /// and logged, never taken into staging to be retried for ever; readable files still flow.

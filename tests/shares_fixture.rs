@@ -245,6 +245,12 @@ impl Smbd {
     /// Starts smbd sharing `share_path` as `//127.0.0.1/drop` on a free port. `Err` is a
     /// printable skip reason (tool missing) or a start failure with the log's tail.
     pub fn start(share_path: &Path) -> Result<Smbd, String> {
+        Smbd::start_with(share_path, "")
+    }
+
+    /// [`Smbd::start`] with `share_conf` (lines such as `create mask = 0000`) added to the
+    /// share's section.
+    pub fn start_with(share_path: &Path, share_conf: &str) -> Result<Smbd, String> {
         let smbd = require("smbd", "samba")?;
         let smbclient = require("smbclient", "smbclient")?;
         let dir = tempfile::Builder::new()
@@ -300,6 +306,7 @@ impl Smbd {
     guest only = yes
     force user = root
     force group = root
+{share_conf}
 "#,
                     share = share.display()
                 ),
