@@ -26,6 +26,7 @@ pub mod names;
 pub mod own;
 pub mod place;
 pub mod roots;
+mod staging_lock;
 mod syncgate;
 #[cfg(test)]
 mod tests;

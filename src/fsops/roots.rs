@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::dest::{self, Named};
+pub use super::staging_lock::{STAGING_LOCK, StagingLock, lock_staging};
 use super::{Dir, FsError};
 use crate::config::WatchConfig;
 
@@ -137,15 +138,23 @@ impl RootDirs {
             self.forget_if_remounted();
         }
         let slot = self.slot(which);
-        let mut open = slot.open.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(d) = open.as_ref() {
-            if !d.is_removed() {
-                return Ok(Arc::clone(d));
-            }
+        let cached =
+            |open: &Option<Arc<Dir>>| open.as_ref().filter(|d| !d.is_removed()).map(Arc::clone);
+        if let Some(d) = cached(&slot.open.lock().unwrap_or_else(PoisonError::into_inner)) {
+            return Ok(d);
         }
-        let dir = match &slot.beneath_inbox {
-            Some(rel) => {
-                let inbox = self.get(Which::Inbox, false)?;
+        // The inbox is taken before this slot is locked: taking it may forget every open folder,
+        // this one's included (a remount), which under this slot's lock would deadlock.
+        let inbox = match &slot.beneath_inbox {
+            Some(_) => Some(self.get(Which::Inbox, false)?),
+            None => None,
+        };
+        let mut open = slot.open.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(d) = cached(&open) {
+            return Ok(d);
+        }
+        let dir = match (&slot.beneath_inbox, inbox) {
+            (Some(rel), Some(inbox)) => {
                 let dir = if create {
                     if which == Which::Staging {
                         move_planted_aside(&inbox, rel);
@@ -159,7 +168,7 @@ impl RootDirs {
                 }
                 dir
             }
-            None => {
+            _ => {
                 if create && which != Which::Inbox {
                     create_trusted(&slot.path, slot.mode)?;
                 }
@@ -337,105 +346,6 @@ pub(super) fn create_trusted(path: &Path, mode: u32) -> Result<(), FsError> {
         }
     }
     Ok(())
-}
-
-/// Name of the lock file in a staging folder.
-pub const STAGING_LOCK: &str = ".lock";
-
-/// An exclusive `flock` on a staging folder's [`STAGING_LOCK`], held for the life of the agent
-/// that uses the folder (the kernel drops it when the process ends, crash included). Two agents
-/// on one host configured with one `sensor_instance_id` (a test configuration run beside the
-/// service, with its own state folder) would take each other's staged files: the second one is
-/// refused, naming the first. Shared within a process: a SIGHUP reload's new agent may start
-/// while a placement of the previous one still finishes.
-#[derive(Debug, Clone)]
-pub struct StagingLock {
-    _file: Arc<std::fs::File>,
-    /// The staging folder's (dev, ino) when locked.
-    folder: (u64, u64),
-}
-
-/// A lock file's (dev, ino), and the open lock while anybody in this process holds it.
-type HeldLock = ((u64, u64), std::sync::Weak<std::fs::File>);
-
-/// The staging locks this process holds.
-static HELD: Mutex<Vec<HeldLock>> = Mutex::new(Vec::new());
-
-/// Takes the staging folder's lock; see [`StagingLock`].
-pub fn lock_staging(staging: &Dir) -> Result<StagingLock, FsError> {
-    use rustix::fs::{Mode, OFlags};
-    let path = staging.path().join(STAGING_LOCK);
-    let io = |about, e: rustix::io::Errno| {
-        FsError::io(
-            &path,
-            about,
-            std::io::Error::from_raw_os_error(e.raw_os_error()),
-        )
-    };
-    let folder = staging.identity()?;
-    let fd = rustix::fs::openat(
-        staging.fd(),
-        STAGING_LOCK,
-        OFlags::RDWR | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
-        Mode::from_raw_mode(0o600),
-    )
-    .map_err(|e| io("open the lock", e))?;
-    let st = rustix::fs::fstat(&fd).map_err(|e| io("stat the lock", e))?;
-    if !rustix::fs::FileType::from_raw_mode(st.st_mode).is_file() {
-        return Err(FsError::NotRegular {
-            path,
-            kind: super::kind_of_mode(st.st_mode),
-        });
-    }
-    let id = (st.st_dev, st.st_ino);
-    let mut held = HELD.lock().unwrap_or_else(PoisonError::into_inner);
-    held.retain(|(_, w)| w.strong_count() > 0);
-    if let Some(file) = held
-        .iter()
-        .find(|(k, _)| *k == id)
-        .and_then(|(_, w)| w.upgrade())
-    {
-        return Ok(StagingLock {
-            _file: file,
-            folder,
-        });
-    }
-    let mut file = std::fs::File::from(fd);
-    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-        Ok(()) => {}
-        Err(rustix::io::Errno::WOULDBLOCK) => {
-            let mut text = String::new();
-            Read::by_ref(&mut file)
-                .take(4096)
-                .read_to_string(&mut text)
-                .ok();
-            return Err(FsError::StagingInUse {
-                staging: staging.path().to_path_buf(),
-                holder: text.lines().collect::<Vec<_>>().join(", "),
-            });
-        }
-        Err(e) if super::place::no_flock_here(e) => {
-            tracing::debug!(staging = %super::shown(staging.path()), "no flock on this filesystem: the staging folder's owner marker alone keeps agents apart");
-        }
-        Err(e) => return Err(io("lock", e)),
-    }
-    let me = format!(
-        "pid={} host={} cwd={}\n",
-        std::process::id(),
-        rustix::system::uname().nodename().to_string_lossy(),
-        std::env::current_dir()
-            .map(|d| d.display().to_string())
-            .unwrap_or_default()
-    );
-    if file.set_len(0).is_ok() {
-        file.write_all(me.as_bytes()).ok();
-    }
-    let file = Arc::new(file);
-    held.push((id, Arc::downgrade(&file)));
-    Ok(StagingLock {
-        _file: file,
-        folder,
-    })
 }
 
 /// Who runs an agent: the host's machine id (when readable) and name.

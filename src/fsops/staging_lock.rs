@@ -1,0 +1,106 @@
+//! One agent per staging folder: an exclusive `flock` on the folder's lock file, held for the
+//! life of the agent that uses it.
+
+use std::io::{Read, Write};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use super::{Dir, FsError};
+
+/// Name of the lock file in a staging folder.
+pub const STAGING_LOCK: &str = ".lock";
+
+/// An exclusive `flock` on a staging folder's [`STAGING_LOCK`], held for the life of the agent
+/// that uses the folder (the kernel drops it when the process ends, crash included). Two agents
+/// on one host configured with one `sensor_instance_id` (a test configuration run beside the
+/// service, with its own state folder) would take each other's staged files: the second one is
+/// refused, naming the first. Shared within a process: a SIGHUP reload's new agent may start
+/// while a placement of the previous one still finishes.
+#[derive(Debug, Clone)]
+pub struct StagingLock {
+    _file: Arc<std::fs::File>,
+    /// The staging folder's (dev, ino) when locked.
+    pub(super) folder: (u64, u64),
+}
+
+/// A lock file's (dev, ino), and the open lock while anybody in this process holds it.
+type HeldLock = ((u64, u64), std::sync::Weak<std::fs::File>);
+
+/// The staging locks this process holds.
+static HELD: Mutex<Vec<HeldLock>> = Mutex::new(Vec::new());
+
+/// Takes the staging folder's lock; see [`StagingLock`].
+pub fn lock_staging(staging: &Dir) -> Result<StagingLock, FsError> {
+    use rustix::fs::{Mode, OFlags};
+    let path = staging.path().join(STAGING_LOCK);
+    let io = |about, e: rustix::io::Errno| {
+        FsError::io(
+            &path,
+            about,
+            std::io::Error::from_raw_os_error(e.raw_os_error()),
+        )
+    };
+    let folder = staging.identity()?;
+    let fd = rustix::fs::openat(
+        staging.fd(),
+        STAGING_LOCK,
+        OFlags::RDWR | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
+        Mode::from_raw_mode(0o600),
+    )
+    .map_err(|e| io("open the lock", e))?;
+    let st = rustix::fs::fstat(&fd).map_err(|e| io("stat the lock", e))?;
+    if !rustix::fs::FileType::from_raw_mode(st.st_mode).is_file() {
+        return Err(FsError::NotRegular {
+            path,
+            kind: super::kind_of_mode(st.st_mode),
+        });
+    }
+    let id = (st.st_dev, st.st_ino);
+    let mut held = HELD.lock().unwrap_or_else(PoisonError::into_inner);
+    held.retain(|(_, w)| w.strong_count() > 0);
+    if let Some(file) = held
+        .iter()
+        .find(|(k, _)| *k == id)
+        .and_then(|(_, w)| w.upgrade())
+    {
+        return Ok(StagingLock {
+            _file: file,
+            folder,
+        });
+    }
+    let mut file = std::fs::File::from(fd);
+    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => {}
+        Err(rustix::io::Errno::WOULDBLOCK) => {
+            let mut text = String::new();
+            Read::by_ref(&mut file)
+                .take(4096)
+                .read_to_string(&mut text)
+                .ok();
+            return Err(FsError::StagingInUse {
+                staging: staging.path().to_path_buf(),
+                holder: text.lines().collect::<Vec<_>>().join(", "),
+            });
+        }
+        Err(e) if super::place::no_flock_here(e) => {
+            tracing::debug!(staging = %super::shown(staging.path()), "no flock on this filesystem: the staging folder's owner marker alone keeps agents apart");
+        }
+        Err(e) => return Err(io("lock", e)),
+    }
+    let me = format!(
+        "pid={} host={} cwd={}\n",
+        std::process::id(),
+        rustix::system::uname().nodename().to_string_lossy(),
+        std::env::current_dir()
+            .map(|d| d.display().to_string())
+            .unwrap_or_default()
+    );
+    if file.set_len(0).is_ok() {
+        file.write_all(me.as_bytes()).ok();
+    }
+    let file = Arc::new(file);
+    held.push((id, Arc::downgrade(&file)));
+    Ok(StagingLock {
+        _file: file,
+        folder,
+    })
+}
