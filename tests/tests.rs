@@ -32,3 +32,4 @@ mod shares;
 mod shares_fixture;
 mod staging_guard;
 mod watch_settle;
+mod review6;
