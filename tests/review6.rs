@@ -76,6 +76,28 @@ fn run_killed_at_rename(strace: &Path, cfg: &Path, dir: &Path, when: u32) -> boo
     }
 }
 
+/// Every regular file under `dir`, hidden ones included, but not our temps at its top.
+fn every_file(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if !(d == dir && p.to_string_lossy().ends_with(".dropscan-partial"))
+                && !p.to_string_lossy().ends_with(".dropscan.json")
+            {
+                out.push((
+                    p.strip_prefix(dir).unwrap().to_path_buf(),
+                    std::fs::read(&p).unwrap(),
+                ));
+            }
+        }
+    }
+    out
+}
+
 /// Our hidden copy temps at the top of `dir`.
 fn temps(dir: &Path) -> Vec<PathBuf> {
     std::fs::read_dir(dir)
@@ -379,5 +401,75 @@ async fn staging_moved_aside_by_an_inbox_writer_is_not_claimed_into() {
     assert!(
         claimed_aside.is_none(),
         "a file was claimed into the staging folder an inbox writer moved aside: {claimed_aside:?}"
+    );
+}
+
+/// Bug: a copy temp named by an older version after its record id (`.<instance>.<id>.…`) that
+/// is a *partial* copy (its record `placing`, the staged file still there: the old version was
+/// killed mid-copy, then upgraded) is kept "for its tool" because its record is unfinished; the
+/// record is then placed from staging under the new temp name, and the old partial stays
+/// hidden. At the following start no record knows it and it is "taken back" as the only copy:
+/// the truncated bytes are scanned and placed in clean as `recovered/…`, beside the whole file.
+/// Expected: a numbered temp whose record's staged file is still there is a partial copy,
+/// removed (logged).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn numbered_partial_temp_of_an_older_version_is_removed_not_taken_back() {
+    let Some(strace) = find_tool("strace") else {
+        eprintln!("skipped: strace not installed (Debian package strace)");
+        return;
+    };
+    let mut w = World::quick().await;
+    let Some(_other) = on_shm(&mut w) else {
+        eprintln!("skipped: no /dev/shm");
+        return;
+    };
+    let content = bytes(64, 3_000_000);
+    w.drop_file("old.bin", &content);
+    let cfg = w.write_config();
+    // Killed at the first rename touching clean: `placing` is journaled, the staged file is
+    // still there, no copy made yet.
+    let killed = tokio::task::spawn_blocking({
+        let (s, c, d) = (strace.clone(), cfg.clone(), w.clean.clone());
+        move || run_killed_at_rename(&s, &c, &d, 1)
+    })
+    .await
+    .unwrap();
+    assert!(killed, "the agent was not killed");
+    let id: i64 = rusqlite::Connection::open(w.state_dir().join("journal.sqlite"))
+        .unwrap()
+        .query_row("SELECT id FROM files WHERE state = 'placing'", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    // What an older version leaves when killed mid-copy: a partial copy named after the id.
+    std::fs::write(
+        w.clean.join(format!(".test.{id}.dropscan-partial")),
+        &content[..1_000_000],
+    )
+    .unwrap();
+    // First start of the new version: the file is placed from staging.
+    let agent = w.start_agent();
+    w.wait_placed(1, Duration::from_secs(30)).await;
+    agent.stop().await.0.unwrap();
+    let left = temps(&w.clean);
+    // Second start.
+    let agent = w.start_agent();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    agent.stop().await.0.unwrap();
+    // Hidden names included: a temp taken back keeps its own name (`recovered/.test.<id>…`).
+    let clean = every_file(&w.clean);
+    let truncated: Vec<_> = clean
+        .iter()
+        .filter(|(_, c)| c.len() < content.len())
+        .map(|(p, c)| (p.clone(), c.len()))
+        .collect();
+    assert!(
+        truncated.is_empty(),
+        "an older version's partial copy was placed in clean: {truncated:?} (temps left after \
+         the first start: {left:?})"
+    );
+    assert!(
+        left.is_empty(),
+        "an older version's partial copy was left: {left:?}"
     );
 }
