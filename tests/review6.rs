@@ -473,3 +473,83 @@ async fn numbered_partial_temp_of_an_older_version_is_removed_not_taken_back() {
         "an older version's partial copy was left: {left:?}"
     );
 }
+
+/// Bug: a SIGHUP reload restarts the pipeline, and the staging folder's lock is let go between
+/// the old pipeline and the new one. A second agent with the same `sensor_instance_id` (a test
+/// configuration with its own state folder, which the lock exists to refuse) that starts in
+/// that window takes the lock; the reloaded agent then stops on a fatal error ("in use by
+/// another dropscan"), and the second one runs the inbox. Expected: the lock is held across a
+/// reload; the second agent is refused every time and the first keeps running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn staging_lock_is_held_across_a_reload() {
+    let w = World::quick().await;
+    let cfg = w.write_config();
+    let text2 = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("dir = \"state\"", "dir = \"state2\"");
+    let cfg2 = w.dir.path().join("second.toml");
+    std::fs::write(&cfg2, text2).unwrap();
+    let mut first = Group(
+        Command::new(env!("CARGO_BIN_EXE_dropscan"))
+            .args(["run", "--config"])
+            .arg(&cfg)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .unwrap(),
+    );
+    let staging = w.inbox.join(".dropscan/test/.lock");
+    wait_for(Duration::from_secs(10), || staging.exists().then_some(())).await;
+    let pid = rustix::process::Pid::from_raw(i32::try_from(first.0.id()).unwrap()).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Reloads every 200 ms.
+    let hup = std::thread::spawn({
+        let stop = std::sync::Arc::clone(&stop);
+        move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                rustix::process::kill_process(pid, rustix::process::Signal::HUP).ok();
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    });
+    // The second agent, started again and again: it must be refused (exit 78) every time.
+    let mut ran = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::time::Instant::now() < deadline && ran == 0 {
+        let mut second = Group(
+            Command::new(env!("CARGO_BIN_EXE_dropscan"))
+                .args(["run", "--config"])
+                .arg(&cfg2)
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .process_group(0)
+                .spawn()
+                .unwrap(),
+        );
+        let t0 = std::time::Instant::now();
+        let exited = loop {
+            if let Some(st) = second.0.try_wait().unwrap() {
+                break Some(st);
+            }
+            if t0.elapsed() > Duration::from_millis(1500) {
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        if exited.is_none() {
+            ran += 1;
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    hup.join().unwrap();
+    let first_alive = first.0.try_wait().unwrap().is_none();
+    assert!(
+        ran == 0 && first_alive,
+        "a second agent with the same instance id ran during a reload: {ran} time(s); the \
+         first agent {}",
+        if first_alive { "still runs" } else { "died" }
+    );
+}
