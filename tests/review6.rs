@@ -553,3 +553,95 @@ async fn staging_lock_is_held_across_a_reload() {
         if first_alive { "still runs" } else { "died" }
     );
 }
+
+/// Bug: a SIGHUP reload that changes `clean_dir` while a verified copy into the old folder is
+/// running. The old pipeline's copy goes on (it holds the staged file's lock) and ends with the
+/// file renamed into the *old* folder; meanwhile the reloaded sorter meets the record
+/// `placing` in the old root, finds its staged file still there, fails to remove the locked
+/// temp, re-journals the record into the *new* folder, and once the staged file is gone closes
+/// it "vanished from staging before it was placed" (no `placed`, no event), while the file sits
+/// placed in the old folder. Issue 17 finding 2 by reading, reached. The copy is held in its
+/// fsync by strace (the same state as a large copy on a slow disk). Expected: the placement is
+/// finished where it was started, or at least never called vanished.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_that_changes_clean_dir_during_a_copy_does_not_close_it_vanished() {
+    let Some(strace) = find_tool("strace") else {
+        eprintln!("skipped: strace not installed (Debian package strace)");
+        return;
+    };
+    let mut w = World::quick().await;
+    let Some(other) = on_shm(&mut w) else {
+        eprintln!("skipped: no /dev/shm");
+        return;
+    };
+    let content = bytes(65, 5_000_000);
+    std::fs::create_dir_all(&w.clean).unwrap();
+    let old_clean = w.clean.clone();
+    let cfg = w.write_config();
+    let mut agent = Group(
+        Command::new(&strace)
+            .args(["-f", "-qq", "-o", "/dev/null", "-P"])
+            .arg(&old_clean)
+            .args([
+                "-e",
+                "trace=fsync",
+                "-e",
+                "inject=fsync:delay_enter=3000000",
+            ])
+            .arg(env!("CARGO_BIN_EXE_dropscan"))
+            .args(["run", "--config"])
+            .arg(&cfg)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .unwrap(),
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    w.drop_file("doc.bin", &content);
+    // The copy is whole and waits in its fsync: the configuration changes and is reloaded.
+    let copying = wait_for(Duration::from_secs(30), || {
+        temps(&old_clean)
+            .into_iter()
+            .find(|t| std::fs::metadata(t).is_ok_and(|m| m.len() == content.len() as u64))
+    })
+    .await;
+    assert!(copying.is_some(), "no copy in progress");
+    w.clean = other.path().join("clean2");
+    w.write_config();
+    // The agent is strace's child.
+    let strace_pid = agent.0.id();
+    let children =
+        std::fs::read_to_string(format!("/proc/{strace_pid}/task/{strace_pid}/children")).unwrap();
+    let pid: i32 = children.split_whitespace().next().unwrap().parse().unwrap();
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(pid).unwrap(),
+        rustix::process::Signal::HUP,
+    )
+    .unwrap();
+    // Long enough for the held fsyncs and a few retries.
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    kill_group(&mut agent.0);
+    let conn = rusqlite::Connection::open(w.state_dir().join("journal.sqlite")).unwrap();
+    let vanished: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM files WHERE reason LIKE '%vanished%'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let placed: Vec<_> = [&old_clean, &w.clean]
+        .into_iter()
+        .flat_map(|d| every_file(d))
+        .filter(|(_, c)| *c == content)
+        .map(|(p, _)| p)
+        .collect();
+    assert_eq!(placed.len(), 1, "the file must be placed once: {placed:?}");
+    assert_eq!(
+        vanished,
+        0,
+        "the record was closed \"vanished\" while its file is placed at {placed:?} in {}",
+        old_clean.display()
+    );
+}
