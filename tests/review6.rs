@@ -76,7 +76,8 @@ fn run_killed_at_rename(strace: &Path, cfg: &Path, dir: &Path, when: u32) -> boo
     }
 }
 
-/// Every regular file under `dir`, hidden ones included, but not our temps at its top.
+/// Every regular file under `dir`, hidden ones included, but not our temps at its top, sidecars
+/// or the destination's marker.
 fn every_file(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
@@ -87,6 +88,7 @@ fn every_file(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
                 stack.push(p);
             } else if !(d == dir && p.to_string_lossy().ends_with(".dropscan-partial"))
                 && !p.to_string_lossy().ends_with(".dropscan.json")
+                && e.file_name() != ".dropscan-destination"
             {
                 out.push((
                     p.strip_prefix(dir).unwrap().to_path_buf(),
