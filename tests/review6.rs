@@ -84,12 +84,12 @@ fn every_file(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     while let Some(d) = stack.pop() {
         for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
             let p = e.path();
+            let name = p.to_string_lossy();
+            let temp = d == dir && name.ends_with(".dropscan-partial");
+            let ours = name.ends_with(".dropscan.json") || e.file_name() == ".dropscan-destination";
             if p.is_dir() {
                 stack.push(p);
-            } else if !(d == dir && p.to_string_lossy().ends_with(".dropscan-partial"))
-                && !p.to_string_lossy().ends_with(".dropscan.json")
-                && e.file_name() != ".dropscan-destination"
-            {
+            } else if !temp && !ours {
                 out.push((
                     p.strip_prefix(dir).unwrap().to_path_buf(),
                     std::fs::read(&p).unwrap(),
