@@ -96,7 +96,7 @@ impl Shared {
     /// destinations dropscan's own (`fsops::dest`), so that nothing is taken in that could not
     /// be placed.
     pub fn staging_ready(&self, i: usize) -> Result<(), FsError> {
-        let staging = self.roots[i].get(Which::Staging, true)?;
+        let staging = self.roots[i].staging_in_place()?;
         self.roots[i].hold_staging(&staging)?;
         fsops::roots::claim_owner_if_missing(&staging, &self.owner)?;
         self.roots[i].destinations_ready()
@@ -176,9 +176,19 @@ impl Shared {
     }
 }
 
-/// The instance tag of a root's temp names: its staging folder's name (the instance id or the
-/// host name), which no other agent sharing the destination uses.
+/// The tag of a root's temp names: its staging folder's name (the instance id or the host
+/// name) and a short hash of the staging folder's path. Two agents configured with one instance
+/// id for different inboxes that share a destination never take each other's temps.
 pub fn instance_of(w: &crate::config::WatchConfig) -> String {
+    use sha2::Digest;
+    use std::os::unix::ffi::OsStrExt;
+    let path = sha2::Sha256::digest(w.staging_dir.as_os_str().as_bytes());
+    format!("{}-{}", legacy_instance_of(w), hex::encode(&path[..4]))
+}
+
+/// The tag older versions gave their temp names (the staging folder's name alone): still
+/// recognised at start-up, for a placement an older version left half-way.
+pub fn legacy_instance_of(w: &crate::config::WatchConfig) -> String {
     w.staging_dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())

@@ -475,7 +475,7 @@ async fn a_release_killed_after_the_quarantined_file_went_loses_nothing() {
     let temp = w.clean.join(dropscan::fsops::names::copy_temp_name(
         &dropscan::context::instance_of(&config.watches[0]),
         dropscan::fsops::names::TempOf::Tool,
-        &rec.staged,
+        &dropscan::fsops::names::content_token(&rec.sha256.unwrap()),
         &rec.rel_path,
     ));
     std::fs::create_dir_all(&w.clean).unwrap();

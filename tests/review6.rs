@@ -135,9 +135,12 @@ async fn whole_copy_is_not_left_hidden_after_a_kill_between_take_backs_two_renam
     // What a kill after the staged file's unlink leaves, once the journal is moved aside: a
     // verified copy no record knows.
     let content = bytes(61, 50_000);
+    let config = dropscan::config::Config::load(&w.write_config()).unwrap();
+    let tag = dropscan::context::instance_of(&config.watches[0]);
     std::fs::write(
-        w.clean
-            .join(".test.s0123456789abcdef0123456789abcdef.hello.bin.dropscan-partial"),
+        w.clean.join(format!(
+            ".{tag}.s0123456789abcdef0123456789abcdef.hello.bin.dropscan-partial"
+        )),
         &content,
     )
     .unwrap();

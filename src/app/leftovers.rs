@@ -22,12 +22,12 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::context::{Shared, instance_of};
+use crate::context::{Shared, instance_of, legacy_instance_of};
 use crate::error::FatalError;
-use crate::fsops::names::{Temp, TempOf, copy_temp_name};
+use crate::fsops::names::{Temp, TempOf, copy_temp_name, staged_token, token_matches};
 use crate::fsops::roots::Which;
 use crate::fsops::{self, Dir};
-use crate::journal::{FileId, FileRecord, NewClaim};
+use crate::journal::{FileId, FileRecord, FileState, NewClaim};
 
 /// A whole copy to take back into staging.
 struct Whole {
@@ -42,20 +42,37 @@ struct Whole {
 }
 
 /// Sorts out every leftover copy temp of every destination root; see the module docs.
-/// `unfinished` are the records found unfinished (`records`' ids plus those a tool holds);
-/// `claimed` receives the records made for copies taken back.
+/// `records` are the records found unfinished before reconciling, `custody` those a tool holds
+/// (or died holding); `claimed` receives the records made for copies taken back.
 pub(super) async fn tidy(
     shared: &Shared,
     stagings: &[Option<Arc<Dir>>],
     records: &[FileRecord],
-    unfinished: &HashSet<FileId>,
+    custody: &HashSet<FileId>,
     claimed: &mut Vec<(FileId, PathBuf)>,
 ) -> Result<(), FatalError> {
     let journal = &shared.journal;
     let watches = &shared.config.watches;
-    let live: HashMap<&Path, &FileRecord> =
-        records.iter().map(|r| (r.staged.as_path(), r)).collect();
+    // Records whose verified copy may wait in a temp: those past their verdict. (One left
+    // `claimed` or earlier whose staged file is gone was dropped or closed by reconciling.)
+    let live: HashSet<&Path> = records
+        .iter()
+        .filter(|r| {
+            matches!(
+                r.state,
+                FileState::Decided | FileState::Placing | FileState::Placed
+            )
+        })
+        .map(|r| r.staged.as_path())
+        .collect();
     let by_id: HashMap<FileId, &FileRecord> = records.iter().map(|r| (r.id, r)).collect();
+    // The content a tool holds custody of: its temp is the tool's to finish.
+    let mut tool_content = HashSet::new();
+    for id in custody {
+        if let Ok(rec) = journal.get(*id).await {
+            tool_content.extend(rec.sha256);
+        }
+    }
     // A staged name, in every watch's staging folder: a temp's token does not say which.
     let staged_everywhere = |name: &OsString| -> Vec<PathBuf> {
         watches.iter().map(|w| w.staging_dir.join(name)).collect()
@@ -80,9 +97,9 @@ pub(super) async fn tidy(
     };
     let mut seen: HashSet<(u64, u64)> = HashSet::new();
     let mut whole = Vec::new();
-    let mut tools = Vec::new();
     for (i, roots) in shared.roots.iter().enumerate() {
-        let instance = instance_of(&watches[i]);
+        let tag = instance_of(&watches[i]);
+        let legacy = legacy_instance_of(&watches[i]);
         for which in [Which::Clean, Which::Quarantine, Which::Failed] {
             let Ok(d) = roots.get(which, false) else {
                 continue;
@@ -92,14 +109,34 @@ pub(super) async fn tidy(
                 continue;
             }
             let found = tokio::task::spawn_blocking({
-                let (d, instance) = (Arc::clone(&d), instance.clone());
-                move || fsops::place::leftover_temps(&d, &instance)
+                let (d, tag, legacy) = (Arc::clone(&d), tag.clone(), legacy.clone());
+                move || {
+                    let mut found = fsops::place::leftover_temps(&d, &tag);
+                    // Only an older version's numbered copies carry the bare instance tag.
+                    found.extend(
+                        fsops::place::leftover_temps(&d, &legacy)
+                            .into_iter()
+                            .filter(|(_, t)| matches!(t, Temp::Numbered(_))),
+                    );
+                    found
+                }
             })
             .await
             .unwrap_or_default();
             for (temp, what) in found {
+                let whole_copy = |name: OsString, was: Vec<PathBuf>| Whole {
+                    watch: i,
+                    dest_root: Arc::clone(&d),
+                    temp: temp.clone(),
+                    name,
+                    was,
+                };
                 match what {
-                    Temp::Copy { of, token, name } => {
+                    Temp::Copy {
+                        of: TempOf::Agent,
+                        token,
+                        name,
+                    } => {
                         let staged = OsString::from(format!("{token}.staged"));
                         match in_staging(&staged) {
                             Some(true) => {
@@ -108,92 +145,109 @@ pub(super) async fn tidy(
                                     &temp,
                                     "a partial copy: its file is still in staging",
                                 );
-                                continue;
                             }
-                            None => continue,
-                            Some(false) => {}
-                        }
-                        let was = staged_everywhere(&staged);
-                        if of == TempOf::Agent && was.iter().any(|p| live.contains_key(p.as_path()))
-                        {
-                            // The verified copy of an unfinished record: the sorter finishes it.
-                            continue;
-                        }
-                        let w = Whole {
-                            watch: i,
-                            dest_root: Arc::clone(&d),
-                            temp,
-                            name,
-                            was,
-                        };
-                        if of == TempOf::Tool {
-                            tools.push(w);
-                        } else {
-                            whole.push(w);
-                        }
-                    }
-                    Temp::Numbered(id) => {
-                        // An older version's verified copy, for its record in `placing`: given
-                        // the name the sorter looks for.
-                        let placing = by_id.get(&id).filter(|r| {
-                            r.state == crate::journal::FileState::Placing
-                                && in_staging(
-                                    &r.staged.file_name().unwrap_or_default().to_os_string(),
-                                ) == Some(false)
-                        });
-                        if let Some(rec) = placing {
-                            let new = copy_temp_name(
-                                &instance,
-                                TempOf::Agent,
-                                &rec.staged,
-                                &rec.rel_path,
-                            );
-                            match fsops::rename_noreplace(&d, &temp, &d, &new) {
-                                Ok(_) => {}
-                                Err(e) => {
-                                    tracing::warn!(id, error = %e, "cannot rename an older version's copy temp; left as it is")
+                            None => {}
+                            Some(false) => {
+                                let was = staged_everywhere(&staged);
+                                // The verified copy of an unfinished record: the sorter
+                                // finishes it.
+                                if !was.iter().any(|p| live.contains(p.as_path())) {
+                                    whole.push(whole_copy(name, was));
                                 }
                             }
-                            continue;
                         }
-                        if unfinished.contains(&id) {
-                            // A tool of an older version holds it.
-                            continue;
+                    }
+                    Temp::Copy {
+                        of: TempOf::Tool,
+                        token,
+                        name,
+                    } => match tool_copy(&d, &temp, &token).await {
+                        ToolCopy::Partial => {
+                            fsops::place::remove_temp(
+                                &d,
+                                &temp,
+                                "a partial copy of a quarantine or failed tool (its bytes do not \
+                                 hash to the content it was to hold)",
+                            );
                         }
-                        whole.push(Whole {
-                            watch: i,
-                            dest_root: Arc::clone(&d),
-                            name: temp.clone(),
-                            temp,
-                            was: Vec::new(),
+                        ToolCopy::Whole(sha) if tool_content.contains(&sha) => {
+                            tracing::warn!(
+                                temp = %fsops::shown(&d.path().join(&temp)),
+                                "a quarantine or failed tool was interrupted while moving this \
+                                 file: run the same command again to finish it (left as it is)"
+                            );
+                        }
+                        ToolCopy::Whole(_) => whole.push(whole_copy(name, Vec::new())),
+                        ToolCopy::Unknown => {}
+                    },
+                    Temp::Numbered(id) => {
+                        let rec = by_id.get(&id);
+                        let staged_here = rec.and_then(|r| {
+                            in_staging(&r.staged.file_name().unwrap_or_default().to_os_string())
                         });
+                        match (rec, staged_here) {
+                            // Its record's file is still in staging: a partial copy.
+                            (Some(_), Some(true)) => {
+                                fsops::place::remove_temp(
+                                    &d,
+                                    &temp,
+                                    "an older version's partial copy: its file is still in staging",
+                                );
+                            }
+                            // An older version's verified copy, for its record in `placing`:
+                            // given the name the sorter looks for.
+                            (Some(rec), Some(false)) if rec.state == FileState::Placing => {
+                                let new = copy_temp_name(
+                                    &tag,
+                                    TempOf::Agent,
+                                    &staged_token(&rec.staged),
+                                    &rec.rel_path,
+                                );
+                                if let Err(e) = fsops::rename_noreplace(&d, &temp, &d, &new) {
+                                    tracing::warn!(id, error = %e, "cannot rename an older version's copy temp; left as it is");
+                                }
+                            }
+                            (Some(_), _) => {}
+                            // A tool of an older version holds it.
+                            (None, _) if custody.contains(&id) => {}
+                            (None, _) => whole.push(whole_copy(temp.clone(), Vec::new())),
+                        }
                     }
                     Temp::Sidecar => {}
                 }
             }
         }
     }
-    // A tool's temp whose record the journal knows is the tool's to finish.
-    if !tools.is_empty() {
-        let names: Vec<Vec<PathBuf>> = tools.iter().map(|t| t.was.clone()).collect();
-        let known = journal.closed_records_of(names.concat()).await?;
-        let mut known = known.into_iter();
-        for t in tools {
-            // Every answer of this temp is consumed, whatever the first says.
-            let answers: Vec<_> = (&mut known).take(t.was.len()).collect();
-            let any = answers.iter().any(Option::is_some);
-            if any {
-                tracing::warn!(
-                    temp = %fsops::shown(&t.dest_root.path().join(&t.temp)),
-                    "a quarantine or failed tool was interrupted while copying this file: run the \
-                     same command again to finish it (left as it is)"
-                );
-            } else {
-                whole.push(t);
-            }
-        }
-    }
     take_back_all(shared, stagings, whole, claimed).await
+}
+
+/// What a tool's temp holds, told by hashing it against the content its name gives.
+enum ToolCopy {
+    /// Exactly that content (SHA-256): a whole copy.
+    Whole([u8; 32]),
+    /// Something else: an interrupted copy.
+    Partial,
+    /// It could not be read (or its name gives no content): left alone.
+    Unknown,
+}
+
+async fn tool_copy(d: &Arc<Dir>, temp: &OsString, token: &str) -> ToolCopy {
+    let (d, temp, token) = (Arc::clone(d), temp.clone(), token.to_string());
+    if token.len() != 32 {
+        return ToolCopy::Unknown;
+    }
+    tokio::task::spawn_blocking(move || {
+        let hashed = d
+            .open_file(&temp)
+            .and_then(|(mut f, _)| fsops::sha256_file(&mut f));
+        match hashed {
+            Ok((sha, _)) if token_matches(&token, &sha) => ToolCopy::Whole(sha),
+            Ok(_) => ToolCopy::Partial,
+            Err(_) => ToolCopy::Unknown,
+        }
+    })
+    .await
+    .unwrap_or(ToolCopy::Unknown)
 }
 
 /// Takes each whole copy back into its watch's staging folder under a new record (journaled
@@ -235,7 +289,12 @@ async fn take_back_all(
     let ids = journal.claim(claims.clone()).await?;
     for ((id, claim), w) in ids.into_iter().zip(claims).zip(whole) {
         let instance = instance_of(&shared.config.watches[w.watch]);
-        let fresh_temp = copy_temp_name(&instance, TempOf::Agent, &claim.staged, &claim.rel_path);
+        let fresh_temp = copy_temp_name(
+            &instance,
+            TempOf::Agent,
+            &staged_token(&claim.staged),
+            &claim.rel_path,
+        );
         let fresh = claim.staged.file_name().unwrap_or_default().to_os_string();
         let Some(staging) = stagings[w.watch].as_ref().map(Arc::clone) else {
             journal.unclaim(vec![id]).await?;

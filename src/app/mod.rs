@@ -65,6 +65,9 @@ pub struct Agent {
     /// Whether this agent serves its own metrics endpoint (`dropscan run` serves one for the
     /// whole process instead, outside the reload loop).
     serve_metrics: bool,
+    /// Whether its staging folders' locks outlive it: a SIGHUP reload's next generation takes
+    /// them over without letting go for a moment ([`fsops::roots::StagingLock`]).
+    keep_staging_locks: bool,
 }
 
 impl Agent {
@@ -94,6 +97,7 @@ impl Agent {
         }
         Ok(Agent {
             serve_metrics: false,
+            keep_staging_locks: false,
             shared: Arc::new(Shared {
                 config,
                 journal,
@@ -125,8 +129,29 @@ impl Agent {
         Arc::clone(&self.shared.metrics)
     }
 
+    /// Keeps its staging folders locked after it stops, for the agent that replaces it (the
+    /// reload loop).
+    pub(crate) fn keep_staging_locks(mut self) -> Self {
+        self.keep_staging_locks = true;
+        self
+    }
+
     /// Runs until `shutdown` is cancelled or a stage fails.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), FatalError> {
+        let (shared, keep) = (Arc::clone(&self.shared), self.keep_staging_locks);
+        let result = self.run_stages(shutdown).await;
+        if !keep {
+            let held: Vec<(u64, u64)> = shared
+                .roots
+                .iter()
+                .filter_map(fsops::roots::RootDirs::held_staging)
+                .collect();
+            fsops::roots::release_staging_locks(&held);
+        }
+        result
+    }
+
+    async fn run_stages(self, shutdown: CancellationToken) -> Result<(), FatalError> {
         let (shared, serve_metrics) = (self.shared, self.serve_metrics);
         let cfg = Arc::clone(&shared.config);
         // Restrictions first (a failure is not fatal: the server may be down; it is retried).

@@ -212,10 +212,9 @@ pub(super) async fn reconcile(
             Recognised::Shutdown => return Ok(resume),
         }
     }
-    let mut unfinished: HashSet<FileId> = records.iter().map(|r| r.id).collect();
-    // A tool's copy (release, restore) uses its record's temp name: while the tool holds
-    // custody, that temp may be the only copy of the file.
-    unfinished.extend(journal.in_custody().await?);
+    // A tool's copy (release, restore): while the tool holds custody (or died holding it), its
+    // temp may be the only copy of the file, which the tool's next run finishes.
+    let custody: HashSet<FileId> = journal.in_custody().await?.into_iter().collect();
     let mut known: std::collections::HashMap<PathBuf, FileId> = std::collections::HashMap::new();
     let all = records.clone();
     for r in records {
@@ -417,7 +416,7 @@ pub(super) async fn reconcile(
             }
         }
     }
-    super::leftovers::tidy(shared, &stagings, &all, &unfinished, &mut resume.claimed).await?;
+    super::leftovers::tidy(shared, &stagings, &all, &custody, &mut resume.claimed).await?;
     let n = resume.claimed.len()
         + resume.hashed.len()
         + resume.submitting.len()

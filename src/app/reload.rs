@@ -178,7 +178,7 @@ pub async fn run_reloading_with(
         };
         let result = if wait_for_inboxes(&config, &metrics, &generation).await {
             match super::Agent::with_metrics(config, Arc::clone(&metrics)) {
-                Ok(agent) => agent.run(generation.clone()).await,
+                Ok(agent) => agent.keep_staging_locks().run(generation.clone()).await,
                 Err(e) => Err(e),
             }
         } else {

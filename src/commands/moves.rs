@@ -19,7 +19,7 @@ use serde_json::json;
 use super::tools::{EXIT_REFUSED, blocking, entry, finish, journal_failed, locate};
 use crate::config::WatchConfig;
 use crate::error::EXIT_UNAVAILABLE;
-use crate::fsops::names::{TempOf, copy_temp_name, sidecar_name};
+use crate::fsops::names::{TempOf, content_token, copy_temp_name, sidecar_name, staged_token};
 use crate::fsops::place::{Release, free_name, place};
 use crate::fsops::roots::{RootDirs, Which};
 use crate::fsops::{Dir, FsError, split_rel};
@@ -171,12 +171,18 @@ impl Move {
     }
 }
 
-/// The temp name of a tool's copy of `rec`'s file, at the top of the folder it goes to.
+/// The temp name of a tool's copy of `rec`'s file, at the top of the folder it goes to: named
+/// after the content it must hold, so that one found without its journal is known for whole or
+/// partial by hashing it (a file with no SHA-256 is only ever moved by rename into the inbox).
 pub(super) fn temp_of(w: &WatchConfig, rec: &FileRecord) -> std::ffi::OsString {
+    let token = rec
+        .sha256
+        .as_ref()
+        .map_or_else(|| staged_token(&rec.staged), content_token);
     copy_temp_name(
         &crate::context::instance_of(w),
         TempOf::Tool,
-        &rec.staged,
+        &token,
         &rec.rel_path,
     )
 }

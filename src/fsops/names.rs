@@ -120,28 +120,25 @@ pub enum TempOf {
 }
 
 /// The temp name of a copy, at the top of its destination root:
-/// `.<instance>.<s|t><token>.<name>.dropscan-partial`, where `token` is the stem of the record's
-/// staged name (a random id given at the claim: unique across journals, so that a record of a
-/// new journal can never take an old temp for its own) and `name` the user's file name
-/// (shortened to fit), so that a temp found without its record still says what it holds.
-/// Deterministic for a record, so that a restart finds it; `s` marks the agent's copies, `t`
-/// a tool's.
-pub fn copy_temp_name(instance: &str, of: TempOf, staged: &Path, rel: &Path) -> OsString {
-    let token = staged
-        .file_stem()
-        .map(|s| {
-            s.to_string_lossy()
-                .chars()
-                .filter(|c| c.is_ascii_alphanumeric())
-                .take(64)
-                .collect::<String>()
-        })
-        .unwrap_or_default();
+/// `.<tag>.<s|t><token>.<name>.dropscan-partial`. `tag` is the root's
+/// ([`crate::context::instance_of`]); `token` says what the temp copies: for the agent the stem
+/// of the record's staged name ([`staged_token`], a random id given at the claim: unique across
+/// journals, so that a record of a new journal can never take an old temp for its own), for a
+/// tool the content it must hold ([`content_token`]: a temp whose bytes do not hash to it is
+/// partial). `name` is the user's file name (shortened to fit), so that a temp found without
+/// its record still says what it holds. Deterministic for a record, so that a restart finds it;
+/// `s` marks the agent's copies, `t` a tool's.
+pub fn copy_temp_name(tag: &str, of: TempOf, token: &str, rel: &Path) -> OsString {
+    let token: String = token
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(64)
+        .collect();
     let kind = match of {
         TempOf::Agent => 's',
         TempOf::Tool => 't',
     };
-    let head = format!(".{}.{kind}{token}.", tag_of(instance));
+    let head = format!(".{}.{kind}{token}.", tag_of(tag));
     let name = safe_relative(rel);
     let base = name.file_name().unwrap_or(OsStr::new("_")).as_bytes();
     let room = NAME_MAX.saturating_sub(head.len() + PARTIAL_SUFFIX.len());
@@ -149,6 +146,25 @@ pub fn copy_temp_name(instance: &str, of: TempOf, staged: &Path, rel: &Path) -> 
     out.extend_from_slice(&shorten(base, room));
     out.extend_from_slice(PARTIAL_SUFFIX.as_bytes());
     OsString::from_vec(out)
+}
+
+/// The token of the agent's copy of a staged file: its staged name's stem.
+pub fn staged_token(staged: &Path) -> String {
+    staged
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// The token of a copy that must hold exactly the bytes of SHA-256 `sha`: its first 16 bytes,
+/// in hex ([`token_matches`] tells whether a temp holds them).
+pub fn content_token(sha: &[u8; 32]) -> String {
+    hex::encode(&sha[..16])
+}
+
+/// Whether `sha` is the content a [`content_token`] names.
+pub fn token_matches(token: &str, sha: &[u8; 32]) -> bool {
+    token.len() == 32 && token.eq_ignore_ascii_case(&content_token(sha))
 }
 
 /// The temp name of a sidecar being written: `.<instance>.sidecar-<random>.dropscan-partial`.

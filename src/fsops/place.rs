@@ -424,6 +424,17 @@ pub fn return_to_inbox(
     })
 }
 
+/// Whether a placement of the staged file `name` is running now (it holds the file's lock): for
+/// example the copy of an agent generation that a reload replaced, still finishing.
+pub fn placement_in_progress(staging: &Dir, name: &OsStr) -> bool {
+    staging.open_file(name).is_ok_and(|(f, _)| {
+        matches!(
+            lock(&f, &staging.path().join(name)),
+            Err(FsError::Busy { .. })
+        )
+    })
+}
+
 /// Takes an exclusive `flock` on `file` without waiting; held until the file is closed.
 fn lock(file: &std::fs::File, path: &Path) -> Result<(), FsError> {
     match rustix::fs::flock(file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::dest::{self, Named};
-pub use super::staging_lock::{STAGING_LOCK, StagingLock, lock_staging};
+pub use super::staging_lock::{STAGING_LOCK, StagingLock, lock_staging, release_staging_locks};
 use super::{Dir, FsError};
 use crate::config::WatchConfig;
 
@@ -100,6 +100,46 @@ impl RootDirs {
             failed: slot(&w.failed_dir, 0o750, Some("failed_dir")),
             lock: Mutex::new(None),
         }
+    }
+
+    /// The staging folder, made if missing, for claiming into: its path must still lead to the
+    /// open folder. One moved away or replaced (an inbox writer's `mv .dropscan .x`) is opened
+    /// again from its path, and judged again, so that nothing more is claimed into the old one.
+    pub fn staging_in_place(&self) -> Result<Arc<Dir>, FsError> {
+        let staging = self.get(Which::Staging, true)?;
+        let now = match &self.staging.beneath_inbox {
+            Some(rel) => match self.get(Which::Inbox, false)?.open_dir(rel) {
+                Ok(found) => Some(found.identity()?),
+                Err(FsError::Vanished { .. } | FsError::NotRegular { .. }) => None,
+                Err(e) => return Err(e),
+            },
+            None => rustix::fs::stat(&self.staging.path)
+                .ok()
+                .map(|st| (st.st_dev, st.st_ino)),
+        };
+        if now == Some(staging.identity()?) {
+            return Ok(staging);
+        }
+        tracing::warn!(
+            staging = %super::shown(&self.staging.path),
+            "the staging folder is another folder now (moved away or replaced): it is opened again \
+             and judged again; nothing more is claimed into the old one"
+        );
+        *self
+            .staging
+            .open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = None;
+        self.get(Which::Staging, true)
+    }
+
+    /// The staging folder whose lock this agent holds, by (dev, ino).
+    pub fn held_staging(&self) -> Option<(u64, u64)> {
+        self.lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .map(|l| l.folder)
     }
 
     /// Holds the staging folder's lock for this agent ([`lock_staging`]): taken on first use,

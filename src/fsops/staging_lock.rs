@@ -13,8 +13,8 @@ pub const STAGING_LOCK: &str = ".lock";
 /// that uses the folder (the kernel drops it when the process ends, crash included). Two agents
 /// on one host configured with one `sensor_instance_id` (a test configuration run beside the
 /// service, with its own state folder) would take each other's staged files: the second one is
-/// refused, naming the first. Shared within a process: a SIGHUP reload's new agent may start
-/// while a placement of the previous one still finishes.
+/// refused, naming the first. Shared within a process and kept across SIGHUP reloads (the new
+/// agent generation takes the lock the previous one held, without a moment in between).
 #[derive(Debug, Clone)]
 pub struct StagingLock {
     _file: Arc<std::fs::File>,
@@ -22,11 +22,21 @@ pub struct StagingLock {
     pub(super) folder: (u64, u64),
 }
 
-/// A lock file's (dev, ino), and the open lock while anybody in this process holds it.
-type HeldLock = ((u64, u64), std::sync::Weak<std::fs::File>);
+/// A lock file's (dev, ino), its staging folder's, and the open lock.
+type HeldLock = ((u64, u64), (u64, u64), Arc<std::fs::File>);
 
-/// The staging locks this process holds.
+/// The staging locks this process holds: kept from one agent generation to the next (a SIGHUP
+/// reload must never let go of a staging folder, even for a moment), until
+/// [`release_staging_locks`].
 static HELD: Mutex<Vec<HeldLock>> = Mutex::new(Vec::new());
+
+/// Lets go of the locks of these staging folders (by their (dev, ino)): an agent that stops for
+/// good (not replaced by a reload) releases its own.
+pub fn release_staging_locks(folders: &[(u64, u64)]) {
+    HELD.lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .retain(|(_, folder, _)| !folders.contains(folder));
+}
 
 /// Takes the staging folder's lock; see [`StagingLock`].
 pub fn lock_staging(staging: &Dir) -> Result<StagingLock, FsError> {
@@ -56,14 +66,9 @@ pub fn lock_staging(staging: &Dir) -> Result<StagingLock, FsError> {
     }
     let id = (st.st_dev, st.st_ino);
     let mut held = HELD.lock().unwrap_or_else(PoisonError::into_inner);
-    held.retain(|(_, w)| w.strong_count() > 0);
-    if let Some(file) = held
-        .iter()
-        .find(|(k, _)| *k == id)
-        .and_then(|(_, w)| w.upgrade())
-    {
+    if let Some((_, _, file)) = held.iter().find(|(k, _, _)| *k == id) {
         return Ok(StagingLock {
-            _file: file,
+            _file: Arc::clone(file),
             folder,
         });
     }
@@ -98,7 +103,7 @@ pub fn lock_staging(staging: &Dir) -> Result<StagingLock, FsError> {
         file.write_all(me.as_bytes()).ok();
     }
     let file = Arc::new(file);
-    held.push((id, Arc::downgrade(&file)));
+    held.push((id, folder, Arc::clone(&file)));
     Ok(StagingLock {
         _file: file,
         folder,

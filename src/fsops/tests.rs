@@ -654,7 +654,7 @@ fn temp_for(instance: &str, id: i64) -> std::ffi::OsString {
     copy_temp_name(
         instance,
         TempOf::Agent,
-        Path::new(&format!("/s/{id:032x}.staged")),
+        &format!("{id:032x}"),
         Path::new("dir/report.pdf"),
     )
 }
@@ -664,7 +664,7 @@ fn temp_names_say_whose_copy_of_which_staged_file_and_name_they_hold() {
     let t = copy_temp_name(
         "fs01",
         TempOf::Agent,
-        Path::new("/in/.dropscan/fs01/0123abcd.staged"),
+        &super::names::staged_token(Path::new("/in/.dropscan/fs01/0123abcd.staged")),
         Path::new("a/b/report.pdf"),
     );
     assert_eq!(t, ".fs01.s0123abcd.report.pdf.dropscan-partial");
@@ -676,12 +676,7 @@ fn temp_names_say_whose_copy_of_which_staged_file_and_name_they_hold() {
             name: "report.pdf".into()
         })
     );
-    let tool = copy_temp_name(
-        "fs01",
-        TempOf::Tool,
-        Path::new("/x/ff.staged"),
-        Path::new("q"),
-    );
+    let tool = copy_temp_name("fs01", TempOf::Tool, "ff", Path::new("q"));
     assert!(matches!(
         super::names::parse_temp_name(&tool, "fs01"),
         Some(Temp::Copy {
@@ -696,12 +691,7 @@ fn temp_names_say_whose_copy_of_which_staged_file_and_name_they_hold() {
     );
     // A long name still fits, cut to NAME_MAX.
     let long = "x".repeat(300);
-    let t = copy_temp_name(
-        "fs01",
-        TempOf::Agent,
-        Path::new("/s/ab.staged"),
-        Path::new(&long),
-    );
+    let t = copy_temp_name("fs01", TempOf::Agent, "ab", Path::new(&long));
     assert!(t.len() <= NAME_MAX);
 }
 

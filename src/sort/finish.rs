@@ -168,6 +168,13 @@ impl Sorter {
         let found = blocking(move || {
             let (staging, name) = sh.staging_of(&staged)?;
             let staged_here = staging.exists(&name)?;
+            // A placement into the old folder still running (started before a reload): it
+            // finishes there; this one waits for it rather than choose again.
+            if staged_here && fsops::place::placement_in_progress(&staging, &name) {
+                return Err(FsError::Busy {
+                    path: staging.path().join(&name),
+                });
+            }
             let old_dir = fsops::Dir::open_trusted(&old);
             if staged_here {
                 if let Ok(d) = &old_dir {
@@ -201,6 +208,12 @@ impl Sorter {
                 );
                 Ok(true)
             }
+            Err(FsError::Busy { .. }) => Err(format!(
+                "{} is being placed into {} by a placement started before the configuration \
+                 changed; waiting for it",
+                fsops::shown(&rec.rel_path),
+                fsops::shown(root)
+            )),
             Err(e) => Err(format!(
                 "{} was being placed at {} when the configuration changed; that folder cannot be \
                  opened ({e}): the file is kept there (hidden as {}, or already at that path). \

@@ -256,7 +256,7 @@ impl Sorter {
         let temp_name = fsops::names::copy_temp_name(
             &instance,
             fsops::names::TempOf::Agent,
-            &rec.staged,
+            &fsops::names::staged_token(&rec.staged),
             &rec.rel_path,
         );
         let current_root = self.shared.roots[i].path(which).to_path_buf();
