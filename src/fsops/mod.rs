@@ -28,6 +28,7 @@ pub mod place;
 pub mod roots;
 mod staging_lock;
 mod syncgate;
+mod temps;
 #[cfg(test)]
 mod tests;
 
