@@ -28,6 +28,7 @@ mod packaging;
 mod pipeline;
 mod quarantine_tools;
 mod review6;
+mod review7;
 mod scan_cli;
 mod shares;
 mod shares_fixture;
