@@ -290,3 +290,89 @@ async fn upgrade_finishes_the_older_releases_verified_numbered_copy() {
         );
     }
 }
+
+/// A SIGHUP reload that removes a watch: the staging lock of the inbox no longer watched is
+/// kept by the process (locks are kept across reloads, and released only when an agent stops
+/// for good). Another agent configured for that inbox alone (same instance id, its own state
+/// folder: the inbox handed over to another configuration) is refused while this process lives.
+/// Expected: the reloaded process lets go of the staging folders it no longer watches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_that_removes_a_watch_lets_go_of_its_staging_lock() {
+    let mut w = World::quick().await;
+    let second = w.dir.path().join("second");
+    for d in ["inbox", "clean", "quarantine", "failed"] {
+        std::fs::create_dir_all(second.join(d)).unwrap();
+    }
+    let watch2 = format!(
+        "\n[[watch]]\npath = \"{s}/inbox\"\nsettle = \"200ms\"\nclean_dir = \"{s}/clean\"\n\
+         quarantine_dir = \"{s}/quarantine\"\nfailed_dir = \"{s}/failed\"\n",
+        s = second.display()
+    );
+    w.more_watches = watch2.clone();
+    let cfg = w.write_config();
+    let mut first = Command::new(env!("CARGO_BIN_EXE_dropscan"))
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let lock2 = second.join("inbox/.dropscan/test/.lock");
+    let up = wait_for(Duration::from_secs(15), || lock2.exists().then_some(())).await;
+    // The reload without the second watch.
+    w.more_watches.clear();
+    let cfg_one = w.write_config();
+    assert_eq!(cfg_one, cfg);
+    let pid = rustix::process::Pid::from_raw(i32::try_from(first.id()).unwrap()).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::HUP).unwrap();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    // The reload was taken: a file dropped in the second inbox stays there.
+    std::fs::write(second.join("inbox/left.txt"), b"not watched").unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        second.join("inbox/left.txt").exists(),
+        "the reload was not taken: the second inbox is still watched"
+    );
+    // The second inbox, now another configuration's.
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let head = &text[..text.find("[[watch]]").unwrap()];
+    let other = format!(
+        "{}{}\n[log]\nlevel = \"warn\"\n",
+        head.replace("dir = \"state\"", "dir = \"state2\""),
+        watch2
+    );
+    let cfg2 = w.dir.path().join("other.toml");
+    std::fs::write(&cfg2, other).unwrap();
+    let mut agent2 = Command::new(env!("CARGO_BIN_EXE_dropscan"))
+        .args(["run", "--config"])
+        .arg(&cfg2)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    let exited = loop {
+        if let Some(st) = agent2.try_wait().unwrap() {
+            break Some(st);
+        }
+        if t0.elapsed() > Duration::from_secs(5) {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    agent2.kill().ok();
+    let out = agent2.wait_with_output().unwrap();
+    first.kill().ok();
+    first.wait().ok();
+    assert!(
+        up.is_some(),
+        "the first agent never locked the second staging folder"
+    );
+    assert!(
+        exited.is_none(),
+        "the agent for the inbox no longer watched was refused ({exited:?}): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
