@@ -641,3 +641,56 @@ async fn a_live_owner_marker_ahead_of_this_hosts_clock_is_not_taken_over() {
     let e = r.expect_err("a live host owns the staging folder");
     assert!(e.contains("in use by host fs02"), "{e}");
 }
+
+/// Review finding: an older release's partial copy of a finished record (a `quarantine release`
+/// killed mid-copy, then released again by the new version) was taken back at the next start as
+/// "the only copy" and its truncated, EICAR-less bytes placed in clean. Hashed against the record
+/// it names, it is a partial copy and is removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_versions_partial_copy_of_a_finished_record_is_removed_not_released() {
+    let w = World::quick().await;
+    let mut content = bytes(63, 3_000_000);
+    content.extend_from_slice(EICAR);
+    w.drop_file("big.bin", &content);
+    let agent = w.start_agent();
+    let o = w.wait_placed(1, LIMIT).await;
+    agent.stop().await.0.unwrap();
+    assert_eq!(o[&PathBuf::from("big.bin")], Outcome::Quarantine);
+    let id: i64 = rusqlite::Connection::open(w.state_dir().join("journal.sqlite"))
+        .unwrap()
+        .query_row(
+            "SELECT id FROM files WHERE outcome = 'quarantine'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    // What the older release's `quarantine release`, killed mid-copy, left in clean.
+    let temp = w.clean.join(format!(".test.{id}.dropscan-partial"));
+    std::fs::write(&temp, &content[..1_048_576]).unwrap();
+    let agent = w.start_agent();
+    let gone = wait_for(LIMIT, || (!temp.exists()).then_some(())).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    agent.stop().await.0.unwrap();
+    assert!(gone.is_some(), "the partial copy was left hidden in clean");
+    // Every file in clean, hidden ones included (a temp taken back keeps its own name), but the
+    // destination's marker.
+    let mut released = Vec::new();
+    let mut stack = vec![w.clean.clone()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            } else if e.file_name() != ".dropscan-destination" {
+                released.push(e.path());
+            }
+        }
+    }
+    assert!(
+        released.is_empty(),
+        "a truncated copy of a quarantined file reached clean: {released:?}"
+    );
+    assert_eq!(
+        std::fs::read(w.quarantine.join("big.bin")).unwrap(),
+        content
+    );
+}

@@ -210,7 +210,29 @@ pub(super) async fn tidy(
                             (Some(_), _) => {}
                             // A tool of an older version holds it.
                             (None, _) if custody.contains(&id) => {}
-                            (None, _) => whole.push(whole_copy(temp.clone(), Vec::new())),
+                            // A finished record: its copy (a tool's, or a placement closed
+                            // since) is judged by the content that record holds.
+                            (None, _) => match numbered_copy(journal, &d, &temp, id).await {
+                                ToolCopy::Whole(_) => {
+                                    whole.push(whole_copy(temp.clone(), Vec::new()));
+                                }
+                                ToolCopy::Partial => {
+                                    fsops::place::remove_temp(
+                                        &d,
+                                        &temp,
+                                        "an older version's partial copy of a finished record \
+                                         (shorter than its file, not its content)",
+                                    );
+                                }
+                                ToolCopy::Unknown => {
+                                    tracing::warn!(
+                                        temp = %fsops::shown(&d.path().join(&temp)),
+                                        "an older version's copy temp that no record explains: \
+                                         left as it is (remove it once its file is known to be \
+                                         safe elsewhere)"
+                                    );
+                                }
+                            },
                         }
                     }
                     Temp::Sidecar => {}
@@ -229,6 +251,41 @@ enum ToolCopy {
     Partial,
     /// It could not be read (or its name gives no content): left alone.
     Unknown,
+}
+
+/// An older version's numbered temp, for record `id` of this journal: whole when it holds that
+/// record's content, partial when it is shorter than that file and not its content, unknown
+/// otherwise. The record counts only if it is older than the temp (a journal replaced since
+/// would give the id to another file).
+async fn numbered_copy(
+    journal: &crate::journal::Journal,
+    d: &Arc<Dir>,
+    temp: &OsString,
+    id: FileId,
+) -> ToolCopy {
+    let Ok(rec) = journal.get(id).await else {
+        return ToolCopy::Unknown;
+    };
+    let (Some(sha), Some(size)) = (rec.sha256, rec.stamp.map(|s| s.size)) else {
+        return ToolCopy::Unknown;
+    };
+    let (d, temp) = (Arc::clone(d), temp.clone());
+    tokio::task::spawn_blocking(move || {
+        let Ok((mut f, st)) = d.open_file(&temp) else {
+            return ToolCopy::Unknown;
+        };
+        let made_ms = i64::try_from(st.mtime_ns / 1_000_000).unwrap_or(i64::MAX);
+        if made_ms < rec.claimed_at_ms {
+            return ToolCopy::Unknown;
+        }
+        match fsops::sha256_file(&mut f) {
+            Ok((got, _)) if got == sha => ToolCopy::Whole(got),
+            Ok(_) if st.size < size => ToolCopy::Partial,
+            _ => ToolCopy::Unknown,
+        }
+    })
+    .await
+    .unwrap_or(ToolCopy::Unknown)
 }
 
 async fn tool_copy(d: &Arc<Dir>, temp: &OsString, token: &str) -> ToolCopy {

@@ -132,6 +132,7 @@ pub async fn run_reloading_with(
     metrics: Arc<Metrics>,
 ) -> Result<(), FatalError> {
     let mut config = config;
+    let mut stagings = staging_paths(&config);
     let mut endpoint = keep_endpoint(None, config.metrics_listen, &metrics).await;
     let result = loop {
         // One agent per configuration. SIGHUP: the new file is validated first; a bad one is
@@ -192,6 +193,10 @@ pub async fn run_reloading_with(
         let reloaded = next.lock().unwrap_or_else(PoisonError::into_inner).take();
         match reloaded {
             Some(c) if !shutdown.is_cancelled() => {
+                // The staging folders the new configuration no longer names are free at once;
+                // the others stay locked into the next generation.
+                stagings = staging_paths(&c);
+                crate::fsops::roots::keep_only_staging_locks(&staging_ids(&stagings));
                 crate::logging::apply(c.log.format, &c.log.level);
                 endpoint = keep_endpoint(endpoint, c.metrics_listen, &metrics).await;
                 config = c;
@@ -199,8 +204,28 @@ pub async fn run_reloading_with(
             _ => break Ok(()),
         }
     };
+    // Stopped for good: the last configuration's staging folders are free again.
+    crate::fsops::roots::release_staging_locks(&staging_ids(&stagings));
     if let Some(e) = endpoint {
         e.stop().await;
     }
     result
+}
+
+/// The (dev, ino) of the staging folders that exist among `paths`.
+fn staging_ids(paths: &[PathBuf]) -> Vec<(u64, u64)> {
+    paths
+        .iter()
+        .filter_map(|p| rustix::fs::stat(p).ok())
+        .map(|st| (st.st_dev, st.st_ino))
+        .collect()
+}
+
+/// The staging folders `config` names.
+fn staging_paths(config: &Config) -> Vec<PathBuf> {
+    config
+        .watches
+        .iter()
+        .map(|w| w.staging_dir.clone())
+        .collect()
 }

@@ -19,7 +19,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::dest::{self, Named};
-pub use super::staging_lock::{STAGING_LOCK, StagingLock, lock_staging, release_staging_locks};
+pub use super::staging_lock::{
+    STAGING_LOCK, StagingLock, keep_only_staging_locks, lock_staging, release_staging_locks,
+};
 use super::{Dir, FsError};
 use crate::config::WatchConfig;
 
@@ -149,6 +151,10 @@ impl RootDirs {
         let here = staging.identity()?;
         if held.as_ref().is_some_and(|l| l.folder == here) {
             return Ok(());
+        }
+        // The folder was made anew (or moved away and replaced): the old one's lock goes.
+        if let Some(old) = held.take() {
+            release_staging_locks(&[old.folder]);
         }
         *held = Some(lock_staging(staging)?);
         Ok(())

@@ -38,6 +38,15 @@ pub fn release_staging_locks(folders: &[(u64, u64)]) {
         .retain(|(_, folder, _)| !folders.contains(folder));
 }
 
+/// Lets go of every staging lock but those of these folders (the staging folders of the
+/// configuration a reload is about to run): a watch removed, or given another staging folder,
+/// is free for another agent at once.
+pub fn keep_only_staging_locks(folders: &[(u64, u64)]) {
+    HELD.lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .retain(|(_, folder, _)| folders.contains(folder));
+}
+
 /// Takes the staging folder's lock; see [`StagingLock`].
 pub fn lock_staging(staging: &Dir) -> Result<StagingLock, FsError> {
     use rustix::fs::{Mode, OFlags};
