@@ -273,6 +273,14 @@ async fn a_dropscan_symlink_planted_before_a_sighup_reload_is_moved_aside_never_
     rustix::process::kill_process(pid, rustix::process::Signal::HUP).unwrap();
     // The symlink is moved aside, never followed, and a fresh staging folder takes the file.
     let second = wait_for(LIMIT, || w.clean.join("second.txt").exists().then_some(())).await;
+    // Stopped before anything is asserted: a failing assertion must not leave the agent running.
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).ok();
+    let t0 = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() && t0.elapsed() < Duration::from_secs(20) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    child.kill().ok();
+    child.wait().ok();
     assert_eq!(
         std::fs::read(elsewhere.join("test/0123.staged")).unwrap(),
         b"not yours",
@@ -287,13 +295,6 @@ async fn a_dropscan_symlink_planted_before_a_sighup_reload_is_moved_aside_never_
         second.is_some(),
         "the new file is placed through a fresh staging folder"
     );
-    rustix::process::kill_process(pid, rustix::process::Signal::TERM).ok();
-    let t0 = std::time::Instant::now();
-    while child.try_wait().unwrap().is_none() && t0.elapsed() < Duration::from_secs(20) {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    child.kill().ok();
-    child.wait().ok();
 }
 
 // The staging folder owned by another user: `staging_guard.rs` (that watch alone is held).
