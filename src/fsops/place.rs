@@ -193,20 +193,8 @@ pub fn place(r: &Release<'_>) -> Result<Placed, FsError> {
         }
         _ => {}
     }
-    match tdir.stamp(tname) {
-        // Our own inode under the target: a link + unlink move interrupted after the link.
-        Ok(t) if (t.dev, t.ino) == (now.dev, now.ino) => {
-            r.staging.unlink(r.staged_name)?;
-            r.staging.fsync()?;
-            return Ok(Placed::Renamed);
-        }
-        Ok(_) | Err(FsError::NotRegular { .. }) => {
-            return Err(FsError::AlreadyExists {
-                path: tdir.path().join(tname),
-            });
-        }
-        Err(FsError::Vanished { .. }) => {}
-        Err(e) => return Err(e),
+    if let Some(done) = target_taken(r, &tdir, tname, &now)? {
+        return Ok(done);
     }
     // The staged file is normally the private copy the hash made (`fsops::own`): a new inode of
     // ours that no user ever had a handle on, which is all the verified copy below would give.
@@ -267,20 +255,8 @@ fn rename_unreadable(
             });
         }
     }
-    match tdir.stamp(tname) {
-        // Our own inode under the target: a link + unlink move interrupted after the link.
-        Ok(t) if (t.dev, t.ino) == (now.dev, now.ino) => {
-            r.staging.unlink(r.staged_name)?;
-            r.staging.fsync()?;
-            return Ok(Placed::Renamed);
-        }
-        Ok(_) | Err(FsError::NotRegular { .. }) => {
-            return Err(FsError::AlreadyExists {
-                path: tdir.path().join(tname),
-            });
-        }
-        Err(FsError::Vanished { .. }) => {}
-        Err(e) => return Err(e),
+    if let Some(done) = target_taken(r, tdir, tname, &now)? {
+        return Ok(done);
     }
     match rename_noreplace(r.staging, r.staged_name, tdir, tname) {
         Ok(_) => Ok(Placed::Renamed),
@@ -421,6 +397,29 @@ pub fn return_to_inbox(
     Err(FsError::AlreadyExists {
         path: inbox.path().join(rel),
     })
+}
+
+/// The target before a move: free (`None`); our own inode already (a link + unlink move
+/// interrupted after the link: the staged name goes, `Renamed`); anything else is somebody's,
+/// never replaced (`AlreadyExists`: choose another name).
+fn target_taken(
+    r: &Release<'_>,
+    tdir: &Dir,
+    tname: &OsStr,
+    now: &FileStamp,
+) -> Result<Option<Placed>, FsError> {
+    match tdir.stamp(tname) {
+        Ok(t) if (t.dev, t.ino) == (now.dev, now.ino) => {
+            r.staging.unlink(r.staged_name)?;
+            r.staging.fsync()?;
+            Ok(Some(Placed::Renamed))
+        }
+        Ok(_) | Err(FsError::NotRegular { .. }) => Err(FsError::AlreadyExists {
+            path: tdir.path().join(tname),
+        }),
+        Err(FsError::Vanished { .. }) => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// Whether a placement of the staged file `name` is running now (it holds the file's lock): for

@@ -132,7 +132,7 @@ pub struct AnomalyEvent<'a> {
 /// The events to queue for anomaly `a`: one per configured hook with `anomaly` in `on` (hooks
 /// with the same target are told once).
 pub fn anomaly_events(config: &Config, a: &Anomaly) -> Vec<NewHookEvent> {
-    let mut out: Vec<NewHookEvent> = Vec::new();
+    let out: Vec<NewHookEvent> = Vec::new();
     let wanting: Vec<_> = config.hooks.iter().filter(|h| h.wants("anomaly")).collect();
     if wanting.is_empty() {
         return out;
@@ -164,12 +164,18 @@ pub fn anomaly_events(config: &Config, a: &Anomaly) -> Vec<NewHookEvent> {
     let Ok(text) = serde_json::to_string(&event) else {
         return out;
     };
+    one_per_target(&wanting, &text)
+}
+
+/// `text` queued once per hook target among `wanting` (hooks with the same target are told once).
+fn one_per_target(wanting: &[&crate::config::HookConfig], text: &str) -> Vec<NewHookEvent> {
+    let mut out: Vec<NewHookEvent> = Vec::new();
     for h in wanting {
         let hook = h.key();
         if !out.iter().any(|e| e.hook == hook) {
             out.push(NewHookEvent {
                 hook,
-                event: text.clone(),
+                event: text.to_string(),
             });
         }
     }
@@ -193,7 +199,7 @@ pub fn events_for(
     dest: &Path,
     reason: Option<&str>,
 ) -> Vec<NewHookEvent> {
-    let mut out: Vec<NewHookEvent> = Vec::new();
+    let out: Vec<NewHookEvent> = Vec::new();
     let wanting: Vec<_> = config
         .hooks
         .iter()
@@ -223,14 +229,5 @@ pub fn events_for(
     let Ok(text) = serde_json::to_string(&event) else {
         return out;
     };
-    for h in wanting {
-        let hook = h.key();
-        if !out.iter().any(|e| e.hook == hook) {
-            out.push(NewHookEvent {
-                hook,
-                event: text.clone(),
-            });
-        }
-    }
-    out
+    one_per_target(&wanting, &text)
 }
