@@ -28,15 +28,12 @@ async fn own_staged(
     let (sh, path) = (Arc::clone(shared), staged.to_path_buf());
     let joined = tokio::task::spawn_blocking(move || {
         let (staging, name) = sh.staging_of(&path)?;
-        let root = sh.root_of_staging(&path);
-        let leases = root.filter(|_| ask_lease).is_some_and(|i| {
-            sh.roots[i]
-                .get(fsops::roots::Which::Inbox, false)
-                .is_ok_and(|inbox| sh.leases_here(i, &inbox))
-        });
-        let keep_always = root.is_some_and(|i| {
-            sh.config.watches[i].keep_originals == crate::config::KeepOriginals::Always
-        });
+        let root = sh.roots.by_staged(&path);
+        let leases = root
+            .filter(|_| ask_lease)
+            .is_some_and(|r| r.inbox().is_ok_and(|inbox| r.leases_here(&inbox)));
+        let keep_always =
+            root.is_some_and(|r| r.config.keep_originals == crate::config::KeepOriginals::Always);
         fsops::own::own(&staging, &name, leases, keep_always)
     })
     .await;
@@ -58,13 +55,13 @@ async fn give_back(shared: &Arc<Shared>, id: FileId, staged: PathBuf) -> Hashed 
             return Hashed::Waiting;
         }
     };
-    let Some(i) = shared.root_index(&rec.root) else {
+    let Some(root) = shared.root_of(&rec.root).cloned() else {
         return Hashed::Waiting;
     };
     let (sh, rel) = (Arc::clone(shared), rec.rel_path.clone());
     let back = tokio::task::spawn_blocking(move || {
         let (staging, name) = sh.staging_of(&staged)?;
-        let inbox = sh.roots[i].get(fsops::roots::Which::Inbox, false)?;
+        let inbox = root.inbox()?;
         fsops::place::return_to_inbox(&staging, &name, &inbox, &rel)
     })
     .await;

@@ -18,15 +18,17 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 
-use crate::journal::{FileId, Stamp};
+use crate::fsops::Stamp;
+use crate::journal::FileId;
 use crate::kata::ScanId;
 use crate::limits::InFlight;
+use crate::root::RootId;
 
 /// A hint that something at `path` may be new or changed (a file, or a folder to list).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Candidate {
-    /// Index of the root in the watches slice.
-    pub root: usize,
+    /// Its root.
+    pub root: RootId,
     /// Absolute path, below the root.
     pub path: PathBuf,
 }
@@ -34,22 +36,14 @@ pub struct Candidate {
 /// A file whose size, mtime and ctime have not changed for the root's `settle` time.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settled {
-    /// Index of the root in the watches slice.
-    pub root: usize,
+    /// Its root.
+    pub root: RootId,
     /// Absolute path.
     pub path: PathBuf,
     /// Path relative to the root.
     pub rel_path: PathBuf,
-    /// Size in bytes when it settled.
-    pub size: u64,
-    /// Modification time, nanoseconds since the epoch.
-    pub mtime_ns: i128,
-    /// Status change time, nanoseconds since the epoch.
-    pub ctime_ns: i128,
-    /// Device of the file.
-    pub dev: u64,
-    /// Inode of the file.
-    pub ino: u64,
+    /// Its size, identity and change times when it settled.
+    pub stamp: Stamp,
     /// Taken although a writer still holds it open: it stayed unchanged and held open for the
     /// root's `held_open_limit` (a server that keeps descriptors open long after its client is
     /// done). Its original is kept rather than dropped (see `fsops::own`).
@@ -193,7 +187,6 @@ pub struct Placement {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::journal::Stamp;
 
     fn item(id: FileId) -> Claimed {
         Claimed {

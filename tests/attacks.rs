@@ -474,7 +474,7 @@ async fn a_release_killed_after_the_quarantined_file_went_loses_nothing() {
     drop(journal);
     let config = dropscan::config::Config::load(&cfg).unwrap();
     let temp = w.clean.join(dropscan::fsops::names::copy_temp_name(
-        &dropscan::context::instance_of(&config.watches[0]),
+        &dropscan::root::instance_of(&config.watches[0]),
         dropscan::fsops::names::TempOf::Tool,
         &dropscan::fsops::names::content_token(&rec.sha256.unwrap()),
         &rec.rel_path,

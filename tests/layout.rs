@@ -1,5 +1,6 @@
 //! The architecture as a test: the module graph of `src/` has no cycle, no pipeline stage imports
-//! `app` or another stage, and no source file outside tests grows past ~600 lines. Run it with
+//! `app` or another stage or names a concrete input source (the seam is `crate::root`), and no
+//! source file outside tests grows past ~600 lines. Run it with
 //! `cargo test --test integration layout`.
 
 #![allow(clippy::unwrap_used)]
@@ -191,6 +192,65 @@ fn no_stage_imports_app_or_another_stage() {
         bad.is_empty(),
         "stages must meet only in pipeline/context: {bad:?}"
     );
+}
+
+/// What only `root` (the input-source seam) and the wiring may name: how a root keeps its
+/// folders (`fsops::roots`, `RootDirs`), the claiming primitive behind `Root::claim_files`,
+/// and the configuration's list of watches, which stages used to index in parallel with the
+/// roots. A stage takes a `Root` or a `RootId`, so that a source that is not a folder (a
+/// bucket) is a new module behind `Root`, not a change to every stage.
+const CONCRETE_SOURCE: [&str; 5] = [
+    "RootDirs",
+    "fsops::roots",
+    "claim_many",
+    "staging_in_place",
+    "config.watches",
+];
+
+/// The concrete source names a piece of production code uses.
+fn concrete_source_names(code: &str) -> Vec<&'static str> {
+    CONCRETE_SOURCE
+        .into_iter()
+        .filter(|name| code.contains(name))
+        .collect()
+}
+
+#[test]
+fn no_stage_names_a_concrete_source() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    sources(&src, &mut files);
+    let mut bad = Vec::new();
+    for p in files.iter().filter(|p| !is_test_file(p)) {
+        let m = module_of(&src, p);
+        if !STAGES.contains(&m.as_str()) {
+            continue;
+        }
+        let text = std::fs::read_to_string(p).unwrap();
+        let code: String = production_code(&text)
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("//"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        for name in concrete_source_names(&code) {
+            bad.push(format!("{} names {name}", p.display()));
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "stages reach a root through crate::root (Root, RootId, Which): {bad:?}"
+    );
+}
+
+#[test]
+fn the_source_check_sees_a_concrete_source() {
+    let code =
+        "use crate::fsops::roots::Which;\nfn f(d: &RootDirs, c: &Config) { c.config.watches[0]; }";
+    assert_eq!(
+        concrete_source_names(code),
+        vec!["RootDirs", "fsops::roots", "config.watches"]
+    );
+    assert!(concrete_source_names("use crate::root::{Root, Which};").is_empty());
 }
 
 #[test]

@@ -136,7 +136,7 @@ async fn whole_copy_is_not_left_hidden_after_a_kill_between_take_backs_two_renam
     // verified copy no record knows.
     let content = bytes(61, 50_000);
     let config = dropscan::config::Config::load(&w.write_config()).unwrap();
-    let tag = dropscan::context::instance_of(&config.watches[0]);
+    let tag = dropscan::root::instance_of(&config.watches[0]);
     std::fs::write(
         w.clean.join(format!(
             ".{tag}.s0123456789abcdef0123456789abcdef.hello.bin.dropscan-partial"

@@ -9,7 +9,6 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use dropscan::config::{Pattern, WatchConfig, WatchMode};
@@ -80,7 +79,7 @@ impl Inbox {
             .try_init()
             .ok();
         let root = config.path.clone();
-        let watches: Arc<[WatchConfig]> = Arc::from(vec![config]);
+        let watches = dropscan::root::Roots::new(dropscan::root::Root::all(&[config]));
         let (candidates_tx, candidates_rx) = mpsc::channel(CANDIDATES_CAPACITY);
         let (settled_tx, settled_rx) = mpsc::channel(SETTLED_CAPACITY);
         let shutdown = CancellationToken::new();
@@ -186,11 +185,11 @@ async fn backlog_present_at_start_is_settled() {
 
     let a = inbox.wait_for("a.bin").await;
     assert_eq!(
-        (a.root, a.size, a.path.clone()),
-        (0, 1000, root.join("a.bin"))
+        (a.root, a.stamp.size, a.path.clone()),
+        (dropscan::root::RootId(0), 1000, root.join("a.bin"))
     );
-    assert_eq!(inbox.wait_for("sub/deeper/b.bin").await.size, 1);
-    assert_eq!(inbox.wait_for("empty.bin").await.size, 0);
+    assert_eq!(inbox.wait_for("sub/deeper/b.bin").await.stamp.size, 1);
+    assert_eq!(inbox.wait_for("empty.bin").await.stamp.size, 0);
     let odd_path = root.join(odd);
     let deadline = Instant::now() + DEADLINE;
     while !inbox.seen.iter().any(|s| s.path == odd_path) {
@@ -217,7 +216,7 @@ async fn live_file_in_new_nested_non_ascii_folder_is_settled() {
     // Created together with its folders: no watch exists on them yet when the file appears.
     inbox.write("Übergabe/2024/年報.pdf", b"%PDF-1.7");
     let s = inbox.wait_for("Übergabe/2024/年報.pdf").await;
-    assert_eq!(s.size, 8);
+    assert_eq!(s.stamp.size, 8);
     assert_eq!(s.path, root.join("Übergabe/2024/年報.pdf"));
     // Once watched, a later file there arrives too.
     inbox.write("Übergabe/2024/später.txt", b"x");
@@ -240,8 +239,8 @@ async fn folder_moved_in_with_files_is_listed() {
     inbox.wait_for_start_listing().await;
     #[allow(clippy::disallowed_methods)] // a test stands in for a user moving a folder in
     fs::rename(&outside, root.join("moved")).unwrap();
-    assert_eq!(inbox.wait_for("moved/one.bin").await.size, 1);
-    assert_eq!(inbox.wait_for("moved/inner/two.bin").await.size, 2);
+    assert_eq!(inbox.wait_for("moved/one.bin").await.stamp.size, 1);
+    assert_eq!(inbox.wait_for("moved/inner/two.bin").await.stamp.size, 2);
     inbox.stop().await;
 }
 
@@ -264,7 +263,7 @@ async fn slowly_appended_file_settles_after_the_last_write() {
     }
     drop(file);
     let s = inbox.wait_for("slow.bin").await;
-    assert_eq!(s.size, 1200);
+    assert_eq!(s.stamp.size, 1200);
     inbox.stop().await;
 }
 
@@ -297,8 +296,8 @@ async fn restored_old_mtime_still_waits_for_ctime_quiet() {
     }
     drop(file);
     let s = inbox.wait_for("copied.bin").await;
-    assert_eq!(s.size, 500);
-    assert_eq!(s.mtime_ns, 1_500_000_000 * 1_000_000_000);
+    assert_eq!(s.stamp.size, 500);
+    assert_eq!(s.stamp.mtime_ns, 1_500_000_000 * 1_000_000_000);
     inbox.stop().await;
 }
 
@@ -433,8 +432,8 @@ async fn poll_mode_finds_files_created_after_start() {
     inbox.wait_for_start_listing().await;
     inbox.write("polled.bin", b"p");
     inbox.write("nested/dir/polled2.bin", b"pp");
-    assert_eq!(inbox.wait_for("polled.bin").await.size, 1);
-    assert_eq!(inbox.wait_for("nested/dir/polled2.bin").await.size, 2);
+    assert_eq!(inbox.wait_for("polled.bin").await.stamp.size, 1);
+    assert_eq!(inbox.wait_for("nested/dir/polled2.bin").await.stamp.size, 2);
     // Seen by every poll, but handed on once: by the time a later file settles, polled.bin
     // has been listed again several times.
     inbox.write("barrier.bin", b"after the others");
@@ -461,7 +460,7 @@ async fn recreated_root_is_still_watched() {
     fs::remove_dir_all(&root).unwrap();
     fs::create_dir(&root).unwrap();
     inbox.write("second.bin", b"2");
-    assert_eq!(inbox.wait_for("second.bin").await.size, 1);
+    assert_eq!(inbox.wait_for("second.bin").await.stamp.size, 1);
     inbox.stop().await;
 }
 
@@ -475,7 +474,7 @@ async fn missing_root_is_a_fatal_error() {
     );
     let (candidates_tx, _candidates_rx) = mpsc::channel(CANDIDATES_CAPACITY);
     let err = watch::run(
-        Arc::from(vec![cfg]),
+        dropscan::root::Roots::new(dropscan::root::Root::all(&[cfg])),
         candidates_tx,
         tokio::sync::watch::channel(0).1,
         CancellationToken::new(),

@@ -22,17 +22,17 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::context::{Shared, instance_of, legacy_instance_of};
+use crate::context::Shared;
 use crate::error::FatalError;
 use crate::fsops::names::{Temp, TempOf, copy_temp_name, staged_token, token_matches};
-use crate::fsops::roots::Which;
 use crate::fsops::{self, Dir};
-use crate::journal::{FileId, FileRecord, FileState, NewClaim};
+use crate::journal::{FileId, FileRecord, FileState};
+use crate::root::{Root, Which};
 
 /// A whole copy to take back into staging.
 struct Whole {
     /// The watch whose staging folder takes it.
-    watch: usize,
+    root: Arc<Root>,
     dest_root: Arc<Dir>,
     temp: OsString,
     /// The user's file name the temp holds.
@@ -97,11 +97,10 @@ pub(super) async fn tidy(
     };
     let mut seen: HashSet<(u64, u64)> = HashSet::new();
     let mut whole = Vec::new();
-    for (i, roots) in shared.roots.iter().enumerate() {
-        let tag = instance_of(&watches[i]);
-        let legacy = legacy_instance_of(&watches[i]);
+    for root in shared.roots.iter() {
+        let (tag, legacy) = (&root.instance, &root.legacy_instance);
         for which in [Which::Clean, Which::Quarantine, Which::Failed] {
-            let Ok(d) = roots.get(which, false) else {
+            let Ok(d) = root.folder(which, false) else {
                 continue;
             };
             // A folder shared by several watches (or roles) is looked at once.
@@ -125,7 +124,7 @@ pub(super) async fn tidy(
             .unwrap_or_default();
             for (temp, what) in found {
                 let whole_copy = |name: OsString, was: Vec<PathBuf>| Whole {
-                    watch: i,
+                    root: Arc::clone(root),
                     dest_root: Arc::clone(&d),
                     temp: temp.clone(),
                     name,
@@ -274,7 +273,7 @@ async fn numbered_copy(
         let Ok((mut f, st)) = d.open_file(&temp) else {
             return ToolCopy::Unknown;
         };
-        let made_ms = i64::try_from(st.mtime_ns / 1_000_000).unwrap_or(i64::MAX);
+        let made_ms = st.mtime_ns / 1_000_000;
         if made_ms < rec.claimed_at_ms {
             return ToolCopy::Unknown;
         }
@@ -328,7 +327,6 @@ async fn take_back_all(
     for w in &whole {
         let prev = (&mut previous).take(w.was.len()).flatten().last();
         let rel_path = prev.unwrap_or_else(|| Path::new("recovered").join(&w.name));
-        let watch = &shared.config.watches[w.watch];
         let fresh = OsString::from(format!("{}.staged", uuid::Uuid::new_v4().simple()));
         tracing::warn!(
             temp = %fsops::shown(&w.dest_root.path().join(&w.temp)),
@@ -336,24 +334,18 @@ async fn take_back_all(
             "a verified copy left by an interrupted placement is the only copy of its file: \
              scanning it again"
         );
-        claims.push(NewClaim {
-            root: watch.path.clone(),
-            rel_path,
-            staged: watch.staging_dir.join(fresh),
-            dropped_at_ms: None,
-        });
+        claims.push(w.root.new_claim(rel_path, &fresh, None));
     }
     let ids = journal.claim(claims.clone()).await?;
     for ((id, claim), w) in ids.into_iter().zip(claims).zip(whole) {
-        let instance = instance_of(&shared.config.watches[w.watch]);
         let fresh_temp = copy_temp_name(
-            &instance,
+            &w.root.instance,
             TempOf::Agent,
             &staged_token(&claim.staged),
             &claim.rel_path,
         );
         let fresh = claim.staged.file_name().unwrap_or_default().to_os_string();
-        let Some(staging) = stagings[w.watch].as_ref().map(Arc::clone) else {
+        let Some(staging) = stagings[w.root.id.0].as_ref().map(Arc::clone) else {
             journal.unclaim(vec![id]).await?;
             continue;
         };

@@ -36,12 +36,14 @@ pub mod lock;
 pub mod preflight;
 mod reconcile;
 mod reload;
+mod route;
 
 pub use reload::{missing_inboxes, run_reloading, run_reloading_with, wait_for_inboxes};
 
 use crate::config::Config;
-pub use crate::context::{Shared, instance_of};
+pub use crate::context::Shared;
 use crate::error::FatalError;
+pub use crate::root::instance_of;
 
 use crate::fsops;
 use crate::fsops::roots::Owner;
@@ -83,7 +85,7 @@ impl Agent {
     /// replaces the agent, never the counters); the caller serves them.
     pub fn with_metrics(config: Config, metrics: Arc<Metrics>) -> Result<Self, FatalError> {
         let config = Arc::new(config);
-        let (roots, hard_links_ok) = reconcile::prepare_folders(&config)?;
+        let roots = reconcile::prepare_folders(&config)?;
         let journal = Journal::open(&config.journal_path())?;
         let client = KataClient::new(config.server.client_options())?;
         let limits = Limits::from_config(&config.server);
@@ -107,7 +109,6 @@ impl Agent {
                 events,
                 roots,
                 owner: Owner::this_host(),
-                hard_links_ok,
                 warned: std::sync::Mutex::default(),
             }),
         })
@@ -144,7 +145,7 @@ impl Agent {
             let held: Vec<(u64, u64)> = shared
                 .roots
                 .iter()
-                .filter_map(fsops::roots::RootDirs::held_staging)
+                .filter_map(|r| r.dirs().held_staging())
                 .collect();
             fsops::roots::release_staging_locks(&held);
         }
@@ -182,7 +183,7 @@ impl Agent {
         let stages = shutdown.child_token();
         let tracker = TaskTracker::new();
         let failure: Arc<std::sync::Mutex<Option<FatalError>>> = Arc::default();
-        let watches: Arc<[crate::config::WatchConfig]> = cfg.watches.clone().into();
+        let roots = shared.roots.clone();
 
         // Every stage runs until `stages` is cancelled. One that ends before that (a panic, a
         // fatal error) is logged by name and stops the others: the journal makes a restart by
@@ -214,12 +215,12 @@ impl Agent {
             });
         };
         {
-            let (watches, stages) = (Arc::clone(&watches), stages.clone());
+            let (roots, stages) = (roots.clone(), stages.clone());
             let list_again = shared.journal.recovered();
             stage(
                 "watch",
                 Box::pin(async move {
-                    watch::run(watches, candidates_tx, list_again, stages)
+                    watch::run(roots, candidates_tx, list_again, stages)
                         .await
                         .map_err(|e| FatalError::Stage {
                             stage: "watch",
@@ -232,7 +233,7 @@ impl Agent {
             "settle",
             Box::pin(
                 settle::run(
-                    watches,
+                    roots,
                     candidates_rx,
                     settled_tx,
                     shared.journal.recovered(),
@@ -372,7 +373,8 @@ async fn housekeeping(shared: Arc<Shared>, shutdown: CancellationToken) {
                 // our instance id is refused while we run.
                 let sh = Arc::clone(&shared);
                 let beat = tokio::task::spawn_blocking(move || {
-                    for roots in &sh.roots {
+                    for root in sh.roots.iter() {
+                        let roots = root.dirs();
                         if let Ok(Some(staging)) = roots.staging_if_present() {
                             let owned = roots
                                 .hold_staging(&staging)

@@ -2,9 +2,8 @@
 //! is reconciled with the staging folders *before* any stage runs, so that every record is
 //! handed to exactly one stage (see the rules in [`super`]'s docs).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -13,19 +12,22 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::context::Shared;
 use crate::error::FatalError;
-use crate::fsops::roots::{RootDirs, Which};
+use crate::fsops::roots::Which;
 use crate::fsops::{self, Dir, FsError};
-use crate::journal::{FileId, FileState, NewClaim};
+use crate::journal::{FileId, FileRecord, FileState};
 use crate::pipeline::Claimed;
+use crate::root::{Root, RootId, Roots};
+
+use super::route::{Route, Stray, route, stray};
 
 /// Opens every inbox and creates the destinations with their modes, each as a descriptor
-/// ([`RootDirs`]); a destination inside an inbox is opened beneath it without following links.
+/// ([`crate::fsops::roots::RootDirs`]); a destination inside an inbox is opened beneath it without following links.
 /// Staging folders are left to [`reconcile`], which must first recognise each root.
-pub(super) fn prepare_folders(config: &Config) -> Result<(Vec<RootDirs>, Vec<bool>), FatalError> {
+pub(super) fn prepare_folders(config: &Config) -> Result<Roots, FatalError> {
     let mut all = Vec::with_capacity(config.watches.len());
-    let mut hard_links_ok = Vec::with_capacity(config.watches.len());
-    for w in &config.watches {
-        let roots = RootDirs::new(w);
+    for (i, w) in config.watches.iter().enumerate() {
+        let mut root = Root::new(RootId(i), w.clone(), false);
+        let roots = root.dirs();
         let folder = |about| move |source| FatalError::Folder { about, source };
         let inbox = roots
             .get(Which::Inbox, false)
@@ -57,10 +59,10 @@ pub(super) fn prepare_folders(config: &Config) -> Result<(Vec<RootDirs>, Vec<boo
             Err(FsError::UnsafeDestination(_)) => None,
             Err(e) => return Err(folder("failed folder")(e)),
         };
-        hard_links_ok.push(failed_dev == Some(inbox_dev));
-        all.push(roots);
+        root.hard_links_ok = failed_dev == Some(inbox_dev);
+        all.push(Arc::new(root));
     }
-    Ok((all, hard_links_ok))
+    Ok(Roots::new(all))
 }
 
 /// What became of a root at start-up.
@@ -80,16 +82,16 @@ enum Recognised {
 /// A missing staging folder while records of the root are in flight means the inbox is not
 /// what it was (a share not mounted yet): wait for it rather than call every file vanished.
 /// An entry planted where the staging folder belongs (a symlink, a file) is moved aside, never
-/// followed, and a fresh folder made ([`RootDirs::get`]); with records in flight the watch is
+/// followed, and a fresh folder made ([`crate::fsops::roots::RootDirs::get`]); with records in flight the watch is
 /// held instead. Another agent holding the folder's lock (two agents configured with one
 /// instance id) stops the start: only the configuration can fix that.
 async fn recognise_root(
     shared: &Arc<Shared>,
-    i: usize,
+    root: &Arc<Root>,
     in_flight: usize,
     shutdown: &CancellationToken,
 ) -> Result<Recognised, FatalError> {
-    let roots = &shared.roots[i];
+    let roots = root.dirs();
     let mut waited = 0u64;
     let found = loop {
         if waited > 0 {
@@ -123,9 +125,9 @@ async fn recognise_root(
         }
     };
     // Off the async threads: a marker of another host may have to be watched for a while.
-    let sh = Arc::clone(shared);
+    let (sh, root2) = (Arc::clone(shared), Arc::clone(root));
     let checked = tokio::task::spawn_blocking(move || {
-        let roots = &sh.roots[i];
+        let roots = root2.dirs();
         let staging = found?;
         let inbox = roots.get(Which::Inbox, false)?;
         if inbox.identity()?.0 != staging.identity()?.0 {
@@ -200,223 +202,20 @@ pub(super) async fn reconcile(
     };
     // Every root is recognised first; records of a root no longer configured are left alone
     // (the sorter says so when it meets them).
-    let mut stagings = Vec::with_capacity(shared.roots.len());
-    for i in 0..shared.roots.len() {
-        let in_flight = records
-            .iter()
-            .filter(|r| shared.root_index(&r.root) == Some(i))
-            .count();
-        match recognise_root(shared, i, in_flight, shutdown).await? {
-            Recognised::Ready(d) => stagings.push(Some(d)),
-            Recognised::Held => stagings.push(None),
-            Recognised::Shutdown => return Ok(resume),
-        }
-    }
+    let Some(stagings) = recognise_all(shared, &records, shutdown).await? else {
+        return Ok(resume);
+    };
     // A tool's copy (release, restore): while the tool holds custody (or died holding it), its
     // temp may be the only copy of the file, which the tool's next run finishes.
     let custody: HashSet<FileId> = journal.in_custody().await?.into_iter().collect();
-    let mut known: std::collections::HashMap<PathBuf, FileId> = std::collections::HashMap::new();
-    let all = records.clone();
-    for r in records {
-        known.insert(r.staged.clone(), r.id);
-        let Some(i) = shared.root_index(&r.root) else {
-            tracing::warn!(id = r.id, root = %fsops::shown(&r.root), "record of a root that is no longer configured: left as it is");
-            continue;
-        };
-        let Some(staging) = &stagings[i] else {
-            // A held watch: its records wait for the next start.
-            continue;
-        };
-        let name = r.staged.file_name().unwrap_or_default();
-        if r.state == FileState::Claimed {
-            // A crash while the hash owned the file (`fsops::own`): the original goes back to
-            // its staged name, a partial copy goes.
-            match fsops::own::repair(staging, name) {
-                // The original took its staged name back: a row keeping it under `X.orig` is
-                // stale (the sweep would find a new `X.orig`, made when it is owned again, and
-                // take it for changed).
-                Ok(true) => {
-                    let orig = r.staged.with_file_name(fsops::own::orig_name(name));
-                    journal.unretain(orig, None).await?;
-                }
-                Ok(false) => {}
-                Err(e) => {
-                    tracing::warn!(id = r.id, error = %e, "cannot tidy a staged file's copy");
-                }
-            }
-        }
-        let staged_exists = match staging.exists(name) {
-            Ok(x) => x,
-            Err(e) => {
-                return Err(FatalError::Folder {
-                    about: "staging folder",
-                    source: e,
-                });
-            }
-        };
-        match r.state {
-            FileState::Claimed => {
-                if staged_exists {
-                    resume.claimed.push((r.id, r.staged));
-                } else {
-                    // The rename never happened: the file is still in the inbox (and is seen
-                    // again), or another agent or the user took it. Nothing of it was ours.
-                    journal.unclaim(vec![r.id]).await?;
-                }
-            }
-            FileState::Hashed
-            | FileState::Waiting
-            | FileState::Submitting
-            | FileState::Submitted
-                if !staged_exists =>
-            {
-                tracing::warn!(id = r.id, path = %fsops::shown(&r.rel_path), "staged file vanished while the agent was down");
-                if let (FileState::Submitting | FileState::Submitted, Some(scan_id)) =
-                    (r.state, r.scan_id.clone())
-                {
-                    journal.stale_scan(scan_id).await?;
-                }
-                journal
-                    .decide(vec![(
-                        r.id,
-                        crate::journal::Decision::failed(
-                            crate::error::FileError::Vanished.to_string(),
-                            false,
-                        ),
-                    )])
-                    .await?;
-                journal
-                    .close_vanished(
-                        r.id,
-                        "vanished from staging while the agent was down".into(),
-                    )
-                    .await?;
-            }
-            FileState::Hashed => {
-                if let (Some(sha256), Some(stamp)) = (r.sha256, r.stamp) {
-                    resume.hashed.push(Claimed {
-                        id: r.id,
-                        staged: r.staged,
-                        sha256,
-                        stamp,
-                    });
-                }
-            }
-            FileState::Waiting => {}
-            FileState::Submitting => resume.submitting.push(r),
-            FileState::Submitted => resume.submitted.push(r),
-            FileState::Decided | FileState::Placing | FileState::Placed => {
-                resume.to_place.push(r.id);
-            }
-            FileState::Done => {}
-        }
+    let known: HashMap<PathBuf, FileId> =
+        records.iter().map(|r| (r.staged.clone(), r.id)).collect();
+    for r in records.clone() {
+        resume_record(shared, &stagings, r, &mut resume).await?;
     }
-    // Staged files without an unfinished record re-enter as new files: under their original
-    // path when a finished record still names them (a file must never sit in staging behind a
-    // closed record), else under `recovered/`.
-    //
-    // Beside them, the hash's own names (`fsops::own`): a kept original (`X.orig`) is the
-    // user's inode; one the journal does not keep (a crash before it was journaled) re-enters
-    // like an orphan, never removed unseen. A copy (`X.copy`) beside its `X.staged` is partial
-    // and goes; one alone re-enters too.
-    let kept: HashSet<PathBuf> = journal
-        .retained()
-        .await?
-        .into_iter()
-        .map(|k| k.orig)
-        .collect();
-    let mut orphans = Vec::new();
-    for (i, staging) in stagings.iter().enumerate() {
-        let Some(staging) = staging else { continue };
-        let entries = staging.entries().map_err(|source| FatalError::Folder {
-            about: "staging folder",
-            source,
-        })?;
-        let names: HashSet<OsString> = entries.iter().map(|(n, _)| n.clone()).collect();
-        for (name, st) in entries {
-            let p = staging.path().join(&name);
-            if known.contains_key(&p) || kept.contains(&p) || !st.is_regular() {
-                continue;
-            }
-            // A copy taken back from a destination, interrupted: the temp it came from is
-            // still there (`fsops::place::take_back`).
-            if name
-                .as_bytes()
-                .ends_with(fsops::names::PARTIAL_SUFFIX.as_bytes())
-            {
-                fsops::place::remove_temp(staging, &name, "a partial copy taken back into staging");
-                continue;
-            }
-            // The path a finished record would name it by.
-            let mut record_path = p.clone();
-            if !name.as_bytes().ends_with(b".staged") {
-                let Some(staged) = fsops::own::staged_name_of(&name) else {
-                    continue;
-                };
-                if name.as_bytes().ends_with(b".copy") && names.contains(&staged) {
-                    fsops::place::remove_temp(
-                        staging,
-                        &name,
-                        "a partial private copy; its staged file is beside it",
-                    );
-                    continue;
-                }
-                record_path = staging.path().join(&staged);
-                if name.as_bytes().ends_with(b".orig") {
-                    if let Some(&id) = known.get(&record_path) {
-                        // Its copy is in flight: kept from now on, like any other.
-                        if journal.retain(id, p.clone(), st.stamp()).await? {
-                            continue;
-                        }
-                    }
-                }
-            }
-            orphans.push((i, name, record_path));
-        }
-    }
-    if !orphans.is_empty() {
-        let staged: Vec<PathBuf> = orphans.iter().map(|(_, _, p)| p.clone()).collect();
-        let previous = journal.closed_records_of(staged).await?;
-        let mut claims = Vec::new();
-        let mut moves = Vec::new();
-        for ((i, name, p), prev) in orphans.into_iter().zip(previous) {
-            let w = &shared.config.watches[i];
-            let rel_path = match prev {
-                Some(rel) => {
-                    tracing::warn!(path = %fsops::shown(&rel), "file still in staging behind a finished record: scanning it again");
-                    rel
-                }
-                None => {
-                    tracing::warn!(path = %fsops::shown(&p), "file in staging without a journal record: scanning it as new");
-                    Path::new("recovered").join(&name)
-                }
-            };
-            // A fresh staged name: the old one may still be on a finished record.
-            let fresh = OsString::from(format!("{}.staged", uuid::Uuid::new_v4().simple()));
-            claims.push(NewClaim {
-                root: w.path.clone(),
-                rel_path,
-                staged: w.staging_dir.join(&fresh),
-                dropped_at_ms: None,
-            });
-            moves.push((i, name, fresh));
-        }
-        let staged: Vec<PathBuf> = claims.iter().map(|c| c.staged.clone()).collect();
-        let ids = journal.claim(claims).await?;
-        for ((id, to), (i, from, fresh)) in ids.into_iter().zip(staged).zip(moves) {
-            let Some(staging) = &stagings[i] else {
-                continue;
-            };
-            match fsops::rename_noreplace(staging, &from, staging, &fresh) {
-                Ok(_) => resume.claimed.push((id, to)),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot re-enter a staged file; retried at the next start");
-                    journal.unclaim(vec![id]).await?;
-                }
-            }
-        }
-    }
-    super::leftovers::tidy(shared, &stagings, &all, &custody, &mut resume.claimed).await?;
+    let orphans = strays(shared, &stagings, &known).await?;
+    reenter(shared, &stagings, orphans, &mut resume.claimed).await?;
+    super::leftovers::tidy(shared, &stagings, &records, &custody, &mut resume.claimed).await?;
     let n = resume.claimed.len()
         + resume.hashed.len()
         + resume.submitting.len()
@@ -431,4 +230,207 @@ pub(super) async fn reconcile(
         );
     }
     Ok(resume)
+}
+
+/// The staging folder of each root (by [`RootId`]), `None` for a held watch; `None` in all when
+/// shutdown came first.
+async fn recognise_all(
+    shared: &Arc<Shared>,
+    records: &[FileRecord],
+    shutdown: &CancellationToken,
+) -> Result<Option<Vec<Option<Arc<Dir>>>>, FatalError> {
+    let mut stagings = Vec::with_capacity(shared.roots.len());
+    for root in shared.roots.iter() {
+        let in_flight = records
+            .iter()
+            .filter(|r| shared.root_of(&r.root).is_some_and(|x| x.id == root.id))
+            .count();
+        match recognise_root(shared, root, in_flight, shutdown).await? {
+            Recognised::Ready(d) => stagings.push(Some(d)),
+            Recognised::Held => stagings.push(None),
+            Recognised::Shutdown => return Ok(None),
+        }
+    }
+    Ok(Some(stagings))
+}
+
+/// Hands one unfinished record to the stage that resumes it ([`route`]), or closes it.
+async fn resume_record(
+    shared: &Arc<Shared>,
+    stagings: &[Option<Arc<Dir>>],
+    r: FileRecord,
+    resume: &mut Resume,
+) -> Result<(), FatalError> {
+    let journal = &shared.journal;
+    let Some(root) = shared.root_of(&r.root) else {
+        tracing::warn!(id = r.id, root = %fsops::shown(&r.root), "record of a root that is no longer configured: left as it is");
+        return Ok(());
+    };
+    let Some(staging) = &stagings[root.id.0] else {
+        // A held watch: its records wait for the next start.
+        return Ok(());
+    };
+    let name = r.staged.file_name().unwrap_or_default();
+    if r.state == FileState::Claimed {
+        // A crash while the hash owned the file (`fsops::own`): the original goes back to
+        // its staged name, a partial copy goes.
+        match fsops::own::repair(staging, name) {
+            // The original took its staged name back: a row keeping it under `X.orig` is
+            // stale (the sweep would find a new `X.orig`, made when it is owned again, and
+            // take it for changed).
+            Ok(true) => {
+                let orig = r.staged.with_file_name(fsops::own::orig_name(name));
+                journal.unretain(orig, None).await?;
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(id = r.id, error = %e, "cannot tidy a staged file's copy");
+            }
+        }
+    }
+    let staged_exists = staging.exists(name).map_err(|source| FatalError::Folder {
+        about: "staging folder",
+        source,
+    })?;
+    match route(r.state, staged_exists) {
+        Route::Hash => resume.claimed.push((r.id, r.staged)),
+        Route::Unclaim => journal.unclaim(vec![r.id]).await?,
+        Route::Vanished { stale_scan } => {
+            tracing::warn!(id = r.id, path = %fsops::shown(&r.rel_path), "staged file vanished while the agent was down");
+            if let (true, Some(scan_id)) = (stale_scan, r.scan_id.clone()) {
+                journal.stale_scan(scan_id).await?;
+            }
+            let failed = crate::journal::Decision::failed(
+                crate::error::FileError::Vanished.to_string(),
+                false,
+            );
+            journal.decide(vec![(r.id, failed)]).await?;
+            journal
+                .close_vanished(
+                    r.id,
+                    "vanished from staging while the agent was down".into(),
+                )
+                .await?;
+        }
+        Route::Upload => {
+            if let (Some(sha256), Some(stamp)) = (r.sha256, r.stamp) {
+                resume.hashed.push(Claimed {
+                    id: r.id,
+                    staged: r.staged,
+                    sha256,
+                    stamp,
+                });
+            }
+        }
+        Route::Unconfirmed => resume.submitting.push(r),
+        Route::Poll => resume.submitted.push(r),
+        Route::Place => resume.to_place.push(r.id),
+        Route::Leave => {}
+    }
+    Ok(())
+}
+
+/// Staged files without an unfinished record ([`stray`]): the ones to re-enter as new files,
+/// as (root, name now, the staged path a finished record would name it by).
+///
+/// Beside them, the hash's own names (`fsops::own`): a kept original (`X.orig`) is the user's
+/// inode; one the journal does not keep (a crash before it was journaled) re-enters like an
+/// orphan, never removed unseen. A copy (`X.copy`) beside its `X.staged` is partial and goes;
+/// one alone re-enters too.
+async fn strays(
+    shared: &Arc<Shared>,
+    stagings: &[Option<Arc<Dir>>],
+    known: &HashMap<PathBuf, FileId>,
+) -> Result<Vec<(RootId, OsString, PathBuf)>, FatalError> {
+    let journal = &shared.journal;
+    let kept: HashSet<PathBuf> = journal
+        .retained()
+        .await?
+        .into_iter()
+        .map(|k| k.orig)
+        .collect();
+    let mut orphans = Vec::new();
+    for (root, staging) in shared.roots.iter().zip(stagings) {
+        let Some(staging) = staging else { continue };
+        let entries = staging.entries().map_err(|source| FatalError::Folder {
+            about: "staging folder",
+            source,
+        })?;
+        let names: HashSet<OsString> = entries.iter().map(|(n, _)| n.clone()).collect();
+        for (name, st) in entries {
+            let p = staging.path().join(&name);
+            if known.contains_key(&p) || kept.contains(&p) {
+                continue;
+            }
+            let staged = match stray(&name, st.is_regular(), &names) {
+                Stray::Skip => continue,
+                Stray::Partial(why) => {
+                    fsops::place::remove_temp(staging, &name, why);
+                    continue;
+                }
+                Stray::Orphan { staged } => staged,
+                Stray::Original { staged } => {
+                    if let Some(&id) = known.get(&staging.path().join(&staged)) {
+                        // Its copy is in flight: kept from now on, like any other.
+                        if journal.retain(id, p.clone(), st.stamp()).await? {
+                            continue;
+                        }
+                    }
+                    staged
+                }
+            };
+            orphans.push((root.id, name, staging.path().join(staged)));
+        }
+    }
+    Ok(orphans)
+}
+
+/// Re-enters stray staged files as new files: under their original path when a finished record
+/// still names them (a file must never sit in staging behind a closed record), else under
+/// `recovered/`.
+async fn reenter(
+    shared: &Arc<Shared>,
+    stagings: &[Option<Arc<Dir>>],
+    orphans: Vec<(RootId, OsString, PathBuf)>,
+    claimed: &mut Vec<(FileId, PathBuf)>,
+) -> Result<(), FatalError> {
+    if orphans.is_empty() {
+        return Ok(());
+    }
+    let journal = &shared.journal;
+    let staged: Vec<PathBuf> = orphans.iter().map(|(_, _, p)| p.clone()).collect();
+    let previous = journal.closed_records_of(staged).await?;
+    let mut claims = Vec::new();
+    let mut moves = Vec::new();
+    for ((id, name, p), prev) in orphans.into_iter().zip(previous) {
+        let Some(root) = shared.roots.get(id) else {
+            continue;
+        };
+        let rel_path = if let Some(rel) = prev {
+            tracing::warn!(path = %fsops::shown(&rel), "file still in staging behind a finished record: scanning it again");
+            rel
+        } else {
+            tracing::warn!(path = %fsops::shown(&p), "file in staging without a journal record: scanning it as new");
+            Path::new("recovered").join(&name)
+        };
+        // A fresh staged name: the old one may still be on a finished record.
+        let fresh = OsString::from(format!("{}.staged", uuid::Uuid::new_v4().simple()));
+        claims.push(root.new_claim(rel_path, &fresh, None));
+        moves.push((id, name, fresh));
+    }
+    let staged: Vec<PathBuf> = claims.iter().map(|c| c.staged.clone()).collect();
+    let ids = journal.claim(claims).await?;
+    for ((id, to), (root, from, fresh)) in ids.into_iter().zip(staged).zip(moves) {
+        let Some(staging) = &stagings[root.0] else {
+            continue;
+        };
+        match fsops::rename_noreplace(staging, &from, staging, &fresh) {
+            Ok(_) => claimed.push((id, to)),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot re-enter a staged file; retried at the next start");
+                journal.unclaim(vec![id]).await?;
+            }
+        }
+    }
+    Ok(())
 }

@@ -180,7 +180,7 @@ pub(super) fn temp_of(w: &WatchConfig, rec: &FileRecord) -> std::ffi::OsString {
         .as_ref()
         .map_or_else(|| staged_token(&rec.staged), content_token);
     copy_temp_name(
-        &crate::context::instance_of(w),
+        &crate::root::instance_of(w),
         TempOf::Tool,
         &token,
         &rec.rel_path,

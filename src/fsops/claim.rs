@@ -9,8 +9,8 @@
 use std::ffi::OsStr;
 use std::path::Path;
 
+use super::Stamp;
 use super::{Dir, FsError, Renamed, rename_noreplace_unsynced, same_file, split_rel};
-use crate::journal::Stamp;
 
 /// What a claim attempt came to.
 #[derive(Debug, PartialEq, Eq)]

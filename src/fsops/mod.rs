@@ -41,8 +41,6 @@ use sha2::{Digest, Sha256};
 pub use dir::{Dir, Renamed, rename_noreplace, rename_noreplace_unsynced, split_rel};
 pub use names::{Shown, safe_relative, shown};
 
-use crate::journal::Stamp;
-
 /// Read buffer for hashing and copying.
 pub(crate) const BUF: usize = 1 << 20;
 
@@ -261,9 +259,9 @@ pub struct FileStamp {
     /// Size in bytes.
     pub size: u64,
     /// Modification time, ns since the epoch.
-    pub mtime_ns: i128,
+    pub mtime_ns: i64,
     /// Status change time, ns since the epoch.
-    pub ctime_ns: i128,
+    pub ctime_ns: i64,
     /// Link count.
     pub nlink: u64,
     /// `st_mode` (type and permission bits).
@@ -279,8 +277,8 @@ impl FileStamp {
             dev: st.st_dev,
             ino: st.st_ino,
             size: u64::try_from(st.st_size).unwrap_or(0),
-            mtime_ns: i128::from(st.st_mtime) * 1_000_000_000 + i128::from(st.st_mtime_nsec),
-            ctime_ns: i128::from(st.st_ctime) * 1_000_000_000 + i128::from(st.st_ctime_nsec),
+            mtime_ns: epoch_ns(st.st_mtime, st.st_mtime_nsec),
+            ctime_ns: epoch_ns(st.st_ctime, st.st_ctime_nsec),
             nlink: st.st_nlink,
             mode: st.st_mode,
             uid: st.st_uid,
@@ -294,8 +292,8 @@ impl FileStamp {
             dev: m.dev(),
             ino: m.ino(),
             size: m.len(),
-            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
-            ctime_ns: i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
+            mtime_ns: epoch_ns(m.mtime(), m.mtime_nsec()),
+            ctime_ns: epoch_ns(m.ctime(), m.ctime_nsec()),
             nlink: m.nlink(),
             mode: m.mode(),
             uid: m.uid(),
@@ -317,16 +315,47 @@ impl FileStamp {
         kind_of_mode(self.mode)
     }
 
-    /// The journal's form of the stamp.
+    /// The "same file" part of the stamp: what settle watches, claim checks and the journal keeps.
     pub fn stamp(&self) -> Stamp {
         Stamp {
             size: self.size,
-            mtime_ns: i64::try_from(self.mtime_ns).unwrap_or(i64::MAX),
-            ctime_ns: i64::try_from(self.ctime_ns).unwrap_or(i64::MAX),
+            mtime_ns: self.mtime_ns,
+            ctime_ns: self.ctime_ns,
             dev: self.dev,
             ino: self.ino,
         }
     }
+}
+
+/// Size, identity and change times of a file: the one stamp every stage compares with
+/// [`same_file`] (settle while waiting for quiet, claim against what settled, upload and
+/// placement against what was hashed) and the journal stores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    /// Bytes.
+    pub size: u64,
+    /// Modification time, ns since the epoch.
+    pub mtime_ns: i64,
+    /// Status change time, ns since the epoch.
+    pub ctime_ns: i64,
+    /// Device.
+    pub dev: u64,
+    /// Inode.
+    pub ino: u64,
+}
+
+impl Stamp {
+    /// The stamp of `std` metadata (`symlink_metadata` for a path not to follow).
+    pub fn of(m: &std::fs::Metadata) -> Self {
+        FileStamp::of(m).stamp()
+    }
+}
+
+/// Seconds and nanoseconds since the epoch as one count of nanoseconds. An i64 holds them until
+/// the year 2262; a time beyond saturates (and so still compares equal to itself).
+fn epoch_ns(secs: impl Into<i128>, nsec: impl Into<i128>) -> i64 {
+    let ns = secs.into() * 1_000_000_000 + nsec.into();
+    i64::try_from(ns).unwrap_or(if ns < 0 { i64::MIN } else { i64::MAX })
 }
 
 /// **The** "same file" predicate: `now` is the file `then` described, unchanged (same device and

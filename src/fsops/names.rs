@@ -121,7 +121,7 @@ pub enum TempOf {
 
 /// The temp name of a copy, at the top of its destination root:
 /// `.<tag>.<s|t><token>.<name>.dropscan-partial`. `tag` is the root's
-/// ([`crate::context::instance_of`]); `token` says what the temp copies: for the agent the stem
+/// ([`crate::root::instance_of`]); `token` says what the temp copies: for the agent the stem
 /// of the record's staged name ([`staged_token`], a random id given at the claim: unique across
 /// journals, so that a record of a new journal can never take an old temp for its own), for a
 /// tool the content it must hold ([`content_token`]: a temp whose bytes do not hash to it is

@@ -35,9 +35,9 @@
 use std::ffi::{OsStr, OsString};
 use std::io::{self, Read, Write};
 
+use super::Stamp;
 use super::lease::{LeaseRefused, ReadLease};
 use super::{Dir, FileStamp, FsError, stamp_of};
-use crate::journal::Stamp;
 
 /// Looks (100 ms apart) at a staged file with several links before it counts as hard-linked.
 const HARD_LINK_SETTLE_TRIES: u32 = 10;

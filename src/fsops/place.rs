@@ -35,10 +35,10 @@ use std::ffi::OsStr;
 use std::io::{self, Seek, Write};
 use std::path::{Component, Path, PathBuf};
 
+use super::Stamp;
 use super::names::{numbered, safe_relative, sidecar_name, sidecar_temp_name};
 pub use super::temps::{leftover_temps, remove_temp, take_back};
 use super::{Dir, FileStamp, FsError, rename_noreplace, same_file, sha256_file, split_rel};
-use crate::journal::Stamp;
 
 /// Numbered names tried before giving up on a free name.
 const MAX_NUMBERED: u32 = 10_000;

@@ -7,6 +7,8 @@
 
 use std::path::PathBuf;
 
+pub use crate::fsops::Stamp;
+
 /// A journal failure.
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
@@ -264,21 +266,6 @@ impl Outcome {
     pub fn parse(s: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|o| o.as_str() == s)
     }
-}
-
-/// The size and change stamp of a staged file, as hashed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Stamp {
-    /// Bytes.
-    pub size: u64,
-    /// Modification time, ns since the epoch.
-    pub mtime_ns: i64,
-    /// Status change time, ns since the epoch.
-    pub ctime_ns: i64,
-    /// Device.
-    pub dev: u64,
-    /// Inode.
-    pub ino: u64,
 }
 
 /// One file's record.

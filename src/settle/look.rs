@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use super::{Settled, Snapshot};
+use super::Settled;
 
 /// A file stat result, for one tick.
 pub(super) type Observation = (PathBuf, io::Result<std::fs::Metadata>);
@@ -68,17 +68,6 @@ pub(super) fn stat_beneath(
     }
 }
 
-/// The completion snapshot a settled file was handed on with.
-pub(super) fn snapshot_of(s: &Settled) -> Snapshot {
-    Snapshot {
-        size: s.size,
-        mtime_ns: s.mtime_ns,
-        ctime_ns: s.ctime_ns,
-        dev: s.dev,
-        ino: s.ino,
-    }
-}
-
 /// What the open-writer check found.
 #[derive(Debug)]
 pub(super) enum Probe {
@@ -122,7 +111,7 @@ pub(super) fn probe_beneath(
         // that reason (it must not wait here for ever).
         Err(_) => return Probe::Unreadable,
     };
-    if (now.dev, now.ino, now.size) != (s.dev, s.ino, s.size) {
+    if (now.dev, now.ino, now.size) != (s.stamp.dev, s.stamp.ino, s.stamp.size) {
         return Probe::Changed;
     }
     match lease::probe(&file) {

@@ -1,7 +1,8 @@
 //! Settle: decides when a dropped file is completely written, and hands it on as `Settled`.
 //!
-//! Settle owns the filters (built-in temporary names, the root's `include` / `exclude` globs, own
-//! folders and dot-folders) and the completion rule. Every pending path is re-stated on a tick (a
+//! Settle applies the filters (built-in temporary names, the root's `include` / `exclude` globs,
+//! own folders and dot-folders; the rules themselves are [`crate::scope`]) and owns the
+//! completion rule. Every pending path is re-stated on a tick (a
 //! quarter of the shortest `settle`, 50 ms to 1 s), off the async threads, since a stat on a
 //! network share may block. When claim is slow, `settled_tx.send` waits, and the files simply
 //! stay in the inbox.
@@ -45,15 +46,14 @@
 //! Settle never moves a file (that is claim), and does not list folders (that is watch: a
 //! candidate that turns out to be a folder is dropped).
 //!
-//! Departure from the house shape (on purpose): `run` takes the roots' configuration and its
-//! channels rather than the agent's `Shared` context, and reports its own error type. This stage
-//! needs nothing else (no journal, no client), and its tests drive it without an agent.
+//! Departure from the house shape (on purpose): `run` takes the roots ([`crate::root::Roots`])
+//! and its channels rather than the agent's `Shared` context, and has no error to report (a
+//! file it cannot stat is logged and looked at again when seen again). This stage needs nothing
+//! else (no journal, no client), and its tests drive it without an agent.
 
 use std::collections::{HashMap, HashSet};
 use std::io;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -62,14 +62,16 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::config::WatchConfig;
+use crate::fsops::Stamp;
 pub use crate::pipeline::{Candidate, Settled};
+use crate::root::{RootId, Roots};
 pub(crate) use crate::scope::admit;
 
 mod look;
 #[cfg(test)]
 mod tests;
 
-use look::{Observation, OpenFolders, Probe, probe_beneath, snapshot_of, stat_beneath};
+use look::{Observation, OpenFolders, Probe, probe_beneath, stat_beneath};
 
 /// Capacity of settle → claim. Full: settle waits (files stay in the inbox, which is the durable
 /// queue).
@@ -82,34 +84,6 @@ const MAX_TICK: Duration = Duration::from_secs(1);
 /// Paths remembered as already warned about (not regular files, unreadable); then the memory
 /// restarts, so a folder full of FIFOs costs one line per FIFO per this many.
 const MAX_WARNED_PATHS: usize = 4096;
-
-/// What a stat says about a file, as far as completion is concerned.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Snapshot {
-    /// Size in bytes.
-    pub size: u64,
-    /// mtime in nanoseconds.
-    pub mtime_ns: i128,
-    /// ctime in nanoseconds.
-    pub ctime_ns: i128,
-    /// Device.
-    pub dev: u64,
-    /// Inode.
-    pub ino: u64,
-}
-
-impl Snapshot {
-    /// Takes the fields from `symlink_metadata`.
-    pub(crate) fn from_metadata(meta: &std::fs::Metadata) -> Self {
-        Snapshot {
-            size: meta.size(),
-            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
-            ctime_ns: i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec()),
-            dev: meta.dev(),
-            ino: meta.ino(),
-        }
-    }
-}
 
 /// The outcome of one observation of a pending file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -147,12 +121,12 @@ impl Quiet {
 /// A file being watched for quiet.
 #[derive(Debug, Clone)]
 pub(crate) struct Pending {
-    /// Index of the root.
-    pub root: usize,
+    /// Its root.
+    pub root: RootId,
     /// Path relative to the root.
     pub rel_path: PathBuf,
     /// The last snapshot seen.
-    pub snapshot: Snapshot,
+    pub snapshot: Stamp,
     /// When the last change was seen (or the file first seen, or last found held open).
     pub stable_since: Instant,
     /// The root's quiet times.
@@ -162,9 +136,9 @@ pub(crate) struct Pending {
 impl Pending {
     /// Starts watching a file first seen at `now` with `snapshot`.
     pub(crate) fn new(
-        root: usize,
+        root: RootId,
         rel_path: PathBuf,
-        snapshot: Snapshot,
+        snapshot: Stamp,
         now: Instant,
         quiet: Quiet,
     ) -> Self {
@@ -178,7 +152,7 @@ impl Pending {
     }
 
     /// Records a new observation: any change restarts the quiet period.
-    pub(crate) fn observe(&mut self, snapshot: Snapshot, now: Instant) -> Decision {
+    pub(crate) fn observe(&mut self, snapshot: Stamp, now: Instant) -> Decision {
         if snapshot != self.snapshot {
             self.snapshot = snapshot;
             self.stable_since = now;
@@ -204,15 +178,16 @@ fn tick_period(watches: &[WatchConfig]) -> Duration {
 
 /// Settles candidates until `shutdown` or until the watcher is gone.
 pub async fn run(
-    watches: Arc<[WatchConfig]>,
+    roots: Roots,
     mut candidates_rx: mpsc::Receiver<Candidate>,
     settled_tx: mpsc::Sender<Settled>,
     mut offer_again: tokio::sync::watch::Receiver<u64>,
     shutdown: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(tick_period(&watches));
+    let configs: Vec<WatchConfig> = roots.iter().map(|r| r.config.clone()).collect();
+    let mut tick = tokio::time::interval(tick_period(&configs));
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut settler = Settler::new(watches);
+    let mut settler = Settler::new(roots);
     offer_again.mark_unchanged();
     let mut offers = true;
     loop {
@@ -239,28 +214,28 @@ pub async fn run(
 
 /// The state of settle.
 struct Settler {
-    watches: Arc<[WatchConfig]>,
+    roots: Roots,
     /// Files seen at least once, waiting for quiet.
     pending: HashMap<PathBuf, Pending>,
     /// Admitted candidates not yet stat'ed (root, relative path).
-    fresh: HashMap<PathBuf, (usize, PathBuf)>,
+    fresh: HashMap<PathBuf, (RootId, PathBuf)>,
     /// Files handed to claim, with the snapshot they had, until the root's reconcile interval
     /// passes: listings would otherwise settle a file again while it waits in claim's queue.
     /// With their root and relative path, to offer them again at once when the journal takes
     /// writes again (a claim refused for a full disk leaves the file in the inbox).
-    sent: HashMap<PathBuf, (Snapshot, Instant, usize, PathBuf)>,
+    sent: HashMap<PathBuf, (Stamp, Instant, RootId, PathBuf)>,
     /// Paths already warned about.
     warned: HashSet<PathBuf>,
     /// Roots already named as having no open-writer check.
-    no_lease_noted: HashSet<usize>,
+    no_lease_noted: HashSet<RootId>,
     /// Quiet files found held open for writing: since when, unchanged.
-    held: HashMap<PathBuf, (Instant, Snapshot)>,
+    held: HashMap<PathBuf, (Instant, Stamp)>,
 }
 
 impl Settler {
-    fn new(watches: Arc<[WatchConfig]>) -> Self {
+    fn new(roots: Roots) -> Self {
         Settler {
-            watches,
+            roots,
             pending: HashMap::new(),
             fresh: HashMap::new(),
             sent: HashMap::new(),
@@ -275,7 +250,7 @@ impl Settler {
         if self.pending.contains_key(&candidate.path) || self.fresh.contains_key(&candidate.path) {
             return;
         }
-        let Some(w) = self.watches.get(candidate.root) else {
+        let Some(w) = self.config_of(candidate.root) else {
             return;
         };
         if let Some(rel) = admit(w, &candidate.path) {
@@ -294,8 +269,8 @@ impl Settler {
         if self.pending.is_empty() && self.fresh.is_empty() {
             return Continue(());
         }
-        let watches = &self.watches;
-        let root_of = |root: usize| watches.get(root).map(|w| w.path.clone());
+        let roots = &self.roots;
+        let root_of = |root: RootId| roots.get(root).map(|r| r.path().to_path_buf());
         let paths: Vec<(PathBuf, Option<PathBuf>, PathBuf)> = self
             .pending
             .iter()
@@ -346,22 +321,16 @@ impl Settler {
             ready = self.not_held_open(ready) => ready,
         };
         for settled in ready {
-            let sent = self.watches.get(settled.root).map(|w| {
+            let sent = self.config_of(settled.root).map(|w| {
                 (
                     settled.root,
                     settled.rel_path.clone(),
                     settled.path.clone(),
-                    Snapshot {
-                        size: settled.size,
-                        mtime_ns: settled.mtime_ns,
-                        ctime_ns: settled.ctime_ns,
-                        dev: settled.dev,
-                        ino: settled.ino,
-                    },
+                    settled.stamp,
                     now + w.reconcile_interval.max(w.settle),
                 )
             });
-            debug!(path = %crate::fsops::shown(&settled.path), size = settled.size, "settled");
+            debug!(path = %crate::fsops::shown(&settled.path), size = settled.stamp.size, "settled");
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => return Break(()),
@@ -380,13 +349,13 @@ impl Settler {
     /// writing goes back to waiting (its quiet period starts again); one where leases cannot be
     /// had goes on, and its root is named once in the log.
     async fn not_held_open(&mut self, quiet: Vec<Settled>) -> Vec<Settled> {
-        let watches = Arc::clone(&self.watches);
+        let roots = self.roots.clone();
         let probed = tokio::task::spawn_blocking(move || {
             let mut folders = OpenFolders::new();
             quiet
                 .into_iter()
                 .map(|s| {
-                    let probe = match watches.get(s.root) {
+                    let probe = match roots.get(s.root).map(|r| &r.config) {
                         Some(w) => probe_beneath(
                             &mut folders,
                             &w.path,
@@ -418,7 +387,7 @@ impl Settler {
                 Probe::Unsupported(why) => {
                     if self.no_lease_noted.insert(s.root) {
                         warn!(
-                            root = %self.watches.get(s.root).map(|w| crate::fsops::shown(&w.path).to_string()).unwrap_or_default(),
+                            root = %self.config_of(s.root).map(|w| crate::fsops::shown(&w.path).to_string()).unwrap_or_default(),
                             reason = %why.describe(),
                             "cannot ask whether a writer still holds files open here: completion \
                              rests on `settle` alone (make it longer than your writers' longest \
@@ -429,10 +398,9 @@ impl Settler {
                     ready.push(s);
                 }
                 Probe::HeldOpen => {
-                    let snapshot = snapshot_of(&s);
+                    let snapshot = s.stamp;
                     let limit = self
-                        .watches
-                        .get(s.root)
+                        .config_of(s.root)
                         .map_or(Duration::MAX, |w| w.held_open_limit);
                     let since = match self.held.get(&s.path) {
                         Some((since, seen)) if *seen == snapshot => *since,
@@ -467,8 +435,8 @@ impl Settler {
     }
 
     /// The quiet times of root `root` (none for a root that is not configured).
-    fn quiet_of(&self, root: usize) -> Quiet {
-        self.watches.get(root).map_or(
+    fn quiet_of(&self, root: RootId) -> Quiet {
+        self.config_of(root).map_or(
             Quiet {
                 settle: Duration::ZERO,
                 empty: Duration::ZERO,
@@ -480,7 +448,7 @@ impl Settler {
     /// Puts a file that is not complete after all back to waiting from `now`.
     fn wait_again(&mut self, s: Settled, now: Instant) {
         let quiet = self.quiet_of(s.root);
-        let snapshot = snapshot_of(&s);
+        let snapshot = s.stamp;
         self.pending.insert(
             s.path,
             Pending::new(s.root, s.rel_path, snapshot, now, quiet),
@@ -516,7 +484,7 @@ impl Settler {
             }
             return None;
         }
-        let snapshot = Snapshot::from_metadata(&meta);
+        let snapshot = Stamp::of(&meta);
         if let Some((root, rel_path)) = self.fresh.remove(&path) {
             if self.sent.get(&path).is_some_and(|(s, ..)| *s == snapshot) {
                 // Already handed to claim, unchanged since: a listing saw it again.
@@ -536,13 +504,14 @@ impl Settler {
             root: pending.root,
             path,
             rel_path: pending.rel_path,
-            size: snapshot.size,
-            mtime_ns: snapshot.mtime_ns,
-            ctime_ns: snapshot.ctime_ns,
-            dev: snapshot.dev,
-            ino: snapshot.ino,
+            stamp: snapshot,
             held_open: false,
         })
+    }
+
+    /// The configuration of root `root` (none for a root that is not configured).
+    fn config_of(&self, root: RootId) -> Option<&WatchConfig> {
+        self.roots.get(root).map(|r| &r.config)
     }
 
     fn forget(&mut self, path: &Path) {

@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::config::WatchMode;
+use crate::root::Root;
 use crate::scope::matches_filters;
 use tokio_util::sync::CancellationToken;
 
@@ -12,8 +13,8 @@ const QUIET: Quiet = Quiet {
     empty: EMPTY,
 };
 
-fn snap(size: u64, mtime_ns: i128, ctime_ns: i128) -> Snapshot {
-    Snapshot {
+fn snap(size: u64, mtime_ns: i64, ctime_ns: i64) -> Stamp {
+    Stamp {
         size,
         mtime_ns,
         ctime_ns,
@@ -53,7 +54,7 @@ fn config() -> WatchConfig {
 #[test]
 fn unchanged_for_settle_is_ready() {
     let t0 = Instant::now();
-    let mut p = Pending::new(0, "a".into(), snap(10, 1, 1), t0, QUIET);
+    let mut p = Pending::new(RootId(0), "a".into(), snap(10, 1, 1), t0, QUIET);
     assert_eq!(p.observe(snap(10, 1, 1), t0 + SETTLE / 2), Decision::Wait);
     assert_eq!(p.observe(snap(10, 1, 1), t0 + SETTLE), Decision::Ready);
 }
@@ -61,7 +62,7 @@ fn unchanged_for_settle_is_ready() {
 #[test]
 fn growth_resets_the_quiet_period() {
     let t0 = Instant::now();
-    let mut p = Pending::new(0, "a".into(), snap(10, 1, 1), t0, QUIET);
+    let mut p = Pending::new(RootId(0), "a".into(), snap(10, 1, 1), t0, QUIET);
     assert_eq!(p.observe(snap(20, 2, 2), t0 + SETTLE), Decision::Wait);
     assert_eq!(
         p.observe(snap(20, 2, 2), t0 + SETTLE * 3 / 2),
@@ -74,7 +75,7 @@ fn growth_resets_the_quiet_period() {
 fn ctime_change_with_old_mtime_restored_is_not_ready() {
     // `cp -p`: data written, then the old mtime put back. Only ctime tells.
     let t0 = Instant::now();
-    let mut p = Pending::new(0, "a".into(), snap(10, 5, 100), t0, QUIET);
+    let mut p = Pending::new(RootId(0), "a".into(), snap(10, 5, 100), t0, QUIET);
     assert_eq!(p.observe(snap(10, 5, 200), t0 + SETTLE), Decision::Wait);
     assert_eq!(
         p.observe(snap(10, 5, 200), t0 + SETTLE + SETTLE / 2),
@@ -89,7 +90,7 @@ fn ctime_change_with_old_mtime_restored_is_not_ready() {
 #[test]
 fn same_size_rewrite_or_replacement_is_a_change() {
     let t0 = Instant::now();
-    let mut p = Pending::new(0, "a".into(), snap(10, 5, 5), t0, QUIET);
+    let mut p = Pending::new(RootId(0), "a".into(), snap(10, 5, 5), t0, QUIET);
     // Replaced by another file of the same size and times (new inode).
     let mut other = snap(10, 5, 5);
     other.ino = 8;
@@ -105,7 +106,7 @@ fn an_empty_file_is_not_complete_after_settle_alone_only_after_settle_empty() {
     // smbd creates the file at the client's open and holds it empty while the client pauses:
     // after `settle` it must still wait (it was released as a 0-byte file, with no upload).
     let t0 = Instant::now();
-    let mut p = Pending::new(0, "empty".into(), snap(0, 1, 1), t0, QUIET);
+    let mut p = Pending::new(RootId(0), "empty".into(), snap(0, 1, 1), t0, QUIET);
     assert_eq!(p.observe(snap(0, 1, 1), t0 + SETTLE), Decision::Wait);
     assert_eq!(
         p.observe(snap(0, 1, 1), t0 + EMPTY - SETTLE),
@@ -231,11 +232,11 @@ fn settler_skips_fifos_and_warns_once() {
         .status()
         .unwrap();
     assert!(status.success());
-    let mut s = Settler::new(Arc::from(vec![w]));
+    let mut s = Settler::new(Roots::new(Root::all(&[w])));
     let now = Instant::now();
     for _ in 0..3 {
         s.offer(Candidate {
-            root: 0,
+            root: RootId(0),
             path: fifo.clone(),
         });
         assert!(s.fresh.contains_key(&fifo));
@@ -253,11 +254,11 @@ fn settler_does_not_resend_an_unchanged_file() {
     w.path = tmp.path().to_path_buf();
     let file = tmp.path().join("a.bin");
     std::fs::write(&file, b"abc").unwrap();
-    let mut s = Settler::new(Arc::from(vec![w]));
+    let mut s = Settler::new(Roots::new(Root::all(&[w])));
     let t0 = Instant::now();
     let offer = |s: &mut Settler| {
         s.offer(Candidate {
-            root: 0,
+            root: RootId(0),
             path: file.clone(),
         });
     };
@@ -270,16 +271,16 @@ fn settler_does_not_resend_an_unchanged_file() {
         .observe(file.clone(), std::fs::symlink_metadata(&file), t0 + SETTLE)
         .unwrap();
     assert_eq!(
-        (settled.size, settled.rel_path.as_path()),
+        (settled.stamp.size, settled.rel_path.as_path()),
         (3, Path::new("a.bin"))
     );
-    let snapshot = Snapshot::from_metadata(&std::fs::symlink_metadata(&file).unwrap());
+    let snapshot = Stamp::of(&std::fs::symlink_metadata(&file).unwrap());
     s.sent.insert(
         file.clone(),
         (
             snapshot,
             t0 + Duration::from_secs(60),
-            0,
+            RootId(0),
             PathBuf::from("a.bin"),
         ),
     );
@@ -323,7 +324,7 @@ fn start_settle(
     let (settled_tx, settled_rx) = mpsc::channel(8);
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(run(
-        Arc::from(vec![w]),
+        Roots::new(Root::all(&[w])),
         candidates_rx,
         settled_tx,
         tokio::sync::watch::channel(0).1,
@@ -348,7 +349,7 @@ async fn growing_file_settles_only_after_a_quiet_settle_time() {
     let (candidates_tx, mut settled_rx, shutdown, task) = start_settle(w);
     candidates_tx
         .send(Candidate {
-            root: 0,
+            root: RootId(0),
             path: path.clone(),
         })
         .await
@@ -368,7 +369,7 @@ async fn growing_file_settles_only_after_a_quiet_settle_time() {
         .await
         .expect("settles once quiet")
         .unwrap();
-    assert_eq!((settled.size, settled.path), (12, path));
+    assert_eq!((settled.stamp.size, settled.path), (12, path));
     // Virtual time: exact, not a measurement.
     assert!(last_write.elapsed() >= SETTLE);
     shutdown.cancel();
@@ -386,7 +387,7 @@ async fn settled_file_is_handed_on_again_only_after_the_reconcile_interval() {
     let (candidates_tx, mut settled_rx, shutdown, task) = start_settle(w);
     let offer = || {
         candidates_tx.send(Candidate {
-            root: 0,
+            root: RootId(0),
             path: path.clone(),
         })
     };

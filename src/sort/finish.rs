@@ -9,11 +9,10 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::{Sorter, Step, blocking};
-use crate::context::Shared;
-use crate::fsops::roots::Which;
 use crate::fsops::{self, FsError};
 use crate::journal::{FileRecord, FileState, Outcome, now_ms};
 use crate::pipeline::Placement;
+use crate::root::{Root, Which};
 
 /// The sidecar written beside quarantined and failed files.
 #[derive(Serialize)]
@@ -51,7 +50,7 @@ impl Sorter {
         dest_root: &Path,
         rel: PathBuf,
     ) -> Step {
-        let Some(i) = self.shared.root_index(&rec.root) else {
+        let Some(src) = self.shared.root_of(&rec.root).cloned() else {
             return Step::Retry("the root is no longer configured".into());
         };
         let dest = dest_root.join(&rel);
@@ -86,15 +85,10 @@ impl Sorter {
             } else {
                 0o644
             };
-            let (sh, rel2, root) = (
-                Arc::clone(&self.shared),
-                rel.clone(),
-                dest_root.to_path_buf(),
-            );
-            let instance = crate::context::instance_of(&self.shared.config.watches[i]);
+            let (rel2, root) = (rel.clone(), dest_root.to_path_buf());
             let written = blocking(move || {
-                let root = open_dest(&sh, i, which, &root, false)?;
-                fsops::place::write_sidecar(&root, &rel2, &bytes, mode, &instance)
+                let root = open_dest(&src, which, &root, false)?;
+                fsops::place::write_sidecar(&root, &rel2, &bytes, mode, &src.instance)
             })
             .await;
             if let Err(e) = written {
@@ -226,18 +220,17 @@ impl Sorter {
     }
 }
 
-/// Opens the destination root `root` of watch `i`: the configured folder through its
-/// descriptor, or a folder an earlier configuration named (a placement finished where it was
-/// started).
+/// Opens the destination root `root` of the watched root `src`: the configured folder through
+/// its descriptor, or a folder an earlier configuration named (a placement finished where it
+/// was started).
 pub(super) fn open_dest(
-    sh: &Shared,
-    i: usize,
+    src: &Root,
     which: Which,
     root: &Path,
     create: bool,
 ) -> Result<Arc<fsops::Dir>, FsError> {
-    if sh.roots[i].path(which) == root {
-        sh.roots[i].get(which, create)
+    if src.folder_path(which) == root {
+        src.folder(which, create)
     } else {
         fsops::Dir::open_trusted(root).map(Arc::new)
     }

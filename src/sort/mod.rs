@@ -31,7 +31,6 @@ use tokio_util::sync::CancellationToken;
 use crate::context::Shared;
 use crate::error::FatalError;
 use crate::fsops::place::Release;
-use crate::fsops::roots::Which;
 
 mod finish;
 mod plan;
@@ -41,6 +40,7 @@ use crate::journal::{FileId, FileRecord, FileState};
 use crate::kata::ScanId;
 use crate::pipeline::Hashed;
 use crate::pipeline::{Resubmit, Verdict};
+use crate::root::Root;
 pub use finish::hex;
 use finish::open_dest;
 use plan::{Plan, plan};
@@ -234,7 +234,7 @@ impl Sorter {
     }
 
     async fn place(&self, rec: FileRecord) -> Step {
-        let Some(i) = self.shared.root_index(&rec.root) else {
+        let Some(src) = self.shared.root_of(&rec.root).cloned() else {
             return Step::Retry(format!(
                 "{} is no longer a watched root in the config; the file stays in staging at {}",
                 fsops::shown(&rec.root),
@@ -252,14 +252,13 @@ impl Sorter {
             note,
         } = plan(rec.outcome, rec.is_clean_verdict_for_content());
         let reason = note.map(str::to_string).or_else(|| rec.reason.clone());
-        let instance = crate::context::instance_of(&self.shared.config.watches[i]);
         let temp_name = fsops::names::copy_temp_name(
-            &instance,
+            &src.instance,
             fsops::names::TempOf::Agent,
             &fsops::names::staged_token(&rec.staged),
             &rec.rel_path,
         );
-        let current_root = self.shared.roots[i].path(which).to_path_buf();
+        let current_root = src.folder_path(which).to_path_buf();
         // After a crash or a failed attempt in `placing`: the journaled target first (the move
         // may have happened, or a verified copy may wait under its temp name), in the root it
         // was chosen in, even if the configuration names another folder by now.
@@ -296,8 +295,8 @@ impl Sorter {
             }
         }
         let open_root = {
-            let (sh, root) = (Arc::clone(&self.shared), dest_root_path.clone());
-            move |create: bool| open_dest(&sh, i, which, &root, create)
+            let (src, root) = (Arc::clone(&src), dest_root_path.clone());
+            move |create: bool| open_dest(&src, which, &root, create)
         };
         for _ in 0..16 {
             let rel = match target.take() {
@@ -376,7 +375,7 @@ impl Sorter {
                 // claim leaves hard links there alone.
                 // The same for a file dropscan's user cannot read.
                 Err(e @ (FsError::HardLinked { .. } | FsError::Unreadable { .. })) if !copy => {
-                    return self.return_to_inbox(rec, i, &e).await;
+                    return self.return_to_inbox(rec, &src, &e).await;
                 }
                 // Taken meanwhile, or its folder removed meanwhile: choose again.
                 Err(e) if e.is_already_exists() || e.is_folder_gone() => continue,
@@ -411,15 +410,16 @@ impl Sorter {
         ))
     }
 
-    async fn return_to_inbox(&self, rec: FileRecord, i: usize, why: &FsError) -> Step {
-        let (sh, staged, rel) = (
+    async fn return_to_inbox(&self, rec: FileRecord, src: &Arc<Root>, why: &FsError) -> Step {
+        let (sh, src, staged, rel) = (
             Arc::clone(&self.shared),
+            Arc::clone(src),
             rec.staged.clone(),
             rec.rel_path.clone(),
         );
         let back = blocking(move || {
             let (staging, name) = sh.staging_of(&staged)?;
-            let inbox = sh.roots[i].get(Which::Inbox, false)?;
+            let inbox = src.inbox()?;
             fsops::place::return_to_inbox(&staging, &name, &inbox, &rel)
         })
         .await;

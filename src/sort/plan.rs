@@ -1,7 +1,7 @@
 //! The sorter's placement plan: where a decided record goes, and how (pure).
 
-use crate::fsops::roots::Which;
 use crate::journal::Outcome;
+use crate::root::Which;
 
 /// Where a decided record goes, and how it is placed there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,6 +1,7 @@
 //! Unit tests of the sorter's decisions.
 
 use super::*;
+use crate::root::Which;
 
 #[test]
 fn placement_plans_fail_closed_and_copy_what_is_released() {

@@ -14,6 +14,7 @@ use tracing::{debug, error, warn};
 
 use super::{Candidate, is_ignored_name, is_out_of_scope};
 use crate::config::WatchConfig;
+use crate::root::Root;
 
 /// Where to raise the inotify limits.
 pub(super) const SYSCTL_ADVICE: &str = "raise fs.inotify.max_user_watches and fs.inotify.max_user_instances \
@@ -44,10 +45,8 @@ impl RootSignal {
 
 /// The notify callback's state (runs on notify's thread, must never wait).
 pub(super) struct Hints {
-    /// Index of the root in `watches`.
-    pub(super) root: usize,
-    /// Every root's configuration.
-    pub(super) watches: Arc<[WatchConfig]>,
+    /// The root watched.
+    pub(super) root: Arc<Root>,
     /// Files to settle.
     pub(super) candidates_tx: mpsc::Sender<Candidate>,
     /// New subfolders, for the root task to list.
@@ -58,7 +57,7 @@ pub(super) struct Hints {
 
 impl Hints {
     pub(super) fn handle(&self, res: notify::Result<Event>) {
-        let w = &self.watches[self.root];
+        let w = &self.root.config;
         let ev = match res {
             Ok(ev) => ev,
             Err(e) => {
@@ -137,7 +136,7 @@ impl Hints {
             return;
         }
         let candidate = Candidate {
-            root: self.root,
+            root: self.root.id,
             path,
         };
         if let Err(mpsc::error::TrySendError::Full(_)) = self.candidates_tx.try_send(candidate) {

@@ -1,28 +1,32 @@
 //! Watch: turns filesystem activity in the inboxes into `Candidate` hints for settle.
 //!
-//! One task per `[[watch]]` root. A root is watched with inotify (through `notify`) when it is on
-//! a local filesystem, and by listing it every `poll_interval` when it is on a network or FUSE
-//! filesystem, where inotify never hears about changes made by other hosts. Either way the root is
-//! also listed at start (the backlog), every `reconcile_interval`, and soon after a hint was lost:
-//! the notify callback cannot wait, so when the channel is full or inotify's queue overflowed it
-//! sets the root's rescan flag instead. The filesystem is the durable queue and the listing is the
-//! source of truth; notify only makes us faster.
+//! One task per root ([`crate::root::Root`]). With `mode = "auto"` a root is watched with
+//! inotify (through `notify`) when it is on a local filesystem, and by listing it every
+//! `poll_interval` when it is on a network or FUSE filesystem (or one `statfs` cannot name),
+//! where inotify never hears about changes made by other hosts; `mode = "notify"` or `"poll"`
+//! forces either. A root falls back to polling when inotify cannot start or reaches its limits.
+//! Either way the root is also listed at start (the backlog), every `reconcile_interval`, and
+//! soon after a hint was lost: the notify callback cannot wait, so when the channel is full or
+//! inotify's queue overflowed it sets the root's rescan flag instead. The filesystem is the
+//! durable queue and the listing is the source of truth; notify only makes us faster.
 //!
 //! This module does not decide whether a file is complete, and never opens or stats files for
-//! that purpose: it only says "look at this path". Settle applies the filters and the completion
-//! gates. The walk rules (no symlinks followed, never into the root's own folders or dot-folders,
-//! no subfolders when not recursive) live here and are shared by every listing.
+//! that purpose: it only says "look at this path" (it stats a hinted path only to tell a new
+//! folder, which it lists, from a file). Settle applies the filters and the completion gates.
+//! Every listing and hint obeys the scope rules of [`crate::scope`] (no symlink followed, never
+//! into the root's own folders or dot-folders, no subfolders when not recursive), which settle
+//! and the `scan` command share.
 //!
-//! Layout: this file holds the stage's entry point (`run`), the record it sends (`Candidate`),
-//! its fatal error and the scope rules every listing and hint obeys (`is_out_of_scope`,
-//! `is_ignored_name`, also used by settle and the `scan` command). `root.rs` is the task that
-//! watches one root (notify or polling, reconcile and forced rescans); `hints.rs` is the notify
-//! callback, which must never wait; `walk.rs` lists a folder tree by the walk rules; `fsops::fstype`
-//! tells local from network and FUSE filesystems by `statfs`.
+//! Layout: this file holds the stage's entry point (`run`), the record it sends (`Candidate`) and
+//! its fatal error. `root.rs` is the task that watches one root (notify or polling, reconcile
+//! and forced rescans); `hints.rs` is the notify callback, which must never wait; `walk.rs` lists
+//! a folder tree by the walk rules; `fsops::fstype` tells local from network and FUSE
+//! filesystems by `statfs`.
 //!
-//! Departure from the house shape (on purpose): `run` takes the roots' configuration and its
-//! channels rather than the agent's `Shared` context, and reports its own error type. This stage
-//! needs nothing else (no journal, no client), and its tests drive it without an agent.
+//! Departure from the house shape (on purpose): `run` takes the roots ([`crate::root::Roots`])
+//! and its channels rather than the agent's `Shared` context, and reports its own error type.
+//! This stage needs nothing else (no journal, no client), and its tests drive it without an
+//! agent.
 
 mod hints;
 mod root;
@@ -40,8 +44,8 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::error;
 
-use crate::config::WatchConfig;
 pub use crate::pipeline::Candidate;
+use crate::root::Roots;
 pub(crate) use crate::scope::{is_ignored_name, is_out_of_scope};
 use root::RootTask;
 
@@ -85,26 +89,21 @@ pub enum WatchError {
 /// missing or not a folder. Each change of `list_again` lists every root again soon (the
 /// journal takes writes again after a full disk: files it could not claim wait in the inbox).
 pub async fn run(
-    watches: Arc<[WatchConfig]>,
+    roots: Roots,
     candidates_tx: mpsc::Sender<Candidate>,
     mut list_again: tokio::sync::watch::Receiver<u64>,
     shutdown: CancellationToken,
 ) -> Result<(), WatchError> {
-    for w in watches.iter() {
-        check_root(&w.path)?;
+    for root in roots.iter() {
+        check_root(root.path())?;
     }
-    let mut roots = JoinSet::new();
+    let mut tasks = JoinSet::new();
     let mut root_of = HashMap::new();
-    let mut signals = Vec::with_capacity(watches.len());
-    for root in 0..watches.len() {
-        let task = RootTask::new(
-            root,
-            watches.clone(),
-            candidates_tx.clone(),
-            shutdown.clone(),
-        );
+    let mut signals = Vec::with_capacity(roots.len());
+    for root in roots.iter() {
+        let task = RootTask::new(Arc::clone(root), candidates_tx.clone(), shutdown.clone());
         signals.push(task.signal());
-        root_of.insert(roots.spawn(task.run()).id(), root);
+        root_of.insert(tasks.spawn(task.run()).id(), root.path().to_path_buf());
     }
     drop(candidates_tx);
     list_again.mark_unchanged();
@@ -123,11 +122,9 @@ pub async fn run(
         })
     };
     let mut result = Ok(());
-    while let Some(joined) = roots.join_next().await {
+    while let Some(joined) = tasks.join_next().await {
         let Err(e) = joined else { continue };
-        let path = root_of
-            .get(&e.id())
-            .map_or_else(PathBuf::new, |&root| watches[root].path.clone());
+        let path = root_of.get(&e.id()).cloned().unwrap_or_default();
         error!(root = %crate::fsops::shown(&path), error = %e, "an inbox watcher stopped unexpectedly");
         if result.is_ok() {
             result = Err(WatchError::Crashed {

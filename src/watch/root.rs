@@ -19,6 +19,7 @@ use super::hints::{Hints, RootSignal, SYSCTL_ADVICE, is_watch_limit};
 use super::walk::{Walked, WarnedFolders, walk_blocking};
 use crate::config::{WatchConfig, WatchMode};
 use crate::fsops::fstype::{FsKind, detect_fs};
+use crate::root::Root;
 
 /// Capacity of the notify callback → folder lister channel (new subfolders to list). When full,
 /// the callback sets the root's rescan flag, as for candidates.
@@ -35,8 +36,7 @@ const MIN_RESCAN_GAP: Duration = Duration::from_secs(1);
 
 /// Watches one root.
 pub(super) struct RootTask {
-    root: usize,
-    watches: Arc<[WatchConfig]>,
+    root: Arc<Root>,
     candidates_tx: mpsc::Sender<Candidate>,
     shutdown: CancellationToken,
     signal: Arc<RootSignal>,
@@ -45,14 +45,12 @@ pub(super) struct RootTask {
 
 impl RootTask {
     pub(super) fn new(
-        root: usize,
-        watches: Arc<[WatchConfig]>,
+        root: Arc<Root>,
         candidates_tx: mpsc::Sender<Candidate>,
         shutdown: CancellationToken,
     ) -> Self {
         RootTask {
             root,
-            watches,
             candidates_tx,
             shutdown,
             signal: Arc::new(RootSignal::default()),
@@ -67,7 +65,7 @@ impl RootTask {
     }
 
     fn config(&self) -> &WatchConfig {
-        &self.watches[self.root]
+        &self.root.config
     }
 
     pub(super) async fn run(mut self) {
@@ -223,8 +221,7 @@ impl RootTask {
         folders_tx: mpsc::Sender<PathBuf>,
     ) -> notify::Result<RecommendedWatcher> {
         let hints = Hints {
-            root: self.root,
-            watches: self.watches.clone(),
+            root: Arc::clone(&self.root),
             candidates_tx: self.candidates_tx.clone(),
             folders_tx,
             signal: self.signal.clone(),
@@ -272,20 +269,12 @@ impl RootTask {
         if self.candidates_tx.is_closed() {
             return Walked::Stopped;
         }
-        let root = self.root;
-        let watches = self.watches.clone();
+        let root = Arc::clone(&self.root);
         let candidates_tx = self.candidates_tx.clone();
         let token = self.shutdown.clone();
         let mut warned = std::mem::take(&mut self.warned);
         let listing = tokio::task::spawn_blocking(move || {
-            let walked = walk_blocking(
-                root,
-                &watches[root],
-                &start,
-                &candidates_tx,
-                &token,
-                &mut warned,
-            );
+            let walked = walk_blocking(&root, &start, &candidates_tx, &token, &mut warned);
             (walked, warned)
         });
         tokio::select! {

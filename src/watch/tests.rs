@@ -18,6 +18,7 @@ use super::walk::{Walked, WarnedFolders, walk_blocking};
 use super::{Candidate, is_ignored_name, is_out_of_scope};
 use crate::config::{WatchConfig, WatchMode};
 use crate::fsops::fstype::{FsKind, detect_fs, fs_kind_from_magic};
+use crate::root::{Root, RootId};
 
 fn config(recursive: bool) -> WatchConfig {
     WatchConfig {
@@ -158,8 +159,7 @@ fn hints(
     let (candidates_tx, candidates_rx) = mpsc::channel(capacity);
     let (folders_tx, folders_rx) = mpsc::channel(capacity);
     let hints = Hints {
-        root: 0,
-        watches: Arc::from(vec![w]),
+        root: Arc::new(Root::new(RootId(0), w, false)),
         candidates_tx,
         folders_tx,
         signal: Arc::new(RootSignal::default()),
@@ -299,8 +299,7 @@ fn walk_rules() {
     let listed = |w: &WatchConfig, start: &Path| {
         let (tx, mut rx) = mpsc::channel(100);
         let walked = walk_blocking(
-            0,
-            w,
+            &Root::new(RootId(0), w.clone(), false),
             start,
             &tx,
             &CancellationToken::new(),

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::{Candidate, is_ignored_name, is_out_of_scope};
-use crate::config::WatchConfig;
+use crate::root::Root;
 
 /// Folders deeper than this below the root are not descended into (bind-mount loops).
 const MAX_DEPTH: usize = 256;
@@ -57,13 +57,13 @@ pub(super) enum Walked {
 /// Candidate for every entry that is not a folder and not ignored by name. Blocking: run it in
 /// `spawn_blocking`.
 pub(super) fn walk_blocking(
-    root: usize,
-    w: &WatchConfig,
+    root: &Root,
     start: &Path,
     candidates_tx: &mpsc::Sender<Candidate>,
     shutdown: &CancellationToken,
     warned: &mut WarnedFolders,
 ) -> Walked {
+    let w = &root.config;
     if start != w.path && is_out_of_scope(w, &start.join("x")) {
         return Walked::Done;
     }
@@ -131,7 +131,10 @@ pub(super) fn walk_blocking(
                 continue;
             }
             if candidates_tx
-                .blocking_send(Candidate { root, path })
+                .blocking_send(Candidate {
+                    root: root.id,
+                    path,
+                })
                 .is_err()
             {
                 return Walked::Stopped;

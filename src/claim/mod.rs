@@ -28,11 +28,14 @@ use tokio_util::task::TaskTracker;
 
 use crate::context::Shared;
 use crate::error::FatalError;
-use crate::fsops::claim::Claim;
-use crate::fsops::{self, Renamed};
+use crate::fsops;
 use crate::hashing::hash_record;
-use crate::journal::{FileId, NewClaim, Stamp};
+use crate::journal::FileId;
 use crate::pipeline::{Claimed, Hashed, Settled, Verdict};
+use crate::root::Root;
+use batch::claim_batch;
+
+mod batch;
 
 /// Capacity of claim → upload. Full: claim stops claiming, and files stay in the inbox, where
 /// another agent on the same share can take them.
@@ -71,7 +74,7 @@ async fn forward(
 
 /// A unique name in staging. The original name is kept in the journal, never in staging, so a
 /// hostile name cannot do anything there.
-fn staged_name() -> OsString {
+pub(crate) fn staged_name() -> OsString {
     OsString::from(format!("{}.staged", uuid::Uuid::new_v4().simple()))
 }
 
@@ -184,10 +187,9 @@ pub async fn run(
 /// 30 s.
 fn kept_sweep_period(shared: &Shared) -> std::time::Duration {
     shared
-        .config
-        .watches
+        .roots
         .iter()
-        .map(|w| w.keep_original / 4)
+        .map(|r| r.config.keep_original / 4)
         .min()
         .unwrap_or(KEPT_SWEEP_MAX)
         .clamp(KEPT_SWEEP_MIN, KEPT_SWEEP_MAX)
@@ -220,11 +222,10 @@ async fn sweep_kept(shared: &Arc<Shared>) {
     };
     let now = crate::journal::now_ms();
     for k in kept {
-        let Some(i) = shared.root_index(&k.root) else {
+        let Some(root) = shared.root_of(&k.root).cloned() else {
             continue;
         };
-        let keep_ms =
-            i64::try_from(shared.config.watches[i].keep_original.as_millis()).unwrap_or(i64::MAX);
+        let keep_ms = i64::try_from(root.config.keep_original.as_millis()).unwrap_or(i64::MAX);
         let old_enough = now.saturating_sub(k.kept_at_ms) >= keep_ms;
         let (sh, orig, rel, stamp) = (
             Arc::clone(shared),
@@ -240,7 +241,7 @@ async fn sweep_kept(shared: &Arc<Shared>) {
                 Ok(st) if fsops::same_file(&stamp, &st.stamp()) => {
                     // Still held open for writing (a file taken after `held_open_limit`): its
                     // writer may go on, and must never write into a deleted inode.
-                    if old_enough && !held_open_for_writing(&sh, i, &staging, &name) {
+                    if old_enough && !held_open_for_writing(&root, &staging, &name) {
                         staging.unlink(&name)?;
                         // Durable before its row goes: after a power cut a kept original that
                         // came back without a row would be scanned again as a new file.
@@ -251,7 +252,7 @@ async fn sweep_kept(shared: &Arc<Shared>) {
                     }
                 }
                 Ok(_) => {
-                    let inbox = sh.roots[i].get(fsops::roots::Which::Inbox, false)?;
+                    let inbox = root.inbox()?;
                     fsops::place::return_to_inbox(&staging, &name, &inbox, &rel)
                         .map(KeptStep::Returned)
                 }
@@ -287,15 +288,10 @@ async fn sweep_kept(shared: &Arc<Shared>) {
     }
 }
 
-/// Whether a kept original is held open for writing, where leases can tell (root `i`).
-fn held_open_for_writing(
-    shared: &Shared,
-    i: usize,
-    staging: &fsops::Dir,
-    name: &std::ffi::OsStr,
-) -> bool {
-    let asked = match shared.roots[i].get(fsops::roots::Which::Inbox, false) {
-        Ok(inbox) => shared.leases_here(i, &inbox),
+/// Whether a kept original of `root` is held open for writing, where leases can tell.
+fn held_open_for_writing(root: &Root, staging: &fsops::Dir, name: &std::ffi::OsStr) -> bool {
+    let asked = match root.inbox() {
+        Ok(inbox) => root.leases_here(&inbox),
         Err(_) => false,
     };
     asked
@@ -368,154 +364,6 @@ async fn spawn_hash(
             .remove(&id);
         forward(h, &claimed_tx, &verdicts_tx).await;
     });
-}
-
-/// Journals a batch of claims, then moves each file into staging. Returns the claimed ones.
-async fn claim_batch(shared: &Arc<Shared>, batch: &[Settled]) -> Vec<ToOwn> {
-    // The staging folder lives in the inbox, where users can write: it is opened beneath the
-    // inbox without following links (a `.dropscan` swapped for a symlink must not redirect
-    // claimed files), made again if removed, and must carry our owner marker. A root whose
-    // staging is unsafe, or one of whose destinations others control (`fsops::dest`), is not
-    // claimed from: its files stay in the inbox and the error says why.
-    let mut roots: Vec<usize> = batch.iter().map(|s| s.root).collect();
-    roots.sort_unstable();
-    roots.dedup();
-    let mut ready = HashSet::new();
-    for root in roots {
-        let sh = Arc::clone(shared);
-        let check = tokio::task::spawn_blocking(move || sh.staging_ready(root)).await;
-        match check {
-            Ok(Ok(())) => {
-                shared
-                    .metrics
-                    .set_watch_held(shared.roots[root].path(fsops::roots::Which::Inbox), None);
-                ready.insert(root);
-            }
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "staging folder or a destination is not safe; files stay in the inbox");
-                shared.metrics.set_watch_held(
-                    shared.roots[root].path(fsops::roots::Which::Inbox),
-                    Some(e.to_string()),
-                );
-            }
-            Err(e) => tracing::error!(error = %e, "staging check failed"),
-        }
-    }
-    let mut claims = Vec::with_capacity(batch.len());
-    let mut sources = Vec::with_capacity(batch.len());
-    for s in batch.iter().filter(|s| ready.contains(&s.root)) {
-        let Some(w) = shared.config.watches.get(s.root) else {
-            continue;
-        };
-        let name = staged_name();
-        claims.push(NewClaim {
-            root: w.path.clone(),
-            rel_path: s.rel_path.clone(),
-            staged: w.staging_dir.join(&name),
-            dropped_at_ms: i64::try_from(s.ctime_ns / 1_000_000).ok(),
-        });
-        sources.push((s, name));
-    }
-    if claims.is_empty() {
-        return Vec::new();
-    }
-    let staged: Vec<PathBuf> = claims.iter().map(|c| c.staged.clone()).collect();
-    let ids = match shared.journal.claim(claims).await {
-        Ok(ids) => ids,
-        Err(e) => {
-            // Nothing moved: the files stay in the inbox and are seen again by the next scan.
-            tracing::error!(error = %e, "journal write failed; files left in the inbox");
-            return Vec::new();
-        }
-    };
-    // One blocking call and one fsync per folder for each root's share of the batch.
-    let mut per_root: Vec<(usize, Vec<usize>)> = Vec::new();
-    for (k, (s, _)) in sources.iter().enumerate() {
-        match per_root.iter_mut().find(|(r, _)| *r == s.root) {
-            Some((_, ks)) => ks.push(k),
-            None => per_root.push((s.root, vec![k])),
-        }
-    }
-    let mut results: Vec<Option<Result<Result<Claim, crate::fsops::FsError>, String>>> =
-        (0..sources.len()).map(|_| None).collect();
-    for (root, ks) in per_root {
-        let files: Vec<(PathBuf, Stamp, std::ffi::OsString, bool)> = ks
-            .iter()
-            .map(|&k| {
-                let (s, name) = &sources[k];
-                let settled = Stamp {
-                    size: s.size,
-                    mtime_ns: i64::try_from(s.mtime_ns).unwrap_or(i64::MAX),
-                    ctime_ns: i64::try_from(s.ctime_ns).unwrap_or(i64::MAX),
-                    dev: s.dev,
-                    ino: s.ino,
-                };
-                (s.rel_path.clone(), settled, name.clone(), s.held_open)
-            })
-            .collect();
-        let sh = Arc::clone(shared);
-        match tokio::task::spawn_blocking(move || sh.claim_files(root, &files)).await {
-            Ok(rs) => {
-                for (&k, r) in ks.iter().zip(rs) {
-                    results[k] = Some(Ok(r));
-                }
-            }
-            Err(e) => {
-                for &k in &ks {
-                    results[k] = Some(Err(e.to_string()));
-                }
-            }
-        }
-    }
-    let mut claimed = Vec::with_capacity(ids.len());
-    let mut dropped = Vec::new();
-    for (((id, to), (s, _)), moved) in ids.into_iter().zip(staged).zip(&sources).zip(results) {
-        let moved = moved.unwrap_or_else(|| Err("not attempted".into()));
-        match moved {
-            Ok(Ok(Claim::Claimed(renamed))) => {
-                if renamed == Renamed::NotSynced {
-                    // The rename happened: the file is ours now, whatever the fsync said.
-                    tracing::warn!(
-                        id,
-                        "claimed, but the folder fsync failed; it is retried with the next claim"
-                    );
-                }
-                shared.metrics.claimed.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(id, path = %fsops::shown(&s.rel_path), "claimed");
-                claimed.push(ToOwn {
-                    id,
-                    staged: to,
-                    held_open: s.held_open,
-                });
-            }
-            Ok(Ok(Claim::Changed | Claim::Gone)) => dropped.push(id),
-            Ok(Ok(Claim::HeldOpen)) => {
-                tracing::debug!(path = %fsops::shown(&s.path), "held open for writing; left in the inbox");
-                dropped.push(id);
-            }
-            Ok(Ok(c @ (Claim::HardLinkedLeft | Claim::UnreadableLeft | Claim::InDestination))) => {
-                if shared.first_warning(&s.path) {
-                    tracing::warn!(path = %fsops::shown(&s.path), "left in the inbox: {}", c.why());
-                }
-                dropped.push(id);
-            }
-            Ok(Err(e)) => {
-                tracing::warn!(path = %fsops::shown(&s.path), error = %e, "cannot claim; left in the inbox");
-                dropped.push(id);
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "claim task failed");
-                dropped.push(id);
-            }
-        }
-    }
-    if !dropped.is_empty() {
-        if let Err(e) = shared.journal.unclaim(dropped).await {
-            // Harmless: at start-up a `claimed` record without a staged file is dropped too.
-            tracing::warn!(error = %e, "could not forget abandoned claims");
-        }
-    }
-    claimed
 }
 
 #[cfg(test)]
