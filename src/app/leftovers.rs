@@ -197,7 +197,7 @@ pub(super) async fn tidy(
                             // given the name the sorter looks for.
                             (Some(rec), Some(false)) if rec.state == FileState::Placing => {
                                 let new = copy_temp_name(
-                                    &tag,
+                                    tag,
                                     TempOf::Agent,
                                     &staged_token(&rec.staged),
                                     &rec.rel_path,

@@ -270,7 +270,8 @@ mod tests {
     #[test]
     fn a_batch_is_grouped_by_root_in_order_of_first_appearance() {
         let (a, b, c) = (RootId(0), RootId(1), RootId(2));
-        let table: [(&[RootId], Vec<(RootId, Vec<usize>)>); 4] = [
+        type Groups = Vec<(RootId, Vec<usize>)>;
+        let table: [(&[RootId], Groups); 4] = [
             (&[], vec![]),
             (&[a, a], vec![(a, vec![0, 1])]),
             (
