@@ -25,9 +25,16 @@
 //! prefix conditional on the `ETag` (`x-amz-copy-source-if-match`) followed by a `DeleteObject`
 //! of the source, or a conditional write of a claim marker where copies are costly; read is
 //! `GetObject` with `If-Match`; place is a copy to the destination prefix with
-//! `If-None-Match: *` (a free name) and a delete of the staged copy. Such a source is one new
-//! module beside `fsops` plus a variant here; the journal keeps the root and staged paths as
-//! strings, so a key works where a path does.
+//! `If-None-Match: *` (a free name) and a delete of the staged copy. The journal keeps the root
+//! and staged place as paths, so a key works where a path does.
+//!
+//! What a bucket source would touch today: a new module for the five primitives, `config` (a
+//! `[[watch]]` naming a bucket), and this module (`Root` holding either kind; claiming and
+//! record-building are already here: [`Root::claim_files`], [`Root::new_claim`]). Still bound to
+//! folders, and to move behind `Root` next: listing (`watch/walk.rs`, `watch/hints.rs`), stat
+//! and the open-writer check (`settle/look.rs`), owning and hashing (`hashing.rs` through
+//! `fsops::own`), and placing (`sort` through `fsops::place`), each of which opens a
+//! [`Dir`] from the root today.
 
 use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
