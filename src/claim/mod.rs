@@ -14,7 +14,7 @@
 //!
 //! What this stage does not do: decide verdicts. It hands hashed files to the uploader, and files
 //! it can already decide (unreadable, hard-linked, verdict reused) straight to the sorter; what it
-//! must leave in the inbox, it leaves ([`Claim::why`]).
+//! must leave in the inbox, it leaves ([`crate::fsops::claim::Claim::why`]).
 
 use std::collections::HashSet;
 use std::ffi::OsString;
