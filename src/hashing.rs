@@ -175,7 +175,7 @@ pub async fn hash_record(
             journal
                 .decide(vec![(
                     id,
-                    Decision::failed(FileError::from(e).to_string(), false),
+                    Decision::failed(&FileError::from(e), false),
                 )])
                 .await
                 .map(Hashed::Decided)

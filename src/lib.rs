@@ -45,6 +45,7 @@ pub mod hashing;
 pub mod journal;
 pub mod limits;
 pub mod pipeline;
+pub mod scanner;
 pub mod scope;
 
 // Around it.

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
 
 use crate::journal::{FileId, Stamp};
-use crate::kata::ScanId;
+use crate::scanner::ScanId;
 use crate::limits::InFlight;
 
 /// A hint that something at `path` may be new or changed (a file, or a folder to list).

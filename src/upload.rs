@@ -28,11 +28,10 @@ use crate::context::Shared;
 use crate::error::{FatalError, FileError};
 use crate::hashing;
 use crate::journal::{Decision, FileId, FileState};
-use crate::kata::error::UploadDisposition;
-use crate::kata::{ApiError, ScanId};
 use crate::limits::InFlight;
 use crate::pipeline::Verdict;
 use crate::pipeline::{Claimed, Hashed, Resubmit, Submitted};
+use crate::scanner::{ApiError, ScanId, UploadDisposition};
 
 /// Capacity of upload → poll. The poller only files these away, so it is rarely full.
 pub const SUBMITTED_CAPACITY: usize = 1024;
@@ -114,7 +113,7 @@ pub async fn run(
                     &shared,
                     &verdicts_tx,
                     item.id,
-                    Decision::failed(reason.to_string(), true),
+                    Decision::failed(&reason, true),
                 )
                 .await;
                 continue;
@@ -237,7 +236,7 @@ impl Upload {
         shared.limits.rate().await;
         let span = tracing::info_span!("upload", id = item.id, scan_id = %scan_id);
         let result = tracing::Instrument::instrument(
-            shared.client.submit(&scan_id, file, item.stamp.size),
+            shared.scanner.submit(&scan_id, file, item.stamp.size),
             span,
         )
         .await;
@@ -273,7 +272,6 @@ impl Upload {
                     .metrics
                     .uploaded_bytes
                     .fetch_add(sent.bytes, Ordering::Relaxed);
-                shared.metrics.in_flight.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(id = item.id, scan_id = %scan_id, "submitted");
                 self.submitted_tx
                     .send(Submitted {
@@ -297,17 +295,14 @@ impl Upload {
             Err(e) => match e.upload_disposition() {
                 UploadDisposition::TooLarge => {
                     let limits = shared.limits.clone();
-                    let client = shared.client.clone();
+                    let scanner = shared.scanner.clone();
                     tokio::spawn(async move {
-                        limits.refresh(&client).await.ok();
+                        limits.refresh(&scanner).await.ok();
                     });
-                    let d = Decision::failed(
-                        FileError::RefusedTooLarge {
-                            size: item.stamp.size,
-                        }
-                        .to_string(),
-                        true,
-                    );
+                    let reason = FileError::RefusedTooLarge {
+                        size: item.stamp.size,
+                    };
+                    let d = Decision::failed(&reason, true);
                     decide(shared, &self.verdicts_tx, item.id, d).await;
                     None
                 }
@@ -321,7 +316,7 @@ impl Upload {
                         _ => (0, String::new()),
                     };
                     let d =
-                        Decision::failed(FileError::Rejected { status, body }.to_string(), true);
+                        Decision::failed(&FileError::Rejected { status, body }, true);
                     decide(shared, &self.verdicts_tx, item.id, d).await;
                     None
                 }

@@ -134,7 +134,7 @@ async fn a_later_not_detected_never_overwrites_a_detect() {
     );
     assert_eq!(errors(&j).await.len(), before);
     // A late local failure (a timeout, say) does not overwrite the verdict either.
-    j.decide(vec![(a, Decision::failed("no verdict within 1m", true))])
+    j.decide(vec![(a, Decision::failed(&std::io::Error::other("no verdict within 1m"), true))])
         .await
         .unwrap();
     assert_eq!(j.get(a).await.unwrap().outcome, Some(Outcome::Quarantine));

@@ -47,6 +47,7 @@ use crate::fsops;
 use crate::fsops::roots::Owner;
 use crate::journal::Journal;
 use crate::kata::KataClient;
+use crate::scanner::Scanner;
 use crate::limits::Limits;
 use crate::metrics::Metrics;
 pub use crate::pipeline::Placement;
@@ -95,13 +96,14 @@ impl Agent {
             let m = Arc::clone(&metrics);
             client.observe(Arc::new(move |endpoint, code| m.answer(endpoint, code)));
         }
+        let scanner = Scanner::kata(client);
         Ok(Agent {
             serve_metrics: false,
             keep_staging_locks: false,
             shared: Arc::new(Shared {
                 config,
                 journal,
-                client,
+                scanner,
                 limits,
                 metrics,
                 events,
@@ -159,7 +161,7 @@ impl Agent {
         let refreshed = tokio::select! {
             biased;
             () = shutdown.cancelled() => return Ok(()),
-            r = shared.limits.refresh(&shared.client) => r,
+            r = shared.limits.refresh(&shared.scanner) => r,
         };
         if refreshed.is_err() {
             tracing::warn!(
@@ -386,7 +388,7 @@ async fn housekeeping(shared: Arc<Shared>, shutdown: CancellationToken) {
                 beat.await.ok();
             }
             _ = refresh.tick() => {
-                shared.limits.refresh(&shared.client).await.ok();
+                shared.limits.refresh(&shared.scanner).await.ok();
             }
             _ = probe.tick(), if shared.journal.writes_failing() => {
                 if let Err(e) = shared.journal.probe_write().await {

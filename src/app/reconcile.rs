@@ -274,15 +274,12 @@ pub(super) async fn reconcile(
                 if let (FileState::Submitting | FileState::Submitted, Some(scan_id)) =
                     (r.state, r.scan_id.clone())
                 {
-                    journal.stale_scan(scan_id).await?;
+                    journal.stale_scan(scan_id.as_str().to_owned()).await?;
                 }
                 journal
                     .decide(vec![(
                         r.id,
-                        crate::journal::Decision::failed(
-                            crate::error::FileError::Vanished.to_string(),
-                            false,
-                        ),
+                        crate::journal::Decision::failed(&crate::error::FileError::Vanished, false),
                     )])
                     .await?;
                 journal

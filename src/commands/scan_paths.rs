@@ -45,8 +45,10 @@ pub struct FileResult {
     pub size: u64,
     /// SHA-256 (hex) of the bytes uploaded; absent when not read.
     pub sha256: Option<String>,
-    /// `detect`, `not detected`, `error`, `timeout`, or absent when no verdict came.
-    pub verdict: Option<String>,
+    /// `detect`, `not detected`, `error`, `timeout` (as on the wire), or absent when no
+    /// verdict came.
+    #[serde(serialize_with = "wire_state")]
+    pub verdict: Option<ScanState>,
     /// The scanId used.
     pub scan_id: Option<String>,
     /// Why there is no verdict, or why the entry was skipped.
@@ -57,6 +59,13 @@ pub struct FileResult {
 }
 
 /// A path as JSON text (serde refuses a `PathBuf` that is not UTF-8; `path_hex` is exact).
+fn wire_state<S: serde::Serializer>(v: &Option<ScanState>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(state) => s.serialize_str(state.as_wire()),
+        None => s.serialize_none(),
+    }
+}
+
 fn lossy_path<S: serde::Serializer>(p: &Path, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&p.to_string_lossy())
 }
@@ -103,9 +112,9 @@ impl Report {
             if f.sha256.is_some() {
                 t.bytes += f.size;
             }
-            match f.verdict.as_deref() {
-                Some("not detected") => t.clean += 1,
-                Some("detect") => t.detected += 1,
+            match f.verdict {
+                Some(ScanState::NotDetected) => t.clean += 1,
+                Some(ScanState::Detect) => t.detected += 1,
                 _ => t.errors += 1,
             }
         }
@@ -387,11 +396,11 @@ pub async fn run(config: &Config, paths: &[PathBuf], json: bool) -> ExitCode {
             Ok(list) => {
                 for r in list {
                     if let Some(i) = pending.remove(&r.scan_id) {
-                        let verdict = r.state.as_wire().to_string();
                         if matches!(r.state, ScanState::Error | ScanState::Timeout) {
-                            scanned[i].error = Some(format!("the scan ended with {verdict}"));
+                            let what = r.state.as_wire();
+                            scanned[i].error = Some(format!("the scan ended with {what}"));
                         }
-                        scanned[i].verdict = Some(verdict);
+                        scanned[i].verdict = Some(r.state);
                         finished.push(r.scan_id);
                         progress.verdict();
                     }
@@ -430,7 +439,7 @@ pub async fn run(config: &Config, paths: &[PathBuf], json: bool) -> ExitCode {
         for f in &report.files {
             let what = match (&f.verdict, &f.error) {
                 (_, Some(e)) => e.clone(),
-                (Some(v), None) => v.clone(),
+                (Some(v), None) => v.as_wire().to_owned(),
                 (None, None) => "no verdict".into(),
             };
             println!(

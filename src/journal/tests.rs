@@ -107,7 +107,7 @@ async fn local_failure_hands_over_to_a_waiting_twin() {
     j.hashed(a, sha, stamp(1), Duration::ZERO).await.unwrap();
     j.hashed(b, sha, stamp(1), Duration::ZERO).await.unwrap();
     let decided = j
-        .decide(vec![(a, Decision::failed("unreadable", false))])
+        .decide(vec![(a, Decision::failed(&std::io::Error::other("unreadable"), false))])
         .await
         .unwrap();
     assert_eq!(decided, vec![a]);
@@ -221,7 +221,7 @@ async fn custody_left_busy_comes_back_interrupted_with_its_plan_until_it_ends() 
     let a = claim_one(&j, "a").await;
     j.decide(vec![(
         a,
-        Decision::failed(String::from("too large"), false),
+        Decision::failed(&crate::error::FileError::RefusedTooLarge { size: 9 }, false),
     )])
     .await
     .unwrap();

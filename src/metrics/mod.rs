@@ -343,6 +343,10 @@ impl Metrics {
                 "Current cap on scans in flight (adapts to the server's answers)",
             )
             .set(i64::try_from(live.limits.cap()).unwrap_or(i64::MAX));
+            // Read from the slots the limits hand out, never counted by hand: a scan is in
+            // flight from its acceptance (or adoption at start-up) until its slot is dropped.
+            self.gauge("scans_in_flight", "Scans submitted and not finished")
+                .set(i64::try_from(live.limits.on_server()).unwrap_or(i64::MAX));
             self.gauge("server_up", "1 when KATA answers normally")
                 .set(i64::from(live.limits.health() == Health::Up));
             self.limits_gauges(&live.limits.snapshot());

@@ -188,3 +188,25 @@ async fn beyond_the_cap_a_new_connection_closes_the_oldest() {
     drop(others);
     stop.cancel();
 }
+
+/// Issue 21: the in-flight gauge was counted by hand in five places of upload and poll; it is
+/// read from the limits' slots at scrape time, so it cannot drift from them.
+#[test]
+fn scans_in_flight_gauge_is_read_from_the_limits_slots() {
+    let m = Metrics::new();
+    let limits = Limits::new(
+        NonZeroUsize::new(4).unwrap_or(NonZeroUsize::MIN),
+        NonZeroU32::MIN,
+    );
+    m.attach(limits.clone(), Path::new("/nonexistent/journal.sqlite"));
+    assert!(m.render().contains("dropscan_scans_in_flight 0\n"));
+    let a = limits.adopt();
+    let b = limits.adopt();
+    let text = m.render();
+    assert!(text.contains("dropscan_scans_in_flight 2\n"), "{text}");
+    drop(a);
+    let text = m.render();
+    assert!(text.contains("dropscan_scans_in_flight 1\n"), "{text}");
+    drop(b);
+    assert!(m.render().contains("dropscan_scans_in_flight 0\n"));
+}

@@ -49,11 +49,11 @@ use tokio_util::sync::CancellationToken;
 use crate::context::Shared;
 use crate::error::{FatalError, FileError};
 use crate::journal::{Decision, FileId, FileRecord, ScanVerdict};
-use crate::kata::{ScanId, ScanState};
 use crate::limits::InFlight;
 use crate::pipeline::Claimed;
 use crate::pipeline::Verdict;
 use crate::pipeline::{Resubmit, Submitted};
+use crate::scanner::{ScanId, ScanState};
 
 /// Stale results deleted per tick at most.
 const STALE_DELETES_PER_TICK: usize = 100;
@@ -146,7 +146,6 @@ pub async fn run(
     let adopted_at = Instant::now();
     for r in submitted {
         if let (Some(scan_id), Some(sha256)) = (r.scan_id, r.sha256) {
-            shared.metrics.in_flight.fetch_add(1, Ordering::Relaxed);
             scans.insert(
                 scan_id,
                 Entry {
@@ -260,7 +259,7 @@ impl Poller<'_> {
         }
         shared.limits.rate().await;
         shared.metrics.polls.fetch_add(1, Ordering::Relaxed);
-        let results = match shared.client.results(&states).await {
+        let results = match shared.scanner.results(&states).await {
             Ok(r) => {
                 shared.limits.server_ok();
                 shared.metrics.poll_succeeded();
@@ -277,7 +276,7 @@ impl Poller<'_> {
             }
         };
         // One answer listing a scan twice is folded fail-closed (detect wins).
-        let (results, contradictions) = crate::kata::merge_duplicates(results);
+        let (results, contradictions) = crate::scanner::merge_duplicates(results);
         for scan_id in contradictions.into_iter().map(|c| c.scan_id) {
             let text = format!(
                 "server anomaly: one results answer lists scan {scan_id} with contradicting final states; the most cautious one is used"
@@ -360,7 +359,6 @@ impl Poller<'_> {
             }
             if let (Some(scan_id), Some(sha256)) = (rec.scan_id.clone(), rec.sha256) {
                 tracing::info!(id = rec.id, scan_id = %scan_id, "scan submitted before the restart is known to the server: polling it");
-                shared.metrics.in_flight.fetch_add(1, Ordering::Relaxed);
                 scans.insert(
                     scan_id,
                     Entry {
@@ -417,12 +415,8 @@ impl Poller<'_> {
     }
 
     fn finish(&self, scans: &mut HashMap<String, Entry>, scan_id: &str) {
-        if scans.remove(scan_id).is_some() {
-            self.shared
-                .metrics
-                .in_flight
-                .fetch_sub(1, Ordering::Relaxed);
-        }
+        // Dropping the entry frees its in-flight slot (and the gauge with it).
+        scans.remove(scan_id);
     }
 
     fn requeue(&self, rec: &FileRecord) {
@@ -449,10 +443,6 @@ impl Poller<'_> {
         match self.shared.journal.decide(decisions).await {
             Ok(decided) => {
                 scans.retain(|_, e| !ids.contains(&e.id));
-                self.shared
-                    .metrics
-                    .in_flight
-                    .store(i64::try_from(scans.len()).unwrap_or(0), Ordering::Relaxed);
                 for id in decided {
                     self.verdicts_tx.send(Verdict { id }).await.ok();
                 }
@@ -550,7 +540,7 @@ impl Poller<'_> {
                 continue;
             };
             shared.limits.rate().await;
-            match shared.client.delete(&id).await {
+            match shared.scanner.forget(&id).await {
                 Ok(_) => {
                     shared.journal.stale_deleted(scan_id).await.ok();
                 }
@@ -566,7 +556,7 @@ impl Poller<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kata::ScanResult;
+    use crate::scanner::ScanResult;
 
     fn r(id: &str, state: ScanState) -> ScanResult {
         ScanResult {
@@ -596,7 +586,7 @@ mod tests {
 
     #[test]
     fn duplicate_entries_for_one_scan_in_one_answer_fold_to_detect() {
-        let (folded, contradictions) = crate::kata::merge_duplicates(vec![
+        let (folded, contradictions) = crate::scanner::merge_duplicates(vec![
             r("a", ScanState::NotDetected),
             r("b", ScanState::NotDetected),
             r("a", ScanState::Detect),
@@ -618,7 +608,7 @@ mod tests {
         let ids: Vec<String> = contradictions.into_iter().map(|c| c.scan_id).collect();
         assert_eq!(ids, vec!["a".to_string(), "d".to_string()]);
         // Detect wins whatever the order.
-        let (folded, _) = crate::kata::merge_duplicates(vec![
+        let (folded, _) = crate::scanner::merge_duplicates(vec![
             r("a", ScanState::Detect),
             r("a", ScanState::NotDetected),
         ]);
