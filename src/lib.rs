@@ -16,7 +16,9 @@
 //!
 //! The stages never import each other or [`app`]: what crosses an edge is in [`pipeline`],
 //! what they share in [`context`], and [`hashing`] and [`scope`] are the pieces two stages
-//! need. A test (`tests/layout.rs`) keeps the module graph acyclic.
+//! need. They reach the scanning service through [`scanner`] (the seam: submit, results,
+//! forget, restrictions), never through the KATA client itself. A test (`tests/layout.rs`)
+//! keeps the module graph acyclic and the stages behind the seam.
 //!
 //! Around the pipeline: [`config`] (validated once at start), [`kata`] (the protocol client,
 //! knowing nothing of the pipeline), [`fsops`] (the only place that touches users' files,

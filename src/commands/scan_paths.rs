@@ -188,14 +188,14 @@ pub fn collect(paths: &[PathBuf]) -> (Vec<Listed>, Vec<FileResult>) {
 /// Opens `path`, found beneath the PATH `given`, for reading without following a symlink
 /// anywhere beneath `given` (a folder swapped for a link after it was listed is refused, not
 /// followed); it must be a regular file.
-fn open_regular(path: &Path, given: &Path) -> Result<(std::fs::File, u64), String> {
+fn open_regular(path: &Path, given: &Path) -> Result<(std::fs::File, u64), ScanFileError> {
     use rustix::fs::{Mode, OFlags};
     if let Ok(rel) = path.strip_prefix(given) {
         if !rel.as_os_str().is_empty() {
-            let (parent, name) = crate::fsops::split_rel(rel).map_err(|e| e.to_string())?;
-            let top = crate::fsops::Dir::open_trusted(given).map_err(|e| e.to_string())?;
-            let dir = top.open_dir(parent).map_err(|e| e.to_string())?;
-            let (file, stamp) = dir.open_file(name).map_err(|e| e.to_string())?;
+            let (parent, name) = crate::fsops::split_rel(rel)?;
+            let top = crate::fsops::Dir::open_trusted(given)?;
+            let dir = top.open_dir(parent)?;
+            let (file, stamp) = dir.open_file(name)?;
             return Ok((file, stamp.size));
         }
     }
@@ -204,13 +204,36 @@ fn open_regular(path: &Path, given: &Path) -> Result<(std::fs::File, u64), Strin
         OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
         Mode::empty(),
     )
-    .map_err(|e| format!("cannot open: {}", std::io::Error::from(e)))?;
+    .map_err(|e| ScanFileError::Open(e.into()))?;
     let file = std::fs::File::from(fd);
-    let meta = file.metadata().map_err(|e| format!("cannot stat: {e}"))?;
+    let meta = file.metadata().map_err(ScanFileError::Stat)?;
     if !meta.file_type().is_file() {
-        return Err("not a regular file".into());
+        return Err(ScanFileError::NotRegular);
     }
     Ok((file, meta.len()))
+}
+
+/// Why one file of a run has no scan.
+#[derive(Debug, thiserror::Error)]
+enum ScanFileError {
+    /// Not beneath the PATH given, a link, or unreadable there.
+    #[error(transparent)]
+    Fs(#[from] crate::fsops::FsError),
+    /// Opening the file named itself failed.
+    #[error("cannot open: {0}")]
+    Open(std::io::Error),
+    /// Its status could not be read.
+    #[error("cannot stat: {0}")]
+    Stat(std::io::Error),
+    /// A folder, FIFO, device, …
+    #[error("not a regular file")]
+    NotRegular,
+    /// The server refused it (or the way to it failed for good).
+    #[error(transparent)]
+    Refused(ApiError),
+    /// Busy, failing or unreachable on every attempt.
+    #[error("not accepted after {ATTEMPTS} attempts: {0}")]
+    GaveUp(ApiError),
 }
 
 /// Uploads one file, retrying what is retryable; the scanId and SHA-256 of the bytes sent.
@@ -218,9 +241,9 @@ async fn submit(
     client: &KataClient,
     path: &Path,
     given: &Path,
-) -> Result<(ScanId, String, u64), String> {
-    let mut last = String::new();
-    for attempt in 1..=ATTEMPTS {
+) -> Result<(ScanId, String, u64), ScanFileError> {
+    let mut attempt = 1;
+    loop {
         let (file, len) = open_regular(path, given)?;
         let scan_id = ScanId::generate();
         match client
@@ -231,13 +254,15 @@ async fn submit(
             Err(
                 e @ (ApiError::Busy { .. } | ApiError::Server { .. } | ApiError::Transport { .. }),
             ) => {
-                last = e.to_string();
+                if attempt >= ATTEMPTS {
+                    return Err(ScanFileError::GaveUp(e));
+                }
                 tokio::time::sleep(Duration::from_secs(u64::from(attempt))).await;
+                attempt += 1;
             }
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(ScanFileError::Refused(e)),
         }
     }
-    Err(format!("not accepted after {ATTEMPTS} attempts: {last}"))
 }
 
 /// Progress on stderr: a bar on a terminal, plain lines otherwise.
@@ -381,7 +406,7 @@ pub async fn run(config: &Config, paths: &[PathBuf], json: bool) -> ExitCode {
                 progress.uploaded(bytes);
             }
             Err(e) => {
-                scanned[i].error = Some(e);
+                scanned[i].error = Some(e.to_string());
                 progress.verdict();
             }
         }

@@ -210,7 +210,7 @@ fn sha_from(b: Option<Vec<u8>>) -> Option<[u8; 32]> {
 
 /// A scanId read back: every one was made by [`ScanId::generate`] and journaled before it was
 /// sent, so one that does not parse is a damaged journal, reported as such (it is never put in
-/// a URL unchecked).
+/// a URL unchecked). An empty one (a reused verdict whose scan had none) reads as none.
 fn stored_scan_id(column: usize, s: &str) -> rusqlite::Result<ScanId> {
     ScanId::parse(s).map_err(|e| {
         rusqlite::Error::FromSqlConversionFailure(column, rusqlite::types::Type::Text, Box::new(e))
@@ -243,6 +243,7 @@ pub(super) fn row_to_record(r: &Row<'_>) -> rusqlite::Result<FileRecord> {
         sha256: sha_from(r.get(10)?),
         scan_id: r
             .get::<_, Option<String>>(11)?
+            .filter(|s| !s.is_empty())
             .map(|s| stored_scan_id(11, &s))
             .transpose()?,
         scan_ids: scan_ids

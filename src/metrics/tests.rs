@@ -81,7 +81,7 @@ fn readyz_is_not_ready_while_an_inbox_is_missing() {
     );
     assert_eq!(m.readiness(), Ok(()));
     m.set_missing_inboxes([PathBuf::from("/mnt/share/inbox")]);
-    let why = m.readiness().unwrap_err();
+    let why = m.readiness().unwrap_err().to_string();
     assert!(why.contains("/mnt/share/inbox"), "{why}");
     m.set_missing_inboxes([]);
     assert_eq!(m.readiness(), Ok(()));
