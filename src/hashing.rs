@@ -173,10 +173,7 @@ pub async fn hash_record(
             };
             tracing::warn!(id, error = %e, "cannot hash staged file");
             journal
-                .decide(vec![(
-                    id,
-                    Decision::failed(&FileError::from(e), false),
-                )])
+                .decide(vec![(id, Decision::failed(&FileError::from(e), false))])
                 .await
                 .map(Hashed::Decided)
         }

@@ -19,8 +19,8 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
 
 use crate::journal::{FileId, Stamp};
-use crate::scanner::ScanId;
 use crate::limits::InFlight;
+use crate::scanner::ScanId;
 
 /// A hint that something at `path` may be new or changed (a file, or a folder to list).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -157,7 +157,11 @@ async fn status_codes_413_429_500_and_401() {
     let (_, r) = submit(&c, b"second").await;
     let e = r.unwrap_err();
     assert!(matches!(e, ApiError::Busy { .. }), "{e:?}");
-    assert_eq!(e.upload_disposition(), dropscan::kata::error::UploadDisposition::RetryLater { ambiguous: false }, "{e:?}");
+    assert_eq!(
+        e.upload_disposition(),
+        dropscan::kata::error::UploadDisposition::RetryLater { ambiguous: false },
+        "{e:?}"
+    );
     // 500 on every request.
     emu.state().set_faults(Faults {
         http_500_share: 1.0,
@@ -165,7 +169,11 @@ async fn status_codes_413_429_500_and_401() {
     });
     let e = c.restrictions().await.unwrap_err();
     assert!(matches!(e, ApiError::Server { status: 500, .. }), "{e:?}");
-    assert_eq!(e.upload_disposition(), dropscan::kata::error::UploadDisposition::RetryLater { ambiguous: false }, "{e:?}");
+    assert_eq!(
+        e.upload_disposition(),
+        dropscan::kata::error::UploadDisposition::RetryLater { ambiguous: false },
+        "{e:?}"
+    );
     let e = c.results(&ScanState::FINAL).await.unwrap_err();
     assert!(matches!(e, ApiError::Server { .. }), "{e:?}");
     emu.state().set_faults(Faults::default());
@@ -175,7 +183,11 @@ async fn status_codes_413_429_500_and_401() {
     let e = c2.restrictions().await.unwrap_err();
     assert!(matches!(e, ApiError::Unauthorized { .. }), "{e:?}");
     // The file waits (submissions pause until the administrator accepts), never fails.
-    assert_eq!(e.upload_disposition(), dropscan::kata::error::UploadDisposition::RetryLater { ambiguous: false }, "{e:?}");
+    assert_eq!(
+        e.upload_disposition(),
+        dropscan::kata::error::UploadDisposition::RetryLater { ambiguous: false },
+        "{e:?}"
+    );
     assert!(e.to_string().contains("accept"), "{e}");
     // Accepted by the administrator: it works.
     let fp: [u8; 32] = {
@@ -204,7 +216,11 @@ async fn tls_refusals_untrusted_server_pin_mismatch_foreign_client() {
     .unwrap();
     let e = c.restrictions().await.unwrap_err();
     assert!(matches!(e, ApiError::ServerNotTrusted { .. }), "{e:?}");
-    assert_eq!(e.upload_disposition(), dropscan::kata::error::UploadDisposition::RetryLater { ambiguous: false }, "{e:?}");
+    assert_eq!(
+        e.upload_disposition(),
+        dropscan::kata::error::UploadDisposition::RetryLater { ambiguous: false },
+        "{e:?}"
+    );
     // The right CA but a wrong pin.
     let c = KataClient::new(options(
         &emu,

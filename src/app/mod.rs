@@ -47,11 +47,11 @@ use crate::fsops;
 use crate::fsops::roots::Owner;
 use crate::journal::Journal;
 use crate::kata::KataClient;
-use crate::scanner::Scanner;
 use crate::limits::Limits;
 use crate::metrics::Metrics;
 pub use crate::pipeline::Placement;
 use crate::pipeline::Resubmit;
+use crate::scanner::Scanner;
 use crate::{claim, poll, settle, sort, upload, watch};
 
 /// A stage as the supervisor holds it.

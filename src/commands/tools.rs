@@ -222,7 +222,12 @@ fn print_one(k: &Kept, long: bool) {
             .map_or_else(String::new, |d| format!("→ {}", shown(d))),
         r.stamp
             .map_or_else(|| "-".into(), |s| super::human_bytes(s.size)),
-        text(r.verdict.map(ScanVerdict::as_str).or(r.reason.as_deref()).unwrap_or("-")),
+        text(
+            r.verdict
+                .map(ScanVerdict::as_str)
+                .or(r.reason.as_deref())
+                .unwrap_or("-")
+        ),
     );
     if long {
         println!(

@@ -123,7 +123,12 @@ pub async fn run(journal: Journal, hooks: Vec<HookConfig>, shutdown: Cancellatio
 }
 
 /// Records a delivery's fate in the journal.
-async fn record(journal: &Journal, ev: HookEvent, result: Result<(), DeliveryError>, max_attempts: u32) {
+async fn record(
+    journal: &Journal,
+    ev: HookEvent,
+    result: Result<(), DeliveryError>,
+    max_attempts: u32,
+) {
     match result {
         Ok(()) => {
             tracing::debug!(hook = %ev.hook, event = ev.id, "notification delivered");

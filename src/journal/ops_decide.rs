@@ -12,8 +12,8 @@ use super::ops_anomaly::record_in;
 use super::ops_maint::note_error_in;
 use super::schema::{COLUMNS, execute, expect_transition, load, placeholders, row_to_record};
 use super::types::{Decision, FileId, FileRecord, FileState, JournalError, Outcome, ScanVerdict};
-use crate::scanner::ScanId;
 use super::{Journal, now_ms};
+use crate::scanner::ScanId;
 
 /// Records a verdict in the reuse table. `detect` wins: a cached `detect` is never replaced by
 /// `not detected` for the same SHA-256 (it expires with the TTL instead).
@@ -136,7 +136,12 @@ fn decide_in(conn: &Connection, id: FileId, d: &Decision) -> Result<Vec<FileId>,
     }
     if let (Some(v), Some(vsha)) = (d.verdict, d.verdict_sha256) {
         if d.outcome == v.outcome() {
-            cache_verdict(conn, vsha, v, rec.scan_id.as_ref().map_or("", ScanId::as_str))?;
+            cache_verdict(
+                conn,
+                vsha,
+                v,
+                rec.scan_id.as_ref().map_or("", ScanId::as_str),
+            )?;
         }
     }
     Ok(decided)

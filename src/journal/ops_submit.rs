@@ -106,7 +106,7 @@ impl Journal {
                 params![id, note],
                 "resubmit",
             )?;
-            stale_scan_in(conn, &old_scan_id)
+            stale_scan_in(conn, old_scan_id.as_str())
         })
         .await
     }

@@ -489,7 +489,10 @@ mod tests {
                 RetryLater { ambiguous: false },
             ),
             (ApiError::TooLarge, TooLarge),
-            (ApiError::Busy { retry_after: None }, RetryLater { ambiguous: false }),
+            (
+                ApiError::Busy { retry_after: None },
+                RetryLater { ambiguous: false },
+            ),
             (
                 ApiError::Server {
                     status: 500,
@@ -504,7 +507,10 @@ mod tests {
                 },
                 RetryLater { ambiguous: false },
             ),
-            (ApiError::NotTls { detail: "x".into() }, RetryLater { ambiguous: false }),
+            (
+                ApiError::NotTls { detail: "x".into() },
+                RetryLater { ambiguous: false },
+            ),
             (
                 ApiError::Rejected {
                     status: 400,
@@ -512,7 +518,10 @@ mod tests {
                 },
                 Rejected,
             ),
-            (ApiError::ServerNotTrusted { detail: "x".into() }, RetryLater { ambiguous: false }),
+            (
+                ApiError::ServerNotTrusted { detail: "x".into() },
+                RetryLater { ambiguous: false },
+            ),
             (
                 ApiError::PinMismatch {
                     expected: "a".into(),
@@ -520,9 +529,15 @@ mod tests {
                 },
                 RetryLater { ambiguous: false },
             ),
-            (ApiError::ClientCertRefused { detail: "x".into() }, RetryLater { ambiguous: false }),
+            (
+                ApiError::ClientCertRefused { detail: "x".into() },
+                RetryLater { ambiguous: false },
+            ),
             (ApiError::protocol("x"), RetryLater { ambiguous: true }),
-            (ApiError::Setup { detail: "x".into() }, RetryLater { ambiguous: false }),
+            (
+                ApiError::Setup { detail: "x".into() },
+                RetryLater { ambiguous: false },
+            ),
             (
                 ApiError::Local {
                     source: io::Error::other("x"),

@@ -65,7 +65,6 @@ impl ScanId {
     }
 }
 
-
 impl fmt::Display for ScanId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)

@@ -1,6 +1,7 @@
 //! Unit tests of the poller: its clock and its decision core.
 
 use super::*;
+use crate::journal::ScanVerdict;
 use crate::scanner::ScanResult;
 
 fn r(id: &str, state: ScanState) -> ScanResult {
@@ -84,7 +85,12 @@ fn limits() -> crate::limits::Limits {
 /// What a judgement says, in a comparable form: decisions as (file, outcome, verdict, reason),
 /// retries as (file, scan), adopted scans.
 type Seen = (
-    Vec<(FileId, crate::journal::Outcome, Option<ScanVerdict>, Option<String>)>,
+    Vec<(
+        FileId,
+        crate::journal::Outcome,
+        Option<ScanVerdict>,
+        Option<String>,
+    )>,
     Vec<(FileId, ScanId)>,
     Vec<ScanId>,
 );

@@ -13,8 +13,8 @@ use crate::context::Shared;
 use crate::fsops::roots::Which;
 use crate::fsops::{self, FsError};
 use crate::journal::{FileRecord, FileState, Outcome, ScanVerdict, now_ms};
-use crate::scanner::ScanId;
 use crate::pipeline::Placement;
+use crate::scanner::ScanId;
 
 /// The sidecar written beside quarantined and failed files.
 #[derive(Serialize)]
@@ -124,7 +124,7 @@ impl Sorter {
             size = rec.stamp.map_or(0, |s| s.size),
             sha256 = %rec.sha256.map(|s| hex(&s)).unwrap_or_default(),
             outcome = outcome.as_str(),
-            verdict = rec.verdict.as_deref().unwrap_or("-"),
+            verdict = rec.verdict.map_or("-", ScanVerdict::as_str),
             reason = reason.as_deref().unwrap_or("-"),
             reused = rec.reused,
             since_drop_ms = latency,

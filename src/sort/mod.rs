@@ -38,7 +38,6 @@ mod plan;
 use crate::fsops::{self, FsError};
 use crate::hashing;
 use crate::journal::{FileId, FileRecord, FileState};
-use crate::scanner::ScanId;
 use crate::pipeline::Hashed;
 use crate::pipeline::{Resubmit, Verdict};
 pub use finish::hex;
