@@ -261,38 +261,8 @@ impl Poller<'_> {
             .iter()
             .filter_map(|s| unconfirmed.remove(s))
             .collect();
-        // Scans found `submitting` at start-up: known to the server → adopt; unknown → resubmit.
-        let adopted_at = Instant::now();
-        for rec in seen_unconfirmed {
-            if let Err(e) = shared.journal.submitted(rec.id).await {
-                tracing::error!(id = rec.id, error = %e, "journal write failed");
-                continue;
-            }
-            if let (Some(scan_id), Some(sha256)) = (rec.scan_id.clone(), rec.sha256) {
-                tracing::info!(id = rec.id, scan_id = %scan_id, "scan submitted before the restart is known to the server: polling it");
-                scans.insert(
-                    scan_id,
-                    Entry {
-                        id: rec.id,
-                        sha256,
-                        attempts: rec.attempts + 1,
-                        clock: ScanClock::starting_at(adopted_at),
-                        _slot: shared.limits.adopt(),
-                    },
-                );
-            }
-        }
-        for (_, rec) in unconfirmed.drain() {
-            tracing::info!(
-                id = rec.id,
-                scan_id = rec.scan_id.as_ref().map_or("-", ScanId::as_str),
-                "scan interrupted by the restart is not known to the server: its scanId is deleted and the file submitted again"
-            );
-            match shared.journal.resend(rec.id).await {
-                Ok(()) => self.requeue(&rec),
-                Err(e) => tracing::error!(id = rec.id, error = %e, "journal write failed"),
-            }
-        }
+        self.settle_unconfirmed(scans, unconfirmed, seen_unconfirmed)
+            .await;
         for (id, scan_id, note) in judged.retries {
             tracing::info!(id, %scan_id, "{note}");
             match shared.journal.resubmit(id, scan_id.clone(), note).await {
@@ -323,6 +293,49 @@ impl Poller<'_> {
             }
         }
         true
+    }
+
+    /// Scans found `submitting` at start-up, after a successful results request: those the
+    /// server listed (`seen`) are adopted as submitted, the others (left in `unconfirmed`) go
+    /// back to the uploader with their scanId queued for deletion.
+    async fn settle_unconfirmed(
+        &self,
+        scans: &mut HashMap<ScanId, Entry>,
+        unconfirmed: &mut HashMap<ScanId, FileRecord>,
+        seen: Vec<FileRecord>,
+    ) {
+        let shared = self.shared;
+        let adopted_at = Instant::now();
+        for rec in seen {
+            if let Err(e) = shared.journal.submitted(rec.id).await {
+                tracing::error!(id = rec.id, error = %e, "journal write failed");
+                continue;
+            }
+            if let (Some(scan_id), Some(sha256)) = (rec.scan_id.clone(), rec.sha256) {
+                tracing::info!(id = rec.id, scan_id = %scan_id, "scan submitted before the restart is known to the server: polling it");
+                scans.insert(
+                    scan_id,
+                    Entry {
+                        id: rec.id,
+                        sha256,
+                        attempts: rec.attempts + 1,
+                        clock: ScanClock::starting_at(adopted_at),
+                        _slot: shared.limits.adopt(),
+                    },
+                );
+            }
+        }
+        for (_, rec) in unconfirmed.drain() {
+            tracing::info!(
+                id = rec.id,
+                scan_id = rec.scan_id.as_ref().map_or("-", ScanId::as_str),
+                "scan interrupted by the restart is not known to the server: its scanId is deleted and the file submitted again"
+            );
+            match shared.journal.resend(rec.id).await {
+                Ok(()) => self.requeue(&rec),
+                Err(e) => tracing::error!(id = rec.id, error = %e, "journal write failed"),
+            }
+        }
     }
 
     fn finish(&self, scans: &mut HashMap<ScanId, Entry>, scan_id: &ScanId) {
