@@ -14,11 +14,11 @@ use crate::config::Config;
 use crate::fsops::roots::Owner;
 use crate::fsops::{self, Dir, FsError, Stamp};
 use crate::journal::Journal;
-use crate::kata::KataClient;
 use crate::limits::Limits;
 use crate::metrics::Metrics;
 use crate::pipeline::Placement;
 use crate::root::{Root, Roots};
+use crate::scanner::Scanner;
 
 /// What every stage shares.
 pub struct Shared {
@@ -26,8 +26,8 @@ pub struct Shared {
     pub config: Arc<Config>,
     /// The journal.
     pub journal: Journal,
-    /// The protocol client (one pooled connection set).
-    pub client: KataClient,
+    /// The scanning service (one pooled connection set), behind its seam.
+    pub scanner: Scanner,
     /// Restrictions, rate, in-flight cap, server health.
     pub limits: Limits,
     /// Counters.
@@ -99,7 +99,7 @@ impl Shared {
 
     /// A request to KATA failed: pause submissions accordingly, and when this changes the
     /// server's state (up → down, or → unauthorized), keep the error for `dropscan status`.
-    pub async fn server_failed(&self, e: &crate::kata::ApiError) -> std::time::Duration {
+    pub async fn server_failed(&self, e: &crate::scanner::ApiError) -> std::time::Duration {
         let before = self.limits.health();
         let pause = self.limits.server_failed(e);
         if self.limits.health() != before {

@@ -110,7 +110,7 @@ pub enum FileError {
         /// The configured timeout.
         timeout: std::time::Duration,
         /// The last scan.
-        scan_id: String,
+        scan_id: crate::scanner::ScanId,
     },
     /// The staged file disappeared (removed by hand).
     #[error("vanished from staging")]

@@ -170,10 +170,7 @@ pub async fn hash_record(
             };
             tracing::warn!(id, error = %e, "cannot hash staged file");
             journal
-                .decide(vec![(
-                    id,
-                    Decision::failed(FileError::from(e).to_string(), false),
-                )])
+                .decide(vec![(id, Decision::failed(&FileError::from(e), false))])
                 .await
                 .map(Hashed::Decided)
         }

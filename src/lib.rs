@@ -16,9 +16,10 @@
 //!
 //! The stages never import each other or [`app`]: what crosses an edge is in [`pipeline`],
 //! what they share in [`context`], and [`hashing`] and [`scope`] are the pieces two stages
-//! need. A stage reaches a watched root through [`root`] (the input-source seam), never through
-//! how its folders are kept. A test (`tests/layout.rs`) keeps the module graph acyclic and the
-//! seam in place.
+//! need. Two seams: a stage reaches a watched root through [`root`] (the input source), never
+//! through how its folders are kept, and the scanning service through [`scanner`] (submit,
+//! results, forget, restrictions), never through the KATA client itself. A test
+//! (`tests/layout.rs`) keeps the module graph acyclic and the stages behind both seams.
 //!
 //! Around the pipeline: [`config`] (validated once at start), [`kata`] (the protocol client,
 //! knowing nothing of the pipeline), [`fsops`] (the only place that touches users' files,
@@ -48,6 +49,7 @@ pub mod journal;
 pub mod limits;
 pub mod pipeline;
 pub mod root;
+pub mod scanner;
 pub mod scope;
 
 // Around it.

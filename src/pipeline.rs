@@ -20,9 +20,9 @@ use tokio::sync::Notify;
 
 use crate::fsops::Stamp;
 use crate::journal::FileId;
-use crate::kata::ScanId;
 use crate::limits::InFlight;
 use crate::root::RootId;
+use crate::scanner::ScanId;
 
 /// A hint that something at `path` may be new or changed (a file, or a folder to list).
 #[derive(Debug, Clone, PartialEq, Eq)]

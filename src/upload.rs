@@ -7,6 +7,9 @@
 //! so that a verdict always belongs to the exact bytes recorded. An accepted scan carries its slot
 //! to the poller, which frees it when the verdict is final.
 //!
+//! What the answer to one upload means (accepted, changed, refused, retry later) is decided
+//! without I/O by `answer` (tested with tables); `Upload::submit` acts on it.
+//!
 //! Files come from the claim stage (`claimed_rx`) and from the [`Resubmit`] queue: scans that
 //! ended in `error`/`timeout`, submissions refused with 429/5xx, and files found waiting at
 //! start-up. The queue is the only edge that points backwards in the pipeline, so it is not a
@@ -28,11 +31,10 @@ use crate::context::Shared;
 use crate::error::{FatalError, FileError};
 use crate::hashing;
 use crate::journal::{Decision, FileId, FileState};
-use crate::kata::error::UploadDisposition;
-use crate::kata::{ApiError, ScanId};
 use crate::limits::InFlight;
 use crate::pipeline::Verdict;
 use crate::pipeline::{Claimed, Hashed, Resubmit, Submitted};
+use crate::scanner::{ApiError, ScanId, Sent, UploadDisposition};
 
 /// Capacity of upload → poll. The poller only files these away, so it is rarely full.
 pub const SUBMITTED_CAPACITY: usize = 1024;
@@ -114,7 +116,7 @@ pub async fn run(
                     &shared,
                     &verdicts_tx,
                     item.id,
-                    Decision::failed(reason.to_string(), true),
+                    Decision::failed(&reason, true),
                 )
                 .await;
                 continue;
@@ -210,14 +212,11 @@ impl Upload {
     }
 
     /// Uploads one file; returns it when it must be queued again.
-    async fn submit(&self, item: Claimed, mut slot: InFlight) -> Option<Claimed> {
+    async fn submit(&self, item: Claimed, slot: InFlight) -> Option<Claimed> {
         let shared = &self.shared;
         let scan_id = ScanId::generate();
-        if let Err(e) = shared
-            .journal
-            .submitting(item.id, scan_id.as_str().to_string())
-            .await
-        {
+        // The scan's id is journaled before a byte is sent (the scanner seam's contract).
+        if let Err(e) = shared.journal.submitting(item.id, scan_id.clone()).await {
             if matches!(e, crate::journal::JournalError::Conflict { .. }) {
                 // A stale copy of a record that moved on meanwhile: nothing to do.
                 tracing::debug!(id = item.id, error = %e, "skipped a stale upload request");
@@ -237,124 +236,133 @@ impl Upload {
         shared.limits.rate().await;
         let span = tracing::info_span!("upload", id = item.id, scan_id = %scan_id);
         let result = tracing::Instrument::instrument(
-            shared.client.submit(&scan_id, file, item.stamp.size),
+            shared.scanner.submit(&scan_id, file, item.stamp.size),
             span,
         )
         .await;
-        match result {
-            Ok(sent) if sent.sha256 == item.sha256 && sent.bytes == item.stamp.size => {
-                shared.limits.server_ok();
-                shared.limits.accepted(&mut slot);
-                if let Err(e) = shared.journal.submitted(item.id).await {
-                    // The record says `submitting`: the next start asks the server about it.
-                    tracing::error!(id = item.id, error = %e, "journal write failed after upload");
-                }
-                let rec = shared.journal.get(item.id).await;
-                let attempts = rec.as_ref().map_or(1, |r| r.attempts.max(1));
-                if let Ok(r) = &rec {
-                    let dropped = r
-                        .dropped_at_ms
-                        .unwrap_or(r.claimed_at_ms)
-                        .min(r.claimed_at_ms);
-                    let ms = crate::journal::now_ms().saturating_sub(dropped);
-                    shared
-                        .metrics
-                        .observe_submitted(Duration::from_millis(u64::try_from(ms).unwrap_or(0)));
-                    // With a long poll interval nothing else is said until the verdict.
-                    tracing::info!(
-                        path = %crate::fsops::shown(&r.rel_path),
-                        scan_id = %scan_id,
-                        "submitted; next results request in {}",
-                        humantime::format_duration(shared.config.server.poll_interval)
-                    );
-                }
-                shared.metrics.submitted.fetch_add(1, Ordering::Relaxed);
-                shared
-                    .metrics
-                    .uploaded_bytes
-                    .fetch_add(sent.bytes, Ordering::Relaxed);
-                shared.metrics.in_flight.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(id = item.id, scan_id = %scan_id, "submitted");
-                self.submitted_tx
-                    .send(Submitted {
-                        id: item.id,
-                        scan_id,
-                        sha256: item.sha256,
-                        attempts,
-                        submitted_at: tokio::time::Instant::now(),
-                        slot,
-                    })
-                    .await
-                    .ok();
+        match answer(&result, &item.sha256, item.stamp.size) {
+            Answer::Accepted { bytes } => {
+                self.accepted(item, scan_id, bytes, slot).await;
                 None
             }
-            Ok(_) => {
+            Answer::Changed => {
                 // The server scanned bytes we did not hash: its verdict must not be used. The
                 // journal's `rehash` queues this scanId for deletion in the same transaction.
                 tracing::warn!(id = item.id, "file changed during upload: hashing again");
                 self.rehash(item.id, item.staged.clone()).await
             }
-            Err(e) => match e.upload_disposition() {
-                UploadDisposition::TooLarge => {
-                    let limits = shared.limits.clone();
-                    let client = shared.client.clone();
-                    tokio::spawn(async move {
-                        limits.refresh(&client).await.ok();
-                    });
-                    let d = Decision::failed(
-                        FileError::RefusedTooLarge {
-                            size: item.stamp.size,
-                        }
-                        .to_string(),
-                        true,
-                    );
-                    decide(shared, &self.verdicts_tx, item.id, d).await;
-                    None
-                }
-                UploadDisposition::Rehash => {
+            Answer::Rehash => {
+                if let Err(e) = &result {
                     tracing::info!(id = item.id, error = %e, "reading the staged file failed: hashing again");
-                    self.rehash(item.id, item.staged.clone()).await
                 }
-                UploadDisposition::Rejected => {
-                    let (status, body) = match &e {
-                        ApiError::Rejected { status, body } => (*status, body.clone()),
-                        _ => (0, String::new()),
-                    };
-                    let d =
-                        Decision::failed(FileError::Rejected { status, body }.to_string(), true);
-                    decide(shared, &self.verdicts_tx, item.id, d).await;
-                    None
+                self.rehash(item.id, item.staged.clone()).await
+            }
+            Answer::Fail { reason, refresh } => {
+                if refresh {
+                    let limits = shared.limits.clone();
+                    let scanner = shared.scanner.clone();
+                    tokio::spawn(async move {
+                        limits.refresh(&scanner).await.ok();
+                    });
                 }
-                UploadDisposition::RetryLater { ambiguous } => {
-                    // 429, 5xx, transport, TLS, 401, garbage: the file waits and is tried again.
-                    shared
-                        .metrics
-                        .request_errors
-                        .fetch_add(1, Ordering::Relaxed);
-                    if matches!(e, ApiError::Busy { .. }) {
-                        shared.metrics.throttled.fetch_add(1, Ordering::Relaxed);
-                        // The server's concurrency limit: the in-flight cap learns from it.
-                        shared.limits.throttled(&slot);
-                    }
-                    let pause = shared.server_failed(&e).await;
-                    tracing::debug!(id = item.id, error = %e, ?pause, "upload not accepted; will retry");
-                    let back = if ambiguous {
-                        // `resend` queues the scanId for deletion in the same transaction that
-                        // sends the file back, so a scan the server took is never left behind.
-                        shared.journal.resend(item.id).await
-                    } else {
-                        shared.journal.not_submitted(item.id).await
-                    };
-                    if let Err(e) = back {
-                        // The record still says `submitting(scanId)`: the next start asks the
-                        // server.
-                        tracing::error!(id = item.id, error = %e, "journal write failed");
-                    }
-                    drop(slot);
-                    Some(item)
-                }
-            },
+                let d = Decision::failed(&reason, true);
+                decide(shared, &self.verdicts_tx, item.id, d).await;
+                None
+            }
+            Answer::RetryLater {
+                ambiguous,
+                throttled,
+            } => {
+                let Err(e) = result else { return Some(item) };
+                self.retry_later(&e, &item, ambiguous, throttled, slot)
+                    .await;
+                Some(item)
+            }
         }
+    }
+
+    /// The scan was accepted for exactly the bytes hashed: journal it and hand it to the poller
+    /// with its slot.
+    async fn accepted(&self, item: Claimed, scan_id: ScanId, bytes: u64, mut slot: InFlight) {
+        let shared = &self.shared;
+        shared.limits.server_ok();
+        shared.limits.accepted(&mut slot);
+        if let Err(e) = shared.journal.submitted(item.id).await {
+            // The record says `submitting`: the next start asks the server about it.
+            tracing::error!(id = item.id, error = %e, "journal write failed after upload");
+        }
+        let rec = shared.journal.get(item.id).await;
+        let attempts = rec.as_ref().map_or(1, |r| r.attempts.max(1));
+        if let Ok(r) = &rec {
+            let dropped = r
+                .dropped_at_ms
+                .unwrap_or(r.claimed_at_ms)
+                .min(r.claimed_at_ms);
+            let ms = crate::journal::now_ms().saturating_sub(dropped);
+            shared
+                .metrics
+                .observe_submitted(Duration::from_millis(u64::try_from(ms).unwrap_or(0)));
+            // With a long poll interval nothing else is said until the verdict.
+            tracing::info!(
+                path = %crate::fsops::shown(&r.rel_path),
+                scan_id = %scan_id,
+                "submitted; next results request in {}",
+                humantime::format_duration(shared.config.server.poll_interval)
+            );
+        }
+        shared.metrics.submitted.fetch_add(1, Ordering::Relaxed);
+        shared
+            .metrics
+            .uploaded_bytes
+            .fetch_add(bytes, Ordering::Relaxed);
+        tracing::debug!(id = item.id, scan_id = %scan_id, "submitted");
+        self.submitted_tx
+            .send(Submitted {
+                id: item.id,
+                scan_id,
+                sha256: item.sha256,
+                attempts,
+                submitted_at: tokio::time::Instant::now(),
+                slot,
+            })
+            .await
+            .ok();
+    }
+
+    /// 429, 5xx, transport, TLS, 401, garbage: the file waits and is tried again; when the
+    /// server may have taken the scan (`ambiguous`), its scanId is queued for deletion.
+    async fn retry_later(
+        &self,
+        e: &ApiError,
+        item: &Claimed,
+        ambiguous: bool,
+        throttled: bool,
+        slot: InFlight,
+    ) {
+        let shared = &self.shared;
+        shared
+            .metrics
+            .request_errors
+            .fetch_add(1, Ordering::Relaxed);
+        if throttled {
+            shared.metrics.throttled.fetch_add(1, Ordering::Relaxed);
+            // The server's concurrency limit: the in-flight cap learns from it.
+            shared.limits.throttled(&slot);
+        }
+        let pause = shared.server_failed(e).await;
+        tracing::debug!(id = item.id, error = %e, ?pause, "upload not accepted; will retry");
+        let back = if ambiguous {
+            // `resend` queues the scanId for deletion in the same transaction that sends the
+            // file back, so a scan the server took is never left behind.
+            shared.journal.resend(item.id).await
+        } else {
+            shared.journal.not_submitted(item.id).await
+        };
+        if let Err(e) = back {
+            // The record still says `submitting(scanId)`: the next start asks the server.
+            tracing::error!(id = item.id, error = %e, "journal write failed");
+        }
+        drop(slot);
     }
 
     /// The staged file changed: hash again and route the result.
@@ -376,15 +384,87 @@ impl Upload {
     }
 }
 
+/// Why the staged file could not be opened for upload.
+#[derive(Debug, thiserror::Error)]
+enum OpenError {
+    /// Not beneath its root any more, changed since it was hashed, or unreadable.
+    #[error(transparent)]
+    Fs(#[from] crate::fsops::FsError),
+    /// The blocking open task panicked or was cancelled.
+    #[error("the open task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
 /// Opens the staged file (beneath its root, never through a link) and checks it is still what
 /// was hashed.
-async fn open_for_upload(shared: &Arc<Shared>, item: &Claimed) -> Result<tokio::fs::File, String> {
+async fn open_for_upload(
+    shared: &Arc<Shared>,
+    item: &Claimed,
+) -> Result<tokio::fs::File, OpenError> {
     let (sh, staged, expected) = (Arc::clone(shared), item.staged.clone(), item.stamp);
-    tokio::task::spawn_blocking(move || {
-        sh.open_staged(&staged, &expected)
-            .map(tokio::fs::File::from_std)
-            .map_err(|e| e.to_string())
-    })
-    .await
-    .map_err(|e| e.to_string())?
+    let file = tokio::task::spawn_blocking(move || sh.open_staged(&staged, &expected)).await??;
+    Ok(tokio::fs::File::from_std(file))
 }
+
+/// What the answer to one upload means for the file (the uploader's decision core).
+#[derive(Debug)]
+enum Answer {
+    /// Accepted for exactly the bytes hashed (`bytes` sent).
+    Accepted {
+        /// File bytes sent.
+        bytes: u64,
+    },
+    /// Accepted, but the bytes sent are not those hashed: hash again, never use the verdict.
+    Changed,
+    /// Reading the staged file failed: hash again.
+    Rehash,
+    /// Refused for good: the file fails; after a 413 the restrictions are asked again.
+    Fail {
+        /// Why.
+        reason: FileError,
+        /// Ask the server's restrictions again.
+        refresh: bool,
+    },
+    /// Not accepted now: the file waits and is sent again under a new scanId.
+    RetryLater {
+        /// The server may have taken the scan: its scanId is deleted.
+        ambiguous: bool,
+        /// 429: the server's concurrency limit, which the in-flight cap learns from.
+        throttled: bool,
+    },
+}
+
+/// Judges the answer to uploading `size` bytes hashed as `sha256`.
+fn answer(result: &Result<Sent, ApiError>, sha256: &[u8; 32], size: u64) -> Answer {
+    let e = match result {
+        Ok(sent) if sent.sha256 == *sha256 && sent.bytes == size => {
+            return Answer::Accepted { bytes: sent.bytes };
+        }
+        Ok(_) => return Answer::Changed,
+        Err(e) => e,
+    };
+    match e.upload_disposition() {
+        UploadDisposition::TooLarge => Answer::Fail {
+            reason: FileError::RefusedTooLarge { size },
+            refresh: true,
+        },
+        UploadDisposition::Rehash => Answer::Rehash,
+        UploadDisposition::Rejected => {
+            let (status, body) = match e {
+                ApiError::Rejected { status, body } => (*status, body.clone()),
+                _ => (0, String::new()),
+            };
+            Answer::Fail {
+                reason: FileError::Rejected { status, body },
+                refresh: false,
+            }
+        }
+        UploadDisposition::RetryLater { ambiguous } => Answer::RetryLater {
+            ambiguous,
+            throttled: matches!(e, ApiError::Busy { .. }),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests;

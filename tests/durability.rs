@@ -548,7 +548,9 @@ async fn a_submitting_scan_the_server_does_not_list_is_deleted_before_it_is_sent
             sha2::Sha256::digest(&data).into()
         };
         j.hashed(id, sha, stamp, Duration::ZERO).await.unwrap();
-        j.submitting(id, old_scan.clone()).await.unwrap();
+        j.submitting(id, dropscan::scanner::ScanId::parse(&old_scan).unwrap())
+            .await
+            .unwrap();
         assert_eq!(j.get(id).await.unwrap().state, FileState::Submitting);
     }
     let agent = w.start_agent();
@@ -579,7 +581,10 @@ async fn a_submitting_scan_the_server_does_not_list_is_deleted_before_it_is_sent
         .unwrap()
         .pop()
         .unwrap();
-    assert_eq!(rec.scan_ids.first(), Some(&old_scan));
+    assert_eq!(
+        rec.scan_ids.first().map(|s| s.as_str()),
+        Some(old_scan.as_str())
+    );
     assert_eq!(rec.scan_ids.len(), 2, "{:?}", rec.scan_ids);
     // One DELETE for the old scan, one for the result of the new one once placed.
     assert!(w.emulator().state().stats().deletes >= 2);

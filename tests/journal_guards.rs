@@ -52,7 +52,9 @@ async fn in_flight(j: &Journal, name: &str, sha: [u8; 32], scan: &str) -> FileId
         j.hashed(id, sha, stamp(), Duration::ZERO).await.unwrap(),
         HashedAs::Hashed
     );
-    j.submitting(id, scan.into()).await.unwrap();
+    j.submitting(id, dropscan::scanner::ScanId::parse(scan).unwrap())
+        .await
+        .unwrap();
     j.submitted(id).await.unwrap();
     id
 }
@@ -134,9 +136,12 @@ async fn a_later_not_detected_never_overwrites_a_detect() {
     );
     assert_eq!(errors(&j).await.len(), before);
     // A late local failure (a timeout, say) does not overwrite the verdict either.
-    j.decide(vec![(a, Decision::failed("no verdict within 1m", true))])
-        .await
-        .unwrap();
+    j.decide(vec![(
+        a,
+        Decision::failed(&std::io::Error::other("no verdict within 1m"), true),
+    )])
+    .await
+    .unwrap();
     assert_eq!(j.get(a).await.unwrap().outcome, Some(Outcome::Quarantine));
 }
 
@@ -231,16 +236,35 @@ async fn every_transition_checks_its_source_state() {
     conflict(j.placing(a, "/x".into()).await);
     conflict(j.placed(a).await);
     conflict(j.done(a).await);
-    conflict(j.resubmit(a, "s".into(), "n".into()).await);
+    conflict(
+        j.resubmit(
+            a,
+            dropscan::scanner::ScanId::parse("s").unwrap(),
+            "n".into(),
+        )
+        .await,
+    );
     assert_eq!(j.get(a).await.unwrap().state, FileState::Claimed);
     j.hashed(a, SHA, stamp(), Duration::ZERO).await.unwrap();
     conflict(j.hashed(a, SHA, stamp(), Duration::ZERO).await.map(|_| ()));
-    j.submitting(a, "scan-1".into()).await.unwrap();
-    conflict(j.submitting(a, "scan-2".into()).await);
+    j.submitting(a, dropscan::scanner::ScanId::parse("scan-1").unwrap())
+        .await
+        .unwrap();
+    conflict(
+        j.submitting(a, dropscan::scanner::ScanId::parse("scan-2").unwrap())
+            .await,
+    );
     j.submitted(a).await.unwrap();
     conflict(j.submitted(a).await);
     // A retry for a scan that is not the record's current one is refused.
-    conflict(j.resubmit(a, "scan-0".into(), "n".into()).await);
+    conflict(
+        j.resubmit(
+            a,
+            dropscan::scanner::ScanId::parse("scan-0").unwrap(),
+            "n".into(),
+        )
+        .await,
+    );
     j.decide(vec![(a, verdict(ScanVerdict::Detect))])
         .await
         .unwrap();
@@ -330,20 +354,24 @@ async fn a_scan_sent_again_after_an_ambiguous_failure_has_its_old_scan_id_delete
     let (_d, j) = open();
     let a = claim(&j, "a").await;
     j.hashed(a, SHA, stamp(), Duration::ZERO).await.unwrap();
-    j.submitting(a, "scan-old".into()).await.unwrap();
+    j.submitting(a, dropscan::scanner::ScanId::parse("scan-old").unwrap())
+        .await
+        .unwrap();
     // A `submitting` scan the server does not list (or a broken connection): sent again.
     j.resend(a).await.unwrap();
     assert_eq!(j.get(a).await.unwrap().state, FileState::Hashed);
     assert_eq!(j.stale_scans().await.unwrap(), vec!["scan-old".to_string()]);
     // A file that changed during upload: the scan is deleted with the rehash.
-    j.submitting(a, "scan-2".into()).await.unwrap();
+    j.submitting(a, dropscan::scanner::ScanId::parse("scan-2").unwrap())
+        .await
+        .unwrap();
     j.rehash(a).await.unwrap();
     let r = j.get(a).await.unwrap();
     assert_eq!(r.state, FileState::Claimed);
     assert!(r.scan_id.is_none() && r.sha256.is_none() && r.outcome.is_none());
     assert_eq!(
-        r.scan_ids,
-        vec!["scan-old".to_string(), "scan-2".to_string()]
+        r.scan_ids.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+        vec!["scan-old", "scan-2"]
     );
     let mut stale = j.stale_scans().await.unwrap();
     stale.sort();

@@ -185,7 +185,10 @@ async fn submit_of_a_file_shorter_than_announced_is_a_local_error() {
             .await
             .unwrap_err();
         assert!(matches!(err, ApiError::Local { .. }), "{err:?}");
-        assert!(!err.is_retryable());
+        assert_eq!(
+            err.upload_disposition(),
+            dropscan::kata::error::UploadDisposition::Rehash
+        );
     })
     .await;
 }
@@ -376,7 +379,11 @@ async fn server_cert_from_unknown_ca_is_not_trusted() {
             .await
             .unwrap_err();
         assert!(matches!(err, ApiError::ServerNotTrusted { .. }), "{err:?}");
-        assert!(!err.is_retryable());
+        assert_eq!(
+            err.upload_disposition(),
+            dropscan::kata::error::UploadDisposition::RetryLater { ambiguous: false },
+            "{err:?}"
+        );
     })
     .await;
 }
@@ -494,7 +501,11 @@ async fn foreign_client_cert_is_refused_tls12() {
     within(async {
         let err = foreign_client_cert(ServerTls::Tls12Only).await;
         assert!(matches!(err, ApiError::ClientCertRefused { .. }), "{err:?}");
-        assert!(!err.is_retryable());
+        assert_eq!(
+            err.upload_disposition(),
+            dropscan::kata::error::UploadDisposition::RetryLater { ambiguous: false },
+            "{err:?}"
+        );
     })
     .await;
 }
@@ -534,7 +545,11 @@ async fn connection_refused_is_a_retryable_transport_error() {
             .await
             .unwrap_err();
         assert!(matches!(err, ApiError::Transport { .. }), "{err:?}");
-        assert!(err.is_retryable());
+        assert_eq!(
+            err.upload_disposition(),
+            dropscan::kata::error::UploadDisposition::RetryLater { ambiguous: true },
+            "{err:?}"
+        );
     })
     .await;
 }
@@ -655,7 +670,11 @@ async fn endless_answers_are_cut_at_the_cap_or_the_timeout() {
         let client = KataClient::new(opts).unwrap();
         let err = client.restrictions().await.unwrap_err();
         assert!(matches!(err, ApiError::Transport { .. }), "{err:?}");
-        assert!(err.is_retryable());
+        assert_eq!(
+            err.upload_disposition(),
+            dropscan::kata::error::UploadDisposition::RetryLater { ambiguous: true },
+            "{err:?}"
+        );
     })
     .await;
 }

@@ -156,8 +156,10 @@ async fn status_codes_413_429_500_and_401() {
     r.unwrap();
     let (_, r) = submit(&c, b"second").await;
     let e = r.unwrap_err();
-    assert!(
-        matches!(e, ApiError::Busy { .. }) && e.is_retryable(),
+    assert!(matches!(e, ApiError::Busy { .. }), "{e:?}");
+    assert_eq!(
+        e.upload_disposition(),
+        dropscan::kata::error::UploadDisposition::RetryLater { ambiguous: false },
         "{e:?}"
     );
     // 500 on every request.
@@ -166,8 +168,10 @@ async fn status_codes_413_429_500_and_401() {
         ..Faults::default()
     });
     let e = c.restrictions().await.unwrap_err();
-    assert!(
-        matches!(e, ApiError::Server { status: 500, .. }) && e.is_retryable(),
+    assert!(matches!(e, ApiError::Server { status: 500, .. }), "{e:?}");
+    assert_eq!(
+        e.upload_disposition(),
+        dropscan::kata::error::UploadDisposition::RetryLater { ambiguous: false },
         "{e:?}"
     );
     let e = c.results(&ScanState::FINAL).await.unwrap_err();
@@ -178,7 +182,12 @@ async fn status_codes_413_429_500_and_401() {
     let c2 = KataClient::new(options(&emu, &cert2, &key2, Some(&certs.ca_cert_pem), None)).unwrap();
     let e = c2.restrictions().await.unwrap_err();
     assert!(matches!(e, ApiError::Unauthorized { .. }), "{e:?}");
-    assert!(!e.is_retryable());
+    // The file waits (submissions pause until the administrator accepts), never fails.
+    assert_eq!(
+        e.upload_disposition(),
+        dropscan::kata::error::UploadDisposition::RetryLater { ambiguous: false },
+        "{e:?}"
+    );
     assert!(e.to_string().contains("accept"), "{e}");
     // Accepted by the administrator: it works.
     let fp: [u8; 32] = {
@@ -207,7 +216,11 @@ async fn tls_refusals_untrusted_server_pin_mismatch_foreign_client() {
     .unwrap();
     let e = c.restrictions().await.unwrap_err();
     assert!(matches!(e, ApiError::ServerNotTrusted { .. }), "{e:?}");
-    assert!(!e.is_retryable());
+    assert_eq!(
+        e.upload_disposition(),
+        dropscan::kata::error::UploadDisposition::RetryLater { ambiguous: false },
+        "{e:?}"
+    );
     // The right CA but a wrong pin.
     let c = KataClient::new(options(
         &emu,

@@ -11,6 +11,14 @@ use std::path::{Path, PathBuf};
 const STAGES: [&str; 6] = ["watch", "settle", "claim", "upload", "poll", "sort"];
 /// Modules that know every stage: the wiring and the commands.
 const WIRING: [&str; 4] = ["app", "commands", "demo", "lib"];
+/// Modules that reach the scanning service only through its seam (`scanner`): the stages and
+/// what they share.
+const BEHIND_SEAM: [&str; 9] = [
+    "watch", "settle", "claim", "upload", "poll", "sort", "context", "pipeline", "limits",
+];
+/// Names of the concrete scanner client that a module behind the seam must not use; a path into
+/// the `kata` module at all counts too (the seam re-exports what the pipeline may name).
+const CONCRETE_SCANNER: [&str; 4] = ["KataClient", "ClientOptions", "AnswerObserver", "kata::"];
 /// The longest source file allowed outside tests.
 const MAX_LINES: usize = 600;
 
@@ -106,6 +114,36 @@ fn references(code: &str, known: &BTreeSet<String>) -> BTreeSet<String> {
         }
     }
     out
+}
+
+/// The production code of every module, comment lines left out, by top-level module.
+fn module_code() -> BTreeMap<String, String> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    sources(&src, &mut files);
+    let mut out: BTreeMap<String, String> = BTreeMap::new();
+    for p in files.iter().filter(|p| !is_test_file(p)) {
+        let text = std::fs::read_to_string(p).unwrap();
+        let code = out.entry(module_of(&src, p)).or_default();
+        for line in production_code(&text).lines() {
+            if !line.trim_start().starts_with("//") {
+                code.push_str(line);
+                code.push('\n');
+            }
+        }
+    }
+    out
+}
+
+/// The concrete scanner names `code` uses, the first line of each.
+fn concrete_scanner_uses(code: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for name in CONCRETE_SCANNER {
+        if let Some(line) = code.lines().find(|l| l.contains(name)) {
+            found.push(format!("{name} in `{}`", line.trim()));
+        }
+    }
+    found
 }
 
 fn graph() -> BTreeMap<String, BTreeSet<String>> {
@@ -313,4 +351,44 @@ fn no_source_file_outside_tests_exceeds_600_lines() {
         })
         .collect();
     assert!(long.is_empty(), "split these by concern: {long:?}");
+}
+
+/// Issue 21: the stages named the KATA client where the scanner seam should be, so a second
+/// scanner would have touched every stage.
+#[test]
+fn no_stage_names_the_concrete_scanner() {
+    let code = module_code();
+    let g = graph();
+    let mut bad = Vec::new();
+    for m in BEHIND_SEAM {
+        let text = code.get(m).unwrap_or_else(|| panic!("no module {m}"));
+        for u in concrete_scanner_uses(text) {
+            bad.push(format!("{m}: {u}"));
+        }
+        if g.get(m).is_some_and(|refs| refs.contains("kata")) {
+            bad.push(format!("{m} → kata"));
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "use crate::scanner (the seam), not the KATA client: {bad:?}"
+    );
+}
+
+#[test]
+fn the_scanner_seam_check_sees_a_planted_use() {
+    for planted in [
+        "use crate::kata::KataClient;",
+        "use crate::kata::{ScanId, ScanState};",
+        "let c: crate::kata::client::KataClient = x;",
+        "use crate::{journal, kata::ApiError};",
+        "fn f(c: &KataClient) {}",
+    ] {
+        let code = format!("use crate::scanner::Scanner;\n{planted}\nfn g() {{}}\n");
+        assert!(
+            !concrete_scanner_uses(&production_code(&code)).is_empty(),
+            "missed: {planted}"
+        );
+    }
+    assert!(concrete_scanner_uses("use crate::scanner::{Scanner, ScanId};\n").is_empty());
 }

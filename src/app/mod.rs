@@ -53,6 +53,7 @@ use crate::limits::Limits;
 use crate::metrics::Metrics;
 pub use crate::pipeline::Placement;
 use crate::pipeline::Resubmit;
+use crate::scanner::Scanner;
 use crate::{claim, poll, settle, sort, upload, watch};
 
 /// A stage as the supervisor holds it.
@@ -97,13 +98,14 @@ impl Agent {
             let m = Arc::clone(&metrics);
             client.observe(Arc::new(move |endpoint, code| m.answer(endpoint, code)));
         }
+        let scanner = Scanner::kata(client);
         Ok(Agent {
             serve_metrics: false,
             keep_staging_locks: false,
             shared: Arc::new(Shared {
                 config,
                 journal,
-                client,
+                scanner,
                 limits,
                 metrics,
                 events,
@@ -160,7 +162,7 @@ impl Agent {
         let refreshed = tokio::select! {
             biased;
             () = shutdown.cancelled() => return Ok(()),
-            r = shared.limits.refresh(&shared.client) => r,
+            r = shared.limits.refresh(&shared.scanner) => r,
         };
         if refreshed.is_err() {
             tracing::warn!(
@@ -388,7 +390,7 @@ async fn housekeeping(shared: Arc<Shared>, shutdown: CancellationToken) {
                 beat.await.ok();
             }
             _ = refresh.tick() => {
-                shared.limits.refresh(&shared.client).await.ok();
+                shared.limits.refresh(&shared.scanner).await.ok();
             }
             _ = probe.tick(), if shared.journal.writes_failing() => {
                 if let Err(e) = shared.journal.probe_write().await {

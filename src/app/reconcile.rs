@@ -298,12 +298,10 @@ async fn resume_record(
         Route::Vanished { stale_scan } => {
             tracing::warn!(id = r.id, path = %fsops::shown(&r.rel_path), "staged file vanished while the agent was down");
             if let (true, Some(scan_id)) = (stale_scan, r.scan_id.clone()) {
-                journal.stale_scan(scan_id).await?;
+                journal.stale_scan(scan_id.as_str().to_owned()).await?;
             }
-            let failed = crate::journal::Decision::failed(
-                crate::error::FileError::Vanished.to_string(),
-                false,
-            );
+            let failed =
+                crate::journal::Decision::failed(&crate::error::FileError::Vanished, false);
             journal.decide(vec![(r.id, failed)]).await?;
             journal
                 .close_vanished(

@@ -45,8 +45,10 @@ pub struct FileResult {
     pub size: u64,
     /// SHA-256 (hex) of the bytes uploaded; absent when not read.
     pub sha256: Option<String>,
-    /// `detect`, `not detected`, `error`, `timeout`, or absent when no verdict came.
-    pub verdict: Option<String>,
+    /// `detect`, `not detected`, `error`, `timeout` (as on the wire), or absent when no
+    /// verdict came.
+    #[serde(serialize_with = "wire_state")]
+    pub verdict: Option<ScanState>,
     /// The scanId used.
     pub scan_id: Option<String>,
     /// Why there is no verdict, or why the entry was skipped.
@@ -57,6 +59,13 @@ pub struct FileResult {
 }
 
 /// A path as JSON text (serde refuses a `PathBuf` that is not UTF-8; `path_hex` is exact).
+fn wire_state<S: serde::Serializer>(v: &Option<ScanState>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(state) => s.serialize_str(state.as_wire()),
+        None => s.serialize_none(),
+    }
+}
+
 fn lossy_path<S: serde::Serializer>(p: &Path, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&p.to_string_lossy())
 }
@@ -103,9 +112,9 @@ impl Report {
             if f.sha256.is_some() {
                 t.bytes += f.size;
             }
-            match f.verdict.as_deref() {
-                Some("not detected") => t.clean += 1,
-                Some("detect") => t.detected += 1,
+            match f.verdict {
+                Some(ScanState::NotDetected) => t.clean += 1,
+                Some(ScanState::Detect) => t.detected += 1,
                 _ => t.errors += 1,
             }
         }
@@ -179,14 +188,14 @@ pub fn collect(paths: &[PathBuf]) -> (Vec<Listed>, Vec<FileResult>) {
 /// Opens `path`, found beneath the PATH `given`, for reading without following a symlink
 /// anywhere beneath `given` (a folder swapped for a link after it was listed is refused, not
 /// followed); it must be a regular file.
-fn open_regular(path: &Path, given: &Path) -> Result<(std::fs::File, u64), String> {
+fn open_regular(path: &Path, given: &Path) -> Result<(std::fs::File, u64), ScanFileError> {
     use rustix::fs::{Mode, OFlags};
     if let Ok(rel) = path.strip_prefix(given) {
         if !rel.as_os_str().is_empty() {
-            let (parent, name) = crate::fsops::split_rel(rel).map_err(|e| e.to_string())?;
-            let top = crate::fsops::Dir::open_trusted(given).map_err(|e| e.to_string())?;
-            let dir = top.open_dir(parent).map_err(|e| e.to_string())?;
-            let (file, stamp) = dir.open_file(name).map_err(|e| e.to_string())?;
+            let (parent, name) = crate::fsops::split_rel(rel)?;
+            let top = crate::fsops::Dir::open_trusted(given)?;
+            let dir = top.open_dir(parent)?;
+            let (file, stamp) = dir.open_file(name)?;
             return Ok((file, stamp.size));
         }
     }
@@ -195,13 +204,36 @@ fn open_regular(path: &Path, given: &Path) -> Result<(std::fs::File, u64), Strin
         OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
         Mode::empty(),
     )
-    .map_err(|e| format!("cannot open: {}", std::io::Error::from(e)))?;
+    .map_err(|e| ScanFileError::Open(e.into()))?;
     let file = std::fs::File::from(fd);
-    let meta = file.metadata().map_err(|e| format!("cannot stat: {e}"))?;
+    let meta = file.metadata().map_err(ScanFileError::Stat)?;
     if !meta.file_type().is_file() {
-        return Err("not a regular file".into());
+        return Err(ScanFileError::NotRegular);
     }
     Ok((file, meta.len()))
+}
+
+/// Why one file of a run has no scan.
+#[derive(Debug, thiserror::Error)]
+enum ScanFileError {
+    /// Not beneath the PATH given, a link, or unreadable there.
+    #[error(transparent)]
+    Fs(#[from] crate::fsops::FsError),
+    /// Opening the file named itself failed.
+    #[error("cannot open: {0}")]
+    Open(std::io::Error),
+    /// Its status could not be read.
+    #[error("cannot stat: {0}")]
+    Stat(std::io::Error),
+    /// A folder, FIFO, device, …
+    #[error("not a regular file")]
+    NotRegular,
+    /// The server refused it (or the way to it failed for good).
+    #[error(transparent)]
+    Refused(ApiError),
+    /// Busy, failing or unreachable on every attempt.
+    #[error("not accepted after {ATTEMPTS} attempts: {0}")]
+    GaveUp(ApiError),
 }
 
 /// Uploads one file, retrying what is retryable; the scanId and SHA-256 of the bytes sent.
@@ -209,9 +241,9 @@ async fn submit(
     client: &KataClient,
     path: &Path,
     given: &Path,
-) -> Result<(ScanId, String, u64), String> {
-    let mut last = String::new();
-    for attempt in 1..=ATTEMPTS {
+) -> Result<(ScanId, String, u64), ScanFileError> {
+    let mut attempt = 1;
+    loop {
         let (file, len) = open_regular(path, given)?;
         let scan_id = ScanId::generate();
         match client
@@ -222,13 +254,15 @@ async fn submit(
             Err(
                 e @ (ApiError::Busy { .. } | ApiError::Server { .. } | ApiError::Transport { .. }),
             ) => {
-                last = e.to_string();
+                if attempt >= ATTEMPTS {
+                    return Err(ScanFileError::GaveUp(e));
+                }
                 tokio::time::sleep(Duration::from_secs(u64::from(attempt))).await;
+                attempt += 1;
             }
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(ScanFileError::Refused(e)),
         }
     }
-    Err(format!("not accepted after {ATTEMPTS} attempts: {last}"))
 }
 
 /// Progress on stderr: a bar on a terminal, plain lines otherwise.
@@ -372,7 +406,7 @@ pub async fn run(config: &Config, paths: &[PathBuf], json: bool) -> ExitCode {
                 progress.uploaded(bytes);
             }
             Err(e) => {
-                scanned[i].error = Some(e);
+                scanned[i].error = Some(e.to_string());
                 progress.verdict();
             }
         }
@@ -387,11 +421,11 @@ pub async fn run(config: &Config, paths: &[PathBuf], json: bool) -> ExitCode {
             Ok(list) => {
                 for r in list {
                     if let Some(i) = pending.remove(&r.scan_id) {
-                        let verdict = r.state.as_wire().to_string();
                         if matches!(r.state, ScanState::Error | ScanState::Timeout) {
-                            scanned[i].error = Some(format!("the scan ended with {verdict}"));
+                            let what = r.state.as_wire();
+                            scanned[i].error = Some(format!("the scan ended with {what}"));
                         }
-                        scanned[i].verdict = Some(verdict);
+                        scanned[i].verdict = Some(r.state);
                         finished.push(r.scan_id);
                         progress.verdict();
                     }
@@ -430,7 +464,7 @@ pub async fn run(config: &Config, paths: &[PathBuf], json: bool) -> ExitCode {
         for f in &report.files {
             let what = match (&f.verdict, &f.error) {
                 (_, Some(e)) => e.clone(),
-                (Some(v), None) => v.clone(),
+                (Some(v), None) => v.as_wire().to_owned(),
                 (None, None) => "no verdict".into(),
             };
             println!(

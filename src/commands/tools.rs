@@ -33,7 +33,7 @@ use crate::fsops::names::insert_json;
 use crate::fsops::roots::{RootDirs, Which};
 use crate::fsops::{Dir, FsError, shown, split_rel};
 use crate::journal::{
-    AuditEntry, FileId, FileRecord, Journal, JournalError, Kept, Outcome, now_ms,
+    AuditEntry, FileId, FileRecord, Journal, JournalError, Kept, Outcome, ScanVerdict, now_ms,
 };
 
 /// Exit code of a refused action (see the module docs).
@@ -222,14 +222,20 @@ fn print_one(k: &Kept, long: bool) {
             .map_or_else(String::new, |d| format!("→ {}", shown(d))),
         r.stamp
             .map_or_else(|| "-".into(), |s| super::human_bytes(s.size)),
-        text(r.verdict.as_deref().or(r.reason.as_deref()).unwrap_or("-")),
+        text(
+            r.verdict
+                .map(ScanVerdict::as_str)
+                .or(r.reason.as_deref())
+                .unwrap_or("-")
+        ),
     );
     if long {
         println!(
             "  sha256:   {}",
             r.sha256.map(hex::encode).unwrap_or_else(|| "-".into())
         );
-        println!("  scan_ids: {}", text(&r.scan_ids.join(", ")));
+        let ids: Vec<&str> = r.scan_ids.iter().map(|s| s.as_str()).collect();
+        println!("  scan_ids: {}", text(&ids.join(", ")));
         println!("  reason:   {}", text(r.reason.as_deref().unwrap_or("-")));
         for a in &k.audit {
             println!(

@@ -12,6 +12,81 @@ use tokio::io::AsyncWriteExt;
 
 use crate::config::{HookConfig, HookTarget};
 
+/// Why a hook's client could not be set up, or one delivery failed; the journal keeps its text.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum DeliveryError {
+    /// A certificate of the hook's `ca_file` was refused.
+    #[error("ca_file: {0}")]
+    CaFile(#[source] rustls::Error),
+    /// The TLS configuration could not be built.
+    #[error("{0}")]
+    Tls(#[from] rustls::Error),
+    /// The HTTP client could not be built.
+    #[error("{0}")]
+    Client(#[source] reqwest::Error),
+    /// A URL hook without a client (its set-up failed).
+    #[error("no HTTP client for this hook")]
+    NoClient,
+    /// The POST failed before an answer (the text names every cause in the chain).
+    #[error("{}", chain(.0))]
+    Send(#[source] reqwest::Error),
+    /// The receiver answered with a status other than 2xx.
+    #[error("{url} answered {status}")]
+    Status {
+        /// The hook's URL.
+        url: String,
+        /// Its answer.
+        status: reqwest::StatusCode,
+    },
+    /// A command hook without a program.
+    #[error("empty command")]
+    EmptyCommand,
+    /// The program could not be started.
+    #[error("cannot run {program}: {source}")]
+    Spawn {
+        /// The program.
+        program: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Waiting for the program failed.
+    #[error("{program}: {source}")]
+    Wait {
+        /// The program.
+        program: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The program exited unsuccessfully.
+    #[error("{program} exited with {status}")]
+    Exited {
+        /// The program.
+        program: String,
+        /// How it ended.
+        status: std::process::ExitStatus,
+    },
+    /// The program ran past the hook's timeout and was killed with its process group.
+    #[error("{program} did not finish within {}; killed", humantime::format_duration(*timeout))]
+    TimedOut {
+        /// The program.
+        program: String,
+        /// The hook's timeout.
+        timeout: std::time::Duration,
+    },
+}
+
+/// An error and its sources, `: `-separated (reqwest hides the cause in the chain).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
 /// The header that carries the body's signature: `sha256=<hex HMAC-SHA256>`.
 pub const SIGNATURE_HEADER: &str = "X-Dropscan-Signature";
 
@@ -29,7 +104,7 @@ pub fn sign(secret: &[u8], body: &[u8]) -> String {
 
 /// The HTTP client of a URL hook: its own CA bundle (`ca_file`) or the system's roots, no
 /// redirects, the hook's timeout.
-pub(super) fn client_for(hook: &HookConfig) -> Result<Option<reqwest::Client>, String> {
+pub(super) fn client_for(hook: &HookConfig) -> Result<Option<reqwest::Client>, DeliveryError> {
     let HookTarget::Url { ca, .. } = &hook.target else {
         return Ok(None);
     };
@@ -37,7 +112,7 @@ pub(super) fn client_for(hook: &HookConfig) -> Result<Option<reqwest::Client>, S
     match ca {
         Some(certs) => {
             for c in certs {
-                roots.add(c.clone()).map_err(|e| format!("ca_file: {e}"))?;
+                roots.add(c.clone()).map_err(DeliveryError::CaFile)?;
             }
         }
         None => {
@@ -49,8 +124,7 @@ pub(super) fn client_for(hook: &HookConfig) -> Result<Option<reqwest::Client>, S
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS12, &rustls::version::TLS13])
-        .map_err(|e| e.to_string())?
+        .with_protocol_versions(&[&rustls::version::TLS12, &rustls::version::TLS13])?
         .with_root_certificates(roots)
         .with_no_client_auth();
     reqwest::Client::builder()
@@ -60,7 +134,7 @@ pub(super) fn client_for(hook: &HookConfig) -> Result<Option<reqwest::Client>, S
         .timeout(hook.timeout)
         .build()
         .map(Some)
-        .map_err(|e| e.to_string())
+        .map_err(DeliveryError::Client)
 }
 
 /// Delivers `event` (JSON text) to `hook`; `Err` says why it failed.
@@ -68,12 +142,12 @@ pub(super) async fn deliver(
     hook: &HookConfig,
     client: Option<&reqwest::Client>,
     event: &str,
-) -> Result<(), String> {
+) -> Result<(), DeliveryError> {
     match &hook.target {
         HookTarget::Command(argv) => run_command(argv, hook.timeout, event).await,
         HookTarget::Url { url, secret, .. } => {
             let Some(client) = client else {
-                return Err("no HTTP client for this hook".into());
+                return Err(DeliveryError::NoClient);
             };
             let mut req = client
                 .post(url.clone())
@@ -82,21 +156,15 @@ pub(super) async fn deliver(
             if let Some(s) = secret {
                 req = req.header(SIGNATURE_HEADER, sign(&s.0, event.as_bytes()));
             }
-            let answer = req.send().await.map_err(|e| {
-                let mut text = e.to_string();
-                let mut source = std::error::Error::source(&e);
-                while let Some(s) = source {
-                    text.push_str(": ");
-                    text.push_str(&s.to_string());
-                    source = s.source();
-                }
-                text
-            })?;
+            let answer = req.send().await.map_err(DeliveryError::Send)?;
             let status = answer.status();
             if status.is_success() {
                 Ok(())
             } else {
-                Err(format!("{url} answered {status}"))
+                Err(DeliveryError::Status {
+                    url: url.to_string(),
+                    status,
+                })
             }
         }
     }
@@ -108,9 +176,9 @@ async fn run_command(
     argv: &[String],
     timeout: std::time::Duration,
     event: &str,
-) -> Result<(), String> {
+) -> Result<(), DeliveryError> {
     let Some((program, args)) = argv.split_first() else {
-        return Err("empty command".into());
+        return Err(DeliveryError::EmptyCommand);
     };
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(args)
@@ -130,9 +198,10 @@ async fn run_command(
             Ok(())
         });
     }
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| format!("cannot run {program}: {e}"))?;
+    let mut child = cmd.spawn().map_err(|source| DeliveryError::Spawn {
+        program: program.clone(),
+        source,
+    })?;
     let pid = child.id();
     let mut stdin = child.stdin.take();
     let work = async {
@@ -145,8 +214,14 @@ async fn run_command(
     };
     match tokio::time::timeout(timeout, work).await {
         Ok(Ok(status)) if status.success() => Ok(()),
-        Ok(Ok(status)) => Err(format!("{program} exited with {status}")),
-        Ok(Err(e)) => Err(format!("{program}: {e}")),
+        Ok(Ok(status)) => Err(DeliveryError::Exited {
+            program: program.clone(),
+            status,
+        }),
+        Ok(Err(source)) => Err(DeliveryError::Wait {
+            program: program.clone(),
+            source,
+        }),
         Err(_) => {
             if let Some(pid) =
                 pid.and_then(|p| rustix::process::Pid::from_raw(i32::try_from(p).unwrap_or(0)))
@@ -154,10 +229,10 @@ async fn run_command(
                 rustix::process::kill_process_group(pid, rustix::process::Signal::KILL).ok();
             }
             child.kill().await.ok();
-            Err(format!(
-                "{program} did not finish within {}; killed",
-                humantime::format_duration(timeout)
-            ))
+            Err(DeliveryError::TimedOut {
+                program: program.clone(),
+                timeout,
+            })
         }
     }
 }

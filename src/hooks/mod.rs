@@ -39,7 +39,7 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::fsops::names::json_hex;
-use crate::journal::{Anomaly, FileRecord, NewHookEvent, Outcome};
+use crate::journal::{Anomaly, FileRecord, NewHookEvent, Outcome, ScanVerdict};
 
 mod deliver;
 mod runner;
@@ -76,7 +76,7 @@ pub struct Event<'a> {
     /// Lower-case hex SHA-256, if the file was hashed.
     pub sha256: Option<String>,
     /// The scanIds of its submissions.
-    pub scan_ids: &'a [String],
+    pub scan_ids: &'a [crate::scanner::ScanId],
     /// Why it failed (or a note), if any.
     pub reason: Option<&'a str>,
     /// When it was placed (RFC 3339).
@@ -211,7 +211,7 @@ pub fn events_for(
     let event = Event {
         event: "placed",
         outcome: outcome.as_str(),
-        verdict: rec.verdict.as_deref(),
+        verdict: rec.verdict.map(ScanVerdict::as_str),
         root: rec.root.to_string_lossy().into_owned(),
         root_hex: json_hex(&rec.root),
         path: rec.rel_path.to_string_lossy().into_owned(),

@@ -9,7 +9,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::deliver::{client_for, deliver};
+use super::deliver::{DeliveryError, client_for, deliver};
 use crate::config::HookConfig;
 use crate::journal::{HookEvent, Journal, now_ms};
 
@@ -73,7 +73,7 @@ pub async fn run(journal: Journal, hooks: Vec<HookConfig>, shutdown: Cancellatio
         }
     }
     let keys: Vec<String> = ready.keys().cloned().collect();
-    let mut tasks: JoinSet<(i64, Result<(), String>, HookEvent, u32)> = JoinSet::new();
+    let mut tasks: JoinSet<(i64, Result<(), DeliveryError>, HookEvent, u32)> = JoinSet::new();
     let mut tick = tokio::time::interval(POLL_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -123,7 +123,12 @@ pub async fn run(journal: Journal, hooks: Vec<HookConfig>, shutdown: Cancellatio
 }
 
 /// Records a delivery's fate in the journal.
-async fn record(journal: &Journal, ev: HookEvent, result: Result<(), String>, max_attempts: u32) {
+async fn record(
+    journal: &Journal,
+    ev: HookEvent,
+    result: Result<(), DeliveryError>,
+    max_attempts: u32,
+) {
     match result {
         Ok(()) => {
             tracing::debug!(hook = %ev.hook, event = ev.id, "notification delivered");
@@ -148,7 +153,10 @@ async fn record(journal: &Journal, ev: HookEvent, result: Result<(), String>, ma
             } else {
                 tracing::warn!(hook = %ev.hook, file = ?ev.file_id, attempts, retry_in = ?wait, error = %why, "notification failed; will retry");
             }
-            if let Err(e) = journal.hook_failed(ev.id, next, why, give_up).await {
+            if let Err(e) = journal
+                .hook_failed(ev.id, next, why.to_string(), give_up)
+                .await
+            {
                 tracing::warn!(error = %e, "cannot record a failed notification");
             }
         }

@@ -271,9 +271,9 @@ impl Journal {
                 });
             }
             transition(conn, &rec, &REHASH_FROM, FileState::Claimed)?;
-            if let (false, Some(scan_id)) = (rec.reused, rec.scan_id.as_deref()) {
+            if let (false, Some(scan_id)) = (rec.reused, &rec.scan_id) {
                 if rec.state != FileState::Hashed {
-                    stale_scan_in(conn, scan_id)?;
+                    stale_scan_in(conn, scan_id.as_str())?;
                 }
             }
             execute(

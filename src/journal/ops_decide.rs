@@ -13,6 +13,7 @@ use super::ops_maint::note_error_in;
 use super::schema::{COLUMNS, execute, expect_transition, load, placeholders, row_to_record};
 use super::types::{Decision, FileId, FileRecord, FileState, JournalError, Outcome, ScanVerdict};
 use super::{Journal, now_ms};
+use crate::scanner::ScanId;
 
 /// Records a verdict in the reuse table. `detect` wins: a cached `detect` is never replaced by
 /// `not detected` for the same SHA-256 (it expires with the TTL instead).
@@ -110,7 +111,7 @@ fn decide_in(conn: &Connection, id: FileId, d: &Decision) -> Result<Vec<FileId>,
                     verdict,
                     d.verdict_sha256.map(|s| s.to_vec()),
                     note,
-                    rec.scan_id,
+                    rec.scan_id.as_ref().map(ScanId::as_str),
                     now,
                     FileState::Waiting.as_str()
                 ],
@@ -135,7 +136,12 @@ fn decide_in(conn: &Connection, id: FileId, d: &Decision) -> Result<Vec<FileId>,
     }
     if let (Some(v), Some(vsha)) = (d.verdict, d.verdict_sha256) {
         if d.outcome == v.outcome() {
-            cache_verdict(conn, vsha, v, rec.scan_id.as_deref().unwrap_or_default())?;
+            cache_verdict(
+                conn,
+                vsha,
+                v,
+                rec.scan_id.as_ref().map_or("", ScanId::as_str),
+            )?;
         }
     }
     Ok(decided)
@@ -179,7 +185,7 @@ fn decided_again(
         );
         return Ok(Vec::new());
     }
-    let scan = rec.scan_id.as_deref().unwrap_or("-");
+    let scan = rec.scan_id.as_ref().map_or("-", ScanId::as_str);
     let mut text = format!(
         "server anomaly: scan {scan} answered {} for {} after {} was journaled",
         new.as_str(),

@@ -13,10 +13,16 @@ use super::now_ms;
 use super::ops_maint::stale_scan_in;
 use super::schema::{execute, load, transition};
 use super::types::{FileId, FileState, JournalError};
+use crate::scanner::ScanId;
+
+/// The `scan_ids` column: the ids, comma-separated (no scanId holds a comma).
+fn joined(ids: &[ScanId]) -> String {
+    ids.iter().map(ScanId::as_str).collect::<Vec<_>>().join(",")
+}
 
 impl Journal {
     /// Records the scanId of a submission about to be sent.
-    pub async fn submitting(&self, id: FileId, scan_id: String) -> Result<(), JournalError> {
+    pub async fn submitting(&self, id: FileId, scan_id: ScanId) -> Result<(), JournalError> {
         self.run(move |conn| {
             let rec = load(conn, id)?;
             transition(conn, &rec, &[FileState::Hashed], FileState::Submitting)?;
@@ -27,7 +33,7 @@ impl Journal {
             execute(
                 conn,
                 "UPDATE files SET scan_id = ?2, scan_ids = ?3, submitted_at = ?4 WHERE id = ?1",
-                params![id, scan_id, ids.join(","), now_ms()],
+                params![id, scan_id.as_str(), joined(&ids), now_ms()],
                 "submitting",
             )?;
             Ok(())
@@ -69,8 +75,8 @@ impl Journal {
         self.run(move |conn| {
             let rec = load(conn, id)?;
             transition(conn, &rec, &[FileState::Submitting], FileState::Hashed)?;
-            if let Some(old) = rec.scan_id.as_deref() {
-                stale_scan_in(conn, old)?;
+            if let Some(old) = &rec.scan_id {
+                stale_scan_in(conn, old.as_str())?;
             }
             Ok(())
         })
@@ -82,12 +88,12 @@ impl Journal {
     pub async fn resubmit(
         &self,
         id: FileId,
-        old_scan_id: String,
+        old_scan_id: ScanId,
         note: String,
     ) -> Result<(), JournalError> {
         self.run(move |conn| {
             let rec = load(conn, id)?;
-            if rec.scan_id.as_deref() != Some(old_scan_id.as_str()) {
+            if rec.scan_id.as_ref() != Some(&old_scan_id) {
                 return Err(JournalError::Conflict {
                     id,
                     detail: format!("scan {old_scan_id} is not its current scan"),
@@ -100,7 +106,7 @@ impl Journal {
                 params![id, note],
                 "resubmit",
             )?;
-            stale_scan_in(conn, &old_scan_id)
+            stale_scan_in(conn, old_scan_id.as_str())
         })
         .await
     }

@@ -12,7 +12,8 @@ use std::time::Duration;
 use rusqlite::{Connection, OptionalExtension, Params, Row, params};
 
 use super::now_ms;
-use super::types::{FileId, FileRecord, FileState, JournalError, Outcome, Stamp};
+use super::types::{FileId, FileRecord, FileState, JournalError, Outcome, ScanVerdict, Stamp};
+use crate::scanner::ScanId;
 
 const SCHEMA: &str = r"
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -207,6 +208,15 @@ fn sha_from(b: Option<Vec<u8>>) -> Option<[u8; 32]> {
     b.and_then(|v| <[u8; 32]>::try_from(v.as_slice()).ok())
 }
 
+/// A scanId read back: every one was made by [`ScanId::generate`] and journaled before it was
+/// sent, so one that does not parse is a damaged journal, reported as such (it is never put in
+/// a URL unchecked). An empty one (a reused verdict whose scan had none) reads as none.
+fn stored_scan_id(column: usize, s: &str) -> rusqlite::Result<ScanId> {
+    ScanId::parse(s).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(column, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
 #[allow(clippy::cast_sign_loss, clippy::cast_possible_wrap)]
 pub(super) fn row_to_record(r: &Row<'_>) -> rusqlite::Result<FileRecord> {
     let state: String = r.get(4)?;
@@ -231,16 +241,23 @@ pub(super) fn row_to_record(r: &Row<'_>) -> rusqlite::Result<FileRecord> {
         state: FileState::parse(&state).unwrap_or(FileState::Claimed),
         stamp,
         sha256: sha_from(r.get(10)?),
-        scan_id: r.get(11)?,
+        scan_id: r
+            .get::<_, Option<String>>(11)?
+            .filter(|s| !s.is_empty())
+            .map(|s| stored_scan_id(11, &s))
+            .transpose()?,
         scan_ids: scan_ids
             .split(',')
             .filter(|s| !s.is_empty())
-            .map(str::to_string)
-            .collect(),
+            .map(|s| stored_scan_id(12, s))
+            .collect::<rusqlite::Result<_>>()?,
         attempts: u32::try_from(r.get::<_, i64>(13)?).unwrap_or(0),
         submitted_at_ms: r.get(14)?,
         outcome: outcome.as_deref().and_then(Outcome::parse),
-        verdict: r.get(16)?,
+        verdict: r
+            .get::<_, Option<String>>(16)?
+            .as_deref()
+            .and_then(ScanVerdict::parse),
         verdict_sha256: sha_from(r.get(17)?),
         reason: r.get(18)?,
         reused: r.get::<_, i64>(19)? != 0,

@@ -49,7 +49,9 @@ async fn state_machine_and_dedup() {
             .unwrap(),
         HashedAs::Waiting
     );
-    j.submitting(a, "s1".into()).await.unwrap();
+    j.submitting(a, crate::scanner::ScanId::parse("s1").unwrap())
+        .await
+        .unwrap();
     j.submitted(a).await.unwrap();
     let decided = j
         .decide(vec![(
@@ -107,7 +109,10 @@ async fn local_failure_hands_over_to_a_waiting_twin() {
     j.hashed(a, sha, stamp(1), Duration::ZERO).await.unwrap();
     j.hashed(b, sha, stamp(1), Duration::ZERO).await.unwrap();
     let decided = j
-        .decide(vec![(a, Decision::failed("unreadable", false))])
+        .decide(vec![(
+            a,
+            Decision::failed(&std::io::Error::other("unreadable"), false),
+        )])
         .await
         .unwrap();
     assert_eq!(decided, vec![a]);
@@ -120,7 +125,10 @@ async fn a_failing_operation_rolls_back_alone() {
     let j = Journal::open(&dir.path().join("j.sqlite")).unwrap();
     let a = claim_one(&j, "a").await;
     // submitting on a claimed record is refused; the record is unchanged.
-    let err = j.submitting(a, "x".into()).await.unwrap_err();
+    let err = j
+        .submitting(a, crate::scanner::ScanId::parse("x").unwrap())
+        .await
+        .unwrap_err();
     assert!(matches!(err, JournalError::Conflict { .. }), "{err}");
     assert_eq!(j.get(a).await.unwrap().state, FileState::Claimed);
     // Concurrent operations in one group commit all land.
@@ -174,12 +182,14 @@ async fn survives_reopen() {
         j.hashed(a, [2; 32], stamp(9), Duration::ZERO)
             .await
             .unwrap();
-        j.submitting(a, "scan1".into()).await.unwrap();
+        j.submitting(a, crate::scanner::ScanId::parse("scan1").unwrap())
+            .await
+            .unwrap();
     }
     let j = Journal::open(&path).unwrap();
     let r = j.get(a).await.unwrap();
     assert_eq!(r.state, FileState::Submitting);
-    assert_eq!(r.scan_id.as_deref(), Some("scan1"));
+    assert_eq!(r.scan_id.as_ref().map(|s| s.as_str()), Some("scan1"));
     assert_eq!(r.rel_path, PathBuf::from("ä/b c"));
     assert_eq!(r.stamp, Some(stamp(9)));
     let summary = read_summary(&path).unwrap();
@@ -221,7 +231,7 @@ async fn custody_left_busy_comes_back_interrupted_with_its_plan_until_it_ends() 
     let a = claim_one(&j, "a").await;
     j.decide(vec![(
         a,
-        Decision::failed(String::from("too large"), false),
+        Decision::failed(&crate::error::FileError::RefusedTooLarge { size: 9 }, false),
     )])
     .await
     .unwrap();

@@ -8,6 +8,7 @@
 use std::path::PathBuf;
 
 pub use crate::fsops::Stamp;
+use crate::scanner::{ScanId, ScanState};
 
 /// A journal failure.
 #[derive(Debug, thiserror::Error)]
@@ -220,12 +221,27 @@ impl ScanVerdict {
         }
     }
 
+    /// The verdict a final scan state gives, if any (`error` and `timeout` give none).
+    pub fn from_state(state: &ScanState) -> Option<Self> {
+        match state {
+            ScanState::Detect => Some(ScanVerdict::Detect),
+            ScanState::NotDetected => Some(ScanVerdict::NotDetected),
+            _ => None,
+        }
+    }
+
     /// Where a file with this verdict goes.
     pub fn outcome(self) -> Outcome {
         match self {
             ScanVerdict::Detect => Outcome::Quarantine,
             ScanVerdict::NotDetected => Outcome::Clean,
         }
+    }
+}
+
+impl serde::Serialize for ScanVerdict {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
     }
 }
 
@@ -286,17 +302,18 @@ pub struct FileRecord {
     /// SHA-256 of its content.
     pub sha256: Option<[u8; 32]>,
     /// The current (or last) scanId.
-    pub scan_id: Option<String>,
+    pub scan_id: Option<ScanId>,
     /// Every scanId used for it, oldest first.
-    pub scan_ids: Vec<String>,
+    pub scan_ids: Vec<ScanId>,
     /// Scans the server accepted for it.
     pub attempts: u32,
     /// When the current scan was submitted (ms since the epoch).
     pub submitted_at_ms: Option<i64>,
     /// The decided outcome.
     pub outcome: Option<Outcome>,
-    /// The KATA state that decided it (`detect`, `not detected`, …), if any.
-    pub verdict: Option<String>,
+    /// The verdict that decided it, if any (a stored name this version does not know reads as
+    /// none).
+    pub verdict: Option<ScanVerdict>,
     /// The SHA-256 the verdict applies to (the bytes uploaded).
     pub verdict_sha256: Option<[u8; 32]>,
     /// Why it failed, or a note.
@@ -319,7 +336,7 @@ pub struct FileRecord {
 impl FileRecord {
     /// The journaled verdict, typed (`None`: no verdict, or a name this version does not know).
     pub fn scan_verdict(&self) -> Option<ScanVerdict> {
-        self.verdict.as_deref().and_then(ScanVerdict::parse)
+        self.verdict
     }
 
     /// Whether this record may be released as clean: its outcome is clean, its verdict is
@@ -377,13 +394,14 @@ impl Decision {
         }
     }
 
-    /// A failure with a reason, shared with files of the same content.
-    pub fn failed(reason: impl Into<String>, propagate: bool) -> Self {
+    /// A failure for `reason` (a typed error, never pre-formatted text: the journal stores
+    /// its message), shared with files of the same content when `propagate`.
+    pub fn failed(reason: &dyn std::error::Error, propagate: bool) -> Self {
         Decision {
             outcome: Outcome::Failed,
             verdict: None,
             verdict_sha256: None,
-            reason: Some(reason.into()),
+            reason: Some(reason.to_string()),
             propagate,
         }
     }

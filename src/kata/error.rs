@@ -148,14 +148,6 @@ impl ApiError {
         }
     }
 
-    /// True when the same request may succeed later unchanged: 429, 5xx and transport failures.
-    pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            ApiError::Busy { .. } | ApiError::Server { .. } | ApiError::Transport { .. }
-        )
-    }
-
     /// The server's `Retry-After` (already capped) for 429 and 5xx answers that carried one.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
@@ -483,59 +475,78 @@ mod tests {
         }
     }
 
+    /// Issue 21: `is_retryable` (used by tests only) called 401, TLS and protocol failures
+    /// final while the uploader retries them; the table now asserts the uploader's one rule for
+    /// every class.
     #[test]
-    fn retryable_table() {
-        let cases: Vec<(ApiError, bool)> = vec![
+    fn every_error_class_has_the_uploaders_disposition() {
+        use UploadDisposition::{Rehash, Rejected, RetryLater, TooLarge};
+        let cases: Vec<(ApiError, UploadDisposition)> = vec![
             (
                 ApiError::Unauthorized {
                     sensor_id: "s".into(),
                 },
-                false,
+                RetryLater { ambiguous: false },
             ),
-            (ApiError::TooLarge, false),
-            (ApiError::Busy { retry_after: None }, true),
+            (ApiError::TooLarge, TooLarge),
+            (
+                ApiError::Busy { retry_after: None },
+                RetryLater { ambiguous: false },
+            ),
             (
                 ApiError::Server {
                     status: 500,
                     retry_after: None,
                 },
-                true,
+                RetryLater { ambiguous: false },
             ),
             (
                 ApiError::Server {
                     status: 503,
                     retry_after: Some(Duration::from_secs(3)),
                 },
-                true,
+                RetryLater { ambiguous: false },
             ),
-            (ApiError::NotTls { detail: "x".into() }, false),
+            (
+                ApiError::NotTls { detail: "x".into() },
+                RetryLater { ambiguous: false },
+            ),
             (
                 ApiError::Rejected {
                     status: 400,
                     body: String::new(),
                 },
-                false,
+                Rejected,
             ),
-            (ApiError::ServerNotTrusted { detail: "x".into() }, false),
+            (
+                ApiError::ServerNotTrusted { detail: "x".into() },
+                RetryLater { ambiguous: false },
+            ),
             (
                 ApiError::PinMismatch {
                     expected: "a".into(),
                     got: "b".into(),
                 },
-                false,
+                RetryLater { ambiguous: false },
             ),
-            (ApiError::ClientCertRefused { detail: "x".into() }, false),
-            (ApiError::protocol("x"), false),
-            (ApiError::Setup { detail: "x".into() }, false),
+            (
+                ApiError::ClientCertRefused { detail: "x".into() },
+                RetryLater { ambiguous: false },
+            ),
+            (ApiError::protocol("x"), RetryLater { ambiguous: true }),
+            (
+                ApiError::Setup { detail: "x".into() },
+                RetryLater { ambiguous: false },
+            ),
             (
                 ApiError::Local {
                     source: io::Error::other("x"),
                 },
-                false,
+                Rehash,
             ),
         ];
-        for (err, retryable) in cases {
-            assert_eq!(err.is_retryable(), retryable, "{}", err.kind());
+        for (err, want) in cases {
+            assert_eq!(err.upload_disposition(), want, "{}", err.kind());
         }
     }
 

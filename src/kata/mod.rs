@@ -26,6 +26,6 @@ pub use client::{
 pub use error::{ApiError, TlsError};
 pub use tls::{TlsOptions, parse_fingerprint};
 pub use wire::{
-    Contradiction, Restrictions, ScanId, ScanResult, ScanState, merge_duplicates,
+    Contradiction, Restrictions, ScanId, ScanIdError, ScanResult, ScanState, merge_duplicates,
     parse_restrictions, parse_results,
 };

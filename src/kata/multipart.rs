@@ -1,11 +1,17 @@
 //! The `multipart/form-data` body of `POST scans`, built by hand so that its exact length is
 //! known before the first byte is sent (a `Content-Length` request, never chunked).
 //!
-//! Parts, in order: `scanId` (text), `objectType` = `file`, then `content` with
-//! `filename="<scanId>"` (never the real name) and `application/octet-stream`. The file is
-//! streamed in 64 KiB reads and hashed on the way; memory use does not depend on its size. If
-//! the file yields fewer or more bytes than announced, the body fails (the upload is aborted)
-//! instead of sending a body of the wrong length.
+//! Parts, in order, between `--dropscan-<32 random hex digits>` boundaries: `scanId` (text),
+//! `objectType` = `file`, then `content` with `filename="<scanId>"` (never the real name) and
+//! `application/octet-stream`. The file is streamed in reads of at most `CHUNK_SIZE` (512 KiB,
+//! less for a smaller file or the last piece) and hashed on the way; memory use does not depend
+//! on its size. After the announced length one more read must report end of file. If the file
+//! yields fewer or more bytes than announced, the body fails with a `LocalReadError` (the
+//! upload is aborted, and the client reports `ApiError::Local`) instead of sending a body of
+//! the wrong length. Only a body read exactly reports its `FileDigest` (SHA-256 and length of
+//! the bytes sent), once, before the epilogue.
+//!
+//! [`encode_upload`] runs the same body in memory, for fuzzing and property tests.
 
 use std::io;
 use std::pin::Pin;

@@ -24,6 +24,17 @@ const SCAN_ID_MAX_LEN: usize = 128;
 /// Object keys (lower-cased, `_`/`-` removed) that may hold the result list in an object body.
 const LIST_KEYS: [&str; 5] = ["scans", "results", "items", "data", "objects"];
 
+/// Why a text is not a scanId.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ScanIdError {
+    /// Empty or longer than 128 characters.
+    #[error("a scanId has 1 to {SCAN_ID_MAX_LEN} characters, got {0}")]
+    Length(usize),
+    /// A character outside `[A-Za-z0-9_-]`.
+    #[error("a scanId holds only letters, digits, '_' and '-', found {0:?}")]
+    Char(char),
+}
+
 /// The client-chosen identifier of one submitted object.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ScanId(String);
@@ -35,20 +46,15 @@ impl ScanId {
     }
 
     /// Validates a scanId: 1 to 128 characters of `[A-Za-z0-9_-]`.
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, ScanIdError> {
         if s.is_empty() || s.len() > SCAN_ID_MAX_LEN {
-            return Err(format!(
-                "a scanId has 1 to {SCAN_ID_MAX_LEN} characters, got {}",
-                s.len()
-            ));
+            return Err(ScanIdError::Length(s.len()));
         }
         if let Some(bad) = s
             .chars()
             .find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-'))
         {
-            return Err(format!(
-                "a scanId holds only letters, digits, '_' and '-', found {bad:?}"
-            ));
+            return Err(ScanIdError::Char(bad));
         }
         Ok(ScanId(s.to_owned()))
     }

@@ -51,7 +51,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{MaxInFlight, ServerConfig};
 use crate::journal::Journal;
-use crate::kata::{ApiError, KataClient, Restrictions};
+use crate::scanner::{ApiError, Restrictions, Scanner};
 
 pub use aimd::START_CAP;
 pub use observe::{Binding, LimitsSnapshot};
@@ -308,6 +308,11 @@ impl Limits {
         }
     }
 
+    /// Scans on the server now: accepted or adopted, and their slot not dropped yet.
+    pub fn on_server(&self) -> usize {
+        self.inner.on_server.load(Ordering::Relaxed)
+    }
+
     /// Waits for a free in-flight slot.
     pub async fn acquire(&self) -> InFlight {
         let permit = Arc::clone(&self.inner.sem).acquire_owned().await.ok();
@@ -418,9 +423,9 @@ impl Limits {
     }
 
     /// Fetches the restrictions now; keeps the last known value on failure.
-    pub async fn refresh(&self, client: &KataClient) -> Result<(), ApiError> {
+    pub async fn refresh(&self, scanner: &Scanner) -> Result<(), ApiError> {
         self.rate().await;
-        match client.restrictions().await {
+        match scanner.restrictions().await {
             Ok(r) => {
                 self.set_restrictions(&r);
                 Ok(())

@@ -44,8 +44,6 @@ pub struct Counters {
     pub place_errors: AtomicU64,
     /// Verdicts contradicted after the file was released as clean (announced anomalies).
     pub anomalies: AtomicU64,
-    /// Scans in flight now.
-    pub in_flight: AtomicI64,
     /// The client certificate's notAfter in Unix seconds; 0 when unknown (not exported then).
     pub client_cert_expiry: AtomicI64,
     /// Unix seconds of the last successful results request; 0 before the first.
@@ -152,12 +150,6 @@ impl Collector for CountersCollector {
                     .encode(family.encode_family(&[("outcome", outcome)])?)?;
             }
         }
-        Self::gauge(
-            e,
-            "scans_in_flight",
-            "Scans submitted and not finished",
-            c.in_flight.load(Ordering::Relaxed),
-        )?;
         let expiry = c.client_cert_expiry.load(Ordering::Relaxed);
         if expiry != 0 {
             Self::gauge(

@@ -48,6 +48,42 @@ struct Live {
     journal: PathBuf,
 }
 
+/// Why the agent is not ready (`/readyz` answers 503 with this text).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotReady {
+    /// Watched inboxes that do not exist now.
+    #[error("inbox missing: {}", shown_paths(.0))]
+    InboxMissing(Vec<PathBuf>),
+    /// Watches held, with why.
+    #[error("watch held: {}", shown_held(.0))]
+    WatchHeld(Vec<(PathBuf, String)>),
+    /// No agent attached yet.
+    #[error("agent starting")]
+    Starting,
+    /// The server is unreachable or failing.
+    #[error("KATA unavailable")]
+    ServerDown,
+    /// The server refuses this sensor.
+    #[error("KATA refuses this sensor (401)")]
+    Unauthorized,
+}
+
+fn shown_paths(paths: &[PathBuf]) -> String {
+    let shown: Vec<String> = paths
+        .iter()
+        .map(|p| crate::fsops::shown(p).to_string())
+        .collect();
+    shown.join(", ")
+}
+
+fn shown_held(held: &[(PathBuf, String)]) -> String {
+    let shown: Vec<String> = held
+        .iter()
+        .map(|(p, r)| format!("{} ({r})", crate::fsops::shown(p)))
+        .collect();
+    shown.join("; ")
+}
+
 /// Everything exported, for the life of the process.
 pub struct Metrics {
     counters: Arc<Counters>,
@@ -299,22 +335,14 @@ impl Metrics {
 
     /// Whether the agent is ready: the server answers normally and every inbox exists; else
     /// why not.
-    pub fn readiness(&self) -> Result<(), String> {
+    pub fn readiness(&self) -> Result<(), NotReady> {
         let missing = self.missing_inboxes();
         if !missing.is_empty() {
-            let shown: Vec<String> = missing
-                .iter()
-                .map(|p| crate::fsops::shown(p).to_string())
-                .collect();
-            return Err(format!("inbox missing: {}", shown.join(", ")));
+            return Err(NotReady::InboxMissing(missing));
         }
         let held = self.held_watches();
         if !held.is_empty() {
-            let shown: Vec<String> = held
-                .iter()
-                .map(|(p, r)| format!("{} ({r})", crate::fsops::shown(p)))
-                .collect();
-            return Err(format!("watch held: {}", shown.join("; ")));
+            return Err(NotReady::WatchHeld(held));
         }
         let live = self
             .live
@@ -322,10 +350,10 @@ impl Metrics {
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
         match live.map(|l| l.limits.health()) {
-            None => Err("agent starting".into()),
+            None => Err(NotReady::Starting),
             Some(Health::Up) => Ok(()),
-            Some(Health::Down) => Err("KATA unavailable".into()),
-            Some(Health::Unauthorized) => Err("KATA refuses this sensor (401)".into()),
+            Some(Health::Down) => Err(NotReady::ServerDown),
+            Some(Health::Unauthorized) => Err(NotReady::Unauthorized),
         }
     }
 
@@ -343,6 +371,10 @@ impl Metrics {
                 "Current cap on scans in flight (adapts to the server's answers)",
             )
             .set(i64::try_from(live.limits.cap()).unwrap_or(i64::MAX));
+            // Read from the slots the limits hand out, never counted by hand: a scan is in
+            // flight from its acceptance (or adoption at start-up) until its slot is dropped.
+            self.gauge("scans_in_flight", "Scans submitted and not finished")
+                .set(i64::try_from(live.limits.on_server()).unwrap_or(i64::MAX));
             self.gauge("server_up", "1 when KATA answers normally")
                 .set(i64::from(live.limits.health() == Health::Up));
             self.limits_gauges(&live.limits.snapshot());

@@ -81,7 +81,7 @@ fn readyz_is_not_ready_while_an_inbox_is_missing() {
     );
     assert_eq!(m.readiness(), Ok(()));
     m.set_missing_inboxes([PathBuf::from("/mnt/share/inbox")]);
-    let why = m.readiness().unwrap_err();
+    let why = m.readiness().unwrap_err().to_string();
     assert!(why.contains("/mnt/share/inbox"), "{why}");
     m.set_missing_inboxes([]);
     assert_eq!(m.readiness(), Ok(()));
@@ -187,4 +187,26 @@ async fn beyond_the_cap_a_new_connection_closes_the_oldest() {
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
     drop(others);
     stop.cancel();
+}
+
+/// Issue 21: the in-flight gauge was counted by hand in five places of upload and poll; it is
+/// read from the limits' slots at scrape time, so it cannot drift from them.
+#[test]
+fn scans_in_flight_gauge_is_read_from_the_limits_slots() {
+    let m = Metrics::new();
+    let limits = Limits::new(
+        NonZeroUsize::new(4).unwrap_or(NonZeroUsize::MIN),
+        NonZeroU32::MIN,
+    );
+    m.attach(limits.clone(), Path::new("/nonexistent/journal.sqlite"));
+    assert!(m.render().contains("dropscan_scans_in_flight 0\n"));
+    let a = limits.adopt();
+    let b = limits.adopt();
+    let text = m.render();
+    assert!(text.contains("dropscan_scans_in_flight 2\n"), "{text}");
+    drop(a);
+    let text = m.render();
+    assert!(text.contains("dropscan_scans_in_flight 1\n"), "{text}");
+    drop(b);
+    assert!(m.render().contains("dropscan_scans_in_flight 0\n"));
 }

@@ -10,9 +10,10 @@ use serde::Serialize;
 
 use super::{Sorter, Step, blocking};
 use crate::fsops::{self, FsError};
-use crate::journal::{FileRecord, FileState, Outcome, now_ms};
+use crate::journal::{FileRecord, FileState, Outcome, ScanVerdict, now_ms};
 use crate::pipeline::Placement;
 use crate::root::{Root, Which};
+use crate::scanner::ScanId;
 
 /// The sidecar written beside quarantined and failed files.
 #[derive(Serialize)]
@@ -23,7 +24,7 @@ struct Sidecar<'a> {
     outcome: &'a str,
     verdict: Option<&'a str>,
     reason: Option<&'a str>,
-    scan_ids: &'a [String],
+    scan_ids: &'a [ScanId],
     verdict_reused: bool,
     dropped_at: Option<String>,
     claimed_at: String,
@@ -57,7 +58,7 @@ impl Sorter {
         if outcome != Outcome::Clean {
             // A reused verdict's record has no scan of its own: its sidecar names the scan
             // whose verdict it reused.
-            let reused_scan: Vec<String> = match (&rec.scan_ids[..], rec.reused, &rec.scan_id) {
+            let reused_scan: Vec<ScanId> = match (&rec.scan_ids[..], rec.reused, &rec.scan_id) {
                 ([], true, Some(id)) => vec![id.clone()],
                 _ => Vec::new(),
             };
@@ -71,7 +72,7 @@ impl Sorter {
                 size: rec.stamp.map(|s| s.size),
                 sha256: rec.sha256.map(|s| hex(&s)),
                 outcome: outcome.as_str(),
-                verdict: rec.verdict.as_deref(),
+                verdict: rec.verdict.map(ScanVerdict::as_str),
                 reason: reason.as_deref(),
                 scan_ids,
                 verdict_reused: rec.reused,
@@ -117,7 +118,7 @@ impl Sorter {
             size = rec.stamp.map_or(0, |s| s.size),
             sha256 = %rec.sha256.map(|s| hex(&s)).unwrap_or_default(),
             outcome = outcome.as_str(),
-            verdict = rec.verdict.as_deref().unwrap_or("-"),
+            verdict = rec.verdict.map_or("-", ScanVerdict::as_str),
             reason = reason.as_deref().unwrap_or("-"),
             reused = rec.reused,
             since_drop_ms = latency,

@@ -37,7 +37,6 @@ mod plan;
 use crate::fsops::{self, FsError};
 use crate::hashing;
 use crate::journal::{FileId, FileRecord, FileState};
-use crate::kata::ScanId;
 use crate::pipeline::Hashed;
 use crate::pipeline::{Resubmit, Verdict};
 use crate::root::Root;
@@ -471,9 +470,9 @@ impl Sorter {
     async fn delete_result(&self, rec: &FileRecord) -> Step {
         // A reused verdict's result belongs to the record that was scanned.
         if !rec.reused {
-            if let Some(scan_id) = rec.scan_id.as_deref().and_then(|s| ScanId::parse(s).ok()) {
+            if let Some(scan_id) = &rec.scan_id {
                 self.shared.limits.rate().await;
-                if let Err(e) = self.shared.client.delete(&scan_id).await {
+                if let Err(e) = self.shared.scanner.forget(scan_id).await {
                     return Step::Retry(format!(
                         "cannot delete result {scan_id} on the server: {e}"
                     ));

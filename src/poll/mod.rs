@@ -7,6 +7,9 @@
 //! or timed-out scans) are deleted on the server here; results of placed files are deleted by the
 //! sorter once the file is in place.
 //!
+//! What one answer decides is worked out without I/O by `judge` (tested with
+//! tables); `Poller::poll` then journals and announces it.
+//!
 //! One answer may list a scanId more than once; its entries are folded into one state first, and
 //! `detect` wins over anything else (then `error`, `timeout`, `not detected`): a contradicting
 //! answer never lets a file through. The journal decides a verdict once; a later answer that
@@ -48,12 +51,17 @@ use tokio_util::sync::CancellationToken;
 
 use crate::context::Shared;
 use crate::error::{FatalError, FileError};
-use crate::journal::{Decision, FileId, FileRecord, ScanVerdict};
-use crate::kata::{ScanId, ScanState};
-use crate::limits::InFlight;
+use crate::journal::{Decision, FileId, FileRecord};
 use crate::pipeline::Claimed;
 use crate::pipeline::Verdict;
 use crate::pipeline::{Resubmit, Submitted};
+use crate::scanner::{ScanId, ScanState};
+
+mod judge;
+#[cfg(test)]
+mod tests;
+
+use judge::{Entry, Recent, ScanClock, judge};
 
 /// Stale results deleted per tick at most.
 const STALE_DELETES_PER_TICK: usize = 100;
@@ -62,47 +70,6 @@ const STALE_DELETES_PER_TICK: usize = 100;
 pub const RECENT_KEEP: Duration = Duration::from_secs(600);
 /// Verdicts remembered at most (beyond that, new ones are not remembered).
 const RECENT_MAX: usize = 10_000;
-
-/// The monotonic clock of one scan in flight: when it started, moved on by outages.
-#[derive(Debug, Clone, Copy)]
-struct ScanClock {
-    started: Instant,
-}
-
-impl ScanClock {
-    /// A clock starting at `at` (acceptance, or adoption at start-up).
-    fn starting_at(at: Instant) -> Self {
-        ScanClock { started: at }
-    }
-
-    /// The server was unreachable for `outage`: that time does not count.
-    fn stop_for(&mut self, outage: Duration) {
-        self.started += outage;
-    }
-
-    /// Whether the scan has had no final answer for longer than `timeout` at `now`.
-    fn overdue(&self, now: Instant, timeout: Duration) -> bool {
-        now.saturating_duration_since(self.started) > timeout
-    }
-}
-
-struct Entry {
-    id: FileId,
-    sha256: [u8; 32],
-    attempts: u32,
-    clock: ScanClock,
-    _slot: InFlight,
-}
-
-/// A verdict decided in this process, kept for a while to catch contradicting answers.
-struct Recent {
-    id: FileId,
-    sha256: [u8; 32],
-    verdict: ScanVerdict,
-    until: Instant,
-    /// A contradicting answer was handed to the journal already (once is enough).
-    contradicted: bool,
-}
 
 /// What this stage reads.
 pub struct Inputs {
@@ -140,13 +107,12 @@ pub async fn run(
         resubmit,
         verdicts_tx,
     } = outputs;
-    let mut scans: HashMap<String, Entry> = HashMap::new();
+    let mut scans: HashMap<ScanId, Entry> = HashMap::new();
     // Adopted scans start their clock now: the journal's submit time is wall-clock time, and a
     // full timeout again is the fail-safe choice.
     let adopted_at = Instant::now();
     for r in submitted {
         if let (Some(scan_id), Some(sha256)) = (r.scan_id, r.sha256) {
-            shared.metrics.in_flight.fetch_add(1, Ordering::Relaxed);
             scans.insert(
                 scan_id,
                 Entry {
@@ -159,7 +125,7 @@ pub async fn run(
             );
         }
     }
-    let mut unconfirmed: HashMap<String, FileRecord> = unconfirmed
+    let mut unconfirmed: HashMap<ScanId, FileRecord> = unconfirmed
         .into_iter()
         .filter_map(|r| r.scan_id.clone().map(|s| (s, r)))
         .collect();
@@ -180,7 +146,7 @@ pub async fn run(
             () = shutdown.cancelled() => break,
             s = submitted_rx.recv() => match s {
                 Some(s) => {
-                    scans.insert(s.scan_id.as_str().to_string(), Entry {
+                    scans.insert(s.scan_id, Entry {
                         id: s.id,
                         sha256: s.sha256,
                         attempts: s.attempts,
@@ -211,14 +177,14 @@ struct Poller<'a> {
     /// Since when the results request has been failing, if it is.
     down_since: Option<Instant>,
     /// Verdicts decided here lately, by scanId.
-    recent: HashMap<String, Recent>,
+    recent: HashMap<ScanId, Recent>,
 }
 
 impl Poller<'_> {
     async fn tick(
         &mut self,
-        scans: &mut HashMap<String, Entry>,
-        unconfirmed: &mut HashMap<String, FileRecord>,
+        scans: &mut HashMap<ScanId, Entry>,
+        unconfirmed: &mut HashMap<ScanId, FileRecord>,
     ) {
         // Released verdicts are watched for contradictions for `RECENT_KEEP`, in flight or not.
         let now = Instant::now();
@@ -245,8 +211,8 @@ impl Poller<'_> {
     /// One results request and its consequences; false when the request failed.
     async fn poll(
         &mut self,
-        scans: &mut HashMap<String, Entry>,
-        unconfirmed: &mut HashMap<String, FileRecord>,
+        scans: &mut HashMap<ScanId, Entry>,
+        unconfirmed: &mut HashMap<ScanId, FileRecord>,
     ) -> bool {
         let shared = self.shared;
         let mut states = vec![
@@ -260,7 +226,7 @@ impl Poller<'_> {
         }
         shared.limits.rate().await;
         shared.metrics.polls.fetch_add(1, Ordering::Relaxed);
-        let results = match shared.client.results(&states).await {
+        let results = match shared.scanner.results(&states).await {
             Ok(r) => {
                 shared.limits.server_ok();
                 shared.metrics.poll_succeeded();
@@ -277,7 +243,7 @@ impl Poller<'_> {
             }
         };
         // One answer listing a scan twice is folded fail-closed (detect wins).
-        let (results, contradictions) = crate::kata::merge_duplicates(results);
+        let (results, contradictions) = crate::scanner::merge_duplicates(results);
         for scan_id in contradictions.into_iter().map(|c| c.scan_id) {
             let text = format!(
                 "server anomaly: one results answer lists scan {scan_id} with contradicting final states; the most cautious one is used"
@@ -285,106 +251,19 @@ impl Poller<'_> {
             tracing::warn!(%scan_id, "{text}");
             shared.journal.note_error(text).await.ok();
         }
-        let mut decisions: Vec<(FileId, Decision)> = Vec::new();
-        let mut verdicts: Vec<(String, FileId, [u8; 32], ScanVerdict)> = Vec::new();
-        let mut retries: Vec<(FileId, String, String)> = Vec::new();
-        let mut seen_unconfirmed = Vec::new();
         let max_attempts = shared.config.server.max_attempts.get();
-        for r in results {
-            if let Some(rec) = unconfirmed.remove(&r.scan_id) {
-                seen_unconfirmed.push(rec);
-            }
-            let verdict = match &r.state {
-                ScanState::Detect => Some(ScanVerdict::Detect),
-                ScanState::NotDetected => Some(ScanVerdict::NotDetected),
-                _ => None,
-            };
-            let Some(entry) = scans.get(&r.scan_id) else {
-                // A scan decided here lately that now answers otherwise: the journal keeps the
-                // first verdict and resolves the anomaly (detect wins while not yet placed).
-                if let (Some(v), Some(recent)) = (verdict, self.recent.get_mut(&r.scan_id)) {
-                    if v != recent.verdict && !recent.contradicted {
-                        recent.contradicted = true;
-                        decisions.push((recent.id, Decision::from_verdict(v, recent.sha256)));
-                        verdicts.push((r.scan_id.clone(), recent.id, recent.sha256, v));
-                    }
-                } else if !matches!(r.state, ScanState::Processing) {
-                    tracing::trace!(scan_id = %r.scan_id, "result for a scan we do not know; ignored");
-                }
-                continue;
-            };
-            if let Some(v) = verdict {
-                self.shared
-                    .metrics
-                    .observe_verdict(entry.clock.started.elapsed());
-                decisions.push((entry.id, Decision::from_verdict(v, entry.sha256)));
-                verdicts.push((r.scan_id.clone(), entry.id, entry.sha256, v));
-                continue;
-            }
-            match &r.state {
-                ScanState::Error | ScanState::Timeout => {
-                    let what = r.state.as_wire();
-                    if entry.attempts < max_attempts {
-                        retries.push((
-                            entry.id,
-                            r.scan_id.clone(),
-                            format!("scan {} ended with {what}; submitted again", r.scan_id),
-                        ));
-                    } else {
-                        decisions.push((
-                            entry.id,
-                            Decision::failed(
-                                FileError::ScanFailed {
-                                    what: if r.state == ScanState::Error {
-                                        "error"
-                                    } else {
-                                        "timeout"
-                                    },
-                                    attempts: entry.attempts,
-                                }
-                                .to_string(),
-                                true,
-                            ),
-                        ));
-                    }
-                }
-                _ => {}
-            }
+        let judged = judge(results, scans, unconfirmed, &mut self.recent, max_attempts);
+        for clock in &judged.verdict_clocks {
+            shared.metrics.observe_verdict(clock.started.elapsed());
         }
-        // Scans found `submitting` at start-up: known to the server → adopt; unknown → resubmit.
-        let adopted_at = Instant::now();
-        for rec in seen_unconfirmed {
-            if let Err(e) = shared.journal.submitted(rec.id).await {
-                tracing::error!(id = rec.id, error = %e, "journal write failed");
-                continue;
-            }
-            if let (Some(scan_id), Some(sha256)) = (rec.scan_id.clone(), rec.sha256) {
-                tracing::info!(id = rec.id, scan_id = %scan_id, "scan submitted before the restart is known to the server: polling it");
-                shared.metrics.in_flight.fetch_add(1, Ordering::Relaxed);
-                scans.insert(
-                    scan_id,
-                    Entry {
-                        id: rec.id,
-                        sha256,
-                        attempts: rec.attempts + 1,
-                        clock: ScanClock::starting_at(adopted_at),
-                        _slot: shared.limits.adopt(),
-                    },
-                );
-            }
-        }
-        for (_, rec) in unconfirmed.drain() {
-            tracing::info!(
-                id = rec.id,
-                scan_id = rec.scan_id.as_deref().unwrap_or("-"),
-                "scan interrupted by the restart is not known to the server: its scanId is deleted and the file submitted again"
-            );
-            match shared.journal.resend(rec.id).await {
-                Ok(()) => self.requeue(&rec),
-                Err(e) => tracing::error!(id = rec.id, error = %e, "journal write failed"),
-            }
-        }
-        for (id, scan_id, note) in retries {
+        let seen_unconfirmed: Vec<FileRecord> = judged
+            .known
+            .iter()
+            .filter_map(|s| unconfirmed.remove(s))
+            .collect();
+        self.settle_unconfirmed(scans, unconfirmed, seen_unconfirmed)
+            .await;
+        for (id, scan_id, note) in judged.retries {
             tracing::info!(id, %scan_id, "{note}");
             match shared.journal.resubmit(id, scan_id.clone(), note).await {
                 Ok(()) => {
@@ -398,9 +277,9 @@ impl Poller<'_> {
                 }
             }
         }
-        if self.decide(scans, decisions).await {
+        if self.decide(scans, judged.decisions).await {
             let until = Instant::now() + RECENT_KEEP;
-            for (scan_id, id, sha256, verdict) in verdicts {
+            for (scan_id, id, sha256, verdict) in judged.verdicts {
                 if self.recent.len() < RECENT_MAX || self.recent.contains_key(&scan_id) {
                     // The first verdict stays the reference: the journal never changes it.
                     self.recent.entry(scan_id).or_insert(Recent {
@@ -416,13 +295,52 @@ impl Poller<'_> {
         true
     }
 
-    fn finish(&self, scans: &mut HashMap<String, Entry>, scan_id: &str) {
-        if scans.remove(scan_id).is_some() {
-            self.shared
-                .metrics
-                .in_flight
-                .fetch_sub(1, Ordering::Relaxed);
+    /// Scans found `submitting` at start-up, after a successful results request: those the
+    /// server listed (`seen`) are adopted as submitted, the others (left in `unconfirmed`) go
+    /// back to the uploader with their scanId queued for deletion.
+    async fn settle_unconfirmed(
+        &self,
+        scans: &mut HashMap<ScanId, Entry>,
+        unconfirmed: &mut HashMap<ScanId, FileRecord>,
+        seen: Vec<FileRecord>,
+    ) {
+        let shared = self.shared;
+        let adopted_at = Instant::now();
+        for rec in seen {
+            if let Err(e) = shared.journal.submitted(rec.id).await {
+                tracing::error!(id = rec.id, error = %e, "journal write failed");
+                continue;
+            }
+            if let (Some(scan_id), Some(sha256)) = (rec.scan_id.clone(), rec.sha256) {
+                tracing::info!(id = rec.id, scan_id = %scan_id, "scan submitted before the restart is known to the server: polling it");
+                scans.insert(
+                    scan_id,
+                    Entry {
+                        id: rec.id,
+                        sha256,
+                        attempts: rec.attempts + 1,
+                        clock: ScanClock::starting_at(adopted_at),
+                        _slot: shared.limits.adopt(),
+                    },
+                );
+            }
         }
+        for (_, rec) in unconfirmed.drain() {
+            tracing::info!(
+                id = rec.id,
+                scan_id = rec.scan_id.as_ref().map_or("-", ScanId::as_str),
+                "scan interrupted by the restart is not known to the server: its scanId is deleted and the file submitted again"
+            );
+            match shared.journal.resend(rec.id).await {
+                Ok(()) => self.requeue(&rec),
+                Err(e) => tracing::error!(id = rec.id, error = %e, "journal write failed"),
+            }
+        }
+    }
+
+    fn finish(&self, scans: &mut HashMap<ScanId, Entry>, scan_id: &ScanId) {
+        // Dropping the entry frees its in-flight slot (and the gauge with it).
+        scans.remove(scan_id);
     }
 
     fn requeue(&self, rec: &FileRecord) {
@@ -439,7 +357,7 @@ impl Poller<'_> {
     /// Journals decisions and announces what was decided; false when the journal write failed.
     async fn decide(
         &self,
-        scans: &mut HashMap<String, Entry>,
+        scans: &mut HashMap<ScanId, Entry>,
         decisions: Vec<(FileId, Decision)>,
     ) -> bool {
         if decisions.is_empty() {
@@ -449,10 +367,6 @@ impl Poller<'_> {
         match self.shared.journal.decide(decisions).await {
             Ok(decided) => {
                 scans.retain(|_, e| !ids.contains(&e.id));
-                self.shared
-                    .metrics
-                    .in_flight
-                    .store(i64::try_from(scans.len()).unwrap_or(0), Ordering::Relaxed);
                 for id in decided {
                     self.verdicts_tx.send(Verdict { id }).await.ok();
                 }
@@ -468,10 +382,10 @@ impl Poller<'_> {
     }
 
     /// Fails scans that had no final answer within `scan_timeout` (monotonic time).
-    async fn expire(&self, scans: &mut HashMap<String, Entry>) {
+    async fn expire(&self, scans: &mut HashMap<ScanId, Entry>) {
         let timeout = self.shared.config.server.scan_timeout;
         let now = Instant::now();
-        let expired: Vec<(String, FileId)> = scans
+        let expired: Vec<(ScanId, FileId)> = scans
             .iter()
             .filter(|(_, e)| e.clock.overdue(now, timeout))
             .map(|(s, e)| (s.clone(), e.id))
@@ -484,17 +398,11 @@ impl Poller<'_> {
             tracing::warn!(id, %scan_id, ?timeout, "no verdict within scan_timeout");
             // Its result is deleted once, by the sorter, after the file is in failed (the
             // record keeps the scanId); queuing it here too deleted it twice.
-            decisions.push((
-                *id,
-                Decision::failed(
-                    FileError::NoVerdict {
-                        timeout,
-                        scan_id: scan_id.clone(),
-                    }
-                    .to_string(),
-                    true,
-                ),
-            ));
+            let reason = FileError::NoVerdict {
+                timeout,
+                scan_id: scan_id.clone(),
+            };
+            decisions.push((*id, Decision::failed(&reason, true)));
         }
         self.decide(scans, decisions).await;
     }
@@ -550,7 +458,7 @@ impl Poller<'_> {
                 continue;
             };
             shared.limits.rate().await;
-            match shared.client.delete(&id).await {
+            match shared.scanner.forget(&id).await {
                 Ok(_) => {
                     shared.journal.stale_deleted(scan_id).await.ok();
                 }
@@ -560,68 +468,5 @@ impl Poller<'_> {
                 }
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::kata::ScanResult;
-
-    fn r(id: &str, state: ScanState) -> ScanResult {
-        ScanResult {
-            scan_id: id.to_string(),
-            state,
-        }
-    }
-
-    #[test]
-    fn scan_timeout_counts_monotonic_time_not_the_wall_clock() {
-        // The deadline is pure monotonic arithmetic: no wall-clock value enters it, so a jump of
-        // the wall clock (forward or back) neither fails nor prolongs a scan. Scans adopted at
-        // start-up start their clock at adoption (`run`), whatever their journaled submit time.
-        let timeout = Duration::from_secs(60);
-        let t0 = Instant::now();
-        let mut clock = ScanClock::starting_at(t0);
-        assert!(!clock.overdue(t0, timeout));
-        assert!(!clock.overdue(t0 + Duration::from_secs(59), timeout));
-        assert!(clock.overdue(t0 + Duration::from_secs(61), timeout));
-        // An outage of an hour does not count.
-        clock.stop_for(Duration::from_secs(3600));
-        assert!(!clock.overdue(t0 + Duration::from_secs(3600 + 59), timeout));
-        assert!(clock.overdue(t0 + Duration::from_secs(3600 + 61), timeout));
-        // A "now" before the start (never happens with a monotonic clock) is not overdue.
-        assert!(!ScanClock::starting_at(t0 + timeout * 2).overdue(t0, timeout));
-    }
-
-    #[test]
-    fn duplicate_entries_for_one_scan_in_one_answer_fold_to_detect() {
-        let (folded, contradictions) = crate::kata::merge_duplicates(vec![
-            r("a", ScanState::NotDetected),
-            r("b", ScanState::NotDetected),
-            r("a", ScanState::Detect),
-            r("c", ScanState::Processing),
-            r("c", ScanState::NotDetected),
-            r("d", ScanState::NotDetected),
-            r("d", ScanState::Error),
-            r("b", ScanState::NotDetected),
-        ]);
-        assert_eq!(
-            folded,
-            vec![
-                r("a", ScanState::Detect),
-                r("b", ScanState::NotDetected),
-                r("c", ScanState::NotDetected),
-                r("d", ScanState::Error),
-            ]
-        );
-        let ids: Vec<String> = contradictions.into_iter().map(|c| c.scan_id).collect();
-        assert_eq!(ids, vec!["a".to_string(), "d".to_string()]);
-        // Detect wins whatever the order.
-        let (folded, _) = crate::kata::merge_duplicates(vec![
-            r("a", ScanState::Detect),
-            r("a", ScanState::NotDetected),
-        ]);
-        assert_eq!(folded, vec![r("a", ScanState::Detect)]);
     }
 }
