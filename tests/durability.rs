@@ -5,14 +5,12 @@
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use dropscan::emulator::{Emulator, EmulatorConfig};
 
 use crate::util::{
-    EICAR, LONG, Outcome, World, bytes, collect_stderr, wait_events, wait_for, wait_lines,
-    wait_until,
+    EICAR, LONG, Outcome, World, bytes, collect_stderr, events, wait_for, wait_lines, wait_until,
 };
 
 fn spawn_agent(config: &std::path::Path) -> Child {
@@ -229,9 +227,14 @@ async fn unwritable_destination_keeps_the_file_in_staging_and_retries() {
     })
     .await;
     assert!(staged.is_some());
-    // A failed move, then a retry that failed too.
-    wait_until(LONG, "two failed placement attempts", || {
-        (agent.metrics.place_errors.load(Ordering::Relaxed) >= 2).then_some(())
+    // The move failed and the sorter noted it (it retries with backoff).
+    let journal = w.state_dir().join("journal.sqlite");
+    wait_until(LONG, "the failed placement noted", || {
+        let s = dropscan::journal::read_summary(&journal).ok()?;
+        s.last_errors
+            .iter()
+            .any(|(_, t)| t.contains("precious.bin"))
+            .then_some(())
     })
     .await;
     assert_eq!(w.staged_files(), 1, "file kept in staging");
@@ -662,14 +665,15 @@ async fn files_waiting_for_a_full_journal_disk_are_offered_again_as_soon_as_spac
         .unwrap();
     let long = "n".repeat(200);
     let n = 30;
+    let left = "journal write failed; files left in the inbox";
+    let refusals = events(left, None);
     for i in 0..n {
         w.drop_file(&format!("{long}-{i}.txt"), format!("file {i}").as_bytes());
     }
     let refused = wait_for(limit, || journal.writes_failing().then_some(())).await;
     assert!(refused.is_some(), "the journal never refused a write");
-    // The claim that was refused waits for the disk; the agent's probe of the disk, a later
-    // step, is refused too.
-    wait_events("the journal still refuses writes", None, 1).await;
+    // The claim that was refused says it left the files in the inbox.
+    wait_until(LONG, left, || (events(left, None) > refusals).then_some(())).await;
     assert!(
         !w.inbox_files().is_empty(),
         "the files were taken although the journal could not record them"

@@ -573,7 +573,11 @@ async fn a_verdict_contradicted_after_release_is_an_anomaly_a_soc_sees() {
     assert_eq!(list[0]["verdict"], "detect");
     assert_eq!(list[0]["announced"], true);
     // Once: later ticks (the released scan stays watched) do not record it again.
-    w.wait_polls(3).await;
+    let polls = server.count("GET", "/scans/state");
+    wait_until(LONG, "three more results requests", || {
+        (server.count("GET", "/scans/state") >= polls + 3).then_some(())
+    })
+    .await;
     let lines = std::fs::read_to_string(&events).unwrap();
     assert_eq!(
         lines.lines().filter(|l| !l.trim().is_empty()).count(),

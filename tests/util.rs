@@ -385,7 +385,7 @@ pub fn events(message: &str, about: Option<&Path>) -> u64 {
 
 /// Waits until `n` more events with this message (and root or path) than now were seen.
 /// In-process agents only; the message must be one [`init_tracing`] lets through
-/// (`dropscan::watch`, `dropscan::settle` and `dropscan::app`, at debug).
+/// (`dropscan::watch`, `dropscan::settle`, `dropscan::claim` and `dropscan::app`, at debug).
 pub async fn wait_events(message: &str, about: Option<&Path>, n: u64) {
     init_tracing();
     assert!(
@@ -451,6 +451,7 @@ pub fn init_tracing() {
         let counted = tracing_subscriber::filter::Targets::new()
             .with_target("dropscan::watch", tracing::Level::DEBUG)
             .with_target("dropscan::settle", tracing::Level::DEBUG)
+            .with_target("dropscan::claim", tracing::Level::DEBUG)
             .with_target("dropscan::app", tracing::Level::DEBUG);
         let installed = tracing_subscriber::registry()
             .with(
