@@ -605,12 +605,22 @@ async fn a_submitting_scan_the_server_does_not_list_is_deleted_before_it_is_sent
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let rec = j
-        .in_states(&[FileState::Placed, FileState::Done])
-        .await
-        .unwrap()
-        .pop()
-        .unwrap();
+    // The file is on disk a moment before `placed` is journaled: wait for the record.
+    let deadline = tokio::time::Instant::now() + LONG;
+    let rec = loop {
+        let placed = j
+            .in_states(&[FileState::Placed, FileState::Done])
+            .await
+            .unwrap();
+        if let Some(rec) = placed.into_iter().next() {
+            break rec;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the record never reached placed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert_eq!(rec.scan_ids.first(), Some(&old_scan));
     assert_eq!(rec.scan_ids.len(), 2, "{:?}", rec.scan_ids);
     // One DELETE for the old scan, one for the result of the new one: the sorter sends that
