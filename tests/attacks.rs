@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::util::{EICAR, Outcome, World, bytes, wait_for};
+use crate::util::{EICAR, Outcome, World, bytes, wait_events, wait_for};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -119,8 +119,14 @@ async fn a_writer_holding_its_file_open_past_settle_is_waited_for_and_scanned_on
     let mut handle = std::fs::File::create(w.inbox.join("report.txt")).unwrap();
     handle.write_all(b"quarterly figures").unwrap();
     handle.flush().unwrap();
-    // Ten times `settle` (300 ms) with the handle open and nothing written.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Quiet for `settle` (300 ms) with the handle open and nothing written: found held open, and
+    // again at the next check.
+    wait_events(
+        "quiet but held open for writing; waiting",
+        Some(&w.inbox.join("report.txt")),
+        2,
+    )
+    .await;
     assert_eq!(w.emulator().state().stats().submits_accepted, 0);
     assert!(w.inbox.join("report.txt").exists(), "left in the inbox");
     assert_eq!(w.staged_files(), 0);
@@ -156,7 +162,13 @@ async fn start_up_with_the_share_not_mounted_waits_and_strands_nothing() {
     std::fs::rename(&w.inbox, &share).unwrap();
     std::fs::create_dir(&w.inbox).unwrap();
     let agent = w.start_agent();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The agent waits for the share before it starts its stages.
+    wait_events(
+        "the staging folder is missing while files are in flight",
+        Some(&w.inbox),
+        1,
+    )
+    .await;
     let s = dropscan::journal::read_summary(&w.state_dir().join("journal.sqlite")).unwrap();
     assert!(
         s.per_outcome.is_empty(),
@@ -668,9 +680,11 @@ async fn an_older_versions_partial_copy_of_a_finished_record_is_removed_not_rele
     // What the older release's `quarantine release`, killed mid-copy, left in clean.
     let temp = w.clean.join(format!(".test.{id}.dropscan-partial"));
     std::fs::write(&temp, &content[..1_048_576]).unwrap();
+    let walks = w.walks();
     let agent = w.start_agent();
     let gone = wait_for(LIMIT, || (!temp.exists()).then_some(())).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Whatever the start-up took back is scanned and placed before anything is looked at.
+    w.wait_idle(walks).await;
     agent.stop().await.0.unwrap();
     assert!(gone.is_some(), "the partial copy was left hidden in clean");
     // Every file in clean, hidden ones included (a temp taken back keeps its own name), but the

@@ -631,21 +631,22 @@ async fn a_reload_onto_a_folder_key_naming_a_file_is_refused_and_the_agent_keeps
     std::fs::write(w.dir.path().join("a-file"), b"not a folder").unwrap();
     let log = w.dir.path().join("run.log");
     let (c, l) = (cfg.clone(), log.clone());
-    let (refused, still_running) = tokio::task::spawn_blocking(move || {
+    let (inbox, clean) = (w.inbox.clone(), w.clean.clone());
+    let (refused, still_running, went_on) = tokio::task::spawn_blocking(move || {
         let mut child = dropscan_as(&["run", "--config", c.to_str().unwrap()], None)
+            .env("RUST_LOG", "warn,dropscan::watch=info")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&l).unwrap())
             .spawn()
             .unwrap();
         let pid = rustix::process::Pid::from_raw(i32::try_from(child.id()).unwrap()).unwrap();
-        // Running: its lock file exists.
+        // Running, its signal handlers installed: its pipeline watches the inbox.
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(30)
-            && !c.parent().unwrap().join("state/dropscan.lock").exists()
+            && !std::fs::read_to_string(&l).is_ok_and(|t| t.contains("watching inbox"))
         {
             std::thread::sleep(Duration::from_millis(50));
         }
-        std::thread::sleep(Duration::from_millis(500));
         let text = std::fs::read_to_string(&c).unwrap();
         std::fs::write(
             &c,
@@ -662,14 +663,28 @@ async fn a_reload_onto_a_folder_key_naming_a_file_is_refused_and_the_agent_keeps
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        std::thread::sleep(Duration::from_secs(1));
+        // Still at work on the old configuration: a file dropped now is released.
+        std::fs::write(inbox.join("after.txt"), b"after the refused reload").unwrap();
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(30) && !clean.join("after.txt").exists() {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let went_on = clean.join("after.txt").exists();
         let still_running = child.try_wait().unwrap().is_none();
         rustix::process::kill_process(pid, rustix::process::Signal::TERM).ok();
         let status = child.wait().unwrap();
-        (format!("{refused}\nexit: {status:?}"), still_running)
+        (
+            format!("{refused}\nexit: {status:?}"),
+            still_running,
+            went_on,
+        )
     })
     .await
     .unwrap();
+    assert!(
+        went_on,
+        "the agent stopped working after a refused reload: {refused}"
+    );
     assert!(
         still_running,
         "the agent stopped on a refused reload: {refused}"

@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use crate::friction::{free_port, http_get};
-use crate::util::{World, bytes, wait_for};
+use crate::util::{Lines, World, bytes, collect_stderr, count_lines, wait_for};
 
 const LIMIT: Duration = Duration::from_secs(60);
 /// The second user: any uid other than the agent's (root's); `nobody` exists nearly everywhere
@@ -194,8 +194,9 @@ async fn a_destination_renamed_away_at_run_time_is_never_placed_into_nor_claimed
     .await
     .expect("the watch is held, naming the key");
     assert!(held.contains("sticky"), "says what to do: {held}");
-    // Nothing to wait for but time: several reconcile scans (every 2 s).
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    // Two whole reconcile walks (every 2 s) offer the files again, and the held watch claims
+    // nothing.
+    w.wait_walks(3).await;
     assert_eq!(
         submits(),
         3,
@@ -218,7 +219,8 @@ async fn a_destination_renamed_away_at_run_time_is_never_placed_into_nor_claimed
     wait_for(LIMIT, || (files_below(&w.clean) == 2).then_some(()))
         .await
         .expect("the new files released once the inbox is repaired");
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // Two whole reconcile walks later, clean.old is still not claimed from.
+    w.wait_walks(3).await;
     assert_eq!(submits(), 5, "clean.old claimed after the restart");
     assert_eq!(files_below(&old), 3);
     assert!(old.join("a1.txt").exists());
@@ -246,8 +248,8 @@ async fn a_destination_renamed_by_its_owner_is_opened_again_not_placed_into_thro
     wait_for(LIMIT, || w.clean.join("b.txt").exists().then_some(()))
         .await
         .expect("placed into a new clean folder, not into clean.old");
-    // Nothing to wait for but time: a few reconcile scans (every 2 s).
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // Two whole reconcile walks (every 2 s) later, nothing more was claimed or placed.
+    w.wait_walks(3).await;
     assert_eq!(
         World::files_in(&old).len(),
         1,
@@ -309,18 +311,26 @@ fn chown_tree(dir: &Path, uid: u32) {
 }
 
 /// The real binary, run as `uid` (the service user), on the world's config.
-fn run_binary_as(uid: u32, config: &Path) -> Child {
+/// The agent binary as `uid`; its stderr (warnings, and the watcher's walks) is collected.
+fn run_binary_as(uid: u32, config: &Path) -> (Child, Lines) {
     use std::os::unix::process::CommandExt;
-    Command::new(env!("CARGO_BIN_EXE_dropscan"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dropscan"))
         .args(["run", "--config", config.to_str().unwrap()])
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", "warn,dropscan::watch=debug")
         .uid(uid)
         .gid(uid)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
-        .unwrap()
+        .unwrap();
+    let lines = collect_stderr(&mut child);
+    (child, lines)
+}
+
+/// The line the agent logs (at debug) when a reconcile walk of `inbox` starts.
+fn walk_line(inbox: &Path) -> String {
+    format!("reconcile root={}", inbox.display())
 }
 
 fn stop_binary(mut child: Child) {
@@ -348,7 +358,7 @@ async fn an_unreadable_file_reaches_failed_with_its_reason() {
     let w = World::quick().await;
     let config = w.write_config();
     chown_tree(w.dir.path(), service);
-    let agent = run_binary_as(service, &config);
+    let (agent, _log) = run_binary_as(service, &config);
     let secret = w.inbox.join("secret.bin");
     std::fs::write(&secret, bytes(7, 4096)).unwrap();
     chmod(&secret, 0o000);
@@ -403,7 +413,7 @@ async fn smb_an_unreadable_drop_reaches_failed_with_its_reason() {
             return;
         }
     };
-    let agent = run_binary_as(service, &config);
+    let (agent, _log) = run_binary_as(service, &config);
     let local = w.dir.path().join("local.bin");
     std::fs::write(&local, bytes(9, 100_000)).unwrap();
     let l = local.clone();
@@ -459,7 +469,7 @@ async fn an_unreadable_file_is_left_in_the_inbox_when_failed_is_on_another_files
     let config = w.write_config();
     chown_tree(w.dir.path(), service);
     chown_tree(elsewhere.path(), service);
-    let agent = run_binary_as(service, &config);
+    let (agent, log) = run_binary_as(service, &config);
     let secret = w.inbox.join("secret.bin");
     std::fs::write(&secret, b"private").unwrap();
     chmod(&secret, 0o000);
@@ -468,11 +478,21 @@ async fn an_unreadable_file_is_left_in_the_inbox_when_failed_is_on_another_files
         w.clean.join("readable.txt").exists().then_some(())
     })
     .await;
-    // Nothing to wait for but time: a few settle periods and reconcile scans.
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Two whole reconcile walks (every 2 s) after the readable file's release, each of which
+    // offered the unreadable one again.
+    let walks = count_lines(&log, &walk_line(&w.inbox));
+    let walked = wait_for(LIMIT, || {
+        (count_lines(&log, &walk_line(&w.inbox)) >= walks + 3).then_some(())
+    })
+    .await;
     let staged = w.staged_files();
     stop_binary(agent);
     assert!(clean.is_some(), "the readable file is released");
+    assert!(
+        walked.is_some(),
+        "no reconcile walks logged: {:?}",
+        log.lock().unwrap()
+    );
     assert!(secret.exists(), "left in the inbox");
     assert_eq!(staged, 0, "never taken into staging");
     assert_eq!(std::fs::read(&secret).unwrap(), b"private");

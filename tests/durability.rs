@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use dropscan::emulator::{Emulator, EmulatorConfig};
 
-use crate::util::{EICAR, Outcome, World, bytes, wait_for};
+use crate::util::{
+    EICAR, LONG, Outcome, World, bytes, collect_stderr, events, wait_for, wait_lines, wait_until,
+};
 
 fn spawn_agent(config: &std::path::Path) -> Child {
     Command::new(env!("CARGO_BIN_EXE_dropscan"))
@@ -163,14 +165,8 @@ async fn server_outage_files_wait_and_the_agent_recovers_by_itself() {
         w.drop_file(&format!("during-{i}.txt"), format!("during {i}").as_bytes());
     }
     w.drop_file("during.com", EICAR);
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(
-        w.outcomes().len(),
-        1,
-        "nothing may be decided while the server is down"
-    );
-    assert!(w.inbox_files().is_empty() || w.staged_files() > 0);
-    // `dropscan status` shows why nothing moves, once requests have failed for DOWN_AFTER.
+    // `dropscan status` shows why nothing moves, once requests have failed for DOWN_AFTER (5 s,
+    // longer than `scan_timeout`): only then is "nothing decided" worth checking.
     let journal = w.state_dir().join("journal.sqlite");
     let noted = wait_for(Duration::from_secs(20), || {
         let summary = dropscan::journal::read_summary(&journal).ok()?;
@@ -186,6 +182,12 @@ async fn server_outage_files_wait_and_the_agent_recovers_by_itself() {
         "{:?}",
         dropscan::journal::read_summary(&journal).map(|s| s.last_errors)
     );
+    assert_eq!(
+        w.outcomes().len(),
+        1,
+        "nothing may be decided while the server is down"
+    );
+    assert!(w.inbox_files().is_empty() || w.staged_files() > 0);
     // It comes back on the same port, with its state.
     let config = EmulatorConfig {
         listen: w.addr,
@@ -225,7 +227,16 @@ async fn unwritable_destination_keeps_the_file_in_staging_and_retries() {
     })
     .await;
     assert!(staged.is_some());
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The move failed and the sorter noted it (it retries with backoff).
+    let journal = w.state_dir().join("journal.sqlite");
+    wait_until(LONG, "the failed placement noted", || {
+        let s = dropscan::journal::read_summary(&journal).ok()?;
+        s.last_errors
+            .iter()
+            .any(|(_, t)| t.contains("precious.bin"))
+            .then_some(())
+    })
+    .await;
     assert_eq!(w.staged_files(), 1, "file kept in staging");
     assert!(w.clean.is_file(), "nothing replaced the blocker");
     // The admin fixes the destination: the retry places it.
@@ -263,7 +274,11 @@ async fn sigterm_during_uploads_exits_zero_quickly_and_resumes() {
     })
     .await
     .unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // An upload has reached the server (each takes 700 ms there).
+    wait_until(LONG, "a submission at the server", || {
+        (w.requests().posts > 0).then_some(())
+    })
+    .await;
     let t0 = std::time::Instant::now();
     sigterm(&child);
     let status = wait_exit(&mut child, Duration::from_secs(15))
@@ -313,7 +328,12 @@ async fn unauthorized_pauses_submissions_until_the_integration_is_accepted() {
     })
     .await
     .expect("integration request seen and file staged");
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The agent has asked again since, and was refused again.
+    let asked = w.requests().total();
+    wait_until(LONG, "two more requests", || {
+        (w.requests().total() >= asked + 2).then_some(())
+    })
+    .await;
     assert!(
         w.outcomes().is_empty(),
         "nothing decided while unauthorized"
@@ -398,14 +418,22 @@ fn sighup(child: &Child) {
 async fn sighup_reloads_a_valid_config_and_refuses_a_bad_one() {
     let mut w = World::quick().await;
     let config = w.write_config();
-    let mut child = spawn_agent(&config);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dropscan"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = collect_stderr(&mut child);
     w.drop_file("first.txt", b"before any reload");
     w.wait_placed(1, Duration::from_secs(30)).await;
     // A broken file: refused, the agent goes on with the old one.
     let good = std::fs::read_to_string(&config).unwrap();
     std::fs::write(&config, good.replace("[state]", "[state]\nbogus = 1")).unwrap();
     sighup(&child);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    wait_lines(&lines, "SIGHUP: configuration refused", 1).await;
     w.drop_file("second.txt", b"still running");
     w.wait_placed(2, Duration::from_secs(30)).await;
     assert!(child.try_wait().unwrap().is_none(), "still running");
@@ -495,7 +523,11 @@ async fn full_destination_keeps_the_file_until_there_is_room() {
     let o = w.wait_placed(1, Duration::from_secs(90)).await;
     assert_eq!(o[&PathBuf::from("big.iso")], Outcome::Clean);
     assert_eq!(std::fs::read(w.clean.join("big.iso")).unwrap(), big);
-    assert_eq!(w.staged_files(), 0);
+    // Across filesystems the staged file is unlinked after the copy is in place.
+    wait_until(LONG, "staging empty", || {
+        (w.staged_files() == 0).then_some(())
+    })
+    .await;
     let leftovers: Vec<_> = std::fs::read_dir(&w.clean)
         .unwrap()
         .flatten()
@@ -575,19 +607,35 @@ async fn a_submitting_scan_the_server_does_not_list_is_deleted_before_it_is_sent
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let rec = j
-        .in_states(&[FileState::Placed, FileState::Done])
-        .await
-        .unwrap()
-        .pop()
-        .unwrap();
+    // The file is on disk a moment before `placed` is journaled: wait for the record.
+    let deadline = tokio::time::Instant::now() + LONG;
+    let rec = loop {
+        let placed = j
+            .in_states(&[FileState::Placed, FileState::Done])
+            .await
+            .unwrap();
+        if let Some(rec) = placed.into_iter().next() {
+            break rec;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the record never reached placed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert_eq!(
         rec.scan_ids.first().map(|s| s.as_str()),
         Some(old_scan.as_str())
     );
     assert_eq!(rec.scan_ids.len(), 2, "{:?}", rec.scan_ids);
-    // One DELETE for the old scan, one for the result of the new one once placed.
-    assert!(w.emulator().state().stats().deletes >= 2);
+    // One DELETE for the old scan, one for the result of the new one: the sorter sends that
+    // one after the placement journaled above, so it is waited for, not assumed.
+    wait_until(
+        LONG,
+        "two DELETEs (the old scan, the placed file's result)",
+        || (w.emulator().state().stats().deletes >= 2).then_some(()),
+    )
+    .await;
     agent.stop().await.0.unwrap();
 }
 
@@ -598,6 +646,7 @@ async fn a_submitting_scan_the_server_does_not_list_is_deleted_before_it_is_sent
 async fn files_waiting_for_a_full_journal_disk_are_offered_again_as_soon_as_space_returns() {
     use dropscan::journal::JournalError;
     use dropscan::journal::testing::RawAccess as _;
+    crate::util::init_tracing();
     let w = World::quick().await;
     // Reconcile walks far apart: only the recovery itself can bring the files in quickly.
     let text = std::fs::read_to_string(w.write_config()).unwrap().replace(
@@ -631,12 +680,15 @@ async fn files_waiting_for_a_full_journal_disk_are_offered_again_as_soon_as_spac
         .unwrap();
     let long = "n".repeat(200);
     let n = 30;
+    let left = "journal write failed; files left in the inbox";
+    let refusals = events(left, None);
     for i in 0..n {
         w.drop_file(&format!("{long}-{i}.txt"), format!("file {i}").as_bytes());
     }
     let refused = wait_for(limit, || journal.writes_failing().then_some(())).await;
     assert!(refused.is_some(), "the journal never refused a write");
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The claim that was refused says it left the files in the inbox.
+    wait_until(LONG, left, || (events(left, None) > refusals).then_some(())).await;
     assert!(
         !w.inbox_files().is_empty(),
         "the files were taken although the journal could not record them"

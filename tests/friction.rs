@@ -3,14 +3,14 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use dropscan::emulator::{CLIENT_KEY_FILE, CertBundle};
 
-use crate::util::{EICAR, World, wait_for};
+use crate::util::{EICAR, World, collect_stderr, wait_for};
 
 fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_dropscan"));
@@ -58,18 +58,6 @@ pub(crate) fn http_get(port: u16, path: &str) -> Option<String> {
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
     Some(out)
-}
-
-/// Stderr lines of `child`, collected by a thread.
-fn collect_stderr(child: &mut Child) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
-    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let (stderr, sink) = (child.stderr.take().unwrap(), std::sync::Arc::clone(&lines));
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            sink.lock().unwrap().push(line);
-        }
-    });
-    lines
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -18,7 +18,7 @@ use rustls::server::{ServerConfig, WebPkiClientVerifier};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
-use crate::util::{World, wait_for};
+use crate::util::{LONG, World, wait_for, wait_until};
 
 /// One request as received.
 #[derive(Clone, Debug)]
@@ -282,8 +282,9 @@ async fn a_results_body_trickling_one_byte_a_second_does_not_hold_shutdown_past_
         (server.count("GET", "/scans/state") > 0).then_some(())
     })
     .await;
+    // The request has reached the server, which never finishes its answer: the agent waits in
+    // it from now on.
     assert!(polling.is_some(), "no results request was made");
-    tokio::time::sleep(Duration::from_secs(1)).await;
     let t0 = std::time::Instant::now();
     token.cancel();
     let stopped = tokio::time::timeout(Duration::from_secs(60), task).await;
@@ -321,9 +322,15 @@ async fn a_timed_out_scan_is_deleted_once_not_twice() {
     })
     .await;
     assert!(deleted.is_some(), "the timed-out scan was never deleted");
-    // Several poll ticks (100 ms) and sweeps later, still one DELETE.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(w.emulator().request_counts().deletes, 1);
+    // A later file goes all the way through (poll ticks, its placement, its own DELETE), and
+    // the timed-out scan is still deleted once: two DELETEs in all.
+    w.drop_file("later.txt", b"scanned after the timeout");
+    w.wait_placed(2, Duration::from_secs(30)).await;
+    wait_until(LONG, "the later file's DELETE", || {
+        (w.emulator().request_counts().deletes >= 2).then_some(())
+    })
+    .await;
+    assert_eq!(w.emulator().request_counts().deletes, 2);
     agent.stop().await.0.unwrap();
 }
 
@@ -565,8 +572,12 @@ async fn a_verdict_contradicted_after_release_is_an_anomaly_a_soc_sees() {
     assert_eq!(list[0]["path"], "released.txt");
     assert_eq!(list[0]["verdict"], "detect");
     assert_eq!(list[0]["announced"], true);
-    // Once: later ticks do not record it again.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Once: later ticks (the released scan stays watched) do not record it again.
+    let polls = server.count("GET", "/scans/state");
+    wait_until(LONG, "three more results requests", || {
+        (server.count("GET", "/scans/state") >= polls + 3).then_some(())
+    })
+    .await;
     let lines = std::fs::read_to_string(&events).unwrap();
     assert_eq!(
         lines.lines().filter(|l| !l.trim().is_empty()).count(),

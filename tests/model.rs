@@ -129,8 +129,10 @@ proptest! {
             })
             .await
             .unwrap_or_else(|| World::files_in(&w.clean));
-            // Let anything extra (a duplicate or a half-written copy) show up before judging.
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            // Let anything extra (a duplicate or a half-written copy) show up before judging: the
+            // next walk of the inbox offers whatever is left, and every record the journal
+            // holds is finished.
+            w.wait_idle(w.walks()).await;
             let found = if World::files_in(&w.clean).len() > found.len() {
                 World::files_in(&w.clean)
             } else {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use dropscan::emulator::{EmulatorConfig, Faults, InjectedVerdict, ScanState};
 use sha2::{Digest, Sha256};
 
-use crate::util::{EICAR, Outcome, World, bytes, wait_for};
+use crate::util::{EICAR, Outcome, World, bytes, events, wait_for, wait_until};
 
 const LIMIT: Duration = Duration::from_secs(30);
 
@@ -83,11 +83,18 @@ async fn backlog_and_live_drops_sorted_by_verdict_with_content_intact() {
         "inbox not empty: {:?}",
         w.inbox_files().keys()
     );
+    // Every result is deleted on the server after its file is placed: the last DELETEs follow
+    // the last placements, so they are waited for.
+    let emu = w.emulator().state();
+    let all_deleted = wait_for(LIMIT, || {
+        let s = emu.stats();
+        (s.deletes >= s.submits_accepted).then_some(())
+    })
+    .await;
     let (r, _) = agent.stop().await;
     r.unwrap();
     assert_eq!(w.staged_files(), 0);
-    // Every result was deleted on the server after placement.
-    let emu = w.emulator().state();
+    assert!(all_deleted.is_some(), "{:?}", emu.stats());
     let s = emu.stats();
     assert!(s.submits_accepted >= 9, "{s:?}");
     assert_eq!(
@@ -314,7 +321,11 @@ async fn polling_mode_works_without_inotify() {
     let mut w = World::quick().await;
     w.watch_extra = "mode = \"poll\"".to_string();
     let agent = w.start_agent();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Watching (by polling) since before the files appear.
+    wait_until(LIMIT, "the inbox watched", || {
+        (events("watching inbox", Some(&w.inbox)) > 0).then_some(())
+    })
+    .await;
     w.drop_file("sub/polled.txt", b"seen by polling");
     w.drop_file("polled.com", EICAR);
     let o = w.wait_placed(2, LIMIT).await;
@@ -392,6 +403,7 @@ async fn two_agents_sharing_an_inbox_never_take_the_same_file() {
     let w = World::quick().await;
     let n = 120u64;
     // Agent A as configured; agent B: another instance with its own journal, same folders.
+    let watching = events("watching inbox", Some(&w.inbox));
     let a = w.start_agent();
     let text = std::fs::read_to_string(w.write_config())
         .unwrap()
@@ -407,7 +419,10 @@ async fn two_agents_sharing_an_inbox_never_take_the_same_file() {
     let token_b = tokio_util::sync::CancellationToken::new();
     let b = tokio::spawn(agent_b.run(token_b.clone()));
     // Both watch; the files appear while they do, so both race for every one of them.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    wait_until(LIMIT, "both agents watching the inbox", || {
+        (events("watching inbox", Some(&w.inbox)) >= watching + 2).then_some(())
+    })
+    .await;
     for i in 0..n {
         w.drop_file(&format!("shared/{i:03}.bin"), &bytes(5000 + i, 3000));
     }
@@ -483,6 +498,7 @@ async fn destinations_on_another_filesystem_are_copied_and_verified_and_a_hard_l
     std::fs::hard_link(w.inbox.join("pair-a.txt"), w.inbox.join("pair-b.txt")).unwrap();
     w.drop_file("big.bin", &bytes(9, 3 << 20));
     w.drop_file("bad.com", EICAR);
+    crate::util::init_tracing();
     let agent = dropscan::app::Agent::new(dropscan::config::Config::load(&cfg).unwrap()).unwrap();
     let token = tokio_util::sync::CancellationToken::new();
     let task = tokio::spawn(agent.run(token.clone()));
@@ -502,8 +518,9 @@ async fn destinations_on_another_filesystem_are_copied_and_verified_and_a_hard_l
         EICAR
     );
     // Hard-linked files cannot reach failed there without being read: they stay where they
-    // are, unread, every name intact (regression: the pair used to lose both names).
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // are, unread, every name intact (regression: the pair used to lose both names), through
+    // two whole reconcile walks that offered them again.
+    w.wait_walks(3).await;
     assert!(!dest.join("failed/linked.txt").exists());
     assert_eq!(std::fs::read(&outside).unwrap(), b"not to be read");
     assert_eq!(std::fs::metadata(&outside).unwrap().nlink(), 2);
@@ -514,7 +531,9 @@ async fn destinations_on_another_filesystem_are_copied_and_verified_and_a_hard_l
         );
     }
     assert_eq!(w.emulator().state().stats().submits_accepted, 2);
-    assert_eq!(w.staged_files(), 0, "staging empty");
+    // Across filesystems a staged file is unlinked after its copy is in place.
+    let empty = wait_for(LIMIT, || (w.staged_files() == 0).then_some(())).await;
+    assert!(empty.is_some(), "staging empty");
     token.cancel();
     task.await.unwrap().unwrap();
 }

@@ -422,8 +422,17 @@ async fn quarantine_release_killed_after_the_copy_reached_clean_is_completed_and
     assert_eq!(killed, Some(1));
     assert_eq!(std::fs::read(k.w.clean.join(&rel)).unwrap(), body);
     assert!(!k.w.quarantine.join(&rel).exists());
-    // Until a run finishes it, the list says what happened rather than "kept".
-    let kept = list(&k.cfg, "quarantine", false).await;
+    // Until a run finishes it, the list says what happened rather than "kept". The killed tool
+    // may outlive its tracer for a moment, still holding its custody lock (then the list says
+    // "busy"): wait until it is gone.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let kept = loop {
+        let kept = list(&k.cfg, "quarantine", false).await;
+        if entry(&kept, &id)["status"] != "busy:release" || std::time::Instant::now() >= deadline {
+            break kept;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert_eq!(
         entry(&kept, &id)["status"],
         "interrupted:release",

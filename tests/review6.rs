@@ -33,7 +33,7 @@ fn kill_group(child: &mut std::process::Child) {
     child.wait().ok();
 }
 use crate::shares_fixture::find_tool;
-use crate::util::{EICAR, World, bytes, wait_for};
+use crate::util::{EICAR, LONG, World, bytes, collect_stderr, line_after, wait_for};
 
 /// Destinations on another filesystem (tmpfs): placements there are verified copies, with temps.
 fn on_shm(w: &mut World) -> Option<tempfile::TempDir> {
@@ -248,8 +248,9 @@ async fn partial_release_copy_is_not_placed_when_the_journal_is_moved_aside() {
             std::fs::rename(&from, w.state_dir().join(format!("{f}.broken"))).unwrap();
         }
     }
+    let walks = w.walks();
     let agent = w.start_agent();
-    tokio::time::sleep(Duration::from_secs(8)).await;
+    w.wait_idle(walks).await;
     agent.stop().await.0.unwrap();
     let clean = World::files_in(&w.clean);
     let truncated: Vec<_> = clean
@@ -312,15 +313,26 @@ async fn verified_temp_of_another_agent_with_the_same_instance_id_is_not_taken()
         Command::new(env!("CARGO_BIN_EXE_dropscan"))
             .args(["run", "--config"])
             .arg(&cfg2)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", "warn,dropscan::watch=info")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .process_group(0)
             .spawn()
             .unwrap(),
     );
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    // Its start-up (where the temps of clean are looked at) is over once it watches its inbox.
+    let second_log = collect_stderr(&mut second.0);
+    let inbox2 = w.dir.path().join("inbox2").display().to_string();
+    let started = wait_for(LONG, || {
+        line_after(&second_log, "", &["watching inbox", &inbox2]).then_some(())
+    })
+    .await;
     kill_group(&mut second.0);
+    assert!(
+        started.is_some(),
+        "the second agent never got past its start-up: {:?}",
+        second_log.lock().unwrap()
+    );
     // The first agent again.
     let agent = w.start_agent();
     let placed = wait_for(Duration::from_secs(20), || {
@@ -458,8 +470,9 @@ async fn numbered_partial_temp_of_an_older_version_is_removed_not_taken_back() {
     agent.stop().await.0.unwrap();
     let left = temps(&w.clean);
     // Second start.
+    let walks = w.walks();
     let agent = w.start_agent();
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    w.wait_idle(walks).await;
     agent.stop().await.0.unwrap();
     // Hidden names included: a temp taken back keeps its own name (`recovered/.test.<id>…`).
     let clean = every_file(&w.clean);
@@ -596,14 +609,24 @@ async fn reload_that_changes_clean_dir_during_a_copy_does_not_close_it_vanished(
             .arg(env!("CARGO_BIN_EXE_dropscan"))
             .args(["run", "--config"])
             .arg(&cfg)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", "warn,dropscan::watch=info")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .process_group(0)
             .spawn()
             .unwrap(),
     );
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let log = collect_stderr(&mut agent.0);
+    let inbox = w.inbox.display().to_string();
+    let up = wait_for(LONG, || {
+        line_after(&log, "", &["watching inbox", &inbox]).then_some(())
+    })
+    .await;
+    assert!(
+        up.is_some(),
+        "the agent never started: {:?}",
+        log.lock().unwrap()
+    );
     w.drop_file("doc.bin", &content);
     // The copy is whole and waits in its fsync: the configuration changes and is reloaded.
     let copying = wait_for(Duration::from_secs(30), || {
@@ -625,9 +648,22 @@ async fn reload_that_changes_clean_dir_during_a_copy_does_not_close_it_vanished(
         rustix::process::Signal::HUP,
     )
     .unwrap();
-    // Long enough for the held fsyncs and a few retries.
-    tokio::time::sleep(Duration::from_secs(15)).await;
+    // Through the held fsyncs and retries, until the file is placed whole and its record is
+    // finished (placed, or closed otherwise: what is asserted below).
+    let settled = wait_for(Duration::from_secs(120), || {
+        let placed = [&old_clean, &w.clean]
+            .into_iter()
+            .flat_map(|d| every_file(d))
+            .any(|(_, c)| c == content);
+        (placed && w.journal_idle()).then_some(())
+    })
+    .await;
     kill_group(&mut agent.0);
+    assert!(
+        settled.is_some(),
+        "the file was never placed and its record finished: journal {:?}",
+        dropscan::journal::read_summary(&w.state_dir().join("journal.sqlite")).map(|s| s.per_state)
+    );
     let conn = rusqlite::Connection::open(w.state_dir().join("journal.sqlite")).unwrap();
     let vanished: i64 = conn
         .query_row(

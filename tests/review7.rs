@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use crate::quarantine_tools::{dropscan, text};
 use crate::shares_fixture::find_tool;
-use crate::util::{EICAR, World, bytes, wait_for};
+use crate::util::{EICAR, LONG, World, bytes, collect_stderr, line_after, wait_for};
 
 /// The previous release's binary, if built.
 fn old_bin() -> Option<PathBuf> {
@@ -172,8 +172,9 @@ async fn upgraded_partial_release_copy_of_the_older_release_is_not_placed_in_cle
         "not the older release's numbered temp: {partial:?}"
     );
     // The upgrade: the new agent starts (and stops), the analyst runs the release again.
+    let walks = w.walks();
     let agent = w.start_agent();
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    w.wait_idle(walks).await;
     agent.stop().await.0.unwrap();
     let again = dropscan(&[
         "quarantine",
@@ -192,8 +193,9 @@ async fn upgraded_partial_release_copy_of_the_older_release_is_not_placed_in_cle
         "the release did not place the file"
     );
     // The next start.
+    let walks = w.walks();
     let agent = w.start_agent();
-    tokio::time::sleep(Duration::from_secs(8)).await;
+    w.wait_idle(walks).await;
     agent.stop().await.0.unwrap();
     let truncated: Vec<_> = every_file(&w.clean)
         .into_iter()
@@ -259,6 +261,7 @@ async fn upgrade_finishes_the_older_releases_verified_numbered_copy() {
                 .map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>())
                 .unwrap_or_default()
         );
+        let walks = w.walks();
         let agent = w.start_agent();
         let placed = wait_for(Duration::from_secs(30), || {
             every_file(&w.clean)
@@ -266,7 +269,7 @@ async fn upgrade_finishes_the_older_releases_verified_numbered_copy() {
                 .find(|(_, c)| *c == content)
         })
         .await;
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        w.wait_idle(walks).await;
         agent.stop().await.0.unwrap();
         assert!(
             placed.is_some(),
@@ -313,11 +316,12 @@ async fn reload_that_removes_a_watch_lets_go_of_its_staging_lock() {
     let mut first = Command::new(env!("CARGO_BIN_EXE_dropscan"))
         .args(["run", "--config"])
         .arg(&cfg)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", "info")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let first_log = collect_stderr(&mut first);
     let lock2 = second.join("inbox/.dropscan/test/.lock");
     let up = wait_for(Duration::from_secs(15), || lock2.exists().then_some(())).await;
     // The reload without the second watch.
@@ -326,10 +330,30 @@ async fn reload_that_removes_a_watch_lets_go_of_its_staging_lock() {
     assert_eq!(cfg_one, cfg);
     let pid = rustix::process::Pid::from_raw(i32::try_from(first.id()).unwrap()).unwrap();
     rustix::process::kill_process(pid, rustix::process::Signal::HUP).unwrap();
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    // The reload was taken: a file dropped in the second inbox stays there.
+    // The reloaded pipeline watches the first inbox again.
+    let inbox1 = w.inbox.display().to_string();
+    let reloaded = wait_for(LONG, || {
+        line_after(
+            &first_log,
+            "SIGHUP: configuration valid",
+            &["watching inbox", &inbox1],
+        )
+        .then_some(())
+    })
+    .await;
+    // The reload was taken: a file dropped in the second inbox stays there, while one dropped
+    // after it in the first inbox goes through.
     std::fs::write(second.join("inbox/left.txt"), b"not watched").unwrap();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    w.drop_file("later.txt", b"watched");
+    let later = wait_for(LONG, || w.clean.join("later.txt").exists().then_some(())).await;
+    if reloaded.is_none() || later.is_none() {
+        first.kill().ok();
+        first.wait().ok();
+        panic!(
+            "the reloaded agent did not go on (reloaded {reloaded:?}, later.txt placed {later:?}): {:?}",
+            first_log.lock().unwrap()
+        );
+    }
     assert!(
         second.join("inbox/left.txt").exists(),
         "the reload was not taken: the second inbox is still watched"
@@ -347,23 +371,22 @@ async fn reload_that_removes_a_watch_lets_go_of_its_staging_lock() {
     let mut agent2 = Command::new(env!("CARGO_BIN_EXE_dropscan"))
         .args(["run", "--config"])
         .arg(&cfg2)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let t0 = std::time::Instant::now();
-    let exited = loop {
-        if let Some(st) = agent2.try_wait().unwrap() {
-            break Some(st);
-        }
-        if t0.elapsed() > Duration::from_secs(5) {
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let agent2_log = collect_stderr(&mut agent2);
+    // Either refused at start-up, or past it: watching the inbox (the lock is taken before).
+    let inbox2 = second.join("inbox").display().to_string();
+    let exited = wait_for(LONG, || match agent2.try_wait().unwrap() {
+        Some(st) => Some(Some(st)),
+        None => line_after(&agent2_log, "", &["watching inbox", &inbox2]).then_some(None),
+    })
+    .await
+    .flatten();
     agent2.kill().ok();
-    let out = agent2.wait_with_output().unwrap();
+    agent2.wait().ok();
     first.kill().ok();
     first.wait().ok();
     assert!(
@@ -372,7 +395,7 @@ async fn reload_that_removes_a_watch_lets_go_of_its_staging_lock() {
     );
     assert!(
         exited.is_none(),
-        "the agent for the inbox no longer watched was refused ({exited:?}): {}",
-        String::from_utf8_lossy(&out.stderr)
+        "the agent for the inbox no longer watched was refused ({exited:?}): {:?}",
+        agent2_log.lock().unwrap()
     );
 }

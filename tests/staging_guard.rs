@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::friction::{free_port, http_get};
-use crate::util::{World, wait_for};
+use crate::util::{World, events, wait_for};
 
 const LIMIT: Duration = Duration::from_secs(30);
 /// `nobody`: a user who can write the inbox and nothing else.
@@ -126,7 +126,13 @@ async fn a_staging_folder_owned_by_another_user_holds_only_its_watch() {
         .await;
         let ready = http_get(port, "/readyz").unwrap_or_default();
         let metrics = http_get(port, "/metrics").unwrap_or_default();
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        // A whole reconcile walk of the other inbox later, the agent still runs.
+        let inbox2 = w.dir.path().join("inbox2");
+        let walks = events("reconcile", Some(&inbox2));
+        wait_for(LIMIT, || {
+            (events("reconcile", Some(&inbox2)) >= walks + 2).then_some(())
+        })
+        .await;
         let task_alive = agent.task.as_ref().is_some_and(|t| !t.is_finished());
         agent.stop().await.0.unwrap();
         let case = format!("attacker owns .dropscan: {attacker_owns_parent}");

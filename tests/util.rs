@@ -3,16 +3,18 @@
 
 #![allow(clippy::unwrap_used, dead_code)]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, Once};
 use std::time::Duration;
 
 use dropscan::app::{Agent, Placement};
 use dropscan::config::Config;
 use dropscan::emulator::{
     CA_CERT_FILE, CLIENT_CERT_FILE, CLIENT_KEY_FILE, CertBundle, Emulator, EmulatorConfig,
-    EmulatorHandle,
+    EmulatorHandle, RequestCounts,
 };
+use dropscan::metrics::Metrics;
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -170,9 +172,11 @@ level = "warn"
 
     /// Starts the agent in-process.
     pub fn start_agent(&self) -> Running {
+        init_tracing();
         let config = Config::load(&self.write_config()).unwrap();
         let agent = Agent::new(config).unwrap();
         let events = agent.subscribe();
+        let metrics = agent.metrics();
         let token = CancellationToken::new();
         let t = token.clone();
         let task = tokio::spawn(async move { agent.run(t).await.map_err(|e| e.to_string()) });
@@ -180,6 +184,7 @@ level = "warn"
             token,
             task: Some(task),
             events,
+            metrics,
         }
     }
 
@@ -270,6 +275,53 @@ level = "warn"
         })
     }
 
+    /// The requests the emulator has received so far.
+    pub fn requests(&self) -> RequestCounts {
+        self.emulator().request_counts()
+    }
+
+    /// Waits until the emulator has received `n` more results requests than now: the poller has
+    /// ticked `n` times since the call (it requests results only while it watches scans).
+    pub async fn wait_polls(&self, n: u64) {
+        let from = self.requests().state_gets;
+        wait_until(LONG, "results requests", || {
+            (self.requests().state_gets >= from + n).then_some(())
+        })
+        .await;
+    }
+
+    /// Reconcile walks of this world's inbox started so far by in-process agents.
+    pub fn walks(&self) -> u64 {
+        events("reconcile", Some(&self.inbox))
+    }
+
+    /// Waits until `n` more reconcile walks of the inbox than now have *started*; the walk
+    /// before each new start is over, so `n = 2` proves one whole walk since the call (and, with
+    /// `n = 3`, the settling of what it found: `settle` is far shorter than
+    /// `reconcile_interval`). In-process agents only.
+    pub async fn wait_walks(&self, n: u64) {
+        wait_events("reconcile", Some(&self.inbox), n).await;
+    }
+
+    /// Waits until an agent started after `walks_before` (what [`World::walks`] said before it
+    /// started) has finished its start-up (its first walk of the inbox began, which follows the
+    /// start-up reconcile) and the journal holds no unfinished record: everything it resumed or
+    /// took back is finished, and nothing is left for it to place.
+    pub async fn wait_idle(&self, walks_before: u64) {
+        wait_until(
+            LONG,
+            "the agent's start-up, then no unfinished record",
+            || (self.walks() > walks_before && self.journal_idle()).then_some(()),
+        )
+        .await;
+    }
+
+    /// Whether the journal holds no unfinished record (every file it knows is finished).
+    pub fn journal_idle(&self) -> bool {
+        dropscan::journal::read_summary(&self.state_dir().join("journal.sqlite"))
+            .is_ok_and(|s| s.oldest_pending.is_none())
+    }
+
     /// Waits until `n` files are placed in all, or panics after `limit`.
     pub async fn wait_placed(&self, n: usize, limit: Duration) -> BTreeMap<PathBuf, Outcome> {
         wait_for(limit, || {
@@ -284,6 +336,187 @@ level = "warn"
             )
         })
     }
+}
+
+/// The limit of the harness's event waits: generous, since a loaded machine only makes them
+/// slower, never wrong.
+pub const LONG: Duration = Duration::from_secs(60);
+
+/// Polls `f` until it returns Some, or panics naming `what` after `limit`.
+pub async fn wait_until<T>(limit: Duration, what: &str, f: impl FnMut() -> Option<T>) -> T {
+    wait_for(limit, f)
+        .await
+        .unwrap_or_else(|| panic!("still waiting for {what} after {limit:?}"))
+}
+
+/// Whether [`init_tracing`] installed the walk counter (another subscriber may have been first).
+static COUNTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Debug events of the agent seen so far, by message and by what they are about: their `root`
+/// field, else their `path` field, else their `inbox` field, else nothing. Every in-process agent of the test process
+/// counts here; the walks of an inbox (or the checks of a file) are told apart by that field.
+static EVENTS: Mutex<Option<HashMap<(String, String), u64>>> = Mutex::new(None);
+
+/// How many events whose message starts with `message` (and, if given, about this root, path or
+/// inbox) were seen.
+pub fn events(message: &str, about: Option<&Path>) -> u64 {
+    let roots: Vec<String> = match about {
+        None => vec![String::new()],
+        Some(path) => [
+            Some(path.display().to_string()),
+            std::fs::canonicalize(path)
+                .ok()
+                .map(|p| p.display().to_string()),
+        ]
+        .into_iter()
+        .flatten()
+        .collect(),
+    };
+    let events = EVENTS.lock().unwrap();
+    let Some(events) = events.as_ref() else {
+        return 0;
+    };
+    events
+        .iter()
+        .filter(|((m, a), _)| m.starts_with(message) && roots.contains(a))
+        .map(|(_, n)| *n)
+        .sum()
+}
+
+/// Waits until `n` more events with this message (and root or path) than now were seen.
+/// In-process agents only; the message must be one [`init_tracing`] lets through
+/// (`dropscan::watch`, `dropscan::settle`, `dropscan::claim` and `dropscan::app`, at debug).
+pub async fn wait_events(message: &str, about: Option<&Path>, n: u64) {
+    init_tracing();
+    assert!(
+        COUNTING.load(std::sync::atomic::Ordering::Relaxed),
+        "another tracing subscriber was installed first: events cannot be counted"
+    );
+    let from = events(message, about);
+    wait_until(LONG, &format!("{n} more \"{message}\" events"), || {
+        (events(message, about) >= from + n).then_some(())
+    })
+    .await;
+}
+
+/// Counts the agent's events by their message and `root` (or `path`) field.
+struct EventCounter;
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for EventCounter {
+    fn on_event(
+        &self,
+        event: &tracing::Event<'_>,
+        _ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        #[derive(Default)]
+        struct Fields {
+            message: String,
+            root: String,
+            path: String,
+            inbox: String,
+        }
+        impl tracing::field::Visit for Fields {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                match field.name() {
+                    "message" => self.message = format!("{value:?}"),
+                    "root" => self.root = format!("{value:?}"),
+                    "path" => self.path = format!("{value:?}"),
+                    "inbox" => self.inbox = format!("{value:?}"),
+                    _ => {}
+                }
+            }
+        }
+        let mut f = Fields::default();
+        event.record(&mut f);
+        let about = [f.root, f.path, f.inbox]
+            .into_iter()
+            .find(|a| !a.is_empty())
+            .unwrap_or_default();
+        let mut events = EVENTS.lock().unwrap();
+        *events
+            .get_or_insert_with(HashMap::new)
+            .entry((f.message, about))
+            .or_default() += 1;
+    }
+}
+
+/// The test process's one tracing subscriber: `RUST_LOG` lines to the test's output (captured
+/// unless it fails), and the agent's events counted for [`wait_events`].
+pub fn init_tracing() {
+    static INIT: Once = Once::new();
+    INIT.call_once(|| {
+        use tracing_subscriber::Layer as _;
+        use tracing_subscriber::layer::SubscriberExt as _;
+        use tracing_subscriber::util::SubscriberInitExt as _;
+        let counted = tracing_subscriber::filter::Targets::new()
+            .with_target("dropscan::watch", tracing::Level::DEBUG)
+            .with_target("dropscan::settle", tracing::Level::DEBUG)
+            .with_target("dropscan::claim", tracing::Level::DEBUG)
+            .with_target("dropscan::app", tracing::Level::DEBUG);
+        let installed = tracing_subscriber::registry()
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_test_writer()
+                    .with_filter(tracing_subscriber::EnvFilter::from_default_env()),
+            )
+            .with(EventCounter.with_filter(counted))
+            .try_init()
+            .is_ok();
+        COUNTING.store(installed, std::sync::atomic::Ordering::Relaxed);
+    });
+}
+
+/// A child's stderr, line by line as it comes (the child was spawned with `Stdio::piped()`).
+pub type Lines = std::sync::Arc<Mutex<Vec<String>>>;
+
+/// Collects the child's stderr lines in the background.
+pub fn collect_stderr(child: &mut std::process::Child) -> Lines {
+    use std::io::BufRead as _;
+    let lines = Lines::default();
+    let (stderr, sink) = (child.stderr.take().unwrap(), std::sync::Arc::clone(&lines));
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            sink.lock().unwrap().push(line);
+        }
+    });
+    lines
+}
+
+/// How many collected lines contain `needle`.
+pub fn count_lines(lines: &Lines, needle: &str) -> usize {
+    lines
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.contains(needle))
+        .count()
+}
+
+/// Waits until at least `n` collected lines contain `needle`.
+pub async fn wait_lines(lines: &Lines, needle: &str, n: usize) {
+    wait_until(LONG, &format!("{n} lines with {needle:?}"), || {
+        (count_lines(lines, needle) >= n).then_some(())
+    })
+    .await;
+}
+
+/// Whether a line containing every one of `then` comes after the first line containing `first`
+/// (anywhere when `first` is empty).
+pub fn line_after(lines: &Lines, first: &str, then: &[&str]) -> bool {
+    let lines = lines.lock().unwrap();
+    lines
+        .iter()
+        .position(|l| l.contains(first))
+        .is_some_and(|at| {
+            // No `first` to look for: any line will do.
+            let from = if first.is_empty() { at } else { at + 1 };
+            lines[from..]
+                .iter()
+                .any(|l| then.iter().all(|t| l.contains(t)))
+        })
 }
 
 /// Polls `f` every 25 ms until it returns Some or `limit` passes.
@@ -305,6 +538,8 @@ pub struct Running {
     pub token: CancellationToken,
     pub task: Option<JoinHandle<Result<(), String>>>,
     pub events: broadcast::Receiver<Placement>,
+    /// The agent's counters (what `/metrics` shows).
+    pub metrics: std::sync::Arc<Metrics>,
 }
 
 impl Running {

@@ -73,11 +73,7 @@ impl Inbox {
 
     fn start(tmp: tempfile::TempDir, config: WatchConfig) -> Self {
         // RUST_LOG=dropscan=debug shows what the stages did (captured unless the test fails).
-        tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .with_test_writer()
-            .try_init()
-            .ok();
+        crate::util::init_tracing();
         let root = config.path.clone();
         let watches = dropscan::root::Roots::new(dropscan::root::Root::all(&[config]));
         let (candidates_tx, candidates_rx) = mpsc::channel(CANDIDATES_CAPACITY);
