@@ -6,6 +6,7 @@ mod util;
 
 mod attacks;
 mod capacity;
+mod citizenship;
 mod cli;
 mod config_errors;
 mod destinations;
@@ -32,5 +33,6 @@ mod review7;
 mod scan_cli;
 mod shares;
 mod shares_fixture;
+mod smb_mount;
 mod staging_guard;
 mod watch_settle;

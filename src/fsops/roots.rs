@@ -517,6 +517,8 @@ pub fn claim_owner(staging: &Dir, me: &Owner) -> Result<(), FsError> {
         .map_err(|e| FsError::io(&staging.path().join(tmp), "write", e))?;
     f.sync_all()
         .map_err(|e| FsError::io(&staging.path().join(tmp), "fsync", e))?;
+    // Never renamed while held open: SMB refuses it ("Device or resource busy").
+    drop(f);
     rustix::fs::renameat(staging.fd(), tmp, staging.fd(), OWNER_MARKER).map_err(|e| {
         FsError::io(
             &staging.path().join(OWNER_MARKER),
