@@ -91,11 +91,13 @@ impl Shared {
         Ok(file)
     }
 
-    /// Makes sure root `i` is safe to claim from: its staging folder opened beneath the inbox
+    /// Makes sure root `i` is safe to claim from: files can be moved out of its inbox without
+    /// replacing another (not an SMB client mount), its staging folder opened beneath the inbox
     /// without following links (made again if removed) and owned by this host, and its
     /// destinations dropscan's own (`fsops::dest`), so that nothing is taken in that could not
     /// be placed.
     pub fn staging_ready(&self, i: usize) -> Result<(), FsError> {
+        self.roots[i].safe_moves()?;
         let staging = self.roots[i].staging_in_place()?;
         self.roots[i].hold_staging(&staging)?;
         fsops::roots::claim_owner_if_missing(&staging, &self.owner)?;

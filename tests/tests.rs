@@ -22,6 +22,7 @@ mod kata_emulator;
 mod kata_parse;
 mod kill_points;
 mod kill_points_tools;
+mod late_mounts;
 mod layout;
 mod metrics;
 mod model;

@@ -25,6 +25,7 @@
 //! needs nothing else (no journal, no client), and its tests drive it without an agent.
 
 mod hints;
+mod mounts;
 mod root;
 #[cfg(test)]
 mod tests;
