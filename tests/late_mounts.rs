@@ -77,10 +77,15 @@ async fn a_share_mounted_over_the_inbox_after_start_is_polled_and_its_files_take
     // would, so that no inotify event can reach the mount point.
     let server = w.dir.path().join("server");
     std::fs::create_dir_all(&server).unwrap();
-    let Some(mounted) = mount(Command::new(bindfs).arg(&server).arg(&w.inbox), &w.inbox) else {
+    let mut cmd = Command::new(bindfs);
+    cmd.args(["-o", "nonempty"]).arg(&server).arg(&w.inbox);
+    let Some(mounted) = mount(&mut cmd, &w.inbox) else {
         agent.stop().await.0.unwrap();
         return;
     };
+    // Users write into the share a while after it was mounted (the mount itself touches the
+    // covered folder, which inotify reports: a file written at once was found by that alone).
+    tokio::time::sleep(Duration::from_secs(3)).await;
     let late = bytes(70, 50_000);
     std::fs::write(server.join("late.bin"), &late).unwrap();
     let o = w.wait_placed(2, LIMIT).await;
@@ -88,6 +93,7 @@ async fn a_share_mounted_over_the_inbox_after_start_is_polled_and_its_files_take
     assert_eq!(std::fs::read(w.clean.join("late.bin")).unwrap(), late);
     // Unmounted again: the local folder is the inbox again, watched as before.
     drop(mounted);
+    tokio::time::sleep(Duration::from_secs(3)).await;
     w.drop_file("after.txt", b"local, after the unmount");
     let o = w.wait_placed(3, LIMIT).await;
     assert_eq!(
