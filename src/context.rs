@@ -73,12 +73,14 @@ impl Shared {
         Ok(file)
     }
 
-    /// Makes sure `root` is safe to claim from: its staging folder opened beneath the inbox
+    /// Makes sure `root` is safe to claim from: files can be moved out of its inbox without
+    /// replacing another (not an SMB client mount), its staging folder opened beneath the inbox
     /// without following links (made again if removed) and owned by this host, and its
     /// destinations dropscan's own (`fsops::dest`), so that nothing is taken in that could not
     /// be placed.
     pub fn staging_ready(&self, root: &Root) -> Result<(), FsError> {
         let dirs = root.dirs();
+        dirs.safe_moves()?;
         let staging = dirs.staging_in_place()?;
         dirs.hold_staging(&staging)?;
         fsops::roots::claim_owner_if_missing(&staging, &self.owner)?;

@@ -67,3 +67,4 @@ pub mod logging;
 pub mod metrics;
 pub mod service;
 pub mod signal;
+pub mod tidy;

@@ -8,9 +8,12 @@ use std::path::{Component, Path, PathBuf};
 
 use crate::config::{Pattern, WatchConfig};
 
-/// True for names that are never files to scan: dotfiles (which covers `.~lock.*` and
-/// `.syncthing.*`), Office owner files `~$*`, `~syncthing~*`, and the partial-download suffixes
-/// `.part`, `.partial`, `.crdownload`, `.filepart` and `.tmp` (suffixes in any letter case).
+/// True for names that are never files to scan: dotfiles (which covers `.~lock.*`,
+/// `.syncthing.*`, macOS's `.DS_Store` and `._*` resource forks), Office owner files `~$*`,
+/// `~syncthing~*`, desktop clutter ([`is_clutter_name`]), and the partial-download and
+/// save-temp suffixes `.part`, `.partial`, `.crdownload`, `.filepart` and `.tmp` (Word's
+/// `~WRL0001.tmp`, PowerPoint's `ppt1A2B.tmp`, LibreOffice's `lu1234abcd.tmp`; suffixes in any
+/// letter case).
 pub fn is_ignored_name(file_name: &OsStr) -> bool {
     const SUFFIXES: [&[u8]; 5] = [b".part", b".partial", b".crdownload", b".filepart", b".tmp"];
     let name = file_name.as_encoded_bytes();
@@ -18,6 +21,7 @@ pub fn is_ignored_name(file_name: &OsStr) -> bool {
         || name.starts_with(b".")
         || name.starts_with(b"~$")
         || name.starts_with(b"~syncthing~")
+        || is_clutter_name(file_name)
     {
         return true;
     }
@@ -26,8 +30,52 @@ pub fn is_ignored_name(file_name: &OsStr) -> bool {
         .any(|s| name.len() > s.len() && name[name.len() - s.len()..].eq_ignore_ascii_case(s))
 }
 
+/// Files a desktop writes into any folder it shows, never a user's drop: Windows Explorer's
+/// `Thumbs.db`, `ehthumbs.db`, `ehthumbs_vista.db` and `desktop.ini`, and macOS's `Icon\r`
+/// (a folder's custom icon). Any letter case. (`.DS_Store` is a dotfile.)
+pub fn is_clutter_name(file_name: &OsStr) -> bool {
+    const CLUTTER: [&[u8]; 5] = [
+        b"thumbs.db",
+        b"ehthumbs.db",
+        b"ehthumbs_vista.db",
+        b"desktop.ini",
+        b"icon\r",
+    ];
+    let name = file_name.as_encoded_bytes();
+    CLUTTER.iter().any(|c| name.eq_ignore_ascii_case(c))
+}
+
+/// Folders that belong to the operating system, the file server or a NAS, never to a drop:
+/// Windows' `$RECYCLE.BIN`, `RECYCLER` and `System Volume Information`, Samba's and Synology's
+/// `#recycle`, Synology's `@eaDir` (thumbnails), QNAP's `@Recycle`, and `lost+found` (an inbox
+/// that is a mount's root). Any letter case. Nothing below them is taken or tidied.
+pub fn is_system_dir_name(dir_name: &OsStr) -> bool {
+    const SYSTEM: [&[u8]; 7] = [
+        b"$recycle.bin",
+        b"recycler",
+        b"system volume information",
+        b"#recycle",
+        b"@eadir",
+        b"@recycle",
+        b"lost+found",
+    ];
+    let name = dir_name.as_encoded_bytes();
+    SYSTEM.iter().any(|c| name.eq_ignore_ascii_case(c))
+}
+
+/// Excel's save temp: a name of exactly 8 hex digits and no extension (`5A7C1E00`). Excel
+/// writes the whole workbook under it, then renames it over the real name. Such a file is
+/// taken only once it has been left alone for much longer than a save takes (see settle),
+/// so a slow save to a share is never taken from under Excel, and a crashed save's leftover
+/// (the workbook's bytes) is still scanned rather than left or deleted.
+pub fn is_save_temp_name(file_name: &OsStr) -> bool {
+    let name = file_name.as_encoded_bytes();
+    name.len() == 8 && name.iter().all(u8::is_ascii_hexdigit)
+}
+
 /// True when `path` is somewhere the watcher never looks for `w`: outside the root, inside one of
-/// its own folders (`WatchConfig::own_dirs`) or a dot-folder, or in a subfolder when the root is
+/// its own folders (`WatchConfig::own_dirs`), a dot-folder or a system folder
+/// ([`is_system_dir_name`]), or in a subfolder when the root is
 /// not recursive. The last component is not judged by name (see `is_ignored_name`), only its
 /// parents are; a path equal to an own folder is out of scope.
 pub fn is_out_of_scope(w: &WatchConfig, path: &Path) -> bool {
@@ -46,7 +94,7 @@ pub fn is_out_of_scope(w: &WatchConfig, path: &Path) -> bool {
         };
         if components.peek().is_some() {
             parents += 1;
-            if name.as_encoded_bytes().starts_with(b".") {
+            if name.as_encoded_bytes().starts_with(b".") || is_system_dir_name(name) {
                 return true;
             }
         }

@@ -54,6 +54,8 @@ pub struct World {
     /// The inbox's settle time for empty files (short here, so that tests with empty files stay
     /// quick; it is still longer than `settle`).
     pub settle_empty: &'static str,
+    /// The inbox's `reconcile_interval`.
+    pub reconcile: &'static str,
 }
 
 impl World {
@@ -80,6 +82,7 @@ impl World {
             more_watches: String::new(),
             settle: "300ms",
             settle_empty: "2s",
+            reconcile: "2s",
         };
         std::fs::create_dir_all(&w.inbox).unwrap();
         w
@@ -136,7 +139,7 @@ shutdown_grace = "2s"
 path = "inbox"
 settle = "{settle}"
 settle_empty = "{settle_empty}"
-reconcile_interval = "2s"
+reconcile_interval = "{reconcile}"
 poll_interval = "200ms"
 clean_dir = "{clean}"
 quarantine_dir = "{quarantine}"
@@ -153,6 +156,7 @@ level = "warn"
             ca = p(CA_CERT_FILE),
             settle = self.settle,
             settle_empty = self.settle_empty,
+            reconcile = self.reconcile,
             server_extra = self.server_extra,
             scan_timeout = if self.server_extra.contains("scan_timeout") {
                 ""

@@ -39,6 +39,8 @@ fn config(root: &Path, mode: WatchMode, settle: Duration) -> WatchConfig {
         lease_check: dropscan::config::LeaseCheck::Auto,
         keep_originals: dropscan::config::KeepOriginals::Unleased,
         held_open_limit: Duration::from_secs(600),
+        tidy_after: None,
+        save_temp_settle: Duration::from_secs(3600),
         mode,
         include: globs(&["*"]),
         exclude: vec![],

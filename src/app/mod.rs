@@ -365,11 +365,16 @@ async fn housekeeping(shared: Arc<Shared>, shutdown: CancellationToken) {
     let watchdog_every = crate::service::watchdog_interval();
     let mut watchdog =
         tokio::time::interval(watchdog_every.unwrap_or(std::time::Duration::from_secs(3600)));
+    let tidy_every = tidy_interval(&shared.config);
+    let mut tidy =
+        tokio::time::interval(tidy_every.unwrap_or(std::time::Duration::from_secs(3600)));
+    tidy.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             biased;
             () = shutdown.cancelled() => break,
             _ = watchdog.tick(), if watchdog_every.is_some() => crate::service::watchdog(),
+            _ = tidy.tick(), if tidy_every.is_some() => tidy_inboxes(&shared).await,
             _ = heartbeat.tick() => {
                 // Keep the staging folders' owner markers fresh: another host configured with
                 // our instance id is refused while we run.
@@ -404,6 +409,54 @@ async fn housekeeping(shared: Arc<Shared>, shutdown: CancellationToken) {
                     Err(e) => tracing::warn!(error = %e, "journal prune failed"),
                 }
             }
+        }
+    }
+}
+
+/// How often the inboxes are tidied: a quarter of the shortest `tidy_after`, between 1 s and a
+/// minute; `None` when every watch has it "off".
+fn tidy_interval(config: &Config) -> Option<std::time::Duration> {
+    let shortest = config.watches.iter().filter_map(|w| w.tidy_after).min()?;
+    Some((shortest / 4).clamp(
+        std::time::Duration::from_secs(1),
+        std::time::Duration::from_secs(60),
+    ))
+}
+
+/// One tidy pass over every inbox that has one ([`crate::tidy`]): leftovers removed during the
+/// walk, then each empty folder judged with the journal's first claim below it.
+async fn tidy_inboxes(shared: &Arc<Shared>) {
+    for root in shared.roots.iter() {
+        let w = &root.config;
+        let Some(after) = w.tidy_after else { continue };
+        let Ok(inbox) = root.inbox() else {
+            continue;
+        };
+        let now = std::time::SystemTime::now();
+        let (walked_w, walked_inbox) = (w.clone(), Arc::clone(&inbox));
+        let Ok(empty) = tokio::task::spawn_blocking(move || {
+            crate::tidy::walk(&walked_w, &walked_inbox, after, now)
+        })
+        .await
+        else {
+            continue;
+        };
+        for f in empty {
+            let first = match shared
+                .journal
+                .first_taken_below(w.path.clone(), f.rel.clone())
+                .await
+            {
+                Ok(first) => first.map(|ms| ms.saturating_mul(1_000_000)),
+                Err(e) => {
+                    tracing::debug!(error = %e, "tidy: journal not asked; folder kept");
+                    continue;
+                }
+            };
+            let inbox = Arc::clone(&inbox);
+            tokio::task::spawn_blocking(move || crate::tidy::prune(&inbox, &f, first, after, now))
+                .await
+                .ok();
         }
     }
 }

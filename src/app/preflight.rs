@@ -13,6 +13,10 @@
 //!   the inbox's write permission is asked (`access(W_OK)`), because `run` reads a staging
 //!   folder that appears while files are in flight as "the share is mounted again", so the
 //!   check must never create one;
+//! - an inbox on a filesystem that can move a file neither with `RENAME_NOREPLACE` nor by a
+//!   hard link (an SMB client mount, where a claim could replace another file): a probe file is
+//!   created in the inbox, closed, moved and removed, also as root ([`FsError::NoSafeMove`]
+//!   names the alternative: the agent on the file server);
 //! - a read-only filesystem (EROFS) names the systemd drop-in that grants the write
 //!   (`ReadWritePaths=`, see the README's "Running it as a service").
 //!
@@ -133,6 +137,16 @@ fn watch(
     writable(inbox)
         .map_err(|e| config.error_at(&key("path"), cannot("move files out of it", inbox, &e)))?;
     let roots = RootDirs::new(w);
+    // Claims are renames that must never replace a file: refused where the filesystem cannot
+    // promise that (an SMB client mount). Tried even as root: the probe file is gone after.
+    match roots.get(Which::Inbox, false).and_then(|d| probe(&d)) {
+        Err(e @ FsError::NoSafeMove { .. }) => {
+            return Err(fs_error(config, &key("path"), inbox, e));
+        }
+        Err(e) if as_root => notes.push(format!("watch[{i}].path: {e}")),
+        Err(e) => return Err(fs_error(config, &key("path"), inbox, e)),
+        Ok(()) => {}
+    }
     for (k, which) in [
         ("clean_dir", Which::Clean),
         ("quarantine_dir", Which::Quarantine),
@@ -149,7 +163,7 @@ fn watch(
         };
         match tried {
             Ok(()) => {}
-            Err(e) if beneath(&p) && !is_read_only(&e) => notes.push(format!(
+            Err(e) if beneath(&p) && !is_read_only(&e) && !no_safe_move(&e) => notes.push(format!(
                 "watch[{i}].{k}: {e} (inside the inbox: the agent deals with it when it starts)"
             )),
             Err(e) => return Err(fs_error(config, &key(k), &p, e)),
@@ -174,7 +188,7 @@ fn watch(
         Ok(()) => Ok(()),
         // Below the inbox, anything but a read-only filesystem may be an inbox user's doing
         // (a planted or foreign `.dropscan`): the agent holds that watch alone at run time.
-        Err(e) if beneath(&staging) && !is_read_only(&e) => {
+        Err(e) if beneath(&staging) && !is_read_only(&e) && !no_safe_move(&e) => {
             notes.push(format!(
                 "watch[{i}]: staging folder: {e} (the agent deals with it when it starts)"
             ));
@@ -223,11 +237,17 @@ fn probe(dir: &Dir) -> Result<(), FsError> {
     for n in [name, renamed] {
         dir.unlink(n).ok();
     }
+    // Closed before it is renamed: SMB refuses to rename a file held open.
     drop(dir.create_file(name, 0o600)?);
-    let moved = fsops::rename_noreplace_unsynced(dir, name, dir, renamed);
+    let moved = fsops::probe_safe_move(dir, name, renamed);
     let left = if moved.is_ok() { renamed } else { name };
     let removed = dir.unlink(left);
     moved.and(removed)
+}
+
+/// A filesystem that cannot move files safely: no run could work there.
+fn no_safe_move(e: &FsError) -> bool {
+    matches!(e, FsError::NoSafeMove { .. })
 }
 
 /// `access(W_OK | X_OK)` of an existing path (EROFS on a read-only mount, EACCES without the

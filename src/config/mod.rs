@@ -64,6 +64,10 @@ pub(crate) const DEFAULT_SETTLE: &str = "5s";
 pub(crate) const DEFAULT_SETTLE_EMPTY: &str = "1m";
 /// Built-in default for `watch.keep_original`.
 pub(crate) const DEFAULT_KEEP_ORIGINAL: &str = "10m";
+/// Built-in default for `watch.tidy_after`.
+pub(crate) const DEFAULT_TIDY_AFTER: &str = "1h";
+/// Built-in default for `watch.save_temp_settle`.
+pub(crate) const DEFAULT_SAVE_TEMP_SETTLE: &str = "1h";
 /// Built-in default for `watch.held_open_limit`.
 pub(crate) const DEFAULT_HELD_OPEN_LIMIT: &str = "10m";
 /// Built-in default for `watch.reconcile_interval`.
@@ -245,6 +249,12 @@ pub struct WatchConfig {
     /// A quiet file that a writer holds open is waited for this long; then it is taken with its
     /// original kept (for servers that keep descriptors open after their client is done).
     pub held_open_limit: Duration,
+    /// How long an orphaned leftover (`._X`, `~$X`, desktop clutter) or a folder dropscan
+    /// emptied stays before it is removed; `None` ("off"): never (see `tidy`).
+    pub tidy_after: Option<Duration>,
+    /// How long a file named like Excel's save temp (8 hex digits, no extension) must be left
+    /// alone before it is taken (see `scope::is_save_temp_name`).
+    pub save_temp_settle: Duration,
     /// How it is watched.
     pub mode: WatchMode,
     /// Included globs (relative path).

@@ -135,6 +135,10 @@ pub(crate) struct RawWatch {
     pub keep_originals: Option<super::KeepOriginals>,
     /// How long a quiet file held open for writing is waited for.
     pub held_open_limit: Option<String>,
+    /// A duration, or "off".
+    pub tidy_after: Option<String>,
+    /// A duration.
+    pub save_temp_settle: Option<String>,
     /// auto | notify | poll
     pub mode: Option<WatchMode>,
     /// Globs on the relative path that are taken.

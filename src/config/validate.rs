@@ -450,6 +450,15 @@ impl Validator {
                 DEFAULT_HELD_OPEN_LIMIT,
                 &key("held_open_limit"),
             )?,
+            tidy_after: match raw.tidy_after.as_deref().map(str::trim) {
+                Some("off") => None,
+                v => Some(self.duration(v, super::DEFAULT_TIDY_AFTER, &key("tidy_after"))?),
+            },
+            save_temp_settle: self.duration(
+                raw.save_temp_settle.as_deref(),
+                super::DEFAULT_SAVE_TEMP_SETTLE,
+                &key("save_temp_settle"),
+            )?,
             mode,
             include: self.globs(raw.include, &["*"], &key("include"))?,
             exclude: self.globs(raw.exclude, &[], &key("exclude"))?,

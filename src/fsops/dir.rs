@@ -319,6 +319,35 @@ impl Dir {
             .map_err(|e| FsError::io(&self.path.join(name), "remove", errno_io(e)))
     }
 
+    /// Removes the folder `name` from this folder if it is empty: the kernel refuses
+    /// (`ENOTEMPTY`) once anyone has put anything in it, so a folder someone writes into is
+    /// never removed. Never follows a symlink (a symlink is not a folder: `ENOTDIR`).
+    pub fn remove_empty_dir(&self, name: &OsStr) -> Result<(), FsError> {
+        let name = single(name)?;
+        rustix::fs::unlinkat(&self.fd, name, AtFlags::REMOVEDIR)
+            .map_err(|e| FsError::io(&self.path.join(name), "remove folder", errno_io(e)))
+    }
+
+    /// When the entry `name` was created (`statx` birth time, ns since the epoch), without
+    /// following a symlink; `None` where the filesystem does not record it.
+    pub fn birth_time_ns(&self, name: &OsStr) -> Option<i64> {
+        let name = single(name).ok()?;
+        let st = rustix::fs::statx(
+            &self.fd,
+            name,
+            AtFlags::SYMLINK_NOFOLLOW,
+            rustix::fs::StatxFlags::BTIME,
+        )
+        .ok()?;
+        if st.stx_mask & rustix::fs::StatxFlags::BTIME.bits() == 0 {
+            return None;
+        }
+        st.stx_btime
+            .tv_sec
+            .checked_mul(1_000_000_000)?
+            .checked_add(i64::from(st.stx_btime.tv_nsec))
+    }
+
     /// Fsyncs the folder, making the entries created or removed in it durable.
     ///
     /// Concurrent calls for one folder share an fsync (group commit, see `syncgate`): each
@@ -467,6 +496,36 @@ pub fn rename_noreplace_unsynced(
         Err(e) => return Err(rename_error(from_dir, from_name, &from_full, &to_full, e)),
     }
     Ok(())
+}
+
+/// Whether files can be moved within `dir` without ever replacing another: renames
+/// `from` (a file the caller just made, so its own) to `to` as [`rename_noreplace_unsynced`]
+/// would. [`FsError::NoSafeMove`] where the filesystem has neither `RENAME_NOREPLACE` nor hard
+/// links (an SMB client mount), so that the caller can refuse the folder with the reason rather
+/// than fail every file.
+pub fn probe_safe_move(dir: &Dir, from: &OsStr, to: &OsStr) -> Result<(), FsError> {
+    let (from, to) = (single(from)?, single(to)?);
+    let full = |n: &OsStr| dir.path.join(n);
+    match rustix::fs::renameat_with(&dir.fd, from, &dir.fd, to, RenameFlags::NOREPLACE) {
+        Ok(()) => Ok(()),
+        Err(no_flag @ (Errno::INVAL | Errno::NOSYS)) => {
+            match rustix::fs::linkat(&dir.fd, from, &dir.fd, to, AtFlags::empty()) {
+                Ok(()) => rustix::fs::unlinkat(&dir.fd, from, AtFlags::empty())
+                    .map_err(|e| FsError::io(&full(from), "unlink after link", errno_io(e))),
+                // The file is the caller's own, so EPERM means no hard links on this
+                // filesystem at all (not `protected_hardlinks`).
+                Err(e @ (Errno::PERM | Errno::OPNOTSUPP | Errno::NOSYS)) => {
+                    Err(FsError::NoSafeMove {
+                        path: dir.path.clone(),
+                        noreplace: errno_io(no_flag),
+                        link: errno_io(e),
+                    })
+                }
+                Err(e) => Err(FsError::io(&full(to), "link", errno_io(e))),
+            }
+        }
+        Err(e) => Err(FsError::io(&full(to), "move into", errno_io(e))),
+    }
 }
 
 /// ENOENT from a rename may be the source (gone) or the target's folder (removed meanwhile):

@@ -38,7 +38,9 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-pub use dir::{Dir, Renamed, rename_noreplace, rename_noreplace_unsynced, split_rel};
+pub use dir::{
+    Dir, Renamed, probe_safe_move, rename_noreplace, rename_noreplace_unsynced, split_rel,
+};
 pub use names::{Shown, safe_relative, shown};
 
 /// Read buffer for hashing and copying.
@@ -98,6 +100,24 @@ pub enum FsError {
         path: PathBuf,
         /// What changed.
         detail: String,
+    },
+    /// The filesystem can move a file neither without replacing what is at the target
+    /// (`RENAME_NOREPLACE`) nor by a hard link: an SMB client mount (FUSE `smbnetfs`, for one).
+    /// A claim or a placement there could replace another file, so none is made.
+    #[error(
+        "{}: this filesystem cannot move a file without risking to replace another (rename \
+         without replace: {noreplace}; hard link: {link}), so dropscan cannot claim or place \
+         files there safely (an SMB client mount?): run dropscan on the file server itself, with \
+         the shared folder as its inbox (README: \"Deploying on a file server or NAS\")",
+        shown(path)
+    )]
+    NoSafeMove {
+        /// The target folder.
+        path: PathBuf,
+        /// What `renameat2(RENAME_NOREPLACE)` answered.
+        noreplace: io::Error,
+        /// What `linkat` answered.
+        link: io::Error,
     },
     /// The target name exists already (moves never replace).
     #[error("{}: exists already", shown(path))]
@@ -238,7 +258,7 @@ impl FsError {
             FsError::StagingInUse { staging, holder } => FsError::StagingInUse { staging, holder },
             FsError::Busy { .. } => FsError::Busy { path },
             // About a folder, not the file: kept as it is.
-            e @ FsError::UnsafeDestination(_) => e,
+            e @ (FsError::UnsafeDestination(_) | FsError::NoSafeMove { .. }) => e,
             FsError::NotPrivate { uid, mode, .. } => FsError::NotPrivate { path, uid, mode },
             FsError::Io { about, source, .. } => FsError::Io {
                 path,
@@ -410,6 +430,34 @@ pub fn stamp_of(file: &File) -> Result<FileStamp, FsError> {
     file.metadata()
         .map(|m| FileStamp::of(&m))
         .map_err(|e| FsError::io(Path::new("(open file)"), "stat", e))
+}
+
+/// A file's access and modification times, as read before a copy of it is made: a release
+/// keeps the dates of the file the user dropped (`rsync -a`, `cp -p` and sync jobs rely on them).
+pub(crate) fn times_of(file: &File) -> Result<rustix::fs::Timestamps, FsError> {
+    let st = rustix::fs::fstat(file)
+        .map_err(|e| FsError::io(Path::new("(open file)"), "stat", io::Error::from(e)))?;
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_possible_wrap,
+        clippy::useless_conversion
+    )]
+    let at = |sec: i64, nsec| rustix::fs::Timespec {
+        tv_sec: sec,
+        tv_nsec: nsec as _,
+    };
+    Ok(rustix::fs::Timestamps {
+        last_access: at(st.st_atime, st.st_atime_nsec),
+        last_modification: at(st.st_mtime, st.st_mtime_nsec),
+    })
+}
+
+/// Gives the copy `to` the times [`times_of`] read from its source. A filesystem that refuses
+/// (some FUSE mounts) costs the dates, never the file: logged, not an error.
+pub(crate) fn keep_times(to: &File, times: &rustix::fs::Timestamps, path: &Path) {
+    if let Err(e) = rustix::fs::futimens(to, times) {
+        tracing::warn!(path = %shown(path), error = %e, "could not keep the file's dates on its copy");
+    }
 }
 
 /// Streaming SHA-256 of an open file from its current position (constant memory).

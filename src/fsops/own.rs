@@ -116,6 +116,8 @@ pub fn own(staging: &Dir, name: &OsStr, leases: bool, keep_always: bool) -> Resu
     let mut last = String::new();
     for _ in 0..COPY_TRIES {
         let (file, mut before) = staging.open_file(name)?;
+        // Before the copy reads it (which may move its access time).
+        let times = super::times_of(&file)?;
         // Where a claim is link + unlink (no RENAME_NOREPLACE, e.g. NFS), the agent that lost
         // the race removes its second link a moment later: look again before calling it a hard
         // link.
@@ -187,6 +189,7 @@ pub fn own(staging: &Dir, name: &OsStr, leases: bool, keep_always: bool) -> Resu
         // after it, and the original must still be what was copied.
         let had_lease = lease.is_some();
         drop(lease);
+        super::keep_times(&out, &times, &staging.path().join(&copy));
         out.sync_all()
             .map_err(|e| FsError::io(&staging.path().join(&copy), "fsync", e))?;
         let lease = if had_lease {

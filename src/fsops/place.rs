@@ -293,6 +293,7 @@ fn copy_then_release(
     let result = (|| {
         let mut tmp = r.dest_root.create_file(r.temp_name, r.file_mode)?;
         lock(&tmp, &temp_path)?;
+        let times = super::times_of(src)?;
         src.seek(io::SeekFrom::Start(0))
             .map_err(|e| FsError::io(&temp_path, "read the staged file", e))?;
         // One pass: every byte written to the copy is hashed on its way there, so the copy
@@ -301,6 +302,7 @@ fn copy_then_release(
         // write on btrfs/XFS but need a second read to verify; one pass wins elsewhere.
         let (sha, _) = super::own::copy_hashing(src, &mut tmp, None, r.dest_root, r.temp_name)?
             .ok_or_else(|| FsError::io(&temp_path, "copy", io::Error::other("interrupted")))?;
+        super::keep_times(&tmp, &times, &temp_path);
         tmp.sync_all()
             .map_err(|e| FsError::io(&temp_path, "fsync", e))?;
         if let Some(expected) = r.sha256 {
@@ -480,6 +482,8 @@ pub fn write_sidecar(
         f.write_all(bytes)
             .map_err(|e| FsError::io(&p, "write", e))?;
         f.sync_all().map_err(|e| FsError::io(&p, "fsync", e))?;
+        // Closed first: SMB refuses to rename a file held open.
+        drop(f);
         rustix::fs::renameat(dir.fd(), &tmp_name, dir.fd(), &side).map_err(|e| {
             FsError::io(
                 &dir.path().join(&side),

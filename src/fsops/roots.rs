@@ -12,7 +12,7 @@
 //!
 //! A destination is opened and judged by [`super::dest`], again on every use.
 
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -85,6 +85,9 @@ pub struct RootDirs {
     failed: Slot,
     /// The staging folder's lock, held while this agent uses it ([`lock_staging`]).
     lock: Mutex<Option<StagingLock>>,
+    /// The inbox (device, inode) on which files were last found movable without replacing
+    /// ([`RootDirs::safe_moves`]).
+    moves_ok: Mutex<Option<(u64, u64)>>,
 }
 
 impl RootDirs {
@@ -101,7 +104,34 @@ impl RootDirs {
             quarantine: slot(&w.quarantine_dir, 0o700, Some("quarantine_dir")),
             failed: slot(&w.failed_dir, 0o750, Some("failed_dir")),
             lock: Mutex::new(None),
+            moves_ok: Mutex::new(None),
         }
+    }
+
+    /// Whether files can be moved out of the inbox without ever replacing another
+    /// ([`super::probe_safe_move`] on a dotfile made, closed, moved and removed in it): asked
+    /// once per inbox filesystem, again after a share is mounted over it. A share mounted there
+    /// as an SMB client mount ([`FsError::NoSafeMove`]) holds the watch, with the reason.
+    pub fn safe_moves(&self) -> Result<(), FsError> {
+        let inbox = self.get(Which::Inbox, false)?;
+        let id = inbox.identity()?;
+        let mut ok = self.moves_ok.lock().unwrap_or_else(PoisonError::into_inner);
+        if *ok == Some(id) {
+            return Ok(());
+        }
+        let probe = OsString::from(format!(".dropscan-probe-{}", std::process::id()));
+        let mut moved = probe.clone();
+        moved.push(".moved");
+        for n in [&probe, &moved] {
+            inbox.unlink(n).ok();
+        }
+        drop(inbox.create_file(&probe, 0o600)?);
+        let tried = super::probe_safe_move(&inbox, &probe, &moved);
+        let left = if tried.is_ok() { &moved } else { &probe };
+        inbox.unlink(left).ok();
+        tried?;
+        *ok = Some(id);
+        Ok(())
     }
 
     /// The staging folder, made if missing, for claiming into: its path must still lead to the
@@ -517,6 +547,8 @@ pub fn claim_owner(staging: &Dir, me: &Owner) -> Result<(), FsError> {
         .map_err(|e| FsError::io(&staging.path().join(tmp), "write", e))?;
     f.sync_all()
         .map_err(|e| FsError::io(&staging.path().join(tmp), "fsync", e))?;
+    // Never renamed while held open: SMB refuses it ("Device or resource busy").
+    drop(f);
     rustix::fs::renameat(staging.fd(), tmp, staging.fd(), OWNER_MARKER).map_err(|e| {
         FsError::io(
             &staging.path().join(OWNER_MARKER),

@@ -5,12 +5,12 @@
 //!
 //! What this file does not do: delete anything on the server (the poller does).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::schema::{blob_path, execute};
+use super::schema::{blob_path, execute, path_blob};
 use super::types::{FileState, JournalError, Outcome, Summary};
 use super::{Journal, now_ms};
 
@@ -133,6 +133,28 @@ impl Journal {
     /// Queues scan results to delete on the server (a scan abandoned after a timeout).
     pub async fn stale_scan(&self, scan_id: String) -> Result<(), JournalError> {
         self.run(move |conn| stale_scan_in(conn, &scan_id)).await
+    }
+
+    /// When dropscan first took a file from below the folder `rel_dir` of the inbox `root`
+    /// (ms since the epoch), among the records kept: what `tidy` asks before it removes a folder.
+    pub async fn first_taken_below(
+        &self,
+        root: PathBuf,
+        rel_dir: PathBuf,
+    ) -> Result<Option<i64>, JournalError> {
+        let mut prefix = path_blob(&rel_dir);
+        prefix.push(b'/');
+        let root = path_blob(&root);
+        self.run(move |conn| {
+            let len = i64::try_from(prefix.len()).unwrap_or(i64::MAX);
+            conn.query_row(
+                "SELECT MIN(claimed_at) FROM files WHERE root = ?1 AND substr(rel_path, 1, ?2) = ?3",
+                params![root, len, prefix],
+                |r| r.get::<_, Option<i64>>(0),
+            )
+            .map_err(JournalError::sql("tidy"))
+        })
+        .await
     }
 
     /// Scan results waiting to be deleted on the server.

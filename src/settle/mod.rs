@@ -29,6 +29,13 @@
 //!    its client is done, like NFS-Ganesha's default cache) is handed on marked `held_open`: it
 //!    is then owned without a lease, its original kept (below).
 //!
+//! 4. **Save temps wait much longer.** A name shaped like Excel's save temp (8 hex digits, no
+//!    extension: [`crate::scope::is_save_temp_name`]) must be quiet for the root's
+//!    `save_temp_settle` (default an hour): Excel writes the whole workbook under it and renames
+//!    it over the real name, and a slow save to a share pauses for seconds. Taken earlier, the
+//!    save fails and clean gets a file named `5A7C1E00`. A crashed save's leftover is still
+//!    scanned, an hour later (never left for ever, never deleted unscanned).
+//!
 //! The lease is asked again by claim around its rename and held by the hash while it copies the
 //! file into a private inode (see [`crate::claim`] and [`crate::hashing`]): a writer that opens
 //! the file in between breaks it, the work stops at once, and the file stays (or goes back) in
@@ -434,20 +441,30 @@ impl Settler {
         ready
     }
 
-    /// The quiet times of root `root` (none for a root that is not configured).
-    fn quiet_of(&self, root: RootId) -> Quiet {
-        self.config_of(root).map_or(
-            Quiet {
+    /// The quiet times of the file `rel` of root `root` (none for a root that is not
+    /// configured): the root's, or its `save_temp_settle` for a name shaped like Excel's save
+    /// temp (rule 4 of the module docs).
+    fn quiet_of(&self, root: RootId, rel: &Path) -> Quiet {
+        let Some(w) = self.config_of(root) else {
+            return Quiet {
                 settle: Duration::ZERO,
                 empty: Duration::ZERO,
-            },
-            Quiet::of,
-        )
+            };
+        };
+        let quiet = Quiet::of(w);
+        if rel.file_name().is_some_and(crate::scope::is_save_temp_name) {
+            Quiet {
+                settle: quiet.settle.max(w.save_temp_settle),
+                empty: quiet.empty.max(w.save_temp_settle),
+            }
+        } else {
+            quiet
+        }
     }
 
     /// Puts a file that is not complete after all back to waiting from `now`.
     fn wait_again(&mut self, s: Settled, now: Instant) {
-        let quiet = self.quiet_of(s.root);
+        let quiet = self.quiet_of(s.root, &s.rel_path);
         let snapshot = s.stamp;
         self.pending.insert(
             s.path,
@@ -490,7 +507,7 @@ impl Settler {
                 // Already handed to claim, unchanged since: a listing saw it again.
                 return None;
             }
-            let quiet = self.quiet_of(root);
+            let quiet = self.quiet_of(root, &rel_path);
             self.pending
                 .insert(path, Pending::new(root, rel_path, snapshot, now, quiet));
             return None;

@@ -39,6 +39,8 @@ fn config() -> WatchConfig {
         lease_check: crate::config::LeaseCheck::Auto,
         keep_originals: crate::config::KeepOriginals::Unleased,
         held_open_limit: Duration::from_secs(600),
+        tidy_after: None,
+        save_temp_settle: Duration::from_secs(3600),
         mode: WatchMode::Auto,
         include: globs(&["*"]),
         exclude: globs(&["*.log", "skip/*"]),

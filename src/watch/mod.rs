@@ -29,6 +29,7 @@
 //! agent.
 
 mod hints;
+mod mounts;
 mod root;
 #[cfg(test)]
 mod tests;

@@ -110,10 +110,41 @@ impl RootTask {
 
         let signal = self.signal.clone();
         let shutdown = self.shutdown.clone();
+        let mut mounts = super::mounts::subscribe();
+        let mut identity = root_identity(&path).await;
         loop {
             let walked = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
+                Ok(()) = mounts.changed() => {
+                    let now = root_identity(&path).await;
+                    if now == identity {
+                        continue;
+                    }
+                    identity = now;
+                    // A share mounted over the inbox, or unmounted from under it: watched
+                    // afresh, the way the filesystem now there needs.
+                    watcher = None;
+                    polling = self.choose_polling();
+                    if !polling {
+                        match self.start_notify(folders_tx.clone()).await {
+                            Ok(w) => watcher = Some(w),
+                            Err(e) => {
+                                self.log_notify_failure(&e);
+                                polling = true;
+                            }
+                        }
+                    }
+                    info!(
+                        root = %crate::fsops::shown(&path),
+                        mode = if polling { "poll" } else { "notify" },
+                        "the inbox's filesystem changed (mounted or unmounted): watching it again"
+                    );
+                    poll_tick.reset();
+                    reconcile_tick.reset();
+                    last_walk = Instant::now();
+                    self.walk(path.clone()).await
+                }
                 () = signal.wake.notified() => {
                     if signal.degraded.swap(false, Ordering::AcqRel) && !polling {
                         // Dropping the watcher removes its inotify watches and ends its thread.
@@ -293,4 +324,16 @@ impl RootTask {
             }
         }
     }
+}
+
+/// The inbox's identity (device, inode, following a symlink the administrator configured):
+/// it changes when a share is mounted over it or unmounted. `None` while it cannot be looked
+/// at. Off the async threads: a stat may block on a dead share.
+async fn root_identity(path: &std::path::Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let p = path.to_path_buf();
+    tokio::task::spawn_blocking(move || std::fs::metadata(&p).ok().map(|m| (m.dev(), m.ino())))
+        .await
+        .ok()
+        .flatten()
 }

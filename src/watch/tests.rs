@@ -30,6 +30,8 @@ fn config(recursive: bool) -> WatchConfig {
         lease_check: crate::config::LeaseCheck::Auto,
         keep_originals: crate::config::KeepOriginals::Unleased,
         held_open_limit: Duration::from_secs(600),
+        tidy_after: None,
+        save_temp_settle: Duration::from_secs(3600),
         mode: WatchMode::Auto,
         include: vec![crate::config::Pattern::new("*").unwrap()],
         exclude: vec![],
