@@ -66,7 +66,7 @@ async fn check_prints_restrictions_and_names_each_failure() {
     let out = text(&ok);
     assert!(ok.status.success(), "{out}");
     assert!(
-        out.contains("maxObjectSize: 52428800 bytes (50.0 MiB)"),
+        out.contains("maxObjectSize: 52428800 bytes (50.00 MiB)"),
         "{out}"
     );
     assert!(out.contains("version:"), "{out}");
