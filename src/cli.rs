@@ -80,7 +80,8 @@ pub enum Command {
     },
     /// Scan the given files and folders and report, moving nothing; without PATH, scan what is
     /// in the inboxes now and sort it, then exit. Exit 0: everything clean; 1: something was
-    /// detected; 2: something failed; 75: another agent holds the state folder.
+    /// detected; 2: something failed; 64: usage error; 75 (inboxes only; `scan PATH` takes no
+    /// lock and runs beside the agent): another agent holds the state folder.
     Scan {
         /// `--config FILE`.
         #[command(flatten)]
@@ -123,8 +124,9 @@ pub enum Command {
         #[arg(long)]
         offline: bool,
     },
-    /// Delete every scan result of this sensor on the server (all instances!). An administrator's
-    /// clean-up after decommissioning; never needed in normal operation.
+    /// Delete every scan result of this sensor on the server (all instances!: the request names
+    /// no sensorInstanceId). An administrator's clean-up after decommissioning; never needed in
+    /// normal operation. Without --yes: exit 64, nothing deleted.
     PurgeResults {
         /// `--config FILE`.
         #[command(flatten)]

@@ -310,7 +310,7 @@ async fn purge_results_needs_confirmation_and_deletes_all() {
     let o = tokio::task::spawn_blocking(move || dropscan(&["purge-results", "--config", &c]))
         .await
         .unwrap();
-    assert_eq!(o.status.code(), Some(78), "{}", text(&o));
+    assert_eq!(o.status.code(), Some(64), "usage: {}", text(&o));
     assert!(text(&o).contains("--yes"), "{}", text(&o));
     assert_eq!(w.emulator().state().stats().delete_all, 0);
     let o =

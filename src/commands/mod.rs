@@ -298,7 +298,8 @@ async fn purge_results(path: &Path, yes: bool) -> ExitCode {
             "this deletes every scan result of sensor {} on {}, including those other agents sharing the sensorId still wait for; run again with --yes to confirm",
             config.server.sensor_id, config.server.url
         );
-        return ExitCode::from(EXIT_CONFIG);
+        // A confirmation missing from the command line: a usage error, not the config's.
+        return ExitCode::from(crate::error::EXIT_USAGE);
     }
     let client = match KataClient::new(config.server.client_options()) {
         Ok(c) => c,
