@@ -204,7 +204,7 @@ failed_dir = "failed"
     emu.wait().ok();
     assert!(o.status.success(), "{}", text(&o));
     assert!(
-        text(&o).contains("maxObjectSize: 104857600 bytes (100.0 MiB)"),
+        text(&o).contains("maxObjectSize: 104857600 bytes (100.00 MiB)"),
         "{}",
         text(&o)
     );

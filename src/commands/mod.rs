@@ -1,6 +1,8 @@
 //! The subcommands: each loads what it needs, runs, and turns the outcome into an exit code.
 //!
-//! Exit codes (sysexits, mapped in [`crate::error::api_exit_code`]): 0 ok; 78 configuration
+//! Exit codes (sysexits, mapped in [`crate::error::api_exit_code`]): 0 ok; 64 usage error
+//! (clap's own, and `purge-results` without `--yes`; never 2, which `scan` and the tools use for
+//! failed files and refusals); 78 configuration
 //! error (including a client key readable by others or not matching its certificate); 77 the
 //! server refuses us (401, client certificate refused); 76 the server is not who it should be
 //! (untrusted certificate, pin mismatch) or answers garbage (plain HTTP or no TLS on the port,
