@@ -111,7 +111,7 @@ const FILES: [(&str, &str); 8] = [
     ),
     (
         "/usr/lib/sysctl.d/60-dropscan.conf",
-        "Raises fs.inotify.max_user_watches and max_user_instances for large inboxes.",
+        "Raises fs.inotify.max_user_watches and max_queued_events for large inboxes.",
     ),
 ];
 
@@ -354,11 +354,12 @@ pub fn config_page(version: &str) -> String {
                         notes.push(format!("{key}: {n}."));
                     }
                 }
-                notes.extend(doc);
-                if notes.is_empty() {
-                    notes.push("See above.".into());
+                let mut body = doc;
+                body.extend(notes);
+                if body.is_empty() {
+                    body.push("See above.".into());
                 }
-                text_lines(&mut out, &notes);
+                text_lines(&mut out, &body);
             }
             Piece::Example(lines) => {
                 out.push_str(".PP\nFor example:\n.RS\n.nf\n");
