@@ -14,12 +14,46 @@ pub struct Cli {
     pub command: Command,
 }
 
-/// The text shown under `--help` of `quarantine` and `failed`.
-pub const TOOLS_EXIT_HELP: &str = "Exit codes: 0 done; 2 refused (no such entry, no longer kept, another tool is working on it, \
-the bytes changed since they were quarantined, the target exists, the file is missing); \
-69 the journal or a folder failed; 78 configuration or usage error. Every action (and every \
-refusal) is audited in the journal: Unix user, time, reason, what. A run that was interrupted \
+/// The text shown under `--help` of `quarantine`.
+pub const QUARANTINE_EXIT_HELP: &str = "Exit codes: 0 done (a purge without --yes: a dry run); \
+2 refused (no such entry, no longer kept, another tool is working on it, the bytes changed since \
+they were quarantined, the target exists, the file is missing, --to names a folder that does not \
+exist); 64 usage error; 69 the journal or a folder failed; 78 configuration error. Every action \
+(and every refusal) is audited in the journal: Unix user, time, reason, what; `list --all` and \
+`show ID` print the audit records. A run that was interrupted (Ctrl-C, kill) is finished, or \
+undone, by the next run on its entry.";
+
+/// The text shown under `--help` of `failed`.
+pub const FAILED_EXIT_HELP: &str = "Exit codes: 0 done (a purge without --yes: a dry run); \
+2 refused (no such entry, no longer kept, another tool is working on it, the file is missing \
+from the failed folder); 64 usage error; 69 the journal or a folder failed; 78 configuration \
+error. Every retry and purge (and every refusal) is audited in the journal: Unix user, time, \
+reason, what; `list --all` and `show ID` print the audit records. A retry that was interrupted \
 (Ctrl-C, kill) is finished, or undone, by the next run on its entry.";
+
+/// The text shown under `--help` of `anomalies`.
+pub const ANOMALIES_EXIT_HELP: &str = "Exit codes: 0 listed; 2 no journal yet (the agent has not \
+run); 64 usage error; 69 the journal cannot be read; 78 configuration error. Read only: nothing \
+is changed, nothing audited.";
+
+/// A duration as the user wrote it (`90d`), kept for messages and audit records, and parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Age {
+    /// The text given.
+    pub text: String,
+    /// Its value.
+    pub duration: std::time::Duration,
+}
+
+impl Age {
+    /// Parses `text` as a humantime duration (`30d`, `12h`, `0s`).
+    pub fn parse(text: &str) -> Result<Age, humantime::DurationError> {
+        Ok(Age {
+            text: text.trim().to_string(),
+            duration: humantime::parse_duration(text)?,
+        })
+    }
+}
 
 /// `--config FILE`, shared by the commands that read the configuration.
 #[derive(Debug, Args)]
@@ -46,7 +80,8 @@ pub enum Command {
     },
     /// Scan the given files and folders and report, moving nothing; without PATH, scan what is
     /// in the inboxes now and sort it, then exit. Exit 0: everything clean; 1: something was
-    /// detected; 2: something failed; 75: another agent holds the state folder.
+    /// detected; 2: something failed; 64: usage error; 75 (inboxes only; `scan PATH` takes no
+    /// lock and runs beside the agent): another agent holds the state folder.
     Scan {
         /// `--config FILE`.
         #[command(flatten)]
@@ -89,8 +124,9 @@ pub enum Command {
         #[arg(long)]
         offline: bool,
     },
-    /// Delete every scan result of this sensor on the server (all instances!). An administrator's
-    /// clean-up after decommissioning; never needed in normal operation.
+    /// Delete every scan result of this sensor on the server (all instances!: the request names
+    /// no sensorInstanceId). An administrator's clean-up after decommissioning; never needed in
+    /// normal operation. Without --yes: exit 64, nothing deleted.
     PurgeResults {
         /// `--config FILE`.
         #[command(flatten)]
@@ -101,7 +137,7 @@ pub enum Command {
     },
     /// Files in quarantine: list, show, release a false positive, restore for analysis, purge.
     /// Reads the journal; works while the agent runs; every action is audited.
-    #[command(after_help = TOOLS_EXIT_HELP)]
+    #[command(after_help = QUARANTINE_EXIT_HELP)]
     Quarantine {
         /// What to do.
         #[command(subcommand)]
@@ -109,7 +145,7 @@ pub enum Command {
     },
     /// Files in failed: list, show, retry (back into the pipeline), purge.
     /// Reads the journal; works while the agent runs; every action is audited.
-    #[command(after_help = TOOLS_EXIT_HELP)]
+    #[command(after_help = FAILED_EXIT_HELP)]
     Failed {
         /// What to do.
         #[command(subcommand)]
@@ -118,7 +154,7 @@ pub enum Command {
     /// Verdicts the server contradicted after the file was released as clean (`not detected`,
     /// later `detect`): which file, where it was placed, which scan. Reads the journal; works
     /// while the agent runs.
-    #[command(after_help = TOOLS_EXIT_HELP)]
+    #[command(after_help = ANOMALIES_EXIT_HELP)]
     Anomalies {
         /// What to do.
         #[command(subcommand)]
@@ -212,9 +248,9 @@ pub enum QuarantineAction {
         #[command(flatten)]
         config: ConfigFile,
         /// e.g. "30d"; "0s" for everything.
-        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
-        older_than: std::time::Duration,
-        /// Confirm the deletion.
+        #[arg(long, value_name = "DURATION", value_parser = Age::parse)]
+        older_than: Age,
+        /// Confirm the deletion (without it: a dry run listing what would go).
         #[arg(long)]
         yes: bool,
         /// Why (kept in the audit records); default: "older than DURATION".
@@ -286,9 +322,9 @@ pub enum FailedAction {
         #[command(flatten)]
         config: ConfigFile,
         /// e.g. "30d"; "0s" for everything.
-        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
-        older_than: std::time::Duration,
-        /// Confirm the deletion.
+        #[arg(long, value_name = "DURATION", value_parser = Age::parse)]
+        older_than: Age,
+        /// Confirm the deletion (without it: a dry run listing what would go).
         #[arg(long)]
         yes: bool,
         /// Why (kept in the audit records); default: "older than DURATION".

@@ -18,7 +18,8 @@ use crate::kata::ApiError;
 /// |---|---|
 /// | 0 | ok (`scan`: everything clean) |
 /// | 1 | `scan`: something was quarantined |
-/// | 2 | `scan`: something failed |
+/// | 2 | `scan`: something failed; the quarantine and failed tools: the action was refused |
+/// | 64 | usage error: the command line is wrong (clap's own errors included) |
 /// | 69 | fatal runtime error, server unreachable |
 /// | 75 | another agent holds the state folder's lock (`run`, `scan`): try again once it stopped |
 /// | 76 | the server is not who it should be, or answers garbage |
@@ -30,6 +31,9 @@ pub const EXIT_OK: u8 = 0;
 pub const EXIT_DETECTED: u8 = 1;
 /// `dropscan scan`: something failed.
 pub const EXIT_FILES_FAILED: u8 = 2;
+/// Usage error (sysexits EX_USAGE): an unknown option, a missing argument, a value that does
+/// not parse. clap's own default for these is 2, which here means a refusal or a failed file.
+pub const EXIT_USAGE: u8 = 64;
 /// Interrupted (a second SIGINT/SIGTERM, or `scan` stopped by a signal).
 pub const EXIT_INTERRUPTED: u8 = 130;
 /// Exit code for a configuration error (sysexits EX_CONFIG); systemd's

@@ -43,6 +43,7 @@ pub mod sort;
 
 // Below the stages: the records between them, their shared context, the journal, and the pieces
 // two stages need.
+pub mod backoff;
 pub mod context;
 pub mod hashing;
 pub mod journal;

@@ -6,7 +6,19 @@ use clap::Parser;
 use dropscan::cli::Cli;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // clap exits 2 on a usage error, which our commands use for "refused": 64 (EX_USAGE) instead.
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            e.print().ok();
+            let code = if e.use_stderr() {
+                dropscan::error::EXIT_USAGE
+            } else {
+                0
+            };
+            return ExitCode::from(code);
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

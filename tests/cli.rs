@@ -66,7 +66,7 @@ async fn check_prints_restrictions_and_names_each_failure() {
     let out = text(&ok);
     assert!(ok.status.success(), "{out}");
     assert!(
-        out.contains("maxObjectSize: 52428800 bytes (50.0 MiB)"),
+        out.contains("maxObjectSize: 52428800 bytes (50.00 MiB)"),
         "{out}"
     );
     assert!(out.contains("version:"), "{out}");
@@ -204,7 +204,7 @@ failed_dir = "failed"
     emu.wait().ok();
     assert!(o.status.success(), "{}", text(&o));
     assert!(
-        text(&o).contains("maxObjectSize: 104857600 bytes (100.0 MiB)"),
+        text(&o).contains("maxObjectSize: 104857600 bytes (100.00 MiB)"),
         "{}",
         text(&o)
     );
@@ -310,7 +310,7 @@ async fn purge_results_needs_confirmation_and_deletes_all() {
     let o = tokio::task::spawn_blocking(move || dropscan(&["purge-results", "--config", &c]))
         .await
         .unwrap();
-    assert_eq!(o.status.code(), Some(78), "{}", text(&o));
+    assert_eq!(o.status.code(), Some(64), "usage: {}", text(&o));
     assert!(text(&o).contains("--yes"), "{}", text(&o));
     assert_eq!(w.emulator().state().stats().delete_all, 0);
     let o =

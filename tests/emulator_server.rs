@@ -651,3 +651,58 @@ async fn emulator_counts_every_request_by_kind() {
     );
     fx.emulator.stop().await;
 }
+
+#[tokio::test]
+async fn the_docs_shape_types_an_integer_scan_id_as_a_number_and_keeps_other_ids_strings() {
+    let fx = Fixture::start(EmulatorConfig {
+        shape: ResultShape::DocArray,
+        scan_delay: Duration::ZERO,
+        ..EmulatorConfig::default()
+    })
+    .await;
+    for id in ["17", "007", "e1", "18446744073709551616"] {
+        assert_eq!(fx.submit(id, b"harmless").await, StatusCode::OK, "{id}");
+    }
+    let body = fx.wait_for_state("", "e1").await;
+    let items: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    let id_of = |n: usize| items[n]["scanId"].clone();
+    let ids: Vec<serde_json::Value> = (0..items.len()).map(id_of).collect();
+    assert!(ids.contains(&serde_json::json!(17)), "{body}");
+    // A leading zero or a value past u64 would not survive as a number: strings.
+    assert!(ids.contains(&serde_json::json!("007")), "{body}");
+    assert!(ids.contains(&serde_json::json!("e1")), "{body}");
+    assert!(
+        ids.contains(&serde_json::json!("18446744073709551616")),
+        "{body}"
+    );
+    fx.emulator.stop().await;
+}
+
+#[tokio::test]
+async fn delete_all_with_an_instance_deletes_only_that_instances_results() {
+    let fx = Fixture::start(EmulatorConfig {
+        scan_delay: Duration::ZERO,
+        ..EmulatorConfig::default()
+    })
+    .await;
+    let client = fx.client.clone();
+    fx.submit_with(&client, "a1", "node-a", b"one")
+        .await
+        .unwrap();
+    fx.submit_with(&client, "b1", "node-b", b"two")
+        .await
+        .unwrap();
+    let scoped = client
+        .delete(format!("{}?sensorInstanceId=node-a", fx.url("")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(scoped.status(), StatusCode::OK);
+    let state = fx.emulator.state();
+    assert!(state.scan("a1").unwrap().deleted);
+    assert!(!state.scan("b1").unwrap().deleted);
+    let all = client.delete(fx.url("")).send().await.unwrap();
+    assert_eq!(all.status(), StatusCode::OK);
+    assert!(state.scan("b1").unwrap().deleted);
+    fx.emulator.stop().await;
+}

@@ -304,3 +304,40 @@ async fn retry_after_of_429_and_500_reaches_the_caller_in_both_forms() {
     let e = c.restrictions().await.unwrap_err();
     assert_eq!(e.retry_after(), None);
 }
+
+#[tokio::test]
+async fn the_docs_shaped_emulator_answers_an_integer_scan_id_and_the_client_reads_it() {
+    // The docs type scanId as an integer; a client submitting one gets it back as a JSON
+    // number in the docs' shape, and our client reads numbers and strings alike.
+    let (certs, emu) = start(EmulatorConfig {
+        shape: ResultShape::DocArray,
+        scan_delay: Duration::from_millis(50),
+        ..EmulatorConfig::default()
+    })
+    .await;
+    let c = client(&emu, &certs);
+    let numeric = ScanId::parse("4711").unwrap();
+    let (f, len) = temp_file(b"numbered by the caller");
+    let file = tokio::fs::File::open(f.path()).await.unwrap();
+    c.submit(&numeric, file, len).await.unwrap();
+    let (hex, _) = submit(&c, EICAR).await;
+    let mut got = Vec::new();
+    for _ in 0..200 {
+        got = c.results(&ScanState::FINAL).await.unwrap();
+        if got.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let state_of = |id: &str| {
+        got.iter()
+            .find(|r| r.scan_id == id)
+            .map(|r| r.state.clone())
+    };
+    assert_eq!(state_of("4711"), Some(ScanState::NotDetected), "{got:?}");
+    assert_eq!(state_of(hex.as_str()), Some(ScanState::Detect), "{got:?}");
+    assert!(matches!(
+        c.delete(&numeric).await.unwrap(),
+        DeleteOutcome::Deleted
+    ));
+}

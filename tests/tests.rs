@@ -12,6 +12,7 @@ mod config_errors;
 mod destinations;
 mod durability;
 mod emulator_server;
+mod first_hour;
 mod friction;
 mod hooks;
 mod hostile_names;

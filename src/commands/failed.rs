@@ -48,7 +48,7 @@ pub async fn run(action: FailedAction) -> ExitCode {
             older_than,
             yes,
             reason,
-        } => tools::purge(&config.path, Outcome::Failed, older_than, yes, reason).await,
+        } => tools::purge(&config.path, Outcome::Failed, &older_than, yes, reason).await,
     }
 }
 
@@ -65,7 +65,7 @@ async fn retry(config: &Path, id: Option<FileId>, all: bool, reason: Option<Stri
         },
         (None, false) => {
             eprintln!("give an entry id, or --all");
-            return ExitCode::from(crate::error::EXIT_CONFIG);
+            return ExitCode::from(crate::error::EXIT_USAGE);
         }
     };
     let reason = reason.unwrap_or_else(|| "retry".into());

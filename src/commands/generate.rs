@@ -1,6 +1,7 @@
 //! `dropscan generate completions|man --out DIR` (hidden): the shell completions (clap_complete)
 //! and man pages (clap_mangen) the `.deb` installs, generated from the command line definition
-//! itself so they can never drift from it. `packaging/build-deb` runs it on the release binary
+//! itself so they can never drift from it; `dropscan.toml(5)` is rendered from the example
+//! configuration the package installs. `packaging/build-deb` runs it on the release binary
 //! before `cargo deb`; cargo-deb compresses the man pages.
 
 use std::path::Path;
@@ -54,7 +55,9 @@ pub fn completions(out: &Path) -> anyhow::Result<Vec<std::path::PathBuf>> {
 }
 
 /// `dropscan.1` and one `dropscan-COMMAND.1` per visible subcommand (nested ones too, e.g.
-/// `dropscan-quarantine-list.1`).
+/// `dropscan-quarantine-list.1`), each with the sections `--help` has no room for (exit
+/// status, files, signals, environment, see also: `super::man`), and `dropscan.toml.5` from
+/// the example configuration.
 pub fn man_pages(out: &Path) -> anyhow::Result<Vec<std::path::PathBuf>> {
     use anyhow::Context as _;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
@@ -68,13 +71,20 @@ pub fn man_pages(out: &Path) -> anyhow::Result<Vec<std::path::PathBuf>> {
         let man = clap_mangen::Man::new(page)
             .manual("dropscan manual")
             .source(format!("dropscan {}", env!("CARGO_PKG_VERSION")));
-        let file = out.join(man.get_filename());
+        let name = man.get_filename();
+        let file = out.join(&name);
         let mut text = Vec::new();
         man.render(&mut text)
             .with_context(|| format!("cannot render the man page {}", file.display()))?;
+        let page = name.trim_end_matches(".1");
+        let text = super::man::with_extra_sections(page, &String::from_utf8_lossy(&text));
         std::fs::write(&file, text).with_context(|| format!("cannot write {}", file.display()))?;
         files.push(file);
     }
+    let file = out.join("dropscan.toml.5");
+    let text = super::man::config_page(env!("CARGO_PKG_VERSION"));
+    std::fs::write(&file, text).with_context(|| format!("cannot write {}", file.display()))?;
+    files.push(file);
     files.sort();
     Ok(files)
 }

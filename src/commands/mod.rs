@@ -1,6 +1,8 @@
 //! The subcommands: each loads what it needs, runs, and turns the outcome into an exit code.
 //!
-//! Exit codes (sysexits, mapped in [`crate::error::api_exit_code`]): 0 ok; 78 configuration
+//! Exit codes (sysexits, mapped in [`crate::error::api_exit_code`]): 0 ok; 64 usage error
+//! (clap's own, and `purge-results` without `--yes`; never 2, which `scan` and the tools use for
+//! failed files and refusals); 78 configuration
 //! error (including a client key readable by others or not matching its certificate); 77 the
 //! server refuses us (401, client certificate refused); 76 the server is not who it should be
 //! (untrusted certificate, pin mismatch) or answers garbage (plain HTTP or no TLS on the port,
@@ -31,6 +33,7 @@ pub mod anomalies;
 mod custody;
 pub mod failed;
 pub mod generate;
+pub mod man;
 mod moves;
 pub mod quarantine;
 pub mod scan;
@@ -187,14 +190,15 @@ async fn check(path: &Path, offline: bool) -> ExitCode {
     println!("config:      {} (valid)", config.path.display());
     println!("server:      {}", config.server.url);
     println!("sensor:      {}", config.server.sensor_id);
-    println!(
-        "instance:    {}",
-        config
-            .server
-            .sensor_instance_id
-            .as_deref()
-            .unwrap_or("(none)")
-    );
+    // Unset, the id is not sent (results are not split per host), but staging folders are
+    // still named after the host: say both, so that `.dropscan/<host>` is no surprise.
+    match config.server.sensor_instance_id.as_deref() {
+        Some(id) => println!("instance:    {id}"),
+        None => println!(
+            "instance:    not set (no sensorInstanceId is sent; staging folders use the host name: .dropscan/{})",
+            crate::config::host_name()
+        ),
+    }
     for (i, w) in config.watches.iter().enumerate() {
         println!(
             "watch[{i}]:    {} → clean {} | quarantine {} | failed {}",
@@ -242,7 +246,7 @@ async fn check(path: &Path, offline: bool) -> ExitCode {
     match client.restrictions().await {
         Ok(r) => {
             match r.max_object_size {
-                Some(n) => println!("maxObjectSize: {n} bytes ({})", human_bytes(n)),
+                Some(n) => println!("maxObjectSize: {n} bytes ({})", indicatif::HumanBytes(n)),
                 None => println!("maxObjectSize: no limit reported"),
             }
             println!(
@@ -296,7 +300,8 @@ async fn purge_results(path: &Path, yes: bool) -> ExitCode {
             "this deletes every scan result of sensor {} on {}, including those other agents sharing the sensorId still wait for; run again with --yes to confirm",
             config.server.sensor_id, config.server.url
         );
-        return ExitCode::from(EXIT_CONFIG);
+        // A confirmation missing from the command line: a usage error, not the config's.
+        return ExitCode::from(crate::error::EXIT_USAGE);
     }
     let client = match KataClient::new(config.server.client_options()) {
         Ok(c) => c,
@@ -437,33 +442,4 @@ fn print_limits(journal: &Path) {
     }
     println!("  files per hour: {:.0}", s.files_per_hour);
     println!("  429 answers:   {}", s.throttled);
-}
-
-/// `1536` → `1.5 KiB`.
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    #[allow(clippy::cast_precision_loss)]
-    let mut v = n as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit < UNITS.len() - 1 {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[unit])
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn human_bytes_reads_well() {
-        assert_eq!(human_bytes(0), "0 B");
-        assert_eq!(human_bytes(1536), "1.5 KiB");
-        assert_eq!(human_bytes(100 * 1024 * 1024), "100.0 MiB");
-    }
 }

@@ -104,22 +104,28 @@ impl Move {
     }
 
     /// A restore to `to` (absolute): into it if it is a folder (under the file's name), else
-    /// as that file.
-    pub fn restore(to: &Path, rec: &FileRecord) -> Move {
+    /// as that file. A `to` ending in `/` names a folder, as it does for `cp`: one that is not
+    /// an existing folder is refused, never taken as a file name.
+    pub fn restore(to: &Path, rec: &FileRecord) -> Result<Move, FsError> {
+        use std::os::unix::ffi::OsStrExt as _;
         let name = |p: &Path| PathBuf::from(p.file_name().unwrap_or_default());
         let (to_root, fixed) = if to.is_dir() {
             (to.to_path_buf(), name(&rec.rel_path))
+        } else if to.as_os_str().as_bytes().ends_with(b"/") {
+            return Err(FsError::NotAFolder {
+                path: to.to_path_buf(),
+            });
         } else {
             (
                 to.parent().unwrap_or(Path::new("/")).to_path_buf(),
                 name(to),
             )
         };
-        Move {
+        Ok(Move {
             action: Action::Restore,
             to_root,
             fixed: Some(fixed),
-        }
+        })
     }
 
     /// A retry: back into the inbox at the original relative path.

@@ -51,7 +51,7 @@ pub async fn run(action: QuarantineAction) -> ExitCode {
             older_than,
             yes,
             reason,
-        } => tools::purge(&config.path, Outcome::Quarantine, older_than, yes, reason).await,
+        } => tools::purge(&config.path, Outcome::Quarantine, &older_than, yes, reason).await,
     }
 }
 
@@ -111,8 +111,10 @@ async fn relocate(config: &Path, id: i64, to: Option<PathBuf>, reason: String) -
         .await;
     };
     let roots = Arc::new(RootDirs::new(&w));
+    // A `--to` that cannot be a target (`dir/` that is no folder) is refused below, once an
+    // interrupted run on this entry was taken over.
     let mv = match to {
-        None => Move::release(&roots),
+        None => Ok(Move::release(&roots)),
         Some(t) => {
             let abs = std::env::current_dir().map_or(t.clone(), |cwd| cwd.join(&t));
             Move::restore(&abs, &rec)
@@ -126,7 +128,7 @@ async fn relocate(config: &Path, id: i64, to: Option<PathBuf>, reason: String) -
             return custody::after_take_over(
                 &journal,
                 &done,
-                Some(&mv),
+                mv.as_ref().ok(),
                 id,
                 from.as_deref(),
                 action,
@@ -135,6 +137,20 @@ async fn relocate(config: &Path, id: i64, to: Option<PathBuf>, reason: String) -
             .await;
         }
     }
+    let mv = match mv {
+        Ok(mv) => mv,
+        Err(e) => {
+            return finish(
+                &journal,
+                id,
+                action.as_str(),
+                "",
+                Some(&reason),
+                Err((e, detail)),
+            )
+            .await;
+        }
+    };
     let moved = moves::carry_out(
         &journal,
         &roots,

@@ -1,5 +1,6 @@
 //! `dropscan scan`: the agent run once over what the inboxes hold now, with a progress line
-//! (`dropscan scan PATH…` is [`super::scan_paths`]). Both hold the state folder's lock.
+//! (`dropscan scan PATH…` is [`super::scan_paths`], which takes no lock and runs beside the
+//! agent). This one holds the state folder's lock, as `run` does.
 //!
 //! It runs the same pipeline as `dropscan run` (same journal, same guarantees) and stops when
 //! no eligible file is left in any inbox and the journal has nothing unfinished. The exit code
@@ -70,8 +71,8 @@ impl Tally {
     }
 }
 
-/// Runs the one-shot scan: of `paths` when given (nothing moved, see
-/// [`super::scan_paths`]), else of the inboxes. Both hold the state folder's lock.
+/// Runs the one-shot scan: of `paths` when given (nothing moved, no lock taken, see
+/// [`super::scan_paths`]), else of the inboxes (holding the state folder's lock).
 pub async fn run(
     path: &Path,
     max_time: Option<Duration>,
@@ -94,6 +95,11 @@ pub async fn run(
         }
     }
     crate::logging::init(config.log.format, "warn");
+    if !paths.is_empty() {
+        // No lock: `scan PATH` moves nothing and writes neither the journal nor a staging folder,
+        // and the agent ignores results of scanIds it did not send, so it runs beside the agent.
+        return super::scan_paths::run(&config, paths, json).await;
+    }
     let _lock = match crate::app::lock::lock_state_dir(&config.state.dir) {
         Ok(l) => l,
         Err(e) => {
@@ -101,11 +107,12 @@ pub async fn run(
             return ExitCode::from(super::lock_exit_code(&e));
         }
     };
-    if !paths.is_empty() {
-        return super::scan_paths::run(&config, paths, json).await;
-    }
     let journal_path = config.journal_path();
     let watches = config.watches.clone();
+    // Someone waits for this run: results are asked for soon after each upload, then less
+    // often, as `scan PATH` does (not a whole poll_interval later).
+    let mut config = config;
+    config.server.poll_early = true;
     let agent = match Agent::new(config) {
         Ok(a) => a,
         Err(e) => {

@@ -1,6 +1,11 @@
 //! `dropscan scan PATH… [--json]`: scans the given files and folders and reports, moving
 //! nothing and writing no journal.
 //!
+//! It takes no lock, so it runs beside the agent (checking one suspicious file on a host where
+//! the service runs is its most natural use): it touches neither the journal nor a staging
+//! folder, its scanIds are fresh, it deletes only its own results, and the agent's poller
+//! ignores results of scanIds it did not send.
+//!
 //! What is read: regular files only, folders recursively. Symbolic links are never followed
 //! (a PATH that is a link, or a link met in a folder, is listed as skipped), nor are devices,
 //! FIFOs or sockets. Each file is opened with `O_NOFOLLOW` and checked to be a regular file on
@@ -9,7 +14,7 @@
 //!
 //! Exit codes: 0 every file clean; 1 something detected (wins over errors); 2 an error for some
 //! file (unreadable, refused, no verdict within `server.scan_timeout`) and nothing detected;
-//! 75 another agent holds the state folder's lock; 78 configuration error.
+//! 64 usage error; 78 configuration error.
 //!
 //! Progress on stderr: an indicatif bar (files, bytes, rate, ETA) on a terminal, a plain line
 //! every [`PLAIN_EVERY`] otherwise. `--json` prints one document on stdout at the end.
@@ -257,7 +262,7 @@ async fn submit(
                 if attempt >= ATTEMPTS {
                     return Err(ScanFileError::GaveUp(e));
                 }
-                tokio::time::sleep(Duration::from_secs(u64::from(attempt))).await;
+                tokio::time::sleep(crate::limits::backoff(attempt, rand::random::<f64>())).await;
                 attempt += 1;
             }
             Err(e) => return Err(ScanFileError::Refused(e)),
@@ -334,8 +339,8 @@ impl Progress {
             "dropscan scan: {}/{} files with a verdict, {} uploaded ({}/s)",
             self.done,
             self.files,
-            super::human_bytes(self.bytes),
-            super::human_bytes(rate)
+            indicatif::HumanBytes(self.bytes),
+            indicatif::HumanBytes(rate)
         );
     }
 
@@ -364,7 +369,8 @@ pub async fn run(config: &Config, paths: &[PathBuf], json: bool) -> ExitCode {
     let (files, mut results) = listed;
     let total: u64 = files.iter().map(|(_, n, _)| n).sum();
     let mut progress = Progress::new(files.len() as u64, total);
-    let mut pending: HashMap<String, usize> = HashMap::new();
+    // scanId → (file index, submissions of that file so far).
+    let mut pending: HashMap<String, (usize, u32)> = HashMap::new();
     let mut scanned: Vec<FileResult> = files
         .iter()
         .map(|(p, n, _)| FileResult {
@@ -402,7 +408,7 @@ pub async fn run(config: &Config, paths: &[PathBuf], json: bool) -> ExitCode {
                 scanned[i].sha256 = Some(sha256);
                 scanned[i].size = bytes;
                 scanned[i].scan_id = Some(scan_id.as_str().to_string());
-                pending.insert(scan_id.as_str().to_string(), i);
+                pending.insert(scan_id.as_str().to_string(), (i, 1));
                 progress.uploaded(bytes);
             }
             Err(e) => {
@@ -413,32 +419,61 @@ pub async fn run(config: &Config, paths: &[PathBuf], json: bool) -> ExitCode {
         progress.plain_tick(false);
     }
 
-    // Verdicts, until every scan has one or server.scan_timeout passed.
+    // Verdicts, until every scan has one or server.scan_timeout passed. The rule `run`
+    // follows: `error`/`timeout` is submitted again under a new scanId, up to
+    // server.max_attempts submissions in all. Results are asked for 1 s after the uploads,
+    // then 2 s, and every 2 s (or server.poll_interval, if shorter) after that.
+    let max_attempts = config.server.max_attempts.get();
     let deadline = Instant::now() + config.server.scan_timeout;
+    let mut pace = crate::backoff::Pace::new(
+        config.server.poll_interval.min(Duration::from_secs(2)),
+        true,
+    );
+    pace.asked();
     let mut finished: Vec<String> = Vec::new();
     while !pending.is_empty() && Instant::now() < deadline {
+        tokio::time::sleep_until(pace.due()).await;
+        pace.asked();
         match client.results(&ScanState::FINAL).await {
             Ok(list) => {
                 for r in list {
-                    if let Some(i) = pending.remove(&r.scan_id) {
-                        if matches!(r.state, ScanState::Error | ScanState::Timeout) {
-                            let what = r.state.as_wire();
-                            scanned[i].error = Some(format!("the scan ended with {what}"));
+                    let Some((i, attempts)) = pending.remove(&r.scan_id) else {
+                        continue;
+                    };
+                    finished.push(r.scan_id.clone());
+                    let failed = matches!(r.state, ScanState::Error | ScanState::Timeout);
+                    if failed && attempts < max_attempts {
+                        let (path, given) = (&files[i].0, &files[i].2);
+                        match submit(&client, path, given).await {
+                            Ok((scan_id, sha256, bytes)) => {
+                                scanned[i].sha256 = Some(sha256);
+                                scanned[i].size = bytes;
+                                scanned[i].scan_id = Some(scan_id.as_str().to_string());
+                                pending.insert(scan_id.as_str().to_string(), (i, attempts + 1));
+                                pace.submitted();
+                            }
+                            Err(e) => {
+                                scanned[i].error = Some(e.to_string());
+                                progress.verdict();
+                            }
                         }
-                        scanned[i].verdict = Some(r.state);
-                        finished.push(r.scan_id);
-                        progress.verdict();
+                        continue;
                     }
+                    if failed {
+                        let what = r.state.as_wire();
+                        scanned[i].error = Some(format!(
+                            "the scan ended with {what} ({attempts} submissions, server.max_attempts)"
+                        ));
+                    }
+                    scanned[i].verdict = Some(r.state);
+                    progress.verdict();
                 }
             }
             Err(e) => tracing::debug!(error = %e, "results request failed; retrying"),
         }
         progress.plain_tick(false);
-        if !pending.is_empty() {
-            tokio::time::sleep(config.server.poll_interval.min(Duration::from_secs(2))).await;
-        }
     }
-    for i in pending.values() {
+    for (i, _) in pending.values() {
         scanned[*i].error = Some(format!(
             "no verdict within {} (server.scan_timeout)",
             humantime::format_duration(config.server.scan_timeout)
@@ -477,7 +512,7 @@ pub async fn run(config: &Config, paths: &[PathBuf], json: bool) -> ExitCode {
         println!(
             "{} files, {}: {} clean, {} detected, {} errors, {} skipped",
             t.files,
-            super::human_bytes(t.bytes),
+            indicatif::HumanBytes(t.bytes),
             t.clean,
             t.detected,
             t.errors,

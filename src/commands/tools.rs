@@ -15,8 +15,8 @@
 //!
 //! Exit codes of the tools: 0 done; 2 refused (no such entry, no longer kept, another tool is
 //! working on it, the bytes changed since they were quarantined, the target exists, the file is
-//! missing); 69 the journal or a folder failed; 78 configuration or usage error (e.g. `purge`
-//! without `--yes`).
+//! missing); 69 the journal or a folder failed; 64 usage error; 78 configuration error.
+//! `purge` without `--yes` is a dry run (it lists what would go) and exits 0.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -27,8 +27,9 @@ use serde_json::json;
 
 use super::custody::TakenOver;
 use super::moves::Action;
+use crate::cli::Age;
 use crate::config::{Config, WatchConfig};
-use crate::error::{EXIT_CONFIG, EXIT_UNAVAILABLE};
+use crate::error::EXIT_UNAVAILABLE;
 use crate::fsops::names::insert_json;
 use crate::fsops::roots::{RootDirs, Which};
 use crate::fsops::{Dir, FsError, shown, split_rel};
@@ -173,6 +174,10 @@ pub(super) async fn list(path: &Path, outcome: Outcome, json: bool, all: bool) -
     }
     for k in &kept {
         print_one(k, false);
+        // `--all` is the audit view (the README points there): each entry's records follow it.
+        if all {
+            print_audit(k);
+        }
     }
     ExitCode::SUCCESS
 }
@@ -221,7 +226,7 @@ fn print_one(k: &Kept, long: bool) {
             .as_deref()
             .map_or_else(String::new, |d| format!("→ {}", shown(d))),
         r.stamp
-            .map_or_else(|| "-".into(), |s| super::human_bytes(s.size)),
+            .map_or_else(|| "-".into(), |s| indicatif::HumanBytes(s.size).to_string()),
         text(
             r.verdict
                 .map(ScanVerdict::as_str)
@@ -237,16 +242,21 @@ fn print_one(k: &Kept, long: bool) {
         let ids: Vec<&str> = r.scan_ids.iter().map(|s| s.as_str()).collect();
         println!("  scan_ids: {}", text(&ids.join(", ")));
         println!("  reason:   {}", text(r.reason.as_deref().unwrap_or("-")));
-        for a in &k.audit {
-            println!(
-                "  audit {} {} by {}: {} ({})",
-                rfc3339(a.at_ms),
-                text(&a.action),
-                text(&a.user),
-                text(a.reason.as_deref().unwrap_or("-")),
-                a.detail
-            );
-        }
+        print_audit(k);
+    }
+}
+
+/// The audit records of a kept file, one line each (who, when, what, why, the detail).
+fn print_audit(k: &Kept) {
+    for a in &k.audit {
+        println!(
+            "  audit {} {} by {}: {} ({})",
+            rfc3339(a.at_ms),
+            text(&a.action),
+            text(&a.user),
+            text(a.reason.as_deref().unwrap_or("-")),
+            a.detail
+        );
     }
 }
 
@@ -345,6 +355,7 @@ pub(super) async fn finish(
                     | FsError::Vanished { .. }
                     | FsError::AlreadyExists { .. }
                     | FsError::NotBeneath { .. }
+                    | FsError::NotAFolder { .. }
             );
             ExitCode::from(if refused {
                 EXIT_REFUSED
@@ -356,11 +367,11 @@ pub(super) async fn finish(
 }
 
 /// `purge --older-than D --yes`: removes kept files of `outcome` placed longer than `older`
-/// ago, with their sidecars, each audited.
+/// ago, with their sidecars, each audited. Without `yes`, a dry run: lists them, exits 0.
 pub(super) async fn purge(
     path: &Path,
     outcome: Outcome,
-    older: Duration,
+    older: &Age,
     yes: bool,
     reason: Option<String>,
 ) -> ExitCode {
@@ -372,22 +383,25 @@ pub(super) async fn purge(
         Ok(k) => k,
         Err(e) => return journal_failed(&e),
     };
-    let cutoff = now_ms().saturating_sub(i64::try_from(older.as_millis()).unwrap_or(i64::MAX));
+    let cutoff =
+        now_ms().saturating_sub(i64::try_from(older.duration.as_millis()).unwrap_or(i64::MAX));
     let old: Vec<_> = kept
         .into_iter()
         .filter(|k| k.record.updated_at_ms <= cutoff)
         .collect();
     if !yes {
-        eprintln!(
-            "{} files in {} are older than {}; run again with --yes to delete them",
+        for k in &old {
+            print_one(k, false);
+        }
+        println!(
+            "dry run: {} files in {} are older than {}; run again with --yes to delete them",
             old.len(),
             outcome.as_str(),
-            humantime::format_duration(older)
+            older.text
         );
-        return ExitCode::from(EXIT_CONFIG);
+        return ExitCode::SUCCESS;
     }
-    let reason =
-        reason.unwrap_or_else(|| format!("older than {}", humantime::format_duration(older)));
+    let reason = reason.unwrap_or_else(|| format!("older than {}", older.text));
     let mut code = ExitCode::SUCCESS;
     for k in old {
         let c = purge_one(&config, &journal, k.record.id, outcome, &reason).await;

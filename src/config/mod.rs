@@ -39,6 +39,7 @@ mod tests;
 pub use error::ConfigError;
 pub use hooks::{HookConfig, HookOn, HookTarget, Secret, redact_userinfo};
 use raw::RawConfig;
+pub use validate::host_name;
 
 /// Built-in default for `server.poll_interval` (the vendor recommends once a minute).
 pub(crate) const DEFAULT_POLL_INTERVAL: &str = "60s";
@@ -157,6 +158,10 @@ pub struct ServerConfig {
     pub client_cert_path: PathBuf,
     /// Results polling period.
     pub poll_interval: Duration,
+    /// One-shot runs (`scan`): after each submission, poll after 1 s, then 2 s, 4 s … up to
+    /// `poll_interval` ([`crate::backoff::Pace`]), not a whole `poll_interval` later. Not a
+    /// configuration key: `scan` sets it.
+    pub poll_early: bool,
     /// Timeout of one request.
     pub request_timeout: Duration,
     /// Scans in flight, at most: learned from the server's 429 answers, or pinned.

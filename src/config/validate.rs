@@ -316,6 +316,7 @@ impl Validator {
             tls,
             client_cert_path: client_cert,
             poll_interval,
+            poll_early: false,
             request_timeout,
             max_in_flight,
             max_in_flight_ceiling: to_nonzero_usize(ceiling),
@@ -546,8 +547,9 @@ pub(crate) fn absolute(p: &Path, base: &Path) -> PathBuf {
     out
 }
 
-/// This host's name, made safe as a folder name.
-fn host_name() -> String {
+/// This host's name, made safe as a folder name: the staging folders' instance name when
+/// `server.sensor_instance_id` is not set.
+pub fn host_name() -> String {
     let raw = rustix::system::uname();
     let name: String = raw
         .nodename()

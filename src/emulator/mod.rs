@@ -25,6 +25,9 @@
 //!   sees its scans in its own results;
 //! - `DELETE …/scans/{scanId}` and `GET …/scans/filters` work with and without
 //!   `?sensorInstanceId=` (it is ignored there);
+//! - `DELETE …/scans` deletes every result of the sensor; with `?sensorInstanceId=` (not in the
+//!   documented syntax) only that instance's, as a server scoping results per instance would
+//!   read it, so that a client asking for "all" is seen to ask for all;
 //! - a form with two `scanId`, `objectType`, `content` or `sensorInstanceId` parts is a
 //!   **400 malformed form**: which part would be scanned is ambiguous, so none is;
 //! - `no_filters_route` (`--no-filters-route`) answers 404 or 405 on `GET …/scans/filters`, as
@@ -57,7 +60,8 @@ pub enum ResultShape {
     /// `{"scans":[{"scanId":"..","state":"processing"}]}`, as seen in code (default).
     #[default]
     ScansObject,
-    /// `[{"scanId":"..","state":["detect"]}]`, as the docs' pseudo-struct says.
+    /// `[{"scanId":17,"state":["detect"]}]`, as the docs' pseudo-struct says: a scanId that is
+    /// an integer (digits, no leading zero) is sent as a JSON number, any other as a string.
     DocArray,
 }
 

@@ -119,6 +119,16 @@ pub enum FsError {
         /// What `linkat` answered.
         link: io::Error,
     },
+    /// A target given as a folder (with a trailing slash, as `cp` reads it) that is not one.
+    #[error(
+        "{}: no such folder (a trailing slash names a folder, as with cp): create it first, or \
+         drop the slash to name the file",
+        shown(path)
+    )]
+    NotAFolder {
+        /// The target as given.
+        path: PathBuf,
+    },
     /// The target name exists already (moves never replace).
     #[error("{}: exists already", shown(path))]
     AlreadyExists {
@@ -258,7 +268,9 @@ impl FsError {
             FsError::StagingInUse { staging, holder } => FsError::StagingInUse { staging, holder },
             FsError::Busy { .. } => FsError::Busy { path },
             // About a folder, not the file: kept as it is.
-            e @ (FsError::UnsafeDestination(_) | FsError::NoSafeMove { .. }) => e,
+            e @ (FsError::UnsafeDestination(_)
+            | FsError::NoSafeMove { .. }
+            | FsError::NotAFolder { .. }) => e,
             FsError::NotPrivate { uid, mode, .. } => FsError::NotPrivate { path, uid, mode },
             FsError::Io { about, source, .. } => FsError::Io {
                 path,

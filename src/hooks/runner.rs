@@ -27,10 +27,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(600);
 /// The wait before delivery attempt `attempt + 1` (after `attempt` failures, from 1):
 /// exponential, capped, with `jitter` in 0..=1 choosing between half and all of it.
 pub fn backoff(attempt: u32, jitter: f64) -> Duration {
-    let exp = BACKOFF_MIN.saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
-    let ceiling = exp.min(BACKOFF_MAX);
-    let half = ceiling / 2;
-    half + half.mul_f64(jitter.clamp(0.0, 1.0))
+    crate::backoff::Backoff::new(BACKOFF_MIN, BACKOFF_MAX).wait(attempt, jitter)
 }
 
 /// One configured hook, ready to deliver.

@@ -503,9 +503,13 @@ impl Endpoints {
         self.build(&[scan_id.as_str()], None)
     }
 
-    /// `.../scans` for DELETE all.
+    /// `.../scans` for DELETE all, without `sensorInstanceId`: it deletes the results of every
+    /// instance of the sensor (`purge-results` says so), and the documented syntax has no query;
+    /// a server scoping results per instance would otherwise delete only this one's.
     fn scans_collection(&self) -> Url {
-        self.build(&[], None)
+        let mut url = self.build(&[], None);
+        url.set_query(None);
+        url
     }
 
     /// `.../scans/filters`.

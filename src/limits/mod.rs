@@ -585,11 +585,8 @@ fn round_secs(d: Duration) -> Duration {
     Duration::from_secs(d.as_secs())
 }
 
-/// Capped exponential backoff with full jitter on the upper half: `attempt` counts from 1,
-/// `jitter` is in [0, 1).
+/// Capped exponential backoff ([`BACKOFF_MIN`] doubling up to [`BACKOFF_MAX`]) with jitter on
+/// the upper half: `attempt` counts from 1, `jitter` is in [0, 1).
 pub fn backoff(attempt: u32, jitter: f64) -> Duration {
-    let exp = BACKOFF_MIN.saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
-    let ceiling = exp.min(BACKOFF_MAX);
-    let half = ceiling / 2;
-    half + half.mul_f64(jitter.clamp(0.0, 1.0))
+    crate::backoff::Backoff::new(BACKOFF_MIN, BACKOFF_MAX).wait(attempt, jitter)
 }

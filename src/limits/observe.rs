@@ -372,10 +372,17 @@ impl Limits {
                     "throughput is now bound by {b}"
                 );
             }
+            let current = self.snapshot();
             let due = saved.as_ref().is_none_or(|(at, snap)| {
-                now.saturating_duration_since(*at) >= SAVE_EVERY
-                    && (!snap.same_as(&self.snapshot())
-                        || now.saturating_duration_since(*at) >= SAVE_EVERY * 20)
+                // The first finished scan is saved at the next sample, not up to SAVE_EVERY
+                // later: `status` right after the first files went through shows their scan
+                // time, not "none finished yet".
+                let first_finished =
+                    snap.mean_scan_secs.is_none() && current.mean_scan_secs.is_some();
+                first_finished
+                    || now.saturating_duration_since(*at) >= SAVE_EVERY
+                        && (!snap.same_as(&current)
+                            || now.saturating_duration_since(*at) >= SAVE_EVERY * 20)
             });
             if due {
                 saved = Some((now, self.save(&journal).await));

@@ -360,3 +360,47 @@ async fn a_429_pauses_submissions_without_marking_the_server_down() {
     l.server_failed(&ApiError::Busy { retry_after: None });
     assert_eq!(l.health(), Health::Down);
 }
+
+/// What the tuner saved last, once `f` accepts it: polled in real time (the journal's own
+/// thread writes it) while the paused clock stands still.
+async fn saved_when(
+    path: &std::path::Path,
+    f: impl Fn(&LimitsSnapshot) -> bool,
+) -> Option<LimitsSnapshot> {
+    for _ in 0..300 {
+        let text = crate::journal::read_capacity_snapshot(path).unwrap();
+        if let Some(s) = text.and_then(|t| LimitsSnapshot::from_json(&t)) {
+            if f(&s) {
+                return Some(s);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+        tokio::task::yield_now().await;
+    }
+    None
+}
+
+#[tokio::test(start_paused = true)]
+async fn status_sees_the_first_finished_scan_without_waiting_for_the_periodic_save() {
+    // `dropscan status` showed "mean scan time: none finished yet" for up to SAVE_EVERY after
+    // the first files went through.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("journal.sqlite");
+    let journal = Journal::open(&path).unwrap();
+    let shutdown = CancellationToken::new();
+    let l = Limits::auto(nz(1000), rps());
+    l.start(&journal, &shutdown).await;
+    // The tuner's first save: nothing finished yet.
+    let first = saved_when(&path, |_| true).await.unwrap();
+    assert_eq!(first.mean_scan_secs, None);
+    let scan = submit(&l).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    drop(scan);
+    // One sample later, far short of SAVE_EVERY.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert!(Duration::from_secs(4) < observe::SAVE_EVERY);
+    let next = saved_when(&path, |s| s.mean_scan_secs.is_some()).await;
+    let mean = next.and_then(|s| s.mean_scan_secs);
+    assert!(mean.is_some_and(|m| (1.5..=2.5).contains(&m)), "{mean:?}");
+    shutdown.cancel();
+}

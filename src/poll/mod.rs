@@ -129,8 +129,8 @@ pub async fn run(
         .into_iter()
         .filter_map(|r| r.scan_id.clone().map(|s| (s, r)))
         .collect();
-    let mut tick = tokio::time::interval(shared.config.server.poll_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let server = &shared.config.server;
+    let mut pace = crate::backoff::Pace::new(server.poll_interval, server.poll_early);
     let mut poller = Poller {
         shared: &shared,
         resubmit: &resubmit,
@@ -146,6 +146,7 @@ pub async fn run(
             () = shutdown.cancelled() => break,
             s = submitted_rx.recv() => match s {
                 Some(s) => {
+                    pace.submitted();
                     scans.insert(s.scan_id, Entry {
                         id: s.id,
                         sha256: s.sha256,
@@ -156,7 +157,7 @@ pub async fn run(
                 }
                 None => break,
             },
-            _ = tick.tick() => {
+            () = tokio::time::sleep_until(pace.due()) => {
                 // A results request in flight is cancelled by a shutdown: nothing is journaled
                 // before its answer is complete (a trickling answer must not hold the agent).
                 tokio::select! {
@@ -164,6 +165,7 @@ pub async fn run(
                     () = shutdown.cancelled() => break,
                     () = poller.tick(&mut scans, &mut unconfirmed) => {}
                 }
+                pace.asked();
             }
         }
     }

@@ -33,11 +33,22 @@ pub(super) fn results_answer(found: &[(String, ScanState)], shape: ResultShape) 
         ResultShape::DocArray => serde_json::Value::Array(
             found
                 .iter()
-                .map(|(id, st)| serde_json::json!({ "scanId": id, "state": [st.as_str()] }))
+                .map(|(id, st)| serde_json::json!({ "scanId": doc_scan_id(id), "state": [st.as_str()] }))
                 .collect(),
         ),
     };
     json(&body)
+}
+
+/// A scanId as the docs' pseudo-struct types it, an integer, whenever it is one (digits, no
+/// leading zero, within u64): clients can then be tested against numeric ids. Any other id
+/// (the usual random hex) stays a string, since as a number it would not survive.
+fn doc_scan_id(id: &str) -> serde_json::Value {
+    let canonical = id == "0" || !id.starts_with('0');
+    match id.parse::<u64>() {
+        Ok(n) if canonical && id.bytes().all(|b| b.is_ascii_digit()) => serde_json::json!(n),
+        _ => serde_json::json!(id),
+    }
 }
 
 pub(super) async fn submit(

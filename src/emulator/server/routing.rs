@@ -159,7 +159,7 @@ async fn route(
             submit(req, state, &sensor_id, instance, max_object_size).await
         }
         (Endpoint::Scans(_), _) => {
-            state.delete_all(&sensor_id);
+            state.delete_all(&sensor_id, instance.as_deref());
             text(StatusCode::OK, "OK")
         }
         (Endpoint::State(_), _) => {

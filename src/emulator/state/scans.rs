@@ -357,13 +357,18 @@ impl SharedState {
         true
     }
 
-    /// Marks every scan of the sensor deleted.
-    pub(crate) fn delete_all(&self, sensor_id: &str) {
+    /// Marks every scan of the sensor deleted (of that instance only, when one is named).
+    pub(crate) fn delete_all(&self, sensor_id: &str, sensor_instance_id: Option<&str>) {
         let mut inner = self.lock();
         inner.stats.delete_all += 1;
         let mut deleted = Vec::new();
         if let Some(scans) = inner.scans.get_mut(sensor_id) {
-            for (id, scan) in scans.iter_mut().filter(|(_, s)| !s.deleted) {
+            let chosen = |s: &Scan| {
+                !s.deleted
+                    && sensor_instance_id
+                        .is_none_or(|id| s.sensor_instance_id.as_deref() == Some(id))
+            };
+            for (id, scan) in scans.iter_mut().filter(|(_, s)| chosen(s)) {
                 scan.deleted = true;
                 deleted.push((id.clone(), scan.ready_at));
             }
