@@ -333,18 +333,15 @@ impl Poller<'_> {
                     } else {
                         decisions.push((
                             entry.id,
-                            Decision::failed(
-                                FileError::ScanFailed {
-                                    what: if r.state == ScanState::Error {
-                                        "error"
-                                    } else {
-                                        "timeout"
-                                    },
-                                    attempts: entry.attempts,
-                                }
-                                .to_string(),
-                                true,
-                            ),
+                            FileError::ScanFailed {
+                                what: if r.state == ScanState::Error {
+                                    "error"
+                                } else {
+                                    "timeout"
+                                },
+                                attempts: entry.attempts,
+                            }
+                            .decision(true),
                         ));
                     }
                 }
@@ -486,14 +483,11 @@ impl Poller<'_> {
             // record keeps the scanId); queuing it here too deleted it twice.
             decisions.push((
                 *id,
-                Decision::failed(
-                    FileError::NoVerdict {
-                        timeout,
-                        scan_id: scan_id.clone(),
-                    }
-                    .to_string(),
-                    true,
-                ),
+                FileError::NoVerdict {
+                    timeout,
+                    scan_id: scan_id.clone(),
+                }
+                .decision(true),
             ));
         }
         self.decide(scans, decisions).await;

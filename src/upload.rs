@@ -110,13 +110,7 @@ pub async fn run(
                     max,
                 };
                 resubmit.finish(item.id);
-                decide(
-                    &shared,
-                    &verdicts_tx,
-                    item.id,
-                    Decision::failed(reason.to_string(), true),
-                )
-                .await;
+                decide(&shared, &verdicts_tx, item.id, reason.decision(true)).await;
                 continue;
             }
         }
@@ -301,13 +295,10 @@ impl Upload {
                     tokio::spawn(async move {
                         limits.refresh(&client).await.ok();
                     });
-                    let d = Decision::failed(
-                        FileError::RefusedTooLarge {
-                            size: item.stamp.size,
-                        }
-                        .to_string(),
-                        true,
-                    );
+                    let d = FileError::RefusedTooLarge {
+                        size: item.stamp.size,
+                    }
+                    .decision(true);
                     decide(shared, &self.verdicts_tx, item.id, d).await;
                     None
                 }
@@ -320,8 +311,7 @@ impl Upload {
                         ApiError::Rejected { status, body } => (*status, body.clone()),
                         _ => (0, String::new()),
                     };
-                    let d =
-                        Decision::failed(FileError::Rejected { status, body }.to_string(), true);
+                    let d = FileError::Rejected { status, body }.decision(true);
                     decide(shared, &self.verdicts_tx, item.id, d).await;
                     None
                 }

@@ -279,10 +279,7 @@ pub(super) async fn reconcile(
                 journal
                     .decide(vec![(
                         r.id,
-                        crate::journal::Decision::failed(
-                            crate::error::FileError::Vanished.to_string(),
-                            false,
-                        ),
+                        crate::error::FileError::Vanished.decision(false),
                     )])
                     .await?;
                 journal

@@ -148,6 +148,12 @@ struct GateState {
     /// A probe is out since a pause ended: other submissions wait until its answer, or until
     /// this time (then another probes).
     probing_until: Option<Instant>,
+    /// When a request last came back (answered or failed): an agent that has not heard from
+    /// the server for `health_probe` asks it ([`Limits::probe_due`]).
+    last_heard: Option<Instant>,
+    /// The last restrictions request failed and nothing succeeded since: a second failure in a
+    /// row marks the server down at once (an idle agent has no other evidence).
+    refresh_failed: bool,
 }
 
 /// Why submissions wait.
@@ -252,6 +258,8 @@ impl Limits {
                     pause: Pause::None,
                     last_pause: Duration::ZERO,
                     probing_until: None,
+                    last_heard: None,
+                    refresh_failed: false,
                 }),
                 recovered: Notify::new(),
             }),
@@ -417,19 +425,37 @@ impl Limits {
         }
     }
 
-    /// Fetches the restrictions now; keeps the last known value on failure.
+    /// Fetches the restrictions now; keeps the last known value on failure. The answer is
+    /// evidence of the server's health like any other: a refusal (401) marks it unauthorized,
+    /// two failures in a row with no success between mark it down, an answer marks it up (a
+    /// server without the route, 404/405, answers too). This is the health probe of an idle
+    /// agent ([`Limits::probe_due`]).
     pub async fn refresh(&self, client: &KataClient) -> Result<(), ApiError> {
         self.rate().await;
         match client.restrictions().await {
             Ok(r) => {
                 self.set_restrictions(&r);
+                self.server_ok();
                 Ok(())
+            }
+            Err(e @ ApiError::Rejected { .. }) => {
+                self.server_ok();
+                Err(e)
             }
             Err(e) => {
                 tracing::warn!(error = %e, "could not fetch the server restrictions; keeping the last known");
+                self.failed(&e, true);
                 Err(e)
             }
         }
+    }
+
+    /// When an idle agent should ask the server next: `every` after it last heard from it (now,
+    /// if it never did).
+    pub fn probe_due(&self, every: Duration) -> Instant {
+        lock(&self.inner.gate)
+            .last_heard
+            .map_or_else(Instant::now, |t| t + every)
     }
 
     /// The server's state.
@@ -479,6 +505,8 @@ impl Limits {
     /// recovery from `Down` or `Unauthorized` once.
     fn resume(&self, accepted: bool) {
         let mut g = lock(&self.inner.gate);
+        g.last_heard = Some(Instant::now());
+        g.refresh_failed = false;
         if g.health != Health::Up {
             let down_for = g
                 .failing_since
@@ -510,8 +538,16 @@ impl Limits {
 
     /// A request failed; pauses submissions accordingly. Returns the pause.
     pub fn server_failed(&self, err: &ApiError) -> Duration {
+        self.failed(err, false)
+    }
+
+    /// [`Limits::server_failed`]; `refresh`: a restrictions request, of which two failing in a
+    /// row mark the server down without waiting [`DOWN_AFTER`].
+    fn failed(&self, err: &ApiError, refresh: bool) -> Duration {
         let mut g = lock(&self.inner.gate);
         let now = Instant::now();
+        g.last_heard = Some(now);
+        let confirmed = refresh && std::mem::replace(&mut g.refresh_failed, true);
         let cause = err.cause();
         let new = match err {
             ApiError::Unauthorized { .. } => Health::Unauthorized,
@@ -520,7 +556,10 @@ impl Limits {
             ApiError::Busy { .. } => g.health,
             _ => {
                 let since = *g.failing_since.get_or_insert(now);
-                if g.health == Health::Up && now.saturating_duration_since(since) < DOWN_AFTER {
+                if g.health == Health::Up
+                    && !confirmed
+                    && now.saturating_duration_since(since) < DOWN_AFTER
+                {
                     Health::Up // A blip, so far.
                 } else {
                     Health::Down
