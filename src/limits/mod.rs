@@ -35,6 +35,7 @@
 
 mod aimd;
 mod observe;
+mod probe;
 #[cfg(test)]
 mod tests;
 
@@ -51,7 +52,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{MaxInFlight, ServerConfig};
 use crate::journal::Journal;
-use crate::kata::{ApiError, KataClient, Restrictions};
+use crate::kata::{ApiError, Restrictions};
 
 pub use aimd::START_CAP;
 pub use observe::{Binding, LimitsSnapshot};
@@ -423,39 +424,6 @@ impl Limits {
                 "server restrictions"
             );
         }
-    }
-
-    /// Fetches the restrictions now; keeps the last known value on failure. The answer is
-    /// evidence of the server's health like any other: a refusal (401) marks it unauthorized,
-    /// two failures in a row with no success between mark it down, an answer marks it up (a
-    /// server without the route, 404/405, answers too). This is the health probe of an idle
-    /// agent ([`Limits::probe_due`]).
-    pub async fn refresh(&self, client: &KataClient) -> Result<(), ApiError> {
-        self.rate().await;
-        match client.restrictions().await {
-            Ok(r) => {
-                self.set_restrictions(&r);
-                self.server_ok();
-                Ok(())
-            }
-            Err(e @ ApiError::Rejected { .. }) => {
-                self.server_ok();
-                Err(e)
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "could not fetch the server restrictions; keeping the last known");
-                self.failed(&e, true);
-                Err(e)
-            }
-        }
-    }
-
-    /// When an idle agent should ask the server next: `every` after it last heard from it (now,
-    /// if it never did).
-    pub fn probe_due(&self, every: Duration) -> Instant {
-        lock(&self.inner.gate)
-            .last_heard
-            .map_or_else(Instant::now, |t| t + every)
     }
 
     /// The server's state.
