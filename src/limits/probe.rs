@@ -2,11 +2,12 @@
 //! so it asks (`GET scans/filters`) when it has heard nothing for `server.health_probe`, and
 //! every answer of that request, at start, periodic or after a 413, feeds the gate's health.
 
+use std::time::Duration;
+
 use tokio::time::Instant;
 
 use super::{Limits, lock};
 use crate::kata::{ApiError, KataClient};
-use std::time::Duration;
 
 impl Limits {
     /// Fetches the restrictions now; keeps the last known value on failure. The answer is
