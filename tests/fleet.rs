@@ -287,3 +287,29 @@ async fn a_real_prometheus_scraping_an_agent_answers_every_dashboard_and_rule_ex
     assert!(firing.is_empty(), "{firing:#?}");
     agent.stop().await.0.unwrap();
 }
+
+#[test]
+fn the_package_ships_the_rules_and_the_dashboard_under_usr_share_dropscan() {
+    let manifest: toml::Table = include_str!("../Cargo.toml").parse().unwrap();
+    let assets = manifest["package"]["metadata"]["deb"]["assets"]
+        .as_array()
+        .unwrap();
+    for (source, dest) in [
+        (
+            "packaging/prometheus/dropscan-alerts.yml",
+            "usr/share/dropscan/prometheus/",
+        ),
+        (
+            "packaging/grafana/dropscan-dashboard.json",
+            "usr/share/dropscan/grafana/",
+        ),
+    ] {
+        assert!(
+            assets
+                .iter()
+                .any(|a| a[0].as_str() == Some(source) && a[1].as_str() == Some(dest)),
+            "{source} is not shipped in /{dest}: {assets:?}"
+        );
+        assert!(packaging("").parent().unwrap().join(source).is_file());
+    }
+}

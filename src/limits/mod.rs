@@ -27,7 +27,8 @@
 //!   about the server's room for scans); an outage's pause ends with any answer.
 //! - **Health** changes only on evidence: `Down` once requests have failed for
 //!   [`DOWN_AFTER`] with no success between (a 500 now and then among answers is a blip: it
-//!   pauses submissions, not the agent's health); `Unauthorized` at the first 401. Each change is
+//!   pauses submissions, not the agent's health), or after two failed restrictions requests in a
+//!   row (the idle agent's probe, `probe.rs`); `Unauthorized` at the first 401. Each change is
 //!   logged once, with its cause (the deepest error: "Connection refused", "HTTP 503").
 //!
 //! This module does no I/O except the restrictions refresh through the client and the snapshot
