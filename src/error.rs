@@ -121,6 +121,27 @@ pub enum FileError {
     Vanished,
 }
 
+impl FileError {
+    /// Its kind, a bounded set (the `reason` label of the failure counter).
+    pub fn kind(&self) -> crate::journal::FailureKind {
+        use crate::journal::FailureKind as K;
+        match self {
+            FileError::Fs(_) => K::Filesystem,
+            FileError::TooLarge { .. } | FileError::RefusedTooLarge { .. } => K::TooLarge,
+            FileError::Rejected { .. } => K::Rejected,
+            FileError::ScanFailed { .. } => K::ScanFailed,
+            FileError::NoVerdict { .. } => K::NoVerdict,
+            FileError::Vanished => K::Vanished,
+        }
+    }
+
+    /// The decision to journal: this file fails with this error as its reason (`propagate`:
+    /// files waiting on the same content fail with it, see [`crate::journal::Decision`]).
+    pub fn decision(&self, propagate: bool) -> crate::journal::Decision {
+        crate::journal::Decision::failed_as(self.kind(), self, propagate)
+    }
+}
+
 /// An error that ends the daemon.
 #[derive(Debug, thiserror::Error)]
 pub enum FatalError {

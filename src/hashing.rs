@@ -16,7 +16,7 @@ use crate::context::Shared;
 use crate::error::FileError;
 use crate::fsops::own::{Owned, Owning};
 use crate::fsops::{self, FsError};
-use crate::journal::{Decision, FileId, HashedAs};
+use crate::journal::{FileId, HashedAs};
 use crate::pipeline::{Claimed, Hashed};
 
 /// Owns a staged file (see the module docs) on the blocking pool.
@@ -170,7 +170,7 @@ pub async fn hash_record(
             };
             tracing::warn!(id, error = %e, "cannot hash staged file");
             journal
-                .decide(vec![(id, Decision::failed(&FileError::from(e), false))])
+                .decide(vec![(id, FileError::from(e).decision(false))])
                 .await
                 .map(Hashed::Decided)
         }

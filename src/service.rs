@@ -1,8 +1,10 @@
 //! The service manager's side channel (systemd `Type=notify`, `sd_notify(3)`).
 //!
 //! Under systemd with `NOTIFY_SOCKET` set, the agent says `READY=1` once every stage runs,
-//! keeps a one-line `STATUS=` current, pings `WATCHDOG=1` from housekeeping when the unit sets
-//! `WatchdogSec=`, and says `STOPPING=1` when a shutdown begins. Without `NOTIFY_SOCKET` (a
+//! keeps a one-line `STATUS=` current (scans in flight, files waiting, the limit that binds,
+//! the server's state), pings `WATCHDOG=1` from housekeeping when the unit sets
+//! `WatchdogSec=`, says `RELOADING=1` when a SIGHUP reload begins (`READY=1` again when the new
+//! agent runs) and `STOPPING=1` when a shutdown begins. Without `NOTIFY_SOCKET` (a
 //! terminal, a container, the tests) every function here does nothing. A notification that
 //! cannot be sent is logged at debug level and otherwise ignored: the service manager's
 //! channel must never stop the pipeline.
@@ -30,6 +32,37 @@ pub fn ready(status: &str) {
 /// A new `STATUS=` line (what `systemctl status` shows).
 pub fn status(status: &str) {
     send(&[NotifyState::Status(status)]);
+}
+
+/// `RELOADING=1` with the `MONOTONIC_USEC=` systemd requires beside it (systemd ≥ 253 refuses
+/// a reload notification without it), and a status line: a reload has begun; the next agent's
+/// [`ready`] ends it.
+pub fn reloading(status: &str) {
+    match NotifyState::monotonic_usec_now() {
+        Ok(now) => send(&[NotifyState::Reloading, now, NotifyState::Status(status)]),
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot read the monotonic clock for RELOADING=1");
+            send(&[NotifyState::Status(status)]);
+        }
+    }
+}
+
+/// Whether a service manager listens (`NOTIFY_SOCKET` set): status lines are worth composing.
+pub fn listening() -> bool {
+    std::env::var_os("NOTIFY_SOCKET").is_some()
+}
+
+/// The `STATUS=` line of a running agent: what it does now.
+pub fn running_line(
+    in_flight: usize,
+    cap: usize,
+    waiting: usize,
+    bound_by: &str,
+    server: &str,
+) -> String {
+    format!(
+        "running: {in_flight} scan(s) in flight (cap {cap}), {waiting} file(s) waiting; bound by {bound_by}; KATA {server}"
+    )
 }
 
 /// `STOPPING=1`: a shutdown has begun.

@@ -112,13 +112,7 @@ pub async fn run(
                     max,
                 };
                 resubmit.finish(item.id);
-                decide(
-                    &shared,
-                    &verdicts_tx,
-                    item.id,
-                    Decision::failed(&reason, true),
-                )
-                .await;
+                decide(&shared, &verdicts_tx, item.id, reason.decision(true)).await;
                 continue;
             }
         }
@@ -265,7 +259,7 @@ impl Upload {
                         limits.refresh(&scanner).await.ok();
                     });
                 }
-                let d = Decision::failed(&reason, true);
+                let d = reason.decision(true);
                 decide(shared, &self.verdicts_tx, item.id, d).await;
                 None
             }

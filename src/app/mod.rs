@@ -94,6 +94,8 @@ impl Agent {
         let cert_expiry = crate::kata::tls::warn_at_start(&config.server.tls);
         metrics.set_client_cert_expiry(cert_expiry);
         metrics.attach(limits.clone(), &config.journal_path());
+        metrics.attach_tally(journal.tally());
+        metrics.set_watches(config.watches.iter().map(|w| w.path.clone()));
         {
             let m = Arc::clone(&metrics);
             client.observe(Arc::new(move |endpoint, code| m.answer(endpoint, code)));
@@ -346,11 +348,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Fata
     Agent::new(config)?.run(shutdown).await
 }
 
+/// How often the `STATUS=` line is refreshed under a service manager.
+const STATUS_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// How often a journal whose writes fail is probed for space.
 const JOURNAL_PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// Periodic chores: restrictions refresh, journal pruning, owner markers, systemd watchdog pings.
+/// Periodic chores: restrictions refresh, health probe, journal pruning, owner markers, systemd
+/// watchdog pings.
 async fn housekeeping(shared: Arc<Shared>, shutdown: CancellationToken) {
+    // An idle agent hears nothing from the server: without asking, /readyz and server_up would
+    // keep saying "up" through an outage or a revoked integration.
+    let probe_every = shared.config.server.health_probe;
     let mut refresh = tokio::time::interval(shared.config.server.restrictions_refresh);
     refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     refresh.tick().await;
@@ -359,6 +368,10 @@ async fn housekeeping(shared: Arc<Shared>, shutdown: CancellationToken) {
     // space is back (nothing else may write meanwhile: files wait in the inbox).
     let mut probe = tokio::time::interval(JOURNAL_PROBE_EVERY);
     probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // What `systemctl status` shows, refreshed while a service manager listens.
+    let mut status = tokio::time::interval(STATUS_EVERY);
+    status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    status.tick().await;
     let mut heartbeat = tokio::time::interval(fsops::roots::OWNER_HEARTBEAT);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // systemd's WatchdogSec: pinged from here, so a stuck housekeeping loop gets us restarted.
@@ -395,6 +408,28 @@ async fn housekeeping(shared: Arc<Shared>, shutdown: CancellationToken) {
                 beat.await.ok();
             }
             _ = refresh.tick() => {
+                shared.limits.refresh(&shared.scanner).await.ok();
+            }
+            _ = status.tick(), if crate::service::listening() => {
+                let snap = shared.limits.snapshot();
+                let pending = shared.journal.summary().await.map_or(0, |s| {
+                    s.pending_by_root.iter().map(|(_, n, _)| *n).sum::<i64>()
+                });
+                let waiting = usize::try_from(pending).unwrap_or(0).saturating_sub(snap.in_flight);
+                let server = match shared.limits.health() {
+                    crate::limits::Health::Up => "up",
+                    crate::limits::Health::Down => "unavailable",
+                    crate::limits::Health::Unauthorized => "refuses this sensor (401)",
+                };
+                crate::service::status(&crate::service::running_line(
+                    snap.in_flight,
+                    snap.cap,
+                    waiting,
+                    snap.binding.as_str(),
+                    server,
+                ));
+            }
+            () = tokio::time::sleep_until(shared.limits.probe_due(probe_every)) => {
                 shared.limits.refresh(&shared.scanner).await.ok();
             }
             _ = probe.tick(), if shared.journal.writes_failing() => {

@@ -300,8 +300,7 @@ async fn resume_record(
             if let (true, Some(scan_id)) = (stale_scan, r.scan_id.clone()) {
                 journal.stale_scan(scan_id.as_str().to_owned()).await?;
             }
-            let failed =
-                crate::journal::Decision::failed(&crate::error::FileError::Vanished, false);
+            let failed = crate::error::FileError::Vanished.decision(false);
             journal.decide(vec![(r.id, failed)]).await?;
             journal
                 .close_vanished(

@@ -163,7 +163,7 @@ pub async fn run_reloading_with(
                     }) {
                         Ok(c) => {
                             tracing::info!(config = %crate::fsops::shown(&path), "SIGHUP: configuration valid, restarting the agent on it");
-                            crate::service::status(
+                            crate::service::reloading(
                                 "reloading: restarting the agent on the new configuration",
                             );
                             *next.lock().unwrap_or_else(PoisonError::into_inner) = Some(c);

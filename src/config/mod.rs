@@ -59,6 +59,8 @@ pub(crate) const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 pub(crate) const DEFAULT_SCAN_TIMEOUT: &str = "30m";
 /// Built-in default for `server.restrictions_refresh`.
 pub(crate) const DEFAULT_RESTRICTIONS_REFRESH: &str = "10m";
+/// Built-in default for `server.health_probe`.
+pub(crate) const DEFAULT_HEALTH_PROBE: &str = "1m";
 /// Built-in default for `watch.settle`.
 pub(crate) const DEFAULT_SETTLE: &str = "5s";
 /// Built-in default for `watch.settle_empty`.
@@ -176,6 +178,8 @@ pub struct ServerConfig {
     pub scan_timeout: Duration,
     /// Restrictions refresh period.
     pub restrictions_refresh: Duration,
+    /// How long the server may go unheard before an idle agent asks it (health probe).
+    pub health_probe: Duration,
 }
 
 impl fmt::Debug for ServerConfig {

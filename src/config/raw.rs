@@ -70,6 +70,8 @@ pub(crate) struct RawServer {
     pub scan_timeout: Option<String>,
     /// How often the server's restrictions are fetched again.
     pub restrictions_refresh: Option<String>,
+    /// How long the server may go unheard before the agent asks it (health probe).
+    pub health_probe: Option<String>,
 }
 
 /// A count that may also be a word (`max_in_flight = 40` or `max_in_flight = "auto"`).

@@ -14,12 +14,12 @@ use std::time::Duration;
 
 use super::raw::{RawConfig, RawLog, RawServer, RawState, RawWatch};
 use super::{
-    Config, ConfigError, DEFAULT_HELD_OPEN_LIMIT, DEFAULT_KEEP_ORIGINAL, DEFAULT_MAX_ATTEMPTS,
-    DEFAULT_MAX_IN_FLIGHT_CEILING, DEFAULT_POLL_INTERVAL, DEFAULT_RECONCILE_INTERVAL,
-    DEFAULT_REQUEST_TIMEOUT, DEFAULT_REQUESTS_PER_SECOND, DEFAULT_RESTRICTIONS_REFRESH,
-    DEFAULT_SCAN_TIMEOUT, DEFAULT_SETTLE, DEFAULT_SETTLE_EMPTY, DEFAULT_SHUTDOWN_GRACE,
-    DEFAULT_VERDICT_TTL, DEFAULT_WATCH_POLL_INTERVAL, LogConfig, LogFormat, Pattern, ServerConfig,
-    StateConfig, WatchConfig, WatchMode,
+    Config, ConfigError, DEFAULT_HEALTH_PROBE, DEFAULT_HELD_OPEN_LIMIT, DEFAULT_KEEP_ORIGINAL,
+    DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_IN_FLIGHT_CEILING, DEFAULT_POLL_INTERVAL,
+    DEFAULT_RECONCILE_INTERVAL, DEFAULT_REQUEST_TIMEOUT, DEFAULT_REQUESTS_PER_SECOND,
+    DEFAULT_RESTRICTIONS_REFRESH, DEFAULT_SCAN_TIMEOUT, DEFAULT_SETTLE, DEFAULT_SETTLE_EMPTY,
+    DEFAULT_SHUTDOWN_GRACE, DEFAULT_VERDICT_TTL, DEFAULT_WATCH_POLL_INTERVAL, LogConfig, LogFormat,
+    Pattern, ServerConfig, StateConfig, WatchConfig, WatchMode,
 };
 use super::{MaxInFlight, raw::RawCount};
 use crate::kata::{self, TlsOptions};
@@ -309,6 +309,14 @@ impl Validator {
         if restrictions_refresh < Duration::from_secs(1) {
             return Err(self.invalid("server.restrictions_refresh", "must be at least 1s"));
         }
+        let health_probe = self.duration(
+            raw.health_probe.as_deref(),
+            DEFAULT_HEALTH_PROBE,
+            "server.health_probe",
+        )?;
+        if health_probe < Duration::from_secs(1) {
+            return Err(self.invalid("server.health_probe", "must be at least 1s"));
+        }
         Ok(ServerConfig {
             url,
             sensor_id,
@@ -324,6 +332,7 @@ impl Validator {
             max_attempts: to_nonzero_u32(attempts),
             scan_timeout,
             restrictions_refresh,
+            health_probe,
         })
     }
 

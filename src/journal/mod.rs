@@ -123,8 +123,8 @@ pub(crate) use ops_maint::DEFAULT_HISTORY;
 pub use ops_maint::read_summary;
 pub use ops_retain::Retained;
 pub use types::{
-    Decision, FileId, FileRecord, FileState, HashedAs, JournalError, NewClaim, Outcome,
-    ScanVerdict, Stamp, Summary,
+    Decision, FailureKind, FileId, FileRecord, FileState, HashedAs, JournalError, NewClaim,
+    Outcome, ScanVerdict, Stamp, Summary,
 };
 
 use schema::open_connection;
@@ -147,11 +147,32 @@ pub struct Journal {
 pub(crate) struct WriteHealth {
     failing: std::sync::atomic::AtomicBool,
     recovered: tokio::sync::watch::Sender<u64>,
+    tally: Arc<Tally>,
+}
+
+/// What the journal counts for the metrics, since it was opened: refused writes and the fate
+/// of hook deliveries (the hook runner reports each through the journal, so it is counted here
+/// without the runner knowing of metrics).
+#[derive(Debug, Default)]
+pub struct Tally {
+    /// Writes (transactions) the disk refused: full, I/O error.
+    pub write_errors: std::sync::atomic::AtomicU64,
+    /// Hook events delivered.
+    pub hooks_delivered: std::sync::atomic::AtomicU64,
+    /// Hook deliveries that failed and will be tried again.
+    pub hooks_failed: std::sync::atomic::AtomicU64,
+    /// Hook events given up on after their last attempt.
+    pub hooks_given_up: std::sync::atomic::AtomicU64,
+    /// Files decided failed, by [`FailureKind::index`] (those sharing the content included).
+    pub failed: [std::sync::atomic::AtomicU64; FailureKind::ALL.len()],
 }
 
 impl WriteHealth {
     /// A write failed for lack of space or an I/O error.
     pub(crate) fn failed(&self) {
+        self.tally
+            .write_errors
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.failing
             .store(true, std::sync::atomic::Ordering::Release);
     }
@@ -183,6 +204,7 @@ impl Journal {
         let health = Arc::new(WriteHealth {
             failing: std::sync::atomic::AtomicBool::new(false),
             recovered: tokio::sync::watch::Sender::new(0),
+            tally: Arc::default(),
         });
         let h = Arc::clone(&health);
         std::thread::Builder::new()
@@ -208,5 +230,10 @@ impl Journal {
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Its counters (refused writes, hook deliveries), shared for the metrics.
+    pub fn tally(&self) -> Arc<Tally> {
+        Arc::clone(&self.health.tally)
     }
 }

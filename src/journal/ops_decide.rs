@@ -271,17 +271,31 @@ impl Journal {
         &self,
         decisions: Vec<(FileId, Decision)>,
     ) -> Result<Vec<FileId>, JournalError> {
-        self.run(move |conn| {
-            let mut all = Vec::new();
-            for (id, d) in &decisions {
-                for decided in decide_in(conn, *id, d)? {
-                    if !all.contains(&decided) {
-                        all.push(decided);
+        let (all, failed) = self
+            .run(move |conn| {
+                let mut all = Vec::new();
+                // Files failed per kind, counted once the transaction is committed.
+                let mut failed = Vec::new();
+                for (id, d) in &decisions {
+                    let decided = decide_in(conn, *id, d)?;
+                    if let Some(kind) = d.kind {
+                        failed.push((kind, decided.len()));
+                    }
+                    for decided in decided {
+                        if !all.contains(&decided) {
+                            all.push(decided);
+                        }
                     }
                 }
-            }
-            Ok(all)
-        })
-        .await
+                Ok((all, failed))
+            })
+            .await?;
+        for (kind, n) in failed {
+            self.health.tally.failed[kind.index()].fetch_add(
+                u64::try_from(n).unwrap_or(u64::MAX),
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
+        Ok(all)
     }
 }

@@ -124,6 +124,10 @@ impl Journal {
 
     /// The event was delivered: it leaves the queue.
     pub async fn hook_delivered(&self, event: i64) -> Result<(), JournalError> {
+        self.health
+            .tally
+            .hooks_delivered
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.run(move |conn| {
             execute(
                 conn,
@@ -145,6 +149,13 @@ impl Journal {
         error: String,
         give_up: bool,
     ) -> Result<(), JournalError> {
+        let tally = &self.health.tally;
+        let counter = if give_up {
+            &tally.hooks_given_up
+        } else {
+            &tally.hooks_failed
+        };
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.run(move |conn| {
             execute(
                 conn,

@@ -92,6 +92,20 @@ fn summary_in(conn: &Connection) -> Result<Summary, JournalError> {
         .optional()
         .map_err(JournalError::sql("summary"))?;
     let mut stmt = conn
+        .prepare(
+            "SELECT root, COUNT(*), MIN(claimed_at) FROM files WHERE state NOT IN (?1, ?2) \
+             GROUP BY root",
+        )
+        .map_err(JournalError::sql("summary"))?;
+    let pending_by_root = stmt
+        .query_map(
+            params![FileState::Placed.as_str(), FileState::Done.as_str()],
+            |r| Ok((blob_path(r.get(0)?), r.get(1)?, r.get(2)?)),
+        )
+        .map_err(JournalError::sql("summary"))?
+        .collect::<Result<_, _>>()
+        .map_err(JournalError::sql("summary"))?;
+    let mut stmt = conn
         .prepare("SELECT at, text FROM errors ORDER BY id DESC LIMIT 10")
         .map_err(JournalError::sql("summary"))?;
     let last_errors = stmt
@@ -103,6 +117,7 @@ fn summary_in(conn: &Connection) -> Result<Summary, JournalError> {
         per_state,
         per_outcome,
         oldest_pending,
+        pending_by_root,
         last_errors,
     })
 }

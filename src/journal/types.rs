@@ -379,6 +379,55 @@ pub struct Decision {
     /// content failures (too large, attempts exhausted); false for failures of this one file
     /// (unreadable), after which a waiting file is submitted on its own.
     pub propagate: bool,
+    /// For failures: the kind (the `reason` label of `dropscan_files_failed_total`).
+    pub kind: Option<FailureKind>,
+}
+
+/// Why a file failed, as a bounded set: the `reason` label of the failure counter. Each kind is
+/// one variant of `FileError` (whose text, with the file's details, is the journaled reason).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The filesystem refused (unreadable, not a regular file, hard-linked, changed, …).
+    Filesystem,
+    /// Larger than the server's limit (known before the upload, or answered 413).
+    TooLarge,
+    /// The server refused the upload for good (another 4xx).
+    Rejected,
+    /// Every attempt ended with `error` or `timeout`.
+    ScanFailed,
+    /// No final answer within `scan_timeout`.
+    NoVerdict,
+    /// The staged file disappeared.
+    Vanished,
+}
+
+impl FailureKind {
+    /// Every kind, in the order of [`FailureKind::index`].
+    pub const ALL: [FailureKind; 6] = [
+        FailureKind::Filesystem,
+        FailureKind::TooLarge,
+        FailureKind::Rejected,
+        FailureKind::ScanFailed,
+        FailureKind::NoVerdict,
+        FailureKind::Vanished,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::Filesystem => "filesystem",
+            FailureKind::TooLarge => "too_large",
+            FailureKind::Rejected => "rejected",
+            FailureKind::ScanFailed => "scan_failed",
+            FailureKind::NoVerdict => "no_verdict",
+            FailureKind::Vanished => "vanished",
+        }
+    }
+
+    /// Its position in [`FailureKind::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
 }
 
 impl Decision {
@@ -391,6 +440,7 @@ impl Decision {
             verdict_sha256: Some(sha256),
             reason: None,
             propagate: true,
+            kind: None,
         }
     }
 
@@ -403,6 +453,15 @@ impl Decision {
             verdict_sha256: None,
             reason: Some(reason.to_string()),
             propagate,
+            kind: None,
+        }
+    }
+
+    /// [`Decision::failed`], of a known kind (counted by it).
+    pub fn failed_as(kind: FailureKind, reason: &dyn std::error::Error, propagate: bool) -> Self {
+        Decision {
+            kind: Some(kind),
+            ..Decision::failed(reason, propagate)
         }
     }
 }
@@ -427,6 +486,9 @@ pub struct Summary {
     pub per_outcome: Vec<(String, i64)>,
     /// The oldest unfinished record: its relative path and claim time (ms).
     pub oldest_pending: Option<(PathBuf, i64)>,
+    /// Unfinished records per watched folder (inbox): the folder, how many, the oldest claim
+    /// time (ms).
+    pub pending_by_root: Vec<(PathBuf, i64, i64)>,
     /// The latest errors, newest first: time (ms) and text.
     pub last_errors: Vec<(i64, String)>,
 }

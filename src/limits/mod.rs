@@ -27,7 +27,8 @@
 //!   about the server's room for scans); an outage's pause ends with any answer.
 //! - **Health** changes only on evidence: `Down` once requests have failed for
 //!   [`DOWN_AFTER`] with no success between (a 500 now and then among answers is a blip: it
-//!   pauses submissions, not the agent's health); `Unauthorized` at the first 401. Each change is
+//!   pauses submissions, not the agent's health), or after two failed restrictions requests in a
+//!   row (the idle agent's probe, `probe.rs`); `Unauthorized` at the first 401. Each change is
 //!   logged once, with its cause (the deepest error: "Connection refused", "HTTP 503").
 //!
 //! This module does no I/O except the restrictions refresh through the client and the snapshot
@@ -35,6 +36,7 @@
 
 mod aimd;
 mod observe;
+mod probe;
 #[cfg(test)]
 mod tests;
 
@@ -51,7 +53,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{MaxInFlight, ServerConfig};
 use crate::journal::Journal;
-use crate::scanner::{ApiError, Restrictions, Scanner};
+use crate::scanner::{ApiError, Restrictions};
 
 pub use aimd::START_CAP;
 pub use observe::{Binding, LimitsSnapshot};
@@ -148,6 +150,12 @@ struct GateState {
     /// A probe is out since a pause ended: other submissions wait until its answer, or until
     /// this time (then another probes).
     probing_until: Option<Instant>,
+    /// When a request last came back (answered or failed): an agent that has not heard from
+    /// the server for `health_probe` asks it ([`Limits::probe_due`]).
+    last_heard: Option<Instant>,
+    /// The last restrictions request failed and nothing succeeded since: a second failure in a
+    /// row marks the server down at once (an idle agent has no other evidence).
+    refresh_failed: bool,
 }
 
 /// Why submissions wait.
@@ -252,6 +260,8 @@ impl Limits {
                     pause: Pause::None,
                     last_pause: Duration::ZERO,
                     probing_until: None,
+                    last_heard: None,
+                    refresh_failed: false,
                 }),
                 recovered: Notify::new(),
             }),
@@ -422,21 +432,6 @@ impl Limits {
         }
     }
 
-    /// Fetches the restrictions now; keeps the last known value on failure.
-    pub async fn refresh(&self, scanner: &Scanner) -> Result<(), ApiError> {
-        self.rate().await;
-        match scanner.restrictions().await {
-            Ok(r) => {
-                self.set_restrictions(&r);
-                Ok(())
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "could not fetch the server restrictions; keeping the last known");
-                Err(e)
-            }
-        }
-    }
-
     /// The server's state.
     pub fn health(&self) -> Health {
         lock(&self.inner.gate).health
@@ -484,6 +479,8 @@ impl Limits {
     /// recovery from `Down` or `Unauthorized` once.
     fn resume(&self, accepted: bool) {
         let mut g = lock(&self.inner.gate);
+        g.last_heard = Some(Instant::now());
+        g.refresh_failed = false;
         if g.health != Health::Up {
             let down_for = g
                 .failing_since
@@ -515,8 +512,16 @@ impl Limits {
 
     /// A request failed; pauses submissions accordingly. Returns the pause.
     pub fn server_failed(&self, err: &ApiError) -> Duration {
+        self.failed(err, false)
+    }
+
+    /// [`Limits::server_failed`]; `refresh`: a restrictions request, of which two failing in a
+    /// row mark the server down without waiting [`DOWN_AFTER`].
+    fn failed(&self, err: &ApiError, refresh: bool) -> Duration {
         let mut g = lock(&self.inner.gate);
         let now = Instant::now();
+        g.last_heard = Some(now);
+        let confirmed = refresh && std::mem::replace(&mut g.refresh_failed, true);
         let cause = err.cause();
         let new = match err {
             ApiError::Unauthorized { .. } => Health::Unauthorized,
@@ -525,7 +530,10 @@ impl Limits {
             ApiError::Busy { .. } => g.health,
             _ => {
                 let since = *g.failing_since.get_or_insert(now);
-                if g.health == Health::Up && now.saturating_duration_since(since) < DOWN_AFTER {
+                if g.health == Health::Up
+                    && !confirmed
+                    && now.saturating_duration_since(since) < DOWN_AFTER
+                {
                     Health::Up // A blip, so far.
                 } else {
                     Health::Down

@@ -50,6 +50,61 @@ pub struct Counters {
     pub last_poll: AtomicI64,
 }
 
+/// Turns the journal's [`Tally`](crate::journal::Tally) (of the agent generation now running)
+/// into Prometheus series at scrape time; nothing before an agent attached one.
+#[derive(Debug)]
+pub(super) struct TallyCollector(
+    pub(super) Arc<std::sync::Mutex<Option<Arc<crate::journal::Tally>>>>,
+);
+
+impl Collector for TallyCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let tally = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let Some(t) = tally else {
+            return Ok(());
+        };
+        CountersCollector::counter(
+            &mut encoder,
+            "journal_write_errors",
+            "Journal writes the disk refused (full, I/O error); files wait meanwhile",
+            &t.write_errors,
+        )?;
+        {
+            let proto = ConstCounter::new(0u64);
+            let mut family = encoder.encode_descriptor(
+                "files_failed",
+                "Files decided failed, by reason (a bounded set of kinds; the sidecar has the details)",
+                None,
+                proto.metric_type(),
+            )?;
+            for kind in crate::journal::FailureKind::ALL {
+                ConstCounter::new(t.failed[kind.index()].load(Ordering::Relaxed))
+                    .encode(family.encode_family(&[("reason", kind.as_str())])?)?;
+            }
+        }
+        let proto = ConstCounter::new(0u64);
+        let mut family = encoder.encode_descriptor(
+            "hook_deliveries",
+            "Notification deliveries by result (failed: tried again later; given_up: after the last attempt)",
+            None,
+            proto.metric_type(),
+        )?;
+        for (result, v) in [
+            ("delivered", &t.hooks_delivered),
+            ("failed", &t.hooks_failed),
+            ("given_up", &t.hooks_given_up),
+        ] {
+            ConstCounter::new(v.load(Ordering::Relaxed))
+                .encode(family.encode_family(&[("result", result)])?)?;
+        }
+        Ok(())
+    }
+}
+
 /// Turns the [`Counters`] atomics into Prometheus series at scrape time.
 #[derive(Debug)]
 pub(super) struct CountersCollector(pub(super) Arc<Counters>);

@@ -22,7 +22,7 @@ use std::time::{Duration, SystemTime};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::journal::Outcome;
@@ -30,9 +30,10 @@ use crate::limits::{Health, Limits};
 
 mod counters;
 mod http;
+mod process;
 
 pub use counters::Counters;
-use counters::CountersCollector;
+use counters::{CountersCollector, TallyCollector};
 pub use http::{
     ACCEPT_ERROR_PAUSE, CONNECTION_LIFETIME, CONTENT_TYPE, HEADER_READ_TIMEOUT, MAX_CONNECTIONS,
     serve,
@@ -101,6 +102,16 @@ pub struct Metrics {
     missing_inboxes: Mutex<BTreeSet<PathBuf>>,
     /// Watches held (by inbox), with the reason: their staging folder cannot be used.
     held_watches: Mutex<std::collections::BTreeMap<PathBuf, String>>,
+    /// The current journal's counters (refused writes, hook deliveries).
+    tally: Arc<Mutex<Option<Arc<crate::journal::Tally>>>>,
+    /// Files taken in and not placed yet, per watched folder.
+    pending: Family<Labels, Gauge>,
+    /// Age of the oldest of them, per watched folder.
+    oldest_pending: Family<Labels, Gauge>,
+    /// Held through a whole [`Metrics::render`]: scrapes never interleave their updates.
+    render_lock: Mutex<()>,
+    /// The configured inboxes: each has its per-folder series, 0 when nothing waits.
+    watches: Mutex<Vec<PathBuf>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -124,9 +135,14 @@ impl Default for Metrics {
     }
 }
 
-/// Buckets of the latency histograms: 50 ms to about two hours, ×2.5.
+/// Buckets of the latency histograms, in seconds: round bounds an operator reads at a glance
+/// (and `histogram_quantile` interpolates between), one second to an hour.
+pub const LATENCY_BUCKETS: [f64; 10] = [
+    1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
+];
+
 fn latency_buckets() -> impl Iterator<Item = f64> {
-    exponential_buckets(0.05, 2.5, 14)
+    LATENCY_BUCKETS.into_iter()
 }
 
 impl Metrics {
@@ -135,6 +151,17 @@ impl Metrics {
         let counters = Arc::new(Counters::default());
         let mut registry = Registry::with_prefix("dropscan");
         registry.register_collector(Box::new(CountersCollector(Arc::clone(&counters))));
+        let tally: Arc<Mutex<Option<Arc<crate::journal::Tally>>>> = Arc::default();
+        registry.register_collector(Box::new(TallyCollector(Arc::clone(&tally))));
+        let build_info = Family::<Labels, Gauge>::default();
+        registry.register(
+            "build_info",
+            "Always 1; the labels say which dropscan runs",
+            build_info.clone(),
+        );
+        build_info
+            .get_or_create(&vec![("version", env!("CARGO_PKG_VERSION").to_string())])
+            .set(1);
         let drop_to_submitted = Histogram::new(latency_buckets());
         registry.register(
             "drop_to_submitted_seconds",
@@ -177,6 +204,18 @@ impl Metrics {
             "Mean time from the server accepting an upload to its final verdict (moving average; 0 before the first)",
             scan_mean.clone(),
         );
+        let pending = Family::<Labels, Gauge>::default();
+        registry.register(
+            "pending_files",
+            "Files taken in (claimed) and not placed yet, per watched folder",
+            pending.clone(),
+        );
+        let oldest_pending = Family::<Labels, Gauge>::default();
+        registry.register(
+            "oldest_pending_age_seconds",
+            "Age of the oldest file taken in and not placed yet, per watched folder (since it was claimed)",
+            oldest_pending.clone(),
+        );
         let files_per_hour = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
         registry.register(
             "files_per_hour",
@@ -198,6 +237,11 @@ impl Metrics {
             live: Mutex::default(),
             missing_inboxes: Mutex::default(),
             held_watches: Mutex::default(),
+            tally,
+            pending,
+            oldest_pending,
+            render_lock: Mutex::default(),
+            watches: Mutex::default(),
         }
     }
 
@@ -237,6 +281,18 @@ impl Metrics {
             limits,
             journal: journal.to_path_buf(),
         });
+    }
+
+    /// The current journal's counters (refused writes, hook deliveries), read at scrape time.
+    pub fn attach_tally(&self, tally: Arc<crate::journal::Tally>) {
+        *self.tally.lock().unwrap_or_else(PoisonError::into_inner) = Some(tally);
+    }
+
+    /// The watched folders (inboxes) of the agent generation now running: the values of the
+    /// `watch` label (bounded by the configuration, never a file's name).
+    pub fn set_watches(&self, inboxes: impl IntoIterator<Item = PathBuf>) {
+        *self.watches.lock().unwrap_or_else(PoisonError::into_inner) =
+            inboxes.into_iter().collect();
     }
 
     /// Records which inboxes are missing now (a share not mounted yet): `/readyz` says not
@@ -360,6 +416,10 @@ impl Metrics {
     /// The exposition (Prometheus text format 0.0.4), read from the live agent at call time.
     /// Reads the journal summary (a blocking SQLite read): call it off the async threads.
     pub fn render(&self) -> String {
+        let _whole = self
+            .render_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let live = self
             .live
             .lock()
@@ -377,6 +437,11 @@ impl Metrics {
                 .set(i64::try_from(live.limits.on_server()).unwrap_or(i64::MAX));
             self.gauge("server_up", "1 when KATA answers normally")
                 .set(i64::from(live.limits.health() == Health::Up));
+            self.gauge(
+                "server_refusing",
+                "1 when KATA refuses this sensor (401: integration not accepted)",
+            )
+            .set(i64::from(live.limits.health() == Health::Unauthorized));
             self.limits_gauges(&live.limits.snapshot());
             self.queue_depth(&live.journal);
         }
@@ -395,7 +460,18 @@ impl Metrics {
         if let Err(e) = prometheus_client::encoding::text::encode_registry(&mut out, &registry) {
             tracing::warn!(error = %e, "cannot encode the metrics");
         }
-        to_text_0_0_4(&out)
+        drop(registry);
+        let mut text = to_text_0_0_4(&out);
+        // The process series are unprefixed: they go before the closing `# EOF`.
+        let eof = text.ends_with("# EOF\n");
+        if eof {
+            text.truncate(text.len() - "# EOF\n".len());
+        }
+        process::Process::read().encode(&mut text);
+        if eof {
+            text.push_str("# EOF\n");
+        }
+        text
     }
 
     /// The limits' readings: learned capacity, mean scan time, files per hour, 429s, and which
@@ -435,6 +511,28 @@ impl Metrics {
             self.queue
                 .get_or_create(&vec![("state", name.to_string())])
                 .set(n);
+        }
+        // Per watched folder: a folder whose files are all placed drops out of the query, so
+        // the families are rebuilt (under `render_lock`, so a concurrent scrape sees whole sets).
+        self.pending.clear();
+        self.oldest_pending.clear();
+        let now = crate::journal::now_ms();
+        let watches = self
+            .watches
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let idle = watches
+            .iter()
+            .filter(|w| !summary.pending_by_root.iter().any(|(r, _, _)| r == *w))
+            .map(|w| (w.clone(), 0, now));
+        // Records of a folder no longer configured still count, under its name, until placed.
+        for (root, n, oldest) in summary.pending_by_root.iter().cloned().chain(idle) {
+            let watch = vec![("watch", root.to_string_lossy().into_owned())];
+            self.pending.get_or_create(&watch).set(n);
+            self.oldest_pending
+                .get_or_create(&watch)
+                .set((now.saturating_sub(oldest) / 1000).max(0));
         }
     }
 }

@@ -210,3 +210,79 @@ fn scans_in_flight_gauge_is_read_from_the_limits_slots() {
     drop(b);
     assert!(m.render().contains("dropscan_scans_in_flight 0\n"));
 }
+
+#[tokio::test]
+async fn fleet_series_come_from_the_journal_and_stay_bounded() {
+    use crate::error::FileError;
+    use crate::journal::{Journal, NewClaim};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j.sqlite");
+    let j = Journal::open(&path).unwrap();
+    let claim = |name: &str| NewClaim {
+        root: "/srv/in".into(),
+        rel_path: name.into(),
+        staged: format!("/srv/in/.dropscan/{name}").into(),
+        dropped_at_ms: None,
+    };
+    let ids = j.claim(vec![claim("a"), claim("b")]).await.unwrap();
+    j.decide(vec![(ids[0], FileError::Vanished.decision(false))])
+        .await
+        .unwrap();
+    let m = Metrics::new();
+    m.attach(Limits::new(NonZeroUsize::MIN, NonZeroU32::MIN), &path);
+    m.attach_tally(j.tally());
+    m.set_watches([PathBuf::from("/srv/in"), PathBuf::from("/srv/idle")]);
+    let text = m.render();
+    for line in [
+        // Claimed, decided and not placed yet: both still pending in their folder.
+        "dropscan_pending_files{watch=\"/srv/in\"} 2",
+        "dropscan_pending_files{watch=\"/srv/idle\"} 0",
+        "dropscan_oldest_pending_age_seconds{watch=\"/srv/idle\"} 0",
+        "dropscan_files_failed_total{reason=\"vanished\"} 1",
+        "dropscan_files_failed_total{reason=\"too_large\"} 0",
+        "dropscan_hook_deliveries_total{result=\"given_up\"} 0",
+        "dropscan_journal_write_errors_total 0",
+        "dropscan_server_refusing 0",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
+    }
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("dropscan_build_info{version=\"") && l.ends_with("} 1")),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("process_start_time_seconds ")),
+        "{text}"
+    );
+    // No file name in any label, whatever the journal holds.
+    assert!(
+        !text.contains("\"a\"") && !text.contains("/srv/in/a"),
+        "{text}"
+    );
+}
+
+#[test]
+fn latency_buckets_have_round_bounds() {
+    let m = Metrics::new();
+    m.placed(Outcome::Clean, 12_000);
+    let text = m.render();
+    let bounds: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("dropscan_drop_to_placed_seconds_bucket{le=\""))
+        .filter_map(|l| l.split('"').next())
+        .collect();
+    assert_eq!(
+        bounds,
+        [
+            "1.0", "5.0", "15.0", "30.0", "60.0", "120.0", "300.0", "600.0", "1800.0", "3600.0",
+            "+Inf"
+        ],
+        "{text}"
+    );
+    assert!(
+        text.contains("dropscan_drop_to_placed_seconds_bucket{le=\"15.0\"} 1"),
+        "{text}"
+    );
+}

@@ -126,8 +126,7 @@ pub(super) fn judge<R>(
                 what,
                 attempts: entry.attempts,
             };
-            j.decisions
-                .push((entry.id, Decision::failed(&reason, true)));
+            j.decisions.push((entry.id, reason.decision(true)));
         }
     }
     j

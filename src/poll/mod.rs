@@ -404,7 +404,7 @@ impl Poller<'_> {
                 timeout,
                 scan_id: scan_id.clone(),
             };
-            decisions.push((*id, Decision::failed(&reason, true)));
+            decisions.push((*id, reason.decision(true)));
         }
         self.decide(scans, decisions).await;
     }
