@@ -190,6 +190,8 @@ impl RootTask {
                     walked
                 }
                 _ = poll_tick.tick(), if polling => {
+                    // Polled, each listing is the reconcile walk too.
+                    debug!(root = %crate::fsops::shown(&path), "reconcile (polling)");
                     last_walk = Instant::now();
                     self.walk(path.clone()).await
                 }
