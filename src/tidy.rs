@@ -197,7 +197,14 @@ pub fn walk(w: &WatchConfig, inbox: &Dir, after: Duration, now: SystemTime) -> V
                 continue;
             }
         };
-        let gone = remove_leftovers(&dir, &entries, cutoff);
+        // dropscan's own folders (the staging folder, destinations inside the inbox, and the
+        // folders holding them) do not keep a folder's clutter alive, nor count as its content.
+        let own = |e: &Entry| {
+            let full = w.path.join(&rel).join(&e.name);
+            e.stamp.is_dir() && w.own_dirs().iter().any(|d| d.starts_with(&full))
+        };
+        let theirs: Vec<Entry> = entries.iter().filter(|e| !own(e)).cloned().collect();
+        let gone = remove_leftovers(&dir, &theirs, cutoff);
         let left = entries.len() - gone;
         for e in &entries {
             if !e.stamp.is_dir() || !w.recursive || depth >= MAX_DEPTH {

@@ -262,3 +262,23 @@ async fn smb_a_release_keeps_the_files_modification_time() {
         agent.stop().await.0.unwrap();
     }
 }
+
+/// Found by reading tidy: the inbox's own staging folder (`.dropscan`) counted as the root
+/// folder's content, so a `.DS_Store` beside it stayed for ever even once every file was taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ds_store_beside_only_dropscans_own_folders_is_tidied() {
+    let mut w = World::quick().await;
+    w.watch_extra = "tidy_after = \"1s\"".into();
+    let agent = w.start_agent();
+    w.drop_file("a.txt", b"a document");
+    std::fs::write(w.inbox.join(".DS_Store"), b"finder state").unwrap();
+    w.wait_placed(1, LIMIT).await;
+    let tidied = wait_for(Duration::from_secs(60), || {
+        (!w.inbox.join(".DS_Store").exists()).then_some(())
+    })
+    .await;
+    let left = tree(&w.inbox);
+    agent.stop().await.0.unwrap();
+    assert!(tidied.is_some(), "inbox: {left:?}");
+    assert!(left.iter().all(|p| p.starts_with(".dropscan")), "{left:?}");
+}
