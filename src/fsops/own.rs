@@ -41,6 +41,9 @@ use super::{Dir, FileStamp, FsError, stamp_of};
 
 /// Looks (100 ms apart) at a staged file with several links before it counts as hard-linked.
 const HARD_LINK_SETTLE_TRIES: u32 = 10;
+/// The same on network and FUSE filesystems, whose clients cache attributes (FUSE for a second
+/// by default): the link count of a claim by link + unlink can read 2 for that long.
+const HARD_LINK_SETTLE_TRIES_REMOTE: u32 = 50;
 /// Copies of a file that keeps changing (with no lease to tell why) before it is failed.
 const COPY_TRIES: u32 = 3;
 
@@ -121,7 +124,14 @@ pub fn own(staging: &Dir, name: &OsStr, leases: bool, keep_always: bool) -> Resu
         // Where a claim is link + unlink (no RENAME_NOREPLACE, e.g. NFS), the agent that lost
         // the race removes its second link a moment later: look again before calling it a hard
         // link.
-        for _ in 0..HARD_LINK_SETTLE_TRIES {
+        let tries = if before.nlink > 1
+            && super::fstype::kind_of_dir(staging) != super::fstype::FsKind::Local
+        {
+            HARD_LINK_SETTLE_TRIES_REMOTE
+        } else {
+            HARD_LINK_SETTLE_TRIES
+        };
+        for _ in 0..tries {
             if before.nlink <= 1 {
                 break;
             }
