@@ -33,37 +33,42 @@ impl Collector for WatchesCollector {
         else {
             return Ok(());
         };
-        let watches: Vec<(String, u64, bool)> = roots
+        let watches: Vec<(String, &crate::root::RootStatus)> = roots
             .iter()
-            .map(|r| {
-                let watch = r.path().to_string_lossy().into_owned();
-                (watch, r.status.settling(), r.status.degraded())
-            })
+            .map(|r| (r.path().to_string_lossy().into_owned(), &r.status))
             .collect();
-        let proto = ConstGauge::new(0i64);
-        let mut family = encoder.encode_descriptor(
+        per_watch(
+            &mut encoder,
             "inbox_settling_files",
             "Files seen in the inbox and not complete yet (settling: still written, or quiet for less than settle, or held open), per watched folder",
-            None,
-            proto.metric_type(),
+            watches
+                .iter()
+                .map(|(w, s)| (w.as_str(), i64::try_from(s.settling()).unwrap_or(i64::MAX))),
         )?;
-        for (watch, settling, _) in &watches {
-            ConstGauge::new(i64::try_from(*settling).unwrap_or(i64::MAX))
-                .encode(family.encode_family(&[("watch", watch.as_str())])?)?;
-        }
-        drop(family);
-        let mut family = encoder.encode_descriptor(
+        per_watch(
+            &mut encoder,
             "watch_degraded",
             "1 when the watch fell back from inotify to polling (inotify limit reached or failing, inbox folder removed), per watched folder",
-            None,
-            proto.metric_type(),
-        )?;
-        for (watch, _, degraded) in &watches {
-            ConstGauge::new(i64::from(*degraded))
-                .encode(family.encode_family(&[("watch", watch.as_str())])?)?;
-        }
-        Ok(())
+            watches
+                .iter()
+                .map(|(w, s)| (w.as_str(), i64::from(s.degraded()))),
+        )
     }
+}
+
+/// One gauge family with a sample per watch.
+fn per_watch<'a>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: impl Iterator<Item = (&'a str, i64)>,
+) -> std::fmt::Result {
+    let proto = ConstGauge::new(0i64);
+    let mut family = encoder.encode_descriptor(name, help, None, proto.metric_type())?;
+    for (watch, v) in samples {
+        ConstGauge::new(v).encode(family.encode_family(&[("watch", watch)])?)?;
+    }
+    Ok(())
 }
 
 impl Metrics {
