@@ -39,6 +39,7 @@
 use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::config::WatchConfig;
 use crate::fsops::roots::RootDirs;
@@ -72,6 +73,8 @@ pub struct Root {
     pub instance: String,
     /// The tag older versions gave its temp names ([`legacy_instance_of`]).
     pub legacy_instance: String,
+    /// What its stages report while it runs (read by the metrics).
+    pub status: RootStatus,
 }
 
 impl Root {
@@ -84,6 +87,7 @@ impl Root {
             legacy_instance: legacy_instance_of(&config),
             config,
             hard_links_ok,
+            status: RootStatus::default(),
         }
     }
 
@@ -191,6 +195,39 @@ impl Root {
             .collect();
         let leases = self.leases_here(&inbox);
         crate::fsops::claim::claim_many(&inbox, &staging, &items, self.hard_links_ok, leases)
+    }
+}
+
+/// What a root's stages report about it while it runs, for the metrics to read at scrape time.
+/// Plain atomics: a stage never waits on a scrape, and a reload's new roots start from zero.
+#[derive(Debug, Default)]
+pub struct RootStatus {
+    /// Files settle watches in the inbox, not yet complete (set by settle after each look).
+    settling: AtomicU64,
+    /// Whether watch fell back from inotify to polling (a limit reached, inotify failing, the
+    /// inbox folder removed), as opposed to polling by choice (`mode`, a network filesystem).
+    degraded: AtomicBool,
+}
+
+impl RootStatus {
+    /// Files in the inbox that settle is waiting on (not yet complete, not yet handed on).
+    pub fn settling(&self) -> u64 {
+        self.settling.load(Ordering::Relaxed)
+    }
+
+    /// Settle's count of the files it waits on now.
+    pub fn set_settling(&self, n: u64) {
+        self.settling.store(n, Ordering::Relaxed);
+    }
+
+    /// Whether the inbox is polled because inotify failed.
+    pub fn degraded(&self) -> bool {
+        self.degraded.load(Ordering::Relaxed)
+    }
+
+    /// Watch's word on whether it fell back to polling.
+    pub fn set_degraded(&self, degraded: bool) {
+        self.degraded.store(degraded, Ordering::Relaxed);
     }
 }
 

@@ -50,7 +50,7 @@ fn free_port() -> u16 {
 }
 
 /// Scrapes until `series` reaches `want` (the files are on disk a moment before counted).
-async fn scrape_until(port: u16, series: &'static str, want: f64) -> String {
+async fn scrape_until(port: u16, series: &str, want: f64) -> String {
     let found = wait_for(Duration::from_secs(20), || {
         let (_, body) = get(port, "/metrics")?;
         (sample(&body, series) == Some(want)).then_some(body)
@@ -165,6 +165,48 @@ async fn metrics_match_an_end_to_end_run_and_survive_a_sighup_reload() {
         get(port, "/metrics").is_none(),
         "the endpoint stops with the agent"
     );
+}
+
+/// Files still being written count in their watch's `dropscan_inbox_settling_files` while they
+/// settle (here two writers hold them open, so they stay incomplete for as long as the test
+/// needs), and leave it once claimed: the gauge goes up with the drops and back to 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_settling_in_an_inbox_are_counted_per_watch_until_they_are_claimed() {
+    let mut w = World::quick().await;
+    let port = free_port();
+    w.more_watches = format!("\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n");
+    let agent = w.start_agent();
+    let watch = |name: &str| format!("{name}{{watch=\"{}\"}}", w.inbox.display());
+    let settling = watch("dropscan_inbox_settling_files");
+    let body = scrape_until(port, &settling, 0.0).await;
+    assert_eq!(
+        sample(&body, &watch("dropscan_watch_degraded")),
+        Some(0.0),
+        "{body}"
+    );
+
+    let mut writers = Vec::new();
+    for name in ["a.txt", "b.txt"] {
+        let mut f = std::fs::File::create(w.inbox.join(name)).unwrap();
+        f.write_all(b"being written").unwrap();
+        writers.push(f);
+    }
+    let body = scrape_until(port, &settling, 2.0).await;
+    assert_eq!(
+        sample(&body, "dropscan_files_claimed_total"),
+        Some(0.0),
+        "{body}"
+    );
+
+    drop(writers);
+    w.wait_placed(2, Duration::from_secs(30)).await;
+    let body = scrape_until(port, &settling, 0.0).await;
+    assert_eq!(
+        sample(&body, "dropscan_files_claimed_total"),
+        Some(2.0),
+        "{body}"
+    );
+    agent.stop().await.0.unwrap();
 }
 
 /// `promtool check metrics` on `body` when promtool is on PATH (skipped otherwise).

@@ -95,7 +95,7 @@ impl Agent {
         metrics.set_client_cert_expiry(cert_expiry);
         metrics.attach(limits.clone(), &config.journal_path());
         metrics.attach_tally(journal.tally());
-        metrics.set_watches(config.watches.iter().map(|w| w.path.clone()));
+        metrics.set_roots(&roots);
         {
             let m = Arc::clone(&metrics);
             client.observe(Arc::new(move |endpoint, code| m.answer(endpoint, code)));

@@ -31,6 +31,7 @@ use crate::limits::{Health, Limits};
 mod counters;
 mod http;
 mod process;
+mod watches;
 
 pub use counters::Counters;
 use counters::{CountersCollector, TallyCollector};
@@ -112,6 +113,8 @@ pub struct Metrics {
     render_lock: Mutex<()>,
     /// The configured inboxes: each has its per-folder series, 0 when nothing waits.
     watches: Mutex<Vec<PathBuf>>,
+    /// The roots now running, read at scrape time (settling files, degraded watches).
+    roots: watches::AttachedRoots,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -153,6 +156,8 @@ impl Metrics {
         registry.register_collector(Box::new(CountersCollector(Arc::clone(&counters))));
         let tally: Arc<Mutex<Option<Arc<crate::journal::Tally>>>> = Arc::default();
         registry.register_collector(Box::new(TallyCollector(Arc::clone(&tally))));
+        let roots = watches::AttachedRoots::default();
+        registry.register_collector(Box::new(watches::WatchesCollector(Arc::clone(&roots))));
         let build_info = Family::<Labels, Gauge>::default();
         registry.register(
             "build_info",
@@ -242,6 +247,7 @@ impl Metrics {
             oldest_pending,
             render_lock: Mutex::default(),
             watches: Mutex::default(),
+            roots,
         }
     }
 

@@ -286,3 +286,64 @@ fn latency_buckets_have_round_bounds() {
         "{text}"
     );
 }
+
+fn watch_config(path: &str) -> crate::config::WatchConfig {
+    let p = PathBuf::from(path);
+    crate::config::WatchConfig {
+        recursive: true,
+        settle: Duration::from_secs(1),
+        settle_empty: Duration::from_secs(60),
+        keep_original: Duration::from_secs(600),
+        lease_check: crate::config::LeaseCheck::Auto,
+        keep_originals: crate::config::KeepOriginals::Unleased,
+        held_open_limit: Duration::from_secs(600),
+        tidy_after: None,
+        save_temp_settle: Duration::from_secs(3600),
+        mode: crate::config::WatchMode::Auto,
+        include: vec![crate::config::Pattern::new("*").unwrap()],
+        exclude: vec![],
+        clean_dir: p.join("clean"),
+        quarantine_dir: p.join("quarantine"),
+        failed_dir: p.join("failed"),
+        staging_dir: p.join(".dropscan/default"),
+        reconcile_interval: Duration::from_secs(60),
+        poll_interval: Duration::from_secs(2),
+        path: p,
+    }
+}
+
+#[test]
+fn each_watch_exports_its_settling_files_and_whether_it_is_degraded() {
+    use crate::root::{Root, Roots};
+    let m = Metrics::new();
+    assert!(
+        !m.render().contains("dropscan_inbox_settling_files{"),
+        "no series before an agent attached its roots"
+    );
+    let roots = Roots::new(Root::all(&[watch_config("/srv/a"), watch_config("/srv/b")]));
+    m.set_roots(&roots);
+    roots.iter().next().unwrap().status.set_settling(3);
+    roots.iter().nth(1).unwrap().status.set_degraded(true);
+    let text = m.render();
+    for line in [
+        "dropscan_inbox_settling_files{watch=\"/srv/a\"} 3",
+        "dropscan_inbox_settling_files{watch=\"/srv/b\"} 0",
+        "dropscan_watch_degraded{watch=\"/srv/a\"} 0",
+        "dropscan_watch_degraded{watch=\"/srv/b\"} 1",
+        "# TYPE dropscan_inbox_settling_files gauge",
+        "# TYPE dropscan_watch_degraded gauge",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
+    }
+
+    // A reload attaches the new generation's roots: the old ones are no longer read.
+    let reloaded = Roots::new(Root::all(&[watch_config("/srv/a")]));
+    m.set_roots(&reloaded);
+    let text = m.render();
+    assert!(
+        text.lines()
+            .any(|l| l == "dropscan_inbox_settling_files{watch=\"/srv/a\"} 0"),
+        "{text}"
+    );
+    assert!(!text.contains("watch=\"/srv/b\""), "{text}");
+}

@@ -74,6 +74,7 @@ pub use crate::pipeline::{Candidate, Settled};
 use crate::root::{RootId, Roots};
 pub(crate) use crate::scope::admit;
 
+mod count;
 mod look;
 #[cfg(test)]
 mod tests;
@@ -274,6 +275,7 @@ impl Settler {
         use std::ops::ControlFlow::{Break, Continue};
         self.forget_old_sends();
         if self.pending.is_empty() && self.fresh.is_empty() {
+            self.publish_counts();
             return Continue(());
         }
         let roots = &self.roots;
@@ -320,6 +322,7 @@ impl Settler {
             }
         }
         if ready.is_empty() {
+            self.publish_counts();
             return Continue(());
         }
         let ready = tokio::select! {
@@ -327,6 +330,7 @@ impl Settler {
             () = shutdown.cancelled() => return Break(()),
             ready = self.not_held_open(ready) => ready,
         };
+        self.publish_counts();
         for settled in ready {
             let sent = self.config_of(settled.root).map(|w| {
                 (
@@ -524,6 +528,15 @@ impl Settler {
             stamp: snapshot,
             held_open: false,
         })
+    }
+
+    /// Publishes how many files of each root it waits on (seen or hinted, not handed on).
+    fn publish_counts(&self) {
+        let waiting = self.pending.values().map(|p| p.root);
+        count::publish(
+            &self.roots,
+            waiting.chain(self.fresh.values().map(|(r, _)| *r)),
+        );
     }
 
     /// The configuration of root `root` (none for a root that is not configured).

@@ -421,3 +421,104 @@ async fn settled_file_is_handed_on_again_only_after_the_reconcile_interval() {
     shutdown.cancel();
     task.await.unwrap();
 }
+
+#[test]
+fn settling_files_are_counted_per_root_and_leave_the_count_by_every_route() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (mut wa, mut wb) = (config(), config());
+    wa.path = a.path().to_path_buf();
+    wb.path = b.path().to_path_buf();
+    wb.staging_dir = b.path().join(".dropscan/default");
+    let roots = Roots::new(Root::all(&[wa, wb]));
+    let mut s = Settler::new(roots.clone());
+    let counts = || -> Vec<u64> { roots.iter().map(|r| r.status.settling()).collect() };
+    let (done, gone, fifo) = (
+        a.path().join("done"),
+        a.path().join("gone"),
+        a.path().join("p"),
+    );
+    let other = b.path().join("other");
+    for f in [&done, &gone, &other] {
+        std::fs::write(f, b"abc").unwrap();
+    }
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    for (root, path) in [(0, &done), (0, &gone), (0, &fifo), (1, &other)] {
+        s.offer(Candidate {
+            root: RootId(root),
+            path: path.clone(),
+        });
+    }
+    s.publish_counts();
+    assert_eq!(
+        counts(),
+        [3, 1],
+        "hinted files count before their first stat"
+    );
+
+    let t0 = Instant::now();
+    for path in [&done, &gone, &fifo, &other] {
+        assert!(
+            s.observe(path.clone(), std::fs::symlink_metadata(path), t0)
+                .is_none()
+        );
+    }
+    s.publish_counts();
+    assert_eq!(counts(), [2, 1], "a FIFO is never waited on");
+
+    std::fs::remove_file(&gone).unwrap();
+    assert!(
+        s.observe(gone.clone(), std::fs::symlink_metadata(&gone), t0 + SETTLE)
+            .is_none()
+    );
+    let settled = s.observe(done.clone(), std::fs::symlink_metadata(&done), t0 + SETTLE);
+    assert!(settled.is_some());
+    s.publish_counts();
+    assert_eq!(
+        counts(),
+        [0, 1],
+        "vanished and settled files leave the count"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_settling_count_rises_while_a_file_settles_and_falls_once_it_is_handed_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut w = config();
+    w.path = tmp.path().to_path_buf();
+    let path = tmp.path().join("a.bin");
+    std::fs::write(&path, b"abc").unwrap();
+    let roots = Roots::new(Root::all(&[w]));
+    let (candidates_tx, candidates_rx) = mpsc::channel(8);
+    let (settled_tx, mut settled_rx) = mpsc::channel(8);
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(run(
+        roots.clone(),
+        candidates_rx,
+        settled_tx,
+        tokio::sync::watch::channel(0).1,
+        shutdown.clone(),
+    ));
+    let status = &roots.get(RootId(0)).unwrap().status;
+    assert_eq!(status.settling(), 0);
+    candidates_tx
+        .send(Candidate {
+            root: RootId(0),
+            path: path.clone(),
+        })
+        .await
+        .unwrap();
+    tokio::time::sleep(SETTLE / 2).await;
+    assert_eq!(status.settling(), 1, "waiting for quiet");
+    let settled = tokio::time::timeout(SETTLE * 4, settled_rx.recv())
+        .await
+        .expect("settles")
+        .unwrap();
+    assert_eq!(settled.path, path);
+    assert_eq!(status.settling(), 0, "handed on: no longer settling");
+    shutdown.cancel();
+    task.await.unwrap();
+}

@@ -70,17 +70,7 @@ impl RootTask {
 
     pub(super) async fn run(mut self) {
         let (folders_tx, mut folders_rx) = mpsc::channel::<PathBuf>(FOLDERS_CAPACITY);
-        let mut watcher = None;
-        let mut polling = self.choose_polling();
-        if !polling {
-            match self.start_notify(folders_tx.clone()).await {
-                Ok(w) => watcher = Some(w),
-                Err(e) => {
-                    self.log_notify_failure(&e);
-                    polling = true;
-                }
-            }
-        }
+        let (mut watcher, mut polling) = self.start_watching(&folders_tx).await;
         let (path, poll_interval, reconcile_interval) = {
             let w = self.config();
             (w.path.clone(), w.poll_interval, w.reconcile_interval)
@@ -123,18 +113,10 @@ impl RootTask {
                     }
                     identity = now;
                     // A share mounted over the inbox, or unmounted from under it: watched
-                    // afresh, the way the filesystem now there needs.
-                    watcher = None;
-                    polling = self.choose_polling();
-                    if !polling {
-                        match self.start_notify(folders_tx.clone()).await {
-                            Ok(w) => watcher = Some(w),
-                            Err(e) => {
-                                self.log_notify_failure(&e);
-                                polling = true;
-                            }
-                        }
-                    }
+                    // afresh, the way the filesystem now there needs. The old watcher goes
+                    // first: its inotify watches count against the limit.
+                    drop(watcher.take());
+                    (watcher, polling) = self.start_watching(&folders_tx).await;
                     info!(
                         root = %crate::fsops::shown(&path),
                         mode = if polling { "poll" } else { "notify" },
@@ -150,6 +132,7 @@ impl RootTask {
                         // Dropping the watcher removes its inotify watches and ends its thread.
                         watcher = None;
                         polling = true;
+                        self.root.status.set_degraded(true);
                         poll_tick.reset();
                         info!(root = %crate::fsops::shown(&path), mode = "poll", "watching inbox");
                     }
@@ -207,6 +190,28 @@ impl RootTask {
         }
         drop(watcher);
         drop(folders_tx);
+    }
+
+    /// Starts watching the way the root's filesystem needs: (the inotify watcher, or `None`
+    /// and whether it polls). Polling because inotify failed is recorded as degraded; polling by
+    /// choice is not.
+    async fn start_watching(
+        &self,
+        folders_tx: &mpsc::Sender<PathBuf>,
+    ) -> (Option<RecommendedWatcher>, bool) {
+        let chosen = self.choose_polling();
+        let (mut watcher, mut degraded) = (None, false);
+        if !chosen {
+            match self.start_notify(folders_tx.clone()).await {
+                Ok(w) => watcher = Some(w),
+                Err(e) => {
+                    self.log_notify_failure(&e);
+                    degraded = true;
+                }
+            }
+        }
+        self.root.status.set_degraded(degraded);
+        (watcher, chosen || degraded)
     }
 
     /// Auto mode: poll on network and FUSE filesystems.

@@ -331,3 +331,52 @@ fn walk_rules() {
     let rels = listed(&w, &root);
     assert_eq!(rels, vec![PathBuf::from("link"), PathBuf::from("top.bin")]);
 }
+
+/// Waits (real time, bounded) until `f` holds.
+async fn eventually(what: &str, f: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !f() {
+        assert!(std::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_watch_that_falls_back_from_inotify_to_polling_is_marked_degraded_and_chosen_polling_is_not()
+ {
+    for mode in [WatchMode::Notify, WatchMode::Poll] {
+        let tmp = tempfile::tempdir().unwrap();
+        let inbox = tmp.path().join("in");
+        std::fs::create_dir(&inbox).unwrap();
+        std::fs::write(inbox.join("a.bin"), b"abc").unwrap();
+        let mut w = config(true);
+        w.mode = mode;
+        w.path.clone_from(&inbox);
+        w.clean_dir = tmp.path().join("clean");
+        w.quarantine_dir = tmp.path().join("quarantine");
+        w.failed_dir = tmp.path().join("failed");
+        w.staging_dir = inbox.join(".dropscan/default");
+        let root = Arc::new(Root::new(RootId(0), w, false));
+        let (candidates_tx, mut candidates_rx) = mpsc::channel(8);
+        let shutdown = CancellationToken::new();
+        let task = super::root::RootTask::new(Arc::clone(&root), candidates_tx, shutdown.clone());
+        let running = tokio::spawn(task.run());
+        // The backlog listing comes after the watcher started.
+        let first = tokio::time::timeout(Duration::from_secs(20), candidates_rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(first.path, inbox.join("a.bin"));
+        assert!(!root.status.degraded(), "{mode:?}: degraded from the start");
+
+        // The inbox folder removed: inotify's watch dies with it, and the watch polls. (A
+        // watch polling by choice has nothing to fall back from: checked above, after the
+        // watch started.)
+        if mode == WatchMode::Notify {
+            std::fs::remove_dir_all(&inbox).unwrap();
+            eventually("the watch is marked degraded", || root.status.degraded()).await;
+        }
+        shutdown.cancel();
+        running.await.unwrap();
+    }
+}
