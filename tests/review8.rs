@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use crate::util::{LONG, Outcome, World, bytes, wait_for};
@@ -43,5 +44,85 @@ async fn tidy_removes_a_new_folder_named_like_one_it_emptied_before() {
         w.inbox.join("job").is_dir(),
         "the new, never used folder job/ was removed"
     );
+    agent.stop().await.0.unwrap();
+}
+
+/// The state and outcome of the journal's one record (read-only, beside the running agent).
+fn only_record(w: &World) -> Option<(String, Option<String>, Option<String>)> {
+    let db = rusqlite::Connection::open_with_flags(
+        w.state_dir().join("journal.sqlite"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .ok()?;
+    db.query_row("SELECT state, outcome, reason FROM files", [], |r| {
+        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+    })
+    .ok()
+}
+
+/// A share mounted over the inbox while a file was being scanned: the staging folder is
+/// opened again from its path, now on the share, where the staged file is not. The placement
+/// took that for "vanished from staging", closed the record and dropped the verdict, while the
+/// file's bytes sat in the covered staging folder; after the unmount it was never placed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mount_over_the_inbox_during_a_scan_closes_the_staged_file_as_vanished() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("skipped: needs root to mount");
+        return;
+    }
+    let Some(bindfs) = crate::shares_fixture::find_tool("bindfs") else {
+        eprintln!("skipped: bindfs not installed (Debian package bindfs)");
+        return;
+    };
+    let mut w = World::new(dropscan::emulator::EmulatorConfig {
+        scan_delay: Duration::from_secs(3),
+        ..dropscan::emulator::EmulatorConfig::default()
+    })
+    .await;
+    let agent = w.start_agent();
+    let data = bytes(5, 10_000);
+    w.drop_file("a.bin", &data);
+    // Hashed and submitted (a mount before the hash: see the ignored test below).
+    let submitted = wait_for(LONG, || {
+        only_record(&w).filter(|(s, _, _)| s == "submitted")
+    })
+    .await;
+    assert!(submitted.is_some(), "never submitted");
+    let server = w.dir.path().join("server");
+    std::fs::create_dir_all(&server).unwrap();
+    let mounted = std::process::Command::new(bindfs)
+        .args(["-o", "nonempty"])
+        .arg(&server)
+        .arg(&w.inbox)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("skipped: cannot mount over the inbox here");
+        agent.stop().await.0.unwrap();
+        return;
+    }
+    // The verdict arrives while the share covers the staging folder, and the placement is
+    // tried there: closed (the bug), or counted as a placement error to retry.
+    let decided = wait_for(LONG, || {
+        let errors = agent.metrics.place_errors.load(Ordering::Relaxed);
+        only_record(&w).filter(|(state, _, _)| state == "done" || errors > 0)
+    })
+    .await;
+    let unmounted = std::process::Command::new("umount")
+        .arg("-l")
+        .arg(&w.inbox)
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(unmounted);
+    let (_, outcome, reason) = decided.expect("no verdict");
+    assert_ne!(
+        outcome.as_deref(),
+        Some("vanished"),
+        "closed as vanished ({reason:?}) while its bytes sit in the covered staging folder"
+    );
+    // The share gone, the staging folder is the one holding the file again: placed.
+    let o = w.wait_placed(1, LONG).await;
+    assert_eq!(o.get(Path::new("a.bin")), Some(&Outcome::Clean));
+    assert_eq!(std::fs::read(w.clean.join("a.bin")).unwrap(), data);
     agent.stop().await.0.unwrap();
 }
