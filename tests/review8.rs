@@ -126,3 +126,75 @@ async fn a_mount_over_the_inbox_during_a_scan_closes_the_staged_file_as_vanished
     assert_eq!(std::fs::read(w.clean.join("a.bin")).unwrap(), data);
     agent.stop().await.0.unwrap();
 }
+
+/// The state, outcome and reason of the journal's record of `rel`.
+fn record_of(w: &World, rel: &str) -> Option<(String, Option<String>, Option<String>)> {
+    let db = rusqlite::Connection::open_with_flags(
+        w.state_dir().join("journal.sqlite"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .ok()?;
+    db.query_row(
+        "SELECT state, outcome, reason FROM files WHERE rel_path = ?1",
+        [rel.as_bytes()],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )
+    .ok()
+}
+
+/// The same mount, when it comes between the claim and the hash: hashing finds no staged file
+/// in the staging folder now reached through the path and closes the record "vanished from
+/// staging before it was hashed", the bytes again stranded in the covered folder. Unlike at
+/// placement, the record holds no stamp of the staged file yet (the claim journals none), so
+/// "covered, not gone" cannot be told from it: the fix is to journal the staging folder's
+/// device at the claim, or to keep each root's staging descriptor until its files are placed.
+/// The window is milliseconds wide: this test mounts as soon as the file is staged, which
+/// landed in it in about half the runs here (otherwise the placement path above is taken, and
+/// the test passes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "finding, not fixed: a late mount between claim and hash closes the staged file as vanished; needs the staging identity journaled at claim; the race is hit in about half the runs"]
+async fn a_mount_over_the_inbox_before_the_hash_closes_the_staged_file_as_vanished() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("skipped: needs root to mount");
+        return;
+    }
+    let Some(bindfs) = crate::shares_fixture::find_tool("bindfs") else {
+        eprintln!("skipped: bindfs not installed (Debian package bindfs)");
+        return;
+    };
+    let w = World::new(dropscan::emulator::EmulatorConfig {
+        scan_delay: Duration::from_secs(3),
+        ..dropscan::emulator::EmulatorConfig::default()
+    })
+    .await;
+    let agent = w.start_agent();
+    w.drop_file("a.bin", &bytes(6, 10_000));
+    let staged = wait_for(LONG, || (w.staged_files() == 1).then_some(())).await;
+    assert!(staged.is_some(), "never claimed");
+    let server = w.dir.path().join("server");
+    std::fs::create_dir_all(&server).unwrap();
+    let mounted = std::process::Command::new(bindfs)
+        .args(["-o", "nonempty"])
+        .arg(&server)
+        .arg(&w.inbox)
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(mounted, "cannot mount over the inbox");
+    let tried = wait_for(LONG, || {
+        let errors = agent.metrics.place_errors.load(Ordering::Relaxed);
+        only_record(&w).filter(|(state, _, _)| state == "done" || errors > 0)
+    })
+    .await;
+    std::process::Command::new("umount")
+        .arg("-l")
+        .arg(&w.inbox)
+        .status()
+        .unwrap();
+    let (_, outcome, reason) = tried.expect("never tried");
+    assert_ne!(
+        outcome.as_deref(),
+        Some("vanished"),
+        "closed as vanished ({reason:?}) while its bytes sit in the covered staging folder"
+    );
+    agent.stop().await.0.unwrap();
+}
