@@ -74,7 +74,7 @@ async fn a_mount_over_the_inbox_during_a_scan_closes_the_staged_file_as_vanished
         eprintln!("skipped: bindfs not installed (Debian package bindfs)");
         return;
     };
-    let mut w = World::new(dropscan::emulator::EmulatorConfig {
+    let w = World::new(dropscan::emulator::EmulatorConfig {
         scan_delay: Duration::from_secs(3),
         ..dropscan::emulator::EmulatorConfig::default()
     })
@@ -125,21 +125,6 @@ async fn a_mount_over_the_inbox_during_a_scan_closes_the_staged_file_as_vanished
     assert_eq!(o.get(Path::new("a.bin")), Some(&Outcome::Clean));
     assert_eq!(std::fs::read(w.clean.join("a.bin")).unwrap(), data);
     agent.stop().await.0.unwrap();
-}
-
-/// The state, outcome and reason of the journal's record of `rel`.
-fn record_of(w: &World, rel: &str) -> Option<(String, Option<String>, Option<String>)> {
-    let db = rusqlite::Connection::open_with_flags(
-        w.state_dir().join("journal.sqlite"),
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .ok()?;
-    db.query_row(
-        "SELECT state, outcome, reason FROM files WHERE rel_path = ?1",
-        [rel.as_bytes()],
-        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-    )
-    .ok()
 }
 
 /// The same mount, when it comes between the claim and the hash: hashing finds no staged file
