@@ -11,10 +11,10 @@
 //!   to `Report.docx`);
 //! - desktop clutter (`.DS_Store`, `Thumbs.db`, `desktop.ini`, … see
 //!   [`scope::is_clutter_name`]) in a folder that holds nothing else but such leftovers;
-//! - a subfolder that is empty, that dropscan took a file from (the journal says so), and that
-//!   was created at most an hour (or `tidy_after`, if longer) before the first file dropscan
-//!   took from it: a folder a
-//!   client dropped along with its files. A folder that was there long before (a drop structure
+//! - a subfolder that is empty, that dropscan took a file from since the folder was created
+//!   (the journal says so; a file taken from an earlier folder of the same name does not
+//!   count), and that was created at most an hour (or `tidy_after`, if longer) before the first
+//!   file dropscan took from it: a folder a client dropped along with its files. A folder that was there long before (a drop structure
 //!   an administrator made, `inbox/alice/`) is kept, as is any folder whose filesystem does not
 //!   record a creation time.
 //!

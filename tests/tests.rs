@@ -34,6 +34,7 @@ mod pipeline;
 mod quarantine_tools;
 mod review6;
 mod review7;
+mod review8;
 mod scan_cli;
 mod shares;
 mod shares_fixture;

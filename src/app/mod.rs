@@ -477,9 +477,11 @@ async fn tidy_inboxes(shared: &Arc<Shared>) {
             continue;
         };
         for f in empty {
+            // Without a creation time the folder is kept anyway (`tidy::prunable`).
+            let Some(born_ns) = f.born_ns else { continue };
             let first = match shared
                 .journal
-                .first_taken_below(w.path.clone(), f.rel.clone())
+                .first_taken_below(w.path.clone(), f.rel.clone(), born_ns.div_euclid(1_000_000))
                 .await
             {
                 Ok(first) => first.map(|ms| ms.saturating_mul(1_000_000)),

@@ -151,11 +151,14 @@ impl Journal {
     }
 
     /// When dropscan first took a file from below the folder `rel_dir` of the inbox `root`
-    /// (ms since the epoch), among the records kept: what `tidy` asks before it removes a folder.
+    /// (ms since the epoch) at or after `since_ms` (the folder's creation: a file taken from an
+    /// earlier folder of the same name says nothing about this one), among the records kept:
+    /// what `tidy` asks before it removes a folder.
     pub async fn first_taken_below(
         &self,
         root: PathBuf,
         rel_dir: PathBuf,
+        since_ms: i64,
     ) -> Result<Option<i64>, JournalError> {
         let mut prefix = path_blob(&rel_dir);
         prefix.push(b'/');
@@ -163,8 +166,9 @@ impl Journal {
         self.run(move |conn| {
             let len = i64::try_from(prefix.len()).unwrap_or(i64::MAX);
             conn.query_row(
-                "SELECT MIN(claimed_at) FROM files WHERE root = ?1 AND substr(rel_path, 1, ?2) = ?3",
-                params![root, len, prefix],
+                "SELECT MIN(claimed_at) FROM files WHERE root = ?1 AND substr(rel_path, 1, ?2) = ?3 \
+                 AND claimed_at >= ?4",
+                params![root, len, prefix, since_ms],
                 |r| r.get::<_, Option<i64>>(0),
             )
             .map_err(JournalError::sql("tidy"))

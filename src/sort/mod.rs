@@ -378,6 +378,22 @@ impl Sorter {
                 }
                 // Taken meanwhile, or its folder removed meanwhile: choose again.
                 Err(e) if e.is_already_exists() || e.is_folder_gone() => continue,
+                // Not in the staging folder opened now, which is on another filesystem than
+                // the one the file was staged on: a share mounted over the inbox covers the
+                // folder that holds it. Kept until the folder is reachable again.
+                Err(e @ FsError::Vanished { .. }) if self.staged_elsewhere(&rec).await => {
+                    self.shared
+                        .metrics
+                        .place_errors
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    return Step::Retry(format!(
+                        "{} stays in staging: the staging folder is on another filesystem now \
+                         than when the file was staged (a share mounted over the inbox?); it is \
+                         placed once that folder is reachable again: {}",
+                        fsops::shown(&original),
+                        e.at(&original)
+                    ));
+                }
                 Err(FsError::Vanished { .. }) => {
                     self.shared
                         .journal
@@ -407,6 +423,17 @@ impl Sorter {
             "{} stays in staging: no free destination name after 16 tries",
             fsops::shown(&original)
         ))
+    }
+
+    /// Whether the staging folder reached through its path now cannot be opened, or is on
+    /// another device than the one `rec`'s file was staged (and hashed) on: the folder that
+    /// holds the file is covered (a share mounted over the inbox), not emptied.
+    async fn staged_elsewhere(&self, rec: &FileRecord) -> bool {
+        let (sh, staged) = (Arc::clone(&self.shared), rec.staged.clone());
+        match blocking(move || sh.staging_of(&staged)?.0.identity()).await {
+            Ok((now, _)) => rec.stamp.is_some_and(|s| s.dev != now),
+            Err(_) => true,
+        }
     }
 
     async fn return_to_inbox(&self, rec: FileRecord, src: &Arc<Root>, why: &FsError) -> Step {

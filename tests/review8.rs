@@ -1,0 +1,185 @@
+//! Review 8: attacks on what landed for issue 19 (tidy, late mounts, client mounts, save temps,
+//! clutter, kept mtimes) and the health probe of issue 22. Each test is named after a finding
+//! and failed before its fix (or is ignored with the reason, where the fix is not small).
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use crate::util::{LONG, Outcome, World, bytes, wait_for};
+
+/// Waits until the inbox folder `rel` is gone (tidied).
+async fn wait_gone(w: &World, rel: &str) {
+    let p = w.inbox.join(rel);
+    let gone = wait_for(LONG, || (!p.exists()).then_some(())).await;
+    assert!(gone.is_some(), "{rel} was never tidied");
+}
+
+/// Tidy asked the journal "did dropscan take a file from below `job/`?" by name only. A folder
+/// made again under the name of one dropscan emptied weeks ago (an administrator's drop
+/// structure, a scanner's target folder) was removed as soon as it had been empty for
+/// `tidy_after`, although nothing was ever taken from it: the journal's answer was about the
+/// earlier folder. A writer that relies on the folder then fails to save.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tidy_removes_a_new_folder_named_like_one_it_emptied_before() {
+    let mut w = World::quick().await;
+    w.watch_extra = "tidy_after = \"1s\"".into();
+    let agent = w.start_agent();
+    w.drop_file("job/a.bin", &bytes(1, 1000));
+    let o = w.wait_placed(1, LONG).await;
+    assert_eq!(o.get(Path::new("job/a.bin")), Some(&Outcome::Clean));
+    // The folder the client dropped with its file: tidied, as it should be.
+    wait_gone(&w, "job").await;
+    // An administrator makes `job/` again, for files to come: nothing was taken from it.
+    std::fs::create_dir(w.inbox.join("job")).unwrap();
+    // Two folders dropped and tidied after it: at least one full tidy pass judged `job/` when
+    // it had been quiet for longer than `tidy_after`.
+    for ctl in ["ctl1", "ctl2"] {
+        w.drop_file(&format!("{ctl}/b.bin"), &bytes(2, 1000));
+        wait_gone(&w, ctl).await;
+    }
+    assert!(
+        w.inbox.join("job").is_dir(),
+        "the new, never used folder job/ was removed"
+    );
+    agent.stop().await.0.unwrap();
+}
+
+/// The state and outcome of the journal's one record (read-only, beside the running agent).
+fn only_record(w: &World) -> Option<(String, Option<String>, Option<String>)> {
+    let db = rusqlite::Connection::open_with_flags(
+        w.state_dir().join("journal.sqlite"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .ok()?;
+    db.query_row("SELECT state, outcome, reason FROM files", [], |r| {
+        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+    })
+    .ok()
+}
+
+/// A share mounted over the inbox while a file was being scanned: the staging folder is
+/// opened again from its path, now on the share, where the staged file is not. The placement
+/// took that for "vanished from staging", closed the record and dropped the verdict, while the
+/// file's bytes sat in the covered staging folder; after the unmount it was never placed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mount_over_the_inbox_during_a_scan_closes_the_staged_file_as_vanished() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("skipped: needs root to mount");
+        return;
+    }
+    let Some(bindfs) = crate::shares_fixture::find_tool("bindfs") else {
+        eprintln!("skipped: bindfs not installed (Debian package bindfs)");
+        return;
+    };
+    let w = World::new(dropscan::emulator::EmulatorConfig {
+        scan_delay: Duration::from_secs(3),
+        ..dropscan::emulator::EmulatorConfig::default()
+    })
+    .await;
+    let agent = w.start_agent();
+    let data = bytes(5, 10_000);
+    w.drop_file("a.bin", &data);
+    // Hashed and submitted (a mount before the hash: see the ignored test below).
+    let submitted = wait_for(LONG, || {
+        only_record(&w).filter(|(s, _, _)| s == "submitted")
+    })
+    .await;
+    assert!(submitted.is_some(), "never submitted");
+    let server = w.dir.path().join("server");
+    std::fs::create_dir_all(&server).unwrap();
+    let mounted = std::process::Command::new(bindfs)
+        .args(["-o", "nonempty"])
+        .arg(&server)
+        .arg(&w.inbox)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("skipped: cannot mount over the inbox here");
+        agent.stop().await.0.unwrap();
+        return;
+    }
+    // The verdict arrives while the share covers the staging folder, and the placement is
+    // tried there: closed (the bug), or counted as a placement error to retry.
+    let decided = wait_for(LONG, || {
+        let errors = agent.metrics.place_errors.load(Ordering::Relaxed);
+        only_record(&w).filter(|(state, _, _)| state == "done" || errors > 0)
+    })
+    .await;
+    let unmounted = std::process::Command::new("umount")
+        .arg("-l")
+        .arg(&w.inbox)
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(unmounted);
+    let (_, outcome, reason) = decided.expect("no verdict");
+    assert_ne!(
+        outcome.as_deref(),
+        Some("vanished"),
+        "closed as vanished ({reason:?}) while its bytes sit in the covered staging folder"
+    );
+    // The share gone, the staging folder is the one holding the file again: placed.
+    let o = w.wait_placed(1, LONG).await;
+    assert_eq!(o.get(Path::new("a.bin")), Some(&Outcome::Clean));
+    assert_eq!(std::fs::read(w.clean.join("a.bin")).unwrap(), data);
+    agent.stop().await.0.unwrap();
+}
+
+/// The same mount, when it comes between the claim and the hash: hashing finds no staged file
+/// in the staging folder now reached through the path and closes the record "vanished from
+/// staging before it was hashed", the bytes again stranded in the covered folder. Unlike at
+/// placement, the record holds no stamp of the staged file yet (the claim journals none), so
+/// "covered, not gone" cannot be told from it: the fix is to journal the staging folder's
+/// device at the claim, or to keep each root's staging descriptor until its files are placed.
+/// The window is milliseconds wide: this test mounts as soon as the file is staged, which
+/// landed in it in about half the runs here (otherwise the placement path above is taken, and
+/// the test passes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "finding, not fixed: a late mount between claim and hash closes the staged file as vanished; needs the staging identity journaled at claim; the race is hit in about half the runs"]
+async fn a_mount_over_the_inbox_before_the_hash_closes_the_staged_file_as_vanished() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("skipped: needs root to mount");
+        return;
+    }
+    let Some(bindfs) = crate::shares_fixture::find_tool("bindfs") else {
+        eprintln!("skipped: bindfs not installed (Debian package bindfs)");
+        return;
+    };
+    let w = World::new(dropscan::emulator::EmulatorConfig {
+        scan_delay: Duration::from_secs(3),
+        ..dropscan::emulator::EmulatorConfig::default()
+    })
+    .await;
+    let agent = w.start_agent();
+    w.drop_file("a.bin", &bytes(6, 10_000));
+    let staged = wait_for(LONG, || (w.staged_files() == 1).then_some(())).await;
+    assert!(staged.is_some(), "never claimed");
+    let server = w.dir.path().join("server");
+    std::fs::create_dir_all(&server).unwrap();
+    let mounted = std::process::Command::new(bindfs)
+        .args(["-o", "nonempty"])
+        .arg(&server)
+        .arg(&w.inbox)
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(mounted, "cannot mount over the inbox");
+    let tried = wait_for(LONG, || {
+        let errors = agent.metrics.place_errors.load(Ordering::Relaxed);
+        only_record(&w).filter(|(state, _, _)| state == "done" || errors > 0)
+    })
+    .await;
+    std::process::Command::new("umount")
+        .arg("-l")
+        .arg(&w.inbox)
+        .status()
+        .unwrap();
+    let (_, outcome, reason) = tried.expect("never tried");
+    assert_ne!(
+        outcome.as_deref(),
+        Some("vanished"),
+        "closed as vanished ({reason:?}) while its bytes sit in the covered staging folder"
+    );
+    agent.stop().await.0.unwrap();
+}
