@@ -34,7 +34,8 @@ use crate::config::WatchConfig;
 use crate::fsops::{Dir, FileStamp, FsError, shown};
 use crate::scope;
 
-/// Folders looked at in one pass of one watch, at most (a huge tree is tidied over several).
+/// Folders looked at in one pass of one watch, at most (a huge tree is tidied over several
+/// passes: folders are visited in a random order).
 const MAX_FOLDERS: usize = 10_000;
 /// Deepest folder looked at.
 const MAX_DEPTH: usize = 64;
@@ -206,6 +207,7 @@ pub fn walk(w: &WatchConfig, inbox: &Dir, after: Duration, now: SystemTime) -> V
         let theirs: Vec<Entry> = entries.iter().filter(|e| !own(e)).cloned().collect();
         let gone = remove_leftovers(&dir, &theirs, cutoff);
         let left = entries.len() - gone;
+        let pushed_from = stack.len();
         for e in &entries {
             if !e.stamp.is_dir() || !w.recursive || depth >= MAX_DEPTH {
                 continue;
@@ -222,6 +224,14 @@ pub fn walk(w: &WatchConfig, inbox: &Dir, after: Duration, now: SystemTime) -> V
                 continue;
             }
             stack.push((child, depth + 1));
+        }
+        // Visited in a random order: a pass that stops at `MAX_FOLDERS` leaves another part of
+        // a huge tree for the next pass, never the same one (planted empty folders listed first
+        // cannot hide the rest for good).
+        let children = stack.len() - pushed_from;
+        if children > 1 {
+            use rand::seq::SliceRandom as _;
+            stack[pushed_from..].shuffle(&mut rand::rng());
         }
         if !rel.as_os_str().is_empty() && left == 0 {
             let parent = rel.parent().unwrap_or(Path::new(""));

@@ -101,13 +101,22 @@ impl RootTask {
         let signal = self.signal.clone();
         let shutdown = self.shutdown.clone();
         let mut mounts = super::mounts::subscribe();
-        let mut identity = root_identity(&path).await;
+        // A stat may hang on a dead share: never in the way of shutdown.
+        let mut identity = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => return,
+            id = root_identity(&path) => id,
+        };
         loop {
             let walked = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
                 Ok(()) = mounts.changed() => {
-                    let now = root_identity(&path).await;
+                    let now = tokio::select! {
+                        biased;
+                        () = shutdown.cancelled() => break,
+                        id = root_identity(&path) => id,
+                    };
                     if now == identity {
                         continue;
                     }
