@@ -53,8 +53,8 @@ use crate::context::Shared;
 use crate::error::{FatalError, FileError};
 use crate::journal::{Decision, FileId, FileRecord};
 use crate::pipeline::Claimed;
-use crate::pipeline::Verdict;
 use crate::pipeline::{Resubmit, Submitted};
+use crate::pipeline::{Verdict, decide_then_announce};
 use crate::scanner::{ScanId, ScanState};
 
 mod judge;
@@ -346,13 +346,8 @@ impl Poller<'_> {
     }
 
     fn requeue(&self, rec: &FileRecord) {
-        if let (Some(sha256), Some(stamp)) = (rec.sha256, rec.stamp) {
-            self.resubmit.push(Claimed {
-                id: rec.id,
-                staged: rec.staged.clone(),
-                sha256,
-                stamp,
-            });
+        if let Some(c) = Claimed::from_record(rec) {
+            self.resubmit.push(c);
         }
     }
 
@@ -366,12 +361,9 @@ impl Poller<'_> {
             return true;
         }
         let ids: Vec<FileId> = decisions.iter().map(|(id, _)| *id).collect();
-        match self.shared.journal.decide(decisions).await {
-            Ok(decided) => {
+        match decide_then_announce(&self.shared.journal, self.verdicts_tx, decisions).await {
+            Ok(_) => {
                 scans.retain(|_, e| !ids.contains(&e.id));
-                for id in decided {
-                    self.verdicts_tx.send(Verdict { id }).await.ok();
-                }
                 self.announce_anomalies().await;
                 true
             }

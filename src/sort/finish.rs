@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::{Retry, Sorter, Step, blocking};
-use crate::fsops::{self, FsError};
+use super::{Retry, Sorter, Step};
+use crate::fsops::{self, FsError, blocking};
 use crate::journal::{FileRecord, FileState, Outcome, ScanVerdict, now_ms};
 use crate::pipeline::Placement;
 use crate::root::{Root, Which};

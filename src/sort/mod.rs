@@ -35,7 +35,7 @@ use crate::fsops::place::Release;
 mod finish;
 mod plan;
 mod retry;
-use crate::fsops::{self, FsError};
+use crate::fsops::{self, FsError, blocking};
 use crate::hashing;
 use crate::journal::{FileId, FileRecord, FileState};
 use crate::pipeline::Hashed;
@@ -480,19 +480,6 @@ impl Sorter {
             Ok(()) => Step::Done,
             Err(e) => Step::Retry(Retry::write(e)),
         }
-    }
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, FsError> + Send + 'static,
-) -> Result<T, FsError> {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(r) => r,
-        Err(e) => Err(FsError::Io {
-            path: PathBuf::new(),
-            about: "blocking task",
-            source: std::io::Error::other(e.to_string()),
-        }),
     }
 }
 
