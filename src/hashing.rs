@@ -91,7 +91,7 @@ async fn give_back(shared: &Arc<Shared>, id: FileId, staged: PathBuf) -> Hashed 
 ///
 /// `held_open`: the file was taken although a writer holds it open (`Settled::held_open`), so
 /// no lease is asked and its original is kept.
-pub async fn hash_record(
+pub(crate) async fn hash_record(
     shared: &Arc<Shared>,
     id: FileId,
     staged: PathBuf,

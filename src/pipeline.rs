@@ -78,7 +78,7 @@ impl Claimed {
 
 /// Journals `decisions`, then tells the sorter about each record decided (durable before
 /// announce). The ids announced; on a journal error nothing was decided and nothing announced.
-pub async fn decide_then_announce(
+pub(crate) async fn decide_then_announce(
     journal: &Journal,
     verdicts_tx: &mpsc::Sender<Verdict>,
     decisions: Vec<(FileId, Decision)>,
@@ -93,7 +93,7 @@ pub async fn decide_then_announce(
 
 /// What hashing a staged file came to.
 #[derive(Debug)]
-pub enum Hashed {
+pub(crate) enum Hashed {
     /// Ready for upload.
     Ready(Claimed),
     /// Waits for an identical file's verdict.
@@ -105,7 +105,7 @@ pub enum Hashed {
 }
 
 /// A scan the server accepted.
-pub struct Submitted {
+pub(crate) struct Submitted {
     /// Journal record.
     pub id: FileId,
     /// Its scanId.

@@ -37,12 +37,12 @@ use crate::pipeline::{Verdict, decide_then_announce};
 use crate::scanner::{ApiError, ScanId, Sent, UploadDisposition};
 
 /// Capacity of upload → poll. The poller only files these away, so it is rarely full.
-pub const SUBMITTED_CAPACITY: usize = 1024;
+pub(crate) const SUBMITTED_CAPACITY: usize = 1024;
 /// How often the journal is swept for `hashed` records nobody holds.
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
 
 /// What this stage reads.
-pub struct Inputs {
+pub(crate) struct Inputs {
     /// Hashed files, from claim.
     pub claimed_rx: mpsc::Receiver<Claimed>,
     /// Files to submit again (poller, sorter, own sweep).
@@ -50,7 +50,7 @@ pub struct Inputs {
 }
 
 /// What this stage writes.
-pub struct Outputs {
+pub(crate) struct Outputs {
     /// Accepted scans, to the poller.
     pub submitted_tx: mpsc::Sender<Submitted>,
     /// Files decided without a verdict (too large, rejected), to the sorter.
@@ -58,7 +58,7 @@ pub struct Outputs {
 }
 
 /// Runs the upload stage until shutdown; in-flight uploads get `shutdown_grace` to finish.
-pub async fn run(
+pub(crate) async fn run(
     ctx: Arc<Shared>,
     inputs: Inputs,
     outputs: Outputs,

@@ -67,12 +67,12 @@ use judge::{Entry, Recent, ScanClock, judge};
 const STALE_DELETES_PER_TICK: usize = 100;
 /// How long a verdict decided here is remembered, to catch a later answer contradicting it;
 /// results are requested for that long after the last verdict, even with nothing in flight.
-pub const RECENT_KEEP: Duration = Duration::from_secs(600);
+pub(crate) const RECENT_KEEP: Duration = Duration::from_secs(600);
 /// Verdicts remembered at most (beyond that, new ones are not remembered).
 const RECENT_MAX: usize = 10_000;
 
 /// What this stage reads.
-pub struct Inputs {
+pub(crate) struct Inputs {
     /// Accepted scans, from the uploader.
     pub submitted_rx: mpsc::Receiver<Submitted>,
     /// Records found `submitted` at start-up.
@@ -82,7 +82,7 @@ pub struct Inputs {
 }
 
 /// What this stage writes.
-pub struct Outputs {
+pub(crate) struct Outputs {
     /// Scans to run again (`error`/`timeout`, never accepted).
     pub resubmit: Resubmit,
     /// Decided files, to the sorter.
@@ -91,7 +91,7 @@ pub struct Outputs {
 
 /// Runs the poller until shutdown. `submitted` and `unconfirmed` come from the journal at start-up
 /// (`submitted` and `submitting` records).
-pub async fn run(
+pub(crate) async fn run(
     ctx: Arc<Shared>,
     inputs: Inputs,
     outputs: Outputs,
