@@ -9,11 +9,11 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 /// The first results request after a submission in a one-shot run comes this soon.
-pub const EARLY_POLL: Duration = Duration::from_secs(1);
+pub(crate) const EARLY_POLL: Duration = Duration::from_secs(1);
 
 /// Waits doubling from `min` up to `max`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Backoff {
+pub(crate) struct Backoff {
     /// The wait before the second attempt (after one failure), before jitter.
     pub min: Duration,
     /// No wait is longer.
@@ -22,13 +22,13 @@ pub struct Backoff {
 
 impl Backoff {
     /// A backoff from `min` doubling up to `max`.
-    pub const fn new(min: Duration, max: Duration) -> Backoff {
+    pub(crate) const fn new(min: Duration, max: Duration) -> Backoff {
         Backoff { min, max }
     }
 
     /// The full wait after `attempt` failures (counting from 1): `min · 2^(attempt-1)`, capped
     /// at `max`, without jitter.
-    pub fn ceiling(self, attempt: u32) -> Duration {
+    pub(crate) fn ceiling(self, attempt: u32) -> Duration {
         self.min
             .saturating_mul(1u32 << attempt.saturating_sub(1).min(16))
             .min(self.max)
@@ -37,7 +37,7 @@ impl Backoff {
     /// The wait after `attempt` failures with jitter on the upper half: `jitter` in [0, 1)
     /// picks between half of [`Backoff::ceiling`] and all of it, so that many clients failing
     /// together do not retry together.
-    pub fn wait(self, attempt: u32, jitter: f64) -> Duration {
+    pub(crate) fn wait(self, attempt: u32, jitter: f64) -> Duration {
         let half = self.ceiling(attempt) / 2;
         half + half.mul_f64(jitter.clamp(0.0, 1.0))
     }
@@ -48,7 +48,7 @@ impl Backoff {
 /// after each submission and backs off from there up to `poll_interval`: a scan of a few
 /// seconds is answered in a few seconds, a long one costs a request per `poll_interval`.
 #[derive(Debug, Clone)]
-pub struct Pace {
+pub(crate) struct Pace {
     /// `None`: steady.
     early: Option<Backoff>,
     every: Duration,
@@ -59,7 +59,7 @@ pub struct Pace {
 
 impl Pace {
     /// Every `every`, the first request at once; early after each submission when `early`.
-    pub fn new(every: Duration, early: bool) -> Pace {
+    pub(crate) fn new(every: Duration, early: bool) -> Pace {
         Pace {
             early: early.then(|| Backoff::new(EARLY_POLL.min(every), every)),
             every,
@@ -69,13 +69,13 @@ impl Pace {
     }
 
     /// When the next request is due.
-    pub fn due(&self) -> Instant {
+    pub(crate) fn due(&self) -> Instant {
         self.next
     }
 
     /// A scan was submitted: in early mode, the next request comes [`EARLY_POLL`] from now at
     /// the latest, and the backoff starts again.
-    pub fn submitted(&mut self) {
+    pub(crate) fn submitted(&mut self) {
         if let Some(b) = self.early {
             self.step = 0;
             self.next = self.next.min(Instant::now() + b.ceiling(1));
@@ -83,7 +83,7 @@ impl Pace {
     }
 
     /// A request was made (or was due with nothing to ask): the next one.
-    pub fn asked(&mut self) {
+    pub(crate) fn asked(&mut self) {
         self.step = self.step.saturating_add(1);
         let wait = match self.early {
             Some(b) => b.ceiling(self.step),

@@ -20,10 +20,11 @@ use crate::emulator::{
 use crate::journal::Outcome;
 
 /// The EICAR anti-virus test string: harmless, detected by every scanner (and by the emulator).
-pub const EICAR: &str = r"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*";
+pub(crate) const EICAR: &str =
+    r"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*";
 
 /// Runs the demo in `dir` until Ctrl-C, or until `exit_after` files were placed (if not zero).
-pub async fn run(
+pub(crate) async fn run(
     dir: &Path,
     poll_interval: Duration,
     settle: Duration,

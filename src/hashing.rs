@@ -15,7 +15,7 @@ use std::sync::atomic::Ordering;
 use crate::context::Shared;
 use crate::error::FileError;
 use crate::fsops::own::{Owned, Owning};
-use crate::fsops::{self, FsError};
+use crate::fsops::{self, FsError, blocking};
 use crate::journal::{FileId, HashedAs};
 use crate::pipeline::{Claimed, Hashed};
 
@@ -26,7 +26,7 @@ async fn own_staged(
     ask_lease: bool,
 ) -> Result<Owned, Owning> {
     let (sh, path) = (Arc::clone(shared), staged.to_path_buf());
-    let joined = tokio::task::spawn_blocking(move || {
+    blocking(move || {
         let (staging, name) = sh.staging_of(&path)?;
         let root = sh.roots.by_staged(&path);
         let leases = root
@@ -34,15 +34,10 @@ async fn own_staged(
             .is_some_and(|r| r.inbox().is_ok_and(|inbox| r.leases_here(&inbox)));
         let keep_always =
             root.is_some_and(|r| r.config.keep_originals == crate::config::KeepOriginals::Always);
-        fsops::own::own(&staging, &name, leases, keep_always)
+        Ok(fsops::own::own(&staging, &name, leases, keep_always))
     })
-    .await;
-    joined.unwrap_or_else(|e| {
-        Err(Owning::Failed(FsError::Changed {
-            path: staged.to_path_buf(),
-            detail: format!("hash task failed: {e}"),
-        }))
-    })
+    .await
+    .unwrap_or_else(|e| Err(Owning::Failed(e)))
 }
 
 /// A staged file that a writer still holds open goes back into the inbox under its name (or
@@ -59,14 +54,14 @@ async fn give_back(shared: &Arc<Shared>, id: FileId, staged: PathBuf) -> Hashed 
         return Hashed::Waiting;
     };
     let (sh, rel) = (Arc::clone(shared), rec.rel_path.clone());
-    let back = tokio::task::spawn_blocking(move || {
+    let back = blocking(move || {
         let (staging, name) = sh.staging_of(&staged)?;
         let inbox = root.inbox()?;
         fsops::place::return_to_inbox(&staging, &name, &inbox, &rel)
     })
     .await;
     match back {
-        Ok(Ok(rel_back)) => {
+        Ok(rel_back) => {
             shared
                 .metrics
                 .returned_still_written
@@ -83,13 +78,9 @@ async fn give_back(shared: &Arc<Shared>, id: FileId, staged: PathBuf) -> Hashed 
             }
             Hashed::Gone
         }
-        Ok(Err(e)) => {
+        Err(e) => {
             // It stays claimed: the stuck-claim sweep tries again (the writer may be done).
             tracing::warn!(id, path = %fsops::shown(&rec.rel_path), error = %e, "still held open for writing, and cannot be put back into the inbox; tried again later");
-            Hashed::Waiting
-        }
-        Err(e) => {
-            tracing::error!(id, error = %e, "give-back task failed");
             Hashed::Waiting
         }
     }
@@ -100,7 +91,7 @@ async fn give_back(shared: &Arc<Shared>, id: FileId, staged: PathBuf) -> Hashed 
 ///
 /// `held_open`: the file was taken although a writer holds it open (`Settled::held_open`), so
 /// no lease is asked and its original is kept.
-pub async fn hash_record(
+pub(crate) async fn hash_record(
     shared: &Arc<Shared>,
     id: FileId,
     staged: PathBuf,

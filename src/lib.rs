@@ -35,37 +35,37 @@ pub mod settle;
 
 pub mod claim;
 
-pub mod upload;
+pub(crate) mod upload;
 
-pub mod poll;
+pub(crate) mod poll;
 
 pub mod sort;
 
 // Below the stages: the records between them, their shared context, the journal, and the pieces
 // two stages need.
-pub mod backoff;
-pub mod context;
-pub mod hashing;
+pub(crate) mod backoff;
+pub(crate) mod context;
+pub(crate) mod hashing;
 pub mod journal;
 pub mod limits;
-pub mod pipeline;
+pub(crate) mod pipeline;
 pub mod root;
 pub mod scanner;
-pub mod scope;
+pub(crate) mod scope;
 
 // Around it.
 pub mod app;
 pub mod cli;
 pub mod commands;
 pub mod config;
-pub mod demo;
+pub(crate) mod demo;
 pub mod emulator;
 pub mod error;
 pub mod fsops;
-pub mod hooks;
+pub(crate) mod hooks;
 pub mod kata;
-pub mod logging;
+pub(crate) mod logging;
 pub mod metrics;
-pub mod service;
-pub mod signal;
-pub mod tidy;
+pub(crate) mod service;
+pub(crate) mod signal;
+pub(crate) mod tidy;

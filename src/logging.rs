@@ -102,7 +102,7 @@ where
 }
 
 /// Installs the global subscriber. Calling it twice is harmless (the second call does nothing).
-pub fn init(format: LogFormat, level: &str) {
+pub(crate) fn init(format: LogFormat, level: &str) {
     let (filter_layer, handle) = reload::Layer::new(filter(level));
     let fmt = stderr_layer(format, stderr_is_journal());
     if tracing_subscriber::registry()
@@ -123,7 +123,7 @@ pub fn init(format: LogFormat, level: &str) {
 
 /// Applies a reloaded `[log]`: a new level takes effect at once (unless `RUST_LOG` overrides
 /// it); a new format is logged as needing a restart.
-pub fn apply(format: LogFormat, level: &str) {
+pub(crate) fn apply(format: LogFormat, level: &str) {
     let Some(installed) = INSTALLED.get() else {
         return;
     };

@@ -16,10 +16,10 @@ use std::collections::{HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, mpsc};
 
 use crate::fsops::Stamp;
-use crate::journal::FileId;
+use crate::journal::{Decision, FileId, FileRecord, Journal, JournalError};
 use crate::limits::InFlight;
 use crate::root::RootId;
 use crate::scanner::ScanId;
@@ -63,9 +63,37 @@ pub struct Claimed {
     pub stamp: Stamp,
 }
 
+impl Claimed {
+    /// The upload a hashed record stands for (resumed, resubmitted or swept up); `None` for a
+    /// record not hashed yet.
+    pub fn from_record(r: &FileRecord) -> Option<Claimed> {
+        Some(Claimed {
+            id: r.id,
+            staged: r.staged.clone(),
+            sha256: r.sha256?,
+            stamp: r.stamp?,
+        })
+    }
+}
+
+/// Journals `decisions`, then tells the sorter about each record decided (durable before
+/// announce). The ids announced; on a journal error nothing was decided and nothing announced.
+pub(crate) async fn decide_then_announce(
+    journal: &Journal,
+    verdicts_tx: &mpsc::Sender<Verdict>,
+    decisions: Vec<(FileId, Decision)>,
+) -> Result<Vec<FileId>, JournalError> {
+    let decided = journal.decide(decisions).await?;
+    for &id in &decided {
+        // A closed channel means shutdown; the sorter's sweep finds the record at start-up.
+        verdicts_tx.send(Verdict { id }).await.ok();
+    }
+    Ok(decided)
+}
+
 /// What hashing a staged file came to.
 #[derive(Debug)]
-pub enum Hashed {
+pub(crate) enum Hashed {
     /// Ready for upload.
     Ready(Claimed),
     /// Waits for an identical file's verdict.
@@ -77,7 +105,7 @@ pub enum Hashed {
 }
 
 /// A scan the server accepted.
-pub struct Submitted {
+pub(crate) struct Submitted {
     /// Journal record.
     pub id: FileId,
     /// Its scanId.

@@ -14,7 +14,7 @@ use crate::config::{Pattern, WatchConfig};
 /// save-temp suffixes `.part`, `.partial`, `.crdownload`, `.filepart` and `.tmp` (Word's
 /// `~WRL0001.tmp`, PowerPoint's `ppt1A2B.tmp`, LibreOffice's `lu1234abcd.tmp`; suffixes in any
 /// letter case).
-pub fn is_ignored_name(file_name: &OsStr) -> bool {
+pub(crate) fn is_ignored_name(file_name: &OsStr) -> bool {
     const SUFFIXES: [&[u8]; 5] = [b".part", b".partial", b".crdownload", b".filepart", b".tmp"];
     let name = file_name.as_encoded_bytes();
     if name.is_empty()
@@ -33,7 +33,7 @@ pub fn is_ignored_name(file_name: &OsStr) -> bool {
 /// Files a desktop writes into any folder it shows, never a user's drop: Windows Explorer's
 /// `Thumbs.db`, `ehthumbs.db`, `ehthumbs_vista.db` and `desktop.ini`, and macOS's `Icon\r`
 /// (a folder's custom icon). Any letter case. (`.DS_Store` is a dotfile.)
-pub fn is_clutter_name(file_name: &OsStr) -> bool {
+pub(crate) fn is_clutter_name(file_name: &OsStr) -> bool {
     const CLUTTER: [&[u8]; 5] = [
         b"thumbs.db",
         b"ehthumbs.db",
@@ -49,7 +49,7 @@ pub fn is_clutter_name(file_name: &OsStr) -> bool {
 /// Windows' `$RECYCLE.BIN`, `RECYCLER` and `System Volume Information`, Samba's and Synology's
 /// `#recycle`, Synology's `@eaDir` (thumbnails), QNAP's `@Recycle`, and `lost+found` (an inbox
 /// that is a mount's root). Any letter case. Nothing below them is taken or tidied.
-pub fn is_system_dir_name(dir_name: &OsStr) -> bool {
+pub(crate) fn is_system_dir_name(dir_name: &OsStr) -> bool {
     const SYSTEM: [&[u8]; 7] = [
         b"$recycle.bin",
         b"recycler",
@@ -68,7 +68,7 @@ pub fn is_system_dir_name(dir_name: &OsStr) -> bool {
 /// taken only once it has been left alone for much longer than a save takes (see settle),
 /// so a slow save to a share is never taken from under Excel, and a crashed save's leftover
 /// (the workbook's bytes) is still scanned rather than left or deleted.
-pub fn is_save_temp_name(file_name: &OsStr) -> bool {
+pub(crate) fn is_save_temp_name(file_name: &OsStr) -> bool {
     let name = file_name.as_encoded_bytes();
     name.len() == 8 && name.iter().all(u8::is_ascii_hexdigit)
 }
@@ -78,7 +78,7 @@ pub fn is_save_temp_name(file_name: &OsStr) -> bool {
 /// ([`is_system_dir_name`]), or in a subfolder when the root is
 /// not recursive. The last component is not judged by name (see `is_ignored_name`), only its
 /// parents are; a path equal to an own folder is out of scope.
-pub fn is_out_of_scope(w: &WatchConfig, path: &Path) -> bool {
+pub(crate) fn is_out_of_scope(w: &WatchConfig, path: &Path) -> bool {
     let Ok(rel) = path.strip_prefix(&w.path) else {
         return true;
     };
@@ -105,7 +105,7 @@ pub fn is_out_of_scope(w: &WatchConfig, path: &Path) -> bool {
 /// True when `rel` is taken by the globs: some `include` matches and no `exclude` matches, each
 /// tried against the relative path and against the file name (`*` crosses `/`, so `*.tmp` also
 /// excludes `a/b/c.tmp`). Non-UTF-8 bytes are matched as U+FFFD.
-pub fn matches_filters(rel: &Path, include: &[Pattern], exclude: &[Pattern]) -> bool {
+pub(crate) fn matches_filters(rel: &Path, include: &[Pattern], exclude: &[Pattern]) -> bool {
     let rel_str = rel.to_string_lossy();
     let name = rel.file_name().map(|n| n.to_string_lossy());
     let matches = |p: &Pattern| p.matches(&rel_str) || name.as_ref().is_some_and(|n| p.matches(n));
@@ -114,7 +114,7 @@ pub fn matches_filters(rel: &Path, include: &[Pattern], exclude: &[Pattern]) -> 
 
 /// The relative path of `path` when root `w` takes it: in scope ([`is_out_of_scope`]), a
 /// name that is not ignored ([`is_ignored_name`]), and passing the globs. Pure.
-pub fn admit(w: &WatchConfig, path: &Path) -> Option<PathBuf> {
+pub(crate) fn admit(w: &WatchConfig, path: &Path) -> Option<PathBuf> {
     if is_out_of_scope(w, path) {
         return None;
     }

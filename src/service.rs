@@ -25,19 +25,19 @@ fn send(states: &[NotifyState<'_>]) {
 }
 
 /// `READY=1` with a status line: every stage of the pipeline runs.
-pub fn ready(status: &str) {
+pub(crate) fn ready(status: &str) {
     send(&[NotifyState::Ready, NotifyState::Status(status)]);
 }
 
 /// A new `STATUS=` line (what `systemctl status` shows).
-pub fn status(status: &str) {
+pub(crate) fn status(status: &str) {
     send(&[NotifyState::Status(status)]);
 }
 
 /// `RELOADING=1` with the `MONOTONIC_USEC=` systemd requires beside it (systemd ≥ 253 refuses
 /// a reload notification without it), and a status line: a reload has begun; the next agent's
 /// [`ready`] ends it.
-pub fn reloading(status: &str) {
+pub(crate) fn reloading(status: &str) {
     match NotifyState::monotonic_usec_now() {
         Ok(now) => send(&[NotifyState::Reloading, now, NotifyState::Status(status)]),
         Err(e) => {
@@ -48,12 +48,12 @@ pub fn reloading(status: &str) {
 }
 
 /// Whether a service manager listens (`NOTIFY_SOCKET` set): status lines are worth composing.
-pub fn listening() -> bool {
+pub(crate) fn listening() -> bool {
     std::env::var_os("NOTIFY_SOCKET").is_some()
 }
 
 /// The `STATUS=` line of a running agent: what it does now.
-pub fn running_line(
+pub(crate) fn running_line(
     in_flight: usize,
     cap: usize,
     waiting: usize,
@@ -66,7 +66,7 @@ pub fn running_line(
 }
 
 /// `STOPPING=1`: a shutdown has begun.
-pub fn stopping() {
+pub(crate) fn stopping() {
     send(&[
         NotifyState::Stopping,
         NotifyState::Status("stopping: finishing or journaling work in progress"),
@@ -74,13 +74,13 @@ pub fn stopping() {
 }
 
 /// `WATCHDOG=1`: the agent's housekeeping loop is alive.
-pub fn watchdog() {
+pub(crate) fn watchdog() {
     send(&[NotifyState::Watchdog]);
 }
 
 /// How often to ping the watchdog: half the unit's `WatchdogSec=` (as `sd_watchdog_enabled(3)`
 /// advises), or `None` when no watchdog is set for this process.
-pub fn watchdog_interval() -> Option<Duration> {
+pub(crate) fn watchdog_interval() -> Option<Duration> {
     sd_notify::watchdog_enabled()
         .filter(|d| !d.is_zero())
         .map(|d| (d / 2).max(Duration::from_millis(100)))
@@ -88,7 +88,7 @@ pub fn watchdog_interval() -> Option<Duration> {
 
 /// Says `STOPPING=1` as soon as `shutdown` is cancelled (SIGINT/SIGTERM), from a task of its own,
 /// so that the service manager knows while the graceful stop is still running.
-pub fn stopping_on(shutdown: CancellationToken) {
+pub(crate) fn stopping_on(shutdown: CancellationToken) {
     tokio::spawn(async move {
         shutdown.cancelled().await;
         stopping();
@@ -99,7 +99,7 @@ pub fn stopping_on(shutdown: CancellationToken) {
 /// watches, staged files, connections to KATA and to the metrics port all take descriptors, and
 /// the soft default of 1,024 is a limit only for old `select(2)` users, which we are not. Returns
 /// the soft limit in force afterwards; a refusal is logged and the old limit kept.
-pub fn raise_nofile_limit() -> Option<u64> {
+pub(crate) fn raise_nofile_limit() -> Option<u64> {
     use rustix::process::{Resource, getrlimit, setrlimit};
     let limit = getrlimit(Resource::Nofile);
     // `None` is "unlimited": nothing to raise (or to raise to).

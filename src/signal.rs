@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 const EXIT_NOW: i32 = crate::error::EXIT_INTERRUPTED as i32;
 
 /// Spawns the signal watcher; returns the token it cancels.
-pub fn shutdown_token() -> std::io::Result<CancellationToken> {
+pub(crate) fn shutdown_token() -> std::io::Result<CancellationToken> {
     let token = CancellationToken::new();
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -40,7 +40,7 @@ pub fn shutdown_token() -> std::io::Result<CancellationToken> {
 }
 
 /// Spawns a SIGHUP watcher; the returned `Notify` is woken on each SIGHUP.
-pub fn reload_notify() -> std::io::Result<Arc<Notify>> {
+pub(crate) fn reload_notify() -> std::io::Result<Arc<Notify>> {
     let notify = Arc::new(Notify::new());
     let mut hup = signal(SignalKind::hangup())?;
     let n = Arc::clone(&notify);

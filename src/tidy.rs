@@ -45,7 +45,7 @@ const STRUCTURE_AGE: Duration = Duration::from_secs(3600);
 
 /// One entry of a folder, as [`leftovers`] sees it.
 #[derive(Debug, Clone)]
-pub struct Entry {
+pub(crate) struct Entry {
     /// Its name.
     pub name: OsString,
     /// Its stamp (not following a symlink).
@@ -65,7 +65,7 @@ impl Entry {
 
 /// What kind of leftover a name is, if any.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Leftover {
+pub(crate) enum Leftover {
     /// `._X`: a resource fork.
     Fork,
     /// `~$X`: an Office owner file.
@@ -76,7 +76,7 @@ pub enum Leftover {
 
 impl Leftover {
     /// The kind of `name`.
-    pub fn of(name: &OsStr) -> Option<Leftover> {
+    pub(crate) fn of(name: &OsStr) -> Option<Leftover> {
         let b = name.as_encoded_bytes();
         if b.eq_ignore_ascii_case(b".DS_Store") || scope::is_clutter_name(name) {
             Some(Leftover::Clutter)
@@ -100,7 +100,7 @@ impl Leftover {
 
 /// The leftovers of one folder to remove now, from its full listing: each orphaned (see the
 /// module docs) and unchanged since `cutoff_ns`. Pure.
-pub fn leftovers(entries: &[Entry], cutoff_ns: i64) -> Vec<(OsString, Leftover)> {
+pub(crate) fn leftovers(entries: &[Entry], cutoff_ns: i64) -> Vec<(OsString, Leftover)> {
     let orphan = |e: &Entry, kind: Leftover| -> bool {
         let b = e.name.as_encoded_bytes();
         match kind {
@@ -144,7 +144,7 @@ pub fn leftovers(entries: &[Entry], cutoff_ns: i64) -> Vec<(OsString, Leftover)>
 
 /// Whether an empty subfolder may be removed: unchanged since `cutoff_ns`, created (birth
 /// time) no more than `window_ns` before the first file dropscan took from below it. Pure.
-pub fn prunable(
+pub(crate) fn prunable(
     stamp: &FileStamp,
     born_ns: Option<i64>,
     first_taken_ns: Option<i64>,
@@ -160,7 +160,7 @@ pub fn prunable(
 
 /// An empty subfolder found by a walk, for the caller to ask the journal about.
 #[derive(Debug)]
-pub struct EmptyFolder {
+pub(crate) struct EmptyFolder {
     /// Its path relative to the inbox.
     pub rel: PathBuf,
     /// Its stamp.
@@ -171,7 +171,12 @@ pub struct EmptyFolder {
 
 /// One pass over the inbox `inbox` of watch `w`: removes the leftovers to remove now, and returns
 /// the empty subfolders (deepest first) for [`prune`] to judge. Blocking.
-pub fn walk(w: &WatchConfig, inbox: &Dir, after: Duration, now: SystemTime) -> Vec<EmptyFolder> {
+pub(crate) fn walk(
+    w: &WatchConfig,
+    inbox: &Dir,
+    after: Duration,
+    now: SystemTime,
+) -> Vec<EmptyFolder> {
     let cutoff = cutoff_ns(now, after);
     let mut empty = Vec::new();
     let mut stack: Vec<(PathBuf, usize)> = vec![(PathBuf::new(), 0)];
@@ -280,7 +285,7 @@ fn remove_leftovers(dir: &Dir, entries: &[Entry], cutoff: i64) -> usize {
 
 /// Removes the empty folder `f` of `inbox` if [`prunable`] with `first_taken_ns` (from the
 /// journal). Returns whether it went.
-pub fn prune(
+pub(crate) fn prune(
     inbox: &Dir,
     f: &EmptyFolder,
     first_taken_ns: Option<i64>,

@@ -32,17 +32,17 @@ use crate::error::{FatalError, FileError};
 use crate::hashing;
 use crate::journal::{Decision, FileId, FileState};
 use crate::limits::InFlight;
-use crate::pipeline::Verdict;
 use crate::pipeline::{Claimed, Hashed, Resubmit, Submitted};
+use crate::pipeline::{Verdict, decide_then_announce};
 use crate::scanner::{ApiError, ScanId, Sent, UploadDisposition};
 
 /// Capacity of upload → poll. The poller only files these away, so it is rarely full.
-pub const SUBMITTED_CAPACITY: usize = 1024;
+pub(crate) const SUBMITTED_CAPACITY: usize = 1024;
 /// How often the journal is swept for `hashed` records nobody holds.
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
 
 /// What this stage reads.
-pub struct Inputs {
+pub(crate) struct Inputs {
     /// Hashed files, from claim.
     pub claimed_rx: mpsc::Receiver<Claimed>,
     /// Files to submit again (poller, sorter, own sweep).
@@ -50,7 +50,7 @@ pub struct Inputs {
 }
 
 /// What this stage writes.
-pub struct Outputs {
+pub(crate) struct Outputs {
     /// Accepted scans, to the poller.
     pub submitted_tx: mpsc::Sender<Submitted>,
     /// Files decided without a verdict (too large, rejected), to the sorter.
@@ -58,7 +58,7 @@ pub struct Outputs {
 }
 
 /// Runs the upload stage until shutdown; in-flight uploads get `shutdown_grace` to finish.
-pub async fn run(
+pub(crate) async fn run(
     ctx: Arc<Shared>,
     inputs: Inputs,
     outputs: Outputs,
@@ -165,25 +165,15 @@ async fn sweep_strays(shared: &Shared, resubmit: &Resubmit, strays: &mut HashSet
         if !seen_before.contains(&r.id) {
             continue; // Probably still on its way through the claim → upload channel.
         }
-        if let (Some(sha256), Some(stamp)) = (r.sha256, r.stamp) {
-            resubmit.push(Claimed {
-                id: r.id,
-                staged: r.staged,
-                sha256,
-                stamp,
-            });
+        if let Some(c) = Claimed::from_record(&r) {
+            resubmit.push(c);
         }
     }
 }
 
 async fn decide(shared: &Shared, verdicts_tx: &mpsc::Sender<Verdict>, id: FileId, d: Decision) {
-    match shared.journal.decide(vec![(id, d)]).await {
-        Ok(ids) => {
-            for id in ids {
-                verdicts_tx.send(Verdict { id }).await.ok();
-            }
-        }
-        Err(e) => tracing::error!(id, error = %e, "journal write failed; decision retried later"),
+    if let Err(e) = decide_then_announce(&shared.journal, verdicts_tx, vec![(id, d)]).await {
+        tracing::error!(id, error = %e, "journal write failed; decision retried later");
     }
 }
 
@@ -384,9 +374,6 @@ enum OpenError {
     /// Not beneath its root any more, changed since it was hashed, or unreadable.
     #[error(transparent)]
     Fs(#[from] crate::fsops::FsError),
-    /// The blocking open task panicked or was cancelled.
-    #[error("the open task failed: {0}")]
-    Task(#[from] tokio::task::JoinError),
 }
 
 /// Opens the staged file (beneath its root, never through a link) and checks it is still what
@@ -396,7 +383,7 @@ async fn open_for_upload(
     item: &Claimed,
 ) -> Result<tokio::fs::File, OpenError> {
     let (sh, staged, expected) = (Arc::clone(shared), item.staged.clone(), item.stamp);
-    let file = tokio::task::spawn_blocking(move || sh.open_staged(&staged, &expected)).await??;
+    let file = crate::fsops::blocking(move || sh.open_staged(&staged, &expected)).await?;
     Ok(tokio::fs::File::from_std(file))
 }
 

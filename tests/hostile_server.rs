@@ -22,7 +22,7 @@ use crate::util::{LONG, World, wait_for, wait_until};
 
 /// One request as received.
 #[derive(Clone, Debug)]
-pub struct Request {
+pub(crate) struct Request {
     /// `GET /kata/…` and the headers.
     pub head: String,
     /// The body (as many bytes as `Content-Length` said).
@@ -46,7 +46,7 @@ impl Request {
 }
 
 /// What the server does with one request.
-pub enum Reply {
+pub(crate) enum Reply {
     /// These bytes, then close.
     Now(Vec<u8>),
     /// This head, then a chunked body one byte per `pace`, for ever (bounded at 10 minutes).
@@ -56,7 +56,7 @@ pub enum Reply {
 type Script = Arc<dyn Fn(&Request) -> Reply + Send + Sync>;
 
 /// A complete HTTP/1.1 answer that closes the connection.
-pub fn http(status: u16, body: &str) -> Reply {
+pub(crate) fn http(status: u16, body: &str) -> Reply {
     Reply::Now(
         format!(
             "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -67,7 +67,7 @@ pub fn http(status: u16, body: &str) -> Reply {
 }
 
 /// A hostile KATA on 127.0.0.1.
-pub struct Hostile {
+pub(crate) struct Hostile {
     pub addr: std::net::SocketAddr,
     pub requests: Arc<Mutex<Vec<Request>>>,
     task: tokio::task::JoinHandle<()>,
@@ -82,7 +82,7 @@ impl Drop for Hostile {
 impl Hostile {
     /// Starts a server presenting `certs`' server certificate and requiring a client certificate
     /// from its CA, answering each request with `script`.
-    pub async fn start(certs: &CertBundle, script: Script) -> Hostile {
+    pub(crate) async fn start(certs: &CertBundle, script: Script) -> Hostile {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut roots = RootCertStore::empty();
         roots.add(certs.ca_cert_der().unwrap()).unwrap();
@@ -140,7 +140,7 @@ impl Hostile {
     }
 
     /// How many requests matched `method` and `path_part`.
-    pub fn count(&self, method: &str, path_part: &str) -> usize {
+    pub(crate) fn count(&self, method: &str, path_part: &str) -> usize {
         self.requests
             .lock()
             .unwrap()

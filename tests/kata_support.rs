@@ -22,10 +22,10 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 /// A sensorId in the documented form.
-pub const SENSOR_ID: &str = "6f1c2d3e-4a5b-4c6d-8e9f-0a1b2c3d4e5f";
+pub(super) const SENSOR_ID: &str = "6f1c2d3e-4a5b-4c6d-8e9f-0a1b2c3d4e5f";
 
 /// A certificate authority that can issue server and client certificates.
-pub struct TestCa {
+pub(super) struct TestCa {
     /// The CA certificate, PEM.
     pub cert_pem: String,
     /// The CA certificate, DER.
@@ -34,7 +34,7 @@ pub struct TestCa {
 }
 
 /// An issued certificate with its key.
-pub struct Leaf {
+pub(super) struct Leaf {
     /// Certificate PEM.
     pub cert_pem: String,
     /// Certificate DER.
@@ -47,7 +47,7 @@ pub struct Leaf {
 
 impl Leaf {
     /// SHA-256 of the certificate DER, the value to pin.
-    pub fn fingerprint(&self) -> [u8; 32] {
+    pub(super) fn fingerprint(&self) -> [u8; 32] {
         Sha256::digest(self.cert_der.as_ref()).into()
     }
 
@@ -58,7 +58,7 @@ impl Leaf {
 
 impl TestCa {
     /// A fresh CA named `name`.
-    pub fn new(name: &str) -> Self {
+    pub(super) fn new(name: &str) -> Self {
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.distinguished_name.push(DnType::CommonName, name);
@@ -77,7 +77,7 @@ impl TestCa {
     }
 
     /// A server certificate for 127.0.0.1 and localhost.
-    pub fn server(&self) -> Leaf {
+    pub(super) fn server(&self) -> Leaf {
         self.leaf(
             vec!["127.0.0.1".into(), "localhost".into()],
             ExtendedKeyUsagePurpose::ServerAuth,
@@ -85,7 +85,7 @@ impl TestCa {
     }
 
     /// A client certificate.
-    pub fn client(&self) -> Leaf {
+    pub(super) fn client(&self) -> Leaf {
         self.leaf(vec![], ExtendedKeyUsagePurpose::ClientAuth)
     }
 
@@ -107,7 +107,7 @@ impl TestCa {
 }
 
 /// A self-signed server certificate for 127.0.0.1 (as KATA nodes often present).
-pub fn self_signed_server() -> Leaf {
+pub(super) fn self_signed_server() -> Leaf {
     let mut params = CertificateParams::new(vec!["127.0.0.1".into()]).unwrap();
     params
         .distinguished_name
@@ -123,7 +123,7 @@ pub fn self_signed_server() -> Leaf {
 }
 
 /// Client options for `base` from PEM strings, with short test timeouts.
-pub fn client_options_from_pem(
+pub(super) fn client_options_from_pem(
     base: &str,
     client_cert_pem: &str,
     client_key_pem: &str,
@@ -150,7 +150,7 @@ pub fn client_options_from_pem(
 
 /// Which TLS versions the raw server offers.
 #[derive(Clone, Copy, Debug)]
-pub enum ServerTls {
+pub(super) enum ServerTls {
     /// TLS 1.2 and 1.3.
     Default,
     /// TLS 1.2 only: a refused client certificate fails the handshake itself.
@@ -161,7 +161,11 @@ pub enum ServerTls {
 
 /// A server TLS configuration presenting `server` and requiring a client certificate from
 /// `client_ca`.
-pub fn server_config(server: &Leaf, client_ca: &TestCa, versions: ServerTls) -> Arc<ServerConfig> {
+pub(super) fn server_config(
+    server: &Leaf,
+    client_ca: &TestCa,
+    versions: ServerTls,
+) -> Arc<ServerConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = RootCertStore::empty();
     roots.add(client_ca.cert_der.clone()).unwrap();
@@ -184,7 +188,7 @@ pub fn server_config(server: &Leaf, client_ca: &TestCa, versions: ServerTls) -> 
 
 /// One request as received, byte for byte.
 #[derive(Clone, Debug)]
-pub struct RawRequest {
+pub(super) struct RawRequest {
     /// Request line and headers, up to (excluding) the blank line.
     pub head: String,
     /// The body, as many bytes as `Content-Length` said.
@@ -193,12 +197,12 @@ pub struct RawRequest {
 
 impl RawRequest {
     /// The request line, e.g. `GET /x HTTP/1.1`.
-    pub fn request_line(&self) -> &str {
+    pub(super) fn request_line(&self) -> &str {
         self.head.lines().next().unwrap_or("")
     }
 
     /// The value of header `name` (case-insensitive), if present once or more (first wins).
-    pub fn header(&self, name: &str) -> Option<String> {
+    pub(super) fn header(&self, name: &str) -> Option<String> {
         self.head.lines().skip(1).find_map(|line| {
             let (k, v) = line.split_once(':')?;
             k.trim()
@@ -209,7 +213,7 @@ impl RawRequest {
 }
 
 /// Builds a complete HTTP/1.1 answer that closes the connection.
-pub fn answer(status: u16, body: &str) -> Vec<u8> {
+pub(super) fn answer(status: u16, body: &str) -> Vec<u8> {
     format!(
         "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
@@ -218,10 +222,10 @@ pub fn answer(status: u16, body: &str) -> Vec<u8> {
 }
 
 /// Decides the answer to one request.
-pub type Responder = Arc<dyn Fn(&RawRequest) -> Vec<u8> + Send + Sync>;
+pub(super) type Responder = Arc<dyn Fn(&RawRequest) -> Vec<u8> + Send + Sync>;
 
 /// A raw HTTP/1.1 server on 127.0.0.1; one request per connection.
-pub struct RawServer {
+pub(super) struct RawServer {
     /// Where it listens.
     pub addr: SocketAddr,
     /// Requests received, in order.
@@ -231,7 +235,7 @@ pub struct RawServer {
 
 impl RawServer {
     /// Starts the server with `config`, answering with `responder`.
-    pub async fn start(config: Arc<ServerConfig>, responder: Responder) -> Self {
+    pub(super) async fn start(config: Arc<ServerConfig>, responder: Responder) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let acceptor = tokio_rustls::TlsAcceptor::from(config);
@@ -267,12 +271,12 @@ impl RawServer {
     }
 
     /// `https://127.0.0.1:<port>`.
-    pub fn base_url(&self) -> String {
+    pub(super) fn base_url(&self) -> String {
         format!("https://127.0.0.1:{}", self.addr.port())
     }
 
     /// The next recorded request (waits up to 5 s).
-    pub async fn next_request(&mut self) -> RawRequest {
+    pub(super) async fn next_request(&mut self) -> RawRequest {
         tokio::time::timeout(Duration::from_secs(5), self.requests.recv())
             .await
             .expect("no request within 5 s")

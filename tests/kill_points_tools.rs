@@ -55,7 +55,7 @@ pub(crate) struct KeptWorld {
 
 impl KeptWorld {
     /// Where restores go in this world (beside the kept files, or on the other filesystem).
-    pub fn lab(&self) -> PathBuf {
+    pub(crate) fn lab(&self) -> PathBuf {
         let lab = match &self.other {
             Some(o) => o.path().join("lab"),
             None => self.w.dir.path().join("lab"),
@@ -65,7 +65,7 @@ impl KeptWorld {
     }
 
     /// Every folder a kept file may be in, or move to.
-    pub fn folders(&self) -> Vec<PathBuf> {
+    pub(crate) fn folders(&self) -> Vec<PathBuf> {
         let w = &self.w;
         vec![
             w.inbox.clone(),

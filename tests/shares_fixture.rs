@@ -46,7 +46,7 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
 // ---------------------------------------------------------------------------------------------
 
 /// `name` on PATH or in the sbin folders (which a non-root PATH often lacks).
-pub fn find_tool(name: &str) -> Option<PathBuf> {
+pub(crate) fn find_tool(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
@@ -60,7 +60,7 @@ fn require(name: &str, package: &str) -> Result<PathBuf, String> {
 }
 
 /// A port on 127.0.0.1 that was free a moment ago.
-pub fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -69,13 +69,13 @@ pub fn free_port() -> u16 {
 }
 
 /// The folder with the Python helpers.
-pub fn helpers_dir() -> PathBuf {
+pub(crate) fn helpers_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/shares")
 }
 
 /// The venv with `smbprotocol`: `$DROPSCAN_SHARE_VENV`, else `target/share-venv` under the
 /// cargo target folder.
-pub fn share_venv() -> PathBuf {
+pub(crate) fn share_venv() -> PathBuf {
     if let Some(v) = std::env::var_os("DROPSCAN_SHARE_VENV") {
         return PathBuf::from(v);
     }
@@ -120,7 +120,7 @@ fn tail(log: &Path) -> String {
 }
 
 /// Waits (bounded) for `child`; kills it when the time is up.
-pub fn wait_bounded(child: &mut Child, limit: Duration) -> ExitStatus {
+pub(crate) fn wait_bounded(child: &mut Child, limit: Duration) -> ExitStatus {
     let deadline = Instant::now() + limit;
     loop {
         if let Some(status) = child.try_wait().unwrap() {
@@ -188,7 +188,7 @@ fn stop(child: &mut Child) {
 
 /// How many open file descriptors of the processes in process group `pgid` refer to `path`
 /// (from /proc; the servers are started as their own group leaders).
-pub fn group_fds_on(pgid: u32, path: &Path) -> usize {
+pub(crate) fn group_fds_on(pgid: u32, path: &Path) -> usize {
     let Ok(procs) = fs::read_dir("/proc") else {
         return 0;
     };
@@ -232,7 +232,7 @@ fn smb_quote(s: &str) -> String {
 // ---------------------------------------------------------------------------------------------
 
 /// A private `smbd` on 127.0.0.1 with one guest-writable share `drop`.
-pub struct Smbd {
+pub(crate) struct Smbd {
     dir: tempfile::TempDir,
     share: PathBuf,
     port: u16,
@@ -244,13 +244,13 @@ pub struct Smbd {
 impl Smbd {
     /// Starts smbd sharing `share_path` as `//127.0.0.1/drop` on a free port. `Err` is a
     /// printable skip reason (tool missing) or a start failure with the log's tail.
-    pub fn start(share_path: &Path) -> Result<Smbd, String> {
+    pub(crate) fn start(share_path: &Path) -> Result<Smbd, String> {
         Smbd::start_with(share_path, "")
     }
 
     /// [`Smbd::start`] with `share_conf` (lines such as `create mask = 0000`) added to the
     /// share's section.
-    pub fn start_with(share_path: &Path, share_conf: &str) -> Result<Smbd, String> {
+    pub(crate) fn start_with(share_path: &Path, share_conf: &str) -> Result<Smbd, String> {
         let smbd = require("smbd", "samba")?;
         let smbclient = require("smbclient", "smbclient")?;
         let dir = tempfile::Builder::new()
@@ -351,38 +351,38 @@ impl Smbd {
     }
 
     /// `smb://127.0.0.1:PORT/drop`.
-    pub fn smb_url(&self) -> String {
+    pub(crate) fn smb_url(&self) -> String {
         format!("smb://127.0.0.1:{}/drop", self.port)
     }
 
     /// The TCP port.
-    pub fn port(&self) -> u16 {
+    pub(crate) fn port(&self) -> u16 {
         self.port
     }
 
     /// smbd's PID (the parent; per-client smbd children are its children).
-    pub fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 
     /// The shared folder (canonical).
-    pub fn share_path(&self) -> &Path {
+    pub(crate) fn share_path(&self) -> &Path {
         &self.share
     }
 
     /// How many descriptors smbd (parent and per-client children) holds open on `path`.
-    pub fn open_fds_on(&self, path: &Path) -> usize {
+    pub(crate) fn open_fds_on(&self, path: &Path) -> usize {
         group_fds_on(self.child.id(), path)
     }
 
     /// smbd's log file (stdout/stderr).
-    pub fn log(&self) -> PathBuf {
+    pub(crate) fn log(&self) -> PathBuf {
         self.dir.path().join("log/smbd.stdout")
     }
 
     /// An `smbclient` command for the share, as guest, with the private config (so the client
     /// writes its own state into the fixture's folder too). Add `-c` and the commands.
-    pub fn smbclient(&self) -> Command {
+    pub(crate) fn smbclient(&self) -> Command {
         let mut cmd = Command::new(&self.smbclient);
         cmd.arg("-N")
             .arg("//127.0.0.1/drop")
@@ -394,7 +394,7 @@ impl Smbd {
     }
 
     /// Runs `smbclient -c COMMANDS`; panics on failure; returns the output.
-    pub fn client(&self, commands: &str) -> String {
+    pub(crate) fn client(&self, commands: &str) -> String {
         run_ok(self.smbclient().arg("-c").arg(commands))
     }
 
@@ -413,7 +413,7 @@ impl Smbd {
 
     /// `smbclient put LOCAL REMOTE_NAME`; missing parent folders of `remote_name` (separated by
     /// `/`) are made over SMB first.
-    pub fn put(&self, local: &Path, remote_name: &str) {
+    pub(crate) fn put(&self, local: &Path, remote_name: &str) {
         let cmds = format!(
             "{}put {} {}",
             self.mkdirs_for(remote_name),
@@ -426,7 +426,11 @@ impl Smbd {
     /// `smbclient put /dev/stdin REMOTE_NAME` fed through a pipe: for each chunk, sleeps the
     /// pause and then writes the bytes; then closes the pipe and waits (bounded) for the exit.
     /// smbclient creates the remote file as soon as it starts, before reading its input.
-    pub fn put_paced(&self, remote_name: &str, chunks: &[(Duration, Vec<u8>)]) -> ExitStatus {
+    pub(crate) fn put_paced(
+        &self,
+        remote_name: &str,
+        chunks: &[(Duration, Vec<u8>)],
+    ) -> ExitStatus {
         let mkdirs = self.mkdirs_for(remote_name);
         if !mkdirs.is_empty() {
             self.client(&mkdirs);
@@ -456,7 +460,7 @@ impl Smbd {
 
     /// `smbclient` with `prompt off; recurse on; lcd LOCAL_DIR; mput *`: the whole tree into the
     /// share's top folder.
-    pub fn mput_dir(&self, local_dir: &Path) {
+    pub(crate) fn mput_dir(&self, local_dir: &Path) {
         self.client(&format!(
             "prompt off; recurse on; lcd {}; mput *",
             smb_quote(&local_dir.display().to_string())
@@ -464,7 +468,7 @@ impl Smbd {
     }
 
     /// `smbclient rename FROM TO` (names relative to the share, `/`-separated).
-    pub fn rename(&self, from: &str, to: &str) {
+    pub(crate) fn rename(&self, from: &str, to: &str) {
         self.client(&format!(
             "rename {} {}",
             smb_quote(&from.replace('/', "\\")),
@@ -473,12 +477,12 @@ impl Smbd {
     }
 
     /// `smbclient mkdir NAME`.
-    pub fn mkdir(&self, name: &str) {
+    pub(crate) fn mkdir(&self, name: &str) {
         self.client(&format!("mkdir {}", smb_quote(&name.replace('/', "\\"))));
     }
 
     /// `smbclient del NAME`.
-    pub fn del(&self, name: &str) {
+    pub(crate) fn del(&self, name: &str) {
         self.client(&format!("del {}", smb_quote(&name.replace('/', "\\"))));
     }
 
@@ -487,7 +491,7 @@ impl Smbd {
     /// `pause` (not after the last); then close. Chunk i is the byte `b'A' + i % 26` repeated
     /// (see [`slow_writer_content`]). Its stdout has one timestamped line per step. `Err` is a
     /// skip reason when the venv with `smbprotocol` is missing.
-    pub fn spawn_slow_writer(
+    pub(crate) fn spawn_slow_writer(
         &self,
         name: &str,
         chunk: usize,
@@ -524,7 +528,7 @@ impl Smbd {
 
     /// [`Smbd::spawn_slow_writer`], waited for (bounded by the expected duration plus a minute);
     /// returns the exit status and the writer's output.
-    pub fn slow_writer(
+    pub(crate) fn slow_writer(
         &self,
         name: &str,
         chunk: usize,
@@ -544,7 +548,7 @@ impl Drop for Smbd {
 }
 
 /// What [`Smbd::slow_writer`] writes.
-pub fn slow_writer_content(chunk: usize, count: usize) -> Vec<u8> {
+pub(crate) fn slow_writer_content(chunk: usize, count: usize) -> Vec<u8> {
     (0..count)
         .flat_map(|i| std::iter::repeat_n(b'A' + (i % 26) as u8, chunk))
         .collect()
@@ -552,7 +556,7 @@ pub fn slow_writer_content(chunk: usize, count: usize) -> Vec<u8> {
 
 /// Waits (bounded) for a spawned helper whose stdout and stderr are piped; returns its status
 /// and combined output.
-pub fn finish(child: &mut Child, limit: Duration) -> (ExitStatus, String) {
+pub(crate) fn finish(child: &mut Child, limit: Duration) -> (ExitStatus, String) {
     let out = child.stdout.take();
     let err = child.stderr.take();
     let reader = |s: Option<Box<dyn Read + Send>>| {
@@ -576,7 +580,7 @@ pub fn finish(child: &mut Child, limit: Duration) -> (ExitStatus, String) {
 
 /// An NFS protocol version for the libnfs clients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NfsVersion {
+pub(crate) enum NfsVersion {
     V3,
     V4,
 }
@@ -587,20 +591,20 @@ pub enum NfsVersion {
 /// wrote (also after an NFSv4 CLOSE) until it has 50% of its fd limit open, i.e. in practice
 /// forever. Caveat: it also closes an NFSv3 file's descriptor while the client pauses between
 /// CREATE and WRITE. (`FD_HWMark_Percent = 0` crashes Ganesha 4.3: divide error.)
-pub const MDCACHE_PROMPT_CLOSE: &str = "MDCACHE {
+pub(crate) const MDCACHE_PROMPT_CLOSE: &str = "MDCACHE {
     FD_LWMark_Percent = 0;
     LRU_Run_Interval = 1;
 }";
 
 /// Extra lines for Ganesha's config (e.g. [`MDCACHE_PROMPT_CLOSE`]).
 #[derive(Debug, Clone, Default)]
-pub struct GaneshaOptions {
+pub(crate) struct GaneshaOptions {
     pub extra_config: String,
 }
 
 /// A private NFS-Ganesha (FSAL VFS) on 127.0.0.1 exporting one folder as `/drop` (NFSv3 and
 /// NFSv4; v3 mounts use the pseudo path too).
-pub struct Ganesha {
+pub(crate) struct Ganesha {
     dir: tempfile::TempDir,
     export: PathBuf,
     nfs_port: u16,
@@ -613,12 +617,12 @@ pub struct Ganesha {
 impl Ganesha {
     /// Starts Ganesha exporting `export_path`. `Err` is a printable skip reason (tool missing)
     /// or a start failure with the log's tail.
-    pub fn start(export_path: &Path) -> Result<Ganesha, String> {
+    pub(crate) fn start(export_path: &Path) -> Result<Ganesha, String> {
         Ganesha::start_with(export_path, &GaneshaOptions::default())
     }
 
     /// [`Ganesha::start`] with extra config.
-    pub fn start_with(export_path: &Path, opts: &GaneshaOptions) -> Result<Ganesha, String> {
+    pub(crate) fn start_with(export_path: &Path, opts: &GaneshaOptions) -> Result<Ganesha, String> {
         let ganesha = require("ganesha.nfsd", "nfs-ganesha")?;
         let plugins = [
             "/usr/lib/x86_64-linux-gnu/ganesha",
@@ -781,32 +785,32 @@ LOG {{
     }
 
     /// Whether NFSv3 is served (needs a mount namespace; see the module docs).
-    pub fn has_v3(&self) -> bool {
+    pub(crate) fn has_v3(&self) -> bool {
         self.v3
     }
 
     /// Ganesha's PID.
-    pub fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 
     /// The exported folder (canonical).
-    pub fn export_path(&self) -> &Path {
+    pub(crate) fn export_path(&self) -> &Path {
         &self.export
     }
 
     /// How many descriptors Ganesha holds open on `path`.
-    pub fn open_fds_on(&self, path: &Path) -> usize {
+    pub(crate) fn open_fds_on(&self, path: &Path) -> usize {
         group_fds_on(self.child.id(), path)
     }
 
     /// Ganesha's log file.
-    pub fn log(&self) -> PathBuf {
+    pub(crate) fn log(&self) -> PathBuf {
         self.dir.path().join("ganesha.log")
     }
 
     /// The export's libnfs URL for `version` (a folder URL: append `/NAME` for a file).
-    pub fn url(&self, version: NfsVersion) -> String {
+    pub(crate) fn url(&self, version: NfsVersion) -> String {
         self.url_for(version, "")
     }
 
@@ -841,12 +845,12 @@ LOG {{
 
     /// `nfs-cp LOCAL nfs://.../drop/REMOTE_NAME` over NFSv3 (the parent folder must exist).
     /// libnfs 4.0's `nfs-cp` cannot write over NFSv4 (see `tests/shares/nfs_writer.py`).
-    pub fn cp(&self, local: &Path, remote_name: &str) -> Result<(), String> {
+    pub(crate) fn cp(&self, local: &Path, remote_name: &str) -> Result<(), String> {
         self.cp_version(NfsVersion::V3, local, remote_name)
     }
 
     /// [`Ganesha::cp`] with a version. `Err` is a skip reason (tool or protocol missing).
-    pub fn cp_version(
+    pub(crate) fn cp_version(
         &self,
         version: NfsVersion,
         local: &Path,
@@ -865,7 +869,7 @@ LOG {{
     /// Starts `tests/shares/nfs_writer.py`: mounts, makes missing parent folders, CREATES
     /// `name` empty, sleeps `pause`, writes `data`, closes. Its stdout has one timestamped line
     /// per step. `Err` is a skip reason.
-    pub fn spawn_create_then_write(
+    pub(crate) fn spawn_create_then_write(
         &self,
         version: NfsVersion,
         name: &str,
@@ -893,7 +897,7 @@ LOG {{
 
     /// [`Ganesha::spawn_create_then_write`] over NFSv3, waited for (bounded); panics when the
     /// client fails.
-    pub fn create_then_write(
+    pub(crate) fn create_then_write(
         &self,
         name: &str,
         pause: Duration,
@@ -903,7 +907,7 @@ LOG {{
     }
 
     /// [`Ganesha::create_then_write`] with a version.
-    pub fn create_then_write_version(
+    pub(crate) fn create_then_write_version(
         &self,
         version: NfsVersion,
         name: &str,

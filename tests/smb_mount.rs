@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use crate::shares_fixture::{Smbd, find_tool};
 
 /// A mounted smbnetfs, unmounted on drop.
-pub struct SmbMount {
+pub(crate) struct SmbMount {
     _home: tempfile::TempDir,
     mountpoint: PathBuf,
     share: PathBuf,
@@ -22,7 +22,7 @@ pub struct SmbMount {
 
 impl SmbMount {
     /// Mounts `smbd`'s share; `Err` with a "skipped: …" line where smbnetfs or FUSE is missing.
-    pub fn mount(smbd: &Smbd) -> Result<SmbMount, String> {
+    pub(crate) fn mount(smbd: &Smbd) -> Result<SmbMount, String> {
         let bin = find_tool("smbnetfs")
             .ok_or("skipped: smbnetfs not installed (Debian package smbnetfs)")?;
         if !Path::new("/dev/fuse").exists() {
@@ -80,7 +80,7 @@ impl SmbMount {
     }
 
     /// The share's folder on the mount.
-    pub fn share(&self) -> &Path {
+    pub(crate) fn share(&self) -> &Path {
         &self.share
     }
 }

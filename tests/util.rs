@@ -20,20 +20,21 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 /// The EICAR test string.
-pub const EICAR: &[u8] = br"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*";
+pub(crate) const EICAR: &[u8] =
+    br"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*";
 /// The sensorId the harness uses.
-pub const SENSOR: &str = "6d0c3c1e-8a5f-4b7e-9f2a-1c3d5e7f9a0b";
+pub(crate) const SENSOR: &str = "6d0c3c1e-8a5f-4b7e-9f2a-1c3d5e7f9a0b";
 
 /// Where a file ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     Clean,
     Quarantine,
     Failed,
 }
 
 /// One test world: folders, certificates, an emulator.
-pub struct World {
+pub(crate) struct World {
     pub dir: tempfile::TempDir,
     pub inbox: PathBuf,
     pub clean: PathBuf,
@@ -60,7 +61,7 @@ pub struct World {
 
 impl World {
     /// A world whose emulator has this configuration (listen is forced to 127.0.0.1:0).
-    pub async fn new(emu: EmulatorConfig) -> World {
+    pub(crate) async fn new(emu: EmulatorConfig) -> World {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().to_path_buf();
         let certs_dir = root.join("certs");
@@ -89,7 +90,7 @@ impl World {
     }
 
     /// The default world: quick scans, no limits beyond the defaults.
-    pub async fn quick() -> World {
+    pub(crate) async fn quick() -> World {
         World::new(EmulatorConfig {
             scan_delay: Duration::from_millis(100),
             ..EmulatorConfig::default()
@@ -97,16 +98,16 @@ impl World {
         .await
     }
 
-    pub fn emulator(&self) -> &EmulatorHandle {
+    pub(crate) fn emulator(&self) -> &EmulatorHandle {
         self.emulator.as_ref().unwrap()
     }
 
-    pub fn state_dir(&self) -> PathBuf {
+    pub(crate) fn state_dir(&self) -> PathBuf {
         self.dir.path().join("state")
     }
 
     /// Writes the config file and returns its path.
-    pub fn write_config(&self) -> PathBuf {
+    pub(crate) fn write_config(&self) -> PathBuf {
         let p = |name: &str| self.certs_dir.join(name).display().to_string();
         // Destinations as given (relative to the config's folder when beneath it).
         let dest = |d: &Path| {
@@ -175,7 +176,7 @@ level = "warn"
     }
 
     /// Starts the agent in-process.
-    pub fn start_agent(&self) -> Running {
+    pub(crate) fn start_agent(&self) -> Running {
         init_tracing();
         let config = Config::load(&self.write_config()).unwrap();
         let agent = Agent::new(config).unwrap();
@@ -193,7 +194,7 @@ level = "warn"
     }
 
     /// Creates `rel` in the inbox with `bytes` (parents created).
-    pub fn drop_file(&self, rel: &str, bytes: &[u8]) -> PathBuf {
+    pub(crate) fn drop_file(&self, rel: &str, bytes: &[u8]) -> PathBuf {
         let p = self.inbox.join(rel);
         if let Some(parent) = p.parent() {
             std::fs::create_dir_all(parent).unwrap();
@@ -208,7 +209,7 @@ level = "warn"
     }
 
     /// Every file under `dir` (relative path → content), sidecars and hidden files excluded.
-    pub fn files_in(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    pub(crate) fn files_in(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
         let mut out = BTreeMap::new();
         let mut stack = vec![dir.to_path_buf()];
         while let Some(d) = stack.pop() {
@@ -235,7 +236,7 @@ level = "warn"
     }
 
     /// Where each file ended: relative path → outcome (a file in two places panics).
-    pub fn outcomes(&self) -> BTreeMap<PathBuf, Outcome> {
+    pub(crate) fn outcomes(&self) -> BTreeMap<PathBuf, Outcome> {
         let mut out = BTreeMap::new();
         for (dir, o) in [
             (&self.clean, Outcome::Clean),
@@ -261,7 +262,7 @@ level = "warn"
     }
 
     /// Files left in the inbox (staging and hidden files excluded).
-    pub fn inbox_files(&self) -> BTreeMap<PathBuf, Vec<u8>> {
+    pub(crate) fn inbox_files(&self) -> BTreeMap<PathBuf, Vec<u8>> {
         World::files_in(&self.inbox)
             .into_iter()
             .filter(|(p, _)| !p.starts_with("out"))
@@ -269,7 +270,7 @@ level = "warn"
     }
 
     /// Files in staging.
-    pub fn staged_files(&self) -> usize {
+    pub(crate) fn staged_files(&self) -> usize {
         let staging = self.inbox.join(".dropscan/test");
         // Staged files only: the owner marker (`.owner`) is ours, not a user's file.
         std::fs::read_dir(staging).map_or(0, |rd| {
@@ -280,13 +281,13 @@ level = "warn"
     }
 
     /// The requests the emulator has received so far.
-    pub fn requests(&self) -> RequestCounts {
+    pub(crate) fn requests(&self) -> RequestCounts {
         self.emulator().request_counts()
     }
 
     /// Waits until the emulator has received `n` more results requests than now: the poller has
     /// ticked `n` times since the call (it requests results only while it watches scans).
-    pub async fn wait_polls(&self, n: u64) {
+    pub(crate) async fn wait_polls(&self, n: u64) {
         let from = self.requests().state_gets;
         wait_until(LONG, "results requests", || {
             (self.requests().state_gets >= from + n).then_some(())
@@ -295,7 +296,7 @@ level = "warn"
     }
 
     /// Reconcile walks of this world's inbox started so far by in-process agents.
-    pub fn walks(&self) -> u64 {
+    pub(crate) fn walks(&self) -> u64 {
         events("reconcile", Some(&self.inbox))
     }
 
@@ -303,7 +304,7 @@ level = "warn"
     /// before each new start is over, so `n = 2` proves one whole walk since the call (and, with
     /// `n = 3`, the settling of what it found: `settle` is far shorter than
     /// `reconcile_interval`). In-process agents only.
-    pub async fn wait_walks(&self, n: u64) {
+    pub(crate) async fn wait_walks(&self, n: u64) {
         wait_events("reconcile", Some(&self.inbox), n).await;
     }
 
@@ -311,7 +312,7 @@ level = "warn"
     /// started) has finished its start-up (its first walk of the inbox began, which follows the
     /// start-up reconcile) and the journal holds no unfinished record: everything it resumed or
     /// took back is finished, and nothing is left for it to place.
-    pub async fn wait_idle(&self, walks_before: u64) {
+    pub(crate) async fn wait_idle(&self, walks_before: u64) {
         wait_until(
             LONG,
             "the agent's start-up, then no unfinished record",
@@ -321,13 +322,17 @@ level = "warn"
     }
 
     /// Whether the journal holds no unfinished record (every file it knows is finished).
-    pub fn journal_idle(&self) -> bool {
+    pub(crate) fn journal_idle(&self) -> bool {
         dropscan::journal::read_summary(&self.state_dir().join("journal.sqlite"))
             .is_ok_and(|s| s.oldest_pending.is_none())
     }
 
     /// Waits until `n` files are placed in all, or panics after `limit`.
-    pub async fn wait_placed(&self, n: usize, limit: Duration) -> BTreeMap<PathBuf, Outcome> {
+    pub(crate) async fn wait_placed(
+        &self,
+        n: usize,
+        limit: Duration,
+    ) -> BTreeMap<PathBuf, Outcome> {
         wait_for(limit, || {
             let o = self.outcomes();
             (o.len() >= n).then_some(o)
@@ -344,10 +349,10 @@ level = "warn"
 
 /// The limit of the harness's event waits: generous, since a loaded machine only makes them
 /// slower, never wrong.
-pub const LONG: Duration = Duration::from_secs(60);
+pub(crate) const LONG: Duration = Duration::from_secs(60);
 
 /// Polls `f` until it returns Some, or panics naming `what` after `limit`.
-pub async fn wait_until<T>(limit: Duration, what: &str, f: impl FnMut() -> Option<T>) -> T {
+pub(crate) async fn wait_until<T>(limit: Duration, what: &str, f: impl FnMut() -> Option<T>) -> T {
     wait_for(limit, f)
         .await
         .unwrap_or_else(|| panic!("still waiting for {what} after {limit:?}"))
@@ -363,7 +368,7 @@ static EVENTS: Mutex<Option<HashMap<(String, String), u64>>> = Mutex::new(None);
 
 /// How many events whose message starts with `message` (and, if given, about this root, path or
 /// inbox) were seen.
-pub fn events(message: &str, about: Option<&Path>) -> u64 {
+pub(crate) fn events(message: &str, about: Option<&Path>) -> u64 {
     let roots: Vec<String> = match about {
         None => vec![String::new()],
         Some(path) => [
@@ -390,7 +395,7 @@ pub fn events(message: &str, about: Option<&Path>) -> u64 {
 /// Waits until `n` more events with this message (and root or path) than now were seen.
 /// In-process agents only; the message must be one [`init_tracing`] lets through
 /// (`dropscan::watch`, `dropscan::settle`, `dropscan::claim` and `dropscan::app`, at debug).
-pub async fn wait_events(message: &str, about: Option<&Path>, n: u64) {
+pub(crate) async fn wait_events(message: &str, about: Option<&Path>, n: u64) {
     init_tracing();
     assert!(
         COUNTING.load(std::sync::atomic::Ordering::Relaxed),
@@ -446,7 +451,7 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for EventCounter {
 
 /// The test process's one tracing subscriber: `RUST_LOG` lines to the test's output (captured
 /// unless it fails), and the agent's events counted for [`wait_events`].
-pub fn init_tracing() {
+pub(crate) fn init_tracing() {
     static INIT: Once = Once::new();
     INIT.call_once(|| {
         use tracing_subscriber::Layer as _;
@@ -471,10 +476,10 @@ pub fn init_tracing() {
 }
 
 /// A child's stderr, line by line as it comes (the child was spawned with `Stdio::piped()`).
-pub type Lines = std::sync::Arc<Mutex<Vec<String>>>;
+pub(crate) type Lines = std::sync::Arc<Mutex<Vec<String>>>;
 
 /// Collects the child's stderr lines in the background.
-pub fn collect_stderr(child: &mut std::process::Child) -> Lines {
+pub(crate) fn collect_stderr(child: &mut std::process::Child) -> Lines {
     use std::io::BufRead as _;
     let lines = Lines::default();
     let (stderr, sink) = (child.stderr.take().unwrap(), std::sync::Arc::clone(&lines));
@@ -490,7 +495,7 @@ pub fn collect_stderr(child: &mut std::process::Child) -> Lines {
 }
 
 /// How many collected lines contain `needle`.
-pub fn count_lines(lines: &Lines, needle: &str) -> usize {
+pub(crate) fn count_lines(lines: &Lines, needle: &str) -> usize {
     lines
         .lock()
         .unwrap()
@@ -500,7 +505,7 @@ pub fn count_lines(lines: &Lines, needle: &str) -> usize {
 }
 
 /// Waits until at least `n` collected lines contain `needle`.
-pub async fn wait_lines(lines: &Lines, needle: &str, n: usize) {
+pub(crate) async fn wait_lines(lines: &Lines, needle: &str, n: usize) {
     wait_until(LONG, &format!("{n} lines with {needle:?}"), || {
         (count_lines(lines, needle) >= n).then_some(())
     })
@@ -509,7 +514,7 @@ pub async fn wait_lines(lines: &Lines, needle: &str, n: usize) {
 
 /// Whether a line containing every one of `then` comes after the first line containing `first`
 /// (anywhere when `first` is empty).
-pub fn line_after(lines: &Lines, first: &str, then: &[&str]) -> bool {
+pub(crate) fn line_after(lines: &Lines, first: &str, then: &[&str]) -> bool {
     let lines = lines.lock().unwrap();
     lines
         .iter()
@@ -524,7 +529,7 @@ pub fn line_after(lines: &Lines, first: &str, then: &[&str]) -> bool {
 }
 
 /// Polls `f` every 25 ms until it returns Some or `limit` passes.
-pub async fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+pub(crate) async fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = tokio::time::Instant::now() + limit;
     loop {
         if let Some(v) = f() {
@@ -538,7 +543,7 @@ pub async fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> O
 }
 
 /// An agent running in-process.
-pub struct Running {
+pub(crate) struct Running {
     pub token: CancellationToken,
     pub task: Option<JoinHandle<Result<(), String>>>,
     pub events: broadcast::Receiver<Placement>,
@@ -548,7 +553,7 @@ pub struct Running {
 
 impl Running {
     /// Cancels and waits; returns the agent's result and how long the stop took.
-    pub async fn stop(mut self) -> (Result<(), String>, Duration) {
+    pub(crate) async fn stop(mut self) -> (Result<(), String>, Duration) {
         let t0 = std::time::Instant::now();
         self.token.cancel();
         let r = tokio::time::timeout(Duration::from_secs(20), self.task.take().unwrap())
@@ -566,7 +571,7 @@ impl Drop for Running {
 }
 
 /// Deterministic pseudo-random bytes.
-pub fn bytes(seed: u64, len: usize) -> Vec<u8> {
+pub(crate) fn bytes(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..len)
         .map(|_| {

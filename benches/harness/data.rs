@@ -7,16 +7,16 @@ use std::path::{Path, PathBuf};
 
 /// A small deterministic generator (xorshift64*): the same seed gives the same files on every
 /// machine.
-pub struct Rng(u64);
+pub(crate) struct Rng(u64);
 
 impl Rng {
     /// A generator from `seed` (0 is replaced by 1).
-    pub fn new(seed: u64) -> Self {
+    pub(crate) fn new(seed: u64) -> Self {
         Rng(seed.max(1))
     }
 
     /// The next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
+    pub(crate) fn next_u64(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x >> 12;
         x ^= x << 25;
@@ -26,7 +26,7 @@ impl Rng {
     }
 
     /// Uniform in `0.0..1.0`.
-    pub fn unit(&mut self) -> f64 {
+    pub(crate) fn unit(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
 
@@ -39,7 +39,7 @@ impl Rng {
 }
 
 /// The folders of one scenario under `root`.
-pub struct Layout {
+pub(crate) struct Layout {
     /// The scenario's folder: inbox, clean, quarantine, failed, state, logs.
     pub root: PathBuf,
     /// The watched folder.
@@ -48,7 +48,7 @@ pub struct Layout {
 
 impl Layout {
     /// Creates `root` afresh with an empty inbox.
-    pub fn create(root: &Path) -> io::Result<Self> {
+    pub(crate) fn create(root: &Path) -> io::Result<Self> {
         if root.exists() {
             std::fs::remove_dir_all(root)?;
         }
@@ -62,7 +62,7 @@ impl Layout {
 }
 
 /// Writes `size` pseudo-random bytes to `path` (parents created), 1 MiB at a time.
-pub fn write_file(path: &Path, size: u64, rng: &mut Rng) -> io::Result<()> {
+pub(crate) fn write_file(path: &Path, size: u64, rng: &mut Rng) -> io::Result<()> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)?;
     }
@@ -79,7 +79,7 @@ pub fn write_file(path: &Path, size: u64, rng: &mut Rng) -> io::Result<()> {
 }
 
 /// `count` files of `size` bytes directly in `dir`: `f000000.bin`, …
-pub fn write_many(dir: &Path, count: usize, size: u64, seed: u64) -> io::Result<u64> {
+pub(crate) fn write_many(dir: &Path, count: usize, size: u64, seed: u64) -> io::Result<u64> {
     let mut rng = Rng::new(seed);
     for i in 0..count {
         write_file(&dir.join(format!("f{i:06}.bin")), size, &mut rng)?;
@@ -89,7 +89,7 @@ pub fn write_many(dir: &Path, count: usize, size: u64, seed: u64) -> io::Result<
 
 /// The mixed set: sizes log-uniform between 1 KiB and `max` bytes, in folders up to three
 /// levels deep, at most `count` files and `budget` bytes. Returns (files, bytes).
-pub fn write_mixed(
+pub(crate) fn write_mixed(
     dir: &Path,
     count: usize,
     max: u64,
@@ -118,7 +118,7 @@ pub fn write_mixed(
 }
 
 /// Regular files under `dir`, recursively (0 when it does not exist).
-pub fn count_files(dir: &Path) -> usize {
+pub(crate) fn count_files(dir: &Path) -> usize {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;
     };
@@ -139,7 +139,7 @@ pub fn count_files(dir: &Path) -> usize {
 }
 
 /// Files in clean, and data files (not `*.dropscan.json` sidecars) in quarantine and failed.
-pub fn placed(root: &Path) -> [usize; 3] {
+pub(crate) fn placed(root: &Path) -> [usize; 3] {
     let without_sidecars =
         |dir: &Path| count_files(dir).saturating_sub(count_suffix(dir, ".dropscan.json"));
     [

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use rustix::process::{Pid, Signal, kill_process};
 
 /// A running `dropscan emulate`.
-pub struct Sink {
+pub(crate) struct Sink {
     child: Child,
     lines: Receiver<String>,
     /// `https://127.0.0.1:PORT`.
@@ -61,7 +61,12 @@ impl Requests {
 /// Starts `dropscan emulate` on a free loopback port with certificates in `certs` (generated
 /// there by the first instance) and `extra` flags; waits for its address. `Err` holds its
 /// standard error when it refuses the flags.
-pub fn start_sink(bin: &Path, certs: &Path, log: &Path, extra: &[String]) -> Result<Sink, String> {
+pub(crate) fn start_sink(
+    bin: &Path,
+    certs: &Path,
+    log: &Path,
+    extra: &[String],
+) -> Result<Sink, String> {
     let stderr = std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
     let mut child = Command::new(bin)
         .arg("emulate")
@@ -111,7 +116,7 @@ pub fn start_sink(bin: &Path, certs: &Path, log: &Path, extra: &[String]) -> Res
 
 impl Sink {
     /// SIGTERM, then the counters it prints on the way out.
-    pub fn stop(mut self) -> Requests {
+    pub(crate) fn stop(mut self) -> Requests {
         kill_process(Pid::from_child(&self.child), Signal::TERM).ok();
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut found = None;
@@ -149,7 +154,7 @@ pub struct AgentFigures {
 
 /// Runs `dropscan run --config CONFIG` until `done(root)` reports `expected` files placed or
 /// `limit` passes, then SIGTERM. The log goes to `log`.
-pub fn run_agent(
+pub(crate) fn run_agent(
     bin: &Path,
     config: &Path,
     log: &Path,
@@ -221,7 +226,7 @@ pub fn run_agent(
 }
 
 /// Milliseconds since the Unix epoch.
-pub fn unix_ms() -> u64 {
+pub(crate) fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -262,7 +267,7 @@ fn proc_hwm_kib(pid: u32) -> Option<u64> {
 }
 
 /// Runs a command to completion; its wall time, or why it could not run or failed.
-pub fn time_command(cmd: &mut Command) -> Result<(Duration, String), String> {
+pub(crate) fn time_command(cmd: &mut Command) -> Result<(Duration, String), String> {
     let t0 = Instant::now();
     let out = cmd
         .stdin(Stdio::null())
@@ -281,7 +286,7 @@ pub fn time_command(cmd: &mut Command) -> Result<(Duration, String), String> {
 }
 
 /// Whether `tool ARG` (e.g. `--version`) runs and succeeds.
-pub fn have_tool(tool: &str, arg: &str) -> bool {
+pub(crate) fn have_tool(tool: &str, arg: &str) -> bool {
     Command::new(tool)
         .arg(arg)
         .stdout(Stdio::null())
@@ -291,7 +296,7 @@ pub fn have_tool(tool: &str, arg: &str) -> bool {
 }
 
 /// The certificate files `dropscan emulate` writes.
-pub fn cert_paths(certs: &Path) -> [PathBuf; 3] {
+pub(crate) fn cert_paths(certs: &Path) -> [PathBuf; 3] {
     [
         certs.join("client.crt"),
         certs.join("client.key"),

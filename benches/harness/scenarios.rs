@@ -95,7 +95,7 @@ impl AgentConfig {
 }
 
 /// Runs one scenario by name.
-pub fn run(name: &str, o: &Options) -> Result<Outcome, String> {
+pub(crate) fn run(name: &str, o: &Options) -> Result<Outcome, String> {
     let root = o.work.join(name);
     let layout = Layout::create(&root).map_err(|e| format!("{}: {e}", root.display()))?;
     let outcome = match name {

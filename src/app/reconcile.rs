@@ -310,13 +310,8 @@ async fn resume_record(
                 .await?;
         }
         Route::Upload => {
-            if let (Some(sha256), Some(stamp)) = (r.sha256, r.stamp) {
-                resume.hashed.push(Claimed {
-                    id: r.id,
-                    staged: r.staged,
-                    sha256,
-                    stamp,
-                });
+            if let Some(c) = Claimed::from_record(&r) {
+                resume.hashed.push(c);
             }
         }
         Route::Unconfirmed => resume.submitting.push(r),

@@ -21,7 +21,7 @@ use crate::error::FatalError;
 use crate::metrics::Metrics;
 
 /// How often missing inboxes are looked for again.
-pub const INBOX_RETRY: Duration = Duration::from_secs(5);
+pub(super) const INBOX_RETRY: Duration = Duration::from_secs(5);
 
 /// The metrics endpoint, across agent generations.
 struct Endpoint {

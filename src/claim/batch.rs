@@ -17,8 +17,8 @@ use crate::pipeline::Settled;
 use crate::root::RootId;
 
 /// What one claim attempt came to, for the batch: the rename's answer, or the blocking task's
-/// failure (a panic), which moved nothing that is known.
-type Moved = Result<Result<Claim, FsError>, String>;
+/// failure (a panic), which moved nothing that is known; shared by the files of its batch.
+type Moved = Result<Result<Claim, FsError>, Arc<tokio::task::JoinError>>;
 
 /// What becomes of a record after its claim attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,10 +106,12 @@ pub(super) async fn claim_batch(shared: &Arc<Shared>, batch: &[Settled]) -> Vec<
     let mut claimed = Vec::with_capacity(ids.len());
     let mut dropped = Vec::new();
     for ((id, to), (s, _)) in ids.into_iter().zip(staged).zip(&sources) {
-        let moved = results
-            .next()
-            .flatten()
-            .unwrap_or_else(|| Err("not attempted".into()));
+        let Some(moved) = results.next().flatten() else {
+            // Not attempted: its root left the configuration (a reload). Nothing moved.
+            tracing::debug!(id, path = %fsops::shown(&s.rel_path), "its root is gone; left in the inbox");
+            dropped.push(id);
+            continue;
+        };
         match taken(&moved) {
             Taken::Own { unsynced } => {
                 if unsynced {
@@ -150,19 +152,19 @@ async fn ready_roots(shared: &Arc<Shared>, batch: &[Settled]) -> HashSet<RootId>
     let mut ready = HashSet::new();
     for root in roots.iter().filter_map(|&id| shared.roots.get(id)) {
         let (sh, r) = (Arc::clone(shared), Arc::clone(root));
-        let check = tokio::task::spawn_blocking(move || sh.staging_ready(&r)).await;
+        let check = fsops::blocking(move || sh.staging_ready(&r)).await;
         match check {
-            Ok(Ok(())) => {
+            Ok(()) => {
                 shared.metrics.set_watch_held(root.path(), None);
                 ready.insert(root.id);
             }
-            Ok(Err(e)) => {
+            Err(e @ FsError::Task { .. }) => tracing::error!(error = %e, "staging check failed"),
+            Err(e) => {
                 tracing::error!(error = %e, "staging folder or a destination is not safe; files stay in the inbox");
                 shared
                     .metrics
                     .set_watch_held(root.path(), Some(e.to_string()));
             }
-            Err(e) => tracing::error!(error = %e, "staging check failed"),
         }
     }
     ready
@@ -194,8 +196,9 @@ async fn move_all(
                 }
             }
             Err(e) => {
+                let e = Arc::new(e);
                 for &k in &ks {
-                    results[k] = Some(Err(e.to_string()));
+                    results[k] = Some(Err(Arc::clone(&e)));
                 }
             }
         }
@@ -241,6 +244,18 @@ async fn forget(shared: &Shared, dropped: Vec<FileId>) {
 mod tests {
     use super::*;
 
+    /// A real `JoinError` (a cancelled task), as the blocking pool gives one.
+    fn cancelled() -> tokio::task::JoinError {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let task = tokio::spawn(std::future::pending::<()>());
+            task.abort();
+            task.await.unwrap_err()
+        })
+    }
+
     #[test]
     fn what_each_claim_answer_does_to_its_record() {
         let err = || FsError::NotBeneath { path: "x".into() };
@@ -260,7 +275,7 @@ mod tests {
             (Ok(Ok(Claim::UnreadableLeft)), Taken::Drop(Left::Warn)),
             (Ok(Ok(Claim::InDestination)), Taken::Drop(Left::Warn)),
             (Ok(Err(err())), Taken::Drop(Left::Error)),
-            (Err("panicked".into()), Taken::Drop(Left::TaskFailed)),
+            (Err(Arc::new(cancelled())), Taken::Drop(Left::TaskFailed)),
         ];
         for (moved, want) in table {
             assert_eq!(taken(&moved), want, "{moved:?}");

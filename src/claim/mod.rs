@@ -233,7 +233,7 @@ async fn sweep_kept(shared: &Arc<Shared>) {
             k.rel_path.clone(),
             k.stamp,
         );
-        let step = tokio::task::spawn_blocking(move || -> Result<KeptStep, fsops::FsError> {
+        let step = fsops::blocking(move || -> Result<KeptStep, fsops::FsError> {
             let (staging, name) = sh.staging_of(&orig)?;
             match staging.stamp(&name) {
                 Err(fsops::FsError::Vanished { .. }) => Ok(KeptStep::Gone),
@@ -260,8 +260,8 @@ async fn sweep_kept(shared: &Arc<Shared>) {
         })
         .await;
         match step {
-            Ok(Ok(KeptStep::Waiting)) => continue,
-            Ok(Ok(KeptStep::Returned(back))) => {
+            Ok(KeptStep::Waiting) => continue,
+            Ok(KeptStep::Returned(back)) => {
                 shared
                     .metrics
                     .returned_changed
@@ -272,13 +272,9 @@ async fn sweep_kept(shared: &Arc<Shared>) {
                     "a writer changed this file after it was taken: the new version is back in the inbox and will be scanned"
                 );
             }
-            Ok(Ok(KeptStep::Dropped | KeptStep::Gone)) => {}
-            Ok(Err(e)) => {
-                tracing::warn!(path = %fsops::shown(&k.orig), error = %e, "kept original: cannot look at it or put it back; tried again later");
-                continue;
-            }
+            Ok(KeptStep::Dropped | KeptStep::Gone) => {}
             Err(e) => {
-                tracing::error!(error = %e, "kept-originals task failed");
+                tracing::warn!(path = %fsops::shown(&k.orig), error = %e, "kept original: cannot look at it or put it back; tried again later");
                 continue;
             }
         }

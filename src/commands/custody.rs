@@ -224,7 +224,7 @@ pub(super) enum TakenOver {
 
 impl TakenOver {
     /// Whether the interrupted run did what `mv` (or, with `None`, a purge) asks.
-    pub fn same_as(&self, mv: Option<&Move>) -> bool {
+    pub(super) fn same_as(&self, mv: Option<&Move>) -> bool {
         let TakenOver::Finished {
             action, mv: done, ..
         } = self

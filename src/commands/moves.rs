@@ -43,7 +43,7 @@ pub(super) enum Action {
 
 impl Action {
     /// Its name (`release`, …), as audited.
-    pub fn as_str(self) -> &'static str {
+    pub(super) fn as_str(self) -> &'static str {
         match self {
             Action::Release => "release",
             Action::Restore => "restore",
@@ -53,7 +53,7 @@ impl Action {
     }
 
     /// The action named `s` in the journal.
-    pub fn parse(s: &str) -> Option<Action> {
+    pub(super) fn parse(s: &str) -> Option<Action> {
         [
             Action::Release,
             Action::Restore,
@@ -65,7 +65,7 @@ impl Action {
     }
 
     /// The custody status once it is done (where the file went).
-    pub fn done_status(self) -> &'static str {
+    pub(super) fn done_status(self) -> &'static str {
         match self {
             Action::Release => "released",
             Action::Restore => "restored",
@@ -95,7 +95,7 @@ pub(super) struct Move {
 
 impl Move {
     /// A release: to the clean folder at the original relative path.
-    pub fn release(roots: &RootDirs) -> Move {
+    pub(super) fn release(roots: &RootDirs) -> Move {
         Move {
             action: Action::Release,
             to_root: roots.path(Which::Clean).to_path_buf(),
@@ -106,7 +106,7 @@ impl Move {
     /// A restore to `to` (absolute): into it if it is a folder (under the file's name), else
     /// as that file. A `to` ending in `/` names a folder, as it does for `cp`: one that is not
     /// an existing folder is refused, never taken as a file name.
-    pub fn restore(to: &Path, rec: &FileRecord) -> Result<Move, FsError> {
+    pub(super) fn restore(to: &Path, rec: &FileRecord) -> Result<Move, FsError> {
         use std::os::unix::ffi::OsStrExt as _;
         let name = |p: &Path| PathBuf::from(p.file_name().unwrap_or_default());
         let (to_root, fixed) = if to.is_dir() {
@@ -129,7 +129,7 @@ impl Move {
     }
 
     /// A retry: back into the inbox at the original relative path.
-    pub fn retry(roots: &RootDirs) -> Move {
+    pub(super) fn retry(roots: &RootDirs) -> Move {
         Move {
             action: Action::Retry,
             to_root: roots.path(Which::Inbox).to_path_buf(),

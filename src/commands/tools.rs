@@ -310,19 +310,7 @@ pub(super) fn locate(
     Ok((root.open_dir(parent)?, name.to_os_string()))
 }
 
-/// Runs filesystem work off the async runtime.
-pub(super) async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, FsError> + Send + 'static,
-) -> Result<T, FsError> {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(r) => r,
-        Err(e) => Err(FsError::Io {
-            path: PathBuf::new(),
-            about: "blocking task",
-            source: std::io::Error::other(e.to_string()),
-        }),
-    }
-}
+pub(super) use crate::fsops::blocking;
 
 /// Ends custody after an action: `Ok(detail)` → `done_status`, audited as `action`; `Err` →
 /// kept, audited as `action-refused`, exit 2 (or 69 for an I/O failure).

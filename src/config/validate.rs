@@ -225,7 +225,7 @@ impl Validator {
             .filter(|s| !s.is_empty())
             .map(|s| {
                 kata::parse_fingerprint(s)
-                    .map_err(|e| self.invalid("server.server_fingerprint", &e))
+                    .map_err(|e| self.invalid("server.server_fingerprint", &e.to_string()))
             })
             .transpose()?;
         for (key, p) in [

@@ -224,10 +224,40 @@ impl DelayRange {
     }
 }
 
-fn parse_delay_range(s: &str) -> Result<DelayRange, String> {
+/// Why an emulator option's value does not parse; clap prints it.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ArgError {
+    /// Not a duration.
+    #[error("`{given}` is not a duration like 2s or 500ms ({source})")]
+    Duration {
+        /// The value as given.
+        given: String,
+        /// humantime's complaint.
+        source: humantime::DurationError,
+    },
+    /// A range whose end comes before its start.
+    #[error("the range {0} ends before it starts; write MIN..MAX, e.g. 30s..120s")]
+    Backwards(String),
+    /// Not a number.
+    #[error(transparent)]
+    Number(#[from] std::num::ParseFloatError),
+    /// A share outside 0..=1.
+    #[error("a share is between 0 and 1")]
+    Share,
+    /// A status other than 404 and 405.
+    #[error("expected 404 or 405")]
+    Status,
+    /// Not a SHA-256 in hex.
+    #[error("expected 64 hex characters")]
+    Sha256,
+}
+
+fn parse_delay_range(s: &str) -> Result<DelayRange, ArgError> {
     let one = |t: &str| {
-        humantime::parse_duration(t.trim())
-            .map_err(|e| format!("`{}` is not a duration like 2s or 500ms ({e})", t.trim()))
+        humantime::parse_duration(t.trim()).map_err(|source| ArgError::Duration {
+            given: t.trim().to_string(),
+            source,
+        })
     };
     match s.split_once("..") {
         None => {
@@ -237,41 +267,38 @@ fn parse_delay_range(s: &str) -> Result<DelayRange, String> {
         Some((lo, hi)) => {
             let (min, max) = (one(lo)?, one(hi)?);
             if min > max {
-                return Err(format!(
-                    "the range {s} ends before it starts; write MIN..MAX, e.g. 30s..120s"
-                ));
+                return Err(ArgError::Backwards(s.to_string()));
             }
             Ok(DelayRange::new(min, max))
         }
     }
 }
 
-fn parse_share(s: &str) -> Result<f64, String> {
-    let share: f64 = s.parse().map_err(|e| format!("{e}"))?;
+fn parse_share(s: &str) -> Result<f64, ArgError> {
+    let share: f64 = s.parse()?;
     if (0.0..=1.0).contains(&share) {
         Ok(share)
     } else {
-        Err("a share is between 0 and 1".to_owned())
+        Err(ArgError::Share)
     }
 }
 
-fn parse_missing_route_status(s: &str) -> Result<u16, String> {
+fn parse_missing_route_status(s: &str) -> Result<u16, ArgError> {
     match s.trim() {
         "404" => Ok(404),
         "405" => Ok(405),
-        _ => Err("expected 404 or 405".to_owned()),
+        _ => Err(ArgError::Status),
     }
 }
 
-fn parse_sha256(s: &str) -> Result<[u8; 32], String> {
+fn parse_sha256(s: &str) -> Result<[u8; 32], ArgError> {
     let s = s.trim();
     if s.len() != 64 || !s.is_ascii() {
-        return Err("expected 64 hex characters".to_owned());
+        return Err(ArgError::Sha256);
     }
     let mut out = [0u8; 32];
     for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&s[2 * i..2 * i + 2], 16)
-            .map_err(|_| "expected 64 hex characters".to_owned())?;
+        *byte = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).map_err(|_| ArgError::Sha256)?;
     }
     Ok(out)
 }

@@ -46,6 +46,17 @@ pub use names::{Shown, safe_relative, shown};
 /// Read buffer for hashing and copying.
 pub(crate) const BUF: usize = 1 << 20;
 
+/// Runs filesystem work on the blocking pool. A task that panicked or was cancelled is an
+/// [`FsError::Task`] keeping the `JoinError` as its source: never mistaken for an answer of the
+/// filesystem (a changed or unreadable file).
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, FsError> + Send + 'static,
+) -> Result<T, FsError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|source| Err(FsError::Task { source }))
+}
+
 /// A filesystem failure, with the path and advice in its message.
 #[derive(Debug, thiserror::Error)]
 pub enum FsError {
@@ -187,6 +198,13 @@ pub enum FsError {
         /// What the holder wrote into the lock (PID, host, working folder).
         holder: String,
     },
+    /// The blocking task doing the work panicked or was cancelled: nothing is known about
+    /// what the filesystem did (see [`blocking`]).
+    #[error("the blocking task failed: {source}")]
+    Task {
+        /// The task's failure.
+        source: tokio::task::JoinError,
+    },
     /// Any other I/O error.
     #[error("{}: cannot {about}: {source}{}", shown(path), advice(about, source))]
     Io {
@@ -271,6 +289,8 @@ impl FsError {
             e @ (FsError::UnsafeDestination(_)
             | FsError::NoSafeMove { .. }
             | FsError::NotAFolder { .. }) => e,
+            // About no path at all.
+            e @ FsError::Task { .. } => e,
             FsError::NotPrivate { uid, mode, .. } => FsError::NotPrivate { path, uid, mode },
             FsError::Io { about, source, .. } => FsError::Io {
                 path,

@@ -88,10 +88,10 @@ fn chain(e: &dyn std::error::Error) -> String {
 }
 
 /// The header that carries the body's signature: `sha256=<hex HMAC-SHA256>`.
-pub const SIGNATURE_HEADER: &str = "X-Dropscan-Signature";
+pub(crate) const SIGNATURE_HEADER: &str = "X-Dropscan-Signature";
 
 /// `sha256=<lower-case hex HMAC-SHA256 of body keyed with secret>`.
-pub fn sign(secret: &[u8], body: &[u8]) -> String {
+pub(crate) fn sign(secret: &[u8], body: &[u8]) -> String {
     // HMAC takes a key of any length; this cannot fail.
     match Hmac::<Sha256>::new_from_slice(secret) {
         Ok(mut mac) => {

@@ -44,12 +44,11 @@ use crate::journal::{Anomaly, FileRecord, NewHookEvent, Outcome, ScanVerdict};
 mod deliver;
 mod runner;
 
-pub use deliver::{SIGNATURE_HEADER, sign};
-pub use runner::{PER_HOOK_CONCURRENCY, backoff, run};
+pub(crate) use runner::run;
 
 /// The event delivered for one placement.
 #[derive(Debug, Serialize)]
-pub struct Event<'a> {
+pub(crate) struct Event<'a> {
     /// Always `placed`.
     pub event: &'static str,
     /// `clean`, `quarantine` or `failed`.
@@ -89,7 +88,7 @@ pub struct Event<'a> {
 
 /// The event delivered for a verdict contradicted after the file was released as clean.
 #[derive(Debug, Serialize)]
-pub struct AnomalyEvent<'a> {
+pub(crate) struct AnomalyEvent<'a> {
     /// Always `anomaly`.
     pub event: &'static str,
     /// Where the file was released: `clean`.
@@ -131,7 +130,7 @@ pub struct AnomalyEvent<'a> {
 
 /// The events to queue for anomaly `a`: one per configured hook with `anomaly` in `on` (hooks
 /// with the same target are told once).
-pub fn anomaly_events(config: &Config, a: &Anomaly) -> Vec<NewHookEvent> {
+pub(crate) fn anomaly_events(config: &Config, a: &Anomaly) -> Vec<NewHookEvent> {
     let out: Vec<NewHookEvent> = Vec::new();
     let wanting: Vec<_> = config.hooks.iter().filter(|h| h.wants("anomaly")).collect();
     if wanting.is_empty() {
@@ -183,7 +182,7 @@ fn one_per_target(wanting: &[&crate::config::HookConfig], text: &str) -> Vec<New
 }
 
 /// This host's name.
-pub fn host_name() -> String {
+pub(crate) fn host_name() -> String {
     rustix::system::uname()
         .nodename()
         .to_string_lossy()
@@ -192,7 +191,7 @@ pub fn host_name() -> String {
 
 /// The events to queue for the placement of `rec` as `outcome` at `dest`: one per configured
 /// hook that wants this outcome (hooks with the same target are told once).
-pub fn events_for(
+pub(crate) fn events_for(
     config: &Config,
     rec: &FileRecord,
     outcome: Outcome,

@@ -14,7 +14,7 @@ use crate::config::HookConfig;
 use crate::journal::{HookEvent, Journal, now_ms};
 
 /// Deliveries in progress at once for one hook.
-pub const PER_HOOK_CONCURRENCY: usize = 4;
+pub(crate) const PER_HOOK_CONCURRENCY: usize = 4;
 /// How often the queue is read.
 const POLL_EVERY: Duration = Duration::from_millis(250);
 /// Events read from the queue at once, per hook.
@@ -26,7 +26,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(600);
 
 /// The wait before delivery attempt `attempt + 1` (after `attempt` failures, from 1):
 /// exponential, capped, with `jitter` in 0..=1 choosing between half and all of it.
-pub fn backoff(attempt: u32, jitter: f64) -> Duration {
+pub(crate) fn backoff(attempt: u32, jitter: f64) -> Duration {
     crate::backoff::Backoff::new(BACKOFF_MIN, BACKOFF_MAX).wait(attempt, jitter)
 }
 
@@ -39,7 +39,7 @@ struct Ready {
 
 /// Delivers queued events until `shutdown`. Deliveries in progress at shutdown are abandoned
 /// (their rows stay queued and are delivered again after the restart).
-pub async fn run(journal: Journal, hooks: Vec<HookConfig>, shutdown: CancellationToken) {
+pub(crate) async fn run(journal: Journal, hooks: Vec<HookConfig>, shutdown: CancellationToken) {
     let mut ready: HashMap<String, Arc<Ready>> = HashMap::new();
     for hook in hooks {
         let key = hook.key();

@@ -123,8 +123,8 @@ pub(crate) use ops_maint::DEFAULT_HISTORY;
 pub use ops_maint::read_summary;
 pub use ops_retain::Retained;
 pub use types::{
-    Decision, FailureKind, FileId, FileRecord, FileState, HashedAs, JournalError, NewClaim,
-    Outcome, ScanVerdict, Stamp, Summary,
+    CommitFailure, Decision, FailureKind, FileId, FileRecord, FileState, HashedAs, JournalError,
+    NewClaim, Outcome, ScanVerdict, Stamp, Summary,
 };
 
 use schema::open_connection;

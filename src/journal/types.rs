@@ -6,6 +6,7 @@
 //! rows to these types and the `ops_*` files enforce the transitions.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 pub use crate::fsops::Stamp;
 use crate::scanner::{ScanId, ScanState};
@@ -46,14 +47,32 @@ pub enum JournalError {
         detail: String,
     },
     /// The transaction could not be committed (disk full, I/O error): nothing of it happened.
-    #[error("journal commit failed: {message}")]
+    #[error("journal commit failed: {source}")]
     Commit {
-        /// SQLite's message.
-        message: String,
+        /// Why the transaction did not reach the disk.
+        source: CommitFailure,
     },
     /// The journal thread has stopped.
     #[error("the journal is closed")]
     Closed,
+}
+
+/// Why a transaction's work did not reach the disk. One value answers every operation of the
+/// transaction, hence the shared SQLite error.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CommitFailure {
+    /// `BEGIN` failed: no transaction was had.
+    #[error("{0}")]
+    Begin(Arc<rusqlite::Error>),
+    /// The operation's savepoint could not be opened.
+    #[error("{0}")]
+    Savepoint(Arc<rusqlite::Error>),
+    /// SQLite rolled the transaction back on its own.
+    #[error("the transaction was rolled back by SQLite (disk full or I/O error?)")]
+    RolledBack,
+    /// `COMMIT` failed.
+    #[error("{0}")]
+    Commit(Arc<rusqlite::Error>),
 }
 
 impl JournalError {

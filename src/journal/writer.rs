@@ -10,7 +10,7 @@ use std::sync::Arc;
 use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot};
 
-use super::types::JournalError;
+use super::types::{CommitFailure, JournalError};
 use super::{Journal, WriteHealth};
 
 /// How many waiting operations one transaction takes at most.
@@ -19,7 +19,7 @@ const GROUP_COMMIT_MAX: usize = 1024;
 pub(super) const OPS_CAPACITY: usize = 4096;
 
 /// Answers an operation's caller with the result of the COMMIT its work was part of.
-type Reply = Box<dyn FnOnce(Result<(), String>) + Send>;
+type Reply = Box<dyn FnOnce(Result<(), CommitFailure>) + Send>;
 /// One operation: runs on the journal thread, says whether it succeeded, and hands back its reply.
 pub(super) type Op = Box<dyn FnOnce(&Connection) -> (bool, Reply) + Send>;
 
@@ -63,11 +63,11 @@ enum Batch {
 /// one operation, so the thread always makes progress.
 fn run_batch(conn: &Connection, pending: &mut VecDeque<Op>) -> Batch {
     if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
-        let msg = e.to_string();
+        let failure = CommitFailure::Begin(Arc::new(e));
         for op in pending.drain(..) {
             // Each op still has to answer; report the failure, keep nothing of what it did.
             let (_, reply) = op_failed(op, conn);
-            reply(Err(msg.clone()));
+            reply(Err(failure.clone()));
         }
         return Batch::Failed;
     }
@@ -94,8 +94,8 @@ fn run_batch(conn: &Connection, pending: &mut VecDeque<Op>) -> Batch {
             Err(e) => {
                 tracing::error!(error = %e, "journal savepoint failed");
                 let (_, reply) = op_failed(op, conn);
-                let msg = e.to_string();
-                Box::new(move |_: Result<(), String>| reply(Err(msg))) as Reply
+                let failure = CommitFailure::Savepoint(Arc::new(e));
+                Box::new(move |_: Result<(), CommitFailure>| reply(Err(failure))) as Reply
             }
         };
         replies.push(reply);
@@ -109,9 +109,8 @@ fn run_batch(conn: &Connection, pending: &mut VecDeque<Op>) -> Batch {
                 operations = replies.len(),
                 "the journal transaction was rolled back by SQLite; its operations failed"
             );
-            let msg = "the transaction was rolled back by SQLite (disk full or I/O error?)";
             for reply in replies {
-                reply(Err(msg.to_string()));
+                reply(Err(CommitFailure::RolledBack));
             }
             return Batch::Failed;
         }
@@ -121,7 +120,7 @@ fn run_batch(conn: &Connection, pending: &mut VecDeque<Op>) -> Batch {
         if !conn.is_autocommit() {
             conn.execute_batch("ROLLBACK").ok();
         }
-        e.to_string()
+        CommitFailure::Commit(Arc::new(e))
     });
     let outcome = match &commit {
         Err(_) => Batch::Failed,
@@ -172,7 +171,7 @@ impl Journal {
                 let answer = match (result, commit) {
                     (Ok(v), Ok(())) => Ok(v),
                     (Err(e), _) => Err(e),
-                    (Ok(_), Err(message)) => Err(JournalError::Commit { message }),
+                    (Ok(_), Err(source)) => Err(JournalError::Commit { source }),
                 };
                 tx.send(answer).ok();
             });

@@ -24,7 +24,7 @@ pub use client::{
     parse_retry_after,
 };
 pub use error::{ApiError, TlsError};
-pub use tls::{TlsOptions, parse_fingerprint};
+pub use tls::{FingerprintError, TlsOptions, parse_fingerprint};
 pub use wire::{
     Contradiction, Restrictions, ScanId, ScanIdError, ScanResult, ScanState, merge_duplicates,
     parse_restrictions, parse_results,

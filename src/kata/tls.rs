@@ -286,9 +286,28 @@ fn parse_key(path: &Path, pem: &[u8]) -> Result<PrivateKeyDer<'static>, TlsError
     }
 }
 
+/// Why a configured fingerprint does not parse.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FingerprintError {
+    /// Not 64 hex digits once the prefix and separators are taken away.
+    #[error("a SHA-256 fingerprint has 64 hex digits, found {found} in {given:?}")]
+    Length {
+        /// Digits found.
+        found: usize,
+        /// The value as given.
+        given: String,
+    },
+    /// 64 characters, but not all hex digits.
+    #[error("not a hex digit in fingerprint {given:?}")]
+    NotHex {
+        /// The value as given.
+        given: String,
+    },
+}
+
 /// Parses a SHA-256 fingerprint: `sha256:HEX`, bare `HEX`, or hex with `:` (or space)
 /// separators, in any case.
-pub fn parse_fingerprint(s: &str) -> Result<[u8; 32], String> {
+pub fn parse_fingerprint(s: &str) -> Result<[u8; 32], FingerprintError> {
     let trimmed = s.trim();
     let body = match trimmed.get(..7) {
         Some(prefix) if prefix.eq_ignore_ascii_case("sha256:") => &trimmed[7..],
@@ -296,14 +315,15 @@ pub fn parse_fingerprint(s: &str) -> Result<[u8; 32], String> {
     };
     let digits: Vec<u8> = body.bytes().filter(|b| !matches!(b, b':' | b' ')).collect();
     if digits.len() != 64 {
-        return Err(format!(
-            "a SHA-256 fingerprint has 64 hex digits, found {} in {s:?}",
-            digits.len()
-        ));
+        return Err(FingerprintError::Length {
+            found: digits.len(),
+            given: s.to_string(),
+        });
     }
     let mut out = [0u8; 32];
-    hex::decode_to_slice(&digits, &mut out)
-        .map_err(|_| format!("not a hex digit in fingerprint {s:?}"))?;
+    hex::decode_to_slice(&digits, &mut out).map_err(|_| FingerprintError::NotHex {
+        given: s.to_string(),
+    })?;
     Ok(out)
 }
 

@@ -32,13 +32,13 @@
 /// Cap of a first run, before anything is learned.
 pub const START_CAP: usize = 4;
 /// Smallest multiplicative decrease factor (the jitter spans this to [`BETA_MAX`]).
-pub const BETA_MIN: f64 = 0.5;
+pub(super) const BETA_MIN: f64 = 0.5;
 /// Largest multiplicative decrease factor.
-pub const BETA_MAX: f64 = 0.75;
+pub(super) const BETA_MAX: f64 = 0.75;
 
 /// Whether the cap adapts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
+pub(super) enum Mode {
     /// Learned from 429s, up to this ceiling.
     Auto {
         /// The cap never grows past this.
@@ -53,7 +53,7 @@ pub enum Mode {
 
 /// The cap and what was learned.
 #[derive(Debug, Clone)]
-pub struct Aimd {
+pub(super) struct Aimd {
     mode: Mode,
     cap: usize,
     /// Scans the server held when it last refused one (or the most it accepted since): the
@@ -69,7 +69,7 @@ pub struct Aimd {
 
 impl Aimd {
     /// A cap pinned at `n` (at least 1): starts there, a 429 still cuts it.
-    pub fn fixed(n: usize) -> Self {
+    pub(super) fn fixed(n: usize) -> Self {
         Aimd {
             mode: Mode::Fixed { ceiling: n.max(1) },
             cap: n.max(1),
@@ -81,7 +81,7 @@ impl Aimd {
     }
 
     /// An adaptive cap starting at `learned` (from an earlier run) or [`START_CAP`].
-    pub fn auto(ceiling: usize, learned: Option<usize>) -> Self {
+    pub(super) fn auto(ceiling: usize, learned: Option<usize>) -> Self {
         let ceiling = ceiling.max(1);
         let learned = learned.unwrap_or(0).min(ceiling);
         Aimd {
@@ -95,40 +95,40 @@ impl Aimd {
     }
 
     /// The current cap.
-    pub fn cap(&self) -> usize {
+    pub(super) fn cap(&self) -> usize {
         self.cap
     }
 
     /// The learned capacity (0 = nothing learned yet).
-    pub fn learned(&self) -> usize {
+    pub(super) fn learned(&self) -> usize {
         self.learned
     }
 
     /// The mode.
-    pub fn mode(&self) -> Mode {
+    pub(super) fn mode(&self) -> Mode {
         self.mode
     }
 
     /// The current window; a slot remembers the window it was taken in.
-    pub fn generation(&self) -> u64 {
+    pub(super) fn generation(&self) -> u64 {
         self.generation
     }
 
     /// The most the cap may grow to.
-    pub fn ceiling(&self) -> usize {
+    pub(super) fn ceiling(&self) -> usize {
         match self.mode {
             Mode::Auto { ceiling } | Mode::Fixed { ceiling } => ceiling,
         }
     }
 
     /// Whether the cap is at its ceiling.
-    pub fn at_ceiling(&self) -> bool {
+    pub(super) fn at_ceiling(&self) -> bool {
         self.cap >= self.ceiling()
     }
 
     /// Adopts a capacity learned by an earlier run, read after start-up (never lowers what this
     /// run learned itself). Returns the change of the cap.
-    pub fn restore(&mut self, learned: usize) -> isize {
+    pub(super) fn restore(&mut self, learned: usize) -> isize {
         let Mode::Auto { ceiling } = self.mode else {
             return 0;
         };
@@ -143,7 +143,7 @@ impl Aimd {
 
     /// A submission was accepted; `on_server` scans are now in flight (this one included) and
     /// `saturated` says whether every slot was taken. Returns the change of the cap.
-    pub fn accepted(&mut self, on_server: usize, saturated: bool) -> isize {
+    pub(super) fn accepted(&mut self, on_server: usize, saturated: bool) -> isize {
         let ceiling = self.ceiling();
         self.learned = self.learned.max(on_server.min(ceiling));
         if !saturated || self.cap >= ceiling {
@@ -164,7 +164,7 @@ impl Aimd {
 
     /// The server answered 429 to a submission whose slot was taken in window `generation`,
     /// with `on_server` scans in flight; `jitter` is in [0, 1). Returns the change of the cap.
-    pub fn throttled(&mut self, generation: u64, on_server: usize, jitter: f64) -> isize {
+    pub(super) fn throttled(&mut self, generation: u64, on_server: usize, jitter: f64) -> isize {
         let ceiling = self.ceiling();
         if generation < self.generation {
             return 0; // Part of a burst already answered.

@@ -30,13 +30,13 @@ use super::{Health, Limits, lock};
 use crate::journal::Journal;
 
 /// Window of the files-per-hour figure.
-pub const RATE_WINDOW: Duration = Duration::from_secs(600);
+pub(super) const RATE_WINDOW: Duration = Duration::from_secs(600);
 /// How long a 429 keeps the server's concurrency reported as the binding limit.
-pub const THROTTLE_MEMORY: Duration = Duration::from_secs(600);
+pub(super) const THROTTLE_MEMORY: Duration = Duration::from_secs(600);
 /// How often the binding limit is decided.
-pub const EVALUATE_EVERY: Duration = Duration::from_secs(5);
+pub(super) const EVALUATE_EVERY: Duration = Duration::from_secs(5);
 /// How often the snapshot is saved at most (and at least, while anything changes).
-pub const SAVE_EVERY: Duration = Duration::from_secs(15);
+pub(super) const SAVE_EVERY: Duration = Duration::from_secs(15);
 /// Samples of the saturation and rate wait (one a second).
 const SAMPLE_EVERY: Duration = Duration::from_secs(1);
 /// EWMA weight of one sample (about 20 s of memory).

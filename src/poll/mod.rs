@@ -53,8 +53,8 @@ use crate::context::Shared;
 use crate::error::{FatalError, FileError};
 use crate::journal::{Decision, FileId, FileRecord};
 use crate::pipeline::Claimed;
-use crate::pipeline::Verdict;
 use crate::pipeline::{Resubmit, Submitted};
+use crate::pipeline::{Verdict, decide_then_announce};
 use crate::scanner::{ScanId, ScanState};
 
 mod judge;
@@ -67,12 +67,12 @@ use judge::{Entry, Recent, ScanClock, judge};
 const STALE_DELETES_PER_TICK: usize = 100;
 /// How long a verdict decided here is remembered, to catch a later answer contradicting it;
 /// results are requested for that long after the last verdict, even with nothing in flight.
-pub const RECENT_KEEP: Duration = Duration::from_secs(600);
+pub(crate) const RECENT_KEEP: Duration = Duration::from_secs(600);
 /// Verdicts remembered at most (beyond that, new ones are not remembered).
 const RECENT_MAX: usize = 10_000;
 
 /// What this stage reads.
-pub struct Inputs {
+pub(crate) struct Inputs {
     /// Accepted scans, from the uploader.
     pub submitted_rx: mpsc::Receiver<Submitted>,
     /// Records found `submitted` at start-up.
@@ -82,7 +82,7 @@ pub struct Inputs {
 }
 
 /// What this stage writes.
-pub struct Outputs {
+pub(crate) struct Outputs {
     /// Scans to run again (`error`/`timeout`, never accepted).
     pub resubmit: Resubmit,
     /// Decided files, to the sorter.
@@ -91,7 +91,7 @@ pub struct Outputs {
 
 /// Runs the poller until shutdown. `submitted` and `unconfirmed` come from the journal at start-up
 /// (`submitted` and `submitting` records).
-pub async fn run(
+pub(crate) async fn run(
     ctx: Arc<Shared>,
     inputs: Inputs,
     outputs: Outputs,
@@ -346,13 +346,8 @@ impl Poller<'_> {
     }
 
     fn requeue(&self, rec: &FileRecord) {
-        if let (Some(sha256), Some(stamp)) = (rec.sha256, rec.stamp) {
-            self.resubmit.push(Claimed {
-                id: rec.id,
-                staged: rec.staged.clone(),
-                sha256,
-                stamp,
-            });
+        if let Some(c) = Claimed::from_record(rec) {
+            self.resubmit.push(c);
         }
     }
 
@@ -366,12 +361,9 @@ impl Poller<'_> {
             return true;
         }
         let ids: Vec<FileId> = decisions.iter().map(|(id, _)| *id).collect();
-        match self.shared.journal.decide(decisions).await {
-            Ok(decided) => {
+        match decide_then_announce(&self.shared.journal, self.verdicts_tx, decisions).await {
+            Ok(_) => {
                 scans.retain(|_, e| !ids.contains(&e.id));
-                for id in decided {
-                    self.verdicts_tx.send(Verdict { id }).await.ok();
-                }
                 self.announce_anomalies().await;
                 true
             }

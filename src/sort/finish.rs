@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::{Sorter, Step, blocking};
-use crate::fsops::{self, FsError};
+use super::{Retry, Sorter, Step};
+use crate::fsops::{self, FsError, blocking};
 use crate::journal::{FileRecord, FileState, Outcome, ScanVerdict, now_ms};
 use crate::pipeline::Placement;
 use crate::root::{Root, Which};
@@ -52,7 +52,10 @@ impl Sorter {
         rel: PathBuf,
     ) -> Step {
         let Some(src) = self.shared.root_of(&rec.root).cloned() else {
-            return Step::Retry("the root is no longer configured".into());
+            return Step::Retry(Retry::RootGone {
+                root: rec.root.clone(),
+                staged: rec.staged.clone(),
+            });
         };
         let dest = dest_root.join(&rel);
         if outcome != Outcome::Clean {
@@ -94,17 +97,17 @@ impl Sorter {
             .await;
             if let Err(e) = written {
                 // The file is placed; a missing sidecar is retried, never a reason to move again.
-                return Step::Retry(format!(
-                    "{} is placed at {}, but its sidecar is not written yet: {e}",
-                    fsops::shown(&rec.rel_path),
-                    fsops::shown(&dest)
-                ));
+                return Step::Retry(Retry::Sidecar {
+                    rel: rec.rel_path.clone(),
+                    dest,
+                    source: e,
+                });
             }
         }
         let events =
             crate::hooks::events_for(&self.shared.config, &rec, outcome, &dest, reason.as_deref());
         if let Err(e) = self.shared.journal.placed_with_events(rec.id, events).await {
-            return Step::Retry(format!("journal write failed: {e}"));
+            return Step::Retry(Retry::write(e));
         }
         // From the moment the drop was complete (its last change in the inbox) to placement.
         let since = rec
@@ -153,7 +156,7 @@ impl Sorter {
         root: &Path,
         dest: &Path,
         temp: &std::ffi::OsStr,
-    ) -> Result<bool, String> {
+    ) -> Result<bool, Retry> {
         let (sh, staged, old, temp2) = (
             Arc::clone(&self.shared),
             rec.staged.clone(),
@@ -203,20 +206,16 @@ impl Sorter {
                 );
                 Ok(true)
             }
-            Err(FsError::Busy { .. }) => Err(format!(
-                "{} is being placed into {} by a placement started before the configuration \
-                 changed; waiting for it",
-                fsops::shown(&rec.rel_path),
-                fsops::shown(root)
-            )),
-            Err(e) => Err(format!(
-                "{} was being placed at {} when the configuration changed; that folder cannot be \
-                 opened ({e}): the file is kept there (hidden as {}, or already at that path). \
-                 Make the folder reachable again so that dropscan can finish it",
-                fsops::shown(&rec.rel_path),
-                fsops::shown(dest),
-                fsops::shown(Path::new(temp))
-            )),
+            Err(FsError::Busy { .. }) => Err(Retry::EarlierPlacement {
+                rel: rec.rel_path.clone(),
+                root: root.to_path_buf(),
+            }),
+            Err(source) => Err(Retry::EarlierFolder {
+                rel: rec.rel_path.clone(),
+                dest: dest.to_path_buf(),
+                temp: PathBuf::from(temp),
+                source,
+            }),
         }
     }
 }

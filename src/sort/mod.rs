@@ -34,7 +34,8 @@ use crate::fsops::place::Release;
 
 mod finish;
 mod plan;
-use crate::fsops::{self, FsError};
+mod retry;
+use crate::fsops::{self, FsError, blocking};
 use crate::hashing;
 use crate::journal::{FileId, FileRecord, FileState};
 use crate::pipeline::Hashed;
@@ -43,6 +44,7 @@ use crate::root::Root;
 pub use finish::hex;
 use finish::open_dest;
 use plan::{Plan, plan};
+use retry::Retry;
 
 /// Capacity of the edge into the sorter (from claim, upload and poll). Full: the sender waits.
 pub const VERDICTS_CAPACITY: usize = 1024;
@@ -58,7 +60,7 @@ enum Step {
     /// Finished (placed and result deleted, or closed).
     Done,
     /// Try again later (destination full, server unreachable for the DELETE).
-    Retry(String),
+    Retry(Retry),
 }
 
 /// What this stage reads.
@@ -213,7 +215,7 @@ impl Sorter {
                 entry.0 = Instant::now() + wait.max(Duration::from_secs(1));
                 if entry.1 == 1 || entry.1 % 10 == 0 {
                     tracing::warn!(id, attempts = entry.1, reason = %why, "will retry");
-                    self.shared.journal.note_error(why).await.ok();
+                    self.shared.journal.note_error(why.to_string()).await.ok();
                 }
             }
         }
@@ -222,7 +224,7 @@ impl Sorter {
     async fn step(&self, id: FileId) -> Step {
         let rec = match self.shared.journal.get(id).await {
             Ok(r) => r,
-            Err(e) => return Step::Retry(format!("journal read failed: {e}")),
+            Err(e) => return Step::Retry(Retry::read(e)),
         };
         match rec.state {
             FileState::Decided | FileState::Placing => self.place(rec).await,
@@ -234,11 +236,10 @@ impl Sorter {
 
     async fn place(&self, rec: FileRecord) -> Step {
         let Some(src) = self.shared.root_of(&rec.root).cloned() else {
-            return Step::Retry(format!(
-                "{} is no longer a watched root in the config; the file stays in staging at {}",
-                fsops::shown(&rec.root),
-                fsops::shown(&rec.staged)
-            ));
+            return Step::Retry(Retry::RootGone {
+                root: rec.root.clone(),
+                staged: rec.staged.clone(),
+            });
         };
         let original = rec.root.join(&rec.rel_path);
         let Plan {
@@ -269,15 +270,12 @@ impl Sorter {
                     .then(|| current_root.clone())
             });
             let Some(root) = chosen_in else {
-                return Step::Retry(format!(
-                    "{} was being placed at {}, outside the configured {}: restore the earlier \
-                     folder setting so that dropscan can finish it there (the file is in \
-                     staging, or hidden as {} in that folder)",
-                    fsops::shown(&original),
-                    fsops::shown(dest),
-                    fsops::shown(&current_root),
-                    fsops::shown(Path::new(&temp_name))
-                ));
+                return Step::Retry(Retry::PlacedOutside {
+                    original,
+                    dest: dest.clone(),
+                    configured: current_root,
+                    temp: PathBuf::from(&temp_name),
+                });
             };
             let rel = dest.strip_prefix(&root).map(Path::to_path_buf).ok();
             if root == current_root {
@@ -310,11 +308,11 @@ impl Sorter {
                     let t = match chosen {
                         Ok(t) => t,
                         Err(e) => {
-                            return Step::Retry(format!(
-                                "cannot place {} into {}: {e}",
-                                fsops::shown(&original),
-                                fsops::shown(&dest_root_path)
-                            ));
+                            return Step::Retry(Retry::ChooseName {
+                                original,
+                                dest_root: dest_root_path,
+                                source: e,
+                            });
                         }
                     };
                     if let Err(e) = self
@@ -328,7 +326,7 @@ impl Sorter {
                         )
                         .await
                     {
-                        return Step::Retry(format!("journal write failed: {e}"));
+                        return Step::Retry(Retry::write(e));
                     }
                     t
                 }
@@ -366,7 +364,7 @@ impl Sorter {
                         .await;
                 }
                 Err(e @ FsError::Busy { .. }) => {
-                    return Step::Retry(e.to_string());
+                    return Step::Retry(Retry::Busy(e));
                 }
                 // A hard link (made after the claim) bound for a failed folder on another
                 // filesystem: it can be neither renamed there nor copied (that would read what it
@@ -374,7 +372,7 @@ impl Sorter {
                 // claim leaves hard links there alone.
                 // The same for a file dropscan's user cannot read.
                 Err(e @ (FsError::HardLinked { .. } | FsError::Unreadable { .. })) if !copy => {
-                    return self.return_to_inbox(rec, &src, &e).await;
+                    return self.return_to_inbox(rec, &src, e).await;
                 }
                 // Taken meanwhile, or its folder removed meanwhile: choose again.
                 Err(e) if e.is_already_exists() || e.is_folder_gone() => continue,
@@ -386,13 +384,10 @@ impl Sorter {
                         .metrics
                         .place_errors
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    return Step::Retry(format!(
-                        "{} stays in staging: the staging folder is on another filesystem now \
-                         than when the file was staged (a share mounted over the inbox?); it is \
-                         placed once that folder is reachable again: {}",
-                        fsops::shown(&original),
-                        e.at(&original)
-                    ));
+                    return Step::Retry(Retry::StagingCovered {
+                        source: e.at(&original),
+                        original,
+                    });
                 }
                 Err(FsError::Vanished { .. }) => {
                     self.shared
@@ -410,19 +405,16 @@ impl Sorter {
                         .metrics
                         .place_errors
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    return Step::Retry(format!(
-                        "{} stays in staging: cannot place it into {}: {}",
-                        fsops::shown(&original),
-                        fsops::shown(&dest_root_path),
-                        e.at(&original)
-                    ));
+                    let source = e.at(&original);
+                    return Step::Retry(Retry::Move {
+                        original,
+                        dest_root: dest_root_path,
+                        source,
+                    });
                 }
             }
         }
-        Step::Retry(format!(
-            "{} stays in staging: no free destination name after 16 tries",
-            fsops::shown(&original)
-        ))
+        Step::Retry(Retry::NoFreeName { original })
     }
 
     /// Whether the staging folder reached through its path now cannot be opened, or is on
@@ -436,7 +428,7 @@ impl Sorter {
         }
     }
 
-    async fn return_to_inbox(&self, rec: FileRecord, src: &Arc<Root>, why: &FsError) -> Step {
+    async fn return_to_inbox(&self, rec: FileRecord, src: &Arc<Root>, why: FsError) -> Step {
         let (sh, src, staged, rel) = (
             Arc::clone(&self.shared),
             Arc::clone(src),
@@ -470,10 +462,11 @@ impl Sorter {
                     .ok();
                 Step::Done
             }
-            Err(e) => Step::Retry(format!(
-                "{} stays in staging: {why}; and it cannot be returned to the inbox: {e}",
-                fsops::shown(&rec.rel_path)
-            )),
+            Err(e) => Step::Retry(Retry::CannotReturn {
+                rel: rec.rel_path,
+                why: Box::new(why),
+                source: e,
+            }),
         }
     }
 
@@ -481,7 +474,7 @@ impl Sorter {
     async fn rescan(&self, rec: FileRecord) -> Step {
         tracing::warn!(id = rec.id, path = %fsops::shown(&rec.rel_path), "file changed after it was hashed: scanning it again");
         if let Err(e) = self.shared.journal.rehash(rec.id).await {
-            return Step::Retry(format!("journal write failed: {e}"));
+            return Step::Retry(Retry::write(e));
         }
         match hashing::hash_record(&self.shared, rec.id, rec.staged.clone(), false).await {
             Hashed::Ready(c) => self.resubmit.push(c),
@@ -500,29 +493,17 @@ impl Sorter {
             if let Some(scan_id) = &rec.scan_id {
                 self.shared.limits.rate().await;
                 if let Err(e) = self.shared.scanner.forget(scan_id).await {
-                    return Step::Retry(format!(
-                        "cannot delete result {scan_id} on the server: {e}"
-                    ));
+                    return Step::Retry(Retry::Forget {
+                        scan_id: scan_id.clone(),
+                        source: e,
+                    });
                 }
             }
         }
         match self.shared.journal.done(rec.id).await {
             Ok(()) => Step::Done,
-            Err(e) => Step::Retry(format!("journal write failed: {e}")),
+            Err(e) => Step::Retry(Retry::write(e)),
         }
-    }
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, FsError> + Send + 'static,
-) -> Result<T, FsError> {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(r) => r,
-        Err(e) => Err(FsError::Io {
-            path: PathBuf::new(),
-            about: "blocking task",
-            source: std::io::Error::other(e.to_string()),
-        }),
     }
 }
 

@@ -73,3 +73,17 @@ fn the_queue_holds_each_record_once() {
     q.push(1);
     assert_eq!(q.pop(), Some(1));
 }
+
+/// Issue 21: a panic in a blocking task was turned into text (an I/O error in the sorter, a
+/// "changed" file in hashing); the `JoinError` is kept as the error's source.
+#[tokio::test]
+async fn a_panicked_blocking_task_keeps_its_join_error() {
+    let e = crate::fsops::blocking(|| -> Result<(), crate::fsops::FsError> { panic!("boom") })
+        .await
+        .unwrap_err();
+    let source = std::error::Error::source(&e).expect("a source");
+    let join = source
+        .downcast_ref::<tokio::task::JoinError>()
+        .expect("the JoinError itself");
+    assert!(join.is_panic());
+}
