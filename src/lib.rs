@@ -14,8 +14,8 @@
 //! └──────────── journal (SQLite WAL): what survives kill -9, and the bus between stages ──────┘
 //! ```
 //!
-//! The stages never import each other or [`app`]: what crosses an edge is in [`pipeline`],
-//! what they share in [`context`], and [`hashing`] and [`scope`] are the pieces two stages
+//! The stages never import each other or [`app`]: what crosses an edge is in `pipeline`,
+//! what they share in `context`, and `hashing` and `scope` are the pieces two stages
 //! need. Two seams: a stage reaches a watched root through [`root`] (the input source), never
 //! through how its folders are kept, and the scanning service through [`scanner`] (submit,
 //! results, forget, restrictions), never through the KATA client itself. A test
@@ -24,8 +24,8 @@
 //! Around the pipeline: [`config`] (validated once at start), [`kata`] (the protocol client,
 //! knowing nothing of the pipeline), [`fsops`] (the only place that touches users' files,
 //! every path beneath its root), [`app`] (wiring, start-up reconciliation, reload, shutdown),
-//! [`emulator`] (the built-in KATA stand-in), [`hooks`] (notifications of placements),
-//! [`metrics`], [`service`] (systemd notifications), and the [`commands`].
+//! [`emulator`] (the built-in KATA stand-in), `hooks` (notifications of placements),
+//! [`metrics`], `service` (systemd notifications), and the [`commands`].
 
 // The pipeline, in order: each stage is one module with one `run(ctx, inputs, outputs,
 // shutdown)`. (Blank lines keep rustfmt from sorting them.)

@@ -1,6 +1,6 @@
 //! The scanner seam: the four operations the pipeline asks of a scanning service, in front of
 //! the concrete protocol client ([`kata`](crate::kata)). The stages, [`limits`](crate::limits)
-//! and [`context`](crate::context) name [`Scanner`] and the types re-exported here, never the
+//! and `context` name [`Scanner`] and the types re-exported here, never the
 //! client (`tests/layout.rs` checks it).
 //!
 //! **The contract** a scanner must keep, because the journal's crash safety rests on it:

@@ -18,7 +18,7 @@
 //! - a staged file with no record (the journal was lost or is new) re-enters as a new file under
 //!   `recovered/`.
 //!
-//! Once every stage runs, the service manager is told `READY=1` ([`crate::service`]).
+//! Once every stage runs, the service manager is told `READY=1` (`crate::service`).
 //!
 //! Shutdown: the token is cancelled (SIGINT/SIGTERM); sources stop taking work; uploads in
 //! progress get `shutdown_grace`, then are abandoned, which is safe because the journal already

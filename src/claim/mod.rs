@@ -5,7 +5,7 @@
 //! name, under a read lease where leases can be asked ([`crate::fsops::claim`]): a file that a
 //! writer holds open is left where it is. A rename that fails because the file is gone means
 //! another agent sharing the folder took it (or the user removed it): the record is dropped and
-//! nothing else happens. Once staged, the file is **owned** ([`crate::hashing`],
+//! nothing else happens. Once staged, the file is **owned** (`crate::hashing`,
 //! [`crate::fsops::own`]): copied into a private inode while it is hashed with streaming SHA-256,
 //! under the lease; a writer still at it sends it back to the inbox. Where no lease can be had,
 //! the user's original is kept beside the copy, and this stage's sweep of kept originals drops

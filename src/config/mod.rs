@@ -161,7 +161,7 @@ pub struct ServerConfig {
     /// Results polling period.
     pub poll_interval: Duration,
     /// One-shot runs (`scan`): after each submission, poll after 1 s, then 2 s, 4 s … up to
-    /// `poll_interval` ([`crate::backoff::Pace`]), not a whole `poll_interval` later. Not a
+    /// `poll_interval` (`crate::backoff::Pace`), not a whole `poll_interval` later. Not a
     /// configuration key: `scan` sets it.
     pub poll_early: bool,
     /// Timeout of one request.

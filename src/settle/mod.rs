@@ -1,7 +1,7 @@
 //! Settle: decides when a dropped file is completely written, and hands it on as `Settled`.
 //!
 //! Settle applies the filters (built-in temporary names, the root's `include` / `exclude` globs,
-//! own folders and dot-folders; the rules themselves are [`crate::scope`]) and owns the
+//! own folders and dot-folders; the rules themselves are `crate::scope`) and owns the
 //! completion rule. Every pending path is re-stated on a tick (a
 //! quarter of the shortest `settle`, 50 ms to 1 s), off the async threads, since a stat on a
 //! network share may block. When claim is slow, `settled_tx.send` waits, and the files simply
@@ -30,14 +30,14 @@
 //!    is then owned without a lease, its original kept (below).
 //!
 //! 4. **Save temps wait much longer.** A name shaped like Excel's save temp (8 hex digits, no
-//!    extension: [`crate::scope::is_save_temp_name`]) must be quiet for the root's
+//!    extension: `crate::scope::is_save_temp_name`) must be quiet for the root's
 //!    `save_temp_settle` (default an hour): Excel writes the whole workbook under it and renames
 //!    it over the real name, and a slow save to a share pauses for seconds. Taken earlier, the
 //!    save fails and clean gets a file named `5A7C1E00`. A crashed save's leftover is still
 //!    scanned, an hour later (never left for ever, never deleted unscanned).
 //!
 //! The lease is asked again by claim around its rename and held by the hash while it copies the
-//! file into a private inode (see [`crate::claim`] and [`crate::hashing`]): a writer that opens
+//! file into a private inode (see [`crate::claim`] and `crate::hashing`): a writer that opens
 //! the file in between breaks it, the work stops at once, and the file stays (or goes back) in
 //! the inbox. No writer waits on dropscan for more than one copy step.
 //!

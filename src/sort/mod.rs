@@ -13,7 +13,7 @@
 //! was hashed; a file that changed is hashed and scanned again, never released on an old verdict.
 //!
 //! `placed` is journaled together with the placement's notifications (`[[hook]]`, see
-//! [`crate::hooks`]), so that none is lost and none announces a placement not recorded.
+//! `crate::hooks`), so that none is lost and none announces a placement not recorded.
 //!
 //! A destination that is full or not writable keeps the file in staging and the move is retried
 //! with backoff; nothing is ever deleted to make room.

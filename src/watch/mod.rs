@@ -13,7 +13,7 @@
 //! This module does not decide whether a file is complete, and never opens or stats files for
 //! that purpose: it only says "look at this path" (it stats a hinted path only to tell a new
 //! folder, which it lists, from a file). Settle applies the filters and the completion gates.
-//! Every listing and hint obeys the scope rules of [`crate::scope`] (no symlink followed, never
+//! Every listing and hint obeys the scope rules of `crate::scope` (no symlink followed, never
 //! into the root's own folders or dot-folders, no subfolders when not recursive), which settle
 //! and the `scan` command share.
 //!
