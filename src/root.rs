@@ -74,7 +74,7 @@ pub struct Root {
     /// The tag older versions gave its temp names ([`legacy_instance_of`]).
     pub legacy_instance: String,
     /// What its stages report while it runs (read by the metrics).
-    pub status: RootStatus,
+    pub status: Arc<RootStatus>,
 }
 
 impl Root {
@@ -87,7 +87,7 @@ impl Root {
             legacy_instance: legacy_instance_of(&config),
             config,
             hard_links_ok,
-            status: RootStatus::default(),
+            status: Arc::default(),
         }
     }
 

@@ -9,10 +9,12 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::gauge::ConstGauge;
 
 use super::Metrics;
-use crate::root::Roots;
+use crate::root::{RootStatus, Roots};
 
-/// The roots attached by [`Metrics::set_roots`]; none before an agent attached them.
-pub(super) type AttachedRoots = Arc<Mutex<Option<Roots>>>;
+/// The status of each root attached by [`Metrics::set_roots`], with its `watch` label; none
+/// before an agent attached them. Only the status is kept, never the root (its open folders,
+/// its staging lock): the metrics outlive an agent that stopped.
+pub(super) type AttachedRoots = Arc<Mutex<Option<Vec<(String, Arc<RootStatus>)>>>>;
 
 /// Turns each attached root's [`RootStatus`](crate::root::RootStatus) into series.
 pub(super) struct WatchesCollector(pub(super) AttachedRoots);
@@ -33,10 +35,7 @@ impl Collector for WatchesCollector {
         else {
             return Ok(());
         };
-        let watches: Vec<(String, &crate::root::RootStatus)> = roots
-            .iter()
-            .map(|r| (r.path().to_string_lossy().into_owned(), &r.status))
-            .collect();
+        let watches = roots;
         per_watch(
             &mut encoder,
             "inbox_settling_files",
@@ -76,6 +75,15 @@ impl Metrics {
     /// by the configuration, never a file's name) and what their stages report.
     pub fn set_roots(&self, roots: &Roots) {
         self.set_watches(roots.iter().map(|r| r.path().to_path_buf()));
-        *self.roots.lock().unwrap_or_else(PoisonError::into_inner) = Some(roots.clone());
+        let status = roots
+            .iter()
+            .map(|r| {
+                (
+                    r.path().to_string_lossy().into_owned(),
+                    Arc::clone(&r.status),
+                )
+            })
+            .collect();
+        *self.roots.lock().unwrap_or_else(PoisonError::into_inner) = Some(status);
     }
 }
