@@ -196,3 +196,25 @@ async fn two_agents_with_one_instance_id_on_one_host_refuse_the_second_naming_th
     );
     assert!(placed.is_some(), "the first agent works on");
 }
+
+/// Bug: a stopped agent let go of its staging folder's lock only when the last task holding its
+/// root was dropped, which the runtime does a moment after the agent's `run` returned (aborted
+/// watcher tasks). An agent started at once in the same process (the `review6` restart tests;
+/// a one-shot `scan` after another) found the folder "in use by another dropscan on this host"
+/// and stopped. Expected: the lock is let go when `run` returns; each restart runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_restarted_at_once_in_the_same_process_is_not_refused_its_own_staging_folder() {
+    let w = World::quick().await;
+    for i in 0..12 {
+        w.drop_file(&format!("f{i}.txt"), format!("restart {i}").as_bytes());
+        let mut agent = w.start_agent();
+        let placed = wait_for(LIMIT, || {
+            (World::files_in(&w.clean).len() > i).then_some(())
+        });
+        tokio::select! {
+            placed = placed => assert!(placed.is_some(), "restart {i}: the file was not placed"),
+            ended = agent.ended() => panic!("restart {i}: the agent stopped by itself: {ended:?}"),
+        }
+        agent.stop().await.0.unwrap();
+    }
+}

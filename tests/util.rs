@@ -552,6 +552,19 @@ pub(crate) struct Running {
 }
 
 impl Running {
+    /// Resolves with the agent's result when it ends by itself (never while it runs): a test
+    /// selects on it to report an agent that stopped rather than time out waiting for it.
+    pub(crate) async fn ended(&mut self) -> Result<(), String> {
+        match self.task.as_mut() {
+            Some(task) => {
+                let r = task.await.unwrap();
+                self.task = None;
+                r
+            }
+            None => std::future::pending().await,
+        }
+    }
+
     /// Cancels and waits; returns the agent's result and how long the stop took.
     pub(crate) async fn stop(mut self) -> (Result<(), String>, Duration) {
         let t0 = std::time::Instant::now();

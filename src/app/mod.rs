@@ -146,10 +146,13 @@ impl Agent {
         let (shared, keep) = (Arc::clone(&self.shared), self.keep_staging_locks);
         let result = self.run_stages(shutdown).await;
         if !keep {
+            // Let go now, not when the last task holding a root is dropped: an aborted task is
+            // dropped by the runtime a moment later, and the next agent (a restart in the same
+            // process) would find the folder still locked.
             let held: Vec<(u64, u64)> = shared
                 .roots
                 .iter()
-                .filter_map(|r| r.dirs().held_staging())
+                .filter_map(|r| r.dirs().release_staging())
                 .collect();
             fsops::roots::release_staging_locks(&held);
         }

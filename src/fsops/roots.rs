@@ -165,12 +165,14 @@ impl RootDirs {
         self.get(Which::Staging, true)
     }
 
-    /// The staging folder whose lock this agent holds, by (dev, ino).
-    pub fn held_staging(&self) -> Option<(u64, u64)> {
+    /// Lets go of this agent's hold on its staging folder's lock, returning the folder's
+    /// (dev, ino) for [`release_staging_locks`]: the lock file is closed once no other hold on
+    /// it is left in the process (a reload's next generation shares it).
+    pub fn release_staging(&self) -> Option<(u64, u64)> {
         self.lock
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .as_ref()
+            .take()
             .map(|l| l.folder)
     }
 
