@@ -40,6 +40,7 @@ async fn shared_world(port: u16) -> World {
     std::fs::create_dir_all(w.dir.path().join("inbox2")).unwrap();
     w.more_watches = format!(
         "\n[[watch]]\npath = \"inbox2\"\nsettle = \"300ms\"\nsettle_empty = \"2s\"\n\
+         reconcile_interval = \"1s\"\n\
          clean_dir = \"out2/clean\"\nquarantine_dir = \"out2/quarantine\"\nfailed_dir = \"out2/failed\"\n\
          \n[metrics]\nlisten = \"127.0.0.1:{port}\"\n"
     );
@@ -129,10 +130,11 @@ async fn a_staging_folder_owned_by_another_user_holds_only_its_watch() {
         // A whole reconcile walk of the other inbox later, the agent still runs.
         let inbox2 = w.dir.path().join("inbox2");
         let walks = events("reconcile", Some(&inbox2));
-        wait_for(LIMIT, || {
+        let walked = wait_for(LIMIT, || {
             (events("reconcile", Some(&inbox2)) >= walks + 2).then_some(())
         })
         .await;
+        assert!(walked.is_some(), "no whole reconcile walk of inbox2 within {LIMIT:?}");
         let task_alive = agent.task.as_ref().is_some_and(|t| !t.is_finished());
         agent.stop().await.0.unwrap();
         let case = format!("attacker owns .dropscan: {attacker_owns_parent}");
