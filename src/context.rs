@@ -60,6 +60,21 @@ impl Shared {
         }
     }
 
+    /// Whether the staging folder reached now for `staged` is on another filesystem than the
+    /// one this agent locked (and staged its files in): a share mounted over the inbox covers
+    /// the folder that holds them. A folder that cannot be opened counts as covered.
+    pub fn staging_covered(&self, staged: &Path) -> bool {
+        let Some(root) = self.roots.by_staged(staged) else {
+            return false;
+        };
+        let Some((locked, _)) = root.dirs().locked_staging() else {
+            return false;
+        };
+        root.staging()
+            .and_then(|d| d.identity())
+            .map_or(true, |(now, _)| now != locked)
+    }
+
     /// Opens a staged file for reading; it must still be the file that was hashed.
     pub fn open_staged(&self, staged: &Path, hashed: &Stamp) -> Result<std::fs::File, FsError> {
         let (dir, name) = self.staging_of(staged)?;

@@ -40,6 +40,14 @@ async fn own_staged(
     .unwrap_or_else(|e| Err(Owning::Failed(e)))
 }
 
+/// Whether `staged`'s staging folder is covered by a mount ([`Shared::staging_covered`]).
+async fn covered(shared: &Arc<Shared>, staged: &std::path::Path) -> bool {
+    let (sh, path) = (Arc::clone(shared), staged.to_path_buf());
+    blocking(move || Ok(sh.staging_covered(&path)))
+        .await
+        .unwrap_or(true)
+}
+
 /// A staged file that a writer still holds open goes back into the inbox under its name (or
 /// `name (1)` beside it if that was taken meanwhile), and its claim is forgotten.
 async fn give_back(shared: &Arc<Shared>, id: FileId, staged: PathBuf) -> Hashed {
@@ -147,6 +155,13 @@ pub(crate) async fn hash_record(
                 }
                 Err(e) => Err(e),
             }
+        }
+        // Not in the staging folder reached now, which is not the one the file was staged in
+        // (a share mounted over the inbox covers it): kept `claimed`; the stuck-claim sweep
+        // owns it again once the folder is reachable.
+        Err(e @ FsError::Vanished { .. }) if covered(shared, &staged).await => {
+            tracing::warn!(id, error = %e, "the staging folder is covered by a mount; hashed once it is reachable again");
+            Ok(Hashed::Waiting)
         }
         Err(FsError::Vanished { .. }) => journal
             .close_vanished(id, "vanished from staging before it was hashed".into())

@@ -461,6 +461,7 @@ pub(crate) fn init_tracing() {
             .with_target("dropscan::watch", tracing::Level::DEBUG)
             .with_target("dropscan::settle", tracing::Level::DEBUG)
             .with_target("dropscan::claim", tracing::Level::DEBUG)
+            .with_target("dropscan::hashing", tracing::Level::DEBUG)
             .with_target("dropscan::app", tracing::Level::DEBUG);
         let installed = tracing_subscriber::registry()
             .with(

@@ -165,6 +165,16 @@ impl RootDirs {
         self.get(Which::Staging, true)
     }
 
+    /// The (dev, ino) of the staging folder whose lock this agent holds: the folder its staged
+    /// files are in, even when a mount now covers the path to it.
+    pub fn locked_staging(&self) -> Option<(u64, u64)> {
+        self.lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .map(|l| l.folder)
+    }
+
     /// Lets go of this agent's hold on its staging folder's lock, returning the folder's
     /// (dev, ino) for [`release_staging_locks`]: the lock file is closed once no other hold on
     /// it is left in the process (a reload's next generation shares it).

@@ -418,14 +418,13 @@ impl Sorter {
     }
 
     /// Whether the staging folder reached through its path now cannot be opened, or is on
-    /// another device than the one `rec`'s file was staged (and hashed) on: the folder that
-    /// holds the file is covered (a share mounted over the inbox), not emptied.
+    /// another device than the one this agent locked and `rec`'s file was staged in: the folder
+    /// that holds the file is covered (a share mounted over the inbox), not emptied.
     async fn staged_elsewhere(&self, rec: &FileRecord) -> bool {
         let (sh, staged) = (Arc::clone(&self.shared), rec.staged.clone());
-        match blocking(move || sh.staging_of(&staged)?.0.identity()).await {
-            Ok((now, _)) => rec.stamp.is_some_and(|s| s.dev != now),
-            Err(_) => true,
-        }
+        blocking(move || Ok(sh.staging_covered(&staged)))
+            .await
+            .unwrap_or(true)
     }
 
     async fn return_to_inbox(&self, rec: FileRecord, src: &Arc<Root>, why: FsError) -> Step {
