@@ -198,6 +198,16 @@ pub enum FsError {
         /// What the holder wrote into the lock (PID, host, working folder).
         holder: String,
     },
+    /// The agent these folders belong to has stopped and let go of its staging folder: a task
+    /// of it still running must not lock the folder again.
+    #[error(
+        "the staging folder {} was let go: this agent has stopped",
+        shown(staging)
+    )]
+    StagingReleased {
+        /// The staging folder.
+        staging: PathBuf,
+    },
     /// The blocking task doing the work panicked or was cancelled: nothing is known about
     /// what the filesystem did (see [`blocking`]).
     #[error("the blocking task failed: {source}")]
@@ -288,6 +298,7 @@ impl FsError {
             // About a folder, not the file: kept as it is.
             e @ (FsError::UnsafeDestination(_)
             | FsError::NoSafeMove { .. }
+            | FsError::StagingReleased { .. }
             | FsError::NotAFolder { .. }) => e,
             // About no path at all.
             e @ FsError::Task { .. } => e,

@@ -75,6 +75,14 @@ impl Slot {
     }
 }
 
+/// This agent's hold on its staging folder's lock.
+#[derive(Debug, Default)]
+struct LockSlot {
+    held: Option<StagingLock>,
+    /// Let go for good: the agent stopped ([`RootDirs::release_staging`]).
+    released: bool,
+}
+
 /// The folders of one `[[watch]]`.
 #[derive(Debug)]
 pub struct RootDirs {
@@ -84,7 +92,7 @@ pub struct RootDirs {
     quarantine: Slot,
     failed: Slot,
     /// The staging folder's lock, held while this agent uses it ([`lock_staging`]).
-    lock: Mutex<Option<StagingLock>>,
+    lock: Mutex<LockSlot>,
     /// The inbox (device, inode) on which files were last found movable without replacing
     /// ([`RootDirs::safe_moves`]).
     moves_ok: Mutex<Option<(u64, u64)>>,
@@ -103,7 +111,7 @@ impl RootDirs {
             clean: slot(&w.clean_dir, 0o755, Some("clean_dir")),
             quarantine: slot(&w.quarantine_dir, 0o700, Some("quarantine_dir")),
             failed: slot(&w.failed_dir, 0o750, Some("failed_dir")),
-            lock: Mutex::new(None),
+            lock: Mutex::new(LockSlot::default()),
             moves_ok: Mutex::new(None),
         }
     }
@@ -171,34 +179,41 @@ impl RootDirs {
         self.lock
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+            .held
             .as_ref()
             .map(|l| l.folder)
     }
 
-    /// Lets go of this agent's hold on its staging folder's lock, returning the folder's
-    /// (dev, ino) for [`release_staging_locks`]: the lock file is closed once no other hold on
-    /// it is left in the process (a reload's next generation shares it).
+    /// Lets go of this agent's hold on its staging folder's lock for good, returning the
+    /// folder's (dev, ino) for [`release_staging_locks`]: the lock file is closed once no other
+    /// hold on it is left in the process (a reload's next generation shares it). A blocking task
+    /// of the stopped agent that is still running (a claim's check, the owner heartbeat) is
+    /// refused the lock from now on ([`FsError::StagingReleased`]), so it cannot take it again
+    /// and keep it from the next agent.
     pub fn release_staging(&self) -> Option<(u64, u64)> {
-        self.lock
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
-            .map(|l| l.folder)
+        let mut slot = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+        slot.released = true;
+        slot.held.take().map(|l| l.folder)
     }
 
     /// Holds the staging folder's lock for this agent ([`lock_staging`]): taken on first use,
     /// and again when the folder was made anew. Refused while another process holds it.
     pub fn hold_staging(&self, staging: &Dir) -> Result<(), FsError> {
-        let mut held = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut slot = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+        if slot.released {
+            return Err(FsError::StagingReleased {
+                staging: staging.path().to_path_buf(),
+            });
+        }
         let here = staging.identity()?;
-        if held.as_ref().is_some_and(|l| l.folder == here) {
+        if slot.held.as_ref().is_some_and(|l| l.folder == here) {
             return Ok(());
         }
         // The folder was made anew (or moved away and replaced): the old one's lock goes.
-        if let Some(old) = held.take() {
+        if let Some(old) = slot.held.take() {
             release_staging_locks(&[old.folder]);
         }
-        *held = Some(lock_staging(staging)?);
+        slot.held = Some(lock_staging(staging)?);
         Ok(())
     }
 
