@@ -18,6 +18,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use crate::kill_points_tools::temps_in;
 use crate::shares_fixture::find_tool;
 use crate::util::{EICAR, Outcome, World, bytes, wait_for};
 
@@ -235,23 +236,6 @@ enum Disturb {
 /// The contents under `dir`, recursively (sidecars and hidden files excluded), with their paths.
 fn contents(dir: &std::path::Path) -> Vec<(PathBuf, Vec<u8>)> {
     World::files_in(dir).into_iter().collect()
-}
-
-/// Hidden leftovers of ours (temps) under `dir`.
-fn temps_in(dir: &std::path::Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if p.to_string_lossy().ends_with(".dropscan-partial") {
-                out.push(p);
-            }
-        }
-    }
-    out
 }
 
 /// Kills the agent at every call of `syscalls` while it places two files into destinations on

@@ -13,30 +13,12 @@ use std::time::Duration;
 
 use crate::quarantine_tools::{dropscan, text};
 
-/// A child leading its own process group, killed whole when dropped.
-struct Group(std::process::Child);
-
-impl Drop for Group {
-    fn drop(&mut self) {
-        kill_group(&mut self.0);
-    }
-}
-
-/// Kills (SIGKILL) and reaps the process group `child` leads.
-fn kill_group(child: &mut std::process::Child) {
-    if let Some(pgid) = i32::try_from(child.id())
-        .ok()
-        .and_then(rustix::process::Pid::from_raw)
-    {
-        rustix::process::kill_process_group(pgid, rustix::process::Signal::KILL).ok();
-    }
-    child.wait().ok();
-}
+use crate::kill_points::{Group, kill_group};
 use crate::shares_fixture::find_tool;
 use crate::util::{EICAR, LONG, World, bytes, collect_stderr, line_after, wait_for};
 
 /// Destinations on another filesystem (tmpfs): placements there are verified copies, with temps.
-fn on_shm(w: &mut World) -> Option<tempfile::TempDir> {
+pub(crate) fn on_shm(w: &mut World) -> Option<tempfile::TempDir> {
     let other = tempfile::tempdir_in("/dev/shm").ok()?;
     w.clean = other.path().join("clean");
     w.quarantine = other.path().join("quarantine");
@@ -78,7 +60,7 @@ fn run_killed_at_rename(strace: &Path, cfg: &Path, dir: &Path, when: u32) -> boo
 
 /// Every regular file under `dir`, hidden ones included, but not our temps at its top, sidecars
 /// or the destination's marker.
-fn every_file(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+pub(crate) fn every_file(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -101,7 +83,7 @@ fn every_file(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
 }
 
 /// Our hidden copy temps at the top of `dir`.
-fn temps(dir: &Path) -> Vec<PathBuf> {
+pub(crate) fn temps(dir: &Path) -> Vec<PathBuf> {
     std::fs::read_dir(dir)
         .into_iter()
         .flatten()

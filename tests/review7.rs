@@ -12,6 +12,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::quarantine_tools::{dropscan, text};
+use crate::review6::{every_file, on_shm, temps};
 use crate::shares_fixture::find_tool;
 use crate::util::{EICAR, LONG, World, bytes, collect_stderr, line_after, wait_for};
 
@@ -22,50 +23,6 @@ fn old_bin() -> Option<PathBuf> {
         PathBuf::from,
     );
     p.is_file().then_some(p)
-}
-
-/// Destinations on another filesystem (tmpfs): placements there are verified copies, with temps.
-fn on_shm(w: &mut World) -> Option<tempfile::TempDir> {
-    let other = tempfile::tempdir_in("/dev/shm").ok()?;
-    w.clean = other.path().join("clean");
-    w.quarantine = other.path().join("quarantine");
-    w.failed = other.path().join("failed");
-    Some(other)
-}
-
-/// Our hidden copy temps at the top of `dir`.
-fn temps(dir: &Path) -> Vec<PathBuf> {
-    std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.to_string_lossy().ends_with(".dropscan-partial"))
-        .collect()
-}
-
-/// Every regular file under `dir`, hidden ones and those in hidden folders included, but not
-/// temps at its top, sidecars or the destination marker.
-fn every_file(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let p = e.path();
-            let name = p.to_string_lossy();
-            let temp = d == dir && name.ends_with(".dropscan-partial");
-            let ours = name.ends_with(".dropscan.json") || e.file_name() == ".dropscan-destination";
-            if p.is_dir() {
-                stack.push(p);
-            } else if !temp && !ours {
-                out.push((
-                    p.strip_prefix(dir).unwrap().to_path_buf(),
-                    std::fs::read(&p).unwrap(),
-                ));
-            }
-        }
-    }
-    out
 }
 
 /// Runs the older release's agent until `done` holds (at most 60 s), then stops it (SIGTERM).
