@@ -24,6 +24,7 @@ pub mod fstype;
 pub mod lease;
 pub mod names;
 pub mod own;
+mod owner;
 pub mod place;
 pub mod roots;
 mod staging_lock;
