@@ -25,6 +25,7 @@
 #![allow(missing_docs)]
 
 mod data;
+mod floor;
 mod procs;
 mod scenarios;
 
@@ -138,6 +139,10 @@ impl Outcome {
     }
     fn mb_per_s(&self) -> f64 {
         self.bytes as f64 / 1e6 / self.agent.wall.as_secs_f64().max(1e-9)
+    }
+    /// Agent CPU per file, seconds.
+    pub fn cpu_per_file_s(&self) -> f64 {
+        self.agent.cpu.as_secs_f64() / self.files.max(1) as f64
     }
     fn cpu_per_file(&self) -> Duration {
         self.agent.cpu / self.files.max(1) as u32
