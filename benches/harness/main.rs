@@ -13,9 +13,10 @@
 //! POST loop (`benches/baseline_post.py`), `curl --http1.1 -F content=@file`, and `openssl dgst
 //! -sha256`; a missing tool skips its baseline with the reason printed.
 //!
-//! Scenarios: `small`, `big`, `many`, `mixed`, `realistic` (see `scenarios.rs`); all by default.
+//! Scenarios: `small`, `big`, `many`, `mixed`, `realistic` (see `scenarios.rs`), `soak` (see
+//! `soak.rs`); all by default. `small` also runs the durable floor (`floor.rs`).
 //! `--tiny` shrinks every scenario for CI. `--time-scale K` divides every duration of
-//! `realistic` (scan times, poll interval, settle) by K. `--binary PATH` measures another build
+//! `realistic` and `soak` (scan times, poll interval, settle; the soak's hour) by K. `--binary PATH` measures another build
 //! (e.g. `target/debug/dropscan`, already built by `cargo test`) instead of the one cargo built
 //! for this bench.
 //!
@@ -28,6 +29,7 @@ mod data;
 mod floor;
 mod procs;
 mod scenarios;
+mod soak;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -51,11 +53,11 @@ pub struct Options {
     pub keep: bool,
 }
 
-const ALL: [&str; 5] = ["small", "big", "many", "mixed", "realistic"];
+const ALL: [&str; 6] = ["small", "big", "many", "mixed", "realistic", "soak"];
 
 const USAGE: &str = "usage: cargo bench --bench harness -- [--scenario NAME]... [--tiny] \
 [--time-scale K] [--binary PATH] [--work-dir DIR] [--keep]
-scenarios: small, big, many, mixed, realistic (default: all; a comma-separated list works too)";
+scenarios: small, big, many, mixed, realistic, soak (default: all; a comma-separated list works too)";
 
 fn parse_options() -> Result<Options, String> {
     let mut o = Options {

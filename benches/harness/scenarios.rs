@@ -22,17 +22,17 @@ const ZERO_DELAY: [&str; 6] = [
 
 /// `requests_per_second` when the config leaves it out (config/mod.rs); `realistic` multiplies
 /// it by the time scale so that the rate limit keeps its real-time weight.
-const AGENT_DEFAULT_RPS: f64 = dropscan::config::DEFAULT_REQUESTS_PER_SECOND as f64;
+pub(crate) const AGENT_DEFAULT_RPS: f64 = dropscan::config::DEFAULT_REQUESTS_PER_SECOND as f64;
 
 const MIB: u64 = 1 << 20;
 
 /// The agent's config: the keys a scenario sets, the rest left to the defaults.
-struct AgentConfig {
-    url: String,
+pub(crate) struct AgentConfig {
+    pub url: String,
     /// `[server]` keys beyond url, sensor and certificates, as `key = value` lines.
-    server: Vec<String>,
+    pub server: Vec<String>,
     /// `[[watch]]` keys beyond the folders.
-    watch: Vec<String>,
+    pub watch: Vec<String>,
 }
 
 impl AgentConfig {
@@ -51,7 +51,7 @@ impl AgentConfig {
         }
     }
 
-    fn write(&self, layout: &Layout, certs: &Path) -> Result<PathBuf, String> {
+    pub(crate) fn write(&self, layout: &Layout, certs: &Path) -> Result<PathBuf, String> {
         let [cert, key, ca] = procs::cert_paths(certs);
         let mut rng = Rng::new(procs::unix_ms());
         let (a, b, c) = (rng.next_u64(), rng.next_u64(), rng.next_u64());
@@ -105,6 +105,7 @@ pub(crate) fn run(name: &str, o: &Options) -> Result<Outcome, String> {
         "many" => many(o, &layout),
         "mixed" => mixed(o, &layout),
         "realistic" => realistic(o, &layout),
+        "soak" => crate::soak::soak(o, &layout),
         other => Err(format!("unknown scenario {other}")),
     };
     if !o.keep {
@@ -114,7 +115,7 @@ pub(crate) fn run(name: &str, o: &Options) -> Result<Outcome, String> {
     outcome
 }
 
-fn certs(o: &Options) -> PathBuf {
+pub(crate) fn certs(o: &Options) -> PathBuf {
     o.work.join("certs")
 }
 
