@@ -218,7 +218,7 @@ pub(crate) fn soak(o: &Options, layout: &Layout) -> Result<Outcome, String> {
         "--fail-500",
         "0.02",
         "--throttle-429",
-        "0.02",
+        "0.005",
         "--drop",
         "0.01",
         "--slow",
@@ -228,7 +228,7 @@ pub(crate) fn soak(o: &Options, layout: &Layout) -> Result<Outcome, String> {
     .map(|s| (*s).to_owned())
     .chain([
         "--scan-delay".to_owned(),
-        format!("{}..{}", ms(10.0 / k), ms(40.0 / k)),
+        format!("{}..{}", ms(2.0 / k), ms(8.0 / k)),
         "--slow-delay".to_owned(),
         ms(5.0 / k),
     ])
@@ -242,7 +242,7 @@ pub(crate) fn soak(o: &Options, layout: &Layout) -> Result<Outcome, String> {
     let mut config = AgentConfig {
         url: sink.url.clone(),
         server: vec![
-            format!("poll_interval = \"{}\"", ms((10.0 / k).max(0.05))),
+            format!("poll_interval = \"{}\"", ms((5.0 / k).max(0.05))),
             format!("requests_per_second = {}", (AGENT_DEFAULT_RPS * k).round()),
         ],
         watch: vec![
@@ -311,7 +311,8 @@ pub(crate) fn soak(o: &Options, layout: &Layout) -> Result<Outcome, String> {
         std::thread::sleep(Duration::from_secs_f64(wait));
     }
     // Let the last files through (the faults add retries), bounded.
-    let drain_deadline = Instant::now() + Duration::from_secs(300);
+    let drain_started = Instant::now();
+    let drain_deadline = drain_started + Duration::from_secs(300);
     let mut placed;
     loop {
         placed = data::placed(&layout.root);
@@ -321,6 +322,7 @@ pub(crate) fn soak(o: &Options, layout: &Layout) -> Result<Outcome, String> {
         std::thread::sleep(Duration::from_millis(250));
     }
     let wall = t0.elapsed();
+    let drained = drain_started.elapsed();
     let last = lives.last_mut().ok_or("no agent")?;
     let peak_rss_kib = procs::proc_hwm_kib(last.child.id()).unwrap_or(0);
     stop_agent(last)?;
@@ -332,6 +334,11 @@ pub(crate) fn soak(o: &Options, layout: &Layout) -> Result<Outcome, String> {
         "time scale {k}: {span:.0} s of drops at {RATE} files/s, {reloads} SIGHUPs (every {reload_every:.1} s), a restart at {restart_at:.0} s, samples every {sample_every:.2} s; emulator {}",
         flags.join(" ")
     )];
+    notes.push(format!(
+        "server ceiling about 50 / (mean scan + poll/2) = {:.1} files/s against {RATE} dropped; the last file placed {:.1} s after the last drop",
+        50.0 / (5.0 / k + 2.5 / k),
+        drained.as_secs_f64()
+    ));
     if problems.is_empty() {
         notes.push(format!(
             "placement: all {} dropped files placed exactly once with their sizes (clean {}, quarantine {}, failed {})",
