@@ -66,6 +66,7 @@ pub(crate) mod hooks;
 pub mod kata;
 pub(crate) mod logging;
 pub mod metrics;
+pub mod runtime;
 pub(crate) mod service;
 pub(crate) mod signal;
 pub(crate) mod tidy;

@@ -19,10 +19,7 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match dropscan::runtime::build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("dropscan: cannot start the async runtime: {e}");

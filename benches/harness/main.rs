@@ -13,9 +13,10 @@
 //! POST loop (`benches/baseline_post.py`), `curl --http1.1 -F content=@file`, and `openssl dgst
 //! -sha256`; a missing tool skips its baseline with the reason printed.
 //!
-//! Scenarios: `small`, `big`, `many`, `mixed`, `realistic` (see `scenarios.rs`); all by default.
+//! Scenarios: `small`, `big`, `many`, `mixed`, `realistic` (see `scenarios.rs`), `soak` (see
+//! `soak.rs`); all by default. `small` also runs the durable floor (`floor.rs`).
 //! `--tiny` shrinks every scenario for CI. `--time-scale K` divides every duration of
-//! `realistic` (scan times, poll interval, settle) by K. `--binary PATH` measures another build
+//! `realistic` and `soak` (scan times, poll interval, settle; the soak's hour) by K. `--binary PATH` measures another build
 //! (e.g. `target/debug/dropscan`, already built by `cargo test`) instead of the one cargo built
 //! for this bench.
 //!
@@ -25,8 +26,10 @@
 #![allow(missing_docs)]
 
 mod data;
+mod floor;
 mod procs;
 mod scenarios;
+mod soak;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -50,11 +53,11 @@ pub struct Options {
     pub keep: bool,
 }
 
-const ALL: [&str; 5] = ["small", "big", "many", "mixed", "realistic"];
+const ALL: [&str; 6] = ["small", "big", "many", "mixed", "realistic", "soak"];
 
 const USAGE: &str = "usage: cargo bench --bench harness -- [--scenario NAME]... [--tiny] \
 [--time-scale K] [--binary PATH] [--work-dir DIR] [--keep]
-scenarios: small, big, many, mixed, realistic (default: all; a comma-separated list works too)";
+scenarios: small, big, many, mixed, realistic, soak (default: all; a comma-separated list works too)";
 
 fn parse_options() -> Result<Options, String> {
     let mut o = Options {
@@ -138,6 +141,10 @@ impl Outcome {
     }
     fn mb_per_s(&self) -> f64 {
         self.bytes as f64 / 1e6 / self.agent.wall.as_secs_f64().max(1e-9)
+    }
+    /// Agent CPU per file, seconds.
+    pub fn cpu_per_file_s(&self) -> f64 {
+        self.agent.cpu.as_secs_f64() / self.files.max(1) as f64
     }
     fn cpu_per_file(&self) -> Duration {
         self.agent.cpu / self.files.max(1) as u32

@@ -244,7 +244,7 @@ fn clock_ticks() -> u64 {
 }
 
 /// utime + stime of a process (all its threads) from `/proc/PID/stat`.
-fn proc_cpu(pid: u32) -> Option<Duration> {
+pub(crate) fn proc_cpu(pid: u32) -> Option<Duration> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name, which is in parentheses and may hold anything.
     let rest = &stat[stat.rfind(')')? + 2..];
@@ -257,7 +257,7 @@ fn proc_cpu(pid: u32) -> Option<Duration> {
 }
 
 /// VmHWM (peak resident set) of a process, KiB.
-fn proc_hwm_kib(pid: u32) -> Option<u64> {
+pub(crate) fn proc_hwm_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()

@@ -6,6 +6,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::data::{self, Layout, Rng};
+use crate::floor::{self, Floor};
 use crate::procs::{self, Requests, Sink};
 use crate::{Baseline, Options, Outcome, human};
 
@@ -21,17 +22,17 @@ const ZERO_DELAY: [&str; 6] = [
 
 /// `requests_per_second` when the config leaves it out (config/mod.rs); `realistic` multiplies
 /// it by the time scale so that the rate limit keeps its real-time weight.
-const AGENT_DEFAULT_RPS: f64 = dropscan::config::DEFAULT_REQUESTS_PER_SECOND as f64;
+pub(crate) const AGENT_DEFAULT_RPS: f64 = dropscan::config::DEFAULT_REQUESTS_PER_SECOND as f64;
 
 const MIB: u64 = 1 << 20;
 
 /// The agent's config: the keys a scenario sets, the rest left to the defaults.
-struct AgentConfig {
-    url: String,
+pub(crate) struct AgentConfig {
+    pub url: String,
     /// `[server]` keys beyond url, sensor and certificates, as `key = value` lines.
-    server: Vec<String>,
+    pub server: Vec<String>,
     /// `[[watch]]` keys beyond the folders.
-    watch: Vec<String>,
+    pub watch: Vec<String>,
 }
 
 impl AgentConfig {
@@ -50,7 +51,7 @@ impl AgentConfig {
         }
     }
 
-    fn write(&self, layout: &Layout, certs: &Path) -> Result<PathBuf, String> {
+    pub(crate) fn write(&self, layout: &Layout, certs: &Path) -> Result<PathBuf, String> {
         let [cert, key, ca] = procs::cert_paths(certs);
         let mut rng = Rng::new(procs::unix_ms());
         let (a, b, c) = (rng.next_u64(), rng.next_u64(), rng.next_u64());
@@ -104,6 +105,7 @@ pub(crate) fn run(name: &str, o: &Options) -> Result<Outcome, String> {
         "many" => many(o, &layout),
         "mixed" => mixed(o, &layout),
         "realistic" => realistic(o, &layout),
+        "soak" => crate::soak::soak(o, &layout),
         other => Err(format!("unknown scenario {other}")),
     };
     if !o.keep {
@@ -113,7 +115,7 @@ pub(crate) fn run(name: &str, o: &Options) -> Result<Outcome, String> {
     outcome
 }
 
-fn certs(o: &Options) -> PathBuf {
+pub(crate) fn certs(o: &Options) -> PathBuf {
     o.work.join("certs")
 }
 
@@ -147,6 +149,7 @@ fn small(o: &Options, layout: &Layout) -> Result<Outcome, String> {
     let files = if o.tiny { 200 } else { 5000 };
     let bytes = data::write_many(&layout.inbox, files, 4096, 1).map_err(|e| e.to_string())?;
     let python = python_baseline(o, layout, files);
+    let floors = [true, false].map(|copy| floor_baseline(layout, files, copy));
     let sink = zero_delay_sink(o, layout, "agent")?;
     let config = AgentConfig::throughput(&sink.url);
     let (agent, requests) = measure(o, layout, sink, &config, files, Duration::from_secs(900))?;
@@ -179,7 +182,51 @@ fn small(o: &Options, layout: &Layout) -> Result<Outcome, String> {
         }
         Err(why) => skipped("python keep-alive POST loop", &why),
     });
+    let agent_cpu = outcome.cpu_per_file_s();
+    for (floor, copy) in floors.iter().zip([true, false]) {
+        let name = if copy {
+            "durable floor (with the private copy)"
+        } else {
+            "durable floor (without the private copy)"
+        };
+        outcome.baselines.push(match floor {
+            Ok(f) => Baseline {
+                name: name.into(),
+                figures: format!(
+                    "{:.2} s, {} files/s, {} CPU/file",
+                    f.wall.as_secs_f64(),
+                    crate::rate(f.files_per_s()),
+                    human(f.cpu_per_file())
+                ),
+                ratio: format!(
+                    "→ agent CPU per file {:.1}x the floor's{}",
+                    agent_cpu / f.cpu_per_file().as_secs_f64().max(1e-9),
+                    if copy { " (target ≤ 3x)" } else { "" }
+                ),
+            },
+            Err(why) => skipped(name, why),
+        });
+    }
+    outcome.notes.push(format!(
+        "targets (issue 20): agent CPU/file ≤ 3x the floor with the copy; rate ≥ 0.6x the Python loop; ≤ 2.1 HTTP requests/file (here {:.2})",
+        outcome.requests.total as f64 / files.max(1) as f64
+    ));
     Ok(outcome)
+}
+
+/// The durable floor (`floor.rs`) on a fresh copy of the same files (same seed), with or
+/// without the private copy, in a folder of its own beside the scenario's.
+fn floor_baseline(layout: &Layout, files: usize, copy: bool) -> Result<Floor, String> {
+    let work = layout
+        .root
+        .join(if copy { "floor-copy" } else { "floor-nocopy" });
+    let inbox = work.join("inbox");
+    std::fs::create_dir_all(&inbox).map_err(|e| format!("{}: {e}", inbox.display()))?;
+    data::write_many(&inbox, files, 4096, 1).map_err(|e| e.to_string())?;
+    let floor = floor::run(&inbox, &work, copy);
+    // Its files would otherwise sit beside the agent's for the rest of the scenario.
+    std::fs::remove_dir_all(&work).ok();
+    floor
 }
 
 fn skipped(name: &str, why: &str) -> Baseline {

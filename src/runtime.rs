@@ -1,0 +1,74 @@
+//! The async runtime every command runs on: tokio's multi-threaded scheduler with a bounded
+//! blocking pool. It owns no pipeline logic; `main.rs` builds it and hands it the command.
+//!
+//! Why the blocking pool is bounded: filesystem work (stat, hash, copy, fsync, rename) runs on
+//! it, one task per call. tokio starts a thread whenever a task finds none idle, and keeps an idle
+//! thread for 10 s; but idle threads are woken in turn (the one waiting longest first), so under a
+//! steady trickle of calls each is reused before its 10 s run out and none ever ends. The pool
+//! therefore only grows, to the highest concurrency a burst ever reached (a SIGHUP reload, a slow
+//! fsync), up to tokio's default of 512, and each thread keeps its stack and a 1 MiB read buffer
+//! (`fsops`). The soak scenario saw 24 -> 46 threads and 36 -> 72 MiB (issue 20).
+
+use tokio::runtime::{Builder, Runtime};
+
+/// Threads for blocking work at most. Above the pipeline's own concurrency (sort 16, hash 8,
+/// hooks 4 per hook, a settle and a claim batch and a walk per root), so that no stage waits on
+/// another's queued calls for long; beyond it, calls queue (upload reads, metrics renders).
+pub const MAX_BLOCKING_THREADS: usize = 64;
+
+/// The runtime `dropscan` runs on.
+pub fn build() -> std::io::Result<Runtime> {
+    Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(MAX_BLOCKING_THREADS)
+        .build()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Condvar, Mutex};
+
+    use super::*;
+
+    fn threads() -> usize {
+        std::fs::read_dir("/proc/self/task").map_or(0, Iterator::count)
+    }
+
+    /// Regression (issue 20): the soak's thread count grew with every burst of blocking calls.
+    #[test]
+    fn a_burst_of_blocking_calls_does_not_grow_the_pool_past_its_bound() {
+        let rt = build().expect("runtime");
+        let before = threads();
+        let gate = Arc::new((Mutex::new(false), Condvar::new()));
+        let burst = 4 * MAX_BLOCKING_THREADS;
+        let tasks: Vec<_> = (0..burst)
+            .map(|_| {
+                let gate = Arc::clone(&gate);
+                rt.spawn_blocking(move || {
+                    let (open, cv) = &*gate;
+                    let mut open = open.lock().expect("gate");
+                    while !*open {
+                        open = cv.wait(open).expect("gate");
+                    }
+                })
+            })
+            .collect();
+        // tokio starts a blocking thread inside `spawn_blocking`, so they all exist by now
+        // (other tests may start a few threads of their own meanwhile: hence the margin).
+        let grown = threads().saturating_sub(before);
+        {
+            let (open, cv) = &*gate;
+            *open.lock().expect("gate") = true;
+            cv.notify_all();
+        }
+        rt.block_on(async {
+            for t in tasks {
+                t.await.expect("task");
+            }
+        });
+        assert!(
+            grown < 2 * MAX_BLOCKING_THREADS,
+            "{burst} blocked calls started {grown} threads (bound {MAX_BLOCKING_THREADS})"
+        );
+    }
+}
