@@ -134,7 +134,10 @@ async fn a_staging_folder_owned_by_another_user_holds_only_its_watch() {
             (events("reconcile", Some(&inbox2)) >= walks + 2).then_some(())
         })
         .await;
-        assert!(walked.is_some(), "no whole reconcile walk of inbox2 within {LIMIT:?}");
+        assert!(
+            walked.is_some(),
+            "no whole reconcile walk of inbox2 within {LIMIT:?}"
+        );
         let task_alive = agent.task.as_ref().is_some_and(|t| !t.is_finished());
         agent.stop().await.0.unwrap();
         let case = format!("attacker owns .dropscan: {attacker_owns_parent}");
