@@ -178,6 +178,16 @@ pub async fn run(
     if tty {
         eprintln!();
     }
+    conclude(result, ended, &tally, started)
+}
+
+/// Prints the summary and why the scan ended; its exit code.
+fn conclude(
+    result: Result<Result<(), crate::error::FatalError>, tokio::task::JoinError>,
+    ended: Ended,
+    tally: &Tally,
+    started: Instant,
+) -> ExitCode {
     println!(
         "{} in {:.1} s",
         tally
@@ -205,7 +215,7 @@ pub async fn run(
         }
         Ended::Finished => {}
     }
-    ExitCode::from(exit_code(ended, &tally))
+    ExitCode::from(exit_code(ended, tally))
 }
 
 /// How a scan of the inboxes ended.
