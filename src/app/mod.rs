@@ -122,6 +122,7 @@ impl Agent {
     }
 
     /// Its journal (tests simulate a full disk through it).
+    #[cfg(any(test, feature = "test-util"))]
     #[doc(hidden)]
     pub fn journal(&self) -> crate::journal::Journal {
         self.shared.journal.clone()
