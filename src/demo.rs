@@ -11,6 +11,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
 
 use crate::app::Agent;
 use crate::config::Config;
@@ -18,6 +20,7 @@ use crate::emulator::{
     CA_CERT_FILE, CLIENT_CERT_FILE, CLIENT_KEY_FILE, CertBundle, Emulator, EmulatorConfig,
 };
 use crate::journal::Outcome;
+use crate::pipeline::Placement;
 
 /// The EICAR anti-virus test string: harmless, detected by every scanner (and by the emulator).
 pub(crate) const EICAR: &str =
@@ -57,33 +60,44 @@ pub(crate) async fn run(
     .with_context(|| format!("cannot write {}", config_path.display()))?;
     let config = Config::load(&config_path)?;
     let agent = Agent::new(config)?;
-    let mut events = agent.subscribe();
+    let events = agent.subscribe();
     let shutdown = crate::signal::shutdown_token()?;
 
-    let show = |p: &Path| {
-        std::env::current_dir()
-            .ok()
-            .and_then(|cwd| p.strip_prefix(cwd).ok().map(Path::to_path_buf))
-            .unwrap_or_else(|| p.to_path_buf())
-            .display()
-            .to_string()
-    };
-    println!(
-        "dropscan demo: the built-in KATA emulator listens on {} (mutual TLS)",
-        emulator.base_url()
-    );
-    println!("  config:  {}", show(&config_path));
-    println!("  drop files into {}/", show(&inbox));
-    println!(
-        "  results: {}/clean  {}/quarantine  {}/failed",
-        show(&dir),
-        show(&dir),
-        show(&dir)
-    );
+    print_banner(&dir, &inbox, &config_path, &emulator.base_url());
+    drop_samples(&inbox)?;
+    let printer = tokio::spawn(print_placements(events, exit_after, shutdown.clone()));
+    let result = agent.run(shutdown).await;
+    printer.abort();
+    emulator.stop().await;
+    result?;
+    println!("demo stopped.");
+    Ok(())
+}
+
+/// `p` relative to the current folder where it lies beneath it, for shorter lines.
+fn shown(p: &Path) -> String {
+    std::env::current_dir()
+        .ok()
+        .and_then(|cwd| p.strip_prefix(cwd).ok().map(Path::to_path_buf))
+        .unwrap_or_else(|| p.to_path_buf())
+        .display()
+        .to_string()
+}
+
+fn print_banner(dir: &Path, inbox: &Path, config_path: &Path, base_url: &str) {
+    println!("dropscan demo: the built-in KATA emulator listens on {base_url} (mutual TLS)");
+    println!("  config:  {}", shown(config_path));
+    println!("  drop files into {}/", shown(inbox));
+    let dir = shown(dir);
+    println!("  results: {dir}/clean  {dir}/quarantine  {dir}/failed");
     println!("  make a harmless EICAR test file to see quarantine work:");
-    println!("    printf '%s' '{EICAR}' > {}/eicar.com", show(&inbox));
+    println!("    printf '%s' '{EICAR}' > {}/eicar.com", shown(inbox));
     println!("  Ctrl-C stops it.");
-    // At every start: a second run with `--exit-after 2` must have something to place too.
+}
+
+/// At every start: a second run with `--exit-after 2` must have something to place too. A
+/// sample still in the inbox (from a run stopped early) is left as it is.
+fn drop_samples(inbox: &Path) -> anyhow::Result<()> {
     let samples: [(&str, &[u8]); 2] = [
         ("hello.txt", b"Hello from dropscan: this file is clean.\n"),
         ("eicar-sample.com", EICAR.as_bytes()),
@@ -96,44 +110,46 @@ pub(crate) async fn run(
     }
     println!("  (dropped two samples: hello.txt and eicar-sample.com)");
     println!();
-
-    let token = shutdown.clone();
-    let printer = tokio::spawn(async move {
-        let mut placed = 0u64;
-        loop {
-            match events.recv().await {
-                Ok(p) => {
-                    placed += 1;
-                    let what = match p.outcome {
-                        Outcome::Clean => "clean     ",
-                        Outcome::Quarantine => "QUARANTINE",
-                        Outcome::Failed => "failed    ",
-                        Outcome::Vanished => "vanished  ",
-                    };
-                    let reason = p.reason.map(|r| format!("  ({r})")).unwrap_or_default();
-                    println!(
-                        "{what}  {}  →  {}{reason}",
-                        p.rel_path.display(),
-                        p.dest.display()
-                    );
-                    if exit_after > 0 && placed >= exit_after {
-                        token.cancel();
-                        break;
-                    }
-                }
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                    println!("({n} events not shown)");
-                }
-                Err(_) => break,
-            }
-        }
-    });
-    let result = agent.run(shutdown).await;
-    printer.abort();
-    emulator.stop().await;
-    result?;
-    println!("demo stopped.");
     Ok(())
+}
+
+/// Prints each placed file; after `exit_after` of them (if not zero) stops the demo.
+async fn print_placements(
+    mut events: broadcast::Receiver<Placement>,
+    exit_after: u64,
+    shutdown: CancellationToken,
+) {
+    let mut placed = 0u64;
+    loop {
+        match events.recv().await {
+            Ok(p) => {
+                placed += 1;
+                let reason = p.reason.map(|r| format!("  ({r})")).unwrap_or_default();
+                println!(
+                    "{}  {}  →  {}{reason}",
+                    outcome_label(p.outcome),
+                    p.rel_path.display(),
+                    p.dest.display()
+                );
+                if exit_after > 0 && placed >= exit_after {
+                    shutdown.cancel();
+                    break;
+                }
+            }
+            Err(broadcast::error::RecvError::Lagged(n)) => println!("({n} events not shown)"),
+            Err(broadcast::error::RecvError::Closed) => break,
+        }
+    }
+}
+
+/// The outcome column, padded to one width; quarantine shouts.
+fn outcome_label(outcome: Outcome) -> &'static str {
+    match outcome {
+        Outcome::Clean => "clean     ",
+        Outcome::Quarantine => "QUARANTINE",
+        Outcome::Failed => "failed    ",
+        Outcome::Vanished => "vanished  ",
+    }
 }
 
 fn demo_config(url: &str, certs: &Path, poll_interval: Duration, settle: Duration) -> String {

@@ -51,38 +51,224 @@ pub(super) async fn tidy(
     custody: &HashSet<FileId>,
     claimed: &mut Vec<(FileId, PathBuf)>,
 ) -> Result<(), FatalError> {
-    let journal = &shared.journal;
-    let watches = &shared.config.watches;
-    // Records whose verified copy may wait in a temp: those past their verdict. (One left
-    // `claimed` or earlier whose staged file is gone was dropped or closed by reconciling.)
-    let live: HashSet<&Path> = records
-        .iter()
-        .filter(|r| {
-            matches!(
-                r.state,
-                FileState::Decided | FileState::Placing | FileState::Placed
-            )
-        })
-        .map(|r| r.staged.as_path())
-        .collect();
-    let by_id: HashMap<FileId, &FileRecord> = records.iter().map(|r| (r.id, r)).collect();
     // The content a tool holds custody of: its temp is the tool's to finish.
     let mut tool_content = HashSet::new();
     for id in custody {
-        if let Ok(rec) = journal.get(*id).await {
+        if let Ok(rec) = shared.journal.get(*id).await {
             tool_content.extend(rec.sha256);
         }
     }
-    // A staged name, in every watch's staging folder: a temp's token does not say which.
-    let staged_everywhere = |name: &OsString| -> Vec<PathBuf> {
-        watches.iter().map(|w| w.staging_dir.join(name)).collect()
+    let mut tidy = Tidy {
+        shared,
+        stagings,
+        // Records whose verified copy may wait in a temp: those past their verdict. (One left
+        // `claimed` or earlier whose staged file is gone was dropped or closed by reconciling.)
+        live: records
+            .iter()
+            .filter(|r| {
+                matches!(
+                    r.state,
+                    FileState::Decided | FileState::Placing | FileState::Placed
+                )
+            })
+            .map(|r| r.staged.as_path())
+            .collect(),
+        by_id: records.iter().map(|r| (r.id, r)).collect(),
+        custody,
+        tool_content,
+        whole: Vec::new(),
     };
-    // Whether a staged name is in some staging folder: `None` when a folder cannot be looked
-    // into (a held watch, an I/O error): then nothing is decided about its temp.
-    let in_staging = |name: &OsString| -> Option<bool> {
+    let mut seen: HashSet<(u64, u64)> = HashSet::new();
+    for root in shared.roots.iter() {
+        for which in [Which::Clean, Which::Quarantine, Which::Failed] {
+            let Ok(d) = root.folder(which, false) else {
+                continue;
+            };
+            // A folder shared by several watches (or roles) is looked at once.
+            if !d.identity().is_ok_and(|id| seen.insert(id)) {
+                continue;
+            }
+            tidy.folder(root, &d).await;
+        }
+    }
+    take_back_all(shared, stagings, tidy.whole, claimed).await
+}
+
+/// What `tidy` knows while it goes through the destination folders.
+struct Tidy<'a> {
+    shared: &'a Shared,
+    stagings: &'a [Option<Arc<Dir>>],
+    /// The staged paths of records past their verdict.
+    live: HashSet<&'a Path>,
+    by_id: HashMap<FileId, &'a FileRecord>,
+    custody: &'a HashSet<FileId>,
+    /// The content of the records a tool holds.
+    tool_content: HashSet<[u8; 32]>,
+    /// The whole copies found, to take back.
+    whole: Vec<Whole>,
+}
+
+impl Tidy<'_> {
+    /// The leftover temps of `root`'s destination folder `d`, each sorted out.
+    async fn folder(&mut self, root: &Arc<Root>, d: &Arc<Dir>) {
+        let found = tokio::task::spawn_blocking({
+            let (d, tag, legacy) = (
+                Arc::clone(d),
+                root.instance.clone(),
+                root.legacy_instance.clone(),
+            );
+            move || {
+                let mut found = fsops::place::leftover_temps(&d, &tag);
+                // Only an older version's numbered copies carry the bare instance tag.
+                found.extend(
+                    fsops::place::leftover_temps(&d, &legacy)
+                        .into_iter()
+                        .filter(|(_, t)| matches!(t, Temp::Numbered(_))),
+                );
+                found
+            }
+        })
+        .await
+        .unwrap_or_default();
+        for (temp, what) in found {
+            let whole_copy = |name: OsString, was: Vec<PathBuf>| Whole {
+                root: Arc::clone(root),
+                dest_root: Arc::clone(d),
+                temp: temp.clone(),
+                name,
+                was,
+            };
+            match what {
+                Temp::Copy {
+                    of: TempOf::Agent,
+                    token,
+                    name,
+                } => {
+                    let staged = OsString::from(format!("{token}.staged"));
+                    match self.in_staging(&staged) {
+                        Some(true) => {
+                            fsops::place::remove_temp(
+                                d,
+                                &temp,
+                                "a partial copy: its file is still in staging",
+                            );
+                        }
+                        None => {}
+                        Some(false) => {
+                            let was = self.staged_everywhere(&staged);
+                            // The verified copy of an unfinished record: the sorter finishes it.
+                            if !was.iter().any(|p| self.live.contains(p.as_path())) {
+                                self.whole.push(whole_copy(name, was));
+                            }
+                        }
+                    }
+                }
+                Temp::Copy {
+                    of: TempOf::Tool,
+                    token,
+                    name,
+                } => match tool_copy(d, &temp, &token).await {
+                    ToolCopy::Partial => {
+                        fsops::place::remove_temp(
+                            d,
+                            &temp,
+                            "a partial copy of a quarantine or failed tool (its bytes do not \
+                             hash to the content it was to hold)",
+                        );
+                    }
+                    ToolCopy::Whole(sha) if self.tool_content.contains(&sha) => {
+                        tracing::warn!(
+                            temp = %fsops::shown(&d.path().join(&temp)),
+                            "a quarantine or failed tool was interrupted while moving this \
+                             file: run the same command again to finish it (left as it is)"
+                        );
+                    }
+                    ToolCopy::Whole(_) => self.whole.push(whole_copy(name, Vec::new())),
+                    ToolCopy::Unknown => {}
+                },
+                Temp::Numbered(id) => {
+                    if self.numbered(root, d, &temp, id).await {
+                        self.whole.push(whole_copy(temp.clone(), Vec::new()));
+                    }
+                }
+                Temp::Sidecar => {}
+            }
+        }
+    }
+
+    /// An older version's numbered temp `temp` for record `id`, sorted out; `true` when it is a
+    /// whole copy to take back.
+    async fn numbered(&self, root: &Root, d: &Arc<Dir>, temp: &OsString, id: FileId) -> bool {
+        let rec = self.by_id.get(&id).copied();
+        let staged_here = rec.and_then(|r| {
+            self.in_staging(&r.staged.file_name().unwrap_or_default().to_os_string())
+        });
+        let fate = numbered_fate(
+            rec.map(|r| r.state),
+            staged_here,
+            self.custody.contains(&id),
+        );
+        match (fate, rec) {
+            (Numbered::Partial, _) => {
+                fsops::place::remove_temp(
+                    d,
+                    temp,
+                    "an older version's partial copy: its file is still in staging",
+                );
+            }
+            (Numbered::ForTheSorter, Some(rec)) => {
+                let new = copy_temp_name(
+                    &root.instance,
+                    TempOf::Agent,
+                    &staged_token(&rec.staged),
+                    &rec.rel_path,
+                );
+                if let Err(e) = fsops::rename_noreplace(d, temp, d, &new) {
+                    tracing::warn!(id, error = %e, "cannot rename an older version's copy temp; left as it is");
+                }
+            }
+            (Numbered::ForTheSorter | Numbered::Leave, _) => {}
+            // A finished record: its copy (a tool's, or a placement closed since) is judged by
+            // the content that record holds.
+            (Numbered::Judge, _) => match numbered_copy(&self.shared.journal, d, temp, id).await {
+                ToolCopy::Whole(_) => return true,
+                ToolCopy::Partial => {
+                    fsops::place::remove_temp(
+                        d,
+                        temp,
+                        "an older version's partial copy of a finished record \
+                         (shorter than its file, not its content)",
+                    );
+                }
+                ToolCopy::Unknown => {
+                    tracing::warn!(
+                        temp = %fsops::shown(&d.path().join(temp)),
+                        "an older version's copy temp that no record explains: \
+                         left as it is (remove it once its file is known to be \
+                         safe elsewhere)"
+                    );
+                }
+            },
+        }
+        false
+    }
+
+    /// A staged name, in every watch's staging folder: a temp's token does not say which.
+    fn staged_everywhere(&self, name: &OsString) -> Vec<PathBuf> {
+        self.shared
+            .config
+            .watches
+            .iter()
+            .map(|w| w.staging_dir.join(name))
+            .collect()
+    }
+
+    /// Whether a staged name is in some staging folder: `None` when a folder cannot be looked
+    /// into (a held watch, an I/O error): then nothing is decided about its temp.
+    fn in_staging(&self, name: &OsString) -> Option<bool> {
         let orig = fsops::own::orig_name(name);
         let mut unknown = false;
-        for s in stagings {
+        for s in self.stagings {
             let Some(s) = s else {
                 unknown = true;
                 continue;
@@ -94,152 +280,38 @@ pub(super) async fn tidy(
             }
         }
         (!unknown).then_some(false)
-    };
-    let mut seen: HashSet<(u64, u64)> = HashSet::new();
-    let mut whole = Vec::new();
-    for root in shared.roots.iter() {
-        let (tag, legacy) = (&root.instance, &root.legacy_instance);
-        for which in [Which::Clean, Which::Quarantine, Which::Failed] {
-            let Ok(d) = root.folder(which, false) else {
-                continue;
-            };
-            // A folder shared by several watches (or roles) is looked at once.
-            if !d.identity().is_ok_and(|id| seen.insert(id)) {
-                continue;
-            }
-            let found = tokio::task::spawn_blocking({
-                let (d, tag, legacy) = (Arc::clone(&d), tag.clone(), legacy.clone());
-                move || {
-                    let mut found = fsops::place::leftover_temps(&d, &tag);
-                    // Only an older version's numbered copies carry the bare instance tag.
-                    found.extend(
-                        fsops::place::leftover_temps(&d, &legacy)
-                            .into_iter()
-                            .filter(|(_, t)| matches!(t, Temp::Numbered(_))),
-                    );
-                    found
-                }
-            })
-            .await
-            .unwrap_or_default();
-            for (temp, what) in found {
-                let whole_copy = |name: OsString, was: Vec<PathBuf>| Whole {
-                    root: Arc::clone(root),
-                    dest_root: Arc::clone(&d),
-                    temp: temp.clone(),
-                    name,
-                    was,
-                };
-                match what {
-                    Temp::Copy {
-                        of: TempOf::Agent,
-                        token,
-                        name,
-                    } => {
-                        let staged = OsString::from(format!("{token}.staged"));
-                        match in_staging(&staged) {
-                            Some(true) => {
-                                fsops::place::remove_temp(
-                                    &d,
-                                    &temp,
-                                    "a partial copy: its file is still in staging",
-                                );
-                            }
-                            None => {}
-                            Some(false) => {
-                                let was = staged_everywhere(&staged);
-                                // The verified copy of an unfinished record: the sorter
-                                // finishes it.
-                                if !was.iter().any(|p| live.contains(p.as_path())) {
-                                    whole.push(whole_copy(name, was));
-                                }
-                            }
-                        }
-                    }
-                    Temp::Copy {
-                        of: TempOf::Tool,
-                        token,
-                        name,
-                    } => match tool_copy(&d, &temp, &token).await {
-                        ToolCopy::Partial => {
-                            fsops::place::remove_temp(
-                                &d,
-                                &temp,
-                                "a partial copy of a quarantine or failed tool (its bytes do not \
-                                 hash to the content it was to hold)",
-                            );
-                        }
-                        ToolCopy::Whole(sha) if tool_content.contains(&sha) => {
-                            tracing::warn!(
-                                temp = %fsops::shown(&d.path().join(&temp)),
-                                "a quarantine or failed tool was interrupted while moving this \
-                                 file: run the same command again to finish it (left as it is)"
-                            );
-                        }
-                        ToolCopy::Whole(_) => whole.push(whole_copy(name, Vec::new())),
-                        ToolCopy::Unknown => {}
-                    },
-                    Temp::Numbered(id) => {
-                        let rec = by_id.get(&id);
-                        let staged_here = rec.and_then(|r| {
-                            in_staging(&r.staged.file_name().unwrap_or_default().to_os_string())
-                        });
-                        match (rec, staged_here) {
-                            // Its record's file is still in staging: a partial copy.
-                            (Some(_), Some(true)) => {
-                                fsops::place::remove_temp(
-                                    &d,
-                                    &temp,
-                                    "an older version's partial copy: its file is still in staging",
-                                );
-                            }
-                            // An older version's verified copy, for its record in `placing`:
-                            // given the name the sorter looks for.
-                            (Some(rec), Some(false)) if rec.state == FileState::Placing => {
-                                let new = copy_temp_name(
-                                    tag,
-                                    TempOf::Agent,
-                                    &staged_token(&rec.staged),
-                                    &rec.rel_path,
-                                );
-                                if let Err(e) = fsops::rename_noreplace(&d, &temp, &d, &new) {
-                                    tracing::warn!(id, error = %e, "cannot rename an older version's copy temp; left as it is");
-                                }
-                            }
-                            (Some(_), _) => {}
-                            // A tool of an older version holds it.
-                            (None, _) if custody.contains(&id) => {}
-                            // A finished record: its copy (a tool's, or a placement closed
-                            // since) is judged by the content that record holds.
-                            (None, _) => match numbered_copy(journal, &d, &temp, id).await {
-                                ToolCopy::Whole(_) => {
-                                    whole.push(whole_copy(temp.clone(), Vec::new()));
-                                }
-                                ToolCopy::Partial => {
-                                    fsops::place::remove_temp(
-                                        &d,
-                                        &temp,
-                                        "an older version's partial copy of a finished record \
-                                         (shorter than its file, not its content)",
-                                    );
-                                }
-                                ToolCopy::Unknown => {
-                                    tracing::warn!(
-                                        temp = %fsops::shown(&d.path().join(&temp)),
-                                        "an older version's copy temp that no record explains: \
-                                         left as it is (remove it once its file is known to be \
-                                         safe elsewhere)"
-                                    );
-                                }
-                            },
-                        }
-                    }
-                    Temp::Sidecar => {}
-                }
-            }
-        }
     }
-    take_back_all(shared, stagings, whole, claimed).await
+}
+
+/// What becomes of an older version's numbered temp.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Numbered {
+    /// Its record's file is still in staging: a partial copy, removed.
+    Partial,
+    /// An older version's verified copy, for its record in `placing`: given the name the sorter
+    /// looks for.
+    ForTheSorter,
+    /// Its record is unfinished otherwise, or a tool of an older version holds it, or the
+    /// staging folders cannot all be looked into: left as it is.
+    Leave,
+    /// No unfinished record: judged by the content of the finished record its name gives.
+    Judge,
+}
+
+/// `state`: its unfinished record's, if any; `staged_here`: whether that record's file is in
+/// some staging folder (`None`: unknown); `in_custody`: a tool holds its record.
+fn numbered_fate(
+    state: Option<FileState>,
+    staged_here: Option<bool>,
+    in_custody: bool,
+) -> Numbered {
+    match (state, staged_here) {
+        (Some(_), Some(true)) => Numbered::Partial,
+        (Some(FileState::Placing), Some(false)) => Numbered::ForTheSorter,
+        (Some(_), _) => Numbered::Leave,
+        (None, _) if in_custody => Numbered::Leave,
+        (None, _) => Numbered::Judge,
+    }
 }
 
 /// What a tool's temp holds, told by hashing it against the content its name gives.
@@ -366,4 +438,36 @@ async fn take_back_all(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_older_versions_numbered_temp_is_removed_renamed_left_or_judged() {
+        use FileState::{Claimed, Decided, Placed, Placing};
+        let cases = [
+            // Its record's file still in staging: partial, whatever the record's state.
+            (Some(Placing), Some(true), false, Numbered::Partial),
+            (Some(Decided), Some(true), true, Numbered::Partial),
+            // Gone from staging, its record placing: the sorter's verified copy.
+            (Some(Placing), Some(false), false, Numbered::ForTheSorter),
+            // An unfinished record otherwise, or staging not all readable: left.
+            (Some(Decided), Some(false), false, Numbered::Leave),
+            (Some(Placed), Some(false), false, Numbered::Leave),
+            (Some(Claimed), None, false, Numbered::Leave),
+            (Some(Placing), None, false, Numbered::Leave),
+            // No unfinished record: a tool's (left) or judged by its content.
+            (None, None, true, Numbered::Leave),
+            (None, None, false, Numbered::Judge),
+        ];
+        for (state, staged_here, custody, want) in cases {
+            assert_eq!(
+                numbered_fate(state, staged_here, custody),
+                want,
+                "{state:?} {staged_here:?} custody={custody}"
+            );
+        }
+    }
 }

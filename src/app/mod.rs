@@ -29,7 +29,6 @@ use std::sync::Arc;
 use futures_util::FutureExt;
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 mod leftovers;
 pub mod lock;
@@ -37,6 +36,7 @@ pub mod preflight;
 mod reconcile;
 mod reload;
 mod route;
+mod supervise;
 
 pub use reload::{missing_inboxes, run_reloading, run_reloading_with, wait_for_inboxes};
 
@@ -55,9 +55,7 @@ pub use crate::pipeline::Placement;
 use crate::pipeline::Resubmit;
 use crate::scanner::Scanner;
 use crate::{claim, poll, settle, sort, upload, watch};
-
-/// A stage as the supervisor holds it.
-type StageFuture = std::pin::Pin<Box<dyn Future<Output = Result<(), FatalError>> + Send>>;
+use supervise::Supervisor;
 
 /// Capacity of the placement event channel (observers that lag lose old events).
 const EVENTS_CAPACITY: usize = 1024;
@@ -124,6 +122,7 @@ impl Agent {
     }
 
     /// Its journal (tests simulate a full disk through it).
+    #[cfg(any(test, feature = "test-util"))]
     #[doc(hidden)]
     pub fn journal(&self) -> crate::journal::Journal {
         self.shared.journal.clone()
@@ -176,129 +175,9 @@ impl Agent {
         }
         let resume = reconcile::reconcile(&shared, &shutdown).await?;
 
-        let (candidates_tx, candidates_rx) = mpsc::channel(watch::CANDIDATES_CAPACITY);
-        let (settled_tx, settled_rx) = mpsc::channel(settle::SETTLED_CAPACITY);
-        let (claimed_tx, claimed_rx) = mpsc::channel(claim::CLAIMED_CAPACITY);
-        let (submitted_tx, submitted_rx) = mpsc::channel(upload::SUBMITTED_CAPACITY);
-        let (verdicts_tx, verdicts_rx) = mpsc::channel(sort::VERDICTS_CAPACITY);
-        let resubmit = Resubmit::default();
-        for c in resume.hashed {
-            resubmit.push(c);
-        }
-
-        // Stages stop on `stages`; it is cancelled by the caller's token or by a failing stage.
-        let stages = shutdown.child_token();
-        let tracker = TaskTracker::new();
-        let failure: Arc<std::sync::Mutex<Option<FatalError>>> = Arc::default();
-        let roots = shared.roots.clone();
-
-        // Every stage runs until `stages` is cancelled. One that ends before that (a panic, a
-        // fatal error) is logged by name and stops the others: the journal makes a restart by
-        // the service manager lossless, while a half-running pipeline would silently stall.
-        let stage = |name: &'static str, fut: StageFuture| {
-            let (stages, failure) = (stages.clone(), Arc::clone(&failure));
-            tracker.spawn(async move {
-                let outcome = std::panic::AssertUnwindSafe(fut).catch_unwind().await;
-                if stages.is_cancelled() {
-                    return;
-                }
-                let error = match outcome {
-                    Ok(Ok(())) => FatalError::Stage {
-                        stage: name,
-                        detail: "ended".into(),
-                    },
-                    Ok(Err(e)) => e,
-                    Err(_) => FatalError::Stage {
-                        stage: name,
-                        detail: "panicked".into(),
-                    },
-                };
-                tracing::error!(stage = name, error = %error, "stage stopped unexpectedly; stopping the agent");
-                failure
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .get_or_insert(error);
-                stages.cancel();
-            });
-        };
-        {
-            let (roots, stages) = (roots.clone(), stages.clone());
-            let list_again = shared.journal.recovered();
-            stage(
-                "watch",
-                Box::pin(async move {
-                    watch::run(roots, candidates_tx, list_again, stages)
-                        .await
-                        .map_err(|e| FatalError::Stage {
-                            stage: "watch",
-                            detail: e.to_string(),
-                        })
-                }),
-            );
-        }
-        stage(
-            "settle",
-            Box::pin(
-                settle::run(
-                    roots,
-                    candidates_rx,
-                    settled_tx,
-                    shared.journal.recovered(),
-                    stages.clone(),
-                )
-                .map(Ok),
-            ),
-        );
-        let claim = claim::run(
-            Arc::clone(&shared),
-            claim::Inputs {
-                settled_rx,
-                resume: resume.claimed,
-            },
-            claim::Outputs {
-                claimed_tx,
-                verdicts_tx: verdicts_tx.clone(),
-            },
-            stages.clone(),
-        );
-        stage("claim", Box::pin(claim));
-        let upload = upload::run(
-            Arc::clone(&shared),
-            upload::Inputs {
-                claimed_rx,
-                resubmit: resubmit.clone(),
-            },
-            upload::Outputs {
-                submitted_tx,
-                verdicts_tx: verdicts_tx.clone(),
-            },
-            stages.clone(),
-        );
-        stage("upload", Box::pin(upload));
-        let poll = poll::run(
-            Arc::clone(&shared),
-            poll::Inputs {
-                submitted_rx,
-                submitted: resume.submitted,
-                unconfirmed: resume.submitting,
-            },
-            poll::Outputs {
-                resubmit: resubmit.clone(),
-                verdicts_tx,
-            },
-            stages.clone(),
-        );
-        stage("poll", Box::pin(poll));
-        let sort = sort::run(
-            Arc::clone(&shared),
-            sort::Inputs {
-                verdicts_rx,
-                resume: resume.to_place,
-            },
-            sort::Outputs { resubmit },
-            stages.clone(),
-        );
-        stage("sort", Box::pin(sort));
+        let sup = Supervisor::new(&shutdown);
+        spawn_pipeline(&sup, &shared, resume);
+        let (stages, tracker) = (&sup.stages, &sup.tracker);
         tracker.spawn(housekeeping(Arc::clone(&shared), stages.clone()));
         // Notifications: their own task, reading the journal's queue; never on a stage's path.
         tracker.spawn(crate::hooks::run(
@@ -327,23 +206,103 @@ impl Agent {
             cfg.server.url
         ));
 
-        stages.cancelled().await;
-        tracing::info!("shutting down: finishing or journaling work in progress");
-        let grace = cfg.state.shutdown_grace + std::time::Duration::from_secs(2);
-        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-            tracing::warn!(
-                "some stages did not stop in time; their work resumes at the next start"
-            );
-        }
-        let failed = failure
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
-        match failed {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+        sup.wait(cfg.state.shutdown_grace + std::time::Duration::from_secs(2))
+            .await
     }
+}
+
+/// Makes the channels between the stages and spawns the six stages on `sup`, each with what
+/// reconciling left for it (`resume`).
+fn spawn_pipeline(sup: &Supervisor, shared: &Arc<Shared>, resume: reconcile::Resume) {
+    let (candidates_tx, candidates_rx) = mpsc::channel(watch::CANDIDATES_CAPACITY);
+    let (settled_tx, settled_rx) = mpsc::channel(settle::SETTLED_CAPACITY);
+    let (claimed_tx, claimed_rx) = mpsc::channel(claim::CLAIMED_CAPACITY);
+    let (submitted_tx, submitted_rx) = mpsc::channel(upload::SUBMITTED_CAPACITY);
+    let (verdicts_tx, verdicts_rx) = mpsc::channel(sort::VERDICTS_CAPACITY);
+    let resubmit = Resubmit::default();
+    for c in resume.hashed {
+        resubmit.push(c);
+    }
+
+    let roots = shared.roots.clone();
+    {
+        let (roots, stages) = (roots.clone(), sup.stages.clone());
+        let list_again = shared.journal.recovered();
+        sup.stage(
+            "watch",
+            Box::pin(async move {
+                watch::run(roots, candidates_tx, list_again, stages)
+                    .await
+                    .map_err(|e| FatalError::Stage {
+                        stage: "watch",
+                        detail: e.to_string(),
+                    })
+            }),
+        );
+    }
+    sup.stage(
+        "settle",
+        Box::pin(
+            settle::run(
+                roots,
+                candidates_rx,
+                settled_tx,
+                shared.journal.recovered(),
+                sup.stages.clone(),
+            )
+            .map(Ok),
+        ),
+    );
+    let claim = claim::run(
+        Arc::clone(shared),
+        claim::Inputs {
+            settled_rx,
+            resume: resume.claimed,
+        },
+        claim::Outputs {
+            claimed_tx,
+            verdicts_tx: verdicts_tx.clone(),
+        },
+        sup.stages.clone(),
+    );
+    sup.stage("claim", Box::pin(claim));
+    let upload = upload::run(
+        Arc::clone(shared),
+        upload::Inputs {
+            claimed_rx,
+            resubmit: resubmit.clone(),
+        },
+        upload::Outputs {
+            submitted_tx,
+            verdicts_tx: verdicts_tx.clone(),
+        },
+        sup.stages.clone(),
+    );
+    sup.stage("upload", Box::pin(upload));
+    let poll = poll::run(
+        Arc::clone(shared),
+        poll::Inputs {
+            submitted_rx,
+            submitted: resume.submitted,
+            unconfirmed: resume.submitting,
+        },
+        poll::Outputs {
+            resubmit: resubmit.clone(),
+            verdicts_tx,
+        },
+        sup.stages.clone(),
+    );
+    sup.stage("poll", Box::pin(poll));
+    let sort = sort::run(
+        Arc::clone(shared),
+        sort::Inputs {
+            verdicts_rx,
+            resume: resume.to_place,
+        },
+        sort::Outputs { resubmit },
+        sup.stages.clone(),
+    );
+    sup.stage("sort", Box::pin(sort));
 }
 
 /// Runs the agent with `config` until `shutdown`.

@@ -50,7 +50,8 @@ use crate::fsops::place::remove_temp;
 use crate::fsops::roots::{RootDirs, Which};
 use crate::fsops::{Dir, FsError, shown};
 use crate::journal::{
-    AuditEntry, FileId, FileRecord, Interrupted, Journal, JournalError, Kept, Outcome, now_ms,
+    AuditEntry, CustodyPlan, FileId, FileRecord, Interrupted, Journal, JournalError, Kept, Outcome,
+    now_ms,
 };
 
 /// The folder of the custody locks, in the state folder.
@@ -289,19 +290,7 @@ pub(super) async fn take_over(
 
     let (mv, to, user, reason) = match (&prev.plan, action) {
         (None, Action::Purge) => {
-            let done = {
-                let (roots, rec) = (roots.clone(), rec.clone());
-                blocking(move || {
-                    let (dir, name) = locate(&roots, from, &rec)?;
-                    match dir.unlink(&sidecar_name(&name)) {
-                        Ok(()) | Err(FsError::Vanished { .. }) => {}
-                        Err(e) => return Err(e),
-                    }
-                    dir.fsync()
-                })
-                .await
-            };
-            if let Err(e) = done {
+            if let Err(e) = purge_sidecar(roots, from, rec).await {
                 eprintln!("refused: entry {id}: {}", shown_text(&e.to_string()));
                 return TakenOver::Stopped(fs_exit(&e));
             }
@@ -312,52 +301,9 @@ pub(super) async fn take_over(
             let Some(mv) = Move::of_plan(plan) else {
                 return TakenOver::GoAhead;
             };
-            let target = plan.target.clone();
-            let finished = carry_out(
-                journal,
-                roots,
-                w,
-                rec,
-                &mv,
-                Some(target.clone()),
-                &plan.user,
-                plan.reason.as_deref(),
-            )
-            .await;
-            let finished = match finished {
-                Err(FsError::Vanished { path }) => {
-                    let (roots, to_root, temp) =
-                        (roots.clone(), mv.to_root.clone(), temp_of(w, rec));
-                    match blocking(move || open_to_root(&roots, &to_root)?.exists(&temp)).await {
-                        // Neither the kept file nor the temp is left: the temp's rename into
-                        // place was done, and the file has moved on since (the agent took a
-                        // retried file, someone moved a released one).
-                        Ok(false) => Ok(mv.to_root.join(&target)),
-                        Ok(true) => Err(FsError::Vanished { path }),
-                        Err(e) => Err(e),
-                    }
-                }
-                other => other,
-            };
-            let to = match finished {
+            let to = match finish_plan(journal, roots, w, rec, plan, &mv, action).await {
                 Ok(to) => to,
-                Err(e) => {
-                    eprintln!(
-                        "refused: entry {id}: the interrupted {action} cannot be finished: {}\n  \
-                         the file waits in {}: run again once that is fixed",
-                        shown_text(&e.to_string()),
-                        shown(&mv.to_root.join(temp_of(w, rec)))
-                    );
-                    let code = fs_exit(&e);
-                    let refusal = entry(
-                        &format!("{action}-refused"),
-                        id,
-                        plan.reason.as_deref(),
-                        json!({ "error": e.to_string(), "unfinished": true }),
-                    );
-                    journal.audit(refusal).await.ok();
-                    return TakenOver::Stopped(code);
-                }
+                Err(code) => return TakenOver::Stopped(code),
             };
             (Some(mv), Some(to), plan.user.clone(), plan.reason.clone())
         }
@@ -391,6 +337,83 @@ pub(super) async fn take_over(
             .unwrap_or_default()
     );
     TakenOver::Finished { action, mv, to }
+}
+
+/// An interrupted purge had removed the file: its sidecar goes too.
+async fn purge_sidecar(
+    roots: &Arc<RootDirs>,
+    from: Which,
+    rec: &FileRecord,
+) -> Result<(), FsError> {
+    let (roots, rec) = (roots.clone(), rec.clone());
+    blocking(move || {
+        let (dir, name) = locate(&roots, from, &rec)?;
+        match dir.unlink(&sidecar_name(&name)) {
+            Ok(()) | Err(FsError::Vanished { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        dir.fsync()
+    })
+    .await
+}
+
+/// Carries out the interrupted run's `plan` (its move `mv`) to its journaled target; where the
+/// file went, or the exit code once the refusal is printed and audited.
+async fn finish_plan(
+    journal: &Journal,
+    roots: &Arc<RootDirs>,
+    w: &WatchConfig,
+    rec: &FileRecord,
+    plan: &CustodyPlan,
+    mv: &Move,
+    action: Action,
+) -> Result<PathBuf, ExitCode> {
+    let target = plan.target.clone();
+    let finished = carry_out(
+        journal,
+        roots,
+        w,
+        rec,
+        mv,
+        Some(target.clone()),
+        &plan.user,
+        plan.reason.as_deref(),
+    )
+    .await;
+    let finished = match finished {
+        Err(FsError::Vanished { path }) => {
+            let (roots, to_root, temp) = (roots.clone(), mv.to_root.clone(), temp_of(w, rec));
+            match blocking(move || open_to_root(&roots, &to_root)?.exists(&temp)).await {
+                // Neither the kept file nor the temp is left: the temp's rename into place was
+                // done, and the file has moved on since (the agent took a retried file, someone
+                // moved a released one).
+                Ok(false) => Ok(mv.to_root.join(&target)),
+                Ok(true) => Err(FsError::Vanished { path }),
+                Err(e) => Err(e),
+            }
+        }
+        other => other,
+    };
+    let e = match finished {
+        Ok(to) => return Ok(to),
+        Err(e) => e,
+    };
+    eprintln!(
+        "refused: entry {}: the interrupted {action} cannot be finished: {}\n  \
+         the file waits in {}: run again once that is fixed",
+        rec.id,
+        shown_text(&e.to_string()),
+        shown(&mv.to_root.join(temp_of(w, rec)))
+    );
+    let code = fs_exit(&e);
+    let refusal = entry(
+        &format!("{action}-refused"),
+        rec.id,
+        plan.reason.as_deref(),
+        json!({ "error": e.to_string(), "unfinished": true }),
+    );
+    journal.audit(refusal).await.ok();
+    Err(code)
 }
 
 /// The kept file is still in its folder: the interrupted move is undone (its temp removed) and

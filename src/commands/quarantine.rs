@@ -26,7 +26,7 @@ use super::tools::{self, finish, watch_of};
 use crate::cli::QuarantineAction;
 use crate::fsops::FsError;
 use crate::fsops::roots::{RootDirs, Which};
-use crate::journal::Outcome;
+use crate::journal::{Journal, Outcome};
 
 /// Runs one `quarantine` subcommand.
 pub async fn run(action: QuarantineAction) -> ExitCode {
@@ -85,30 +85,7 @@ async fn relocate(config: &Path, id: i64, to: Option<PathBuf>, reason: String) -
     let mut detail = json!({ "sha256": sha, "size": rec.stamp.map(|s| s.size) });
     tools::detail_path(&mut detail, "from", from.as_deref());
     let Some(w) = watch_of(&config, &rec).cloned() else {
-        eprintln!(
-            "its root {} is no longer a [[watch]] of this configuration",
-            crate::fsops::shown(&rec.root)
-        );
-        let e = FsError::NotBeneath {
-            path: rec.root.clone(),
-        };
-        if held.interrupted.is_some() {
-            // An interrupted move may have left the only copy in its temp: custody stays.
-            eprintln!(
-                "refused: entry {id}: {}",
-                crate::fsops::names::shown_text(&e.to_string())
-            );
-            return ExitCode::from(tools::EXIT_REFUSED);
-        }
-        return finish(
-            &journal,
-            id,
-            action.as_str(),
-            "",
-            Some(&reason),
-            Err((e, detail)),
-        )
-        .await;
+        return root_gone(&journal, &held, action, &reason, detail).await;
     };
     let roots = Arc::new(RootDirs::new(&w));
     // A `--to` that cannot be a target (`dir/` that is no folder) is refused below, once an
@@ -171,6 +148,39 @@ async fn relocate(config: &Path, id: i64, to: Option<PathBuf>, reason: String) -
         action,
         Some(&reason),
         result,
+    )
+    .await
+}
+
+/// The entry's root is no longer a `[[watch]]` of this configuration: refused, custody kept
+/// where an interrupted move may have left the only copy in its temp, else ended and audited.
+async fn root_gone(
+    journal: &Journal,
+    held: &custody::Held,
+    action: Action,
+    reason: &str,
+    detail: serde_json::Value,
+) -> ExitCode {
+    let (id, root) = (held.record.id, &held.record.root);
+    eprintln!(
+        "its root {} is no longer a [[watch]] of this configuration",
+        crate::fsops::shown(root)
+    );
+    let e = FsError::NotBeneath { path: root.clone() };
+    if held.interrupted.is_some() {
+        eprintln!(
+            "refused: entry {id}: {}",
+            crate::fsops::names::shown_text(&e.to_string())
+        );
+        return ExitCode::from(tools::EXIT_REFUSED);
+    }
+    finish(
+        journal,
+        id,
+        action.as_str(),
+        "",
+        Some(reason),
+        Err((e, detail)),
     )
     .await
 }

@@ -60,6 +60,15 @@ struct Tally {
 }
 
 impl Tally {
+    fn count(&mut self, outcome: Outcome) {
+        match outcome {
+            Outcome::Clean => self.clean += 1,
+            Outcome::Quarantine => self.quarantine += 1,
+            // Vanished files are never placed; counted with failed if one were.
+            Outcome::Failed | Outcome::Vanished => self.failed += 1,
+        }
+    }
+
     fn line(&self, in_progress: i64, waiting: usize) -> String {
         format!(
             "dropscan: {} placed (clean {}, quarantine {}, failed {}) · {in_progress} in progress · {waiting} waiting in the inbox",
@@ -133,40 +142,18 @@ pub async fn run(
     let started = Instant::now();
     let mut tally = Tally::default();
     let mut last_log = Instant::now();
-    let mut timed_out = false;
-    let mut finished = false;
+    let mut ended = Ended::Interrupted;
     let mut tick = tokio::time::interval(PROGRESS_EVERY);
     loop {
         tokio::select! {
             () = token.cancelled() => break,
             ev = events.recv() => {
                 if let Ok(p) = ev {
-                    match p.outcome {
-                        Outcome::Clean => tally.clean += 1,
-                        Outcome::Quarantine => tally.quarantine += 1,
-                        // Vanished files are never placed; counted with failed if one were.
-                        Outcome::Failed | Outcome::Vanished => tally.failed += 1,
-                    }
+                    tally.count(p.outcome);
                 }
             }
             _ = tick.tick() => {
-                let watches2 = watches.clone();
-                let jp = journal_path.clone();
-                let (waiting, unfinished) = tokio::task::spawn_blocking(move || {
-                    let waiting: usize = watches2.iter().map(eligible_files).sum();
-                    let unfinished: i64 = crate::journal::read_summary(&jp)
-                        .map(|s| {
-                            s.per_state
-                                .iter()
-                                .filter(|(st, _)| FileState::parse(st) != Some(FileState::Done))
-                                .map(|(_, n)| *n)
-                                .sum()
-                        })
-                        .unwrap_or(1);
-                    (waiting, unfinished)
-                })
-                .await
-                .unwrap_or((1, 1));
+                let (waiting, unfinished) = progress(&watches, &journal_path).await;
                 let line = tally.line(unfinished, waiting);
                 if tty {
                     eprint!("\r{line}\x1b[K");
@@ -176,11 +163,11 @@ pub async fn run(
                     last_log = Instant::now();
                 }
                 if waiting == 0 && unfinished == 0 {
-                    finished = true;
+                    ended = Ended::Finished;
                     break;
                 }
                 if max_time.is_some_and(|m| started.elapsed() > m) {
-                    timed_out = true;
+                    ended = Ended::TimedOut;
                     break;
                 }
             }
@@ -191,6 +178,16 @@ pub async fn run(
     if tty {
         eprintln!();
     }
+    conclude(result, ended, &tally, started)
+}
+
+/// Prints the summary and why the scan ended; its exit code.
+fn conclude(
+    result: Result<Result<(), crate::error::FatalError>, tokio::task::JoinError>,
+    ended: Ended,
+    tally: &Tally,
+    started: Instant,
+) -> ExitCode {
     println!(
         "{} in {:.1} s",
         tally
@@ -209,19 +206,108 @@ pub async fn run(
         }
         Ok(Ok(())) => {}
     }
-    if !finished && !timed_out {
-        eprintln!("dropscan: interrupted; what is unfinished resumes at the next run");
-        return ExitCode::from(EXIT_INTERRUPTED);
+    match ended {
+        Ended::Interrupted => {
+            eprintln!("dropscan: interrupted; what is unfinished resumes at the next run");
+        }
+        Ended::TimedOut => {
+            eprintln!("dropscan: --max-time ran out; what is unfinished resumes at the next run")
+        }
+        Ended::Finished => {}
     }
-    if timed_out {
-        eprintln!("dropscan: --max-time ran out; what is unfinished resumes at the next run");
-        return ExitCode::from(EXIT_UNAVAILABLE);
+    ExitCode::from(exit_code(ended, tally))
+}
+
+/// How a scan of the inboxes ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    /// Nothing waits in the inboxes and nothing is unfinished.
+    Finished,
+    /// `--max-time` ran out first.
+    TimedOut,
+    /// A signal stopped it.
+    Interrupted,
+}
+
+/// The exit code of a scan that ended so, having placed `tally`: an unfinished scan says why;
+/// a finished one says the worst outcome (a detection before a failed file).
+fn exit_code(ended: Ended, tally: &Tally) -> u8 {
+    match ended {
+        Ended::Interrupted => EXIT_INTERRUPTED,
+        Ended::TimedOut => EXIT_UNAVAILABLE,
+        Ended::Finished if tally.quarantine > 0 => EXIT_DETECTED,
+        Ended::Finished if tally.failed > 0 => EXIT_FILES_FAILED,
+        Ended::Finished => EXIT_OK,
     }
-    if tally.quarantine > 0 {
-        ExitCode::from(EXIT_DETECTED)
-    } else if tally.failed > 0 {
-        ExitCode::from(EXIT_FILES_FAILED)
-    } else {
-        ExitCode::from(EXIT_OK)
+}
+
+/// (Files waiting in the inboxes, records unfinished in the journal); both counted as 1 when
+/// they cannot be, so that the scan does not end on a guess.
+async fn progress(watches: &[WatchConfig], journal_path: &Path) -> (usize, i64) {
+    let (watches, jp) = (watches.to_vec(), journal_path.to_path_buf());
+    tokio::task::spawn_blocking(move || {
+        let waiting: usize = watches.iter().map(eligible_files).sum();
+        let unfinished: i64 = crate::journal::read_summary(&jp)
+            .map(|s| {
+                s.per_state
+                    .iter()
+                    .filter(|(st, _)| FileState::parse(st) != Some(FileState::Done))
+                    .map(|(_, n)| *n)
+                    .sum()
+            })
+            .unwrap_or(1);
+        (waiting, unfinished)
+    })
+    .await
+    .unwrap_or((1, 1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_scans_exit_code_says_why_it_ended_then_the_worst_outcome() {
+        let tally = |clean, quarantine, failed| Tally {
+            clean,
+            quarantine,
+            failed,
+        };
+        let cases = [
+            (Ended::Finished, tally(0, 0, 0), EXIT_OK),
+            (Ended::Finished, tally(5, 0, 0), EXIT_OK),
+            (Ended::Finished, tally(5, 0, 1), EXIT_FILES_FAILED),
+            (Ended::Finished, tally(5, 1, 1), EXIT_DETECTED),
+            (Ended::Finished, tally(0, 1, 0), EXIT_DETECTED),
+            (Ended::TimedOut, tally(0, 1, 1), EXIT_UNAVAILABLE),
+            (Ended::TimedOut, tally(0, 0, 0), EXIT_UNAVAILABLE),
+            (Ended::Interrupted, tally(0, 1, 0), EXIT_INTERRUPTED),
+            (Ended::Interrupted, tally(3, 0, 0), EXIT_INTERRUPTED),
+        ];
+        for (ended, t, want) in cases {
+            assert_eq!(
+                exit_code(ended, &t),
+                want,
+                "{ended:?} {} {} {}",
+                t.clean,
+                t.quarantine,
+                t.failed
+            );
+        }
+    }
+
+    #[test]
+    fn a_tally_counts_vanished_with_failed() {
+        let mut t = Tally::default();
+        for o in [
+            Outcome::Clean,
+            Outcome::Clean,
+            Outcome::Quarantine,
+            Outcome::Failed,
+            Outcome::Vanished,
+        ] {
+            t.count(o);
+        }
+        assert_eq!((t.clean, t.quarantine, t.failed), (2, 1, 2));
     }
 }

@@ -30,6 +30,7 @@ mod error;
 mod folders;
 mod hooks;
 mod raw;
+mod server;
 mod spans;
 mod validate;
 

@@ -12,21 +12,13 @@ use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
-use super::raw::{RawConfig, RawLog, RawServer, RawState, RawWatch};
+use super::raw::{RawConfig, RawLog, RawState, RawWatch};
 use super::{
-    Config, ConfigError, DEFAULT_HEALTH_PROBE, DEFAULT_HELD_OPEN_LIMIT, DEFAULT_KEEP_ORIGINAL,
-    DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_IN_FLIGHT_CEILING, DEFAULT_POLL_INTERVAL,
-    DEFAULT_RECONCILE_INTERVAL, DEFAULT_REQUEST_TIMEOUT, DEFAULT_REQUESTS_PER_SECOND,
-    DEFAULT_RESTRICTIONS_REFRESH, DEFAULT_SCAN_TIMEOUT, DEFAULT_SETTLE, DEFAULT_SETTLE_EMPTY,
-    DEFAULT_SHUTDOWN_GRACE, DEFAULT_VERDICT_TTL, DEFAULT_WATCH_POLL_INTERVAL, LogConfig, LogFormat,
-    Pattern, ServerConfig, StateConfig, WatchConfig, WatchMode,
+    Config, ConfigError, DEFAULT_HELD_OPEN_LIMIT, DEFAULT_KEEP_ORIGINAL,
+    DEFAULT_RECONCILE_INTERVAL, DEFAULT_SETTLE, DEFAULT_SETTLE_EMPTY, DEFAULT_SHUTDOWN_GRACE,
+    DEFAULT_VERDICT_TTL, DEFAULT_WATCH_POLL_INTERVAL, LogConfig, LogFormat, Pattern, ServerConfig,
+    StateConfig, WatchConfig, WatchMode,
 };
-use super::{MaxInFlight, raw::RawCount};
-use crate::kata::{self, TlsOptions};
-
-/// What the example config (the `.deb`'s conffile) holds where only an administrator knows the
-/// value: `check` and `run` refuse it until it is replaced.
-const PLACEHOLDER: &str = "REPLACE-ME";
 
 /// Validates and resolves a parsed file. Relative paths are taken relative to `path`'s folder.
 pub(super) fn config(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
@@ -134,210 +126,6 @@ impl Validator {
         Ok(n)
     }
 
-    /// Refuses a value still holding the example config's placeholder, saying what to put there.
-    fn not_placeholder(&self, key: &str, value: &str, what: &str) -> Result<(), ConfigError> {
-        if value.to_ascii_uppercase().contains(PLACEHOLDER) {
-            return Err(self.invalid(
-                key,
-                &format!("still holds the example's placeholder `{value}`: set it to {what}"),
-            ));
-        }
-        Ok(())
-    }
-
-    fn server(&self, raw: RawServer) -> Result<ServerConfig, ConfigError> {
-        self.not_placeholder(
-            "server.url",
-            &raw.url,
-            "the address of your KATA Central Node, e.g. \"https://kata.example.org\"",
-        )?;
-        self.not_placeholder(
-            "server.sensor_id",
-            &raw.sensor_id,
-            "one UUID for the whole installation, generated once (e.g. with `uuidgen`) and shared by all its agents",
-        )?;
-        if let Some(id) = &raw.sensor_instance_id {
-            self.not_placeholder(
-                "server.sensor_instance_id",
-                id,
-                "a name unique to this host (letters, digits, - _ .), or remove the key to use the host name",
-            )?;
-        }
-        let url = reqwest::Url::parse(raw.url.trim()).map_err(|e| {
-            let shown = super::redact_userinfo(&raw.url);
-            self.invalid("server.url", &format!("`{shown}` is not a URL ({e})"))
-        })?;
-        if !url.username().is_empty() || url.password().is_some() {
-            return Err(self.invalid(
-                "server.url",
-                "holds a user name or password, which would be written into logs; KATA authenticates this client by its certificate only: remove it",
-            ));
-        }
-        if url.scheme() != "https" {
-            return Err(self.invalid(
-                "server.url",
-                "must start with https:// (the scanner API is HTTPS only)",
-            ));
-        }
-        if url.host_str().is_none_or(str::is_empty) {
-            return Err(self.invalid("server.url", "has no host name"));
-        }
-        if url.query().is_some() || url.fragment().is_some() {
-            return Err(self.invalid("server.url", "must not have a query or fragment"));
-        }
-        let sensor_id = raw.sensor_id.trim().to_ascii_lowercase();
-        if uuid::Uuid::try_parse(&sensor_id).is_err() || sensor_id.len() != 36 {
-            return Err(self.invalid(
-                "server.sensor_id",
-                &format!(
-                    "`{}` is not a hyphenated UUID; generate one once per installation (e.g. `uuidgen`)",
-                    raw.sensor_id
-                ),
-            ));
-        }
-        let sensor_instance_id = match raw.sensor_instance_id {
-            None => None,
-            Some(s) if s.is_empty() => None,
-            Some(s) => {
-                if s.len() > 128
-                    || !s
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
-                {
-                    return Err(self.invalid(
-                        "server.sensor_instance_id",
-                        "use 1 to 128 letters, digits, '-', '_' or '.'",
-                    ));
-                }
-                Some(s)
-            }
-        };
-        let client_cert = self.path(&raw.client_cert, "server.client_cert")?;
-        let client_key = self.path(&raw.client_key, "server.client_key")?;
-        let ca_cert = raw
-            .ca_cert
-            .as_deref()
-            .map(|p| self.path(p, "server.ca_cert"))
-            .transpose()?;
-        let pin = raw
-            .server_fingerprint
-            .as_deref()
-            .filter(|s| !s.is_empty())
-            .map(|s| {
-                kata::parse_fingerprint(s)
-                    .map_err(|e| self.invalid("server.server_fingerprint", &e.to_string()))
-            })
-            .transpose()?;
-        for (key, p) in [
-            ("server.client_cert", Some(&client_cert)),
-            ("server.client_key", Some(&client_key)),
-            ("server.ca_cert", ca_cert.as_ref()),
-        ] {
-            if let Some(p) = p {
-                self.regular_file(key, p, "the PEM file")?;
-            }
-        }
-        self.not_swapped(&client_cert, &client_key)?;
-        let tls = TlsOptions::from_pem_files(&client_cert, &client_key, ca_cert.as_deref(), pin)
-            .map_err(|e| self.invalid(tls_key(&e), &e.to_string()))?;
-        let max_in_flight = match raw.max_in_flight {
-            None => MaxInFlight::Auto,
-            Some(RawCount::Word(w)) if w.trim().eq_ignore_ascii_case("auto") => MaxInFlight::Auto,
-            Some(RawCount::Word(w)) => {
-                return Err(self.invalid(
-                    "server.max_in_flight",
-                    &format!("`{w}` is neither a number (1 to 100000) nor \"auto\""),
-                ));
-            }
-            Some(RawCount::Number(n)) => MaxInFlight::Fixed(to_nonzero_usize(self.positive(
-                Some(n),
-                1,
-                "server.max_in_flight",
-                100_000,
-            )?)),
-        };
-        let ceiling = self.positive(
-            raw.max_in_flight_ceiling,
-            DEFAULT_MAX_IN_FLIGHT_CEILING as u64,
-            "server.max_in_flight_ceiling",
-            100_000,
-        )?;
-        let rps = self.positive(
-            raw.requests_per_second,
-            u64::from(DEFAULT_REQUESTS_PER_SECOND),
-            "server.requests_per_second",
-            1_000_000,
-        )?;
-        let attempts = self.positive(
-            raw.max_attempts,
-            u64::from(DEFAULT_MAX_ATTEMPTS),
-            "server.max_attempts",
-            100,
-        )?;
-        let poll_interval = self.duration(
-            raw.poll_interval.as_deref(),
-            DEFAULT_POLL_INTERVAL,
-            "server.poll_interval",
-        )?;
-        if poll_interval < Duration::from_millis(10) {
-            return Err(self.invalid("server.poll_interval", "must be at least 10ms"));
-        }
-        let request_timeout = self.duration(
-            raw.request_timeout.as_deref(),
-            DEFAULT_REQUEST_TIMEOUT,
-            "server.request_timeout",
-        )?;
-        if request_timeout.is_zero() {
-            return Err(self.invalid("server.request_timeout", "must be more than 0"));
-        }
-        let scan_timeout = self.duration(
-            raw.scan_timeout.as_deref(),
-            DEFAULT_SCAN_TIMEOUT,
-            "server.scan_timeout",
-        )?;
-        if scan_timeout < poll_interval {
-            return Err(self.invalid(
-                "server.scan_timeout",
-                "must be at least server.poll_interval",
-            ));
-        }
-        let restrictions_refresh = self.duration(
-            raw.restrictions_refresh.as_deref(),
-            DEFAULT_RESTRICTIONS_REFRESH,
-            "server.restrictions_refresh",
-        )?;
-        if restrictions_refresh < Duration::from_secs(1) {
-            return Err(self.invalid("server.restrictions_refresh", "must be at least 1s"));
-        }
-        let health_probe = self.duration(
-            raw.health_probe.as_deref(),
-            DEFAULT_HEALTH_PROBE,
-            "server.health_probe",
-        )?;
-        if health_probe < Duration::from_secs(1) {
-            return Err(self.invalid("server.health_probe", "must be at least 1s"));
-        }
-        Ok(ServerConfig {
-            url,
-            sensor_id,
-            sensor_instance_id,
-            tls,
-            client_cert_path: client_cert,
-            poll_interval,
-            poll_early: false,
-            request_timeout,
-            max_in_flight,
-            max_in_flight_ceiling: to_nonzero_usize(ceiling),
-            requests_per_second: to_nonzero_u32(rps),
-            max_attempts: to_nonzero_u32(attempts),
-            scan_timeout,
-            restrictions_refresh,
-            health_probe,
-        })
-    }
-
-    /// `p` must be an existing regular file (not a folder, not `/dev/null`): checked before any
-    /// advice about its permissions, which would be wrong, even harmful, for anything else.
     pub(super) fn regular_file(&self, key: &str, p: &Path, what: &str) -> Result<(), ConfigError> {
         let m = std::fs::metadata(p)
             .map_err(|e| self.invalid(key, &format!("{}: {e}", p.display())))?;
@@ -356,37 +144,6 @@ impl Validator {
                 p.display()
             ),
         ))
-    }
-
-    /// A client key file that holds a certificate and no key (or a certificate file that holds
-    /// a key and no certificate): the two keys are swapped, which the permission check would
-    /// otherwise report as "run chmod 600" on the certificate.
-    fn not_swapped(&self, cert: &Path, key: &Path) -> Result<(), ConfigError> {
-        let markers = |p: &Path| {
-            let text = std::fs::read(p).unwrap_or_default();
-            let has = |m: &[u8]| text.windows(m.len()).any(|w| w == m);
-            (
-                has(b"-----BEGIN CERTIFICATE-----"),
-                has(b"PRIVATE KEY-----"),
-            )
-        };
-        let (key_has_cert, key_has_key) = markers(key);
-        if key_has_cert && !key_has_key {
-            let (_, cert_has_key) = markers(cert);
-            let hint = if cert_has_key {
-                " and server.client_cert names a key: the two are swapped"
-            } else {
-                ""
-            };
-            return Err(self.invalid(
-                "server.client_key",
-                &format!(
-                    "{} holds a certificate, not a private key{hint}; give the key file (PEM PKCS#8, PKCS#1 or SEC1)",
-                    key.display()
-                ),
-            ));
-        }
-        Ok(())
     }
 
     fn state(&self, raw: RawState) -> Result<StateConfig, ConfigError> {
@@ -519,22 +276,6 @@ impl Validator {
     }
 }
 
-/// The key a TLS loading error is about: each names its own file's key (and so its line).
-fn tls_key(e: &kata::TlsError) -> &'static str {
-    use kata::TlsError;
-    let by_what = |what: &str| match what {
-        "client key" => "server.client_key",
-        "CA certificate" => "server.ca_cert",
-        _ => "server.client_cert",
-    };
-    match e {
-        TlsError::Read { what, .. } | TlsError::Invalid { what, .. } => by_what(what),
-        TlsError::KeyReadableByOthers { .. } | TlsError::KeyMismatch { .. } => "server.client_key",
-        TlsError::NoSystemRoots { .. } => "server.ca_cert",
-        TlsError::Config { .. } => "server.client_cert",
-    }
-}
-
 /// `p` made absolute against `base`, with `.` and `..` folded lexically (no symlink resolution:
 /// the folders may not exist yet).
 pub(crate) fn absolute(p: &Path, base: &Path) -> PathBuf {
@@ -579,10 +320,10 @@ pub fn host_name() -> String {
     }
 }
 
-fn to_nonzero_usize(n: u64) -> NonZeroUsize {
+pub(super) fn to_nonzero_usize(n: u64) -> NonZeroUsize {
     NonZeroUsize::new(usize::try_from(n).unwrap_or(usize::MAX)).unwrap_or(NonZeroUsize::MIN)
 }
 
-fn to_nonzero_u32(n: u64) -> NonZeroU32 {
+pub(super) fn to_nonzero_u32(n: u64) -> NonZeroU32 {
     NonZeroU32::new(u32::try_from(n).unwrap_or(u32::MAX)).unwrap_or(NonZeroU32::MIN)
 }

@@ -102,6 +102,7 @@ mod ops_place;
 mod ops_retain;
 mod ops_submit;
 mod schema;
+#[cfg(any(test, feature = "test-util"))]
 #[doc(hidden)]
 pub mod testing;
 #[cfg(test)]

@@ -43,7 +43,7 @@ use crate::pipeline::{Resubmit, Verdict};
 use crate::root::Root;
 pub use finish::hex;
 use finish::open_dest;
-use plan::{Plan, plan};
+use plan::{AfterFailure, Plan, Resume, after_failure, plan, resume};
 use retry::Retry;
 
 /// Capacity of the edge into the sorter (from claim, upload and poll). Full: the sender waits.
@@ -242,46 +242,34 @@ impl Sorter {
             });
         };
         let original = rec.root.join(&rec.rel_path);
-        let Plan {
-            outcome,
-            which,
-            file_mode,
-            dir_mode,
-            copy,
-            clean,
-            note,
-        } = plan(rec.outcome, rec.is_clean_verdict_for_content());
-        let reason = note.map(str::to_string).or_else(|| rec.reason.clone());
+        let plan = plan(rec.outcome, rec.is_clean_verdict_for_content());
+        let reason = plan.note.map(str::to_string).or_else(|| rec.reason.clone());
         let temp_name = fsops::names::copy_temp_name(
             &src.instance,
             fsops::names::TempOf::Agent,
             &fsops::names::staged_token(&rec.staged),
             &rec.rel_path,
         );
-        let current_root = src.folder_path(which).to_path_buf();
+        let current_root = src.folder_path(plan.which).to_path_buf();
         // After a crash or a failed attempt in `placing`: the journaled target first (the move
         // may have happened, or a verified copy may wait under its temp name), in the root it
         // was chosen in, even if the configuration names another folder by now.
         let mut dest_root_path = current_root.clone();
         let mut target: Option<PathBuf> = None;
-        if let (FileState::Placing, Some(dest)) = (&rec.state, &rec.dest) {
-            let chosen_in = rec.dest_root.clone().or_else(|| {
-                dest.starts_with(&current_root)
-                    .then(|| current_root.clone())
-            });
-            let Some(root) = chosen_in else {
+        let journaled = (rec.dest.as_deref(), rec.dest_root.as_deref());
+        match resume(rec.state, journaled.0, journaled.1, &current_root) {
+            Resume::Fresh => {}
+            Resume::Here { rel } => target = rel,
+            Resume::Outside { dest } => {
                 return Step::Retry(Retry::PlacedOutside {
                     original,
-                    dest: dest.clone(),
+                    dest,
                     configured: current_root,
                     temp: PathBuf::from(&temp_name),
                 });
-            };
-            let rel = dest.strip_prefix(&root).map(Path::to_path_buf).ok();
-            if root == current_root {
-                target = rel;
-            } else {
-                match self.root_changed(&rec, &root, dest, &temp_name).await {
+            }
+            Resume::Elsewhere { root, dest, rel } => {
+                match self.root_changed(&rec, &root, &dest, &temp_name).await {
                     Ok(true) => {
                         dest_root_path = root;
                         target = rel;
@@ -292,115 +280,47 @@ impl Sorter {
             }
         }
         let open_root = {
-            let (src, root) = (Arc::clone(&src), dest_root_path.clone());
+            let (src, root, which) = (Arc::clone(&src), dest_root_path.clone(), plan.which);
             move |create: bool| open_dest(&src, which, &root, create)
         };
         for _ in 0..16 {
             let rel = match target.take() {
                 Some(t) => t,
                 None => {
-                    let (open, rel_path) = (open_root.clone(), rec.rel_path.clone());
-                    let chosen = blocking(move || {
-                        let root = open(true)?;
-                        fsops::place::free_name(&root, &rel_path, dir_mode)
-                    })
-                    .await;
-                    let t = match chosen {
+                    let chosen = self
+                        .choose_name(&rec, open_root.clone(), &dest_root_path, plan.dir_mode)
+                        .await;
+                    match chosen {
                         Ok(t) => t,
-                        Err(e) => {
-                            return Step::Retry(Retry::ChooseName {
-                                original,
-                                dest_root: dest_root_path,
-                                source: e,
-                            });
-                        }
-                    };
-                    if let Err(e) = self
-                        .shared
-                        .journal
-                        .placing_checked(
-                            rec.id,
-                            dest_root_path.clone(),
-                            dest_root_path.join(&t),
-                            rec.outcome,
-                        )
-                        .await
-                    {
-                        return Step::Retry(Retry::write(e));
+                        Err(why) => return Step::Retry(why),
                     }
-                    t
                 }
             };
-            let (sh, open) = (Arc::clone(&self.shared), open_root.clone());
-            let (staged, rel2, temp) = (rec.staged.clone(), rel.clone(), temp_name.clone());
-            let (hashed, sha256) = if clean {
-                (rec.stamp, rec.sha256)
-            } else {
-                (None, None)
-            };
-            let own_copy = rec.stamp;
-            let placed = blocking(move || {
-                let (staging, staged_name) = sh.staging_of(&staged)?;
-                let dest_root = open(true)?;
-                fsops::place::place(&Release {
-                    staging: &staging,
-                    staged_name: &staged_name,
-                    hashed,
-                    sha256,
-                    dest_root: &dest_root,
-                    target: &rel2,
-                    file_mode,
-                    copy,
-                    clean,
-                    temp_name: &temp,
-                    own_copy,
-                })
-            })
-            .await;
-            match placed {
-                Ok(_) => {
+            let placed = self
+                .move_once(&rec, &plan, open_root.clone(), &rel, &temp_name)
+                .await;
+            let e = match placed {
+                Ok(()) => {
                     return self
-                        .finish_placement(rec, outcome, reason, which, &dest_root_path, rel)
+                        .finish_placement(
+                            rec,
+                            plan.outcome,
+                            reason,
+                            plan.which,
+                            &dest_root_path,
+                            rel,
+                        )
                         .await;
                 }
-                Err(e @ FsError::Busy { .. }) => {
-                    return Step::Retry(Retry::Busy(e));
-                }
-                // A hard link (made after the claim) bound for a failed folder on another
-                // filesystem: it can be neither renamed there nor copied (that would read what it
-                // points to). It goes back where it was dropped, unread, every name kept; the
-                // claim leaves hard links there alone.
-                // The same for a file dropscan's user cannot read.
-                Err(e @ (FsError::HardLinked { .. } | FsError::Unreadable { .. })) if !copy => {
-                    return self.return_to_inbox(rec, &src, e).await;
-                }
-                // Taken meanwhile, or its folder removed meanwhile: choose again.
-                Err(e) if e.is_already_exists() || e.is_folder_gone() => continue,
-                // Not in the staging folder opened now, which is on another filesystem than
-                // the one the file was staged on: a share mounted over the inbox covers the
-                // folder that holds it. Kept until the folder is reachable again.
-                Err(e @ FsError::Vanished { .. }) if self.staged_elsewhere(&rec).await => {
-                    self.shared
-                        .metrics
-                        .place_errors
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    return Step::Retry(Retry::StagingCovered {
-                        source: e.at(&original),
-                        original,
-                    });
-                }
-                Err(FsError::Vanished { .. }) => {
-                    self.shared
-                        .journal
-                        .close_vanished(rec.id, "vanished from staging before it was placed".into())
-                        .await
-                        .ok();
-                    return Step::Done;
-                }
-                // One predicate, checked on every attempt: a file that changed since it was
-                // hashed is scanned again, never released on the old verdict.
-                Err(FsError::Changed { .. }) if clean => return self.rescan(rec).await,
-                Err(e) => {
+                Err(e) => e,
+            };
+            match after_failure(&e, plan.copy, plan.clean) {
+                AfterFailure::ChooseAgain => {}
+                AfterFailure::Busy => return Step::Retry(Retry::Busy(e)),
+                AfterFailure::BackToInbox => return self.return_to_inbox(rec, &src, e).await,
+                AfterFailure::Vanished => return self.vanished(rec, e, original).await,
+                AfterFailure::Rescan => return self.rescan(rec).await,
+                AfterFailure::Move => {
                     self.shared
                         .metrics
                         .place_errors
@@ -415,6 +335,100 @@ impl Sorter {
             }
         }
         Step::Retry(Retry::NoFreeName { original })
+    }
+
+    /// Chooses a free name for `rec` in its destination folder (made if missing) and journals it
+    /// (`placing`) before anything moves.
+    async fn choose_name(
+        &self,
+        rec: &FileRecord,
+        open_root: impl FnOnce(bool) -> Result<Arc<fsops::Dir>, FsError> + Send + 'static,
+        dest_root_path: &Path,
+        dir_mode: u32,
+    ) -> Result<PathBuf, Retry> {
+        let rel_path = rec.rel_path.clone();
+        let chosen = blocking(move || {
+            let root = open_root(true)?;
+            fsops::place::free_name(&root, &rel_path, dir_mode)
+        })
+        .await;
+        let t = chosen.map_err(|e| Retry::ChooseName {
+            original: rec.root.join(&rec.rel_path),
+            dest_root: dest_root_path.to_path_buf(),
+            source: e,
+        })?;
+        self.shared
+            .journal
+            .placing_checked(
+                rec.id,
+                dest_root_path.to_path_buf(),
+                dest_root_path.join(&t),
+                rec.outcome,
+            )
+            .await
+            .map_err(Retry::write)?;
+        Ok(t)
+    }
+
+    /// One try at moving (or copying) the staged file to `rel` under its destination folder.
+    async fn move_once(
+        &self,
+        rec: &FileRecord,
+        plan: &Plan,
+        open_root: impl FnOnce(bool) -> Result<Arc<fsops::Dir>, FsError> + Send + 'static,
+        rel: &Path,
+        temp_name: &std::ffi::OsStr,
+    ) -> Result<(), FsError> {
+        let sh = Arc::clone(&self.shared);
+        let (staged, rel, temp) = (rec.staged.clone(), rel.to_path_buf(), temp_name.to_owned());
+        let (hashed, sha256) = if plan.clean {
+            (rec.stamp, rec.sha256)
+        } else {
+            (None, None)
+        };
+        let (own_copy, file_mode, copy, clean) = (rec.stamp, plan.file_mode, plan.copy, plan.clean);
+        blocking(move || {
+            let (staging, staged_name) = sh.staging_of(&staged)?;
+            let dest_root = open_root(true)?;
+            fsops::place::place(&Release {
+                staging: &staging,
+                staged_name: &staged_name,
+                hashed,
+                sha256,
+                dest_root: &dest_root,
+                target: &rel,
+                file_mode,
+                copy,
+                clean,
+                temp_name: &temp,
+                own_copy,
+            })
+        })
+        .await
+        .map(drop)
+    }
+
+    /// The staged file is not there. Not in the staging folder opened now, which is on another
+    /// filesystem than the one the file was staged on: a share mounted over the inbox covers
+    /// the folder that holds it, and it is kept until the folder is reachable again. Otherwise
+    /// it is gone, and its record is closed.
+    async fn vanished(&self, rec: FileRecord, e: FsError, original: PathBuf) -> Step {
+        if self.staged_elsewhere(&rec).await {
+            self.shared
+                .metrics
+                .place_errors
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Step::Retry(Retry::StagingCovered {
+                source: e.at(&original),
+                original,
+            });
+        }
+        self.shared
+            .journal
+            .close_vanished(rec.id, "vanished from staging before it was placed".into())
+            .await
+            .ok();
+        Step::Done
     }
 
     /// Whether the staging folder reached through its path now cannot be opened, or is on

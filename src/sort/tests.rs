@@ -87,3 +87,135 @@ async fn a_panicked_blocking_task_keeps_its_join_error() {
         .expect("the JoinError itself");
     assert!(join.is_panic());
 }
+
+#[test]
+fn a_placement_resumes_where_its_target_was_chosen() {
+    use std::path::{Path, PathBuf};
+    let now = Path::new("/srv/clean");
+    let p = PathBuf::from;
+    let cases = [
+        // Not yet placing, or no target journaled: a fresh name.
+        (FileState::Decided, None, None, Resume::Fresh),
+        (
+            FileState::Decided,
+            Some("/srv/clean/a"),
+            None,
+            Resume::Fresh,
+        ),
+        (FileState::Placing, None, Some("/srv/clean"), Resume::Fresh),
+        // Chosen in the folder configured now, journaled with it or found beneath it.
+        (
+            FileState::Placing,
+            Some("/srv/clean/d/a (1)"),
+            Some("/srv/clean"),
+            Resume::Here {
+                rel: Some(p("d/a (1)")),
+            },
+        ),
+        (
+            FileState::Placing,
+            Some("/srv/clean/a"),
+            None,
+            Resume::Here { rel: Some(p("a")) },
+        ),
+        // Journaled with a folder that does not hold it: no target, a fresh name there.
+        (
+            FileState::Placing,
+            Some("/elsewhere/a"),
+            Some("/srv/clean"),
+            Resume::Here { rel: None },
+        ),
+        // Chosen in a folder configured then.
+        (
+            FileState::Placing,
+            Some("/old/clean/a"),
+            Some("/old/clean"),
+            Resume::Elsewhere {
+                root: p("/old/clean"),
+                dest: p("/old/clean/a"),
+                rel: Some(p("a")),
+            },
+        ),
+        // Neither journaled with a folder nor beneath the one configured now.
+        (
+            FileState::Placing,
+            Some("/old/clean/a"),
+            None,
+            Resume::Outside {
+                dest: p("/old/clean/a"),
+            },
+        ),
+        // A path that only shares a prefix of characters is not beneath the folder.
+        (
+            FileState::Placing,
+            Some("/srv/cleaner/a"),
+            None,
+            Resume::Outside {
+                dest: p("/srv/cleaner/a"),
+            },
+        ),
+    ];
+    for (state, dest, dest_root, want) in cases {
+        let got = resume(state, dest.map(Path::new), dest_root.map(Path::new), now);
+        assert_eq!(got, want, "{state:?} {dest:?} {dest_root:?}");
+    }
+}
+
+#[test]
+fn a_failed_move_is_retried_rechosen_rescanned_or_sent_back_by_its_error() {
+    use crate::fsops::FsError;
+    use std::path::PathBuf;
+    let path = || PathBuf::from("/srv/clean/a");
+    let errno = |n| std::io::Error::from_raw_os_error(n);
+    let busy = || FsError::Busy { path: path() };
+    let linked = || FsError::HardLinked {
+        path: path(),
+        nlink: 2,
+    };
+    let unreadable = || FsError::Unreadable {
+        path: path(),
+        source: errno(libc::EACCES),
+    };
+    let exists = || FsError::io(&path(), "rename", errno(libc::EEXIST));
+    let folder_gone = || FsError::Io {
+        path: path(),
+        about: "open",
+        source: errno(libc::ENOENT),
+    };
+    let vanished = || FsError::io(&path(), "open", errno(libc::ENOENT));
+    let changed = || FsError::Changed {
+        path: path(),
+        detail: String::new(),
+    };
+    let full = || FsError::io(&path(), "write", errno(libc::ENOSPC));
+    let denied = || FsError::io(&path(), "write", errno(libc::EACCES));
+    use AfterFailure::{BackToInbox, Busy, ChooseAgain, Move, Rescan, Vanished};
+    // (error, copy, clean) → what it means
+    let cases: [(FsError, bool, bool, AfterFailure); 16] = [
+        (busy(), true, true, Busy),
+        (busy(), false, false, Busy),
+        // Only what is not copied goes back unread: a copy that cannot read is a failed move.
+        (linked(), false, false, BackToInbox),
+        (unreadable(), false, false, BackToInbox),
+        (linked(), true, false, Move),
+        (unreadable(), true, true, Move),
+        (exists(), true, true, ChooseAgain),
+        (exists(), false, false, ChooseAgain),
+        (folder_gone(), true, false, ChooseAgain),
+        (vanished(), true, true, Vanished),
+        (vanished(), false, false, Vanished),
+        // Only a release is scanned again; quarantine and failed keep what they have.
+        (changed(), true, true, Rescan),
+        (changed(), true, false, Move),
+        (changed(), false, false, Move),
+        (full(), true, true, Move),
+        (denied(), false, false, Move),
+    ];
+    for (e, copy, clean, want) in cases {
+        assert_eq!(
+            after_failure(&e, copy, clean),
+            want,
+            "{e} copy={copy} clean={clean}"
+        );
+    }
+}

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use notify::{RecommendedWatcher, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
-use tokio::time::{Instant, MissedTickBehavior};
+use tokio::time::{Instant, Interval, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info};
 
@@ -33,6 +33,38 @@ const FOLDER_LIST_DELAY: Duration = Duration::from_millis(200);
 /// Forced rescans of one root are at least this far apart, so that a flood of events during a
 /// long listing cannot make the root be listed back to back forever.
 const MIN_RESCAN_GAP: Duration = Duration::from_secs(1);
+
+/// How a root is watched now: the inotify watcher (none when polling), and whether it polls.
+struct Watching {
+    watcher: Option<RecommendedWatcher>,
+    polling: bool,
+}
+
+/// A root's listing clocks: the poll and reconcile ticks (each first one interval after the
+/// backlog was listed), and when a listing last started.
+struct Ticks {
+    poll: Interval,
+    reconcile: Interval,
+    last_walk: Instant,
+}
+
+impl Ticks {
+    fn new(w: &WatchConfig, last_walk: Instant) -> Self {
+        let every = |period: Duration| {
+            let mut tick = tokio::time::interval_at(
+                Instant::now() + period,
+                period.max(Duration::from_millis(10)),
+            );
+            tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            tick
+        };
+        Ticks {
+            poll: every(w.poll_interval),
+            reconcile: every(w.reconcile_interval),
+            last_walk,
+        }
+    }
+}
 
 /// Watches one root.
 pub(super) struct RootTask {
@@ -70,11 +102,9 @@ impl RootTask {
 
     pub(super) async fn run(mut self) {
         let (folders_tx, mut folders_rx) = mpsc::channel::<PathBuf>(FOLDERS_CAPACITY);
-        let (mut watcher, mut polling) = self.start_watching(&folders_tx).await;
-        let (path, poll_interval, reconcile_interval) = {
-            let w = self.config();
-            (w.path.clone(), w.poll_interval, w.reconcile_interval)
-        };
+        let (watcher, polling) = self.start_watching(&folders_tx).await;
+        let mut watching = Watching { watcher, polling };
+        let path = self.config().path.clone();
         info!(
             root = %crate::fsops::shown(&path),
             mode = if polling { "poll" } else { "notify" },
@@ -82,21 +112,11 @@ impl RootTask {
         );
 
         // The backlog: whatever is already there.
-        let mut last_walk = Instant::now();
+        let last_walk = Instant::now();
         if self.walk(path.clone()).await == Walked::Stopped {
             return;
         }
-
-        let mut reconcile_tick = tokio::time::interval_at(
-            Instant::now() + reconcile_interval,
-            reconcile_interval.max(Duration::from_millis(10)),
-        );
-        reconcile_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let mut poll_tick = tokio::time::interval_at(
-            Instant::now() + poll_interval,
-            poll_interval.max(Duration::from_millis(10)),
-        );
-        poll_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut ticks = Ticks::new(self.config(), last_walk);
 
         let signal = self.signal.clone();
         let shutdown = self.shutdown.clone();
@@ -112,84 +132,30 @@ impl RootTask {
                 biased;
                 () = shutdown.cancelled() => break,
                 Ok(()) = mounts.changed() => {
-                    let now = tokio::select! {
-                        biased;
-                        () = shutdown.cancelled() => break,
-                        id = root_identity(&path) => id,
+                    let Some(walked) = self
+                        .remounted(&mut identity, &mut watching, &mut ticks, &folders_tx)
+                        .await
+                    else {
+                        continue;
                     };
-                    if now == identity {
-                        continue;
-                    }
-                    identity = now;
-                    // A share mounted over the inbox, or unmounted from under it: watched
-                    // afresh, the way the filesystem now there needs. The old watcher goes
-                    // first: its inotify watches count against the limit.
-                    drop(watcher.take());
-                    (watcher, polling) = self.start_watching(&folders_tx).await;
-                    info!(
-                        root = %crate::fsops::shown(&path),
-                        mode = if polling { "poll" } else { "notify" },
-                        "the inbox's filesystem changed (mounted or unmounted): watching it again"
-                    );
-                    poll_tick.reset();
-                    reconcile_tick.reset();
-                    last_walk = Instant::now();
-                    self.walk(path.clone()).await
-                }
-                () = signal.wake.notified() => {
-                    if signal.degraded.swap(false, Ordering::AcqRel) && !polling {
-                        // Dropping the watcher removes its inotify watches and ends its thread.
-                        watcher = None;
-                        polling = true;
-                        self.root.status.set_degraded(true);
-                        poll_tick.reset();
-                        info!(root = %crate::fsops::shown(&path), mode = "poll", "watching inbox");
-                    }
-                    if !signal.rescan.load(Ordering::Acquire) {
-                        continue;
-                    }
-                    tokio::select! {
-                        biased;
-                        () = shutdown.cancelled() => break,
-                        () = tokio::time::sleep_until(last_walk + MIN_RESCAN_GAP) => {}
-                    }
-                    // Cleared before listing: a hint lost during the listing forces another.
-                    signal.rescan.store(false, Ordering::Release);
-                    debug!(root = %crate::fsops::shown(&path), "forced rescan");
-                    last_walk = Instant::now();
-                    reconcile_tick.reset();
-                    self.walk(path.clone()).await
-                }
-                Some(first) = folders_rx.recv() => {
-                    tokio::select! {
-                        biased;
-                        () = shutdown.cancelled() => break,
-                        () = tokio::time::sleep(FOLDER_LIST_DELAY) => {}
-                    }
-                    let mut folders = vec![first];
-                    while let Ok(more) = folders_rx.try_recv() {
-                        folders.push(more);
-                    }
-                    folders.sort();
-                    folders.dedup();
-                    let mut walked = Walked::Done;
-                    for folder in folders {
-                        walked = self.walk(folder).await;
-                        if walked == Walked::Stopped {
-                            break;
-                        }
-                    }
                     walked
                 }
-                _ = poll_tick.tick(), if polling => {
+                () = signal.wake.notified() => {
+                    let Some(walked) = self.woken(&mut watching, &mut ticks).await else {
+                        continue;
+                    };
+                    walked
+                }
+                Some(first) = folders_rx.recv() => self.new_folders(first, &mut folders_rx).await,
+                _ = ticks.poll.tick(), if watching.polling => {
                     // Polled, each listing is the reconcile walk too.
                     debug!(root = %crate::fsops::shown(&path), "reconcile (polling)");
-                    last_walk = Instant::now();
+                    ticks.last_walk = Instant::now();
                     self.walk(path.clone()).await
                 }
-                _ = reconcile_tick.tick(), if !polling => {
+                _ = ticks.reconcile.tick(), if !watching.polling => {
                     debug!(root = %crate::fsops::shown(&path), "reconcile");
-                    last_walk = Instant::now();
+                    ticks.last_walk = Instant::now();
                     self.walk(path.clone()).await
                 }
             };
@@ -197,8 +163,100 @@ impl RootTask {
                 break;
             }
         }
-        drop(watcher);
+        drop(watching);
         drop(folders_tx);
+    }
+
+    /// The mount table changed: if the inbox's filesystem did (a share mounted over the inbox,
+    /// or unmounted from under it), it is watched afresh, the way the filesystem now there
+    /// needs, and listed. `None`: it did not, nothing to do.
+    async fn remounted(
+        &mut self,
+        identity: &mut Option<(u64, u64)>,
+        watching: &mut Watching,
+        ticks: &mut Ticks,
+        folders_tx: &mpsc::Sender<PathBuf>,
+    ) -> Option<Walked> {
+        let path = self.config().path.clone();
+        let now = tokio::select! {
+            biased;
+            () = self.shutdown.cancelled() => return Some(Walked::Stopped),
+            id = root_identity(&path) => id,
+        };
+        if now == *identity {
+            return None;
+        }
+        *identity = now;
+        // The old watcher goes first: its inotify watches count against the limit.
+        drop(watching.watcher.take());
+        (watching.watcher, watching.polling) = self.start_watching(folders_tx).await;
+        info!(
+            root = %crate::fsops::shown(&path),
+            mode = if watching.polling { "poll" } else { "notify" },
+            "the inbox's filesystem changed (mounted or unmounted): watching it again"
+        );
+        ticks.poll.reset();
+        ticks.reconcile.reset();
+        ticks.last_walk = Instant::now();
+        Some(self.walk(path).await)
+    }
+
+    /// The root's signal was raised: falls back to polling if the watcher degraded, and lists
+    /// the root if a rescan is asked (no sooner than `MIN_RESCAN_GAP` after the last listing).
+    /// `None`: no rescan asked.
+    async fn woken(&mut self, watching: &mut Watching, ticks: &mut Ticks) -> Option<Walked> {
+        let path = self.config().path.clone();
+        let signal = Arc::clone(&self.signal);
+        if signal.degraded.swap(false, Ordering::AcqRel) && !watching.polling {
+            // Dropping the watcher removes its inotify watches and ends its thread.
+            watching.watcher = None;
+            watching.polling = true;
+            self.root.status.set_degraded(true);
+            ticks.poll.reset();
+            info!(root = %crate::fsops::shown(&path), mode = "poll", "watching inbox");
+        }
+        if !signal.rescan.load(Ordering::Acquire) {
+            return None;
+        }
+        tokio::select! {
+            biased;
+            () = self.shutdown.cancelled() => return Some(Walked::Stopped),
+            () = tokio::time::sleep_until(ticks.last_walk + MIN_RESCAN_GAP) => {}
+        }
+        // Cleared before listing: a hint lost during the listing forces another.
+        signal.rescan.store(false, Ordering::Release);
+        debug!(root = %crate::fsops::shown(&path), "forced rescan");
+        ticks.last_walk = Instant::now();
+        ticks.reconcile.reset();
+        Some(self.walk(path).await)
+    }
+
+    /// New subfolders: listed a little later (`FOLDER_LIST_DELAY`), each once however many
+    /// hints named it meanwhile.
+    async fn new_folders(
+        &mut self,
+        first: PathBuf,
+        folders_rx: &mut mpsc::Receiver<PathBuf>,
+    ) -> Walked {
+        tokio::select! {
+            biased;
+            () = self.shutdown.cancelled() => return Walked::Stopped,
+            () = tokio::time::sleep(FOLDER_LIST_DELAY) => {}
+        }
+        let mut folders = vec![first];
+        while let Ok(more) = folders_rx.try_recv() {
+            folders.push(more);
+        }
+        folders.sort();
+        folders.dedup();
+        let mut walked = Walked::Done;
+        for folder in folders {
+            walked = self.walk(folder).await;
+            if walked == Walked::Stopped {
+                break;
+            }
+        }
+        walked
     }
 
     /// Starts watching the way the root's filesystem needs: (the inotify watcher, or `None`
