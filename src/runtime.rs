@@ -12,8 +12,10 @@
 use tokio::runtime::{Builder, Runtime};
 
 /// Threads for blocking work at most. Above the pipeline's own concurrency (sort 16, hash 8,
-/// hooks 4 per hook, a settle and a claim batch and a walk per root), so that no stage waits on
-/// another's queued calls for long; beyond it, calls queue (upload reads, metrics renders).
+/// hooks 4 per hook, a settle stat and a claim batch), so that no stage waits on another's
+/// queued calls for long; beyond it, calls queue (upload reads, metrics renders). Nothing that
+/// waits on another stage may hold one of these threads: the inbox listings, which wait for room
+/// in settle's channel, run on threads of their own (`watch::root`).
 pub const MAX_BLOCKING_THREADS: usize = 64;
 
 /// The runtime `dropscan` runs on.

@@ -125,3 +125,66 @@ async fn max_in_flight_takes_a_number_or_auto_and_errors_name_key_and_file() {
         assert!(err.contains("dropscan.toml"), "{bad}: {err}");
     }
 }
+
+/// Bug: the runtime's blocking pool is bounded (64 threads, `dropscan::runtime`), and each
+/// inbox listing ran on it, waiting there for room in settle's channel. Settle drains that
+/// channel between stats, which need a pool thread too. With more watches than pool threads,
+/// each with a backlog at start-up, every thread waited for settle and settle for a thread: the
+/// agent placed nothing, for ever. Expected: every file of every watch is placed.
+#[test]
+fn seventy_watches_with_a_backlog_each_start_on_the_bounded_runtime_and_place_everything() {
+    const WATCHES: usize = 70;
+    const EACH: usize = 60; // 4,200 in all: more than the listing channel holds (4,096)
+    let setup = tokio::runtime::Runtime::new().unwrap();
+    let mut w = setup.block_on(World::quick());
+    for i in 0..WATCHES {
+        w.more_watches.push_str(&format!(
+            "\n[[watch]]\npath = \"in{i}\"\nmode = \"poll\"\npoll_interval = \"1s\"\n\
+             settle = \"200ms\"\nsettle_empty = \"1s\"\nclean_dir = \"out{i}/clean\"\n\
+             quarantine_dir = \"out{i}/quarantine\"\nfailed_dir = \"out{i}/failed\"\n"
+        ));
+        let inbox = w.dir.path().join(format!("in{i}"));
+        std::fs::create_dir_all(&inbox).unwrap();
+        for j in 0..EACH {
+            std::fs::write(
+                inbox.join(format!("f{j}.txt")),
+                format!("watch {i} file {j}"),
+            )
+            .unwrap();
+        }
+    }
+    w.write_config();
+    let config = Config::load(&w.write_config()).unwrap();
+    let agent = Agent::new(config).unwrap();
+    let token = CancellationToken::new();
+    let runner = std::thread::spawn({
+        let token = token.clone();
+        move || {
+            let rt = dropscan::runtime::build().unwrap();
+            rt.block_on(agent.run(token)).map_err(|e| e.to_string())
+        }
+    });
+    let placed = |w: &World| -> usize {
+        (0..WATCHES)
+            .map(|i| World::files_in(&w.dir.path().join(format!("out{i}/clean"))).len())
+            .sum()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(240);
+    while placed(&w) < WATCHES * EACH
+        && std::time::Instant::now() < deadline
+        && !runner.is_finished()
+    {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let n = placed(&w);
+    token.cancel();
+    let ended = runner.join().unwrap();
+    assert_eq!(
+        n,
+        WATCHES * EACH,
+        "files placed of {} (agent: {ended:?})",
+        WATCHES * EACH
+    );
+    assert!(ended.is_ok(), "{ended:?}");
+    drop(setup);
+}

@@ -369,7 +369,13 @@ impl RootTask {
         }
     }
 
-    /// Lists `start` in a blocking task; the listing waits for room in the channel.
+    /// Lists `start` on a thread of its own; the listing waits for room in the channel.
+    ///
+    /// Not on the runtime's blocking pool: that pool is bounded (`crate::runtime`), and a
+    /// listing blocked on a full channel holds its thread until settle drains the channel,
+    /// which settle does between stats that themselves need a pool thread. With as many
+    /// listings as pool threads (one per watch at start-up, each with a backlog), every thread
+    /// would wait for settle and settle for a thread.
     async fn walk(&mut self, start: PathBuf) -> Walked {
         if self.candidates_tx.is_closed() {
             return Walked::Stopped;
@@ -378,21 +384,29 @@ impl RootTask {
         let candidates_tx = self.candidates_tx.clone();
         let token = self.shutdown.clone();
         let mut warned = std::mem::take(&mut self.warned);
-        let listing = tokio::task::spawn_blocking(move || {
-            let walked = walk_blocking(&root, &start, &candidates_tx, &token, &mut warned);
-            (walked, warned)
-        });
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        let spawned = std::thread::Builder::new()
+            .name("dropscan-walk".into())
+            .spawn(move || {
+                let walked = walk_blocking(&root, &start, &candidates_tx, &token, &mut warned);
+                done_tx.send((walked, warned)).ok();
+            });
+        if let Err(e) = spawned {
+            error!(root = %self.config().path.display(), error = %e, "cannot start a listing thread; listed again at the next reconcile");
+            return Walked::Done;
+        }
         tokio::select! {
             biased;
             // A listing stuck on a dead network share must not hold up shutdown.
             () = self.shutdown.cancelled() => Walked::Stopped,
-            joined = listing => match joined {
+            joined = done_rx => match joined {
                 Ok((walked, warned)) => {
                     self.warned = warned;
                     walked
                 }
-                Err(e) => {
-                    error!(root = %self.config().path.display(), error = %e, "listing failed");
+                // The thread ended without answering: it panicked.
+                Err(_) => {
+                    error!(root = %self.config().path.display(), "listing failed");
                     Walked::Done
                 }
             }
