@@ -60,19 +60,21 @@ impl Shared {
         }
     }
 
-    /// Whether the staging folder reached now for `staged` is on another filesystem than the
-    /// one this agent locked (and staged its files in): a share mounted over the inbox covers
-    /// the folder that holds them. A folder that cannot be opened counts as covered.
-    pub fn staging_covered(&self, staged: &Path) -> bool {
+    /// Whether the staging folder reached now for `staged` is another folder than the one the
+    /// file was moved into at its claim (`staged_in`, its journal record's (dev, ino); for a
+    /// record of a version that did not keep it, the folder this agent locked): a share mounted
+    /// over the inbox covers the folder that holds the file, or did when it was claimed and has
+    /// gone since. A folder that cannot be opened counts as covered.
+    pub fn staging_covered(&self, staged: &Path, staged_in: Option<(u64, u64)>) -> bool {
         let Some(root) = self.roots.by_staged(staged) else {
             return false;
         };
-        let Some((locked, _)) = root.dirs().locked_staging() else {
+        let Some(folder) = staged_in.or_else(|| root.dirs().locked_staging()) else {
             return false;
         };
         root.staging()
             .and_then(|d| d.identity())
-            .map_or(true, |(now, _)| now != locked)
+            .map_or(true, |now| now != folder)
     }
 
     /// Opens a staged file for reading; it must still be the file that was hashed.

@@ -40,10 +40,17 @@ async fn own_staged(
     .unwrap_or_else(|e| Err(Owning::Failed(e)))
 }
 
-/// Whether `staged`'s staging folder is covered by a mount ([`Shared::staging_covered`]).
-async fn covered(shared: &Arc<Shared>, staged: &std::path::Path) -> bool {
+/// Whether record `id`'s staging folder is covered by a mount ([`Shared::staging_covered`]).
+async fn covered(shared: &Arc<Shared>, id: FileId, staged: &std::path::Path) -> bool {
+    // The folder the file was claimed into (a journal that cannot be read: the locked one).
+    let staged_in = shared
+        .journal
+        .get(id)
+        .await
+        .ok()
+        .and_then(|r| r.staging_folder);
     let (sh, path) = (Arc::clone(shared), staged.to_path_buf());
-    blocking(move || Ok(sh.staging_covered(&path)))
+    blocking(move || Ok(sh.staging_covered(&path, staged_in)))
         .await
         .unwrap_or(true)
 }
@@ -159,7 +166,7 @@ pub(crate) async fn hash_record(
         // Not in the staging folder reached now, which is not the one the file was staged in
         // (a share mounted over the inbox covers it): kept `claimed`; the stuck-claim sweep
         // owns it again once the folder is reachable.
-        Err(e @ FsError::Vanished { .. }) if covered(shared, &staged).await => {
+        Err(e @ FsError::Vanished { .. }) if covered(shared, id, &staged).await => {
             tracing::warn!(id, error = %e, "the staging folder is covered by a mount; hashed once it is reachable again");
             Ok(Hashed::Waiting)
         }

@@ -138,12 +138,14 @@ impl Root {
         rel_path: PathBuf,
         staged_name: &OsStr,
         dropped_at_ms: Option<i64>,
+        staging_folder: Option<(u64, u64)>,
     ) -> NewClaim {
         NewClaim {
             root: self.config.path.clone(),
             rel_path,
             staged: self.config.staging_dir.join(staged_name),
             dropped_at_ms,
+            staging_folder,
         }
     }
 
@@ -160,13 +162,30 @@ impl Root {
     }
 
     /// Claims a batch of its settled files (relative path, settled stamp, staged name, taken
-    /// even if held open) with one fsync per folder for the whole batch. One result per file,
-    /// in order.
+    /// even if held open) with one fsync per folder for the whole batch, into the staging
+    /// folder `staging_folder` (dev, ino) that their journal records name: none is moved when
+    /// the path now leads to another (a share mounted over the inbox meanwhile). One result per
+    /// file, in order.
     pub fn claim_files(
         &self,
         files: &[(PathBuf, Stamp, OsString, bool)],
+        staging_folder: Option<(u64, u64)>,
     ) -> Vec<Result<crate::fsops::claim::Claim, FsError>> {
-        let (inbox, staging) = match self.inbox().and_then(|i| Ok((i, self.staging()?))) {
+        let opened = self.inbox().and_then(|i| {
+            let staging = self.staging()?;
+            match staging_folder {
+                Some(recorded) if staging.identity()? != recorded => Err(FsError::io(
+                    staging.path(),
+                    "claim",
+                    std::io::Error::other(
+                        "the staging folder is another one than when the claims were journaled \
+                         (a mount over the inbox?)",
+                    ),
+                )),
+                _ => Ok((i, staging)),
+            }
+        });
+        let (inbox, staging) = match opened {
             Ok(d) => d,
             Err(e) => {
                 let msg = e.to_string();

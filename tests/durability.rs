@@ -565,6 +565,7 @@ async fn a_submitting_scan_the_server_does_not_list_is_deleted_before_it_is_sent
                 rel_path: "crashed.bin".into(),
                 staged: std::fs::canonicalize(&staged).unwrap(),
                 dropped_at_ms: None,
+                staging_folder: None,
             }])
             .await
             .unwrap()[0];

@@ -40,6 +40,7 @@ async fn claim(j: &Journal, name: &str) -> FileId {
         rel_path: name.into(),
         staged: format!("/in/.dropscan/{name}.staged").into(),
         dropped_at_ms: None,
+        staging_folder: None,
     }])
     .await
     .unwrap()[0]
@@ -429,6 +430,7 @@ async fn a_batch_after_sqlite_rolled_back_reports_what_is_on_disk() {
                 rel_path: name.into(),
                 staged: format!("/in/.dropscan/{name}").into(),
                 dropped_at_ms: None,
+                staging_folder: None,
             }])
             .await
         })

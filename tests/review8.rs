@@ -192,3 +192,107 @@ async fn a_mount_over_the_inbox_before_the_hash_keeps_the_staged_file_claimed() 
     assert_eq!(std::fs::read(w.clean.join("a.bin")).unwrap(), data);
     agent.stop().await.0.unwrap();
 }
+
+/// The states, outcomes and reasons of the journal's records by inbox path (read-only).
+fn records(w: &World) -> Vec<(String, String, Option<String>, Option<String>)> {
+    let Ok(db) = rusqlite::Connection::open_with_flags(
+        w.state_dir().join("journal.sqlite"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    ) else {
+        return Vec::new();
+    };
+    let Ok(mut q) = db.prepare("SELECT rel_path, state, outcome, reason FROM files") else {
+        return Vec::new();
+    };
+    q.query_map([], |r| {
+        let rel: Vec<u8> = r.get(0)?;
+        Ok((
+            String::from_utf8_lossy(&rel).into_owned(),
+            r.get(1)?,
+            r.get(2)?,
+            r.get(3)?,
+        ))
+    })
+    .map(|rows| rows.filter_map(Result::ok).collect())
+    .unwrap_or_default()
+}
+
+/// Review 9: the agent compared the staging folder reached now with the one it had locked
+/// last. A file claimed from the share mounted over the inbox made the share's staging folder
+/// the locked one; a file staged before the mount, in the covered folder, then no longer
+/// counted as covered, and its placement closed it "vanished from staging" while its bytes sat
+/// in the covered folder. Each record now keeps the (dev, ino) of the folder it was claimed
+/// into.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_claimed_from_a_share_mounted_over_the_inbox_does_not_make_an_earlier_staged_file_vanish()
+ {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("skipped: needs root to mount");
+        return;
+    }
+    let Some(bindfs) = crate::shares_fixture::find_tool("bindfs") else {
+        eprintln!("skipped: bindfs not installed (Debian package bindfs)");
+        return;
+    };
+    let w = World::new(dropscan::emulator::EmulatorConfig {
+        scan_delay: Duration::from_secs(10),
+        ..dropscan::emulator::EmulatorConfig::default()
+    })
+    .await;
+    let agent = w.start_agent();
+    let a = bytes(7, 10_000);
+    w.drop_file("a.bin", &a);
+    let submitted = wait_for(LONG, || {
+        records(&w)
+            .into_iter()
+            .find(|(rel, state, ..)| rel == "a.bin" && state == "submitted")
+    })
+    .await;
+    assert!(submitted.is_some(), "a.bin never submitted");
+    let server = w.dir.path().join("server");
+    std::fs::create_dir_all(&server).unwrap();
+    let mounted = std::process::Command::new(bindfs)
+        .args(["-o", "nonempty"])
+        .arg(&server)
+        .arg(&w.inbox)
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(mounted, "cannot mount over the inbox");
+    // A user writes onto the share: claimed into the share's staging folder.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let b = bytes(8, 10_000);
+    std::fs::write(server.join("b.bin"), &b).unwrap();
+    let b_claimed = wait_for(LONG, || {
+        records(&w).into_iter().find(|(rel, ..)| rel == "b.bin")
+    })
+    .await;
+    // a.bin's verdict arrives while the share covers its staging folder.
+    let a_tried = wait_for(LONG, || {
+        let errors = agent.metrics.place_errors.load(Ordering::Relaxed);
+        records(&w)
+            .into_iter()
+            .find(|(rel, state, ..)| rel == "a.bin" && (state == "done" || errors > 0))
+    })
+    .await;
+    let b_placed = wait_for(LONG, || w.clean.join("b.bin").is_file().then_some(())).await;
+    let unmounted = std::process::Command::new("umount")
+        .arg("-l")
+        .arg(&w.inbox)
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(unmounted);
+    assert!(b_claimed.is_some(), "b.bin on the share never claimed");
+    let (_, _, outcome, reason) = a_tried.expect("a.bin: no verdict");
+    assert_ne!(
+        outcome.as_deref(),
+        Some("vanished"),
+        "a.bin closed as vanished ({reason:?}) while its bytes sit in the covered staging folder"
+    );
+    assert!(b_placed.is_some(), "b.bin from the share never placed");
+    assert_eq!(std::fs::read(w.clean.join("b.bin")).unwrap(), b);
+    // The share gone, a.bin's staging folder is reachable again: placed.
+    let a_placed = wait_for(LONG, || w.clean.join("a.bin").is_file().then_some(())).await;
+    assert!(a_placed.is_some(), "a.bin never placed after the unmount");
+    assert_eq!(std::fs::read(w.clean.join("a.bin")).unwrap(), a);
+    agent.stop().await.0.unwrap();
+}

@@ -406,7 +406,10 @@ async fn take_back_all(
             "a verified copy left by an interrupted placement is the only copy of its file: \
              scanning it again"
         );
-        claims.push(w.root.new_claim(rel_path, &fresh, None));
+        let staged_in = stagings[w.root.id.0]
+            .as_ref()
+            .and_then(|s| s.identity().ok());
+        claims.push(w.root.new_claim(rel_path, &fresh, None, staged_in));
     }
     let ids = journal.claim(claims.clone()).await?;
     for ((id, claim), w) in ids.into_iter().zip(claims).zip(whole) {

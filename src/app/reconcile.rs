@@ -407,7 +407,8 @@ async fn reenter(
         };
         // A fresh staged name: the old one may still be on a finished record.
         let fresh = OsString::from(format!("{}.staged", uuid::Uuid::new_v4().simple()));
-        claims.push(root.new_claim(rel_path, &fresh, None));
+        let staged_in = stagings[id.0].as_ref().and_then(|s| s.identity().ok());
+        claims.push(root.new_claim(rel_path, &fresh, None, staged_in));
         moves.push((id, name, fresh));
     }
     let staged: Vec<PathBuf> = claims.iter().map(|c| c.staged.clone()).collect();

@@ -81,14 +81,20 @@ pub(super) async fn claim_batch(shared: &Arc<Shared>, batch: &[Settled]) -> Vec<
     let ready = ready_roots(shared, batch).await;
     let mut claims = Vec::with_capacity(batch.len());
     let mut sources = Vec::with_capacity(batch.len());
+    let mut staging_of = std::collections::HashMap::new();
     for s in batch.iter().filter(|s| ready.contains(&s.root)) {
         let Some(root) = shared.roots.get(s.root) else {
             continue;
         };
         let name = staged_name();
         let dropped_at_ms = Some(s.stamp.ctime_ns / 1_000_000);
-        claims.push(root.new_claim(s.rel_path.clone(), &name, dropped_at_ms));
-        sources.push((s, name));
+        // The folder `ready_roots` checked and locked, once per root: the moves go there or
+        // nowhere (`Root::claim_files`).
+        let staging_folder = *staging_of
+            .entry(s.root)
+            .or_insert_with(|| root.dirs().locked_staging());
+        claims.push(root.new_claim(s.rel_path.clone(), &name, dropped_at_ms, staging_folder));
+        sources.push((s, name, staging_folder));
     }
     if claims.is_empty() {
         return Vec::new();
@@ -105,7 +111,7 @@ pub(super) async fn claim_batch(shared: &Arc<Shared>, batch: &[Settled]) -> Vec<
     let mut results = move_all(shared, &sources).await.into_iter();
     let mut claimed = Vec::with_capacity(ids.len());
     let mut dropped = Vec::new();
-    for ((id, to), (s, _)) in ids.into_iter().zip(staged).zip(&sources) {
+    for ((id, to), (s, ..)) in ids.into_iter().zip(staged).zip(&sources) {
         let Some(moved) = results.next().flatten() else {
             // Not attempted: its root left the configuration (a reload). Nothing moved.
             tracing::debug!(id, path = %fsops::shown(&s.rel_path), "its root is gone; left in the inbox");
@@ -170,26 +176,27 @@ async fn ready_roots(shared: &Arc<Shared>, batch: &[Settled]) -> HashSet<RootId>
     ready
 }
 
+/// A settled file to claim, its staged name, and the staging folder (dev, ino) its record names.
+type Source<'a> = (&'a Settled, std::ffi::OsString, Option<(u64, u64)>);
+
 /// Moves each source into staging under its staged name: one blocking call and one fsync per
 /// folder for each root's share of the batch. One answer per source, in order (`None`: not
 /// attempted, its root gone).
-async fn move_all(
-    shared: &Arc<Shared>,
-    sources: &[(&Settled, std::ffi::OsString)],
-) -> Vec<Option<Moved>> {
+async fn move_all(shared: &Arc<Shared>, sources: &[Source<'_>]) -> Vec<Option<Moved>> {
     let mut results: Vec<Option<Moved>> = (0..sources.len()).map(|_| None).collect();
-    for (root, ks) in by_root(sources.iter().map(|(s, _)| s.root)) {
+    for (root, ks) in by_root(sources.iter().map(|(s, ..)| s.root)) {
         let files: Vec<_> = ks
             .iter()
             .map(|&k| {
-                let (s, name) = &sources[k];
+                let (s, name, _) = &sources[k];
                 (s.rel_path.clone(), s.stamp, name.clone(), s.held_open)
             })
             .collect();
+        let staging_folder = ks.first().and_then(|&k| sources[k].2);
         let Some(root) = shared.roots.get(root).cloned() else {
             continue;
         };
-        match tokio::task::spawn_blocking(move || root.claim_files(&files)).await {
+        match tokio::task::spawn_blocking(move || root.claim_files(&files, staging_folder)).await {
             Ok(rs) => {
                 for (&k, r) in ks.iter().zip(rs) {
                     results[k] = Some(Ok(r));

@@ -92,17 +92,21 @@ impl Journal {
             let now = now_ms();
             let mut ids = Vec::with_capacity(claims.len());
             for c in &claims {
+                #[allow(clippy::cast_possible_wrap)]
                 execute(
                     conn,
                     "INSERT INTO files (root, rel_path, staged, state, claimed_at, updated_at, \
-                     dropped_at) VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6)",
+                     dropped_at, staging_dev, staging_ino) VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6, ?7, ?8)",
                     params![
                         path_blob(&c.root),
                         path_blob(&c.rel_path),
                         path_blob(&c.staged),
                         FileState::Claimed.as_str(),
                         now,
-                        c.dropped_at_ms
+                        c.dropped_at_ms,
+                        // Stored as SQLite's signed integers, bit for bit.
+                        c.staging_folder.map(|(dev, _)| dev as i64),
+                        c.staging_folder.map(|(_, ino)| ino as i64)
                     ],
                     "claim",
                 )?;

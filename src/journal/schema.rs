@@ -44,7 +44,11 @@ CREATE TABLE IF NOT EXISTS files (
     updated_at      INTEGER NOT NULL,
     -- The destination root `dest` was chosen in: a placement is finished there even after the
     -- configuration names another folder.
-    dest_root       BLOB
+    dest_root       BLOB,
+    -- The staging folder the file was moved into at the claim (dev, ino): a share mounted over
+    -- the inbox later covers that folder, and the file is kept for when it is reachable again.
+    staging_dev     INTEGER,
+    staging_ino     INTEGER
 );
 CREATE INDEX IF NOT EXISTS files_state ON files(state);
 CREATE INDEX IF NOT EXISTS files_sha ON files(sha256) WHERE sha256 IS NOT NULL;
@@ -143,7 +147,8 @@ macro_rules! columns {
     () => {
         "id, root, rel_path, staged, state, size, mtime_ns, ctime_ns, dev, ino, \
          sha256, scan_id, scan_ids, attempts, submitted_at, outcome, verdict, verdict_sha256, \
-         reason, reused, dest, claimed_at, updated_at, dropped_at, dest_root"
+         reason, reused, dest, claimed_at, updated_at, dropped_at, dest_root, staging_dev, \
+         staging_ino"
     };
 }
 
@@ -266,6 +271,11 @@ pub(super) fn row_to_record(r: &Row<'_>) -> rusqlite::Result<FileRecord> {
         updated_at_ms: r.get(22)?,
         dropped_at_ms: r.get(23)?,
         dest_root: r.get::<_, Option<Vec<u8>>>(24)?.map(blob_path),
+        staging_folder: match (r.get::<_, Option<i64>>(25)?, r.get::<_, Option<i64>>(26)?) {
+            // Stored as SQLite's signed integers, bit for bit.
+            (Some(dev), Some(ino)) => Some((dev as u64, ino as u64)),
+            _ => None,
+        },
     })
 }
 
@@ -383,13 +393,19 @@ fn ensure_parent_dir(path: &Path) -> Result<(), JournalError> {
 /// Columns added since the schema's first version, added to a journal written before them (a
 /// version that does not know a column ignores it: every query names its columns).
 fn add_missing_columns(conn: &Connection) -> rusqlite::Result<()> {
-    let has: bool = conn.query_row(
-        "SELECT count(*) FROM pragma_table_info('files') WHERE name = 'dest_root'",
-        [],
-        |r| r.get::<_, i64>(0).map(|n| n > 0),
-    )?;
-    if !has {
-        conn.execute_batch("ALTER TABLE files ADD COLUMN dest_root BLOB")?;
+    for (column, kind) in [
+        ("dest_root", "BLOB"),
+        ("staging_dev", "INTEGER"),
+        ("staging_ino", "INTEGER"),
+    ] {
+        let has: bool = conn.query_row(
+            "SELECT count(*) FROM pragma_table_info('files') WHERE name = ?1",
+            [column],
+            |r| r.get::<_, i64>(0).map(|n| n > 0),
+        )?;
+        if !has {
+            conn.execute_batch(&format!("ALTER TABLE files ADD COLUMN {column} {kind}"))?;
+        }
     }
     Ok(())
 }

@@ -25,6 +25,7 @@ async fn claim_one(j: &Journal, name: &str) -> FileId {
         rel_path: name.into(),
         staged: format!("/in/.dropscan/{name}").into(),
         dropped_at_ms: None,
+        staging_folder: None,
     }])
     .await
     .unwrap()[0]
@@ -270,4 +271,42 @@ async fn custody_left_busy_comes_back_interrupted_with_its_plan_until_it_ends() 
         matches!(refused, Err(JournalError::Conflict { ref detail, .. }) if detail.contains("retried")),
         "{refused:?}"
     );
+}
+
+/// A journal written before the `dest_root` and staging-folder columns opens, its records read
+/// back without them, and new claims keep the staging folder's (dev, ino), the largest values
+/// included (stored as SQLite's signed integers).
+#[tokio::test]
+async fn an_older_journal_gains_the_new_columns_and_keeps_the_staging_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j.sqlite");
+    drop(Journal::open(&path).unwrap());
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        for column in ["dest_root", "staging_dev", "staging_ino"] {
+            conn.execute_batch(&format!("ALTER TABLE files DROP COLUMN {column}"))
+                .unwrap();
+        }
+        conn.execute_batch(
+            "INSERT INTO files (root, rel_path, staged, state, claimed_at, updated_at) \
+             VALUES (x'2f696e', x'6f6c64', x'2f696e2f2e64726f707363616e2f6f6c64', 'claimed', 1, 1)",
+        )
+        .unwrap();
+    }
+    let j = Journal::open(&path).unwrap();
+    let old = j.stuck_claimed(Duration::ZERO).await.unwrap();
+    assert_eq!(old.len(), 1);
+    assert_eq!(old[0].staging_folder, None);
+    assert_eq!(old[0].dest_root, None);
+    let id = j
+        .claim(vec![NewClaim {
+            root: "/in".into(),
+            rel_path: "new".into(),
+            staged: "/in/.dropscan/new".into(),
+            dropped_at_ms: None,
+            staging_folder: Some((u64::MAX, 42)),
+        }])
+        .await
+        .unwrap()[0];
+    assert_eq!(j.get(id).await.unwrap().staging_folder, Some((u64::MAX, 42)));
 }

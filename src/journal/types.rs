@@ -344,6 +344,9 @@ pub struct FileRecord {
     /// The destination root `dest` was chosen in (`None`: chosen by a version that did not
     /// record it).
     pub dest_root: Option<PathBuf>,
+    /// The (dev, ino) of the staging folder it was moved into at the claim (`None`: claimed by
+    /// a version that did not record it).
+    pub staging_folder: Option<(u64, u64)>,
     /// When it was claimed (ms).
     pub claimed_at_ms: i64,
     /// When it was last changed (ms).
@@ -381,6 +384,8 @@ pub struct NewClaim {
     pub staged: PathBuf,
     /// The file's last change in the inbox (ms), if known.
     pub dropped_at_ms: Option<i64>,
+    /// The (dev, ino) of the staging folder it is moved into, if known.
+    pub staging_folder: Option<(u64, u64)>,
 }
 
 /// A decision to journal.

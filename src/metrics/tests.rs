@@ -223,6 +223,7 @@ async fn fleet_series_come_from_the_journal_and_stay_bounded() {
         rel_path: name.into(),
         staged: format!("/srv/in/.dropscan/{name}").into(),
         dropped_at_ms: None,
+        staging_folder: None,
     };
     let ids = j.claim(vec![claim("a"), claim("b")]).await.unwrap();
     j.decide(vec![(ids[0], FileError::Vanished.decision(false))])

@@ -431,12 +431,16 @@ impl Sorter {
         Step::Done
     }
 
-    /// Whether the staging folder reached through its path now cannot be opened, or is on
-    /// another device than the one this agent locked and `rec`'s file was staged in: the folder
-    /// that holds the file is covered (a share mounted over the inbox), not emptied.
+    /// Whether the staging folder reached through its path now cannot be opened, or is another
+    /// folder than the one `rec`'s file was staged in: the folder that holds the file is
+    /// covered (a share mounted over the inbox), not emptied.
     async fn staged_elsewhere(&self, rec: &FileRecord) -> bool {
-        let (sh, staged) = (Arc::clone(&self.shared), rec.staged.clone());
-        blocking(move || Ok(sh.staging_covered(&staged)))
+        let (sh, staged, staged_in) = (
+            Arc::clone(&self.shared),
+            rec.staged.clone(),
+            rec.staging_folder,
+        );
+        blocking(move || Ok(sh.staging_covered(&staged, staged_in)))
             .await
             .unwrap_or(true)
     }
