@@ -60,25 +60,61 @@ fn only_record(w: &World) -> Option<(String, Option<String>, Option<String>)> {
     .ok()
 }
 
+/// bindfs, where this test can mount (as root, with bindfs installed); else `None`, the reason
+/// printed.
+fn bindfs() -> Option<std::path::PathBuf> {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("skipped: needs root to mount");
+        return None;
+    }
+    let found = crate::shares_fixture::find_tool("bindfs");
+    if found.is_none() {
+        eprintln!("skipped: bindfs not installed (Debian package bindfs)");
+    }
+    found
+}
+
+/// A world whose emulator takes `delay` over each scan.
+async fn slow_scans(delay: Duration) -> World {
+    World::new(dropscan::emulator::EmulatorConfig {
+        scan_delay: delay,
+        ..dropscan::emulator::EmulatorConfig::default()
+    })
+    .await
+}
+
+/// Mounts a fresh `server` folder over the inbox with bindfs: the folder, and whether it worked.
+fn mount_share(bindfs: &Path, w: &World) -> (std::path::PathBuf, bool) {
+    let server = w.dir.path().join("server");
+    std::fs::create_dir_all(&server).unwrap();
+    let mounted = std::process::Command::new(bindfs)
+        .args(["-o", "nonempty"])
+        .arg(&server)
+        .arg(&w.inbox)
+        .status()
+        .is_ok_and(|s| s.success());
+    (server, mounted)
+}
+
+/// Unmounts the share over the inbox (lazily: the agent may hold it open).
+fn unmount(w: &World) -> bool {
+    std::process::Command::new("umount")
+        .arg("-l")
+        .arg(&w.inbox)
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 /// A share mounted over the inbox while a file was being scanned: the staging folder is
 /// opened again from its path, now on the share, where the staged file is not. The placement
 /// took that for "vanished from staging", closed the record and dropped the verdict, while the
 /// file's bytes sat in the covered staging folder; after the unmount it was never placed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mount_over_the_inbox_during_a_scan_closes_the_staged_file_as_vanished() {
-    if !rustix::process::geteuid().is_root() {
-        eprintln!("skipped: needs root to mount");
-        return;
-    }
-    let Some(bindfs) = crate::shares_fixture::find_tool("bindfs") else {
-        eprintln!("skipped: bindfs not installed (Debian package bindfs)");
+    let Some(bindfs) = bindfs() else {
         return;
     };
-    let w = World::new(dropscan::emulator::EmulatorConfig {
-        scan_delay: Duration::from_secs(3),
-        ..dropscan::emulator::EmulatorConfig::default()
-    })
-    .await;
+    let w = slow_scans(Duration::from_secs(3)).await;
     let agent = w.start_agent();
     let data = bytes(5, 10_000);
     w.drop_file("a.bin", &data);
@@ -88,14 +124,7 @@ async fn a_mount_over_the_inbox_during_a_scan_closes_the_staged_file_as_vanished
     })
     .await;
     assert!(submitted.is_some(), "never submitted");
-    let server = w.dir.path().join("server");
-    std::fs::create_dir_all(&server).unwrap();
-    let mounted = std::process::Command::new(bindfs)
-        .args(["-o", "nonempty"])
-        .arg(&server)
-        .arg(&w.inbox)
-        .status()
-        .is_ok_and(|s| s.success());
+    let (_, mounted) = mount_share(&bindfs, &w);
     if !mounted {
         eprintln!("skipped: cannot mount over the inbox here");
         agent.stop().await.0.unwrap();
@@ -108,12 +137,7 @@ async fn a_mount_over_the_inbox_during_a_scan_closes_the_staged_file_as_vanished
         only_record(&w).filter(|(state, _, _)| state == "done" || errors > 0)
     })
     .await;
-    let unmounted = std::process::Command::new("umount")
-        .arg("-l")
-        .arg(&w.inbox)
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(unmounted);
+    assert!(unmount(&w));
     let (_, outcome, reason) = decided.expect("no verdict");
     assert_ne!(
         outcome.as_deref(),
@@ -138,19 +162,10 @@ async fn a_mount_over_the_inbox_during_a_scan_closes_the_staged_file_as_vanished
 /// the test checks that one again).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mount_over_the_inbox_before_the_hash_keeps_the_staged_file_claimed() {
-    if !rustix::process::geteuid().is_root() {
-        eprintln!("skipped: needs root to mount");
-        return;
-    }
-    let Some(bindfs) = crate::shares_fixture::find_tool("bindfs") else {
-        eprintln!("skipped: bindfs not installed (Debian package bindfs)");
+    let Some(bindfs) = bindfs() else {
         return;
     };
-    let w = World::new(dropscan::emulator::EmulatorConfig {
-        scan_delay: Duration::from_secs(3),
-        ..dropscan::emulator::EmulatorConfig::default()
-    })
-    .await;
+    let w = slow_scans(Duration::from_secs(3)).await;
     let covered = "the staging folder is covered by a mount";
     let covered_before = events(covered, None);
     let agent = w.start_agent();
@@ -158,14 +173,7 @@ async fn a_mount_over_the_inbox_before_the_hash_keeps_the_staged_file_claimed() 
     w.drop_file("a.bin", &data);
     let staged = wait_for(LONG, || (w.staged_files() == 1).then_some(())).await;
     assert!(staged.is_some(), "never claimed");
-    let server = w.dir.path().join("server");
-    std::fs::create_dir_all(&server).unwrap();
-    let mounted = std::process::Command::new(bindfs)
-        .args(["-o", "nonempty"])
-        .arg(&server)
-        .arg(&w.inbox)
-        .status()
-        .is_ok_and(|s| s.success());
+    let (_, mounted) = mount_share(&bindfs, &w);
     assert!(mounted, "cannot mount over the inbox");
     let tried = wait_for(LONG, || {
         let errors = agent.metrics.place_errors.load(Ordering::Relaxed);
@@ -173,11 +181,7 @@ async fn a_mount_over_the_inbox_before_the_hash_keeps_the_staged_file_claimed() 
         only_record(&w).filter(|(state, _, _)| state == "done" || errors > 0 || waiting)
     })
     .await;
-    std::process::Command::new("umount")
-        .arg("-l")
-        .arg(&w.inbox)
-        .status()
-        .unwrap();
+    assert!(unmount(&w));
     let (_, outcome, reason) = tried.expect("never tried");
     assert_ne!(
         outcome.as_deref(),
@@ -226,19 +230,10 @@ fn records(w: &World) -> Vec<(String, String, Option<String>, Option<String>)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_claimed_from_a_share_mounted_over_the_inbox_does_not_make_an_earlier_staged_file_vanish()
  {
-    if !rustix::process::geteuid().is_root() {
-        eprintln!("skipped: needs root to mount");
-        return;
-    }
-    let Some(bindfs) = crate::shares_fixture::find_tool("bindfs") else {
-        eprintln!("skipped: bindfs not installed (Debian package bindfs)");
+    let Some(bindfs) = bindfs() else {
         return;
     };
-    let w = World::new(dropscan::emulator::EmulatorConfig {
-        scan_delay: Duration::from_secs(10),
-        ..dropscan::emulator::EmulatorConfig::default()
-    })
-    .await;
+    let w = slow_scans(Duration::from_secs(10)).await;
     let agent = w.start_agent();
     let a = bytes(7, 10_000);
     w.drop_file("a.bin", &a);
@@ -249,14 +244,7 @@ async fn a_file_claimed_from_a_share_mounted_over_the_inbox_does_not_make_an_ear
     })
     .await;
     assert!(submitted.is_some(), "a.bin never submitted");
-    let server = w.dir.path().join("server");
-    std::fs::create_dir_all(&server).unwrap();
-    let mounted = std::process::Command::new(bindfs)
-        .args(["-o", "nonempty"])
-        .arg(&server)
-        .arg(&w.inbox)
-        .status()
-        .is_ok_and(|s| s.success());
+    let (server, mounted) = mount_share(&bindfs, &w);
     assert!(mounted, "cannot mount over the inbox");
     // A user writes onto the share: claimed into the share's staging folder.
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -275,12 +263,7 @@ async fn a_file_claimed_from_a_share_mounted_over_the_inbox_does_not_make_an_ear
     })
     .await;
     let b_placed = wait_for(LONG, || w.clean.join("b.bin").is_file().then_some(())).await;
-    let unmounted = std::process::Command::new("umount")
-        .arg("-l")
-        .arg(&w.inbox)
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(unmounted);
+    assert!(unmount(&w));
     assert!(b_claimed.is_some(), "b.bin on the share never claimed");
     let (_, _, outcome, reason) = a_tried.expect("a.bin: no verdict");
     assert_ne!(
