@@ -625,12 +625,13 @@ async fn a_backlog_larger_than_the_bound_is_all_handed_on_each_file_once() {
     w.path = tmp.path().to_path_buf();
     let files = backlog(tmp.path(), 40);
     let (_roots, candidates_tx, mut settled_rx, shutdown, task) = start_bounded(w, 16, 4);
-    let (_offered, offering) = offer_all(candidates_tx, files.clone());
+    // Kept: settle stops when the watcher is gone.
+    let (_offered, offering) = offer_all(candidates_tx.clone(), files.clone());
     let mut seen = Vec::new();
     while seen.len() < files.len() {
         let settled = tokio::time::timeout(SETTLE * 20, settled_rx.recv())
             .await
-            .expect("the rest of the backlog is taken in as room comes")
+            .unwrap_or_else(|_| panic!("{} of {} files handed on", seen.len(), files.len()))
             .unwrap();
         seen.push(settled.path);
     }
