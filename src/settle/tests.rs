@@ -597,7 +597,8 @@ async fn settle_holds_at_most_its_bound_and_the_rest_of_a_backlog_waits_in_the_i
     let files = backlog(tmp.path(), 40);
     let (roots, candidates_tx, _settled_rx, shutdown, task) =
         start_bounded(w, max_waiting, capacity);
-    let (offered, offering) = offer_all(candidates_tx, files);
+    // Kept: settle stops when the watcher is gone.
+    let (offered, offering) = offer_all(candidates_tx.clone(), files);
     // Many ticks of virtual time (a stat pass does not advance it).
     for _ in 0..20 {
         tokio::time::sleep(Duration::from_secs(1)).await;
