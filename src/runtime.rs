@@ -26,6 +26,44 @@ pub fn build() -> std::io::Result<Runtime> {
         .build()
 }
 
+/// How often the allocator is asked to hand freed memory back to the system.
+const TRIM_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Asks glibc's allocator every [`TRIM_EVERY`] to hand the memory it holds free back to the
+/// system, until `shutdown`.
+///
+/// Why (issue 20): glibc gives threads up to 8 arenas per core, and a thread's arena keeps what
+/// it freed unless the free part is at its top. With up to 64 blocking threads and the tokio
+/// workers, `many` measured 32 MB in use against 169 MB taken from the system, three arenas each
+/// holding 29 MB free around a few KB in use. `malloc_trim` releases those free pages in every
+/// arena; it takes each arena's lock for the walk (milliseconds), off the async threads.
+pub async fn trim_freed_memory(shutdown: tokio_util::sync::CancellationToken) {
+    let mut tick = tokio::time::interval(TRIM_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {
+                tokio::task::spawn_blocking(trim).await.ok();
+            }
+        }
+    }
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn trim() {
+    // SAFETY: malloc_trim takes no pointer and only rearranges the allocator's own free lists
+    // under its locks; it is safe to call from any thread at any time.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn trim() {}
+
 #[cfg(test)]
 mod tests {
     use std::sync::{Arc, Condvar, Mutex};

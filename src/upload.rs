@@ -122,7 +122,7 @@ pub(crate) async fn run(
             submitted_tx: submitted_tx.clone(),
             verdicts_tx: verdicts_tx.clone(),
         };
-        uploads.spawn(task.run(item, slot));
+        spawn_reaping(&mut uploads, task.run(item, slot));
     }
     // Shutdown: let uploads in progress finish within the grace time, then abandon them. That is
     // safe: the journal says `submitting(scanId)` and the next start asks the server about it.
@@ -140,6 +140,22 @@ pub(crate) async fn run(
     }
     shared.limits.finish(&shared.journal).await;
     Ok(())
+}
+
+/// Spawns `upload` into `uploads` after taking out the uploads that have finished.
+///
+/// A finished task stays in its `JoinSet`, its whole future's memory with it (about 2 KiB per
+/// upload), until it is joined, and the stage's loop joins only while it waits for the next
+/// file: under a steady backlog it never waits, so every upload since the start stayed (issue
+/// 20: `many` kept 88 MB of them at 43,000 files). Bounded by design: the set holds only the
+/// uploads in progress, each holding an in-flight slot, so at most the in-flight limit.
+fn spawn_reaping(
+    uploads: &mut JoinSet<()>,
+    upload: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    // A panicked upload's record stays as journaled; the sweep finds it.
+    while uploads.try_join_next().is_some() {}
+    uploads.spawn(upload);
 }
 
 /// Re-queues `hashed` records that no stage holds (the queue ignores those it holds). A record is

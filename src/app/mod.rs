@@ -179,6 +179,7 @@ impl Agent {
         spawn_pipeline(&sup, &shared, resume);
         let (stages, tracker) = (&sup.stages, &sup.tracker);
         tracker.spawn(housekeeping(Arc::clone(&shared), stages.clone()));
+        tracker.spawn(crate::runtime::trim_freed_memory(stages.clone()));
         // Notifications: their own task, reading the journal's queue; never on a stage's path.
         tracker.spawn(crate::hooks::run(
             shared.journal.clone(),

@@ -353,18 +353,85 @@ async fn spawn_hash(
     let now = Arc::clone(hashing_now);
     tasks.spawn(async move {
         let id = job.id;
-        let h = hash_record(&shared, id, job.staged, job.held_open).await;
-        drop(permit);
-        now.lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&id);
-        forward(h, &claimed_tx, &verdicts_tx).await;
+        let hash = async {
+            let h = hash_record(&shared, id, job.staged, job.held_open).await;
+            now.lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&id);
+            h
+        };
+        hash_then_forward(permit, hash, &claimed_tx, &verdicts_tx).await;
     });
+}
+
+/// Runs `hash` and hands its result on, holding the hashing permit until it is handed on.
+///
+/// Bounded by design (issue 20): claim's tasks are at most [`HASH_CONCURRENCY`], hashing or
+/// waiting for room in claim → upload's channel. The permit used to be dropped after the hash,
+/// before the hand-off, so while upload was the slower stage every file claimed left a task
+/// waiting on the channel and claim went on claiming: `many` kept 10,000 such tasks (17 MB)
+/// and had moved the whole backlog into staging. Now claim waits, and the files stay in the
+/// inbox (`CLAIMED_CAPACITY`'s promise).
+async fn hash_then_forward(
+    permit: tokio::sync::OwnedSemaphorePermit,
+    hash: impl std::future::Future<Output = Hashed>,
+    claimed_tx: &mpsc::Sender<Claimed>,
+    verdicts_tx: &mpsc::Sender<Verdict>,
+) {
+    let h = hash.await;
+    forward(h, claimed_tx, verdicts_tx).await;
+    drop(permit);
 }
 
 #[cfg(test)]
 mod tests {
     use std::ffi::OsStr;
+
+    /// Regression (issue 20): the hashing permit was dropped before the hand-off to upload, so
+    /// while upload was slower every claimed file left a task waiting on the channel (`many`:
+    /// 10,000 tasks, 17 MB) and the whole backlog was moved into staging.
+    #[tokio::test]
+    async fn claim_waits_for_upload_instead_of_keeping_a_task_per_file_hashed() {
+        use std::sync::Arc;
+        use tokio::sync::{Semaphore, mpsc};
+
+        use crate::pipeline::{Claimed, Hashed};
+        let permits = Arc::new(Semaphore::new(2));
+        // Upload takes nothing: one hashed file fills its channel.
+        let (claimed_tx, _claimed_rx) = mpsc::channel(1);
+        let (verdicts_tx, _verdicts_rx) = mpsc::channel(1);
+        let tasks = tokio_util::task::TaskTracker::new();
+        let mut started = 0;
+        for id in 0..100 {
+            let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+                break;
+            };
+            let (claimed_tx, verdicts_tx) = (claimed_tx.clone(), verdicts_tx.clone());
+            let hashed = Hashed::Ready(Claimed {
+                id,
+                staged: format!("/s/{id}").into(),
+                sha256: [0; 32],
+                stamp: crate::fsops::Stamp {
+                    size: 1,
+                    mtime_ns: 1,
+                    ctime_ns: 1,
+                    dev: 1,
+                    ino: 1,
+                },
+            });
+            tasks.spawn(async move {
+                super::hash_then_forward(permit, async { hashed }, &claimed_tx, &verdicts_tx).await;
+            });
+            started += 1;
+            // One thread: the task just spawned hashes and hands on (or waits) before the next.
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            (started, tasks.len()),
+            (3, 2),
+            "hash tasks started, and alive, while upload takes nothing (2 permits, 1 channel slot)"
+        );
+    }
     use std::path::Path;
 
     use crate::fsops::claim::{Claim, claim};

@@ -17,6 +17,7 @@
 //! One "same file" predicate ([`same_file`]) is used by every stage that asks whether a file is
 //! still the one it saw: device, inode, size, mtime and ctime must all match.
 
+mod buffers;
 pub mod claim;
 pub mod dest;
 pub mod dir;
@@ -44,8 +45,9 @@ pub use dir::{
 };
 pub use names::{Shown, safe_relative, shown};
 
-/// Read buffer for hashing and copying.
-pub(crate) const BUF: usize = 1 << 20;
+#[cfg(test)]
+pub(crate) use buffers::BUF;
+pub(crate) use buffers::with_buffer;
 
 /// Runs filesystem work on the blocking pool. A task that panicked or was cancelled is an
 /// [`FsError::Task`] keeping the `JoinError` as its source: never mistaken for an answer of the
@@ -507,26 +509,6 @@ pub(crate) fn keep_times(to: &File, times: &rustix::fs::Timestamps, path: &Path)
 /// Streaming SHA-256 of an open file from its current position (constant memory).
 pub fn sha256_file(file: &mut File) -> Result<([u8; 32], u64), FsError> {
     with_buffer(|buf| sha256_with(file, buf))
-}
-
-thread_local! {
-    /// One read buffer per thread, kept: zeroing a fresh megabyte for every small file cost
-    /// more than hashing it.
-    static READ_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// Runs `f` with this thread's read buffer of [`BUF`] bytes (allocated once per thread). A
-/// nested call, which nothing does today, gets a fresh buffer instead of panicking.
-pub(crate) fn with_buffer<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
-    READ_BUF.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut buf) => {
-            if buf.len() < BUF {
-                buf.resize(BUF, 0);
-            }
-            f(&mut buf)
-        }
-        Err(_) => f(&mut vec![0u8; BUF]),
-    })
 }
 
 fn sha256_with(file: &mut File, buf: &mut [u8]) -> Result<([u8; 32], u64), FsError> {

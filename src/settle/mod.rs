@@ -76,14 +76,27 @@ pub(crate) use crate::scope::admit;
 
 mod count;
 mod look;
+mod pending;
+mod sent;
 #[cfg(test)]
 mod tests;
 
 use look::{Observation, OpenFolders, Probe, probe_beneath, stat_beneath};
+pub(crate) use pending::{Decision, Pending, Quiet};
+use sent::{MAX_SENT, Sent};
 
 /// Capacity of settle → claim. Full: settle waits (files stay in the inbox, which is the durable
 /// queue).
 pub const SETTLED_CAPACITY: usize = 256;
+
+/// Files settle holds at most: waiting for quiet, or hinted and not looked at yet. At the bound
+/// settle takes no more candidates: the listing waits for room in the candidates channel and a
+/// notify hint that finds it full asks for a rescan (`watch::hints`), so the files stay in the
+/// inbox, which is the durable queue, and are looked at as room comes. Without it a backlog of
+/// 100,000 files was held whole, stat'ed whole on every tick and copied for each stat pass
+/// (issue 20: `many` peaked near 300 MiB). The price: if this many files stay unsettled at once
+/// (being written, held open, empty, Excel save temps), newer files wait until some settle.
+pub(crate) const MAX_WAITING: usize = 8192;
 
 /// Bounds of the re-stat tick.
 const MIN_TICK: Duration = Duration::from_millis(50);
@@ -92,87 +105,6 @@ const MAX_TICK: Duration = Duration::from_secs(1);
 /// Paths remembered as already warned about (not regular files, unreadable); then the memory
 /// restarts, so a folder full of FIFOs costs one line per FIFO per this many.
 const MAX_WARNED_PATHS: usize = 4096;
-
-/// The outcome of one observation of a pending file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Decision {
-    /// Changed recently, or not quiet for long enough yet.
-    Wait,
-    /// Unchanged for at least the settle time.
-    Ready,
-}
-
-/// How long a file must stay unchanged: rules 1 and 2 of the module docs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Quiet {
-    /// For a file with content.
-    pub settle: Duration,
-    /// For an empty file (never less than `settle`).
-    pub empty: Duration,
-}
-
-impl Quiet {
-    /// The root's rule.
-    pub(crate) fn of(w: &WatchConfig) -> Self {
-        Quiet {
-            settle: w.settle,
-            empty: w.settle_empty.max(w.settle),
-        }
-    }
-
-    /// The quiet time a file of `size` bytes needs.
-    fn needed(self, size: u64) -> Duration {
-        if size == 0 { self.empty } else { self.settle }
-    }
-}
-
-/// A file being watched for quiet.
-#[derive(Debug, Clone)]
-pub(crate) struct Pending {
-    /// Its root.
-    pub root: RootId,
-    /// Path relative to the root.
-    pub rel_path: PathBuf,
-    /// The last snapshot seen.
-    pub snapshot: Stamp,
-    /// When the last change was seen (or the file first seen, or last found held open).
-    pub stable_since: Instant,
-    /// The root's quiet times.
-    pub quiet: Quiet,
-}
-
-impl Pending {
-    /// Starts watching a file first seen at `now` with `snapshot`.
-    pub(crate) fn new(
-        root: RootId,
-        rel_path: PathBuf,
-        snapshot: Stamp,
-        now: Instant,
-        quiet: Quiet,
-    ) -> Self {
-        Pending {
-            root,
-            rel_path,
-            snapshot,
-            stable_since: now,
-            quiet,
-        }
-    }
-
-    /// Records a new observation: any change restarts the quiet period.
-    pub(crate) fn observe(&mut self, snapshot: Stamp, now: Instant) -> Decision {
-        if snapshot != self.snapshot {
-            self.snapshot = snapshot;
-            self.stable_since = now;
-            return Decision::Wait;
-        }
-        if now.saturating_duration_since(self.stable_since) >= self.quiet.needed(snapshot.size) {
-            Decision::Ready
-        } else {
-            Decision::Wait
-        }
-    }
-}
 
 /// The re-stat period for these roots.
 fn tick_period(watches: &[WatchConfig]) -> Duration {
@@ -187,15 +119,26 @@ fn tick_period(watches: &[WatchConfig]) -> Duration {
 /// Settles candidates until `shutdown` or until the watcher is gone.
 pub async fn run(
     roots: Roots,
+    candidates_rx: mpsc::Receiver<Candidate>,
+    settled_tx: mpsc::Sender<Settled>,
+    offer_again: tokio::sync::watch::Receiver<u64>,
+    shutdown: CancellationToken,
+) {
+    let settler = Settler::new(roots, MAX_WAITING, MAX_SENT);
+    drive(settler, candidates_rx, settled_tx, offer_again, shutdown).await;
+}
+
+/// The loop of [`run`], for a settler with any bounds.
+async fn drive(
+    mut settler: Settler,
     mut candidates_rx: mpsc::Receiver<Candidate>,
     settled_tx: mpsc::Sender<Settled>,
     mut offer_again: tokio::sync::watch::Receiver<u64>,
     shutdown: CancellationToken,
 ) {
-    let configs: Vec<WatchConfig> = roots.iter().map(|r| r.config.clone()).collect();
+    let configs: Vec<WatchConfig> = settler.roots.iter().map(|r| r.config.clone()).collect();
     let mut tick = tokio::time::interval(tick_period(&configs));
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut settler = Settler::new(roots);
     offer_again.mark_unchanged();
     let mut offers = true;
     loop {
@@ -212,7 +155,8 @@ pub async fn run(
                     break;
                 }
             }
-            candidate = candidates_rx.recv() => match candidate {
+            // At the bound, the candidates wait in the channel and the listing behind it.
+            candidate = candidates_rx.recv(), if settler.has_room() => match candidate {
                 Some(candidate) => settler.offer(candidate),
                 None => break,
             },
@@ -230,8 +174,11 @@ struct Settler {
     /// Files handed to claim, with the snapshot they had, until the root's reconcile interval
     /// passes: listings would otherwise settle a file again while it waits in claim's queue.
     /// With their root and relative path, to offer them again at once when the journal takes
-    /// writes again (a claim refused for a full disk leaves the file in the inbox).
-    sent: HashMap<PathBuf, (Stamp, Instant, RootId, PathBuf)>,
+    /// writes again (a claim refused for a full disk leaves the file in the inbox). Bounded
+    /// (`sent.rs`).
+    sent: Sent,
+    /// `pending` and `fresh` together hold at most this many (see [`MAX_WAITING`]).
+    max_waiting: usize,
     /// Paths already warned about.
     warned: HashSet<PathBuf>,
     /// Roots already named as having no open-writer check.
@@ -241,16 +188,22 @@ struct Settler {
 }
 
 impl Settler {
-    fn new(roots: Roots) -> Self {
+    fn new(roots: Roots, max_waiting: usize, max_sent: usize) -> Self {
         Settler {
             roots,
             pending: HashMap::new(),
             fresh: HashMap::new(),
-            sent: HashMap::new(),
+            sent: Sent::new(max_sent),
+            max_waiting,
             warned: HashSet::new(),
             no_lease_noted: HashSet::new(),
             held: HashMap::new(),
         }
+    }
+
+    /// Whether it takes more candidates (below [`MAX_WAITING`]).
+    fn has_room(&self) -> bool {
+        self.pending.len() + self.fresh.len() < self.max_waiting
     }
 
     /// Takes a hint in; it is stat'ed on the next tick.
@@ -350,7 +303,7 @@ impl Settler {
                 },
             }
             if let Some((root, rel, path, snapshot, until)) = sent {
-                self.sent.insert(path, (snapshot, until, root, rel));
+                self.sent.insert(path, snapshot, until, root, rel);
             }
         }
         Continue(())
@@ -507,7 +460,7 @@ impl Settler {
         }
         let snapshot = Stamp::of(&meta);
         if let Some((root, rel_path)) = self.fresh.remove(&path) {
-            if self.sent.get(&path).is_some_and(|(s, ..)| *s == snapshot) {
+            if self.sent.holds(&path, &snapshot) {
                 // Already handed to claim, unchanged since: a listing saw it again.
                 return None;
             }
@@ -554,14 +507,18 @@ impl Settler {
         if self.sent.is_empty() {
             return;
         }
-        let now = Instant::now();
-        self.sent.retain(|_, (_, until, ..)| *until > now);
+        self.sent.forget_old(Instant::now());
     }
 
     /// The journal takes writes again: every file handed on lately is looked at again now (one
     /// whose claim the full disk refused is still in the inbox; the others are gone from it).
+    /// Past [`MAX_WAITING`] the rest are left to the listing that the journal's recovery also
+    /// asks for (`watch`'s `list_again`).
     fn offer_sent_again(&mut self) {
-        for (path, (_, _, root, rel)) in self.sent.drain() {
+        for (path, root, rel) in self.sent.drain() {
+            if !self.has_room() {
+                break;
+            }
             if !self.pending.contains_key(&path) {
                 self.fresh.insert(path, (root, rel));
             }

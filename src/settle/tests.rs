@@ -234,7 +234,7 @@ fn settler_skips_fifos_and_warns_once() {
         .status()
         .unwrap();
     assert!(status.success());
-    let mut s = Settler::new(Roots::new(Root::all(&[w])));
+    let mut s = Settler::new(Roots::new(Root::all(&[w])), MAX_WAITING, MAX_SENT);
     let now = Instant::now();
     for _ in 0..3 {
         s.offer(Candidate {
@@ -256,7 +256,7 @@ fn settler_does_not_resend_an_unchanged_file() {
     w.path = tmp.path().to_path_buf();
     let file = tmp.path().join("a.bin");
     std::fs::write(&file, b"abc").unwrap();
-    let mut s = Settler::new(Roots::new(Root::all(&[w])));
+    let mut s = Settler::new(Roots::new(Root::all(&[w])), MAX_WAITING, MAX_SENT);
     let t0 = Instant::now();
     let offer = |s: &mut Settler| {
         s.offer(Candidate {
@@ -279,12 +279,10 @@ fn settler_does_not_resend_an_unchanged_file() {
     let snapshot = Stamp::of(&std::fs::symlink_metadata(&file).unwrap());
     s.sent.insert(
         file.clone(),
-        (
-            snapshot,
-            t0 + Duration::from_secs(60),
-            RootId(0),
-            PathBuf::from("a.bin"),
-        ),
+        snapshot,
+        t0 + Duration::from_secs(60),
+        RootId(0),
+        PathBuf::from("a.bin"),
     );
 
     // Listed again while it waits for claim: not pending again.
@@ -430,7 +428,7 @@ fn settling_files_are_counted_per_root_and_leave_the_count_by_every_route() {
     wb.path = b.path().to_path_buf();
     wb.staging_dir = b.path().join(".dropscan/default");
     let roots = Roots::new(Root::all(&[wa, wb]));
-    let mut s = Settler::new(roots.clone());
+    let mut s = Settler::new(roots.clone(), MAX_WAITING, MAX_SENT);
     let counts = || -> Vec<u64> { roots.iter().map(|r| r.status.settling()).collect() };
     let (done, gone, fifo) = (
         a.path().join("done"),
@@ -519,6 +517,128 @@ async fn the_settling_count_rises_while_a_file_settles_and_falls_once_it_is_hand
         .unwrap();
     assert_eq!(settled.path, path);
     assert_eq!(status.settling(), 0, "handed on: no longer settling");
+    shutdown.cancel();
+    task.await.unwrap();
+}
+
+/// Runs `settle::drive` for one root with bounds of the test's choosing; the candidates channel
+/// holds `capacity`.
+fn start_bounded(
+    w: WatchConfig,
+    max_waiting: usize,
+    capacity: usize,
+) -> (
+    Roots,
+    mpsc::Sender<Candidate>,
+    mpsc::Receiver<Settled>,
+    CancellationToken,
+    tokio::task::JoinHandle<()>,
+) {
+    let roots = Roots::new(Root::all(&[w]));
+    let (candidates_tx, candidates_rx) = mpsc::channel(capacity);
+    let (settled_tx, settled_rx) = mpsc::channel(1024);
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(drive(
+        Settler::new(roots.clone(), max_waiting, MAX_SENT),
+        candidates_rx,
+        settled_tx,
+        tokio::sync::watch::channel(0).1,
+        shutdown.clone(),
+    ));
+    (roots, candidates_tx, settled_rx, shutdown, task)
+}
+
+/// Offers every file of `files` in turn (waiting for room, as the listing does); counts those
+/// taken into the channel.
+fn offer_all(
+    candidates_tx: mpsc::Sender<Candidate>,
+    files: Vec<PathBuf>,
+) -> (
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    tokio::task::JoinHandle<()>,
+) {
+    let offered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = std::sync::Arc::clone(&offered);
+    let task = tokio::spawn(async move {
+        for path in files {
+            let sent = candidates_tx.send(Candidate {
+                root: RootId(0),
+                path,
+            });
+            if sent.await.is_err() {
+                return;
+            }
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    (offered, task)
+}
+
+fn backlog(dir: &Path, n: usize) -> Vec<PathBuf> {
+    (0..n)
+        .map(|i| {
+            let path = dir.join(format!("f{i:03}.bin"));
+            std::fs::write(&path, b"x").unwrap();
+            path
+        })
+        .collect()
+}
+
+/// Regression (issue 20): settle took every candidate the listing sent, so a backlog of
+/// 100,000 files was held (and stat'ed on every tick) whole; `many` peaked near 300 MiB.
+#[tokio::test(start_paused = true)]
+async fn settle_holds_at_most_its_bound_and_the_rest_of_a_backlog_waits_in_the_inbox() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut w = config();
+    w.path = tmp.path().to_path_buf();
+    // Nothing gets quiet for long enough during the test.
+    w.settle = Duration::from_secs(3600);
+    let (max_waiting, capacity) = (16, 4);
+    let files = backlog(tmp.path(), 40);
+    let (roots, candidates_tx, _settled_rx, shutdown, task) =
+        start_bounded(w, max_waiting, capacity);
+    // Kept: settle stops when the watcher is gone.
+    let (offered, offering) = offer_all(candidates_tx.clone(), files);
+    // Many ticks of virtual time (a stat pass does not advance it).
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let status = &roots.get(RootId(0)).unwrap().status;
+    assert_eq!(
+        status.settling(),
+        max_waiting as u64,
+        "files held by settle"
+    );
+    assert_eq!(
+        offered.load(std::sync::atomic::Ordering::SeqCst),
+        max_waiting + capacity,
+        "the listing waits for room once settle is full and the channel too"
+    );
+    shutdown.cancel();
+    task.await.unwrap();
+    offering.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_backlog_larger_than_the_bound_is_all_handed_on_each_file_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut w = config();
+    w.path = tmp.path().to_path_buf();
+    let files = backlog(tmp.path(), 40);
+    let (_roots, candidates_tx, mut settled_rx, shutdown, task) = start_bounded(w, 16, 4);
+    // Kept: settle stops when the watcher is gone.
+    let (_offered, offering) = offer_all(candidates_tx.clone(), files.clone());
+    let mut seen = Vec::new();
+    while seen.len() < files.len() {
+        let settled = tokio::time::timeout(SETTLE * 20, settled_rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("{} of {} files handed on", seen.len(), files.len()))
+            .unwrap();
+        seen.push(settled.path);
+    }
+    seen.sort();
+    assert_eq!(seen, files, "each file handed on once");
+    offering.await.unwrap();
     shutdown.cancel();
     task.await.unwrap();
 }
