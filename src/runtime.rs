@@ -29,7 +29,7 @@ pub fn build() -> std::io::Result<Runtime> {
 /// How often the allocator is asked to hand freed memory back to the system.
 const TRIM_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Asks glibc's allocator every [`TRIM_EVERY`] to hand the memory it holds free back to the
+/// Asks glibc's allocator every 10 s (`TRIM_EVERY`) to hand the memory it holds free back to the
 /// system, until `shutdown`.
 ///
 /// Why (issue 20): glibc gives threads up to 8 arenas per core, and a thread's arena keeps what
