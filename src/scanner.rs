@@ -64,7 +64,7 @@ impl Scanner {
     pub async fn submit(
         &self,
         scan_id: &ScanId,
-        file: tokio::fs::File,
+        file: impl Into<crate::kata::multipart::UploadSource>,
         len: u64,
     ) -> Result<Sent, ApiError> {
         match &self.backend {
