@@ -31,11 +31,10 @@ use crate::context::Shared;
 use crate::error::{FatalError, FileError};
 use crate::hashing;
 use crate::journal::{Decision, FileId, FileState};
-use crate::kata::multipart::UploadSource;
 use crate::limits::InFlight;
 use crate::pipeline::{Claimed, Hashed, Resubmit, Submitted};
 use crate::pipeline::{Verdict, decide_then_announce};
-use crate::scanner::{ApiError, ScanId, Sent, UploadDisposition};
+use crate::scanner::{ApiError, ScanId, Sent, UploadDisposition, UploadSource};
 
 /// Capacity of upload → poll. The poller only files these away, so it is rarely full.
 pub(crate) const SUBMITTED_CAPACITY: usize = 1024;
