@@ -32,6 +32,7 @@
 use crate::kata::KataClient;
 
 pub use crate::kata::error::UploadDisposition;
+pub use crate::kata::multipart::UploadSource;
 pub use crate::kata::{
     ApiError, DeleteOutcome, Restrictions, ScanId, ScanResult, ScanState, merge_duplicates,
 };
@@ -64,7 +65,7 @@ impl Scanner {
     pub async fn submit(
         &self,
         scan_id: &ScanId,
-        file: tokio::fs::File,
+        file: impl Into<UploadSource>,
         len: u64,
     ) -> Result<Sent, ApiError> {
         match &self.backend {

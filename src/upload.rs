@@ -34,7 +34,7 @@ use crate::journal::{Decision, FileId, FileState};
 use crate::limits::InFlight;
 use crate::pipeline::{Claimed, Hashed, Resubmit, Submitted};
 use crate::pipeline::{Verdict, decide_then_announce};
-use crate::scanner::{ApiError, ScanId, Sent, UploadDisposition};
+use crate::scanner::{ApiError, ScanId, Sent, UploadDisposition, UploadSource};
 
 /// Capacity of upload → poll. The poller only files these away, so it is rarely full.
 pub(crate) const SUBMITTED_CAPACITY: usize = 1024;
@@ -287,11 +287,14 @@ impl Upload {
         let shared = &self.shared;
         shared.limits.server_ok();
         shared.limits.accepted(&mut slot);
-        if let Err(e) = shared.journal.submitted(item.id).await {
-            // The record says `submitting`: the next start asks the server about it.
-            tracing::error!(id = item.id, error = %e, "journal write failed after upload");
-        }
-        let rec = shared.journal.get(item.id).await;
+        let rec = match shared.journal.submitted_record(item.id).await {
+            Ok(rec) => Ok(rec),
+            Err(e) => {
+                // The record says `submitting`: the next start asks the server about it.
+                tracing::error!(id = item.id, error = %e, "journal write failed after upload");
+                shared.journal.get(item.id).await
+            }
+        };
         let attempts = rec.as_ref().map_or(1, |r| r.attempts.max(1));
         if let Ok(r) = &rec {
             let dropped = r
@@ -393,14 +396,19 @@ enum OpenError {
 }
 
 /// Opens the staged file (beneath its root, never through a link) and checks it is still what
-/// was hashed.
-async fn open_for_upload(
-    shared: &Arc<Shared>,
-    item: &Claimed,
-) -> Result<tokio::fs::File, OpenError> {
+/// was hashed. A small file is read in the same blocking call
+/// ([`UploadSource::read_small`]): one hop to the blocking pool per upload instead of three
+/// (open, read, end-of-file check). The body still hashes what it sends, so the verdict is
+/// still tied to the bytes uploaded.
+async fn open_for_upload(shared: &Arc<Shared>, item: &Claimed) -> Result<UploadSource, OpenError> {
     let (sh, staged, expected) = (Arc::clone(shared), item.staged.clone(), item.stamp);
-    let file = crate::fsops::blocking(move || sh.open_staged(&staged, &expected)).await?;
-    Ok(tokio::fs::File::from_std(file))
+    let source = crate::fsops::blocking(move || {
+        let file = sh.open_staged(&staged, &expected)?;
+        UploadSource::read_small(file, expected.size)
+            .map_err(|e| crate::fsops::FsError::io(&staged, "read the staged file", e))
+    })
+    .await?;
+    Ok(source)
 }
 
 /// What the answer to one upload means for the file (the uploader's decision core).

@@ -12,8 +12,21 @@ use super::Journal;
 use super::now_ms;
 use super::ops_maint::stale_scan_in;
 use super::schema::{execute, load, transition};
-use super::types::{FileId, FileState, JournalError};
+use super::types::{FileId, FileRecord, FileState, JournalError};
 use crate::scanner::ScanId;
+
+/// `submitting` → `submitted`, one more attempt counted.
+fn mark_submitted(conn: &rusqlite::Connection, id: FileId) -> Result<(), JournalError> {
+    let rec = load(conn, id)?;
+    transition(conn, &rec, &[FileState::Submitting], FileState::Submitted)?;
+    execute(
+        conn,
+        "UPDATE files SET attempts = attempts + 1 WHERE id = ?1",
+        params![id],
+        "submitted",
+    )?;
+    Ok(())
+}
 
 /// The `scan_ids` column: the ids, comma-separated (no scanId holds a comma).
 fn joined(ids: &[ScanId]) -> String {
@@ -43,16 +56,16 @@ impl Journal {
 
     /// The server accepted the scan (or, at start-up, knows it).
     pub async fn submitted(&self, id: FileId) -> Result<(), JournalError> {
+        self.run(move |conn| mark_submitted(conn, id)).await
+    }
+
+    /// [`Journal::submitted`], answering with the record as committed: one operation where the
+    /// uploader needed two (the record read in the same transaction, no second trip to the
+    /// journal thread).
+    pub async fn submitted_record(&self, id: FileId) -> Result<FileRecord, JournalError> {
         self.run(move |conn| {
-            let rec = load(conn, id)?;
-            transition(conn, &rec, &[FileState::Submitting], FileState::Submitted)?;
-            execute(
-                conn,
-                "UPDATE files SET attempts = attempts + 1 WHERE id = ?1",
-                params![id],
-                "submitted",
-            )?;
-            Ok(())
+            mark_submitted(conn, id)?;
+            load(conn, id)
         })
         .await
     }

@@ -62,7 +62,7 @@ enum Batch {
 /// answered; operations left in `pending` run in the next transaction. Each run takes at least
 /// one operation, so the thread always makes progress.
 fn run_batch(conn: &Connection, pending: &mut VecDeque<Op>) -> Batch {
-    if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+    if let Err(e) = cached(conn, "BEGIN IMMEDIATE") {
         let failure = CommitFailure::Begin(Arc::new(e));
         for op in pending.drain(..) {
             // Each op still has to answer; report the failure, keep nothing of what it did.
@@ -75,17 +75,17 @@ fn run_batch(conn: &Connection, pending: &mut VecDeque<Op>) -> Batch {
     let mut replies: Vec<Reply> = Vec::with_capacity(pending.len().min(GROUP_COMMIT_MAX));
     while replies.len() < GROUP_COMMIT_MAX {
         let Some(op) = pending.pop_front() else { break };
-        let reply = match conn.execute_batch("SAVEPOINT op") {
+        let reply = match cached(conn, "SAVEPOINT op") {
             Ok(()) => {
                 let (ok, reply) = op(conn);
                 // If the transaction is already gone, there is no savepoint left to end.
                 if !conn.is_autocommit() {
-                    let end = if ok {
-                        "RELEASE op"
+                    let ended = if ok {
+                        cached(conn, "RELEASE op")
                     } else {
-                        "ROLLBACK TO op; RELEASE op"
+                        conn.execute_batch("ROLLBACK TO op; RELEASE op")
                     };
-                    if let Err(e) = conn.execute_batch(end) {
+                    if let Err(e) = ended {
                         tracing::error!(error = %e, "journal savepoint end failed");
                     }
                 }
@@ -115,7 +115,7 @@ fn run_batch(conn: &Connection, pending: &mut VecDeque<Op>) -> Batch {
             return Batch::Failed;
         }
     }
-    let commit = conn.execute_batch("COMMIT").map_err(|e| {
+    let commit = cached(conn, "COMMIT").map_err(|e| {
         // The transaction is void; nothing of it happened.
         if !conn.is_autocommit() {
             conn.execute_batch("ROLLBACK").ok();
@@ -131,6 +131,14 @@ fn run_batch(conn: &Connection, pending: &mut VecDeque<Op>) -> Batch {
         reply(commit.clone());
     }
     outcome
+}
+
+/// Runs one statement of the writer's own (BEGIN, SAVEPOINT, RELEASE, COMMIT) through the cache
+/// of prepared statements: `execute_batch` would parse it again for every operation.
+fn cached(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)
+        .and_then(|mut stmt| stmt.execute([]))
+        .map(drop)
 }
 
 /// Runs an operation only to obtain its reply handle, keeping nothing of what it did; used when

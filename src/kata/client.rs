@@ -11,7 +11,7 @@ use reqwest::{Method, StatusCode, Url};
 use tracing::debug;
 
 use super::error::{ApiError, body_excerpt};
-use super::multipart::{Framing, UploadBody};
+use super::multipart::{Framing, UploadBody, UploadSource};
 use super::tls::{TlsOptions, client_config};
 use super::wire::{Restrictions, ScanId, ScanResult, ScanState, parse_restrictions, parse_results};
 
@@ -149,13 +149,13 @@ impl KataClient {
     pub async fn submit(
         &self,
         scan_id: &ScanId,
-        file: tokio::fs::File,
+        file: impl Into<UploadSource>,
         len: u64,
     ) -> Result<Submitted, ApiError> {
         let framing = Framing::new(scan_id);
         let total = framing.total_len(len);
         let content_type = framing.content_type();
-        let (body, digest_rx) = UploadBody::new(file, len, framing);
+        let (body, digest_rx) = UploadBody::new(file.into(), len, framing);
         let timeout =
             self.inner.request_timeout + Duration::from_secs(len / MIN_UPLOAD_BYTES_PER_SEC);
         let request = self

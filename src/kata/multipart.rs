@@ -31,6 +31,55 @@ use super::wire::ScanId;
 /// (small files read only their size) and the hops few.
 const CHUNK_SIZE: usize = 512 * 1024;
 
+/// What an upload reads the file's bytes from: the file itself, streamed (each read a hop to the
+/// blocking pool), or, for a small file, its bytes read beforehand in one blocking call
+/// ([`UploadSource::read_small`]). Either way the body hashes exactly what it sends, and checks
+/// the announced length against what the source yields.
+#[derive(Debug)]
+pub enum UploadSource {
+    /// Streamed from the open file.
+    File(tokio::fs::File),
+    /// Read beforehand: the file's bytes, and at most one more (a file that grew after its
+    /// stamp was taken is then refused by the body as longer than announced).
+    Memory(io::Cursor<Vec<u8>>),
+}
+
+impl UploadSource {
+    /// Files up to this size are read beforehand rather than streamed.
+    pub const SMALL: u64 = 64 * 1024;
+
+    /// The source for an open file announced as `len` bytes: read now, in the calling (blocking)
+    /// thread, when `len` is at most [`Self::SMALL`]; streamed otherwise.
+    pub fn read_small(file: std::fs::File, len: u64) -> io::Result<Self> {
+        use std::io::Read as _;
+        if len > Self::SMALL {
+            return Ok(UploadSource::File(tokio::fs::File::from_std(file)));
+        }
+        let mut bytes = Vec::with_capacity(usize::try_from(len).unwrap_or(0) + 1);
+        (&file).take(len + 1).read_to_end(&mut bytes)?;
+        Ok(UploadSource::Memory(io::Cursor::new(bytes)))
+    }
+}
+
+impl From<tokio::fs::File> for UploadSource {
+    fn from(file: tokio::fs::File) -> Self {
+        UploadSource::File(file)
+    }
+}
+
+impl AsyncRead for UploadSource {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UploadSource::File(f) => Pin::new(f).poll_read(cx, buf),
+            UploadSource::Memory(m) => Pin::new(m).poll_read(cx, buf),
+        }
+    }
+}
+
 /// The framing around the file bytes of one upload.
 #[derive(Clone, Debug)]
 pub(crate) struct Framing {
@@ -431,6 +480,48 @@ mod tests {
         assert!(digest.is_none());
         let (out, _, _) = collect(vec![1; 1], 0).await;
         assert!(out.is_err());
+    }
+
+    /// The body over a small file read beforehand: the same checks as over the streamed file
+    /// (what it yields is what is hashed and sent; shorter or longer than announced fails).
+    #[tokio::test]
+    async fn a_small_file_read_beforehand_is_sent_and_checked_like_a_streamed_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, b"0123456789").unwrap();
+        for (announced, expect) in [
+            (10, Ok(())),
+            (9, Err(io::ErrorKind::InvalidData)),
+            (11, Err(io::ErrorKind::UnexpectedEof)),
+        ] {
+            let source =
+                UploadSource::read_small(std::fs::File::open(&path).unwrap(), announced).unwrap();
+            assert!(matches!(source, UploadSource::Memory(_)));
+            let (body, rx) = UploadBody::new(source, announced, Framing::new(&id()));
+            let sent = body.collect().await.map(|b| b.to_bytes());
+            match expect {
+                Ok(()) => {
+                    let sent = sent.unwrap();
+                    assert!(sent.windows(10).any(|w| w == b"0123456789"));
+                    let digest = rx.await.unwrap();
+                    assert_eq!(digest.bytes, 10);
+                    assert_eq!(
+                        digest.sha256,
+                        <[u8; 32]>::from(Sha256::digest(b"0123456789"))
+                    );
+                }
+                Err(kind) => {
+                    assert_eq!(sent.unwrap_err().kind, kind);
+                    assert!(rx.await.is_err());
+                }
+            }
+        }
+        let big = dir.path().join("big");
+        std::fs::write(&big, vec![7u8; UploadSource::SMALL as usize + 1]).unwrap();
+        let source =
+            UploadSource::read_small(std::fs::File::open(&big).unwrap(), UploadSource::SMALL + 1)
+                .unwrap();
+        assert!(matches!(source, UploadSource::File(_)));
     }
 
     #[test]
