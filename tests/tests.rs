@@ -37,6 +37,7 @@ mod model;
 mod packaging;
 mod pipeline;
 mod quarantine_tools;
+mod review10;
 mod review6;
 mod review7;
 mod review8;

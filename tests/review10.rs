@@ -1,0 +1,237 @@
+//! Review 10: attacks on the listing threads of their own (ad6b11f), on the staging folder each
+//! record keeps (e1dcaf6), and on what issues 19 and 22 asked for. Each test is named after a
+//! finding and failed before its fix (or is ignored with the reason, where the fix is not small).
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::util::{LONG, Outcome, World, bytes, wait_for};
+
+/// A bindfs mount of `server` over `at`, unmounted (lazily) when dropped.
+struct Mount {
+    at: PathBuf,
+    mounted: bool,
+}
+
+impl Mount {
+    /// Mounts `server` over `at`; `None` (with the reason printed) where that cannot be done.
+    fn bindfs(server: &Path, at: &Path) -> Option<Mount> {
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("skipped: needs root to mount");
+            return None;
+        }
+        let Some(bindfs) = crate::shares_fixture::find_tool("bindfs") else {
+            eprintln!("skipped: bindfs not installed (Debian package bindfs)");
+            return None;
+        };
+        std::fs::create_dir_all(server).unwrap();
+        let ok = std::process::Command::new(bindfs)
+            .args(["-o", "nonempty"])
+            .arg(server)
+            .arg(at)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            eprintln!("skipped: cannot mount over {}", at.display());
+            return None;
+        }
+        Some(Mount {
+            at: at.to_path_buf(),
+            mounted: true,
+        })
+    }
+
+    fn unmount(&mut self) {
+        if self.mounted {
+            let ok = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.at)
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "cannot unmount {}", self.at.display());
+            self.mounted = false;
+        }
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if self.mounted {
+            std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.at)
+                .status()
+                .ok();
+        }
+    }
+}
+
+/// The journal's records as (rel_path, state, outcome, reason), read-only beside the agent.
+fn records(w: &World) -> Vec<(String, String, Option<String>, Option<String>)> {
+    let Ok(db) = rusqlite::Connection::open_with_flags(
+        w.state_dir().join("journal.sqlite"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    ) else {
+        return Vec::new();
+    };
+    let Ok(mut q) = db.prepare("SELECT rel_path, state, outcome, reason FROM files") else {
+        return Vec::new();
+    };
+    q.query_map([], |r| {
+        let rel: Vec<u8> = r.get(0)?;
+        Ok((
+            String::from_utf8_lossy(&rel).into_owned(),
+            r.get(1)?,
+            r.get(2)?,
+            r.get(3)?,
+        ))
+    })
+    .map(|rows| rows.filter_map(Result::ok).collect())
+    .unwrap_or_default()
+}
+
+/// The record of `rel` once `pred` holds for its state.
+async fn wait_record(
+    w: &World,
+    rel: &str,
+    pred: impl Fn(&str) -> bool,
+) -> Option<(String, String, Option<String>, Option<String>)> {
+    wait_for(LONG, || {
+        records(w)
+            .into_iter()
+            .find(|(r, state, ..)| r == rel && pred(state))
+    })
+    .await
+}
+
+/// Asserts that no record of `rel` was closed `vanished`.
+fn assert_not_vanished(w: &World, rel: &str) {
+    for (r, state, outcome, reason) in records(w) {
+        assert!(
+            !(r == rel && outcome.as_deref() == Some("vanished")),
+            "{rel} closed as vanished ({state}, {reason:?}) while its bytes sit in a staging \
+             folder that a mount covers"
+        );
+    }
+}
+
+/// A world whose scans take `secs` (files stay `submitted` that long).
+async fn slow_world(secs: u64) -> World {
+    World::new(dropscan::emulator::EmulatorConfig {
+        scan_delay: Duration::from_secs(secs),
+        ..dropscan::emulator::EmulatorConfig::default()
+    })
+    .await
+}
+
+/// e1dcaf6 made each record keep the staging folder it was claimed into, and a running agent
+/// waits for a covered folder. Start-up did not look: a restart while a share that has its own
+/// staging folder (made when a file was claimed from it) covers the inbox found `a.bin`'s staged
+/// file missing from the folder reached now and closed it "vanished from staging while the agent
+/// was down", while its bytes sat in the covered folder, and its verdict was dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_while_a_share_covers_the_inbox_closes_files_staged_beneath_it_as_vanished() {
+    let w = slow_world(8).await;
+    let agent = w.start_agent();
+    let a = bytes(101, 10_000);
+    w.drop_file("a.bin", &a);
+    assert!(
+        wait_record(&w, "a.bin", |s| s == "submitted")
+            .await
+            .is_some(),
+        "a.bin never submitted"
+    );
+    let server = w.dir.path().join("server");
+    let Some(mut share) = Mount::bindfs(&server, &w.inbox) else {
+        agent.stop().await.0.unwrap();
+        return;
+    };
+    // A file written onto the share is claimed there: the share gets a staging folder.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    std::fs::write(server.join("b.bin"), bytes(102, 1000)).unwrap();
+    assert!(
+        wait_record(&w, "b.bin", |_| true).await.is_some(),
+        "b.bin on the share never claimed"
+    );
+    // Restarted while the share covers the inbox (a package upgrade, a reboot with the share in
+    // fstab).
+    agent.stop().await.0.unwrap();
+    let agent = w.start_agent();
+    // Start-up is done once a file dropped now is placed.
+    std::fs::write(server.join("c.bin"), bytes(103, 1000)).unwrap();
+    let c = wait_for(LONG, || w.clean.join("c.bin").is_file().then_some(())).await;
+    assert_not_vanished(&w, "a.bin");
+    assert!(
+        c.is_some(),
+        "c.bin on the share never placed after the restart"
+    );
+    // The share gone, a.bin's folder is reachable again: placed (here by a restart, which owns
+    // every unfinished record again).
+    share.unmount();
+    agent.stop().await.0.unwrap();
+    let agent = w.start_agent();
+    let placed = wait_for(LONG, || w.clean.join("a.bin").is_file().then_some(())).await;
+    assert_not_vanished(&w, "a.bin");
+    assert!(placed.is_some(), "a.bin never placed after the unmount");
+    assert_eq!(std::fs::read(w.clean.join("a.bin")).unwrap(), a);
+    agent.stop().await.0.unwrap();
+}
+
+/// The other way round: a file claimed from a share mounted over the inbox, in flight when the
+/// share is unmounted and the agent restarted (the share's server down for maintenance). Its
+/// record names the share's staging folder; start-up found the staged file missing from the
+/// inbox's own and closed it vanished, although its bytes sit on the share. Expected: it waits
+/// for the share and is placed once the share is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_after_a_share_is_unmounted_closes_files_staged_on_it_as_vanished() {
+    let w = slow_world(8).await;
+    let agent = w.start_agent();
+    // The inbox's own staging folder exists (a file went through before the mount).
+    w.drop_file("first.bin", &bytes(110, 1000));
+    assert!(
+        wait_for(LONG, || w.clean.join("first.bin").is_file().then_some(()))
+            .await
+            .is_some(),
+        "first.bin never placed"
+    );
+    let server = w.dir.path().join("server");
+    let Some(mut share) = Mount::bindfs(&server, &w.inbox) else {
+        agent.stop().await.0.unwrap();
+        return;
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let b = bytes(111, 10_000);
+    std::fs::write(server.join("b.bin"), &b).unwrap();
+    assert!(
+        wait_record(&w, "b.bin", |s| s == "submitted")
+            .await
+            .is_some(),
+        "b.bin on the share never submitted"
+    );
+    share.unmount();
+    agent.stop().await.0.unwrap();
+    let agent = w.start_agent();
+    // Start-up is done once a file dropped now is placed.
+    w.drop_file("c.bin", &bytes(112, 1000));
+    let c = wait_for(LONG, || w.clean.join("c.bin").is_file().then_some(())).await;
+    assert_not_vanished(&w, "b.bin");
+    assert!(c.is_some(), "c.bin never placed after the restart");
+    agent.stop().await.0.unwrap();
+    // The share back: b.bin placed.
+    let Some(_share) = Mount::bindfs(&server, &w.inbox) else {
+        panic!("cannot mount the share again");
+    };
+    let agent = w.start_agent();
+    let placed = wait_for(LONG, || w.clean.join("b.bin").is_file().then_some(())).await;
+    assert_not_vanished(&w, "b.bin");
+    assert!(
+        placed.is_some(),
+        "b.bin never placed once the share was back"
+    );
+    assert_eq!(std::fs::read(w.clean.join("b.bin")).unwrap(), b);
+    let o = w.outcomes();
+    assert_eq!(o.get(Path::new("b.bin")), Some(&Outcome::Clean));
+    agent.stop().await.0.unwrap();
+}
