@@ -235,3 +235,136 @@ async fn a_restart_after_a_share_is_unmounted_closes_files_staged_on_it_as_vanis
     assert_eq!(o.get(Path::new("b.bin")), Some(&Outcome::Clean));
     agent.stop().await.0.unwrap();
 }
+
+/// A bindfs of `server` over `at` run in the foreground, so that the test can stop it (a share
+/// whose server hangs: every access to the mount waits). Continued and unmounted on drop.
+struct HangingShare {
+    at: PathBuf,
+    fuse: std::process::Child,
+}
+
+impl HangingShare {
+    fn mount(server: &Path, at: &Path) -> Option<HangingShare> {
+        use std::os::unix::fs::MetadataExt as _;
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("skipped: needs root to mount");
+            return None;
+        }
+        let Some(bindfs) = crate::shares_fixture::find_tool("bindfs") else {
+            eprintln!("skipped: bindfs not installed (Debian package bindfs)");
+            return None;
+        };
+        std::fs::create_dir_all(server).unwrap();
+        let before = std::fs::metadata(at).unwrap().dev();
+        let fuse = std::process::Command::new(bindfs)
+            .args(["-f", "-o", "nonempty"])
+            .arg(server)
+            .arg(at)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let share = HangingShare {
+            at: at.to_path_buf(),
+            fuse,
+        };
+        for _ in 0..200 {
+            if std::fs::metadata(at).is_ok_and(|m| m.dev() != before) {
+                return Some(share);
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        eprintln!("skipped: cannot mount over {}", at.display());
+        None
+    }
+
+    fn signal(&self, sig: rustix::process::Signal) {
+        let pid = rustix::process::Pid::from_raw(i32::try_from(self.fuse.id()).unwrap()).unwrap();
+        rustix::process::kill_process(pid, sig).unwrap();
+    }
+
+    /// Every access to the mount waits from now on.
+    fn hang(&self) {
+        self.signal(rustix::process::Signal::STOP);
+    }
+}
+
+impl Drop for HangingShare {
+    fn drop(&mut self) {
+        self.signal(rustix::process::Signal::CONT);
+        std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.at)
+            .status()
+            .ok();
+        self.fuse.kill().ok();
+        self.fuse.wait().ok();
+    }
+}
+
+/// The agent as a user runs it (the binary), on `config`, its log in `log`.
+fn spawn_binary(config: &Path, log: &Path) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_dropscan"))
+        .args(["run", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+/// Each thread of process `pid` as "name: what it waits in".
+fn threads_of(pid: u32) -> Vec<String> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let read = |f: &str| std::fs::read_to_string(t.path().join(f)).unwrap_or_default();
+        out.push(format!("{}: {}", read("comm").trim(), read("wchan").trim()));
+    }
+    out.sort();
+    out
+}
+
+/// The inbox is a share whose server hangs (every access waits): SIGTERM must still end the
+/// process, within its `shutdown_grace` (2 s here) and a margin, not when systemd's
+/// TimeoutStopSec runs out and it is killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_the_inbox_share_hangs_ends_the_process() {
+    let w = World::quick().await;
+    let server = w.dir.path().join("server");
+    let Some(share) = HangingShare::mount(&server, &w.inbox) else {
+        return;
+    };
+    let log = w.dir.path().join("agent.log");
+    let mut agent = spawn_binary(&w.write_config(), &log);
+    std::fs::write(server.join("first.bin"), bytes(120, 1000)).unwrap();
+    let up = wait_for(LONG, || w.clean.join("first.bin").is_file().then_some(())).await;
+    assert!(up.is_some(), "first.bin never placed");
+    share.hang();
+    // Listings, stats and claims of the share now wait; a few poll ticks pile them up.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let pid = rustix::process::Pid::from_raw(i32::try_from(agent.id()).unwrap()).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    let ended = wait_for(Duration::from_secs(30), || agent.try_wait().unwrap()).await;
+    let threads = if ended.is_none() {
+        let threads = threads_of(agent.id());
+        agent.kill().ok();
+        agent.wait().ok();
+        threads
+    } else {
+        Vec::new()
+    };
+    drop(share);
+    let logged = std::fs::read_to_string(&log).unwrap_or_default();
+    let tail: Vec<&str> = logged.lines().rev().take(8).collect();
+    assert!(
+        ended.is_some(),
+        "the agent did not exit within 30 s of SIGTERM (shutdown_grace 2 s) while its inbox \
+         share hangs; its threads: {threads:?}; its last log lines (newest first): {tail:#?}"
+    );
+}

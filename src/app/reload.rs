@@ -196,7 +196,11 @@ pub async fn run_reloading_with(
                 // The staging folders the new configuration no longer names are free at once;
                 // the others stay locked into the next generation.
                 stagings = staging_paths(&c);
-                crate::fsops::roots::keep_only_staging_locks(&staging_ids(&stagings));
+                let kept = stagings.clone();
+                crate::fsops::roots::off_thread(move || {
+                    crate::fsops::roots::keep_only_staging_locks(&staging_ids(&kept));
+                })
+                .await;
                 crate::logging::apply(c.log.format, &c.log.level);
                 endpoint = keep_endpoint(endpoint, c.metrics_listen, &metrics).await;
                 config = c;
@@ -205,7 +209,10 @@ pub async fn run_reloading_with(
         }
     };
     // Stopped for good: the last configuration's staging folders are free again.
-    crate::fsops::roots::release_staging_locks(&staging_ids(&stagings));
+    crate::fsops::roots::off_thread(move || {
+        crate::fsops::roots::release_staging_locks(&staging_ids(&stagings));
+    })
+    .await;
     if let Some(e) = endpoint {
         e.stop().await;
     }

@@ -308,5 +308,8 @@ async fn an_older_journal_gains_the_new_columns_and_keeps_the_staging_folder() {
         }])
         .await
         .unwrap()[0];
-    assert_eq!(j.get(id).await.unwrap().staging_folder, Some((u64::MAX, 42)));
+    assert_eq!(
+        j.get(id).await.unwrap().staging_folder,
+        Some((u64::MAX, 42))
+    );
 }
