@@ -324,7 +324,15 @@ fn threads_of(pid: u32) -> Vec<String> {
         .flatten()
     {
         let read = |f: &str| std::fs::read_to_string(t.path().join(f)).unwrap_or_default();
-        out.push(format!("{}: {}", read("comm").trim(), read("wchan").trim()));
+        // The syscall's number first (x86_64: 4 stat, 21 access, 137 statfs, 257 openat,
+        // 262 newfstatat, 332 statx).
+        let call = read("syscall");
+        let call = call.split_whitespace().next().unwrap_or("-");
+        out.push(format!(
+            "{}: {} (syscall {call})",
+            read("comm").trim(),
+            read("wchan").trim()
+        ));
     }
     out.sort();
     out
@@ -366,5 +374,90 @@ async fn sigterm_while_the_inbox_share_hangs_ends_the_process() {
         ended.is_some(),
         "the agent did not exit within 30 s of SIGTERM (shutdown_grace 2 s) while its inbox \
          share hangs; its threads: {threads:?}; its last log lines (newest first): {tail:#?}"
+    );
+}
+
+/// A second watch's inbox is a share whose server hangs, and the administrator sends SIGHUP
+/// (`systemctl reload`). The reload read the configuration and tried its folders (preflight) on
+/// an async worker thread, which then waited for the share's server: the reload never came, the
+/// first watch (a local folder) stopped being served when both of the machine's two workers
+/// were caught, and SIGTERM never ended the process (the reload loop waited for that task).
+/// Expected: a file dropped in the local inbox after the SIGHUP is placed, and SIGTERM ends the
+/// process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sighup_while_a_watchs_share_hangs_wedges_the_agent() {
+    let mut w = World::quick().await;
+    let other = w.dir.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    w.more_watches = "\n[[watch]]\npath = \"other\"\nclean_dir = \"out2/clean\"\n\
+                      quarantine_dir = \"out2/quarantine\"\nfailed_dir = \"out2/failed\"\n"
+        .into();
+    let server = w.dir.path().join("server");
+    let Some(share) = HangingShare::mount(&server, &other) else {
+        return;
+    };
+    let log = w.dir.path().join("agent.log");
+    let mut agent = spawn_binary(&w.write_config(), &log);
+    w.drop_file("first.bin", &bytes(130, 1000));
+    let up = wait_for(LONG, || w.clean.join("first.bin").is_file().then_some(())).await;
+    assert!(up.is_some(), "first.bin never placed");
+    share.hang();
+    let pid = rustix::process::Pid::from_raw(i32::try_from(agent.id()).unwrap()).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::HUP).unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    w.drop_file("second.bin", &bytes(131, 1000));
+    let placed = wait_for(LONG, || w.clean.join("second.bin").is_file().then_some(())).await;
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    let ended = wait_for(Duration::from_secs(30), || agent.try_wait().unwrap()).await;
+    let threads = threads_of(agent.id());
+    if ended.is_none() {
+        agent.kill().ok();
+        agent.wait().ok();
+    }
+    drop(share);
+    let logged = std::fs::read_to_string(&log).unwrap_or_default();
+    let tail: Vec<&str> = logged.lines().rev().take(4).collect();
+    assert!(
+        placed.is_some() && ended.is_some(),
+        "after a SIGHUP while the other watch's share hangs: second.bin in the local inbox \
+         placed: {placed:?}; ended within 30 s of SIGTERM: {ended:?}; threads: {threads:?}; \
+         last log lines (newest first): {tail:#?}"
+    );
+}
+
+/// Held (kept as a guard): without a reload, one watch's share hangs; the other watch, on a
+/// local folder, goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_share_that_hangs_does_not_stop_the_other_watches() {
+    let mut w = World::quick().await;
+    let other = w.dir.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    w.more_watches = "\n[[watch]]\npath = \"other\"\nclean_dir = \"out2/clean\"\n\
+                      quarantine_dir = \"out2/quarantine\"\nfailed_dir = \"out2/failed\"\n"
+        .into();
+    let server = w.dir.path().join("server");
+    let Some(share) = HangingShare::mount(&server, &other) else {
+        return;
+    };
+    let log = w.dir.path().join("agent.log");
+    let mut agent = spawn_binary(&w.write_config(), &log);
+    w.drop_file("first.bin", &bytes(140, 1000));
+    let up = wait_for(LONG, || w.clean.join("first.bin").is_file().then_some(())).await;
+    assert!(up.is_some(), "first.bin never placed");
+    share.hang();
+    // A few poll ticks of the hanging share.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    w.drop_file("second.bin", &bytes(141, 1000));
+    let placed = wait_for(LONG, || w.clean.join("second.bin").is_file().then_some(())).await;
+    let threads = threads_of(agent.id());
+    agent.kill().ok();
+    agent.wait().ok();
+    drop(share);
+    let logged = std::fs::read_to_string(&log).unwrap_or_default();
+    let tail: Vec<&str> = logged.lines().rev().take(4).collect();
+    assert!(
+        placed.is_some(),
+        "second.bin in the local inbox never placed while the other watch's share hangs; \
+         threads: {threads:?}; last log lines (newest first): {tail:#?}"
     );
 }
