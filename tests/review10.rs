@@ -461,3 +461,48 @@ async fn a_share_that_hangs_does_not_stop_the_other_watches() {
          threads: {threads:?}; last log lines (newest first): {tail:#?}"
     );
 }
+
+/// Issue 19, finding 5, as the README states it: "the modification and access times of the
+/// scanned file" survive a release, on the same filesystem and across filesystems. (Samba's
+/// test checks the modification time only.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_keeps_the_access_time_as_the_readme_says() {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    for other_fs in [false, true] {
+        let mut w = World::quick().await;
+        let _shm;
+        if other_fs {
+            let Ok(d) = tempfile::tempdir_in("/dev/shm") else {
+                eprintln!("skipped: no /dev/shm for a destination on another filesystem");
+                return;
+            };
+            w.clean = d.path().join("clean");
+            _shm = d;
+        }
+        let agent = w.start_agent();
+        let accessed = UNIX_EPOCH + Duration::from_secs(1_520_000_000); // 2018
+        let modified = UNIX_EPOCH + Duration::from_secs(1_551_675_967); // 2019
+        let staged = w.inbox.join("old.bin");
+        std::fs::write(&staged, bytes(150, 10_000)).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&staged)
+            .unwrap()
+            .set_times(
+                std::fs::FileTimes::new()
+                    .set_accessed(accessed)
+                    .set_modified(modified),
+            )
+            .unwrap();
+        // Waited for without reading it (a read would move its access time).
+        let target = w.clean.join("old.bin");
+        let placed = wait_for(LONG, || target.is_file().then_some(())).await;
+        assert!(placed.is_some(), "old.bin never placed");
+        let placed = std::fs::metadata(&target).unwrap();
+        let (m, a): (SystemTime, SystemTime) =
+            (placed.modified().unwrap(), placed.accessed().unwrap());
+        assert_eq!(m, modified, "other filesystem: {other_fs}: mtime");
+        assert_eq!(a, accessed, "other filesystem: {other_fs}: atime");
+        agent.stop().await.0.unwrap();
+    }
+}
