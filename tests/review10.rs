@@ -506,3 +506,70 @@ async fn a_release_keeps_the_access_time_as_the_readme_says() {
         agent.stop().await.0.unwrap();
     }
 }
+
+/// Found by a kill-point run (`kill_points::verified_temp_is_never_deleted_when_the_journal_is_moved_aside_after_a_kill`,
+/// killed at #22): a copy temp whose staged file is still in staging is a partial copy, to be
+/// removed. But start-up re-entered the staged files no record names (a journal moved aside)
+/// under fresh staged names *before* it judged the temps, so the temp's token (its staged
+/// file's name) matched nothing any more: the partial copy was taken back as "the only copy of
+/// its file", scanned and released. Truncated EICAR bytes landed in clean as
+/// `recovered/eicar.com`, beside the whole file in quarantine. Expected: the partial copy goes;
+/// the staged file is scanned once, into quarantine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partial_copy_temp_beside_an_orphan_staged_file_is_released_as_a_file() {
+    let w = World::quick().await;
+    // A first run makes the staging folder and the destinations.
+    let agent = w.start_agent();
+    w.drop_file("first.bin", &bytes(160, 1000));
+    assert!(
+        wait_for(LONG, || w.clean.join("first.bin").is_file().then_some(()))
+            .await
+            .is_some()
+    );
+    agent.stop().await.0.unwrap();
+    // What a kill mid-copy leaves once the journal is moved aside: the staged file, which no
+    // record names, and the placement's partial copy in quarantine.
+    let config = dropscan::config::Config::load(&w.write_config()).unwrap();
+    let watch = &config.watches[0];
+    let stem = "0123456789abcdef0123456789abcdef";
+    std::fs::write(
+        watch.staging_dir.join(format!("{stem}.staged")),
+        crate::util::EICAR,
+    )
+    .unwrap();
+    let temp = dropscan::fsops::names::copy_temp_name(
+        &dropscan::root::instance_of(watch),
+        dropscan::fsops::names::TempOf::Agent,
+        stem,
+        Path::new("eicar.com"),
+    );
+    let partial = &crate::util::EICAR[..30];
+    std::fs::write(w.quarantine.join(&temp), partial).unwrap();
+    let before = w.walks();
+    let agent = w.start_agent();
+    // Start-up done and nothing unfinished: the staged file and whatever the temp became are
+    // placed.
+    w.wait_idle(before).await;
+    agent.stop().await.0.unwrap();
+    let placed: Vec<(PathBuf, Vec<u8>)> = World::files_in(&w.clean)
+        .into_iter()
+        .chain(World::files_in(&w.quarantine))
+        .filter(|(p, _)| p != Path::new("first.bin"))
+        .collect();
+    let partials: Vec<&PathBuf> = placed
+        .iter()
+        .filter(|(_, c)| c.as_slice() == partial)
+        .map(|(p, _)| p)
+        .collect();
+    assert!(
+        partials.is_empty(),
+        "a partial copy of a file was released as a file of its own: {partials:?} (all placed: {:?})",
+        placed.iter().map(|(p, _)| p).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        placed.len(),
+        1,
+        "{:?}",
+        placed.iter().map(|(p, _)| p).collect::<Vec<_>>()
+    );
+}

@@ -214,8 +214,11 @@ pub(super) async fn reconcile(
         resume_record(shared, &stagings, r, &mut resume).await?;
     }
     let orphans = strays(shared, &stagings, &known).await?;
-    reenter(shared, &stagings, orphans, &mut resume.claimed).await?;
+    // Copy temps are judged while the orphans still carry the staged names the temps are named
+    // after: re-entered first (under fresh names), an orphan's partial copy looked like the only
+    // copy of a file whose staged file was gone, and was taken back and released as a file.
     super::leftovers::tidy(shared, &stagings, &records, &custody, &mut resume.claimed).await?;
+    reenter(shared, &stagings, orphans, &mut resume.claimed).await?;
     let n = resume.claimed.len()
         + resume.hashed.len()
         + resume.submitting.len()
