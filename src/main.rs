@@ -26,5 +26,10 @@ fn main() -> ExitCode {
             return ExitCode::from(dropscan::error::EXIT_UNAVAILABLE);
         }
     };
-    runtime.block_on(dropscan::commands::dispatch(cli.command))
+    let code = runtime.block_on(dropscan::commands::dispatch(cli.command));
+    // Dropping the runtime would wait for every blocking call still running, for ever when one
+    // waits on a share whose server hangs: the stages have stopped and the journal is written,
+    // so what is left is ended with the process (as a kill would, which the journal survives).
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    code
 }

@@ -38,6 +38,7 @@ mod packaging;
 mod pipeline;
 mod quarantine_tools;
 mod reloads;
+mod review10;
 mod review6;
 mod review7;
 mod review8;

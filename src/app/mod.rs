@@ -153,7 +153,7 @@ impl Agent {
                 .iter()
                 .filter_map(|r| r.dirs().release_staging())
                 .collect();
-            fsops::roots::release_staging_locks(&held);
+            fsops::roots::off_thread(move || fsops::roots::release_staging_locks(&held)).await;
         }
         result
     }

@@ -214,8 +214,11 @@ pub(super) async fn reconcile(
         resume_record(shared, &stagings, r, &mut resume).await?;
     }
     let orphans = strays(shared, &stagings, &known).await?;
-    reenter(shared, &stagings, orphans, &mut resume.claimed).await?;
+    // Copy temps are judged while the orphans still carry the staged names the temps are named
+    // after: re-entered first (under fresh names), an orphan's partial copy looked like the only
+    // copy of a file whose staged file was gone, and was taken back and released as a file.
     super::leftovers::tidy(shared, &stagings, &records, &custody, &mut resume.claimed).await?;
+    reenter(shared, &stagings, orphans, &mut resume.claimed).await?;
     let n = resume.claimed.len()
         + resume.hashed.len()
         + resume.submitting.len()
@@ -292,7 +295,18 @@ async fn resume_record(
         about: "staging folder",
         source,
     })?;
-    match route(r.state, staged_exists) {
+    let covered = !staged_exists && staged_on_another_filesystem(&r, staging);
+    if covered {
+        tracing::warn!(
+            id = r.id,
+            path = %fsops::shown(&r.rel_path),
+            "staged on another filesystem than the staging folder reached now (a share mounted \
+             over the inbox, or unmounted since): kept for when that folder is reachable again"
+        );
+    }
+    // A covered file resumes as if present: each stage waits for its folder as a running
+    // agent's does (hashing keeps it `claimed`, the sorter retries its placement).
+    match route(r.state, staged_exists || covered) {
         Route::Hash => resume.claimed.push((r.id, r.staged)),
         Route::Unclaim => journal.unclaim(vec![r.id]).await?,
         Route::Vanished { stale_scan } => {
@@ -320,6 +334,18 @@ async fn resume_record(
         Route::Leave => {}
     }
     Ok(())
+}
+
+/// Whether `r`'s file was claimed into a staging folder on another filesystem than `staging`,
+/// the one its path leads to now: a share mounted over the inbox covers that folder, or the
+/// share it was on is unmounted. Only the device is compared: a folder made anew on the same
+/// filesystem (the start-up warning's advice when the folder is really gone) lets its records
+/// close. A record of a version that kept no folder, or a folder that cannot be looked at: no.
+fn staged_on_another_filesystem(r: &FileRecord, staging: &Dir) -> bool {
+    match (r.staging_folder, staging.identity()) {
+        (Some((dev, _)), Ok((now, _))) => dev != now,
+        _ => false,
+    }
 }
 
 /// Staged files without an unfinished record ([`stray`]): the ones to re-enter as new files,

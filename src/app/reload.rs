@@ -153,14 +153,12 @@ pub async fn run_reloading_with(
                         () = generation.cancelled() => return,
                         () = reload.notified() => {}
                     }
-                    match Config::load(&path).and_then(|c| {
-                        super::preflight::check(&c).map(|notes| {
-                            for note in notes {
-                                tracing::warn!("{note}");
-                            }
-                            c
-                        })
-                    }) {
+                    let checked = tokio::select! {
+                        () = generation.cancelled() => return,
+                        checked = load_and_check(&path) => checked,
+                    };
+                    let Some(checked) = checked else { continue };
+                    match checked {
                         Ok(c) => {
                             tracing::info!(config = %crate::fsops::shown(&path), "SIGHUP: configuration valid, restarting the agent on it");
                             crate::service::reloading(
@@ -196,7 +194,11 @@ pub async fn run_reloading_with(
                 // The staging folders the new configuration no longer names are free at once;
                 // the others stay locked into the next generation.
                 stagings = staging_paths(&c);
-                crate::fsops::roots::keep_only_staging_locks(&staging_ids(&stagings));
+                let kept = stagings.clone();
+                crate::fsops::roots::off_thread(move || {
+                    crate::fsops::roots::keep_only_staging_locks(&staging_ids(&kept));
+                })
+                .await;
                 crate::logging::apply(c.log.format, &c.log.level);
                 endpoint = keep_endpoint(endpoint, c.metrics_listen, &metrics).await;
                 config = c;
@@ -205,11 +207,49 @@ pub async fn run_reloading_with(
         }
     };
     // Stopped for good: the last configuration's staging folders are free again.
-    crate::fsops::roots::release_staging_locks(&staging_ids(&stagings));
+    crate::fsops::roots::off_thread(move || {
+        crate::fsops::roots::release_staging_locks(&staging_ids(&stagings));
+    })
+    .await;
     if let Some(e) = endpoint {
         e.stop().await;
     }
     result
+}
+
+/// Reads the configuration at `path` again and tries its folders ([`super::preflight::check`]),
+/// on a thread of its own: the check waits for every folder, and one on a share whose server
+/// hangs waits for ever. On an async worker thread that wait took a worker from every other
+/// watch (two on a two-core machine: all of them), and kept a shutdown from ever ending.
+/// `None` when it could not be done (logged).
+async fn load_and_check(path: &Path) -> Option<Result<Config, crate::config::ConfigError>> {
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let path = path.to_path_buf();
+    let spawned = std::thread::Builder::new()
+        .name("dropscan-reload".into())
+        .spawn(move || {
+            let checked = Config::load(&path).and_then(|c| {
+                super::preflight::check(&c).map(|notes| {
+                    for note in notes {
+                        tracing::warn!("{note}");
+                    }
+                    c
+                })
+            });
+            done_tx.send(checked).ok();
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "SIGHUP: cannot start a thread to read the configuration; still running on the previous one (send SIGHUP again)");
+        return None;
+    }
+    let checked = done_rx.await.ok();
+    if checked.is_none() {
+        // The thread ended without answering: it panicked.
+        tracing::error!(
+            "SIGHUP: reading the configuration failed; still running on the previous one"
+        );
+    }
+    checked
 }
 
 /// The (dev, ino) of the staging folders that exist among `paths`.

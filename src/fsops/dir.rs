@@ -271,19 +271,24 @@ impl Dir {
     pub fn open_file(&self, name: &OsStr) -> Result<(File, FileStamp), FsError> {
         let name = single(name)?;
         let full = self.path.join(name);
-        let fd = rustix::fs::openat(
-            &self.fd,
-            name,
-            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC | OFlags::NOCTTY,
-            Mode::empty(),
-        )
-        .map_err(|e| match e {
-            Errno::LOOP => FsError::NotRegular {
-                path: full.clone(),
-                kind: "symlink",
-            },
-            e => FsError::io(&full, "open for reading", errno_io(e)),
-        })?;
+        let flags =
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC | OFlags::NOCTTY;
+        // Reading must not move the access time that a release keeps (the README's promise):
+        // under `relatime` the first read of dropscan's private copy (its upload) set it to now.
+        // `O_NOATIME` is for the file's owner (dropscan's own copies) or CAP_FOWNER; anyone
+        // else's file is opened without it.
+        let fd = rustix::fs::openat(&self.fd, name, flags | OFlags::NOATIME, Mode::empty())
+            .or_else(|e| match e {
+                Errno::PERM => rustix::fs::openat(&self.fd, name, flags, Mode::empty()),
+                e => Err(e),
+            })
+            .map_err(|e| match e {
+                Errno::LOOP => FsError::NotRegular {
+                    path: full.clone(),
+                    kind: "symlink",
+                },
+                e => FsError::io(&full, "open for reading", errno_io(e)),
+            })?;
         let st = rustix::fs::fstat(&fd).map_err(|e| FsError::io(&full, "stat", errno_io(e)))?;
         let stamp = FileStamp::from_stat(&st);
         if !stamp.is_regular() {

@@ -24,7 +24,8 @@ pub use super::owner::{
     claim_owner_if_missing,
 };
 pub use super::staging_lock::{
-    STAGING_LOCK, StagingLock, keep_only_staging_locks, lock_staging, release_staging_locks,
+    STAGING_LOCK, StagingLock, keep_only_staging_locks, lock_staging, off_thread,
+    release_staging_locks,
 };
 use super::{Dir, FsError};
 use crate::config::WatchConfig;

@@ -38,6 +38,35 @@ pub fn release_staging_locks(folders: &[(u64, u64)]) {
         .retain(|(_, folder, _)| !folders.contains(folder));
 }
 
+/// How long stopping waits for [`off_thread`]'s work.
+const LET_GO_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Runs `let_go` (work on the staging locks: a `stat` of each staging folder, a `close` of each
+/// lock file) on a thread of its own, and waits for it at most [`LET_GO_WAIT`]. On a share whose
+/// server hangs, both wait for the server, for ever on a hard NFS mount: done on the async
+/// threads, they kept a stopping agent from ever exiting (SIGTERM then ends only in systemd's
+/// SIGKILL). What is still waiting after that is left to finish on its own; the kernel lets go
+/// of the locks when the process ends.
+pub async fn off_thread(let_go: impl FnOnce() + Send + 'static) {
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name("dropscan-unlock".into())
+        .spawn(move || {
+            let_go();
+            done_tx.send(()).ok();
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start a thread to let go of the staging locks; they are let go when the process ends");
+        return;
+    }
+    if tokio::time::timeout(LET_GO_WAIT, done_rx).await.is_err() {
+        tracing::warn!(
+            "a staging folder does not answer (a share whose server hangs?): its lock is let go \
+             when the process ends"
+        );
+    }
+}
+
 /// Lets go of every staging lock but those of these folders (the staging folders of the
 /// configuration a reload is about to run): a watch removed, or given another staging folder,
 /// is free for another agent at once.
