@@ -93,4 +93,13 @@ impl Scanner {
             Backend::Kata(c) => c.restrictions().await,
         }
     }
+
+    /// The restrictions, asked as a health probe: given up after `timeout` (at most the
+    /// request timeout), so that a server that never answers is found out within the probe's
+    /// cadence.
+    pub async fn probe(&self, timeout: std::time::Duration) -> Result<Restrictions, ApiError> {
+        match &self.backend {
+            Backend::Kata(c) => c.restrictions_within(timeout).await,
+        }
+    }
 }

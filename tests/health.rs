@@ -56,7 +56,12 @@ async fn wait_probes(m: &Metrics, code: &str, n: f64) {
 
 /// Starts the agent of `w`, probing every second, with nothing to scan; returns its metrics.
 fn start_probing(w: &mut World) -> (Running, Arc<Metrics>) {
-    w.server_extra = "health_probe = \"1s\"".into();
+    start_probing_with(w, "health_probe = \"1s\"")
+}
+
+/// [`start_probing`] with these `[server]` lines.
+fn start_probing_with(w: &mut World, server: &str) -> (Running, Arc<Metrics>) {
+    w.server_extra = server.into();
     let agent = Agent::new(Config::load(&w.write_config()).unwrap()).unwrap();
     let metrics = agent.metrics();
     let events = agent.subscribe();
@@ -132,6 +137,30 @@ async fn an_idle_agent_is_not_ready_while_the_server_is_dead() {
     let ready = wait_for(Duration::from_secs(30), || m.readiness().ok()).await;
     assert!(ready.is_some(), "never ready again: {:?}", m.readiness());
     assert_eq!(sample(&m, "dropscan_server_up"), 1.0);
+    agent.stop().await.0.unwrap();
+}
+
+/// A server that hangs (TLS and HTTP accepted, no answer: a stuck server, or a proxy waiting on
+/// one): each probe waited for the whole request timeout (default 30 s; with the default
+/// `health_probe` of 60 s the second failed probe came about 180 s after the last answer, three
+/// intervals). A probe now waits a quarter of `health_probe` and a failed one is confirmed a
+/// quarter later, so the agent says so within two intervals. Here the request timeout is 5
+/// minutes, which the old probe waited out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_agent_is_not_ready_soon_after_the_server_hangs() {
+    let mut w = World::quick().await;
+    let (agent, m) = start_probing_with(&mut w, "health_probe = \"2s\"\nrequest_timeout = \"5m\"");
+    wait_probes(&m, "200", 2.0).await;
+    assert_eq!(m.readiness(), Ok(()));
+    w.emulator().state().set_faults(dropscan::emulator::Faults {
+        slow_share: 1.0,
+        slow_delay: Duration::from_secs(600),
+        ..dropscan::emulator::Faults::default()
+    });
+    let down = wait_for(Duration::from_secs(60), || m.readiness().err()).await;
+    let why = down.expect("still ready 60 s after the server stopped answering");
+    assert!(why.to_string().contains("unavailable"), "{why}");
+    assert_eq!(sample(&m, "dropscan_server_up"), 0.0);
     agent.stop().await.0.unwrap();
 }
 

@@ -126,7 +126,7 @@ client_cert = "{cert}"
 client_key = "{key}"
 ca_cert = "{ca}"
 poll_interval = "100ms"
-request_timeout = "10s"
+{request_timeout}
 max_in_flight = 16
 requests_per_second = 10000
 {scan_timeout}
@@ -159,6 +159,11 @@ level = "warn"
             settle_empty = self.settle_empty,
             reconcile = self.reconcile,
             server_extra = self.server_extra,
+            request_timeout = if self.server_extra.contains("request_timeout") {
+                ""
+            } else {
+                "request_timeout = \"10s\""
+            },
             scan_timeout = if self.server_extra.contains("scan_timeout") {
                 ""
             } else {

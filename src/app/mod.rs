@@ -393,7 +393,7 @@ async fn housekeeping(shared: Arc<Shared>, shutdown: CancellationToken) {
                 ));
             }
             () = tokio::time::sleep_until(shared.limits.probe_due(probe_every)) => {
-                shared.limits.refresh(&shared.scanner).await.ok();
+                shared.limits.probe(&shared.scanner, probe_every).await.ok();
             }
             _ = probe.tick(), if shared.journal.writes_failing() => {
                 if let Err(e) = shared.journal.probe_write().await {

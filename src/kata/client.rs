@@ -241,8 +241,17 @@ impl KataClient {
 
     /// GET scans/filters: the server's restrictions.
     pub async fn restrictions(&self) -> Result<Restrictions, ApiError> {
+        self.restrictions_within(self.inner.request_timeout).await
+    }
+
+    /// GET scans/filters, given up after `timeout` (a transport error that says it timed out).
+    pub async fn restrictions_within(&self, timeout: Duration) -> Result<Restrictions, ApiError> {
         let url = self.inner.endpoints.filters();
-        let request = self.inner.http.get(url).timeout(self.inner.request_timeout);
+        let request = self
+            .inner
+            .http
+            .get(url)
+            .timeout(timeout.min(self.inner.request_timeout));
         let answer = self
             .send("GET scans/filters", request, MAX_SMALL_BODY)
             .await?;
