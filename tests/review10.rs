@@ -7,6 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::review8::records;
 use crate::util::{LONG, Outcome, World, bytes, wait_for};
 
 /// A bindfs mount of `server` over `at`, unmounted (lazily) when dropped.
@@ -18,14 +19,7 @@ struct Mount {
 impl Mount {
     /// Mounts `server` over `at`; `None` (with the reason printed) where that cannot be done.
     fn bindfs(server: &Path, at: &Path) -> Option<Mount> {
-        if !rustix::process::geteuid().is_root() {
-            eprintln!("skipped: needs root to mount");
-            return None;
-        }
-        let Some(bindfs) = crate::shares_fixture::find_tool("bindfs") else {
-            eprintln!("skipped: bindfs not installed (Debian package bindfs)");
-            return None;
-        };
+        let bindfs = crate::review8::bindfs()?;
         std::fs::create_dir_all(server).unwrap();
         let ok = std::process::Command::new(bindfs)
             .args(["-o", "nonempty"])
@@ -66,30 +60,6 @@ impl Drop for Mount {
                 .ok();
         }
     }
-}
-
-/// The journal's records as (rel_path, state, outcome, reason), read-only beside the agent.
-fn records(w: &World) -> Vec<(String, String, Option<String>, Option<String>)> {
-    let Ok(db) = rusqlite::Connection::open_with_flags(
-        w.state_dir().join("journal.sqlite"),
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    ) else {
-        return Vec::new();
-    };
-    let Ok(mut q) = db.prepare("SELECT rel_path, state, outcome, reason FROM files") else {
-        return Vec::new();
-    };
-    q.query_map([], |r| {
-        let rel: Vec<u8> = r.get(0)?;
-        Ok((
-            String::from_utf8_lossy(&rel).into_owned(),
-            r.get(1)?,
-            r.get(2)?,
-            r.get(3)?,
-        ))
-    })
-    .map(|rows| rows.filter_map(Result::ok).collect())
-    .unwrap_or_default()
 }
 
 /// The record of `rel` once `pred` holds for its state.
@@ -246,14 +216,7 @@ struct HangingShare {
 impl HangingShare {
     fn mount(server: &Path, at: &Path) -> Option<HangingShare> {
         use std::os::unix::fs::MetadataExt as _;
-        if !rustix::process::geteuid().is_root() {
-            eprintln!("skipped: needs root to mount");
-            return None;
-        }
-        let Some(bindfs) = crate::shares_fixture::find_tool("bindfs") else {
-            eprintln!("skipped: bindfs not installed (Debian package bindfs)");
-            return None;
-        };
+        let bindfs = crate::review8::bindfs()?;
         std::fs::create_dir_all(server).unwrap();
         let before = std::fs::metadata(at).unwrap().dev();
         let fuse = std::process::Command::new(bindfs)
@@ -377,6 +340,28 @@ async fn sigterm_while_the_inbox_share_hangs_ends_the_process() {
     );
 }
 
+/// A local inbox and a second watch on a share, the agent (the binary, logging to the returned
+/// file) running, a first file placed; then the share's server hangs.
+async fn local_and_hanging_watch(
+    seed: u64,
+) -> Option<(World, HangingShare, std::process::Child, PathBuf)> {
+    let mut w = World::quick().await;
+    let other = w.dir.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    w.more_watches = "\n[[watch]]\npath = \"other\"\nclean_dir = \"out2/clean\"\n\
+                      quarantine_dir = \"out2/quarantine\"\nfailed_dir = \"out2/failed\"\n"
+        .into();
+    let server = w.dir.path().join("server");
+    let share = HangingShare::mount(&server, &other)?;
+    let log = w.dir.path().join("agent.log");
+    let agent = spawn_binary(&w.write_config(), &log);
+    w.drop_file("first.bin", &bytes(seed, 1000));
+    let up = wait_for(LONG, || w.clean.join("first.bin").is_file().then_some(())).await;
+    assert!(up.is_some(), "first.bin never placed");
+    share.hang();
+    Some((w, share, agent, log))
+}
+
 /// A second watch's inbox is a share whose server hangs, and the administrator sends SIGHUP
 /// (`systemctl reload`). The reload read the configuration and tried its folders (preflight) on
 /// an async worker thread, which then waited for the share's server: the reload never came, the
@@ -386,22 +371,9 @@ async fn sigterm_while_the_inbox_share_hangs_ends_the_process() {
 /// process.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sighup_while_a_watchs_share_hangs_wedges_the_agent() {
-    let mut w = World::quick().await;
-    let other = w.dir.path().join("other");
-    std::fs::create_dir_all(&other).unwrap();
-    w.more_watches = "\n[[watch]]\npath = \"other\"\nclean_dir = \"out2/clean\"\n\
-                      quarantine_dir = \"out2/quarantine\"\nfailed_dir = \"out2/failed\"\n"
-        .into();
-    let server = w.dir.path().join("server");
-    let Some(share) = HangingShare::mount(&server, &other) else {
+    let Some((w, share, mut agent, log)) = local_and_hanging_watch(130).await else {
         return;
     };
-    let log = w.dir.path().join("agent.log");
-    let mut agent = spawn_binary(&w.write_config(), &log);
-    w.drop_file("first.bin", &bytes(130, 1000));
-    let up = wait_for(LONG, || w.clean.join("first.bin").is_file().then_some(())).await;
-    assert!(up.is_some(), "first.bin never placed");
-    share.hang();
     let pid = rustix::process::Pid::from_raw(i32::try_from(agent.id()).unwrap()).unwrap();
     rustix::process::kill_process(pid, rustix::process::Signal::HUP).unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -429,22 +401,9 @@ async fn a_sighup_while_a_watchs_share_hangs_wedges_the_agent() {
 /// local folder, goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_share_that_hangs_does_not_stop_the_other_watches() {
-    let mut w = World::quick().await;
-    let other = w.dir.path().join("other");
-    std::fs::create_dir_all(&other).unwrap();
-    w.more_watches = "\n[[watch]]\npath = \"other\"\nclean_dir = \"out2/clean\"\n\
-                      quarantine_dir = \"out2/quarantine\"\nfailed_dir = \"out2/failed\"\n"
-        .into();
-    let server = w.dir.path().join("server");
-    let Some(share) = HangingShare::mount(&server, &other) else {
+    let Some((w, share, mut agent, log)) = local_and_hanging_watch(140).await else {
         return;
     };
-    let log = w.dir.path().join("agent.log");
-    let mut agent = spawn_binary(&w.write_config(), &log);
-    w.drop_file("first.bin", &bytes(140, 1000));
-    let up = wait_for(LONG, || w.clean.join("first.bin").is_file().then_some(())).await;
-    assert!(up.is_some(), "first.bin never placed");
-    share.hang();
     // A few poll ticks of the hanging share.
     tokio::time::sleep(Duration::from_secs(3)).await;
     w.drop_file("second.bin", &bytes(141, 1000));

@@ -62,7 +62,7 @@ fn only_record(w: &World) -> Option<(String, Option<String>, Option<String>)> {
 
 /// bindfs, where this test can mount (as root, with bindfs installed); else `None`, the reason
 /// printed.
-fn bindfs() -> Option<std::path::PathBuf> {
+pub(crate) fn bindfs() -> Option<std::path::PathBuf> {
     if !rustix::process::geteuid().is_root() {
         eprintln!("skipped: needs root to mount");
         return None;
@@ -198,7 +198,7 @@ async fn a_mount_over_the_inbox_before_the_hash_keeps_the_staged_file_claimed() 
 }
 
 /// The states, outcomes and reasons of the journal's records by inbox path (read-only).
-fn records(w: &World) -> Vec<(String, String, Option<String>, Option<String>)> {
+pub(crate) fn records(w: &World) -> Vec<(String, String, Option<String>, Option<String>)> {
     let Ok(db) = rusqlite::Connection::open_with_flags(
         w.state_dir().join("journal.sqlite"),
         rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
