@@ -42,7 +42,7 @@ pub fn release_staging_locks(folders: &[(u64, u64)]) {
 const LET_GO_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Runs `let_go` (work on the staging locks: a `stat` of each staging folder, a `close` of each
-/// lock file) on a thread of its own, and waits for it at most [`LET_GO_WAIT`]. On a share whose
+/// lock file) on a thread of its own, and waits for it at most `LET_GO_WAIT` (2 s). On a share whose
 /// server hangs, both wait for the server, for ever on a hard NFS mount: done on the async
 /// threads, they kept a stopping agent from ever exiting (SIGTERM then ends only in systemd's
 /// SIGKILL). What is still waiting after that is left to finish on its own; the kernel lets go
