@@ -39,6 +39,7 @@ mod pipeline;
 mod quarantine_tools;
 mod reloads;
 mod review10;
+mod review11;
 mod review6;
 mod review7;
 mod review8;
