@@ -223,15 +223,9 @@ async fn smb_a_release_keeps_the_files_modification_time() {
         let Some((mut w, smbd)) = smb_world("").await else {
             return;
         };
-        let _shm;
-        if other_fs {
-            let Ok(d) = tempfile::tempdir_in("/dev/shm") else {
-                eprintln!("skipped: no /dev/shm for a destination on another filesystem");
-                return;
-            };
-            w.clean = d.path().join("clean");
-            _shm = d;
-        }
+        let Ok(_shm) = crate::review6::on_shm_if(&mut w, other_fs) else {
+            return;
+        };
         let agent = w.start_agent();
         let local = w.dir.path().join("old.bin");
         std::fs::write(&local, bytes(60, 100_000)).unwrap();

@@ -429,15 +429,9 @@ async fn a_release_keeps_the_access_time_as_the_readme_says() {
     use std::time::{SystemTime, UNIX_EPOCH};
     for other_fs in [false, true] {
         let mut w = World::quick().await;
-        let _shm;
-        if other_fs {
-            let Ok(d) = tempfile::tempdir_in("/dev/shm") else {
-                eprintln!("skipped: no /dev/shm for a destination on another filesystem");
-                return;
-            };
-            w.clean = d.path().join("clean");
-            _shm = d;
-        }
+        let Ok(_shm) = crate::review6::on_shm_if(&mut w, other_fs) else {
+            return;
+        };
         let agent = w.start_agent();
         let accessed = UNIX_EPOCH + Duration::from_secs(1_520_000_000); // 2018
         let modified = UNIX_EPOCH + Duration::from_secs(1_551_675_967); // 2019

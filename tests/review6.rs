@@ -26,6 +26,20 @@ pub(crate) fn on_shm(w: &mut World) -> Option<tempfile::TempDir> {
     Some(other)
 }
 
+/// [`on_shm`] when `other_fs`; `Err` (the reason printed) where /dev/shm cannot be used.
+pub(crate) fn on_shm_if(w: &mut World, other_fs: bool) -> Result<Option<tempfile::TempDir>, ()> {
+    if !other_fs {
+        return Ok(None);
+    }
+    match on_shm(w) {
+        Some(d) => Ok(Some(d)),
+        None => {
+            eprintln!("skipped: no /dev/shm for destinations on another filesystem");
+            Err(())
+        }
+    }
+}
+
 /// Runs `dropscan run --config cfg` under strace, killed (SIGKILL, by strace) on entry to the
 /// `when`-th `renameat2` (counted per thread) that touches `dir`; waits for the kill at most 30 s.
 fn run_killed_at_rename(strace: &Path, cfg: &Path, dir: &Path, when: u32) -> bool {
