@@ -26,6 +26,24 @@ pub fn build() -> std::io::Result<Runtime> {
         .build()
 }
 
+/// Runs `work` on a thread of its own named `name`; the receiver gets its result (closed
+/// without one if it panicked). For blocking work that may wait on another stage or on a share
+/// whose server hangs: on the bounded blocking pool it could hold every thread (listings
+/// waiting for settle, which needs a pool thread), and on an async worker it would stall the
+/// other watches and keep a shutdown from ending. The caller decides how long to wait.
+pub fn on_own_thread<T: Send + 'static>(
+    name: &str,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> std::io::Result<tokio::sync::oneshot::Receiver<T>> {
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            done_tx.send(work()).ok();
+        })?;
+    Ok(done_rx)
+}
+
 /// How often the allocator is asked to hand freed memory back to the system.
 const TRIM_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 

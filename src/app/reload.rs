@@ -223,25 +223,24 @@ pub async fn run_reloading_with(
 /// watch (two on a two-core machine: all of them), and kept a shutdown from ever ending.
 /// `None` when it could not be done (logged).
 async fn load_and_check(path: &Path) -> Option<Result<Config, crate::config::ConfigError>> {
-    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let path = path.to_path_buf();
-    let spawned = std::thread::Builder::new()
-        .name("dropscan-reload".into())
-        .spawn(move || {
-            let checked = Config::load(&path).and_then(|c| {
-                super::preflight::check(&c).map(|notes| {
-                    for note in notes {
-                        tracing::warn!("{note}");
-                    }
-                    c
-                })
-            });
-            done_tx.send(checked).ok();
-        });
-    if let Err(e) = spawned {
-        tracing::error!(error = %e, "SIGHUP: cannot start a thread to read the configuration; still running on the previous one (send SIGHUP again)");
-        return None;
-    }
+    let spawned = crate::runtime::on_own_thread("dropscan-reload", move || {
+        Config::load(&path).and_then(|c| {
+            super::preflight::check(&c).map(|notes| {
+                for note in notes {
+                    tracing::warn!("{note}");
+                }
+                c
+            })
+        })
+    });
+    let done_rx = match spawned {
+        Ok(rx) => rx,
+        Err(e) => {
+            tracing::error!(error = %e, "SIGHUP: cannot start a thread to read the configuration; still running on the previous one (send SIGHUP again)");
+            return None;
+        }
+    };
     let checked = done_rx.await.ok();
     if checked.is_none() {
         // The thread ended without answering: it panicked.

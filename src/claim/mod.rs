@@ -386,6 +386,10 @@ async fn hash_then_forward(
 #[cfg(test)]
 mod tests {
     use std::ffi::OsStr;
+    use std::path::Path;
+
+    use crate::fsops::claim::{Claim, claim};
+    use crate::fsops::{Dir, FileStamp, Renamed};
 
     /// Regression (issue 20): the hashing permit was dropped before the hand-off to upload, so
     /// while upload was slower every claimed file left a task waiting on the channel (`many`:
@@ -432,10 +436,6 @@ mod tests {
             "hash tasks started, and alive, while upload takes nothing (2 permits, 1 channel slot)"
         );
     }
-    use std::path::Path;
-
-    use crate::fsops::claim::{Claim, claim};
-    use crate::fsops::{Dir, FileStamp, Renamed};
 
     /// What the claim decides for each state a settled file can be in when its turn comes.
     #[test]

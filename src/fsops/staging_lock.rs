@@ -48,17 +48,13 @@ const LET_GO_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 /// SIGKILL). What is still waiting after that is left to finish on its own; the kernel lets go
 /// of the locks when the process ends.
 pub async fn off_thread(let_go: impl FnOnce() + Send + 'static) {
-    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-    let spawned = std::thread::Builder::new()
-        .name("dropscan-unlock".into())
-        .spawn(move || {
-            let_go();
-            done_tx.send(()).ok();
-        });
-    if let Err(e) = spawned {
-        tracing::warn!(error = %e, "cannot start a thread to let go of the staging locks; they are let go when the process ends");
-        return;
-    }
+    let done_rx = match crate::runtime::on_own_thread("dropscan-unlock", let_go) {
+        Ok(rx) => rx,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot start a thread to let go of the staging locks; they are let go when the process ends");
+            return;
+        }
+    };
     if tokio::time::timeout(LET_GO_WAIT, done_rx).await.is_err() {
         tracing::warn!(
             "a staging folder does not answer (a share whose server hangs?): its lock is let go \

@@ -384,17 +384,17 @@ impl RootTask {
         let candidates_tx = self.candidates_tx.clone();
         let token = self.shutdown.clone();
         let mut warned = std::mem::take(&mut self.warned);
-        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-        let spawned = std::thread::Builder::new()
-            .name("dropscan-walk".into())
-            .spawn(move || {
-                let walked = walk_blocking(&root, &start, &candidates_tx, &token, &mut warned);
-                done_tx.send((walked, warned)).ok();
-            });
-        if let Err(e) = spawned {
-            error!(root = %self.config().path.display(), error = %e, "cannot start a listing thread; listed again at the next reconcile");
-            return Walked::Done;
-        }
+        let spawned = crate::runtime::on_own_thread("dropscan-walk", move || {
+            let walked = walk_blocking(&root, &start, &candidates_tx, &token, &mut warned);
+            (walked, warned)
+        });
+        let done_rx = match spawned {
+            Ok(rx) => rx,
+            Err(e) => {
+                error!(root = %self.config().path.display(), error = %e, "cannot start a listing thread; listed again at the next reconcile");
+                return Walked::Done;
+            }
+        };
         tokio::select! {
             biased;
             // A listing stuck on a dead network share must not hold up shutdown.
