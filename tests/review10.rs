@@ -208,13 +208,13 @@ async fn a_restart_after_a_share_is_unmounted_closes_files_staged_on_it_as_vanis
 
 /// A bindfs of `server` over `at` run in the foreground, so that the test can stop it (a share
 /// whose server hangs: every access to the mount waits). Continued and unmounted on drop.
-struct HangingShare {
+pub(crate) struct HangingShare {
     at: PathBuf,
     fuse: std::process::Child,
 }
 
 impl HangingShare {
-    fn mount(server: &Path, at: &Path) -> Option<HangingShare> {
+    pub(crate) fn mount(server: &Path, at: &Path) -> Option<HangingShare> {
         use std::os::unix::fs::MetadataExt as _;
         let bindfs = crate::review8::bindfs()?;
         std::fs::create_dir_all(server).unwrap();
@@ -241,13 +241,13 @@ impl HangingShare {
         None
     }
 
-    fn signal(&self, sig: rustix::process::Signal) {
+    pub(crate) fn signal(&self, sig: rustix::process::Signal) {
         let pid = rustix::process::Pid::from_raw(i32::try_from(self.fuse.id()).unwrap()).unwrap();
         rustix::process::kill_process(pid, sig).unwrap();
     }
 
     /// Every access to the mount waits from now on.
-    fn hang(&self) {
+    pub(crate) fn hang(&self) {
         self.signal(rustix::process::Signal::STOP);
     }
 }
@@ -266,7 +266,7 @@ impl Drop for HangingShare {
 }
 
 /// The agent as a user runs it (the binary), on `config`, its log in `log`.
-fn spawn_binary(config: &Path, log: &Path) -> std::process::Child {
+pub(crate) fn spawn_binary(config: &Path, log: &Path) -> std::process::Child {
     std::process::Command::new(env!("CARGO_BIN_EXE_dropscan"))
         .args(["run", "--config"])
         .arg(config)
@@ -279,7 +279,7 @@ fn spawn_binary(config: &Path, log: &Path) -> std::process::Child {
 }
 
 /// Each thread of process `pid` as "name: what it waits in".
-fn threads_of(pid: u32) -> Vec<String> {
+pub(crate) fn threads_of(pid: u32) -> Vec<String> {
     let mut out = Vec::new();
     for t in std::fs::read_dir(format!("/proc/{pid}/task"))
         .into_iter()

@@ -24,6 +24,7 @@ mod health;
 mod hooks;
 mod hostile_names;
 mod hostile_server;
+mod hung_at_start;
 mod journal_guards;
 mod kata_client;
 mod kata_emulator;

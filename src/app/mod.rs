@@ -30,6 +30,7 @@ use futures_util::FutureExt;
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
+mod inboxes;
 mod leftovers;
 pub mod lock;
 pub mod preflight;
@@ -38,7 +39,8 @@ mod reload;
 mod route;
 mod supervise;
 
-pub use reload::{missing_inboxes, run_reloading, run_reloading_with, wait_for_inboxes};
+pub use inboxes::missing_inboxes;
+pub use reload::{run_reloading, run_reloading_with};
 
 use crate::config::Config;
 pub use crate::context::Shared;

@@ -23,6 +23,9 @@
 //! Notes, not errors (returned for printing):
 //! - an inbox that does not exist yet (a share not mounted: `run` waits for it); nothing of its
 //!   watch is created then;
+//! - an inbox whose filesystem does not answer within [`fsops::answer::DEADLINE`] (a share whose
+//!   server hangs): nothing of its watch is looked at further, the agent serves the other
+//!   watches and waits for it;
 //! - whatever an inbox user can plant below an inbox (a folder or file where a destination or
 //!   the staging folder should be, one owned by someone else): that is hostile content the agent
 //!   deals with at run time, never a reason to keep every watch from starting.
@@ -39,6 +42,7 @@ use std::path::Path;
 use rustix::fs::Access;
 
 use crate::config::{Config, ConfigError, WatchConfig};
+use crate::fsops::answer::Answer;
 use crate::fsops::roots::{RootDirs, Which};
 use crate::fsops::{self, Dir, FsError};
 
@@ -57,7 +61,19 @@ pub fn check(config: &Config) -> Result<Vec<String>, ConfigError> {
     let mut notes = config.warnings();
     let as_root = rustix::process::geteuid().is_root();
     state_dir(config, as_root)?;
-    for (i, w) in config.watches.iter().enumerate() {
+    let inboxes: Vec<_> = config.watches.iter().map(|w| w.path.clone()).collect();
+    let answers = fsops::answer::look(&inboxes, fsops::answer::DEADLINE);
+    for ((i, w), answer) in config.watches.iter().enumerate().zip(answers) {
+        if answer == Answer::Silent {
+            notes.push(format!(
+                "watch[{i}]: {} does not answer within {} (a share whose server hangs?): the \
+                 agent serves the other watches and waits for it; its folders are checked once it \
+                 answers",
+                fsops::shown(&w.path),
+                humantime::format_duration(fsops::answer::DEADLINE)
+            ));
+            continue;
+        }
         watch(config, i, w, as_root, &mut notes)?;
     }
     Ok(notes)

@@ -5,12 +5,12 @@
 //! What outlives the agents lives here: the [`Metrics`] (counters survive a reload) and their
 //! HTTP endpoint (the port stays open; it is rebound only when `[metrics] listen` changed). A new
 //! `[log]` level is applied at once. Before each agent starts, missing inboxes (a share not
-//! mounted yet) are waited for, logged once, and shown on `/readyz`.
+//! mounted yet, or one whose server hangs) are waited for while the other watches are served
+//! ([`super::inboxes`]).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
@@ -19,9 +19,6 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::error::FatalError;
 use crate::metrics::Metrics;
-
-/// How often missing inboxes are looked for again.
-pub(super) const INBOX_RETRY: Duration = Duration::from_secs(5);
 
 /// The metrics endpoint, across agent generations.
 struct Endpoint {
@@ -62,52 +59,6 @@ async fn keep_endpoint(
                 e.stop().await;
             }
             wanted.map(|addr| Endpoint::start(addr, metrics))
-        }
-    }
-}
-
-/// The inboxes of `config` that are not folders now.
-pub fn missing_inboxes(config: &Config) -> Vec<PathBuf> {
-    config
-        .watches
-        .iter()
-        .filter(|w| !w.path.is_dir())
-        .map(|w| w.path.clone())
-        .collect()
-}
-
-/// Waits until every inbox exists (a share mounted late), logging once per missing set and
-/// showing them on `/readyz`. False when `shutdown` came first.
-pub async fn wait_for_inboxes(
-    config: &Config,
-    metrics: &Metrics,
-    shutdown: &CancellationToken,
-) -> bool {
-    let mut logged: Vec<PathBuf> = Vec::new();
-    loop {
-        let missing = missing_inboxes(config);
-        metrics.set_missing_inboxes(missing.clone());
-        if missing.is_empty() {
-            if !logged.is_empty() {
-                tracing::info!("every inbox exists now; starting");
-            }
-            return true;
-        }
-        if missing != logged {
-            let shown: Vec<String> = missing
-                .iter()
-                .map(|p| crate::fsops::shown(p).to_string())
-                .collect();
-            tracing::warn!(
-                inboxes = %shown.join(", "),
-                retry = %humantime::format_duration(INBOX_RETRY),
-                "inbox missing (a share not mounted yet?): waiting for it"
-            );
-            logged = missing;
-        }
-        tokio::select! {
-            () = shutdown.cancelled() => return false,
-            () = tokio::time::sleep(INBOX_RETRY) => {}
         }
     }
 }
@@ -175,13 +126,27 @@ pub async fn run_reloading_with(
                 }
             })
         };
-        let result = if wait_for_inboxes(&config, &metrics, &generation).await {
-            match super::Agent::with_metrics(config, Arc::clone(&metrics)) {
-                Ok(agent) => agent.keep_staging_locks().run(generation.clone()).await,
-                Err(e) => Err(e),
+        let result = match super::inboxes::wait_for_some(&config, &metrics, &generation).await {
+            Some((served, missing)) => {
+                let waiting = (!missing.is_empty()).then(|| {
+                    tokio::spawn(super::inboxes::restart_when_back(
+                        config.clone(),
+                        missing,
+                        Arc::clone(&metrics),
+                        generation.clone(),
+                        Arc::clone(&next),
+                    ))
+                });
+                let ran = match super::Agent::with_metrics(served, Arc::clone(&metrics)) {
+                    Ok(agent) => agent.keep_staging_locks().run(generation.clone()).await,
+                    Err(e) => Err(e),
+                };
+                if let Some(w) = waiting {
+                    w.abort();
+                }
+                ran
             }
-        } else {
-            Ok(())
+            None => Ok(()),
         };
         generation.cancel();
         watcher.await.ok();

@@ -199,7 +199,9 @@ async fn check(path: &Path, offline: bool) -> ExitCode {
             crate::config::host_name()
         ),
     }
-    for (i, w) in config.watches.iter().enumerate() {
+    let inboxes: Vec<_> = config.watches.iter().map(|w| w.path.clone()).collect();
+    let answers = crate::fsops::answer::look(&inboxes, crate::fsops::answer::DEADLINE);
+    for ((i, w), answer) in config.watches.iter().enumerate().zip(answers) {
         println!(
             "watch[{i}]:    {} → clean {} | quarantine {} | failed {}",
             w.path.display(),
@@ -207,6 +209,10 @@ async fn check(path: &Path, offline: bool) -> ExitCode {
             w.quarantine_dir.display(),
             w.failed_dir.display()
         );
+        if answer == crate::fsops::answer::Answer::Silent {
+            println!("  open writers: not known (the inbox does not answer)");
+            continue;
+        }
         println!(
             "  open writers: {}",
             crate::fsops::lease::describe_for(

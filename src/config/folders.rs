@@ -94,6 +94,32 @@ impl Validator {
     /// failed or staging folder of another watch (or its own, through a link), would make
     /// dropscan sweep what it placed and upload it again.
     fn check_real_paths(&self, watches: &[WatchConfig]) -> Result<(), ConfigError> {
+        // Resolved all at once, each within a deadline: a path on a share whose server hangs
+        // would wait for ever (and hold the agent before it logged a line); such a path is
+        // compared as written.
+        let written: Vec<PathBuf> = watches
+            .iter()
+            .flat_map(|w| {
+                [
+                    &w.path,
+                    &w.clean_dir,
+                    &w.quarantine_dir,
+                    &w.failed_dir,
+                    &w.staging_dir,
+                ]
+            })
+            .cloned()
+            .collect::<std::collections::BTreeSet<PathBuf>>()
+            .into_iter()
+            .collect();
+        let resolved =
+            crate::fsops::answer::ask(&written, crate::fsops::answer::DEADLINE, real_path);
+        let real: std::collections::HashMap<&Path, PathBuf> = written
+            .iter()
+            .zip(resolved)
+            .map(|(p, r)| (p.as_path(), r.unwrap_or_else(|| p.clone())))
+            .collect();
+        let real_path = |p: &Path| real.get(p).cloned().unwrap_or_else(|| p.to_path_buf());
         let inboxes: Vec<PathBuf> = watches.iter().map(|w| real_path(&w.path)).collect();
         for (i, inbox) in inboxes.iter().enumerate() {
             for (j, w) in watches.iter().enumerate() {
