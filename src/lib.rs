@@ -54,6 +54,7 @@ pub mod scanner;
 pub(crate) mod scope;
 
 // Around it.
+pub mod answer;
 pub mod app;
 pub mod cli;
 pub mod commands;

@@ -1,7 +1,7 @@
 //! Inboxes that are not there: a share not mounted yet, or one whose server does not answer.
 //!
 //! Each agent generation serves the watches whose inbox is a folder that answers
-//! ([`crate::fsops::answer`]) and waits for the others: they are logged once, shown on
+//! ([`crate::answer`]) and waits for the others: they are logged once, shown on
 //! `/readyz` (not ready while any is missing), and looked at again every [`INBOX_RETRY`]. When
 //! one comes back and the whole configuration passes its check, the generation ends and the next
 //! one serves every watch (the same graceful stop as a SIGHUP reload, which the journal makes
@@ -17,8 +17,8 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::answer::{self, Answer};
 use crate::config::Config;
-use crate::fsops::answer::{self, Answer};
 use crate::metrics::Metrics;
 
 /// How often missing inboxes are looked for again.

@@ -23,7 +23,7 @@
 //! Notes, not errors (returned for printing):
 //! - an inbox that does not exist yet (a share not mounted: `run` waits for it); nothing of its
 //!   watch is created then;
-//! - an inbox whose filesystem does not answer within [`fsops::answer::DEADLINE`] (a share whose
+//! - an inbox whose filesystem does not answer within [`crate::answer::DEADLINE`] (a share whose
 //!   server hangs): nothing of its watch is looked at further, the agent serves the other
 //!   watches and waits for it;
 //! - whatever an inbox user can plant below an inbox (a folder or file where a destination or
@@ -41,8 +41,8 @@ use std::path::Path;
 
 use rustix::fs::Access;
 
+use crate::answer::Answer;
 use crate::config::{Config, ConfigError, WatchConfig};
-use crate::fsops::answer::Answer;
 use crate::fsops::roots::{RootDirs, Which};
 use crate::fsops::{self, Dir, FsError};
 
@@ -62,7 +62,7 @@ pub fn check(config: &Config) -> Result<Vec<String>, ConfigError> {
     let as_root = rustix::process::geteuid().is_root();
     state_dir(config, as_root)?;
     let inboxes: Vec<_> = config.watches.iter().map(|w| w.path.clone()).collect();
-    let answers = fsops::answer::look(&inboxes, fsops::answer::DEADLINE);
+    let answers = crate::answer::look(&inboxes, crate::answer::DEADLINE);
     for ((i, w), answer) in config.watches.iter().enumerate().zip(answers) {
         if answer == Answer::Silent {
             notes.push(format!(
@@ -70,7 +70,7 @@ pub fn check(config: &Config) -> Result<Vec<String>, ConfigError> {
                  agent serves the other watches and waits for it; its folders are checked once it \
                  answers",
                 fsops::shown(&w.path),
-                humantime::format_duration(fsops::answer::DEADLINE)
+                humantime::format_duration(crate::answer::DEADLINE)
             ));
             continue;
         }

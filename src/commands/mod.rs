@@ -200,7 +200,7 @@ async fn check(path: &Path, offline: bool) -> ExitCode {
         ),
     }
     let inboxes: Vec<_> = config.watches.iter().map(|w| w.path.clone()).collect();
-    let answers = crate::fsops::answer::look(&inboxes, crate::fsops::answer::DEADLINE);
+    let answers = crate::answer::look(&inboxes, crate::answer::DEADLINE);
     for ((i, w), answer) in config.watches.iter().enumerate().zip(answers) {
         println!(
             "watch[{i}]:    {} → clean {} | quarantine {} | failed {}",
@@ -209,7 +209,7 @@ async fn check(path: &Path, offline: bool) -> ExitCode {
             w.quarantine_dir.display(),
             w.failed_dir.display()
         );
-        if answer == crate::fsops::answer::Answer::Silent {
+        if answer == crate::answer::Answer::Silent {
             println!("  open writers: not known (the inbox does not answer)");
             continue;
         }

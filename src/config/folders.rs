@@ -112,8 +112,7 @@ impl Validator {
             .collect::<std::collections::BTreeSet<PathBuf>>()
             .into_iter()
             .collect();
-        let resolved =
-            crate::fsops::answer::ask(&written, crate::fsops::answer::DEADLINE, real_path);
+        let resolved = crate::answer::ask(&written, crate::answer::DEADLINE, real_path);
         let real: std::collections::HashMap<&Path, PathBuf> = written
             .iter()
             .zip(resolved)

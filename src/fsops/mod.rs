@@ -17,7 +17,6 @@
 //! One "same file" predicate ([`same_file`]) is used by every stage that asks whether a file is
 //! still the one it saw: device, inode, size, mtime and ctime must all match.
 
-pub mod answer;
 mod buffers;
 pub mod claim;
 pub mod dest;
