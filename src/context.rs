@@ -60,6 +60,14 @@ impl Shared {
         }
     }
 
+    /// Whether `staged` is in the staging folder of a watch this agent serves. A record of any
+    /// other (a watch whose inbox was missing or did not answer at start, or one no longer
+    /// configured) is left as it is for the agent that serves it: never hashed, uploaded or
+    /// failed here.
+    pub fn serves(&self, staged: &Path) -> bool {
+        self.roots.by_staged(staged).is_some()
+    }
+
     /// Whether the staging folder reached now for `staged` is another folder than the one the
     /// file was moved into at its claim (`staged_in`, its journal record's (dev, ino); for a
     /// record of a version that did not keep it, the folder this agent locked): a share mounted

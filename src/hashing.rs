@@ -112,6 +112,10 @@ pub(crate) async fn hash_record(
     staged: PathBuf,
     held_open: bool,
 ) -> Hashed {
+    if !shared.serves(&staged) {
+        tracing::debug!(id, "staged under a watch not served now: left as it is");
+        return Hashed::Waiting;
+    }
     let result = match own_staged(shared, &staged, !held_open).await {
         Ok(owned) => Ok(owned),
         Err(Owning::StillWritten) => return give_back(shared, id, staged).await,

@@ -181,7 +181,7 @@ async fn sweep_strays(shared: &Shared, resubmit: &Resubmit, strays: &mut HashSet
         if !seen_before.contains(&r.id) {
             continue; // Probably still on its way through the claim → upload channel.
         }
-        if let Some(c) = Claimed::from_record(&r) {
+        if let Some(c) = Claimed::from_record(&r).filter(|c| shared.serves(&c.staged)) {
             resubmit.push(c);
         }
     }
@@ -214,6 +214,13 @@ impl Upload {
     /// Uploads one file; returns it when it must be queued again.
     async fn submit(&self, item: Claimed, slot: InFlight) -> Option<Claimed> {
         let shared = &self.shared;
+        if !shared.serves(&item.staged) {
+            tracing::debug!(
+                id = item.id,
+                "staged under a watch not served now: left as it is"
+            );
+            return None;
+        }
         let scan_id = ScanId::generate();
         // The scan's id is journaled before a byte is sent (the scanner seam's contract).
         if let Err(e) = shared.journal.submitting(item.id, scan_id.clone()).await {

@@ -5,6 +5,9 @@
 
 use std::time::Duration;
 
+use dropscan::emulator::Faults;
+
+use crate::review8::records;
 use crate::review10::{HangingShare, spawn_binary, threads_of};
 use crate::util::{LONG, World, bytes, wait_for};
 
@@ -56,5 +59,76 @@ async fn a_share_hung_before_start_does_not_stop_the_other_watches() {
         "with the other watch's share hung since before start: local.bin placed: {placed:?}; \
          remote.bin placed once the share answered: {served:?}; ended within 30 s of SIGTERM: {ended:?}; threads: {threads:?}; last log lines (newest \
          first): {tail:#?}"
+    );
+}
+
+/// A file of the share's watch waits for its upload (the server refuses every submission) when
+/// the agent is killed; the share is then gone (unmounted, its mount point removed) when the
+/// agent starts again, so only the local watch is served. That file's record must be left alone
+/// until its watch is served again, and then be placed: the stages' sweeps (uploads found
+/// waiting, claims found stuck) must not take up a record of a watch that is not served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_waiting_on_a_share_gone_at_start_is_placed_once_it_is_back() {
+    let mut w = World::quick().await;
+    let other = w.dir.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    w.more_watches = "\n[[watch]]\npath = \"other\"\nclean_dir = \"out2/clean\"\n\
+                      quarantine_dir = \"out2/quarantine\"\nfailed_dir = \"out2/failed\"\n"
+        .into();
+    let server = w.dir.path().join("server");
+    let Some(share) = HangingShare::mount(&server, &other) else {
+        return;
+    };
+    let refuse_all = Faults {
+        http_429_share: 1.0,
+        ..Faults::default()
+    };
+    w.emulator().state().set_faults(refuse_all);
+    let config = w.write_config();
+    let log = w.dir.path().join("agent.log");
+    let mut agent = spawn_binary(&config, &log);
+    std::fs::write(server.join("remote.bin"), bytes(160, 5000)).unwrap();
+    let hashed = wait_for(LONG, || {
+        records(&w)
+            .into_iter()
+            .find(|r| r.0 == "remote.bin" && r.1 == "hashed")
+    })
+    .await;
+    agent.kill().ok();
+    agent.wait().ok();
+    assert!(
+        hashed.is_some(),
+        "remote.bin never hashed: {:?}",
+        records(&w)
+    );
+    drop(share);
+    std::fs::remove_dir(&other).unwrap();
+    w.emulator().state().set_faults(Faults::default());
+    let log2 = w.dir.path().join("agent2.log");
+    let mut agent = spawn_binary(&config, &log2);
+    w.drop_file("local.bin", &bytes(161, 1000));
+    let placed = wait_for(LONG, || w.clean.join("local.bin").is_file().then_some(())).await;
+    // Two sweeps of the uploads found waiting (every 10 s) while the share is gone.
+    tokio::time::sleep(Duration::from_secs(25)).await;
+    let meanwhile = records(&w);
+    std::fs::create_dir_all(&other).unwrap();
+    let Some(share) = HangingShare::mount(&server, &other) else {
+        agent.kill().ok();
+        agent.wait().ok();
+        return;
+    };
+    let remote = w.dir.path().join("out2/clean/remote.bin");
+    let served = wait_for(LONG, || remote.is_file().then_some(())).await;
+    agent.kill().ok();
+    agent.wait().ok();
+    drop(share);
+    let logged = std::fs::read_to_string(&log2).unwrap_or_default();
+    let tail: Vec<&str> = logged.lines().rev().take(8).collect();
+    assert!(
+        placed.is_some() && served.is_some(),
+        "local.bin placed: {placed:?}; remote.bin placed once the share was back: {served:?}; \
+         records while it was gone: {meanwhile:?}; now: {:?}; last log lines (newest first): \
+         {tail:#?}",
+        records(&w)
     );
 }
