@@ -8,8 +8,8 @@ use std::time::Duration;
 use dropscan::emulator::Faults;
 
 use crate::review8::records;
-use crate::review10::{HangingShare, spawn_binary, threads_of};
-use crate::util::{LONG, World, bytes, wait_for};
+use crate::review10::{HangingShare, spawn_binary, terminate, with_second_watch};
+use crate::util::{LONG, bytes, wait_for};
 
 /// Start-up resolves, stats and prepares every watch's folders; it did so on the main thread
 /// (resolving symlinks while validating the configuration, then waiting for every inbox), so one
@@ -18,13 +18,7 @@ use crate::util::{LONG, World, bytes, wait_for};
 /// the hung one once its server answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_share_hung_before_start_does_not_stop_the_other_watches() {
-    let mut w = World::quick().await;
-    let other = w.dir.path().join("other");
-    std::fs::create_dir_all(&other).unwrap();
-    w.more_watches = "\n[[watch]]\npath = \"other\"\nclean_dir = \"out2/clean\"\n\
-                      quarantine_dir = \"out2/quarantine\"\nfailed_dir = \"out2/failed\"\n"
-        .into();
-    let server = w.dir.path().join("server");
+    let (w, server, other) = with_second_watch().await;
     let Some(share) = HangingShare::mount(&server, &other) else {
         return;
     };
@@ -43,17 +37,8 @@ async fn a_share_hung_before_start_does_not_stop_the_other_watches() {
     std::fs::write(server.join("remote.bin"), bytes(151, 1000)).unwrap();
     let remote = w.dir.path().join("out2/clean/remote.bin");
     let served = wait_for(LONG, || remote.is_file().then_some(())).await;
-    let pid = rustix::process::Pid::from_raw(i32::try_from(agent.id()).unwrap()).unwrap();
-    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
-    let ended = wait_for(Duration::from_secs(30), || agent.try_wait().unwrap()).await;
-    let threads = threads_of(agent.id());
-    if ended.is_none() {
-        agent.kill().ok();
-        agent.wait().ok();
-    }
+    let (ended, threads, tail) = terminate(&mut agent, &log, 6).await;
     drop(share);
-    let logged = std::fs::read_to_string(&log).unwrap_or_default();
-    let tail: Vec<&str> = logged.lines().rev().take(6).collect();
     assert!(
         placed.is_some() && served.is_some() && ended.is_some(),
         "with the other watch's share hung since before start: local.bin placed: {placed:?}; \
@@ -69,13 +54,7 @@ async fn a_share_hung_before_start_does_not_stop_the_other_watches() {
 /// waiting, claims found stuck) must not take up a record of a watch that is not served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_waiting_on_a_share_gone_at_start_is_placed_once_it_is_back() {
-    let mut w = World::quick().await;
-    let other = w.dir.path().join("other");
-    std::fs::create_dir_all(&other).unwrap();
-    w.more_watches = "\n[[watch]]\npath = \"other\"\nclean_dir = \"out2/clean\"\n\
-                      quarantine_dir = \"out2/quarantine\"\nfailed_dir = \"out2/failed\"\n"
-        .into();
-    let server = w.dir.path().join("server");
+    let (w, server, other) = with_second_watch().await;
     let Some(share) = HangingShare::mount(&server, &other) else {
         return;
     };

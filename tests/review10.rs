@@ -279,7 +279,7 @@ pub(crate) fn spawn_binary(config: &Path, log: &Path) -> std::process::Child {
 }
 
 /// Each thread of process `pid` as "name: what it waits in".
-pub(crate) fn threads_of(pid: u32) -> Vec<String> {
+fn threads_of(pid: u32) -> Vec<String> {
     let mut out = Vec::new();
     for t in std::fs::read_dir(format!("/proc/{pid}/task"))
         .into_iter()
@@ -319,6 +319,35 @@ async fn sigterm_while_the_inbox_share_hangs_ends_the_process() {
     share.hang();
     // Listings, stats and claims of the share now wait; a few poll ticks pile them up.
     tokio::time::sleep(Duration::from_secs(2)).await;
+    let (ended, threads, tail) = terminate(&mut agent, &log, 8).await;
+    drop(share);
+    assert!(
+        ended.is_some(),
+        "the agent did not exit within 30 s of SIGTERM (shutdown_grace 2 s) while its inbox \
+         share hangs; its threads: {threads:?}; its last log lines (newest first): {tail:#?}"
+    );
+}
+
+/// A world with a second watch, on `other` (created), its destinations under `out2/`; and the
+/// folder `server` for a share to mount there: (world, server, other).
+pub(crate) async fn with_second_watch() -> (World, PathBuf, PathBuf) {
+    let mut w = World::quick().await;
+    let other = w.dir.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    w.more_watches = "\n[[watch]]\npath = \"other\"\nclean_dir = \"out2/clean\"\n\
+                      quarantine_dir = \"out2/quarantine\"\nfailed_dir = \"out2/failed\"\n"
+        .into();
+    let server = w.dir.path().join("server");
+    (w, server, other)
+}
+
+/// Sends SIGTERM to `agent` and waits up to 30 s for it to end (killed after that): whether it
+/// ended, its threads if it did not, and the last `lines` lines of its `log` (newest first).
+pub(crate) async fn terminate(
+    agent: &mut std::process::Child,
+    log: &Path,
+    lines: usize,
+) -> (Option<std::process::ExitStatus>, Vec<String>, Vec<String>) {
     let pid = rustix::process::Pid::from_raw(i32::try_from(agent.id()).unwrap()).unwrap();
     rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
     let ended = wait_for(Duration::from_secs(30), || agent.try_wait().unwrap()).await;
@@ -330,14 +359,14 @@ async fn sigterm_while_the_inbox_share_hangs_ends_the_process() {
     } else {
         Vec::new()
     };
-    drop(share);
-    let logged = std::fs::read_to_string(&log).unwrap_or_default();
-    let tail: Vec<&str> = logged.lines().rev().take(8).collect();
-    assert!(
-        ended.is_some(),
-        "the agent did not exit within 30 s of SIGTERM (shutdown_grace 2 s) while its inbox \
-         share hangs; its threads: {threads:?}; its last log lines (newest first): {tail:#?}"
-    );
+    let logged = std::fs::read_to_string(log).unwrap_or_default();
+    let tail = logged
+        .lines()
+        .rev()
+        .take(lines)
+        .map(str::to_string)
+        .collect();
+    (ended, threads, tail)
 }
 
 /// A local inbox and a second watch on a share, the agent (the binary, logging to the returned
@@ -345,13 +374,7 @@ async fn sigterm_while_the_inbox_share_hangs_ends_the_process() {
 async fn local_and_hanging_watch(
     seed: u64,
 ) -> Option<(World, HangingShare, std::process::Child, PathBuf)> {
-    let mut w = World::quick().await;
-    let other = w.dir.path().join("other");
-    std::fs::create_dir_all(&other).unwrap();
-    w.more_watches = "\n[[watch]]\npath = \"other\"\nclean_dir = \"out2/clean\"\n\
-                      quarantine_dir = \"out2/quarantine\"\nfailed_dir = \"out2/failed\"\n"
-        .into();
-    let server = w.dir.path().join("server");
+    let (w, server, other) = with_second_watch().await;
     let share = HangingShare::mount(&server, &other)?;
     let log = w.dir.path().join("agent.log");
     let agent = spawn_binary(&w.write_config(), &log);
@@ -379,16 +402,8 @@ async fn a_sighup_while_a_watchs_share_hangs_wedges_the_agent() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     w.drop_file("second.bin", &bytes(131, 1000));
     let placed = wait_for(LONG, || w.clean.join("second.bin").is_file().then_some(())).await;
-    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
-    let ended = wait_for(Duration::from_secs(30), || agent.try_wait().unwrap()).await;
-    let threads = threads_of(agent.id());
-    if ended.is_none() {
-        agent.kill().ok();
-        agent.wait().ok();
-    }
+    let (ended, threads, tail) = terminate(&mut agent, &log, 4).await;
     drop(share);
-    let logged = std::fs::read_to_string(&log).unwrap_or_default();
-    let tail: Vec<&str> = logged.lines().rev().take(4).collect();
     assert!(
         placed.is_some() && ended.is_some(),
         "after a SIGHUP while the other watch's share hangs: second.bin in the local inbox \
