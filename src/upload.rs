@@ -390,7 +390,7 @@ impl Upload {
             Hashed::Ready(c) => Some(c),
             Hashed::Decided(ids) => {
                 for id in ids {
-                    self.verdicts_tx.send(Verdict { id }).await.ok();
+                    self.verdicts_tx.send(Verdict::of(id)).await.ok();
                 }
                 None
             }

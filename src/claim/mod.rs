@@ -71,7 +71,7 @@ async fn forward(
         }
         Hashed::Decided(ids) => {
             for id in ids {
-                verdicts_tx.send(Verdict { id }).await.ok();
+                verdicts_tx.send(Verdict::of(id)).await.ok();
             }
         }
         Hashed::Waiting | Hashed::Gone => {}
