@@ -26,18 +26,21 @@ async fn own_staged(
     ask_lease: bool,
 ) -> Result<Owned, Owning> {
     let (sh, path) = (Arc::clone(shared), staged.to_path_buf());
-    blocking(move || {
-        let (staging, name) = sh.staging_of(&path)?;
-        let root = sh.roots.by_staged(&path);
-        let leases = root
-            .filter(|_| ask_lease)
-            .is_some_and(|r| r.inbox().is_ok_and(|inbox| r.leases_here(&inbox)));
-        let keep_always =
-            root.is_some_and(|r| r.config.keep_originals == crate::config::KeepOriginals::Always);
-        Ok(fsops::own::own(&staging, &name, leases, keep_always))
-    })
-    .await
-    .unwrap_or_else(|e| Err(Owning::Failed(e)))
+    blocking(move || Ok(own_here(&sh, &path, ask_lease)))
+        .await
+        .unwrap_or_else(|e| Err(Owning::Failed(e)))
+}
+
+/// Owns the staged file `path`, on this (blocking) thread.
+fn own_here(shared: &Shared, path: &std::path::Path, ask_lease: bool) -> Result<Owned, Owning> {
+    let (staging, name) = shared.staging_of(path)?;
+    let root = shared.roots.by_staged(path);
+    let leases = root
+        .filter(|_| ask_lease)
+        .is_some_and(|r| r.inbox().is_ok_and(|inbox| r.leases_here(&inbox)));
+    let keep_always =
+        root.is_some_and(|r| r.config.keep_originals == crate::config::KeepOriginals::Always);
+    fsops::own::own(&staging, &name, leases, keep_always)
 }
 
 /// Whether record `id`'s staging folder is covered by a mount ([`Shared::staging_covered`]).
@@ -116,7 +119,140 @@ pub(crate) async fn hash_record(
         tracing::debug!(id, "staged under a watch not served now: left as it is");
         return Hashed::Waiting;
     }
-    let result = match own_staged(shared, &staged, !held_open).await {
+    let owned = own_staged(shared, &staged, !held_open).await;
+    journal_owned(shared, id, staged, owned).await
+}
+
+/// A claimed file to own in a batch: its record, staged path, and whether it was taken held
+/// open (see [`hash_record`]).
+pub(crate) struct ToHash {
+    /// Its record.
+    pub id: FileId,
+    /// Its staged path.
+    pub staged: PathBuf,
+    /// Taken although held open.
+    pub held_open: bool,
+}
+
+/// [`hash_record`] for a batch of small files claimed together (issue 20): the files are owned
+/// one after the other in **one** blocking call (one trip to the blocking pool instead of one
+/// per file; each copy is still fsynced by `own` before it replaces its original), and the
+/// hashes of those owned plainly (no original kept) are journaled in **one** operation
+/// ([`Journal::hashed_many`](crate::journal::Journal::hashed_many)), answered once its commit
+/// is durable. Every other outcome (still written, kept original, failure) goes the way of a
+/// single file. One answer per file, in order.
+pub(crate) async fn hash_batch(shared: &Arc<Shared>, files: Vec<ToHash>) -> Vec<(FileId, Hashed)> {
+    let asks: Vec<(PathBuf, bool)> = files
+        .iter()
+        .map(|f| (f.staged.clone(), !f.held_open))
+        .collect();
+    let sh = Arc::clone(shared);
+    let owned: Vec<Result<Owned, Owning>> = match tokio::task::spawn_blocking(move || {
+        asks.iter()
+            .map(|(path, ask)| own_here(&sh, path, *ask))
+            .collect::<Vec<_>>()
+    })
+    .await
+    {
+        Ok(o) => o,
+        Err(e) => {
+            // The task failed (a panic): what it did is not known; every record stays
+            // `claimed`, and the stuck-claim sweep owns it again.
+            tracing::error!(error = %e, "owning task failed; its files are owned again later");
+            return files.into_iter().map(|f| (f.id, Hashed::Waiting)).collect();
+        }
+    };
+    let ids: Vec<FileId> = files.iter().map(|f| f.id).collect();
+    let mut answers: Vec<Option<Hashed>> = (0..files.len()).map(|_| None).collect();
+    let mut plain = Vec::new();
+    let mut others = Vec::new();
+    for (k, (f, o)) in files.into_iter().zip(owned).enumerate() {
+        match o {
+            Ok(Owned {
+                sha256,
+                stamp,
+                kept: None,
+                ..
+            }) => plain.push((k, f, sha256, stamp)),
+            o => others.push((k, f, o)),
+        }
+    }
+    if !plain.is_empty() {
+        let rows = plain
+            .iter()
+            .map(|(_, f, sha, st)| (f.id, *sha, *st))
+            .collect();
+        let ttl = shared.config.state.verdict_ttl;
+        match shared.journal.hashed_many(rows, ttl).await {
+            Ok(rs) => {
+                for ((k, f, sha256, stamp), r) in plain.into_iter().zip(rs) {
+                    let h = hashed_as(shared, f.id, f.staged, sha256, stamp, r);
+                    answers[k] = Some(h.unwrap_or_else(|e| journal_failed(f.id, &e)));
+                }
+            }
+            Err(e) => {
+                for (k, f, ..) in plain {
+                    answers[k] = Some(journal_failed(f.id, &e));
+                }
+            }
+        }
+    }
+    for (k, f, o) in others {
+        answers[k] = Some(journal_owned(shared, f.id, f.staged, o).await);
+    }
+    ids.into_iter()
+        .zip(answers)
+        .map(|(id, a)| (id, a.unwrap_or(Hashed::Waiting)))
+        .collect()
+}
+
+/// What the journal's answer to a hash means for the pipeline; counts the hash.
+fn hashed_as(
+    shared: &Shared,
+    id: FileId,
+    staged: PathBuf,
+    sha256: [u8; 32],
+    stamp: crate::journal::Stamp,
+    answer: Result<HashedAs, crate::journal::JournalError>,
+) -> Result<Hashed, crate::journal::JournalError> {
+    shared.metrics.hashed.fetch_add(1, Ordering::Relaxed);
+    shared
+        .metrics
+        .hashed_bytes
+        .fetch_add(stamp.size, Ordering::Relaxed);
+    match answer? {
+        HashedAs::Hashed => Ok(Hashed::Ready(Claimed {
+            id,
+            staged,
+            sha256,
+            stamp,
+        })),
+        HashedAs::Waiting => {
+            tracing::debug!(id, "identical content in flight: waiting for its verdict");
+            Ok(Hashed::Waiting)
+        }
+        HashedAs::Reused(_) => {
+            shared.metrics.reused.fetch_add(1, Ordering::Relaxed);
+            Ok(Hashed::Decided(vec![id]))
+        }
+    }
+}
+
+/// The journal is unusable (disk full?): the file stays in staging, and the record says
+/// `claimed`, so a restart (or the stuck-claim sweep) hashes it again.
+fn journal_failed(id: FileId, e: &crate::journal::JournalError) -> Hashed {
+    tracing::error!(id, error = %e, "journal write failed after hashing; file kept in staging");
+    Hashed::Waiting
+}
+
+/// Journals what owning record `id`'s staged file came to.
+async fn journal_owned(
+    shared: &Arc<Shared>,
+    id: FileId,
+    staged: PathBuf,
+    owned: Result<Owned, Owning>,
+) -> Hashed {
+    let result = match owned {
         Ok(owned) => Ok(owned),
         Err(Owning::StillWritten) => return give_back(shared, id, staged).await,
         // Staging is full: the copy cannot be made yet. The record stays `claimed` and the
@@ -141,31 +277,10 @@ pub(crate) async fn hash_record(
     let journal = &shared.journal;
     let outcome = match result {
         Ok((sha256, stamp)) => {
-            shared.metrics.hashed.fetch_add(1, Ordering::Relaxed);
-            shared
-                .metrics
-                .hashed_bytes
-                .fetch_add(stamp.size, Ordering::Relaxed);
-            match journal
+            let answer = journal
                 .hashed(id, sha256, stamp, shared.config.state.verdict_ttl)
-                .await
-            {
-                Ok(HashedAs::Hashed) => Ok(Hashed::Ready(Claimed {
-                    id,
-                    staged,
-                    sha256,
-                    stamp,
-                })),
-                Ok(HashedAs::Waiting) => {
-                    tracing::debug!(id, "identical content in flight: waiting for its verdict");
-                    Ok(Hashed::Waiting)
-                }
-                Ok(HashedAs::Reused(_)) => {
-                    shared.metrics.reused.fetch_add(1, Ordering::Relaxed);
-                    Ok(Hashed::Decided(vec![id]))
-                }
-                Err(e) => Err(e),
-            }
+                .await;
+            hashed_as(shared, id, staged, sha256, stamp, answer)
         }
         // Not in the staging folder reached now, which is not the one the file was staged in
         // (a share mounted over the inbox covers it): kept `claimed`; the stuck-claim sweep
@@ -192,10 +307,5 @@ pub(crate) async fn hash_record(
                 .map(Hashed::Decided)
         }
     };
-    outcome.unwrap_or_else(|e| {
-        // The journal is unusable (disk full?): the file stays in staging, and the record says
-        // `claimed`, so a restart hashes it again.
-        tracing::error!(id, error = %e, "journal write failed after hashing; file kept in staging");
-        Hashed::Waiting
-    })
+    outcome.unwrap_or_else(|e| journal_failed(id, &e))
 }

@@ -83,12 +83,17 @@ pub(crate) async fn decide_then_announce(
     verdicts_tx: &mpsc::Sender<Verdict>,
     decisions: Vec<(FileId, Decision)>,
 ) -> Result<Vec<FileId>, JournalError> {
-    let decided = journal.decide(decisions).await?;
-    for &id in &decided {
+    let decided = journal.decide_records(decisions).await?;
+    let ids = decided.iter().map(|r| r.id).collect();
+    for rec in decided {
         // A closed channel means shutdown; the sorter's sweep finds the record at start-up.
-        verdicts_tx.send(Verdict { id }).await.ok();
+        let v = Verdict {
+            id: rec.id,
+            rec: Some(Box::new(rec)),
+        };
+        verdicts_tx.send(v).await.ok();
     }
-    Ok(decided)
+    Ok(ids)
 }
 
 /// What hashing a staged file came to.
@@ -191,10 +196,21 @@ impl Resubmit {
 }
 
 /// A record whose outcome is journaled and which is ready to be placed.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Verdict {
     /// Journal record.
     pub id: FileId,
+    /// The record as its decision committed it, when the sender has it: the sorter then places
+    /// it without reading it back (issue 20). The journal refuses the destination if the
+    /// record's outcome or content changed since ([`Journal::placing_checked`]).
+    pub rec: Option<Box<FileRecord>>,
+}
+
+impl Verdict {
+    /// A verdict announced by id alone: the sorter reads the record.
+    pub fn of(id: FileId) -> Self {
+        Verdict { id, rec: None }
+    }
 }
 
 /// A file reached its destination.

@@ -40,6 +40,11 @@ use crate::scanner::{ApiError, ScanId, Sent, UploadDisposition, UploadSource};
 pub(crate) const SUBMITTED_CAPACITY: usize = 1024;
 /// How often the journal is swept for `hashed` records nobody holds.
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
+/// POSTs on the wire at once, at most (each needs a connection of its own). The in-flight limit
+/// counts scans until their verdict, and may be thousands; without this cap a burst of hashed
+/// files (a claim batch's small files arrive together, issue 20) opened a TLS connection per
+/// file of the burst: 513 handshakes for 5,000 files instead of 20.
+const POSTS_AT_ONCE: usize = 32;
 
 /// What this stage reads.
 pub(crate) struct Inputs {
@@ -74,6 +79,7 @@ pub(crate) async fn run(
         verdicts_tx,
     } = outputs;
     let mut uploads: JoinSet<()> = JoinSet::new();
+    let posting = Arc::new(tokio::sync::Semaphore::new(POSTS_AT_ONCE));
     let mut sweep = tokio::time::interval(SWEEP_EVERY);
     // `hashed` records seen by the previous sweep (see `sweep_strays`).
     let mut strays: HashSet<FileId> = HashSet::new();
@@ -121,6 +127,7 @@ pub(crate) async fn run(
             resubmit: resubmit.clone(),
             submitted_tx: submitted_tx.clone(),
             verdicts_tx: verdicts_tx.clone(),
+            posting: Arc::clone(&posting),
         };
         spawn_reaping(&mut uploads, task.run(item, slot));
     }
@@ -199,6 +206,8 @@ struct Upload {
     resubmit: Resubmit,
     submitted_tx: mpsc::Sender<Submitted>,
     verdicts_tx: mpsc::Sender<Verdict>,
+    /// Permits for a POST on the wire ([`POSTS_AT_ONCE`]).
+    posting: Arc<tokio::sync::Semaphore>,
 }
 
 impl Upload {
@@ -240,6 +249,8 @@ impl Upload {
                 return self.rehash(item.id, item.staged.clone()).await;
             }
         };
+        // Never closed: the stage holds it for its whole life.
+        let posting = Arc::clone(&self.posting).acquire_owned().await.ok();
         shared.limits.rate().await;
         let span = tracing::info_span!("upload", id = item.id, scan_id = %scan_id);
         let result = tracing::Instrument::instrument(
@@ -247,6 +258,7 @@ impl Upload {
             span,
         )
         .await;
+        drop(posting);
         match answer(&result, &item.sha256, item.stamp.size) {
             Answer::Accepted { bytes } => {
                 self.accepted(item, scan_id, bytes, slot).await;
@@ -385,7 +397,7 @@ impl Upload {
             Hashed::Ready(c) => Some(c),
             Hashed::Decided(ids) => {
                 for id in ids {
-                    self.verdicts_tx.send(Verdict { id }).await.ok();
+                    self.verdicts_tx.send(Verdict::of(id)).await.ok();
                 }
                 None
             }

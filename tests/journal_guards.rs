@@ -166,6 +166,7 @@ async fn a_contradicting_detect_flips_unplaced_clean_twins_and_only_records_plac
         "/out/clean".into(),
         "/out/clean/b".into(),
         Some(Outcome::Clean),
+        Some(SHA),
     )
     .await
     .unwrap();
@@ -194,6 +195,55 @@ async fn a_contradicting_detect_flips_unplaced_clean_twins_and_only_records_plac
             "/out/clean".into(),
             "/out/clean/a".into(),
             Some(Outcome::Clean),
+            Some(SHA),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, JournalError::Conflict { .. }), "{err}");
+    assert_eq!(j.get(a).await.unwrap().state, FileState::Decided);
+}
+
+/// The sorter places a record as its decision committed it (issue 20: no read back). If the
+/// file was hashed again meanwhile (it changed, and was decided again with the same outcome),
+/// the destination chosen from the old record is refused: only a verdict for the content the
+/// record holds now may release it.
+#[tokio::test]
+async fn a_record_carried_from_its_decision_cannot_be_placed_once_hashed_again() {
+    let (_d, j) = open();
+    let a = in_flight(&j, "a", SHA, "scan-a").await;
+    let carried = j
+        .decide_records(vec![(a, verdict(ScanVerdict::NotDetected))])
+        .await
+        .unwrap();
+    assert_eq!(carried.len(), 1);
+    assert_eq!(
+        (carried[0].id, carried[0].outcome, carried[0].sha256),
+        (a, Some(Outcome::Clean), Some(SHA))
+    );
+    // The file changed: hashed again with other content, scanned, decided clean again.
+    let other = [4u8; 32];
+    j.rehash(a).await.unwrap();
+    assert_eq!(
+        j.hashed(a, other, stamp(), Duration::ZERO).await.unwrap(),
+        HashedAs::Hashed
+    );
+    j.submitting(a, dropscan::scanner::ScanId::parse("scan-a2").unwrap())
+        .await
+        .unwrap();
+    j.submitted(a).await.unwrap();
+    j.decide(vec![(
+        a,
+        Decision::from_verdict(ScanVerdict::NotDetected, other),
+    )])
+    .await
+    .unwrap();
+    let err = j
+        .placing_checked(
+            a,
+            "/out/clean".into(),
+            "/out/clean/a".into(),
+            carried[0].outcome,
+            carried[0].sha256,
         )
         .await
         .unwrap_err();

@@ -133,6 +133,7 @@ pub(super) async fn claim_batch(shared: &Arc<Shared>, batch: &[Settled]) -> Vec<
                     id,
                     staged: to,
                     held_open: s.held_open,
+                    small: s.stamp.size <= super::SMALL_FILE,
                 });
             }
             Taken::Drop(left) => {

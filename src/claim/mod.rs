@@ -34,8 +34,10 @@ use crate::journal::FileId;
 use crate::pipeline::{Claimed, Hashed, Settled, Verdict};
 use crate::root::Root;
 use batch::claim_batch;
+use owning::{Hashers, spawn_batch};
 
 mod batch;
+mod owning;
 
 /// Capacity of claim → upload. Full: claim stops claiming, and files stay in the inbox, where
 /// another agent on the same share can take them.
@@ -52,6 +54,10 @@ const KEPT_SWEEP_MIN: std::time::Duration = std::time::Duration::from_millis(250
 const KEPT_SWEEP_MAX: std::time::Duration = std::time::Duration::from_secs(30);
 /// Settled files claimed in one journal transaction at most.
 const CLAIM_BATCH: usize = 64;
+/// Files up to this size (when claimed) are owned with the others of their claim batch in one
+/// blocking call, and their hashes journaled in one operation ([`hashing::hash_batch`]); bigger
+/// ones are owned each in a task of its own, several at once.
+const SMALL_FILE: u64 = 1024 * 1024;
 
 /// Hands a hashing result to the next stage.
 async fn forward(
@@ -65,7 +71,7 @@ async fn forward(
         }
         Hashed::Decided(ids) => {
             for id in ids {
-                verdicts_tx.send(Verdict { id }).await.ok();
+                verdicts_tx.send(Verdict::of(id)).await.ok();
             }
         }
         Hashed::Waiting | Hashed::Gone => {}
@@ -84,6 +90,8 @@ struct ToOwn {
     staged: PathBuf,
     /// Taken although held open (`Settled::held_open`).
     held_open: bool,
+    /// At most [`SMALL_FILE`] when it settled (owned in a batch).
+    small: bool,
 }
 
 /// What this stage reads.
@@ -126,6 +134,7 @@ pub async fn run(
             id,
             staged,
             held_open: false,
+            small: false,
         };
         spawn_hash(
             &shared,
@@ -170,6 +179,20 @@ pub async fn run(
             }
             _ = sweep.tick() => stuck(&shared, STUCK_AFTER, &hashing_now).await,
         };
+        let (small, claimed): (Vec<ToOwn>, Vec<ToOwn>) = claimed.into_iter().partition(|j| j.small);
+        if !small.is_empty() {
+            let hashers = Hashers {
+                shared: &shared,
+                permits: &hashing,
+                now: &hashing_now,
+                tasks: &tasks,
+            };
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                () = spawn_batch(&hashers, &claimed_tx, &verdicts_tx, small) => {}
+            }
+        }
         for job in claimed {
             tokio::select! {
                 biased;
@@ -314,6 +337,7 @@ async fn stuck(
                     id: r.id,
                     staged: r.staged,
                     held_open: false,
+                    small: false,
                 })
                 .collect()
         }

@@ -12,8 +12,8 @@ use rusqlite::{Connection, params};
 
 use super::ops_maint::stale_scan_in;
 use super::schema::{
-    COLUMNS, execute, expect_transition, load, path_blob, query_one, query_row, row_to_record,
-    transition,
+    COLUMNS, execute, expect_transition, in_savepoint, load, path_blob, query_one, query_row,
+    row_to_record, transition,
 };
 use super::types::{
     FileId, FileRecord, FileState, HashedAs, JournalError, NewClaim, Outcome, ScanVerdict, Stamp,
@@ -85,6 +85,66 @@ fn reuse_verdict(
     Ok(Some(o))
 }
 
+/// Records one hash (see [`Journal::hashed`]).
+fn hashed_in(
+    conn: &Connection,
+    id: FileId,
+    sha256: [u8; 32],
+    stamp: Stamp,
+    verdict_ttl: Duration,
+) -> Result<HashedAs, JournalError> {
+    let rec = load(conn, id)?;
+    expect_transition(&rec, &[FileState::Claimed], FileState::Hashed)?;
+    #[allow(clippy::cast_possible_wrap)]
+    execute(
+        conn,
+        "UPDATE files SET state = ?9, sha256 = ?2, size = ?3, mtime_ns = ?4, \
+         ctime_ns = ?5, dev = ?6, ino = ?7, updated_at = ?8 WHERE id = ?1",
+        params![
+            id,
+            sha256.to_vec(),
+            stamp.size as i64,
+            stamp.mtime_ns,
+            stamp.ctime_ns,
+            stamp.dev as i64,
+            stamp.ino as i64,
+            now_ms(),
+            FileState::Hashed.as_str()
+        ],
+        "hashed",
+    )?;
+    if !verdict_ttl.is_zero() {
+        if let Some(reused) = reuse_verdict(conn, id, sha256, verdict_ttl)? {
+            return Ok(HashedAs::Reused(reused));
+        }
+    }
+    let in_flight: bool = query_one(
+        conn,
+        "SELECT EXISTS(SELECT 1 FROM files WHERE sha256 = ?1 AND id != ?2 AND \
+         state IN (?3, ?4, ?5))",
+        params![
+            sha256.to_vec(),
+            id,
+            FileState::Hashed.as_str(),
+            FileState::Submitting.as_str(),
+            FileState::Submitted.as_str()
+        ],
+        "hashed",
+        |r| r.get(0),
+    )?;
+    if in_flight {
+        // claimed → waiting: the `hashed` above is part of the same operation.
+        execute(
+            conn,
+            "UPDATE files SET state = ?2 WHERE id = ?1",
+            params![id, FileState::Waiting.as_str()],
+            "hashed",
+        )?;
+        return Ok(HashedAs::Waiting);
+    }
+    Ok(HashedAs::Hashed)
+}
+
 impl Journal {
     /// Records claims before the files are moved into staging; returns their ids in order.
     pub async fn claim(&self, claims: Vec<NewClaim>) -> Result<Vec<FileId>, JournalError> {
@@ -147,57 +207,27 @@ impl Journal {
         stamp: Stamp,
         verdict_ttl: Duration,
     ) -> Result<HashedAs, JournalError> {
+        self.run(move |conn| hashed_in(conn, id, sha256, stamp, verdict_ttl))
+            .await
+    }
+
+    /// [`Journal::hashed`] for a batch of files owned together, in one operation: each file in
+    /// its own savepoint (a record refused, e.g. no longer `claimed`, is answered alone and
+    /// changes nothing), answered in order once the one COMMIT is durable. A refusal by the
+    /// disk (full, I/O error) fails the whole operation: nothing of it is kept, and every
+    /// record stays `claimed` (hashed again, as after a single `hashed` that failed).
+    pub async fn hashed_many(
+        &self,
+        files: Vec<(FileId, [u8; 32], Stamp)>,
+        verdict_ttl: Duration,
+    ) -> Result<Vec<Result<HashedAs, JournalError>>, JournalError> {
         self.run(move |conn| {
-            let rec = load(conn, id)?;
-            expect_transition(&rec, &[FileState::Claimed], FileState::Hashed)?;
-            #[allow(clippy::cast_possible_wrap)]
-            execute(
-                conn,
-                "UPDATE files SET state = ?9, sha256 = ?2, size = ?3, mtime_ns = ?4, \
-                 ctime_ns = ?5, dev = ?6, ino = ?7, updated_at = ?8 WHERE id = ?1",
-                params![
-                    id,
-                    sha256.to_vec(),
-                    stamp.size as i64,
-                    stamp.mtime_ns,
-                    stamp.ctime_ns,
-                    stamp.dev as i64,
-                    stamp.ino as i64,
-                    now_ms(),
-                    FileState::Hashed.as_str()
-                ],
-                "hashed",
-            )?;
-            if !verdict_ttl.is_zero() {
-                if let Some(reused) = reuse_verdict(conn, id, sha256, verdict_ttl)? {
-                    return Ok(HashedAs::Reused(reused));
-                }
+            let mut answers = Vec::with_capacity(files.len());
+            for (id, sha256, stamp) in files {
+                let answer = in_savepoint(conn, |c| hashed_in(c, id, sha256, stamp, verdict_ttl))?;
+                answers.push(answer);
             }
-            let in_flight: bool = query_one(
-                conn,
-                "SELECT EXISTS(SELECT 1 FROM files WHERE sha256 = ?1 AND id != ?2 AND \
-                 state IN (?3, ?4, ?5))",
-                params![
-                    sha256.to_vec(),
-                    id,
-                    FileState::Hashed.as_str(),
-                    FileState::Submitting.as_str(),
-                    FileState::Submitted.as_str()
-                ],
-                "hashed",
-                |r| r.get(0),
-            )?;
-            if in_flight {
-                // claimed → waiting: the `hashed` above is part of the same operation.
-                execute(
-                    conn,
-                    "UPDATE files SET state = ?2 WHERE id = ?1",
-                    params![id, FileState::Waiting.as_str()],
-                    "hashed",
-                )?;
-                return Ok(HashedAs::Waiting);
-            }
-            Ok(HashedAs::Hashed)
+            Ok(answers)
         })
         .await
     }

@@ -271,7 +271,29 @@ impl Journal {
         &self,
         decisions: Vec<(FileId, Decision)>,
     ) -> Result<Vec<FileId>, JournalError> {
-        let (all, failed) = self
+        self.decide_then(decisions, |_, all| Ok(all)).await
+    }
+
+    /// [`Journal::decide`], answering with the records decided as committed (read in the same
+    /// transaction, after every decision of the batch): what the sorter needs to place each,
+    /// without a trip back to the journal per file (issue 20).
+    pub async fn decide_records(
+        &self,
+        decisions: Vec<(FileId, Decision)>,
+    ) -> Result<Vec<FileRecord>, JournalError> {
+        self.decide_then(decisions, |conn, all| {
+            all.into_iter().map(|id| load(conn, id)).collect()
+        })
+        .await
+    }
+
+    /// Decides `decisions` in one operation, then answers with `then` of every id decided.
+    async fn decide_then<T: Send + 'static>(
+        &self,
+        decisions: Vec<(FileId, Decision)>,
+        then: impl FnOnce(&Connection, Vec<FileId>) -> Result<T, JournalError> + Send + 'static,
+    ) -> Result<T, JournalError> {
+        let (answer, failed) = self
             .run(move |conn| {
                 let mut all = Vec::new();
                 // Files failed per kind, counted once the transaction is committed.
@@ -287,7 +309,7 @@ impl Journal {
                         }
                     }
                 }
-                Ok((all, failed))
+                Ok((then(conn, all)?, failed))
             })
             .await?;
         for (kind, n) in failed {
@@ -296,6 +318,6 @@ impl Journal {
                 std::sync::atomic::Ordering::Relaxed,
             );
         }
-        Ok(all)
+        Ok(answer)
     }
 }

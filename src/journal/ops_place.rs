@@ -33,8 +33,9 @@ impl Journal {
         self.placing_inner(id, None, dest, None).await
     }
 
-    /// Records the exact destination path before the move, provided the record's outcome is
-    /// still `seen` (what the caller read when it chose the destination). A contradicting
+    /// Records the exact destination path before the move, provided the record's outcome and
+    /// content are still `seen` and `seen_sha256` (what the caller read when it chose the
+    /// destination; the sorter may hold a record read when it was decided). A contradicting
     /// `detect` may flip a decided clean record to quarantine at any time before `placing`; this
     /// makes sure a destination chosen for the old outcome is refused rather than used.
     /// `dest_root` is the destination root the path was chosen in: the placement is finished
@@ -45,8 +46,9 @@ impl Journal {
         dest_root: PathBuf,
         dest: PathBuf,
         seen: Option<Outcome>,
+        seen_sha256: Option<[u8; 32]>,
     ) -> Result<(), JournalError> {
-        self.placing_inner(id, Some(dest_root), dest, Some(seen))
+        self.placing_inner(id, Some(dest_root), dest, Some((seen, seen_sha256)))
             .await
     }
 
@@ -55,11 +57,19 @@ impl Journal {
         id: FileId,
         dest_root: Option<PathBuf>,
         dest: PathBuf,
-        seen: Option<Option<Outcome>>,
+        seen: Option<(Option<Outcome>, Option<[u8; 32]>)>,
     ) -> Result<(), JournalError> {
         self.run(move |conn| {
             let rec = load(conn, id)?;
-            if let Some(seen) = seen {
+            if let Some((_, seen_sha256)) = seen {
+                if rec.sha256 != seen_sha256 {
+                    return Err(JournalError::Conflict {
+                        id,
+                        detail: "its content was hashed again since it was read".into(),
+                    });
+                }
+            }
+            if let Some((seen, _)) = seen {
                 if rec.outcome != seen {
                     return Err(JournalError::Conflict {
                         id,

@@ -456,3 +456,30 @@ pub(super) fn open_connection(path: &Path) -> Result<Connection, JournalError> {
     }
     Ok(conn)
 }
+
+/// Runs `f` in a savepoint of its own inside an operation: an error rolls back what `f` did
+/// and is its answer alone (`Ok(Err(..))`); a refusal by the disk fails the whole operation.
+pub(super) fn in_savepoint<T>(
+    conn: &Connection,
+    f: impl FnOnce(&Connection) -> Result<T, JournalError>,
+) -> Result<Result<T, JournalError>, JournalError> {
+    let sp = |sql: &str| {
+        conn.prepare_cached(sql)
+            .and_then(|mut st| st.execute([]))
+            .map(drop)
+            .map_err(JournalError::sql("savepoint"))
+    };
+    sp("SAVEPOINT item")?;
+    match f(conn) {
+        Ok(v) => {
+            sp("RELEASE item")?;
+            Ok(Ok(v))
+        }
+        Err(e) if e.is_storage() => Err(e),
+        Err(e) => {
+            sp("ROLLBACK TO item")?;
+            sp("RELEASE item")?;
+            Ok(Err(e))
+        }
+    }
+}

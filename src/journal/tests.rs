@@ -313,3 +313,39 @@ async fn an_older_journal_gains_the_new_columns_and_keeps_the_staging_folder() {
         Some((u64::MAX, 42))
     );
 }
+
+/// `hashed_many` answers each file as `hashed` would, in order, twins within the batch
+/// included; a record it refuses (not `claimed`) is answered alone and changes nothing.
+#[tokio::test]
+async fn hashes_of_a_batch_are_one_operation_each_answered_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = Journal::open(&dir.path().join("j.sqlite")).unwrap();
+    let (a, b, c) = (
+        claim_one(&j, "a").await,
+        claim_one(&j, "b").await,
+        claim_one(&j, "c").await,
+    );
+    j.hashed(c, [1; 32], stamp(1), Duration::ZERO)
+        .await
+        .unwrap();
+    let answers = j
+        .hashed_many(
+            vec![
+                (a, [7; 32], stamp(5)),
+                (c, [9; 32], stamp(9)),
+                (b, [7; 32], stamp(5)),
+            ],
+            Duration::ZERO,
+        )
+        .await
+        .unwrap();
+    assert!(matches!(answers[0], Ok(HashedAs::Hashed)), "{answers:?}");
+    assert!(
+        matches!(answers[1], Err(JournalError::Conflict { .. })),
+        "{answers:?}"
+    );
+    assert!(matches!(answers[2], Ok(HashedAs::Waiting)), "{answers:?}");
+    let rc = j.get(c).await.unwrap();
+    assert_eq!((rc.state, rc.sha256), (FileState::Hashed, Some([1; 32])));
+    assert_eq!(j.get(b).await.unwrap().state, FileState::Waiting);
+}

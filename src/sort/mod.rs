@@ -112,12 +112,12 @@ pub async fn run(
     let mut seen_last_sweep: HashSet<FileId> = HashSet::new();
     loop {
         while tasks.len() < SORT_CONCURRENCY {
-            let Some(id) = queue.pop() else { break };
+            let Some((id, rec)) = queue.pop() else { break };
             if busy.values().any(|b| *b == id) {
                 continue;
             }
             let s = sorter.clone();
-            let handle = tasks.spawn(async move { (id, s.step(id).await) });
+            let handle = tasks.spawn(async move { (id, s.step(id, rec).await) });
             busy.insert(handle.id(), id);
         }
         tokio::select! {
@@ -135,7 +135,7 @@ pub async fn run(
                 }
             },
             v = verdicts_rx.recv(), if queue.len() < SORT_CONCURRENCY => match v {
-                Some(v) => queue.push(v.id),
+                Some(v) => queue.push_decided(v.id, v.rec),
                 None => break,
             },
             _ = sweep.tick() => {
@@ -171,24 +171,32 @@ pub async fn run(
     Ok(())
 }
 
-/// The records waiting to be placed, each at most once.
+/// The records waiting to be placed, each at most once, with the record as decided when the
+/// announcement carried it.
 #[derive(Default)]
 struct Queue {
     order: VecDeque<FileId>,
-    queued: HashSet<FileId>,
+    queued: HashMap<FileId, Option<Box<FileRecord>>>,
 }
 
 impl Queue {
+    /// Queues `id`, to be read from the journal when its turn comes (a retry, the sweep, a
+    /// resumed record): a record carried by an earlier announcement is dropped.
     fn push(&mut self, id: FileId) {
-        if self.queued.insert(id) {
+        self.push_decided(id, None);
+    }
+
+    /// Queues `id` with its record as decided, if the announcement carried it.
+    fn push_decided(&mut self, id: FileId, rec: Option<Box<FileRecord>>) {
+        if self.queued.insert(id, rec).is_none() {
             self.order.push_back(id);
         }
     }
 
-    fn pop(&mut self) -> Option<FileId> {
+    fn pop(&mut self) -> Option<(FileId, Option<Box<FileRecord>>)> {
         let id = self.order.pop_front()?;
-        self.queued.remove(&id);
-        Some(id)
+        let rec = self.queued.remove(&id).flatten();
+        Some((id, rec))
     }
 
     fn len(&self) -> usize {
@@ -221,10 +229,16 @@ impl Sorter {
         }
     }
 
-    async fn step(&self, id: FileId) -> Step {
-        let rec = match self.shared.journal.get(id).await {
-            Ok(r) => r,
-            Err(e) => return Step::Retry(Retry::read(e)),
+    /// Places record `id`, or deletes its result once placed. `carried`: the record as its
+    /// decision committed it (no trip to the journal to read it; the destination is refused
+    /// if its outcome or content changed since, see `choose_name`).
+    async fn step(&self, id: FileId, carried: Option<Box<FileRecord>>) -> Step {
+        let rec = match carried {
+            Some(rec) if rec.id == id => *rec,
+            _ => match self.shared.journal.get(id).await {
+                Ok(r) => r,
+                Err(e) => return Step::Retry(Retry::read(e)),
+            },
         };
         match rec.state {
             FileState::Decided | FileState::Placing => self.place(rec).await,
@@ -364,6 +378,7 @@ impl Sorter {
                 dest_root_path.to_path_buf(),
                 dest_root_path.join(&t),
                 rec.outcome,
+                rec.sha256,
             )
             .await
             .map_err(Retry::write)?;
