@@ -419,7 +419,7 @@ impl Settler {
                         });
                     } else {
                         debug!(path = %crate::fsops::shown(&s.path), "quiet but held open for writing; waiting");
-                        self.wait_again(s, now);
+                        self.wait_again(s, since, now);
                     }
                 }
                 // Changed or vanished between the stat and the open: watched from scratch.
@@ -452,14 +452,16 @@ impl Settler {
         }
     }
 
-    /// Puts a file that is not complete after all back to waiting from `now`.
-    fn wait_again(&mut self, s: Settled, now: Instant) {
+    /// Puts a file found held open for writing (unchanged since `held_since`) back to waiting
+    /// from `now`. It waits for its writer, not for quiet: past its root's patience at once, so
+    /// that a share full of held files rotates (`share.rs`) like one full of rewritten files.
+    fn wait_again(&mut self, s: Settled, held_since: Instant, now: Instant) {
         let quiet = self.quiet_of(s.root, &s.rel_path);
         let snapshot = s.stamp;
-        self.pending.insert(
-            s.path,
-            Pending::new(s.root, s.rel_path, snapshot, now, quiet),
-        );
+        let mut pending = Pending::new(s.root, s.rel_path, snapshot, now, quiet);
+        pending.first_seen = held_since;
+        pending.looks = u32::MAX;
+        self.pending.insert(s.path, pending);
     }
 
     /// Applies one stat result; returns the file when it is ready to go.

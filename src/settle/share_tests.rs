@@ -180,3 +180,34 @@ async fn files_rotated_out_are_remembered_up_to_the_bound_until_their_time_is_up
         std::mem::size_of::<(u64, Remembered)>()
     );
 }
+
+/// A share full of files held open for writing rotates too: found held, a file waits for its
+/// writer, not for quiet, so it must not look new to the rotation each time it is found held.
+#[tokio::test(start_paused = true)]
+async fn a_share_full_of_files_held_open_rotates_so_a_newer_file_of_that_root_settles() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut files: Vec<PathBuf> = (0..24)
+        .map(|i| tmp.path().join(format!("open{i:02}.bin")))
+        .collect();
+    let writers: Vec<std::fs::File> = files
+        .iter()
+        .map(|p| {
+            std::fs::write(p, b"partial").unwrap();
+            std::fs::OpenOptions::new().append(true).open(p).unwrap()
+        })
+        .collect();
+    let newer = tmp.path().join("report.pdf");
+    std::fs::write(&newer, b"done").unwrap();
+    files.push(newer.clone());
+    let (tx, mut settled_rx, shutdown, task) = start(&[watch_of(tmp.path())], 16);
+    let listing = offer(&tx[0], 0, files);
+    let settled = tokio::time::timeout(Duration::from_secs(120), settled_rx.recv())
+        .await
+        .expect("the newer file is handed on while the others are held open")
+        .unwrap();
+    assert_eq!(settled.path, newer, "only the newer file is ready");
+    listing.await.unwrap();
+    shutdown.cancel();
+    task.await.unwrap();
+    drop(writers);
+}
