@@ -8,6 +8,17 @@
 //! therefore only grows, to the highest concurrency a burst ever reached (a SIGHUP reload, a slow
 //! fsync), up to tokio's default of 512, and each thread keeps its stack and a 1 MiB read buffer
 //! (`fsops`). The soak scenario saw 24 -> 46 threads and 36 -> 72 MiB (issue 20).
+//!
+//! Why idle threads end after a fraction of a second ([`BLOCKING_KEEP_ALIVE`]): with the bound
+//! alone the pool still grew within an agent's life to the largest burst it had seen (soak: 22 ->
+//! 30 threads in one life), since the turn-taking above reuses each idle thread every
+//! `threads / calls per second` seconds: at the soak's 60-80 calls a second, 30 threads are each
+//! woken every half second, well within 10 s. With a keep-alive of 100 ms the pool shrinks back to
+//! about `calls per second × 0.1` threads plus what is running, so a burst's threads end soon
+//! after it, and the count follows the load instead of its record. Under a steady high load
+//! (`many`: thousands of calls a second) every thread is reused well within it and none ends.
+
+use std::time::Duration;
 
 use tokio::runtime::{Builder, Runtime};
 
@@ -18,12 +29,22 @@ use tokio::runtime::{Builder, Runtime};
 /// in settle's channel, run on threads of their own (`watch::root`).
 pub const MAX_BLOCKING_THREADS: usize = 64;
 
+/// How long a blocking thread waits idle for more work before it ends (tokio's default: 10 s).
+/// See the module docs; a thread costs about 50 µs to start again.
+pub const BLOCKING_KEEP_ALIVE: Duration = Duration::from_millis(100);
+
 /// The runtime `dropscan` runs on.
 pub fn build() -> std::io::Result<Runtime> {
-    Builder::new_multi_thread()
+    builder().build()
+}
+
+fn builder() -> Builder {
+    let mut builder = Builder::new_multi_thread();
+    builder
         .enable_all()
         .max_blocking_threads(MAX_BLOCKING_THREADS)
-        .build()
+        .thread_keep_alive(BLOCKING_KEEP_ALIVE);
+    builder
 }
 
 /// Runs `work` on a thread of its own named `name`; the receiver gets its result (closed
@@ -127,6 +148,78 @@ mod tests {
         assert!(
             grown < 2 * MAX_BLOCKING_THREADS,
             "{burst} blocked calls started {grown} threads (bound {MAX_BLOCKING_THREADS})"
+        );
+    }
+
+    /// The runtime's threads named `name`.
+    fn named(name: &str) -> usize {
+        std::fs::read_dir("/proc/self/task").map_or(0, |tasks| {
+            tasks
+                .filter_map(Result::ok)
+                .filter(|t| {
+                    std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name)
+                })
+                .count()
+        })
+    }
+
+    /// Regression (issue 20): the soak's thread count grew within an agent's life to the
+    /// largest burst of blocking calls seen, because a steady trickle of calls woke every idle
+    /// thread in turn before its keep-alive ran out. After a burst, under a trickle, the pool
+    /// must shrink back. (No timing is asserted: a slower trickle only lets threads end sooner.)
+    #[test]
+    fn the_blocking_pool_shrinks_back_after_a_burst_under_a_steady_trickle() {
+        const NAME: &str = "ds-shrink-test";
+        let rt = builder().thread_name(NAME).build().expect("runtime");
+        let gate = Arc::new((Mutex::new(false), Condvar::new()));
+        let burst = 32;
+        let tasks: Vec<_> = (0..burst)
+            .map(|_| {
+                let gate = Arc::clone(&gate);
+                rt.spawn_blocking(move || {
+                    let (open, cv) = &*gate;
+                    let mut open = open.lock().expect("gate");
+                    while !*open {
+                        open = cv.wait(open).expect("gate");
+                    }
+                })
+            })
+            .collect();
+        // A new thread names itself once it runs: give them a moment.
+        let mut peak = named(NAME);
+        for _ in 0..1000 {
+            if peak >= burst {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+            peak = named(NAME);
+        }
+        {
+            let (open, cv) = &*gate;
+            *open.lock().expect("gate") = true;
+            cv.notify_all();
+        }
+        let left = rt.block_on(async {
+            for t in tasks {
+                t.await.expect("task");
+            }
+            // One call every 50 ms for up to 30 s: with tokio's 10 s keep-alive each of the 32
+            // idle threads is woken every 1.6 s and none ever ends.
+            let mut left = named(NAME);
+            for _ in 0..600 {
+                tokio::task::spawn_blocking(|| ()).await.expect("call");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                left = named(NAME);
+                if left <= 8 {
+                    break;
+                }
+            }
+            left
+        });
+        assert!(peak >= burst, "the burst started {peak} threads");
+        assert!(
+            left <= 8,
+            "{left} of the burst's {peak} threads still there under a trickle of calls"
         );
     }
 }

@@ -83,13 +83,13 @@ impl Inbox {
         let shutdown = CancellationToken::new();
         let watch = tokio::spawn(watch::run(
             watches.clone(),
-            candidates_tx,
+            vec![candidates_tx],
             tokio::sync::watch::channel(0).1,
             shutdown.clone(),
         ));
         let settle = tokio::spawn(settle::run(
             watches,
-            candidates_rx,
+            vec![candidates_rx],
             settled_tx,
             tokio::sync::watch::channel(0).1,
             shutdown.clone(),
@@ -473,7 +473,7 @@ async fn missing_root_is_a_fatal_error() {
     let (candidates_tx, _candidates_rx) = mpsc::channel(CANDIDATES_CAPACITY);
     let err = watch::run(
         dropscan::root::Roots::new(dropscan::root::Root::all(&[cfg])),
-        candidates_tx,
+        vec![candidates_tx],
         tokio::sync::watch::channel(0).1,
         CancellationToken::new(),
     )

@@ -217,7 +217,8 @@ impl Agent {
 /// Makes the channels between the stages and spawns the six stages on `sup`, each with what
 /// reconciling left for it (`resume`).
 fn spawn_pipeline(sup: &Supervisor, shared: &Arc<Shared>, resume: reconcile::Resume) {
-    let (candidates_tx, candidates_rx) = mpsc::channel(watch::CANDIDATES_CAPACITY);
+    let (candidates_tx, candidates_rx) =
+        crate::watch::candidate_channels(shared.roots.len(), watch::CANDIDATES_CAPACITY);
     let (settled_tx, settled_rx) = mpsc::channel(settle::SETTLED_CAPACITY);
     let (claimed_tx, claimed_rx) = mpsc::channel(claim::CLAIMED_CAPACITY);
     let (submitted_tx, submitted_rx) = mpsc::channel(upload::SUBMITTED_CAPACITY);

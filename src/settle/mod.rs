@@ -78,24 +78,31 @@ mod count;
 mod look;
 mod pending;
 mod sent;
+mod share;
+#[cfg(test)]
+mod share_tests;
 #[cfg(test)]
 mod tests;
 
 use look::{Observation, OpenFolders, Probe, probe_beneath, stat_beneath};
 pub(crate) use pending::{Decision, Pending, Quiet};
 use sent::{MAX_SENT, Sent};
+use share::{MAX_REMEMBERED, Memory};
 
 /// Capacity of settle → claim. Full: settle waits (files stay in the inbox, which is the durable
 /// queue).
 pub const SETTLED_CAPACITY: usize = 256;
 
-/// Files settle holds at most: waiting for quiet, or hinted and not looked at yet. At the bound
-/// settle takes no more candidates: the listing waits for room in the candidates channel and a
-/// notify hint that finds it full asks for a rescan (`watch::hints`), so the files stay in the
-/// inbox, which is the durable queue, and are looked at as room comes. Without it a backlog of
+/// Files settle holds at most: waiting for quiet, or hinted and not looked at yet. Each root has
+/// a share of it (`share.rs`: the bound divided by the roots, at least `share::MIN_SHARE`). At its
+/// share settle takes no more of that root's candidates: its listing waits for room in its
+/// candidates channel and a notify hint that finds it full asks for a rescan (`watch::hints`),
+/// so the files stay in the inbox, which is the durable queue, and are looked at as room comes;
+/// the other roots go on. Without it a backlog of
 /// 100,000 files was held whole, stat'ed whole on every tick and copied for each stat pass
-/// (issue 20: `many` peaked near 300 MiB). The price: if this many files stay unsettled at once
-/// (being written, held open, empty, Excel save temps), newer files wait until some settle.
+/// (issue 20: `many` peaked near 300 MiB). A root whose share is full of files that do not settle
+/// soon (being written, held open, empty, Excel save temps) rotates them out, keeping their
+/// times, so that its newer files are looked at too (`share.rs`).
 pub(crate) const MAX_WAITING: usize = 8192;
 
 /// Bounds of the re-stat tick.
@@ -117,30 +124,33 @@ fn tick_period(watches: &[WatchConfig]) -> Duration {
 }
 
 /// Settles candidates until `shutdown` or until the watcher is gone.
+/// `candidates_rx` has one receiver per root, in the roots' order
+/// (`crate::watch::candidate_channels`).
 pub async fn run(
     roots: Roots,
-    candidates_rx: mpsc::Receiver<Candidate>,
+    candidates_rx: Vec<mpsc::Receiver<Candidate>>,
     settled_tx: mpsc::Sender<Settled>,
     offer_again: tokio::sync::watch::Receiver<u64>,
     shutdown: CancellationToken,
 ) {
-    let settler = Settler::new(roots, MAX_WAITING, MAX_SENT);
+    let settler = Settler::new(roots, MAX_WAITING, MAX_SENT, MAX_REMEMBERED);
     drive(settler, candidates_rx, settled_tx, offer_again, shutdown).await;
 }
 
 /// The loop of [`run`], for a settler with any bounds.
 async fn drive(
     mut settler: Settler,
-    mut candidates_rx: mpsc::Receiver<Candidate>,
+    mut candidates_rx: Vec<mpsc::Receiver<Candidate>>,
     settled_tx: mpsc::Sender<Settled>,
     mut offer_again: tokio::sync::watch::Receiver<u64>,
     shutdown: CancellationToken,
 ) {
-    let configs: Vec<WatchConfig> = settler.roots.iter().map(|r| r.config.clone()).collect();
-    let mut tick = tokio::time::interval(tick_period(&configs));
+    let mut tick = tokio::time::interval(settler.tick);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     offer_again.mark_unchanged();
     let mut offers = true;
+    // The root whose channel is read first next time, so that none is always served last.
+    let mut first = 0;
     loop {
         tokio::select! {
             biased;
@@ -154,9 +164,12 @@ async fn drive(
                 if settler.step(&settled_tx, &shutdown).await.is_break() {
                     break;
                 }
+                let backlogged: Vec<bool> = candidates_rx.iter().map(|rx| !rx.is_empty()).collect();
+                settler.rotate(&backlogged, Instant::now());
             }
-            // At the bound, the candidates wait in the channel and the listing behind it.
-            candidate = candidates_rx.recv(), if settler.has_room() => match candidate {
+            // A root at its share is not read: its candidates wait in its channel and its
+            // listing behind them.
+            candidate = std::future::poll_fn(|cx| share::poll_candidates(cx, &mut candidates_rx, &settler, &mut first)) => match candidate {
                 Some(candidate) => settler.offer(candidate),
                 None => break,
             },
@@ -177,8 +190,16 @@ struct Settler {
     /// writes again (a claim refused for a full disk leaves the file in the inbox). Bounded
     /// (`sent.rs`).
     sent: Sent,
-    /// `pending` and `fresh` together hold at most this many (see [`MAX_WAITING`]).
-    max_waiting: usize,
+    /// `pending` and `fresh` together hold at most this many files of each root (its share of
+    /// [`MAX_WAITING`], `share.rs`).
+    share: usize,
+    /// How many files of each root `pending` and `fresh` hold (counted whole after each look,
+    /// added to as candidates come).
+    waiting: Vec<usize>,
+    /// What it knew of the files it rotated out (`share.rs`).
+    memory: Memory,
+    /// The re-stat period.
+    tick: Duration,
     /// Paths already warned about.
     warned: HashSet<PathBuf>,
     /// Roots already named as having no open-writer check.
@@ -188,22 +209,26 @@ struct Settler {
 }
 
 impl Settler {
-    fn new(roots: Roots, max_waiting: usize, max_sent: usize) -> Self {
+    fn new(roots: Roots, max_waiting: usize, max_sent: usize, max_remembered: usize) -> Self {
+        let configs: Vec<WatchConfig> = roots.iter().map(|r| r.config.clone()).collect();
         Settler {
+            share: share::share(max_waiting, roots.len()),
+            waiting: vec![0; roots.len()],
+            memory: Memory::new(max_remembered),
+            tick: tick_period(&configs),
             roots,
             pending: HashMap::new(),
             fresh: HashMap::new(),
             sent: Sent::new(max_sent),
-            max_waiting,
             warned: HashSet::new(),
             no_lease_noted: HashSet::new(),
             held: HashMap::new(),
         }
     }
 
-    /// Whether it takes more candidates (below [`MAX_WAITING`]).
-    fn has_room(&self) -> bool {
-        self.pending.len() + self.fresh.len() < self.max_waiting
+    /// Whether it takes more candidates of root `root` (below its share of [`MAX_WAITING`]).
+    fn has_room(&self, root: RootId) -> bool {
+        self.waiting.get(root.0).is_some_and(|n| *n < self.share)
     }
 
     /// Takes a hint in; it is stat'ed on the next tick.
@@ -216,6 +241,14 @@ impl Settler {
         };
         if let Some(rel) = admit(w, &candidate.path) {
             self.fresh.insert(candidate.path, (candidate.root, rel));
+            self.count_in(candidate.root);
+        }
+    }
+
+    /// One more file of `root` waits (until the next count).
+    fn count_in(&mut self, root: RootId) {
+        if let Some(n) = self.waiting.get_mut(root.0) {
+            *n += 1;
         }
     }
 
@@ -386,7 +419,7 @@ impl Settler {
                         });
                     } else {
                         debug!(path = %crate::fsops::shown(&s.path), "quiet but held open for writing; waiting");
-                        self.wait_again(s, now);
+                        self.wait_again(s, since, now);
                     }
                 }
                 // Changed or vanished between the stat and the open: watched from scratch.
@@ -419,14 +452,16 @@ impl Settler {
         }
     }
 
-    /// Puts a file that is not complete after all back to waiting from `now`.
-    fn wait_again(&mut self, s: Settled, now: Instant) {
+    /// Puts a file found held open for writing (unchanged since `held_since`) back to waiting
+    /// from `now`. It waits for its writer, not for quiet: past its root's patience at once, so
+    /// that a share full of held files rotates (`share.rs`) like one full of rewritten files.
+    fn wait_again(&mut self, s: Settled, held_since: Instant, now: Instant) {
         let quiet = self.quiet_of(s.root, &s.rel_path);
         let snapshot = s.stamp;
-        self.pending.insert(
-            s.path,
-            Pending::new(s.root, s.rel_path, snapshot, now, quiet),
-        );
+        let mut pending = Pending::new(s.root, s.rel_path, snapshot, now, quiet);
+        pending.first_seen = held_since;
+        pending.looks = u32::MAX;
+        self.pending.insert(s.path, pending);
     }
 
     /// Applies one stat result; returns the file when it is ready to go.
@@ -465,9 +500,9 @@ impl Settler {
                 return None;
             }
             let quiet = self.quiet_of(root, &rel_path);
-            self.pending
-                .insert(path, Pending::new(root, rel_path, snapshot, now, quiet));
-            return None;
+            let pending = Pending::new(root, rel_path, snapshot, now, quiet);
+            // A file rotated out goes on from what settle knew (`share.rs`).
+            return self.watch_again(path, pending, now);
         }
         let pending = self.pending.get_mut(&path)?;
         if pending.observe(snapshot, now) == Decision::Wait {
@@ -483,10 +518,11 @@ impl Settler {
         })
     }
 
-    /// Publishes how many files of each root it waits on (seen or hinted, not handed on).
-    fn publish_counts(&self) {
+    /// Counts and publishes how many files of each root it waits on (seen or hinted, not handed
+    /// on).
+    fn publish_counts(&mut self) {
         let waiting = self.pending.values().map(|p| p.root);
-        count::publish(
+        self.waiting = count::publish(
             &self.roots,
             waiting.chain(self.fresh.values().map(|(r, _)| *r)),
         );
@@ -512,15 +548,15 @@ impl Settler {
 
     /// The journal takes writes again: every file handed on lately is looked at again now (one
     /// whose claim the full disk refused is still in the inbox; the others are gone from it).
-    /// Past [`MAX_WAITING`] the rest are left to the listing that the journal's recovery also
+    /// Past a root's share the rest are left to the listing that the journal's recovery also
     /// asks for (`watch`'s `list_again`).
     fn offer_sent_again(&mut self) {
         for (path, root, rel) in self.sent.drain() {
-            if !self.has_room() {
-                break;
+            if !self.has_room(root) {
+                continue;
             }
-            if !self.pending.contains_key(&path) {
-                self.fresh.insert(path, (root, rel));
+            if !self.pending.contains_key(&path) && self.fresh.insert(path, (root, rel)).is_none() {
+                self.count_in(root);
             }
         }
     }

@@ -56,6 +56,11 @@ pub(crate) struct Pending {
     pub stable_since: Instant,
     /// The root's quiet times.
     pub quiet: Quiet,
+    /// When settle first saw it (kept while it is rotated out of its root's share, see
+    /// `share.rs`).
+    pub first_seen: Instant,
+    /// Looks that found it not ready yet.
+    pub looks: u32,
 }
 
 impl Pending {
@@ -73,6 +78,8 @@ impl Pending {
             snapshot,
             stable_since: now,
             quiet,
+            first_seen: now,
+            looks: 0,
         }
     }
 
@@ -81,12 +88,12 @@ impl Pending {
         if snapshot != self.snapshot {
             self.snapshot = snapshot;
             self.stable_since = now;
-            return Decision::Wait;
+        } else if now.saturating_duration_since(self.stable_since)
+            >= self.quiet.needed(snapshot.size)
+        {
+            return Decision::Ready;
         }
-        if now.saturating_duration_since(self.stable_since) >= self.quiet.needed(snapshot.size) {
-            Decision::Ready
-        } else {
-            Decision::Wait
-        }
+        self.looks = self.looks.saturating_add(1);
+        Decision::Wait
     }
 }

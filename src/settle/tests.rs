@@ -29,7 +29,7 @@ fn globs(list: &[&str]) -> Vec<crate::config::Pattern> {
         .collect()
 }
 
-fn config() -> WatchConfig {
+pub(super) fn config() -> WatchConfig {
     WatchConfig {
         path: PathBuf::from("/in"),
         recursive: true,
@@ -234,7 +234,12 @@ fn settler_skips_fifos_and_warns_once() {
         .status()
         .unwrap();
     assert!(status.success());
-    let mut s = Settler::new(Roots::new(Root::all(&[w])), MAX_WAITING, MAX_SENT);
+    let mut s = Settler::new(
+        Roots::new(Root::all(&[w])),
+        MAX_WAITING,
+        MAX_SENT,
+        MAX_REMEMBERED,
+    );
     let now = Instant::now();
     for _ in 0..3 {
         s.offer(Candidate {
@@ -256,7 +261,12 @@ fn settler_does_not_resend_an_unchanged_file() {
     w.path = tmp.path().to_path_buf();
     let file = tmp.path().join("a.bin");
     std::fs::write(&file, b"abc").unwrap();
-    let mut s = Settler::new(Roots::new(Root::all(&[w])), MAX_WAITING, MAX_SENT);
+    let mut s = Settler::new(
+        Roots::new(Root::all(&[w])),
+        MAX_WAITING,
+        MAX_SENT,
+        MAX_REMEMBERED,
+    );
     let t0 = Instant::now();
     let offer = |s: &mut Settler| {
         s.offer(Candidate {
@@ -325,7 +335,7 @@ fn start_settle(
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(run(
         Roots::new(Root::all(&[w])),
-        candidates_rx,
+        vec![candidates_rx],
         settled_tx,
         tokio::sync::watch::channel(0).1,
         shutdown.clone(),
@@ -428,7 +438,7 @@ fn settling_files_are_counted_per_root_and_leave_the_count_by_every_route() {
     wb.path = b.path().to_path_buf();
     wb.staging_dir = b.path().join(".dropscan/default");
     let roots = Roots::new(Root::all(&[wa, wb]));
-    let mut s = Settler::new(roots.clone(), MAX_WAITING, MAX_SENT);
+    let mut s = Settler::new(roots.clone(), MAX_WAITING, MAX_SENT, MAX_REMEMBERED);
     let counts = || -> Vec<u64> { roots.iter().map(|r| r.status.settling()).collect() };
     let (done, gone, fifo) = (
         a.path().join("done"),
@@ -495,7 +505,7 @@ async fn the_settling_count_rises_while_a_file_settles_and_falls_once_it_is_hand
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(run(
         roots.clone(),
-        candidates_rx,
+        vec![candidates_rx],
         settled_tx,
         tokio::sync::watch::channel(0).1,
         shutdown.clone(),
@@ -539,8 +549,8 @@ fn start_bounded(
     let (settled_tx, settled_rx) = mpsc::channel(1024);
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(drive(
-        Settler::new(roots.clone(), max_waiting, MAX_SENT),
-        candidates_rx,
+        Settler::new(roots.clone(), max_waiting, MAX_SENT, MAX_REMEMBERED),
+        vec![candidates_rx],
         settled_tx,
         tokio::sync::watch::channel(0).1,
         shutdown.clone(),

@@ -50,10 +50,27 @@ use crate::root::Roots;
 pub(crate) use crate::scope::{is_ignored_name, is_out_of_scope};
 use root::RootTask;
 
-/// Capacity of the watch → settle channel. When full, the notify callback cannot wait: it drops
+/// Capacity of the watch → settle channels together (each root has its share, see
+/// [`candidate_channels`]). When a root's is full, the notify callback cannot wait: it drops
 /// the event and sets the root's rescan flag, so the next reconcile (forced soon) lists the root
 /// again. The listings themselves wait.
 pub const CANDIDATES_CAPACITY: usize = 4096;
+
+/// The watch → settle channels: one per root, in the roots' order, so that settle can stop
+/// taking one root's candidates (that root's share of its bound is full, and its listing waits)
+/// and go on taking the others' (review 11: one inbox full of files that do not settle stalled
+/// every watch when they shared one channel). Each holds `capacity / roots` candidates, at least
+/// [`MIN_CANDIDATES_PER_ROOT`].
+pub fn candidate_channels(
+    roots: usize,
+    capacity: usize,
+) -> (Vec<mpsc::Sender<Candidate>>, Vec<mpsc::Receiver<Candidate>>) {
+    let each = (capacity / roots.max(1)).max(MIN_CANDIDATES_PER_ROOT);
+    (0..roots).map(|_| mpsc::channel(each)).unzip()
+}
+
+/// Candidates each root's channel holds at least ([`candidate_channels`]).
+pub const MIN_CANDIDATES_PER_ROOT: usize = 256;
 
 /// A watcher error that stops the daemon. Anything that happens later to one folder or file is
 /// logged and worked around (polling, rescans) instead.
@@ -89,9 +106,11 @@ pub enum WatchError {
 /// Watches every root until `shutdown`; see the module docs. Fails only at start, when a root is
 /// missing or not a folder. Each change of `list_again` lists every root again soon (the
 /// journal takes writes again after a full disk: files it could not claim wait in the inbox).
+/// `candidates_tx` has one sender per root, in the roots' order
+/// ([`candidate_channels`]); a root without one is an error.
 pub async fn run(
     roots: Roots,
-    candidates_tx: mpsc::Sender<Candidate>,
+    candidates_tx: Vec<mpsc::Sender<Candidate>>,
     mut list_again: tokio::sync::watch::Receiver<u64>,
     shutdown: CancellationToken,
 ) -> Result<(), WatchError> {
@@ -101,12 +120,17 @@ pub async fn run(
     let mut tasks = JoinSet::new();
     let mut root_of = HashMap::new();
     let mut signals = Vec::with_capacity(roots.len());
-    for root in roots.iter() {
-        let task = RootTask::new(Arc::clone(root), candidates_tx.clone(), shutdown.clone());
+    if let Some(root) = roots.iter().nth(candidates_tx.len()) {
+        return Err(WatchError::Crashed {
+            path: root.path().to_path_buf(),
+            message: "no candidate channel for this inbox".into(),
+        });
+    }
+    for (root, candidates_tx) in roots.iter().zip(candidates_tx) {
+        let task = RootTask::new(Arc::clone(root), candidates_tx, shutdown.clone());
         signals.push(task.signal());
         root_of.insert(tasks.spawn(task.run()).id(), root.path().to_path_buf());
     }
-    drop(candidates_tx);
     list_again.mark_unchanged();
     let relister = {
         let shutdown = shutdown.clone();
