@@ -41,6 +41,7 @@ mod quarantine_tools;
 mod reloads;
 mod review10;
 mod review11;
+mod review12;
 mod review6;
 mod review7;
 mod review8;
