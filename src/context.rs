@@ -62,10 +62,13 @@ impl Shared {
 
     /// Whether `staged` is in the staging folder of a watch this agent serves. A record of any
     /// other (a watch whose inbox was missing or did not answer at start, or one no longer
-    /// configured) is left as it is for the agent that serves it: never hashed, uploaded or
-    /// failed here.
+    /// configured), or of a watch held at start (its staging folder not recognised) that was in
+    /// flight then, is left as it is for the agent that serves it: never hashed, uploaded,
+    /// placed or failed here.
     pub fn serves(&self, staged: &Path) -> bool {
-        self.roots.by_staged(staged).is_some()
+        self.roots
+            .by_staged(staged)
+            .is_some_and(|r| !r.status.holds_record(staged))
     }
 
     /// Whether the staging folder reached now for `staged` is another folder than the one the

@@ -226,9 +226,30 @@ pub struct RootStatus {
     /// Whether watch fell back from inotify to polling (a limit reached, inotify failing, the
     /// inbox folder removed), as opposed to polling by choice (`mode`, a network filesystem).
     degraded: AtomicBool,
+    /// The staged paths of its records in flight when the agent started with this watch held
+    /// (its staging folder not recognised, `app::reconcile`): they wait for the start that
+    /// recognises it, whatever this agent does meanwhile (claims go on once the staging folder
+    /// is made again, into a new folder).
+    held_records: std::sync::Mutex<std::collections::HashSet<PathBuf>>,
 }
 
 impl RootStatus {
+    /// Keeps the record staged at `staged` for the next start ([`RootStatus::held_records`]).
+    pub fn hold_record(&self, staged: PathBuf) {
+        self.held_records
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(staged);
+    }
+
+    /// Whether the record staged at `staged` waits for the next start.
+    pub fn holds_record(&self, staged: &Path) -> bool {
+        self.held_records
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(staged)
+    }
+
     /// Files in the inbox that settle is waiting on (not yet complete, not yet handed on).
     pub fn settling(&self) -> u64 {
         self.settling.load(Ordering::Relaxed)

@@ -34,10 +34,7 @@ async fn a_held_watch_s_waiting_upload_is_not_failed_by_the_upload_sweep() {
     let agent = w.start_agent();
     let data = bytes(170, 5000);
     w.drop_file("a.bin", &data);
-    let hashed = wait_for(LONG, || {
-        state_of(&w, "a.bin").filter(|s| s == "hashed")
-    })
-    .await;
+    let hashed = wait_for(LONG, || state_of(&w, "a.bin").filter(|s| s == "hashed")).await;
     agent.stop().await.0.unwrap();
     assert!(hashed.is_some(), "a.bin never hashed: {:?}", records(&w));
     // Somebody moves the staging folder away and plants a symlink to it in its place: with a

@@ -270,7 +270,9 @@ async fn resume_record(
         return Ok(());
     };
     let Some(staging) = &stagings[root.id.0] else {
-        // A held watch: its records wait for the next start.
+        // A held watch: its records wait for the next start; no sweep of this agent takes
+        // them up (`Shared::serves`).
+        root.status.hold_record(r.staged.clone());
         return Ok(());
     };
     let name = r.staged.file_name().unwrap_or_default();
