@@ -24,6 +24,8 @@ fn state_of(w: &World, name: &str) -> Option<String> {
 /// owning it failed, so the file was decided `failed` while its watch was held. A held watch's
 /// records must wait for the start that serves it, as a watch not served does
 /// (`hung_at_start::a_file_waiting_on_a_share_gone_at_start_is_placed_once_it_is_back`).
+// The test moves the staging folder as an attacker or administrator would (a plain rename).
+#[allow(clippy::disallowed_methods)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_watch_s_waiting_upload_is_not_failed_by_the_upload_sweep() {
     let w = World::quick().await;
