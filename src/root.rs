@@ -234,7 +234,7 @@ pub struct RootStatus {
 }
 
 impl RootStatus {
-    /// Keeps the record staged at `staged` for the next start ([`RootStatus::held_records`]).
+    /// Keeps the record staged at `staged` for the next start (kept in the root status's held records).
     pub fn hold_record(&self, staged: PathBuf) {
         self.held_records
             .lock()
