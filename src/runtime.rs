@@ -113,14 +113,12 @@ mod tests {
         std::fs::read_dir("/proc/self/task").map_or(0, Iterator::count)
     }
 
-    /// Regression (issue 20): the soak's thread count grew with every burst of blocking calls.
-    #[test]
-    fn a_burst_of_blocking_calls_does_not_grow_the_pool_past_its_bound() {
-        let rt = build().expect("runtime");
-        let before = threads();
-        let gate = Arc::new((Mutex::new(false), Condvar::new()));
-        let burst = 4 * MAX_BLOCKING_THREADS;
-        let tasks: Vec<_> = (0..burst)
+    type Gate = Arc<(Mutex<bool>, Condvar)>;
+
+    /// `n` blocking calls on `rt`, each waiting until [`open`] opens the returned gate.
+    fn blocked_calls(rt: &Runtime, n: usize) -> (Gate, Vec<tokio::task::JoinHandle<()>>) {
+        let gate: Gate = Arc::new((Mutex::new(false), Condvar::new()));
+        let tasks = (0..n)
             .map(|_| {
                 let gate = Arc::clone(&gate);
                 rt.spawn_blocking(move || {
@@ -132,14 +130,27 @@ mod tests {
                 })
             })
             .collect();
+        (gate, tasks)
+    }
+
+    /// Lets every call of [`blocked_calls`] end.
+    fn open(gate: &Gate) {
+        let (open, cv) = &**gate;
+        *open.lock().expect("gate") = true;
+        cv.notify_all();
+    }
+
+    /// Regression (issue 20): the soak's thread count grew with every burst of blocking calls.
+    #[test]
+    fn a_burst_of_blocking_calls_does_not_grow_the_pool_past_its_bound() {
+        let rt = build().expect("runtime");
+        let before = threads();
+        let burst = 4 * MAX_BLOCKING_THREADS;
+        let (gate, tasks) = blocked_calls(&rt, burst);
         // tokio starts a blocking thread inside `spawn_blocking`, so they all exist by now
         // (other tests may start a few threads of their own meanwhile: hence the margin).
         let grown = threads().saturating_sub(before);
-        {
-            let (open, cv) = &*gate;
-            *open.lock().expect("gate") = true;
-            cv.notify_all();
-        }
+        open(&gate);
         rt.block_on(async {
             for t in tasks {
                 t.await.expect("task");
@@ -171,20 +182,8 @@ mod tests {
     fn the_blocking_pool_shrinks_back_after_a_burst_under_a_steady_trickle() {
         const NAME: &str = "ds-shrink-test";
         let rt = builder().thread_name(NAME).build().expect("runtime");
-        let gate = Arc::new((Mutex::new(false), Condvar::new()));
         let burst = 32;
-        let tasks: Vec<_> = (0..burst)
-            .map(|_| {
-                let gate = Arc::clone(&gate);
-                rt.spawn_blocking(move || {
-                    let (open, cv) = &*gate;
-                    let mut open = open.lock().expect("gate");
-                    while !*open {
-                        open = cv.wait(open).expect("gate");
-                    }
-                })
-            })
-            .collect();
+        let (gate, tasks) = blocked_calls(&rt, burst);
         // A new thread names itself once it runs: give them a moment.
         let mut peak = named(NAME);
         for _ in 0..1000 {
@@ -194,11 +193,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
             peak = named(NAME);
         }
-        {
-            let (open, cv) = &*gate;
-            *open.lock().expect("gate") = true;
-            cv.notify_all();
-        }
+        open(&gate);
         let left = rt.block_on(async {
             for t in tasks {
                 t.await.expect("task");
