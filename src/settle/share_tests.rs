@@ -98,25 +98,31 @@ async fn unsettled_files_of_one_root_do_not_stall_another_root() {
     flood.abort();
 }
 
-/// Review 11, finding 1 (the same root): a share full of files that do not settle soon rotates,
-/// so a newer file of that root, behind them in its listing, is still looked at and handed on.
-#[tokio::test(start_paused = true)]
-async fn a_share_full_of_unsettled_files_rotates_so_a_newer_file_of_that_root_settles() {
-    let tmp = tempfile::tempdir().unwrap();
-    let mut files = save_temps(tmp.path(), 40);
-    let newer = tmp.path().join("report.pdf");
+/// Offers `files` of one watch on `dir` (share 16) followed by a settled `report.pdf`, and
+/// asserts that `report.pdf` is handed on, first, while the others still wait (`why`).
+async fn newer_file_is_handed_on_first(dir: &Path, mut files: Vec<PathBuf>, why: &str) {
+    let newer = dir.join("report.pdf");
     std::fs::write(&newer, b"done").unwrap();
     files.push(newer.clone());
-    let (tx, mut settled_rx, shutdown, task) = start(&[watch_of(tmp.path())], 16);
+    let (tx, mut settled_rx, shutdown, task) = start(&[watch_of(dir)], 16);
     let listing = offer(&tx[0], 0, files);
     let settled = tokio::time::timeout(Duration::from_secs(120), settled_rx.recv())
         .await
-        .expect("the newer file is handed on while the save temps wait")
+        .unwrap_or_else(|_| panic!("the newer file is handed on while {why}"))
         .unwrap();
     assert_eq!(settled.path, newer, "only the newer file is ready");
     listing.await.unwrap();
     shutdown.cancel();
     task.await.unwrap();
+}
+
+/// Review 11, finding 1 (the same root): a share full of files that do not settle soon rotates,
+/// so a newer file of that root, behind them in its listing, is still looked at and handed on.
+#[tokio::test(start_paused = true)]
+async fn a_share_full_of_unsettled_files_rotates_so_a_newer_file_of_that_root_settles() {
+    let tmp = tempfile::tempdir().unwrap();
+    let files = save_temps(tmp.path(), 40);
+    newer_file_is_handed_on_first(tmp.path(), files, "the save temps wait").await;
 }
 
 /// A file rotated out keeps its times: offered again unchanged once its quiet time has passed
@@ -186,7 +192,7 @@ async fn files_rotated_out_are_remembered_up_to_the_bound_until_their_time_is_up
 #[tokio::test(start_paused = true)]
 async fn a_share_full_of_files_held_open_rotates_so_a_newer_file_of_that_root_settles() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut files: Vec<PathBuf> = (0..24)
+    let files: Vec<PathBuf> = (0..24)
         .map(|i| tmp.path().join(format!("open{i:02}.bin")))
         .collect();
     let writers: Vec<std::fs::File> = files
@@ -196,18 +202,6 @@ async fn a_share_full_of_files_held_open_rotates_so_a_newer_file_of_that_root_se
             std::fs::OpenOptions::new().append(true).open(p).unwrap()
         })
         .collect();
-    let newer = tmp.path().join("report.pdf");
-    std::fs::write(&newer, b"done").unwrap();
-    files.push(newer.clone());
-    let (tx, mut settled_rx, shutdown, task) = start(&[watch_of(tmp.path())], 16);
-    let listing = offer(&tx[0], 0, files);
-    let settled = tokio::time::timeout(Duration::from_secs(120), settled_rx.recv())
-        .await
-        .expect("the newer file is handed on while the others are held open")
-        .unwrap();
-    assert_eq!(settled.path, newer, "only the newer file is ready");
-    listing.await.unwrap();
-    shutdown.cancel();
-    task.await.unwrap();
+    newer_file_is_handed_on_first(tmp.path(), files, "the others are held open").await;
     drop(writers);
 }
