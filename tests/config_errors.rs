@@ -599,6 +599,24 @@ async fn config_errors_give_advice_that_fits_the_mistake() {
     );
     assert!(m.contains("verbose"), "{m}");
 
+    // A history shorter than a minute would prune records as they finish: refused.
+    let short = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("level = \"verbose\"", "level = \"warn\"")
+        .replace("[state]\n", "[state]\nhistory = \"30s\"\n");
+    std::fs::write(&cfg, short).unwrap();
+    let o = check_offline(&cfg, None).await;
+    assert_eq!(o.status.code(), Some(EXIT_CONFIG), "{}", text(&o));
+    let m = config_error_line(&o);
+    assert!(
+        m.contains(&format!(
+            ":{}: key `state.history`",
+            line_of(&cfg, "history =")
+        )),
+        "{m}"
+    );
+    assert!(m.contains("too short"), "{m}");
+
     // The metrics port on every address: valid, with a warning naming the key.
     let cfg = w.write_config();
     let open = format!(

@@ -65,3 +65,60 @@ async fn a_held_watch_s_waiting_upload_is_not_failed_by_the_upload_sweep() {
     );
     assert_eq!(std::fs::read(w.clean.join("a.bin")).unwrap(), data);
 }
+
+/// Review 12's open case, the sorter's side of finding 1: a watch held at start while one of its
+/// files waits for its placement (verdict in; here its clean folder refused every entry). The
+/// record must wait for the start that serves the watch, neither closed as vanished nor failed.
+/// This passed before `Sorter::held` too (the sorter retried the placement through the planted
+/// entry, with warnings, and the record stayed): it guards the sorter's side of `serves`, which
+/// now leaves such a record alone as upload and hashing do.
+#[allow(clippy::disallowed_methods)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_watch_s_decided_file_is_not_closed_as_vanished_by_the_sorter() {
+    let w = World::quick().await;
+    let agent = w.start_agent();
+    let ready = wait_for(LONG, || w.clean.is_dir().then_some(())).await;
+    assert!(ready.is_some(), "the agent made no clean folder");
+    // Immutable: not even root can add to it, so the verdict comes in and the placement cannot.
+    let immutable = |flag: &str| {
+        std::process::Command::new("chattr")
+            .arg(flag)
+            .arg(&w.clean)
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !immutable("+i") {
+        agent.stop().await.0.unwrap();
+        eprintln!("skipped: chattr +i refused here (e2fsprogs and an ext4 temp folder needed)");
+        return;
+    }
+    let data = bytes(171, 5000);
+    w.drop_file("a.bin", &data);
+    let waiting = |s: &String| s == "decided" || s == "placing";
+    let decided = wait_for(LONG, || state_of(&w, "a.bin").filter(waiting)).await;
+    agent.stop().await.0.unwrap();
+    assert!(immutable("-i"), "chattr -i");
+    assert!(decided.is_some(), "a.bin never decided: {:?}", records(&w));
+    // The staging folder moved away, a symlink to it planted in its place: the watch is held.
+    let staging = w.inbox.join(".dropscan/test");
+    let away = w.dir.path().join("staging-away");
+    std::fs::rename(&staging, &away).unwrap();
+    std::os::unix::fs::symlink(&away, &staging).unwrap();
+    let agent = w.start_agent();
+    // Records left waiting are taken up by the second sorter sweep that sees them (5 s apart).
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let meanwhile = records(&w);
+    agent.stop().await.0.unwrap();
+    std::fs::remove_file(&staging).unwrap();
+    std::fs::rename(&away, &staging).unwrap();
+    let agent = w.start_agent();
+    let placed = wait_for(LONG, || w.clean.join("a.bin").is_file().then_some(())).await;
+    agent.stop().await.0.unwrap();
+    assert!(
+        meanwhile.iter().any(|r| r.0 == "a.bin" && waiting(&r.1)) && placed.is_some(),
+        "records while the watch was held: {meanwhile:?}; a.bin placed once it was back: \
+         {placed:?}; now: {:?}",
+        records(&w)
+    );
+    assert_eq!(std::fs::read(w.clean.join("a.bin")).unwrap(), data);
+}

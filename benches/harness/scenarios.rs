@@ -33,6 +33,8 @@ pub(crate) struct AgentConfig {
     pub server: Vec<String>,
     /// `[[watch]]` keys beyond the folders.
     pub watch: Vec<String>,
+    /// `[state]` keys beyond its folder.
+    pub state: Vec<String>,
 }
 
 impl AgentConfig {
@@ -48,6 +50,7 @@ impl AgentConfig {
                 "request_timeout = \"600s\"".into(),
             ],
             watch: vec!["settle = \"200ms\"".into()],
+            state: Vec::new(),
         }
     }
 
@@ -76,9 +79,13 @@ impl AgentConfig {
             text.push_str(line);
             text.push('\n');
         }
+        text.push_str(&format!("[state]\ndir = {}\n", q(&root.join("state"))));
+        for line in &self.state {
+            text.push_str(line);
+            text.push('\n');
+        }
         text.push_str(&format!(
-            "[state]\ndir = {}\n[[watch]]\npath = {}\nclean_dir = {}\nquarantine_dir = {}\nfailed_dir = {}\n",
-            q(&root.join("state")),
+            "[[watch]]\npath = {}\nclean_dir = {}\nquarantine_dir = {}\nfailed_dir = {}\n",
             q(&layout.inbox),
             q(&root.join("clean")),
             q(&root.join("quarantine")),
@@ -456,6 +463,7 @@ fn realistic(o: &Options, layout: &Layout) -> Result<Outcome, String> {
         url: sink.url.clone(),
         server: vec![format!("poll_interval = \"{}\"", ms(poll))],
         watch: vec![format!("settle = \"{}\"", ms(settle))],
+        state: Vec::new(),
     };
     if k != 1.0 {
         config.server.push(format!(

@@ -210,6 +210,7 @@ pub(crate) fn soak(o: &Options, layout: &Layout) -> Result<Outcome, String> {
     let restart_at = span / 2.0;
     let sample_every = (span / 200.0).clamp(0.25, 5.0);
     let warm = 0.25;
+    let history = (600.0 / k).max(60.0);
     let ms = |s: f64| format!("{}ms", (s * 1000.0).round().max(1.0) as u64);
 
     let flags: Vec<String> = [
@@ -248,6 +249,13 @@ pub(crate) fn soak(o: &Options, layout: &Layout) -> Result<Outcome, String> {
         watch: vec![
             format!("settle = \"{}\"", ms((5.0 / k).max(0.05))),
             format!("poll_interval = \"{}\"", ms((2.0 / k).max(0.05))),
+        ],
+        // Finished records and verdicts kept 10 soak minutes (at least the 1 minute
+        // `state.history` accepts), so that the journal's size levels off within the soak as it
+        // does after `history` (7 days by default) in a real deployment.
+        state: vec![
+            format!("history = \"{}\"", ms(history)),
+            format!("verdict_ttl = \"{}\"", ms(history)),
         ],
     };
     config.server.push("request_timeout = \"30s\"".into());
@@ -331,7 +339,7 @@ pub(crate) fn soak(o: &Options, layout: &Layout) -> Result<Outcome, String> {
 
     let (problems, counts) = check_placed(&layout.root, &dropped);
     let mut notes = vec![format!(
-        "time scale {k}: {span:.0} s of drops at {RATE} files/s, {reloads} SIGHUPs (every {reload_every:.1} s), a restart at {restart_at:.0} s, samples every {sample_every:.2} s; emulator {}",
+        "time scale {k}: {span:.0} s of drops at {RATE} files/s, {reloads} SIGHUPs (every {reload_every:.1} s), a restart at {restart_at:.0} s, samples every {sample_every:.2} s; state.history and verdict_ttl {history:.0} s; emulator {}",
         flags.join(" ")
     )];
     notes.push(format!(

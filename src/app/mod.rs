@@ -329,7 +329,8 @@ async fn housekeeping(shared: Arc<Shared>, shutdown: CancellationToken) {
     let mut refresh = tokio::time::interval(shared.config.server.restrictions_refresh);
     refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     refresh.tick().await;
-    let mut prune = tokio::time::interval(std::time::Duration::from_secs(3600));
+    let history = shared.config.state.history;
+    let mut prune = tokio::time::interval(prune_interval(history));
     // While the disk refuses the journal's writes, a small write every few seconds tells when
     // space is back (nothing else may write meanwhile: files wait in the inbox).
     let mut probe = tokio::time::interval(JOURNAL_PROBE_EVERY);
@@ -404,7 +405,7 @@ async fn housekeeping(shared: Arc<Shared>, shutdown: CancellationToken) {
                 }
             }
             _ = prune.tick() => {
-                match shared.journal.prune(crate::journal::DEFAULT_HISTORY, shared.config.state.verdict_ttl).await {
+                match shared.journal.prune(history, shared.config.state.verdict_ttl).await {
                     Ok(n) if n > 0 => tracing::debug!(records = n, "pruned finished records"),
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "journal prune failed"),
@@ -412,6 +413,15 @@ async fn housekeeping(shared: Arc<Shared>, shutdown: CancellationToken) {
             }
         }
     }
+}
+
+/// How often finished records older than `history` are pruned: a quarter of it, between 10 s
+/// and an hour (the journal then holds at most 1.25 times `history` of finished records).
+fn prune_interval(history: std::time::Duration) -> std::time::Duration {
+    (history / 4).clamp(
+        std::time::Duration::from_secs(10),
+        std::time::Duration::from_secs(3600),
+    )
 }
 
 /// How often the inboxes are tidied: a quarter of the shortest `tidy_after`, between 1 s and a

@@ -82,6 +82,10 @@ pub(crate) const DEFAULT_WATCH_POLL_INTERVAL: &str = "2s";
 pub(crate) const DEFAULT_VERDICT_TTL: &str = "1h";
 /// Built-in default for `state.shutdown_grace`.
 pub(crate) const DEFAULT_SHUTDOWN_GRACE: &str = "5s";
+/// Built-in default for `state.history`.
+pub(crate) const DEFAULT_HISTORY: &str = "7d";
+/// The shortest `state.history` accepted.
+pub(crate) const MIN_HISTORY: Duration = Duration::from_secs(60);
 
 /// How a root is watched (`watch.mode`, written in lower case).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -235,6 +239,10 @@ pub struct StateConfig {
     pub verdict_ttl: Duration,
     /// Grace for in-flight requests at shutdown.
     pub shutdown_grace: Duration,
+    /// How long a finished record stays in the journal (for `status`, `moves` and the sidecar
+    /// tools) before it is pruned; records of files still kept in quarantine or failed, and
+    /// records with an audit trail, are kept whatever their age.
+    pub history: Duration,
 }
 
 /// One `[[watch]]`, validated.

@@ -115,6 +115,8 @@ pub(crate) struct RawState {
     pub verdict_ttl: Option<String>,
     /// Time given to in-flight requests at shutdown.
     pub shutdown_grace: Option<String>,
+    /// How long finished records are kept in the journal.
+    pub history: Option<String>,
 }
 
 /// `[[watch]]` as written.

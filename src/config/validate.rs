@@ -14,10 +14,10 @@ use std::time::Duration;
 
 use super::raw::{RawConfig, RawLog, RawState, RawWatch};
 use super::{
-    Config, ConfigError, DEFAULT_HELD_OPEN_LIMIT, DEFAULT_KEEP_ORIGINAL,
+    Config, ConfigError, DEFAULT_HELD_OPEN_LIMIT, DEFAULT_HISTORY, DEFAULT_KEEP_ORIGINAL,
     DEFAULT_RECONCILE_INTERVAL, DEFAULT_SETTLE, DEFAULT_SETTLE_EMPTY, DEFAULT_SHUTDOWN_GRACE,
-    DEFAULT_VERDICT_TTL, DEFAULT_WATCH_POLL_INTERVAL, LogConfig, LogFormat, Pattern, ServerConfig,
-    StateConfig, WatchConfig, WatchMode,
+    DEFAULT_VERDICT_TTL, DEFAULT_WATCH_POLL_INTERVAL, LogConfig, LogFormat, MIN_HISTORY, Pattern,
+    ServerConfig, StateConfig, WatchConfig, WatchMode,
 };
 
 /// Validates and resolves a parsed file. Relative paths are taken relative to `path`'s folder.
@@ -159,7 +159,24 @@ impl Validator {
                 DEFAULT_SHUTDOWN_GRACE,
                 "state.shutdown_grace",
             )?,
+            history: self.history(raw.history.as_deref())?,
         })
+    }
+
+    /// `state.history`: a duration of at least [`MIN_HISTORY`].
+    fn history(&self, value: Option<&str>) -> Result<Duration, ConfigError> {
+        let key = "state.history";
+        let d = self.duration(value, DEFAULT_HISTORY, key)?;
+        if d < MIN_HISTORY {
+            return Err(self.invalid(
+                key,
+                &format!(
+                    "{} is too short: finished records are kept at least 1m",
+                    humantime::format_duration(d)
+                ),
+            ));
+        }
+        Ok(d)
     }
 
     fn globs(

@@ -120,7 +120,6 @@ pub use ops_anomaly::Anomaly;
 pub use ops_audit::{AuditEntry, Custody, CustodyPlan, Interrupted, Kept};
 pub use ops_capacity::read_capacity_snapshot;
 pub use ops_hooks::{HookEvent, NewHookEvent, RETRY_HORIZON};
-pub(crate) use ops_maint::DEFAULT_HISTORY;
 pub use ops_maint::read_summary;
 pub use ops_retain::Retained;
 pub use types::{

@@ -14,8 +14,6 @@ use super::schema::{blob_path, execute, path_blob};
 use super::types::{FileState, JournalError, Outcome, Summary};
 use super::{Journal, now_ms};
 
-/// Done records older than this are pruned.
-pub(crate) const DEFAULT_HISTORY: Duration = Duration::from_secs(7 * 24 * 3600);
 /// How many recent errors are kept for `dropscan status`.
 const ERRORS_KEPT: i64 = 200;
 

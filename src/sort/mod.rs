@@ -241,11 +241,22 @@ impl Sorter {
             },
         };
         match rec.state {
+            FileState::Decided | FileState::Placing if self.held(&rec) => {
+                tracing::debug!(id, "staged under a watch held now: left as it is");
+                Step::Done
+            }
             FileState::Decided | FileState::Placing => self.place(rec).await,
             FileState::Placed => self.delete_result(&rec).await,
             // Anything else is not ours (a stale message): ignore.
             _ => Step::Done,
         }
+    }
+
+    /// Whether `rec`'s watch is configured but held (see [`Shared::serves`]): its staged file
+    /// cannot be reached safely now and must not be closed as vanished; the start that serves
+    /// the watch places it. (A watch no longer configured is `Retry::RootGone` in `place`.)
+    fn held(&self, rec: &FileRecord) -> bool {
+        self.shared.root_of(&rec.root).is_some() && !self.shared.serves(&rec.staged)
     }
 
     async fn place(&self, rec: FileRecord) -> Step {
