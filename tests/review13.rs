@@ -1,0 +1,114 @@
+//! Review 13: an attack on yesterday's batched owning (one journal commit per claim batch), and
+//! on today's `state.history` (how long finished records stay in the journal).
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use crate::kill_points::{Drops, every_kill_point_of};
+use crate::util::{EICAR, Outcome, World, bytes};
+
+/// Names of a batch's small clean files.
+const BATCH: [&str; 8] = [
+    "batch/f0.bin",
+    "batch/f1.bin",
+    "batch/f2.bin",
+    "batch/f3.bin",
+    "batch/f4.bin",
+    "batch/f5.bin",
+    "batch/f6.bin",
+    "batch/f7.bin",
+];
+
+/// One claim batch of small files: eight distinct clean ones, a ninth with the first one's bytes
+/// (it waits for that one's verdict, decided in the same commit), and a detected one.
+fn batch() -> Drops {
+    let mut set: Drops = BATCH
+        .iter()
+        .zip(40u64..)
+        .map(|(n, seed)| (*n, bytes(seed, 4096), Outcome::Clean))
+        .collect();
+    set.push(("batch/same.bin", bytes(40, 4096), Outcome::Clean));
+    set.push(("batch/eicar.com", EICAR.to_vec(), Outcome::Quarantine));
+    set
+}
+
+/// Killed after every rename while a batch is claimed, owned (each private copy renamed over its
+/// staged name, the last one right before `hashed_many`'s one commit) and released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_at_every_rename_around_a_batch_s_one_hashed_commit_loses_nothing() {
+    every_kill_point_of(&batch(), "rename,renameat,renameat2", "", 1).await;
+}
+
+/// Killed after every other fsync while a batch is claimed and owned: the copies' fsyncs, then
+/// `hashed_many`'s commit (one WAL fsync for the whole batch).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_at_fsyncs_around_a_batch_s_one_hashed_commit_loses_nothing() {
+    every_kill_point_of(&batch(), "fsync,fdatasync", "", 3).await;
+}
+
+/// Finding: a prune removed the record of a quarantined file whose release was interrupted
+/// (custody `busy:release`, its only copy in the tool's temp at the top of clean): the custody
+/// row was read as "it left", so the file was forgotten and the release could never be finished.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prune_keeps_the_record_of_a_kept_file_whose_release_was_interrupted() {
+    use crate::quarantine_tools::{dropscan, text};
+    let w = World::quick().await;
+    let cfg = w.write_config();
+    let body = [EICAR, b" interrupted, then pruned"].concat();
+    let (journal, id) = crate::attacks::quarantined_entry(&w, "fp.com", &body).await;
+    // What `quarantine release` leaves when killed -9 between removing the quarantined file and
+    // renaming its verified copy into place.
+    journal
+        .take_custody(id, dropscan::journal::Outcome::Quarantine, "release")
+        .await
+        .unwrap();
+    let rec = journal.get(id).await.unwrap();
+    let config = dropscan::config::Config::load(&cfg).unwrap();
+    let temp = w.clean.join(dropscan::fsops::names::copy_temp_name(
+        &dropscan::root::instance_of(&config.watches[0]),
+        dropscan::fsops::names::TempOf::Tool,
+        &dropscan::fsops::names::content_token(&rec.sha256.unwrap()),
+        &rec.rel_path,
+    ));
+    std::fs::create_dir_all(&w.clean).unwrap();
+    #[allow(clippy::disallowed_methods)]
+    std::fs::rename(w.quarantine.join("fp.com"), &temp).unwrap();
+
+    // The agent's prune runs (history shorter than the time the tool has been gone).
+    std::thread::sleep(Duration::from_millis(5));
+    journal
+        .prune(Duration::ZERO, Duration::from_secs(3600))
+        .await
+        .unwrap();
+    let kept = journal
+        .kept(dropscan::journal::Outcome::Quarantine, false)
+        .await
+        .unwrap();
+    drop(journal);
+    assert_eq!(
+        kept.len(),
+        1,
+        "the interrupted release's file is no longer listed as kept"
+    );
+
+    // Once the dead tool's custody is stale, running the release again finishes it.
+    let conn = rusqlite::Connection::open(w.state_dir().join("journal.sqlite")).unwrap();
+    conn.execute("UPDATE custody SET at = 0", []).unwrap();
+    drop(conn);
+    let id_s = id.to_string();
+    let c = cfg.to_str().unwrap();
+    let out = dropscan(&[
+        "quarantine",
+        "release",
+        &id_s,
+        "--reason",
+        "fp",
+        "--config",
+        c,
+    ])
+    .await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(std::fs::read(w.clean.join("fp.com")).unwrap(), body);
+    assert!(!temp.exists());
+}
