@@ -409,7 +409,7 @@ async fn metrics_and_health_endpoints_answer() {
     agent.stop().await.0.unwrap();
 }
 
-fn sighup(child: &Child) {
+pub(crate) fn sighup(child: &Child) {
     let pid = rustix::process::Pid::from_raw(i32::try_from(child.id()).unwrap()).unwrap();
     rustix::process::kill_process(pid, rustix::process::Signal::HUP).unwrap();
 }

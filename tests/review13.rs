@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use crate::kill_points::{Drops, every_kill_point_of};
-use crate::util::{EICAR, Outcome, World, bytes};
+use crate::util::{EICAR, LONG, Outcome, World, bytes, wait_for};
 
 /// Names of a batch's small clean files.
 const BATCH: [&str; 8] = [
@@ -146,4 +146,82 @@ async fn a_batch_file_whose_copy_found_staging_full_is_owned_once_its_batch_made
         assert_eq!(&std::fs::read(w.clean.join(n)).unwrap(), b, "{n}");
     }
     drop(fs);
+}
+
+/// Finding: a SIGHUP whose configuration was still being checked when the internal restart that
+/// serves a share back from a hang ended the generation was dropped: the watcher returned on the
+/// cancellation without a word, and the next generation ran the old configuration (the file's new
+/// one only on the next SIGHUP). The check is held here by the new configuration's quarantine
+/// folder on a second share that hangs, so the restart always comes first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sighup_checked_while_a_hung_share_comes_back_is_not_lost() {
+    use crate::review10::{HangingShare, spawn_binary, terminate, with_second_watch};
+    let (mut w, server, other) = with_second_watch().await;
+    let Some(share) = HangingShare::mount(&server, &other) else {
+        return;
+    };
+    let q_server = w.dir.path().join("q-server");
+    let q_mount = w.dir.path().join("q-share");
+    std::fs::create_dir_all(q_server.join("quarantine")).unwrap();
+    std::fs::create_dir_all(&q_mount).unwrap();
+    let Some(q_share) = HangingShare::mount(&q_server, &q_mount) else {
+        return;
+    };
+    for sub in ["clean", "quarantine", "failed"] {
+        std::fs::create_dir_all(w.dir.path().join("out2").join(sub)).unwrap();
+    }
+    let config = w.write_config();
+    share.hang();
+    let log = w.dir.path().join("agent.log");
+    let mut agent = spawn_binary(&config, &log);
+    w.drop_file("local.bin", &bytes(180, 1000));
+    let served = wait_for(LONG, || w.clean.join("local.bin").is_file().then_some(())).await;
+    assert!(served.is_some(), "the local watch is not served");
+    let logged = |what: &str| {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches(what)
+            .count()
+    };
+
+    // The new configuration quarantines on the second share, which hangs: its check waits.
+    let old_quarantine = w.quarantine.clone();
+    w.quarantine = q_mount.join("quarantine");
+    w.write_config();
+    q_share.hang();
+    crate::durability::sighup(&agent);
+    std::thread::sleep(Duration::from_secs(1));
+    // The first share answers again: the agent restarts to serve it.
+    share.signal(rustix::process::Signal::CONT);
+    let restarted = wait_for(LONG, || {
+        (logged("restarting the agent to serve every watch") > 0).then_some(())
+    })
+    .await;
+    q_share.signal(rustix::process::Signal::CONT);
+    let reloaded = wait_for(Duration::from_secs(30), || {
+        (logged("SIGHUP: configuration valid") > 0).then_some(())
+    })
+    .await;
+    let eicar = if reloaded.is_some() {
+        w.drop_file("eicar.com", EICAR);
+        wait_for(LONG, || {
+            [&w.quarantine, &old_quarantine]
+                .into_iter()
+                .find(|q| q.join("eicar.com").is_file())
+                .cloned()
+        })
+        .await
+    } else {
+        None
+    };
+    let (_, _, tail) = terminate(&mut agent, &log, 10).await;
+    drop(q_share);
+    drop(share);
+    assert!(
+        restarted.is_some() && reloaded.is_some() && eicar.as_ref() == Some(&w.quarantine),
+        "restarted to serve the share: {restarted:?}; the SIGHUP's configuration taken up: \
+         {reloaded:?}; eicar.com quarantined in {eicar:?} (the new configuration's folder is {}); \
+         last log lines (newest first): {tail:#?}",
+        w.quarantine.display()
+    );
 }
