@@ -139,7 +139,10 @@ pub(super) async fn restart_when_back(
                     inboxes = %back.join(", "),
                     "inbox answers now: restarting the agent to serve every watch"
                 );
-                *next.lock().unwrap_or_else(PoisonError::into_inner) = Some(config);
+                // A SIGHUP's configuration put there meanwhile is newer: it stays.
+                next.lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .get_or_insert(config);
                 generation.cancel();
                 return;
             }
