@@ -225,3 +225,78 @@ async fn a_sighup_checked_while_a_hung_share_comes_back_is_not_lost() {
         w.quarantine.display()
     );
 }
+
+/// A scanner-style SMB writer (64 KiB with a flush every 2.5 s, the file held open throughout)
+/// whose small file is claimed and owned in a batch with other small files dropped all along:
+/// uploaded once, whole, and in clean with the client's bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smb_a_paused_writer_s_small_file_owned_in_a_batch_is_uploaded_once_whole() {
+    use crate::shares::{smb_world, uploads};
+    use crate::shares_fixture::slow_writer_content;
+    let Some((w, smbd)) = smb_world("").await else {
+        return;
+    };
+    let agent = w.start_agent();
+    let writer = tokio::task::spawn_blocking(move || {
+        smbd.slow_writer("scan-0002.pdf", 64 << 10, 4, Duration::from_millis(2500))
+    });
+    // Other small files, 8 every 250 ms, until the writer is done and a little after.
+    let mut others = Vec::new();
+    let mut round = 0u64;
+    while !writer.is_finished() || round < 24 {
+        for i in 0..8u64 {
+            let name = format!("other/{round}-{i}.bin");
+            let body = bytes(1000 + round * 8 + i, 2000);
+            w.drop_file(&name, &body);
+            others.push((name, body));
+        }
+        round += 1;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let (status, out) = match writer.await.unwrap() {
+        Ok(x) => x,
+        Err(skip) => {
+            eprintln!("{skip}");
+            return;
+        }
+    };
+    assert!(status.success(), "slow writer: {status:?} {out}");
+    let o = w
+        .wait_placed(others.len() + 1, Duration::from_secs(120))
+        .await;
+    agent.stop().await.0.unwrap();
+    // Claimed with others (one claim transaction stamps its batch alike).
+    let conn = rusqlite::Connection::open(w.state_dir().join("journal.sqlite")).unwrap();
+    let batch: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM files WHERE claimed_at = \
+             (SELECT claimed_at FROM files WHERE rel_path = CAST('scan-0002.pdf' AS BLOB))",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(
+        batch > 1,
+        "scan-0002.pdf was claimed alone: no batch tested"
+    );
+    assert_eq!(
+        o.get(std::path::Path::new("scan-0002.pdf")),
+        Some(&Outcome::Clean),
+        "{:?}",
+        o.iter()
+            .filter(|(_, v)| **v != Outcome::Clean)
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        std::fs::read(w.clean.join("scan-0002.pdf")).unwrap() == slow_writer_content(64 << 10, 4),
+        "scan-0002.pdf in clean is not the client's bytes"
+    );
+    for (n, b) in &others {
+        assert_eq!(&std::fs::read(w.clean.join(n)).unwrap(), b, "{n}");
+    }
+    assert_eq!(
+        uploads(&w),
+        others.len() as u64 + 1,
+        "one upload per file, none of a half-written one"
+    );
+}
