@@ -300,3 +300,46 @@ async fn smb_a_paused_writer_s_small_file_owned_in_a_batch_is_uploaded_once_whol
         "one upload per file, none of a half-written one"
     );
 }
+
+/// `state.history` changed by a SIGHUP is the one the next prune uses: a finished record two
+/// hours old, kept under the default (7 days), is pruned once the history is one hour.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sighup_shortening_state_history_prunes_by_the_new_one() {
+    use crate::review10::{spawn_binary, terminate};
+    let w = World::quick().await;
+    let config = w.write_config();
+    let log = w.dir.path().join("agent.log");
+    let mut agent = spawn_binary(&config, &log);
+    w.drop_file("old.bin", &bytes(190, 1000));
+    let journal = w.state_dir().join("journal.sqlite");
+    let done = wait_for(LONG, || {
+        let s = dropscan::journal::read_summary(&journal).ok()?;
+        s.per_state
+            .iter()
+            .any(|(st, n)| st == "done" && *n == 1)
+            .then_some(())
+    })
+    .await;
+    let conn = rusqlite::Connection::open(&journal).unwrap();
+    conn.execute("UPDATE files SET updated_at = updated_at - 7200000", [])
+        .unwrap();
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace("[state]\n", "[state]\nhistory = \"1h\"\n"),
+    )
+    .unwrap();
+    crate::durability::sighup(&agent);
+    let count = || -> i64 {
+        conn.query_row("SELECT count(*) FROM files", [], |r| r.get(0))
+            .unwrap_or(-1)
+    };
+    let pruned = wait_for(LONG, || (count() == 0).then_some(())).await;
+    let (_, _, tail) = terminate(&mut agent, &log, 8).await;
+    assert!(
+        done.is_some() && pruned.is_some(),
+        "old.bin done: {done:?}; its record pruned under the new history: {pruned:?} ({} left); \
+         last log lines (newest first): {tail:#?}",
+        count()
+    );
+}
