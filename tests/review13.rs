@@ -343,3 +343,61 @@ async fn a_sighup_shortening_state_history_prunes_by_the_new_one() {
         count()
     );
 }
+
+/// A share hung at start that answers, hangs again just as the agent restarts to serve it, and
+/// answers again: the other watch is served throughout, and the share's file is placed at the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_share_that_flaps_while_it_is_served_back_loses_nothing() {
+    use crate::review10::{HangingShare, spawn_binary, terminate, with_second_watch};
+    let (w, server, other) = with_second_watch().await;
+    let Some(share) = HangingShare::mount(&server, &other) else {
+        return;
+    };
+    for sub in ["clean", "quarantine", "failed"] {
+        std::fs::create_dir_all(w.dir.path().join("out2").join(sub)).unwrap();
+    }
+    let config = w.write_config();
+    share.hang();
+    let log = w.dir.path().join("agent.log");
+    let mut agent = spawn_binary(&config, &log);
+    let logged = |what: &str| {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches(what)
+            .count()
+    };
+    w.drop_file("one.bin", &bytes(200, 1000));
+    let one = wait_for(LONG, || w.clean.join("one.bin").is_file().then_some(())).await;
+    // Answers: the agent restarts to serve it, and it hangs again at once.
+    share.signal(rustix::process::Signal::CONT);
+    let restarted = wait_for(LONG, || {
+        (logged("restarting the agent to serve every watch") > 0).then_some(())
+    })
+    .await;
+    share.hang();
+    w.drop_file("two.bin", &bytes(201, 1000));
+    let two = wait_for(LONG, || w.clean.join("two.bin").is_file().then_some(())).await;
+    // Answers again, for good.
+    share.signal(rustix::process::Signal::CONT);
+    let body = bytes(202, 3000);
+    std::fs::write(server.join("remote.bin"), &body).unwrap();
+    let remote = w.dir.path().join("out2/clean/remote.bin");
+    let served = wait_for(LONG, || remote.is_file().then_some(())).await;
+    w.drop_file("three.bin", &bytes(203, 1000));
+    let three = wait_for(LONG, || w.clean.join("three.bin").is_file().then_some(())).await;
+    let (ended, threads, tail) = terminate(&mut agent, &log, 10).await;
+    drop(share);
+    assert!(
+        one.is_some()
+            && restarted.is_some()
+            && two.is_some()
+            && served.is_some()
+            && three.is_some()
+            && ended.is_some(),
+        "one.bin placed while hung: {one:?}; restarted once it answered: {restarted:?}; \
+         two.bin placed while it hung again: {two:?}; remote.bin placed once it answered again: \
+         {served:?}; three.bin after: {three:?}; ended on SIGTERM: {ended:?}; threads: \
+         {threads:?}; last log lines (newest first): {tail:#?}"
+    );
+    assert_eq!(std::fs::read(&remote).unwrap(), body);
+}
