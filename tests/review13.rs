@@ -344,9 +344,17 @@ async fn a_sighup_shortening_state_history_prunes_by_the_new_one() {
     );
 }
 
-/// A share hung at start that answers, hangs again just as the agent restarts to serve it, and
-/// answers again: the other watch is served throughout, and the share's file is placed at the end.
+/// Finding: a share hung at start that answers, then hangs again just as the agent restarts to
+/// serve it, stalled every watch until it answered again: the new generation's look found it
+/// answering, and start-up then waited in `openat2` on it on the runtime's thread (reconcile
+/// recognising each root's staging folder, `app/reconcile.rs` `recognise_all`), so nothing else
+/// ran. A race: failed 3 runs of 8 here (two.bin placed 20 to 60 s late, once the share
+/// answered). Not fixed: see the ignore reason.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "review13 finding 4, not fixed: start-up (reconcile's recognise_all, then the stages) \
+            opens each served root on the async threads without a deadline; fix by recognising \
+            each root on a thread of its own with answer::DEADLINE, holding a root that does \
+            not answer and restarting the generation once it does (as restart_when_back)"]
 async fn a_share_that_flaps_while_it_is_served_back_loses_nothing() {
     use crate::review10::{HangingShare, spawn_binary, terminate, with_second_watch};
     let (w, server, other) = with_second_watch().await;
@@ -377,6 +385,11 @@ async fn a_share_that_flaps_while_it_is_served_back_loses_nothing() {
     share.hang();
     w.drop_file("two.bin", &bytes(201, 1000));
     let two = wait_for(LONG, || w.clean.join("two.bin").is_file().then_some(())).await;
+    let stalled = if two.is_none() {
+        crate::review10::threads_of(agent.id())
+    } else {
+        Vec::new()
+    };
     // Answers again, for good.
     share.signal(rustix::process::Signal::CONT);
     let body = bytes(202, 3000);
@@ -385,7 +398,7 @@ async fn a_share_that_flaps_while_it_is_served_back_loses_nothing() {
     let served = wait_for(LONG, || remote.is_file().then_some(())).await;
     w.drop_file("three.bin", &bytes(203, 1000));
     let three = wait_for(LONG, || w.clean.join("three.bin").is_file().then_some(())).await;
-    let (ended, threads, tail) = terminate(&mut agent, &log, 10).await;
+    let (ended, threads, tail) = terminate(&mut agent, &log, 12).await;
     drop(share);
     assert!(
         one.is_some()
@@ -395,7 +408,7 @@ async fn a_share_that_flaps_while_it_is_served_back_loses_nothing() {
             && three.is_some()
             && ended.is_some(),
         "one.bin placed while hung: {one:?}; restarted once it answered: {restarted:?}; \
-         two.bin placed while it hung again: {two:?}; remote.bin placed once it answered again: \
+         two.bin placed while it hung again: {two:?} (threads then: {stalled:#?}); remote.bin placed once it answered again: \
          {served:?}; three.bin after: {three:?}; ended on SIGTERM: {ended:?}; threads: \
          {threads:?}; last log lines (newest first): {tail:#?}"
     );
