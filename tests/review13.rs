@@ -414,3 +414,44 @@ async fn a_share_that_flaps_while_it_is_served_back_loses_nothing() {
     );
     assert_eq!(std::fs::read(&remote).unwrap(), body);
 }
+
+/// `state.history` shorter than an outage: a prune with no history at all, while every upload is
+/// refused (429), keeps every record in flight, and the files are placed once the server is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prune_with_no_history_during_an_outage_keeps_every_file_in_flight() {
+    use dropscan::emulator::Faults;
+    let w = World::quick().await;
+    w.emulator().state().set_faults(Faults {
+        http_429_share: 1.0,
+        ..Faults::default()
+    });
+    let agent = w.start_agent();
+    let files: Vec<(String, Vec<u8>)> = (0..3u64)
+        .map(|i| (format!("out{i}.bin"), bytes(210 + i, 5000)))
+        .collect();
+    for (n, b) in &files {
+        w.drop_file(n, b);
+    }
+    let waiting = wait_for(LONG, || {
+        let r = crate::review8::records(&w);
+        (r.len() == 3 && r.iter().all(|x| x.1 == "hashed")).then_some(())
+    })
+    .await;
+    assert!(waiting.is_some(), "{:?}", crate::review8::records(&w));
+    let journal = dropscan::journal::Journal::open(&w.state_dir().join("journal.sqlite")).unwrap();
+    std::thread::sleep(Duration::from_millis(5));
+    let pruned = journal.prune(Duration::ZERO, Duration::ZERO).await.unwrap();
+    drop(journal);
+    assert_eq!(pruned, 0, "records in flight pruned");
+    w.emulator().state().set_faults(Faults::default());
+    let o = w.wait_placed(3, LONG).await;
+    agent.stop().await.0.unwrap();
+    for (n, b) in &files {
+        assert_eq!(
+            o.get(std::path::Path::new(n)),
+            Some(&Outcome::Clean),
+            "{o:?}"
+        );
+        assert_eq!(&std::fs::read(w.clean.join(n)).unwrap(), b, "{n}");
+    }
+}
