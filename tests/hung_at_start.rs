@@ -111,3 +111,57 @@ async fn a_file_waiting_on_a_share_gone_at_start_is_placed_once_it_is_back() {
         records(&w)
     );
 }
+
+/// A watch whose staging folder is missing while files of it are in flight (its share is not
+/// mounted yet at boot: the mount point is there, empty) made start-up wait for the folder, and
+/// so held every other watch (`local.bin placed: None`). Now that watch alone waits, held
+/// (`/readyz` says why), and the agent restarts on it once its staging folder is back.
+// The test moves the agent's folder as a missing mount would hide it (a plain rename).
+#[allow(clippy::disallowed_methods)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_waiting_for_its_staging_folder_at_start_does_not_hold_the_others() {
+    let (w, _server, other) = with_second_watch().await;
+    w.emulator().state().set_faults(Faults {
+        http_429_share: 1.0,
+        ..Faults::default()
+    });
+    let config = w.write_config();
+    let log = w.dir.path().join("agent.log");
+    let mut agent = spawn_binary(&config, &log);
+    let data = bytes(170, 5000);
+    std::fs::write(other.join("remote.bin"), &data).unwrap();
+    let hashed = wait_for(LONG, || {
+        records(&w)
+            .into_iter()
+            .find(|r| r.0 == "remote.bin" && r.1 == "hashed")
+    })
+    .await;
+    agent.kill().ok();
+    agent.wait().ok();
+    assert!(
+        hashed.is_some(),
+        "remote.bin never hashed: {:?}",
+        records(&w)
+    );
+    w.emulator().state().set_faults(Faults::default());
+    // The share is not mounted: what was on it (the agent's folder with the staged file) is
+    // not there.
+    let on_share = other.join(".dropscan");
+    let away = w.dir.path().join("dropscan-away");
+    std::fs::rename(&on_share, &away).unwrap();
+    let mut agent = spawn_binary(&config, &log);
+    w.drop_file("local.bin", &bytes(171, 1000));
+    let placed = wait_for(LONG, || w.clean.join("local.bin").is_file().then_some(())).await;
+    // The share is mounted: its watch is served, and the file that waited is placed.
+    std::fs::rename(&away, &on_share).unwrap();
+    let remote = w.dir.path().join("out2/clean/remote.bin");
+    let served = wait_for(LONG, || remote.is_file().then_some(())).await;
+    let (ended, threads, tail) = terminate(&mut agent, &log, 8).await;
+    assert!(
+        placed.is_some() && served.is_some() && ended.is_some(),
+        "with the other watch's staging folder missing at start: local.bin placed: {placed:?}; \
+         remote.bin placed once it was back: {served:?}; ended within 30 s of SIGTERM: \
+         {ended:?}; threads: {threads:?}; last log lines (newest first): {tail:#?}"
+    );
+    assert_eq!(std::fs::read(&remote).unwrap(), data);
+}
