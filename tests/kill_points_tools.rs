@@ -193,8 +193,14 @@ pub(crate) fn spawn_traced(
     args: &[&str],
 ) -> Group {
     std::fs::remove_file(log).ok();
+    // SIGINT as a terminal's Ctrl-C finds it: a test run started in the background of a
+    // non-interactive shell (`cmd &`, nohup) inherits it ignored, and so did the tool, which
+    // then outlived its Ctrl-C (`quarantine_tools::a_tool_stopped_by_ctrl_c_locks_nothing`
+    // failed that way, and only that way).
     Group(
-        Command::new(strace)
+        Command::new("env")
+            .arg("--default-signal=INT")
+            .arg(strace)
             .args(["-f", "--seccomp-bpf", "-qq", "-o"])
             .arg(log)
             .arg("-e")
