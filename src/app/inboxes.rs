@@ -65,6 +65,19 @@ async fn unavailable_now(paths: Vec<PathBuf>) -> Vec<PathBuf> {
         .unwrap_or(fallback)
 }
 
+/// After [`INBOX_RETRY`], which of `paths` are still not folders that answer; `None` once
+/// `generation` ends.
+async fn look_again(paths: &[PathBuf], generation: &CancellationToken) -> Option<Vec<PathBuf>> {
+    tokio::select! {
+        () = generation.cancelled() => return None,
+        () = tokio::time::sleep(INBOX_RETRY) => {}
+    }
+    tokio::select! {
+        () = generation.cancelled() => None,
+        still = unavailable_now(paths.to_vec()) => Some(still),
+    }
+}
+
 /// Waits until at least one inbox of `config` answers as a folder; then the configuration
 /// limited to those watches, and the inboxes still missing. `None` when `shutdown` came first.
 pub(super) async fn wait_for_some(
@@ -117,13 +130,8 @@ pub(super) async fn restart_when_back(
     generation: CancellationToken,
 ) {
     loop {
-        tokio::select! {
-            () = generation.cancelled() => return,
-            () = tokio::time::sleep(INBOX_RETRY) => {}
-        }
-        let still = tokio::select! {
-            () = generation.cancelled() => return,
-            still = unavailable_now(missing.clone()) => still,
+        let Some(still) = look_again(&missing, &generation).await else {
+            return;
         };
         metrics.set_missing_inboxes(still.clone());
         if still.len() == missing.len() {
@@ -180,13 +188,8 @@ pub(super) async fn restart_when_staging_back(
     generation: CancellationToken,
 ) {
     loop {
-        tokio::select! {
-            () = generation.cancelled() => return,
-            () = tokio::time::sleep(INBOX_RETRY) => {}
-        }
-        let still = tokio::select! {
-            () = generation.cancelled() => return,
-            still = unavailable_now(awaited.clone()) => still,
+        let Some(still) = look_again(&awaited, &generation).await else {
+            return;
         };
         if still.len() < awaited.len() {
             let back: Vec<String> = awaited
