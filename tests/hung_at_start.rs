@@ -11,6 +11,35 @@ use crate::review8::records;
 use crate::review10::{HangingShare, spawn_binary, terminate, with_second_watch};
 use crate::util::{LONG, bytes, wait_for};
 
+/// The agent (the binary) runs with the server refusing every submission while `data` is
+/// written to `file`, and is killed once that file's record is `hashed`: it waits for its upload.
+/// The configuration and the agent's log file.
+async fn hashed_then_killed(
+    w: &crate::util::World,
+    file: &std::path::Path,
+    data: &[u8],
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    w.emulator().state().set_faults(Faults {
+        http_429_share: 1.0,
+        ..Faults::default()
+    });
+    let config = w.write_config();
+    let log = w.dir.path().join("agent.log");
+    let mut agent = spawn_binary(&config, &log);
+    std::fs::write(file, data).unwrap();
+    let name = file.file_name().unwrap().to_string_lossy().into_owned();
+    let hashed = wait_for(LONG, || {
+        records(w)
+            .into_iter()
+            .find(|r| r.0 == name && r.1 == "hashed")
+    })
+    .await;
+    agent.kill().ok();
+    agent.wait().ok();
+    assert!(hashed.is_some(), "{name} never hashed: {:?}", records(w));
+    (config, log)
+}
+
 /// Start-up resolves, stats and prepares every watch's folders; it did so on the main thread
 /// (resolving symlinks while validating the configuration, then waiting for every inbox), so one
 /// share whose server hangs held the whole agent before it logged a line (`local.bin placed:
@@ -58,28 +87,7 @@ async fn a_file_waiting_on_a_share_gone_at_start_is_placed_once_it_is_back() {
     let Some(share) = HangingShare::mount(&server, &other) else {
         return;
     };
-    let refuse_all = Faults {
-        http_429_share: 1.0,
-        ..Faults::default()
-    };
-    w.emulator().state().set_faults(refuse_all);
-    let config = w.write_config();
-    let log = w.dir.path().join("agent.log");
-    let mut agent = spawn_binary(&config, &log);
-    std::fs::write(server.join("remote.bin"), bytes(160, 5000)).unwrap();
-    let hashed = wait_for(LONG, || {
-        records(&w)
-            .into_iter()
-            .find(|r| r.0 == "remote.bin" && r.1 == "hashed")
-    })
-    .await;
-    agent.kill().ok();
-    agent.wait().ok();
-    assert!(
-        hashed.is_some(),
-        "remote.bin never hashed: {:?}",
-        records(&w)
-    );
+    let (config, _) = hashed_then_killed(&w, &server.join("remote.bin"), &bytes(160, 5000)).await;
     drop(share);
     std::fs::remove_dir(&other).unwrap();
     w.emulator().state().set_faults(Faults::default());
@@ -110,4 +118,38 @@ async fn a_file_waiting_on_a_share_gone_at_start_is_placed_once_it_is_back() {
          {tail:#?}",
         records(&w)
     );
+}
+
+/// A watch whose staging folder is missing while files of it are in flight (its share is not
+/// mounted yet at boot: the mount point is there, empty) made start-up wait for the folder, and
+/// so held every other watch (`local.bin placed: None`). Now that watch alone waits, held
+/// (`/readyz` says why), and the agent restarts on it once its staging folder is back.
+// The test moves the agent's folder as a missing mount would hide it (a plain rename).
+#[allow(clippy::disallowed_methods)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_waiting_for_its_staging_folder_at_start_does_not_hold_the_others() {
+    let (w, _server, other) = with_second_watch().await;
+    let data = bytes(170, 5000);
+    let (config, log) = hashed_then_killed(&w, &other.join("remote.bin"), &data).await;
+    w.emulator().state().set_faults(Faults::default());
+    // The share is not mounted: what was on it (the agent's folder with the staged file) is
+    // not there.
+    let on_share = other.join(".dropscan");
+    let away = w.dir.path().join("dropscan-away");
+    std::fs::rename(&on_share, &away).unwrap();
+    let mut agent = spawn_binary(&config, &log);
+    w.drop_file("local.bin", &bytes(171, 1000));
+    let placed = wait_for(LONG, || w.clean.join("local.bin").is_file().then_some(())).await;
+    // The share is mounted: its watch is served, and the file that waited is placed.
+    std::fs::rename(&away, &on_share).unwrap();
+    let remote = w.dir.path().join("out2/clean/remote.bin");
+    let served = wait_for(LONG, || remote.is_file().then_some(())).await;
+    let (ended, threads, tail) = terminate(&mut agent, &log, 8).await;
+    assert!(
+        placed.is_some() && served.is_some() && ended.is_some(),
+        "with the other watch's staging folder missing at start: local.bin placed: {placed:?}; \
+         remote.bin placed once it was back: {served:?}; ended within 30 s of SIGTERM: \
+         {ended:?}; threads: {threads:?}; last log lines (newest first): {tail:#?}"
+    );
+    assert_eq!(std::fs::read(&remote).unwrap(), data);
 }

@@ -192,27 +192,21 @@ pub(crate) fn spawn_traced(
     hold_us: u32,
     args: &[&str],
 ) -> Group {
-    spawn_traced_holding(strace, log, syscalls, syscalls, hold_us, args)
-}
-
-/// [`spawn_traced`], logging the calls of `traced` and holding only those of `held` (a subset).
-pub(crate) fn spawn_traced_holding(
-    strace: &Path,
-    log: &Path,
-    traced: &str,
-    held: &str,
-    hold_us: u32,
-    args: &[&str],
-) -> Group {
     std::fs::remove_file(log).ok();
+    // SIGINT as a terminal's Ctrl-C finds it: a test run started in the background of a
+    // non-interactive shell (`cmd &`, nohup) inherits it ignored, and so did the tool, which
+    // then outlived its Ctrl-C (`quarantine_tools::a_tool_stopped_by_ctrl_c_locks_nothing`
+    // failed that way, and only that way).
     Group(
-        Command::new(strace)
+        Command::new("env")
+            .arg("--default-signal=INT")
+            .arg(strace)
             .args(["-f", "--seccomp-bpf", "-qq", "-o"])
             .arg(log)
             .arg("-e")
-            .arg(format!("trace={traced}"))
+            .arg(format!("trace={syscalls}"))
             .arg("-e")
-            .arg(format!("inject={held}:delay_exit={hold_us}"))
+            .arg(format!("inject={syscalls}:delay_exit={hold_us}"))
             .arg(env!("CARGO_BIN_EXE_dropscan"))
             .args(args)
             .env("RUST_LOG", "warn")

@@ -486,19 +486,9 @@ async fn a_tool_stopped_by_ctrl_c_locks_nothing() {
         c,
     ];
     let log = k.w.dir.path().join("strace.log");
-    // The move into clean (`renameat2`, which comes after the custody is journaled) held 20 s:
-    // the tool is still at work when it is interrupted, however slow the second run below is.
-    // A hold of 2 s on each of its 16 fsyncs was not enough: on a loaded machine the tool
-    // finished first, and the third run found the entry released (a flake seen twice). The
-    // SIGINT takes effect once the held call returns.
-    let group = crate::kill_points_tools::spawn_traced_holding(
-        &strace,
-        &log,
-        "fsync,renameat2",
-        "renameat2",
-        20_000_000,
-        &args,
-    );
+    // Every fsync held 2 s: the tool is still at work once its custody is in the journal.
+    let group =
+        crate::kill_points_tools::spawn_traced(&strace, &log, "fsync,fdatasync", 2_000_000, &args);
     let journal = k.w.state_dir().join("journal.sqlite");
     wait_for(Duration::from_secs(60), || {
         let conn = rusqlite::Connection::open(&journal).ok()?;
@@ -521,7 +511,7 @@ async fn a_tool_stopped_by_ctrl_c_locks_nothing() {
     )
     .unwrap();
     let mut group = group;
-    let ended = wait_for(Duration::from_secs(60), || group.0.try_wait().unwrap()).await;
+    let ended = wait_for(Duration::from_secs(30), || group.0.try_wait().unwrap()).await;
     assert!(ended.is_some(), "the tool ends on SIGINT");
 
     // At once, not in 10 minutes.

@@ -17,6 +17,32 @@ fn state_of(w: &World, name: &str) -> Option<String> {
     records(w).into_iter().find(|r| r.0 == name).map(|r| r.1)
 }
 
+/// Journal records as `records` reads them.
+type Records = Vec<(String, String, Option<String>, Option<String>)>;
+
+/// Somebody moves the staging folder away and plants a symlink to it in its place: with a record
+/// in flight, the watch is held (never followed, never moved aside). The agent runs `hold_for`
+/// like that; then the administrator puts the folder back and the agent runs until `a.bin` is in
+/// clean. The records while it was held, and whether `a.bin` was placed.
+// The test moves the staging folder as an attacker or administrator would (a plain rename).
+#[allow(clippy::disallowed_methods)]
+async fn held_then_back(w: &World, hold_for: Duration) -> (Records, Option<()>) {
+    let staging = w.inbox.join(".dropscan/test");
+    let away = w.dir.path().join("staging-away");
+    std::fs::rename(&staging, &away).unwrap();
+    std::os::unix::fs::symlink(&away, &staging).unwrap();
+    let agent = w.start_agent();
+    tokio::time::sleep(hold_for).await;
+    let meanwhile = records(w);
+    agent.stop().await.0.unwrap();
+    std::fs::remove_file(&staging).unwrap();
+    std::fs::rename(&away, &staging).unwrap();
+    let agent = w.start_agent();
+    let placed = wait_for(LONG, || w.clean.join("a.bin").is_file().then_some(())).await;
+    agent.stop().await.0.unwrap();
+    (meanwhile, placed)
+}
+
 /// Finding 1: a watch held at start (here: an entry planted where its staging folder belongs
 /// while one of its files waits for its upload) is left alone by start-up's reconcile, but the
 /// upload sweep (uploads found waiting, every 10 s) still took up its `hashed` record: the
@@ -24,8 +50,6 @@ fn state_of(w: &World, name: &str) -> Option<String> {
 /// owning it failed, so the file was decided `failed` while its watch was held. A held watch's
 /// records must wait for the start that serves it, as a watch not served does
 /// (`hung_at_start::a_file_waiting_on_a_share_gone_at_start_is_placed_once_it_is_back`).
-// The test moves the staging folder as an attacker or administrator would (a plain rename).
-#[allow(clippy::disallowed_methods)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_watch_s_waiting_upload_is_not_failed_by_the_upload_sweep() {
     let w = World::quick().await;
@@ -39,24 +63,9 @@ async fn a_held_watch_s_waiting_upload_is_not_failed_by_the_upload_sweep() {
     let hashed = wait_for(LONG, || state_of(&w, "a.bin").filter(|s| s == "hashed")).await;
     agent.stop().await.0.unwrap();
     assert!(hashed.is_some(), "a.bin never hashed: {:?}", records(&w));
-    // Somebody moves the staging folder away and plants a symlink to it in its place: with a
-    // record in flight, the watch is held (never followed, never moved aside).
-    let staging = w.inbox.join(".dropscan/test");
-    let away = w.dir.path().join("staging-away");
-    std::fs::rename(&staging, &away).unwrap();
-    std::os::unix::fs::symlink(&away, &staging).unwrap();
     w.emulator().state().set_faults(Faults::default());
-    let agent = w.start_agent();
     // Two sweeps of the uploads found waiting (every 10 s) while the watch is held.
-    tokio::time::sleep(Duration::from_secs(25)).await;
-    let meanwhile = records(&w);
-    agent.stop().await.0.unwrap();
-    // The administrator puts the folder back: the file is placed.
-    std::fs::remove_file(&staging).unwrap();
-    std::fs::rename(&away, &staging).unwrap();
-    let agent = w.start_agent();
-    let placed = wait_for(LONG, || w.clean.join("a.bin").is_file().then_some(())).await;
-    agent.stop().await.0.unwrap();
+    let (meanwhile, placed) = held_then_back(&w, Duration::from_secs(25)).await;
     assert!(
         meanwhile.iter().any(|r| r.0 == "a.bin" && r.1 == "hashed") && placed.is_some(),
         "records while the watch was held: {meanwhile:?}; a.bin placed once it was back: \
@@ -72,7 +81,6 @@ async fn a_held_watch_s_waiting_upload_is_not_failed_by_the_upload_sweep() {
 /// This passed before `Sorter::held` too (the sorter retried the placement through the planted
 /// entry, with warnings, and the record stayed): it guards the sorter's side of `serves`, which
 /// now leaves such a record alone as upload and hashing do.
-#[allow(clippy::disallowed_methods)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_watch_s_decided_file_is_not_closed_as_vanished_by_the_sorter() {
     let w = World::quick().await;
@@ -99,21 +107,8 @@ async fn a_held_watch_s_decided_file_is_not_closed_as_vanished_by_the_sorter() {
     agent.stop().await.0.unwrap();
     assert!(immutable("-i"), "chattr -i");
     assert!(decided.is_some(), "a.bin never decided: {:?}", records(&w));
-    // The staging folder moved away, a symlink to it planted in its place: the watch is held.
-    let staging = w.inbox.join(".dropscan/test");
-    let away = w.dir.path().join("staging-away");
-    std::fs::rename(&staging, &away).unwrap();
-    std::os::unix::fs::symlink(&away, &staging).unwrap();
-    let agent = w.start_agent();
     // Records left waiting are taken up by the second sorter sweep that sees them (5 s apart).
-    tokio::time::sleep(Duration::from_secs(20)).await;
-    let meanwhile = records(&w);
-    agent.stop().await.0.unwrap();
-    std::fs::remove_file(&staging).unwrap();
-    std::fs::rename(&away, &staging).unwrap();
-    let agent = w.start_agent();
-    let placed = wait_for(LONG, || w.clean.join("a.bin").is_file().then_some(())).await;
-    agent.stop().await.0.unwrap();
+    let (meanwhile, placed) = held_then_back(&w, Duration::from_secs(20)).await;
     assert!(
         meanwhile.iter().any(|r| r.0 == "a.bin" && waiting(&r.1)) && placed.is_some(),
         "records while the watch was held: {meanwhile:?}; a.bin placed once it was back: \

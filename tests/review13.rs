@@ -351,10 +351,11 @@ async fn a_sighup_shortening_state_history_prunes_by_the_new_one() {
 /// ran. A race: failed 3 runs of 8 here (two.bin placed 20 to 60 s late, once the share
 /// answered). Not fixed: see the ignore reason.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "review13 finding 4, not fixed: start-up (reconcile's recognise_all, then the stages) \
-            opens each served root on the async threads without a deadline; fix by recognising \
-            each root on a thread of its own with answer::DEADLINE, holding a root that does \
-            not answer and restarting the generation once it does (as restart_when_back)"]
+#[ignore = "review13 finding 4, not fixed: start-up (reconcile's recognise_root, then the \
+            stages) opens each served root on the async threads without a deadline; fix by \
+            making recognise_root's first looks on a thread of its own with answer::DEADLINE \
+            and, when they do not answer, holding the watch as Recognised::Awaiting(inbox), \
+            which restart_when_staging_back then serves once it answers"]
 async fn a_share_that_flaps_while_it_is_served_back_loses_nothing() {
     use crate::review10::{HangingShare, spawn_binary, terminate, with_second_watch};
     let (w, server, other) = with_second_watch().await;

@@ -26,6 +26,26 @@ use crate::metrics::Metrics;
 /// How often missing inboxes are looked for again.
 pub(super) const INBOX_RETRY: Duration = Duration::from_secs(5);
 
+/// How an agent that serves part of its configuration gets the whole of it served: the reload
+/// loop's slot for the next generation's configuration, and that configuration.
+#[derive(Clone)]
+pub(crate) struct Restart {
+    pub(super) next: Arc<Mutex<Option<Config>>>,
+    pub(super) config: Config,
+}
+
+impl Restart {
+    /// Ends `generation`; the reload loop starts the next one on the whole configuration, or on
+    /// a SIGHUP's configuration put there meanwhile (newer: it stays).
+    fn now(&self, generation: &CancellationToken) {
+        self.next
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_or_insert_with(|| self.config.clone());
+        generation.cancel();
+    }
+}
+
 /// The inboxes of `config` that are not folders now, or whose filesystem does not answer
 /// within [`answer::DEADLINE`].
 pub fn missing_inboxes(config: &Config) -> Vec<PathBuf> {
@@ -49,6 +69,19 @@ async fn unavailable_now(paths: Vec<PathBuf>) -> Vec<PathBuf> {
     tokio::task::spawn_blocking(move || unavailable(&paths))
         .await
         .unwrap_or(fallback)
+}
+
+/// After [`INBOX_RETRY`], which of `paths` are still not folders that answer; `None` once
+/// `generation` ends.
+async fn look_again(paths: &[PathBuf], generation: &CancellationToken) -> Option<Vec<PathBuf>> {
+    tokio::select! {
+        () = generation.cancelled() => return None,
+        () = tokio::time::sleep(INBOX_RETRY) => {}
+    }
+    tokio::select! {
+        () = generation.cancelled() => None,
+        still = unavailable_now(paths.to_vec()) => Some(still),
+    }
 }
 
 /// Waits until at least one inbox of `config` answers as a folder; then the configuration
@@ -97,20 +130,14 @@ pub(super) async fn wait_for_some(
 /// `generation`, so that the next agent serves it. A check that fails is logged and ends the
 /// waiting: the other watches go on, and a SIGHUP tries again.
 pub(super) async fn restart_when_back(
-    config: Config,
+    restart: Restart,
     missing: Vec<PathBuf>,
     metrics: Arc<Metrics>,
     generation: CancellationToken,
-    next: Arc<Mutex<Option<Config>>>,
 ) {
     loop {
-        tokio::select! {
-            () = generation.cancelled() => return,
-            () = tokio::time::sleep(INBOX_RETRY) => {}
-        }
-        let still = tokio::select! {
-            () = generation.cancelled() => return,
-            still = unavailable_now(missing.clone()) => still,
+        let Some(still) = look_again(&missing, &generation).await else {
+            return;
         };
         metrics.set_missing_inboxes(still.clone());
         if still.len() == missing.len() {
@@ -121,7 +148,7 @@ pub(super) async fn restart_when_back(
             .filter(|p| !still.contains(p))
             .map(|p| crate::fsops::shown(p).to_string())
             .collect();
-        let checking = config.clone();
+        let checking = restart.config.clone();
         let spawned = crate::runtime::on_own_thread("dropscan-check", move || {
             super::preflight::check(&checking)
         });
@@ -141,11 +168,7 @@ pub(super) async fn restart_when_back(
                     inboxes = %back.join(", "),
                     "inbox answers now: restarting the agent to serve every watch"
                 );
-                // A SIGHUP's configuration put there meanwhile is newer: it stays.
-                next.lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .get_or_insert(config);
-                generation.cancel();
+                restart.now(&generation);
                 return;
             }
             Some(Err(e)) => {
@@ -157,6 +180,35 @@ pub(super) async fn restart_when_back(
                 return;
             }
             None => continue,
+        }
+    }
+}
+
+/// Looks every [`INBOX_RETRY`] at the folders that watches held at start wait for (their staging
+/// folder, missing while files of theirs were in flight: a share not mounted yet; see
+/// `reconcile::recognise_root`); once one is a folder that answers, ends `generation` so that the
+/// next one, on the whole configuration, serves its watch.
+pub(super) async fn restart_when_staging_back(
+    awaited: Vec<PathBuf>,
+    restart: Restart,
+    generation: CancellationToken,
+) {
+    loop {
+        let Some(still) = look_again(&awaited, &generation).await else {
+            return;
+        };
+        if still.len() < awaited.len() {
+            let back: Vec<String> = awaited
+                .iter()
+                .filter(|p| !still.contains(p))
+                .map(|p| crate::fsops::shown(p).to_string())
+                .collect();
+            tracing::info!(
+                folders = %back.join(", "),
+                "a held watch's folder is back: restarting the agent to serve it"
+            );
+            restart.now(&generation);
+            return;
         }
     }
 }

@@ -71,6 +71,9 @@ pub struct Agent {
     /// Whether its staging folders' locks outlive it: a SIGHUP reload's next generation takes
     /// them over without letting go for a moment ([`fsops::roots::StagingLock`]).
     keep_staging_locks: bool,
+    /// How it asks the reload loop to start again on the whole configuration (a watch held at
+    /// start until its staging folder is back); without it, start-up waits for that folder.
+    restart: Option<inboxes::Restart>,
 }
 
 impl Agent {
@@ -104,6 +107,7 @@ impl Agent {
         Ok(Agent {
             serve_metrics: false,
             keep_staging_locks: false,
+            restart: None,
             shared: Arc::new(Shared {
                 config,
                 journal,
@@ -143,6 +147,14 @@ impl Agent {
         self
     }
 
+    /// Lets it end its run to have the reload loop start again on `restart`'s configuration: a
+    /// watch whose staging folder is missing at start while files of it are in flight is then
+    /// held (every other watch goes on) until the folder is back, instead of waited for.
+    pub(crate) fn restart_into(mut self, restart: inboxes::Restart) -> Self {
+        self.restart = Some(restart);
+        self
+    }
+
     /// Runs until `shutdown` is cancelled or a stage fails.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), FatalError> {
         let (shared, keep) = (Arc::clone(&self.shared), self.keep_staging_locks);
@@ -162,7 +174,7 @@ impl Agent {
     }
 
     async fn run_stages(self, shutdown: CancellationToken) -> Result<(), FatalError> {
-        let (shared, serve_metrics) = (self.shared, self.serve_metrics);
+        let (shared, serve_metrics, restart) = (self.shared, self.serve_metrics, self.restart);
         let cfg = Arc::clone(&shared.config);
         // Restrictions first (a failure is not fatal: the server may be down; it is retried).
         // A shutdown meanwhile ends the run: a server trickling its answer must not hold it.
@@ -176,13 +188,21 @@ impl Agent {
                 "starting without the server's restrictions; they are fetched again later"
             );
         }
-        let resume = reconcile::reconcile(&shared, &shutdown).await?;
+        let resume = reconcile::reconcile(&shared, &shutdown, restart.is_some()).await?;
+        let awaited = resume.awaited.clone();
 
         let sup = Supervisor::new(&shutdown);
         spawn_pipeline(&sup, &shared, resume);
         let (stages, tracker) = (&sup.stages, &sup.tracker);
         tracker.spawn(housekeeping(Arc::clone(&shared), stages.clone()));
         tracker.spawn(crate::runtime::trim_freed_memory(stages.clone()));
+        if let Some(restart) = restart.filter(|_| !awaited.is_empty()) {
+            tracker.spawn(inboxes::restart_when_staging_back(
+                awaited,
+                restart,
+                shutdown.clone(),
+            ));
+        }
         // Notifications: their own task, reading the journal's queue; never on a stage's path.
         tracker.spawn(crate::hooks::run(
             shared.journal.clone(),

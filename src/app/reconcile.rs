@@ -73,6 +73,10 @@ enum Recognised {
     /// made; a destination others control): logged, shown on `/readyz` and in a metric; every
     /// other watch works.
     Held,
+    /// Held until the folder given is back: its staging folder (a share not mounted yet) while
+    /// files of it are in flight, or its inbox. Only when the agent can restart itself then
+    /// ([`super::Agent::restart_into`]); otherwise start-up waits for the folder.
+    Awaiting(PathBuf),
     /// Shutdown came while waiting for it.
     Shutdown,
 }
@@ -89,6 +93,7 @@ async fn recognise_root(
     shared: &Arc<Shared>,
     root: &Arc<Root>,
     in_flight: usize,
+    hold_missing: bool,
     shutdown: &CancellationToken,
 ) -> Result<Recognised, FatalError> {
     let roots = root.dirs();
@@ -105,6 +110,7 @@ async fn recognise_root(
                 break roots.get(Which::Staging, true);
             }
             Err(e) => break Err(e),
+            Ok(None) if hold_missing => return Ok(awaiting(shared, root, in_flight, inbox_ok)),
             Ok(None) => {
                 if waited % 60 == 0 {
                     tracing::warn!(
@@ -177,6 +183,35 @@ async fn recognise_root(
     }
 }
 
+/// A watch held at start until a folder is back (see [`Recognised::Awaiting`]): its staging
+/// folder, missing while `in_flight` files of it are in flight, or else its inbox (gone since the
+/// agent looked at it); logged, and shown on `/readyz`.
+fn awaiting(shared: &Shared, root: &Root, in_flight: usize, inbox_ok: bool) -> Recognised {
+    let roots = root.dirs();
+    let (inbox, staging) = (roots.path(Which::Inbox), roots.path(Which::Staging));
+    let why = if inbox_ok {
+        tracing::warn!(
+            inbox = %fsops::shown(inbox),
+            staging = %fsops::shown(staging),
+            files = in_flight,
+            "the staging folder is missing while files are in flight: is the share mounted? this \
+             watch is held until it is back (every other watch goes on; nothing is judged missing \
+             meanwhile; if the folder is really gone, create it empty to let dropscan close the \
+             records)"
+        );
+        format!(
+            "its staging folder {} is missing while {in_flight} files are in flight (a share not \
+             mounted?)",
+            fsops::shown(staging)
+        )
+    } else {
+        tracing::warn!(inbox = %fsops::shown(inbox), "the inbox is gone: this watch is held until it is back");
+        "its inbox is gone".to_string()
+    };
+    shared.metrics.set_watch_held(inbox, Some(why));
+    Recognised::Awaiting(if inbox_ok { staging } else { inbox }.to_path_buf())
+}
+
 /// What each stage resumes with.
 pub(super) struct Resume {
     pub(super) claimed: Vec<(FileId, PathBuf)>,
@@ -184,12 +219,15 @@ pub(super) struct Resume {
     pub(super) submitting: Vec<crate::journal::FileRecord>,
     pub(super) submitted: Vec<crate::journal::FileRecord>,
     pub(super) to_place: Vec<FileId>,
+    /// The folders that watches held at start wait for ([`Recognised::Awaiting`]).
+    pub(super) awaited: Vec<PathBuf>,
 }
 
 /// Reconciles the journal with the staging folders; see the module docs.
 pub(super) async fn reconcile(
     shared: &Arc<Shared>,
     shutdown: &CancellationToken,
+    hold_missing: bool,
 ) -> Result<Resume, FatalError> {
     let journal = &shared.journal;
     let records = journal.in_states(&FileState::UNFINISHED).await?;
@@ -199,14 +237,17 @@ pub(super) async fn reconcile(
         submitting: Vec::new(),
         submitted: Vec::new(),
         to_place: Vec::new(),
+        awaited: Vec::new(),
     };
     // Every root is recognised first; records of a root no longer configured are left alone
     // (the sorter says so when it meets them).
-    let Some(stagings) = recognise_all(shared, &records, shutdown).await? else {
+    let recognised = recognise_all(shared, &records, hold_missing, shutdown).await?;
+    let Some((stagings, awaited)) = recognised else {
         return Ok(resume);
     };
     // A tool's copy (release, restore): while the tool holds custody (or died holding it), its
     // temp may be the only copy of the file, which the tool's next run finishes.
+    resume.awaited = awaited;
     let custody: HashSet<FileId> = journal.in_custody().await?.into_iter().collect();
     let known: HashMap<PathBuf, FileId> =
         records.iter().map(|r| (r.staged.clone(), r.id)).collect();
@@ -235,26 +276,32 @@ pub(super) async fn reconcile(
     Ok(resume)
 }
 
-/// The staging folder of each root (by [`RootId`]), `None` for a held watch; `None` in all when
-/// shutdown came first.
+/// The staging folder of each root (by [`RootId`]), `None` for a held watch, and the folders
+/// that held watches wait for; `None` when shutdown came first.
 async fn recognise_all(
     shared: &Arc<Shared>,
     records: &[FileRecord],
+    hold_missing: bool,
     shutdown: &CancellationToken,
-) -> Result<Option<Vec<Option<Arc<Dir>>>>, FatalError> {
+) -> Result<Option<(Vec<Option<Arc<Dir>>>, Vec<PathBuf>)>, FatalError> {
     let mut stagings = Vec::with_capacity(shared.roots.len());
+    let mut awaited = Vec::new();
     for root in shared.roots.iter() {
         let in_flight = records
             .iter()
             .filter(|r| shared.root_of(&r.root).is_some_and(|x| x.id == root.id))
             .count();
-        match recognise_root(shared, root, in_flight, shutdown).await? {
+        match recognise_root(shared, root, in_flight, hold_missing, shutdown).await? {
             Recognised::Ready(d) => stagings.push(Some(d)),
             Recognised::Held => stagings.push(None),
+            Recognised::Awaiting(folder) => {
+                stagings.push(None);
+                awaited.push(folder);
+            }
             Recognised::Shutdown => return Ok(None),
         }
     }
-    Ok(Some(stagings))
+    Ok(Some((stagings, awaited)))
 }
 
 /// Hands one unfinished record to the stage that resumes it ([`route`]), or closes it.

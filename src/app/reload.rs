@@ -132,28 +132,7 @@ pub async fn run_reloading_with(
                 }
             })
         };
-        let result = match super::inboxes::wait_for_some(&config, &metrics, &generation).await {
-            Some((served, missing)) => {
-                let waiting = (!missing.is_empty()).then(|| {
-                    tokio::spawn(super::inboxes::restart_when_back(
-                        config.clone(),
-                        missing,
-                        Arc::clone(&metrics),
-                        generation.clone(),
-                        Arc::clone(&next),
-                    ))
-                });
-                let ran = match super::Agent::with_metrics(served, Arc::clone(&metrics)) {
-                    Ok(agent) => agent.keep_staging_locks().run(generation.clone()).await,
-                    Err(e) => Err(e),
-                };
-                if let Some(w) = waiting {
-                    w.abort();
-                }
-                ran
-            }
-            None => Ok(()),
-        };
+        let result = serve_generation(&config, &metrics, &generation, &next).await;
         generation.cancel();
         watcher.await.ok();
         if let Err(e) = result {
@@ -186,6 +165,47 @@ pub async fn run_reloading_with(
         e.stop().await;
     }
     result
+}
+
+/// One generation on `config`: the watches whose inbox answers are served, the others waited for
+/// ([`super::inboxes`]); a watch back, or one held at start until its folder is back, restarts
+/// the loop through `next`.
+async fn serve_generation(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+    generation: &CancellationToken,
+    next: &Arc<Mutex<Option<Config>>>,
+) -> Result<(), FatalError> {
+    let Some((served, missing)) = super::inboxes::wait_for_some(config, metrics, generation).await
+    else {
+        return Ok(());
+    };
+    let restart = super::inboxes::Restart {
+        next: Arc::clone(next),
+        config: config.clone(),
+    };
+    let waiting = (!missing.is_empty()).then(|| {
+        tokio::spawn(super::inboxes::restart_when_back(
+            restart.clone(),
+            missing,
+            Arc::clone(metrics),
+            generation.clone(),
+        ))
+    });
+    let ran = match super::Agent::with_metrics(served, Arc::clone(metrics)) {
+        Ok(agent) => {
+            agent
+                .keep_staging_locks()
+                .restart_into(restart)
+                .run(generation.clone())
+                .await
+        }
+        Err(e) => Err(e),
+    };
+    if let Some(w) = waiting {
+        w.abort();
+    }
+    ran
 }
 
 /// Reads the configuration at `path` again and tries its folders ([`super::preflight::check`]),
