@@ -240,10 +240,11 @@ async fn smb_a_paused_writer_s_small_file_owned_in_a_batch_is_uploaded_once_whol
     let writer = tokio::task::spawn_blocking(move || {
         smbd.slow_writer("scan-0002.pdf", 64 << 10, 4, Duration::from_millis(2500))
     });
-    // Other small files, 8 every 250 ms, until the writer is done and a little after.
+    // Other small files, 8 every 250 ms, until the writer is done and a little after (at most
+    // 100 s: a writer that never ends fails below).
     let mut others = Vec::new();
     let mut round = 0u64;
-    while !writer.is_finished() || round < 24 {
+    while (!writer.is_finished() || round < 24) && round < 400 {
         for i in 0..8u64 {
             let name = format!("other/{round}-{i}.bin");
             let body = bytes(1000 + round * 8 + i, 2000);
