@@ -40,6 +40,9 @@ pub struct Shared {
     pub owner: Owner,
     /// Paths already warned about (hard-linked files left in the inbox), to warn once.
     pub(crate) warned: std::sync::Mutex<HashSet<PathBuf>>,
+    /// Told when a private copy found its staging folder full: claim owns the records left
+    /// `claimed` again a little later, instead of at the stuck-claim sweep.
+    pub(crate) staging_full: tokio::sync::Notify,
 }
 
 impl Shared {

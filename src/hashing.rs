@@ -255,10 +255,12 @@ async fn journal_owned(
     let result = match owned {
         Ok(owned) => Ok(owned),
         Err(Owning::StillWritten) => return give_back(shared, id, staged).await,
-        // Staging is full: the copy cannot be made yet. The record stays `claimed` and the
-        // stuck-claim sweep owns it again later; nothing is failed for want of space.
+        // Staging is full: the copy cannot be made yet. The record stays `claimed` and claim
+        // owns it again a little later (`Shared::staging_full`); nothing is failed for want of
+        // space.
         Err(Owning::Failed(e @ FsError::NoSpace { .. })) => {
             tracing::warn!(id, error = %e, "no space in staging for the private copy; retried later");
+            shared.staging_full.notify_one();
             return Hashed::Waiting;
         }
         Err(Owning::Failed(e)) => Err(e),

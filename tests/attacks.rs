@@ -442,7 +442,11 @@ async fn a_running_agent_keeps_its_owner_marker_fresh() {
 
 /// The quarantined file of entry `id` after the agent placed it, and the agent stopped.
 #[allow(clippy::unwrap_used)]
-async fn quarantined_entry(w: &World, rel: &str, body: &[u8]) -> (dropscan::journal::Journal, i64) {
+pub(crate) async fn quarantined_entry(
+    w: &World,
+    rel: &str,
+    body: &[u8],
+) -> (dropscan::journal::Journal, i64) {
     let agent = w.start_agent();
     w.drop_file(rel, body);
     let placed = w.wait_placed(1, LIMIT).await;

@@ -409,7 +409,7 @@ async fn metrics_and_health_endpoints_answer() {
     agent.stop().await.0.unwrap();
 }
 
-fn sighup(child: &Child) {
+pub(crate) fn sighup(child: &Child) {
     let pid = rustix::process::Pid::from_raw(i32::try_from(child.id()).unwrap()).unwrap();
     rustix::process::kill_process(pid, rustix::process::Signal::HUP).unwrap();
 }
@@ -456,10 +456,10 @@ async fn sighup_reloads_a_valid_config_and_refuses_a_bad_one() {
 }
 
 /// A small tmpfs, unmounted on drop. None where mounting is not allowed (not root, a sandbox).
-struct Tmpfs(PathBuf);
+pub(crate) struct Tmpfs(PathBuf);
 
 impl Tmpfs {
-    fn mount(at: &std::path::Path, size: &str) -> Option<Tmpfs> {
+    pub(crate) fn mount(at: &std::path::Path, size: &str) -> Option<Tmpfs> {
         std::fs::create_dir_all(at).ok()?;
         let ok = Command::new("mount")
             .args([

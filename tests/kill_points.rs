@@ -27,7 +27,10 @@ const LIMIT: Duration = Duration::from_secs(60);
 const MAX_KILL_POINTS: usize = 150;
 
 /// The files of one round: (name, content, where it must end).
-fn drops() -> Vec<(&'static str, Vec<u8>, Outcome)> {
+pub(crate) type Drops = Vec<(&'static str, Vec<u8>, Outcome)>;
+
+/// The files of one round.
+fn drops() -> Drops {
     vec![
         ("a.bin", bytes(11, 300_000), Outcome::Clean),
         ("sub/b.txt", bytes(12, 4_000), Outcome::Clean),
@@ -137,7 +140,20 @@ impl Drop for Group {
 /// One round per kill point (every `stride`-th) until a round is no longer killed, with the first
 /// `files` of [`drops`].
 async fn every_kill_point(syscalls: &str, watch_extra: &str, files: usize, stride: usize) {
-    let drops = || drops().into_iter().take(files);
+    let set: Drops = drops().into_iter().take(files).collect();
+    every_kill_point_of(&set, syscalls, watch_extra, stride).await;
+}
+
+/// One round per kill point (every `stride`-th) until a round is no longer killed, with `set`
+/// dropped before the agent starts (so the small ones are claimed and owned as one batch).
+pub(crate) async fn every_kill_point_of(
+    set: &Drops,
+    syscalls: &str,
+    watch_extra: &str,
+    stride: usize,
+) {
+    let files = set.len();
+    let drops = || set.iter().map(|(n, c, o)| (*n, c.clone(), *o));
     let Some(strace) = find_tool("strace") else {
         eprintln!("skipped: strace not installed (Debian package strace)");
         return;

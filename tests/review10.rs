@@ -279,7 +279,7 @@ pub(crate) fn spawn_binary(config: &Path, log: &Path) -> std::process::Child {
 }
 
 /// Each thread of process `pid` as "name: what it waits in".
-fn threads_of(pid: u32) -> Vec<String> {
+pub(crate) fn threads_of(pid: u32) -> Vec<String> {
     let mut out = Vec::new();
     for t in std::fs::read_dir(format!("/proc/{pid}/task"))
         .into_iter()

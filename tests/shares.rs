@@ -20,7 +20,7 @@ use crate::util::{Outcome, World, bytes, wait_for};
 const LIMIT: Duration = Duration::from_secs(90);
 
 /// A world whose inbox is exported by a fresh smbd, with `settle` of one second.
-async fn smb_world(watch_extra: &str) -> Option<(World, Smbd)> {
+pub(crate) async fn smb_world(watch_extra: &str) -> Option<(World, Smbd)> {
     let mut w = World::quick().await;
     w.settle = "1s";
     w.watch_extra = watch_extra.to_string();
@@ -33,7 +33,7 @@ async fn smb_world(watch_extra: &str) -> Option<(World, Smbd)> {
     }
 }
 
-fn uploads(w: &World) -> u64 {
+pub(crate) fn uploads(w: &World) -> u64 {
     w.emulator().state().stats().submits_accepted
 }
 

@@ -42,6 +42,7 @@ mod reloads;
 mod review10;
 mod review11;
 mod review12;
+mod review13;
 mod review6;
 mod review7;
 mod review8;

@@ -5,7 +5,9 @@
 //! `/readyz` (not ready while any is missing), and looked at again every [`INBOX_RETRY`]. When
 //! one comes back and the whole configuration passes its check, the generation ends and the next
 //! one serves every watch (the same graceful stop as a SIGHUP reload, which the journal makes
-//! lossless). When none answers, nothing starts until one does.
+//! lossless). A SIGHUP that came meanwhile wins: its configuration is not overwritten, and one
+//! still being checked is checked again by the next generation. When none answers, nothing
+//! starts until one does.
 //!
 //! Records of a watch that is not served are left as they are (`reconcile` leaves records of
 //! roots it does not know), so a file in flight on a share that went away is taken up again by
@@ -33,9 +35,13 @@ pub(crate) struct Restart {
 }
 
 impl Restart {
-    /// Ends `generation`; the reload loop starts the next one on the whole configuration.
+    /// Ends `generation`; the reload loop starts the next one on the whole configuration, or on
+    /// a SIGHUP's configuration put there meanwhile (newer: it stays).
     fn now(&self, generation: &CancellationToken) {
-        *self.next.lock().unwrap_or_else(PoisonError::into_inner) = Some(self.config.clone());
+        self.next
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_or_insert_with(|| self.config.clone());
         generation.cancel();
     }
 }

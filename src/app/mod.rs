@@ -118,6 +118,7 @@ impl Agent {
                 roots,
                 owner: Owner::this_host(),
                 warned: std::sync::Mutex::default(),
+                staging_full: tokio::sync::Notify::new(),
             }),
         })
     }

@@ -105,7 +105,13 @@ pub async fn run_reloading_with(
                         () = reload.notified() => {}
                     }
                     let checked = tokio::select! {
-                        () = generation.cancelled() => return,
+                        () = generation.cancelled() => {
+                            // The generation ended first (the restart that serves an inbox
+                            // back, a shutdown): this SIGHUP is the next generation's to check,
+                            // not dropped.
+                            reload.notify_one();
+                            return;
+                        }
                         checked = load_and_check(&path) => checked,
                     };
                     let Some(checked) = checked else { continue };

@@ -49,6 +49,10 @@ const HASH_CONCURRENCY: usize = 8;
 const STUCK_SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 /// A `claimed` record untouched this long is hashed again (longer than any hash queue).
 const STUCK_AFTER: std::time::Duration = std::time::Duration::from_secs(600);
+/// How long after a private copy found staging full the records left `claimed` are owned again
+/// (the rest of its batch, released, may have made room; the stuck-claim sweep would wait
+/// [`STUCK_AFTER`]).
+const ROOM_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
 /// Bounds of the kept originals' sweep period.
 const KEPT_SWEEP_MIN: std::time::Duration = std::time::Duration::from_millis(250);
 const KEPT_SWEEP_MAX: std::time::Duration = std::time::Duration::from_secs(30);
@@ -155,6 +159,8 @@ pub async fn run(
     kept_sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut journal_back = shared.journal.recovered();
     journal_back.mark_unchanged();
+    // When the records a full staging folder left `claimed` are owned again.
+    let mut room_due: Option<tokio::time::Instant> = None;
     loop {
         batch.clear();
         let claimed = tokio::select! {
@@ -178,6 +184,14 @@ pub async fn run(
                 stuck(&shared, std::time::Duration::ZERO, &hashing_now).await
             }
             _ = sweep.tick() => stuck(&shared, STUCK_AFTER, &hashing_now).await,
+            () = shared.staging_full.notified() => {
+                room_due.get_or_insert_with(|| tokio::time::Instant::now() + ROOM_RETRY_AFTER);
+                Vec::new()
+            }
+            () = tokio::time::sleep_until(room_due.unwrap_or_else(tokio::time::Instant::now)), if room_due.is_some() => {
+                room_due = None;
+                stuck(&shared, std::time::Duration::ZERO, &hashing_now).await
+            }
         };
         let (small, claimed): (Vec<ToOwn>, Vec<ToOwn>) = claimed.into_iter().partition(|j| j.small);
         if !small.is_empty() {

@@ -209,7 +209,7 @@ impl Journal {
     }
 
     /// Drops finished records older than `history` (but never one whose file is still kept in
-    /// quarantine or failed, nor one with an audit trail; see `ops_audit.rs`), notifications
+    /// quarantine or failed, a tool's custody of it included, nor one with an audit trail; see `ops_audit.rs`), notifications
     /// given up on longer ago than `history`, and verdicts older than `verdict_ttl`. A
     /// verdict stamped in the future (the wall clock went back) is dropped too: its age cannot
     /// be known, so it is never reused.
@@ -223,12 +223,15 @@ impl Journal {
             let h = i64::try_from(history.as_millis()).unwrap_or(i64::MAX);
             let t = i64::try_from(verdict_ttl.as_millis()).unwrap_or(i64::MAX);
             // Never pruned: a file still kept in quarantine or failed (no custody row says it
-            // left), and a record with an audit trail (the audit names it).
+            // left: a `busy:` row is a tool at work on it, or one killed mid-move whose next run
+            // finishes that move from this record), and a record with an audit trail (the audit
+            // names it).
             let n = conn
                 .execute(
                     "DELETE FROM files WHERE state = ?2 AND updated_at < ?1 \
                      AND NOT (outcome IN (?3, ?4) AND dest IS NOT NULL \
-                              AND id NOT IN (SELECT file_id FROM custody)) \
+                              AND id NOT IN (SELECT file_id FROM custody \
+                                             WHERE status NOT LIKE 'busy:%')) \
                      AND id NOT IN (SELECT file_id FROM audit WHERE file_id IS NOT NULL)",
                     params![
                         now.saturating_sub(h),
