@@ -474,7 +474,6 @@ pub(crate) async fn quarantined_entry(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_release_killed_after_the_quarantined_file_went_loses_nothing() {
-    use crate::quarantine_tools::{dropscan, text};
     let w = World::quick().await;
     let cfg = w.write_config();
     let body = [EICAR, b" a false positive"].concat();
@@ -512,24 +511,7 @@ async fn a_release_killed_after_the_quarantined_file_went_loses_nothing() {
     );
 
     // Once the dead tool's custody is stale, running the release again finishes it.
-    let conn = rusqlite::Connection::open(w.state_dir().join("journal.sqlite")).unwrap();
-    conn.execute("UPDATE custody SET at = 0", []).unwrap();
-    drop(conn);
-    let c = cfg.to_str().unwrap();
-    let id_s = id.to_string();
-    let out = dropscan(&[
-        "quarantine",
-        "release",
-        &id_s,
-        "--reason",
-        "fp",
-        "--config",
-        c,
-    ])
-    .await;
-    assert!(out.status.success(), "{}", text(&out));
-    assert_eq!(std::fs::read(w.clean.join("fp.com")).unwrap(), body);
-    assert!(!temp.exists());
+    crate::attacks::release_again_once_custody_is_stale(&w, &cfg, id, &body, &temp).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -712,4 +694,35 @@ async fn an_older_versions_partial_copy_of_a_finished_record_is_removed_not_rele
         std::fs::read(w.quarantine.join("big.bin")).unwrap(),
         content
     );
+}
+
+/// Makes the dead tool's custody of quarantine entry `id` (`fp.com`) stale, runs the release
+/// again, and checks that it finished: `body` in clean, the tool's `temp` gone.
+#[allow(clippy::unwrap_used)]
+pub(crate) async fn release_again_once_custody_is_stale(
+    w: &World,
+    cfg: &std::path::Path,
+    id: i64,
+    body: &[u8],
+    temp: &std::path::Path,
+) {
+    use crate::quarantine_tools::{dropscan, text};
+    let conn = rusqlite::Connection::open(w.state_dir().join("journal.sqlite")).unwrap();
+    conn.execute("UPDATE custody SET at = 0", []).unwrap();
+    drop(conn);
+    let id_s = id.to_string();
+    let c = cfg.to_str().unwrap();
+    let out = dropscan(&[
+        "quarantine",
+        "release",
+        &id_s,
+        "--reason",
+        "fp",
+        "--config",
+        c,
+    ])
+    .await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(std::fs::read(w.clean.join("fp.com")).unwrap(), body);
+    assert!(!temp.exists());
 }

@@ -52,7 +52,6 @@ async fn killed_at_fsyncs_around_a_batch_s_one_hashed_commit_loses_nothing() {
 /// row was read as "it left", so the file was forgotten and the release could never be finished.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prune_keeps_the_record_of_a_kept_file_whose_release_was_interrupted() {
-    use crate::quarantine_tools::{dropscan, text};
     let w = World::quick().await;
     let cfg = w.write_config();
     let body = [EICAR, b" interrupted, then pruned"].concat();
@@ -93,24 +92,7 @@ async fn prune_keeps_the_record_of_a_kept_file_whose_release_was_interrupted() {
     );
 
     // Once the dead tool's custody is stale, running the release again finishes it.
-    let conn = rusqlite::Connection::open(w.state_dir().join("journal.sqlite")).unwrap();
-    conn.execute("UPDATE custody SET at = 0", []).unwrap();
-    drop(conn);
-    let id_s = id.to_string();
-    let c = cfg.to_str().unwrap();
-    let out = dropscan(&[
-        "quarantine",
-        "release",
-        &id_s,
-        "--reason",
-        "fp",
-        "--config",
-        c,
-    ])
-    .await;
-    assert!(out.status.success(), "{}", text(&out));
-    assert_eq!(std::fs::read(w.clean.join("fp.com")).unwrap(), body);
-    assert!(!temp.exists());
+    crate::attacks::release_again_once_custody_is_stale(&w, &cfg, id, &body, &temp).await;
 }
 
 /// Finding: a file of a batch whose private copy found staging full (ENOSPC) waited for the
