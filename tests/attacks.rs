@@ -481,22 +481,8 @@ async fn a_release_killed_after_the_quarantined_file_went_loses_nothing() {
     // What `quarantine release` leaves when killed -9 between removing the quarantined file
     // and renaming its verified copy into place: custody busy, the only copy in the temp at the
     // top of clean.
-    journal
-        .take_custody(id, dropscan::journal::Outcome::Quarantine, "release")
-        .await
-        .unwrap();
-    let rec = journal.get(id).await.unwrap();
+    let temp = killed_mid_release(&w, &cfg, &journal, id).await;
     drop(journal);
-    let config = dropscan::config::Config::load(&cfg).unwrap();
-    let temp = w.clean.join(dropscan::fsops::names::copy_temp_name(
-        &dropscan::root::instance_of(&config.watches[0]),
-        dropscan::fsops::names::TempOf::Tool,
-        &dropscan::fsops::names::content_token(&rec.sha256.unwrap()),
-        &rec.rel_path,
-    ));
-    std::fs::create_dir_all(&w.clean).unwrap();
-    #[allow(clippy::disallowed_methods)]
-    std::fs::rename(w.quarantine.join("fp.com"), &temp).unwrap();
 
     // The agent restarts meanwhile: its start-up clean-up must not take the only copy.
     let agent = w.start_agent();
@@ -725,4 +711,32 @@ pub(crate) async fn release_again_once_custody_is_stale(
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(std::fs::read(w.clean.join("fp.com")).unwrap(), body);
     assert!(!temp.exists());
+}
+
+/// A release tool of quarantine entry `id` (`fp.com`) killed right after renaming its verified
+/// copy into place: custody taken, the file moved from quarantine to the tool's temp in clean.
+/// The temp's path.
+#[allow(clippy::unwrap_used)]
+pub(crate) async fn killed_mid_release(
+    w: &World,
+    cfg: &std::path::Path,
+    journal: &dropscan::journal::Journal,
+    id: i64,
+) -> std::path::PathBuf {
+    journal
+        .take_custody(id, dropscan::journal::Outcome::Quarantine, "release")
+        .await
+        .unwrap();
+    let rec = journal.get(id).await.unwrap();
+    let config = dropscan::config::Config::load(cfg).unwrap();
+    let temp = w.clean.join(dropscan::fsops::names::copy_temp_name(
+        &dropscan::root::instance_of(&config.watches[0]),
+        dropscan::fsops::names::TempOf::Tool,
+        &dropscan::fsops::names::content_token(&rec.sha256.unwrap()),
+        &rec.rel_path,
+    ));
+    std::fs::create_dir_all(&w.clean).unwrap();
+    #[allow(clippy::disallowed_methods)]
+    std::fs::rename(w.quarantine.join("fp.com"), &temp).unwrap();
+    temp
 }

@@ -58,21 +58,7 @@ async fn prune_keeps_the_record_of_a_kept_file_whose_release_was_interrupted() {
     let (journal, id) = crate::attacks::quarantined_entry(&w, "fp.com", &body).await;
     // What `quarantine release` leaves when killed -9 between removing the quarantined file and
     // renaming its verified copy into place.
-    journal
-        .take_custody(id, dropscan::journal::Outcome::Quarantine, "release")
-        .await
-        .unwrap();
-    let rec = journal.get(id).await.unwrap();
-    let config = dropscan::config::Config::load(&cfg).unwrap();
-    let temp = w.clean.join(dropscan::fsops::names::copy_temp_name(
-        &dropscan::root::instance_of(&config.watches[0]),
-        dropscan::fsops::names::TempOf::Tool,
-        &dropscan::fsops::names::content_token(&rec.sha256.unwrap()),
-        &rec.rel_path,
-    ));
-    std::fs::create_dir_all(&w.clean).unwrap();
-    #[allow(clippy::disallowed_methods)]
-    std::fs::rename(w.quarantine.join("fp.com"), &temp).unwrap();
+    let temp = crate::attacks::killed_mid_release(&w, &cfg, &journal, id).await;
 
     // The agent's prune runs (history shorter than the time the tool has been gone).
     std::thread::sleep(Duration::from_millis(5));

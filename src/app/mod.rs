@@ -188,8 +188,8 @@ impl Agent {
                 "starting without the server's restrictions; they are fetched again later"
             );
         }
-        let resume = reconcile::reconcile(&shared, &shutdown, restart.is_some()).await?;
-        let awaited = resume.awaited.clone();
+        let mut resume = reconcile::reconcile(&shared, &shutdown, restart.is_some()).await?;
+        let awaited = std::mem::take(&mut resume.awaited);
 
         let sup = Supervisor::new(&shutdown);
         spawn_pipeline(&sup, &shared, resume);
