@@ -521,6 +521,58 @@ async fn foreign_client_cert_is_refused_tls13() {
     .await;
 }
 
+/// CI flake of `cli::check_prints_restrictions_and_names_each_failure` (3 `dropscan check` runs
+/// of 300 under CPU load): with TLS 1.3 the server's refusal of our certificate came as an alert
+/// that hyper met before it could send the request ("connection was not ready"), so `check`
+/// said "the server is unreachable or failing". Made certain here: the first connection ends
+/// right after a handshake that went through, without the alert; the server refuses the
+/// certificate from then on. The client must name the refusal, not a passing network problem.
+#[tokio::test]
+async fn a_client_cert_refusal_lost_behind_a_closed_connection_is_still_named() {
+    within(async {
+        let ca = TestCa::new("kata ca");
+        let foreign_ca = TestCa::new("foreign ca");
+        let client_leaf = foreign_ca.client();
+        let server_leaf = ca.server();
+        let lenient = tokio_rustls::TlsAcceptor::from(server_config(
+            &server_leaf,
+            &foreign_ca,
+            ServerTls::Tls13Only,
+        ));
+        let strict =
+            tokio_rustls::TlsAcceptor::from(server_config(&server_leaf, &ca, ServerTls::Tls13Only));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            // The handshake goes through; the connection ends before any answer.
+            drop(lenient.accept(tcp).await);
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                let strict = strict.clone();
+                tokio::spawn(async move { strict.accept(tcp).await.ok() });
+            }
+        });
+        let opts = client_options_from_pem(
+            &format!("https://{addr}"),
+            &client_leaf.cert_pem,
+            &client_leaf.key_pem,
+            Some(&ca.cert_pem),
+            None,
+        );
+        let err = KataClient::new(opts)
+            .unwrap()
+            .restrictions()
+            .await
+            .unwrap_err();
+        server.abort();
+        assert!(matches!(err, ApiError::ClientCertRefused { .. }), "{err:?}");
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn connection_refused_is_a_retryable_transport_error() {
     within(async {

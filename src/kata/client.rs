@@ -12,6 +12,7 @@ use tracing::debug;
 
 use super::error::{ApiError, body_excerpt};
 use super::multipart::{Framing, UploadBody, UploadSource};
+use super::probe::Probe;
 use super::tls::{TlsOptions, client_config};
 use super::wire::{Restrictions, ScanId, ScanResult, ScanState, parse_restrictions, parse_results};
 
@@ -82,6 +83,8 @@ pub type AnswerObserver = Arc<dyn Fn(&'static str, Option<u16>) + Send + Sync>;
 
 struct Inner {
     http: reqwest::Client,
+    /// Finds the TLS refusal behind a broken connection ([`KataClient::diagnose_broken`]).
+    probe: Probe,
     endpoints: Endpoints,
     request_timeout: Duration,
     observer: std::sync::OnceLock<AnswerObserver>,
@@ -107,6 +110,11 @@ impl KataClient {
         let tls = client_config(&opts.tls).map_err(|e| ApiError::Setup {
             detail: e.to_string(),
         })?;
+        let probe = Probe::new(
+            Arc::new(tls.clone()),
+            endpoints.base.clone(),
+            opts.connect_timeout,
+        );
         let http = reqwest::Client::builder()
             .use_preconfigured_tls(tls)
             .http1_only()
@@ -122,6 +130,7 @@ impl KataClient {
         Ok(KataClient {
             inner: Arc::new(Inner {
                 http,
+                probe,
                 endpoints,
                 request_timeout: opts.request_timeout,
                 observer: std::sync::OnceLock::new(),
@@ -166,10 +175,7 @@ impl KataClient {
             .header(CONTENT_LENGTH, total)
             .timeout(timeout)
             .body(reqwest::Body::wrap(body));
-        let answer = match self.send("POST scans", request, MAX_SMALL_BODY).await {
-            Ok(answer) => answer,
-            Err(err) => return Err(self.diagnose_broken_upload(err).await),
-        };
+        let answer = self.send("POST scans", request, MAX_SMALL_BODY).await?;
         let status = answer.status;
         match status.as_u16() {
             200..=299 => {}
@@ -263,26 +269,23 @@ impl KataClient {
     }
 
     /// With TLS 1.3 a server refusing our client certificate says so in an alert after the
-    /// handshake; during a large upload the client may see only the broken pipe or reset of
-    /// the write, which would look retryable. On such an error, one small request (GET
-    /// filters) tells the two apart: a TLS classification from it replaces the error.
-    async fn diagnose_broken_upload(&self, err: ApiError) -> ApiError {
+    /// handshake; the HTTP layer may see only the connection's end (a broken pipe or reset of
+    /// the request's write, or a connection closed before the request could be sent), which
+    /// would look retryable. On such an error a handshake of its own ([`Probe`]) tells the two
+    /// apart: a TLS classification from it replaces the error.
+    async fn diagnose_broken(&self, err: ApiError) -> ApiError {
         let ApiError::Transport { source } = &err else {
             return err;
         };
         if !is_broken_connection(source) {
             return err;
         }
-        match self.restrictions().await {
-            Err(
-                probe @ (ApiError::ClientCertRefused { .. }
-                | ApiError::ServerNotTrusted { .. }
-                | ApiError::PinMismatch { .. }),
-            ) => {
-                debug!(upload_error = %err, "upload broke; a probe request shows why");
-                probe
+        match self.inner.probe.classify().await {
+            Some(found) => {
+                debug!(request_error = %err, "a connection broke; a TLS probe shows why");
+                found
             }
-            _ => err,
+            None => err,
         }
     }
 
@@ -302,7 +305,10 @@ impl KataClient {
                 observed.as_ref().ok().map(|r| r.status().as_u16()),
             );
         }
-        let mut response = observed.map_err(ApiError::from_reqwest)?;
+        let mut response = match observed {
+            Ok(response) => response,
+            Err(e) => return Err(self.diagnose_broken(ApiError::from_reqwest(e)).await),
+        };
         let status = response.status();
         let retry_after = response
             .headers()
@@ -369,7 +375,9 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     Some(wait.min(MAX_RETRY_AFTER))
 }
 
-/// True when the error chain holds a broken pipe or a connection reset.
+/// True when the error chain says the connection ended under the request: a broken pipe, a
+/// reset, an early end of stream, or hyper's "connection was not ready" (canceled) and
+/// "connection closed before message completed".
 fn is_broken_connection(err: &reqwest::Error) -> bool {
     let mut next: Option<&(dyn std::error::Error + 'static)> = Some(err);
     let mut depth = 0;
@@ -380,7 +388,13 @@ fn is_broken_connection(err: &reqwest::Error) -> bool {
                 std::io::ErrorKind::BrokenPipe
                     | std::io::ErrorKind::ConnectionReset
                     | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::UnexpectedEof
             )
+        {
+            return true;
+        }
+        if let Some(h) = e.downcast_ref::<hyper::Error>()
+            && (h.is_canceled() || h.is_incomplete_message())
         {
             return true;
         }

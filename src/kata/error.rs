@@ -217,35 +217,8 @@ impl ApiError {
                 source: io::Error::new(local.kind, local.message.clone()),
             };
         }
-        if let Some(pin) = find_pin_mismatch(&err) {
-            return ApiError::PinMismatch {
-                expected: pin.expected.clone(),
-                got: pin.got.clone(),
-            };
-        }
-        if let Some(tls) = find_rustls_error(&err) {
-            match tls {
-                rustls::Error::InvalidCertificate(_)
-                | rustls::Error::InvalidCertRevocationList(_) => {
-                    return ApiError::ServerNotTrusted {
-                        detail: tls.to_string(),
-                    };
-                }
-                rustls::Error::AlertReceived(alert) if is_client_cert_alert(*alert) => {
-                    return ApiError::ClientCertRefused {
-                        detail: format!("alert received: {alert:?}"),
-                    };
-                }
-                // Plain HTTP ("HTTP/1.1 200 OK" read as a TLS record) or random bytes.
-                rustls::Error::InvalidMessage(_)
-                | rustls::Error::InappropriateMessage { .. }
-                | rustls::Error::InappropriateHandshakeMessage { .. } => {
-                    return ApiError::NotTls {
-                        detail: tls.to_string(),
-                    };
-                }
-                _ => {}
-            }
+        if let Some(tls) = classify_tls(&err) {
+            return tls;
         }
         // TLS went through, then the peer sent something that is not HTTP (an SSH banner,
         // another protocol, random bytes): the server is not a KATA scanner API.
@@ -256,6 +229,42 @@ impl ApiError {
         }
         ApiError::Transport { source: err }
     }
+}
+
+/// What a TLS failure somewhere in `err`'s chain means: the server's certificate not trusted or
+/// not the pinned one, our client certificate refused, or no TLS on the port. `None` when the
+/// chain holds no such failure.
+pub(crate) fn classify_tls(err: &(dyn StdError + 'static)) -> Option<ApiError> {
+    if let Some(pin) = find_pin_mismatch(err) {
+        return Some(ApiError::PinMismatch {
+            expected: pin.expected.clone(),
+            got: pin.got.clone(),
+        });
+    }
+    if let Some(tls) = find_rustls_error(err) {
+        match tls {
+            rustls::Error::InvalidCertificate(_) | rustls::Error::InvalidCertRevocationList(_) => {
+                return Some(ApiError::ServerNotTrusted {
+                    detail: tls.to_string(),
+                });
+            }
+            rustls::Error::AlertReceived(alert) if is_client_cert_alert(*alert) => {
+                return Some(ApiError::ClientCertRefused {
+                    detail: format!("alert received: {alert:?}"),
+                });
+            }
+            // Plain HTTP ("HTTP/1.1 200 OK" read as a TLS record) or random bytes.
+            rustls::Error::InvalidMessage(_)
+            | rustls::Error::InappropriateMessage { .. }
+            | rustls::Error::InappropriateHandshakeMessage { .. } => {
+                return Some(ApiError::NotTls {
+                    detail: tls.to_string(),
+                });
+            }
+            _ => {}
+        }
+    }
+    None
 }
 
 /// `" (retry after 30s)"` when the server said when to come back.

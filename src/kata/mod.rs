@@ -10,11 +10,13 @@
 //!   it in memory for fuzzing and property tests);
 //! - [`client`]: [`KataClient`], URLs, status mapping, capped answers and `Retry-After`
 //!   ([`parse_retry_after`]);
-//! - [`error`]: [`ApiError`], [`TlsError`].
+//! - [`error`]: [`ApiError`], [`TlsError`];
+//! - `probe`: why a connection broke (a TLS refusal lost behind it), by a handshake of its own.
 
 pub mod client;
 pub mod error;
 pub mod multipart;
+mod probe;
 pub mod tls;
 pub mod wire;
 
