@@ -319,8 +319,9 @@ impl RootTask {
         }
     }
 
-    /// Starts inotify on the root. Adding a recursive watch walks the tree, so it runs off the
-    /// async threads.
+    /// Starts inotify on the root, without its own folders beneath it
+    /// ([`crate::scope::unwatched_dirs`]). Adding a recursive watch walks the tree, so it runs
+    /// off the async threads.
     async fn start_notify(
         &self,
         folders_tx: mpsc::Sender<PathBuf>,
@@ -337,10 +338,16 @@ impl RootTask {
         } else {
             RecursiveMode::NonRecursive
         };
+        let unwatched = crate::scope::unwatched_dirs(self.config());
         let started = tokio::task::spawn_blocking(move || {
             let config = notify::Config::default().with_follow_symlinks(false);
             let mut watcher = RecommendedWatcher::new(move |res| hints.handle(res), config)?;
             watcher.watch(&path, mode)?;
+            for dir in unwatched {
+                // Not there (yet), or outside the inbox: nothing to drop. A folder made again
+                // later is watched again (notify adds new folders): only its events cost.
+                watcher.unwatch(&dir).ok();
+            }
             Ok(watcher)
         })
         .await;
