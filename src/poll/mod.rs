@@ -40,7 +40,7 @@
 //! its scanId is queued for deletion in the same journal write, since the server may still take
 //! it (a scan sent again under a new scanId never leaves the old one behind).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -360,7 +360,8 @@ impl Poller<'_> {
         if decisions.is_empty() {
             return true;
         }
-        let ids: Vec<FileId> = decisions.iter().map(|(id, _)| *id).collect();
+        // A set: a tick may decide hundreds of the thousands of scans in flight.
+        let ids: HashSet<FileId> = decisions.iter().map(|(id, _)| *id).collect();
         match decide_then_announce(&self.shared.journal, self.verdicts_tx, decisions).await {
             Ok(_) => {
                 scans.retain(|_, e| !ids.contains(&e.id));
