@@ -662,6 +662,51 @@ async fn an_upload_whose_answer_was_lost_stays_ambiguous_when_a_probe_finds_a_re
     .await;
 }
 
+/// Review14 (a guard of the probe's bounds): the connection breaks under the request, then the
+/// server accepts connections and never answers a handshake. The probe gives up after the
+/// connect timeout and the error stays the retryable, ambiguous transport error it was, not a
+/// TLS failure.
+#[tokio::test]
+async fn a_broken_connection_then_a_server_silent_in_the_handshake_stays_a_transport_error() {
+    within(async {
+        let ca = TestCa::new("kata ca");
+        let client_leaf = ca.client();
+        let acceptor =
+            tokio_rustls::TlsAcceptor::from(server_config(&ca.server(), &ca, ServerTls::Default));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            // The handshake goes through; the connection ends before any answer.
+            drop(acceptor.accept(tcp).await);
+            let mut silent = Vec::new();
+            while let Ok((tcp, _)) = listener.accept().await {
+                silent.push(tcp);
+            }
+        });
+        let opts = client_options_from_pem(
+            &format!("https://{addr}"),
+            &client_leaf.cert_pem,
+            &client_leaf.key_pem,
+            Some(&ca.cert_pem),
+            None,
+        );
+        let err = KataClient::new(opts)
+            .unwrap()
+            .restrictions()
+            .await
+            .unwrap_err();
+        server.abort();
+        assert!(matches!(err, ApiError::Transport { .. }), "{err:?}");
+        assert_eq!(
+            err.upload_disposition(),
+            dropscan::kata::error::UploadDisposition::RetryLater { ambiguous: true },
+            "{err:?}"
+        );
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn connection_refused_is_a_retryable_transport_error() {
     within(async {
