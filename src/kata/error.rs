@@ -58,8 +58,8 @@ pub enum ApiError {
     ServerNotTrusted {
         /// What the verifier said.
         detail: String,
-        /// Found by a handshake of our own after a connection broke under a request
-        /// ([`ApiError::found_after_break`]): the server may have taken that request.
+        /// Found by a handshake of our own after a connection broke under a request: the
+        /// server may have taken that request (an upload is then ambiguous).
         request_lost: bool,
     },
     /// The server certificate does not have the pinned SHA-256 fingerprint.
@@ -71,8 +71,8 @@ pub enum ApiError {
         expected: String,
         /// The fingerprint of the certificate the server presented, lower-case hex.
         got: String,
-        /// Found by a handshake of our own after a connection broke under a request
-        /// ([`ApiError::found_after_break`]): the server may have taken that request.
+        /// Found by a handshake of our own after a connection broke under a request: the
+        /// server may have taken that request (an upload is then ambiguous).
         request_lost: bool,
     },
     /// The server refused our client certificate during or right after the handshake.
@@ -83,8 +83,8 @@ pub enum ApiError {
     ClientCertRefused {
         /// The alert or error seen.
         detail: String,
-        /// Found by a handshake of our own after a connection broke under a request
-        /// ([`ApiError::found_after_break`]): the server may have taken that request.
+        /// Found by a handshake of our own after a connection broke under a request: the
+        /// server may have taken that request (an upload is then ambiguous).
         request_lost: bool,
     },
     /// The server on the KATA port does not speak TLS: a plain-HTTP server, another service, or
@@ -96,8 +96,8 @@ pub enum ApiError {
     NotTls {
         /// What the TLS layer said.
         detail: String,
-        /// Found by a handshake of our own after a connection broke under a request
-        /// ([`ApiError::found_after_break`]): the server may have taken that request.
+        /// Found by a handshake of our own after a connection broke under a request: the
+        /// server may have taken that request (an upload is then ambiguous).
         request_lost: bool,
     },
     /// Connecting, sending or receiving failed (refused, reset, timed out, DNS...).
