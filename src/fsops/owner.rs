@@ -209,8 +209,9 @@ mod tests {
     /// marker (a slow fsync; the stop waits for it only `shutdown_grace`), and the next
     /// generation in the same process claiming the folder at its start, both wrote and renamed
     /// the one `.owner.tmp`: one removed or renamed away the other's, whose `create` (EEXIST)
-    /// or `rename` (ENOENT) then failed, and a start that fails there holds the watch ("its
-    /// staging folder cannot be used") until the next restart.
+    /// or `rename` (ENOENT, "vanished") then failed. A start that fails there holds the watch
+    /// ("its staging folder cannot be used", an ERROR line, /readyz not ready until its next
+    /// claim) and leaves its records in flight for the next start.
     #[test]
     fn two_claims_of_one_staging_folder_at_once_in_one_process_both_succeed() {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
