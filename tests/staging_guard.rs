@@ -251,6 +251,53 @@ async fn an_agent_restarted_at_once_in_the_same_process_is_not_refused_its_own_s
     }
 }
 
+/// Review14, a cause of the flake of the test above: a child process forked by anything else in
+/// the process (another test spawning a server or the binary: `fork` copies every descriptor,
+/// and close-on-exec closes them only at the child's `exec`) shares the open lock file of the
+/// staging folder. The stopped agent closing its own descriptor did not let go of the `flock`,
+/// which belongs to the shared open file, until the child's `exec`; a restart in that window
+/// found the folder "in use by another dropscan on this host" (this very process) and stopped.
+/// Here a second descriptor of that open file (`pidfd_getfd`, what the forked child holds) is
+/// kept across the stop and the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_while_a_child_forked_before_the_stop_has_not_yet_run_its_program_is_not_refused()
+{
+    let w = World::quick().await;
+    w.drop_file("a.txt", b"first");
+    let agent = w.start_agent();
+    wait_for(LIMIT, || {
+        (!World::files_in(&w.clean).is_empty()).then_some(())
+    })
+    .await
+    .unwrap();
+    let lock = std::fs::canonicalize(w.inbox.join(".dropscan/test/.lock")).unwrap();
+    let fd: i32 = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .flatten()
+        .find(|e| std::fs::read_link(e.path()).is_ok_and(|t| t == lock))
+        .and_then(|e| e.file_name().to_str()?.parse().ok())
+        .expect("the agent holds its staging folder's lock file open");
+    let me = rustix::process::pidfd_open(
+        rustix::process::getpid(),
+        rustix::process::PidfdFlags::empty(),
+    )
+    .unwrap();
+    let forked_copy =
+        rustix::process::pidfd_getfd(&me, fd, rustix::process::PidfdGetfdFlags::empty()).unwrap();
+    agent.stop().await.0.unwrap();
+    w.drop_file("b.txt", b"second");
+    let mut agent = w.start_agent();
+    let placed = wait_for(LIMIT, || {
+        (World::files_in(&w.clean).len() > 1).then_some(())
+    });
+    tokio::select! {
+        placed = placed => assert!(placed.is_some(), "the file was not placed"),
+        ended = agent.ended() => panic!("the restarted agent stopped by itself: {ended:?}"),
+    }
+    agent.stop().await.0.unwrap();
+    drop(forked_copy);
+}
+
 /// What a failing restart of the test above shows: the agent's log lines about this world since
 /// `mark` (info and above), the watches it held and why, its readiness, the journal's records,
 /// and the names in the inbox (its staging folder, lock and owner marker included) and clean.
