@@ -227,6 +227,7 @@ mod tests {
     fn a_server_not_speaking_tls_maps_to_exit_76_not_69() {
         let not_tls = ApiError::NotTls {
             detail: "received corrupt message of type InvalidContentType".into(),
+            request_lost: false,
         };
         assert_eq!(api_exit_code(&not_tls), EXIT_PROTOCOL);
         assert_eq!(

@@ -242,6 +242,7 @@ async fn a_reused_verdicts_sidecar_has_empty_scan_ids() {
 fn the_untrusted_server_message_repeats_itself() {
     let e = dropscan::kata::ApiError::ServerNotTrusted {
         detail: "invalid peer certificate: UnknownIssuer".into(),
+        request_lost: false,
     };
     let (line, code) = dropscan::commands::explain(&e, "s");
     assert_eq!(line.matches("not trusted").count(), 1, "{line}");

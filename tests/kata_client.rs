@@ -413,7 +413,7 @@ async fn wrong_pin_is_pin_mismatch_even_with_a_valid_chain() {
             .await
             .unwrap_err();
         match &err {
-            ApiError::PinMismatch { expected, got } => {
+            ApiError::PinMismatch { expected, got, .. } => {
                 assert_eq!(expected, &"ab".repeat(32));
                 let fp: String = server_leaf
                     .fingerprint()
@@ -569,6 +569,140 @@ async fn a_client_cert_refusal_lost_behind_a_closed_connection_is_still_named() 
             .unwrap_err();
         server.abort();
         assert!(matches!(err, ApiError::ClientCertRefused { .. }), "{err:?}");
+    })
+    .await;
+}
+
+/// Review14: the probe named the refusal, but the upload's ambiguity was lost with the transport
+/// error it replaced. The first connection's server read the whole upload (it may have taken
+/// the scan) and closed without answering; from then on it refuses the certificate (its trust
+/// changed meanwhile, or another node behind one address). The agent deletes an ambiguous
+/// scanId before sending the file again; told "not ambiguous", it left the scan on the server.
+#[tokio::test]
+async fn an_upload_whose_answer_was_lost_stays_ambiguous_when_a_probe_finds_a_refusal() {
+    use tokio::io::AsyncReadExt as _;
+    within(async {
+        let ca = TestCa::new("kata ca");
+        let foreign_ca = TestCa::new("foreign ca");
+        let client_leaf = foreign_ca.client();
+        let server_leaf = ca.server();
+        let lenient = tokio_rustls::TlsAcceptor::from(server_config(
+            &server_leaf,
+            &foreign_ca,
+            ServerTls::Tls13Only,
+        ));
+        let strict =
+            tokio_rustls::TlsAcceptor::from(server_config(&server_leaf, &ca, ServerTls::Tls13Only));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (read_tx, read_rx) = tokio::sync::oneshot::channel::<usize>();
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut tls = lenient.accept(tcp).await.unwrap();
+            // The whole request: headers, then Content-Length bytes of body.
+            let mut got = Vec::new();
+            let mut buf = vec![0u8; 64 << 10];
+            loop {
+                let n = tls.read(&mut buf).await.unwrap();
+                assert!(n > 0, "the client closed early");
+                got.extend_from_slice(&buf[..n]);
+                let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") else {
+                    continue;
+                };
+                let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .unwrap()
+                    .trim()
+                    .parse()
+                    .unwrap();
+                if got.len() >= end + 4 + len {
+                    break;
+                }
+            }
+            read_tx.send(got.len()).ok();
+            // Taken, and the answer is lost: the connection ends without one.
+            drop(tls);
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                let strict = strict.clone();
+                tokio::spawn(async move { strict.accept(tcp).await.ok() });
+            }
+        });
+        let opts = client_options_from_pem(
+            &format!("https://{addr}"),
+            &client_leaf.cert_pem,
+            &client_leaf.key_pem,
+            Some(&ca.cert_pem),
+            None,
+        );
+        let data = vec![0x33; 100_000];
+        let file = temp_file(&data);
+        let err = KataClient::new(opts)
+            .unwrap()
+            .submit(&ScanId::generate(), open(&file).await, data.len() as u64)
+            .await
+            .unwrap_err();
+        let read = read_rx.await.unwrap();
+        server.abort();
+        assert!(
+            read > data.len(),
+            "the server read the whole upload ({read} bytes)"
+        );
+        assert!(matches!(err, ApiError::ClientCertRefused { .. }), "{err:?}");
+        assert_eq!(
+            err.upload_disposition(),
+            dropscan::kata::error::UploadDisposition::RetryLater { ambiguous: true },
+            "{err:?}"
+        );
+    })
+    .await;
+}
+
+/// Review14 (a guard of the probe's bounds): the connection breaks under the request, then the
+/// server accepts connections and never answers a handshake. The probe gives up after the
+/// connect timeout and the error stays the retryable, ambiguous transport error it was, not a
+/// TLS failure.
+#[tokio::test]
+async fn a_broken_connection_then_a_server_silent_in_the_handshake_stays_a_transport_error() {
+    within(async {
+        let ca = TestCa::new("kata ca");
+        let client_leaf = ca.client();
+        let acceptor =
+            tokio_rustls::TlsAcceptor::from(server_config(&ca.server(), &ca, ServerTls::Default));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            // The handshake goes through; the connection ends before any answer.
+            drop(acceptor.accept(tcp).await);
+            let mut silent = Vec::new();
+            while let Ok((tcp, _)) = listener.accept().await {
+                silent.push(tcp);
+            }
+        });
+        let opts = client_options_from_pem(
+            &format!("https://{addr}"),
+            &client_leaf.cert_pem,
+            &client_leaf.key_pem,
+            Some(&ca.cert_pem),
+            None,
+        );
+        let err = KataClient::new(opts)
+            .unwrap()
+            .restrictions()
+            .await
+            .unwrap_err();
+        server.abort();
+        assert!(matches!(err, ApiError::Transport { .. }), "{err:?}");
+        assert_eq!(
+            err.upload_disposition(),
+            dropscan::kata::error::UploadDisposition::RetryLater { ambiguous: true },
+            "{err:?}"
+        );
     })
     .await;
 }

@@ -211,15 +211,145 @@ async fn two_agents_with_one_instance_id_on_one_host_refuse_the_second_naming_th
 async fn an_agent_restarted_at_once_in_the_same_process_is_not_refused_its_own_staging_folder() {
     let w = World::quick().await;
     for i in 0..12 {
+        let mark = crate::util::logged_mark();
         w.drop_file(&format!("f{i}.txt"), format!("restart {i}").as_bytes());
         let mut agent = w.start_agent();
         let placed = wait_for(LIMIT, || {
             (World::files_in(&w.clean).len() > i).then_some(())
         });
+        let metrics = std::sync::Arc::clone(&agent.metrics);
         tokio::select! {
-            placed = placed => assert!(placed.is_some(), "restart {i}: the file was not placed"),
-            ended = agent.ended() => panic!("restart {i}: the agent stopped by itself: {ended:?}"),
+            placed = placed => assert!(
+                placed.is_some(),
+                "restart {i}: the file was not placed within {LIMIT:?}\n{}",
+                restart_report(&w, &metrics, mark)
+            ),
+            ended = agent.ended() => panic!(
+                "restart {i}: the agent stopped by itself: {ended:?}\n{}",
+                restart_report(&w, &metrics, mark)
+            ),
         }
-        agent.stop().await.0.unwrap();
+        agent.token.cancel();
+        let task = agent.task.take().unwrap();
+        let t0 = std::time::Instant::now();
+        match tokio::time::timeout(Duration::from_secs(20), task).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => panic!(
+                "restart {i}: the agent's stop ended in an error after {:?}: {e}\n{}",
+                t0.elapsed(),
+                restart_report(&w, &metrics, mark)
+            ),
+            Ok(Err(join)) => panic!(
+                "restart {i}: the agent's task failed: {join}\n{}",
+                restart_report(&w, &metrics, mark)
+            ),
+            Err(_) => panic!(
+                "restart {i}: the agent did not stop within 20 s\n{}",
+                restart_report(&w, &metrics, mark)
+            ),
+        }
     }
+}
+
+/// Review14, a cause of the flake of the test above: a child process forked by anything else in
+/// the process (another test spawning a server or the binary: `fork` copies every descriptor,
+/// and close-on-exec closes them only at the child's `exec`) shares the open lock file of the
+/// staging folder. The stopped agent closing its own descriptor did not let go of the `flock`,
+/// which belongs to the shared open file, until the child's `exec`; a restart in that window
+/// found the folder "in use by another dropscan on this host" (this very process) and stopped.
+/// Here a second descriptor of that open file (`pidfd_getfd`, what the forked child holds) is
+/// kept across the stop and the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_while_a_child_forked_before_the_stop_has_not_yet_run_its_program_is_not_refused()
+{
+    let w = World::quick().await;
+    w.drop_file("a.txt", b"first");
+    let agent = w.start_agent();
+    wait_for(LIMIT, || {
+        (!World::files_in(&w.clean).is_empty()).then_some(())
+    })
+    .await
+    .unwrap();
+    let lock = std::fs::canonicalize(w.inbox.join(".dropscan/test/.lock")).unwrap();
+    let fd: i32 = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .flatten()
+        .find(|e| std::fs::read_link(e.path()).is_ok_and(|t| t == lock))
+        .and_then(|e| e.file_name().to_str()?.parse().ok())
+        .expect("the agent holds its staging folder's lock file open");
+    let me = rustix::process::pidfd_open(
+        rustix::process::getpid(),
+        rustix::process::PidfdFlags::empty(),
+    )
+    .unwrap();
+    let forked_copy =
+        rustix::process::pidfd_getfd(&me, fd, rustix::process::PidfdGetfdFlags::empty()).unwrap();
+    agent.stop().await.0.unwrap();
+    w.drop_file("b.txt", b"second");
+    let mut agent = w.start_agent();
+    let placed = wait_for(LIMIT, || {
+        (World::files_in(&w.clean).len() > 1).then_some(())
+    });
+    tokio::select! {
+        placed = placed => assert!(placed.is_some(), "the file was not placed"),
+        ended = agent.ended() => panic!("the restarted agent stopped by itself: {ended:?}"),
+    }
+    agent.stop().await.0.unwrap();
+    drop(forked_copy);
+}
+
+/// What a failing restart of the test above shows: the agent's log lines about this world since
+/// `mark` (info and above), the watches it held and why, its readiness, the journal's records,
+/// and the names in the inbox (its staging folder, lock and owner marker included) and clean.
+fn restart_report(w: &World, metrics: &dropscan::metrics::Metrics, mark: u64) -> String {
+    let about = [
+        w.dir.path().display().to_string(),
+        std::fs::canonicalize(w.dir.path())
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
+        w.addr.to_string(),
+    ];
+    let about: Vec<String> = about.into_iter().filter(|a| !a.is_empty()).collect();
+    let names = |dir: &std::path::Path| -> Vec<String> {
+        walkdir(dir)
+            .into_iter()
+            .map(|p| {
+                let rel = p.strip_prefix(dir).unwrap_or(&p).display().to_string();
+                let len = std::fs::symlink_metadata(&p).map_or(0, |m| m.len());
+                format!("{rel} ({len} B)")
+            })
+            .collect()
+    };
+    format!(
+        "agent log (info and above, this world's lines):\n  {}\nheld watches: {:?}\nready: {:?}\n\
+         placed (this agent): {}\njournal (rel_path, state, outcome, reason): {:?}\n\
+         inbox: {:?}\nclean: {:?}",
+        crate::util::logged_since(mark, &about).join("\n  "),
+        metrics.held_watches(),
+        metrics.readiness().map_err(|e| e.to_string()),
+        metrics.placed_total(),
+        crate::review8::records(w),
+        names(&w.inbox),
+        names(&w.clean),
+    )
+}
+
+/// Every entry beneath `dir`, dot names included, without following links.
+fn walkdir(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(p.clone());
+            }
+            out.push(p);
+        }
+    }
+    out.sort();
+    out
 }

@@ -454,8 +454,69 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for EventCounter {
     }
 }
 
+/// The agent's log lines at info and above (every in-process agent of the test process), each
+/// with its number, kept for a failing test's report ([`logged_since`]); the oldest go beyond
+/// [`LOGGED_KEEP`].
+static LOGGED: Mutex<std::collections::VecDeque<(u64, String)>> =
+    Mutex::new(std::collections::VecDeque::new());
+const LOGGED_KEEP: usize = 50_000;
+static LOGGED_NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Where the agent's log is now, for [`logged_since`].
+pub(crate) fn logged_mark() -> u64 {
+    LOGGED_NEXT.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// The agent's log lines (info and above) since `mark` that mention any of `about` (a test's
+/// folder, its emulator's address): what its own agents said, without the other tests'.
+pub(crate) fn logged_since(mark: u64, about: &[String]) -> Vec<String> {
+    let logged = LOGGED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    logged
+        .iter()
+        .filter(|(n, line)| *n >= mark && about.iter().any(|a| line.contains(a.as_str())))
+        .map(|(_, line)| line.clone())
+        .collect()
+}
+
+/// Keeps the agent's log lines for [`logged_since`]: level, target, message and fields.
+struct LogRecorder;
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for LogRecorder {
+    fn on_event(
+        &self,
+        event: &tracing::Event<'_>,
+        _ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        struct Line(String);
+        impl tracing::field::Visit for Line {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                use std::fmt::Write as _;
+                if field.name() == "message" {
+                    write!(self.0, " {value:?}").ok();
+                } else {
+                    write!(self.0, " {}={value:?}", field.name()).ok();
+                }
+            }
+        }
+        let meta = event.metadata();
+        let mut line = Line(format!("{} {}:", meta.level(), meta.target()));
+        event.record(&mut line);
+        let n = LOGGED_NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut logged = LOGGED
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if logged.len() >= LOGGED_KEEP {
+            logged.pop_front();
+        }
+        logged.push_back((n, line.0));
+    }
+}
+
 /// The test process's one tracing subscriber: `RUST_LOG` lines to the test's output (captured
-/// unless it fails), and the agent's events counted for [`wait_events`].
+/// unless it fails), the agent's events counted for [`wait_events`], and its log lines at info
+/// and above kept for a failing test's report ([`logged_since`]).
 pub(crate) fn init_tracing() {
     static INIT: Once = Once::new();
     INIT.call_once(|| {
@@ -475,6 +536,12 @@ pub(crate) fn init_tracing() {
                     .with_filter(tracing_subscriber::EnvFilter::from_default_env()),
             )
             .with(EventCounter.with_filter(counted))
+            .with(
+                LogRecorder.with_filter(
+                    tracing_subscriber::filter::Targets::new()
+                        .with_target("dropscan", tracing::Level::INFO),
+                ),
+            )
             .try_init()
             .is_ok();
         COUNTING.store(installed, std::sync::atomic::Ordering::Relaxed);

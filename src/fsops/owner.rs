@@ -4,6 +4,7 @@
 use std::ffi::OsStr;
 use std::io::{Read, Write};
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::{Dir, FsError};
@@ -124,6 +125,10 @@ pub fn claim_owner(staging: &Dir, me: &Owner) -> Result<(), FsError> {
             );
         }
     }
+    // One writer of the marker per folder in this process: two agent generations (a stopped
+    // one whose heartbeat still writes, the next one starting) share the one temp name.
+    let writer = marker_writer(staging.identity()?);
+    let _writing = writer.lock().unwrap_or_else(PoisonError::into_inner);
     let text = format!(
         "# dropscan: the agent that owns this staging folder\nmachine_id={}\nhost={}\npid={}\nheartbeat={}\n",
         me.machine_id,
@@ -150,6 +155,25 @@ pub fn claim_owner(staging: &Dir, me: &Owner) -> Result<(), FsError> {
     staging.fsync()
 }
 
+/// A staging folder's (dev, ino) and the lock of its marker's writers.
+type MarkerWriter = ((u64, u64), Arc<Mutex<()>>);
+
+/// The lock that serialises writing the owner marker of the staging folder `folder` (dev, ino)
+/// within this process: [`claim_owner`] writes a fixed temp name, then renames it over the
+/// marker. Unused locks are dropped; a folder's (dev, ino) is not reused while a writer holds
+/// it open.
+fn marker_writer(folder: (u64, u64)) -> Arc<Mutex<()>> {
+    static WRITERS: Mutex<Vec<MarkerWriter>> = Mutex::new(Vec::new());
+    let mut writers = WRITERS.lock().unwrap_or_else(PoisonError::into_inner);
+    writers.retain(|(_, w)| Arc::strong_count(w) > 1);
+    if let Some((_, w)) = writers.iter().find(|(k, _)| *k == folder) {
+        return Arc::clone(w);
+    }
+    let w = Arc::new(Mutex::new(()));
+    writers.push((folder, Arc::clone(&w)));
+    w
+}
+
 /// Whether the owner marker's heartbeat moves on from `beat` within `window` (this host's
 /// monotonic clock), looked at every second.
 fn refreshed_within(staging: &Dir, beat: u64, window: Duration) -> bool {
@@ -174,5 +198,47 @@ pub fn claim_owner_if_missing(staging: &Dir, me: &Owner) -> Result<(), FsError> 
     match read_owner(staging) {
         Some((o, _)) if o.same_host(me) => Ok(()),
         _ => claim_owner(staging, me),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Review14: an agent generation that stops while its owner heartbeat still writes the
+    /// marker (a slow fsync; the stop waits for it only `shutdown_grace`), and the next
+    /// generation in the same process claiming the folder at its start, both wrote and renamed
+    /// the one `.owner.tmp`: one removed or renamed away the other's, whose `create` (EEXIST)
+    /// or `rename` (ENOENT, "vanished") then failed. A start that fails there holds the watch
+    /// ("its staging folder cannot be used", an ERROR line, /readyz not ready until its next
+    /// claim) and leaves its records in flight for the next start.
+    #[test]
+    fn two_claims_of_one_staging_folder_at_once_in_one_process_both_succeed() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let me = Owner::this_host();
+        let failures: Vec<String> = std::thread::scope(|s| {
+            let claims: Vec<_> = (0..2)
+                .map(|_| {
+                    s.spawn(|| {
+                        let staging =
+                            Dir::open_trusted(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+                        (0..300)
+                            .filter_map(|_| claim_owner(&staging, &me).err())
+                            .map(|e| e.to_string())
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            claims
+                .into_iter()
+                .flat_map(|c| c.join().unwrap_or_default())
+                .collect()
+        });
+        assert!(
+            failures.is_empty(),
+            "{} of 600 claims failed, e.g. {:?}",
+            failures.len(),
+            failures.first()
+        );
     }
 }

@@ -17,13 +17,27 @@ pub const STAGING_LOCK: &str = ".lock";
 /// agent generation takes the lock the previous one held, without a moment in between).
 #[derive(Debug, Clone)]
 pub struct StagingLock {
-    _file: Arc<std::fs::File>,
+    _file: Arc<LockFile>,
     /// The staging folder's (dev, ino) when locked.
     pub(super) folder: (u64, u64),
 }
 
 /// A lock file's (dev, ino), its staging folder's, and the open lock.
-type HeldLock = ((u64, u64), (u64, u64), Arc<std::fs::File>);
+type HeldLock = ((u64, u64), (u64, u64), Arc<LockFile>);
+
+/// An open lock file that lets go of its `flock` when the last hold on it in this process goes,
+/// not when the open file is closed for good: a child forked meanwhile by anything in the
+/// process holds a copy of the descriptor until its `exec`, and the lock belongs to the open
+/// file both share, so a restart at once in this process found its own staging folder "in use".
+#[derive(Debug)]
+struct LockFile(std::fs::File);
+
+impl Drop for LockFile {
+    fn drop(&mut self) {
+        // Nothing to do if it fails: the close that follows lets go once no copy is left.
+        rustix::fs::flock(&self.0, rustix::fs::FlockOperation::Unlock).ok();
+    }
+}
 
 /// The staging locks this process holds: kept from one agent generation to the next (a SIGHUP
 /// reload must never let go of a staging folder, even for a moment), until
@@ -136,7 +150,7 @@ pub fn lock_staging(staging: &Dir) -> Result<StagingLock, FsError> {
     if file.set_len(0).is_ok() {
         file.write_all(me.as_bytes()).ok();
     }
-    let file = Arc::new(file);
+    let file = Arc::new(LockFile(file));
     held.push((id, folder, Arc::clone(&file)));
     Ok(StagingLock {
         _file: file,

@@ -283,7 +283,7 @@ impl KataClient {
         match self.inner.probe.classify().await {
             Some(found) => {
                 debug!(request_error = %err, "a connection broke; a TLS probe shows why");
-                found
+                found.found_after_break()
             }
             None => err,
         }

@@ -58,6 +58,9 @@ pub enum ApiError {
     ServerNotTrusted {
         /// What the verifier said.
         detail: String,
+        /// Found by a handshake of our own after a connection broke under a request: the
+        /// server may have taken that request (an upload is then ambiguous).
+        request_lost: bool,
     },
     /// The server certificate does not have the pinned SHA-256 fingerprint.
     #[error(
@@ -68,6 +71,9 @@ pub enum ApiError {
         expected: String,
         /// The fingerprint of the certificate the server presented, lower-case hex.
         got: String,
+        /// Found by a handshake of our own after a connection broke under a request: the
+        /// server may have taken that request (an upload is then ambiguous).
+        request_lost: bool,
     },
     /// The server refused our client certificate during or right after the handshake.
     #[error(
@@ -77,6 +83,9 @@ pub enum ApiError {
     ClientCertRefused {
         /// The alert or error seen.
         detail: String,
+        /// Found by a handshake of our own after a connection broke under a request: the
+        /// server may have taken that request (an upload is then ambiguous).
+        request_lost: bool,
     },
     /// The server on the KATA port does not speak TLS: a plain-HTTP server, another service, or
     /// garbage where a TLS record was expected.
@@ -87,6 +96,9 @@ pub enum ApiError {
     NotTls {
         /// What the TLS layer said.
         detail: String,
+        /// Found by a handshake of our own after a connection broke under a request: the
+        /// server may have taken that request (an upload is then ambiguous).
+        request_lost: bool,
     },
     /// Connecting, sending or receiving failed (refused, reset, timed out, DNS...).
     #[error("transport error talking to KATA: {source}")]
@@ -143,7 +155,27 @@ impl ApiError {
             ApiError::Rejected { .. } => UploadDisposition::Rejected,
             ApiError::Local { .. } => UploadDisposition::Rehash,
             e => UploadDisposition::RetryLater {
-                ambiguous: matches!(e, ApiError::Transport { .. } | ApiError::Protocol { .. }),
+                ambiguous: matches!(
+                    e,
+                    ApiError::Transport { .. }
+                        | ApiError::Protocol { .. }
+                        | ApiError::ServerNotTrusted {
+                            request_lost: true,
+                            ..
+                        }
+                        | ApiError::PinMismatch {
+                            request_lost: true,
+                            ..
+                        }
+                        | ApiError::ClientCertRefused {
+                            request_lost: true,
+                            ..
+                        }
+                        | ApiError::NotTls {
+                            request_lost: true,
+                            ..
+                        }
+                ),
             },
         }
     }
@@ -186,9 +218,9 @@ impl ApiError {
             ApiError::Server { status, .. } | ApiError::Rejected { status, .. } => {
                 format!("HTTP {status}")
             }
-            ApiError::ServerNotTrusted { detail }
-            | ApiError::ClientCertRefused { detail }
-            | ApiError::NotTls { detail }
+            ApiError::ServerNotTrusted { detail, .. }
+            | ApiError::ClientCertRefused { detail, .. }
+            | ApiError::NotTls { detail, .. }
             | ApiError::Protocol { detail }
             | ApiError::Setup { detail } => detail.clone(),
             ApiError::PinMismatch { .. } => "server certificate pin mismatch".into(),
@@ -201,6 +233,21 @@ impl ApiError {
             }
             ApiError::Local { source } => source.to_string(),
         }
+    }
+
+    /// This TLS failure, found by a handshake of our own after a connection broke under a
+    /// request: the server may have taken that request before it ended (all its bytes sent, the
+    /// answer lost), so an upload stays as ambiguous as the transport error it replaces
+    /// ([`ApiError::upload_disposition`]: its scanId is deleted before the file is sent again).
+    pub(crate) fn found_after_break(mut self) -> Self {
+        if let ApiError::ServerNotTrusted { request_lost, .. }
+        | ApiError::PinMismatch { request_lost, .. }
+        | ApiError::ClientCertRefused { request_lost, .. }
+        | ApiError::NotTls { request_lost, .. } = &mut self
+        {
+            *request_lost = true;
+        }
+        self
     }
 
     /// Builds [`ApiError::Protocol`].
@@ -239,6 +286,7 @@ pub(crate) fn classify_tls(err: &(dyn StdError + 'static)) -> Option<ApiError> {
         return Some(ApiError::PinMismatch {
             expected: pin.expected.clone(),
             got: pin.got.clone(),
+            request_lost: false,
         });
     }
     if let Some(tls) = find_rustls_error(err) {
@@ -246,11 +294,13 @@ pub(crate) fn classify_tls(err: &(dyn StdError + 'static)) -> Option<ApiError> {
             rustls::Error::InvalidCertificate(_) | rustls::Error::InvalidCertRevocationList(_) => {
                 return Some(ApiError::ServerNotTrusted {
                     detail: tls.to_string(),
+                    request_lost: false,
                 });
             }
             rustls::Error::AlertReceived(alert) if is_client_cert_alert(*alert) => {
                 return Some(ApiError::ClientCertRefused {
                     detail: format!("alert received: {alert:?}"),
+                    request_lost: false,
                 });
             }
             // Plain HTTP ("HTTP/1.1 200 OK" read as a TLS record) or random bytes.
@@ -259,6 +309,7 @@ pub(crate) fn classify_tls(err: &(dyn StdError + 'static)) -> Option<ApiError> {
             | rustls::Error::InappropriateHandshakeMessage { .. } => {
                 return Some(ApiError::NotTls {
                     detail: tls.to_string(),
+                    request_lost: false,
                 });
             }
             _ => {}
@@ -475,7 +526,10 @@ mod tests {
                 RetryLater { ambiguous: false },
             ),
             (
-                ApiError::NotTls { detail: "x".into() },
+                ApiError::NotTls {
+                    detail: "x".into(),
+                    request_lost: false,
+                },
                 RetryLater { ambiguous: false },
             ),
         ];
@@ -517,7 +571,10 @@ mod tests {
                 RetryLater { ambiguous: false },
             ),
             (
-                ApiError::NotTls { detail: "x".into() },
+                ApiError::NotTls {
+                    detail: "x".into(),
+                    request_lost: false,
+                },
                 RetryLater { ambiguous: false },
             ),
             (
@@ -528,19 +585,34 @@ mod tests {
                 Rejected,
             ),
             (
-                ApiError::ServerNotTrusted { detail: "x".into() },
+                ApiError::ServerNotTrusted {
+                    detail: "x".into(),
+                    request_lost: false,
+                },
                 RetryLater { ambiguous: false },
             ),
             (
                 ApiError::PinMismatch {
                     expected: "a".into(),
                     got: "b".into(),
+                    request_lost: false,
                 },
                 RetryLater { ambiguous: false },
             ),
             (
-                ApiError::ClientCertRefused { detail: "x".into() },
+                ApiError::ClientCertRefused {
+                    detail: "x".into(),
+                    request_lost: false,
+                },
                 RetryLater { ambiguous: false },
+            ),
+            (
+                ApiError::ClientCertRefused {
+                    detail: "x".into(),
+                    request_lost: false,
+                }
+                .found_after_break(),
+                RetryLater { ambiguous: true },
             ),
             (ApiError::protocol("x"), RetryLater { ambiguous: true }),
             (
