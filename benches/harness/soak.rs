@@ -213,27 +213,33 @@ pub(crate) fn soak(o: &Options, layout: &Layout) -> Result<Outcome, String> {
     let history = (600.0 / k).max(60.0);
     let ms = |s: f64| format!("{}ms", (s * 1000.0).round().max(1.0) as u64);
 
-    let flags: Vec<String> = [
-        "--max-scans",
-        "50",
-        "--fail-500",
-        "0.02",
-        "--throttle-429",
-        "0.005",
-        "--drop",
-        "0.01",
-        "--slow",
-        "0.01",
-    ]
-    .iter()
-    .map(|s| (*s).to_owned())
-    .chain([
-        "--scan-delay".to_owned(),
-        format!("{}..{}", ms(2.0 / k), ms(8.0 / k)),
-        "--slow-delay".to_owned(),
-        ms(5.0 / k),
-    ])
-    .collect();
+    // The emulator's scan slots: enough for twice the drop rate (a soak is steady, not a
+    // backlog growing for an hour): 50 from time scale 3 up, more below (150 at 1, where 50
+    // slots would take only 6.7 of the 10 files dropped each second).
+    let max_scans = ((2.0 * RATE * (5.0 + 2.5) / k).ceil() as u64).max(50);
+    let flags: Vec<String> = ["--max-scans".to_owned(), max_scans.to_string()]
+        .into_iter()
+        .chain(
+            [
+                "--fail-500",
+                "0.02",
+                "--throttle-429",
+                "0.005",
+                "--drop",
+                "0.01",
+                "--slow",
+                "0.01",
+            ]
+            .iter()
+            .map(|s| (*s).to_owned()),
+        )
+        .chain([
+            "--scan-delay".to_owned(),
+            format!("{}..{}", ms(2.0 / k), ms(8.0 / k)),
+            "--slow-delay".to_owned(),
+            ms(5.0 / k),
+        ])
+        .collect();
     let sink = procs::start_sink(
         &o.binary,
         &certs(o),
@@ -343,8 +349,8 @@ pub(crate) fn soak(o: &Options, layout: &Layout) -> Result<Outcome, String> {
         flags.join(" ")
     )];
     notes.push(format!(
-        "server ceiling about 50 / (mean scan + poll/2) = {:.1} files/s against {RATE} dropped; the last file placed {:.1} s after the last drop",
-        50.0 / (5.0 / k + 2.5 / k),
+        "server ceiling about {max_scans} / (mean scan + poll/2) = {:.1} files/s against {RATE} dropped; the last file placed {:.1} s after the last drop",
+        max_scans as f64 / (5.0 / k + 2.5 / k),
         drained.as_secs_f64()
     ));
     if problems.is_empty() {
