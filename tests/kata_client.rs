@@ -521,6 +521,29 @@ async fn foreign_client_cert_is_refused_tls13() {
     .await;
 }
 
+/// A client of the server at `addr` presenting `leaf` and trusting `ca`.
+fn client_at(addr: std::net::SocketAddr, leaf: &kata_support::Leaf, ca: &TestCa) -> KataClient {
+    KataClient::new(client_options_from_pem(
+        &format!("https://{addr}"),
+        &leaf.cert_pem,
+        &leaf.key_pem,
+        Some(&ca.cert_pem),
+        None,
+    ))
+    .unwrap()
+}
+
+/// From now on, every connection to `listener` is refused its client certificate by `strict`.
+async fn refuse_every_connection(
+    listener: tokio::net::TcpListener,
+    strict: tokio_rustls::TlsAcceptor,
+) {
+    while let Ok((tcp, _)) = listener.accept().await {
+        let strict = strict.clone();
+        tokio::spawn(async move { strict.accept(tcp).await.ok() });
+    }
+}
+
 /// CI flake of `cli::check_prints_restrictions_and_names_each_failure` (3 `dropscan check` runs
 /// of 300 under CPU load): with TLS 1.3 the server's refusal of our certificate came as an alert
 /// that hyper met before it could send the request ("connection was not ready"), so `check`
@@ -547,23 +570,9 @@ async fn a_client_cert_refusal_lost_behind_a_closed_connection_is_still_named() 
             let (tcp, _) = listener.accept().await.unwrap();
             // The handshake goes through; the connection ends before any answer.
             drop(lenient.accept(tcp).await);
-            loop {
-                let Ok((tcp, _)) = listener.accept().await else {
-                    return;
-                };
-                let strict = strict.clone();
-                tokio::spawn(async move { strict.accept(tcp).await.ok() });
-            }
+            refuse_every_connection(listener, strict).await;
         });
-        let opts = client_options_from_pem(
-            &format!("https://{addr}"),
-            &client_leaf.cert_pem,
-            &client_leaf.key_pem,
-            Some(&ca.cert_pem),
-            None,
-        );
-        let err = KataClient::new(opts)
-            .unwrap()
+        let err = client_at(addr, &client_leaf, &ca)
             .restrictions()
             .await
             .unwrap_err();
@@ -624,25 +633,11 @@ async fn an_upload_whose_answer_was_lost_stays_ambiguous_when_a_probe_finds_a_re
             read_tx.send(got.len()).ok();
             // Taken, and the answer is lost: the connection ends without one.
             drop(tls);
-            loop {
-                let Ok((tcp, _)) = listener.accept().await else {
-                    return;
-                };
-                let strict = strict.clone();
-                tokio::spawn(async move { strict.accept(tcp).await.ok() });
-            }
+            refuse_every_connection(listener, strict).await;
         });
-        let opts = client_options_from_pem(
-            &format!("https://{addr}"),
-            &client_leaf.cert_pem,
-            &client_leaf.key_pem,
-            Some(&ca.cert_pem),
-            None,
-        );
         let data = vec![0x33; 100_000];
         let file = temp_file(&data);
-        let err = KataClient::new(opts)
-            .unwrap()
+        let err = client_at(addr, &client_leaf, &ca)
             .submit(&ScanId::generate(), open(&file).await, data.len() as u64)
             .await
             .unwrap_err();
@@ -684,15 +679,7 @@ async fn a_broken_connection_then_a_server_silent_in_the_handshake_stays_a_trans
                 silent.push(tcp);
             }
         });
-        let opts = client_options_from_pem(
-            &format!("https://{addr}"),
-            &client_leaf.cert_pem,
-            &client_leaf.key_pem,
-            Some(&ca.cert_pem),
-            None,
-        );
-        let err = KataClient::new(opts)
-            .unwrap()
+        let err = client_at(addr, &client_leaf, &ca)
             .restrictions()
             .await
             .unwrap_err();
