@@ -657,6 +657,31 @@ async fn an_upload_whose_answer_was_lost_stays_ambiguous_when_a_probe_finds_a_re
     .await;
 }
 
+/// A server whose first connection ends right after its handshake, before any answer, and
+/// which then accepts connections and never answers a handshake; its CA's client leaf.
+async fn broken_then_silent() -> (
+    std::net::SocketAddr,
+    tokio::task::JoinHandle<()>,
+    TestCa,
+    kata_support::Leaf,
+) {
+    let ca = TestCa::new("kata ca");
+    let client_leaf = ca.client();
+    let acceptor =
+        tokio_rustls::TlsAcceptor::from(server_config(&ca.server(), &ca, ServerTls::Default));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        drop(acceptor.accept(tcp).await);
+        let mut silent = Vec::new();
+        while let Ok((tcp, _)) = listener.accept().await {
+            silent.push(tcp);
+        }
+    });
+    (addr, server, ca, client_leaf)
+}
+
 /// Review14 (a guard of the probe's bounds): the connection breaks under the request, then the
 /// server accepts connections and never answers a handshake. The probe gives up after the
 /// connect timeout and the error stays the retryable, ambiguous transport error it was, not a
@@ -664,21 +689,7 @@ async fn an_upload_whose_answer_was_lost_stays_ambiguous_when_a_probe_finds_a_re
 #[tokio::test]
 async fn a_broken_connection_then_a_server_silent_in_the_handshake_stays_a_transport_error() {
     within(async {
-        let ca = TestCa::new("kata ca");
-        let client_leaf = ca.client();
-        let acceptor =
-            tokio_rustls::TlsAcceptor::from(server_config(&ca.server(), &ca, ServerTls::Default));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(async move {
-            let (tcp, _) = listener.accept().await.unwrap();
-            // The handshake goes through; the connection ends before any answer.
-            drop(acceptor.accept(tcp).await);
-            let mut silent = Vec::new();
-            while let Ok((tcp, _)) = listener.accept().await {
-                silent.push(tcp);
-            }
-        });
+        let (addr, server, ca, client_leaf) = broken_then_silent().await;
         let err = client_at(addr, &client_leaf, &ca)
             .restrictions()
             .await
@@ -690,6 +701,33 @@ async fn a_broken_connection_then_a_server_silent_in_the_handshake_stays_a_trans
             dropscan::kata::error::UploadDisposition::RetryLater { ambiguous: true },
             "{err:?}"
         );
+    })
+    .await;
+}
+
+/// Review14's open point: a health probe (`restrictions_within`) is given up after its own
+/// time, but the TLS probe after a broken connection ran on to the connect timeout (here 120 s,
+/// past this test's 30 s deadline). It now stops at the health probe's time, and the error
+/// stands as it was.
+#[tokio::test]
+async fn a_health_probe_s_time_also_bounds_the_look_at_why_its_connection_broke() {
+    within(async {
+        let (addr, server, ca, client_leaf) = broken_then_silent().await;
+        let mut opts = client_options_from_pem(
+            &format!("https://{addr}"),
+            &client_leaf.cert_pem,
+            &client_leaf.key_pem,
+            Some(&ca.cert_pem),
+            None,
+        );
+        opts.connect_timeout = Duration::from_secs(120);
+        let err = KataClient::new(opts)
+            .unwrap()
+            .restrictions_within(Duration::from_secs(2))
+            .await
+            .unwrap_err();
+        server.abort();
+        assert!(matches!(err, ApiError::Transport { .. }), "{err:?}");
     })
     .await;
 }

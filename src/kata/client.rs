@@ -258,8 +258,10 @@ impl KataClient {
             .http
             .get(url)
             .timeout(timeout.min(self.inner.request_timeout));
+        // Why a connection broke is asked only within `timeout` (a health probe's cadence).
+        let deadline = tokio::time::Instant::now() + timeout;
         let answer = self
-            .send("GET scans/filters", request, MAX_SMALL_BODY)
+            .send_until("GET scans/filters", request, MAX_SMALL_BODY, Some(deadline))
             .await?;
         match answer.status.as_u16() {
             204 => Ok(Restrictions::default()),
@@ -273,14 +275,24 @@ impl KataClient {
     /// the request's write, or a connection closed before the request could be sent), which
     /// would look retryable. On such an error a handshake of its own ([`Probe`]) tells the two
     /// apart: a TLS classification from it replaces the error.
-    async fn diagnose_broken(&self, err: ApiError) -> ApiError {
+    /// Past `deadline`, the error stands as it is.
+    async fn diagnose_broken(
+        &self,
+        err: ApiError,
+        deadline: Option<tokio::time::Instant>,
+    ) -> ApiError {
         let ApiError::Transport { source } = &err else {
             return err;
         };
         if !is_broken_connection(source) {
             return err;
         }
-        match self.inner.probe.classify().await {
+        let probe = self.inner.probe.classify();
+        let found = match deadline {
+            Some(at) => tokio::time::timeout_at(at, probe).await.ok().flatten(),
+            None => probe.await,
+        };
+        match found {
             Some(found) => {
                 debug!(request_error = %err, "a connection broke; a TLS probe shows why");
                 found.found_after_break()
@@ -298,6 +310,17 @@ impl KataClient {
         request: reqwest::RequestBuilder,
         cap: usize,
     ) -> Result<Answer, ApiError> {
+        self.send_until(endpoint, request, cap, None).await
+    }
+
+    /// [`KataClient::send`], asking why a broken connection broke only until `deadline`.
+    async fn send_until(
+        &self,
+        endpoint: &'static str,
+        request: reqwest::RequestBuilder,
+        cap: usize,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<Answer, ApiError> {
         let observed = request.send().await;
         if let Some(observer) = self.inner.observer.get() {
             observer(
@@ -307,7 +330,11 @@ impl KataClient {
         }
         let mut response = match observed {
             Ok(response) => response,
-            Err(e) => return Err(self.diagnose_broken(ApiError::from_reqwest(e)).await),
+            Err(e) => {
+                return Err(self
+                    .diagnose_broken(ApiError::from_reqwest(e), deadline)
+                    .await);
+            }
         };
         let status = response.status();
         let retry_after = response
