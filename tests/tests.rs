@@ -43,6 +43,7 @@ mod review10;
 mod review11;
 mod review12;
 mod review13;
+mod review15;
 mod review6;
 mod review7;
 mod review8;

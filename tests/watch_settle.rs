@@ -22,13 +22,13 @@ use tokio_util::sync::CancellationToken;
 const DEADLINE: Duration = Duration::from_secs(5);
 
 /// A file left in the inbox before the start, see `Inbox::wait_for_start_listing`.
-const START_MARKER: &str = "listed-at-start.bin";
+pub(crate) const START_MARKER: &str = "listed-at-start.bin";
 
 fn globs(list: &[&str]) -> Vec<Pattern> {
     list.iter().map(|g| Pattern::new(g).unwrap()).collect()
 }
 
-fn config(root: &Path, mode: WatchMode, settle: Duration) -> WatchConfig {
+pub(crate) fn config(root: &Path, mode: WatchMode, settle: Duration) -> WatchConfig {
     WatchConfig {
         path: root.to_path_buf(),
         recursive: true,
@@ -55,7 +55,7 @@ fn config(root: &Path, mode: WatchMode, settle: Duration) -> WatchConfig {
 }
 
 /// A running watch + settle pair on one temp inbox.
-struct Inbox {
+pub(crate) struct Inbox {
     _tmp: tempfile::TempDir,
     root: PathBuf,
     settled_rx: mpsc::Receiver<Settled>,
@@ -66,14 +66,14 @@ struct Inbox {
 }
 
 impl Inbox {
-    fn tempdir() -> (tempfile::TempDir, PathBuf) {
+    pub(crate) fn tempdir() -> (tempfile::TempDir, PathBuf) {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path().join("inbox");
         fs::create_dir(&root).unwrap();
         (tmp, root)
     }
 
-    fn start(tmp: tempfile::TempDir, config: WatchConfig) -> Self {
+    pub(crate) fn start(tmp: tempfile::TempDir, config: WatchConfig) -> Self {
         // RUST_LOG=dropscan=debug shows what the stages did (captured unless the test fails).
         crate::util::init_tracing();
         let root = config.path.clone();
@@ -105,7 +105,7 @@ impl Inbox {
         }
     }
 
-    fn write(&self, rel: &str, bytes: &[u8]) -> PathBuf {
+    pub(crate) fn write(&self, rel: &str, bytes: &[u8]) -> PathBuf {
         let path = self.root.join(rel);
         fs::create_dir_all(path.parent().unwrap()).unwrap();
         fs::write(&path, bytes).unwrap();
@@ -113,7 +113,7 @@ impl Inbox {
     }
 
     /// Waits until `rel` has settled and returns it.
-    async fn wait_for(&mut self, rel: &str) -> Settled {
+    pub(crate) async fn wait_for(&mut self, rel: &str) -> Settled {
         let deadline = Instant::now() + DEADLINE;
         loop {
             if let Some(s) = self.seen.iter().find(|s| s.rel_path == Path::new(rel)) {
@@ -133,12 +133,12 @@ impl Inbox {
     /// Waits until the listing at start is over: `START_MARKER`, put in the inbox before the
     /// start, has settled, so the root was listed; what is written from now on can only be found
     /// live (by notify, or by a later poll).
-    async fn wait_for_start_listing(&mut self) {
+    pub(crate) async fn wait_for_start_listing(&mut self) {
         self.wait_for(START_MARKER).await;
     }
 
     /// Takes whatever has settled so far, without waiting.
-    fn drain(&mut self) {
+    pub(crate) fn drain(&mut self) {
         while let Ok(s) = self.settled_rx.try_recv() {
             self.seen.push(s);
         }
@@ -148,7 +148,7 @@ impl Inbox {
         self.seen.iter().map(|s| s.rel_path.clone()).collect()
     }
 
-    fn assert_never(&self, rel: &str) {
+    pub(crate) fn assert_never(&self, rel: &str) {
         assert!(
             !self.seen.iter().any(|s| s.rel_path == Path::new(rel)),
             "{rel} must not settle; seen: {:?}",
@@ -157,7 +157,7 @@ impl Inbox {
     }
 
     /// Stops both stages and checks that they stop promptly and cleanly.
-    async fn stop(self) {
+    pub(crate) async fn stop(self) {
         self.shutdown.cancel();
         let watch = tokio::time::timeout(DEADLINE, self.watch).await;
         let settle = tokio::time::timeout(DEADLINE, self.settle).await;
@@ -485,7 +485,7 @@ async fn missing_root_is_a_fatal_error() {
 
 /// The inodes that some inotify instance of this process watches, as (device, inode) in the
 /// kernel's numbering (`/proc/self/fdinfo`: `inotify wd:.. ino:HEX sdev:HEX ...`).
-fn inotify_watched() -> Vec<(u64, u64)> {
+pub(crate) fn inotify_watched() -> Vec<(u64, u64)> {
     let mut out = Vec::new();
     for fd in fs::read_dir("/proc/self/fdinfo").unwrap().flatten() {
         let Ok(info) = fs::read_to_string(fd.path()) else {
@@ -506,7 +506,7 @@ fn inotify_watched() -> Vec<(u64, u64)> {
 }
 
 /// `path`'s (device, inode) in the kernel's numbering, as `inotify_watched` gives them.
-fn kernel_id(path: &Path) -> (u64, u64) {
+pub(crate) fn kernel_id(path: &Path) -> (u64, u64) {
     use std::os::unix::fs::MetadataExt as _;
     let m = fs::metadata(path).unwrap();
     let dev = rustix::fs::Dev::from(m.dev());
