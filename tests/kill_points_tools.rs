@@ -256,25 +256,14 @@ pub(crate) async fn run_killed_at(
 
 /// Every name below `dir` that ends like one of our temps.
 pub(crate) fn temps_in(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in rd.flatten() {
-            if e.file_type().unwrap().is_dir() {
-                stack.push(e.path());
-            } else if e
-                .file_name()
-                .to_string_lossy()
-                .ends_with(".dropscan-partial")
-            {
-                out.push(e.path());
-            }
-        }
-    }
-    out
+    crate::util::entries_below(dir)
+        .into_iter()
+        .filter(|p| {
+            !p.symlink_metadata().is_ok_and(|m| m.is_dir())
+                && p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().ends_with(".dropscan-partial"))
+        })
+        .collect()
 }
 
 /// Every path below `dirs` whose content is `body` (hidden names included, sidecars not).

@@ -311,7 +311,7 @@ fn restart_report(w: &World, metrics: &dropscan::metrics::Metrics, mark: u64) ->
     ];
     let about: Vec<String> = about.into_iter().filter(|a| !a.is_empty()).collect();
     let names = |dir: &std::path::Path| -> Vec<String> {
-        walkdir(dir)
+        crate::util::entries_below(dir)
             .into_iter()
             .map(|p| {
                 let rel = p.strip_prefix(dir).unwrap_or(&p).display().to_string();
@@ -332,24 +332,4 @@ fn restart_report(w: &World, metrics: &dropscan::metrics::Metrics, mark: u64) ->
         names(&w.inbox),
         names(&w.clean),
     )
-}
-
-/// Every entry beneath `dir`, dot names included, without following links.
-fn walkdir(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in rd.flatten() {
-            let p = e.path();
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                stack.push(p.clone());
-            }
-            out.push(p);
-        }
-    }
-    out.sort();
-    out
 }
