@@ -544,6 +544,43 @@ async fn refuse_every_connection(
     }
 }
 
+/// A TLS 1.3 server whose trust changes: `lenient` accepts `client_leaf` (issued by a foreign
+/// CA), `strict` refuses it; the client trusts `ca`, which issued the server's certificate.
+struct TrustChanging {
+    ca: TestCa,
+    client_leaf: kata_support::Leaf,
+    lenient: tokio_rustls::TlsAcceptor,
+    strict: tokio_rustls::TlsAcceptor,
+    listener: tokio::net::TcpListener,
+    addr: std::net::SocketAddr,
+}
+
+impl TrustChanging {
+    async fn new() -> TrustChanging {
+        let ca = TestCa::new("kata ca");
+        let foreign_ca = TestCa::new("foreign ca");
+        let server_leaf = ca.server();
+        let acceptor = |client_ca: &TestCa| {
+            tokio_rustls::TlsAcceptor::from(server_config(
+                &server_leaf,
+                client_ca,
+                ServerTls::Tls13Only,
+            ))
+        };
+        let (lenient, strict) = (acceptor(&foreign_ca), acceptor(&ca));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        TrustChanging {
+            client_leaf: foreign_ca.client(),
+            ca,
+            lenient,
+            strict,
+            listener,
+            addr,
+        }
+    }
+}
+
 /// CI flake of `cli::check_prints_restrictions_and_names_each_failure` (3 `dropscan check` runs
 /// of 300 under CPU load): with TLS 1.3 the server's refusal of our certificate came as an alert
 /// that hyper met before it could send the request ("connection was not ready"), so `check`
@@ -553,19 +590,14 @@ async fn refuse_every_connection(
 #[tokio::test]
 async fn a_client_cert_refusal_lost_behind_a_closed_connection_is_still_named() {
     within(async {
-        let ca = TestCa::new("kata ca");
-        let foreign_ca = TestCa::new("foreign ca");
-        let client_leaf = foreign_ca.client();
-        let server_leaf = ca.server();
-        let lenient = tokio_rustls::TlsAcceptor::from(server_config(
-            &server_leaf,
-            &foreign_ca,
-            ServerTls::Tls13Only,
-        ));
-        let strict =
-            tokio_rustls::TlsAcceptor::from(server_config(&server_leaf, &ca, ServerTls::Tls13Only));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
+        let TrustChanging {
+            ca,
+            client_leaf,
+            lenient,
+            strict,
+            listener,
+            addr,
+        } = TrustChanging::new().await;
         let server = tokio::spawn(async move {
             let (tcp, _) = listener.accept().await.unwrap();
             // The handshake goes through; the connection ends before any answer.
@@ -591,19 +623,14 @@ async fn a_client_cert_refusal_lost_behind_a_closed_connection_is_still_named() 
 async fn an_upload_whose_answer_was_lost_stays_ambiguous_when_a_probe_finds_a_refusal() {
     use tokio::io::AsyncReadExt as _;
     within(async {
-        let ca = TestCa::new("kata ca");
-        let foreign_ca = TestCa::new("foreign ca");
-        let client_leaf = foreign_ca.client();
-        let server_leaf = ca.server();
-        let lenient = tokio_rustls::TlsAcceptor::from(server_config(
-            &server_leaf,
-            &foreign_ca,
-            ServerTls::Tls13Only,
-        ));
-        let strict =
-            tokio_rustls::TlsAcceptor::from(server_config(&server_leaf, &ca, ServerTls::Tls13Only));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
+        let TrustChanging {
+            ca,
+            client_leaf,
+            lenient,
+            strict,
+            listener,
+            addr,
+        } = TrustChanging::new().await;
         let (read_tx, read_rx) = tokio::sync::oneshot::channel::<usize>();
         let server = tokio::spawn(async move {
             let (tcp, _) = listener.accept().await.unwrap();
