@@ -20,9 +20,16 @@ use std::time::Duration;
 
 use crate::kill_points_tools::temps_in;
 use crate::shares_fixture::find_tool;
-use crate::util::{EICAR, Outcome, World, bytes, wait_for};
+use crate::util::{EICAR, Outcome, World, bytes, poll_every, wait_for};
 
 const LIMIT: Duration = Duration::from_secs(60);
+/// How long each traced call is held on its way out. Every call before the N-th is held too, so
+/// a round costs N times this: it was 200 ms, which made a round of 50 fsyncs cost 10 s and the
+/// fsync test alone 3 minutes of CI. A kill that still comes late (a loaded machine) lands on a
+/// later call: another kill point, never a lost check.
+const HOLD: Duration = Duration::from_millis(50);
+/// How often the strace log is read while waiting for the N-th call: well inside [`HOLD`].
+const WATCH: Duration = Duration::from_millis(5);
 /// Kill points per syscall set at most (the journal's commits make the fsyncs the most).
 const MAX_KILL_POINTS: usize = 150;
 
@@ -39,8 +46,8 @@ fn drops() -> Drops {
 }
 
 /// Runs the agent under strace, killed right after the `n`-th call of `syscalls` in the whole
-/// process (each call is held 200 ms on its way out, so the kill lands before its thread goes
-/// on). Returns whether it was killed (false: the work never reached call `n`, and the agent was
+/// process (each call is held [`HOLD`] on its way out, and the log is read every [`WATCH`], so
+/// the kill lands before its thread goes on). Returns whether it was killed (false: the work never reached call `n`, and the agent was
 /// stopped once everything was placed).
 async fn run_killed_at(
     w: &World,
@@ -52,12 +59,12 @@ async fn run_killed_at(
     let log = w.dir.path().join("strace.log");
     let mut child = Group(
         Command::new(strace)
-            .args(["-f", "-qq", "-o"])
+            .args(["-f", "--seccomp-bpf", "-qq", "-o"])
             .arg(&log)
             .arg("-e")
             .arg(format!("trace={syscalls}"))
             .arg("-e")
-            .arg(format!("inject={syscalls}:delay_exit=200000"))
+            .arg(format!("inject={syscalls}:delay_exit={}", HOLD.as_micros()))
             .arg(env!("CARGO_BIN_EXE_dropscan"))
             .args(["run", "--config"])
             .arg(w.write_config())
@@ -83,7 +90,7 @@ async fn run_killed_at(
         }
         false
     };
-    let killed = wait_for(LIMIT, || {
+    let killed = poll_every(WATCH, LIMIT, || {
         if reached(child) {
             return Some(true);
         }

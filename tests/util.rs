@@ -602,7 +602,16 @@ pub(crate) fn line_after(lines: &Lines, first: &str, then: &[&str]) -> bool {
 }
 
 /// Polls `f` every 25 ms until it returns Some or `limit` passes.
-pub(crate) async fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+pub(crate) async fn wait_for<T>(limit: Duration, f: impl FnMut() -> Option<T>) -> Option<T> {
+    poll_every(Duration::from_millis(25), limit, f).await
+}
+
+/// Polls `f` every `period` until it returns Some or `limit` passes.
+pub(crate) async fn poll_every<T>(
+    period: Duration,
+    limit: Duration,
+    mut f: impl FnMut() -> Option<T>,
+) -> Option<T> {
     let deadline = tokio::time::Instant::now() + limit;
     loop {
         if let Some(v) = f() {
@@ -611,7 +620,7 @@ pub(crate) async fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Option<T
         if tokio::time::Instant::now() >= deadline {
             return None;
         }
-        tokio::time::sleep(Duration::from_millis(25)).await;
+        tokio::time::sleep(period).await;
     }
 }
 
