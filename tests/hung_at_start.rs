@@ -153,3 +153,42 @@ async fn a_watch_waiting_for_its_staging_folder_at_start_does_not_hold_the_other
     );
     assert_eq!(std::fs::read(&remote).unwrap(), data);
 }
+
+/// Finding (`.ci/run`'s soak bench, under load: "the agent exited with signal: 1 (SIGHUP)"): the
+/// signal handlers were installed only after the configuration was loaded and every inbox looked
+/// at, so a SIGHUP (a reload, a log rotation's signal) or a SIGTERM that came meanwhile ended the
+/// process by the signal's default action. A share hung at start makes that look wait
+/// `answer::DEADLINE` (3 s): the SIGHUP comes within it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sighup_while_start_up_waits_on_a_hung_share_does_not_end_the_agent() {
+    let (w, server, other) = with_second_watch().await;
+    let Some(share) = HangingShare::mount(&server, &other) else {
+        return;
+    };
+    let config = w.write_config();
+    for sub in ["clean", "quarantine", "failed"] {
+        std::fs::create_dir_all(w.dir.path().join("out2").join(sub)).unwrap();
+    }
+    share.hang();
+    let log = w.dir.path().join("agent.log");
+    let mut agent = spawn_binary(&config, &log);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    crate::durability::sighup(&agent);
+    w.drop_file("local.bin", &bytes(170, 1000));
+    let placed = wait_for(LONG, || w.clean.join("local.bin").is_file().then_some(())).await;
+    let early = agent.try_wait().unwrap();
+    share.signal(rustix::process::Signal::CONT);
+    assert!(
+        early.is_none(),
+        "a SIGHUP 1 s into a start-up waiting on a hung share ended the agent: {early:?}; \
+         local.bin placed: {placed:?}; its log: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let (ended, threads, tail) = terminate(&mut agent, &log, 6).await;
+    drop(share);
+    assert!(
+        placed.is_some() && ended.is_some(),
+        "a SIGHUP 1 s into a start-up waiting on a hung share: local.bin placed: {placed:?}; ended within 30 s of SIGTERM: {ended:?}; threads: \
+         {threads:?}; last log lines (newest first): {tail:#?}"
+    );
+}

@@ -106,6 +106,16 @@ fn load_and_preflight(path: &Path) -> Result<(Config, Vec<String>), ExitCode> {
 }
 
 async fn run(path: &Path) -> ExitCode {
+    // First, before anything that can take time (the look at each inbox waits up to
+    // `answer::DEADLINE` on a share whose server hangs): until then a SIGHUP (a reload, a log
+    // rotation's signal) or a SIGTERM would end the process by the signal's default action.
+    let (shutdown, reload) = match (signal::shutdown_token(), signal::reload_notify()) {
+        (Ok(t), Ok(r)) => (t, r),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("dropscan: cannot install signal handlers: {e}");
+            return ExitCode::from(EXIT_UNAVAILABLE);
+        }
+    };
     let (config, notes) = match load_and_preflight(path) {
         Ok(c) => c,
         Err(code) => return code,
@@ -121,13 +131,6 @@ async fn run(path: &Path) -> ExitCode {
         Err(e) => {
             tracing::error!("{e}");
             return ExitCode::from(lock_exit_code(&e));
-        }
-    };
-    let (shutdown, reload) = match (signal::shutdown_token(), signal::reload_notify()) {
-        (Ok(t), Ok(r)) => (t, r),
-        (Err(e), _) | (_, Err(e)) => {
-            tracing::error!(error = %e, "cannot install signal handlers");
-            return ExitCode::from(EXIT_UNAVAILABLE);
         }
     };
     crate::service::stopping_on(shutdown.clone());

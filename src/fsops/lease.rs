@@ -21,7 +21,7 @@
 //! The `unsafe` here: two `fcntl` calls with integer arguments on a descriptor borrowed for
 //! the call, and one `signal` disposition. Neither rustix nor std offers leases. An ignored
 //! signal stays ignored across `exec`, so hook commands put `SIGIO` back to its default in the
-//! child (`hooks::deliver`). The crate's only other `unsafe` is `malloc_trim` (`runtime`).
+//! child (`hooks::deliver`). The crate's only other `unsafe` are `malloc_trim` and `mallopt` (`runtime`).
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::sync::Once;
