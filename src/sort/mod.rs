@@ -32,6 +32,7 @@ use crate::context::Shared;
 use crate::error::FatalError;
 use crate::fsops::place::Release;
 
+mod batch;
 mod finish;
 mod plan;
 mod retry;
@@ -103,8 +104,8 @@ pub async fn run(
     for id in resume {
         queue.push(id);
     }
-    let mut busy: HashMap<tokio::task::Id, FileId> = HashMap::new();
-    let mut tasks: JoinSet<(FileId, Step)> = JoinSet::new();
+    let mut busy: HashMap<tokio::task::Id, Vec<FileId>> = HashMap::new();
+    let mut tasks: JoinSet<Vec<(FileId, Step)>> = JoinSet::new();
     let mut sweep = tokio::time::interval(SWEEP_EVERY);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Records the previous sweep saw decided/placed and unheld: seen twice in a row, they are
@@ -112,21 +113,32 @@ pub async fn run(
     let mut seen_last_sweep: HashSet<FileId> = HashSet::new();
     loop {
         while tasks.len() < SORT_CONCURRENCY {
-            let Some((id, rec)) = queue.pop() else { break };
-            if busy.values().any(|b| *b == id) {
-                continue;
-            }
+            let is_busy = |id: FileId| busy.values().any(|b| b.contains(&id));
+            let Some(work) = queue.pop(is_busy) else {
+                break;
+            };
             let s = sorter.clone();
-            let handle = tasks.spawn(async move { (id, s.step(id, rec).await) });
-            busy.insert(handle.id(), id);
+            let (handle, ids) = match work {
+                Work::One(id, rec) => (
+                    tasks.spawn(async move { vec![(id, s.step(id, rec).await)] }),
+                    vec![id],
+                ),
+                Work::Batch(recs) => {
+                    let ids = recs.iter().map(|r| r.id).collect();
+                    (tasks.spawn(async move { s.place_batch(recs).await }), ids)
+                }
+            };
+            busy.insert(handle.id(), ids);
         }
         tokio::select! {
             biased;
             () = shutdown.cancelled() => break,
             Some(done) = tasks.join_next_with_id(), if !tasks.is_empty() => match done {
-                Ok((task, (id, step))) => {
+                Ok((task, steps)) => {
                     busy.remove(&task);
-                    sorter.record(id, step, &mut retry).await;
+                    for (id, step) in steps {
+                        sorter.record(id, step, &mut retry).await;
+                    }
                 }
                 Err(e) => {
                     // A panic in one placement: the record stays as journaled; the sweep retries.
@@ -134,8 +146,16 @@ pub async fn run(
                     tracing::error!(error = %e, "placement task failed");
                 }
             },
-            v = verdicts_rx.recv(), if queue.len() < SORT_CONCURRENCY => match v {
-                Some(v) => queue.push_decided(v.id, v.rec),
+            v = verdicts_rx.recv(), if queue.len() < QUEUED => match v {
+                Some(v) => {
+                    queue.push_decided(v.id, v.rec);
+                    // Whatever else was announced meanwhile (a poll decides many at once):
+                    // queued together, so that it is placed in batches.
+                    while queue.len() < QUEUED {
+                        let Ok(v) = verdicts_rx.try_recv() else { break };
+                        queue.push_decided(v.id, v.rec);
+                    }
+                }
                 None => break,
             },
             _ = sweep.tick() => {
@@ -147,7 +167,7 @@ pub async fn run(
                 if let Ok(recs) = shared.journal.in_states(&[FileState::Decided, FileState::Placed]).await {
                     let mut seen = HashSet::with_capacity(recs.len());
                     for r in recs {
-                        let held = retry.contains_key(&r.id) || busy.values().any(|b| *b == r.id);
+                        let held = retry.contains_key(&r.id) || busy.values().any(|b| b.contains(&r.id));
                         if !held {
                             if seen_last_sweep.contains(&r.id) {
                                 queue.push(r.id);
@@ -169,6 +189,17 @@ pub async fn run(
         tasks.abort_all();
     }
     Ok(())
+}
+
+/// Records queued at most; more wait in the channel.
+const QUEUED: usize = 2 * batch::BATCH;
+
+/// What one placement task does.
+enum Work {
+    /// One record, as carried or read from the journal.
+    One(FileId, Option<Box<FileRecord>>),
+    /// A batch of decided clean records of one watch, as their decisions carried them.
+    Batch(Vec<FileRecord>),
 }
 
 /// The records waiting to be placed, each at most once, with the record as decided when the
@@ -193,10 +224,41 @@ impl Queue {
         }
     }
 
-    fn pop(&mut self) -> Option<(FileId, Option<Box<FileRecord>>)> {
-        let id = self.order.pop_front()?;
-        let rec = self.queued.remove(&id).flatten();
-        Some((id, rec))
+    /// The next work: the next record alone, or, if it is [`batch::batchable`], a batch of it
+    /// and the next batchable records of the same watch (up to [`batch::BATCH`]). Records
+    /// `busy` now are dropped, as before: the sweep finds them again.
+    fn pop(&mut self, busy: impl Fn(FileId) -> bool) -> Option<Work> {
+        let (id, rec) = loop {
+            let id = self.order.pop_front()?;
+            let rec = self.queued.remove(&id).flatten();
+            if !busy(id) {
+                break (id, rec);
+            }
+        };
+        let first = match rec {
+            Some(first) if first.id == id && batch::batchable(&first) => first,
+            rec => return Some(Work::One(id, rec)),
+        };
+        let root = first.root.clone();
+        let mut recs = vec![*first];
+        let mut rest = VecDeque::with_capacity(self.order.len());
+        while let Some(other) = self.order.pop_front() {
+            let fits = recs.len() < batch::BATCH
+                && !busy(other)
+                && self.queued.get(&other).is_some_and(|r| {
+                    r.as_ref()
+                        .is_some_and(|r| r.id == other && r.root == root && batch::batchable(r))
+                });
+            match self.queued.remove(&other).flatten() {
+                Some(r) if fits => recs.push(*r),
+                r => {
+                    self.queued.insert(other, r);
+                    rest.push_back(other);
+                }
+            }
+        }
+        self.order = rest;
+        Some(Work::Batch(recs))
     }
 
     fn len(&self) -> usize {
@@ -531,22 +593,30 @@ impl Sorter {
 
     /// Deletes the scan's result on the server, then closes the record.
     async fn delete_result(&self, rec: &FileRecord) -> Step {
-        // A reused verdict's result belongs to the record that was scanned.
+        if let Err(why) = self.forget(rec).await {
+            return Step::Retry(why);
+        }
+        match self.shared.journal.done(rec.id).await {
+            Ok(()) => Step::Done,
+            Err(e) => Step::Retry(Retry::write(e)),
+        }
+    }
+
+    /// Deletes the scan's result on the server (none for a reused verdict: its result belongs
+    /// to the record that was scanned).
+    async fn forget(&self, rec: &FileRecord) -> Result<(), Retry> {
         if !rec.reused {
             if let Some(scan_id) = &rec.scan_id {
                 self.shared.limits.rate().await;
                 if let Err(e) = self.shared.scanner.forget(scan_id).await {
-                    return Step::Retry(Retry::Forget {
+                    return Err(Retry::Forget {
                         scan_id: scan_id.clone(),
                         source: e,
                     });
                 }
             }
         }
-        match self.shared.journal.done(rec.id).await {
-            Ok(()) => Step::Done,
-            Err(e) => Step::Retry(Retry::write(e)),
-        }
+        Ok(())
     }
 }
 
