@@ -110,6 +110,7 @@ async fn decided_clean_records_of_one_watch_are_popped_as_a_batch() {
         let mut r = j.get(*id).await.unwrap();
         r.state = FileState::Decided;
         r.sha256 = Some([7; 32]);
+        r.verdict_sha256 = r.sha256;
         r.outcome = Some(crate::journal::Outcome::Clean);
         r.verdict = Some(crate::journal::ScanVerdict::NotDetected);
         if i == 3 {
