@@ -74,7 +74,11 @@ impl Sorter {
             }
         }
         alone.extend(others.into_iter().map(|r| (r.id, Some(Box::new(r)))));
-        tracing::debug!(records = fresh.len(), alone = alone.len(), "placing a batch");
+        tracing::debug!(
+            records = fresh.len(),
+            alone = alone.len(),
+            "placing a batch"
+        );
         let dest_root = src.folder_path(Which::Clean).to_path_buf();
         let items = self.choose_names(&src, &dest_root, fresh, &mut alone).await;
         let items = self.journal_placing(&dest_root, items, &mut alone).await;

@@ -97,6 +97,7 @@ pub async fn run(
     let sorter = Sorter {
         shared: Arc::clone(&shared),
         resubmit,
+        deletes: Arc::new(tokio::sync::Semaphore::new(SORT_CONCURRENCY)),
     };
     // Records waiting for a retry: id → (when, attempts).
     let mut retry: HashMap<FileId, (Instant, u32)> = HashMap::new();
@@ -270,6 +271,9 @@ impl Queue {
 struct Sorter {
     shared: Arc<Shared>,
     resubmit: Resubmit,
+    /// DELETEs in flight at once, over every placement task: as many as placements ran at
+    /// once before batches (a batch's DELETEs go out together).
+    deletes: Arc<tokio::sync::Semaphore>,
 }
 
 impl Sorter {
@@ -607,6 +611,8 @@ impl Sorter {
     async fn forget(&self, rec: &FileRecord) -> Result<(), Retry> {
         if !rec.reused {
             if let Some(scan_id) = &rec.scan_id {
+                // Closed only when the sorter is dropped: then there is nobody to answer.
+                let _permit = self.deletes.acquire().await.ok();
                 self.shared.limits.rate().await;
                 if let Err(e) = self.shared.scanner.forget(scan_id).await {
                     return Err(Retry::Forget {
