@@ -18,7 +18,7 @@
 //! A destination that is full or not writable keeps the file in staging and the move is retried
 //! with backoff; nothing is ever deleted to make room.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,6 +35,7 @@ use crate::fsops::place::Release;
 mod batch;
 mod finish;
 mod plan;
+mod queue;
 mod retry;
 use crate::fsops::{self, FsError, blocking};
 use crate::hashing;
@@ -45,6 +46,7 @@ use crate::root::Root;
 pub use finish::hex;
 use finish::open_dest;
 use plan::{AfterFailure, Plan, Resume, after_failure, plan, resume};
+use queue::{QUEUED, Queue, Work};
 use retry::Retry;
 
 /// Capacity of the edge into the sorter (from claim, upload and poll). Full: the sender waits.
@@ -190,81 +192,6 @@ pub async fn run(
         tasks.abort_all();
     }
     Ok(())
-}
-
-/// Records queued at most; more wait in the channel.
-const QUEUED: usize = 2 * batch::BATCH;
-
-/// What one placement task does.
-enum Work {
-    /// One record, as carried or read from the journal.
-    One(FileId, Option<Box<FileRecord>>),
-    /// A batch of decided clean records of one watch, as their decisions carried them.
-    Batch(Vec<FileRecord>),
-}
-
-/// The records waiting to be placed, each at most once, with the record as decided when the
-/// announcement carried it.
-#[derive(Default)]
-struct Queue {
-    order: VecDeque<FileId>,
-    queued: HashMap<FileId, Option<Box<FileRecord>>>,
-}
-
-impl Queue {
-    /// Queues `id`, to be read from the journal when its turn comes (a retry, the sweep, a
-    /// resumed record): a record carried by an earlier announcement is dropped.
-    fn push(&mut self, id: FileId) {
-        self.push_decided(id, None);
-    }
-
-    /// Queues `id` with its record as decided, if the announcement carried it.
-    fn push_decided(&mut self, id: FileId, rec: Option<Box<FileRecord>>) {
-        if self.queued.insert(id, rec).is_none() {
-            self.order.push_back(id);
-        }
-    }
-
-    /// The next work: the next record alone, or, if it is [`batch::batchable`], a batch of it
-    /// and the next batchable records of the same watch (up to [`batch::BATCH`]). Records
-    /// `busy` now are dropped, as before: the sweep finds them again.
-    fn pop(&mut self, busy: impl Fn(FileId) -> bool) -> Option<Work> {
-        let (id, rec) = loop {
-            let id = self.order.pop_front()?;
-            let rec = self.queued.remove(&id).flatten();
-            if !busy(id) {
-                break (id, rec);
-            }
-        };
-        let first = match rec {
-            Some(first) if first.id == id && batch::batchable(&first) => first,
-            rec => return Some(Work::One(id, rec)),
-        };
-        let root = first.root.clone();
-        let mut recs = vec![*first];
-        let mut rest = VecDeque::with_capacity(self.order.len());
-        while let Some(other) = self.order.pop_front() {
-            let fits = recs.len() < batch::BATCH
-                && !busy(other)
-                && self.queued.get(&other).is_some_and(|r| {
-                    r.as_ref()
-                        .is_some_and(|r| r.id == other && r.root == root && batch::batchable(r))
-                });
-            match self.queued.remove(&other).flatten() {
-                Some(r) if fits => recs.push(*r),
-                r => {
-                    self.queued.insert(other, r);
-                    rest.push_back(other);
-                }
-            }
-        }
-        self.order = rest;
-        Some(Work::Batch(recs))
-    }
-
-    fn len(&self) -> usize {
-        self.order.len()
-    }
 }
 
 #[derive(Clone)]
