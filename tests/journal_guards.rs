@@ -251,6 +251,78 @@ async fn a_record_carried_from_its_decision_cannot_be_placed_once_hashed_again()
     assert_eq!(j.get(a).await.unwrap().state, FileState::Decided);
 }
 
+/// A batch of placements (issue 20, branch `place`) is refused record by record by the rules of
+/// `placing_checked`: the record hashed again since its decision is refused and left `decided`,
+/// the others of the batch are `placing`; `placed_many` and `done_many` likewise move only the
+/// records in the state they come from.
+#[tokio::test]
+async fn a_batch_of_placements_refuses_only_the_record_that_changed() {
+    let (_d, j) = open();
+    let mut ids = Vec::new();
+    let contents = [[1u8; 32], [2; 32], [3; 32]];
+    for ((n, scan), sha) in [("a", "scan-a"), ("b", "scan-b"), ("c", "scan-c")]
+        .into_iter()
+        .zip(contents)
+    {
+        ids.push(in_flight(&j, n, sha, scan).await);
+    }
+    let carried = j
+        .decide_records(
+            ids.iter()
+                .zip(contents)
+                .map(|(id, sha)| (*id, Decision::from_verdict(ScanVerdict::NotDetected, sha)))
+                .collect(),
+        )
+        .await
+        .unwrap();
+    // b changed after its decision: sent back to be hashed again.
+    j.rehash(ids[1]).await.unwrap();
+    let rows = carried
+        .iter()
+        .map(|r| dropscan::journal::PlacingRow {
+            id: r.id,
+            dest_root: "/out/clean".into(),
+            dest: PathBuf::from("/out/clean").join(&r.rel_path),
+            seen: r.outcome,
+            seen_sha256: r.sha256,
+        })
+        .collect();
+    let answers = j.placing_many(rows).await.unwrap();
+    let refused: Vec<bool> = answers.iter().map(Result::is_err).collect();
+    assert_eq!(refused, vec![false, true, false]);
+    let states = |j: &Journal, ids: Vec<FileId>| {
+        let j = j.clone();
+        async move {
+            let mut out = Vec::new();
+            for id in ids {
+                out.push(j.get(id).await.unwrap().state);
+            }
+            out
+        }
+    };
+    assert_eq!(
+        states(&j, ids.clone()).await,
+        vec![FileState::Placing, FileState::Claimed, FileState::Placing]
+    );
+    let placed = j
+        .placed_many(ids.iter().map(|id| (*id, Vec::new())).collect())
+        .await
+        .unwrap();
+    assert_eq!(
+        placed.iter().map(Result::is_err).collect::<Vec<_>>(),
+        vec![false, true, false]
+    );
+    let done = j.done_many(ids.clone()).await.unwrap();
+    assert_eq!(
+        done.iter().map(Result::is_err).collect::<Vec<_>>(),
+        vec![false, true, false]
+    );
+    assert_eq!(
+        states(&j, ids).await,
+        vec![FileState::Done, FileState::Claimed, FileState::Done]
+    );
+}
+
 #[tokio::test]
 async fn the_verdict_cache_never_replaces_detect_by_not_detected() {
     let (_d, j) = open();

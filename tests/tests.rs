@@ -37,6 +37,7 @@ mod metrics;
 mod model;
 mod packaging;
 mod pipeline;
+mod place_batch;
 mod quarantine_tools;
 mod reloads;
 mod review10;

@@ -19,6 +19,7 @@
 
 mod buffers;
 pub mod claim;
+mod deferred;
 pub mod dest;
 pub mod dir;
 pub mod fstype;

@@ -36,9 +36,13 @@ use std::io::{self, Seek, Write};
 use std::path::{Component, Path, PathBuf};
 
 use super::Stamp;
+pub use super::deferred::Deferred;
 use super::names::{numbered, safe_relative, sidecar_name, sidecar_temp_name};
 pub use super::temps::{leftover_temps, remove_temp, take_back};
-use super::{Dir, FileStamp, FsError, rename_noreplace, same_file, sha256_file, split_rel};
+use super::{
+    Dir, FileStamp, FsError, rename_noreplace, rename_noreplace_unsynced, same_file, sha256_file,
+    split_rel,
+};
 
 /// Numbered names tried before giving up on a free name.
 const MAX_NUMBERED: u32 = 10_000;
@@ -146,6 +150,18 @@ pub enum Placed {
 /// Places a staged file; see the module docs. `AlreadyExists`: choose another target and call
 /// again (nothing was lost: the file is in staging or in the verified temp).
 pub fn place(r: &Release<'_>) -> Result<Placed, FsError> {
+    place_in(r, None)
+}
+
+/// [`place`] as one of a batch: a rename into place is not made durable here but left to
+/// [`Deferred::finish`], which fsyncs each folder once for the whole batch (after all its
+/// renames) and only then sets the placed files' modes and lets go of their locks. A placement
+/// that copies (another filesystem) is finished and made durable here, as by [`place`].
+pub fn place_deferred(r: &Release<'_>, batch: &mut Deferred) -> Result<Placed, FsError> {
+    place_in(r, Some(batch))
+}
+
+fn place_in(r: &Release<'_>, batch: Option<&mut Deferred>) -> Result<Placed, FsError> {
     let (tparent, tname) = split_rel(r.target)?;
     let tdir = match r.dest_root.open_dir(tparent) {
         Ok(d) => d,
@@ -204,12 +220,24 @@ pub fn place(r: &Release<'_>) -> Result<Placed, FsError> {
         .own_copy
         .is_some_and(|h| same_file(&h, &now.stamp()) && super::own::is_own_copy(&now));
     if !r.copy || own_copy {
+        let mode = (own_copy && now.mode & 0o7777 != r.file_mode).then_some(r.file_mode);
+        if let Some(batch) = batch {
+            match rename_noreplace_unsynced(r.staging, r.staged_name, &tdir, tname) {
+                Ok(()) => {
+                    let path = tdir.path().join(tname);
+                    batch.renamed(tdir, file, path, mode);
+                    return Ok(Placed::Renamed);
+                }
+                Err(FsError::Io { ref source, .. })
+                    if source.raw_os_error() == Some(libc::EXDEV) => {}
+                Err(e) => return Err(e),
+            }
+            return copy_then_release(r, &mut file, &now, &tdir, tname);
+        }
         match rename_noreplace(r.staging, r.staged_name, &tdir, tname) {
             Ok(_) => {
-                if own_copy && now.mode & 0o7777 != r.file_mode {
-                    if let Err(e) =
-                        rustix::fs::fchmod(&file, rustix::fs::Mode::from_raw_mode(r.file_mode))
-                    {
+                if let Some(m) = mode {
+                    if let Err(e) = rustix::fs::fchmod(&file, rustix::fs::Mode::from_raw_mode(m)) {
                         tracing::warn!(path = %super::shown(&tdir.path().join(tname)), error = %e, "placed, but its mode could not be set");
                     }
                 }

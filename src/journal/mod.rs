@@ -121,6 +121,7 @@ pub use ops_audit::{AuditEntry, Custody, CustodyPlan, Interrupted, Kept};
 pub use ops_capacity::read_capacity_snapshot;
 pub use ops_hooks::{HookEvent, NewHookEvent, RETRY_HORIZON};
 pub use ops_maint::read_summary;
+pub use ops_place::PlacingRow;
 pub use ops_retain::Retained;
 pub use types::{
     CommitFailure, Decision, FailureKind, FileId, FileRecord, FileState, HashedAs, JournalError,

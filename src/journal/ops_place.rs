@@ -12,7 +12,7 @@ use rusqlite::{OptionalExtension, params};
 
 use super::Journal;
 use super::ops_hooks::{NewHookEvent, queue_in};
-use super::schema::{blob_path, execute, load, load_state, path_blob, transition};
+use super::schema::{blob_path, execute, in_savepoint, load, load_state, path_blob, transition};
 use super::types::{FileId, FileRecord, FileState, JournalError, Outcome};
 
 /// The states a record may be closed as vanished from: any before the file was placed.
@@ -59,41 +59,66 @@ impl Journal {
         dest: PathBuf,
         seen: Option<(Option<Outcome>, Option<[u8; 32]>)>,
     ) -> Result<(), JournalError> {
+        self.run(move |conn| placing_in(conn, id, dest_root.as_deref(), &dest, seen))
+            .await
+    }
+
+    /// [`Journal::placing_checked`] for a batch of records, in one operation: each row in a
+    /// savepoint of its own, refused by the same rules (the outcome or content changed since the
+    /// caller read the record, or the record is no longer `decided` or `placing`) without
+    /// touching the others. The outer error: none was written.
+    pub async fn placing_many(
+        &self,
+        rows: Vec<PlacingRow>,
+    ) -> Result<Vec<Result<(), JournalError>>, JournalError> {
         self.run(move |conn| {
-            let rec = load(conn, id)?;
-            if let Some((_, seen_sha256)) = seen {
-                if rec.sha256 != seen_sha256 {
-                    return Err(JournalError::Conflict {
-                        id,
-                        detail: "its content was hashed again since it was read".into(),
-                    });
-                }
-            }
-            if let Some((seen, _)) = seen {
-                if rec.outcome != seen {
-                    return Err(JournalError::Conflict {
-                        id,
-                        detail: format!(
-                            "its outcome is now {}, not {}",
-                            rec.outcome.map_or("-", Outcome::as_str),
-                            seen.map_or("-", Outcome::as_str)
-                        ),
-                    });
-                }
-            }
-            transition(
-                conn,
-                &rec,
-                &[FileState::Decided, FileState::Placing],
-                FileState::Placing,
-            )?;
-            execute(
-                conn,
-                "UPDATE files SET dest = ?2, dest_root = ?3 WHERE id = ?1",
-                params![id, path_blob(&dest), dest_root.as_deref().map(path_blob)],
-                "placing",
-            )?;
-            Ok(())
+            rows.into_iter()
+                .map(|r| {
+                    let seen = Some((r.seen, r.seen_sha256));
+                    in_savepoint(conn, |c| {
+                        placing_in(c, r.id, Some(&r.dest_root), &r.dest, seen)
+                    })
+                })
+                .collect()
+        })
+        .await
+    }
+
+    /// [`Journal::placed_with_events`] for a batch of records, in one operation, each record
+    /// with its own notifications in a savepoint of its own. The outer error: none was written.
+    pub async fn placed_many(
+        &self,
+        rows: Vec<(FileId, Vec<NewHookEvent>)>,
+    ) -> Result<Vec<Result<(), JournalError>>, JournalError> {
+        self.run(move |conn| {
+            rows.into_iter()
+                .map(|(id, events)| {
+                    in_savepoint(conn, |c| {
+                        let rec = load(c, id)?;
+                        transition(c, &rec, &[FileState::Placing], FileState::Placed)?;
+                        queue_in(c, id, &events)
+                    })
+                })
+                .collect()
+        })
+        .await
+    }
+
+    /// [`Journal::done`] for a batch of records whose results are deleted, in one operation,
+    /// each in a savepoint of its own. The outer error: none was written.
+    pub async fn done_many(
+        &self,
+        ids: Vec<FileId>,
+    ) -> Result<Vec<Result<(), JournalError>>, JournalError> {
+        self.run(move |conn| {
+            ids.into_iter()
+                .map(|id| {
+                    in_savepoint(conn, |c| {
+                        let rec = load(c, id)?;
+                        transition(c, &rec, &[FileState::Placed], FileState::Done)
+                    })
+                })
+                .collect()
         })
         .await
     }
@@ -183,4 +208,64 @@ impl Journal {
         })
         .await
     }
+}
+
+/// One row of [`Journal::placing_many`]: record `id` goes to `dest`, chosen in `dest_root`,
+/// provided its outcome and content are still `seen` and `seen_sha256`.
+#[derive(Debug, Clone)]
+pub struct PlacingRow {
+    /// The record.
+    pub id: FileId,
+    /// The destination root the path was chosen in.
+    pub dest_root: PathBuf,
+    /// The exact destination path.
+    pub dest: PathBuf,
+    /// The outcome the caller read.
+    pub seen: Option<Outcome>,
+    /// The SHA-256 the caller read.
+    pub seen_sha256: Option<[u8; 32]>,
+}
+
+/// The `placing` row of record `id` (see [`Journal::placing_checked`]).
+fn placing_in(
+    conn: &rusqlite::Connection,
+    id: FileId,
+    dest_root: Option<&std::path::Path>,
+    dest: &std::path::Path,
+    seen: Option<(Option<Outcome>, Option<[u8; 32]>)>,
+) -> Result<(), JournalError> {
+    let rec = load(conn, id)?;
+    if let Some((_, seen_sha256)) = seen {
+        if rec.sha256 != seen_sha256 {
+            return Err(JournalError::Conflict {
+                id,
+                detail: "its content was hashed again since it was read".into(),
+            });
+        }
+    }
+    if let Some((seen, _)) = seen {
+        if rec.outcome != seen {
+            return Err(JournalError::Conflict {
+                id,
+                detail: format!(
+                    "its outcome is now {}, not {}",
+                    rec.outcome.map_or("-", Outcome::as_str),
+                    seen.map_or("-", Outcome::as_str)
+                ),
+            });
+        }
+    }
+    transition(
+        conn,
+        &rec,
+        &[FileState::Decided, FileState::Placing],
+        FileState::Placing,
+    )?;
+    execute(
+        conn,
+        "UPDATE files SET dest = ?2, dest_root = ?3 WHERE id = ?1",
+        params![id, path_blob(dest), dest_root.map(path_blob)],
+        "placing",
+    )?;
+    Ok(())
 }

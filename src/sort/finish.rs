@@ -109,6 +109,20 @@ impl Sorter {
         if let Err(e) = self.shared.journal.placed_with_events(rec.id, events).await {
             return Step::Retry(Retry::write(e));
         }
+        self.announce(&rec, outcome, reason, dest);
+        let mut rec = rec;
+        rec.state = FileState::Placed;
+        self.delete_result(&rec).await
+    }
+
+    /// What follows a committed `placed`: the metrics, the log line and the event.
+    pub(super) fn announce(
+        &self,
+        rec: &FileRecord,
+        outcome: Outcome,
+        reason: Option<String>,
+        dest: PathBuf,
+    ) {
         // From the moment the drop was complete (its last change in the inbox) to placement.
         let since = rec
             .dropped_at_ms
@@ -138,9 +152,6 @@ impl Sorter {
                 reason,
             })
             .ok();
-        let mut rec = rec;
-        rec.state = FileState::Placed;
-        self.delete_result(&rec).await
     }
 
     /// A record in `placing` whose destination was chosen in `root`, which the configuration no

@@ -18,7 +18,7 @@
 //! A destination that is full or not writable keeps the file in staging and the move is retried
 //! with backoff; nothing is ever deleted to make room.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,8 +32,10 @@ use crate::context::Shared;
 use crate::error::FatalError;
 use crate::fsops::place::Release;
 
+mod batch;
 mod finish;
 mod plan;
+mod queue;
 mod retry;
 use crate::fsops::{self, FsError, blocking};
 use crate::hashing;
@@ -44,6 +46,7 @@ use crate::root::Root;
 pub use finish::hex;
 use finish::open_dest;
 use plan::{AfterFailure, Plan, Resume, after_failure, plan, resume};
+use queue::{QUEUED, Queue, Work};
 use retry::Retry;
 
 /// Capacity of the edge into the sorter (from claim, upload and poll). Full: the sender waits.
@@ -96,6 +99,7 @@ pub async fn run(
     let sorter = Sorter {
         shared: Arc::clone(&shared),
         resubmit,
+        deletes: Arc::new(tokio::sync::Semaphore::new(SORT_CONCURRENCY)),
     };
     // Records waiting for a retry: id → (when, attempts).
     let mut retry: HashMap<FileId, (Instant, u32)> = HashMap::new();
@@ -103,8 +107,8 @@ pub async fn run(
     for id in resume {
         queue.push(id);
     }
-    let mut busy: HashMap<tokio::task::Id, FileId> = HashMap::new();
-    let mut tasks: JoinSet<(FileId, Step)> = JoinSet::new();
+    let mut busy: HashMap<tokio::task::Id, Vec<FileId>> = HashMap::new();
+    let mut tasks: JoinSet<Vec<(FileId, Step)>> = JoinSet::new();
     let mut sweep = tokio::time::interval(SWEEP_EVERY);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Records the previous sweep saw decided/placed and unheld: seen twice in a row, they are
@@ -112,21 +116,32 @@ pub async fn run(
     let mut seen_last_sweep: HashSet<FileId> = HashSet::new();
     loop {
         while tasks.len() < SORT_CONCURRENCY {
-            let Some((id, rec)) = queue.pop() else { break };
-            if busy.values().any(|b| *b == id) {
-                continue;
-            }
+            let is_busy = |id: FileId| busy.values().any(|b| b.contains(&id));
+            let Some(work) = queue.pop(is_busy) else {
+                break;
+            };
             let s = sorter.clone();
-            let handle = tasks.spawn(async move { (id, s.step(id, rec).await) });
-            busy.insert(handle.id(), id);
+            let (handle, ids) = match work {
+                Work::One(id, rec) => (
+                    tasks.spawn(async move { vec![(id, s.step(id, rec).await)] }),
+                    vec![id],
+                ),
+                Work::Batch(recs) => {
+                    let ids = recs.iter().map(|r| r.id).collect();
+                    (tasks.spawn(async move { s.place_batch(recs).await }), ids)
+                }
+            };
+            busy.insert(handle.id(), ids);
         }
         tokio::select! {
             biased;
             () = shutdown.cancelled() => break,
             Some(done) = tasks.join_next_with_id(), if !tasks.is_empty() => match done {
-                Ok((task, (id, step))) => {
+                Ok((task, steps)) => {
                     busy.remove(&task);
-                    sorter.record(id, step, &mut retry).await;
+                    for (id, step) in steps {
+                        sorter.record(id, step, &mut retry).await;
+                    }
                 }
                 Err(e) => {
                     // A panic in one placement: the record stays as journaled; the sweep retries.
@@ -134,8 +149,16 @@ pub async fn run(
                     tracing::error!(error = %e, "placement task failed");
                 }
             },
-            v = verdicts_rx.recv(), if queue.len() < SORT_CONCURRENCY => match v {
-                Some(v) => queue.push_decided(v.id, v.rec),
+            v = verdicts_rx.recv(), if queue.len() < QUEUED => match v {
+                Some(v) => {
+                    queue.push_decided(v.id, v.rec);
+                    // Whatever else was announced meanwhile (a poll decides many at once):
+                    // queued together, so that it is placed in batches.
+                    while queue.len() < QUEUED {
+                        let Ok(v) = verdicts_rx.try_recv() else { break };
+                        queue.push_decided(v.id, v.rec);
+                    }
+                }
                 None => break,
             },
             _ = sweep.tick() => {
@@ -147,7 +170,7 @@ pub async fn run(
                 if let Ok(recs) = shared.journal.in_states(&[FileState::Decided, FileState::Placed]).await {
                     let mut seen = HashSet::with_capacity(recs.len());
                     for r in recs {
-                        let held = retry.contains_key(&r.id) || busy.values().any(|b| *b == r.id);
+                        let held = retry.contains_key(&r.id) || busy.values().any(|b| b.contains(&r.id));
                         if !held {
                             if seen_last_sweep.contains(&r.id) {
                                 queue.push(r.id);
@@ -171,43 +194,13 @@ pub async fn run(
     Ok(())
 }
 
-/// The records waiting to be placed, each at most once, with the record as decided when the
-/// announcement carried it.
-#[derive(Default)]
-struct Queue {
-    order: VecDeque<FileId>,
-    queued: HashMap<FileId, Option<Box<FileRecord>>>,
-}
-
-impl Queue {
-    /// Queues `id`, to be read from the journal when its turn comes (a retry, the sweep, a
-    /// resumed record): a record carried by an earlier announcement is dropped.
-    fn push(&mut self, id: FileId) {
-        self.push_decided(id, None);
-    }
-
-    /// Queues `id` with its record as decided, if the announcement carried it.
-    fn push_decided(&mut self, id: FileId, rec: Option<Box<FileRecord>>) {
-        if self.queued.insert(id, rec).is_none() {
-            self.order.push_back(id);
-        }
-    }
-
-    fn pop(&mut self) -> Option<(FileId, Option<Box<FileRecord>>)> {
-        let id = self.order.pop_front()?;
-        let rec = self.queued.remove(&id).flatten();
-        Some((id, rec))
-    }
-
-    fn len(&self) -> usize {
-        self.order.len()
-    }
-}
-
 #[derive(Clone)]
 struct Sorter {
     shared: Arc<Shared>,
     resubmit: Resubmit,
+    /// DELETEs in flight at once, over every placement task: as many as placements ran at
+    /// once before batches (a batch's DELETEs go out together).
+    deletes: Arc<tokio::sync::Semaphore>,
 }
 
 impl Sorter {
@@ -531,22 +524,32 @@ impl Sorter {
 
     /// Deletes the scan's result on the server, then closes the record.
     async fn delete_result(&self, rec: &FileRecord) -> Step {
-        // A reused verdict's result belongs to the record that was scanned.
+        if let Err(why) = self.forget(rec).await {
+            return Step::Retry(why);
+        }
+        match self.shared.journal.done(rec.id).await {
+            Ok(()) => Step::Done,
+            Err(e) => Step::Retry(Retry::write(e)),
+        }
+    }
+
+    /// Deletes the scan's result on the server (none for a reused verdict: its result belongs
+    /// to the record that was scanned).
+    async fn forget(&self, rec: &FileRecord) -> Result<(), Retry> {
         if !rec.reused {
             if let Some(scan_id) = &rec.scan_id {
+                // Closed only when the sorter is dropped: then there is nobody to answer.
+                let _permit = self.deletes.acquire().await.ok();
                 self.shared.limits.rate().await;
                 if let Err(e) = self.shared.scanner.forget(scan_id).await {
-                    return Step::Retry(Retry::Forget {
+                    return Err(Retry::Forget {
                         scan_id: scan_id.clone(),
                         source: e,
                     });
                 }
             }
         }
-        match self.shared.journal.done(rec.id).await {
-            Ok(()) => Step::Done,
-            Err(e) => Step::Retry(Retry::write(e)),
-        }
+        Ok(())
     }
 }
 

@@ -66,10 +66,85 @@ fn the_queue_holds_each_record_once() {
         q.push(id);
     }
     assert_eq!(q.len(), 3);
-    let mut id = || q.pop().map(|(id, _)| id);
+    let mut id = || q.pop(|_| false).map(|w| single(w).0);
     assert_eq!((id(), id(), id(), id()), (Some(1), Some(2), Some(3), None));
     q.push(1);
-    assert_eq!(q.pop().map(|(id, _)| id), Some(1));
+    assert_eq!(q.pop(|_| false).map(|w| single(w).0), Some(1));
+}
+
+/// The work popped: one record (a batch is a test failure).
+fn single(w: Work) -> (FileId, Option<Box<FileRecord>>) {
+    match w {
+        Work::One(id, rec) => (id, rec),
+        Work::Batch(recs) => panic!("a batch of {}", recs.len()),
+    }
+}
+
+/// Decided clean records of one watch, carried by their announcements, are popped as one
+/// batch, in order; anything else (another watch, quarantine, no record carried, a record busy
+/// now) is left in the queue, in order, for work of its own.
+#[tokio::test]
+async fn decided_clean_records_of_one_watch_are_popped_as_a_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = crate::journal::Journal::open(&dir.path().join("j.sqlite")).unwrap();
+    let claims = [
+        ("/in", "a"),
+        ("/in", "b"),
+        ("/other", "c"),
+        ("/in", "d"),
+        ("/in", "e"),
+        ("/in", "f"),
+        ("/in", "g"),
+    ]
+    .map(|(root, n)| crate::journal::NewClaim {
+        root: root.into(),
+        rel_path: n.into(),
+        staged: format!("{root}/.dropscan/{n}.staged").into(),
+        dropped_at_ms: None,
+        staging_folder: None,
+    })
+    .to_vec();
+    let ids = j.claim(claims).await.unwrap();
+    let mut q = Queue::default();
+    for (i, id) in ids.iter().enumerate() {
+        let mut r = j.get(*id).await.unwrap();
+        r.state = FileState::Decided;
+        r.sha256 = Some([7; 32]);
+        r.verdict_sha256 = r.sha256;
+        r.outcome = Some(crate::journal::Outcome::Clean);
+        r.verdict = Some(crate::journal::ScanVerdict::NotDetected);
+        if i == 3 {
+            r.outcome = Some(crate::journal::Outcome::Quarantine);
+        }
+        if i == 4 {
+            q.push(*id);
+            continue;
+        }
+        q.push_decided(*id, Some(Box::new(r)));
+    }
+    let busy = ids[5];
+    let Some(Work::Batch(batch)) = q.pop(|id| id == busy) else {
+        panic!("no batch");
+    };
+    let got: Vec<FileId> = batch.iter().map(|r| r.id).collect();
+    assert_eq!(got, vec![ids[0], ids[1], ids[6]]);
+    // The other watch's record is a batch of its own; the quarantined one and the one queued by
+    // id go alone; the busy one is dropped when its turn comes (the sweep finds it again).
+    let left: Vec<(bool, Vec<FileId>)> = std::iter::from_fn(|| {
+        q.pop(|id| id == busy).map(|w| match w {
+            Work::One(id, _) => (false, vec![id]),
+            Work::Batch(recs) => (true, recs.iter().map(|r| r.id).collect()),
+        })
+    })
+    .collect();
+    assert_eq!(
+        left,
+        vec![
+            (true, vec![ids[2]]),
+            (false, vec![ids[3]]),
+            (false, vec![ids[4]])
+        ]
+    );
 }
 
 /// A record carried by its announcement is placed from it; queued again by id (a retry, the
@@ -95,7 +170,10 @@ async fn a_carried_record_is_dropped_when_the_record_is_queued_again_by_id() {
     q.push_decided(two, rec(j.get(two).await.unwrap()));
     q.push(two);
     assert_eq!(q.len(), 2);
-    let (a, b) = (q.pop().unwrap(), q.pop().unwrap());
+    let (a, b) = (
+        single(q.pop(|_| false).unwrap()),
+        single(q.pop(|_| false).unwrap()),
+    );
     assert_eq!((a.0, a.1.map(|r| r.id)), (one, Some(one)));
     assert_eq!((b.0, b.1.is_some()), (two, false));
 }
