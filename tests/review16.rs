@@ -149,3 +149,38 @@ async fn signals_during_a_start_up_refused_by_the_lock_keep_its_exit_code_and_me
         "the lock refusal's message is missing; its log: {text}"
     );
 }
+
+/// Finding (kill points under load, with each call held 50 ms instead of 200 ms): a loaded
+/// machine read the strace log after the n-th call's hold had ended (6 of 175 rounds beside three
+/// CPU hogs, 60 to 118 ms after the call returned; in one the same thread had already made the
+/// next call), so the agent went on and the kill landed on whatever it did next: kill point n
+/// went unchecked, silently. Now a late kill is noticed and
+/// the round run again with twice the hold. Here every kill comes late at first: each call is
+/// held 100 µs while the log is read every 5 ms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_that_comes_after_the_held_call_returned_is_noticed_and_the_round_run_again() {
+    let Some(strace) = crate::shares_fixture::find_tool("strace") else {
+        eprintln!("skipped: strace not installed (Debian package strace)");
+        return;
+    };
+    let start = Duration::from_micros(100);
+    let (_w, (), hold) = crate::kill_points::killed_round(
+        &strace,
+        "rename,renameat,renameat2",
+        3,
+        1,
+        start,
+        async || {
+            let w = World::quick().await;
+            w.drop_file("a.bin", &bytes(1602, 4000));
+            (w, ())
+        },
+    )
+    .await;
+    assert!(
+        hold.is_some_and(|h| h > start),
+        "killed at the 3rd rename with each call held {start:?}: the kill, read from a log \
+         polled every 5 ms, came after the call returned and was taken as kill point 3 \
+         (killed with a hold of {hold:?})"
+    );
+}
