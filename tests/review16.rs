@@ -151,7 +151,7 @@ async fn signals_during_a_start_up_refused_by_the_lock_keep_its_exit_code_and_me
 }
 
 /// Finding (kill points under load, with each call held 50 ms instead of 200 ms): a loaded
-/// machine read the strace log after the n-th call's hold had ended (6 of 175 rounds beside three
+/// machine read the strace log after the n-th call's hold had ended (5 of 175 rounds beside three
 /// CPU hogs, 60 to 118 ms after the call returned; in one the same thread had already made the
 /// next call), so the agent went on and the kill landed on whatever it did next: kill point n
 /// went unchecked, silently. Now a late kill is noticed and
