@@ -1,6 +1,7 @@
 //! Signals: the first SIGINT or SIGTERM cancels the root token (graceful shutdown); a second one
 //! exits at once. The journal makes that safe: whatever was in flight resumes at the next start.
-//! SIGHUP asks for a reload of the configuration (`systemctl reload dropscan`).
+//! SIGHUP asks for a reload of the configuration (`systemctl reload dropscan`). A signal that
+//! comes before logging is set up (during `run`'s start-up) says so on stderr.
 
 use std::sync::Arc;
 
@@ -26,17 +27,32 @@ pub(crate) fn shutdown_token() -> std::io::Result<CancellationToken> {
             }
             seen += 1;
             if seen == 1 {
-                tracing::info!("signal received: shutting down (again to exit at once)");
+                const FIRST: &str = "signal received: shutting down (again to exit at once)";
+                if logging_set_up() {
+                    tracing::info!("{FIRST}");
+                } else {
+                    eprintln!("dropscan: {FIRST}");
+                }
                 t.cancel();
             } else {
-                tracing::warn!(
-                    "second signal: exiting now; work in flight resumes at the next start"
-                );
+                const SECOND: &str =
+                    "second signal: exiting now; work in flight resumes at the next start";
+                if logging_set_up() {
+                    tracing::warn!("{SECOND}");
+                } else {
+                    eprintln!("dropscan: {SECOND}");
+                }
                 std::process::exit(EXIT_NOW);
             }
         }
     });
     Ok(token)
+}
+
+/// Whether logging is set up: `run` installs the handlers before (a signal during a slow start-up
+/// must not end the process by its default action), and a line logged before would be lost.
+fn logging_set_up() -> bool {
+    tracing::dispatcher::has_been_set()
 }
 
 /// Spawns a SIGHUP watcher; the returned `Notify` is woken on each SIGHUP.

@@ -16,7 +16,7 @@
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use crate::kill_points_tools::temps_in;
 use crate::shares_fixture::find_tool;
@@ -26,8 +26,10 @@ const LIMIT: Duration = Duration::from_secs(60);
 /// How long each traced call is held on its way out. Every call before the N-th is held too, so
 /// a round costs N times this: it was 200 ms, which made a round of 50 fsyncs cost 10 s and the
 /// fsync test alone 3 minutes of CI. A kill that still comes late (a loaded machine) lands on a
-/// later call: another kill point, never a lost check.
+/// later call: [`killed_round`] notices and runs the round again with a longer hold.
 const HOLD: Duration = Duration::from_millis(50);
+/// The longest hold a round is run again with before the machine is declared too loaded.
+const MAX_HOLD: Duration = Duration::from_millis(1600);
 /// How often the strace log is read while waiting for the N-th call: well inside [`HOLD`].
 const WATCH: Duration = Duration::from_millis(5);
 /// Kill points per syscall set at most (the journal's commits make the fsyncs the most).
@@ -45,26 +47,92 @@ fn drops() -> Drops {
     ]
 }
 
+/// One round at kill point `n`, made again (`make`: a new world, its files dropped) while the kill
+/// came late, each time with twice the hold, from `hold` up to [`MAX_HOLD`]. A late kill (a loaded
+/// machine reading the log after the `n`-th call's hold ended) lands on whatever the agent did
+/// next: another kill point, and kill point `n` would go unchecked. Returns the world, what
+/// `make` made with it, and the hold the agent was killed in time with (None: not killed, the
+/// work never reached call `n`).
+pub(crate) async fn killed_round<T>(
+    strace: &PathBuf,
+    syscalls: &str,
+    n: usize,
+    n_files: usize,
+    mut hold: Duration,
+    mut make: impl AsyncFnMut() -> (World, T),
+) -> (World, T, Option<Duration>) {
+    loop {
+        let (w, t) = make().await;
+        match run_killed_at(&w, strace, syscalls, n, n_files, hold).await {
+            Some(late) if late + hold / 5 >= hold => {
+                assert!(
+                    hold < MAX_HOLD,
+                    "{syscalls} #{n}: the kill still came {late:?} after the call returned with a \
+                     hold of {hold:?}: the machine is too loaded for kill points"
+                );
+                eprintln!(
+                    "{syscalls} #{n}: killed {late:?} after the call returned, past its hold of \
+                     {hold:?}: again with a hold of {:?}",
+                    hold * 2
+                );
+                wait_unlocked(&w).await;
+                hold *= 2;
+            }
+            killed => return (w, t, killed.map(|_| hold)),
+        }
+    }
+}
+
+/// How long after the `n`-th held call returned the kill came (at `killed_at`), from strace's log
+/// (`-ttt -T`: a line's time is the call's entry, or its return on a `<... resumed>` line; `<T>`
+/// is the time in the call, the hold not included).
+fn late_by(log: &str, n: usize, killed_at: SystemTime) -> Duration {
+    let line = log
+        .lines()
+        .filter(|l| l.contains("(DELAYED)"))
+        .nth(n - 1)
+        .unwrap_or_else(|| panic!("no call #{n} in the strace log"));
+    let at: f64 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("no time on strace's line {line:?}"));
+    // Without its `<T>` (not written yet when strace was killed), the call is taken to have
+    // returned at its entry: a kill can only look later than it was, and the round be run again.
+    let took: f64 = if line.contains(" resumed>") {
+        0.0
+    } else {
+        line.rsplit('<')
+            .next()
+            .and_then(|t| t.trim_end_matches('>').parse().ok())
+            .unwrap_or(0.0)
+    };
+    let returned = SystemTime::UNIX_EPOCH + Duration::from_secs_f64(at + took);
+    killed_at.duration_since(returned).unwrap_or_default()
+}
+
 /// Runs the agent under strace, killed right after the `n`-th call of `syscalls` in the whole
-/// process (each call is held [`HOLD`] on its way out, and the log is read every [`WATCH`], so
-/// the kill lands before its thread goes on). Returns whether it was killed (false: the work never reached call `n`, and the agent was
-/// stopped once everything was placed).
+/// process (each call is held `hold` on its way out, and the log is read every [`WATCH`], so
+/// the kill lands before its thread goes on). Returns how long after that call returned the kill
+/// came (None: not killed; the work never reached call `n`, and the agent was stopped once
+/// everything was placed).
 async fn run_killed_at(
     w: &World,
     strace: &PathBuf,
     syscalls: &str,
     n: usize,
     n_files: usize,
-) -> bool {
+    hold: Duration,
+) -> Option<Duration> {
     let log = w.dir.path().join("strace.log");
     let mut child = Group(
         Command::new(strace)
-            .args(["-f", "--seccomp-bpf", "-qq", "-o"])
+            .args(["-f", "--seccomp-bpf", "-qq", "-ttt", "-T", "-o"])
             .arg(&log)
             .arg("-e")
             .arg(format!("trace={syscalls}"))
             .arg("-e")
-            .arg(format!("inject={syscalls}:delay_exit={}", HOLD.as_micros()))
+            .arg(format!("inject={syscalls}:delay_exit={}", hold.as_micros()))
             .arg(env!("CARGO_BIN_EXE_dropscan"))
             .args(["run", "--config"])
             .arg(w.write_config())
@@ -83,14 +151,18 @@ async fn run_killed_at(
             .map(|t| t.matches("(DELAYED)").count())
             .unwrap_or(0)
     };
+    let killed_at = std::cell::Cell::new(None);
     let reached = |child: &mut Child| {
         if calls() >= n {
+            killed_at.set(Some(SystemTime::now()));
             kill_group(child);
             return true;
         }
         false
     };
-    let killed = poll_every(WATCH, LIMIT, || {
+    // Every call before the n-th is held too.
+    let limit = LIMIT + hold * u32::try_from(n).unwrap();
+    let killed = poll_every(WATCH, limit, || {
         if reached(child) {
             return Some(true);
         }
@@ -104,10 +176,19 @@ async fn run_killed_at(
     .expect("the agent was neither killed nor finished");
     // Everything is placed: a kill point after that (a sidecar, a kept original's removal) may
     // still come.
-    killed
-        || wait_for(Duration::from_secs(3), || reached(child).then_some(()))
-            .await
-            .is_some()
+    let killed = killed
+        || poll_every(WATCH, Duration::from_secs(3), || {
+            reached(child).then_some(())
+        })
+        .await
+        .is_some();
+    killed.then(|| {
+        late_by(
+            &std::fs::read_to_string(&log).unwrap(),
+            n,
+            killed_at.get().unwrap(),
+        )
+    })
 }
 
 /// Kills (SIGKILL) and reaps the process group `child` leads.
@@ -166,13 +247,16 @@ pub(crate) async fn every_kill_point_of(
         return;
     };
     for n in (1..=MAX_KILL_POINTS).step_by(stride) {
-        let mut w = World::quick().await;
-        w.watch_extra = watch_extra.to_string();
-        for (name, content, _) in drops() {
-            w.drop_file(name, &content);
-        }
-        let killed = run_killed_at(&w, &strace, syscalls, n, files).await;
-        eprintln!("{syscalls} #{n}: killed {killed}");
+        let (w, (), killed) = killed_round(&strace, syscalls, n, files, HOLD, async || {
+            let mut w = World::quick().await;
+            w.watch_extra = watch_extra.to_string();
+            for (name, content, _) in drops() {
+                w.drop_file(name, &content);
+            }
+            (w, ())
+        })
+        .await;
+        eprintln!("{syscalls} #{n}: killed {}", killed.is_some());
         wait_unlocked(&w).await;
         // The next start finishes the work.
         let agent = w.start_agent();
@@ -216,7 +300,7 @@ pub(crate) async fn every_kill_point_of(
             "killed at {syscalls} #{n}: staging not emptied"
         );
         agent.stop().await.0.unwrap();
-        if !killed {
+        if killed.is_none() {
             return;
         }
     }
@@ -273,20 +357,28 @@ async fn killed_then(syscalls: &str, disturb: Disturb) {
     };
     let drops = || drops().into_iter().filter(|(n, _, _)| *n != "sub/b.txt");
     let n_files = drops().count();
+    if tempfile::tempdir_in("/dev/shm").is_err() {
+        eprintln!("skipped: no /dev/shm for destinations on another filesystem");
+        return;
+    }
     for n in 1..=MAX_KILL_POINTS {
-        let mut w = World::quick().await;
-        let Ok(other) = tempfile::tempdir_in("/dev/shm") else {
-            eprintln!("skipped: no /dev/shm for destinations on another filesystem");
-            return;
-        };
-        w.clean = other.path().join("clean");
-        w.quarantine = other.path().join("quarantine");
-        w.failed = other.path().join("failed");
-        for (name, content, _) in drops() {
-            w.drop_file(name, &content);
-        }
-        let killed = run_killed_at(&w, &strace, syscalls, n, n_files).await;
-        eprintln!("{syscalls} #{n} then {disturb:?}: killed {killed}");
+        let (mut w, other, killed) =
+            killed_round(&strace, syscalls, n, n_files, HOLD, async || {
+                let mut w = World::quick().await;
+                let other = tempfile::tempdir_in("/dev/shm").unwrap();
+                w.clean = other.path().join("clean");
+                w.quarantine = other.path().join("quarantine");
+                w.failed = other.path().join("failed");
+                for (name, content, _) in drops() {
+                    w.drop_file(name, &content);
+                }
+                (w, other)
+            })
+            .await;
+        eprintln!(
+            "{syscalls} #{n} then {disturb:?}: killed {}",
+            killed.is_some()
+        );
         wait_unlocked(&w).await;
         let first_clean = w.clean.clone();
         match disturb {
@@ -369,7 +461,7 @@ async fn killed_then(syscalls: &str, disturb: Disturb) {
             )
             .unwrap();
         assert_eq!(vanished, 0, "{at}: a record was closed as vanished");
-        if !killed {
+        if killed.is_none() {
             return;
         }
     }
