@@ -33,7 +33,7 @@ pub const MAX_BLOCKING_THREADS: usize = 64;
 /// See the module docs; a thread costs about 50 µs to start again.
 pub const BLOCKING_KEEP_ALIVE: Duration = Duration::from_millis(100);
 
-/// The runtime `dropscan` runs on. Caps the allocator's arenas first ([`cap_arenas`]).
+/// The runtime `dropscan` runs on. Caps the allocator's arenas first (`cap_arenas`).
 pub fn build() -> std::io::Result<Runtime> {
     cap_arenas();
     builder().build()
