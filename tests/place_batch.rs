@@ -81,3 +81,67 @@ async fn a_name_chosen_twice_in_one_batch_never_overwrites() {
     assert!(!o.contains_key(&PathBuf::from("d/report (3).txt")));
     agent.stop().await.0.unwrap();
 }
+
+/// Runs the agent as the kill-point rounds do (under strace, each traced call held 50 ms) but
+/// without a kill, with the sorter's debug lines, and returns the largest batch it placed.
+async fn largest_batch_under_strace(set: &Drops, syscalls: &str) -> Option<usize> {
+    use std::os::unix::process::CommandExt as _;
+    use std::process::{Command, Stdio};
+    let strace = crate::shares_fixture::find_tool("strace")?;
+    let w = World::quick().await;
+    for (name, content, _) in set {
+        w.drop_file(name, content);
+    }
+    let err = w.dir.path().join("agent.err");
+    let mut child = crate::kill_points::Group(
+        Command::new(strace)
+            .args(["-f", "--seccomp-bpf", "-qq", "-o"])
+            .arg(w.dir.path().join("strace.log"))
+            .arg("-e")
+            .arg(format!("trace={syscalls}"))
+            .arg("-e")
+            .arg(format!("inject={syscalls}:delay_exit=50000"))
+            .arg(env!("CARGO_BIN_EXE_dropscan"))
+            .args(["run", "--config"])
+            .arg(w.write_config())
+            .env("RUST_LOG", "warn,dropscan::sort=debug")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&err).unwrap())
+            .process_group(0)
+            .spawn()
+            .unwrap(),
+    );
+    let all = wait_for(LIMIT, || (w.outcomes().len() == set.len()).then_some(())).await;
+    crate::kill_points::kill_group(&mut child.0);
+    assert!(all.is_some(), "not all placed: {:?}", w.outcomes());
+    let log = std::fs::read_to_string(&err).unwrap();
+    log.lines()
+        .filter(|l| l.contains("placing a batch"))
+        .filter_map(|l| {
+            let n = l.split("records=").nth(1)?;
+            n.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+        })
+        .max()
+        .or(Some(0))
+}
+
+/// The kill-point rounds above kill inside a batch of several placements, not a batch of one:
+/// run as they run them (checked with the sorter's debug line "placing a batch"), at least two
+/// of the files are placed in one batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kill_point_rounds_place_several_files_in_one_batch() {
+    let two: Drops = four_clean().into_iter().take(2).collect();
+    for (set, calls) in [
+        (two, "fsync,fdatasync"),
+        (four_clean(), "rename,renameat,renameat2"),
+    ] {
+        let Some(largest) = largest_batch_under_strace(&set, calls).await else {
+            eprintln!("skipped: strace not installed (Debian package strace)");
+            return;
+        };
+        // All of them in one batch is the common case, not a certainty (a poll may decide
+        // one of them a moment after the others).
+        assert!(largest >= 2, "tracing {calls}: largest batch {largest}");
+    }
+}
