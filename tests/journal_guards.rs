@@ -323,6 +323,48 @@ async fn a_batch_of_placements_refuses_only_the_record_that_changed() {
     );
 }
 
+/// A batch carries records as their decision left them (`decided`); one that another placement
+/// attempt has taken up since (`placing`, its destination journaled: the file may already be
+/// there, its `placed` row not written) is refused, and its journaled destination is kept. A
+/// batch that wrote a new destination over it would send the one-record path to look for the
+/// file at a name where it never was, and close a placed file as vanished.
+#[tokio::test]
+async fn a_batch_never_overwrites_the_destination_of_a_record_already_placing() {
+    let (_d, j) = open();
+    let a = in_flight(&j, "a", SHA, "scan-a").await;
+    let carried = j
+        .decide_records(vec![(a, verdict(ScanVerdict::NotDetected))])
+        .await
+        .unwrap();
+    j.placing_checked(
+        a,
+        "/out/clean".into(),
+        "/out/clean/a".into(),
+        carried[0].outcome,
+        carried[0].sha256,
+    )
+    .await
+    .unwrap();
+    let answers = j
+        .placing_many(vec![dropscan::journal::PlacingRow {
+            id: a,
+            dest_root: "/out/clean".into(),
+            dest: "/out/clean/a (1)".into(),
+            seen: carried[0].outcome,
+            seen_sha256: carried[0].sha256,
+        }])
+        .await
+        .unwrap();
+    assert!(
+        answers[0].is_err(),
+        "a record already placing was taken into a batch"
+    );
+    assert_eq!(
+        j.get(a).await.unwrap().dest,
+        Some(PathBuf::from("/out/clean/a"))
+    );
+}
+
 #[tokio::test]
 async fn the_verdict_cache_never_replaces_detect_by_not_detected() {
     let (_d, j) = open();

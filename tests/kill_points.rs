@@ -240,6 +240,35 @@ pub(crate) async fn every_kill_point_of(
     watch_extra: &str,
     stride: usize,
 ) {
+    rounds(set, syscalls, watch_extra, stride, false).await;
+}
+
+/// [`every_kill_point_of`] with every file of `set` uploaded before the traced start (by an
+/// agent stopped once all are uploaded, while their scans still run): the traced agent finds
+/// every scan done at its first poll and decides them together, so that they are placed as one
+/// batch, and its kill points are those of deciding and placing that batch.
+pub(crate) async fn every_kill_point_decided_together(set: &Drops, syscalls: &str, stride: usize) {
+    rounds(set, syscalls, "", stride, true).await;
+}
+
+/// How long each scan takes in [`every_kill_point_decided_together`]: longer than stopping the
+/// agent that uploaded them.
+pub(crate) const SCAN_TAKES: Duration = Duration::from_secs(2);
+
+/// Starts an agent in-process, stops it once every file of `w`'s inbox is uploaded (`files`),
+/// and waits out the scans: the next start decides them all at its first poll.
+pub(crate) async fn upload_then_stop(w: &World, files: usize) {
+    let agent = w.start_agent();
+    let uploaded = wait_for(LIMIT, || {
+        (w.emulator().state().stats().submits_accepted >= files as u64).then_some(())
+    })
+    .await;
+    agent.stop().await.0.unwrap();
+    assert!(uploaded.is_some(), "not every file was uploaded");
+    tokio::time::sleep(SCAN_TAKES + Duration::from_millis(500)).await;
+}
+
+async fn rounds(set: &Drops, syscalls: &str, watch_extra: &str, stride: usize, together: bool) {
     let files = set.len();
     let drops = || set.iter().map(|(n, c, o)| (*n, c.clone(), *o));
     let Some(strace) = find_tool("strace") else {
@@ -248,10 +277,21 @@ pub(crate) async fn every_kill_point_of(
     };
     for n in (1..=MAX_KILL_POINTS).step_by(stride) {
         let (w, (), killed) = killed_round(&strace, syscalls, n, files, HOLD, async || {
-            let mut w = World::quick().await;
+            let mut w = if together {
+                World::new(dropscan::emulator::EmulatorConfig {
+                    scan_delay: SCAN_TAKES,
+                    ..dropscan::emulator::EmulatorConfig::default()
+                })
+                .await
+            } else {
+                World::quick().await
+            };
             w.watch_extra = watch_extra.to_string();
             for (name, content, _) in drops() {
                 w.drop_file(name, &content);
+            }
+            if together {
+                upload_then_stop(&w, files).await;
             }
             (w, ())
         })

@@ -59,14 +59,17 @@ impl Journal {
         dest: PathBuf,
         seen: Option<(Option<Outcome>, Option<[u8; 32]>)>,
     ) -> Result<(), JournalError> {
-        self.run(move |conn| placing_in(conn, id, dest_root.as_deref(), &dest, seen))
+        self.run(move |conn| placing_in(conn, id, dest_root.as_deref(), &dest, seen, &PLACING_FROM))
             .await
     }
 
     /// [`Journal::placing_checked`] for a batch of records, in one operation: each row in a
     /// savepoint of its own, refused by the same rules (the outcome or content changed since the
-    /// caller read the record, or the record is no longer `decided` or `placing`) without
-    /// touching the others. The outer error: none was written.
+    /// caller read the record) and one more: the record is no longer `decided`. A batch carries
+    /// records as their decision left them; one `placing` since was taken up by another attempt
+    /// (a retry, a sweep, the agent of a reload), whose journaled destination may already hold
+    /// the file, and is never given another. A refused row leaves the others untouched. The
+    /// outer error: none was written.
     pub async fn placing_many(
         &self,
         rows: Vec<PlacingRow>,
@@ -76,7 +79,8 @@ impl Journal {
                 .map(|r| {
                     let seen = Some((r.seen, r.seen_sha256));
                     in_savepoint(conn, |c| {
-                        placing_in(c, r.id, Some(&r.dest_root), &r.dest, seen)
+                        let decided = [FileState::Decided];
+                        placing_in(c, r.id, Some(&r.dest_root), &r.dest, seen, &decided)
                     })
                 })
                 .collect()
@@ -226,13 +230,18 @@ pub struct PlacingRow {
     pub seen_sha256: Option<[u8; 32]>,
 }
 
-/// The `placing` row of record `id` (see [`Journal::placing_checked`]).
+/// The states a record may be given a destination from: decided, or placing again (a retry
+/// that chooses another name).
+const PLACING_FROM: [FileState; 2] = [FileState::Decided, FileState::Placing];
+
+/// The `placing` row of record `id` (see [`Journal::placing_checked`]), from one of `from`.
 fn placing_in(
     conn: &rusqlite::Connection,
     id: FileId,
     dest_root: Option<&std::path::Path>,
     dest: &std::path::Path,
     seen: Option<(Option<Outcome>, Option<[u8; 32]>)>,
+    from: &[FileState],
 ) -> Result<(), JournalError> {
     let rec = load(conn, id)?;
     if let Some((_, seen_sha256)) = seen {
@@ -255,12 +264,7 @@ fn placing_in(
             });
         }
     }
-    transition(
-        conn,
-        &rec,
-        &[FileState::Decided, FileState::Placing],
-        FileState::Placing,
-    )?;
+    transition(conn, &rec, from, FileState::Placing)?;
     execute(
         conn,
         "UPDATE files SET dest = ?2, dest_root = ?3 WHERE id = ?1",

@@ -183,7 +183,9 @@ pub async fn run(
             }
         }
     }
-    // Placements in progress are local moves and one DELETE: let them finish within the grace.
+    // Placements in progress are local moves and their DELETEs (a batch's up to 64, 16 at a
+    // time): let them finish within the grace. Aborted, a batch's renames already begun still
+    // run to their end (a blocking call is not cancelled); its records stay as journaled.
     let grace = shared.config.state.shutdown_grace;
     if tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} })
         .await
