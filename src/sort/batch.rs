@@ -166,17 +166,7 @@ impl Sorter {
             alone.extend(items.into_iter().map(|it| (it.rec.id, None)));
             return Vec::new();
         };
-        let mut kept = Vec::with_capacity(items.len());
-        for (it, answer) in items.into_iter().zip(answers) {
-            match answer {
-                Ok(()) => kept.push(it),
-                Err(e) => {
-                    tracing::debug!(id = it.rec.id, error = %e, "placing refused: read again");
-                    alone.push((it.rec.id, None));
-                }
-            }
-        }
-        kept
+        answered(items, answers, alone, "placing refused")
     }
 
     /// Moves the batch in one blocking call: the renames, then each folder fsynced once
@@ -255,17 +245,7 @@ impl Sorter {
             alone.extend(items.into_iter().map(|it| (it.rec.id, None)));
             return Vec::new();
         };
-        let mut placed = Vec::with_capacity(items.len());
-        for (it, answer) in items.into_iter().zip(moved) {
-            match answer {
-                Ok(_) => placed.push(it),
-                Err(e) => {
-                    tracing::debug!(id = it.rec.id, error = %e, "batched move failed: alone");
-                    alone.push((it.rec.id, None));
-                }
-            }
-        }
-        placed
+        answered(items, moved, alone, "batched move failed")
     }
 
     /// Commits the batch's `placed` rows, each with its notifications, in one journal
@@ -365,4 +345,25 @@ impl Sorter {
             }
         }
     }
+}
+
+/// The items whose step answered Ok; each of the others goes to the one-record path, which
+/// reads its record again (`why` names the step in the debug line).
+fn answered<T, E: std::fmt::Display>(
+    items: Vec<Item>,
+    answers: Vec<Result<T, E>>,
+    alone: &mut Vec<(FileId, Option<Box<FileRecord>>)>,
+    why: &str,
+) -> Vec<Item> {
+    let mut kept = Vec::with_capacity(items.len());
+    for (it, answer) in items.into_iter().zip(answers) {
+        match answer {
+            Ok(_) => kept.push(it),
+            Err(e) => {
+                tracing::debug!(id = it.rec.id, error = %e, "{why}: read again, placed alone");
+                alone.push((it.rec.id, None));
+            }
+        }
+    }
+    kept
 }
