@@ -40,6 +40,28 @@ async fn hashed_then_killed(
     (config, log)
 }
 
+/// The binary started with a second watch on a share that hangs from before the start (its
+/// own folders exist, as after an earlier run): the world, the share's server folder, the share,
+/// the agent and its log. None where the share cannot be mounted (printed).
+async fn started_beside_a_hung_share() -> Option<(
+    crate::util::World,
+    std::path::PathBuf,
+    HangingShare,
+    std::process::Child,
+    std::path::PathBuf,
+)> {
+    let (w, server, other) = with_second_watch().await;
+    let share = HangingShare::mount(&server, &other)?;
+    let config = w.write_config();
+    for sub in ["clean", "quarantine", "failed"] {
+        std::fs::create_dir_all(w.dir.path().join("out2").join(sub)).unwrap();
+    }
+    share.hang();
+    let log = w.dir.path().join("agent.log");
+    let agent = spawn_binary(&config, &log);
+    Some((w, server, share, agent, log))
+}
+
 /// Start-up resolves, stats and prepares every watch's folders; it did so on the main thread
 /// (resolving symlinks while validating the configuration, then waiting for every inbox), so one
 /// share whose server hangs held the whole agent before it logged a line (`local.bin placed:
@@ -47,18 +69,9 @@ async fn hashed_then_killed(
 /// the hung one once its server answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_share_hung_before_start_does_not_stop_the_other_watches() {
-    let (w, server, other) = with_second_watch().await;
-    let Some(share) = HangingShare::mount(&server, &other) else {
+    let Some((w, server, share, mut agent, log)) = started_beside_a_hung_share().await else {
         return;
     };
-    let config = w.write_config();
-    // The agent's own folders for that watch exist, as after an earlier run.
-    for sub in ["clean", "quarantine", "failed"] {
-        std::fs::create_dir_all(w.dir.path().join("out2").join(sub)).unwrap();
-    }
-    share.hang();
-    let log = w.dir.path().join("agent.log");
-    let mut agent = spawn_binary(&config, &log);
     w.drop_file("local.bin", &bytes(150, 1000));
     let placed = wait_for(LONG, || w.clean.join("local.bin").is_file().then_some(())).await;
     // The share's server answers again: its watch is served too (the agent restarts on it).
@@ -161,17 +174,9 @@ async fn a_watch_waiting_for_its_staging_folder_at_start_does_not_hold_the_other
 /// `answer::DEADLINE` (3 s): the SIGHUP comes within it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sighup_while_start_up_waits_on_a_hung_share_does_not_end_the_agent() {
-    let (w, server, other) = with_second_watch().await;
-    let Some(share) = HangingShare::mount(&server, &other) else {
+    let Some((w, _, share, mut agent, log)) = started_beside_a_hung_share().await else {
         return;
     };
-    let config = w.write_config();
-    for sub in ["clean", "quarantine", "failed"] {
-        std::fs::create_dir_all(w.dir.path().join("out2").join(sub)).unwrap();
-    }
-    share.hang();
-    let log = w.dir.path().join("agent.log");
-    let mut agent = spawn_binary(&config, &log);
     tokio::time::sleep(Duration::from_secs(1)).await;
     crate::durability::sighup(&agent);
     w.drop_file("local.bin", &bytes(170, 1000));

@@ -215,29 +215,18 @@ level = "warn"
 
     /// Every file under `dir` (relative path → content), sidecars and hidden files excluded.
     pub(crate) fn files_in(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
-        let mut out = BTreeMap::new();
-        let mut stack = vec![dir.to_path_buf()];
-        while let Some(d) = stack.pop() {
-            let Ok(rd) = std::fs::read_dir(&d) else {
-                continue;
-            };
-            for e in rd.flatten() {
-                let p = e.path();
-                let name = e.file_name().to_string_lossy().to_string();
-                let t = e.file_type().unwrap();
-                if t.is_dir() {
-                    if !name.starts_with('.') {
-                        stack.push(p);
-                    }
-                } else if !name.ends_with(".dropscan.json") && !name.starts_with('.') {
-                    out.insert(
-                        p.strip_prefix(dir).unwrap().to_path_buf(),
-                        std::fs::read(&p).unwrap(),
-                    );
-                }
-            }
-        }
-        out
+        entries_below(dir)
+            .into_iter()
+            .filter_map(|p| {
+                let rel = p.strip_prefix(dir).unwrap().to_path_buf();
+                let hidden = rel
+                    .components()
+                    .any(|c| c.as_os_str().to_string_lossy().starts_with('.'));
+                let sidecar = rel.to_string_lossy().ends_with(".dropscan.json");
+                let folder = std::fs::symlink_metadata(&p).ok()?.is_dir();
+                (!hidden && !sidecar && !folder).then(|| (rel, std::fs::read(&p).unwrap()))
+            })
+            .collect()
     }
 
     /// Where each file ended: relative path → outcome (a file in two places panics).
