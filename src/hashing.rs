@@ -17,7 +17,7 @@ use crate::error::FileError;
 use crate::fsops::own::{Owned, Owning};
 use crate::fsops::{self, FsError, blocking};
 use crate::journal::{FileId, HashedAs};
-use crate::pipeline::{Claimed, Hashed};
+use crate::pipeline::{Claimed, Content, Hashed};
 
 /// Owns a staged file (see the module docs) on the blocking pool.
 async fn own_staged(
@@ -26,13 +26,31 @@ async fn own_staged(
     ask_lease: bool,
 ) -> Result<Owned, Owning> {
     let (sh, path) = (Arc::clone(shared), staged.to_path_buf());
-    blocking(move || Ok(own_here(&sh, &path, ask_lease)))
+    blocking(move || Ok(own_here(&sh, &path, ask_lease, None)))
         .await
         .unwrap_or_else(|e| Err(Owning::Failed(e)))
 }
 
-/// Owns the staged file `path`, on this (blocking) thread.
-fn own_here(shared: &Shared, path: &std::path::Path, ask_lease: bool) -> Result<Owned, Owning> {
+/// Owns a staged file on the blocking pool while sending its bytes to `sink` (the tee,
+/// [`fsops::own::own_teeing`]); a lease is asked as for a file just claimed.
+pub(crate) async fn own_teeing(
+    shared: &Arc<Shared>,
+    staged: &std::path::Path,
+    sink: fsops::own::Sink<'static>,
+) -> Result<Owned, Owning> {
+    let (sh, path) = (Arc::clone(shared), staged.to_path_buf());
+    blocking(move || Ok(own_here(&sh, &path, true, Some(sink))))
+        .await
+        .unwrap_or_else(|e| Err(Owning::Failed(e)))
+}
+
+/// Owns the staged file `path`, on this (blocking) thread, teeing it to `sink` if one is given.
+fn own_here(
+    shared: &Shared,
+    path: &std::path::Path,
+    ask_lease: bool,
+    sink: Option<fsops::own::Sink<'_>>,
+) -> Result<Owned, Owning> {
     let (staging, name) = shared.staging_of(path)?;
     let root = shared.roots.by_staged(path);
     let leases = root
@@ -40,7 +58,10 @@ fn own_here(shared: &Shared, path: &std::path::Path, ask_lease: bool) -> Result<
         .is_some_and(|r| r.inbox().is_ok_and(|inbox| r.leases_here(&inbox)));
     let keep_always =
         root.is_some_and(|r| r.config.keep_originals == crate::config::KeepOriginals::Always);
-    fsops::own::own(&staging, &name, leases, keep_always)
+    match sink {
+        Some(sink) => fsops::own::own_teeing(&staging, &name, leases, keep_always, sink),
+        None => fsops::own::own(&staging, &name, leases, keep_always),
+    }
 }
 
 /// Whether record `id`'s staging folder is covered by a mount ([`Shared::staging_covered`]).
@@ -149,7 +170,7 @@ pub(crate) async fn hash_batch(shared: &Arc<Shared>, files: Vec<ToHash>) -> Vec<
     let sh = Arc::clone(shared);
     let owned: Vec<Result<Owned, Owning>> = match tokio::task::spawn_blocking(move || {
         asks.iter()
-            .map(|(path, ask)| own_here(&sh, path, *ask))
+            .map(|(path, ask)| own_here(&sh, path, *ask, None))
             .collect::<Vec<_>>()
     })
     .await
@@ -224,7 +245,7 @@ fn hashed_as(
         HashedAs::Hashed => Ok(Hashed::Ready(Claimed {
             id,
             staged,
-            sha256,
+            content: Content::Hashed(sha256),
             stamp,
         })),
         HashedAs::Waiting => {
@@ -246,7 +267,7 @@ fn journal_failed(id: FileId, e: &crate::journal::JournalError) -> Hashed {
 }
 
 /// Journals what owning record `id`'s staged file came to.
-async fn journal_owned(
+pub(crate) async fn journal_owned(
     shared: &Arc<Shared>,
     id: FileId,
     staged: PathBuf,

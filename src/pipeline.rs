@@ -57,10 +57,21 @@ pub struct Claimed {
     pub id: FileId,
     /// Path in staging.
     pub staged: PathBuf,
-    /// SHA-256 of its content.
-    pub sha256: [u8; 32],
-    /// Its size and stamp when hashed.
+    /// What its upload sends.
+    pub content: Content,
+    /// Its size and stamp when hashed (when claimed, for a file not owned yet).
     pub stamp: Stamp,
+}
+
+/// What the upload of a claimed file sends.
+#[derive(Debug, Clone)]
+pub enum Content {
+    /// Its private copy, owned and hashed with this SHA-256.
+    Hashed([u8; 32]),
+    /// Its staged file, not owned yet: a big file owned while it is uploaded under this scan
+    /// (the tee, issue 20), its record `submitting` with no hash
+    /// ([`crate::journal::Journal::teeing`]).
+    Tee(crate::scanner::ScanId),
 }
 
 impl Claimed {
@@ -70,7 +81,7 @@ impl Claimed {
         Some(Claimed {
             id: r.id,
             staged: r.staged.clone(),
-            sha256: r.sha256?,
+            content: Content::Hashed(r.sha256?),
             stamp: r.stamp?,
         })
     }
@@ -236,7 +247,7 @@ mod tests {
         Claimed {
             id,
             staged: format!("/s/{id}").into(),
-            sha256: [0; 32],
+            content: Content::Hashed([0; 32]),
             stamp: Stamp {
                 size: 1,
                 mtime_ns: 0,

@@ -32,7 +32,7 @@
 use crate::kata::KataClient;
 
 pub use crate::kata::error::UploadDisposition;
-pub use crate::kata::multipart::UploadSource;
+pub use crate::kata::multipart::{Tee, UploadSource};
 pub use crate::kata::{
     ApiError, DeleteOutcome, Restrictions, ScanId, ScanResult, ScanState, merge_duplicates,
 };

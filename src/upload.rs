@@ -30,9 +30,9 @@ use tokio_util::sync::CancellationToken;
 use crate::context::Shared;
 use crate::error::{FatalError, FileError};
 use crate::hashing;
-use crate::journal::{Decision, FileId, FileState};
+use crate::journal::{Decision, FileId, FileRecord, FileState, JournalError};
 use crate::limits::InFlight;
-use crate::pipeline::{Claimed, Hashed, Resubmit, Submitted};
+use crate::pipeline::{Claimed, Content, Hashed, Resubmit, Submitted};
 use crate::pipeline::{Verdict, decide_then_announce};
 use crate::scanner::{ApiError, ScanId, Sent, UploadDisposition, UploadSource};
 
@@ -111,7 +111,8 @@ pub(crate) async fn run(
             }
         };
         let Some(item) = next else { break };
-        if let Some(max) = shared.limits.max_object_size() {
+        if let (Some(max), Content::Hashed(_)) = (shared.limits.max_object_size(), &item.content) {
+            // A file not owned yet is owned first (`tee`), then judged here.
             if item.stamp.size > max {
                 let reason = FileError::TooLarge {
                     size: item.stamp.size,
@@ -230,6 +231,13 @@ impl Upload {
             );
             return None;
         }
+        let sha256 = match &item.content {
+            Content::Hashed(sha256) => *sha256,
+            Content::Tee(scan_id) => {
+                let scan_id = scan_id.clone();
+                return self.tee(item, scan_id, slot).await;
+            }
+        };
         let scan_id = ScanId::generate();
         // The scan's id is journaled before a byte is sent (the scanner seam's contract).
         if let Err(e) = shared.journal.submitting(item.id, scan_id.clone()).await {
@@ -259,9 +267,16 @@ impl Upload {
         )
         .await;
         drop(posting);
-        match answer(&result, &item.sha256, item.stamp.size) {
+        match answer(&result, &sha256, item.stamp.size) {
             Answer::Accepted { bytes } => {
-                self.accepted(item, scan_id, bytes, slot).await;
+                let committed = shared.journal.submitted_record(item.id).await;
+                let scan = Accepted {
+                    id: item.id,
+                    sha256,
+                    scan_id,
+                    bytes,
+                };
+                self.accepted(scan, slot, committed).await;
                 None
             }
             Answer::Changed => {
@@ -300,18 +315,29 @@ impl Upload {
         }
     }
 
-    /// The scan was accepted for exactly the bytes hashed: journal it and hand it to the poller
-    /// with its slot.
-    async fn accepted(&self, item: Claimed, scan_id: ScanId, bytes: u64, mut slot: InFlight) {
+    /// The scan was accepted for exactly the bytes hashed, and journaled so (`committed`, the
+    /// record as committed): hand it to the poller with its slot.
+    async fn accepted(
+        &self,
+        scan: Accepted,
+        mut slot: InFlight,
+        committed: Result<FileRecord, JournalError>,
+    ) {
         let shared = &self.shared;
+        let Accepted {
+            id,
+            sha256,
+            scan_id,
+            bytes,
+        } = scan;
         shared.limits.server_ok();
         shared.limits.accepted(&mut slot);
-        let rec = match shared.journal.submitted_record(item.id).await {
+        let rec = match committed {
             Ok(rec) => Ok(rec),
             Err(e) => {
                 // The record says `submitting`: the next start asks the server about it.
-                tracing::error!(id = item.id, error = %e, "journal write failed after upload");
-                shared.journal.get(item.id).await
+                tracing::error!(id, error = %e, "journal write failed after upload");
+                shared.journal.get(id).await
             }
         };
         let attempts = rec.as_ref().map_or(1, |r| r.attempts.max(1));
@@ -337,12 +363,12 @@ impl Upload {
             .metrics
             .uploaded_bytes
             .fetch_add(bytes, Ordering::Relaxed);
-        tracing::debug!(id = item.id, scan_id = %scan_id, "submitted");
+        tracing::debug!(id, scan_id = %scan_id, "submitted");
         self.submitted_tx
             .send(Submitted {
-                id: item.id,
+                id,
                 scan_id,
-                sha256: item.sha256,
+                sha256,
                 attempts,
                 submitted_at: tokio::time::Instant::now(),
                 slot,
@@ -362,17 +388,7 @@ impl Upload {
         slot: InFlight,
     ) {
         let shared = &self.shared;
-        shared
-            .metrics
-            .request_errors
-            .fetch_add(1, Ordering::Relaxed);
-        if throttled {
-            shared.metrics.throttled.fetch_add(1, Ordering::Relaxed);
-            // The server's concurrency limit: the in-flight cap learns from it.
-            shared.limits.throttled(&slot);
-        }
-        let pause = shared.server_failed(e).await;
-        tracing::debug!(id = item.id, error = %e, ?pause, "upload not accepted; will retry");
+        self.not_accepted(e, item.id, throttled, &slot).await;
         let back = if ambiguous {
             // `resend` queues the scanId for deletion in the same transaction that sends the
             // file back, so a scan the server took is never left behind.
@@ -387,13 +403,36 @@ impl Upload {
         drop(slot);
     }
 
+    /// What the server's refusal of an upload that is tried again tells: counted, the in-flight
+    /// cap told of a 429, and the server paused as its errors ask.
+    async fn not_accepted(&self, e: &ApiError, id: FileId, throttled: bool, slot: &InFlight) {
+        let shared = &self.shared;
+        shared
+            .metrics
+            .request_errors
+            .fetch_add(1, Ordering::Relaxed);
+        if throttled {
+            shared.metrics.throttled.fetch_add(1, Ordering::Relaxed);
+            // The server's concurrency limit: the in-flight cap learns from it.
+            shared.limits.throttled(slot);
+        }
+        let pause = shared.server_failed(e).await;
+        tracing::debug!(id, error = %e, ?pause, "upload not accepted; will retry");
+    }
+
     /// The staged file changed: hash again and route the result.
     async fn rehash(&self, id: FileId, staged: std::path::PathBuf) -> Option<Claimed> {
         if let Err(e) = self.shared.journal.rehash(id).await {
             tracing::error!(id, error = %e, "journal write failed");
             return None;
         }
-        match hashing::hash_record(&self.shared, id, staged, false).await {
+        self.routed(hashing::hash_record(&self.shared, id, staged, false).await)
+            .await
+    }
+
+    /// Where a hash sends the file: back to the queue when it is to be uploaded.
+    async fn routed(&self, hashed: Hashed) -> Option<Claimed> {
+        match hashed {
             Hashed::Ready(c) => Some(c),
             Hashed::Decided(ids) => {
                 for id in ids {
@@ -404,6 +443,14 @@ impl Upload {
             Hashed::Waiting | Hashed::Gone => None,
         }
     }
+}
+
+/// A scan the server accepted for exactly the bytes hashed.
+struct Accepted {
+    id: FileId,
+    sha256: [u8; 32],
+    scan_id: ScanId,
+    bytes: u64,
 }
 
 /// Why the staged file could not be opened for upload.
@@ -490,5 +537,6 @@ fn answer(result: &Result<Sent, ApiError>, sha256: &[u8; 32], size: u64) -> Answ
     }
 }
 
+mod tee;
 #[cfg(test)]
 mod tests;

@@ -54,4 +54,5 @@ mod shares;
 mod shares_fixture;
 mod smb_mount;
 mod staging_guard;
+mod tee;
 mod watch_settle;

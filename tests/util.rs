@@ -388,7 +388,8 @@ pub(crate) fn events(message: &str, about: Option<&Path>) -> u64 {
 
 /// Waits until `n` more events with this message (and root or path) than now were seen.
 /// In-process agents only; the message must be one [`init_tracing`] lets through
-/// (`dropscan::watch`, `dropscan::settle`, `dropscan::claim` and `dropscan::app`, at debug).
+/// (`dropscan::watch`, `dropscan::settle`, `dropscan::claim`, `dropscan::hashing`,
+/// `dropscan::upload` and `dropscan::app`, at debug).
 pub(crate) async fn wait_events(message: &str, about: Option<&Path>, n: u64) {
     init_tracing();
     assert!(
@@ -517,6 +518,7 @@ pub(crate) fn init_tracing() {
             .with_target("dropscan::settle", tracing::Level::DEBUG)
             .with_target("dropscan::claim", tracing::Level::DEBUG)
             .with_target("dropscan::hashing", tracing::Level::DEBUG)
+            .with_target("dropscan::upload", tracing::Level::DEBUG)
             .with_target("dropscan::app", tracing::Level::DEBUG);
         let installed = tracing_subscriber::registry()
             .with(

@@ -322,6 +322,13 @@ async fn resume_record(
         root.status.hold_record(r.staged.clone());
         return Ok(());
     };
+    let mut r = r;
+    if r.state == FileState::Submitting && r.sha256.is_none() {
+        // Stopped while it was owned and uploaded at once (`upload::tee`): back to `claimed`,
+        // its scan queued for deletion, and owned again below as any claimed record.
+        journal.untee(r.id).await?;
+        r.state = FileState::Claimed;
+    }
     let name = r.staged.file_name().unwrap_or_default();
     if r.state == FileState::Claimed {
         // A crash while the hash owned the file (`fsops::own`): the original goes back to

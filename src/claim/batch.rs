@@ -134,6 +134,7 @@ pub(super) async fn claim_batch(shared: &Arc<Shared>, batch: &[Settled]) -> Vec<
                     staged: to,
                     held_open: s.held_open,
                     small: s.stamp.size <= super::SMALL_FILE,
+                    settled: Some(s.stamp),
                 });
             }
             Taken::Drop(left) => {

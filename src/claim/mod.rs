@@ -35,9 +35,11 @@ use crate::pipeline::{Claimed, Hashed, Settled, Verdict};
 use crate::root::Root;
 use batch::claim_batch;
 use owning::{Hashers, spawn_batch};
+use tee::send_tees;
 
 mod batch;
 mod owning;
+mod tee;
 
 /// Capacity of claim → upload. Full: claim stops claiming, and files stay in the inbox, where
 /// another agent on the same share can take them.
@@ -96,6 +98,8 @@ struct ToOwn {
     held_open: bool,
     /// At most [`SMALL_FILE`] when it settled (owned in a batch).
     small: bool,
+    /// Its stamp when it settled, for a file just claimed (`None`: resumed or swept up).
+    settled: Option<crate::fsops::Stamp>,
 }
 
 /// What this stage reads.
@@ -139,6 +143,7 @@ pub async fn run(
             staged,
             held_open: false,
             small: false,
+            settled: None,
         };
         spawn_hash(
             &shared,
@@ -207,6 +212,9 @@ pub async fn run(
                 () = spawn_batch(&hashers, &claimed_tx, &verdicts_tx, small) => {}
             }
         }
+        let Some(claimed) = send_tees(&shared, claimed, &claimed_tx, &shutdown).await else {
+            break;
+        };
         for job in claimed {
             tokio::select! {
                 biased;
@@ -352,6 +360,7 @@ async fn stuck(
                     staged: r.staged,
                     held_open: false,
                     small: false,
+                    settled: None,
                 })
                 .collect()
         }
@@ -452,7 +461,7 @@ mod tests {
             let hashed = Hashed::Ready(Claimed {
                 id,
                 staged: format!("/s/{id}").into(),
-                sha256: [0; 32],
+                content: crate::pipeline::Content::Hashed([0; 32]),
                 stamp: crate::fsops::Stamp {
                     size: 1,
                     mtime_ns: 1,

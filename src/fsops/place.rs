@@ -328,8 +328,9 @@ fn copy_then_release(
         // holds exactly the bytes whose SHA-256 is compared below (the temp is ours, created
         // exclusively, writable by nobody else). A reflinking `copy_file_range` would save the
         // write on btrfs/XFS but need a second read to verify; one pass wins elsewhere.
-        let (sha, _) = super::own::copy_hashing(src, &mut tmp, None, r.dest_root, r.temp_name)?
-            .ok_or_else(|| FsError::io(&temp_path, "copy", io::Error::other("interrupted")))?;
+        let (sha, _) =
+            super::own::copy_hashing(src, &mut tmp, None, (r.dest_root, r.temp_name), None)?
+                .ok_or_else(|| FsError::io(&temp_path, "copy", io::Error::other("interrupted")))?;
         super::keep_times(&tmp, &times, &temp_path);
         tmp.sync_all()
             .map_err(|e| FsError::io(&temp_path, "fsync", e))?;

@@ -106,7 +106,7 @@ pub fn take_back(
     let copied = (|| {
         let (src, _) = dest_root.open_file(fresh_temp)?;
         let mut dst = staging.create_file(&part, 0o600)?;
-        super::own::copy_hashing(&src, &mut dst, None, staging, &part)?
+        super::own::copy_hashing(&src, &mut dst, None, (staging, &part), None)?
             .ok_or_else(|| FsError::io(&part_path, "copy", io::Error::other("interrupted")))?;
         dst.sync_all()
             .map_err(|e| FsError::io(&part_path, "fsync", e))?;

@@ -108,7 +108,8 @@ pub enum FileState {
     Hashed,
     /// Same content as another record in flight: waits for its verdict.
     Waiting,
-    /// A scanId is chosen and the POST may have reached the server.
+    /// A scanId is chosen and the POST may have reached the server. With no SHA-256 yet, the
+    /// file is being owned while it is uploaded (the tee, [`crate::journal::Journal::teeing`]).
     Submitting,
     /// The server accepted the scan; waiting for a verdict.
     Submitted,
@@ -175,8 +176,9 @@ impl FileState {
             Claimed, Decided, Done, Hashed, Placed, Placing, Submitted, Submitting, Waiting,
         };
         match self {
-            // Hashed, waiting for a twin, decided without a scan (reused, unreadable), or vanished.
-            Claimed => &[Hashed, Waiting, Decided, Done],
+            // Hashed, waiting for a twin, decided without a scan (reused, unreadable), vanished,
+            // or owned while it is uploaded (the tee: `submitting` with no hash yet).
+            Claimed => &[Hashed, Waiting, Decided, Done, Submitting],
             // Submitted, failed (too large), changed (hashed again), vanished.
             Hashed => &[Submitting, Decided, Claimed, Done],
             // Promoted (primary left), decided with the primary, vanished.

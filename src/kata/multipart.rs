@@ -42,6 +42,56 @@ pub enum UploadSource {
     /// Read beforehand: the file's bytes, and at most one more (a file that grew after its
     /// stamp was taken is then refused by the body as longer than announced).
     Memory(io::Cursor<Vec<u8>>),
+    /// Handed over piece by piece by the thread that copies the file into its private inode
+    /// (the tee, `fsops::own::own_teeing`); the end of the file is the sender's drop. A copy
+    /// that stops early (its owning failed) ends the stream early, and the body then fails as
+    /// shorter than announced.
+    Tee(Tee),
+}
+
+/// The receiving end of a tee ([`UploadSource::Tee`]): the pieces not yet read.
+#[derive(Debug)]
+pub struct Tee {
+    rx: tokio::sync::mpsc::Receiver<Bytes>,
+    piece: Bytes,
+}
+
+impl Tee {
+    /// Pieces in flight between the copying thread and the body at most (each at most the copy
+    /// buffer's 1 MiB): memory per tee is bounded whatever the file's size.
+    pub const PIECES: usize = 4;
+
+    /// A tee and the sender its copying thread feeds.
+    pub fn new() -> (tokio::sync::mpsc::Sender<Bytes>, Self) {
+        let (tx, rx) = tokio::sync::mpsc::channel(Self::PIECES);
+        (
+            tx,
+            Tee {
+                rx,
+                piece: Bytes::new(),
+            },
+        )
+    }
+}
+
+impl AsyncRead for Tee {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        while this.piece.is_empty() {
+            match ready!(this.rx.poll_recv(cx)) {
+                Some(piece) => this.piece = piece,
+                // The sender is gone: the end of the file (or of a copy that stopped).
+                None => return Poll::Ready(Ok(())),
+            }
+        }
+        let n = this.piece.len().min(buf.remaining());
+        buf.put_slice(&this.piece.split_to(n));
+        Poll::Ready(Ok(()))
+    }
 }
 
 impl UploadSource {
@@ -76,6 +126,7 @@ impl AsyncRead for UploadSource {
         match self.get_mut() {
             UploadSource::File(f) => Pin::new(f).poll_read(cx, buf),
             UploadSource::Memory(m) => Pin::new(m).poll_read(cx, buf),
+            UploadSource::Tee(t) => Pin::new(t).poll_read(cx, buf),
         }
     }
 }

@@ -115,70 +115,119 @@ impl From<FsError> for Owning {
 /// ([`super::lease::check_here`]); `keep_always`: keep the original even when a lease proved
 /// nobody holds it (`keep_originals = "always"`, for NFSv3 exports).
 pub fn own(staging: &Dir, name: &OsStr, leases: bool, keep_always: bool) -> Result<Owned, Owning> {
-    let copy = copy_name(name);
     let mut last = String::new();
     for _ in 0..COPY_TRIES {
-        let (file, before) = staging.open_file(name)?;
-        // Before the copy reads it (which may move its access time).
-        let times = super::times_of(&file)?;
-        let before = one_link(staging, name, &file, before)?;
-        let (lease, no_lease) = lease_on(&file, leases)?;
-        // A partial copy from before a crash, or from the try before this one.
-        match staging.unlink(&copy) {
-            Ok(()) | Err(FsError::Vanished { .. }) => {}
-            Err(e) => return Err(e.into()),
+        match own_once(staging, name, leases, keep_always, None)? {
+            Try::Owned(o) => return Ok(o),
+            Try::Again(why) => last = why,
         }
-        let mut out = staging.create_file(&copy, 0o600)?;
-        let copied = copy_hashing(&file, &mut out, lease.as_ref(), staging, &copy);
-        let (sha256, bytes) = match copied {
-            Ok(Some(x)) => x,
-            Ok(None) => {
-                drop(lease);
-                staging.unlink(&copy).ok();
-                return Err(Owning::StillWritten);
-            }
-            Err(e) => {
-                drop(lease);
-                staging.unlink(&copy).ok();
-                return Err(e.into());
-            }
-        };
-        let after = stamp_of(&file)?;
-        match after_copy(&before, &after, bytes, lease.is_some()) {
-            AfterCopy::Same => {}
-            AfterCopy::StillWritten => {
-                staging.unlink(&copy).ok();
-                return Err(Owning::StillWritten);
-            }
-            AfterCopy::Retry => {
-                staging.unlink(&copy).ok();
-                last = format!(
-                    "changed while copied ({} → {} bytes)",
-                    before.size, after.size
-                );
-                continue;
-            }
-        }
-        let synced = Synced {
-            staging,
-            name,
-            copy: &copy,
-            file: &file,
-        };
-        let lease = synced.sync(&out, &times, lease, &after)?;
-        let kept = synced.replace_original(lease, keep_always, &before)?;
-        // After the renames: a rename changes the moved inode's ctime on most filesystems.
-        let stamp = stamp_of(&out)?.stamp();
-        return Ok(Owned {
-            sha256,
-            stamp,
-            kept,
-            no_lease,
-        });
     }
     Err(Owning::Failed(FsError::Changed {
         path: staging.path().join(name),
         detail: last,
+    }))
+}
+
+/// Where the tee sends each piece of the file as it is copied (issue 20: the upload body), with
+/// a way to ask whether the lease is breaking while it waits for room. An error stops the copy:
+/// [`io::ErrorKind::WouldBlock`] when it stopped waiting because the lease is breaking (a
+/// writer is opening the file: still written), any other when the upload ended. It is dropped
+/// as soon as the copy has read the whole file, before the copy is fsynced, so that the upload
+/// can end meanwhile.
+pub type Sink<'s> = Box<dyn FnMut(&[u8], &dyn Fn() -> bool) -> io::Result<()> + Send + 's>;
+
+/// [`own`], sending every byte copied to `sink` as well (the tee: the upload reads the file in
+/// the same pass that owns it). One try only: bytes already sent cannot be taken back, so a
+/// file whose attributes moved during the copy fails here ([`FsError::Changed`]) where `own`
+/// would copy it again; the caller owns it again the usual way.
+pub fn own_teeing(
+    staging: &Dir,
+    name: &OsStr,
+    leases: bool,
+    keep_always: bool,
+    sink: Sink<'_>,
+) -> Result<Owned, Owning> {
+    match own_once(staging, name, leases, keep_always, Some(sink))? {
+        Try::Owned(o) => Ok(o),
+        Try::Again(detail) => Err(Owning::Failed(FsError::Changed {
+            path: staging.path().join(name),
+            detail,
+        })),
+    }
+}
+
+/// What one try of owning came to, when it did not fail.
+enum Try {
+    /// Owned.
+    Owned(Owned),
+    /// Only the original's attributes moved during the copy: copy again (why, for the log).
+    Again(String),
+}
+
+/// One try of [`own`]; see the module docs.
+fn own_once(
+    staging: &Dir,
+    name: &OsStr,
+    leases: bool,
+    keep_always: bool,
+    sink: Option<Sink<'_>>,
+) -> Result<Try, Owning> {
+    let copy = copy_name(name);
+    let (file, before) = staging.open_file(name)?;
+    // Before the copy reads it (which may move its access time).
+    let times = super::times_of(&file)?;
+    let before = one_link(staging, name, &file, before)?;
+    let (lease, no_lease) = lease_on(&file, leases)?;
+    // A partial copy from before a crash, or from the try before this one.
+    match staging.unlink(&copy) {
+        Ok(()) | Err(FsError::Vanished { .. }) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let mut out = staging.create_file(&copy, 0o600)?;
+    let copied = copy_hashing(&file, &mut out, lease.as_ref(), (staging, &copy), sink);
+    let (sha256, bytes) = match copied {
+        Ok(Some(x)) => x,
+        Ok(None) => {
+            drop(lease);
+            staging.unlink(&copy).ok();
+            return Err(Owning::StillWritten);
+        }
+        Err(e) => {
+            drop(lease);
+            staging.unlink(&copy).ok();
+            return Err(e.into());
+        }
+    };
+    let after = stamp_of(&file)?;
+    match after_copy(&before, &after, bytes, lease.is_some()) {
+        AfterCopy::Same => {}
+        AfterCopy::StillWritten => {
+            staging.unlink(&copy).ok();
+            return Err(Owning::StillWritten);
+        }
+        AfterCopy::Retry => {
+            staging.unlink(&copy).ok();
+            return Ok(Try::Again(format!(
+                "changed while copied ({} → {} bytes)",
+                before.size, after.size
+            )));
+        }
+    }
+    let synced = Synced {
+        staging,
+        name,
+        copy: &copy,
+        file: &file,
+    };
+    let lease = synced.sync(&out, &times, lease, &after)?;
+    let kept = synced.replace_original(lease, keep_always, &before)?;
+    // After the renames: a rename changes the moved inode's ctime on most filesystems.
+    let stamp = stamp_of(&out)?.stamp();
+    Ok(Try::Owned(Owned {
+        sha256,
+        stamp,
+        kept,
+        no_lease,
     }))
 }
 
@@ -365,14 +414,15 @@ impl<'a> Synced<'a> {
 }
 
 /// Copies `src` (from its current position) to `dst` through this thread's buffer, hashing
-/// what is written. `Ok(None)`: the lease started breaking (a writer is opening the file) and
-/// the copy stopped; without a lease it always runs to the end.
+/// what is written, and handing each piece to `sink` too (the tee), which is dropped once the
+/// whole file is read. `Ok(None)`: the lease started breaking (a writer is opening the file)
+/// and the copy stopped; without a lease it always runs to the end.
 pub(super) fn copy_hashing(
     mut src: &std::fs::File,
     dst: &mut std::fs::File,
     lease: Option<&ReadLease<'_>>,
-    dir: &Dir,
-    dst_name: &OsStr,
+    (dir, dst_name): (&Dir, &OsStr),
+    mut sink: Option<Sink<'_>>,
 ) -> Result<Option<([u8; 32], u64)>, FsError> {
     use sha2::{Digest, Sha256};
     let dst_path = || dir.path().join(dst_name);
@@ -393,8 +443,18 @@ pub(super) fn copy_hashing(
             hasher.update(chunk);
             dst.write_all(chunk)
                 .map_err(|e| FsError::io(&dst_path(), "copy", e))?;
+            if let Some(send) = sink.as_mut() {
+                let breaking = || lease.is_some_and(ReadLease::breaking);
+                match send(chunk, &breaking) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                    Err(e) => return Err(FsError::io(&dst_path(), "send while copying", e)),
+                }
+            }
             total += n as u64;
         }
+        // The upload may end now, while the copy is synced.
+        drop(sink);
         Ok(Some((hasher.finalize().into(), total)))
     })
 }
