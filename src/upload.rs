@@ -508,7 +508,7 @@ enum Answer {
 /// Judges the answer to uploading `size` bytes hashed as `sha256`.
 fn answer(result: &Result<Sent, ApiError>, sha256: &[u8; 32], size: u64) -> Answer {
     let e = match result {
-        Ok(sent) if sent.sha256 == *sha256 && sent.bytes == size => {
+        Ok(sent) if sent.sha256 == Some(*sha256) && sent.bytes == size => {
             return Answer::Accepted { bytes: sent.bytes };
         }
         Ok(_) => return Answer::Changed,

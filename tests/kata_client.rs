@@ -95,7 +95,10 @@ async fn submit_sends_exact_content_length_and_multipart_parts() {
             .await
             .unwrap();
         assert_eq!(submitted.bytes, data.len() as u64);
-        assert_eq!(submitted.sha256, <[u8; 32]>::from(Sha256::digest(&data)));
+        assert_eq!(
+            submitted.sha256,
+            Some(<[u8; 32]>::from(Sha256::digest(&data)))
+        );
 
         let req = s.server.next_request().await;
         assert_eq!(
@@ -160,7 +163,10 @@ async fn submit_empty_file() {
             .await
             .unwrap();
         assert_eq!(submitted.bytes, 0);
-        assert_eq!(submitted.sha256, <[u8; 32]>::from(Sha256::digest(b"")));
+        assert_eq!(
+            submitted.sha256,
+            Some(<[u8; 32]>::from(Sha256::digest(b"")))
+        );
         let req = s.server.next_request().await;
         assert_eq!(req.header("transfer-encoding"), None);
         assert_eq!(

@@ -59,7 +59,10 @@ async fn submit(c: &KataClient, bytes: &[u8]) -> (ScanId, Result<[u8; 32], ApiEr
     let (f, len) = temp_file(bytes);
     let file = tokio::fs::File::open(f.path()).await.unwrap();
     let id = ScanId::generate();
-    let r = c.submit(&id, file, len).await.map(|s| s.sha256);
+    let r = c
+        .submit(&id, file, len)
+        .await
+        .map(|s| s.sha256.unwrap_or_default());
     (id, r)
 }
 

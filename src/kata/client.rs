@@ -56,8 +56,9 @@ pub struct ClientOptions {
 /// The file an accepted submit sent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Submitted {
-    /// SHA-256 of the bytes actually sent.
-    pub sha256: [u8; 32],
+    /// SHA-256 of the bytes actually sent; `None` for a tee ([`UploadSource::Tee`]), whose
+    /// copying thread hashed every piece it handed over.
+    pub sha256: Option<[u8; 32]>,
     /// How many file bytes were sent.
     pub bytes: u64,
 }
@@ -164,7 +165,10 @@ impl KataClient {
         let framing = Framing::new(scan_id);
         let total = framing.total_len(len);
         let content_type = framing.content_type();
-        let (body, digest_rx) = UploadBody::new(file.into(), len, framing);
+        let file = file.into();
+        let tee = matches!(file, UploadSource::Tee(_));
+        let (body, digest_rx) = UploadBody::new(file, len, framing);
+        let body = if tee { body.unhashed() } else { body };
         let timeout =
             self.inner.request_timeout + Duration::from_secs(len / MIN_UPLOAD_BYTES_PER_SEC);
         let request = self
@@ -188,7 +192,7 @@ impl KataClient {
                 "KATA answered {status} before the upload of {len} bytes completed"
             ))
         })?;
-        debug!(scan_id = %scan_id, bytes = digest.bytes, sha256 = %hex::encode(digest.sha256), "submitted");
+        debug!(scan_id = %scan_id, bytes = digest.bytes, sha256 = %digest.sha256.map(hex::encode).unwrap_or_default(), "submitted");
         Ok(Submitted {
             sha256: digest.sha256,
             bytes: digest.bytes,

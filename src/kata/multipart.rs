@@ -186,8 +186,8 @@ impl Framing {
 /// What the body reports once the file part has been read completely and exactly.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct FileDigest {
-    /// SHA-256 of the file bytes sent.
-    pub(crate) sha256: [u8; 32],
+    /// SHA-256 of the file bytes sent (`None`: not hashed here, [`UploadBody::unhashed`]).
+    pub(crate) sha256: Option<[u8; 32]>,
     /// How many file bytes were sent.
     pub(crate) bytes: u64,
 }
@@ -211,7 +211,7 @@ pub(crate) struct UploadBody<R> {
     /// Bytes of the whole body not yet yielded; drives `size_hint`.
     body_left: u64,
     buf: BytesMut,
-    hasher: Sha256,
+    hasher: Option<Sha256>,
     digest_tx: Option<oneshot::Sender<FileDigest>>,
 }
 
@@ -232,10 +232,18 @@ impl<R: AsyncRead + Unpin> UploadBody<R> {
             file_len,
             file_left: file_len,
             buf: BytesMut::new(),
-            hasher: Sha256::new(),
+            hasher: Some(Sha256::new()),
             digest_tx: Some(digest_tx),
         };
         (body, digest_rx)
+    }
+
+    /// The same body without hashing what it sends, for a source that hashes what it hands
+    /// over itself (a tee: the copying thread hashes each piece it sends): one pass less over
+    /// a big file's bytes. The digest then has no SHA-256.
+    pub(crate) fn unhashed(mut self) -> Self {
+        self.hasher = None;
+        self
     }
 
     fn fail(&mut self, err: LocalReadError) -> Poll<Option<Result<Frame<Bytes>, LocalReadError>>> {
@@ -277,7 +285,9 @@ impl<R: AsyncRead + Unpin> UploadBody<R> {
             }
             Ok(n) => {
                 let chunk = self.buf.split().freeze();
-                self.hasher.update(&chunk);
+                if let Some(h) = self.hasher.as_mut() {
+                    h.update(&chunk);
+                }
                 self.file_left -= n as u64;
                 if self.file_left == 0 {
                     self.stage = Stage::CheckEof;
@@ -303,7 +313,7 @@ impl<R: AsyncRead + Unpin> UploadBody<R> {
                 ),
             )),
             Ok(()) => {
-                let sha256: [u8; 32] = std::mem::take(&mut self.hasher).finalize().into();
+                let sha256 = self.hasher.take().map(|h| <[u8; 32]>::from(h.finalize()));
                 if let Some(tx) = self.digest_tx.take() {
                     // The receiver may be gone if the request was dropped; nothing to do then.
                     tx.send(FileDigest {
@@ -396,7 +406,7 @@ pub async fn encode_upload(
         content_type,
         declared_len,
         body: collected.to_vec(),
-        sha256: digest.sha256,
+        sha256: digest.sha256.unwrap_or_default(),
     })
 }
 
@@ -479,7 +489,7 @@ mod tests {
             );
             let digest = digest.unwrap();
             assert_eq!(digest.bytes, size as u64);
-            assert_eq!(digest.sha256, <[u8; 32]>::from(Sha256::digest(&data)));
+            assert_eq!(digest.sha256, Some(<[u8; 32]>::from(Sha256::digest(&data))));
             let b = &framing.boundary;
             let expected_head = format!(
                 "--{b}\r\nContent-Disposition: form-data; name=\"scanId\"\r\n\r\n{id}\r\n\
@@ -558,7 +568,7 @@ mod tests {
                     assert_eq!(digest.bytes, 10);
                     assert_eq!(
                         digest.sha256,
-                        <[u8; 32]>::from(Sha256::digest(b"0123456789"))
+                        Some(<[u8; 32]>::from(Sha256::digest(b"0123456789")))
                     );
                 }
                 Err(kind) => {

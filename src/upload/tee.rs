@@ -69,7 +69,7 @@ impl Upload {
         let (owned, result) = tokio::join!(owning, sending);
         drop(posting);
         if let (Ok(o), Ok(sent)) = (&owned, &result) {
-            if sent.sha256 == o.sha256 && sent.bytes == o.stamp.size {
+            if sent.sha256.is_none_or(|s| s == o.sha256) && sent.bytes == o.stamp.size {
                 self.teed(&item, scan_id, o, sent.bytes, slot).await;
                 return None;
             }

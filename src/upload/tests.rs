@@ -19,7 +19,12 @@ fn shown(a: &Answer) -> String {
 #[test]
 fn answer_table() {
     let sha = [1u8; 32];
-    let sent = |sha256: [u8; 32], bytes: u64| Ok(Sent { sha256, bytes });
+    let sent = |sha256: [u8; 32], bytes: u64| {
+        Ok(Sent {
+            sha256: Some(sha256),
+            bytes,
+        })
+    };
     let cases: Vec<(&str, Result<Sent, ApiError>, &str)> = vec![
         ("exact bytes", sent(sha, 10), "accepted 10"),
         ("other content", sent([2; 32], 10), "changed"),

@@ -254,7 +254,10 @@ async fn submit(
             .submit(&scan_id, tokio::fs::File::from_std(file), len)
             .await
         {
-            Ok(sent) => return Ok((scan_id, hex::encode(sent.sha256), sent.bytes)),
+            Ok(sent) => {
+                let sha = sent.sha256.map(hex::encode).unwrap_or_default();
+                return Ok((scan_id, sha, sent.bytes));
+            }
             Err(
                 e @ (ApiError::Busy { .. } | ApiError::Server { .. } | ApiError::Transport { .. }),
             ) => {

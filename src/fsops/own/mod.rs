@@ -428,7 +428,7 @@ pub(super) fn copy_hashing(
     let dst_path = || dir.path().join(dst_name);
     super::with_buffer(|buf| {
         let mut hasher = Sha256::new();
-        let mut total = 0u64;
+        let (mut total, mut written_back) = (0u64, 0u64);
         loop {
             if lease.is_some_and(ReadLease::breaking) {
                 return Ok(None);
@@ -452,11 +452,39 @@ pub(super) fn copy_hashing(
                 }
             }
             total += n as u64;
+            if total - written_back >= WRITEBACK_EVERY {
+                start_writeback(dst, written_back, total - written_back);
+                written_back = total;
+            }
         }
         // The upload may end now, while the copy is synced.
         drop(sink);
         Ok(Some((hasher.finalize().into(), total)))
     })
+}
+
+/// How many bytes of a copy are written before the kernel is asked to start writing them back
+/// ([`start_writeback`]).
+const WRITEBACK_EVERY: u64 = 8 << 20;
+
+/// Asks the kernel to start writing `len` bytes of `file` from `offset` back to disk now, not
+/// wait: the copy's closing fsync then finds most of a big file already written, instead of
+/// writing all of it while the file waits (half a second per GiB here, issue 20). Only a hint:
+/// the fsync still makes the copy durable, and an error (a filesystem without it) is ignored.
+fn start_writeback(file: &std::fs::File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd as _;
+    let (Ok(offset), Ok(len)) = (
+        libc::off64_t::try_from(offset),
+        libc::off64_t::try_from(len),
+    ) else {
+        return;
+    };
+    // SAFETY: `file` is an open descriptor borrowed for the call; sync_file_range takes no
+    // pointer, and SYNC_FILE_RANGE_WRITE only starts writeback of the range.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE);
+    }
 }
 
 /// Renames `from` over `to` in one folder (atomic replacement).
