@@ -165,10 +165,7 @@ impl KataClient {
         let framing = Framing::new(scan_id);
         let total = framing.total_len(len);
         let content_type = framing.content_type();
-        let file = file.into();
-        let tee = matches!(file, UploadSource::Tee(_));
-        let (body, digest_rx) = UploadBody::new(file, len, framing);
-        let body = if tee { body.unhashed() } else { body };
+        let (body, digest_rx) = UploadBody::of(file.into(), len, framing);
         let timeout =
             self.inner.request_timeout + Duration::from_secs(len / MIN_UPLOAD_BYTES_PER_SEC);
         let request = self

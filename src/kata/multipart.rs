@@ -215,6 +215,26 @@ pub(crate) struct UploadBody<R> {
     digest_tx: Option<oneshot::Sender<FileDigest>>,
 }
 
+impl UploadBody<UploadSource> {
+    /// The body of an upload from `source`. It hashes what it sends, unless the source hashes
+    /// what it hands over itself (a tee: the copying thread hashes each piece it sends, and its
+    /// digest is the one compared): one pass less over a big file's bytes, and a digest without
+    /// SHA-256.
+    pub(crate) fn of(
+        source: UploadSource,
+        file_len: u64,
+        framing: Framing,
+    ) -> (Self, oneshot::Receiver<FileDigest>) {
+        let hashed_by_source = matches!(source, UploadSource::Tee(_));
+        let (body, digest_rx) = Self::new(source, file_len, framing);
+        if hashed_by_source {
+            (body.unhashed(), digest_rx)
+        } else {
+            (body, digest_rx)
+        }
+    }
+}
+
 impl<R: AsyncRead + Unpin> UploadBody<R> {
     /// A body sending `reader`'s `file_len` bytes framed by `framing`; the receiver gets the
     /// digest once the file has been read exactly.
@@ -238,10 +258,8 @@ impl<R: AsyncRead + Unpin> UploadBody<R> {
         (body, digest_rx)
     }
 
-    /// The same body without hashing what it sends, for a source that hashes what it hands
-    /// over itself (a tee: the copying thread hashes each piece it sends): one pass less over
-    /// a big file's bytes. The digest then has no SHA-256.
-    pub(crate) fn unhashed(mut self) -> Self {
+    /// The same body without hashing what it sends. The digest then has no SHA-256.
+    fn unhashed(mut self) -> Self {
         self.hasher = None;
         self
     }
@@ -406,7 +424,9 @@ pub async fn encode_upload(
         content_type,
         declared_len,
         body: collected.to_vec(),
-        sha256: digest.sha256.unwrap_or_default(),
+        sha256: digest
+            .sha256
+            .ok_or_else(|| io::Error::other("the body reported no SHA-256"))?,
     })
 }
 
@@ -502,6 +522,28 @@ mod tests {
             let tail = format!("\r\n--{b}--\r\n");
             assert!(out.ends_with(tail.as_bytes()));
             assert_eq!(&out[expected_head.len()..out.len() - tail.len()], &data[..]);
+        }
+    }
+
+    /// A tee's body sends the pieces handed over and leaves hashing to the copying thread (its
+    /// digest has no SHA-256); the body of a file read beforehand hashes what it sends.
+    #[tokio::test]
+    async fn only_a_tee_body_is_unhashed() {
+        let data = b"piece one, piece two".to_vec();
+        let len = data.len() as u64;
+        let (tx, tee) = Tee::new();
+        tx.send(Bytes::from_static(b"piece one, ")).await.unwrap();
+        tx.send(Bytes::from_static(b"piece two")).await.unwrap();
+        drop(tx);
+        let memory = UploadSource::Memory(io::Cursor::new(data.clone()));
+        for (source, hashed) in [(UploadSource::Tee(tee), false), (memory, true)] {
+            let (body, rx) = UploadBody::of(source, len, Framing::new(&id()));
+            let sent = body.collect().await.unwrap().to_bytes();
+            assert!(sent.windows(data.len()).any(|w| w == &data[..]));
+            let digest = rx.await.unwrap();
+            assert_eq!(digest.bytes, len);
+            let expected = hashed.then(|| <[u8; 32]>::from(Sha256::digest(&data)));
+            assert_eq!(digest.sha256, expected);
         }
     }
 

@@ -255,8 +255,11 @@ async fn submit(
             .await
         {
             Ok(sent) => {
-                let sha = sent.sha256.map(hex::encode).unwrap_or_default();
-                return Ok((scan_id, sha, sent.bytes));
+                // A file's body hashes what it sends (only a tee's does not, and this sends none).
+                let sha = sent.sha256.ok_or_else(|| {
+                    ScanFileError::Refused(ApiError::protocol("the upload reported no SHA-256"))
+                })?;
+                return Ok((scan_id, hex::encode(sha), sent.bytes));
             }
             Err(
                 e @ (ApiError::Busy { .. } | ApiError::Server { .. } | ApiError::Transport { .. }),
