@@ -468,7 +468,7 @@ impl Settler {
     fn observe(
         &mut self,
         path: PathBuf,
-        meta: io::Result<std::fs::Metadata>,
+        meta: io::Result<crate::fsops::FileStamp>,
         now: Instant,
     ) -> Option<Settled> {
         let meta = match meta {
@@ -481,19 +481,18 @@ impl Settler {
                 return None;
             }
         };
-        let file_type = meta.file_type();
-        if !file_type.is_file() {
+        if !meta.is_regular() {
             self.forget(&path);
-            if !file_type.is_dir() && self.first_warning(&path) {
+            if !meta.is_dir() && self.first_warning(&path) {
                 warn!(
                     path = %crate::fsops::shown(&path),
-                    kind = crate::fsops::kind_of(file_type),
+                    kind = crate::fsops::kind_of_mode(meta.mode),
                     "not a regular file; skipped and never opened"
                 );
             }
             return None;
         }
-        let snapshot = Stamp::of(&meta);
+        let snapshot = meta.stamp();
         if let Some((root, rel_path)) = self.fresh.remove(&path) {
             if self.sent.holds(&path, &snapshot) {
                 // Already handed to claim, unchanged since: a listing saw it again.

@@ -247,7 +247,7 @@ fn settler_skips_fifos_and_warns_once() {
             path: fifo.clone(),
         });
         assert!(s.fresh.contains_key(&fifo));
-        let meta = std::fs::symlink_metadata(&fifo);
+        let meta = lstat(&fifo);
         assert!(s.observe(fifo.clone(), meta, now).is_none());
         assert!(s.fresh.is_empty() && s.pending.is_empty());
     }
@@ -275,13 +275,8 @@ fn settler_does_not_resend_an_unchanged_file() {
         });
     };
     offer(&mut s);
-    assert!(
-        s.observe(file.clone(), std::fs::symlink_metadata(&file), t0)
-            .is_none()
-    );
-    let settled = s
-        .observe(file.clone(), std::fs::symlink_metadata(&file), t0 + SETTLE)
-        .unwrap();
+    assert!(s.observe(file.clone(), lstat(&file), t0).is_none());
+    let settled = s.observe(file.clone(), lstat(&file), t0 + SETTLE).unwrap();
     assert_eq!(
         (settled.stamp.size, settled.rel_path.as_path()),
         (3, Path::new("a.bin"))
@@ -298,12 +293,8 @@ fn settler_does_not_resend_an_unchanged_file() {
     // Listed again while it waits for claim: not pending again.
     offer(&mut s);
     assert!(
-        s.observe(
-            file.clone(),
-            std::fs::symlink_metadata(&file),
-            t0 + SETTLE * 2
-        )
-        .is_none()
+        s.observe(file.clone(), lstat(&file), t0 + SETTLE * 2)
+            .is_none()
     );
     assert!(s.pending.is_empty());
 
@@ -311,12 +302,8 @@ fn settler_does_not_resend_an_unchanged_file() {
     std::fs::write(&file, b"abcd").unwrap();
     offer(&mut s);
     assert!(
-        s.observe(
-            file.clone(),
-            std::fs::symlink_metadata(&file),
-            t0 + SETTLE * 3
-        )
-        .is_none()
+        s.observe(file.clone(), lstat(&file), t0 + SETTLE * 3)
+            .is_none()
     );
     assert!(s.pending.contains_key(&file));
 }
@@ -469,20 +456,14 @@ fn settling_files_are_counted_per_root_and_leave_the_count_by_every_route() {
 
     let t0 = Instant::now();
     for path in [&done, &gone, &fifo, &other] {
-        assert!(
-            s.observe(path.clone(), std::fs::symlink_metadata(path), t0)
-                .is_none()
-        );
+        assert!(s.observe(path.clone(), lstat(path), t0).is_none());
     }
     s.publish_counts();
     assert_eq!(counts(), [2, 1], "a FIFO is never waited on");
 
     std::fs::remove_file(&gone).unwrap();
-    assert!(
-        s.observe(gone.clone(), std::fs::symlink_metadata(&gone), t0 + SETTLE)
-            .is_none()
-    );
-    let settled = s.observe(done.clone(), std::fs::symlink_metadata(&done), t0 + SETTLE);
+    assert!(s.observe(gone.clone(), lstat(&gone), t0 + SETTLE).is_none());
+    let settled = s.observe(done.clone(), lstat(&done), t0 + SETTLE);
     assert!(settled.is_some());
     s.publish_counts();
     assert_eq!(
@@ -651,4 +632,9 @@ async fn a_backlog_larger_than_the_bound_is_all_handed_on_each_file_once() {
     offering.await.unwrap();
     shutdown.cancel();
     task.await.unwrap();
+}
+
+/// `lstat` as settle's stat pass reports it.
+fn lstat(path: impl AsRef<std::path::Path>) -> std::io::Result<crate::fsops::FileStamp> {
+    std::fs::symlink_metadata(path).map(|m| crate::fsops::FileStamp::of(&m))
 }
