@@ -19,8 +19,13 @@ const BIG: usize = 3 << 20;
 
 /// A big file with the EICAR string at its start (detected by the emulator).
 fn big_eicar(seed: u64) -> Vec<u8> {
+    big_eicar_of(seed, BIG)
+}
+
+/// [`big_eicar`] of `len` bytes and a few.
+fn big_eicar_of(seed: u64, len: usize) -> Vec<u8> {
     let mut b = EICAR.to_vec();
-    b.extend(bytes(seed, BIG));
+    b.extend(bytes(seed, len));
     b
 }
 
@@ -73,7 +78,7 @@ fn the_staged(w: &World) -> Option<PathBuf> {
     (staged.len() == 1).then(|| staged[0].clone())
 }
 
-fn dir_of<'a>(w: &'a World, o: Outcome) -> &'a Path {
+fn dir_of(w: &World, o: Outcome) -> &Path {
     match o {
         Outcome::Clean => &w.clean,
         Outcome::Quarantine => &w.quarantine,
@@ -347,6 +352,7 @@ async fn swapped_before_the_tee(swap: Swap) {
     .await;
     // The attacker takes the user's file away and puts the link or FIFO in its place.
     let taken = w.dir.path().join("taken.iso");
+    #[allow(clippy::disallowed_methods)] // The attacker's rename, not the agent's.
     std::fs::rename(&staged, &taken).unwrap();
     match swap {
         Swap::Symlink => std::os::unix::fs::symlink(&secret_path, &staged).unwrap(),
@@ -402,4 +408,214 @@ async fn a_symlink_swapped_in_before_the_tee_starts_is_never_followed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fifo_swapped_in_before_the_tee_starts_is_never_read_and_hangs_nothing() {
     swapped_before_the_tee(Swap::Fifo).await;
+}
+
+/// Sends `sig` to the process `pid`.
+fn signal(pid: u32, sig: rustix::process::Signal) {
+    let pid = rustix::process::Pid::from_raw(i32::try_from(pid).unwrap()).unwrap();
+    rustix::process::kill_process(pid, sig).ok();
+}
+
+/// The agent (the real binary) under strace, every `fsync` held `hold` on entry; the copy of a
+/// big file's tee is then still being synced when `then` (a SIGHUP or a SIGTERM) comes.
+/// Returns the world, after the agent (or a second one, after a SIGTERM) sorted the file.
+async fn signalled_while_a_tee_syncs_its_copy(
+    sig: rustix::process::Signal,
+    hold: Duration,
+    content: &[u8],
+    watch_extra: &str,
+) -> Option<(World, Vec<String>)> {
+    use std::os::unix::process::CommandExt as _;
+    let Some(strace) = crate::shares_fixture::find_tool("strace") else {
+        eprintln!("skipped: strace not installed (Debian package strace)");
+        return None;
+    };
+    let mut w = World::quick().await;
+    w.watch_extra = watch_extra.to_string();
+    let config = w.write_config();
+    // Uploads are abandoned soon after a stop: the tee's copying thread goes on meanwhile.
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("shutdown_grace = \"2s\"", "shutdown_grace = \"100ms\"")
+        .replace("level = \"warn\"", "level = \"debug\"");
+    std::fs::write(&config, text).unwrap();
+    let log = w.dir.path().join("strace.log");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_dropscan"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let lines = crate::util::collect_stderr(&mut child);
+    let up = wait_for(Duration::from_secs(20), || {
+        (crate::util::count_lines(&lines, "dropscan running") > 0).then_some(())
+    })
+    .await;
+    assert!(up.is_some(), "not up: {:#?}", lines.lock().unwrap());
+    let pid = child.id();
+    w.drop_file("big.iso", content);
+    // Claimed: its copy's name is known now. Traced from now on (the journal's fsyncs are not
+    // held): every thread, each fsync of that copy held on entry.
+    let staged = wait_until(LONG, "the claim", || the_staged(&w)).await;
+    let copy = staged.with_extension("copy");
+    let mut tracer = std::process::Command::new(strace)
+        .args(["-f", "-qq", "-ttt", "-y", "-o"])
+        .arg(&log)
+        .arg("-P")
+        .arg(&copy)
+        .args(["-e", "trace=fsync", "-e"])
+        .arg(format!("inject=fsync:delay_enter={}", hold.as_micros()))
+        .arg("-p")
+        .arg(pid.to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // The copy is complete (every byte written) and its fsync held.
+    wait_until(LONG, "the tee's copy synced", || {
+        std::fs::read_to_string(&log)
+            .ok()?
+            .contains("fsync(")
+            .then_some(())
+    })
+    .await;
+    signal(pid, sig);
+    if sig == rustix::process::Signal::TERM {
+        wait_for(LONG, || child.try_wait().unwrap()).await.unwrap();
+        let agent = w.start_agent();
+        w.wait_placed(1, LONG).await;
+        agent.stop().await.0.unwrap();
+    } else {
+        w.wait_placed(1, LONG).await;
+        // Whatever comes after the placement (a sidecar, the staging tidied).
+        wait_for(Duration::from_secs(5), || {
+            staging_left(&w).is_empty().then_some(())
+        })
+        .await;
+        signal(pid, rustix::process::Signal::TERM);
+        wait_for(LONG, || child.try_wait().unwrap()).await;
+    }
+    crate::kill_points::kill_group(&mut child);
+    tracer.kill().ok();
+    tracer.wait().ok();
+    let logged = lines.lock().unwrap().clone();
+    if std::env::var_os("REVIEW20_SHOW").is_some() {
+        eprintln!(
+            "{}\n{}",
+            logged.join("\n"),
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    }
+    Some((w, logged))
+}
+
+/// Attack 6: a SIGHUP reload while a tee's copy is being synced. The reload abandons the upload
+/// (after `shutdown_grace`) but not the copying thread, which goes on in the same process; the
+/// next generation unties the tee and owns the file again meanwhile. The file must end in clean,
+/// byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "review20: an abandoned tee's copying thread races the next generation's owning of the same staged name (spurious still-written give-back)"]
+async fn an_abandoned_tee_racing_the_next_generation_gives_its_file_back_as_still_written() {
+    let content = bytes(601, 48 << 20);
+    let Some((w, logged)) = signalled_while_a_tee_syncs_its_copy(
+        rustix::process::Signal::HUP,
+        Duration::from_secs(6),
+        &content,
+        "",
+    )
+    .await
+    else {
+        return;
+    };
+    let o = w.outcomes();
+    let why = std::fs::read_to_string(w.failed.join("big.iso.dropscan.json"));
+    let shown: Vec<&String> = logged
+        .iter()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR") || l.contains("tee"))
+        .collect();
+    assert_eq!(
+        o.get(&PathBuf::from("big.iso")),
+        Some(&Outcome::Clean),
+        "{o:?} {why:?} {shown:#?}"
+    );
+    assert!(std::fs::read(w.clean.join("big.iso")).unwrap() == content);
+    assert!(w.inbox_files().is_empty());
+    // Nobody wrote to it: the abandoned tee's thread renamed the next owning's `X.copy` over
+    // the staged name, which that owning then took for a writer (the original's ctime moved).
+    let given_back: Vec<&String> = logged
+        .iter()
+        .filter(|l| l.contains("still held open for writing"))
+        .collect();
+    assert!(given_back.is_empty(), "{given_back:#?}");
+}
+
+/// Attack 6: a SIGTERM while a tee's copy is being synced; the next start sorts the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigterm_while_a_tee_syncs_its_copy_loses_nothing() {
+    let content = big_eicar_of(602, 48 << 20);
+    let Some((w, logged)) = signalled_while_a_tee_syncs_its_copy(
+        rustix::process::Signal::TERM,
+        Duration::from_secs(2),
+        &content,
+        "",
+    )
+    .await
+    else {
+        return;
+    };
+    let o = w.outcomes();
+    assert_eq!(
+        o.get(&PathBuf::from("big.iso")),
+        Some(&Outcome::Quarantine),
+        "{o:?} {logged:#?}"
+    );
+    assert!(std::fs::read(w.quarantine.join("big.iso")).unwrap() == content);
+    assert!(w.inbox_files().is_empty());
+}
+
+/// Attack 6, originals kept (`keep_originals = "always"`): a SIGHUP reload while a tee's copy is
+/// being synced. The abandoned tee's thread renames the user's original to `X.orig` and the
+/// copy over `X.staged` while the next generation owns the file again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "review20: an abandoned tee leaves the user's inode as an unjournaled X.orig, released again as recovered/<id>.orig at the next start"]
+async fn an_abandoned_tee_keeping_originals_leaves_an_unjournaled_orig_released_twice() {
+    let content = bytes(603, 48 << 20);
+    let Some((w, logged)) = signalled_while_a_tee_syncs_its_copy(
+        rustix::process::Signal::HUP,
+        Duration::from_secs(6),
+        &content,
+        "keep_originals = \"always\"",
+    )
+    .await
+    else {
+        return;
+    };
+    let o = w.outcomes();
+    let why = std::fs::read_to_string(w.failed.join("big.iso.dropscan.json"));
+    let shown: Vec<&String> = logged
+        .iter()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR") || l.contains("INFO"))
+        .collect();
+    assert_eq!(
+        o.get(&PathBuf::from("big.iso")),
+        Some(&Outcome::Clean),
+        "{o:?} {why:?} {shown:#?}"
+    );
+    assert_eq!(o.len(), 1, "{o:?}");
+    assert!(std::fs::read(w.clean.join("big.iso")).unwrap() == content);
+    assert!(w.inbox_files().is_empty());
+    // Nothing of it left behind in staging but its kept original (journaled, dropped by the
+    // sweep after `keep_original`), and a restart finds nothing more to sort.
+    let left = staging_left(&w);
+    let agent = w.start_agent();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let again = w.outcomes();
+    agent.stop().await.0.unwrap();
+    assert!(
+        left.len() <= 1 && again.len() == 1,
+        "left in staging: {left:?}; after a restart: {again:?}"
+    );
 }
