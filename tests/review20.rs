@@ -517,7 +517,6 @@ async fn signalled_while_a_tee_syncs_its_copy(
 /// next generation unties the tee and owns the file again meanwhile. The file must end in clean,
 /// byte for byte.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "review20: an abandoned tee's copying thread races the next generation's owning of the same staged name (spurious still-written give-back)"]
 async fn an_abandoned_tee_racing_the_next_generation_gives_its_file_back_as_still_written() {
     let content = bytes(601, 48 << 20);
     let Some((w, logged)) = signalled_while_a_tee_syncs_its_copy(
@@ -580,7 +579,6 @@ async fn a_sigterm_while_a_tee_syncs_its_copy_loses_nothing() {
 /// being synced. The abandoned tee's thread renames the user's original to `X.orig` and the
 /// copy over `X.staged` while the next generation owns the file again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "review20: an abandoned tee leaves the user's inode as an unjournaled X.orig, released again as recovered/<id>.orig at the next start"]
 async fn an_abandoned_tee_keeping_originals_leaves_an_unjournaled_orig_released_twice() {
     let content = bytes(603, 48 << 20);
     let Some((w, logged)) = signalled_while_a_tee_syncs_its_copy(
