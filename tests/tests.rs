@@ -46,6 +46,7 @@ mod review12;
 mod review13;
 mod review15;
 mod review16;
+mod review20;
 mod review6;
 mod review7;
 mod review8;

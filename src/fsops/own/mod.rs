@@ -110,11 +110,54 @@ impl From<FsError> for Owning {
     }
 }
 
+/// The staged files being owned now, process-wide ([`Owner`]).
+static OWNING: std::sync::Mutex<Vec<std::path::PathBuf>> = std::sync::Mutex::new(Vec::new());
+/// Told each time an owning ends.
+static OWNING_ENDED: std::sync::Condvar = std::sync::Condvar::new();
+
+/// The one owning (or start-up repair) of a staged name in this process: taken before the names
+/// `X.copy`, `X.orig` and `X.staged` are touched, and held until they are left as they are to
+/// stay. A tee abandoned by a stop (a SIGHUP reload, its upload aborted after
+/// `shutdown_grace`) runs on in its blocking thread while the next generation, in the same
+/// process, unties its record and owns the file again: without this, the abandoned thread
+/// renamed the new owning's `X.copy` over `X.staged`, and (originals kept) left the user's
+/// inode as an unjournaled `X.orig`, released again as a second file at the next start
+/// (review 20).
+struct Owner(std::path::PathBuf);
+
+impl Owner {
+    /// Waits (blocking) until no other owning of `staging`/`name` runs here, then takes it.
+    fn take(staging: &Dir, name: &OsStr) -> Owner {
+        let path = staging.path().join(name);
+        let mut owning = OWNING
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        while owning.contains(&path) {
+            owning = OWNING_ENDED
+                .wait(owning)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        owning.push(path.clone());
+        Owner(path)
+    }
+}
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        let mut owning = OWNING
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        owning.retain(|p| *p != self.0);
+        OWNING_ENDED.notify_all();
+    }
+}
+
 /// Copies the staged file `name` into a private inode while hashing it, and makes that copy the
 /// staged file; see the module docs. `leases`: whether leases are asked on this root at all
 /// ([`super::lease::check_here`]); `keep_always`: keep the original even when a lease proved
 /// nobody holds it (`keep_originals = "always"`, for NFSv3 exports).
 pub fn own(staging: &Dir, name: &OsStr, leases: bool, keep_always: bool) -> Result<Owned, Owning> {
+    let _owner = Owner::take(staging, name);
     let mut last = String::new();
     for _ in 0..COPY_TRIES {
         match own_once(staging, name, leases, keep_always, None)? {
@@ -147,6 +190,7 @@ pub fn own_teeing(
     keep_always: bool,
     sink: Sink<'_>,
 ) -> Result<Owned, Owning> {
+    let _owner = Owner::take(staging, name);
     match own_once(staging, name, leases, keep_always, Some(sink))? {
         Try::Owned(o) => Ok(o),
         Try::Again(detail) => Err(Owning::Failed(FsError::Changed {
@@ -526,6 +570,8 @@ fn rename_within(dir: &Dir, from: &OsStr, to: &OsStr, replace: bool) -> Result<(
 /// copy of it, if the crash came after the copy took the name); a `X.copy` is removed. Returns
 /// whether anything was done.
 pub fn repair(staging: &Dir, staged: &OsStr) -> Result<bool, FsError> {
+    // After any owning of it still running here (a tee abandoned by a reload).
+    let _owner = Owner::take(staging, staged);
     let mut done = false;
     let orig = orig_name(staged);
     if staging.exists(&orig)? {
