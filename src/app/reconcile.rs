@@ -333,7 +333,10 @@ async fn resume_record(
     if r.state == FileState::Claimed {
         // A crash while the hash owned the file (`fsops::own`): the original goes back to
         // its staged name, a partial copy goes.
-        match fsops::own::repair(staging, name) {
+        // On the blocking pool: it waits for an owning of the same file still running here
+        // (a tee abandoned by a reload, `fsops::own::Owner`), up to one fsync.
+        let (dir, staged_name) = (Arc::clone(staging), name.to_os_string());
+        match fsops::blocking(move || fsops::own::repair(&dir, &staged_name)).await {
             // The original took its staged name back: a row keeping it under `X.orig` is
             // stale (the sweep would find a new `X.orig`, made when it is owned again, and
             // take it for changed).
