@@ -112,6 +112,9 @@ const MAX_TICK: Duration = Duration::from_secs(1);
 /// Paths remembered as already warned about (not regular files, unreadable); then the memory
 /// restarts, so a folder full of FIFOs costs one line per FIFO per this many.
 const MAX_WARNED_PATHS: usize = 4096;
+/// Quiet files probed for writers (rule 3) and handed on per slice, so that thousands found
+/// quiet in one tick reach the claim a slice at a time.
+const PROBE_SLICE: usize = 512;
 
 /// The re-stat period for these roots.
 fn tick_period(watches: &[WatchConfig]) -> Duration {
@@ -311,12 +314,38 @@ impl Settler {
             self.publish_counts();
             return Continue(());
         }
-        let ready = tokio::select! {
-            biased;
-            () = shutdown.cancelled() => return Break(()),
-            ready = self.not_held_open(ready) => ready,
-        };
-        self.publish_counts();
+        // Probed and handed on a slice at a time: with thousands quiet at once (a share full of
+        // files at start), the first reach the claim after one slice's probes, not everybody's
+        // (issue 20: `many`'s first upload).
+        let mut quiet = ready.into_iter().peekable();
+        while quiet.peek().is_some() {
+            let slice: Vec<Settled> = quiet.by_ref().take(PROBE_SLICE).collect();
+            let ready = tokio::select! {
+                biased;
+                () = shutdown.cancelled() => return Break(()),
+                ready = self.not_held_open(slice) => ready,
+            };
+            self.publish_counts();
+            if self
+                .hand_on(ready, now, settled_tx, shutdown)
+                .await
+                .is_break()
+            {
+                return Break(());
+            }
+        }
+        Continue(())
+    }
+
+    /// Hands files found complete to the claim stage, and remembers them as sent.
+    async fn hand_on(
+        &mut self,
+        ready: Vec<Settled>,
+        now: Instant,
+        settled_tx: &mpsc::Sender<Settled>,
+        shutdown: &CancellationToken,
+    ) -> std::ops::ControlFlow<()> {
+        use std::ops::ControlFlow::{Break, Continue};
         for settled in ready {
             let sent = self.config_of(settled.root).map(|w| {
                 (
